@@ -1,0 +1,2793 @@
+#!/usr/bin/env python3
+"""NeuroMesh: share the local LLMs of a classroom or an air-gapped lab, with nothing to configure.
+
+Run ``python neuromesh.py`` on every machine of a room. Nodes find each other by UDP
+broadcast, link over framed TCP, tell each other who has an LLM (Ollama or an
+OpenAI-compatible server), keep conversations synced, and serve a chat page in the browser.
+
+One module, synchronous and threaded, standard library plus three small pure-Python
+packages (``requests``, ``bottle``, ``ifaddr``) that ``install.sh`` puts into ``_vendor/``
+beside this file. Runs on Python 3.9 and newer.
+
+Sections, in order: imports, constants, exceptions, utilities, configuration, wire
+protocol, store, discovery, peer links, events, web app, node, CLI.
+"""
+
+__version__ = "0.1.0"
+__license__ = "MIT"
+
+PROTOCOL_VERSION = 1
+
+###############################################################################
+# Imports and the _vendor shim ################################################
+###############################################################################
+
+import argparse
+import collections
+import dataclasses
+import errno
+import hashlib
+import json
+import logging
+import os
+import queue
+import re
+import selectors
+import signal
+import socket
+import sqlite3
+import struct
+import sys
+import threading
+import time
+import uuid
+import webbrowser
+from datetime import datetime, timedelta, timezone
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VENDOR_DIR = os.path.join(HERE, "_vendor")
+if os.path.isdir(VENDOR_DIR) and VENDOR_DIR not in sys.path:
+    sys.path.insert(0, VENDOR_DIR)
+
+try:
+    import bottle
+    import ifaddr
+    import requests
+except ImportError as _missing:  # pragma: no cover - exercised by hand on a bare machine
+    _fix = ".\\install.ps1" if os.name == "nt" else "./install.sh"
+    raise SystemExit(
+        "NeuroMesh needs the package %r, which is not installed.\n"
+        "Fix: run `%s` in %s (it puts bottle, requests and ifaddr into _vendor/),\n"
+        "or `%s -m pip install bottle requests ifaddr`."
+        % (_missing.name, _fix, HERE, os.path.basename(sys.executable) or "python3")
+    )
+
+log = logging.getLogger("neuromesh")
+
+###############################################################################
+# Constants ###################################################################
+###############################################################################
+
+MiB = 1024 * 1024
+DEFAULTS = {
+    "name": None,
+    "data_dir": os.path.join("~", ".neuromesh"),
+    "host": "0.0.0.0",
+    "http_port": 8080,
+    "tcp_port": 7878,
+    "udp_port": 5000,
+    "broadcast": [],
+    "no_discovery": False,
+    "peer": [],
+    "announce_interval": 30.0,
+    "peer_timeout": 60.0,
+    "sync_interval": 30.0,
+    "max_message_size": 50 * MiB,
+    "no_browser": False,
+    "log_level": "info",
+}
+STATIC_DIR = os.path.join(HERE, "neuromesh_static")
+RUNTIME_FILE = "runtime.json"
+DATABASE_FILE = "neuromesh.db"
+NODE_ID_FILE = "node_id"
+
+###############################################################################
+# Exceptions ##################################################################
+###############################################################################
+
+
+class NeuroMeshError(Exception):
+    """Base of every error NeuroMesh raises on purpose; its text is meant for the user."""
+
+
+class ConfigError(NeuroMeshError):
+    """A setting is missing or malformed."""
+
+
+class PortInUseError(NeuroMeshError):
+    """A port NeuroMesh must listen on is taken."""
+
+
+class ProtocolError(NeuroMeshError):
+    """A peer sent something that is not NeuroMesh's wire protocol."""
+
+
+###############################################################################
+# Utilities ###################################################################
+###############################################################################
+
+
+def utc_now():
+    """The current UTC time as ISO 8601 with microseconds and a trailing Z."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def safe_text(value, limit=200):
+    """Text from the network, made safe to put in one log line."""
+    text = value if isinstance(value, str) else repr(value)
+    text = text.encode("unicode_escape", "replace").decode("ascii", "replace")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def memory_rss_bytes():
+    """Resident memory of this process, or None where the platform does not say."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        pass
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+    except (ImportError, OSError):
+        return None
+
+
+def local_ipv4_interfaces():
+    """Every IPv4 address of this machine as ``(interface, ip, prefix_length)``, loopback too."""
+    found = []
+    for adapter in ifaddr.get_adapters():
+        for address in adapter.ips:
+            if isinstance(address.ip, str):
+                found.append((adapter.nice_name, address.ip, address.network_prefix))
+    return found
+
+
+def directed_broadcast(ip, prefix_length):
+    """The directed broadcast address of ``ip/prefix_length`` (10.1.2.3/24 -> 10.1.2.255)."""
+    (value,) = struct.unpack("!I", socket.inet_aton(ip))
+    host_bits = (1 << (32 - prefix_length)) - 1
+    return socket.inet_ntoa(struct.pack("!I", value | host_bits))
+
+
+def default_broadcast_addresses():
+    """Directed broadcast addresses of the up, non-loopback IPv4 interfaces."""
+    addresses = []
+    for _name, ip, prefix in local_ipv4_interfaces():
+        if ip.startswith("127.") or prefix >= 31:
+            continue
+        address = directed_broadcast(ip, prefix)
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
+def lan_addresses():
+    """This machine's non-loopback IPv4 addresses, for the URLs printed at start."""
+    return [ip for _n, ip, _p in local_ipv4_interfaces() if not ip.startswith(("127.", "169.254."))]
+
+
+def close_quietly(sock):
+    if sock is None:
+        return
+    try:
+        sock.close()
+    except OSError:
+        pass
+
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
+
+
+def parse_size(text):
+    """Bytes from ``1048576``, ``512k``, ``50M``, ``50MiB`` or ``1G``."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)(?:i?[bB])?\s*", str(text))
+    if not match:
+        raise ValueError("not a size: %r (use bytes, or a number with k, M or G)" % (text,))
+    return int(match.group(1)) * {"": 1, "k": 1024, "m": MiB, "g": 1024 * MiB}[match.group(2).lower()]
+
+
+def parse_seconds(text):
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be a positive number of seconds, got %r" % (text,))
+    return value
+
+
+def parse_port(text):
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("not a port number: %r" % (text,))
+    return value
+
+
+def parse_host_port(text):
+    """``HOST:PORT`` (or ``[v6]:PORT``) to ``(host, port)``; the port defaults to 7878."""
+    text = str(text).strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        host, port = text, str(DEFAULTS["tcp_port"])
+    host = host.strip("[]")
+    if not host:
+        raise ValueError("not HOST:PORT: %r" % (text,))
+    return host, parse_port(port)
+
+
+def parse_bool(text):
+    if isinstance(text, bool):
+        return text
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("not a yes/no value: %r" % (text,))
+
+
+def _string_list(value):
+    if isinstance(value, (list, tuple)):
+        return [str(item) for item in value]
+    return [item.strip() for item in str(value).split(",") if item.strip()]
+
+
+# Each setting: (converter, help). The flag is --name-with-dashes, the env var NEUROMESH_NAME.
+SETTINGS = {
+    "name": (str, "display name of this node (default: NeuroMesh-xxxx from the node id)"),
+    "data_dir": (str, "where the node id and the database live (default: ~/.neuromesh)"),
+    "host": (str, "address to bind the HTTP and TCP listeners to (default: 0.0.0.0)"),
+    "http_port": (parse_port, "port of the chat page and the HTTP API (default: 8080)"),
+    "tcp_port": (parse_port, "port of the peer links (default: 7878)"),
+    "udp_port": (parse_port, "port of the discovery broadcasts (default: 5000)"),
+    "broadcast": (_string_list, "broadcast address to announce to; repeatable (default: every "
+                                "up, non-loopback IPv4 interface's directed broadcast)"),
+    "no_discovery": (parse_bool, "do not broadcast or listen for announcements"),
+    "peer": (_string_list, "HOST:PORT of a peer to link to; repeatable (for networks that block "
+                           "broadcast: one peer is enough, peer exchange finds the rest)"),
+    "announce_interval": (parse_seconds, "seconds between discovery broadcasts (default: 30)"),
+    "peer_timeout": (parse_seconds, "seconds of silence before a peer counts as down (default: 60)"),
+    "sync_interval": (parse_seconds, "seconds between conversation sync rounds (default: 30)"),
+    "max_message_size": (parse_size, "largest frame accepted from a peer (default: 50MiB)"),
+    "no_browser": (parse_bool, "do not open the chat page in a browser at start"),
+    "log_level": (str, "debug, info, warning or error (default: info)"),
+}
+LIST_SETTINGS = ("broadcast", "peer")
+FLAG_SETTINGS = ("no_discovery", "no_browser")
+
+
+@dataclasses.dataclass
+class Config:
+    """Every setting of a node, after defaults, config file, environment and flags are merged."""
+
+    name: str = None
+    data_dir: str = DEFAULTS["data_dir"]
+    host: str = DEFAULTS["host"]
+    http_port: int = DEFAULTS["http_port"]
+    tcp_port: int = DEFAULTS["tcp_port"]
+    udp_port: int = DEFAULTS["udp_port"]
+    broadcast: list = dataclasses.field(default_factory=list)
+    no_discovery: bool = False
+    peer: list = dataclasses.field(default_factory=list)
+    announce_interval: float = DEFAULTS["announce_interval"]
+    peer_timeout: float = DEFAULTS["peer_timeout"]
+    sync_interval: float = DEFAULTS["sync_interval"]
+    max_message_size: int = DEFAULTS["max_message_size"]
+    no_browser: bool = False
+    log_level: str = DEFAULTS["log_level"]
+
+    @property
+    def static_peers(self):
+        return [parse_host_port(item) for item in self.peer]
+
+
+def build_arg_parser():
+    epilog_lines = ["environment variables (between the config file and the flags):"]
+    epilog_lines += ["  NEUROMESH_%s" % key.upper() for key in SETTINGS]
+    epilog_lines += ["", "subcommands: `export DIR` and `import DIR` move conversations in the "
+                         "original NeuroMesh file layout."]
+    parser = argparse.ArgumentParser(
+        prog="neuromesh.py",
+        description="Share the local LLMs of a room: run it on every machine.",
+        epilog="\n".join(epilog_lines),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", metavar="FILE", help="JSON file of settings (keys like http_port)")
+    for key, (converter, help_text) in SETTINGS.items():
+        flag = "--" + key.replace("_", "-")
+        if key in FLAG_SETTINGS:
+            parser.add_argument(flag, action="store_const", const=True, default=None, help=help_text)
+        elif key in LIST_SETTINGS:
+            parser.add_argument(flag, action="append", default=None, metavar="ADDR" if key == "broadcast"
+                                else "HOST:PORT", help=help_text)
+        else:
+            parser.add_argument(flag, default=None, help=help_text)
+    parser.add_argument("--version", action="store_true", help="print versions and where packages load from")
+    parser.add_argument("command", nargs="?", choices=("run", "export", "import"), default="run",
+                        help=argparse.SUPPRESS)
+    parser.add_argument("directory", nargs="?", help=argparse.SUPPRESS)
+    return parser
+
+
+def _convert(key, value, source):
+    converter = SETTINGS[key][0]
+    try:
+        return converter(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError("%s: bad value for %s: %s" % (source, key, exc))
+
+
+def load_config(args, environ=None):
+    """Merge defaults < ``--config`` JSON file < ``NEUROMESH_*`` variables < flags into a Config."""
+    environ = os.environ if environ is None else environ
+    values = {}
+    if args.config:
+        try:
+            with open(args.config, encoding="utf-8") as handle:
+                from_file = json.load(handle)
+        except (OSError, ValueError) as exc:
+            raise ConfigError("cannot read config file %s: %s" % (args.config, exc))
+        if not isinstance(from_file, dict):
+            raise ConfigError("config file %s must hold a JSON object" % args.config)
+        for raw_key, value in from_file.items():
+            key = raw_key.replace("-", "_")
+            if key not in SETTINGS:
+                raise ConfigError("config file %s: unknown setting %r (known: %s)"
+                                  % (args.config, raw_key, ", ".join(SETTINGS)))
+            values[key] = _convert(key, value, "config file " + args.config)
+    for key in SETTINGS:
+        env_name = "NEUROMESH_" + key.upper()
+        if env_name in environ:
+            values[key] = _convert(key, environ[env_name], env_name)
+    for key in SETTINGS:
+        given = getattr(args, key, None)
+        if given is not None:
+            if key in LIST_SETTINGS:
+                given = [item for chunk in given for item in _string_list(chunk)]
+            values[key] = _convert(key, given, "--" + key.replace("_", "-"))
+    config = Config(**values)
+    config.data_dir = os.path.abspath(os.path.expanduser(config.data_dir))
+    try:
+        config.static_peers
+    except ValueError as exc:
+        raise ConfigError("--peer: %s" % exc)
+    if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError("--log-level must be debug, info, warning or error, not %r" % config.log_level)
+    return config
+
+
+def load_identity(data_dir):
+    """The node id kept in the data dir, made on first start (random: no hostname leaks).
+
+    A data dir whose database is gone gets a new id too: peers already hold the old id's
+    sequence numbers, and a new log under the old id would be ignored as known.
+    """
+    os.makedirs(data_dir, exist_ok=True)
+    path = os.path.join(data_dir, NODE_ID_FILE)
+    if not os.path.exists(os.path.join(data_dir, DATABASE_FILE)):
+        return _new_identity(path)
+    try:
+        with open(path, encoding="ascii") as handle:
+            node_id = handle.read().strip()
+        if re.fullmatch(r"[0-9a-f]{32}", node_id):
+            return node_id
+        log.warning("node id file %s is damaged; making a new node id", path)
+    except OSError:
+        pass
+    return _new_identity(path)
+
+
+def _new_identity(path):
+    node_id = uuid.uuid4().hex
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="ascii") as handle:
+        handle.write(node_id + "\n")
+    os.replace(temporary, path)
+    return node_id
+
+
+###############################################################################
+# Wire protocol ###############################################################
+###############################################################################
+#
+# A frame is a 5-byte ASCII marker, a u64 little-endian payload length, and a UTF-8 JSON
+# object. The marker says what the payload is.
+
+HELLO = b"HELO:"       # handshake: who I am, what I can do
+LLM_CAPS = b"LLMC:"    # my LLM capability changed
+PING = b"PING:"
+PONG = b"PONG:"
+PEERS = b"PEER:"       # peer exchange: whom I am linked to
+GOODBYE = b"BYE!:"     # I am stopping (five bytes, like every marker)
+SYNC = b"SYNC:"        # my version vector
+FILE = b"FILE:"        # entries you are missing
+LLM_REQUEST = b"LREQ:"
+LLM_RESPONSE = b"LRES:"
+MARKERS = frozenset((HELLO, LLM_CAPS, PING, PONG, PEERS, GOODBYE, SYNC, FILE, LLM_REQUEST, LLM_RESPONSE))
+
+FRAME_HEADER = struct.Struct("<5sQ")
+
+
+def encode_frame(marker, payload):
+    """One frame of ``marker`` carrying the JSON object ``payload``."""
+    if marker not in MARKERS:
+        raise ProtocolError("unknown marker %r" % (marker,))
+    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return FRAME_HEADER.pack(marker, len(body)) + body
+
+
+class FrameDecoder:
+    """Turns a byte stream into ``(marker, payload)`` frames, refusing anything malformed.
+
+    ``feed()`` takes whatever bytes arrived and returns the complete frames; a partial frame
+    waits for more bytes. A length over ``max_size`` raises before the payload is buffered.
+    """
+
+    def __init__(self, max_size):
+        self.max_size = max_size
+        self._buffer = bytearray()
+        self._need = None  # (marker, length) of the frame whose payload is awaited
+
+    @property
+    def buffered(self):
+        return len(self._buffer)
+
+    def feed(self, data):
+        self._buffer += data
+        frames = []
+        while True:
+            if self._need is None:
+                if len(self._buffer) < FRAME_HEADER.size:
+                    return frames
+                marker, length = FRAME_HEADER.unpack_from(self._buffer)
+                if marker not in MARKERS:
+                    raise ProtocolError("unknown frame marker %s" % safe_text(bytes(marker)))
+                if length > self.max_size:
+                    raise ProtocolError("frame of %d bytes is over the limit of %d (--max-message-size)"
+                                        % (length, self.max_size))
+                del self._buffer[:FRAME_HEADER.size]
+                self._need = (marker, length)
+            marker, length = self._need
+            if len(self._buffer) < length:
+                return frames
+            body = bytes(self._buffer[:length])
+            del self._buffer[:length]
+            self._need = None
+            frames.append((marker, self._decode(marker, body)))
+
+    @staticmethod
+    def _decode(marker, body):
+        try:
+            payload = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise ProtocolError("bad JSON in a %s frame: %s" % (marker.decode("ascii"), exc))
+        if not isinstance(payload, dict):
+            raise ProtocolError("a %s frame must carry a JSON object" % marker.decode("ascii"))
+        return payload
+
+
+###############################################################################
+# Store #######################################################################
+###############################################################################
+#
+# Conversations in SQLite, as per-origin append-only logs.
+
+
+class StoreError(NeuroMeshError):
+    """A store operation was refused, a file could not be imported, or the
+    database failed."""
+
+
+_TIMESTAMP_RE = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
+    r"(?:([Zz])|([+-])(\d{2}):?(\d{2}))?", re.ASCII)
+
+
+def parse_timestamp(text) -> datetime:
+    """Parse an ISO 8601 timestamp into an aware UTC datetime.
+
+    Accepts what this store writes and what the original NeuroMesh wrote
+    (7 to 9 fractional digits and a trailing Z), which
+    datetime.fromisoformat() rejects before Python 3.11. Digits beyond the
+    microsecond are dropped; no zone means UTC. Raises ValueError."""
+    if not isinstance(text, str):
+        raise ValueError("timestamp is not a string")
+    match = _TIMESTAMP_RE.fullmatch(text.strip())
+    if not match:
+        raise ValueError("not an ISO 8601 timestamp: %r" % text[:64])
+    fields = [int(group) for group in match.group(1, 2, 3, 4, 5, 6)]
+    micros = int((match.group(7) or "").ljust(6, "0")[:6])
+    zone = timezone.utc
+    try:
+        if match.group(9):
+            offset = timedelta(hours=int(match.group(10)), minutes=int(match.group(11)))
+            zone = timezone(-offset if match.group(9) == "-" else offset)
+        moment = datetime(*fields, micros, tzinfo=zone)
+        return moment.astimezone(timezone.utc)
+    except (ValueError, OverflowError) as error:
+        raise ValueError("impossible timestamp %r: %s" % (text[:64], error)) from None
+
+
+def format_timestamp(moment) -> str:
+    """Format a datetime the way the store keeps timestamps:
+    YYYY-MM-DDTHH:MM:SS.ffffffZ in UTC (a naive datetime is taken as UTC).
+    Equal-length text, so timestamps sort as strings."""
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc)
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ" % (
+        moment.year, moment.month, moment.day,
+        moment.hour, moment.minute, moment.second, moment.microsecond)
+
+
+def _normal_timestamp(text, what="timestamp") -> str:
+    try:
+        return format_timestamp(parse_timestamp(text))
+    except ValueError as error:
+        raise ValueError("%s: %s" % (what, error)) from None
+
+
+# Entry validation. Everything from a peer passes through these before it
+# touches the database; they raise ValueError (never anything else) so one bad
+# entry can be skipped without losing the batch.
+
+PRIVATE_SUFFIX = "~private"        # origin suffix of this node's unsynced log
+MAX_CONTENT_BYTES = 1 << 20        # message text, UTF-8
+_MAX_TEXT_BYTES = 1024             # titles, names, senders, host fields
+_ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:@+-]{0,127}")
+_IMPORT_UID_RE = re.compile(r"import:[0-9a-f]{64}")
+_UUID_NAMESPACE = uuid.UUID("04b01456-d29a-44bf-93d9-f299200b1c25")
+_ROLES = ("user", "assistant")
+
+
+def _text(value, what, limit=_MAX_TEXT_BYTES, optional=False):
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise ValueError("%s is not a string" % what)
+    if len(value) > limit:
+        raise ValueError("%s is longer than %d bytes" % (what, limit))
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:      # lone surrogates pass json.loads, not SQLite
+        raise ValueError("%s is not valid Unicode" % what) from None
+    if size > limit:
+        raise ValueError("%s is longer than %d bytes" % (what, limit))
+    return value
+
+
+def _ident(value, what, optional=False):
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not _ID_RE.fullmatch(value):
+        raise ValueError("%s is not a valid id" % what)
+    return value
+
+
+def _flag(value, what):
+    if not isinstance(value, bool):
+        raise ValueError("%s is not true or false" % what)
+    return value
+
+
+def _clean_host_info(value):
+    if not isinstance(value, dict):
+        raise ValueError("host_info is not an object")
+    return {"hostname": _text(value.get("hostname", ""), "host_info.hostname"),
+            "ip_address": _text(value.get("ip_address", ""), "host_info.ip_address"),
+            "is_llm_host": _flag(value.get("is_llm_host", False), "host_info.is_llm_host")}
+
+
+def _clean_message_data(data):
+    if not isinstance(data, dict):
+        raise ValueError("message data is not an object")
+    role = data.get("role")
+    if not isinstance(role, str) or role not in _ROLES:
+        raise ValueError("role is not 'user' or 'assistant'")
+    return {"role": role,
+            "content": _text(data.get("content"), "content", MAX_CONTENT_BYTES),
+            "sender": _text(data.get("sender"), "sender"),
+            "host_info": _clean_host_info(data.get("host_info")),
+            "model": _text(data.get("model"), "model", optional=True),
+            "answered_by": _ident(data.get("answered_by"), "answered_by", optional=True),
+            "answered_by_name": _text(data.get("answered_by_name"), "answered_by_name",
+                                      optional=True)}
+
+
+def _clean_conversation_data(data):
+    if not isinstance(data, dict):
+        raise ValueError("conversation data is not an object")
+    return {"title": _text(data.get("title"), "title"),
+            "private": _flag(data.get("private"), "private"),
+            "deleted": _flag(data.get("deleted"), "deleted"),
+            "created_at": _normal_timestamp(data.get("created_at"), "created_at"),
+            "origin_name": _text(data.get("origin_name"), "origin_name"),
+            "peer_label": _text(data.get("peer_label"), "peer_label", optional=True)}
+
+
+def _clean_entry(raw):
+    """A peer's entry checked and normalized, or ValueError saying what is wrong."""
+    if not isinstance(raw, dict):
+        raise ValueError("entry is not an object")
+    origin = _ident(raw.get("origin"), "origin")      # "~" is refused: no private logs
+    seq = raw.get("seq")
+    if type(seq) is not int or not 0 < seq < 1 << 62:
+        raise ValueError("seq is not a positive integer")
+    kind = raw.get("kind")
+    if kind == "message":
+        data = _clean_message_data(raw.get("data"))
+    elif kind == "conversation":
+        data = _clean_conversation_data(raw.get("data"))
+    else:
+        raise ValueError("kind is not 'message' or 'conversation'")
+    uid = raw.get("uid")
+    # A uid that is neither native nor an import hash could squat on an
+    # identity another origin will use, and hide that origin's entry.
+    imported = kind == "message" and isinstance(uid, str) and _IMPORT_UID_RE.fullmatch(uid)
+    if uid != "%s:%d" % (origin, seq) and not imported:
+        raise ValueError("uid is neither origin:seq nor an import hash")
+    return {"origin": origin, "seq": seq, "kind": kind,
+            "conversation_id": _ident(raw.get("conversation_id"), "conversation_id"),
+            "timestamp": _normal_timestamp(raw.get("timestamp")),
+            "uid": uid, "data": data}
+
+
+def _owner_of(origin):
+    if origin.endswith(PRIVATE_SUFFIX):
+        return origin[:-len(PRIVATE_SUFFIX)]
+    return origin
+
+
+def _safe_name(text, limit=100):
+    """A file or directory name made from peer-controlled text."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", text or "")
+    name = re.sub(r"\.{2,}", "_", name)
+    if name.startswith("."):
+        name = "_" + name[1:]
+    return name[:limit] or "_"
+
+
+def _import_uid(conversation_id, raw_timestamp, data):
+    # The raw timestamp keeps digits the normalized one drops, so two messages
+    # a few nanoseconds apart stay two messages.
+    what = [conversation_id, data["host_info"]["hostname"], data["host_info"]["ip_address"],
+            raw_timestamp.strip(), data["sender"], data["role"], data["content"]]
+    text = json.dumps(what, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    return "import:" + hashlib.sha256(text).hexdigest()
+
+
+def seed_message(message) -> dict:
+    """A stored message (from Store.get_conversation) in the original NeuroMesh's
+    JSON shape: {content, timestamp, sender, message_type, host_info}."""
+    return {"content": message["content"],
+            "timestamp": message["timestamp"],
+            "sender": message["sender"],
+            "message_type": "Response" if message["role"] == "assistant" else "Question",
+            "host_info": dict(message["host_info"])}
+
+
+def seed_conversation(conversation, host_info=None) -> dict:
+    """A conversation with its messages (from Store.get_conversation) in the
+    original's shape {"id", "messages", "host_info"}. host_info defaults to the
+    host of the first user message, as the original recorded its own host."""
+    messages = conversation.get("messages") or []
+    if host_info is None:
+        asked = [m for m in messages if m["role"] == "user"] or messages
+        host_info = asked[0]["host_info"] if asked else {
+            "hostname": conversation.get("origin_name") or "",
+            "ip_address": "", "is_llm_host": False}
+    return {"id": conversation["id"],
+            "messages": [seed_message(m) for m in messages],
+            "host_info": dict(host_info)}
+
+
+class Store:
+    """Keeps conversations durable in SQLite and answers what peers are missing.
+
+    Every change is an entry in its origin node's append-only log, identified
+    by (origin, seq); the `conversations` table is derived from them (the
+    owner's newest snapshot wins). Entries of private conversations go to a
+    second log of this node, origin + PRIVATE_SUFFIX, that sync never reads.
+
+    Methods for the caller, all thread-safe, every write committed before it
+    returns: create_conversation, default_conversation, add_message,
+    update_conversation, delete_conversation; list_conversations,
+    get_conversation, message_count; version_vector, entries_missing,
+    apply_entries, is_shared; export_seed_layout, import_seed_layout; close.
+
+    Attribute to set: on_local_entries, a callable given the list of entries
+    each local write appended (private ones included: filter with is_shared),
+    called after the commit, outside the store's lock.
+
+    Class variables: SCHEMA_VERSION (PRAGMA user_version after migrating),
+    BUSY_TIMEOUT_MS (wait for another process holding the write lock).
+    """
+
+    SCHEMA_VERSION = 1
+    BUSY_TIMEOUT_MS = 10000
+
+    # One SQL script per schema version, applied in order. Never edit a
+    # shipped script: append a new one.
+    _MIGRATIONS = [
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+        CREATE TABLE entries (
+            origin TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            uid TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            conversation_id TEXT NOT NULL,
+            timestamp TEXT NOT NULL,
+            data TEXT NOT NULL,
+            -- 1: a second entry with an existing uid; it fills its log slot so
+            -- vectors stay contiguous, but is never listed
+            duplicate INTEGER NOT NULL DEFAULT 0,
+            -- 1: a private-log message since copied to the public log
+            republished INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (origin, seq)
+        ) WITHOUT ROWID;
+        CREATE UNIQUE INDEX entries_uid ON entries (uid) WHERE duplicate = 0;
+        CREATE INDEX entries_by_conversation
+            ON entries (conversation_id, kind, timestamp, origin, seq);
+        CREATE TABLE origins (
+            origin TEXT PRIMARY KEY,
+            contiguous INTEGER NOT NULL     -- 1..contiguous are all present
+        ) WITHOUT ROWID;
+        CREATE TABLE conversations (
+            id TEXT PRIMARY KEY,
+            owner TEXT NOT NULL,
+            state_origin TEXT NOT NULL,
+            state_seq INTEGER NOT NULL,
+            title TEXT NOT NULL,
+            private INTEGER NOT NULL,
+            deleted INTEGER NOT NULL,
+            created_at TEXT NOT NULL,
+            origin_name TEXT NOT NULL,
+            peer_label TEXT,
+            updated_at TEXT NOT NULL
+        ) WITHOUT ROWID;
+        CREATE INDEX conversations_by_update ON conversations (updated_at);
+        """,
+    ]
+
+    _LISTED = "kind = 'message' AND duplicate = 0 AND republished = 0"
+    _RECORD_SQL = (
+        "SELECT c.*, (SELECT COUNT(*) FROM entries e WHERE e.conversation_id = c.id"
+        " AND e.kind = 'message' AND e.duplicate = 0 AND e.republished = 0)"
+        " AS message_count FROM conversations c")
+    _ENTRY_COLUMNS = "origin, seq, uid, kind, conversation_id, timestamp, data"
+
+    def __init__(self, path, node_id, node_name):
+        try:
+            self.node_id = _ident(node_id, "node id")
+            self.node_name = _text(node_name, "node name")
+        except ValueError as error:
+            raise StoreError(str(error)) from None
+        self.private_origin = node_id + PRIVATE_SUFFIX
+        self.path = path
+        self.on_local_entries = None
+        self._lock = threading.Lock()
+        self._appended = []         # entries of the local write in progress
+        try:
+            if path != ":memory:" and os.path.dirname(path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+            # isolation_level=None: transactions are begun and ended explicitly.
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        except (OSError, sqlite3.Error) as error:
+            raise StoreError("cannot open database %s: %s" % (path, error)) from error
+        self._db.row_factory = sqlite3.Row
+        try:
+            self._db.execute("PRAGMA busy_timeout = %d" % self.BUSY_TIMEOUT_MS)
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = FULL")
+            self._migrate()
+            self._write(self._claim_node)
+        except BaseException:
+            self._db.close()
+            raise
+
+    def close(self):
+        with self._lock:
+            self._db.close()
+
+    # -- transactions ------------------------------------------------------
+
+    def _write(self, action, *args):
+        """Run action(*args) in one IMMEDIATE transaction, committed on return;
+        then hand the entries it appended to on_local_entries."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as error:
+                raise StoreError("database error: %s" % error) from error
+            self._appended = []
+            try:
+                result = action(*args)
+                self._db.execute("COMMIT")
+            except BaseException as error:
+                if self._db.in_transaction:
+                    try:
+                        self._db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass        # the original error is the one to report
+                if isinstance(error, sqlite3.Error):
+                    raise StoreError("database error: %s" % error) from error
+                raise
+            appended, self._appended = self._appended, []
+        # Outside the lock, so the callback may use the store.
+        if appended and self.on_local_entries is not None:
+            try:
+                self.on_local_entries(appended)
+            except Exception:   # the write is committed; the caller must hear so
+                log.exception("store: on_local_entries failed")
+        return result
+
+    def _read(self, action, *args):
+        with self._lock:
+            try:
+                return action(*args)
+            except sqlite3.Error as error:
+                raise StoreError("database error: %s" % error) from error
+
+    def _migrate(self):
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(self._MIGRATIONS):
+            raise StoreError("database %s has schema version %d; this NeuroMesh knows"
+                             " up to %d" % (self.path, version, len(self._MIGRATIONS)))
+        for number in range(version + 1, len(self._MIGRATIONS) + 1):
+            try:
+                self._db.executescript(
+                    "BEGIN IMMEDIATE;\n%s\nPRAGMA user_version = %d;\nCOMMIT;"
+                    % (self._MIGRATIONS[number - 1], number))
+            except sqlite3.Error as error:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise StoreError("cannot migrate %s to schema version %d: %s"
+                                 % (self.path, number, error)) from error
+
+    def _claim_node(self):
+        # A database written under another node id would reuse that node's
+        # seqs under a new name, or this node's seqs twice: refuse it.
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'node_id'").fetchone()
+        if row is None:
+            self._db.execute("INSERT INTO meta (key, value) VALUES ('node_id', ?)",
+                             (self.node_id,))
+        elif row[0] != self.node_id:
+            raise StoreError("database %s belongs to node %s, not %s"
+                             % (self.path, row[0], self.node_id))
+
+    # -- the log -------------------------------------------------------------
+
+    def _append(self, origin, kind, conversation_id, data, timestamp=None, uid=None):
+        """Append a local entry to one of this node's logs and return it."""
+        seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM entries"
+                               " WHERE origin = ?", (origin,)).fetchone()[0]
+        entry = {"origin": origin, "seq": seq, "kind": kind,
+                 "conversation_id": conversation_id,
+                 "timestamp": timestamp or utc_now(),
+                 "uid": uid or "%s:%d" % (origin, seq), "data": data}
+        self._put(entry, duplicate=False)
+        self._appended.append(entry)
+        if kind == "conversation":
+            self._apply_snapshot(entry, local=True)
+        else:
+            self._touch(conversation_id, entry["timestamp"])
+        return entry
+
+    def _put(self, entry, duplicate):
+        self._db.execute(
+            "INSERT INTO entries (%s, duplicate) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            % self._ENTRY_COLUMNS,
+            (entry["origin"], entry["seq"], entry["uid"], entry["kind"],
+             entry["conversation_id"], entry["timestamp"],
+             json.dumps(entry["data"], ensure_ascii=False), int(duplicate)))
+        self._advance(entry["origin"], entry["seq"])
+
+    def _advance(self, origin, seq):
+        row = self._db.execute("SELECT contiguous FROM origins WHERE origin = ?",
+                               (origin,)).fetchone()
+        have = row[0] if row else 0
+        if row is None:
+            self._db.execute("INSERT INTO origins (origin, contiguous) VALUES (?, 0)",
+                             (origin,))
+        if seq != have + 1:
+            return
+        while self._db.execute("SELECT 1 FROM entries WHERE origin = ? AND seq = ?",
+                               (origin, have + 1)).fetchone():
+            have += 1
+        self._db.execute("UPDATE origins SET contiguous = ? WHERE origin = ?", (have, origin))
+
+    def _insert_remote(self, entry):
+        """Store a validated peer entry. True if it is new and takes effect."""
+        key = (entry["origin"], entry["seq"])
+        if self._db.execute("SELECT 1 FROM entries WHERE origin = ? AND seq = ?",
+                            key).fetchone():
+            return False
+        taken = self._db.execute("SELECT origin, seq FROM entries WHERE uid = ?"
+                                 " AND duplicate = 0", (entry["uid"],)).fetchone()
+        self._put(entry, duplicate=bool(taken))
+        if taken:
+            log.warning("store: entry %s:%d repeats uid %s of %s:%d; kept unlisted",
+                        key[0], key[1], entry["uid"], taken[0], taken[1])
+            return False
+        if entry["kind"] == "conversation":
+            return self._apply_snapshot(entry, local=False)
+        self._touch(entry["conversation_id"], entry["timestamp"])
+        return True
+
+    def _touch(self, conversation_id, timestamp):
+        self._db.execute("UPDATE conversations SET updated_at = MAX(updated_at, ?)"
+                         " WHERE id = ?", (timestamp, conversation_id))
+
+    def _apply_snapshot(self, entry, local):
+        """Fold a conversation entry into the conversations table.
+        False when refused: only the conversation's owner may change it."""
+        cid, origin, data = entry["conversation_id"], entry["origin"], entry["data"]
+        row = self._row(cid)
+        state = (origin, entry["seq"], data["title"], int(data["private"]),
+                 int(data["deleted"]), data["created_at"], data["origin_name"],
+                 data["peer_label"])
+        if row is None:
+            # Messages may have arrived before their conversation.
+            latest = self._db.execute(
+                "SELECT MAX(timestamp) FROM entries WHERE conversation_id = ?"
+                " AND kind = 'message' AND duplicate = 0", (cid,)).fetchone()[0]
+            self._db.execute(
+                "INSERT INTO conversations (state_origin, state_seq, title, private,"
+                " deleted, created_at, origin_name, peer_label, id, owner, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                state + (cid, _owner_of(origin), max(latest or "", entry["timestamp"])))
+            return True
+        if _owner_of(origin) != row["owner"]:
+            log.warning("store: refused change of conversation %s by %s: it belongs to %s",
+                        cid, origin, row["owner"])
+            return False
+        self._touch(cid, entry["timestamp"])
+        # Seqs order snapshots only within one log; local writes are newest
+        # by construction.
+        if local or (origin == row["state_origin"] and entry["seq"] > row["state_seq"]):
+            self._db.execute(
+                "UPDATE conversations SET state_origin = ?, state_seq = ?, title = ?,"
+                " private = ?, deleted = MAX(deleted, ?), created_at = ?,"
+                " origin_name = ?, peer_label = ? WHERE id = ?", state + (cid,))
+        return True
+
+    # -- conversations -------------------------------------------------------
+
+    def _row(self, conversation_id):
+        return self._db.execute("SELECT * FROM conversations WHERE id = ?",
+                                (conversation_id,)).fetchone()
+
+    def _visible(self, row):
+        return (row is not None and not row["deleted"]
+                and (row["owner"] == self.node_id or not row["private"]))
+
+    def _own_row(self, conversation_id):
+        row = self._row(conversation_id)
+        if not self._visible(row):
+            raise StoreError("no conversation %s" % conversation_id)
+        if row["owner"] != self.node_id:
+            raise StoreError("conversation %s belongs to %s"
+                             % (conversation_id, row["origin_name"]))
+        return row
+
+    def _log_for(self, row):
+        return self.private_origin if row["private"] else self.node_id
+
+    def _state(self, row):
+        return {"title": row["title"], "private": bool(row["private"]),
+                "deleted": bool(row["deleted"]), "created_at": row["created_at"],
+                "origin_name": row["origin_name"], "peer_label": row["peer_label"]}
+
+    def _record(self, row):
+        return {"id": row["id"], "origin": row["owner"],
+                "origin_name": row["origin_name"], "peer_label": row["peer_label"],
+                "title": row["title"], "private": bool(row["private"]),
+                "deleted": bool(row["deleted"]), "created_at": row["created_at"],
+                "updated_at": row["updated_at"], "message_count": row["message_count"],
+                "own": row["owner"] == self.node_id}
+
+    def _record_of(self, conversation_id):
+        return self._record(self._db.execute(self._RECORD_SQL + " WHERE c.id = ?",
+                                             (conversation_id,)).fetchone())
+
+    def _new_conversation(self, conversation_id, title, private, peer_label=None,
+                          origin_name=None, created_at=None):
+        data = _clean_conversation_data({
+            "title": title, "private": private, "deleted": False,
+            "created_at": created_at or utc_now(),
+            "origin_name": origin_name or self.node_name, "peer_label": peer_label})
+        origin = self.private_origin if private else self.node_id
+        self._append(origin, "conversation", conversation_id, data)
+
+    def create_conversation(self, title="New chat", private=False) -> dict:
+        """Start a conversation owned by this node; returns its record."""
+        conversation_id = str(uuid.uuid4())
+        try:
+            _text(title, "title")
+            _flag(private, "private")
+        except ValueError as error:
+            raise StoreError(str(error)) from None
+
+        def create():
+            self._new_conversation(conversation_id, title, private)
+            return self._record_of(conversation_id)
+        return self._write(create)
+
+    def default_conversation(self) -> dict:
+        """This node's conversation for the seed API, created on first use.
+        Its id is derived from the node id; after a delete the next id in the
+        sequence is used, since a deleted conversation never comes back."""
+        def get_or_create():
+            generation = 0
+            while True:
+                conversation_id = str(uuid.uuid5(
+                    _UUID_NAMESPACE, "default/%s/%d" % (self.node_id, generation)))
+                row = self._row(conversation_id)
+                if row is None:
+                    self._new_conversation(conversation_id, "Local chat", False)
+                    break
+                if not row["deleted"]:
+                    break
+                generation += 1
+            return self._record_of(conversation_id)
+        return self._write(get_or_create)
+
+    def add_message(self, conversation_id, role, content, sender, host_info=None,
+                    model=None, answered_by=None, answered_by_name=None) -> dict:
+        """Store a message written on this node; returns its entry."""
+        if host_info is None:
+            host_info = {"hostname": self.node_name, "ip_address": "", "is_llm_host": False}
+        try:
+            data = _clean_message_data({
+                "role": role, "content": content, "sender": sender,
+                "host_info": host_info, "model": model, "answered_by": answered_by,
+                "answered_by_name": answered_by_name})
+        except ValueError as error:
+            raise StoreError("invalid message: %s" % error) from None
+
+        def add():
+            row = self._row(conversation_id)
+            if not self._visible(row):
+                raise StoreError("no conversation %s" % conversation_id)
+            return self._append(self._log_for(row), "message", conversation_id, data)
+        return self._write(add)
+
+    def update_conversation(self, conversation_id, title=None, private=None) -> dict:
+        """Rename and/or change the privacy of an own conversation; returns
+        its record. Going private tells peers to hide it (with the old title);
+        going public again republishes what was written meanwhile."""
+        try:
+            if title is not None:
+                _text(title, "title")
+            if private is not None:
+                _flag(private, "private")
+        except ValueError as error:
+            raise StoreError(str(error)) from None
+
+        def update():
+            row = self._own_row(conversation_id)
+            state = self._state(row)
+            renamed = title is not None and title != state["title"]
+            was_private = state["private"]
+            now_private = was_private if private is None else private
+            if now_private and not was_private:
+                self._append(self.node_id, "conversation", conversation_id,
+                             dict(state, private=True))
+                if renamed:
+                    self._append(self.private_origin, "conversation", conversation_id,
+                                 dict(state, private=True, title=title))
+            elif was_private and not now_private:
+                self._republish(conversation_id)
+                self._append(self.node_id, "conversation", conversation_id,
+                             dict(state, private=False,
+                                  title=state["title"] if title is None else title))
+            elif renamed:
+                self._append(self._log_for(row), "conversation", conversation_id,
+                             dict(state, title=title))
+            return self._record_of(conversation_id)
+        return self._write(update)
+
+    def _republish(self, conversation_id):
+        rows = self._db.execute(
+            "SELECT seq, timestamp, data FROM entries WHERE conversation_id = ?"
+            " AND origin = ? AND " + self._LISTED + " ORDER BY timestamp, seq",
+            (conversation_id, self.private_origin)).fetchall()
+        for row in rows:
+            self._append(self.node_id, "message", conversation_id, json.loads(row["data"]),
+                         timestamp=row["timestamp"])
+            self._db.execute("UPDATE entries SET republished = 1 WHERE origin = ?"
+                             " AND seq = ?", (self.private_origin, row["seq"]))
+
+    def delete_conversation(self, conversation_id) -> dict:
+        """Delete an own conversation for good: a tombstone peers obey."""
+        def delete():
+            row = self._own_row(conversation_id)
+            self._append(self._log_for(row), "conversation", conversation_id,
+                         dict(self._state(row), deleted=True))
+            return self._record_of(conversation_id)
+        return self._write(delete)
+
+    # -- reads -------------------------------------------------------------
+
+    def _list(self):
+        rows = self._db.execute(
+            self._RECORD_SQL + " WHERE c.deleted = 0 AND (c.owner = ? OR c.private = 0)"
+            " ORDER BY c.updated_at DESC, c.id", (self.node_id,)).fetchall()
+        return [self._record(row) for row in rows]
+
+    def _get(self, conversation_id):
+        if not self._visible(self._row(conversation_id)):
+            return None
+        conversation = self._record_of(conversation_id)
+        rows = self._db.execute(
+            "SELECT " + self._ENTRY_COLUMNS + " FROM entries WHERE conversation_id = ?"
+            " AND " + self._LISTED + " ORDER BY timestamp, origin, seq",
+            (conversation_id,)).fetchall()
+        conversation["messages"] = [self._message(row) for row in rows]
+        return conversation
+
+    @staticmethod
+    def _message(row):
+        return Store.message_from_entry(dict(row, data=json.loads(row["data"])))
+
+    @staticmethod
+    def message_from_entry(entry) -> dict:
+        """The message dict get_conversation lists, made from a message entry."""
+        message = {"id": entry["uid"], "origin": entry["origin"], "seq": entry["seq"],
+                   "conversation_id": entry["conversation_id"],
+                   "timestamp": entry["timestamp"]}
+        message.update(entry["data"])
+        return message
+
+    @staticmethod
+    def is_shared(entry) -> bool:
+        """Whether an entry may leave this node (entries of the private log may not)."""
+        return not entry["origin"].endswith(PRIVATE_SUFFIX)
+
+    def list_conversations(self) -> list:
+        """Records of the conversations to show, most recently updated first."""
+        return self._read(self._list)
+
+    def get_conversation(self, conversation_id):
+        """A record plus "messages" in timestamp order, or None if the
+        conversation is unknown, deleted, or a peer's private one."""
+        return self._read(self._get, conversation_id)
+
+    def message_count(self) -> int:
+        """Messages listed across all listed conversations."""
+        return sum(record["message_count"] for record in self.list_conversations())
+
+    # -- sync ----------------------------------------------------------------
+
+    def version_vector(self) -> dict:
+        """{origin: n} where this store holds seqs 1..n of origin's public log."""
+        rows = self._read(lambda: self._db.execute(
+            "SELECT origin, contiguous FROM origins WHERE contiguous > 0").fetchall())
+        return {origin: seq for origin, seq in rows if not origin.endswith(PRIVATE_SUFFIX)}
+
+    def entries_missing(self, their_vector, max_bytes=1 << 20, max_entries=500):
+        """(entries, more): public entries past their_vector, by origin then
+        seq, at most max_entries and about max_bytes of JSON (always at least
+        one entry). more is True when the batch was cut short.
+
+        A peer with a gap keeps being sent what lies beyond it; a caller
+        looping while more should also stop once a batch brings nothing new."""
+        if not isinstance(their_vector, dict):
+            their_vector = {}
+        max_entries = max(1, max_entries)
+
+        def collect():
+            entries, size = [], 0
+            origins = [row[0] for row in self._db.execute(
+                "SELECT origin FROM origins ORDER BY origin")]
+            for origin in origins:
+                if origin.endswith(PRIVATE_SUFFIX):
+                    continue
+                since = their_vector.get(origin, 0)
+                if type(since) is not int or since < 0:
+                    since = 0
+                cursor = self._db.execute(
+                    "SELECT " + self._ENTRY_COLUMNS + " FROM entries WHERE origin = ?"
+                    " AND seq > ? ORDER BY seq", (origin, since))
+                for row in cursor:
+                    entry = {"origin": row["origin"], "seq": row["seq"], "kind": row["kind"],
+                             "conversation_id": row["conversation_id"],
+                             "timestamp": row["timestamp"], "uid": row["uid"],
+                             "data": json.loads(row["data"])}
+                    cost = len(json.dumps(entry)) + 2
+                    if len(entries) >= max_entries or (entries and size + cost > max_bytes):
+                        return entries, True
+                    entries.append(entry)
+                    size += cost
+            return entries, False
+        return self._read(collect)
+
+    def apply_entries(self, entries) -> list:
+        """Store the entries a peer sent, in one transaction; returns those
+        that were new and took effect (to announce and forward). Invalid
+        entries are skipped with a warning; peer input never raises."""
+        if not isinstance(entries, list):
+            log.warning("store: ignored a batch that is not a list")
+            return []
+        valid, invalid, reason = [], 0, ""
+        for raw in entries:
+            try:
+                valid.append(_clean_entry(raw))
+            except ValueError as error:
+                invalid, reason = invalid + 1, reason or str(error)
+        if invalid:
+            log.warning("store: skipped %d invalid entr%s from a peer (first: %s)",
+                        invalid, "y" if invalid == 1 else "ies", reason)
+        if not valid:
+            return []
+        return self._write(lambda: [e for e in valid if self._insert_remote(e)])
+
+    # -- the original NeuroMesh's files ----------------------------------------
+
+    def export_seed_layout(self, directory) -> dict:
+        """Write the original's layout: conversations/local.json (the default
+        conversation), conversations/<id>.json (other own ones), and
+        received/<peer>/local.json and <id>.json (peers' and imported peers').
+        Creates the default conversation if need be; private conversations
+        are left out. Every file also carries "title",
+        and those under received/ carry "peer" (the unsanitized peer label).
+        Returns {conversations, messages, private_skipped}."""
+        default_id = self.default_conversation()["id"]
+        conversations = self._read(lambda: [self._get(r["id"]) for r in self._list()])
+        files, peers, skipped = {}, {}, 0
+        conversations.sort(key=lambda c: (c["id"] != default_id, c["created_at"], c["id"]))
+        files[("conversations", "local.json")] = {"id": "local", "messages": [],
+                                                  "host_info": {}, "title": "Local chat"}
+        for conversation in conversations:
+            if conversation["private"]:
+                skipped += 1
+            elif conversation["id"] == default_id:
+                files[("conversations", "local.json")] = self._seed_file(conversation, "local")
+            elif conversation["own"] and not conversation["peer_label"]:
+                name = _safe_name(conversation["id"]) + ".json"
+                files[self._unused(files, ("conversations", name))] = self._seed_file(conversation)
+            else:
+                peer = (conversation["peer_label"] or conversation["origin_name"]
+                        or conversation["origin"])
+                peers.setdefault(_safe_name(peer), []).append(conversation)
+        for folder, owned in sorted(peers.items()):
+            for index, conversation in enumerate(owned):
+                if index == 0:
+                    path = ("received", folder, "local.json")
+                    files[path] = self._seed_file(conversation, "local")
+                else:
+                    name = _safe_name(conversation["id"]) + ".json"
+                    path = self._unused(files, ("received", folder, name))
+                    files[path] = self._seed_file(conversation)
+                # The folder name is sanitized; "peer" keeps the label as shown.
+                files[path]["peer"] = (conversation["peer_label"]
+                                       or conversation["origin_name"] or conversation["origin"])
+        for parts, document in sorted(files.items()):
+            self._write_json(os.path.join(directory, *parts), document)
+        return {"conversations": len(files),
+                "messages": sum(len(d["messages"]) for d in files.values()),
+                "private_skipped": skipped}
+
+    @staticmethod
+    def _seed_file(conversation, file_id=None):
+        document = seed_conversation(conversation)
+        document["id"] = file_id or conversation["id"]
+        document["title"] = conversation["title"]
+        return document
+
+    @staticmethod
+    def _unused(files, parts):
+        stem, counter = parts[-1][:-len(".json")], 2
+        while parts in files or parts[-1] == "local.json":
+            parts = parts[:-1] + ("%s-%d.json" % (stem, counter),)
+            counter += 1
+        return parts
+
+    @staticmethod
+    def _write_json(path, document):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        temporary = path + ".tmp"
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(document, handle, indent=2, ensure_ascii=False)
+            handle.write("\n")
+        os.replace(temporary, path)
+
+    def import_seed_layout(self, directory) -> dict:
+        """Read the original's layout (conversations/*.json and
+        received/<peer>/*.json) into own conversations; a received one gets
+        its peer (its "peer" key, else the folder's name) as peer_label and
+        origin_name. Every file is checked before
+        anything is written, and everything is written in one transaction:
+        a bad file raises StoreError naming it and nothing is imported.
+        Importing the same files again adds nothing.
+        Returns {conversations, messages, skipped} (skipped: already present)."""
+        plan = [self._read_seed_file(*source) for source in self._seed_files(directory)]
+        return self._write(self._import, plan)
+
+    @staticmethod
+    def _seed_files(directory):
+        if not os.path.isdir(directory):
+            raise StoreError("%s is not a directory" % directory)
+        sources = []
+        own = os.path.join(directory, "conversations")
+        if os.path.isdir(own):
+            for name in sorted(os.listdir(own)):
+                if name.endswith(".json") and os.path.isfile(os.path.join(own, name)):
+                    sources.append(("conversations/" + name, os.path.join(own, name), None))
+        received = os.path.join(directory, "received")
+        if os.path.isdir(received):
+            for peer in sorted(os.listdir(received)):
+                folder = os.path.join(received, peer)
+                if not os.path.isdir(folder):
+                    continue
+                for name in sorted(os.listdir(folder)):
+                    path = os.path.join(folder, name)
+                    if name.endswith(".json") and os.path.isfile(path):
+                        sources.append(("received/%s/%s" % (peer, name), path, peer))
+        if not sources:
+            raise StoreError("%s has no conversations/*.json or received/*/*.json"
+                             % directory)
+        return sources
+
+    @staticmethod
+    def _read_seed_file(relative, path, peer):
+        def fail(problem):
+            raise StoreError("cannot import %s: %s" % (path, problem))
+        try:
+            with open(path, encoding="utf-8") as handle:
+                document = json.load(handle)
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+            fail("not readable JSON (%s)" % error)
+        if not isinstance(document, dict) or not isinstance(document.get("messages"), list):
+            fail('expected an object with a "messages" list')
+        file_host = document.get("host_info")
+        title = document.get("title")
+        if peer is not None and document.get("peer"):
+            peer = document["peer"]
+        try:
+            if file_host is not None:
+                _clean_host_info(file_host)
+            _text(title, "title", optional=True)
+            _text(peer, "peer", optional=True)
+        except ValueError as error:
+            fail(str(error))
+        messages = []
+        for number, message in enumerate(document["messages"], 1):
+            if not isinstance(message, dict):
+                fail("message %d is not an object" % number)
+            for key in ("content", "timestamp", "sender", "message_type"):
+                if key not in message:
+                    fail("message %d has no %r" % (number, key))
+            kind = message["message_type"]
+            if kind not in ("Question", "Response"):
+                fail("message %d: message_type %r is not Question or Response"
+                     % (number, kind))
+            try:
+                timestamp = _normal_timestamp(message["timestamp"])
+                data = _clean_message_data({
+                    "role": "user" if kind == "Question" else "assistant",
+                    "content": message["content"], "sender": message["sender"],
+                    "host_info": message.get("host_info") or file_host or {}})
+            except ValueError as error:
+                fail("message %d: %s" % (number, error))
+            messages.append((message["timestamp"], timestamp, data))
+        return {"relative": relative, "peer": peer, "title": title, "messages": messages}
+
+    def _import(self, plan):
+        summary = {"conversations": 0, "messages": 0, "skipped": 0}
+        for item in plan:
+            conversation_id = str(uuid.uuid5(
+                _UUID_NAMESPACE, "import/%s/%s" % (self.node_id, item["relative"])))
+            row = self._row(conversation_id)
+            if row is None:
+                stem, peer = item["relative"].rsplit("/", 1)[1][:-len(".json")], item["peer"]
+                if item["title"] is not None:
+                    title = item["title"]
+                elif peer is None:
+                    title = "Imported: %s" % stem
+                else:
+                    title = peer if stem == "local" else "%s: %s" % (peer, stem)
+                stamps = [timestamp for _, timestamp, _ in item["messages"]]
+                self._new_conversation(conversation_id, title, False, peer_label=peer,
+                                       origin_name=peer, created_at=min(stamps, default=None))
+                summary["conversations"] += 1
+                row = self._row(conversation_id)
+            elif row["deleted"]:
+                summary["skipped"] += len(item["messages"])
+                continue
+            for raw_timestamp, timestamp, data in item["messages"]:
+                uid = _import_uid(conversation_id, raw_timestamp, data)
+                if self._db.execute("SELECT 1 FROM entries WHERE uid = ?", (uid,)).fetchone():
+                    summary["skipped"] += 1
+                    continue
+                self._append(self._log_for(row), "message", conversation_id, data,
+                             timestamp=timestamp, uid=uid)
+                summary["messages"] += 1
+        return summary
+
+
+###############################################################################
+# Discovery ###################################################################
+###############################################################################
+#
+# Announcement datagram (JSON), keeping the original's fields:
+#   {"message_type": "ONLINE" | "OFFLINE", "has_llm": bool, "timestamp": utc,
+#    "node_id", "name", "tcp_port", "http_port", "version", "protocol_version", "models": [...]}
+
+MAX_DATAGRAM = 65507
+
+
+def make_announcement(kind, hello):
+    """The datagram a node broadcasts: ``kind`` is ONLINE or OFFLINE, ``hello`` its HELO payload."""
+    datagram = dict(hello)
+    datagram.update({"message_type": kind, "timestamp": utc_now()})
+    return json.dumps(datagram, separators=(",", ":")).encode("utf-8")
+
+
+def parse_announcement(data):
+    """A received datagram as a dict, or None when it is not a NeuroMesh announcement."""
+    try:
+        message = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(message, dict) or message.get("message_type") not in ("ONLINE", "OFFLINE"):
+        return None
+    node_id, tcp_port = message.get("node_id"), message.get("tcp_port")
+    if not isinstance(node_id, str) or not 0 < len(node_id) <= 64:
+        return None
+    if not isinstance(tcp_port, int) or isinstance(tcp_port, bool) or not 0 < tcp_port <= 65535:
+        return None
+    return message
+
+
+def open_discovery_socket(udp_port):
+    """A UDP socket that several nodes on one host can share, able to send broadcasts."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        sock.bind(("", udp_port))
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+            raise PortInUseError("UDP port %d for discovery is in use by another program: pick another "
+                                 "with --udp-port (all nodes of a room must use the same one)" % udp_port)
+        raise
+    return sock
+
+
+###############################################################################
+# Peer links ##################################################################
+###############################################################################
+
+
+class Link:
+    """One TCP connection to a peer: its buffers, its decoder and what the handshake told."""
+
+    def __init__(self, sock, address, outbound, max_size, target=None):
+        self.sock = sock
+        self.address = address  # (ip, port) of the far end
+        self.outbound = outbound
+        self.target = target  # the DialTarget this link was dialed for
+        self.decoder = FrameDecoder(max_size)
+        self.outgoing = bytearray()
+        self.connecting = outbound
+        self.peer_id = None  # set by the handshake
+        self.hello = None
+        now = time.monotonic()
+        self.opened = now
+        self.last_received = now
+        self.closed = False
+
+    def __repr__(self):
+        return "<Link %s:%s %s %s>" % (self.address[0], self.address[1],
+                                      "out" if self.outbound else "in", (self.peer_id or "?")[:8])
+
+
+@dataclasses.dataclass(eq=False)
+class DialTarget:
+    """An address worth dialing, how often it failed, and until when it is worth it."""
+
+    host: str
+    port: int
+    node_id: str = None
+    static: bool = False
+    failures: int = 0
+    next_dial: float = 0.0
+    expires: float = None  # monotonic time; None for static peers
+
+
+@dataclasses.dataclass(eq=False)
+class Peer:
+    """What this node knows of another node (the /api/peers record)."""
+
+    node_id: str
+    name: str = ""
+    address: str = ""
+    tcp_port: int = 0
+    http_port: int = 0
+    version: str = ""
+    protocol_version: int = 0
+    has_llm: bool = False
+    models: list = dataclasses.field(default_factory=list)
+    load: dict = dataclasses.field(default_factory=dict)
+    last_seen: float = 0.0  # wall clock, epoch seconds
+    rtt_ms: float = None
+    link: Link = None
+
+    @property
+    def connected(self):
+        return self.link is not None
+
+    def to_dict(self):
+        return {
+            "node_id": self.node_id, "name": self.name, "address": self.address,
+            "tcp_port": self.tcp_port, "http_port": self.http_port, "connected": self.connected,
+            "has_llm": self.has_llm, "models": list(self.models), "load": dict(self.load),
+            "version": self.version, "last_seen": self.last_seen,
+            "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
+        }
+
+
+class Mesh:
+    """Finds peers and keeps one framed TCP link to each, on one thread with one selector.
+
+    Methods for the caller (any thread): ``start()``, ``serve_forever()`` (on its own
+    thread), ``shutdown()``, ``send(peer_id, marker, payload)``, ``broadcast(marker,
+    payload)``, ``peers()``, ``stats()``. Hooks, called on the mesh thread and expected to
+    return quickly: ``on_peer_up(peer)``, ``on_peer_down(peer, reason)`` and
+    ``frame_handlers[marker](peer, payload)`` for the markers the mesh does not handle itself.
+    """
+
+    poll_interval = 0.5
+    connect_timeout = 5.0
+    handshake_timeout = 10.0
+    max_backoff = 30.0
+    max_outgoing = 256 * MiB
+    forget_after = 600.0  # seconds a down peer stays listed
+
+    def __init__(self, config, node_id, hello_extra=None):
+        self.config = config
+        self.node_id = node_id
+        self.name = config.name
+        self.hello_extra = hello_extra or (lambda: {})
+        self.on_peer_up = lambda peer: None
+        self.on_peer_down = lambda peer, reason: None
+        self.frame_handlers = {}
+        self.lock = threading.RLock()  # guards the peer table; held by the loop while it works
+        self.peer_table = {}
+        self.targets = {}
+        self.links = set()
+        self.counters = collections.Counter()
+        self.tcp_port = None
+        self.broadcast_addresses = []
+        self._selector = selectors.DefaultSelector()
+        self._listener = None
+        self._udp = None
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._calls = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._stopped = threading.Event()
+        self._stopped.set()
+        self._next_announce = 0.0
+        self._next_heartbeat = 0.0
+        self.heartbeat_interval = max(0.05, config.peer_timeout / 3.0)
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self):
+        """Bind the TCP listener and the discovery socket; errors here name the flag to change."""
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            if os.name != "nt":  # on Windows SO_REUSEADDR would let two nodes share a port
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((self.config.host, self.config.tcp_port))
+            listener.listen(64)
+            listener.setblocking(False)
+        except OSError as exc:
+            listener.close()
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise PortInUseError("TCP port %d for peer links is already in use (another NeuroMesh "
+                                     "on this machine?): pick another with --tcp-port"
+                                     % self.config.tcp_port)
+            raise NeuroMeshError("cannot listen on %s:%d: %s (check --host)"
+                                 % (self.config.host, self.config.tcp_port, exc.strerror))
+        self._listener = listener
+        self.tcp_port = listener.getsockname()[1]
+        if not self.config.no_discovery:
+            try:
+                self._udp = open_discovery_socket(self.config.udp_port)
+            except Exception:
+                close_quietly(self._listener)
+                raise
+            self.broadcast_addresses = list(self.config.broadcast) or default_broadcast_addresses()
+            if not self.broadcast_addresses:
+                log.warning("no network interface with a broadcast address: discovery will find "
+                            "nobody; connect with --peer HOST:PORT")
+        self._selector.register(self._listener, selectors.EVENT_READ, "accept")
+        self._selector.register(self._wake_reader, selectors.EVENT_READ, "wake")
+        self._wake_reader.setblocking(False)
+        if self._udp is not None:
+            self._selector.register(self._udp, selectors.EVENT_READ, "udp")
+        for host, port in self.config.static_peers:
+            self.targets[(host, port)] = DialTarget(host, port, static=True)
+        self._stopped.clear()
+
+    def serve_forever(self):
+        """Run the loop until ``shutdown()``; never raises for what a peer sends."""
+        try:
+            self._announce("ONLINE")
+            self._next_announce = time.monotonic() + self.config.announce_interval
+            while not self._stopping.is_set():
+                try:
+                    events = self._selector.select(self.poll_interval)
+                    with self.lock:
+                        for key, mask in events:
+                            self._dispatch(key, mask)
+                        self._run_calls()
+                        self._run_timers()
+                except Exception:  # a bug must not kill the mesh: log it and go on
+                    log.exception("error in the mesh loop")
+                    self.counters["loop_errors"] += 1
+                    time.sleep(0.05)
+        finally:
+            self._close_all()
+            self._stopped.set()
+
+    def shutdown(self, timeout=5.0):
+        """Say goodbye to every peer, stop the loop and wait for it (call from another thread)."""
+        self._stopping.set()
+        self._wake()
+        self._stopped.wait(timeout)
+
+    # -- thread-safe requests ------------------------------------------------
+
+    def call_soon(self, function, *args):
+        """Run ``function(*args)`` on the mesh thread."""
+        self._calls.put((function, args))
+        self._wake()
+
+    def send(self, peer_id, marker, payload):
+        """Queue a frame to one linked peer; quietly dropped if it is not linked."""
+        frame = encode_frame(marker, payload)
+        self.call_soon(self._send_to_peer, peer_id, frame)
+
+    def broadcast(self, marker, payload, exclude=None):
+        """Queue a frame to every linked peer but ``exclude``."""
+        frame = encode_frame(marker, payload)
+        self.call_soon(self._send_to_all, frame, exclude)
+
+    def announce_now(self):
+        self.call_soon(self._announce, "ONLINE")
+
+    def peers(self):
+        """A snapshot of the peer table as dicts, linked peers first."""
+        with self.lock:
+            records = [peer.to_dict() for peer in self.peer_table.values()]
+        return sorted(records, key=lambda record: (not record["connected"], record["name"]))
+
+    def linked_peers(self):
+        with self.lock:
+            return [peer for peer in self.peer_table.values() if peer.connected]
+
+    def stats(self):
+        with self.lock:
+            return dict(self.counters, links=len(self.links),
+                        connected_peers=sum(1 for p in self.peer_table.values() if p.connected))
+
+    # -- the loop ------------------------------------------------------------
+
+    def _wake(self):
+        try:
+            self._wake_writer.send(b"\0")
+        except OSError:  # buffer full: the loop is awake already; closed: it has stopped
+            pass
+
+    def _run_calls(self):
+        while True:
+            try:
+                function, args = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            function(*args)
+
+    def _dispatch(self, key, mask):
+        if key.data == "wake":
+            try:
+                while self._wake_reader.recv(4096):
+                    pass
+            except (BlockingIOError, InterruptedError):
+                pass
+        elif key.data == "accept":
+            self._accept()
+        elif key.data == "udp":
+            self._receive_datagrams()
+        else:
+            link = key.data
+            if mask & selectors.EVENT_WRITE:
+                self._writable(link)
+            if mask & selectors.EVENT_READ and not link.closed:
+                self._readable(link)
+
+    def _run_timers(self):
+        now = time.monotonic()
+        if self._udp is not None and now >= self._next_announce:
+            self._announce("ONLINE")
+            self._next_announce = now + self.config.announce_interval
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + self.heartbeat_interval
+            self._heartbeat(now)
+        self._dial_due(now)
+
+    def _heartbeat(self, now):
+        for link in list(self.links):
+            if link.connecting:
+                if now - link.opened > self.connect_timeout:
+                    self._close_link(link, "connect timed out")
+            elif link.peer_id is None:
+                if now - link.opened > self.handshake_timeout:
+                    self._close_link(link, "no handshake")
+            elif now - link.last_received > self.config.peer_timeout:
+                self._close_link(link, "silent for %.1f s (--peer-timeout)" % (now - link.last_received))
+            else:
+                self._queue(link, encode_frame(PING, {"t": now}))
+        forget_before = time.time() - max(self.forget_after, 5 * self.config.peer_timeout)
+        for node_id, peer in list(self.peer_table.items()):
+            if not peer.connected and peer.last_seen < forget_before:
+                del self.peer_table[node_id]
+
+    # -- discovery -----------------------------------------------------------
+
+    def hello_payload(self):
+        payload = {
+            "node_id": self.node_id, "name": self.name, "version": __version__,
+            "protocol_version": PROTOCOL_VERSION, "tcp_port": self.tcp_port, "http_port": 0,
+            "has_llm": False, "models": [],
+        }
+        payload.update(self.hello_extra())
+        return payload
+
+    def _announce(self, kind):
+        if self._udp is None:
+            return
+        datagram = make_announcement(kind, self.hello_payload())
+        for address in self.broadcast_addresses:
+            try:
+                self._udp.sendto(datagram, (address, self.config.udp_port))
+                self.counters["announcements_sent"] += 1
+            except OSError as exc:
+                self.counters["announce_errors"] += 1
+                log.debug("cannot announce to %s: %s", address, exc)
+
+    def _receive_datagrams(self):
+        for _ in range(64):
+            try:
+                data, (ip, _port) = self._udp.recvfrom(MAX_DATAGRAM)[:2]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("discovery socket error: %s", exc)
+                return
+            message = parse_announcement(data)
+            if message is None:
+                self.counters["garbage_datagrams"] += 1
+                continue
+            if message["node_id"] == self.node_id:
+                continue
+            self.counters["announcements_heard"] += 1
+            self._heard_announcement(ip, message)
+
+    def _heard_announcement(self, ip, message):
+        node_id = message["node_id"]
+        target = self._target(ip, message["tcp_port"], node_id)
+        if message["message_type"] == "OFFLINE":
+            if not target.static:
+                self.targets.pop((target.host, target.port), None)
+            return
+        peer = self.peer_table.get(node_id)
+        if peer is None:
+            peer = self.peer_table[node_id] = Peer(node_id)
+            log.info("heard %s at %s", safe_text(message.get("name")), ip)
+        if not peer.connected:
+            peer.address, peer.tcp_port = ip, message["tcp_port"]
+        self._update_peer(peer, message)
+        if not peer.connected:
+            target.failures, target.next_dial = 0, 0.0  # a node that speaks is worth dialing now
+            self._dial_due(time.monotonic())
+
+    def _target(self, host, port, node_id=None):
+        """The dial target for ``host:port``, made or refreshed for another peer_timeout."""
+        key = (host, port)
+        target = self.targets.get(key)
+        if target is None:
+            target = self.targets[key] = DialTarget(host, port)
+        if node_id:
+            target.node_id = node_id
+        if not target.static:
+            target.expires = time.monotonic() + self.config.peer_timeout
+        return target
+
+    # -- dialing and accepting -----------------------------------------------
+
+    def _dial_due(self, now):
+        busy = {link.target for link in self.links if link.target is not None}
+        linked = {node_id for node_id, peer in self.peer_table.items() if peer.connected}
+        for key, target in list(self.targets.items()):
+            if target.node_id == self.node_id:
+                continue
+            if target.expires is not None and now > target.expires:
+                del self.targets[key]
+                continue
+            if target in busy or target.node_id in linked or now < target.next_dial:
+                continue
+            self._dial(target, now)
+
+    def _dial(self, target, now):
+        sock = None
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            code = sock.connect_ex((target.host, target.port))
+            if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, getattr(errno, "WSAEWOULDBLOCK", -1)):
+                raise OSError(code, os.strerror(code))
+        except (OSError, ValueError) as exc:  # bad address, no route, refused at once
+            close_quietly(sock)
+            self._dial_failed(target, exc)
+            return
+        link = Link(sock, (target.host, target.port), True, self.config.max_message_size, target)
+        self.links.add(link)
+        self._selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, link)
+        self.counters["dials"] += 1
+
+    def _dial_failed(self, target, reason):
+        target.failures += 1
+        delay = min(self.max_backoff, 0.25 * (2 ** min(target.failures, 8)))
+        target.next_dial = time.monotonic() + delay
+        log.debug("cannot reach %s:%d (%s); next try in %.1f s", target.host, target.port, reason, delay)
+
+    def _accept(self):
+        for _ in range(16):
+            try:
+                sock, address = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. out of file descriptors: log, keep serving
+                log.warning("cannot accept a peer link: %s", exc)
+                return
+            sock.setblocking(False)
+            link = Link(sock, address[:2], False, self.config.max_message_size)
+            self.links.add(link)
+            self._selector.register(sock, selectors.EVENT_READ, link)
+            self._queue(link, encode_frame(HELLO, self.hello_payload()))
+            self.counters["accepted"] += 1
+
+    # -- reading and writing -------------------------------------------------
+
+    def _queue(self, link, frame):
+        if link.closed:
+            return
+        if len(link.outgoing) + len(frame) > self.max_outgoing:
+            self._close_link(link, "peer does not read what it is sent")
+            return
+        link.outgoing += frame
+        if not link.connecting:
+            self._selector.modify(link.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, link)
+
+    def _writable(self, link):
+        if link.connecting:
+            code = link.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                self._close_link(link, os.strerror(code))
+                return
+            link.connecting = False
+            link.outgoing[:0] = encode_frame(HELLO, self.hello_payload())
+        if link.outgoing:
+            try:
+                sent = link.sock.send(link.outgoing)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._close_link(link, "send failed: %s" % exc)
+                return
+            del link.outgoing[:sent]
+        if not link.outgoing:
+            self._selector.modify(link.sock, selectors.EVENT_READ, link)
+
+    def _readable(self, link):
+        if link.connecting:
+            return
+        try:
+            data = link.sock.recv(256 * 1024)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._close_link(link, "receive failed: %s" % exc)
+            return
+        if not data:
+            self._close_link(link, "connection closed by peer")
+            return
+        link.last_received = time.monotonic()
+        try:
+            frames = link.decoder.feed(data)
+        except ProtocolError as exc:
+            self.counters["protocol_errors"] += 1
+            log.warning("closing link to %s:%s: %s", link.address[0], link.address[1], exc)
+            self._close_link(link, str(exc))
+            return
+        for marker, payload in frames:
+            if link.closed:
+                return
+            self.counters["frames_in"] += 1
+            try:
+                self._handle_frame(link, marker, payload)
+            except ProtocolError as exc:
+                self.counters["protocol_errors"] += 1
+                log.warning("closing link to %s:%s: %s", link.address[0], link.address[1], exc)
+                self._close_link(link, str(exc))
+                return
+
+    # -- frames ----------------------------------------------------------------
+
+    def _handle_frame(self, link, marker, payload):
+        if marker == HELLO:
+            self._handle_hello(link, payload)
+            return
+        if link.peer_id is None:
+            raise ProtocolError("%s frame before the handshake" % marker.decode("ascii"))
+        peer = self.peer_table.get(link.peer_id)
+        if peer is None or peer.link is not link:
+            return  # a duplicate link being retired
+        peer.last_seen = time.time()
+        if marker == PING:
+            self._queue(link, encode_frame(PONG, {"t": payload.get("t")}))
+        elif marker == PONG:
+            sent = payload.get("t")
+            if isinstance(sent, (int, float)) and not isinstance(sent, bool):
+                peer.rtt_ms = max(0.0, (time.monotonic() - sent) * 1000.0)
+        elif marker == PEERS:
+            self._handle_peer_exchange(payload)
+        elif marker == GOODBYE:
+            if link.target is not None and not link.target.static:
+                self.targets.pop((link.target.host, link.target.port), None)
+            self._forget_targets_of(peer.node_id)
+            self._close_link(link, "peer said goodbye")
+        elif marker == LLM_CAPS:
+            self._update_peer(peer, payload)
+        else:
+            handler = self.frame_handlers.get(marker)
+            if handler is None:
+                log.debug("no handler for %s frames", marker.decode("ascii"))
+                return
+            try:
+                handler(peer, payload)
+            except ProtocolError:
+                raise
+            except Exception:
+                log.exception("error handling a %s frame from %s", marker.decode("ascii"), peer.name)
+
+    def _handle_hello(self, link, payload):
+        if link.peer_id is not None:
+            raise ProtocolError("second handshake on one link")
+        node_id, tcp_port = payload.get("node_id"), payload.get("tcp_port")
+        if not isinstance(node_id, str) or not 0 < len(node_id) <= 64:
+            raise ProtocolError("handshake without a node id")
+        if not isinstance(tcp_port, int) or isinstance(tcp_port, bool) or not 0 <= tcp_port <= 65535:
+            raise ProtocolError("handshake without a TCP port")
+        if link.target is not None:
+            link.target.node_id = node_id
+        if node_id == self.node_id:
+            self._close_link(link, "that is this node itself")
+            return
+        link.peer_id, link.hello = node_id, payload
+        peer = self.peer_table.get(node_id)
+        if peer is None:
+            peer = self.peer_table[node_id] = Peer(node_id)
+        current = peer.link
+        if current is not None and current is not link:
+            if self._keep_existing(current, link, node_id):
+                self._close_link(link, "duplicate link")
+                return
+            current.peer_id = None  # retire it quietly: the peer is not down
+            self._close_link(current, "replaced by a newer link")
+        peer.link = link
+        peer.address = link.address[0]
+        peer.tcp_port = tcp_port or peer.tcp_port
+        if link.target is not None:
+            link.target.failures = 0
+        else:
+            self._target(peer.address, peer.tcp_port, node_id)
+        self._update_peer(peer, payload)
+        peer.last_seen = time.time()
+        self._queue(link, encode_frame(PING, {"t": time.monotonic()}))
+        if current is None:
+            log.info("linked to %s (%s:%d)", safe_text(peer.name), peer.address, peer.tcp_port)
+            self._send_peer_exchange()
+        self.on_peer_up(peer)
+
+    def _keep_existing(self, existing, new, node_id):
+        """Both ends keep the link dialed by the smaller node id; on a tie, the newer one."""
+        def dialer(link):
+            return self.node_id if link.outbound else node_id
+
+        preferred = min(self.node_id, node_id)
+        if dialer(existing) != dialer(new):
+            return dialer(existing) == preferred
+        return False
+
+    def _update_peer(self, peer, info):
+        if isinstance(info.get("name"), str):
+            peer.name = info["name"][:100]
+        for key, kind in (("http_port", int), ("version", str), ("protocol_version", int), ("has_llm", bool)):
+            if isinstance(info.get(key), kind):
+                setattr(peer, key, info[key])
+        if isinstance(info.get("models"), list):
+            peer.models = [str(model)[:200] for model in info["models"][:200]]
+        if isinstance(info.get("load"), dict):
+            peer.load = {str(k)[:50]: v for k, v in list(info["load"].items())[:20]
+                         if isinstance(v, (int, float, str, bool))}
+        peer.last_seen = time.time()
+
+    def _send_peer_exchange(self):
+        """Tell every linked peer about the others, so one seed joins a whole mesh."""
+        linked = [peer for peer in self.peer_table.values() if peer.connected]
+        for peer in linked:
+            others = [{"node_id": other.node_id, "name": other.name, "address": other.address,
+                       "tcp_port": other.tcp_port} for other in linked if other is not peer]
+            self._queue(peer.link, encode_frame(PEERS, {"peers": others}))
+
+    def _handle_peer_exchange(self, payload):
+        entries = payload.get("peers")
+        if not isinstance(entries, list):
+            raise ProtocolError("PEER: frame without a peer list")
+        now = time.monotonic()
+        for entry in entries[:1000]:
+            if not isinstance(entry, dict):
+                continue
+            node_id, address, port = entry.get("node_id"), entry.get("address"), entry.get("tcp_port")
+            if node_id == self.node_id or not isinstance(node_id, str) or not isinstance(address, str):
+                continue
+            if not isinstance(port, int) or isinstance(port, bool) or not 0 < port <= 65535:
+                continue
+            peer = self.peer_table.get(node_id)
+            if peer is not None and peer.connected:
+                continue
+            self._target(address, port, node_id)
+        self._dial_due(now)
+
+    def _forget_targets_of(self, node_id):
+        for key, target in list(self.targets.items()):
+            if target.node_id == node_id and not target.static:
+                del self.targets[key]
+
+    # -- sending helpers -------------------------------------------------------
+
+    def _send_to_peer(self, peer_id, frame):
+        peer = self.peer_table.get(peer_id)
+        if peer is not None and peer.link is not None:
+            self._queue(peer.link, frame)
+
+    def _send_to_all(self, frame, exclude):
+        for peer in list(self.peer_table.values()):
+            if peer.link is not None and peer.node_id != exclude:
+                self._queue(peer.link, frame)
+
+    # -- closing ---------------------------------------------------------------
+
+    def _close_link(self, link, reason):
+        if link.closed:
+            return
+        link.closed = True
+        self.links.discard(link)
+        try:
+            self._selector.unregister(link.sock)
+        except (KeyError, ValueError):
+            pass
+        close_quietly(link.sock)
+        if link.target is not None and link.peer_id is None and reason != "that is this node itself":
+            self._dial_failed(link.target, reason)
+        elif link.target is not None:
+            link.target.next_dial = time.monotonic() + 0.25  # relink soon, not in a tight loop
+        peer = self.peer_table.get(link.peer_id) if link.peer_id else None
+        if peer is not None and peer.link is link:
+            peer.link = None
+            peer.rtt_ms = None
+            peer.last_seen = time.time()
+            log.info("lost %s: %s", safe_text(peer.name), reason)
+            self.counters["peers_lost"] += 1
+            self.on_peer_down(peer, reason)
+
+    def _close_all(self):
+        goodbye = encode_frame(GOODBYE, {"reason": "shutdown"})
+        with self.lock:
+            for link in list(self.links):
+                if link.peer_id is not None and not link.connecting:
+                    link.outgoing += goodbye
+            deadline = time.monotonic() + 1.0
+            for link in list(self.links):  # best effort flush, bounded in time
+                link.sock.setblocking(True)
+                link.sock.settimeout(max(0.01, deadline - time.monotonic()))
+                try:
+                    if link.outgoing and not link.connecting:
+                        link.sock.sendall(link.outgoing)
+                except OSError:
+                    pass
+                self._close_link(link, "this node is stopping")
+            try:
+                self._announce("OFFLINE")
+            finally:
+                for sock in (self._listener, self._udp, self._wake_reader, self._wake_writer):
+                    close_quietly(sock)
+                self._selector.close()
+
+
+###############################################################################
+# Sync ########################################################################
+###############################################################################
+#
+# SYNC: {"vector": {origin: seq}}   the contiguous prefix of each origin's log I hold
+# FILE: {"entries": [entry, ...], "more": bool}   entries the receiver lacks, in bounded batches
+#
+# Each side sends SYNC on link-up and every --sync-interval; the other answers with FILE.
+# New entries are pushed at once and forwarded once, so a chain A-B-C converges without an
+# A-C link; periodic sync only heals what a push missed.
+
+
+class SyncWorker:
+    """Runs the store side of sync on its own thread, so the mesh loop never waits on SQLite.
+
+    Methods for the caller: ``start()``, ``shutdown()``, ``push(entries)`` after a local
+    write, and ``handle_sync``/``handle_file``, the mesh's frame handlers.
+    """
+
+    batch_bytes = 1 * MiB
+    batch_entries = 500
+
+    def __init__(self, store, mesh, events, interval):
+        self.store = store
+        self.mesh = mesh
+        self.events = events
+        self.interval = interval
+        self._jobs = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = None
+        self.counters = collections.Counter()
+
+    def start(self):
+        self._thread = threading.Thread(target=self.serve_forever, name="neuromesh-sync", daemon=True)
+        self._thread.start()
+
+    def serve_forever(self):
+        next_round = time.monotonic() + self.interval
+        while not self._stop.is_set():
+            try:
+                job = self._jobs.get(timeout=max(0.0, min(0.5, next_round - time.monotonic())))
+            except queue.Empty:
+                job = None
+            try:
+                if job is not None:
+                    job[0](*job[1:])
+                if time.monotonic() >= next_round:
+                    next_round = time.monotonic() + self.interval
+                    self._send_vector(None)
+            except Exception:  # a bad batch must not stop syncing
+                log.exception("sync job failed")
+
+    def shutdown(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    # -- called on other threads -------------------------------------------------
+
+    def push(self, entries):
+        """Send entries this node just wrote to every linked peer (private ones never leave)."""
+        shared = [entry for entry in entries if self.store.is_shared(entry)]
+        if shared:
+            self.mesh.broadcast(FILE, {"entries": shared, "more": False})
+
+    def peer_up(self, peer):
+        self._jobs.put((self._send_vector, peer.node_id))
+
+    def handle_sync(self, peer, payload):
+        vector = payload.get("vector")
+        if not isinstance(vector, dict):
+            raise ProtocolError("SYNC: frame without a version vector")
+        self._jobs.put((self._answer_sync, peer.node_id, vector))
+
+    def handle_file(self, peer, payload):
+        entries = payload.get("entries")
+        if not isinstance(entries, list):
+            raise ProtocolError("FILE: frame without an entry list")
+        self._jobs.put((self._apply, peer.node_id, entries, payload.get("more") is True))
+
+    # -- jobs, on the sync thread ---------------------------------------------------
+
+    def _send_vector(self, peer_id):
+        payload = {"vector": self.store.version_vector()}
+        if peer_id is None:
+            self.mesh.broadcast(SYNC, payload)
+        else:
+            self.mesh.send(peer_id, SYNC, payload)
+        self.counters["vectors_sent"] += 1
+
+    def _answer_sync(self, peer_id, vector):
+        clean = {str(origin): seq for origin, seq in vector.items()
+                 if isinstance(seq, int) and not isinstance(seq, bool)}
+        entries, more = self.store.entries_missing(clean, self.batch_bytes, self.batch_entries)
+        if entries:
+            self.mesh.send(peer_id, FILE, {"entries": entries, "more": more})
+            self.counters["entries_sent"] += len(entries)
+
+    def _apply(self, peer_id, entries, more):
+        before = self.store.version_vector() if more else None
+        new = self.store.apply_entries(entries)
+        self.counters["entries_received"] += len(entries)
+        self.counters["entries_new"] += len(new)
+        if new:
+            self.mesh.broadcast(FILE, {"entries": new, "more": False}, exclude=peer_id)
+            publish_entries(self.events, new)
+        if more and self.store.version_vector() != before:  # a stuck gap must not loop
+            self._send_vector(peer_id)
+
+
+def publish_entries(events, entries):
+    """Tell the page what changed: one event per new message or conversation change."""
+    for entry in entries:
+        if entry.get("kind") == "message":
+            events.publish("message", {"conversation_id": entry["conversation_id"], "origin": entry["origin"],
+                                       "seq": entry["seq"], "role": entry["data"].get("role")})
+        else:
+            events.publish("conversation", {"conversation_id": entry["conversation_id"],
+                                            "deleted": bool(entry["data"].get("deleted")),
+                                            "private": bool(entry["data"].get("private"))})
+
+
+###############################################################################
+# Events ######################################################################
+###############################################################################
+
+
+class EventBus:
+    """Fans out events (peer up/down, new message, ...) to subscribers such as SSE clients."""
+
+    max_pending = 1000
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._subscribers = set()
+
+    def subscribe(self):
+        inbox = queue.Queue(self.max_pending)
+        with self._lock:
+            self._subscribers.add(inbox)
+        return inbox
+
+    def unsubscribe(self, inbox):
+        with self._lock:
+            self._subscribers.discard(inbox)
+
+    def publish(self, kind, data):
+        event = {"type": kind, "data": data, "time": utc_now()}
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for inbox in subscribers:
+            try:
+                inbox.put_nowait(event)
+            except queue.Full:  # a stuck client loses events, never the node
+                pass
+
+    @property
+    def subscriber_count(self):
+        with self._lock:
+            return len(self._subscribers)
+
+
+###############################################################################
+# Web app #####################################################################
+###############################################################################
+
+
+class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
+    """The standard library's WSGI server, one daemon thread per request."""
+
+    daemon_threads = True
+    allow_reuse_address = os.name != "nt"
+
+
+class QuietRequestHandler(WSGIRequestHandler):
+    """Sends wsgiref's request lines to the debug log instead of stderr."""
+
+    def log_message(self, format, *args):
+        log.debug("http %s %s", self.address_string(), safe_text(format % args))
+
+
+def json_error(status, message):
+    """An error reply: ``{"error": message}`` with ``status``, as Ollama's clients expect."""
+    bottle.response.status = status
+    bottle.response.content_type = "application/json"
+    return json.dumps({"error": message})
+
+
+class HTTPFailure(NeuroMeshError):
+    """An API error with its HTTP status; the route answers ``{"error": text}``."""
+
+    def __init__(self, status, message):
+        NeuroMeshError.__init__(self, message)
+        self.status = status
+
+
+def read_json_body(limit=4 * MiB):
+    """The request's JSON object, or an HTTPFailure saying what is wrong with it."""
+    length = bottle.request.content_length
+    if length > limit:
+        raise HTTPFailure(413, "request body of %d bytes is over the limit of %d" % (length, limit))
+    raw = bottle.request.body.read(limit + 1) if length else b""
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise HTTPFailure(400, "the request body is not valid JSON: %s" % exc)
+    if not isinstance(body, dict):
+        raise HTTPFailure(400, "the request body must be a JSON object")
+    return body
+
+
+def body_text(body, key, required=False, limit=100000):
+    value = body.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or (required and not value.strip()):
+        raise HTTPFailure(400, "%r must be a non-empty string" % key)
+    if len(value) > limit:
+        raise HTTPFailure(413, "%r is longer than %d characters" % (key, limit))
+    return value
+
+
+def json_route(function):
+    """Wraps a route: its dict or list becomes JSON, an HTTPFailure becomes ``{"error"}``."""
+    def wrapper(*args, **kwargs):
+        try:
+            result = function(*args, **kwargs)
+        except HTTPFailure as exc:
+            return json_error(exc.status, str(exc))
+        except StoreError as exc:
+            return json_error(400, str(exc))
+        if isinstance(result, (dict, list)):
+            bottle.response.content_type = "application/json"
+            return json.dumps(result)
+        return result
+    wrapper.__name__ = function.__name__
+    return wrapper
+
+
+def sse_format(event):
+    """One Server-Sent Event: ``event:`` line, one ``data:`` line of JSON, a blank line."""
+    return "event: %s\ndata: %s\n\n" % (event["type"], json.dumps(event))
+
+
+def build_app(node):
+    """The Bottle application of ``node``: the page and the HTTP API."""
+    app = bottle.Bottle()
+    store = node.store
+
+    @app.get("/")
+    def index():
+        return bottle.static_file("index.html", root=STATIC_DIR)
+
+    @app.get("/static/<path:path>")
+    def static(path):
+        return bottle.static_file(path, root=STATIC_DIR)
+
+    @app.get("/api/health")
+    @json_route
+    def health():
+        return node.health()
+
+    @app.get("/api/peers")
+    @json_route
+    def peers():
+        return node.mesh.peers()
+
+    # -- conversations -------------------------------------------------------------
+
+    def own_conversation(conversation_id):
+        conversation = store.get_conversation(conversation_id)
+        if conversation is None:
+            raise HTTPFailure(404, "no conversation %s" % safe_text(conversation_id, 80))
+        return conversation
+
+    @app.get("/api/conversations")
+    @json_route
+    def list_conversations():
+        return store.list_conversations()
+
+    @app.post("/api/conversations")
+    @json_route
+    def create_conversation():
+        body = read_json_body()
+        title = body_text(body, "title", limit=200) or "New chat"
+        entry_conversation = store.create_conversation(title=title, private=bool(body.get("private")))
+        bottle.response.status = 201
+        return entry_conversation
+
+    @app.get("/api/conversations/<conversation_id>")
+    @json_route
+    def get_conversation(conversation_id):
+        return own_conversation(conversation_id)
+
+    @app.post("/api/conversations/<conversation_id>/messages")
+    @json_route
+    def post_message(conversation_id):
+        body = read_json_body()
+        content = body_text(body, "content", required=True)
+        sender = body_text(body, "sender", limit=100) or "user"
+        own_conversation(conversation_id)
+        entry = store.add_message(conversation_id, "user", content, sender, host_info=node.host_info())
+        bottle.response.status = 201
+        return store.message_from_entry(entry)
+
+    @app.route("/api/conversations/<conversation_id>", method="PATCH")
+    @json_route
+    def patch_conversation(conversation_id):
+        body = read_json_body()
+        own_conversation(conversation_id)
+        title = body_text(body, "title", limit=200)
+        private = body.get("private")
+        if private is not None and not isinstance(private, bool):
+            raise HTTPFailure(400, "'private' must be true or false")
+        try:
+            record = store.update_conversation(conversation_id, title=title, private=private)
+        except StoreError as exc:
+            raise HTTPFailure(403, str(exc))
+        return record
+
+    @app.delete("/api/conversations/<conversation_id>")
+    @json_route
+    def delete_conversation(conversation_id):
+        own_conversation(conversation_id)
+        try:
+            record = store.delete_conversation(conversation_id)
+        except StoreError as exc:
+            raise HTTPFailure(403, str(exc))
+        return record
+
+    @app.get("/peers")
+    @json_route
+    def seed_peers():
+        """The original NeuroMesh's view: ``{peer: conversation}`` of what peers wrote."""
+        return node.seed_peer_conversations()
+
+    # -- live events -------------------------------------------------------------------
+
+    @app.get("/api/events")
+    def events():
+        bottle.response.content_type = "text/event-stream"
+        bottle.response.set_header("Cache-Control", "no-cache")
+        bottle.response.set_header("X-Accel-Buffering", "no")
+        inbox = node.events.subscribe()
+
+        def stream():
+            try:
+                yield sse_format({"type": "hello", "data": {"node_id": node.node_id, "name": node.name},
+                                  "time": utc_now()})
+                while not node.stopping:
+                    try:
+                        event = inbox.get(timeout=node.sse_keepalive)
+                    except queue.Empty:
+                        yield ": keep-alive\n\n"  # also how a gone client is noticed
+                        continue
+                    yield sse_format(event)
+            finally:
+                node.events.unsubscribe(inbox)
+
+        return stream()
+
+    @app.error(404)
+    def not_found(error):
+        return json_error(404, "not found: %s" % bottle.request.path)
+
+    @app.error(405)
+    def not_allowed(error):
+        return json_error(405, "method %s is not allowed on %s" % (bottle.request.method, bottle.request.path))
+
+    @app.error(500)
+    def server_error(error):
+        log.error("HTTP 500 on %s: %s", bottle.request.path, error.exception)
+        return json_error(500, "internal error: %s" % (error.exception or error.body))
+
+    return app
+
+
+###############################################################################
+# Node ########################################################################
+###############################################################################
+
+
+class Node:
+    """One NeuroMesh node: identity, store, mesh, sync, web server, and their start and stop."""
+
+    sse_keepalive = 15.0  # seconds between SSE comments; a gone client is noticed on a write
+
+    def __init__(self, config):
+        self.config = config
+        self.node_id = load_identity(config.data_dir)
+        if not config.name:
+            config.name = "NeuroMesh-" + self.node_id[:4]
+        self.name = config.name
+        self.started_monotonic = time.monotonic()
+        self.events = EventBus()
+        self.store = Store(os.path.join(config.data_dir, DATABASE_FILE), self.node_id, self.name)
+        self.mesh = Mesh(config, self.node_id, hello_extra=self._hello_extra)
+        self.mesh.on_peer_up = self._peer_up
+        self.mesh.on_peer_down = self._peer_down
+        self.sync = SyncWorker(self.store, self.mesh, self.events, config.sync_interval)
+        self.mesh.frame_handlers[SYNC] = self.sync.handle_sync
+        self.mesh.frame_handlers[FILE] = self.sync.handle_file
+        self.store.on_local_entries = self._local_entries
+        self.http_server = None
+        self.http_port = None
+        self._threads = []
+        self._stop = threading.Event()
+
+    # -- what the mesh tells peers ---------------------------------------------
+
+    def _hello_extra(self):
+        return {"http_port": self.http_port or 0, "has_llm": False, "models": []}
+
+    def _peer_up(self, peer):
+        self.events.publish("peer_up", peer.to_dict())
+        self.sync.peer_up(peer)
+
+    def _peer_down(self, peer, reason):
+        record = peer.to_dict()
+        record["reason"] = reason
+        self.events.publish("peer_down", record)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self):
+        """Bind every port (errors name the flag to change), then start the threads."""
+        try:
+            self.http_server = make_server(self.config.host, self.config.http_port, build_app(self),
+                                           server_class=ThreadingWSGIServer,
+                                           handler_class=QuietRequestHandler)
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise PortInUseError("HTTP port %d is already in use (another NeuroMesh or web server "
+                                     "on this machine?): pick another with --http-port"
+                                     % self.config.http_port)
+            raise NeuroMeshError("cannot listen on %s:%d: %s (check --host)"
+                                 % (self.config.host, self.config.http_port, exc.strerror))
+        self.http_port = self.http_server.server_port
+        try:
+            self.mesh.start()
+        except Exception:
+            self.http_server.server_close()
+            raise
+        self._spawn("neuromesh-mesh", self.mesh.serve_forever)
+        self._spawn("neuromesh-http", lambda: self.http_server.serve_forever(poll_interval=0.1))
+        self.sync.start()
+        self._write_runtime_file()
+        return self
+
+    def _spawn(self, name, target):
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _write_runtime_file(self):
+        info = {"pid": os.getpid(), "node_id": self.node_id, "name": self.name,
+                "http_port": self.http_port, "tcp_port": self.mesh.tcp_port,
+                "udp_port": self.config.udp_port, "host": self.config.host, "started": utc_now()}
+        path = os.path.join(self.config.data_dir, RUNTIME_FILE)
+        with open(path + ".tmp", "w", encoding="utf-8") as handle:
+            json.dump(info, handle)
+        os.replace(path + ".tmp", path)
+
+    def wait(self, timeout=None):
+        """Block until ``stop()`` is asked for (from a signal handler or another thread)."""
+        return self._stop.wait(timeout)
+
+    def request_stop(self):
+        self._stop.set()
+
+    @property
+    def stopping(self):
+        return self._stop.is_set()
+
+    def stop(self):
+        """Say goodbye to peers and stop every thread; safe to call twice."""
+        self._stop.set()
+        self.mesh.shutdown()
+        self.sync.shutdown()
+        if self.http_server is not None:
+            self.http_server.shutdown()
+            self.http_server.server_close()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self.store.close()
+        try:
+            os.remove(os.path.join(self.config.data_dir, RUNTIME_FILE))
+        except OSError:
+            pass
+
+    # -- conversations -------------------------------------------------------------
+
+    def host_info(self):
+        """The original's ``host_info`` of this node (the display name, never the hostname)."""
+        return {"hostname": self.name, "ip_address": self.config.host, "is_llm_host": False}
+
+    def _local_entries(self, entries):
+        """After a committed local write: push it to peers at once and tell the page."""
+        self.sync.push(entries)
+        publish_entries(self.events, entries)
+
+    def seed_peer_conversations(self):
+        """``{peer name: conversation}`` in the original's shape, one per origin that is not us."""
+        merged = {}
+        for record in self.store.list_conversations():
+            if record["own"] and not record.get("peer_label"):
+                continue
+            label = record.get("peer_label") or record["origin_name"] or record["origin"]
+            conversation = self.store.get_conversation(record["id"])
+            merged.setdefault(label, []).append(conversation)
+        result = {}
+        for label, conversations in merged.items():
+            messages = sorted((m for c in conversations for m in c["messages"]), key=lambda m: m["timestamp"])
+            result[label] = seed_conversation({"id": label, "origin_name": label, "messages": messages})
+        return result
+
+    # -- what the API reports ----------------------------------------------------
+
+    def health(self):
+        stats = self.mesh.stats()
+        return {
+            "status": "ok", "node_id": self.node_id, "name": self.name, "version": __version__,
+            "protocol_version": PROTOCOL_VERSION,
+            "uptime_s": round(time.monotonic() - self.started_monotonic, 3),
+            "peer_count": stats["connected_peers"], "has_llm": False,
+            "memory_rss_bytes": memory_rss_bytes(), "threads": threading.active_count(),
+            "ports": {"http": self.http_port, "tcp": self.mesh.tcp_port,
+                      "udp": None if self.config.no_discovery else self.config.udp_port},
+            "discovery": not self.config.no_discovery,
+            "broadcast_addresses": list(self.mesh.broadcast_addresses),
+            "counters": {key: value for key, value in stats.items()
+                         if key not in ("connected_peers",)},
+            "event_subscribers": self.events.subscriber_count,
+            "sync": dict(self.sync.counters), "messages": self.store.message_count(),
+            "python": sys.version.split()[0],
+        }
+
+    def urls(self):
+        """The URLs to print at start: this machine, then the LAN addresses others can use."""
+        port = self.http_port
+        local = ["http://127.0.0.1:%d/" % port]
+        if self.config.host in ("0.0.0.0", ""):
+            return local, ["http://%s:%d/" % (ip, port) for ip in lan_addresses()]
+        return ["http://%s:%d/" % (self.config.host, port)], []
+
+
+###############################################################################
+# CLI #########################################################################
+###############################################################################
+
+
+def version_report():
+    lines = ["NeuroMesh %s (protocol %d)" % (__version__, PROTOCOL_VERSION),
+             "Python %s at %s" % (sys.version.split()[0], sys.executable)]
+    for module in (bottle, requests, ifaddr):
+        version = getattr(module, "__version__", None)
+        if version is None:
+            try:
+                from importlib.metadata import version as distribution_version
+                version = distribution_version(module.__name__)
+            except Exception:  # metadata missing (copied by hand): the path still helps
+                version = "?"
+        lines.append("%s %s from %s" % (module.__name__, version, os.path.dirname(os.path.abspath(module.__file__))))
+    return "\n".join(lines)
+
+
+def install_signal_handlers(node):
+    """First Ctrl+C (or SIGTERM) stops gracefully; a second Ctrl+C exits at once."""
+    state = {"asked": False}
+
+    def handle(signum, _frame):
+        if state["asked"] and signum == signal.SIGINT:
+            os._exit(130)
+        state["asked"] = True
+        print("\nStopping NeuroMesh (press Ctrl+C again to quit at once)...", file=sys.stderr, flush=True)
+        node.request_stop()
+
+    signal.signal(signal.SIGINT, handle)
+    if hasattr(signal, "SIGTERM"):
+        signal.signal(signal.SIGTERM, handle)
+
+
+def run_node(config):
+    node = Node(config).start()
+    install_signal_handlers(node)
+    local, lan = node.urls()
+    print("NeuroMesh %s is running as %s." % (__version__, node.name), flush=True)
+    print("  Chat page on this computer: %s" % local[0], flush=True)
+    for url in lan:
+        print("  For others on the network: %s" % url, flush=True)
+    if config.no_discovery:
+        print("  Discovery is off; static peers: %s" % (", ".join(config.peer) or "none"), flush=True)
+    else:
+        print("  Announcing on UDP %d to %s" % (config.udp_port, ", ".join(node.mesh.broadcast_addresses)
+                                                or "nobody"), flush=True)
+    print("  Press Ctrl+C to stop.", flush=True)
+    if not config.no_browser:
+        threading.Thread(target=webbrowser.open, args=(local[0],), name="neuromesh-browser",
+                         daemon=True).start()
+    try:
+        while not node.wait(1.0):
+            pass
+    finally:
+        node.stop()
+    print("NeuroMesh stopped.", file=sys.stderr, flush=True)
+    return 0
+
+
+def run_transfer(config, command, directory):
+    """``export DIR`` / ``import DIR``: the original NeuroMesh's file layout, to and from the store."""
+    if not directory:
+        raise ConfigError("%s needs a directory: python neuromesh.py %s DIR" % (command, command))
+    node_id = load_identity(config.data_dir)
+    store = Store(os.path.join(config.data_dir, DATABASE_FILE), node_id, config.name or "NeuroMesh-" + node_id[:4])
+    try:
+        if command == "export":
+            summary = store.export_seed_layout(directory)
+        else:
+            summary = store.import_seed_layout(directory)
+    finally:
+        store.close()
+    print("%sed %s: %s" % (command, directory, ", ".join("%s %s" % (value, key) for key, value in summary.items())))
+    if command == "import":
+        print("A running node shares the imported conversations at its next sync round.")
+    return 0
+
+
+def main(argv=None):
+    parser = build_arg_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        print(version_report())
+        return 0
+    try:
+        config = load_config(args)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "run":
+            return run_node(config)
+        return run_transfer(config, args.command, args.directory)
+    except NeuroMeshError as exc:
+        print("neuromesh: error: %s" % exc, file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

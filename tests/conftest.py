@@ -1,0 +1,201 @@
+"""Shared fixtures: real NeuroMesh nodes on loopback, each with its own ports and data dir.
+
+Network safety: every node started here binds 127.0.0.1 and broadcasts only to
+127.255.255.255 (or runs inside a network namespace the test made itself).
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "neuromesh.py")
+sys.path.insert(0, ROOT)
+
+LOOPBACK_BROADCAST = "127.255.255.255"
+# Fast meshes: announcements every half second, a peer is down after two silent seconds.
+FAST = {"announce_interval": "0.5", "peer_timeout": "2", "sync_interval": "0.5"}
+
+
+def wait_for(predicate, timeout=10.0, interval=0.05, message="condition"):
+    """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except (requests.RequestException, OSError, ValueError, KeyError) as exc:
+            last_error = exc
+        time.sleep(interval)
+    raise AssertionError("timed out after %.1f s waiting for %s (last error: %r)" % (timeout, message, last_error))
+
+
+def reserve_udp_port():
+    """A UDP port for one test mesh, held open (shareable) so no other test takes it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if hasattr(socket, "SO_REUSEPORT"):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+class NodeProcess:
+    """A real ``python neuromesh.py`` process on loopback, driven by a test."""
+
+    def __init__(self, data_dir, args, label, prefix=()):
+        self.data_dir = str(data_dir)
+        self.args = list(args)
+        self.label = label
+        self.prefix = list(prefix)
+        self.process = None
+        self.info = None
+        self.log_path = os.path.join(self.data_dir, "node.log")
+
+    def start(self, timeout=15.0):
+        os.makedirs(self.data_dir, exist_ok=True)
+        runtime = os.path.join(self.data_dir, "runtime.json")
+        if os.path.exists(runtime):
+            os.remove(runtime)  # left by a killed run
+        command = self.prefix + [sys.executable, SCRIPT, "--data-dir", self.data_dir, "--no-browser"] + self.args
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+        def ready():
+            if self.process.poll() is not None:
+                raise AssertionError("node %s exited with %s:\n%s" % (self.label, self.process.returncode, self.log()))
+            with open(runtime) as handle:
+                info = json.load(handle)
+            return info if info.get("pid") == self.process.pid or self.prefix else None
+
+        try:
+            self.info = wait_for(ready, timeout, message="node %s to start" % self.label)
+        except AssertionError:
+            self.kill()
+            raise
+        return self
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self.info["http_port"]
+
+    @property
+    def node_id(self):
+        return self.info["node_id"]
+
+    @property
+    def tcp_port(self):
+        return self.info["tcp_port"]
+
+    def get(self, path, **kwargs):
+        kwargs.setdefault("timeout", 5)
+        return requests.get(self.url + path, **kwargs)
+
+    def post(self, path, **kwargs):
+        kwargs.setdefault("timeout", 10)
+        return requests.post(self.url + path, **kwargs)
+
+    def json(self, path):
+        response = self.get(path)
+        response.raise_for_status()
+        return response.json()
+
+    def peers(self):
+        return self.json("/api/peers")
+
+    def connected_ids(self):
+        return {peer["node_id"] for peer in self.peers() if peer["connected"]}
+
+    def health(self):
+        return self.json("/api/health")
+
+    def log(self):
+        try:
+            with open(self.log_path, errors="replace") as handle:
+                return handle.read()[-6000:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout=10.0):
+        """Graceful stop, as a user's Ctrl+C or a service manager's SIGTERM."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process and self.process.returncode
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self._log.close()
+
+    def kill(self):
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    @property
+    def alive(self):
+        return self.process is not None and self.process.poll() is None
+
+
+class Cluster:
+    """Starts loopback nodes that share one UDP discovery port; stops them all at the end."""
+
+    def __init__(self, tmp_path):
+        self.tmp_path = tmp_path
+        self.udp_reservation = reserve_udp_port()
+        self.udp_port = self.udp_reservation.getsockname()[1]
+        self.nodes = []
+
+    def node_args(self, discovery=True, settings=None, extra=()):
+        values = dict(FAST)
+        values.update(settings or {})
+        args = ["--host", "127.0.0.1", "--http-port", "0", "--tcp-port", "0", "--log-level", "debug"]
+        if discovery:
+            args += ["--broadcast", LOOPBACK_BROADCAST, "--udp-port", str(self.udp_port)]
+        else:
+            args += ["--no-discovery", "--udp-port", str(self.udp_port)]
+        for key, value in values.items():
+            args += ["--" + key.replace("_", "-"), str(value)]
+        return args + list(extra)
+
+    def start(self, label=None, discovery=True, settings=None, extra=(), data_dir=None):
+        label = label or "n%d" % (len(self.nodes) + 1)
+        node = NodeProcess(data_dir or self.tmp_path / label, self.node_args(discovery, settings, extra), label)
+        self.nodes.append(node)
+        return node.start()
+
+    def close(self):
+        for node in self.nodes:
+            try:
+                node.stop(timeout=5)
+            except subprocess.TimeoutExpired:
+                node.kill()
+        self.udp_reservation.close()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    mesh = Cluster(tmp_path)
+    try:
+        yield mesh
+    finally:
+        mesh.close()
+
+
+def fully_linked(nodes):
+    """True when every node lists every other as connected."""
+    for node in nodes:
+        others = {other.node_id for other in nodes if other is not node}
+        if not others <= node.connected_ids():
+            return False
+    return True

@@ -1,0 +1,218 @@
+"""Mesh core: discovery, links, peer exchange, failure detection, multi-host namespaces."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import requests
+
+from conftest import ROOT, SCRIPT, NodeProcess, fully_linked, wait_for
+
+
+def _links_equal_peers(node):
+    health = node.health()
+    return health["counters"]["links"] == health["peer_count"]
+
+
+def test_three_nodes_on_loopback_find_each_other(cluster):
+    nodes = [cluster.start() for _ in range(3)]
+    wait_for(lambda: fully_linked(nodes), timeout=10, message="3 nodes fully linked")
+    for node in nodes:
+        peers = {peer["node_id"]: peer for peer in node.peers()}
+        for other in nodes:
+            if other is node:
+                continue
+            record = peers[other.node_id]
+            assert record["connected"] is True
+            assert record["name"] == "NeuroMesh-" + other.node_id[:4]
+            assert record["address"] == "127.0.0.1"
+            assert record["tcp_port"] == other.tcp_port
+            assert record["http_port"] == other.info["http_port"]
+            assert record["has_llm"] is False and record["models"] == []
+            assert record["last_seen"] > 0
+        health = node.health()
+        assert health["peer_count"] == 2 and health["node_id"] == node.node_id
+        assert health["memory_rss_bytes"] > 0 and health["uptime_s"] >= 0
+    # exactly one link per pair, once handshake races have settled
+    wait_for(lambda: all(_links_equal_peers(node) for node in nodes), message="one link per pair")
+    rtts = [peer["rtt_ms"] for peer in nodes[0].peers()]
+    wait_for(lambda: all(peer["rtt_ms"] is not None for peer in nodes[0].peers()), message="rtt measured")
+    assert len(rtts) == 2
+
+
+def test_graceful_stop_is_seen_within_one_second(cluster):
+    a, b, c = (cluster.start() for _ in range(3))
+    wait_for(lambda: fully_linked([a, b, c]), message="mesh")
+    stopped_at = time.monotonic()
+    assert c.stop() == 0
+    wait_for(lambda: c.node_id not in a.connected_ids() and c.node_id not in b.connected_ids(),
+             timeout=1.0, interval=0.02, message="a graceful stop seen within 1 s")
+    seen_after = time.monotonic() - stopped_at
+    assert seen_after < 1.0 + 0.5  # includes the process exit itself
+    assert "peer said goodbye" in a.log()
+    assert "NeuroMesh stopped." in c.log()
+
+
+def test_sigkill_is_seen_within_the_peer_timeout_and_a_restart_relinks(cluster):
+    a, b, c = (cluster.start() for _ in range(3))
+    wait_for(lambda: fully_linked([a, b, c]), message="mesh")
+    old_id = c.node_id
+    c.kill()
+    wait_for(lambda: old_id not in a.connected_ids() and old_id not in b.connected_ids(),
+             timeout=2.0, message="a killed peer seen down within --peer-timeout (2 s)")
+    c.start()
+    assert c.node_id == old_id  # identity survives a restart
+    wait_for(lambda: fully_linked([a, b, c]), timeout=5, message="the restarted node linked again")
+    wait_for(lambda: all(_links_equal_peers(node) for node in (a, b, c)), message="no duplicate links")
+    assert len([p for p in a.peers() if p["node_id"] == old_id]) == 1
+
+
+def test_silent_peer_is_declared_down_after_the_peer_timeout(cluster):
+    a, b = cluster.start(), cluster.start()
+    wait_for(lambda: fully_linked([a, b]), message="pair")
+    b.process.send_signal(19)  # SIGSTOP: the socket stays open, the peer goes silent
+    try:
+        started = time.monotonic()
+        wait_for(lambda: b.node_id not in a.connected_ids(), timeout=6, message="silent peer down")
+        assert time.monotonic() - started >= 1.0  # not at once: silence waits for the timeout
+        assert "silent for" in a.log()
+    finally:
+        b.process.send_signal(18)  # SIGCONT
+    wait_for(lambda: fully_linked([a, b]), timeout=8, message="relinked after the peer woke up")
+
+
+def test_static_peers_chain_joins_the_whole_mesh_by_peer_exchange(cluster):
+    b = cluster.start("b", discovery=False)
+    seed = "127.0.0.1:%d" % b.tcp_port
+    a = cluster.start("a", discovery=False, extra=["--peer", seed])
+    c = cluster.start("c", discovery=False, extra=["--peer", seed])
+    wait_for(lambda: fully_linked([a, b, c]), timeout=10, message="A and C linked through B's peer exchange")
+    assert a.health()["discovery"] is False
+    assert "announcements_sent" not in a.health()["counters"]
+
+
+def test_static_peer_that_starts_later_is_reached_by_backoff(cluster, tmp_path):
+    # reserve B's port by starting it once, then stopping it
+    b = cluster.start("b", discovery=False)
+    port = b.tcp_port
+    b.stop()
+    a = cluster.start("a", discovery=False, extra=["--peer", "127.0.0.1:%d" % port])
+    b.args[b.args.index("--tcp-port") + 1] = str(port)
+    b.start()
+    wait_for(lambda: fully_linked([a, b]), timeout=10, message="static peer reached after it started")
+
+
+def test_a_port_in_use_is_a_clear_error_naming_the_flag(cluster, tmp_path):
+    first = cluster.start("first")
+    clash = subprocess.run(
+        [sys.executable, SCRIPT, "--host", "127.0.0.1", "--http-port", str(first.info["http_port"]),
+         "--tcp-port", "0", "--no-discovery", "--no-browser", "--data-dir", str(tmp_path / "clash")],
+        capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert clash.returncode == 2
+    assert "--http-port" in clash.stderr and "already in use" in clash.stderr
+    assert "Traceback" not in clash.stderr
+
+
+def test_version_flag_names_python_and_packages():
+    result = subprocess.run([sys.executable, SCRIPT, "--version"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0
+    assert "NeuroMesh" in result.stdout and "Python" in result.stdout
+    for package in ("bottle", "requests", "ifaddr"):
+        assert package in result.stdout
+
+
+def test_start_prints_the_url_and_the_page_lists_peers(cluster):
+    node = cluster.start()
+    wait_for(lambda: "Chat page on this computer: %s/" % node.url in node.log(), message="URL printed")
+    page = node.get("/")
+    assert page.status_code == 200 and "NeuroMesh" in page.text
+
+
+# -- real multi-host: network namespaces on a bridge ------------------------------------
+
+
+def _can_make_namespaces():
+    if not sys.platform.startswith("linux"):
+        return "network namespaces are Linux-only"
+    if os.geteuid() != 0:
+        return "needs root for `ip netns`"
+    if shutil.which("ip") is None:
+        return "needs the `ip` command (iproute2)"
+    return None
+
+
+class Namespaces:
+    """Three test hosts on a bridge that lives in a namespace of its own (the host is untouched)."""
+
+    def __init__(self, count=3):
+        tag = uuid.uuid4().hex[:6]
+        self.hub = "nmhub" + tag
+        self.hosts = ["nm%s%d" % (tag, i) for i in range(1, count + 1)]
+        self.subnet = "10.77.%d" % (int(tag[:2], 16) % 250 + 1)
+
+    def ip(self, *args):
+        subprocess.run(["ip"] + list(args), check=True, capture_output=True, timeout=20)
+
+    def create(self):
+        self.ip("netns", "add", self.hub)
+        self.ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
+        self.ip("-n", self.hub, "link", "set", "br0", "up")
+        for index, host in enumerate(self.hosts, start=1):
+            self.ip("netns", "add", host)
+            self.ip("-n", self.hub, "link", "add", "veth%d" % index, "type", "veth", "peer", "name", "eth0",
+                    "netns", host)
+            self.ip("-n", self.hub, "link", "set", "veth%d" % index, "master", "br0")
+            self.ip("-n", self.hub, "link", "set", "veth%d" % index, "up")
+            self.ip("-n", host, "link", "set", "lo", "up")
+            self.ip("-n", host, "addr", "add", "%s.%d/24" % (self.subnet, index), "brd", "+", "dev", "eth0")
+            self.ip("-n", host, "link", "set", "eth0", "up")
+
+    def delete(self):
+        for name in self.hosts + [self.hub]:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20)
+
+    def fetch_json(self, host, url):
+        code = "import json,urllib.request;print(urllib.request.urlopen(%r, timeout=5).read().decode())" % url
+        result = subprocess.run(["ip", "netns", "exec", host, sys.executable, "-c", code],
+                                capture_output=True, text=True, timeout=20)
+        if result.returncode != 0:
+            raise ValueError(result.stderr)
+        import json
+        return json.loads(result.stdout)
+
+
+@pytest.mark.skipif(_can_make_namespaces() is not None, reason=str(_can_make_namespaces()))
+def test_three_hosts_in_namespaces_find_each_other_with_default_discovery(tmp_path):
+    spaces = Namespaces()
+    nodes = []
+    try:
+        spaces.create()
+        for index, host in enumerate(spaces.hosts, start=1):
+            # default discovery: no --broadcast, no --host; each namespace has its own ports
+            node = NodeProcess(tmp_path / host, ["--announce-interval", "0.5", "--peer-timeout", "3",
+                                                 "--log-level", "debug"], host,
+                               prefix=["ip", "netns", "exec", host])
+            nodes.append(node)
+            node.start()
+
+        def linked_everywhere():
+            for host in spaces.hosts:
+                peers = spaces.fetch_json(host, "http://127.0.0.1:8080/api/peers")
+                if sum(1 for peer in peers if peer["connected"]) != 2:
+                    return False
+            return True
+
+        wait_for(linked_everywhere, timeout=20, interval=0.3, message="3 namespaces fully linked")
+        health = spaces.fetch_json(spaces.hosts[0], "http://127.0.0.1:8080/api/health")
+        assert health["broadcast_addresses"] == ["%s.255" % spaces.subnet]
+        peers = spaces.fetch_json(spaces.hosts[0], "http://127.0.0.1:8080/api/peers")
+        assert sorted(peer["address"] for peer in peers) == ["%s.2" % spaces.subnet, "%s.3" % spaces.subnet]
+        assert all(peer["tcp_port"] == 7878 for peer in peers)
+    finally:
+        for node in nodes:
+            node.kill()
+        spaces.delete()
