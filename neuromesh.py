@@ -26,12 +26,15 @@ import argparse
 import collections
 import dataclasses
 import errno
+import ipaddress
+import itertools
 import hashlib
 import json
 import logging
 import os
 import queue
 import re
+import secrets
 import selectors
 import signal
 import socket
@@ -87,6 +90,12 @@ DEFAULTS = {
     "max_message_size": 50 * MiB,
     "no_browser": False,
     "log_level": "info",
+    "ollama_url": "http://127.0.0.1:11434",
+    "openai_url": None,
+    "model": None,
+    "no_share_llm": False,
+    "llm_parallel": 1,
+    "lan_api": False,
 }
 STATIC_DIR = os.path.join(HERE, "neuromesh_static")
 RUNTIME_FILE = "runtime.json"
@@ -267,9 +276,18 @@ SETTINGS = {
     "max_message_size": (parse_size, "largest frame accepted from a peer (default: 50MiB)"),
     "no_browser": (parse_bool, "do not open the chat page in a browser at start"),
     "log_level": (str, "debug, info, warning or error (default: info)"),
+    "ollama_url": (str, "this machine's Ollama; `none` for no Ollama (default: OLLAMA_HOST, "
+                        "else http://127.0.0.1:11434)"),
+    "openai_url": (str, "an OpenAI-compatible server on this machine (llama.cpp, LM Studio, vLLM), "
+                        "e.g. http://127.0.0.1:8000"),
+    "model": (str, "the preferred model for chats (default: the first one found)"),
+    "no_share_llm": (parse_bool, "keep this machine's LLM to itself (peers cannot use it)"),
+    "llm_parallel": (lambda text: max(1, int(text)), "chats one LLM answers at once; the rest queue (default: 1)"),
+    "lan_api": (parse_bool, "let other machines of the private network use this node's Ollama and "
+                            "OpenAI API (default: this computer only)"),
 }
 LIST_SETTINGS = ("broadcast", "peer")
-FLAG_SETTINGS = ("no_discovery", "no_browser")
+FLAG_SETTINGS = ("no_discovery", "no_browser", "no_share_llm", "lan_api")
 
 
 @dataclasses.dataclass
@@ -291,6 +309,12 @@ class Config:
     max_message_size: int = DEFAULTS["max_message_size"]
     no_browser: bool = False
     log_level: str = DEFAULTS["log_level"]
+    ollama_url: str = DEFAULTS["ollama_url"]
+    openai_url: str = None
+    model: str = None
+    no_share_llm: bool = False
+    llm_parallel: int = 1
+    lan_api: bool = False
 
     @property
     def static_peers(self):
@@ -337,6 +361,8 @@ def load_config(args, environ=None):
     """Merge defaults < ``--config`` JSON file < ``NEUROMESH_*`` variables < flags into a Config."""
     environ = os.environ if environ is None else environ
     values = {}
+    if environ.get("OLLAMA_HOST"):
+        values["ollama_url"] = environ["OLLAMA_HOST"]
     if args.config:
         try:
             with open(args.config, encoding="utf-8") as handle:
@@ -363,6 +389,11 @@ def load_config(args, environ=None):
             values[key] = _convert(key, given, "--" + key.replace("_", "-"))
     config = Config(**values)
     config.data_dir = os.path.abspath(os.path.expanduser(config.data_dir))
+    config.ollama_url = normalize_ollama_url(config.ollama_url)
+    if config.openai_url:
+        config.openai_url = config.openai_url.rstrip("/")
+        if config.openai_url.endswith("/v1"):
+            config.openai_url = config.openai_url[:-3]
     try:
         config.static_peers
     except ValueError as exc:
@@ -606,7 +637,15 @@ def _clean_message_data(data):
             "model": _text(data.get("model"), "model", optional=True),
             "answered_by": _ident(data.get("answered_by"), "answered_by", optional=True),
             "answered_by_name": _text(data.get("answered_by_name"), "answered_by_name",
-                                      optional=True)}
+                                      optional=True),
+            "tokens_per_second": _rate(data.get("tokens_per_second"))}
+
+
+def _rate(value):
+    """An optional non-negative number (tokens per second), rounded; None when absent or bad."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e9:
+        return None
+    return round(float(value), 2)
 
 
 def _clean_conversation_data(data):
@@ -1049,7 +1088,8 @@ class Store:
         return self._write(get_or_create)
 
     def add_message(self, conversation_id, role, content, sender, host_info=None,
-                    model=None, answered_by=None, answered_by_name=None) -> dict:
+                    model=None, answered_by=None, answered_by_name=None,
+                    tokens_per_second=None) -> dict:
         """Store a message written on this node; returns its entry."""
         if host_info is None:
             host_info = {"hostname": self.node_name, "ip_address": "", "is_llm_host": False}
@@ -1057,7 +1097,8 @@ class Store:
             data = _clean_message_data({
                 "role": role, "content": content, "sender": sender,
                 "host_info": host_info, "model": model, "answered_by": answered_by,
-                "answered_by_name": answered_by_name})
+                "answered_by_name": answered_by_name,
+                "tokens_per_second": tokens_per_second})
         except ValueError as error:
             raise StoreError("invalid message: %s" % error) from None
 
@@ -1572,6 +1613,7 @@ class Mesh:
         self.hello_extra = hello_extra or (lambda: {})
         self.on_peer_up = lambda peer: None
         self.on_peer_down = lambda peer, reason: None
+        self.on_peer_changed = lambda peer: None
         self.frame_handlers = {}
         self.lock = threading.RLock()  # guards the peer table; held by the loop while it works
         self.peer_table = {}
@@ -1972,6 +2014,7 @@ class Mesh:
             self._close_link(link, "peer said goodbye")
         elif marker == LLM_CAPS:
             self._update_peer(peer, payload)
+            self.on_peer_changed(peer)
         else:
             handler = self.frame_handlers.get(marker)
             if handler is None:
@@ -2262,6 +2305,603 @@ def publish_entries(events, entries):
 
 
 ###############################################################################
+# LLM backends and routing ####################################################
+###############################################################################
+#
+# A chat is answered by the best LLM on the mesh: this node's own backend (Ollama, or an
+# OpenAI-compatible server) first, else a peer's, reached through the peer's HTTP relay
+# with a token the peer granted over the link (LLMC: -> LREQ: -> LRES:). Every backend
+# streams the same events, as dicts:
+#   {"type": "queued", "position": n, "node_name"}   waiting for a free slot
+#   {"type": "start", "node_id", "node_name", "model"}
+#   {"type": "token", "content"}
+#   {"type": "done", "node_id", "node_name", "model", "tokens_per_second", "eval_count", ...}
+
+SAMPLING_DEFAULTS = {"temperature": 0.2, "top_k": 10, "top_p": 0.8, "num_ctx": 2048}
+RELAY_PATH = "/relay/chat"
+NO_LLM_HELP = ("No LLM is reachable on the mesh. To add one, install Ollama on any machine of "
+               "the room (https://ollama.com, or copy its installer), run `ollama pull llama3.2:1b`, "
+               "and start NeuroMesh there too; it is found within seconds.")
+
+
+class LLMError(NeuroMeshError):
+    """A chat could not be answered; ``status`` is the HTTP status to report."""
+
+    def __init__(self, message, status=503, partial=False):
+        NeuroMeshError.__init__(self, message)
+        self.status = status
+        self.partial = partial
+
+
+class _UpstreamRefused(LLMError):
+    """This backend cannot answer now (refused, failed or busy before the first token): try the next."""
+
+
+def normalize_ollama_url(value):
+    """``OLLAMA_HOST``-style text (``host``, ``host:port``, ``http://host:port``) to a base URL."""
+    text = (value or "").strip()
+    if text.lower() in ("", "none", "off", "false", "0"):
+        return None
+    if "://" not in text:
+        text = "http://" + text
+    scheme, rest = text.split("://", 1)
+    hostport = rest.split("/", 1)[0]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or "]" in port:
+        host, port = hostport, "11434"
+    if host in ("0.0.0.0", "", "[::]"):
+        host = "127.0.0.1"
+    return "%s://%s:%s" % (scheme, host, port)
+
+
+def iter_lines_live(response):
+    """Lines of a streamed HTTP body as they arrive (``iter_lines`` would wait for 512 bytes)."""
+    buffer = b""
+    raw = response.raw
+    while True:
+        chunk = raw.read1(65536)
+        if not chunk:
+            break
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            yield line.rstrip(b"\r")
+    if buffer.strip():
+        yield buffer
+
+
+def _http_error_text(response):
+    try:
+        error = response.json().get("error")
+        if isinstance(error, dict):
+            error = error.get("message")
+        return str(error)[:300]
+    except ValueError:
+        return response.text[:300]
+
+
+def tokens_per_second(count, seconds):
+    return round(count / seconds, 2) if count and seconds and seconds > 0 else None
+
+
+class Slots:
+    """A concurrency limit with a FIFO queue: at most ``limit`` holders, the rest wait in order."""
+
+    def __init__(self, limit):
+        self.limit = max(1, int(limit))
+        self.in_flight = 0
+        self._waiting = collections.deque()
+        self._condition = threading.Condition()
+        self.on_change = lambda: None  # load changed; called outside the lock
+
+    @property
+    def queued(self):
+        return len(self._waiting)
+
+    def acquire(self, cancel=None, on_position=None):
+        """Wait for a slot; ``on_position(n)`` hears each change of place (1 = next)."""
+        ticket = object()
+        with self._condition:
+            self._waiting.append(ticket)
+            reported = None
+            try:
+                while not (self._waiting[0] is ticket and self.in_flight < self.limit):
+                    position = self._waiting.index(ticket) + 1
+                    if position != reported and on_position is not None:
+                        reported = position
+                        self._condition.release()
+                        try:
+                            on_position(position)
+                        finally:
+                            self._condition.acquire()
+                        continue
+                    if cancel is not None and cancel.is_set():
+                        raise LLMError("the request was cancelled while queued", status=499)
+                    self._condition.wait(0.25)
+                self.in_flight += 1
+            finally:
+                self._waiting.remove(ticket)
+                self._condition.notify_all()
+        self.on_change()
+
+    def release(self):
+        with self._condition:
+            self.in_flight -= 1
+            self._condition.notify_all()
+        self.on_change()
+
+    def load(self):
+        with self._condition:
+            return {"in_flight": self.in_flight, "queued": len(self._waiting), "parallel": self.limit}
+
+
+class Backend:
+    """One LLM server this node can reach: what models it has and how to stream a chat from it.
+
+    Methods to override: ``probe()`` (refresh ``models``; raise on failure) and
+    ``_stream(model, messages, options, cancel)`` (yield events, raise _UpstreamRefused when
+    nothing was produced). ``chat()`` adds the concurrency limit and bookkeeping.
+    """
+
+    kind = "?"
+    local = True
+    probe_timeout = 2.0
+    connect_timeout = 3.0
+    read_timeout = 300.0  # a model may take minutes to load into memory
+
+    def __init__(self, url, node_id, node_name, parallel=1):
+        self.url = url.rstrip("/") if url else url
+        self.node_id = node_id
+        self.node_name = node_name
+        self.models = []
+        self.available = False
+        self.error = None
+        self.slots = Slots(parallel)
+        self.recent_latency = None  # seconds to first token, smoothed
+        self.session = requests.Session()
+        self.session.trust_env = False  # never send the room's LLM traffic through a proxy
+
+    def describe(self):
+        load = self.slots.load()
+        return {"backend": self.kind, "url": self.url, "available": self.available, "models": list(self.models),
+                "error": self.error, "in_flight": load["in_flight"], "queued": load["queued"],
+                "parallel": load["parallel"]}
+
+    def refresh(self):
+        """Probe the server; returns True when what it offers changed."""
+        before = (self.available, tuple(self.models))
+        try:
+            self.models = self.probe()
+            self.available, self.error = True, None
+        except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
+            self.available, self.models = False, []
+            self.error = "%s at %s is not reachable: %s" % (self.kind, self.url, type(exc).__name__)
+        return before != (self.available, tuple(self.models))
+
+    def chat(self, model, messages, options, cancel, on_queue=None):
+        """Stream events for one chat, holding one of this backend's slots."""
+        self.slots.acquire(cancel, None if on_queue is None else
+                           (lambda position: on_queue({"type": "queued", "position": position,
+                                                       "node_name": self.node_name})))
+        try:
+            started = time.monotonic()
+            first = True
+            for event in self._stream(model, messages, options, cancel):
+                if first and event["type"] == "token":
+                    first = False
+                    latency = time.monotonic() - started
+                    self.recent_latency = latency if self.recent_latency is None else \
+                        0.7 * self.recent_latency + 0.3 * latency
+                yield event
+        finally:
+            self.slots.release()
+
+    def _post(self, path, body, headers=None):
+        try:
+            response = self.session.post(self.url + path, json=body, stream=True, headers=headers,
+                                         timeout=(self.connect_timeout, self.read_timeout))
+        except requests.RequestException as exc:
+            raise _UpstreamRefused("%s did not answer: %s" % (self.node_name, type(exc).__name__))
+        if response.status_code != 200:
+            text = _http_error_text(response)
+            response.close()
+            if response.status_code == 404:
+                raise _UpstreamRefused("%s does not have that model: %s" % (self.node_name, text), status=404)
+            raise _UpstreamRefused("%s answered HTTP %d: %s" % (self.node_name, response.status_code, text),
+                                   status=response.status_code)
+        return response
+
+    def _start_event(self, model):
+        return {"type": "start", "node_id": self.node_id, "node_name": self.node_name, "model": model}
+
+
+class OllamaBackend(Backend):
+    """Ollama's native API: ``/api/tags`` for models, streaming ``/api/chat``."""
+
+    kind = "ollama"
+
+    def probe(self):
+        response = self.session.get(self.url + "/api/tags", timeout=self.probe_timeout)
+        response.raise_for_status()
+        return sorted({entry.get("model") or entry["name"] for entry in response.json()["models"]})
+
+    def version(self):
+        try:
+            return self.session.get(self.url + "/api/version", timeout=self.probe_timeout).json()["version"]
+        except (requests.RequestException, ValueError, KeyError):
+            return None
+
+    def _stream(self, model, messages, options, cancel):
+        response = self._post("/api/chat", {"model": model, "messages": messages, "options": options,
+                                            "stream": True})
+        yield from stream_ollama_lines(response, self._start_event(model), cancel, self.node_name)
+
+
+def stream_ollama_lines(response, start_event, cancel, node_name):
+    """Events from an Ollama-style NDJSON chat stream (Ollama itself, or a peer's relay)."""
+    produced = False
+    try:
+        for line in iter_lines_live(response):
+            if cancel is not None and cancel.is_set():
+                return
+            if not line.strip():
+                continue
+            try:
+                chunk = json.loads(line)
+            except ValueError:
+                raise LLMError("%s sent a line that is not JSON" % node_name, partial=produced)
+            if not isinstance(chunk, dict):
+                continue
+            if "error" in chunk:
+                error = str(chunk["error"])[:300]
+                if produced:
+                    raise LLMError("%s failed mid-answer: %s" % (node_name, error), partial=True)
+                raise _UpstreamRefused("%s: %s" % (node_name, error), status=int(chunk.get("status") or 503))
+            if "queued" in chunk:
+                yield {"type": "queued", "position": chunk["queued"], "node_name": chunk.get("node_name", node_name)}
+                continue
+            if "start" in chunk:
+                start_event = dict(start_event, **{k: v for k, v in chunk["start"].items()
+                                                   if k in ("node_id", "node_name", "model")})
+                continue
+            if not produced:
+                produced = True
+                yield start_event
+            content = (chunk.get("message") or {}).get("content") or chunk.get("response") or ""
+            if content:
+                yield {"type": "token", "content": content}
+            if chunk.get("done"):
+                count, duration = chunk.get("eval_count"), chunk.get("eval_duration")
+                done = dict(start_event, type="done", eval_count=count, done_reason=chunk.get("done_reason"),
+                            tokens_per_second=tokens_per_second(count, (duration or 0) / 1e9))
+                if isinstance(chunk.get("tokens_per_second"), (int, float)):
+                    done["tokens_per_second"] = chunk["tokens_per_second"]
+                yield done
+                return
+    except requests.RequestException as exc:
+        if produced:
+            raise LLMError("%s stopped answering mid-way (%s)" % (node_name, type(exc).__name__), partial=True)
+        raise _UpstreamRefused("%s stopped answering: %s" % (node_name, type(exc).__name__))
+    finally:
+        response.close()
+    if produced:
+        raise LLMError("%s stopped answering mid-way" % node_name, partial=True)
+    raise _UpstreamRefused("%s closed the connection without answering" % node_name)
+
+
+class OpenAIBackend(Backend):
+    """An OpenAI-compatible server (llama.cpp, LM Studio, vLLM): ``/v1/models``, ``/v1/chat/completions``."""
+
+    kind = "openai"
+
+    def probe(self):
+        response = self.session.get(self.url + "/v1/models", timeout=self.probe_timeout)
+        response.raise_for_status()
+        return sorted(entry["id"] for entry in response.json()["data"])
+
+    def _stream(self, model, messages, options, cancel):
+        body = {"model": model, "messages": messages, "stream": True}
+        for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("num_predict", "max_tokens")):
+            if ours in options:
+                body[theirs] = options[ours]
+        response = self._post("/v1/chat/completions", body)
+        produced, count, first_at = False, 0, None
+        start = self._start_event(model)
+        try:
+            for line in iter_lines_live(response):
+                if cancel is not None and cancel.is_set():
+                    return
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                try:
+                    chunk = json.loads(data)
+                except ValueError:
+                    continue
+                if "error" in chunk:
+                    raise (LLMError if produced else _UpstreamRefused)(
+                        "%s: %s" % (self.node_name, _http_error_text_from(chunk)), partial=produced)
+                for choice in chunk.get("choices") or []:
+                    content = (choice.get("delta") or {}).get("content")
+                    if content:
+                        if not produced:
+                            produced, first_at = True, time.monotonic()
+                            yield start
+                        count += 1
+                        yield {"type": "token", "content": content}
+        except requests.RequestException as exc:
+            if produced:
+                raise LLMError("%s stopped answering mid-way (%s)" % (self.node_name, type(exc).__name__),
+                               partial=True)
+            raise _UpstreamRefused("%s stopped answering: %s" % (self.node_name, type(exc).__name__))
+        finally:
+            response.close()
+        if not produced:
+            yield start
+        elapsed = time.monotonic() - first_at if first_at else 0
+        yield dict(start, type="done", eval_count=count, done_reason="stop",
+                   tokens_per_second=tokens_per_second(count - 1, elapsed))
+
+
+def _http_error_text_from(chunk):
+    error = chunk.get("error")
+    return str(error.get("message") if isinstance(error, dict) else error)[:300]
+
+
+class PeerBackend(Backend):
+    """A peer's LLM, reached through that peer's relay with the token it granted."""
+
+    kind = "peer"
+    local = False
+
+    def __init__(self, peer, grant):
+        Backend.__init__(self, "http://%s:%d" % (grant["llm_host"], grant["llm_port"]), peer.node_id, peer.name)
+        self.token = grant["token"]
+        self.peer = peer
+        self.models = list(peer.models)
+        self.available = True
+
+    def _stream(self, model, messages, options, cancel):
+        response = self._post(RELAY_PATH, {"model": model, "messages": messages, "options": options},
+                              headers={"Authorization": "Bearer " + self.token})
+        yield from stream_ollama_lines(response, self._start_event(model), cancel, self.node_name)
+
+
+class Router:
+    """Picks the LLM that answers a chat, and fails over to the next one.
+
+    Owns this node's local backends, the grants peers gave us, and the tokens we gave peers.
+    Methods for the caller: ``chat(model, messages, ...)`` (a generator of events),
+    ``mesh_models()``, ``resolve_model(name)``, ``refresh_local()``, ``local_capability()``,
+    and the frame handlers ``handle_request`` (LREQ) and ``handle_response`` (LRES).
+    """
+
+    def __init__(self, config, node_id, node_name, mesh):
+        self.config = config
+        self.node_id = node_id
+        self.node_name = node_name
+        self.mesh = mesh
+        self.local = []
+        if config.ollama_url:
+            self.local.append(OllamaBackend(config.ollama_url, node_id, node_name, config.llm_parallel))
+        if config.openai_url:
+            self.local.append(OpenAIBackend(config.openai_url, node_id, node_name, config.llm_parallel))
+        self.lock = threading.Lock()
+        self.grants = {}    # peer node id -> PeerBackend (what peers let us use)
+        self.issued = {}    # peer node id -> token (what we let peers use)
+        self.requested = set()
+        self.peer_in_flight = collections.Counter()
+        self.on_change = lambda: None
+        self.http_port = lambda: 0
+        for backend in self.local:
+            backend.slots.on_change = self._load_changed
+        self._last_load = None
+
+    def _load_changed(self):
+        load = self.local_load()
+        if load != self._last_load:
+            self._last_load = load
+            self.on_change()
+
+    # -- capability ----------------------------------------------------------------
+
+    def refresh_local(self):
+        changed = False
+        for backend in self.local:
+            changed = backend.refresh() or changed
+        if changed:
+            self.on_change()
+        return changed
+
+    @property
+    def has_local_llm(self):
+        return any(backend.available and backend.models for backend in self.local)
+
+    def local_models(self):
+        return sorted({model for backend in self.local if backend.available for model in backend.models})
+
+    def local_load(self):
+        loads = [backend.slots.load() for backend in self.local if backend.available]
+        return {"in_flight": sum(l["in_flight"] for l in loads), "queued": sum(l["queued"] for l in loads),
+                "parallel": sum(l["parallel"] for l in loads)}
+
+    def local_capability(self):
+        """What HELO:, LLMC: and the announcements say about this node's LLM."""
+        return {"has_llm": self.has_local_llm and not self.config.no_share_llm,
+                "models": self.local_models() if not self.config.no_share_llm else [],
+                "load": self.local_load()}
+
+    def mesh_models(self, local_only=False):
+        """``{model: [(node_id, node_name, local)]}`` over this node and the peers that granted access."""
+        models = collections.OrderedDict()
+        for name in self.local_models():
+            models.setdefault(name, []).append((self.node_id, self.node_name, True))
+        with self.lock:
+            grants = [] if local_only else [b for b in self.grants.values() if b.peer.connected]
+        for backend in grants:
+            for name in backend.peer.models:
+                models.setdefault(name, []).append((backend.node_id, backend.peer.name, False))
+        return models
+
+    def resolve_model(self, requested, local_only=False):
+        """The model to use for ``requested`` (None: the preferred or first one); LLMError if none."""
+        models = self.mesh_models(local_only)
+        if not models:
+            raise LLMError(NO_LLM_HELP, status=503)
+        if requested:
+            if requested in models:
+                return requested
+            if ":" not in requested and requested + ":latest" in models:
+                return requested + ":latest"
+            raise LLMError("model %r is not on the mesh; available: %s" % (requested, ", ".join(models)),
+                           status=404)
+        preferred = self.config.model
+        if preferred and preferred in models:
+            return preferred
+        local = self.local_models()
+        return local[0] if local else next(iter(models))
+
+    # -- access: LLMC: -> LREQ: -> LRES: -------------------------------------------------
+
+    def peer_changed(self, peer):
+        """A peer's capability changed: ask for access when it offers an LLM we may not use yet."""
+        with self.lock:
+            backend = self.grants.get(peer.node_id)
+            if backend is not None:
+                backend.models = list(peer.models)
+            if not peer.has_llm or backend is not None or peer.node_id in self.requested:
+                return
+            self.requested.add(peer.node_id)
+        self.mesh.send(peer.node_id, LLM_REQUEST, {"peer_name": self.node_name,
+                                                   "reason": "answer chats of this node's users"})
+
+    def peer_down(self, peer):
+        """Tokens die with the link, both ways."""
+        with self.lock:
+            self.grants.pop(peer.node_id, None)
+            self.issued.pop(peer.node_id, None)
+            self.requested.discard(peer.node_id)
+        self.on_change()
+
+    def handle_request(self, peer, payload):
+        """LREQ: from a peer. Grant automatically to private-network peers unless --no-share-llm."""
+        if self.config.no_share_llm:
+            answer = {"granted": False, "message": "%s keeps its LLM to itself (--no-share-llm)" % self.node_name}
+        elif not _is_private_address(peer.address):
+            answer = {"granted": False, "message": "LLM access is only granted on private networks"}
+        else:
+            token = self.issued.get(peer.node_id) or secrets.token_urlsafe(24)
+            with self.lock:
+                self.issued[peer.node_id] = token
+            local_ip = peer.link.sock.getsockname()[0] if peer.link is not None else self.config.host
+            answer = {"granted": True, "message": "welcome, %s" % safe_text(payload.get("peer_name"), 60),
+                      "llm_host": local_ip, "llm_port": self.http_port(), "token": token}
+            log.info("granted LLM access to %s", safe_text(peer.name))
+        self.mesh.send(peer.node_id, LLM_RESPONSE, answer)
+
+    def handle_response(self, peer, payload):
+        """LRES: from a peer we asked: keep its relay address and token."""
+        if payload.get("granted") is not True:
+            log.info("%s did not grant LLM access: %s", safe_text(peer.name), safe_text(payload.get("message")))
+            return
+        host, port, token = payload.get("llm_host"), payload.get("llm_port"), payload.get("token")
+        if not isinstance(host, str) or not isinstance(port, int) or not isinstance(token, str):
+            raise ProtocolError("LRES: frame without llm_host, llm_port and token")
+        if host in ("0.0.0.0", "") or not _is_private_address(host):
+            host = peer.address  # its view of itself is useless from here: use where we reach it
+        with self.lock:
+            self.grants[peer.node_id] = PeerBackend(peer, {"llm_host": host, "llm_port": port, "token": token})
+        log.info("%s shares its LLM (%s)", safe_text(peer.name), ", ".join(peer.models) or "no models yet")
+        self.on_change()
+
+    def token_is_valid(self, token):
+        with self.lock:
+            return bool(token) and any(secrets.compare_digest(token, issued) for issued in self.issued.values())
+
+    # -- routing ---------------------------------------------------------------------
+
+    def candidates(self, model, local_only=False):
+        """Backends that have ``model``, best first: local unless it is full and a peer is idle."""
+        local = [b for b in self.local if b.available and model in b.models]
+        with self.lock:
+            peers = [] if local_only else [b for b in self.grants.values()
+                                           if model in b.peer.models and b.peer.connected]
+
+        def peer_busy(backend):
+            load = backend.peer.load or {}
+            theirs = load.get("in_flight", 0) + load.get("queued", 0)
+            return (self.peer_in_flight[backend.node_id] + (theirs if isinstance(theirs, int) else 0),
+                    backend.recent_latency if backend.recent_latency is not None else
+                    (backend.peer.rtt_ms or 0) / 1000.0)
+
+        peers.sort(key=peer_busy)
+        local_full = all(b.slots.in_flight + b.slots.queued >= b.slots.limit for b in local)
+        if local and local_full and peers and peer_busy(peers[0])[0] == 0:
+            return peers + local
+        return local + peers
+
+    def chat(self, model, messages, options=None, cancel=None, on_queue=None, local_only=False):
+        """Answer with the first candidate that starts; events as documented at the section top."""
+        model = self.resolve_model(model, local_only)
+        merged = dict(SAMPLING_DEFAULTS)
+        merged.update(options or {})
+        candidates = self.candidates(model, local_only)
+        if not candidates:
+            raise LLMError("model %r has no reachable host right now" % model, status=503)
+        failures = []
+        for backend in candidates:
+            if cancel is not None and cancel.is_set():
+                return
+            if not backend.local:
+                self.peer_in_flight[backend.node_id] += 1
+            started = False
+            try:
+                for event in backend.chat(model, messages, merged, cancel, on_queue):
+                    if event["type"] == "queued":
+                        if on_queue is not None:
+                            on_queue(event)
+                        continue
+                    started = True
+                    yield event
+                return
+            except _UpstreamRefused as exc:
+                if started:
+                    raise LLMError(str(exc), partial=True)
+                failures.append(str(exc))
+                log.warning("failing over: %s", exc)
+            finally:
+                if not backend.local:
+                    self.peer_in_flight[backend.node_id] -= 1
+        status = 404 if failures and all("does not have that model" in f for f in failures) else 503
+        raise LLMError("no LLM could answer: %s" % "; ".join(failures), status=status)
+
+
+def _is_private_address(address):
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return ip.is_private or ip.is_loopback or ip.is_link_local
+
+
+def fit_history(messages, budget_chars):
+    """The newest messages that fit the context budget (the last one always, cut if it must be)."""
+    kept, used = [], 0
+    for message in reversed(messages):
+        size = len(message["content"])
+        if kept and used + size > budget_chars:
+            break
+        kept.append(message)
+        used += size
+    kept.reverse()
+    if kept and len(kept[-1]["content"]) > budget_chars:
+        kept[-1] = dict(kept[-1], content=kept[-1]["content"][-budget_chars:])
+    return kept
+
+
+###############################################################################
 # Events ######################################################################
 ###############################################################################
 
@@ -2304,6 +2944,28 @@ class EventBus:
 ###############################################################################
 # Web app #####################################################################
 ###############################################################################
+
+
+class RecentErrors(logging.Handler):
+    """Keeps the last warnings and errors of the log for the diagnostics page."""
+
+    def __init__(self, size=50):
+        logging.Handler.__init__(self, logging.WARNING)
+        self._records = collections.deque(maxlen=size)
+
+    def emit(self, record):
+        try:
+            self._records.append({"time": datetime.fromtimestamp(record.created, timezone.utc).strftime(
+                "%Y-%m-%dT%H:%M:%SZ"), "level": record.levelname, "message": record.getMessage()[:500]})
+        except Exception:  # logging must never raise
+            pass
+
+    def records(self):
+        return list(self._records)
+
+
+CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+                           "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 
 
 class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
@@ -2380,6 +3042,99 @@ def json_route(function):
     return wrapper
 
 
+def stream_chat(router, model, messages, options=None, local_only=False):
+    """Runs ``router.chat`` on a worker thread and yields its events as they happen.
+
+    Queue positions arrive while the worker waits for a slot; an LLMError becomes an
+    ``{"type": "error"}`` event. Closing this generator (the client went away) cancels
+    the upstream request.
+    """
+    events, cancel = queue.Queue(), threading.Event()
+
+    def work():
+        try:
+            for event in router.chat(model, messages, options, cancel, on_queue=events.put, local_only=local_only):
+                events.put(event)
+                if cancel.is_set():
+                    break
+        except LLMError as exc:
+            events.put({"type": "error", "error": str(exc), "status": exc.status, "partial": exc.partial})
+        except Exception as exc:  # a bug: report it to the client, keep the node up
+            log.exception("chat failed")
+            events.put({"type": "error", "error": "internal error: %s" % exc, "status": 500, "partial": False})
+        finally:
+            events.put(None)
+
+    threading.Thread(target=work, name="neuromesh-chat", daemon=True).start()
+    try:
+        while True:
+            event = events.get()
+            if event is None:
+                return
+            yield event
+    finally:
+        cancel.set()
+
+
+def first_answer_event(events):
+    """The first event that is not a queue position, with the ones before it: (first, queued)."""
+    queued = []
+    for event in events:
+        if event["type"] != "queued":
+            return event, queued
+        queued.append(event)
+    return {"type": "error", "error": "no answer", "status": 503, "partial": False}, queued
+
+
+def clean_chat_messages(value):
+    """Messages of an Ollama/OpenAI request as ``[{role, content}]``, or an HTTPFailure."""
+    if not isinstance(value, list) or not value:
+        raise HTTPFailure(400, "'messages' must be a non-empty list of {role, content}")
+    messages = []
+    for item in value:
+        if not isinstance(item, dict) or item.get("role") not in ("system", "user", "assistant", "tool"):
+            raise HTTPFailure(400, "each message needs a role: system, user, assistant or tool")
+        content = item.get("content")
+        if isinstance(content, list):  # OpenAI content parts: keep the text ones
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise HTTPFailure(400, "message content must be text")
+        messages.append({"role": item["role"], "content": content})
+    return messages
+
+
+def ollama_timestamp():
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f000Z")
+
+
+def ollama_final(model, done, started, key):
+    """The closing chunk of an Ollama stream (durations in nanoseconds)."""
+    elapsed = int((time.monotonic() - started) * 1e9)
+    count = done.get("eval_count") or 0
+    rate = done.get("tokens_per_second")
+    final = {"model": model, "created_at": ollama_timestamp(), "done": True,
+             "done_reason": done.get("done_reason") or "stop", "total_duration": elapsed, "load_duration": 0,
+             "prompt_eval_count": 0, "prompt_eval_duration": 0, "eval_count": count,
+             "eval_duration": int(count / rate * 1e9) if rate else elapsed}
+    final.update(key(""))
+    return final
+
+
+def openai_error(status, message):
+    bottle.response.status = status
+    bottle.response.content_type = "application/json"
+    kind = {400: "invalid_request_error", 404: "not_found_error", 403: "permission_error"}.get(status, "api_error")
+    return json.dumps({"error": {"message": message, "type": kind, "param": None,
+                                 "code": "model_not_found" if status == 404 else None}})
+
+
+def ndjson(items):
+    for item in items:
+        yield json.dumps(item) + "\n"
+
+
 def sse_format(event):
     """One Server-Sent Event: ``event:`` line, one ``data:`` line of JSON, a blank line."""
     return "event: %s\ndata: %s\n\n" % (event["type"], json.dumps(event))
@@ -2389,6 +3144,11 @@ def build_app(node):
     """The Bottle application of ``node``: the page and the HTTP API."""
     app = bottle.Bottle()
     store = node.store
+
+    @app.hook("after_request")
+    def security_headers():
+        bottle.response.set_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        bottle.response.set_header("X-Content-Type-Options", "nosniff")
 
     @app.get("/")
     def index():
@@ -2435,17 +3195,6 @@ def build_app(node):
     def get_conversation(conversation_id):
         return own_conversation(conversation_id)
 
-    @app.post("/api/conversations/<conversation_id>/messages")
-    @json_route
-    def post_message(conversation_id):
-        body = read_json_body()
-        content = body_text(body, "content", required=True)
-        sender = body_text(body, "sender", limit=100) or "user"
-        own_conversation(conversation_id)
-        entry = store.add_message(conversation_id, "user", content, sender, host_info=node.host_info())
-        bottle.response.status = 201
-        return store.message_from_entry(entry)
-
     @app.route("/api/conversations/<conversation_id>", method="PATCH")
     @json_route
     def patch_conversation(conversation_id):
@@ -2476,6 +3225,321 @@ def build_app(node):
     def seed_peers():
         """The original NeuroMesh's view: ``{peer: conversation}`` of what peers wrote."""
         return node.seed_peer_conversations()
+
+    # -- chat in a conversation (the page) ---------------------------------------------
+
+    def conversation_chat(conversation_id, model, regenerate=False):
+        """Events of one answer in a conversation; the answer is stored when it is done."""
+        conversation = own_conversation(conversation_id)
+        history = [{"role": m["role"], "content": m["content"]} for m in conversation["messages"]]
+        if regenerate:
+            while history and history[-1]["role"] == "assistant":
+                history.pop()
+            if not history:
+                raise HTTPFailure(400, "nothing to regenerate: the conversation has no question yet")
+        budget = int(SAMPLING_DEFAULTS["num_ctx"] * 3)  # about 4 characters a token, room left to answer
+        parts = []
+        for event in stream_chat(node.router, model, fit_history(history, budget)):
+            if event["type"] == "token":
+                parts.append(event["content"])
+            elif event["type"] == "done":
+                entry = store.add_message(
+                    conversation_id, "assistant", "".join(parts) or "(empty answer)", "LLM",
+                    host_info={"hostname": event["node_name"], "ip_address": "", "is_llm_host": True},
+                    model=event["model"], answered_by=event["node_id"], answered_by_name=event["node_name"],
+                    tokens_per_second=event.get("tokens_per_second"))
+                event = dict(event, message=store.message_from_entry(entry))
+            yield event
+
+    def chat_reply(user_message, events):
+        """SSE to a page that asked for it, else one JSON reply once the answer is stored."""
+        if "text/event-stream" in bottle.request.headers.get("Accept", ""):
+            bottle.response.content_type = "text/event-stream"
+            bottle.response.set_header("Cache-Control", "no-cache")
+
+            def stream():
+                if user_message is not None:
+                    yield "event: user\ndata: %s\n\n" % json.dumps({"message": user_message})
+                for event in events:
+                    yield "event: %s\ndata: %s\n\n" % (event["type"], json.dumps(event))
+            return stream()
+        for event in events:
+            if event["type"] == "error":
+                bottle.response.status = event["status"] if not event["partial"] else 502
+                return {"error": event["error"], "user": user_message}
+            if event["type"] == "done":
+                bottle.response.status = 201
+                return {"user": user_message, "assistant": event["message"]}
+        raise HTTPFailure(503, "the answer ended without a result")
+
+    @app.post("/api/conversations/<conversation_id>/messages")
+    @json_route
+    def post_message(conversation_id):
+        body = read_json_body()
+        content = body_text(body, "content", required=True)
+        sender = body_text(body, "sender", limit=100) or "user"
+        model = body_text(body, "model", limit=200)
+        own_conversation(conversation_id)
+        entry = store.add_message(conversation_id, "user", content, sender, host_info=node.host_info())
+        if body.get("answer") is False:
+            bottle.response.status = 201
+            return store.message_from_entry(entry)
+        return chat_reply(store.message_from_entry(entry), conversation_chat(conversation_id, model))
+
+    @app.post("/api/conversations/<conversation_id>/regenerate")
+    @json_route
+    def regenerate(conversation_id):
+        body = read_json_body()
+        return chat_reply(None, conversation_chat(conversation_id, body_text(body, "model", limit=200),
+                                                  regenerate=True))
+
+    @app.get("/api/models")
+    @json_route
+    def models():
+        mesh_models = node.router.mesh_models()
+        try:
+            default = node.router.resolve_model(None)
+        except LLMError:
+            default = None
+        hosts = {host for entries in mesh_models.values() for host, _n, _l in entries}
+        return {"models": [{"name": name, "hosts": [{"node_id": i, "name": n, "local": l} for i, n, l in entries]}
+                           for name, entries in mesh_models.items()],
+                "default": default, "llm_hosts": len(hosts)}
+
+    # -- the Ollama API, answered by the whole mesh --------------------------------------
+
+    def api_client_allowed():
+        """Loopback always; LAN clients on private networks only with --lan-api."""
+        address = bottle.request.remote_addr or ""
+        if address.startswith("127.") or address == "::1":
+            return True
+        return node.config.lan_api and _is_private_address(address)
+
+    def local_api(function):
+        def wrapper(*args, **kwargs):
+            if not api_client_allowed():
+                message = ("this node's LLM API answers only this computer; start it with --lan-api "
+                           "to serve the local network")
+                if bottle.request.path.startswith("/v1/"):
+                    return openai_error(403, message)
+                return json_error(403, message)
+            return function(*args, **kwargs)
+        wrapper.__name__ = function.__name__
+        return wrapper
+
+    @app.get("/api/tags")
+    @local_api
+    @json_route
+    def ollama_tags():
+        entries = []
+        for name, hosts in node.router.mesh_models().items():
+            entries.append({"name": name, "model": name, "modified_at": ollama_timestamp(), "size": 0,
+                            "digest": hashlib.sha256(name.encode()).hexdigest(),
+                            "details": {"parent_model": "", "format": "gguf", "family": name.split(":")[0],
+                                        "families": None, "parameter_size": "", "quantization_level": ""},
+                            "neuromesh_hosts": [n for _i, n, _l in hosts]})
+        return {"models": entries}
+
+    @app.get("/api/ps")
+    @local_api
+    @json_route
+    def ollama_ps():
+        running = []
+        for backend in node.router.local:
+            if backend.available and backend.slots.in_flight:
+                running += [{"name": m, "model": m, "size": 0, "digest": "", "details": {},
+                             "expires_at": ollama_timestamp(), "size_vram": 0} for m in backend.models]
+        return {"models": running}
+
+    @app.get("/api/version")
+    @local_api
+    @json_route
+    def ollama_version():
+        for backend in node.router.local:
+            if isinstance(backend, OllamaBackend) and backend.available:
+                version = backend.version()
+                if version:
+                    return {"version": version}
+        return {"version": "0.0.0"}
+
+    def ollama_answer(body, messages, key):
+        """Streams (NDJSON) or returns one JSON object, as Ollama does; ``key`` shapes the text."""
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return json_error(400, "model is required")
+        options = body.get("options") if isinstance(body.get("options"), dict) else {}
+        started = time.monotonic()
+        events = stream_chat(node.router, model, messages, options)
+        first, _queued = first_answer_event(events)
+        if first["type"] == "error":
+            return json_error(first["status"], first["error"])
+        model = first.get("model", model)
+
+        def chunks():
+            for event in itertools.chain([first], events):
+                if event["type"] == "token":
+                    chunk = {"model": model, "created_at": ollama_timestamp(), "done": False}
+                    chunk.update(key(event["content"]))
+                    yield chunk
+                elif event["type"] == "done":
+                    yield ollama_final(model, event, started, key)
+                elif event["type"] == "error":
+                    yield {"error": event["error"]}
+
+        if body.get("stream", True) is False:
+            text, final = [], None
+            for event in itertools.chain([first], events):
+                if event["type"] == "token":
+                    text.append(event["content"])
+                elif event["type"] == "done":
+                    final = ollama_final(model, event, started, key)
+                elif event["type"] == "error":
+                    return json_error(502, event["error"])
+            final.update(key("".join(text)))
+            bottle.response.content_type = "application/json"
+            return json.dumps(final)
+        bottle.response.content_type = "application/x-ndjson"
+        return ndjson(chunks())
+
+    def chat_key(text):
+        return {"message": {"role": "assistant", "content": text}}
+
+    def generate_key(text):
+        return {"response": text}
+
+    @app.post("/api/chat")
+    @local_api
+    @json_route
+    def ollama_chat():
+        body = read_json_body()
+        if isinstance(body.get("message"), str) and "messages" not in body and "model" not in body:
+            return seed_chat(body)
+        return ollama_answer(body, clean_chat_messages(body.get("messages")), chat_key)
+
+    @app.post("/api/generate")
+    @local_api
+    @json_route
+    def ollama_generate():
+        body = read_json_body()
+        prompt = body.get("prompt") or ""
+        if not isinstance(prompt, str):
+            raise HTTPFailure(400, "prompt must be text")
+        messages = [{"role": "user", "content": prompt}]
+        if isinstance(body.get("system"), str) and body["system"]:
+            messages.insert(0, {"role": "system", "content": body["system"]})
+        return ollama_answer(body, messages, generate_key)
+
+    def seed_chat(body):
+        """The original NeuroMesh's ``POST /api/chat {message, sender}``, kept in the default conversation."""
+        content = body_text(body, "message", required=True)
+        sender = body_text(body, "sender", limit=100) or "user"
+        conversation = store.default_conversation()
+        store.add_message(conversation["id"], "user", content, sender, host_info=node.host_info())
+        for event in conversation_chat(conversation["id"], body_text(body, "model", limit=200)):
+            if event["type"] == "error":
+                raise HTTPFailure(event["status"] if not event["partial"] else 502, event["error"])
+            if event["type"] == "done":
+                return seed_message(event["message"])
+        raise HTTPFailure(503, "the answer ended without a result")
+
+    # -- the OpenAI API ---------------------------------------------------------------------
+
+    @app.get("/v1/models")
+    @local_api
+    @json_route
+    def openai_models():
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": int(node.started_wall), "owned_by": hosts[0][1]}
+            for name, hosts in node.router.mesh_models().items()]}
+
+    @app.post("/v1/chat/completions")
+    @local_api
+    def openai_chat():
+        try:
+            body = read_json_body()
+            messages = clean_chat_messages(body.get("messages"))
+        except HTTPFailure as exc:
+            return openai_error(exc.status, str(exc))
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return openai_error(400, "model is required")
+        options = {}
+        for theirs, ours in (("temperature", "temperature"), ("top_p", "top_p"), ("max_tokens", "num_predict"),
+                             ("max_completion_tokens", "num_predict"), ("seed", "seed")):
+            if isinstance(body.get(theirs), (int, float)) and not isinstance(body.get(theirs), bool):
+                options[ours] = body[theirs]
+        events = stream_chat(node.router, model, messages, options)
+        first, _queued = first_answer_event(events)
+        if first["type"] == "error":
+            return openai_error(first["status"], first["error"])
+        model = first.get("model", model)
+        completion_id = "chatcmpl-" + uuid.uuid4().hex[:24]
+        created = int(time.time())
+
+        def chunk(delta, finish=None):
+            return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "system_fingerprint": "neuromesh", "choices": [{"index": 0, "delta": delta,
+                                                                    "finish_reason": finish}]}
+
+        if body.get("stream") is True:
+            bottle.response.content_type = "text/event-stream"
+            bottle.response.set_header("Cache-Control", "no-cache")
+
+            def stream():
+                yield "data: %s\n\n" % json.dumps(chunk({"role": "assistant", "content": ""}))
+                for event in itertools.chain([first], events):
+                    if event["type"] == "token":
+                        yield "data: %s\n\n" % json.dumps(chunk({"content": event["content"]}))
+                    elif event["type"] == "done":
+                        yield "data: %s\n\n" % json.dumps(chunk({}, "stop"))
+                    elif event["type"] == "error":
+                        yield "data: %s\n\n" % json.dumps({"error": {"message": event["error"], "type": "api_error"}})
+                yield "data: [DONE]\n\n"
+            return stream()
+        text, count = [], 0
+        for event in itertools.chain([first], events):
+            if event["type"] == "token":
+                text.append(event["content"])
+            elif event["type"] == "done":
+                count = event.get("eval_count") or len(text)
+            elif event["type"] == "error":
+                return openai_error(502, event["error"])
+        bottle.response.content_type = "application/json"
+        return json.dumps({"id": completion_id, "object": "chat.completion", "created": created, "model": model,
+                           "system_fingerprint": "neuromesh",
+                           "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                                        "finish_reason": "stop"}],
+                           "usage": {"prompt_tokens": 0, "completion_tokens": count, "total_tokens": count}})
+
+    # -- the relay: peers that were granted access use this node's own LLM ----------------
+
+    @app.post(RELAY_PATH)
+    def relay_chat():
+        header = bottle.request.headers.get("Authorization", "")
+        if not node.router.token_is_valid(header[7:] if header.startswith("Bearer ") else ""):
+            return json_error(401, "no valid LLM access token: ask for access over the mesh link (LREQ:)")
+        try:
+            body = read_json_body()
+            messages = clean_chat_messages(body.get("messages"))
+        except HTTPFailure as exc:
+            return json_error(exc.status, str(exc))
+        model = body.get("model") if isinstance(body.get("model"), str) else None
+        options = body.get("options") if isinstance(body.get("options"), dict) else {}
+        events = stream_chat(node.router, model, messages, options, local_only=True)
+        bottle.response.content_type = "application/x-ndjson"
+
+        def lines():
+            for event in events:
+                if event["type"] == "queued":
+                    yield {"queued": event["position"], "node_name": event["node_name"]}
+                elif event["type"] == "token":
+                    yield {"message": {"role": "assistant", "content": event["content"]}, "done": False}
+                elif event["type"] == "done":
+                    yield {"done": True, "done_reason": event.get("done_reason") or "stop",
+                           "eval_count": event.get("eval_count"), "tokens_per_second": event.get("tokens_per_second")}
+                elif event["type"] == "error":
+                    yield {"error": event["error"], "status": event["status"]}
+        return ndjson(lines())
 
     # -- live events -------------------------------------------------------------------
 
@@ -2535,6 +3599,9 @@ class Node:
             config.name = "NeuroMesh-" + self.node_id[:4]
         self.name = config.name
         self.started_monotonic = time.monotonic()
+        self.started_wall = time.time()
+        self.recent_errors = RecentErrors()
+        log.addHandler(self.recent_errors)
         self.events = EventBus()
         self.store = Store(os.path.join(config.data_dir, DATABASE_FILE), self.node_id, self.name)
         self.mesh = Mesh(config, self.node_id, hello_extra=self._hello_extra)
@@ -2544,6 +3611,12 @@ class Node:
         self.mesh.frame_handlers[SYNC] = self.sync.handle_sync
         self.mesh.frame_handlers[FILE] = self.sync.handle_file
         self.store.on_local_entries = self._local_entries
+        self.router = Router(config, self.node_id, self.name, self.mesh)
+        self.router.http_port = lambda: self.http_port
+        self.router.on_change = self._llm_changed
+        self.mesh.on_peer_changed = self.router.peer_changed
+        self.mesh.frame_handlers[LLM_REQUEST] = self.router.handle_request
+        self.mesh.frame_handlers[LLM_RESPONSE] = self.router.handle_response
         self.http_server = None
         self.http_port = None
         self._threads = []
@@ -2552,16 +3625,38 @@ class Node:
     # -- what the mesh tells peers ---------------------------------------------
 
     def _hello_extra(self):
-        return {"http_port": self.http_port or 0, "has_llm": False, "models": []}
+        extra = {"http_port": self.http_port or 0}
+        extra.update(self.router.local_capability())
+        return extra
 
     def _peer_up(self, peer):
         self.events.publish("peer_up", peer.to_dict())
         self.sync.peer_up(peer)
+        self.router.peer_changed(peer)
 
     def _peer_down(self, peer, reason):
         record = peer.to_dict()
         record["reason"] = reason
+        self.router.peer_down(peer)
         self.events.publish("peer_down", record)
+
+    def _llm_changed(self):
+        """This node's LLM, its load, or the LLMs we may use changed: tell peers and pages."""
+        capability = self.router.local_capability()
+        if capability != getattr(self, "_told_capability", None):
+            self._told_capability = capability
+            self.mesh.broadcast(LLM_CAPS, capability)
+        self.events.publish("llm", {"llm_hosts": len({h for entries in self.router.mesh_models().values()
+                                                      for h, _n, _l in entries})})
+
+    def _probe_llm_forever(self):
+        """Re-probe the local LLM servers every announce interval (each probe times out in 2 s)."""
+        while not self._stop.wait(self.config.announce_interval):
+            try:
+                if self.router.refresh_local():
+                    self.mesh.announce_now()
+            except Exception:
+                log.exception("LLM probe failed")
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -2579,6 +3674,10 @@ class Node:
             raise NeuroMeshError("cannot listen on %s:%d: %s (check --host)"
                                  % (self.config.host, self.config.http_port, exc.strerror))
         self.http_port = self.http_server.server_port
+        self.router.refresh_local()
+        for backend in self.router.local:
+            log.info("%s", "LLM: %s at %s offers %s" % (backend.kind, backend.url, ", ".join(backend.models))
+                     if backend.available else backend.error)
         try:
             self.mesh.start()
         except Exception:
@@ -2587,6 +3686,8 @@ class Node:
         self._spawn("neuromesh-mesh", self.mesh.serve_forever)
         self._spawn("neuromesh-http", lambda: self.http_server.serve_forever(poll_interval=0.1))
         self.sync.start()
+        if self.router.local:
+            self._spawn("neuromesh-llm-probe", self._probe_llm_forever)
         self._write_runtime_file()
         return self
 
@@ -2626,6 +3727,7 @@ class Node:
         for thread in self._threads:
             thread.join(timeout=5)
         self.store.close()
+        log.removeHandler(self.recent_errors)
         try:
             os.remove(os.path.join(self.config.data_dir, RUNTIME_FILE))
         except OSError:
@@ -2635,7 +3737,7 @@ class Node:
 
     def host_info(self):
         """The original's ``host_info`` of this node (the display name, never the hostname)."""
-        return {"hostname": self.name, "ip_address": self.config.host, "is_llm_host": False}
+        return {"hostname": self.name, "ip_address": self.config.host, "is_llm_host": self.router.has_local_llm}
 
     def _local_entries(self, entries):
         """After a committed local write: push it to peers at once and tell the page."""
@@ -2665,7 +3767,13 @@ class Node:
             "status": "ok", "node_id": self.node_id, "name": self.name, "version": __version__,
             "protocol_version": PROTOCOL_VERSION,
             "uptime_s": round(time.monotonic() - self.started_monotonic, 3),
-            "peer_count": stats["connected_peers"], "has_llm": False,
+            "peer_count": stats["connected_peers"], "has_llm": self.router.has_local_llm,
+            "llm": self.llm_status(), "llm_hosts": len({h for entries in self.router.mesh_models().values()
+                                                         for h, _n, _l in entries}),
+            "interfaces": [{"name": name, "ip": ip, "prefix": prefix,
+                            "broadcast": directed_broadcast(ip, prefix) if prefix < 31 else None}
+                           for name, ip, prefix in local_ipv4_interfaces()],
+            "recent_errors": self.recent_errors.records(),
             "memory_rss_bytes": memory_rss_bytes(), "threads": threading.active_count(),
             "ports": {"http": self.http_port, "tcp": self.mesh.tcp_port,
                       "udp": None if self.config.no_discovery else self.config.udp_port},
@@ -2677,6 +3785,18 @@ class Node:
             "sync": dict(self.sync.counters), "messages": self.store.message_count(),
             "python": sys.version.split()[0],
         }
+
+    def llm_status(self):
+        """The local LLM backends, for /api/health and the diagnostics page."""
+        backends = [backend.describe() for backend in self.router.local]
+        available = [b for b in backends if b["available"]]
+        summary = dict(available[0] if available else (backends[0] if backends else
+                       {"backend": None, "url": None, "available": False, "models": [],
+                        "error": "no local LLM configured (--ollama-url none)"}))
+        summary["backends"] = backends
+        summary["sharing"] = not self.config.no_share_llm
+        summary["models"] = self.router.local_models()
+        return summary
 
     def urls(self):
         """The URLs to print at start: this machine, then the LAN addresses others can use."""

@@ -166,6 +166,8 @@ class Cluster:
             args += ["--no-discovery", "--udp-port", str(self.udp_port)]
         for key, value in values.items():
             args += ["--" + key.replace("_", "-"), str(value)]
+        if "--ollama-url" not in extra:
+            args += ["--ollama-url", "none"]  # never probe a real Ollama this machine might run
         return args + list(extra)
 
     def start(self, label=None, discovery=True, settings=None, extra=(), data_dir=None):

@@ -200,7 +200,7 @@ def test_same_uid_from_two_origins_is_listed_once():
     uid = "import:" + "ab" * 32
     data = {"role": "user", "content": "same", "sender": "s",
             "host_info": {"hostname": "h", "ip_address": "", "is_llm_host": False},
-            "model": None, "answered_by": None, "answered_by_name": None}
+            "model": None, "answered_by": None, "answered_by_name": None, "tokens_per_second": None}
     first = {"origin": "nodeX", "seq": 1, "kind": "message", "conversation_id": c["id"],
              "timestamp": "2025-01-01T00:00:00.000000Z", "uid": uid, "data": data}
     second = dict(first, origin="nodeY")
