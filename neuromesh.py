@@ -1996,8 +1996,10 @@ class Mesh:
         if link.peer_id is None:
             raise ProtocolError("%s frame before the handshake" % marker.decode("ascii"))
         peer = self.peer_table.get(link.peer_id)
-        if peer is None or peer.link is not link:
-            return  # a duplicate link being retired
+        if peer is None:
+            return
+        # Frames on a duplicate link that is being retired are still handled (every handler is
+        # idempotent): during a dial race the far end may briefly send on the other link.
         peer.last_seen = time.time()
         if marker == PING:
             self._queue(link, encode_frame(PONG, {"t": payload.get("t")}))
@@ -2236,6 +2238,7 @@ class SyncWorker:
 
     def shutdown(self):
         self._stop.set()
+        self._jobs.put((lambda: None,))  # wake the worker now rather than at its next timeout
         if self._thread is not None:
             self._thread.join(timeout=5)
 
@@ -2678,6 +2681,8 @@ class Router:
     and the frame handlers ``handle_request`` (LREQ) and ``handle_response`` (LRES).
     """
 
+    request_retry = 3.0
+
     def __init__(self, config, node_id, node_name, mesh):
         self.config = config
         self.node_id = node_id
@@ -2691,7 +2696,7 @@ class Router:
         self.lock = threading.Lock()
         self.grants = {}    # peer node id -> PeerBackend (what peers let us use)
         self.issued = {}    # peer node id -> token (what we let peers use)
-        self.requested = set()
+        self.requested = {}  # peer node id -> when we asked for access (monotonic)
         self.peer_in_flight = collections.Counter()
         self.on_change = lambda: None
         self.http_port = lambda: 0
@@ -2765,24 +2770,36 @@ class Router:
 
     # -- access: LLMC: -> LREQ: -> LRES: -------------------------------------------------
 
-    def peer_changed(self, peer):
-        """A peer's capability changed: ask for access when it offers an LLM we may not use yet."""
+    def peer_changed(self, peer, relinked=False):
+        """A peer's capability changed: ask for access when it offers an LLM we may not use yet.
+
+        A request is asked again after ``request_retry`` seconds without an answer (a frame
+        queued on a link that was just replaced by a newer one is lost), or at once on a new link.
+        """
+        now = time.monotonic()
         with self.lock:
             backend = self.grants.get(peer.node_id)
             if backend is not None:
                 backend.models = list(peer.models)
-            if not peer.has_llm or backend is not None or peer.node_id in self.requested:
+            if relinked:
+                self.requested.pop(peer.node_id, None)
+            asked = self.requested.get(peer.node_id)
+            if not peer.has_llm or backend is not None or (asked is not None and now - asked < self.request_retry):
                 return
-            self.requested.add(peer.node_id)
+            self.requested[peer.node_id] = now
         self.mesh.send(peer.node_id, LLM_REQUEST, {"peer_name": self.node_name,
                                                    "reason": "answer chats of this node's users"})
+
+    def retry_requests(self):
+        for peer in self.mesh.linked_peers():
+            self.peer_changed(peer)
 
     def peer_down(self, peer):
         """Tokens die with the link, both ways."""
         with self.lock:
             self.grants.pop(peer.node_id, None)
             self.issued.pop(peer.node_id, None)
-            self.requested.discard(peer.node_id)
+            self.requested.pop(peer.node_id, None)
         self.on_change()
 
     def handle_request(self, peer, payload):
@@ -3632,7 +3649,7 @@ class Node:
     def _peer_up(self, peer):
         self.events.publish("peer_up", peer.to_dict())
         self.sync.peer_up(peer)
-        self.router.peer_changed(peer)
+        self.router.peer_changed(peer, relinked=True)
 
     def _peer_down(self, peer, reason):
         record = peer.to_dict()
@@ -3649,14 +3666,19 @@ class Node:
         self.events.publish("llm", {"llm_hosts": len({h for entries in self.router.mesh_models().values()
                                                       for h, _n, _l in entries})})
 
-    def _probe_llm_forever(self):
-        """Re-probe the local LLM servers every announce interval (each probe times out in 2 s)."""
-        while not self._stop.wait(self.config.announce_interval):
+    def _housekeeping_forever(self):
+        """Re-probe the local LLM servers every announce interval (each probe times out in 2 s)
+        and ask again for LLM access that was not answered."""
+        next_probe = time.monotonic() + self.config.announce_interval
+        while not self._stop.wait(min(1.0, self.config.announce_interval)):
             try:
-                if self.router.refresh_local():
-                    self.mesh.announce_now()
+                if self.router.local and time.monotonic() >= next_probe:
+                    next_probe = time.monotonic() + self.config.announce_interval
+                    if self.router.refresh_local():
+                        self.mesh.announce_now()
+                self.router.retry_requests()
             except Exception:
-                log.exception("LLM probe failed")
+                log.exception("housekeeping failed")
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -3686,8 +3708,7 @@ class Node:
         self._spawn("neuromesh-mesh", self.mesh.serve_forever)
         self._spawn("neuromesh-http", lambda: self.http_server.serve_forever(poll_interval=0.1))
         self.sync.start()
-        if self.router.local:
-            self._spawn("neuromesh-llm-probe", self._probe_llm_forever)
+        self._spawn("neuromesh-housekeeping", self._housekeeping_forever)
         self._write_runtime_file()
         return self
 

@@ -23,7 +23,7 @@ def new_conversation(node, title="Homework", private=False):
 
 def say(node, conversation_id, content, sender="student"):
     response = node.post("/api/conversations/%s/messages" % conversation_id,
-                         json={"content": content, "sender": sender})
+                         json={"content": content, "sender": sender, "answer": False})
     assert response.status_code == 201, response.text
     return response.json()
 
@@ -82,7 +82,8 @@ def test_500_messages_from_three_writers_at_once_converge(cluster):
         try:
             for index in range(count):
                 response = session.post(node.url + "/api/conversations/%s/messages" % conversation_id,
-                                        json={"content": "%s-%d" % (node.label, index)}, timeout=10)
+                                        json={"content": "%s-%d" % (node.label, index), "answer": False},
+                                        timeout=10)
                 if response.status_code != 201:
                     errors.append(response.text)
         except requests.RequestException as exc:
