@@ -24,6 +24,35 @@ LOOPBACK_BROADCAST = "127.255.255.255"
 FAST = {"announce_interval": "0.5", "peer_timeout": "2", "sync_interval": "0.5"}
 
 
+def _is_loopback(address):
+    host = address[0] if isinstance(address, tuple) else None
+    if host is None:  # AF_UNIX and socketpair: not the network
+        return True
+    return host in ("localhost", "::1") or str(host).startswith("127.")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def loopback_only():
+    """Network safety: the test process may connect and send only to loopback addresses."""
+    originals = {name: getattr(socket.socket, name) for name in ("connect", "connect_ex", "sendto")}
+
+    def guard(name):
+        original = originals[name]
+
+        def checked(self, *args):
+            address = args[-1]
+            if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address):
+                raise AssertionError("network safety: a test tried to reach %r (loopback only)" % (address,))
+            return original(self, *args)
+        return checked
+
+    for name in originals:
+        setattr(socket.socket, name, guard(name))
+    yield
+    for name, original in originals.items():
+        setattr(socket.socket, name, original)
+
+
 def wait_for(predicate, timeout=10.0, interval=0.05, message="condition"):
     """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -176,7 +205,21 @@ class Cluster:
         self.nodes.append(node)
         return node.start()
 
+    def assert_loopback_only(self):
+        """Network safety: every running node announced to loopback and knows only loopback peers."""
+        for node in self.nodes:
+            if not node.alive or node.prefix:
+                continue
+            health = node.health()
+            assert set(health["broadcast_addresses"]) <= {LOOPBACK_BROADCAST}, health["broadcast_addresses"]
+            for peer in node.peers():
+                assert peer["address"].startswith("127."), peer
+
     def close(self):
+        try:
+            self.assert_loopback_only()
+        except requests.RequestException:
+            pass  # a node the test left unreachable: its own assertions said why
         for node in self.nodes:
             try:
                 node.stop(timeout=5)

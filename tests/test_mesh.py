@@ -216,3 +216,13 @@ def test_three_hosts_in_namespaces_find_each_other_with_default_discovery(tmp_pa
         for node in nodes:
             node.kill()
         spaces.delete()
+
+
+def test_ctrl_c_stops_gracefully_and_peers_hear_goodbye(cluster):
+    a, b = cluster.start(), cluster.start()
+    wait_for(lambda: fully_linked([a, b]), message="pair")
+    b.process.send_signal(2)  # SIGINT, as Ctrl+C in a terminal
+    assert b.process.wait(10) == 0
+    assert "press Ctrl+C again to quit at once" in b.log() and "NeuroMesh stopped." in b.log()
+    wait_for(lambda: b.node_id not in a.connected_ids(), timeout=1.0, message="goodbye heard")
+    assert not os.path.exists(os.path.join(b.data_dir, "runtime.json"))

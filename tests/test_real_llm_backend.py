@@ -1,0 +1,110 @@
+"""A real LLM end to end: llama-cpp-python's OpenAI-compatible server with SmolLM2-135M-Instruct.
+
+Needs `bash tests/setup_real_llm.sh` first (CI runs it); skipped with that hint otherwise.
+Checks the wire format NeuroMesh's router relies on: /v1/models, a plain chat completion,
+and a streamed one that really arrives chunk by chunk.
+"""
+
+import json
+import os
+import sys
+import time
+
+import pytest
+import requests
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from real_llm import LlamaServer, available  # noqa: E402
+
+REQUEST_TIMEOUT = 120  # seconds; generations here take a few seconds even on a busy machine
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    reason = available()
+    if reason:
+        pytest.skip(reason)
+    log_path = tmp_path_factory.mktemp("real_llm") / "llama-server.log"
+    with LlamaServer(log_path=str(log_path)) as server:
+        yield server
+
+
+def _chat(llm, content, **extra):
+    body = {"model": llm.model, "messages": [{"role": "user", "content": content}]}
+    body.update(extra)
+    return body
+
+
+def test_models_lists_one_model(llm):
+    resp = requests.get(llm.url + "/v1/models", timeout=REQUEST_TIMEOUT)
+    assert resp.status_code == 200
+    body = resp.json()
+    assert body["object"] == "list"
+    assert len(body["data"]) == 1, body
+    model = body["data"][0]
+    assert model["object"] == "model"
+    assert model["id"] == llm.model
+    assert model["id"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def test_chat_completion(llm):
+    resp = requests.post(
+        llm.url + "/v1/chat/completions",
+        json=_chat(llm, "Say hello.", max_tokens=16),
+        timeout=REQUEST_TIMEOUT,
+    )
+    assert resp.status_code == 200, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    body = resp.json()
+    assert body["object"] == "chat.completion"
+    assert body["model"] == llm.model
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant"
+    content = choice["message"]["content"]
+    assert isinstance(content, str) and content.strip(), "empty answer; server log: %s" % llm.log_path
+    assert choice["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    assert 0 < usage["completion_tokens"] <= 16
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_chat_completion_streams_incrementally(llm):
+    started = time.monotonic()
+    resp = requests.post(
+        llm.url + "/v1/chat/completions",
+        json=_chat(llm, "Count from 1 to 20, separated by commas.", max_tokens=32, stream=True, temperature=0),
+        timeout=REQUEST_TIMEOUT,
+        stream=True,
+    )
+    with resp:
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        events = []  # (seconds since the request, payload after "data: ")
+        deadline = started + REQUEST_TIMEOUT
+        for line in resp.iter_lines(chunk_size=1):
+            assert time.monotonic() < deadline, "stream still going after %ds" % REQUEST_TIMEOUT
+            if not line:
+                continue  # the blank line that ends each SSE event
+            text = line.decode("utf-8")
+            assert text.startswith("data: "), text
+            events.append((time.monotonic() - started, text[len("data: "):]))
+
+    assert events and events[-1][1] == "[DONE]", events[-3:]
+    chunks = [json.loads(payload) for _, payload in events[:-1]]
+    assert len(chunks) >= 5, chunks
+    for chunk in chunks:
+        assert chunk["object"] == "chat.completion.chunk"
+        assert chunk["model"] == llm.model
+        assert chunk["id"] == chunks[0]["id"]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert chunks[-1]["choices"][0]["delta"] == {}
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    contents = [c["choices"][0]["delta"].get("content") for c in chunks[1:-1]]
+    assert all(isinstance(piece, str) for piece in contents), contents
+    assert "".join(contents).strip()
+
+    # Incremental: the chunks arrived spread over the generation, not all at the end.
+    content_times = [t for t, _ in events[1:-2]]
+    spread = content_times[-1] - content_times[0]
+    assert spread > 0.05, "all %d chunks arrived within %.3f s" % (len(content_times), spread)
+    assert len({round(t, 3) for t in content_times}) >= 3
