@@ -481,26 +481,29 @@ class FrameDecoder:
 
     def feed(self, data):
         self._buffer += data
-        frames = []
-        while True:
-            if self._need is None:
-                if len(self._buffer) < FRAME_HEADER.size:
+        frames, start, size = [], 0, len(self._buffer)
+        try:
+            while True:
+                if self._need is None:
+                    if size - start < FRAME_HEADER.size:
+                        return frames
+                    marker, length = FRAME_HEADER.unpack_from(self._buffer, start)
+                    if marker not in MARKERS:
+                        raise ProtocolError("unknown frame marker %s" % safe_text(bytes(marker)))
+                    if length > self.max_size:
+                        raise ProtocolError("frame of %d bytes is over the limit of %d (--max-message-size)"
+                                            % (length, self.max_size))
+                    start += FRAME_HEADER.size
+                    self._need = (marker, length)
+                marker, length = self._need
+                if size - start < length:
                     return frames
-                marker, length = FRAME_HEADER.unpack_from(self._buffer)
-                if marker not in MARKERS:
-                    raise ProtocolError("unknown frame marker %s" % safe_text(bytes(marker)))
-                if length > self.max_size:
-                    raise ProtocolError("frame of %d bytes is over the limit of %d (--max-message-size)"
-                                        % (length, self.max_size))
-                del self._buffer[:FRAME_HEADER.size]
-                self._need = (marker, length)
-            marker, length = self._need
-            if len(self._buffer) < length:
-                return frames
-            body = bytes(self._buffer[:length])
-            del self._buffer[:length]
-            self._need = None
-            frames.append((marker, self._decode(marker, body)))
+                body = bytes(self._buffer[start:start + length])
+                start += length
+                self._need = None
+                frames.append((marker, self._decode(marker, body)))
+        finally:
+            del self._buffer[:start]  # once per feed: deleting per frame would copy the rest each time
 
     @staticmethod
     def _decode(marker, body):

@@ -175,6 +175,14 @@ class Namespaces:
         for name in self.hosts + [self.hub]:
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20)
 
+    def fetch_status(self, host, url):
+        code = ("import urllib.request, urllib.error\ntry:\n urllib.request.urlopen(%r, timeout=5)\n print(200)\n"
+                "except urllib.error.HTTPError as e:\n print(e.code); print(e.read().decode())") % url
+        result = subprocess.run(["ip", "netns", "exec", host, sys.executable, "-c", code],
+                                capture_output=True, text=True, timeout=20)
+        status, _, body = result.stdout.partition("\n")
+        return int(status), body
+
     def fetch_json(self, host, url):
         code = "import json,urllib.request;print(urllib.request.urlopen(%r, timeout=5).read().decode())" % url
         result = subprocess.run(["ip", "netns", "exec", host, sys.executable, "-c", code],
@@ -212,6 +220,12 @@ def test_three_hosts_in_namespaces_find_each_other_with_default_discovery(tmp_pa
         peers = spaces.fetch_json(spaces.hosts[0], "http://127.0.0.1:8080/api/peers")
         assert sorted(peer["address"] for peer in peers) == ["%s.2" % spaces.subnet, "%s.3" % spaces.subnet]
         assert all(peer["tcp_port"] == 7878 for peer in peers)
+        # the page and its API serve the room; the Ollama/OpenAI API only this computer (no --lan-api)
+        remote = "http://%s.1:8080" % spaces.subnet
+        assert spaces.fetch_json(spaces.hosts[1], remote + "/api/health")["node_id"] == nodes[0].node_id
+        refused = spaces.fetch_status(spaces.hosts[1], remote + "/api/tags")
+        assert refused[0] == 403 and "--lan-api" in refused[1]
+        assert spaces.fetch_json(spaces.hosts[0], "http://127.0.0.1:8080/api/tags") == {"models": []}
     finally:
         for node in nodes:
             node.kill()
