@@ -1617,6 +1617,7 @@ class Mesh:
         self.on_peer_up = lambda peer: None
         self.on_peer_down = lambda peer, reason: None
         self.on_peer_changed = lambda peer: None
+        self.on_peer_measured = lambda peer: None  # the first round trip of a new link is known
         self.frame_handlers = {}
         self.lock = threading.RLock()  # guards the peer table; held by the loop while it works
         self.peer_table = {}
@@ -2009,7 +2010,10 @@ class Mesh:
         elif marker == PONG:
             sent = payload.get("t")
             if isinstance(sent, (int, float)) and not isinstance(sent, bool):
+                first = peer.rtt_ms is None
                 peer.rtt_ms = max(0.0, (time.monotonic() - sent) * 1000.0)
+                if first:
+                    self.on_peer_measured(peer)
         elif marker == PEERS:
             self._handle_peer_exchange(payload)
         elif marker == GOODBYE:
@@ -3635,6 +3639,7 @@ class Node:
         self.router.http_port = lambda: self.http_port
         self.router.on_change = self._llm_changed
         self.mesh.on_peer_changed = self.router.peer_changed
+        self.mesh.on_peer_measured = lambda peer: self.events.publish("peer_update", peer.to_dict())
         self.mesh.frame_handlers[LLM_REQUEST] = self.router.handle_request
         self.mesh.frame_handlers[LLM_RESPONSE] = self.router.handle_response
         self.http_server = None

@@ -14,15 +14,18 @@
   const QUOTE = /^ {0,3}>\s?(.*)$/;
   const RULE = /^ {0,3}([-*_])(\s*\1){2,}\s*$/;
   // One alternative per inline form; the earliest match in the text wins.
-  const INLINE = new RegExp([
-    "(`+)([^`]|[^`][\\s\\S]*?[^`])\\1(?!`)",                 // 1,2: `code`
-    "\\*\\*(?=\\S)([\\s\\S]*?\\S)\\*\\*",                    // 3: **bold**
-    "__(?=\\S)([\\s\\S]*?\\S)__",                            // 4: __bold__
-    "\\*(?=[^\\s*])([\\s\\S]*?[^\\s*])\\*",                  // 5: *italic*
-    "_(?=[^\\s_])([\\s\\S]*?[^\\s_])_(?!\\w)",               // 6: _italic_
-    "\\[([^\\]\\n]+)\\]\\(\\s*(https?:\\/\\/[^\\s()]+)\\s*\\)", // 7,8: [text](url)
-    "(https?:\\/\\/[^\\s<>\"'`]*[^\\s<>\"'`.,;:!?)\\]])",     // 9: bare URL
-  ].join("|"), "g");
+  const INLINE = new RegExp(
+    [
+      "(`+)([^`]|[^`][\\s\\S]*?[^`])\\1(?!`)", // 1,2: `code`
+      "\\*\\*(?=\\S)([\\s\\S]*?\\S)\\*\\*", // 3: **bold**
+      "__(?=\\S)([\\s\\S]*?\\S)__", // 4: __bold__
+      "\\*(?=[^\\s*])([\\s\\S]*?[^\\s*])\\*", // 5: *italic*
+      "_(?=[^\\s_])([\\s\\S]*?[^\\s_])_(?!\\w)", // 6: _italic_
+      "\\[([^\\]\\n]+)\\]\\(\\s*(https?:\\/\\/[^\\s()]+)\\s*\\)", // 7,8: [text](url)
+      "(https?:\\/\\/[^\\s<>\"'`]*[^\\s<>\"'`.,;:!?)\\]])", // 9: bare URL
+    ].join("|"),
+    "g",
+  );
 
   function safeUrl(text) {
     try {
@@ -122,7 +125,7 @@
         i += 1;
         while (i < lines.length && !close.test(lines[i])) code.push(lines[i++]);
         i += 1; // the closing fence (absent while an answer is still streaming)
-        parent.append(codeBlock(code.join("\n"), match[2]));
+        parent.append(codeBlock(code.join("\n").replace(/\n+$/, ""), match[2]));
       } else if (RULE.test(line)) {
         parent.append(document.createElement("hr"));
         i += 1;
@@ -175,7 +178,12 @@
   /** A DocumentFragment for ``source``: DOM nodes only, no HTML parsing. */
   function render(source) {
     const fragment = document.createDocumentFragment();
-    renderBlocks(String(source == null ? "" : source).replace(/\r\n?/g, "\n").split("\n"), fragment);
+    renderBlocks(
+      String(source == null ? "" : source)
+        .replace(/\r\n?/g, "\n")
+        .split("\n"),
+      fragment,
+    );
     return fragment;
   }
 

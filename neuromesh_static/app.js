@@ -1,0 +1,1749 @@
+// NeuroMesh page: chat, mesh view and diagnostics, fed by the node's HTTP API and /api/events.
+//
+// No HTML is ever parsed from data: every element is made with createElement and every text
+// goes in as a text node (Markdown goes through markdown.js, which does the same).
+"use strict";
+
+(function () {
+  // ==== helpers ==============================================================================
+
+  const $ = (selector) => document.querySelector(selector);
+  const SVG_NS = "http://www.w3.org/2000/svg";
+  const MAX_CHARS = 100000;
+
+  /** An element: h("a", {href: "#", class: "x", onclick: fn}, "text", child, ...). */
+  function h(tag, props, ...children) {
+    const node = document.createElement(tag);
+    setProps(node, props);
+    for (const child of children.flat(Infinity)) {
+      if (child !== null && child !== undefined && child !== false) node.append(child);
+    }
+    return node;
+  }
+
+  function svg(tag, props, ...children) {
+    const node = document.createElementNS(SVG_NS, tag);
+    setProps(node, props);
+    for (const child of children.flat(Infinity)) {
+      if (child !== null && child !== undefined && child !== false) node.append(child);
+    }
+    return node;
+  }
+
+  function setProps(node, props) {
+    for (const [key, value] of Object.entries(props || {})) {
+      if (value === null || value === undefined || value === false) continue;
+      if (key === "class") node.setAttribute("class", value);
+      else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+      else node.setAttribute(key, value === true ? "" : String(value));
+    }
+  }
+
+  const ICONS = {
+    plus: "M12 5v14M5 12h14",
+    edit: "M4 20h4L19 9l-4-4L4 16v4zM13.5 6.5l4 4",
+    lock: "M6 11h12v9H6zM8.5 11V8a3.5 3.5 0 0 1 7 0v3",
+    unlock: "M6 11h12v9H6zM8.5 11V8a3.5 3.5 0 0 1 6.8-1.2",
+    trash: "M4 7h16M9.5 7V4.5h5V7M6.5 7l1 13h9l1-13",
+    copy: "M9 9h11v11H9zM5 15H4V4h11v1",
+    refresh: "M20 12a8 8 0 1 1-2.4-5.7M20 4v5h-5",
+    send: "M12 19V5M5.5 11.5 12 5l6.5 6.5",
+    stop: "M7 7h10v10H7z",
+    menu: "M4 6h16M4 12h16M4 18h16",
+    chat: "M4 5h16v11H10l-5 4v-4H4z",
+    mesh: "M12 6 6 17M12 6l6 11M7.5 18.5h9M12 3.5a2.5 2.5 0 1 0 0 5 2.5 2.5 0 1 0 0-5zM5 15.5a2.5 2.5 0 1 0 0 5 2.5 2.5 0 1 0 0-5zM19 15.5a2.5 2.5 0 1 0 0 5 2.5 2.5 0 1 0 0-5z",
+    pulse: "M3 12h4l3-8 4 16 3-8h4",
+  };
+
+  function icon(name) {
+    return svg(
+      "svg",
+      {
+        class: name === "stop" ? "icon filled" : "icon",
+        viewBox: "0 0 24 24",
+        "aria-hidden": "true",
+        focusable: "false",
+      },
+      svg("path", { d: ICONS[name] }),
+    );
+  }
+
+  class ApiError extends Error {
+    constructor(message, status) {
+      super(message);
+      this.status = status;
+    }
+  }
+
+  async function errorText(response) {
+    try {
+      const body = await response.json();
+      if (body && body.error) return String(body.error);
+    } catch (error) {
+      /* not JSON */
+    }
+    return "HTTP " + response.status + " " + response.statusText;
+  }
+
+  /** JSON in, JSON out; a non-2xx answer throws an ApiError carrying the node's message. */
+  async function api(path, options) {
+    const init = { method: (options && options.method) || "GET", headers: { Accept: "application/json" } };
+    if (options && options.body !== undefined) {
+      init.headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(options.body);
+    }
+    const response = await fetch(path, init);
+    if (!response.ok) throw new ApiError(await errorText(response), response.status);
+    return response.status === 204 ? null : response.json();
+  }
+
+  function debounce(fn, ms) {
+    let timer = null;
+    return function () {
+      clearTimeout(timer);
+      timer = setTimeout(fn, ms);
+    };
+  }
+
+  function plural(n, word) {
+    return n + " " + word + (n === 1 ? "" : "s");
+  }
+
+  function formatClock(iso) {
+    const date = new Date(iso);
+    return isNaN(date) ? "" : date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  }
+
+  function formatAgo(seconds) {
+    if (!isFinite(seconds)) return "never";
+    if (seconds < 5) return "just now";
+    if (seconds < 60) return Math.round(seconds) + " s ago";
+    if (seconds < 3600) return Math.round(seconds / 60) + " min ago";
+    if (seconds < 86400) return Math.round(seconds / 3600) + " h ago";
+    return Math.round(seconds / 86400) + " d ago";
+  }
+
+  const agoFromEpoch = (epoch) => formatAgo(Date.now() / 1000 - epoch);
+  const agoFromIso = (iso) => formatAgo((Date.now() - new Date(iso).getTime()) / 1000);
+
+  function formatDuration(seconds) {
+    seconds = Math.max(0, Math.round(seconds || 0));
+    if (seconds < 60) return seconds + " s";
+    if (seconds < 3600) return Math.floor(seconds / 60) + " min";
+    const hours = Math.floor(seconds / 3600);
+    return hours < 48 ? hours + " h " + Math.floor((seconds % 3600) / 60) + " min" : Math.floor(hours / 24) + " d";
+  }
+
+  const formatMiB = (bytes) => (bytes ? (bytes / 1048576).toFixed(1) + " MiB" : "—");
+  const formatRtt = (ms) =>
+    ms === null || ms === undefined ? "—" : ms < 10 ? ms.toFixed(1) + " ms" : Math.round(ms) + " ms";
+
+  function linkHealth(peer) {
+    if (peer.rtt_ms === null || peer.rtt_ms === undefined) return "unknown";
+    return peer.rtt_ms < 50 ? "good" : peer.rtt_ms < 200 ? "fair" : "poor";
+  }
+
+  async function copyText(text) {
+    try {
+      await navigator.clipboard.writeText(text);
+      return true;
+    } catch (error) {
+      const area = h("textarea", { class: "sr-only", "aria-hidden": "true" });
+      area.value = text;
+      document.body.append(area);
+      area.select();
+      let copied = false;
+      try {
+        copied = document.execCommand("copy");
+      } catch (ignored) {
+        /* nothing else to try */
+      }
+      area.remove();
+      return copied;
+    }
+  }
+
+  /** Copies, then says so on the button for a moment. */
+  async function copyWithFeedback(button, text) {
+    const label = button.querySelector(".label") || button;
+    const before = label.textContent;
+    label.textContent = (await copyText(text)) ? "Copied" : "Copy failed";
+    setTimeout(() => {
+      label.textContent = before;
+    }, 1500);
+  }
+
+  // ==== state ================================================================================
+
+  const state = {
+    health: null,
+    peers: new Map(), // node_id -> peer record
+    conversations: [],
+    models: null, // /api/models, or null when unknown
+    view: "chat",
+    currentId: null,
+    current: null, // the open conversation, with messages
+    stream: null, // {controller, conversationId, answer}
+    live: false,
+    renamingId: null,
+    confirmDeleteId: null,
+    graphIds: new Set(),
+  };
+
+  const ui = {
+    sidebar: $("#sidebar"),
+    scrim: $("#scrim"),
+    menuToggle: $("#menu-toggle"),
+    messages: $("#messages"),
+    chatScroll: $("#chat-scroll"),
+    welcome: $("#welcome"),
+    prompt: $("#prompt"),
+    composer: $("#composer"),
+    send: $("#send-button"),
+    stop: $("#stop-button"),
+    picker: $("#model-picker"),
+    charCount: $("#char-count"),
+    notice: $("#composer-notice"),
+    newPrivate: $("#new-private"),
+  };
+
+  const narrowScreen = window.matchMedia("(max-width: 767.98px)");
+  const myId = () => (state.health ? state.health.node_id : null);
+  const connectedPeers = () => [...state.peers.values()].filter((peer) => peer.connected);
+
+  function llmHostCount() {
+    if (state.models && typeof state.models.llm_hosts === "number") return state.models.llm_hosts;
+    if (state.health && typeof state.health.llm_hosts === "number") return state.health.llm_hosts;
+    return connectedPeers().filter((peer) => peer.has_llm).length + (state.health && state.health.has_llm ? 1 : 0);
+  }
+
+  // ==== views and the sidebar drawer =========================================================
+
+  function route() {
+    const match = /^#\/(chat|mesh|diagnostics)(?:\/(.+))?$/.exec(location.hash) || [];
+    const view = match[1] || "chat";
+    showView(view);
+    if (view === "chat") {
+      const id = match[2] ? decodeURIComponent(match[2]) : null;
+      if (id !== state.currentId) {
+        if (id) loadConversation(id);
+        else startNewChat();
+      }
+    }
+  }
+
+  function showView(view) {
+    state.view = view;
+    for (const name of ["chat", "mesh", "diagnostics"]) $("#view-" + name).hidden = name !== view;
+    for (const link of document.querySelectorAll(".nav a")) {
+      if (link.dataset.view === view) link.setAttribute("aria-current", "page");
+      else link.removeAttribute("aria-current");
+    }
+    if (view === "mesh") renderMesh();
+    if (view === "diagnostics") refreshDiagnostics();
+    closeSidebar(false);
+  }
+
+  function openSidebar() {
+    ui.sidebar.classList.add("open");
+    ui.scrim.hidden = false;
+    ui.menuToggle.setAttribute("aria-expanded", "true");
+    ui.menuToggle.setAttribute("aria-label", "Close the sidebar");
+    const first = ui.sidebar.querySelector(".nav a");
+    if (first) first.focus();
+  }
+
+  function closeSidebar(returnFocus) {
+    if (!ui.sidebar.classList.contains("open")) return;
+    ui.sidebar.classList.remove("open");
+    ui.scrim.hidden = true;
+    ui.menuToggle.setAttribute("aria-expanded", "false");
+    ui.menuToggle.setAttribute("aria-label", "Open the sidebar");
+    if (returnFocus) ui.menuToggle.focus();
+  }
+
+  // ==== live status ==========================================================================
+
+  function renderStatus() {
+    const health = state.health;
+    const peers = connectedPeers().length;
+    const llm = llmHostCount();
+    $("#node-name").textContent = health ? health.name : "Connecting…";
+    $("#stat-peers").textContent = String(peers);
+    $("#stat-llm").textContent = String(llm);
+    $("#live-dot").className = "dot " + (state.live ? "live" : "down");
+    $("#topbar-status").textContent = health ? health.name + " · " + plural(peers, "peer") + " · " + llm + " LLM" : "";
+    if (health) document.title = health.name + " · NeuroMesh";
+    const footer = $("#sidebar-footer");
+    footer.replaceChildren(
+      h(
+        "div",
+        null,
+        h("span", { class: state.live ? "live-label" : "down-label" }, state.live ? "● live" : "● reconnecting…"),
+        health ? " · v" + health.version + " · up " + formatDuration(health.uptime_s) : "",
+      ),
+      health ? h("div", null, "HTTP :" + health.ports.http + " · id " + health.node_id.slice(0, 8)) : null,
+    );
+  }
+
+  function setLive(live) {
+    state.live = live;
+    renderStatus();
+  }
+
+  // ==== conversations in the sidebar =========================================================
+
+  function titleFrom(text) {
+    const line = text.trim().split("\n")[0].replace(/\s+/g, " ");
+    return line.length > 60 ? line.slice(0, 57) + "…" : line || "New chat";
+  }
+
+  function renderConversationList() {
+    if (state.renamingId) return; // redrawn when the rename ends, so the input keeps its focus
+    const visible = state.conversations.filter((c) => !c.deleted);
+    const own = visible.filter((c) => c.own);
+    const shared = visible.filter((c) => !c.own);
+    $("#conversation-list").replaceChildren(
+      ...(own.length ? own.map(conversationItem) : [h("li", { class: "empty" }, "No conversations yet.")]),
+    );
+    $("#shared-list").replaceChildren(
+      ...(shared.length ? shared.map(conversationItem) : [h("li", { class: "empty" }, "Nothing shared by peers yet.")]),
+    );
+  }
+
+  function conversationItem(c) {
+    const active = c.id === state.currentId;
+    const meta =
+      (c.own ? "" : "from " + (c.origin_name || c.peer_label || c.origin.slice(0, 8)) + " · ") +
+      plural(c.message_count, "message") +
+      " · " +
+      agoFromIso(c.updated_at);
+    const open = h(
+      "button",
+      {
+        type: "button",
+        class: "conversation-open",
+        "aria-current": active ? "true" : null,
+        onclick: () => openConversation(c.id),
+      },
+      h(
+        "span",
+        { class: "conversation-title" },
+        c.private ? [icon("lock"), h("span", { class: "sr-only" }, "Private: ")] : null,
+        h("span", null, c.title),
+      ),
+      h("span", { class: "conversation-meta" }, meta),
+    );
+    const item = h("li", { class: "conversation" + (active ? " active" : ""), "data-id": c.id });
+    if (state.renamingId === c.id) {
+      item.append(renameInput(c));
+      return item;
+    }
+    item.append(open);
+    if (c.own) {
+      const confirming = state.confirmDeleteId === c.id;
+      item.append(
+        h(
+          "div",
+          { class: "conversation-actions" },
+          h(
+            "button",
+            {
+              type: "button",
+              class: "icon-button",
+              title: "Rename",
+              "aria-label": "Rename " + c.title,
+              onclick: () => startRename(c.id),
+            },
+            icon("edit"),
+          ),
+          h(
+            "button",
+            {
+              type: "button",
+              class: "icon-button",
+              title: c.private ? "Private: only on this node" : "Shared with the mesh",
+              "aria-pressed": c.private ? "true" : "false",
+              "aria-label": "Private (keep " + c.title + " on this node)",
+              onclick: () => setPrivate(c, !c.private),
+            },
+            icon(c.private ? "lock" : "unlock"),
+          ),
+          confirming
+            ? h(
+                "button",
+                {
+                  type: "button",
+                  class: "icon-button confirm",
+                  "aria-label": "Confirm: delete " + c.title + " everywhere",
+                  onclick: () => deleteConversation(c.id),
+                },
+                "Delete?",
+              )
+            : h(
+                "button",
+                {
+                  type: "button",
+                  class: "icon-button",
+                  title: "Delete",
+                  "aria-label": "Delete " + c.title,
+                  onclick: () => askDelete(c.id),
+                },
+                icon("trash"),
+              ),
+        ),
+      );
+    }
+    return item;
+  }
+
+  function renameInput(c) {
+    const input = h("input", {
+      class: "rename-input",
+      type: "text",
+      maxlength: "200",
+      "aria-label": "New title for " + c.title,
+    });
+    input.value = c.title;
+    let done = false;
+    const finish = async (save) => {
+      if (done) return;
+      done = true;
+      state.renamingId = null;
+      const title = input.value.trim();
+      if (save && title && title !== c.title) {
+        try {
+          await api("/api/conversations/" + encodeURIComponent(c.id), { method: "PATCH", body: { title } });
+        } catch (error) {
+          alertInSidebar(error.message);
+        }
+      }
+      await refreshConversations();
+      const button = document.querySelector('.conversation[data-id="' + CSS.escape(c.id) + '"] .conversation-open');
+      if (button) button.focus();
+    };
+    input.addEventListener("keydown", (event) => {
+      if (event.key === "Enter") {
+        event.preventDefault();
+        finish(true);
+      }
+      if (event.key === "Escape") {
+        event.preventDefault();
+        finish(false);
+      }
+    });
+    input.addEventListener("blur", () => finish(true));
+    return input;
+  }
+
+  function startRename(id) {
+    state.renamingId = id;
+    const item = document.querySelector('.conversation[data-id="' + CSS.escape(id) + '"]');
+    const c = state.conversations.find((x) => x.id === id);
+    if (!item || !c) return;
+    const input = renameInput(c);
+    item.replaceChildren(input);
+    input.focus();
+    input.select();
+  }
+
+  function askDelete(id) {
+    state.confirmDeleteId = id;
+    renderConversationList();
+    const button = document.querySelector('.conversation[data-id="' + CSS.escape(id) + '"] .confirm');
+    if (button) button.focus();
+    setTimeout(() => {
+      if (state.confirmDeleteId === id) {
+        state.confirmDeleteId = null;
+        renderConversationList();
+      }
+    }, 4000);
+  }
+
+  async function deleteConversation(id) {
+    state.confirmDeleteId = null;
+    try {
+      await api("/api/conversations/" + encodeURIComponent(id), { method: "DELETE" });
+      if (state.currentId === id) location.hash = "#/chat";
+    } catch (error) {
+      alertInSidebar(error.message);
+    }
+    refreshConversations();
+  }
+
+  async function setPrivate(c, value) {
+    try {
+      await api("/api/conversations/" + encodeURIComponent(c.id), { method: "PATCH", body: { private: value } });
+      if (state.current && state.current.id === c.id) state.current.private = value;
+    } catch (error) {
+      alertInSidebar(error.message);
+    }
+    await refreshConversations();
+    renderChatHeader();
+  }
+
+  function alertInSidebar(message) {
+    const list = $("#conversation-list");
+    list.prepend(h("li", { class: "empty error-text", role: "alert" }, message));
+  }
+
+  async function refreshConversations() {
+    try {
+      state.conversations = await api("/api/conversations");
+    } catch (error) {
+      return;
+    }
+    renderConversationList();
+    if (state.view === "mesh") renderPeerConversations();
+    const current = state.currentId && state.conversations.find((c) => c.id === state.currentId);
+    if (current && state.current) {
+      Object.assign(state.current, { title: current.title, private: current.private });
+      renderChatHeader();
+    }
+  }
+
+  const scheduleConversationsRefresh = debounce(refreshConversations, 150);
+
+  // ==== chat: opening and drawing a conversation =============================================
+
+  function openConversation(id) {
+    closeSidebar(false);
+    location.hash = "#/chat/" + encodeURIComponent(id);
+  }
+
+  function startNewChat() {
+    state.currentId = null;
+    state.current = null;
+    ui.newPrivate.checked = false;
+    renderChat();
+    renderConversationList();
+    ui.prompt.focus();
+  }
+
+  async function loadConversation(id) {
+    state.currentId = id;
+    state.current = null;
+    renderChat();
+    renderConversationList();
+    let conversation;
+    try {
+      conversation = await api("/api/conversations/" + encodeURIComponent(id));
+    } catch (error) {
+      if (state.currentId !== id) return;
+      ui.messages.replaceChildren(
+        h(
+          "div",
+          { class: "inline-error", role: "alert" },
+          "This conversation could not be opened: " + error.message,
+          h("button", { type: "button", class: "small-button", onclick: () => loadConversation(id) }, "Retry"),
+        ),
+      );
+      ui.welcome.hidden = true;
+      return;
+    }
+    if (state.currentId !== id) return; // another one was opened meanwhile
+    state.current = conversation;
+    renderChat();
+    if (state.stream && state.stream.conversationId === id) ui.messages.append(state.stream.answer.element);
+    scrollToBottom(true);
+  }
+
+  function renderChatHeader() {
+    const c = state.current;
+    $("#chat-title").textContent = c ? c.title : state.currentId ? "Loading…" : "New chat";
+    const subtitle = $("#chat-subtitle");
+    subtitle.replaceChildren();
+    if (c) {
+      if (!c.own)
+        subtitle.append("from " + (c.origin_name || c.origin.slice(0, 8)), h("span", { class: "chip" }, "read-only"));
+      if (c.private) subtitle.append(h("span", { class: "chip offline" }, "private"));
+    }
+    const chatLink = document.querySelector('.nav a[data-view="chat"]');
+    chatLink.href = state.currentId ? "#/chat/" + encodeURIComponent(state.currentId) : "#/chat";
+  }
+
+  function renderChat() {
+    renderChatHeader();
+    const c = state.current;
+    ui.messages.replaceChildren(...(c ? c.messages.map(messageView) : []));
+    if (c && !c.own)
+      ui.messages.append(
+        h(
+          "p",
+          { class: "read-only-note" },
+          "This conversation belongs to " +
+            (c.origin_name || "another node") +
+            ": you can read it here, and continue it on that node.",
+        ),
+      );
+    ui.composer.hidden = Boolean(c && !c.own);
+    updateWelcome();
+    updateAnswerActions();
+    updateComposer();
+  }
+
+  function updateWelcome() {
+    ui.welcome.hidden = ui.messages.children.length > 0 || Boolean(state.currentId && !state.current);
+    ui.newPrivate.parentElement.hidden = Boolean(state.currentId);
+  }
+
+  function isNearBottom() {
+    const el = ui.chatScroll;
+    return el.scrollHeight - el.scrollTop - el.clientHeight < 140;
+  }
+
+  function scrollToBottom(force) {
+    if (force || isNearBottom()) ui.chatScroll.scrollTo({ top: ui.chatScroll.scrollHeight, behavior: "auto" });
+  }
+
+  function senderLabel(message) {
+    if (message.role === "assistant") return "Assistant"; // who answered is in the line under it
+    const host = message.host_info && message.host_info.hostname;
+    if (!message.origin || message.origin === myId())
+      return message.sender && message.sender !== "user" ? message.sender : "You";
+    return (message.sender || "user") + (host ? " on " + host : "");
+  }
+
+  function messageHead(message) {
+    return h(
+      "div",
+      { class: "message-head" },
+      h("span", { class: "sender" }, senderLabel(message)),
+      message.timestamp
+        ? h(
+            "time",
+            { datetime: message.timestamp, title: new Date(message.timestamp).toLocaleString() },
+            formatClock(message.timestamp),
+          )
+        : null,
+    );
+  }
+
+  /** The article of one stored message (or of a local one not stored yet). */
+  function messageView(message) {
+    const article = h("article", {
+      class: "message " + message.role,
+      "data-id": message.id || null,
+      "aria-label": (message.role === "assistant" ? "Answer" : "Message") + " from " + senderLabel(message),
+    });
+    article.append(messageHead(message));
+    if (message.role === "assistant") {
+      const body = h("div", { class: "markdown" });
+      body.append(window.NeuroMarkdown.render(message.content));
+      article.append(h("div", { class: "bubble glass" }, body, h("div", { class: "answer-status", role: "status" })));
+      article.append(answerMeta(message, {}));
+    } else {
+      article.append(h("div", { class: "bubble" }, message.content));
+    }
+    article.dataset.content = message.content;
+    return article;
+  }
+
+  /** Who answered, with which model and how fast, plus the Copy and Regenerate buttons. */
+  function answerMeta(message, live) {
+    const node =
+      live.node_name ||
+      message.answered_by_name ||
+      (message.answered_by ? message.answered_by.slice(0, 8) : null) ||
+      (message.host_info && message.host_info.hostname);
+    const model = live.model || message.model;
+    const speed = live.tokens_per_second || message.tokens_per_second;
+    const article = () => meta.closest(".message");
+    const meta = h(
+      "div",
+      { class: "answer-meta" },
+      node ? h("span", null, "answered by ", h("span", { class: "node" }, node)) : null,
+      model ? h("span", { class: "model" }, model) : null,
+      speed ? h("span", { class: "speed" }, speed.toFixed(1) + " tokens/s") : null,
+      h(
+        "span",
+        { class: "answer-actions" },
+        h(
+          "button",
+          {
+            type: "button",
+            class: "action-button copy-answer",
+            "aria-label": "Copy this answer",
+            onclick: (event) => copyWithFeedback(event.currentTarget, article().dataset.content || ""),
+          },
+          icon("copy"),
+          h("span", { class: "label" }, "Copy"),
+        ),
+        h(
+          "button",
+          {
+            type: "button",
+            class: "action-button regenerate",
+            "aria-label": "Regenerate the answer",
+            hidden: true,
+            onclick: regenerate,
+          },
+          icon("refresh"),
+          h("span", { class: "label" }, "Regenerate"),
+        ),
+      ),
+    );
+    return meta;
+  }
+
+  /** Regenerate shows only on the last answer of an own conversation, when nothing streams. */
+  function updateAnswerActions() {
+    const answers = ui.messages.querySelectorAll(".message.assistant[data-id]");
+    const canRegenerate = Boolean(state.current && state.current.own && !state.stream);
+    answers.forEach((answer, index) => {
+      const button = answer.querySelector(".regenerate");
+      if (button) button.hidden = !(canRegenerate && index === answers.length - 1);
+    });
+  }
+
+  /** Appends messages stored since the page drew the conversation (from peers, or after a stop). */
+  async function syncCurrentConversation() {
+    const id = state.currentId;
+    if (!id || (state.stream && state.stream.conversationId === id)) return;
+    let conversation;
+    try {
+      conversation = await api("/api/conversations/" + encodeURIComponent(id));
+    } catch (error) {
+      return;
+    }
+    if (state.currentId !== id || !state.current || (state.stream && state.stream.conversationId === id)) return;
+    Object.assign(state.current, conversation);
+    const shown = new Set([...ui.messages.querySelectorAll(".message[data-id]")].map((el) => el.dataset.id));
+    const stick = isNearBottom();
+    for (const message of conversation.messages) {
+      if (shown.has(message.id)) continue;
+      const local = [...ui.messages.querySelectorAll(".message." + message.role + ":not([data-id])")].find((el) =>
+        message.role === "user" ? el.dataset.content === message.content : el.classList.contains("stopped"),
+      );
+      const view = messageView(message);
+      if (local) local.replaceWith(view);
+      else ui.messages.insertBefore(view, ui.messages.querySelector(".read-only-note"));
+    }
+    renderChatHeader();
+    updateWelcome();
+    updateAnswerActions();
+    if (stick) scrollToBottom(true);
+  }
+
+  const scheduleCurrentSync = debounce(syncCurrentConversation, 120);
+
+  // ==== chat: the composer ===================================================================
+
+  function updateComposer() {
+    const value = ui.prompt.value;
+    ui.charCount.textContent = value.length + " / " + MAX_CHARS;
+    ui.charCount.classList.toggle("near-limit", value.length > MAX_CHARS * 0.9);
+    const streaming = Boolean(state.stream);
+    ui.send.disabled = streaming || !value.trim();
+    ui.send.hidden = streaming;
+    ui.stop.hidden = !streaming;
+    const noLlm = state.models !== null && llmHostCount() === 0;
+    ui.prompt.placeholder = noLlm
+      ? "No LLM on the mesh yet: your message is saved, but nobody can answer it (see above)"
+      : "Ask anything…";
+    renderNoLlmNotice(noLlm);
+  }
+
+  function renderNoLlmNotice(show) {
+    ui.notice.hidden = !show;
+    if (!show) {
+      ui.notice.replaceChildren();
+      return;
+    }
+    if (ui.notice.childElementCount) return; // keep the <details> open or closed as the user left it
+    ui.notice.replaceChildren(
+      h("strong", null, "No LLM on the mesh yet: "),
+      "no linked computer runs a language model, so questions are saved and shared but nobody answers them.",
+      h(
+        "details",
+        null,
+        h("summary", null, "How to add one"),
+        "On any computer of this network install Ollama, run ",
+        h("code", null, "ollama pull llama3.2:1b"),
+        ", then start NeuroMesh there: it finds Ollama by itself and the whole mesh can use it. ",
+        "Or start a node with ",
+        h("code", null, "--ollama-url http://HOST:11434"),
+        ".",
+      ),
+    );
+  }
+
+  function autoGrow() {
+    ui.prompt.style.height = "auto";
+    ui.prompt.style.height = Math.min(ui.prompt.scrollHeight, window.innerHeight * 0.4) + "px";
+  }
+
+  function onPromptKeydown(event) {
+    if (
+      event.key === "Enter" &&
+      !event.shiftKey &&
+      !event.altKey &&
+      !event.ctrlKey &&
+      !event.metaKey &&
+      !event.isComposing
+    ) {
+      event.preventDefault();
+      submitPrompt();
+    }
+  }
+
+  function submitPrompt() {
+    const text = ui.prompt.value;
+    if (!text.trim() || state.stream) return;
+    ui.prompt.value = "";
+    autoGrow();
+    updateComposer();
+    sendMessage(text.trim());
+  }
+
+  function chosenModel() {
+    return ui.picker.value || undefined;
+  }
+
+  /** Sends ``content``: creates the conversation if needed, then streams the answer. */
+  async function sendMessage(content) {
+    if (state.stream || (state.current && !state.current.own)) return;
+    const userView = messageView({
+      role: "user",
+      content,
+      timestamp: new Date().toISOString(),
+      origin: myId(),
+      sender: "user",
+    });
+    userView.classList.add("pending");
+    ui.messages.append(userView);
+    updateWelcome();
+    scrollToBottom(true);
+    let conversationId = state.currentId;
+    if (!conversationId) {
+      try {
+        const record = await api("/api/conversations", {
+          method: "POST",
+          body: { title: titleFrom(content), private: ui.newPrivate.checked },
+        });
+        record.messages = [];
+        state.currentId = conversationId = record.id;
+        state.current = record;
+        location.hash = "#/chat/" + encodeURIComponent(record.id); // route() sees it is already open
+        renderChatHeader();
+        updateWelcome();
+        scheduleConversationsRefresh();
+      } catch (error) {
+        userView.append(
+          inlineError("The conversation could not be created: " + error.message, () => {
+            userView.remove();
+            sendMessage(content);
+          }),
+        );
+        return;
+      }
+    }
+    streamAnswer(
+      conversationId,
+      "/api/conversations/" + encodeURIComponent(conversationId) + "/messages",
+      { content, model: chosenModel() },
+      { userView, content },
+    );
+  }
+
+  function regenerate() {
+    if (state.stream || !state.current) return;
+    const id = state.current.id;
+    streamAnswer(
+      id,
+      "/api/conversations/" + encodeURIComponent(id) + "/regenerate",
+      { model: chosenModel() },
+      { userStored: true },
+    );
+  }
+
+  function inlineError(message, retry) {
+    // Markdown, so that the node's `commands` and https:// links in the message read well.
+    return h(
+      "div",
+      { class: "inline-error", role: "alert" },
+      h("div", { class: "error-message" }, window.NeuroMarkdown.render(message)),
+      retry
+        ? h("button", { type: "button", class: "small-button retry", onclick: retry }, icon("refresh"), "Retry")
+        : null,
+    );
+  }
+
+  /** The answer being written: a bubble that takes status lines, tokens, the end or an error. */
+  function liveAnswer() {
+    const body = h("div", { class: "markdown" });
+    const status = h(
+      "div",
+      { class: "answer-status", role: "status" },
+      h("span", { class: "typing", "aria-hidden": "true" }, h("i"), h("i"), h("i")),
+      h("span", { class: "status-text" }, "Finding an LLM on the mesh…"),
+    );
+    const element = h(
+      "article",
+      { class: "message assistant streaming", "aria-busy": "true", "aria-label": "Answer being written" },
+      messageHead({ role: "assistant", timestamp: new Date().toISOString() }),
+      h("div", { class: "bubble glass" }, body, status),
+    );
+    let text = "";
+    let info = {};
+    let frame = 0;
+    const draw = () => {
+      frame = 0;
+      const stick = isNearBottom();
+      body.replaceChildren(window.NeuroMarkdown.render(text));
+      element.dataset.content = text;
+      if (stick) scrollToBottom(true);
+    };
+    const setStatus = (message) => {
+      status.querySelector(".status-text").textContent = message;
+    };
+    const end = () => {
+      cancelAnimationFrame(frame);
+      draw();
+      element.classList.remove("streaming");
+      element.removeAttribute("aria-busy");
+      status.replaceChildren();
+    };
+    return {
+      element,
+      status: setStatus,
+      start(data) {
+        info = data;
+        setStatus((data.node_name || "A node") + " is answering" + (data.model ? " with " + data.model : "") + "…");
+      },
+      token(content) {
+        text += content;
+        status.querySelector(".typing").hidden = true;
+        if (!frame) frame = requestAnimationFrame(draw);
+      },
+      finish(data) {
+        const message = data.message || {};
+        if (typeof message.content === "string") text = message.content;
+        end();
+        if (message.id) element.dataset.id = message.id;
+        element.setAttribute("aria-label", "Answer from " + (data.node_name || message.answered_by_name || "the mesh"));
+        element.append(answerMeta(message, Object.assign({}, info, data)));
+      },
+      fail(message, retry) {
+        end();
+        element.classList.add("failed");
+        if (!text) element.querySelector(".bubble").hidden = true;
+        element.append(inlineError(message, retry));
+      },
+      stopped() {
+        end();
+        element.classList.add("stopped");
+        element.append(
+          h(
+            "div",
+            { class: "answer-meta" },
+            h("span", { class: "stopped-note" }, "Stopped."),
+            info.node_name ? h("span", null, "answered by ", h("span", { class: "node" }, info.node_name)) : null,
+          ),
+        );
+      },
+    };
+  }
+
+  /** Reads a text/event-stream body, calling onEvent(type, payload) for each event. */
+  async function readEventStream(response, onEvent) {
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      buffer += done ? decoder.decode() : decoder.decode(value, { stream: true });
+      buffer = buffer.replace(/\r\n/g, "\n");
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const block = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        let type = "message";
+        const data = [];
+        for (const line of block.split("\n")) {
+          if (line.startsWith("event:")) type = line.slice(6).trim();
+          else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+        }
+        if (!data.length) continue;
+        let payload;
+        try {
+          payload = JSON.parse(data.join("\n"));
+        } catch (error) {
+          continue;
+        }
+        onEvent(type, payload);
+      }
+      if (done) return;
+    }
+  }
+
+  /** Posts to ``path`` and shows the streamed answer; Stop aborts it (the node cancels upstream). */
+  async function streamAnswer(conversationId, path, body, context) {
+    const controller = new AbortController();
+    const answer = liveAnswer();
+    ui.messages.append(answer.element);
+    state.stream = { controller, conversationId, answer };
+    updateComposer();
+    updateAnswerActions();
+    updateWelcome();
+    scrollToBottom(true);
+    let userStored = Boolean(context.userStored);
+    let ended = false;
+    const retry = () => {
+      if (state.stream) return;
+      answer.element.remove();
+      if (userStored) {
+        regenerate();
+      } else {
+        if (context.userView) context.userView.remove();
+        sendMessage(context.content);
+      }
+    };
+    const markUserStored = (message) => {
+      userStored = true;
+      scheduleConversationsRefresh();
+      if (context.userView && message) {
+        const stored = messageView(message);
+        context.userView.replaceWith(stored);
+        context.userView = stored;
+      }
+    };
+    try {
+      const response = await fetch(path, {
+        method: "POST",
+        headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
+        body: JSON.stringify(body),
+        signal: controller.signal,
+      });
+      if (!response.ok) throw new ApiError(await errorText(response), response.status);
+      if (!(response.headers.get("Content-Type") || "").includes("text/event-stream")) {
+        const data = await response.json(); // a node that does not stream: {user, assistant}
+        markUserStored(data.user || (data.role === "user" ? data : null));
+        if (!data.assistant) throw new Error("The node saved the message but sent no answer.");
+        answer.finish({ message: data.assistant });
+        ended = true;
+      } else {
+        await readEventStream(response, (type, data) => {
+          if (type === "user") markUserStored(data.message);
+          else if (type === "queued")
+            answer.status(
+              "Waiting in the queue of " + (data.node_name || "an LLM host") + ": position " + data.position + "…",
+            );
+          else if (type === "start") answer.start(data);
+          else if (type === "token") answer.token(data.content || "");
+          else if (type === "done") {
+            answer.finish(data);
+            ended = true;
+          } else if (type === "error") {
+            answer.fail(data.error || "The answer failed.", retry);
+            ended = true;
+          }
+        });
+        if (!ended) answer.fail("The answer broke off before it was complete.", retry);
+      }
+    } catch (error) {
+      if (error.name === "AbortError") answer.stopped();
+      else answer.fail(error.message || String(error), retry);
+    } finally {
+      if (state.stream && state.stream.controller === controller) state.stream = null;
+      if (context.userView) context.userView.classList.remove("pending");
+      updateComposer();
+      updateAnswerActions();
+      scheduleConversationsRefresh();
+      if (state.currentId === conversationId) scheduleCurrentSync();
+    }
+  }
+
+  function stopAnswer() {
+    if (state.stream) state.stream.controller.abort();
+  }
+
+  // ==== models ===============================================================================
+
+  async function refreshModels() {
+    try {
+      state.models = await api("/api/models");
+    } catch (error) {
+      state.models = null;
+    }
+    renderModelPicker();
+    updateComposer();
+    renderStatus();
+  }
+
+  const scheduleModelsRefresh = debounce(refreshModels, 200);
+
+  function renderModelPicker() {
+    const models = (state.models && state.models.models) || [];
+    const saved = ui.picker.value || localStorage.getItem("neuromesh.model") || "";
+    const auto = h(
+      "option",
+      { value: "" },
+      state.models && state.models.default ? "Auto (" + state.models.default + ")" : "Auto",
+    );
+    const options = models.map((model) => {
+      const hosts = model.hosts || [];
+      const where = hosts.length === 1 ? (hosts[0].local ? "this node" : hosts[0].name) : hosts.length + " nodes";
+      return h("option", { value: model.name }, model.name + " · " + where);
+    });
+    ui.picker.replaceChildren(auto, ...options);
+    ui.picker.value = models.some((model) => model.name === saved) ? saved : "";
+    ui.picker.disabled = models.length === 0;
+    ui.picker.title = models.length ? "The model that answers" : "No model on the mesh";
+  }
+
+  // ==== mesh view ============================================================================
+
+  function renderMesh() {
+    if (state.view !== "mesh") return;
+    renderMeshOverview();
+    renderGraph();
+    renderPeerRows();
+    renderPeerConversations();
+  }
+
+  function card(value, label) {
+    return h(
+      "div",
+      { class: "card glass" },
+      h("div", { class: "value gradient-text" }, String(value)),
+      h("div", { class: "label" }, label),
+    );
+  }
+
+  function renderMeshOverview() {
+    const health = state.health;
+    const known = state.peers.size;
+    const linked = connectedPeers().length;
+    $("#mesh-overview").replaceChildren(
+      card(linked, "peers linked" + (known > linked ? " (" + (known - linked) + " offline)" : "")),
+      card(llmHostCount(), "LLM hosts on the mesh"),
+      card(health ? health.messages : "—", "messages stored here"),
+      card(
+        health ? (health.status === "ok" ? "OK" : health.status) : "—",
+        health ? "health · up " + formatDuration(health.uptime_s) : "health",
+      ),
+    );
+  }
+
+  /** The graph: this node in the centre, linked peers around it, links coloured by round trip. */
+  function renderGraph() {
+    const graph = $("#mesh-graph");
+    const narrow = narrowScreen.matches; // a square drawing on phones keeps the labels readable
+    const width = narrow ? 360 : 640;
+    const height = narrow ? 360 : 400;
+    graph.setAttribute("viewBox", "0 0 " + width + " " + height);
+    const cx = width / 2;
+    const cy = height / 2;
+    const peers = connectedPeers().sort((a, b) => a.name.localeCompare(b.name));
+    const health = state.health;
+    const links = svg("g", { class: "links" });
+    const nodes = svg("g", { class: "nodes" });
+    const radius = narrow ? 125 : peers.length > 8 ? 165 : 145;
+    const stretch = narrow ? 1 : 1.35;
+    peers.forEach((peer, index) => {
+      const angle = -Math.PI / 2 + (2 * Math.PI * index) / peers.length;
+      const x = cx + radius * stretch * Math.cos(angle);
+      const y = cy + radius * Math.sin(angle);
+      const quality = linkHealth(peer);
+      links.append(
+        svg(
+          "line",
+          { class: "link " + quality, x1: cx, y1: cy, x2: x, y2: y },
+          svg("title", null, (health ? health.name : "this node") + " ↔ " + peer.name + ": " + formatRtt(peer.rtt_ms)),
+        ),
+      );
+      links.append(svg("text", { class: "link-label", x: (cx + x) / 2, y: (cy + y) / 2 - 6 }, formatRtt(peer.rtt_ms)));
+      nodes.append(
+        graphNode(
+          peer,
+          x,
+          y,
+          18,
+          "peer" + (state.graphIds.has(peer.node_id) ? "" : " entering"),
+          Math.sin(angle) < -0.3,
+        ),
+      );
+    });
+    nodes.append(
+      graphNode(
+        health ? { node_id: health.node_id, name: health.name, has_llm: health.has_llm } : { name: "this node" },
+        cx,
+        cy,
+        28,
+        "self",
+      ),
+    );
+    state.graphIds = new Set(peers.map((peer) => peer.node_id));
+    const defs = svg(
+      "defs",
+      null,
+      svg(
+        "linearGradient",
+        { id: "graph-gradient", x1: "0", y1: "0", x2: "1", y2: "1" },
+        ["#22d3ee", "#3b82f6", "#8b5cf6", "#ec4899"].map((color, i) =>
+          svg("stop", { offset: String(i / 3), "stop-color": color }),
+        ),
+      ),
+    );
+    const empty = peers.length
+      ? null
+      : svg(
+          "text",
+          { class: "empty-note", x: cx, y: height - 48 },
+          svg("tspan", { x: cx }, "No peers linked yet: nodes on the same"),
+          svg("tspan", { x: cx, dy: "1.3em" }, "network appear here by themselves."),
+        );
+    graph.replaceChildren(
+      svg("title", { id: "mesh-graph-title" }, "Network graph"),
+      svg(
+        "desc",
+        { id: "mesh-graph-desc" },
+        (health ? health.name : "This node") +
+          " is linked to " +
+          plural(peers.length, "peer") +
+          (peers.length
+            ? ": " + peers.map((p) => p.name + (p.has_llm ? " (LLM)" : "") + " " + formatRtt(p.rtt_ms)).join(", ")
+            : "") +
+          ".",
+      ),
+      defs,
+      links,
+      nodes,
+      empty,
+    );
+  }
+
+  function graphNode(peer, x, y, r, kind, labelAbove) {
+    const group = svg(
+      "g",
+      {
+        class: "node " + kind + (peer.has_llm ? " llm" : ""),
+        transform: "translate(" + x.toFixed(1) + " " + y.toFixed(1) + ")",
+        "data-node-id": peer.node_id || null,
+      },
+      svg(
+        "title",
+        null,
+        peer.name +
+          (peer.has_llm
+            ? " (has an LLM" + (peer.models && peer.models.length ? ": " + peer.models.join(", ") : "") + ")"
+            : ""),
+      ),
+    );
+    if (peer.has_llm) group.append(svg("circle", { class: "ring", r: r + 7 }));
+    group.append(svg("circle", { class: "body", r }));
+    if (peer.has_llm) group.append(svg("text", { class: "badge", y: 3 }, "LLM"));
+    group.append(svg("text", { y: labelAbove ? -r - (peer.has_llm ? 14 : 8) : r + 18 }, peer.name));
+    return group;
+  }
+
+  function renderPeerRows() {
+    const peers = [...state.peers.values()].sort((a, b) => b.connected - a.connected || a.name.localeCompare(b.name));
+    if (!peers.length) {
+      $("#peer-rows").replaceChildren(
+        h(
+          "tr",
+          null,
+          h(
+            "td",
+            { colspan: "6", class: "muted" },
+            "No peers yet. Start NeuroMesh on another computer of this network; it appears here within seconds.",
+          ),
+        ),
+      );
+      return;
+    }
+    $("#peer-rows").replaceChildren(
+      ...peers.map((peer) => {
+        const load = peer.load || {};
+        const loadText =
+          peer.has_llm && load.parallel
+            ? (load.in_flight || 0) +
+              "/" +
+              load.parallel +
+              " busy" +
+              (load.queued ? ", " + load.queued + " queued" : "")
+            : "—";
+        const pageUrl = "http://" + peer.address + ":" + peer.http_port + "/";
+        return h(
+          "tr",
+          { "data-node-id": peer.node_id, class: peer.connected ? "online" : "offline" },
+          h(
+            "th",
+            { scope: "row" },
+            peer.name,
+            peer.has_llm ? h("span", { class: "chip llm" }, "LLM") : null,
+            h(
+              "span",
+              { class: "chip " + (peer.connected ? "online" : "offline") },
+              peer.connected ? "linked" : "offline",
+            ),
+          ),
+          h(
+            "td",
+            null,
+            peer.http_port
+              ? h(
+                  "a",
+                  { href: pageUrl, target: "_blank", rel: "noopener noreferrer" },
+                  peer.address + ":" + peer.http_port,
+                )
+              : peer.address,
+          ),
+          h(
+            "td",
+            null,
+            peer.models && peer.models.length ? peer.models.join(", ") : h("span", { class: "muted" }, "none"),
+          ),
+          h("td", null, loadText),
+          h(
+            "td",
+            null,
+            h("span", { class: "chip " + (peer.connected ? linkHealth(peer) : "") }, formatRtt(peer.rtt_ms)),
+          ),
+          h("td", null, peer.last_seen ? agoFromEpoch(peer.last_seen) : "never"),
+        );
+      }),
+    );
+  }
+
+  function renderPeerConversations() {
+    const byOrigin = new Map();
+    for (const c of state.conversations) {
+      if (c.own || c.deleted) continue;
+      if (!byOrigin.has(c.origin)) byOrigin.set(c.origin, []);
+      byOrigin.get(c.origin).push(c);
+    }
+    const box = $("#peer-conversations");
+    box.className = "peer-conversations";
+    if (!byOrigin.size) {
+      box.replaceChildren(
+        h(
+          "p",
+          { class: "muted" },
+          "No conversations from peers yet. What peers write appears here as it happens (private ones never leave their node).",
+        ),
+      );
+      return;
+    }
+    box.replaceChildren(
+      ...[...byOrigin.entries()].map(([origin, list]) => {
+        const peer = state.peers.get(origin);
+        const name = (peer && peer.name) || list[0].origin_name || origin.slice(0, 8);
+        return h(
+          "section",
+          { "data-origin": origin },
+          h("h3", null, "From " + name),
+          h(
+            "ul",
+            null,
+            list.map((c) =>
+              h(
+                "li",
+                null,
+                h(
+                  "button",
+                  { type: "button", onclick: () => openConversation(c.id) },
+                  c.title + " · " + plural(c.message_count, "message") + " · " + agoFromIso(c.updated_at),
+                ),
+              ),
+            ),
+          ),
+        );
+      }),
+    );
+  }
+
+  // ==== diagnostics view =====================================================================
+
+  function kv(rows) {
+    return h(
+      "dl",
+      { class: "kv" },
+      rows.filter(Boolean).map(([key, value]) => [h("dt", null, key), h("dd", null, value)]),
+    );
+  }
+
+  function panel(title, ...content) {
+    return h("section", { class: "panel glass" }, h("h2", null, title), ...content);
+  }
+
+  function table(headers, rows, empty) {
+    if (!rows.length) return h("p", { class: "muted" }, empty);
+    return h(
+      "div",
+      { class: "table-wrap" },
+      h(
+        "table",
+        { class: "data-table" },
+        h(
+          "thead",
+          null,
+          h(
+            "tr",
+            null,
+            headers.map((text) => h("th", { scope: "col" }, text)),
+          ),
+        ),
+        h(
+          "tbody",
+          null,
+          rows.map((row) =>
+            h(
+              "tr",
+              null,
+              row.map((cell) => h("td", null, cell)),
+            ),
+          ),
+        ),
+      ),
+    );
+  }
+
+  async function refreshDiagnostics() {
+    await refreshHealth();
+    renderDiagnostics();
+  }
+
+  function renderDiagnostics() {
+    const d = state.health;
+    if (state.view !== "diagnostics") return;
+    if (!d) {
+      $("#diagnostics").replaceChildren(
+        panel("This node", h("p", { class: "error-text" }, "The node does not answer.")),
+      );
+      return;
+    }
+    const llm = d.llm || {};
+    const interfaces = d.interfaces || [];
+    const errors = d.recent_errors || [];
+    const counters = Object.entries(d.counters || {}).map(([key, value]) => [key.replace(/_/g, " "), String(value)]);
+    const sync = Object.entries(d.sync || {}).map(([key, value]) => ["sync: " + key.replace(/_/g, " "), String(value)]);
+    $("#diagnostics").replaceChildren(
+      panel(
+        "This node",
+        kv([
+          ["Name", d.name],
+          ["Node id", d.node_id],
+          ["Status", d.status],
+          ["Version", d.version + (d.protocol_version ? " (protocol " + d.protocol_version + ")" : "")],
+          ["Python", d.python || "—"],
+          ["Up for", formatDuration(d.uptime_s)],
+        ]),
+      ),
+      panel(
+        "Network",
+        table(
+          ["Interface", "Address", "Broadcast"],
+          interfaces.map((i) => [i.name, i.ip + (i.prefix !== undefined ? "/" + i.prefix : ""), i.broadcast || "—"]),
+          "This node does not report its interfaces.",
+        ),
+        kv([
+          ["Discovery", d.discovery ? "on: announces itself by UDP broadcast" : "off (links only to --peer addresses)"],
+          ["Broadcasts to", (d.broadcast_addresses || []).join(", ") || "—"],
+        ]),
+      ),
+      panel(
+        "Ports",
+        table(
+          ["Use", "Protocol", "Port", "State"],
+          [
+            ["Web page and API", "TCP", String(d.ports.http), "bound (serving this page)"],
+            ["Peer links", "TCP", String(d.ports.tcp), d.ports.tcp ? "bound" : "not bound"],
+            ["Discovery", "UDP", String(d.ports.udp), d.discovery ? "listening" : "not listening (discovery is off)"],
+          ],
+          "",
+        ),
+      ),
+      panel(
+        "LLM backend",
+        d.llm
+          ? kv([
+              ["Available", llm.available ? "yes" : "no"],
+              ["Backend", llm.backend || "none"],
+              llm.url ? ["URL", llm.url] : null,
+              ["Models", (llm.models || []).join(", ") || "none"],
+              [
+                "Answering",
+                (llm.in_flight || 0) + " now, " + (llm.queued || 0) + " queued, " + (llm.parallel || 0) + " at a time",
+              ],
+              llm.error ? ["Problem", h("span", { class: "error-text" }, llm.error)] : null,
+              ["LLM hosts on the mesh", String(llmHostCount())],
+            ])
+          : kv([["Has an LLM", d.has_llm ? "yes" : "no"]]),
+      ),
+      panel(
+        "Recent errors",
+        errors.length
+          ? h(
+              "ul",
+              { class: "error-list" },
+              errors
+                .slice(-20)
+                .reverse()
+                .map((e) =>
+                  h(
+                    "li",
+                    null,
+                    h("time", { datetime: e.time }, formatClock(e.time)),
+                    h("span", { class: "level" }, e.level || "error"),
+                    e.message,
+                  ),
+                ),
+            )
+          : h("p", { class: "muted" }, "None: all quiet."),
+      ),
+      panel(
+        "Health",
+        kv(
+          [
+            ["Memory (RSS)", formatMiB(d.memory_rss_bytes)],
+            ["Threads", String(d.threads)],
+            ["Messages stored", String(d.messages)],
+            ["Peers linked", String(d.peer_count)],
+            d.event_subscribers !== undefined ? ["Live page connections", String(d.event_subscribers)] : null,
+          ].concat(counters, sync),
+        ),
+      ),
+    );
+  }
+
+  // ==== refreshing and live events ===========================================================
+
+  async function refreshHealth() {
+    try {
+      state.health = await api("/api/health");
+    } catch (error) {
+      return;
+    }
+    renderStatus();
+  }
+
+  async function refreshPeers() {
+    let peers;
+    try {
+      peers = await api("/api/peers");
+    } catch (error) {
+      return;
+    }
+    state.peers = new Map(peers.map((peer) => [peer.node_id, peer]));
+    renderStatus();
+    renderMesh();
+  }
+
+  async function refreshAll() {
+    await Promise.all([refreshHealth(), refreshPeers(), refreshConversations(), refreshModels()]);
+    renderMesh();
+    renderDiagnostics();
+    if (state.currentId && state.current) syncCurrentConversation();
+  }
+
+  function onPeerEvent(peer) {
+    if (!peer || !peer.node_id) return;
+    state.peers.set(peer.node_id, Object.assign(state.peers.get(peer.node_id) || {}, peer));
+    renderStatus();
+    renderMesh();
+    scheduleModelsRefresh();
+    schedulePeersRefresh(); // the round trip of a new link is measured a moment later
+  }
+
+  const schedulePeersRefresh = debounce(refreshPeers, 1500);
+
+  function connectEvents() {
+    const source = new EventSource("/api/events");
+    let opened = false;
+    source.addEventListener("open", () => {
+      setLive(true);
+      if (opened) refreshAll(); // back after a break: catch up on what was missed
+      opened = true;
+    });
+    source.addEventListener("error", () => setLive(false)); // EventSource reconnects by itself
+    const on = (type, handler) =>
+      source.addEventListener(type, (event) => {
+        let payload;
+        try {
+          payload = JSON.parse(event.data);
+        } catch (error) {
+          return;
+        }
+        handler(payload && payload.data ? payload.data : {});
+      });
+    on("hello", (data) => {
+      if (state.health && data.node_id && data.node_id !== state.health.node_id) refreshAll();
+    });
+    on("peer_up", onPeerEvent);
+    on("peer_down", onPeerEvent);
+    on("peer_update", (peer) => {
+      if (!peer || !peer.node_id) return;
+      state.peers.set(peer.node_id, Object.assign(state.peers.get(peer.node_id) || {}, peer));
+      renderStatus();
+      renderMesh();
+    });
+    on("message", (data) => {
+      scheduleConversationsRefresh();
+      if (data.conversation_id === state.currentId) scheduleCurrentSync();
+    });
+    on("conversation", (data) => {
+      scheduleConversationsRefresh();
+      if (data.conversation_id === state.currentId && data.deleted) {
+        location.hash = "#/chat";
+      }
+    });
+    on("llm", scheduleModelsRefresh);
+  }
+
+  function poll() {
+    if (document.hidden) return;
+    refreshHealth().then(() => {
+      if (state.view === "diagnostics") renderDiagnostics();
+    });
+    refreshPeers();
+  }
+
+  // ==== particle background ==================================================================
+
+  function startParticles() {
+    const canvas = $("#particles");
+    const context = canvas.getContext("2d");
+    const reducedMotion = window.matchMedia("(prefers-reduced-motion: reduce)");
+    const colors = ["#22d3ee", "#3b82f6", "#8b5cf6", "#ec4899"];
+    let particles = [];
+    let frame = 0;
+    let width = 0;
+    let height = 0;
+
+    function resize() {
+      const ratio = Math.min(window.devicePixelRatio || 1, 2);
+      width = window.innerWidth;
+      height = window.innerHeight;
+      canvas.width = Math.round(width * ratio);
+      canvas.height = Math.round(height * ratio);
+      context.setTransform(ratio, 0, 0, ratio, 0, 0);
+      const count = Math.min(70, Math.round((width * height) / 22000));
+      particles = Array.from({ length: count }, (_, i) => ({
+        x: Math.random() * width,
+        y: Math.random() * height,
+        vx: (Math.random() - 0.5) * 0.25,
+        vy: (Math.random() - 0.5) * 0.25,
+        r: 1 + Math.random() * 1.6,
+        color: colors[i % colors.length],
+      }));
+      draw();
+    }
+
+    function draw() {
+      context.clearRect(0, 0, width, height);
+      for (let i = 0; i < particles.length; i++) {
+        const a = particles[i];
+        for (let j = i + 1; j < particles.length; j++) {
+          const b = particles[j];
+          const distance = Math.hypot(a.x - b.x, a.y - b.y);
+          if (distance < 120) {
+            context.strokeStyle = "rgba(139, 92, 246, " + (0.16 * (1 - distance / 120)).toFixed(3) + ")";
+            context.lineWidth = 1;
+            context.beginPath();
+            context.moveTo(a.x, a.y);
+            context.lineTo(b.x, b.y);
+            context.stroke();
+          }
+        }
+      }
+      for (const p of particles) {
+        context.globalAlpha = 0.7;
+        context.fillStyle = p.color;
+        context.beginPath();
+        context.arc(p.x, p.y, p.r, 0, Math.PI * 2);
+        context.fill();
+      }
+      context.globalAlpha = 1;
+    }
+
+    function step() {
+      for (const p of particles) {
+        p.x += p.vx;
+        p.y += p.vy;
+        if (p.x < -10) p.x = width + 10;
+        if (p.x > width + 10) p.x = -10;
+        if (p.y < -10) p.y = height + 10;
+        if (p.y > height + 10) p.y = -10;
+      }
+      draw();
+      frame = requestAnimationFrame(step);
+    }
+
+    /** Runs only while the tab is visible and the user has not asked for less motion. */
+    function update() {
+      const run = !document.hidden && !reducedMotion.matches;
+      if (run && !frame) frame = requestAnimationFrame(step);
+      if (!run && frame) {
+        cancelAnimationFrame(frame);
+        frame = 0;
+      }
+      canvas.dataset.running = run ? "true" : "false";
+    }
+
+    window.addEventListener("resize", debounce(resize, 150));
+    document.addEventListener("visibilitychange", update);
+    reducedMotion.addEventListener("change", update);
+    resize();
+    update();
+  }
+
+  // ==== start ================================================================================
+
+  function fillStaticIcons() {
+    for (const slot of document.querySelectorAll("[data-icon]")) slot.prepend(icon(slot.dataset.icon));
+  }
+
+  function bindEvents() {
+    window.addEventListener("hashchange", route);
+    ui.menuToggle.addEventListener("click", () =>
+      ui.sidebar.classList.contains("open") ? closeSidebar(true) : openSidebar(),
+    );
+    ui.scrim.addEventListener("click", () => closeSidebar(true));
+    document.addEventListener("keydown", (event) => {
+      if (event.key === "Escape" && ui.sidebar.classList.contains("open")) closeSidebar(true);
+    });
+    narrowScreen.addEventListener("change", () => {
+      closeSidebar(false);
+      renderMesh();
+    });
+    $("#new-chat").addEventListener("click", () => {
+      closeSidebar(false);
+      if (location.hash === "#/chat" || location.hash === "") startNewChat();
+      else location.hash = "#/chat";
+    });
+    $("#diag-refresh").addEventListener("click", refreshDiagnostics);
+    for (const button of document.querySelectorAll(".suggestion")) {
+      button.addEventListener("click", () => {
+        if (!state.stream) sendMessage(button.textContent.trim());
+      });
+    }
+    ui.composer.addEventListener("submit", (event) => {
+      event.preventDefault();
+      submitPrompt();
+    });
+    ui.prompt.addEventListener("keydown", onPromptKeydown);
+    ui.prompt.addEventListener("input", () => {
+      autoGrow();
+      updateComposer();
+    });
+    ui.stop.addEventListener("click", stopAnswer);
+    ui.picker.addEventListener("change", () => localStorage.setItem("neuromesh.model", ui.picker.value));
+    ui.messages.addEventListener("click", (event) => {
+      const button = event.target.closest(".copy-code");
+      if (button) copyWithFeedback(button, button.closest(".code-block").querySelector("pre code").textContent);
+    });
+  }
+
+  fillStaticIcons();
+  bindEvents();
+  renderStatus();
+  renderModelPicker();
+  route();
+  connectEvents();
+  refreshAll();
+  setInterval(poll, 5000);
+  startParticles();
+})();
