@@ -10,7 +10,8 @@ packages (``requests``, ``bottle``, ``ifaddr``) that ``install.sh`` puts into ``
 beside this file. Runs on Python 3.9 and newer.
 
 Sections, in order: imports, constants, exceptions, utilities, configuration, wire
-protocol, store, discovery, peer links, events, web app, node, CLI.
+protocol, store, discovery, peer links, events, sync, LLM backends and routing, web app,
+node, CLI.
 """
 
 __version__ = "0.1.0"
@@ -2192,6 +2193,46 @@ class Mesh:
 
 
 ###############################################################################
+# Events ######################################################################
+###############################################################################
+
+
+class EventBus:
+    """Fans out events (peer up/down, new message, ...) to subscribers such as SSE clients."""
+
+    max_pending = 1000
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._subscribers = set()
+
+    def subscribe(self):
+        inbox = queue.Queue(self.max_pending)
+        with self._lock:
+            self._subscribers.add(inbox)
+        return inbox
+
+    def unsubscribe(self, inbox):
+        with self._lock:
+            self._subscribers.discard(inbox)
+
+    def publish(self, kind, data):
+        event = {"type": kind, "data": data, "time": utc_now()}
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for inbox in subscribers:
+            try:
+                inbox.put_nowait(event)
+            except queue.Full:  # a stuck client loses events, never the node
+                pass
+
+    @property
+    def subscriber_count(self):
+        with self._lock:
+            return len(self._subscribers)
+
+
+###############################################################################
 # Sync ########################################################################
 ###############################################################################
 #
@@ -2380,12 +2421,17 @@ def iter_lines_live(response):
         yield buffer
 
 
+def _error_text(payload):
+    """The message of an Ollama ``{"error": text}`` or OpenAI ``{"error": {"message"}}`` reply."""
+    error = payload.get("error") if isinstance(payload, dict) else payload
+    if isinstance(error, dict):
+        error = error.get("message")
+    return str(error)[:300]
+
+
 def _http_error_text(response):
     try:
-        error = response.json().get("error")
-        if isinstance(error, dict):
-            error = error.get("message")
-        return str(error)[:300]
+        return _error_text(response.json())
     except ValueError:
         return response.text[:300]
 
@@ -2468,6 +2514,7 @@ class Backend:
         self.error = None
         self.slots = Slots(parallel)
         self.recent_latency = None  # seconds to first token, smoothed
+        self._probing = threading.Lock()  # a chat waits for a probe under way to finish
         self.session = requests.Session()
         self.session.trust_env = False  # never send the room's LLM traffic through a proxy
 
@@ -2478,15 +2525,22 @@ class Backend:
                 "parallel": load["parallel"]}
 
     def refresh(self):
-        """Probe the server; returns True when what it offers changed."""
-        before = (self.available, tuple(self.models))
-        try:
-            self.models = self.probe()
-            self.available, self.error = True, None
-        except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
-            self.available, self.models = False, []
-            self.error = "%s at %s is not reachable: %s" % (self.kind, self.url, type(exc).__name__)
-        return before != (self.available, tuple(self.models))
+        """Probe the server; returns True when what it offers changed.
+
+        A backend that is answering is not probed: it is plainly up, and llama.cpp's server
+        interrupts the answer it is streaming when any other request arrives.
+        """
+        with self._probing:
+            if self.available and self.slots.in_flight:
+                return False
+            before = (self.available, tuple(self.models))
+            try:
+                self.models = self.probe()
+                self.available, self.error = True, None
+            except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
+                self.available, self.models = False, []
+                self.error = "%s at %s is not reachable: %s" % (self.kind, self.url, type(exc).__name__)
+            return before != (self.available, tuple(self.models))
 
     def chat(self, model, messages, options, cancel, on_queue=None):
         """Stream events for one chat, holding one of this backend's slots."""
@@ -2494,6 +2548,8 @@ class Backend:
                            (lambda position: on_queue({"type": "queued", "position": position,
                                                        "node_name": self.node_name})))
         try:
+            with self._probing:
+                pass
             started = time.monotonic()
             first = True
             for event in self._stream(model, messages, options, cancel):
@@ -2563,7 +2619,7 @@ def stream_ollama_lines(response, start_event, cancel, node_name):
             if not isinstance(chunk, dict):
                 continue
             if "error" in chunk:
-                error = str(chunk["error"])[:300]
+                error = _error_text(chunk)
                 if produced:
                     raise LLMError("%s failed mid-answer: %s" % (node_name, error), partial=True)
                 raise _UpstreamRefused("%s: %s" % (node_name, error), status=int(chunk.get("status") or 503))
@@ -2615,7 +2671,7 @@ class OpenAIBackend(Backend):
             if ours in options:
                 body[theirs] = options[ours]
         response = self._post("/v1/chat/completions", body)
-        produced, count, first_at = False, 0, None
+        produced, count, first_at, finished, finish_reason = False, 0, None, False, None
         start = self._start_event(model)
         try:
             for line in iter_lines_live(response):
@@ -2625,6 +2681,7 @@ class OpenAIBackend(Backend):
                     continue
                 data = line[5:].strip()
                 if data == b"[DONE]":
+                    finished = True
                     break
                 try:
                     chunk = json.loads(data)
@@ -2632,8 +2689,9 @@ class OpenAIBackend(Backend):
                     continue
                 if "error" in chunk:
                     raise (LLMError if produced else _UpstreamRefused)(
-                        "%s: %s" % (self.node_name, _http_error_text_from(chunk)), partial=produced)
+                        "%s: %s" % (self.node_name, _error_text(chunk)), partial=produced)
                 for choice in chunk.get("choices") or []:
+                    finish_reason = choice.get("finish_reason") or finish_reason
                     content = (choice.get("delta") or {}).get("content")
                     if content:
                         if not produced:
@@ -2648,16 +2706,15 @@ class OpenAIBackend(Backend):
             raise _UpstreamRefused("%s stopped answering: %s" % (self.node_name, type(exc).__name__))
         finally:
             response.close()
+        if not finished or finish_reason is None:  # llama.cpp ends an interrupted answer with [DONE] alone
+            if produced:
+                raise LLMError("%s stopped answering mid-way" % self.node_name, partial=True)
+            raise _UpstreamRefused("%s closed the connection without answering" % self.node_name)
         if not produced:
             yield start
         elapsed = time.monotonic() - first_at if first_at else 0
-        yield dict(start, type="done", eval_count=count, done_reason="stop",
+        yield dict(start, type="done", eval_count=count, done_reason=finish_reason,
                    tokens_per_second=tokens_per_second(count - 1, elapsed))
-
-
-def _http_error_text_from(chunk):
-    error = chunk.get("error")
-    return str(error.get("message") if isinstance(error, dict) else error)[:300]
 
 
 class PeerBackend(Backend):
@@ -2866,6 +2923,11 @@ class Router:
             return peers + local
         return local + peers
 
+    def _count_peer_request(self, backend, change):
+        if not backend.local:
+            with self.lock:
+                self.peer_in_flight[backend.node_id] += change
+
     def chat(self, model, messages, options=None, cancel=None, on_queue=None, local_only=False):
         """Answer with the first candidate that starts; events as documented at the section top."""
         model = self.resolve_model(model, local_only)
@@ -2878,8 +2940,7 @@ class Router:
         for backend in candidates:
             if cancel is not None and cancel.is_set():
                 return
-            if not backend.local:
-                self.peer_in_flight[backend.node_id] += 1
+            self._count_peer_request(backend, +1)
             started = False
             try:
                 for event in backend.chat(model, messages, merged, cancel, on_queue):
@@ -2896,8 +2957,7 @@ class Router:
                 failures.append(str(exc))
                 log.warning("failing over: %s", exc)
             finally:
-                if not backend.local:
-                    self.peer_in_flight[backend.node_id] -= 1
+                self._count_peer_request(backend, -1)
         status = 404 if failures and all("does not have that model" in f for f in failures) else 503
         raise LLMError("no LLM could answer: %s" % "; ".join(failures), status=status)
 
@@ -2923,46 +2983,6 @@ def fit_history(messages, budget_chars):
     if kept and len(kept[-1]["content"]) > budget_chars:
         kept[-1] = dict(kept[-1], content=kept[-1]["content"][-budget_chars:])
     return kept
-
-
-###############################################################################
-# Events ######################################################################
-###############################################################################
-
-
-class EventBus:
-    """Fans out events (peer up/down, new message, ...) to subscribers such as SSE clients."""
-
-    max_pending = 1000
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._subscribers = set()
-
-    def subscribe(self):
-        inbox = queue.Queue(self.max_pending)
-        with self._lock:
-            self._subscribers.add(inbox)
-        return inbox
-
-    def unsubscribe(self, inbox):
-        with self._lock:
-            self._subscribers.discard(inbox)
-
-    def publish(self, kind, data):
-        event = {"type": kind, "data": data, "time": utc_now()}
-        with self._lock:
-            subscribers = list(self._subscribers)
-        for inbox in subscribers:
-            try:
-                inbox.put_nowait(event)
-            except queue.Full:  # a stuck client loses events, never the node
-                pass
-
-    @property
-    def subscriber_count(self):
-        with self._lock:
-            return len(self._subscribers)
 
 
 ###############################################################################

@@ -329,3 +329,32 @@ def test_a_real_llm_answers_a_node_without_one_through_the_mesh(cluster, tmp_pat
         assistant = reply.json()["assistant"]
         assert assistant["content"].strip() and assistant["answered_by"] == host.node_id
         assert assistant["model"] == "smollm2:135m" and assistant["tokens_per_second"] > 0
+
+
+def test_an_openai_stream_cut_without_a_finish_reason_is_not_an_empty_answer():
+    """llama.cpp's server ends an interrupted answer with a bare [DONE]: that is a failure, not ""."""
+    import http.server
+    import neuromesh as nm
+
+    class Interrupted(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            self.wfile.write(b'data: {"choices": [{"index": 0, "delta": {"role": "assistant"}}]}\n\ndata: [DONE]\n\n')
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Interrupted)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        backend = nm.OpenAIBackend("http://127.0.0.1:%d" % server.server_port, "id", "llama-box")
+        backend.available, backend.models = True, ["m"]
+        with pytest.raises(nm.LLMError, match="without answering"):
+            list(backend.chat("m", [{"role": "user", "content": "hi"}], {}, None))
+        assert backend.slots.in_flight == 0
+    finally:
+        server.shutdown()
+        server.server_close()
