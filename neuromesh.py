@@ -3710,8 +3710,28 @@ class Node:
 
     # -- lifecycle -------------------------------------------------------------
 
+    def _refuse_shared_data_dir(self):
+        """Two running nodes on one data dir would share an identity and a database."""
+        path = os.path.join(self.config.data_dir, RUNTIME_FILE)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                pid = int(json.load(handle)["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        if os.name != "posix" or pid == os.getpid():  # on Windows os.kill would end the process
+            return
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return  # left behind by a node that was killed
+        except PermissionError:
+            pass
+        raise NeuroMeshError("another NeuroMesh (pid %d) is running with the data dir %s: stop it, or give "
+                             "this one its own with --data-dir" % (pid, self.config.data_dir))
+
     def start(self):
         """Bind every port (errors name the flag to change), then start the threads."""
+        self._refuse_shared_data_dir()
         try:
             self.http_server = make_server(self.config.host, self.config.http_port, build_app(self),
                                            server_class=ThreadingWSGIServer,

@@ -240,3 +240,14 @@ def test_ctrl_c_stops_gracefully_and_peers_hear_goodbye(cluster):
     assert "press Ctrl+C again to quit at once" in b.log() and "NeuroMesh stopped." in b.log()
     wait_for(lambda: b.node_id not in a.connected_ids(), timeout=1.0, message="goodbye heard")
     assert not os.path.exists(os.path.join(b.data_dir, "runtime.json"))
+
+
+def test_a_second_node_on_the_same_data_dir_is_refused(cluster):
+    first = cluster.start("first")
+    clash = subprocess.run(
+        [sys.executable, SCRIPT, "--host", "127.0.0.1", "--http-port", "0", "--tcp-port", "0", "--no-discovery",
+         "--no-browser", "--ollama-url", "none", "--data-dir", first.data_dir],
+        capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert clash.returncode == 2
+    assert "another NeuroMesh (pid %d)" % first.process.pid in clash.stderr and "--data-dir" in clash.stderr
+    assert first.health()["status"] == "ok"
