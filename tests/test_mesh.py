@@ -201,8 +201,9 @@ def test_three_hosts_in_namespaces_find_each_other_with_default_discovery(tmp_pa
         spaces.create()
         for index, host in enumerate(spaces.hosts, start=1):
             # default discovery: no --broadcast, no --host; each namespace has its own ports
+            lan_api = ["--lan-api"] if index == 3 else []
             node = NodeProcess(tmp_path / host, ["--announce-interval", "0.5", "--peer-timeout", "3",
-                                                 "--log-level", "debug"], host,
+                                                 "--log-level", "debug"] + lan_api, host,
                                prefix=["ip", "netns", "exec", host])
             nodes.append(node)
             node.start()
@@ -226,6 +227,8 @@ def test_three_hosts_in_namespaces_find_each_other_with_default_discovery(tmp_pa
         refused = spaces.fetch_status(spaces.hosts[1], remote + "/api/tags")
         assert refused[0] == 403 and "--lan-api" in refused[1]
         assert spaces.fetch_json(spaces.hosts[0], "http://127.0.0.1:8080/api/tags") == {"models": []}
+        # with --lan-api a private-network client is served
+        assert spaces.fetch_json(spaces.hosts[0], "http://%s.3:8080/api/tags" % spaces.subnet) == {"models": []}
     finally:
         for node in nodes:
             node.kill()
