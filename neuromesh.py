@@ -3273,7 +3273,10 @@ def build_app(node):
     # -- chat in a conversation (the page) ---------------------------------------------
 
     def conversation_chat(conversation_id, model, regenerate=False):
-        """Events of one answer in a conversation; the answer is stored when it is done."""
+        """Events of one answer in a conversation; the answer is stored when it is done.
+
+        The request is checked here, before any reply is sent; the events come from a generator.
+        """
         conversation = own_conversation(conversation_id)
         history = [{"role": m["role"], "content": m["content"]} for m in conversation["messages"]]
         if regenerate:
@@ -3281,17 +3284,25 @@ def build_app(node):
                 history.pop()
             if not history:
                 raise HTTPFailure(400, "nothing to regenerate: the conversation has no question yet")
+        return answer_events(conversation_id, model, history)
+
+    def answer_events(conversation_id, model, history):
         budget = int(SAMPLING_DEFAULTS["num_ctx"] * 3)  # about 4 characters a token, room left to answer
         parts = []
         for event in stream_chat(node.router, model, fit_history(history, budget)):
             if event["type"] == "token":
                 parts.append(event["content"])
             elif event["type"] == "done":
-                entry = store.add_message(
-                    conversation_id, "assistant", "".join(parts) or "(empty answer)", "LLM",
-                    host_info={"hostname": event["node_name"], "ip_address": "", "is_llm_host": True},
-                    model=event["model"], answered_by=event["node_id"], answered_by_name=event["node_name"],
-                    tokens_per_second=event.get("tokens_per_second"))
+                try:
+                    entry = store.add_message(
+                        conversation_id, "assistant", "".join(parts) or "(empty answer)", "LLM",
+                        host_info={"hostname": event["node_name"], "ip_address": "", "is_llm_host": True},
+                        model=event["model"], answered_by=event["node_id"], answered_by_name=event["node_name"],
+                        tokens_per_second=event.get("tokens_per_second"))
+                except StoreError as exc:  # e.g. the conversation was deleted while it was answered
+                    yield {"type": "error", "error": "the answer could not be stored: %s" % exc,
+                           "status": 409, "partial": True}
+                    return
                 event = dict(event, message=store.message_from_entry(entry))
             yield event
 

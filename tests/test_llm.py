@@ -192,6 +192,9 @@ def test_nothing_on_the_mesh_is_a_clear_error(cluster):
     assert reply.status_code == 503 and "No LLM" in reply.json()["error"]
     assert reply.json()["user"]["content"] == "hello?"  # the question is kept
     assert node.json("/api/models") == {"models": [], "default": None, "llm_hosts": 0}
+    empty = node.post("/api/conversations", json={}).json()["id"]
+    nothing = node.post("/api/conversations/%s/regenerate" % empty, json={}, headers={"Accept": "text/event-stream"})
+    assert nothing.status_code == 400 and "nothing to regenerate" in nothing.json()["error"]
 
 
 def two_llm_mesh(cluster, fakes, token_delay=0.05, parallel=1):
