@@ -1609,6 +1609,7 @@ class Mesh:
     max_backoff = 30.0
     max_outgoing = 256 * MiB
     forget_after = 600.0  # seconds a down peer stays listed
+    max_targets = 1024  # addresses worth dialing, from discovery, peer exchange and --peer
 
     def __init__(self, config, node_id, hello_extra=None):
         self.config = config
@@ -1738,7 +1739,7 @@ class Mesh:
 
     def stats(self):
         with self.lock:
-            return dict(self.counters, links=len(self.links),
+            return dict(self.counters, links=len(self.links), dial_targets=len(self.targets),
                         connected_peers=sum(1 for p in self.peer_table.values() if p.connected))
 
     # -- the loop ------------------------------------------------------------
@@ -1866,6 +1867,8 @@ class Mesh:
         key = (host, port)
         target = self.targets.get(key)
         if target is None:
+            if len(self.targets) >= self.max_targets:  # a peer's exchange list must not run us in circles
+                return DialTarget(host, port, node_id=node_id, expires=0.0)
             target = self.targets[key] = DialTarget(host, port)
         if node_id:
             target.node_id = node_id

@@ -246,3 +246,18 @@ def test_garbage_datagrams_are_counted_and_ignored(cluster):
         sender.close()
     wait_for(lambda: node.health()["counters"].get("garbage_datagrams", 0) >= 3, message="3 garbage datagrams")
     assert node.alive and node.peers() == []
+
+
+def test_a_flood_of_peer_exchange_entries_is_bounded(cluster):
+    node = cluster.start("target", settings={"peer_timeout": "30"})
+    sock = _raw_link(node)
+    try:
+        sock.sendall(nm.encode_frame(nm.HELLO, {"node_id": "f" * 32, "name": "flooder", "tcp_port": 1}))
+        entries = [{"node_id": "%032x" % i, "address": "127.0.0.1", "tcp_port": 20000 + i} for i in range(3000)]
+        sock.sendall(nm.encode_frame(nm.PEERS, {"peers": entries}))
+        wait_for(lambda: node.health()["counters"]["dial_targets"] >= 900, message="targets from the exchange")
+        counters = node.health()["counters"]
+        assert counters["dial_targets"] <= 1024  # 1000 entries read at most, the table capped
+        assert node.alive
+    finally:
+        sock.close()
