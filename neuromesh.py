@@ -2965,6 +2965,11 @@ class Router:
         raise LLMError("no LLM could answer: %s" % "; ".join(failures), status=status)
 
 
+def llm_host_count(mesh_models):
+    """How many nodes serve the models of ``Router.mesh_models()``."""
+    return len({node_id for hosts in mesh_models.values() for node_id, _name, _local in hosts})
+
+
 def _is_private_address(address):
     try:
         ip = ipaddress.ip_address(address)
@@ -3359,10 +3364,9 @@ def build_app(node):
             default = node.router.resolve_model(None)
         except LLMError:
             default = None
-        hosts = {host for entries in mesh_models.values() for host, _n, _l in entries}
         return {"models": [{"name": name, "hosts": [{"node_id": i, "name": n, "local": l} for i, n, l in entries]}
                            for name, entries in mesh_models.items()],
-                "default": default, "llm_hosts": len(hosts)}
+                "default": default, "llm_hosts": llm_host_count(mesh_models)}
 
     # -- the Ollama API, answered by the whole mesh --------------------------------------
 
@@ -3676,6 +3680,7 @@ class Node:
         self.mesh.on_peer_measured = lambda peer: self.events.publish("peer_update", peer.to_dict())
         self.mesh.frame_handlers[LLM_REQUEST] = self.router.handle_request
         self.mesh.frame_handlers[LLM_RESPONSE] = self.router.handle_response
+        self._told_capability = None  # what peers last heard of this node's LLM
         self.http_server = None
         self.http_port = None
         self._threads = []
@@ -3702,11 +3707,10 @@ class Node:
     def _llm_changed(self):
         """This node's LLM, its load, or the LLMs we may use changed: tell peers and pages."""
         capability = self.router.local_capability()
-        if capability != getattr(self, "_told_capability", None):
+        if capability != self._told_capability:
             self._told_capability = capability
             self.mesh.broadcast(LLM_CAPS, capability)
-        self.events.publish("llm", {"llm_hosts": len({h for entries in self.router.mesh_models().values()
-                                                      for h, _n, _l in entries})})
+        self.events.publish("llm", {"llm_hosts": llm_host_count(self.router.mesh_models())})
 
     def _housekeeping_forever(self):
         """Re-probe the local LLM servers every announce interval (each probe times out in 2 s)
@@ -3851,8 +3855,7 @@ class Node:
             "protocol_version": PROTOCOL_VERSION,
             "uptime_s": round(time.monotonic() - self.started_monotonic, 3),
             "peer_count": stats["connected_peers"], "has_llm": self.router.has_local_llm,
-            "llm": self.llm_status(), "llm_hosts": len({h for entries in self.router.mesh_models().values()
-                                                         for h, _n, _l in entries}),
+            "llm": self.llm_status(), "llm_hosts": llm_host_count(self.router.mesh_models()),
             "interfaces": [{"name": name, "ip": ip, "prefix": prefix,
                             "broadcast": directed_broadcast(ip, prefix) if prefix < 31 else None}
                            for name, ip, prefix in local_ipv4_interfaces()],
