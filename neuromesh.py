@@ -2629,10 +2629,6 @@ def stream_ollama_lines(response, start_event, cancel, node_name):
             if "queued" in chunk:
                 yield {"type": "queued", "position": chunk["queued"], "node_name": chunk.get("node_name", node_name)}
                 continue
-            if "start" in chunk:
-                start_event = dict(start_event, **{k: v for k, v in chunk["start"].items()
-                                                   if k in ("node_id", "node_name", "model")})
-                continue
             if not produced:
                 produced = True
                 yield start_event
@@ -2729,8 +2725,7 @@ class PeerBackend(Backend):
     def __init__(self, peer, grant):
         Backend.__init__(self, "http://%s:%d" % (grant["llm_host"], grant["llm_port"]), peer.node_id, peer.name)
         self.token = grant["token"]
-        self.peer = peer
-        self.models = list(peer.models)
+        self.peer = peer  # its models are peer.models, kept current by LLMC:
         self.available = True
 
     def _stream(self, model, messages, options, cancel):
@@ -2768,14 +2763,7 @@ class Router:
         self.on_change = lambda: None
         self.http_port = lambda: 0
         for backend in self.local:
-            backend.slots.on_change = self._load_changed
-        self._last_load = None
-
-    def _load_changed(self):
-        load = self.local_load()
-        if load != self._last_load:
-            self._last_load = load
-            self.on_change()
+            backend.slots.on_change = lambda: self.on_change()  # on_change is set after construction
 
     # -- capability ----------------------------------------------------------------
 
@@ -2846,8 +2834,6 @@ class Router:
         now = time.monotonic()
         with self.lock:
             backend = self.grants.get(peer.node_id)
-            if backend is not None:
-                backend.models = list(peer.models)
             if relinked:
                 self.requested.pop(peer.node_id, None)
             asked = self.requested.get(peer.node_id)
@@ -3129,13 +3115,12 @@ def stream_chat(router, model, messages, options=None, local_only=False):
 
 
 def first_answer_event(events):
-    """The first event that is not a queue position, with the ones before it: (first, queued)."""
-    queued = []
+    """The first event that is not a queue position (clients of the Ollama and OpenAI APIs
+    cannot show a queue; the status code depends on whether an answer starts)."""
     for event in events:
         if event["type"] != "queued":
-            return event, queued
-        queued.append(event)
-    return {"type": "error", "error": "no answer", "status": 503, "partial": False}, queued
+            return event
+    return {"type": "error", "error": "no answer", "status": 503, "partial": False}
 
 
 def clean_chat_messages(value):
@@ -3432,7 +3417,7 @@ def build_app(node):
         options = body.get("options") if isinstance(body.get("options"), dict) else {}
         started = time.monotonic()
         events = stream_chat(node.router, model, messages, options)
-        first, _queued = first_answer_event(events)
+        first = first_answer_event(events)
         if first["type"] == "error":
             return json_error(first["status"], first["error"])
         model = first.get("model", model)
@@ -3531,7 +3516,7 @@ def build_app(node):
             if isinstance(body.get(theirs), (int, float)) and not isinstance(body.get(theirs), bool):
                 options[ours] = body[theirs]
         events = stream_chat(node.router, model, messages, options)
-        first, _queued = first_answer_event(events)
+        first = first_answer_event(events)
         if first["type"] == "error":
             return openai_error(first["status"], first["error"])
         model = first.get("model", model)
@@ -3656,6 +3641,7 @@ class Node:
 
     def __init__(self, config):
         self.config = config
+        self._refuse_shared_data_dir()
         self.node_id = load_identity(config.data_dir)
         if not config.name:
             config.name = "NeuroMesh-" + self.node_id[:4]
@@ -3681,6 +3667,7 @@ class Node:
         self.mesh.frame_handlers[LLM_REQUEST] = self.router.handle_request
         self.mesh.frame_handlers[LLM_RESPONSE] = self.router.handle_response
         self._told_capability = None  # what peers last heard of this node's LLM
+        self._told_offer = None  # what pages last heard of the mesh's models
         self.http_server = None
         self.http_port = None
         self._threads = []
@@ -3705,12 +3692,17 @@ class Node:
         self.events.publish("peer_down", record)
 
     def _llm_changed(self):
-        """This node's LLM, its load, or the LLMs we may use changed: tell peers and pages."""
+        """This node's LLM, its load, or the LLMs we may use changed: tell peers and pages,
+        each only when what they are told changed (a load change is not news to a page)."""
         capability = self.router.local_capability()
         if capability != self._told_capability:
             self._told_capability = capability
             self.mesh.broadcast(LLM_CAPS, capability)
-        self.events.publish("llm", {"llm_hosts": llm_host_count(self.router.mesh_models())})
+        models = self.router.mesh_models()
+        offer = {name: sorted(node_id for node_id, _n, _l in hosts) for name, hosts in models.items()}
+        if offer != self._told_offer:
+            self._told_offer = offer
+            self.events.publish("llm", {"llm_hosts": llm_host_count(models)})
 
     def _housekeeping_forever(self):
         """Re-probe the local LLM servers every announce interval (each probe times out in 2 s)
@@ -3749,7 +3741,6 @@ class Node:
 
     def start(self):
         """Bind every port (errors name the flag to change), then start the threads."""
-        self._refuse_shared_data_dir()
         try:
             self.http_server = make_server(self.config.host, self.config.http_port, build_app(self),
                                            server_class=ThreadingWSGIServer,

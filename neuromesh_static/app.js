@@ -55,6 +55,15 @@
     pulse: "M3 12h4l3-8 4 16 3-8h4",
   };
 
+  // A small sidebar button: ``label`` for screen readers, ``extra`` for more attributes.
+  function iconButton(label, onclick, content, extra) {
+    return h(
+      "button",
+      Object.assign({ type: "button", class: "icon-button", "aria-label": label, onclick: onclick }, extra),
+      content,
+    );
+  }
+
   function icon(name) {
     return svg(
       "svg",
@@ -346,51 +355,16 @@
         h(
           "div",
           { class: "conversation-actions" },
-          h(
-            "button",
-            {
-              type: "button",
-              class: "icon-button",
-              title: "Rename",
-              "aria-label": "Rename " + c.title,
-              onclick: () => startRename(c.id),
-            },
-            icon("edit"),
-          ),
-          h(
-            "button",
-            {
-              type: "button",
-              class: "icon-button",
+          iconButton("Rename " + c.title, () => startRename(c.id), icon("edit"), { title: "Rename" }),
+          iconButton("Private (keep " + c.title + " on this node)", () => setPrivate(c, !c.private),
+            icon(c.private ? "lock" : "unlock"), {
               title: c.private ? "Private: only on this node" : "Shared with the mesh",
               "aria-pressed": c.private ? "true" : "false",
-              "aria-label": "Private (keep " + c.title + " on this node)",
-              onclick: () => setPrivate(c, !c.private),
-            },
-            icon(c.private ? "lock" : "unlock"),
-          ),
+            }),
           confirming
-            ? h(
-                "button",
-                {
-                  type: "button",
-                  class: "icon-button confirm",
-                  "aria-label": "Confirm: delete " + c.title + " everywhere",
-                  onclick: () => deleteConversation(c.id),
-                },
-                "Delete?",
-              )
-            : h(
-                "button",
-                {
-                  type: "button",
-                  class: "icon-button",
-                  title: "Delete",
-                  "aria-label": "Delete " + c.title,
-                  onclick: () => askDelete(c.id),
-                },
-                icon("trash"),
-              ),
+            ? iconButton("Confirm: delete " + c.title + " everywhere", () => deleteConversation(c.id), "Delete?",
+                { class: "icon-button confirm" })
+            : iconButton("Delete " + c.title, () => askDelete(c.id), icon("trash"), { title: "Delete" }),
         ),
       );
     }
