@@ -1478,46 +1478,115 @@ class Store:
 MAX_DATAGRAM = 65507
 
 
-def make_announcement(kind, hello):
-    """The datagram a node broadcasts: ``kind`` is ONLINE or OFFLINE, ``hello`` its HELO payload."""
-    datagram = dict(hello)
-    datagram.update({"message_type": kind, "timestamp": utc_now()})
-    return json.dumps(datagram, separators=(",", ":")).encode("utf-8")
+class Discovery:
+    """Tells the room this node exists, and hears who else does, over UDP broadcast.
 
+    It has no thread of its own: the mesh registers ``sock`` in its selector, calls
+    ``receive()`` when it is readable and ``announce(kind, hello)`` when ``due(now)`` says.
+    Methods for the caller: ``open()``, ``due(now)``, ``announce(kind, hello)``,
+    ``receive()`` (the ``(ip, message)`` announcements heard from other nodes) and
+    ``close()``; ``make_announcement`` and ``parse_announcement`` are the datagram format.
+    """
 
-def parse_announcement(data):
-    """A received datagram as a dict, or None when it is not a NeuroMesh announcement."""
-    try:
-        message = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return None
-    if not isinstance(message, dict) or message.get("message_type") not in ("ONLINE", "OFFLINE"):
-        return None
-    node_id, tcp_port = message.get("node_id"), message.get("tcp_port")
-    if not isinstance(node_id, str) or not 0 < len(node_id) <= 64:
-        return None
-    if not isinstance(tcp_port, int) or isinstance(tcp_port, bool) or not 0 < tcp_port <= 65535:
-        return None
-    return message
+    def __init__(self, udp_port, broadcast, node_id, interval, counters=None):
+        self.udp_port = udp_port
+        self.configured = list(broadcast)  # empty: every interface's directed broadcast
+        self.node_id = node_id
+        self.interval = interval
+        self.counters = collections.Counter() if counters is None else counters
+        self.broadcast_addresses = []
+        self.sock = None
+        self._next_announce = 0.0
 
+    @staticmethod
+    def make_announcement(kind, hello):
+        """The datagram a node broadcasts: ``kind`` is ONLINE or OFFLINE, ``hello`` its HELO payload."""
+        datagram = dict(hello)
+        datagram.update({"message_type": kind, "timestamp": utc_now()})
+        return json.dumps(datagram, separators=(",", ":")).encode("utf-8")
 
-def open_discovery_socket(udp_port):
-    """A UDP socket that several nodes on one host can share, able to send broadcasts."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if hasattr(socket, "SO_REUSEPORT"):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-        sock.bind(("", udp_port))
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-            raise PortInUseError("UDP port %d for discovery is in use by another program: pick another "
-                                 "with --udp-port (all nodes of a room must use the same one)" % udp_port)
-        raise
-    return sock
+    @staticmethod
+    def parse_announcement(data):
+        """A received datagram as a dict, or None when it is not a NeuroMesh announcement."""
+        try:
+            message = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return None
+        if not isinstance(message, dict) or message.get("message_type") not in ("ONLINE", "OFFLINE"):
+            return None
+        node_id, tcp_port = message.get("node_id"), message.get("tcp_port")
+        if not isinstance(node_id, str) or not 0 < len(node_id) <= 64:
+            return None
+        if not isinstance(tcp_port, int) or isinstance(tcp_port, bool) or not 0 < tcp_port <= 65535:
+            return None
+        return message
+
+    def open(self):
+        """Bind the UDP socket, which several nodes on one host can share; returns it."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if hasattr(socket, "SO_REUSEPORT"):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+            sock.bind(("", self.udp_port))
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise PortInUseError("UDP port %d for discovery is in use by another program: pick another "
+                                     "with --udp-port (all nodes of a room must use the same one)"
+                                     % self.udp_port)
+            raise
+        self.sock = sock
+        self.broadcast_addresses = self.configured or default_broadcast_addresses()
+        if not self.broadcast_addresses:
+            log.warning("no network interface with a broadcast address: discovery will find "
+                        "nobody; connect with --peer HOST:PORT")
+        return sock
+
+    def due(self, now):
+        """True when an announcement is due, and then not again for an announce interval."""
+        if self.sock is None or now < self._next_announce:
+            return False
+        self._next_announce = now + self.interval
+        return True
+
+    def announce(self, kind, hello):
+        if self.sock is None:
+            return
+        datagram = self.make_announcement(kind, hello)
+        for address in self.broadcast_addresses:
+            try:
+                self.sock.sendto(datagram, (address, self.udp_port))
+                self.counters["announcements_sent"] += 1
+            except OSError as exc:
+                self.counters["announce_errors"] += 1
+                log.debug("cannot announce to %s: %s", address, exc)
+
+    def receive(self):
+        """The ``(ip, message)`` announcements of other nodes waiting on the socket."""
+        heard = []
+        for _ in range(64):
+            try:
+                data, (ip, _port) = self.sock.recvfrom(MAX_DATAGRAM)[:2]
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                log.debug("discovery socket error: %s", exc)
+                break
+            message = self.parse_announcement(data)
+            if message is None:
+                self.counters["garbage_datagrams"] += 1
+                continue
+            if message["node_id"] == self.node_id:
+                continue
+            self.counters["announcements_heard"] += 1
+            heard.append((ip, message))
+        return heard
+
+    def close(self):
+        close_quietly(self.sock)
 
 
 ###############################################################################
@@ -1592,51 +1661,383 @@ class Peer:
             "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
         }
 
+    def update(self, info):
+        """Take what a HELO, an announcement or an LLMC: frame says, checked and capped."""
+        if isinstance(info.get("name"), str):
+            self.name = info["name"][:100]
+        for key, kind in (("http_port", int), ("version", str), ("protocol_version", int), ("has_llm", bool)):
+            if isinstance(info.get(key), kind):
+                setattr(self, key, info[key])
+        if isinstance(info.get("models"), list):
+            self.models = [str(model)[:200] for model in info["models"][:200]]
+        if isinstance(info.get("load"), dict):
+            self.load = {str(k)[:50]: v for k, v in list(info["load"].items())[:20]
+                         if isinstance(v, (int, float, str, bool))}
+        self.last_seen = time.time()
+
+
+def keep_existing_link(own_id, peer_id, existing, new):
+    """Of two links between this node and ``peer_id``, whether to keep ``existing`` rather than
+    ``new``: both ends keep the link dialed by the smaller node id; on a tie, the newer one."""
+    def dialer(link):
+        return own_id if link.outbound else peer_id
+
+    if dialer(existing) != dialer(new):
+        return dialer(existing) == min(own_id, peer_id)
+    return False
+
+
+class DialPlan:
+    """Which addresses to dial and when: the capped table of dial targets and their backoff.
+
+    It opens no socket. Methods for the caller: ``add_static(host, port)`` for --peer,
+    ``target(host, port, node_id)`` to record or refresh an address, ``due(now, busy,
+    linked)`` for the targets to dial now, ``failed(target, reason)`` to back off,
+    ``drop(target)`` and ``forget(node_id)`` for peers that left.
+    """
+
+    max_backoff = 30.0
+    max_targets = 1024  # addresses worth dialing, from discovery, peer exchange and --peer
+
+    def __init__(self, node_id, peer_timeout):
+        self.node_id = node_id
+        self.peer_timeout = peer_timeout
+        self.targets = {}
+
+    def __len__(self):
+        return len(self.targets)
+
+    def add_static(self, host, port):
+        self.targets[(host, port)] = DialTarget(host, port, static=True)
+
+    def target(self, host, port, node_id=None):
+        """The dial target for ``host:port``, made or refreshed for another peer_timeout."""
+        key = (host, port)
+        target = self.targets.get(key)
+        if target is None:
+            if len(self.targets) >= self.max_targets:  # a peer's exchange list must not run us in circles
+                return DialTarget(host, port, node_id=node_id, expires=0.0)
+            target = self.targets[key] = DialTarget(host, port)
+        if node_id:
+            target.node_id = node_id
+        if not target.static:
+            target.expires = time.monotonic() + self.peer_timeout
+        return target
+
+    def due(self, now, busy, linked):
+        """The targets to dial now: not this node, not expired (those are dropped), not
+        ``busy`` (a link is dialed for them already), not a node in ``linked``, not backing off."""
+        ready = []
+        for key, target in list(self.targets.items()):
+            if target.node_id == self.node_id:
+                continue
+            if target.expires is not None and now > target.expires:
+                del self.targets[key]
+                continue
+            if target in busy or target.node_id in linked or now < target.next_dial:
+                continue
+            ready.append(target)
+        return ready
+
+    def failed(self, target, reason):
+        target.failures += 1
+        delay = min(self.max_backoff, 0.25 * (2 ** min(target.failures, 8)))
+        target.next_dial = time.monotonic() + delay
+        log.debug("cannot reach %s:%d (%s); next try in %.1f s", target.host, target.port, reason, delay)
+
+    def drop(self, target):
+        """Forget the address of ``target`` unless it came from --peer."""
+        if not target.static:
+            self.targets.pop((target.host, target.port), None)
+
+    def forget(self, node_id):
+        for key, target in list(self.targets.items()):
+            if target.node_id == node_id and not target.static:
+                del self.targets[key]
+
+
+class LinkIO:
+    """Moves the mesh's bytes: one selector over the TCP listener, the peer links, the
+    discovery socket and a wake-up pair; it accepts, dials, buffers, reads and writes.
+
+    It knows no peers and runs on the mesh thread (but for ``wake()`` and ``call_soon()``,
+    which queues a function for ``run_calls()`` there). It tells its
+    ``owner`` (the Mesh): ``owner.hello_frame()`` is sent first on every new link,
+    ``owner.link_frame(link, marker, payload)`` gets each frame received (a ProtocolError
+    closes the link) and ``owner.link_closed(link, reason)`` is told after a link's socket
+    is closed. Methods for the owner: ``listen(host, port)``, ``watch(sock, handler)``,
+    ``dial(target)``, ``queue(link, frame)``, ``close(link, reason)``, ``select(timeout)``,
+    ``dispatch(events)``, ``close_links(goodbye)`` and ``close_sockets()``.
+    """
+
+    max_outgoing = 256 * MiB
+
+    def __init__(self, owner, max_frame, counters):
+        self.owner = owner
+        self.max_frame = max_frame
+        self.counters = counters
+        self.links = set()
+        self._selector = selectors.DefaultSelector()
+        self._listener = None
+        self._calls = queue.SimpleQueue()
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._selector.register(self._wake_reader, selectors.EVENT_READ, self._drain_wake)
+
+    def listen(self, host, port):
+        """Bind the TCP listener for peer links; returns its port. Errors name the flag to change."""
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            if os.name != "nt":  # on Windows SO_REUSEADDR would let two nodes share a port
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind((host, port))
+            listener.listen(64)
+            listener.setblocking(False)
+        except OSError as exc:
+            listener.close()
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise PortInUseError("TCP port %d for peer links is already in use (another NeuroMesh "
+                                     "on this machine?): pick another with --tcp-port" % port)
+            raise NeuroMeshError("cannot listen on %s:%d: %s (check --host)" % (host, port, exc.strerror))
+        self._listener = listener
+        self.watch(listener, self._accept)
+        return listener.getsockname()[1]
+
+    def watch(self, sock, handler):
+        """Call ``handler()`` whenever ``sock`` is readable."""
+        self._selector.register(sock, selectors.EVENT_READ, handler)
+
+    def wake(self):
+        """End the current ``select`` early (any thread)."""
+        try:
+            self._wake_writer.send(b"\0")
+        except OSError:  # buffer full: the loop is awake already; closed: it has stopped
+            pass
+
+    def call_soon(self, function, *args):
+        """Queue ``function(*args)`` for ``run_calls()`` on the mesh thread (any thread)."""
+        self._calls.put((function, args))
+        self.wake()
+
+    def run_calls(self):
+        while True:
+            try:
+                function, args = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            function(*args)
+
+    def select(self, timeout):
+        return self._selector.select(timeout)
+
+    def dispatch(self, events):
+        for key, mask in events:
+            if not isinstance(key.data, Link):
+                key.data()
+                continue
+            link = key.data
+            if mask & selectors.EVENT_WRITE:
+                self._writable(link)
+            if mask & selectors.EVENT_READ and not link.closed:
+                self._readable(link)
+
+    def _drain_wake(self):
+        try:
+            while self._wake_reader.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def dial(self, target):
+        """Start connecting to ``target``: the new outbound Link; OSError or ValueError when the
+        address is bad, has no route or refuses at once."""
+        sock = None
+        try:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            code = sock.connect_ex((target.host, target.port))
+            if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, getattr(errno, "WSAEWOULDBLOCK", -1)):
+                raise OSError(code, os.strerror(code))
+        except (OSError, ValueError):
+            close_quietly(sock)
+            raise
+        link = Link(sock, (target.host, target.port), True, self.max_frame, target)
+        self.links.add(link)
+        self._selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, link)
+        self.counters["dials"] += 1
+        return link
+
+    def _accept(self):
+        for _ in range(16):
+            try:
+                sock, address = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. out of file descriptors: log, keep serving
+                log.warning("cannot accept a peer link: %s", exc)
+                return
+            sock.setblocking(False)
+            link = Link(sock, address[:2], False, self.max_frame)
+            self.links.add(link)
+            self._selector.register(sock, selectors.EVENT_READ, link)
+            self.queue(link, self.owner.hello_frame())
+            self.counters["accepted"] += 1
+
+    def queue(self, link, frame):
+        if link.closed:
+            return
+        if len(link.outgoing) + len(frame) > self.max_outgoing:
+            self.close(link, "peer does not read what it is sent")
+            return
+        link.outgoing += frame
+        if not link.connecting:
+            self._selector.modify(link.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, link)
+
+    def _writable(self, link):
+        if link.connecting:
+            code = link.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if code:
+                self.close(link, os.strerror(code))
+                return
+            link.connecting = False
+            link.outgoing[:0] = self.owner.hello_frame()
+        if link.outgoing:
+            try:
+                sent = link.sock.send(link.outgoing)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.close(link, "send failed: %s" % exc)
+                return
+            del link.outgoing[:sent]
+        if not link.outgoing:
+            self._selector.modify(link.sock, selectors.EVENT_READ, link)
+
+    def _readable(self, link):
+        if link.connecting:
+            return
+        try:
+            data = link.sock.recv(256 * 1024)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self.close(link, "receive failed: %s" % exc)
+            return
+        if not data:
+            self.close(link, "connection closed by peer")
+            return
+        link.last_received = time.monotonic()
+        try:
+            frames = link.decoder.feed(data)
+            for marker, payload in frames:
+                if link.closed:
+                    return
+                self.counters["frames_in"] += 1
+                self.owner.link_frame(link, marker, payload)
+        except ProtocolError as exc:
+            self.counters["protocol_errors"] += 1
+            log.warning("closing link to %s:%s: %s", link.address[0], link.address[1], exc)
+            self.close(link, str(exc))
+
+    def close(self, link, reason):
+        if link.closed:
+            return
+        link.closed = True
+        self.links.discard(link)
+        try:
+            self._selector.unregister(link.sock)
+        except (KeyError, ValueError):
+            pass
+        close_quietly(link.sock)
+        self.owner.link_closed(link, reason)
+
+    def close_links(self, goodbye):
+        """Send ``goodbye`` on every handshaken link, flush for up to a second, close them all."""
+        for link in list(self.links):
+            if link.peer_id is not None and not link.connecting:
+                link.outgoing += goodbye
+        deadline = time.monotonic() + 1.0
+        for link in list(self.links):  # best effort flush, bounded in time
+            link.sock.setblocking(True)
+            link.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                if link.outgoing and not link.connecting:
+                    link.sock.sendall(link.outgoing)
+            except OSError:
+                pass
+            self.close(link, "this node is stopping")
+
+    def close_sockets(self):
+        """Close the listener, the wake-up pair and the selector (after ``close_links``)."""
+        for sock in (self._listener, self._wake_reader, self._wake_writer):
+            close_quietly(sock)
+        self._selector.close()
+
+
+class MeshListener:
+    """What a Mesh tells the rest of its node; this default hears it all and does nothing.
+
+    The mesh calls these on its own thread, so they must return quickly: ``hello_extra()``
+    returns fields to add to this node's HELO and announcements; ``peer_up(peer)``,
+    ``peer_down(peer, reason)``, ``peer_changed(peer)`` (its LLM capability changed),
+    ``peer_measured(peer)`` (a new link's first round trip is known), and
+    ``frame(marker, peer, payload)`` for each frame the mesh does not handle itself (a
+    ProtocolError raised there closes the link).
+    """
+
+    def hello_extra(self):
+        return {}
+
+    def peer_up(self, peer):
+        pass
+
+    def peer_down(self, peer, reason):
+        pass
+
+    def peer_changed(self, peer):
+        pass
+
+    def peer_measured(self, peer):
+        pass
+
+    def frame(self, marker, peer, payload):
+        log.debug("no handler for %s frames", marker.decode("ascii"))
+
 
 class Mesh:
-    """Finds peers and keeps one framed TCP link to each, on one thread with one selector.
+    """Keeps one framed TCP link to each peer, on one thread with one selector: the handshake,
+    heartbeats and peer exchange (Discovery, DialPlan and LinkIO do the rest).
 
     Methods for the caller (any thread): ``start()``, ``serve_forever()`` (on its own
     thread), ``shutdown()``, ``send(peer_id, marker, payload)``, ``broadcast(marker,
-    payload)``, ``peers()``, ``stats()``. Hooks, called on the mesh thread and expected to
-    return quickly: ``on_peer_up(peer)``, ``on_peer_down(peer, reason)`` and
-    ``frame_handlers[marker](peer, payload)`` for the markers the mesh does not handle itself.
+    payload)``, ``announce_now()``, ``peers()``, ``linked_peers()``, ``stats()``. What
+    happens is told to ``listener`` (see MeshListener) on the mesh thread. LinkIO calls
+    ``hello_frame()``, ``link_frame(link, marker, payload)`` and ``link_closed(link, reason)``.
     """
 
     poll_interval = 0.5
     connect_timeout = 5.0
     handshake_timeout = 10.0
-    max_backoff = 30.0
-    max_outgoing = 256 * MiB
     forget_after = 600.0  # seconds a down peer stays listed
-    max_targets = 1024  # addresses worth dialing, from discovery, peer exchange and --peer
 
-    def __init__(self, config, node_id, hello_extra=None):
+    def __init__(self, config, node_id, listener=None):
         self.config = config
         self.node_id = node_id
         self.name = config.name
-        self.hello_extra = hello_extra or (lambda: {})
-        self.on_peer_up = lambda peer: None
-        self.on_peer_down = lambda peer, reason: None
-        self.on_peer_changed = lambda peer: None
-        self.on_peer_measured = lambda peer: None  # the first round trip of a new link is known
-        self.frame_handlers = {}
+        self.listener = MeshListener() if listener is None else listener
         self.lock = threading.RLock()  # guards the peer table; held by the loop while it works
         self.peer_table = {}
-        self.targets = {}
-        self.links = set()
         self.counters = collections.Counter()
         self.tcp_port = None
-        self.broadcast_addresses = []
-        self._selector = selectors.DefaultSelector()
-        self._listener = None
-        self._udp = None
-        self._wake_reader, self._wake_writer = socket.socketpair()
-        self._calls = queue.SimpleQueue()
+        self.io = LinkIO(self, config.max_message_size, self.counters)
+        self.dials = DialPlan(node_id, config.peer_timeout)
+        self.discovery = None
+        if not config.no_discovery:
+            self.discovery = Discovery(config.udp_port, config.broadcast, node_id,
+                                       config.announce_interval, self.counters)
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()
-        self._next_announce = 0.0
         self._next_heartbeat = 0.0
         self.heartbeat_interval = max(0.05, config.peer_timeout / 3.0)
 
@@ -1644,54 +2045,27 @@ class Mesh:
 
     def start(self):
         """Bind the TCP listener and the discovery socket; errors here name the flag to change."""
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            if os.name != "nt":  # on Windows SO_REUSEADDR would let two nodes share a port
-                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((self.config.host, self.config.tcp_port))
-            listener.listen(64)
-            listener.setblocking(False)
-        except OSError as exc:
-            listener.close()
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                raise PortInUseError("TCP port %d for peer links is already in use (another NeuroMesh "
-                                     "on this machine?): pick another with --tcp-port"
-                                     % self.config.tcp_port)
-            raise NeuroMeshError("cannot listen on %s:%d: %s (check --host)"
-                                 % (self.config.host, self.config.tcp_port, exc.strerror))
-        self._listener = listener
-        self.tcp_port = listener.getsockname()[1]
-        if not self.config.no_discovery:
+        self.tcp_port = self.io.listen(self.config.host, self.config.tcp_port)
+        if self.discovery is not None:
             try:
-                self._udp = open_discovery_socket(self.config.udp_port)
+                self.io.watch(self.discovery.open(), self._receive_announcements)
             except Exception:
-                close_quietly(self._listener)
+                self.io.close_sockets()
                 raise
-            self.broadcast_addresses = list(self.config.broadcast) or default_broadcast_addresses()
-            if not self.broadcast_addresses:
-                log.warning("no network interface with a broadcast address: discovery will find "
-                            "nobody; connect with --peer HOST:PORT")
-        self._selector.register(self._listener, selectors.EVENT_READ, "accept")
-        self._selector.register(self._wake_reader, selectors.EVENT_READ, "wake")
-        self._wake_reader.setblocking(False)
-        if self._udp is not None:
-            self._selector.register(self._udp, selectors.EVENT_READ, "udp")
         for host, port in self.config.static_peers:
-            self.targets[(host, port)] = DialTarget(host, port, static=True)
+            self.dials.add_static(host, port)
         self._stopped.clear()
 
     def serve_forever(self):
         """Run the loop until ``shutdown()``; never raises for what a peer sends."""
         try:
-            self._announce("ONLINE")
-            self._next_announce = time.monotonic() + self.config.announce_interval
+            self._announce_if_due(time.monotonic())
             while not self._stopping.is_set():
                 try:
-                    events = self._selector.select(self.poll_interval)
+                    events = self.io.select(self.poll_interval)
                     with self.lock:
-                        for key, mask in events:
-                            self._dispatch(key, mask)
-                        self._run_calls()
+                        self.io.dispatch(events)
+                        self.io.run_calls()
                         self._run_timers()
                 except Exception:  # a bug must not kill the mesh: log it and go on
                     log.exception("error in the mesh loop")
@@ -1704,15 +2078,14 @@ class Mesh:
     def shutdown(self, timeout=5.0):
         """Say goodbye to every peer, stop the loop and wait for it (call from another thread)."""
         self._stopping.set()
-        self._wake()
+        self.io.wake()
         self._stopped.wait(timeout)
 
     # -- thread-safe requests ------------------------------------------------
 
     def call_soon(self, function, *args):
         """Run ``function(*args)`` on the mesh thread."""
-        self._calls.put((function, args))
-        self._wake()
+        self.io.call_soon(function, *args)
 
     def send(self, peer_id, marker, payload):
         """Queue a frame to one linked peer; quietly dropped if it is not linked."""
@@ -1739,69 +2112,49 @@ class Mesh:
 
     def stats(self):
         with self.lock:
-            return dict(self.counters, links=len(self.links), dial_targets=len(self.targets),
+            return dict(self.counters, links=len(self.io.links), dial_targets=len(self.dials),
                         connected_peers=sum(1 for p in self.peer_table.values() if p.connected))
+
+    @property
+    def broadcast_addresses(self):
+        """Where announcements go (none without discovery)."""
+        return [] if self.discovery is None else self.discovery.broadcast_addresses
 
     # -- the loop ------------------------------------------------------------
 
-    def _wake(self):
-        try:
-            self._wake_writer.send(b"\0")
-        except OSError:  # buffer full: the loop is awake already; closed: it has stopped
-            pass
-
-    def _run_calls(self):
-        while True:
-            try:
-                function, args = self._calls.get_nowait()
-            except queue.Empty:
-                return
-            function(*args)
-
-    def _dispatch(self, key, mask):
-        if key.data == "wake":
-            try:
-                while self._wake_reader.recv(4096):
-                    pass
-            except (BlockingIOError, InterruptedError):
-                pass
-        elif key.data == "accept":
-            self._accept()
-        elif key.data == "udp":
-            self._receive_datagrams()
-        else:
-            link = key.data
-            if mask & selectors.EVENT_WRITE:
-                self._writable(link)
-            if mask & selectors.EVENT_READ and not link.closed:
-                self._readable(link)
-
     def _run_timers(self):
         now = time.monotonic()
-        if self._udp is not None and now >= self._next_announce:
-            self._announce("ONLINE")
-            self._next_announce = now + self.config.announce_interval
+        self._announce_if_due(now)
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.heartbeat_interval
             self._heartbeat(now)
         self._dial_due(now)
 
     def _heartbeat(self, now):
-        for link in list(self.links):
+        for link in list(self.io.links):
             if link.connecting:
                 if now - link.opened > self.connect_timeout:
-                    self._close_link(link, "connect timed out")
+                    self.io.close(link, "connect timed out")
             elif link.peer_id is None:
                 if now - link.opened > self.handshake_timeout:
-                    self._close_link(link, "no handshake")
+                    self.io.close(link, "no handshake")
             elif now - link.last_received > self.config.peer_timeout:
-                self._close_link(link, "silent for %.1f s (--peer-timeout)" % (now - link.last_received))
+                self.io.close(link, "silent for %.1f s (--peer-timeout)" % (now - link.last_received))
             else:
-                self._queue(link, encode_frame(PING, {"t": now}))
+                self.io.queue(link, encode_frame(PING, {"t": now}))
         forget_before = time.time() - max(self.forget_after, 5 * self.config.peer_timeout)
         for node_id, peer in list(self.peer_table.items()):
             if not peer.connected and peer.last_seen < forget_before:
                 del self.peer_table[node_id]
+
+    def _dial_due(self, now):
+        busy = {link.target for link in self.io.links if link.target is not None}
+        linked = {node_id for node_id, peer in self.peer_table.items() if peer.connected}
+        for target in self.dials.due(now, busy, linked):
+            try:
+                self.io.dial(target)
+            except (OSError, ValueError) as exc:  # bad address, no route, refused at once
+                self.dials.failed(target, exc)
 
     # -- discovery -----------------------------------------------------------
 
@@ -1811,45 +2164,29 @@ class Mesh:
             "protocol_version": PROTOCOL_VERSION, "tcp_port": self.tcp_port, "http_port": 0,
             "has_llm": False, "models": [],
         }
-        payload.update(self.hello_extra())
+        payload.update(self.listener.hello_extra())
         return payload
 
-    def _announce(self, kind):
-        if self._udp is None:
-            return
-        datagram = make_announcement(kind, self.hello_payload())
-        for address in self.broadcast_addresses:
-            try:
-                self._udp.sendto(datagram, (address, self.config.udp_port))
-                self.counters["announcements_sent"] += 1
-            except OSError as exc:
-                self.counters["announce_errors"] += 1
-                log.debug("cannot announce to %s: %s", address, exc)
+    def hello_frame(self):
+        return encode_frame(HELLO, self.hello_payload())
 
-    def _receive_datagrams(self):
-        for _ in range(64):
-            try:
-                data, (ip, _port) = self._udp.recvfrom(MAX_DATAGRAM)[:2]
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.debug("discovery socket error: %s", exc)
-                return
-            message = parse_announcement(data)
-            if message is None:
-                self.counters["garbage_datagrams"] += 1
-                continue
-            if message["node_id"] == self.node_id:
-                continue
-            self.counters["announcements_heard"] += 1
+    def _announce(self, kind):
+        if self.discovery is not None:
+            self.discovery.announce(kind, self.hello_payload())
+
+    def _announce_if_due(self, now):
+        if self.discovery is not None and self.discovery.due(now):
+            self._announce("ONLINE")
+
+    def _receive_announcements(self):
+        for ip, message in self.discovery.receive():
             self._heard_announcement(ip, message)
 
     def _heard_announcement(self, ip, message):
         node_id = message["node_id"]
-        target = self._target(ip, message["tcp_port"], node_id)
+        target = self.dials.target(ip, message["tcp_port"], node_id)
         if message["message_type"] == "OFFLINE":
-            if not target.static:
-                self.targets.pop((target.host, target.port), None)
+            self.dials.drop(target)
             return
         peer = self.peer_table.get(node_id)
         if peer is None:
@@ -1857,147 +2194,15 @@ class Mesh:
             log.info("heard %s at %s", safe_text(message.get("name")), ip)
         if not peer.connected:
             peer.address, peer.tcp_port = ip, message["tcp_port"]
-        self._update_peer(peer, message)
+        peer.update(message)
         if not peer.connected:
             target.failures, target.next_dial = 0, 0.0  # a node that speaks is worth dialing now
             self._dial_due(time.monotonic())
 
-    def _target(self, host, port, node_id=None):
-        """The dial target for ``host:port``, made or refreshed for another peer_timeout."""
-        key = (host, port)
-        target = self.targets.get(key)
-        if target is None:
-            if len(self.targets) >= self.max_targets:  # a peer's exchange list must not run us in circles
-                return DialTarget(host, port, node_id=node_id, expires=0.0)
-            target = self.targets[key] = DialTarget(host, port)
-        if node_id:
-            target.node_id = node_id
-        if not target.static:
-            target.expires = time.monotonic() + self.config.peer_timeout
-        return target
-
-    # -- dialing and accepting -----------------------------------------------
-
-    def _dial_due(self, now):
-        busy = {link.target for link in self.links if link.target is not None}
-        linked = {node_id for node_id, peer in self.peer_table.items() if peer.connected}
-        for key, target in list(self.targets.items()):
-            if target.node_id == self.node_id:
-                continue
-            if target.expires is not None and now > target.expires:
-                del self.targets[key]
-                continue
-            if target in busy or target.node_id in linked or now < target.next_dial:
-                continue
-            self._dial(target, now)
-
-    def _dial(self, target, now):
-        sock = None
-        try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            code = sock.connect_ex((target.host, target.port))
-            if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, getattr(errno, "WSAEWOULDBLOCK", -1)):
-                raise OSError(code, os.strerror(code))
-        except (OSError, ValueError) as exc:  # bad address, no route, refused at once
-            close_quietly(sock)
-            self._dial_failed(target, exc)
-            return
-        link = Link(sock, (target.host, target.port), True, self.config.max_message_size, target)
-        self.links.add(link)
-        self._selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, link)
-        self.counters["dials"] += 1
-
-    def _dial_failed(self, target, reason):
-        target.failures += 1
-        delay = min(self.max_backoff, 0.25 * (2 ** min(target.failures, 8)))
-        target.next_dial = time.monotonic() + delay
-        log.debug("cannot reach %s:%d (%s); next try in %.1f s", target.host, target.port, reason, delay)
-
-    def _accept(self):
-        for _ in range(16):
-            try:
-                sock, address = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # e.g. out of file descriptors: log, keep serving
-                log.warning("cannot accept a peer link: %s", exc)
-                return
-            sock.setblocking(False)
-            link = Link(sock, address[:2], False, self.config.max_message_size)
-            self.links.add(link)
-            self._selector.register(sock, selectors.EVENT_READ, link)
-            self._queue(link, encode_frame(HELLO, self.hello_payload()))
-            self.counters["accepted"] += 1
-
-    # -- reading and writing -------------------------------------------------
-
-    def _queue(self, link, frame):
-        if link.closed:
-            return
-        if len(link.outgoing) + len(frame) > self.max_outgoing:
-            self._close_link(link, "peer does not read what it is sent")
-            return
-        link.outgoing += frame
-        if not link.connecting:
-            self._selector.modify(link.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, link)
-
-    def _writable(self, link):
-        if link.connecting:
-            code = link.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if code:
-                self._close_link(link, os.strerror(code))
-                return
-            link.connecting = False
-            link.outgoing[:0] = encode_frame(HELLO, self.hello_payload())
-        if link.outgoing:
-            try:
-                sent = link.sock.send(link.outgoing)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self._close_link(link, "send failed: %s" % exc)
-                return
-            del link.outgoing[:sent]
-        if not link.outgoing:
-            self._selector.modify(link.sock, selectors.EVENT_READ, link)
-
-    def _readable(self, link):
-        if link.connecting:
-            return
-        try:
-            data = link.sock.recv(256 * 1024)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._close_link(link, "receive failed: %s" % exc)
-            return
-        if not data:
-            self._close_link(link, "connection closed by peer")
-            return
-        link.last_received = time.monotonic()
-        try:
-            frames = link.decoder.feed(data)
-        except ProtocolError as exc:
-            self.counters["protocol_errors"] += 1
-            log.warning("closing link to %s:%s: %s", link.address[0], link.address[1], exc)
-            self._close_link(link, str(exc))
-            return
-        for marker, payload in frames:
-            if link.closed:
-                return
-            self.counters["frames_in"] += 1
-            try:
-                self._handle_frame(link, marker, payload)
-            except ProtocolError as exc:
-                self.counters["protocol_errors"] += 1
-                log.warning("closing link to %s:%s: %s", link.address[0], link.address[1], exc)
-                self._close_link(link, str(exc))
-                return
-
     # -- frames ----------------------------------------------------------------
 
-    def _handle_frame(self, link, marker, payload):
+    def link_frame(self, link, marker, payload):
+        """Handle one frame from ``link``; a ProtocolError closes the link."""
         if marker == HELLO:
             self._handle_hello(link, payload)
             return
@@ -2010,35 +2215,34 @@ class Mesh:
         # idempotent): during a dial race the far end may briefly send on the other link.
         peer.last_seen = time.time()
         if marker == PING:
-            self._queue(link, encode_frame(PONG, {"t": payload.get("t")}))
+            self.io.queue(link, encode_frame(PONG, {"t": payload.get("t")}))
         elif marker == PONG:
             sent = payload.get("t")
             if isinstance(sent, (int, float)) and not isinstance(sent, bool):
                 first = peer.rtt_ms is None
                 peer.rtt_ms = max(0.0, (time.monotonic() - sent) * 1000.0)
                 if first:
-                    self.on_peer_measured(peer)
+                    self.listener.peer_measured(peer)
         elif marker == PEERS:
             self._handle_peer_exchange(payload)
         elif marker == GOODBYE:
-            if link.target is not None and not link.target.static:
-                self.targets.pop((link.target.host, link.target.port), None)
-            self._forget_targets_of(peer.node_id)
-            self._close_link(link, "peer said goodbye")
+            if link.target is not None:
+                self.dials.drop(link.target)
+            self.dials.forget(peer.node_id)
+            self.io.close(link, "peer said goodbye")
         elif marker == LLM_CAPS:
-            self._update_peer(peer, payload)
-            self.on_peer_changed(peer)
+            peer.update(payload)
+            self.listener.peer_changed(peer)
         else:
-            handler = self.frame_handlers.get(marker)
-            if handler is None:
-                log.debug("no handler for %s frames", marker.decode("ascii"))
-                return
-            try:
-                handler(peer, payload)
-            except ProtocolError:
-                raise
-            except Exception:
-                log.exception("error handling a %s frame from %s", marker.decode("ascii"), peer.name)
+            self._pass_on(marker, peer, payload)
+
+    def _pass_on(self, marker, peer, payload):
+        try:
+            self.listener.frame(marker, peer, payload)
+        except ProtocolError:
+            raise
+        except Exception:
+            log.exception("error handling a %s frame from %s", marker.decode("ascii"), peer.name)
 
     def _handle_hello(self, link, payload):
         if link.peer_id is not None:
@@ -2051,7 +2255,7 @@ class Mesh:
         if link.target is not None:
             link.target.node_id = node_id
         if node_id == self.node_id:
-            self._close_link(link, "that is this node itself")
+            self.io.close(link, "that is this node itself")
             return
         link.peer_id, link.hello = node_id, payload
         peer = self.peer_table.get(node_id)
@@ -2059,48 +2263,24 @@ class Mesh:
             peer = self.peer_table[node_id] = Peer(node_id)
         current = peer.link
         if current is not None and current is not link:
-            if self._keep_existing(current, link, node_id):
-                self._close_link(link, "duplicate link")
+            if keep_existing_link(self.node_id, node_id, current, link):
+                self.io.close(link, "duplicate link")
                 return
             current.peer_id = None  # retire it quietly: the peer is not down
-            self._close_link(current, "replaced by a newer link")
+            self.io.close(current, "replaced by a newer link")
         peer.link = link
         peer.address = link.address[0]
         peer.tcp_port = tcp_port or peer.tcp_port
         if link.target is not None:
             link.target.failures = 0
         else:
-            self._target(peer.address, peer.tcp_port, node_id)
-        self._update_peer(peer, payload)
-        peer.last_seen = time.time()
-        self._queue(link, encode_frame(PING, {"t": time.monotonic()}))
+            self.dials.target(peer.address, peer.tcp_port, node_id)
+        peer.update(payload)
+        self.io.queue(link, encode_frame(PING, {"t": time.monotonic()}))
         if current is None:
             log.info("linked to %s (%s:%d)", safe_text(peer.name), peer.address, peer.tcp_port)
             self._send_peer_exchange()
-        self.on_peer_up(peer)
-
-    def _keep_existing(self, existing, new, node_id):
-        """Both ends keep the link dialed by the smaller node id; on a tie, the newer one."""
-        def dialer(link):
-            return self.node_id if link.outbound else node_id
-
-        preferred = min(self.node_id, node_id)
-        if dialer(existing) != dialer(new):
-            return dialer(existing) == preferred
-        return False
-
-    def _update_peer(self, peer, info):
-        if isinstance(info.get("name"), str):
-            peer.name = info["name"][:100]
-        for key, kind in (("http_port", int), ("version", str), ("protocol_version", int), ("has_llm", bool)):
-            if isinstance(info.get(key), kind):
-                setattr(peer, key, info[key])
-        if isinstance(info.get("models"), list):
-            peer.models = [str(model)[:200] for model in info["models"][:200]]
-        if isinstance(info.get("load"), dict):
-            peer.load = {str(k)[:50]: v for k, v in list(info["load"].items())[:20]
-                         if isinstance(v, (int, float, str, bool))}
-        peer.last_seen = time.time()
+        self.listener.peer_up(peer)
 
     def _send_peer_exchange(self):
         """Tell every linked peer about the others, so one seed joins a whole mesh."""
@@ -2108,7 +2288,7 @@ class Mesh:
         for peer in linked:
             others = [{"node_id": other.node_id, "name": other.name, "address": other.address,
                        "tcp_port": other.tcp_port} for other in linked if other is not peer]
-            self._queue(peer.link, encode_frame(PEERS, {"peers": others}))
+            self.io.queue(peer.link, encode_frame(PEERS, {"peers": others}))
 
     def _handle_peer_exchange(self, payload):
         entries = payload.get("peers")
@@ -2126,40 +2306,25 @@ class Mesh:
             peer = self.peer_table.get(node_id)
             if peer is not None and peer.connected:
                 continue
-            self._target(address, port, node_id)
+            self.dials.target(address, port, node_id)
         self._dial_due(now)
 
-    def _forget_targets_of(self, node_id):
-        for key, target in list(self.targets.items()):
-            if target.node_id == node_id and not target.static:
-                del self.targets[key]
-
-    # -- sending helpers -------------------------------------------------------
+    # -- sending and closing ---------------------------------------------------
 
     def _send_to_peer(self, peer_id, frame):
         peer = self.peer_table.get(peer_id)
         if peer is not None and peer.link is not None:
-            self._queue(peer.link, frame)
+            self.io.queue(peer.link, frame)
 
     def _send_to_all(self, frame, exclude):
         for peer in list(self.peer_table.values()):
             if peer.link is not None and peer.node_id != exclude:
-                self._queue(peer.link, frame)
+                self.io.queue(peer.link, frame)
 
-    # -- closing ---------------------------------------------------------------
-
-    def _close_link(self, link, reason):
-        if link.closed:
-            return
-        link.closed = True
-        self.links.discard(link)
-        try:
-            self._selector.unregister(link.sock)
-        except (KeyError, ValueError):
-            pass
-        close_quietly(link.sock)
+    def link_closed(self, link, reason):
+        """After LinkIO closed ``link``: back off or redial its target; its peer is down."""
         if link.target is not None and link.peer_id is None and reason != "that is this node itself":
-            self._dial_failed(link.target, reason)
+            self.dials.failed(link.target, reason)
         elif link.target is not None:
             link.target.next_dial = time.monotonic() + 0.25  # relink soon, not in a tight loop
         peer = self.peer_table.get(link.peer_id) if link.peer_id else None
@@ -2169,30 +2334,18 @@ class Mesh:
             peer.last_seen = time.time()
             log.info("lost %s: %s", safe_text(peer.name), reason)
             self.counters["peers_lost"] += 1
-            self.on_peer_down(peer, reason)
+            self.listener.peer_down(peer, reason)
 
     def _close_all(self):
         goodbye = encode_frame(GOODBYE, {"reason": "shutdown"})
         with self.lock:
-            for link in list(self.links):
-                if link.peer_id is not None and not link.connecting:
-                    link.outgoing += goodbye
-            deadline = time.monotonic() + 1.0
-            for link in list(self.links):  # best effort flush, bounded in time
-                link.sock.setblocking(True)
-                link.sock.settimeout(max(0.01, deadline - time.monotonic()))
-                try:
-                    if link.outgoing and not link.connecting:
-                        link.sock.sendall(link.outgoing)
-                except OSError:
-                    pass
-                self._close_link(link, "this node is stopping")
+            self.io.close_links(goodbye)
             try:
                 self._announce("OFFLINE")
             finally:
-                for sock in (self._listener, self._udp, self._wake_reader, self._wake_writer):
-                    close_quietly(sock)
-                self._selector.close()
+                if self.discovery is not None:
+                    self.discovery.close()
+                self.io.close_sockets()
 
 
 ###############################################################################
@@ -2251,7 +2404,7 @@ class SyncWorker:
     """Runs the store side of sync on its own thread, so the mesh loop never waits on SQLite.
 
     Methods for the caller: ``start()``, ``shutdown()``, ``push(entries)`` after a local
-    write, and ``handle_sync``/``handle_file``, the mesh's frame handlers.
+    write, ``peer_up(peer)``, and ``handle_sync``/``handle_file`` for SYNC: and FILE: frames.
     """
 
     batch_bytes = 1 * MiB
@@ -3634,8 +3787,11 @@ def build_app(node):
 ###############################################################################
 
 
-class Node:
-    """One NeuroMesh node: identity, store, mesh, sync, web server, and their start and stop."""
+class Node(MeshListener):
+    """One NeuroMesh node: identity, store, mesh, sync, web server, and their start and stop.
+
+    It is its mesh's listener: the MeshListener methods below pass what the mesh tells on.
+    """
 
     sse_keepalive = 15.0  # seconds between SSE comments; a gone client is noticed on a write
 
@@ -3652,20 +3808,16 @@ class Node:
         log.addHandler(self.recent_errors)
         self.events = EventBus()
         self.store = Store(os.path.join(config.data_dir, DATABASE_FILE), self.node_id, self.name)
-        self.mesh = Mesh(config, self.node_id, hello_extra=self._hello_extra)
-        self.mesh.on_peer_up = self._peer_up
-        self.mesh.on_peer_down = self._peer_down
+        self.mesh = Mesh(config, self.node_id, listener=self)
         self.sync = SyncWorker(self.store, self.mesh, self.events, config.sync_interval)
-        self.mesh.frame_handlers[SYNC] = self.sync.handle_sync
-        self.mesh.frame_handlers[FILE] = self.sync.handle_file
         self.store.on_local_entries = self._local_entries
         self.router = Router(config, self.node_id, self.name, self.mesh)
         self.router.http_port = lambda: self.http_port
         self.router.on_change = self._llm_changed
-        self.mesh.on_peer_changed = self.router.peer_changed
-        self.mesh.on_peer_measured = lambda peer: self.events.publish("peer_update", peer.to_dict())
-        self.mesh.frame_handlers[LLM_REQUEST] = self.router.handle_request
-        self.mesh.frame_handlers[LLM_RESPONSE] = self.router.handle_response
+        self._frame_handlers = {  # the frames the mesh passes on to frame(), by marker
+            SYNC: self.sync.handle_sync, FILE: self.sync.handle_file,
+            LLM_REQUEST: self.router.handle_request, LLM_RESPONSE: self.router.handle_response,
+        }
         self._told_capability = None  # what peers last heard of this node's LLM
         self._told_offer = None  # what pages last heard of the mesh's models
         self.http_server = None
@@ -3673,23 +3825,36 @@ class Node:
         self._threads = []
         self._stop = threading.Event()
 
-    # -- what the mesh tells peers ---------------------------------------------
+    # -- the mesh's listener (on the mesh thread) -------------------------------
 
-    def _hello_extra(self):
+    def hello_extra(self):
         extra = {"http_port": self.http_port or 0}
         extra.update(self.router.local_capability())
         return extra
 
-    def _peer_up(self, peer):
+    def peer_up(self, peer):
         self.events.publish("peer_up", peer.to_dict())
         self.sync.peer_up(peer)
         self.router.peer_changed(peer, relinked=True)
 
-    def _peer_down(self, peer, reason):
+    def peer_down(self, peer, reason):
         record = peer.to_dict()
         record["reason"] = reason
         self.router.peer_down(peer)
         self.events.publish("peer_down", record)
+
+    def peer_changed(self, peer):
+        self.router.peer_changed(peer)
+
+    def peer_measured(self, peer):
+        self.events.publish("peer_update", peer.to_dict())
+
+    def frame(self, marker, peer, payload):
+        handler = self._frame_handlers.get(marker)
+        if handler is None:
+            super().frame(marker, peer, payload)
+        else:
+            handler(peer, payload)
 
     def _llm_changed(self):
         """This node's LLM, its load, or the LLMs we may use changed: tell peers and pages,

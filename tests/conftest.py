@@ -244,3 +244,20 @@ def fully_linked(nodes):
         if not others <= node.connected_ids():
             return False
     return True
+
+
+@pytest.fixture
+def mesh_config(tmp_path):
+    """Builds an in-process node's Config from the flags a cluster node gets (loopback only, its
+    own reserved UDP port): ``mesh_config(discovery=False, settings=None, extra=())``."""
+    import neuromesh as nm
+    flags = Cluster(tmp_path)  # for its UDP port reservation and node flags; it starts no process
+
+    def build(discovery=False, settings=None, extra=()):
+        args = ["--data-dir", str(tmp_path)] + flags.node_args(discovery, settings, extra)
+        return nm.load_config(nm.build_arg_parser().parse_args(args), environ={})
+
+    try:
+        yield build
+    finally:
+        flags.close()

@@ -91,7 +91,7 @@ def test_encoding_an_unknown_marker_is_a_programming_error():
 def test_announcement_keeps_the_original_fields():
     hello = {"node_id": "n1", "name": "A", "tcp_port": 7878, "http_port": 8080, "has_llm": True,
              "version": nm.__version__, "protocol_version": nm.PROTOCOL_VERSION}
-    message = nm.parse_announcement(nm.make_announcement("ONLINE", hello))
+    message = nm.Discovery.parse_announcement(nm.Discovery.make_announcement("ONLINE", hello))
     assert message["message_type"] == "ONLINE" and message["has_llm"] is True
     assert message["timestamp"].endswith("Z")
     assert message["node_id"] == "n1" and message["tcp_port"] == 7878
@@ -105,7 +105,7 @@ def test_announcement_keeps_the_original_fields():
     b'{"message_type": "ONLINE", "node_id": "", "tcp_port": 7878}',
 ])
 def test_garbage_datagrams_are_not_announcements(datagram):
-    assert nm.parse_announcement(datagram) is None
+    assert nm.Discovery.parse_announcement(datagram) is None
 
 
 def test_directed_broadcast_of_an_interface():
