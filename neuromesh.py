@@ -690,72 +690,45 @@ def _clean_entry(raw):
             "uid": uid, "data": data}
 
 
+def _clean_imported_conversation(raw):
+    """An imported conversation (see Store.import_conversations) checked and
+    normalized, or ValueError saying what is wrong."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("messages"), list):
+        raise ValueError('imported conversation is not an object with a "messages" list')
+    messages = []
+    for message in raw["messages"]:
+        if not isinstance(message, dict):
+            raise ValueError("imported message is not an object")
+        uid = message.get("uid")
+        # Peers accept no other uid on a message that is not origin:seq.
+        if not isinstance(uid, str) or not _IMPORT_UID_RE.fullmatch(uid):
+            raise ValueError("uid of an imported message is not an import hash")
+        messages.append({"uid": uid, "timestamp": _normal_timestamp(message.get("timestamp")),
+                         "data": _clean_message_data(message.get("data"))})
+    return {"id": _ident(raw.get("id"), "conversation id"),
+            "title": _text(raw.get("title"), "title"),
+            "peer_label": _text(raw.get("peer_label"), "peer_label", optional=True),
+            "messages": messages}
+
+
 def _owner_of(origin):
     if origin.endswith(PRIVATE_SUFFIX):
         return origin[:-len(PRIVATE_SUFFIX)]
     return origin
 
 
-def _safe_name(text, limit=100):
-    """A file or directory name made from peer-controlled text."""
-    name = re.sub(r"[^A-Za-z0-9._-]", "_", text or "")
-    name = re.sub(r"\.{2,}", "_", name)
-    if name.startswith("."):
-        name = "_" + name[1:]
-    return name[:limit] or "_"
+_ENTRY_COLUMNS = "origin, seq, uid, kind, conversation_id, timestamp, data"
 
 
-def _import_uid(conversation_id, raw_timestamp, data):
-    # The raw timestamp keeps digits the normalized one drops, so two messages
-    # a few nanoseconds apart stay two messages.
-    what = [conversation_id, data["host_info"]["hostname"], data["host_info"]["ip_address"],
-            raw_timestamp.strip(), data["sender"], data["role"], data["content"]]
-    text = json.dumps(what, ensure_ascii=False).encode("utf-8", "surrogatepass")
-    return "import:" + hashlib.sha256(text).hexdigest()
+class Database:
+    """Holds a store's SQLite connection: opens it, brings its schema up to
+    date (PRAGMA user_version), claims it for one node id, and runs one
+    transaction at a time.
 
-
-def seed_message(message) -> dict:
-    """A stored message (from Store.get_conversation) in the original NeuroMesh's
-    JSON shape: {content, timestamp, sender, message_type, host_info}."""
-    return {"content": message["content"],
-            "timestamp": message["timestamp"],
-            "sender": message["sender"],
-            "message_type": "Response" if message["role"] == "assistant" else "Question",
-            "host_info": dict(message["host_info"])}
-
-
-def seed_conversation(conversation, host_info=None) -> dict:
-    """A conversation with its messages (from Store.get_conversation) in the
-    original's shape {"id", "messages", "host_info"}. host_info defaults to the
-    host of the first user message, as the original recorded its own host."""
-    messages = conversation.get("messages") or []
-    if host_info is None:
-        asked = [m for m in messages if m["role"] == "user"] or messages
-        host_info = asked[0]["host_info"] if asked else {
-            "hostname": conversation.get("origin_name") or "",
-            "ip_address": "", "is_llm_host": False}
-    return {"id": conversation["id"],
-            "messages": [seed_message(m) for m in messages],
-            "host_info": dict(host_info)}
-
-
-class Store:
-    """Keeps conversations durable in SQLite and answers what peers are missing.
-
-    Every change is an entry in its origin node's append-only log, identified
-    by (origin, seq); the `conversations` table is derived from them (the
-    owner's newest snapshot wins). Entries of private conversations go to a
-    second log of this node, origin + PRIVATE_SUFFIX, that sync never reads.
-
-    Methods for the caller, all thread-safe, every write committed before it
-    returns: create_conversation, default_conversation, add_message,
-    update_conversation, delete_conversation; list_conversations,
-    get_conversation, message_count; version_vector, entries_missing,
-    apply_entries, is_shared; export_seed_layout, import_seed_layout; close.
-
-    Attribute to set: on_local_entries, a callable given the list of entries
-    each local write appended (private ones included: filter with is_shared),
-    called after the commit, outside the store's lock.
+    Methods for the caller, all thread-safe: write(action, *args) runs action
+    in one IMMEDIATE transaction, committed on return; read(action, *args) runs
+    it under the same lock; both raise a database error as StoreError.
+    execute(sql, parameters), for use inside those actions; close.
 
     Class variables: SCHEMA_VERSION (PRAGMA user_version after migrating),
     BUSY_TIMEOUT_MS (wait for another process holding the write lock).
@@ -808,79 +781,56 @@ class Store:
         """,
     ]
 
-    _LISTED = "kind = 'message' AND duplicate = 0 AND republished = 0"
-    _RECORD_SQL = (
-        "SELECT c.*, (SELECT COUNT(*) FROM entries e WHERE e.conversation_id = c.id"
-        " AND e.kind = 'message' AND e.duplicate = 0 AND e.republished = 0)"
-        " AS message_count FROM conversations c")
-    _ENTRY_COLUMNS = "origin, seq, uid, kind, conversation_id, timestamp, data"
-
-    def __init__(self, path, node_id, node_name):
-        try:
-            self.node_id = _ident(node_id, "node id")
-            self.node_name = _text(node_name, "node name")
-        except ValueError as error:
-            raise StoreError(str(error)) from None
-        self.private_origin = node_id + PRIVATE_SUFFIX
+    def __init__(self, path, node_id):
         self.path = path
-        self.on_local_entries = None
         self._lock = threading.Lock()
-        self._appended = []         # entries of the local write in progress
         try:
             if path != ":memory:" and os.path.dirname(path):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
             # isolation_level=None: transactions are begun and ended explicitly.
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._connection = sqlite3.connect(path, check_same_thread=False,
+                                               isolation_level=None)
         except (OSError, sqlite3.Error) as error:
             raise StoreError("cannot open database %s: %s" % (path, error)) from error
-        self._db.row_factory = sqlite3.Row
+        self._connection.row_factory = sqlite3.Row
         try:
-            self._db.execute("PRAGMA busy_timeout = %d" % self.BUSY_TIMEOUT_MS)
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = FULL")
+            self.execute("PRAGMA busy_timeout = %d" % self.BUSY_TIMEOUT_MS)
+            self.execute("PRAGMA journal_mode = WAL")
+            self.execute("PRAGMA synchronous = FULL")
             self._migrate()
-            self._write(self._claim_node)
+            self.write(self._claim, node_id)
         except BaseException:
-            self._db.close()
+            self._connection.close()
             raise
 
     def close(self):
         with self._lock:
-            self._db.close()
+            self._connection.close()
 
-    # -- transactions ------------------------------------------------------
+    def execute(self, sql, parameters=()):
+        return self._connection.execute(sql, parameters)
 
-    def _write(self, action, *args):
-        """Run action(*args) in one IMMEDIATE transaction, committed on return;
-        then hand the entries it appended to on_local_entries."""
+    def write(self, action, *args):
         with self._lock:
             try:
-                self._db.execute("BEGIN IMMEDIATE")
+                self.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as error:
                 raise StoreError("database error: %s" % error) from error
-            self._appended = []
             try:
                 result = action(*args)
-                self._db.execute("COMMIT")
+                self.execute("COMMIT")
             except BaseException as error:
-                if self._db.in_transaction:
+                if self._connection.in_transaction:
                     try:
-                        self._db.execute("ROLLBACK")
+                        self.execute("ROLLBACK")
                     except sqlite3.Error:
                         pass        # the original error is the one to report
                 if isinstance(error, sqlite3.Error):
                     raise StoreError("database error: %s" % error) from error
                 raise
-            appended, self._appended = self._appended, []
-        # Outside the lock, so the callback may use the store.
-        if appended and self.on_local_entries is not None:
-            try:
-                self.on_local_entries(appended)
-            except Exception:   # the write is committed; the caller must hear so
-                log.exception("store: on_local_entries failed")
-        return result
+            return result
 
-    def _read(self, action, *args):
+    def read(self, action, *args):
         with self._lock:
             try:
                 return action(*args)
@@ -888,35 +838,46 @@ class Store:
                 raise StoreError("database error: %s" % error) from error
 
     def _migrate(self):
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        version = self.execute("PRAGMA user_version").fetchone()[0]
         if version > len(self._MIGRATIONS):
             raise StoreError("database %s has schema version %d; this NeuroMesh knows"
                              " up to %d" % (self.path, version, len(self._MIGRATIONS)))
         for number in range(version + 1, len(self._MIGRATIONS) + 1):
             try:
-                self._db.executescript(
+                self._connection.executescript(
                     "BEGIN IMMEDIATE;\n%s\nPRAGMA user_version = %d;\nCOMMIT;"
                     % (self._MIGRATIONS[number - 1], number))
             except sqlite3.Error as error:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
+                if self._connection.in_transaction:
+                    self.execute("ROLLBACK")
                 raise StoreError("cannot migrate %s to schema version %d: %s"
                                  % (self.path, number, error)) from error
 
-    def _claim_node(self):
+    def _claim(self, node_id):
         # A database written under another node id would reuse that node's
         # seqs under a new name, or this node's seqs twice: refuse it.
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'node_id'").fetchone()
+        row = self.execute("SELECT value FROM meta WHERE key = 'node_id'").fetchone()
         if row is None:
-            self._db.execute("INSERT INTO meta (key, value) VALUES ('node_id', ?)",
-                             (self.node_id,))
-        elif row[0] != self.node_id:
+            self.execute("INSERT INTO meta (key, value) VALUES ('node_id', ?)", (node_id,))
+        elif row[0] != node_id:
             raise StoreError("database %s belongs to node %s, not %s"
-                             % (self.path, row[0], self.node_id))
+                             % (self.path, row[0], node_id))
 
-    # -- the log -------------------------------------------------------------
 
-    def _append(self, origin, kind, conversation_id, data, timestamp=None, uid=None):
+class EntryLog:
+    """Keeps the per-origin append-only logs in a store's database, and the
+    conversations table folded from them (the owner's newest snapshot wins).
+
+    Methods for the caller, inside a transaction of the database: append (an
+    entry written on this node), conversation_row, has_uid. Methods that run
+    their own transaction, for sync: version_vector, entries_missing,
+    apply_entries.
+    """
+
+    def __init__(self, database):
+        self._db = database
+
+    def append(self, origin, kind, conversation_id, data, timestamp=None, uid=None) -> dict:
         """Append a local entry to one of this node's logs and return it."""
         seq = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM entries"
                                " WHERE origin = ?", (origin,)).fetchone()[0]
@@ -925,17 +886,87 @@ class Store:
                  "timestamp": timestamp or utc_now(),
                  "uid": uid or "%s:%d" % (origin, seq), "data": data}
         self._put(entry, duplicate=False)
-        self._appended.append(entry)
         if kind == "conversation":
             self._apply_snapshot(entry, local=True)
         else:
             self._touch(conversation_id, entry["timestamp"])
         return entry
 
+    def conversation_row(self, conversation_id):
+        return self._db.execute("SELECT * FROM conversations WHERE id = ?",
+                                (conversation_id,)).fetchone()
+
+    def has_uid(self, uid) -> bool:
+        return self._db.execute("SELECT 1 FROM entries WHERE uid = ?",
+                                (uid,)).fetchone() is not None
+
+    def version_vector(self) -> dict:
+        """{origin: n} where this store holds seqs 1..n of origin's public log."""
+        rows = self._db.read(lambda: self._db.execute(
+            "SELECT origin, contiguous FROM origins WHERE contiguous > 0").fetchall())
+        return {origin: seq for origin, seq in rows if not origin.endswith(PRIVATE_SUFFIX)}
+
+    def entries_missing(self, their_vector, max_bytes=1 << 20, max_entries=500):
+        """(entries, more): public entries past their_vector, by origin then
+        seq, at most max_entries and about max_bytes of JSON (always at least
+        one entry). more is True when the batch was cut short.
+
+        A peer with a gap keeps being sent what lies beyond it; a caller
+        looping while more should also stop once a batch brings nothing new."""
+        if not isinstance(their_vector, dict):
+            their_vector = {}
+        max_entries = max(1, max_entries)
+
+        def collect():
+            entries, size = [], 0
+            origins = [row[0] for row in self._db.execute(
+                "SELECT origin FROM origins ORDER BY origin")]
+            for origin in origins:
+                if origin.endswith(PRIVATE_SUFFIX):
+                    continue
+                since = their_vector.get(origin, 0)
+                if type(since) is not int or since < 0:
+                    since = 0
+                cursor = self._db.execute(
+                    "SELECT " + _ENTRY_COLUMNS + " FROM entries WHERE origin = ?"
+                    " AND seq > ? ORDER BY seq", (origin, since))
+                for row in cursor:
+                    entry = {"origin": row["origin"], "seq": row["seq"], "kind": row["kind"],
+                             "conversation_id": row["conversation_id"],
+                             "timestamp": row["timestamp"], "uid": row["uid"],
+                             "data": json.loads(row["data"])}
+                    cost = len(json.dumps(entry)) + 2
+                    if len(entries) >= max_entries or (entries and size + cost > max_bytes):
+                        return entries, True
+                    entries.append(entry)
+                    size += cost
+            return entries, False
+        return self._db.read(collect)
+
+    def apply_entries(self, entries) -> list:
+        """Store the entries a peer sent, in one transaction; returns those
+        that were new and took effect (to announce and forward). Invalid
+        entries are skipped with a warning; peer input never raises."""
+        if not isinstance(entries, list):
+            log.warning("store: ignored a batch that is not a list")
+            return []
+        valid, invalid, reason = [], 0, ""
+        for raw in entries:
+            try:
+                valid.append(_clean_entry(raw))
+            except ValueError as error:
+                invalid, reason = invalid + 1, reason or str(error)
+        if invalid:
+            log.warning("store: skipped %d invalid entr%s from a peer (first: %s)",
+                        invalid, "y" if invalid == 1 else "ies", reason)
+        if not valid:
+            return []
+        return self._db.write(lambda: [e for e in valid if self._insert_remote(e)])
+
     def _put(self, entry, duplicate):
         self._db.execute(
             "INSERT INTO entries (%s, duplicate) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-            % self._ENTRY_COLUMNS,
+            % _ENTRY_COLUMNS,
             (entry["origin"], entry["seq"], entry["uid"], entry["kind"],
              entry["conversation_id"], entry["timestamp"],
              json.dumps(entry["data"], ensure_ascii=False), int(duplicate)))
@@ -981,7 +1012,7 @@ class Store:
         """Fold a conversation entry into the conversations table.
         False when refused: only the conversation's owner may change it."""
         cid, origin, data = entry["conversation_id"], entry["origin"], entry["data"]
-        row = self._row(cid)
+        row = self.conversation_row(cid)
         state = (origin, entry["seq"], data["title"], int(data["private"]),
                  int(data["deleted"]), data["created_at"], data["origin_name"],
                  data["peer_label"])
@@ -1010,18 +1041,85 @@ class Store:
                 " origin_name = ?, peer_label = ? WHERE id = ?", state + (cid,))
         return True
 
-    # -- conversations -------------------------------------------------------
 
-    def _row(self, conversation_id):
-        return self._db.execute("SELECT * FROM conversations WHERE id = ?",
-                                (conversation_id,)).fetchone()
+class Store:
+    """Keeps conversations durable in SQLite and answers what peers are missing.
+
+    Every change is an entry in its origin node's append-only log, identified
+    by (origin, seq); the `conversations` table is derived from them (the
+    owner's newest snapshot wins). Entries of private conversations go to a
+    second log of this node, origin + PRIVATE_SUFFIX, that sync never reads.
+
+    Methods for the caller, all thread-safe, every write committed before it
+    returns: create_conversation, default_conversation, add_message,
+    update_conversation, delete_conversation, import_conversations;
+    list_conversations, get_conversation, get_all_conversations,
+    message_count; version_vector, entries_missing, apply_entries, is_shared;
+    close.
+
+    Attribute to set: on_local_entries, a callable given the list of entries
+    each local write appended (private ones included: filter with is_shared),
+    called after the commit, outside the store's lock.
+
+    Class variable: SCHEMA_VERSION (PRAGMA user_version after migrating).
+    """
+
+    SCHEMA_VERSION = Database.SCHEMA_VERSION
+
+    _LISTED = "kind = 'message' AND duplicate = 0 AND republished = 0"
+    _RECORD_SQL = (
+        "SELECT c.*, (SELECT COUNT(*) FROM entries e WHERE e.conversation_id = c.id"
+        " AND e.kind = 'message' AND e.duplicate = 0 AND e.republished = 0)"
+        " AS message_count FROM conversations c")
+
+    def __init__(self, path, node_id, node_name):
+        try:
+            self.node_id = _ident(node_id, "node id")
+            self.node_name = _text(node_name, "node name")
+        except ValueError as error:
+            raise StoreError(str(error)) from None
+        self.private_origin = node_id + PRIVATE_SUFFIX
+        self.path = path
+        self.on_local_entries = None
+        self._appended = []         # entries of the local write in progress
+        self._db = Database(path, node_id)
+        self._log = EntryLog(self._db)
+
+    def close(self):
+        self._db.close()
+
+    # -- transactions ------------------------------------------------------
+
+    def _write(self, action, *args):
+        """Run action(*args) in one transaction, committed on return; then hand
+        the entries it appended to on_local_entries."""
+        def collecting_appended():
+            self._appended = []
+            result = action(*args)
+            appended, self._appended = self._appended, []
+            return result, appended
+        result, appended = self._db.write(collecting_appended)
+        # Outside the lock, so the callback may use the store.
+        if appended and self.on_local_entries is not None:
+            try:
+                self.on_local_entries(appended)
+            except Exception:   # the write is committed; the caller must hear so
+                log.exception("store: on_local_entries failed")
+        return result
+
+    def _append(self, origin, kind, conversation_id, data, timestamp=None, uid=None):
+        entry = self._log.append(origin, kind, conversation_id, data, timestamp, uid)
+        self._appended.append(entry)
+        return entry
+
+    # -- conversations -------------------------------------------------------
 
     def _visible(self, row):
         return (row is not None and not row["deleted"]
                 and (row["owner"] == self.node_id or not row["private"]))
 
     def _own_row(self, conversation_id):
-        row = self._row(conversation_id)
+        row = self._log.conversation_row(conversation_id)
         if not self._visible(row):
             raise StoreError("no conversation %s" % conversation_id)
         if row["owner"] != self.node_id:
@@ -1081,7 +1179,7 @@ class Store:
             while True:
                 conversation_id = str(uuid.uuid5(
                     _UUID_NAMESPACE, "default/%s/%d" % (self.node_id, generation)))
-                row = self._row(conversation_id)
+                row = self._log.conversation_row(conversation_id)
                 if row is None:
                     self._new_conversation(conversation_id, "Local chat", False)
                     break
@@ -1107,7 +1205,7 @@ class Store:
             raise StoreError("invalid message: %s" % error) from None
 
         def add():
-            row = self._row(conversation_id)
+            row = self._log.conversation_row(conversation_id)
             if not self._visible(row):
                 raise StoreError("no conversation %s" % conversation_id)
             return self._append(self._log_for(row), "message", conversation_id, data)
@@ -1168,6 +1266,48 @@ class Store:
             return self._record_of(conversation_id)
         return self._write(delete)
 
+    def import_conversations(self, conversations) -> dict:
+        """Add conversations read from files as own ones, all in one
+        transaction. Each is {"id", "title", "peer_label", "messages"}, where
+        peer_label (also the origin_name) is None or the peer it came from,
+        and each message is {"uid", "timestamp", "data"}: data as a stored
+        message holds it, uid "import:" and a hash of the message.
+        Importing the same again adds nothing: a conversation already here is
+        kept, a message whose uid is stored is skipped, and a deleted
+        conversation takes no messages. Returns {conversations, messages,
+        skipped} (skipped: already present)."""
+        try:
+            cleaned = [_clean_imported_conversation(c) for c in conversations]
+        except ValueError as error:
+            raise StoreError("cannot import: %s" % error) from None
+        return self._write(self._import, cleaned)
+
+    def _import(self, conversations):
+        summary = {"conversations": 0, "messages": 0, "skipped": 0}
+        for conversation in conversations:
+            conversation_id, messages = conversation["id"], conversation["messages"]
+            row = self._log.conversation_row(conversation_id)
+            if row is None:
+                self._new_conversation(
+                    conversation_id, conversation["title"], False,
+                    peer_label=conversation["peer_label"],
+                    origin_name=conversation["peer_label"],
+                    created_at=min((m["timestamp"] for m in messages), default=None))
+                summary["conversations"] += 1
+                row = self._log.conversation_row(conversation_id)
+            elif row["deleted"]:
+                summary["skipped"] += len(messages)
+                continue
+            for message in messages:
+                if self._log.has_uid(message["uid"]):
+                    summary["skipped"] += 1
+                    continue
+                self._append(self._log_for(row), "message", conversation_id, message["data"],
+                             timestamp=message["timestamp"], uid=message["uid"])
+                summary["messages"] += 1
+        return summary
+
+
     # -- reads -------------------------------------------------------------
 
     def _list(self):
@@ -1177,11 +1317,11 @@ class Store:
         return [self._record(row) for row in rows]
 
     def _get(self, conversation_id):
-        if not self._visible(self._row(conversation_id)):
+        if not self._visible(self._log.conversation_row(conversation_id)):
             return None
         conversation = self._record_of(conversation_id)
         rows = self._db.execute(
-            "SELECT " + self._ENTRY_COLUMNS + " FROM entries WHERE conversation_id = ?"
+            "SELECT " + _ENTRY_COLUMNS + " FROM entries WHERE conversation_id = ?"
             " AND " + self._LISTED + " ORDER BY timestamp, origin, seq",
             (conversation_id,)).fetchall()
         conversation["messages"] = [self._message(row) for row in rows]
@@ -1207,12 +1347,16 @@ class Store:
 
     def list_conversations(self) -> list:
         """Records of the conversations to show, most recently updated first."""
-        return self._read(self._list)
+        return self._db.read(self._list)
 
     def get_conversation(self, conversation_id):
         """A record plus "messages" in timestamp order, or None if the
         conversation is unknown, deleted, or a peer's private one."""
-        return self._read(self._get, conversation_id)
+        return self._db.read(self._get, conversation_id)
+
+    def get_all_conversations(self) -> list:
+        """get_conversation of every listed conversation, read at one moment."""
+        return self._db.read(lambda: [self._get(record["id"]) for record in self._list()])
 
     def message_count(self) -> int:
         """Messages listed across all listed conversations."""
@@ -1222,70 +1366,79 @@ class Store:
 
     def version_vector(self) -> dict:
         """{origin: n} where this store holds seqs 1..n of origin's public log."""
-        rows = self._read(lambda: self._db.execute(
-            "SELECT origin, contiguous FROM origins WHERE contiguous > 0").fetchall())
-        return {origin: seq for origin, seq in rows if not origin.endswith(PRIVATE_SUFFIX)}
+        return self._log.version_vector()
 
     def entries_missing(self, their_vector, max_bytes=1 << 20, max_entries=500):
-        """(entries, more): public entries past their_vector, by origin then
-        seq, at most max_entries and about max_bytes of JSON (always at least
-        one entry). more is True when the batch was cut short.
-
-        A peer with a gap keeps being sent what lies beyond it; a caller
-        looping while more should also stop once a batch brings nothing new."""
-        if not isinstance(their_vector, dict):
-            their_vector = {}
-        max_entries = max(1, max_entries)
-
-        def collect():
-            entries, size = [], 0
-            origins = [row[0] for row in self._db.execute(
-                "SELECT origin FROM origins ORDER BY origin")]
-            for origin in origins:
-                if origin.endswith(PRIVATE_SUFFIX):
-                    continue
-                since = their_vector.get(origin, 0)
-                if type(since) is not int or since < 0:
-                    since = 0
-                cursor = self._db.execute(
-                    "SELECT " + self._ENTRY_COLUMNS + " FROM entries WHERE origin = ?"
-                    " AND seq > ? ORDER BY seq", (origin, since))
-                for row in cursor:
-                    entry = {"origin": row["origin"], "seq": row["seq"], "kind": row["kind"],
-                             "conversation_id": row["conversation_id"],
-                             "timestamp": row["timestamp"], "uid": row["uid"],
-                             "data": json.loads(row["data"])}
-                    cost = len(json.dumps(entry)) + 2
-                    if len(entries) >= max_entries or (entries and size + cost > max_bytes):
-                        return entries, True
-                    entries.append(entry)
-                    size += cost
-            return entries, False
-        return self._read(collect)
+        """(entries, more): public entries past their_vector; see EntryLog."""
+        return self._log.entries_missing(their_vector, max_bytes, max_entries)
 
     def apply_entries(self, entries) -> list:
-        """Store the entries a peer sent, in one transaction; returns those
-        that were new and took effect (to announce and forward). Invalid
-        entries are skipped with a warning; peer input never raises."""
-        if not isinstance(entries, list):
-            log.warning("store: ignored a batch that is not a list")
-            return []
-        valid, invalid, reason = [], 0, ""
-        for raw in entries:
-            try:
-                valid.append(_clean_entry(raw))
-            except ValueError as error:
-                invalid, reason = invalid + 1, reason or str(error)
-        if invalid:
-            log.warning("store: skipped %d invalid entr%s from a peer (first: %s)",
-                        invalid, "y" if invalid == 1 else "ies", reason)
-        if not valid:
-            return []
-        return self._write(lambda: [e for e in valid if self._insert_remote(e)])
+        """Store the entries a peer sent; returns those that took effect (see EntryLog)."""
+        return self._log.apply_entries(entries)
 
-    # -- the original NeuroMesh's files ----------------------------------------
 
-    def export_seed_layout(self, directory) -> dict:
+###############################################################################
+# Seed files ##################################################################
+###############################################################################
+#
+# The original NeuroMesh's file layout: conversations/*.json for a node's own
+# chats, received/<peer>/*.json for what peers sent it.
+
+
+def _safe_name(text, limit=100):
+    """A file or directory name made from peer-controlled text."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", text or "")
+    name = re.sub(r"\.{2,}", "_", name)
+    if name.startswith("."):
+        name = "_" + name[1:]
+    return name[:limit] or "_"
+
+
+def _import_uid(conversation_id, raw_timestamp, data):
+    # The raw timestamp keeps digits the normalized one drops, so two messages
+    # a few nanoseconds apart stay two messages.
+    what = [conversation_id, data["host_info"]["hostname"], data["host_info"]["ip_address"],
+            raw_timestamp.strip(), data["sender"], data["role"], data["content"]]
+    text = json.dumps(what, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    return "import:" + hashlib.sha256(text).hexdigest()
+
+
+def seed_message(message) -> dict:
+    """A stored message (from Store.get_conversation) in the original NeuroMesh's
+    JSON shape: {content, timestamp, sender, message_type, host_info}."""
+    return {"content": message["content"],
+            "timestamp": message["timestamp"],
+            "sender": message["sender"],
+            "message_type": "Response" if message["role"] == "assistant" else "Question",
+            "host_info": dict(message["host_info"])}
+
+
+def seed_conversation(conversation, host_info=None) -> dict:
+    """A conversation with its messages (from Store.get_conversation) in the
+    original's shape {"id", "messages", "host_info"}. host_info defaults to the
+    host of the first user message, as the original recorded its own host."""
+    messages = conversation.get("messages") or []
+    if host_info is None:
+        asked = [m for m in messages if m["role"] == "user"] or messages
+        host_info = asked[0]["host_info"] if asked else {
+            "hostname": conversation.get("origin_name") or "",
+            "ip_address": "", "is_llm_host": False}
+    return {"id": conversation["id"],
+            "messages": [seed_message(m) for m in messages],
+            "host_info": dict(host_info)}
+
+
+class SeedFiles:
+    """Moves a store's conversations to and from the original NeuroMesh's
+    file layout, through the store's public methods.
+
+    Methods for the caller: export_layout(directory), import_layout(directory).
+    """
+
+    def __init__(self, store):
+        self.store = store
+
+    def export_layout(self, directory) -> dict:
         """Write the original's layout: conversations/local.json (the default
         conversation), conversations/<id>.json (other own ones), and
         received/<peer>/local.json and <id>.json (peers' and imported peers').
@@ -1293,8 +1446,8 @@ class Store:
         are left out. Every file also carries "title",
         and those under received/ carry "peer" (the unsanitized peer label).
         Returns {conversations, messages, private_skipped}."""
-        default_id = self.default_conversation()["id"]
-        conversations = self._read(lambda: [self._get(r["id"]) for r in self._list()])
+        default_id = self.store.default_conversation()["id"]
+        conversations = self.store.get_all_conversations()
         files, peers, skipped = {}, {}, 0
         conversations.sort(key=lambda c: (c["id"] != default_id, c["created_at"], c["id"]))
         files[("conversations", "local.json")] = {"id": "local", "messages": [],
@@ -1353,7 +1506,7 @@ class Store:
             handle.write("\n")
         os.replace(temporary, path)
 
-    def import_seed_layout(self, directory) -> dict:
+    def import_layout(self, directory) -> dict:
         """Read the original's layout (conversations/*.json and
         received/<peer>/*.json) into own conversations; a received one gets
         its peer (its "peer" key, else the folder's name) as peer_label and
@@ -1362,8 +1515,8 @@ class Store:
         a bad file raises StoreError naming it and nothing is imported.
         Importing the same files again adds nothing.
         Returns {conversations, messages, skipped} (skipped: already present)."""
-        plan = [self._read_seed_file(*source) for source in self._seed_files(directory)]
-        return self._write(self._import, plan)
+        files = [self._read_seed_file(*source) for source in self._seed_files(directory)]
+        return self.store.import_conversations([self._conversation(f) for f in files])
 
     @staticmethod
     def _seed_files(directory):
@@ -1434,37 +1587,24 @@ class Store:
             messages.append((message["timestamp"], timestamp, data))
         return {"relative": relative, "peer": peer, "title": title, "messages": messages}
 
-    def _import(self, plan):
-        summary = {"conversations": 0, "messages": 0, "skipped": 0}
-        for item in plan:
-            conversation_id = str(uuid.uuid5(
-                _UUID_NAMESPACE, "import/%s/%s" % (self.node_id, item["relative"])))
-            row = self._row(conversation_id)
-            if row is None:
-                stem, peer = item["relative"].rsplit("/", 1)[1][:-len(".json")], item["peer"]
-                if item["title"] is not None:
-                    title = item["title"]
-                elif peer is None:
-                    title = "Imported: %s" % stem
-                else:
-                    title = peer if stem == "local" else "%s: %s" % (peer, stem)
-                stamps = [timestamp for _, timestamp, _ in item["messages"]]
-                self._new_conversation(conversation_id, title, False, peer_label=peer,
-                                       origin_name=peer, created_at=min(stamps, default=None))
-                summary["conversations"] += 1
-                row = self._row(conversation_id)
-            elif row["deleted"]:
-                summary["skipped"] += len(item["messages"])
-                continue
-            for raw_timestamp, timestamp, data in item["messages"]:
-                uid = _import_uid(conversation_id, raw_timestamp, data)
-                if self._db.execute("SELECT 1 FROM entries WHERE uid = ?", (uid,)).fetchone():
-                    summary["skipped"] += 1
-                    continue
-                self._append(self._log_for(row), "message", conversation_id, data,
-                             timestamp=timestamp, uid=uid)
-                summary["messages"] += 1
-        return summary
+    def _conversation(self, seed_file):
+        """A read file as Store.import_conversations takes it. Its id comes
+        from the file's path, its messages' uids from their contents."""
+        relative, peer = seed_file["relative"], seed_file["peer"]
+        conversation_id = str(uuid.uuid5(
+            _UUID_NAMESPACE, "import/%s/%s" % (self.store.node_id, relative)))
+        stem = relative.rsplit("/", 1)[1][:-len(".json")]
+        if seed_file["title"] is not None:
+            title = seed_file["title"]
+        elif peer is None:
+            title = "Imported: %s" % stem
+        else:
+            title = peer if stem == "local" else "%s: %s" % (peer, stem)
+        messages = [{"uid": _import_uid(conversation_id, raw_timestamp, data),
+                     "timestamp": timestamp, "data": data}
+                    for raw_timestamp, timestamp, data in seed_file["messages"]]
+        return {"id": conversation_id, "title": title, "peer_label": peer,
+                "messages": messages}
 
 
 ###############################################################################
@@ -4119,9 +4259,9 @@ def run_transfer(config, command, directory):
     store = Store(os.path.join(config.data_dir, DATABASE_FILE), node_id, config.name or "NeuroMesh-" + node_id[:4])
     try:
         if command == "export":
-            summary = store.export_seed_layout(directory)
+            summary = SeedFiles(store).export_layout(directory)
         else:
-            summary = store.import_seed_layout(directory)
+            summary = SeedFiles(store).import_layout(directory)
     finally:
         store.close()
     print("%sed %s: %s" % (command, directory, ", ".join("%s %s" % (value, key) for key, value in summary.items())))

@@ -445,8 +445,8 @@ def test_concurrent_writers_lose_nothing(tmp_path):
 
 def test_import_of_the_original_layout(seed_dir):
     a = store("nodeA", "alice")
-    assert a.import_seed_layout(str(seed_dir)) == {"conversations": 5, "messages": 155,
-                                                    "skipped": 0}
+    assert nm.SeedFiles(a).import_layout(str(seed_dir)) == {
+        "conversations": 5, "messages": 155, "skipped": 0}
     listed = a.list_conversations()
     local = [r for r in listed if r["peer_label"] is None]
     assert len(local) == 1 and local[0]["message_count"] == 144
@@ -461,14 +461,14 @@ def test_import_of_the_original_layout(seed_dir):
     assert sorted(m["content"] for m in messages) == sorted(m["content"] for m in original)
     assert sum(m["role"] == "assistant" for m in messages) == 69
     before = state(a)
-    assert a.import_seed_layout(str(seed_dir)) == {"conversations": 0, "messages": 0,
-                                                    "skipped": 155}
+    assert nm.SeedFiles(a).import_layout(str(seed_dir)) == {
+        "conversations": 0, "messages": 0, "skipped": 155}
     assert state(a) == before
 
 
 def test_export_then_import_gives_the_same_conversations(seed_dir, tmp_path):
     a, b = store("nodeA", "alice"), store("nodeB", "../bob/..")
-    a.import_seed_layout(str(seed_dir))
+    nm.SeedFiles(a).import_layout(str(seed_dir))
     a.add_message(a.default_conversation()["id"], "user", "native", "alice")
     extra = a.create_conversation("Extra")
     a.add_message(extra["id"], "assistant", "answer", "LLM", model="m")
@@ -478,7 +478,7 @@ def test_export_then_import_gives_the_same_conversations(seed_dir, tmp_path):
     b.add_message(bobs["id"], "user", "from bob", "bob")
     pull(a, b)
     out = tmp_path / "export"
-    summary = a.export_seed_layout(str(out))
+    summary = nm.SeedFiles(a).export_layout(str(out))
     assert summary["private_skipped"] == 1
     assert sorted(p.name for p in (out / "received").iterdir()) == sorted(
         list(SEED_PEERS) + ["__bob__"])
@@ -494,10 +494,10 @@ def test_export_then_import_gives_the_same_conversations(seed_dir, tmp_path):
             if not c["private"])
 
     fresh = store("nodeF", "fred")
-    counts = fresh.import_seed_layout(str(out))
+    counts = nm.SeedFiles(fresh).import_layout(str(out))
     assert counts["messages"] == summary["messages"] == a.message_count() - 1
     assert shown(fresh) == shown(a)
-    assert fresh.import_seed_layout(str(out))["messages"] == 0
+    assert nm.SeedFiles(fresh).import_layout(str(out))["messages"] == 0
     # The original files hold nothing the export loses.
     assert {r["peer_label"]: r["message_count"] for r in fresh.list_conversations()
             if r["peer_label"] in SEED_PEERS} == SEED_PEERS
@@ -518,7 +518,7 @@ def test_a_bad_file_imports_nothing(seed_dir, damage, problem):
     bad.write_text(document if isinstance(document, str) else json.dumps(document))
     a = store("nodeA")
     with pytest.raises(nm.StoreError) as raised:
-        a.import_seed_layout(str(seed_dir))
+        nm.SeedFiles(a).import_layout(str(seed_dir))
     assert str(bad) in str(raised.value) and problem in str(raised.value)
     assert a.list_conversations() == [] and a.version_vector() == {}
 
@@ -527,7 +527,7 @@ def test_import_of_a_missing_or_empty_directory(tmp_path):
     a = store("nodeA")
     for directory in (tmp_path / "nope", tmp_path):
         with pytest.raises(nm.StoreError):
-            a.import_seed_layout(str(directory))
+            nm.SeedFiles(a).import_layout(str(directory))
 
 
 def test_safe_names():
