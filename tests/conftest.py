@@ -4,6 +4,7 @@ Network safety: every node started here binds 127.0.0.1 and broadcasts only to
 127.255.255.255 (or runs inside a network namespace the test made itself).
 """
 
+import datetime
 import json
 import os
 import signal
@@ -261,3 +262,51 @@ def mesh_config(tmp_path):
         yield build
     finally:
         flags.close()
+
+
+# -- the original NeuroMesh's file layout, made by the tests -----------------------------
+
+# What the original program wrote: conversations/local.json for this machine, and
+# received/<peer ip>/local.json for each peer; timestamps in nanoseconds or microseconds.
+ORIGINAL_LAYOUT_PEERS = {"10.33.241.183": 2, "10.99.100.183": 1, "192.168.25.37": 4, "192.168.25.39": 4}
+ORIGINAL_LAYOUT_LOCAL = (75, 69)  # questions, answers in conversations/local.json
+
+
+def _original_message(index, question, hostname, ip_address):
+    nanos = "%09d" % (123456789 * (index + 1) % 10 ** 9)
+    fraction = nanos if index % 2 else nanos[:6]  # the original wrote both precisions
+    moment = datetime.datetime(2025, 3, 25, 13, 57) + datetime.timedelta(minutes=7 * index)
+    return {
+        "content": ("question %d from %s" if question else "answer %d, for %s") % (index, hostname),
+        "timestamp": moment.strftime("%Y-%m-%dT%H:%M:%S.") + fraction + "Z",
+        "sender": "user" if question else "LLM",
+        "message_type": "Question" if question else "Response",
+        "host_info": {"hostname": hostname, "ip_address": ip_address, "is_llm_host": not question},
+    }
+
+
+def _original_file(path, messages, hostname, ip_address):
+    document = {"id": "local", "messages": messages,
+                "host_info": {"hostname": hostname, "ip_address": ip_address, "is_llm_host": False}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2), encoding="utf-8")
+
+
+def make_original_layout(root):
+    """Writes a data folder in the original NeuroMesh layout under ``root``; returns ``root``."""
+    questions, answers = ORIGINAL_LAYOUT_LOCAL
+    local = [_original_message(i, i % 2 == 0 or i >= 2 * answers, "Wasim", "192.168.1.8")
+             for i in range(questions + answers)]
+    local[0]["content"] = "helllo"
+    local[0]["timestamp"] = "2025-03-25T13:56:00.304707400Z"
+    _original_file(root / "conversations" / "local.json", local, "Wasim", "192.168.1.8")
+    for peer, count in ORIGINAL_LAYOUT_PEERS.items():
+        messages = [_original_message(i, i % 2 == 0, "host-" + peer, peer) for i in range(count)]
+        _original_file(root / "received" / peer / "local.json", messages, "host-" + peer, peer)
+    return root
+
+
+@pytest.fixture
+def original_layout(tmp_path):
+    """A folder in the original NeuroMesh layout that the test made itself."""
+    return make_original_layout(tmp_path / "original")
