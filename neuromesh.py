@@ -27,6 +27,7 @@ import argparse
 import collections
 import dataclasses
 import errno
+import functools
 import ipaddress
 import itertools
 import hashlib
@@ -3257,24 +3258,188 @@ def _is_private_address(address):
     return ip.is_private or ip.is_loopback or ip.is_link_local
 
 
-def fit_history(messages, budget_chars):
-    """The newest messages that fit the context budget (the last one always, cut if it must be)."""
-    kept, used = [], 0
-    for message in reversed(messages):
-        size = len(message["content"])
-        if kept and used + size > budget_chars:
-            break
-        kept.append(message)
-        used += size
-    kept.reverse()
-    if kept and len(kept[-1]["content"]) > budget_chars:
-        kept[-1] = dict(kept[-1], content=kept[-1]["content"][-budget_chars:])
-    return kept
+###############################################################################
+# Chat ########################################################################
+###############################################################################
+#
+# Every HTTP API asks the ChatService, the one room where chats happen: it streams one
+# answer's events (those of the router, plus {"type": "error", "error", "status",
+# "partial"} when it fails), keeps a conversation's history within the model's context,
+# and stores the answer when it is done.
+
+
+class HTTPFailure(NeuroMeshError):
+    """A request that cannot be served: ``status`` is its HTTP status, ``extra`` more fields of the reply."""
+
+    def __init__(self, status, message, **extra):
+        NeuroMeshError.__init__(self, message)
+        self.status = status
+        self.extra = extra
+
+
+class ChatService:
+    """The chat room: asks the mesh's LLMs, and keeps the questions and answers of conversations."""
+
+    history_budget = int(SAMPLING_DEFAULTS["num_ctx"] * 3)  # about 4 characters a token, room left to answer
+
+    def __init__(self, router, store, host_info):
+        self.router = router
+        self.store = store
+        self.host_info = host_info  # callable: who asked, for a question asked on this node
+
+    # -- the events of one answer ----------------------------------------------------
+
+    def stream(self, model, messages, options=None, local_only=False):
+        """Runs ``router.chat`` on a worker thread and yields its events as they happen.
+
+        Queue positions arrive while the worker waits for a slot; an LLMError becomes an
+        error event. Closing this generator (the client went away) cancels the upstream request.
+        """
+        events, cancel = queue.Queue(), threading.Event()
+        threading.Thread(target=self._work, args=(events, cancel, model, messages, options, local_only),
+                         name="neuromesh-chat", daemon=True).start()
+        try:
+            while True:
+                event = events.get()
+                if event is None:
+                    return
+                yield event
+        finally:
+            cancel.set()
+
+    def _work(self, events, cancel, model, messages, options, local_only):
+        try:
+            for event in self.router.chat(model, messages, options, cancel, on_queue=events.put,
+                                          local_only=local_only):
+                events.put(event)
+                if cancel.is_set():
+                    break
+        except LLMError as exc:
+            events.put({"type": "error", "error": str(exc), "status": exc.status, "partial": exc.partial})
+        except Exception as exc:  # a bug: report it to the client, keep the node up
+            log.exception("chat failed")
+            events.put({"type": "error", "error": "internal error: %s" % exc, "status": 500, "partial": False})
+        finally:
+            events.put(None)
+
+    def begin(self, model, messages, options=None):
+        """``(first event, all events)`` of an answer that started; an HTTPFailure if it cannot.
+
+        Queue positions are left out: clients of the Ollama and OpenAI APIs cannot show them,
+        and the reply's status depends on whether an answer starts.
+        """
+        events = self.stream(model, messages, options)
+        first = next((event for event in events if event["type"] != "queued"),
+                     {"type": "error", "error": "no answer", "status": 503, "partial": False})
+        if first["type"] == "error":
+            raise HTTPFailure(first["status"], first["error"])
+        return first, itertools.chain([first], events)
+
+    @staticmethod
+    def whole(events):
+        """``(token texts, done event)`` of an answer read to its end; an HTTPFailure if it fails."""
+        parts = []
+        for event in events:
+            if event["type"] == "token":
+                parts.append(event["content"])
+            elif event["type"] == "done":
+                return parts, event
+            elif event["type"] == "error":
+                raise HTTPFailure(502, event["error"])
+        raise HTTPFailure(503, "the answer ended without a result")
+
+    @staticmethod
+    def stored_answer(events, **extra):
+        """The stored message of a conversation's answer read to its end; an HTTPFailure (with
+        ``extra`` fields) if it fails."""
+        for event in events:
+            if event["type"] == "error":
+                raise HTTPFailure(event["status"] if not event["partial"] else 502, event["error"], **extra)
+            if event["type"] == "done":
+                return event["message"]
+        raise HTTPFailure(503, "the answer ended without a result")
+
+    # -- conversations ---------------------------------------------------------------
+
+    def conversation(self, conversation_id):
+        conversation = self.store.get_conversation(conversation_id)
+        if conversation is None:
+            raise HTTPFailure(404, "no conversation %s" % safe_text(conversation_id, 80))
+        return conversation
+
+    def add_question(self, conversation_id, content, sender):
+        """Stores a question asked on this node; returns it as a message."""
+        self.conversation(conversation_id)
+        entry = self.store.add_message(conversation_id, "user", content, sender, host_info=self.host_info())
+        return self.store.message_from_entry(entry)
+
+    def answer(self, conversation_id, model, regenerate=False):
+        """Events of one answer in a conversation; the answer is stored when it is done.
+
+        The request is checked here, before any reply is sent; the events come from a generator.
+        ``regenerate`` answers the last question again, without the answers it had.
+        """
+        conversation = self.conversation(conversation_id)
+        history = [{"role": m["role"], "content": m["content"]} for m in conversation["messages"]]
+        if regenerate:
+            while history and history[-1]["role"] == "assistant":
+                history.pop()
+            if not history:
+                raise HTTPFailure(400, "nothing to regenerate: the conversation has no question yet")
+        return self._stored_events(conversation_id, model, history)
+
+    def ask_default(self, content, sender, model):
+        """The original NeuroMesh's chat: a question in the default conversation; its stored answer."""
+        conversation = self.store.default_conversation()
+        self.add_question(conversation["id"], content, sender)
+        return self.stored_answer(self.answer(conversation["id"], model))
+
+    def _stored_events(self, conversation_id, model, history):
+        parts = []
+        for event in self.stream(model, self.fit_history(history, self.history_budget)):
+            if event["type"] == "token":
+                parts.append(event["content"])
+            elif event["type"] == "done":
+                try:
+                    message = self._store_answer(conversation_id, "".join(parts), event)
+                except StoreError as exc:  # e.g. the conversation was deleted while it was answered
+                    yield {"type": "error", "error": "the answer could not be stored: %s" % exc,
+                           "status": 409, "partial": True}
+                    return
+                event = dict(event, message=message)
+            yield event
+
+    def _store_answer(self, conversation_id, text, done):
+        entry = self.store.add_message(
+            conversation_id, "assistant", text or "(empty answer)", "LLM",
+            host_info={"hostname": done["node_name"], "ip_address": "", "is_llm_host": True},
+            model=done["model"], answered_by=done["node_id"], answered_by_name=done["node_name"],
+            tokens_per_second=done.get("tokens_per_second"))
+        return self.store.message_from_entry(entry)
+
+    @staticmethod
+    def fit_history(messages, budget_chars):
+        """The newest messages that fit the context budget (the last one always, cut if it must be)."""
+        kept, used = [], 0
+        for message in reversed(messages):
+            size = len(message["content"])
+            if kept and used + size > budget_chars:
+                break
+            kept.append(message)
+            used += size
+        kept.reverse()
+        if kept and len(kept[-1]["content"]) > budget_chars:
+            kept[-1] = dict(kept[-1], content=kept[-1]["content"][-budget_chars:])
+        return kept
 
 
 ###############################################################################
-# Web app #####################################################################
+# HTTP APIs ###################################################################
 ###############################################################################
+#
+# One Bottle app, merged from one small app per API: the page's API, the Ollama API and
+# the OpenAI API of the whole mesh, and the relay peers use. Each turns the chat room's
+# events into its own format; ErrorReplies turns every error into an HTTP reply.
 
 
 class RecentErrors(logging.Handler):
@@ -3313,21 +3478,6 @@ class QuietRequestHandler(WSGIRequestHandler):
         log.debug("http %s %s", self.address_string(), safe_text(format % args))
 
 
-def json_error(status, message):
-    """An error reply: ``{"error": message}`` with ``status``, as Ollama's clients expect."""
-    bottle.response.status = status
-    bottle.response.content_type = "application/json"
-    return json.dumps({"error": message})
-
-
-class HTTPFailure(NeuroMeshError):
-    """An API error with its HTTP status; the route answers ``{"error": text}``."""
-
-    def __init__(self, status, message):
-        NeuroMeshError.__init__(self, message)
-        self.status = status
-
-
 def read_json_body(limit=4 * MiB):
     """The request's JSON object, or an HTTPFailure saying what is wrong with it."""
     length = bottle.request.content_length
@@ -3356,66 +3506,6 @@ def body_text(body, key, required=False, limit=100000):
     return value
 
 
-def json_route(function):
-    """Wraps a route: its dict or list becomes JSON, an HTTPFailure becomes ``{"error"}``."""
-    def wrapper(*args, **kwargs):
-        try:
-            result = function(*args, **kwargs)
-        except HTTPFailure as exc:
-            return json_error(exc.status, str(exc))
-        except StoreError as exc:
-            return json_error(400, str(exc))
-        if isinstance(result, (dict, list)):
-            bottle.response.content_type = "application/json"
-            return json.dumps(result)
-        return result
-    wrapper.__name__ = function.__name__
-    return wrapper
-
-
-def stream_chat(router, model, messages, options=None, local_only=False):
-    """Runs ``router.chat`` on a worker thread and yields its events as they happen.
-
-    Queue positions arrive while the worker waits for a slot; an LLMError becomes an
-    ``{"type": "error"}`` event. Closing this generator (the client went away) cancels
-    the upstream request.
-    """
-    events, cancel = queue.Queue(), threading.Event()
-
-    def work():
-        try:
-            for event in router.chat(model, messages, options, cancel, on_queue=events.put, local_only=local_only):
-                events.put(event)
-                if cancel.is_set():
-                    break
-        except LLMError as exc:
-            events.put({"type": "error", "error": str(exc), "status": exc.status, "partial": exc.partial})
-        except Exception as exc:  # a bug: report it to the client, keep the node up
-            log.exception("chat failed")
-            events.put({"type": "error", "error": "internal error: %s" % exc, "status": 500, "partial": False})
-        finally:
-            events.put(None)
-
-    threading.Thread(target=work, name="neuromesh-chat", daemon=True).start()
-    try:
-        while True:
-            event = events.get()
-            if event is None:
-                return
-            yield event
-    finally:
-        cancel.set()
-
-
-def first_answer_event(events):
-    """The first event that is not a queue position (clients of the Ollama and OpenAI APIs
-    cannot show a queue; the status code depends on whether an answer starts)."""
-    for event in events:
-        if event["type"] != "queued":
-            return event
-    return {"type": "error", "error": "no answer", "status": 503, "partial": False}
-
-
 def clean_chat_messages(value):
     """Messages of an Ollama/OpenAI request as ``[{role, content}]``, or an HTTPFailure."""
     if not isinstance(value, list) or not value:
@@ -3435,6 +3525,253 @@ def clean_chat_messages(value):
     return messages
 
 
+def translate(events, handlers):
+    """Each event through the handler of its type; events of other types are left out."""
+    for event in events:
+        handler = handlers.get(event["type"])
+        if handler is not None:
+            yield handler(event)
+
+
+def ndjson(items):
+    for item in items:
+        yield json.dumps(item) + "\n"
+
+
+def sse_format(event):
+    """One Server-Sent Event: ``event:`` line, one ``data:`` line of JSON, a blank line."""
+    return "event: %s\ndata: %s\n\n" % (event["type"], json.dumps(event))
+
+
+def set_security_headers():
+    bottle.response.set_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+    bottle.response.set_header("X-Content-Type-Options", "nosniff")
+
+
+class ErrorReplies:
+    """The one place errors become HTTP replies, in the error format of the API that was asked.
+
+    A Bottle plugin: a route's HTTPFailure (or StoreError: a store operation refused) becomes
+    ``{"error": text}``, or for the OpenAI API ``{"error": {"message", "type", "param", "code"}}``;
+    a dict or list it returns becomes JSON. ``guard``, if given, runs before each route and
+    refuses a request by raising HTTPFailure. The not_found, not_allowed and server_error
+    methods answer Bottle's own errors.
+    """
+
+    api = 2
+    OPENAI_TYPES = {400: "invalid_request_error", 404: "not_found_error", 403: "permission_error"}
+
+    def __init__(self, shape="json", guard=None):
+        self.shape = shape  # "json" or "openai"
+        self.guard = guard
+
+    def apply(self, callback, route):
+        return functools.partial(self.answer, callback)
+
+    def answer(self, callback, *args, **kwargs):
+        try:
+            if self.guard is not None:
+                self.guard()
+            result = callback(*args, **kwargs)
+        except HTTPFailure as exc:
+            return self.reply(exc.status, str(exc), exc.extra)
+        except StoreError as exc:
+            return self.reply(400, str(exc))
+        if isinstance(result, (dict, list)):
+            bottle.response.content_type = "application/json"
+            return json.dumps(result)
+        return result
+
+    def reply(self, status, message, extra=None):
+        bottle.response.status = status
+        bottle.response.content_type = "application/json"
+        if self.shape == "openai":
+            return json.dumps({"error": {"message": message, "type": self.OPENAI_TYPES.get(status, "api_error"),
+                                         "param": None, "code": "model_not_found" if status == 404 else None}})
+        body = {"error": message}
+        body.update(extra or {})
+        return json.dumps(body)
+
+    def not_found(self, error):
+        return self.reply(404, "not found: %s" % bottle.request.path)
+
+    def not_allowed(self, error):
+        return self.reply(405, "method %s is not allowed on %s" % (bottle.request.method, bottle.request.path))
+
+    def server_error(self, error):
+        log.error("HTTP 500 on %s: %s", bottle.request.path, error.exception)
+        return self.reply(500, "internal error: %s" % (error.exception or error.body))
+
+
+class HttpApi:
+    """One HTTP API: its routes, on a Bottle app of its own that answers errors in its format.
+
+    Subclasses list their routes in ``routes()``; the callbacks are their own methods.
+    """
+
+    error_shape = "json"
+    loopback_only = False  # the Ollama and OpenAI APIs: this computer only, unless --lan-api
+
+    def __init__(self, node, chat):
+        self.node = node
+        self.chat = chat
+
+    def routes(self):
+        """``[(method, path, callback)]``."""
+        raise NotImplementedError
+
+    def build(self):
+        app = bottle.Bottle()
+        app.install(ErrorReplies(self.error_shape, self.check_client if self.loopback_only else None))
+        for method, path, callback in self.routes():
+            app.route(path, method, callback)
+        return app
+
+    def check_client(self):
+        """Loopback always; LAN clients on private networks only with --lan-api."""
+        address = bottle.request.remote_addr or ""
+        if address.startswith("127.") or address == "::1":
+            return
+        if not (self.node.config.lan_api and _is_private_address(address)):
+            raise HTTPFailure(403, "this node's LLM API answers only this computer; start it with --lan-api "
+                                   "to serve the local network")
+
+
+class PageApi(HttpApi):
+    """The chat page and its API: conversations, their messages and answers, models, live events."""
+
+    def routes(self):
+        conversation = "/api/conversations/<conversation_id>"
+        return [("GET", "/", self.index), ("GET", "/static/<path:path>", self.static),
+                ("GET", "/api/health", self.health), ("GET", "/api/peers", self.peers),
+                ("GET", "/api/conversations", self.list_conversations),
+                ("POST", "/api/conversations", self.create_conversation),
+                ("GET", conversation, self.get_conversation), ("PATCH", conversation, self.patch_conversation),
+                ("DELETE", conversation, self.delete_conversation), ("GET", "/peers", self.seed_peers),
+                ("POST", conversation + "/messages", self.post_message),
+                ("POST", conversation + "/regenerate", self.regenerate),
+                ("GET", "/api/models", self.models), ("GET", "/api/events", self.events)]
+
+    def index(self):
+        return bottle.static_file("index.html", root=STATIC_DIR)
+
+    def static(self, path):
+        return bottle.static_file(path, root=STATIC_DIR)
+
+    def health(self):
+        return self.node.health()
+
+    def peers(self):
+        return self.node.mesh.peers()
+
+    def seed_peers(self):
+        """The original NeuroMesh's view: ``{peer: conversation}`` of what peers wrote."""
+        return self.node.seed_peer_conversations()
+
+    # -- conversations -------------------------------------------------------------
+
+    def list_conversations(self):
+        return self.node.store.list_conversations()
+
+    def create_conversation(self):
+        body = read_json_body()
+        title = body_text(body, "title", limit=200) or "New chat"
+        record = self.node.store.create_conversation(title=title, private=bool(body.get("private")))
+        bottle.response.status = 201
+        return record
+
+    def get_conversation(self, conversation_id):
+        return self.chat.conversation(conversation_id)
+
+    def patch_conversation(self, conversation_id):
+        body = read_json_body()
+        self.chat.conversation(conversation_id)
+        title = body_text(body, "title", limit=200)
+        private = body.get("private")
+        if private is not None and not isinstance(private, bool):
+            raise HTTPFailure(400, "'private' must be true or false")
+        try:
+            return self.node.store.update_conversation(conversation_id, title=title, private=private)
+        except StoreError as exc:
+            raise HTTPFailure(403, str(exc))
+
+    def delete_conversation(self, conversation_id):
+        self.chat.conversation(conversation_id)
+        try:
+            return self.node.store.delete_conversation(conversation_id)
+        except StoreError as exc:
+            raise HTTPFailure(403, str(exc))
+
+    # -- chat in a conversation ---------------------------------------------------------
+
+    def post_message(self, conversation_id):
+        body = read_json_body()
+        content = body_text(body, "content", required=True)
+        sender = body_text(body, "sender", limit=100) or "user"
+        model = body_text(body, "model", limit=200)
+        question = self.chat.add_question(conversation_id, content, sender)
+        if body.get("answer") is False:
+            bottle.response.status = 201
+            return question
+        return self._answer_reply(question, self.chat.answer(conversation_id, model))
+
+    def regenerate(self, conversation_id):
+        body = read_json_body()
+        model = body_text(body, "model", limit=200)
+        return self._answer_reply(None, self.chat.answer(conversation_id, model, regenerate=True))
+
+    def _answer_reply(self, question, events):
+        """SSE to a page that asked for it, else one JSON reply once the answer is stored."""
+        if "text/event-stream" in bottle.request.headers.get("Accept", ""):
+            bottle.response.content_type = "text/event-stream"
+            bottle.response.set_header("Cache-Control", "no-cache")
+            return self._answer_stream(question, events)
+        answer = self.chat.stored_answer(events, user=question)
+        bottle.response.status = 201
+        return {"user": question, "assistant": answer}
+
+    @staticmethod
+    def _answer_stream(question, events):
+        if question is not None:
+            yield "event: user\ndata: %s\n\n" % json.dumps({"message": question})
+        for event in events:
+            yield sse_format(event)
+
+    def models(self):
+        router = self.node.router
+        mesh_models = router.mesh_models()
+        try:
+            default = router.resolve_model(None)
+        except LLMError:
+            default = None
+        return {"models": [{"name": name, "hosts": [{"node_id": i, "name": n, "local": l} for i, n, l in entries]}
+                           for name, entries in mesh_models.items()],
+                "default": default, "llm_hosts": llm_host_count(mesh_models)}
+
+    # -- live events -------------------------------------------------------------------
+
+    def events(self):
+        bottle.response.content_type = "text/event-stream"
+        bottle.response.set_header("Cache-Control", "no-cache")
+        bottle.response.set_header("X-Accel-Buffering", "no")
+        return self._event_stream(self.node.events.subscribe())
+
+    def _event_stream(self, inbox):
+        node = self.node
+        try:
+            yield sse_format({"type": "hello", "data": {"node_id": node.node_id, "name": node.name},
+                              "time": utc_now()})
+            while not node.stopping:
+                try:
+                    event = inbox.get(timeout=node.sse_keepalive)
+                except queue.Empty:
+                    yield ": keep-alive\n\n"  # also how a gone client is noticed
+                    continue
+                yield sse_format(event)
+        finally:
+            node.events.unsubscribe(inbox)
+
+
 def ollama_timestamp():
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f000Z")
 
@@ -3452,227 +3789,18 @@ def ollama_final(model, done, started, key):
     return final
 
 
-def openai_error(status, message):
-    bottle.response.status = status
-    bottle.response.content_type = "application/json"
-    kind = {400: "invalid_request_error", 404: "not_found_error", 403: "permission_error"}.get(status, "api_error")
-    return json.dumps({"error": {"message": message, "type": kind, "param": None,
-                                 "code": "model_not_found" if status == 404 else None}})
+class OllamaApi(HttpApi):
+    """Ollama's API, answered by the whole mesh (and the original NeuroMesh's ``/api/chat``)."""
 
+    loopback_only = True
 
-def ndjson(items):
-    for item in items:
-        yield json.dumps(item) + "\n"
+    def routes(self):
+        return [("GET", "/api/tags", self.tags), ("GET", "/api/ps", self.ps), ("GET", "/api/version", self.version),
+                ("POST", "/api/chat", self.post_chat), ("POST", "/api/generate", self.post_generate)]
 
-
-def sse_format(event):
-    """One Server-Sent Event: ``event:`` line, one ``data:`` line of JSON, a blank line."""
-    return "event: %s\ndata: %s\n\n" % (event["type"], json.dumps(event))
-
-
-def build_app(node):
-    """The Bottle application of ``node``: the page and the HTTP API."""
-    app = bottle.Bottle()
-    store = node.store
-
-    @app.hook("after_request")
-    def security_headers():
-        bottle.response.set_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
-        bottle.response.set_header("X-Content-Type-Options", "nosniff")
-
-    @app.get("/")
-    def index():
-        return bottle.static_file("index.html", root=STATIC_DIR)
-
-    @app.get("/static/<path:path>")
-    def static(path):
-        return bottle.static_file(path, root=STATIC_DIR)
-
-    @app.get("/api/health")
-    @json_route
-    def health():
-        return node.health()
-
-    @app.get("/api/peers")
-    @json_route
-    def peers():
-        return node.mesh.peers()
-
-    # -- conversations -------------------------------------------------------------
-
-    def own_conversation(conversation_id):
-        conversation = store.get_conversation(conversation_id)
-        if conversation is None:
-            raise HTTPFailure(404, "no conversation %s" % safe_text(conversation_id, 80))
-        return conversation
-
-    @app.get("/api/conversations")
-    @json_route
-    def list_conversations():
-        return store.list_conversations()
-
-    @app.post("/api/conversations")
-    @json_route
-    def create_conversation():
-        body = read_json_body()
-        title = body_text(body, "title", limit=200) or "New chat"
-        entry_conversation = store.create_conversation(title=title, private=bool(body.get("private")))
-        bottle.response.status = 201
-        return entry_conversation
-
-    @app.get("/api/conversations/<conversation_id>")
-    @json_route
-    def get_conversation(conversation_id):
-        return own_conversation(conversation_id)
-
-    @app.route("/api/conversations/<conversation_id>", method="PATCH")
-    @json_route
-    def patch_conversation(conversation_id):
-        body = read_json_body()
-        own_conversation(conversation_id)
-        title = body_text(body, "title", limit=200)
-        private = body.get("private")
-        if private is not None and not isinstance(private, bool):
-            raise HTTPFailure(400, "'private' must be true or false")
-        try:
-            record = store.update_conversation(conversation_id, title=title, private=private)
-        except StoreError as exc:
-            raise HTTPFailure(403, str(exc))
-        return record
-
-    @app.delete("/api/conversations/<conversation_id>")
-    @json_route
-    def delete_conversation(conversation_id):
-        own_conversation(conversation_id)
-        try:
-            record = store.delete_conversation(conversation_id)
-        except StoreError as exc:
-            raise HTTPFailure(403, str(exc))
-        return record
-
-    @app.get("/peers")
-    @json_route
-    def seed_peers():
-        """The original NeuroMesh's view: ``{peer: conversation}`` of what peers wrote."""
-        return node.seed_peer_conversations()
-
-    # -- chat in a conversation (the page) ---------------------------------------------
-
-    def conversation_chat(conversation_id, model, regenerate=False):
-        """Events of one answer in a conversation; the answer is stored when it is done.
-
-        The request is checked here, before any reply is sent; the events come from a generator.
-        """
-        conversation = own_conversation(conversation_id)
-        history = [{"role": m["role"], "content": m["content"]} for m in conversation["messages"]]
-        if regenerate:
-            while history and history[-1]["role"] == "assistant":
-                history.pop()
-            if not history:
-                raise HTTPFailure(400, "nothing to regenerate: the conversation has no question yet")
-        return answer_events(conversation_id, model, history)
-
-    def answer_events(conversation_id, model, history):
-        budget = int(SAMPLING_DEFAULTS["num_ctx"] * 3)  # about 4 characters a token, room left to answer
-        parts = []
-        for event in stream_chat(node.router, model, fit_history(history, budget)):
-            if event["type"] == "token":
-                parts.append(event["content"])
-            elif event["type"] == "done":
-                try:
-                    entry = store.add_message(
-                        conversation_id, "assistant", "".join(parts) or "(empty answer)", "LLM",
-                        host_info={"hostname": event["node_name"], "ip_address": "", "is_llm_host": True},
-                        model=event["model"], answered_by=event["node_id"], answered_by_name=event["node_name"],
-                        tokens_per_second=event.get("tokens_per_second"))
-                except StoreError as exc:  # e.g. the conversation was deleted while it was answered
-                    yield {"type": "error", "error": "the answer could not be stored: %s" % exc,
-                           "status": 409, "partial": True}
-                    return
-                event = dict(event, message=store.message_from_entry(entry))
-            yield event
-
-    def chat_reply(user_message, events):
-        """SSE to a page that asked for it, else one JSON reply once the answer is stored."""
-        if "text/event-stream" in bottle.request.headers.get("Accept", ""):
-            bottle.response.content_type = "text/event-stream"
-            bottle.response.set_header("Cache-Control", "no-cache")
-
-            def stream():
-                if user_message is not None:
-                    yield "event: user\ndata: %s\n\n" % json.dumps({"message": user_message})
-                for event in events:
-                    yield "event: %s\ndata: %s\n\n" % (event["type"], json.dumps(event))
-            return stream()
-        for event in events:
-            if event["type"] == "error":
-                bottle.response.status = event["status"] if not event["partial"] else 502
-                return {"error": event["error"], "user": user_message}
-            if event["type"] == "done":
-                bottle.response.status = 201
-                return {"user": user_message, "assistant": event["message"]}
-        raise HTTPFailure(503, "the answer ended without a result")
-
-    @app.post("/api/conversations/<conversation_id>/messages")
-    @json_route
-    def post_message(conversation_id):
-        body = read_json_body()
-        content = body_text(body, "content", required=True)
-        sender = body_text(body, "sender", limit=100) or "user"
-        model = body_text(body, "model", limit=200)
-        own_conversation(conversation_id)
-        entry = store.add_message(conversation_id, "user", content, sender, host_info=node.host_info())
-        if body.get("answer") is False:
-            bottle.response.status = 201
-            return store.message_from_entry(entry)
-        return chat_reply(store.message_from_entry(entry), conversation_chat(conversation_id, model))
-
-    @app.post("/api/conversations/<conversation_id>/regenerate")
-    @json_route
-    def regenerate(conversation_id):
-        body = read_json_body()
-        return chat_reply(None, conversation_chat(conversation_id, body_text(body, "model", limit=200),
-                                                  regenerate=True))
-
-    @app.get("/api/models")
-    @json_route
-    def models():
-        mesh_models = node.router.mesh_models()
-        try:
-            default = node.router.resolve_model(None)
-        except LLMError:
-            default = None
-        return {"models": [{"name": name, "hosts": [{"node_id": i, "name": n, "local": l} for i, n, l in entries]}
-                           for name, entries in mesh_models.items()],
-                "default": default, "llm_hosts": llm_host_count(mesh_models)}
-
-    # -- the Ollama API, answered by the whole mesh --------------------------------------
-
-    def api_client_allowed():
-        """Loopback always; LAN clients on private networks only with --lan-api."""
-        address = bottle.request.remote_addr or ""
-        if address.startswith("127.") or address == "::1":
-            return True
-        return node.config.lan_api and _is_private_address(address)
-
-    def local_api(function):
-        def wrapper(*args, **kwargs):
-            if not api_client_allowed():
-                message = ("this node's LLM API answers only this computer; start it with --lan-api "
-                           "to serve the local network")
-                if bottle.request.path.startswith("/v1/"):
-                    return openai_error(403, message)
-                return json_error(403, message)
-            return function(*args, **kwargs)
-        wrapper.__name__ = function.__name__
-        return wrapper
-
-    @app.get("/api/tags")
-    @local_api
-    @json_route
-    def ollama_tags():
+    def tags(self):
         entries = []
-        for name, hosts in node.router.mesh_models().items():
+        for name, hosts in self.node.router.mesh_models().items():
             entries.append({"name": name, "model": name, "modified_at": ollama_timestamp(), "size": 0,
                             "digest": hashlib.sha256(name.encode()).hexdigest(),
                             "details": {"parent_model": "", "format": "gguf", "family": name.split(":")[0],
@@ -3680,86 +3808,29 @@ def build_app(node):
                             "neuromesh_hosts": [n for _i, n, _l in hosts]})
         return {"models": entries}
 
-    @app.get("/api/ps")
-    @local_api
-    @json_route
-    def ollama_ps():
+    def ps(self):
         running = []
-        for backend in node.router.local:
+        for backend in self.node.router.local:
             if backend.available and backend.slots.in_flight:
                 running += [{"name": m, "model": m, "size": 0, "digest": "", "details": {},
                              "expires_at": ollama_timestamp(), "size_vram": 0} for m in backend.models]
         return {"models": running}
 
-    @app.get("/api/version")
-    @local_api
-    @json_route
-    def ollama_version():
-        for backend in node.router.local:
+    def version(self):
+        for backend in self.node.router.local:
             if isinstance(backend, OllamaBackend) and backend.available:
                 version = backend.version()
                 if version:
                     return {"version": version}
         return {"version": "0.0.0"}
 
-    def ollama_answer(body, messages, key):
-        """Streams (NDJSON) or returns one JSON object, as Ollama does; ``key`` shapes the text."""
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            return json_error(400, "model is required")
-        options = body.get("options") if isinstance(body.get("options"), dict) else {}
-        started = time.monotonic()
-        events = stream_chat(node.router, model, messages, options)
-        first = first_answer_event(events)
-        if first["type"] == "error":
-            return json_error(first["status"], first["error"])
-        model = first.get("model", model)
-
-        def chunks():
-            for event in itertools.chain([first], events):
-                if event["type"] == "token":
-                    chunk = {"model": model, "created_at": ollama_timestamp(), "done": False}
-                    chunk.update(key(event["content"]))
-                    yield chunk
-                elif event["type"] == "done":
-                    yield ollama_final(model, event, started, key)
-                elif event["type"] == "error":
-                    yield {"error": event["error"]}
-
-        if body.get("stream", True) is False:
-            text, final = [], None
-            for event in itertools.chain([first], events):
-                if event["type"] == "token":
-                    text.append(event["content"])
-                elif event["type"] == "done":
-                    final = ollama_final(model, event, started, key)
-                elif event["type"] == "error":
-                    return json_error(502, event["error"])
-            final.update(key("".join(text)))
-            bottle.response.content_type = "application/json"
-            return json.dumps(final)
-        bottle.response.content_type = "application/x-ndjson"
-        return ndjson(chunks())
-
-    def chat_key(text):
-        return {"message": {"role": "assistant", "content": text}}
-
-    def generate_key(text):
-        return {"response": text}
-
-    @app.post("/api/chat")
-    @local_api
-    @json_route
-    def ollama_chat():
+    def post_chat(self):
         body = read_json_body()
         if isinstance(body.get("message"), str) and "messages" not in body and "model" not in body:
-            return seed_chat(body)
-        return ollama_answer(body, clean_chat_messages(body.get("messages")), chat_key)
+            return self._seed_chat(body)
+        return self._answer(body, clean_chat_messages(body.get("messages")), self._chat_text)
 
-    @app.post("/api/generate")
-    @local_api
-    @json_route
-    def ollama_generate():
+    def post_generate(self):
         body = read_json_body()
         prompt = body.get("prompt") or ""
         if not isinstance(prompt, str):
@@ -3767,158 +3838,164 @@ def build_app(node):
         messages = [{"role": "user", "content": prompt}]
         if isinstance(body.get("system"), str) and body["system"]:
             messages.insert(0, {"role": "system", "content": body["system"]})
-        return ollama_answer(body, messages, generate_key)
+        return self._answer(body, messages, self._generate_text)
 
-    def seed_chat(body):
+    def _seed_chat(self, body):
         """The original NeuroMesh's ``POST /api/chat {message, sender}``, kept in the default conversation."""
         content = body_text(body, "message", required=True)
         sender = body_text(body, "sender", limit=100) or "user"
-        conversation = store.default_conversation()
-        store.add_message(conversation["id"], "user", content, sender, host_info=node.host_info())
-        for event in conversation_chat(conversation["id"], body_text(body, "model", limit=200)):
-            if event["type"] == "error":
-                raise HTTPFailure(event["status"] if not event["partial"] else 502, event["error"])
-            if event["type"] == "done":
-                return seed_message(event["message"])
-        raise HTTPFailure(503, "the answer ended without a result")
+        return seed_message(self.chat.ask_default(content, sender, body_text(body, "model", limit=200)))
 
-    # -- the OpenAI API ---------------------------------------------------------------------
-
-    @app.get("/v1/models")
-    @local_api
-    @json_route
-    def openai_models():
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": int(node.started_wall), "owned_by": hosts[0][1]}
-            for name, hosts in node.router.mesh_models().items()]}
-
-    @app.post("/v1/chat/completions")
-    @local_api
-    def openai_chat():
-        try:
-            body = read_json_body()
-            messages = clean_chat_messages(body.get("messages"))
-        except HTTPFailure as exc:
-            return openai_error(exc.status, str(exc))
+    def _answer(self, body, messages, key):
+        """Streams (NDJSON) or returns one JSON object, as Ollama does; ``key`` shapes the text."""
         model = body.get("model")
         if not isinstance(model, str) or not model:
-            return openai_error(400, "model is required")
-        options = {}
-        for theirs, ours in (("temperature", "temperature"), ("top_p", "top_p"), ("max_tokens", "num_predict"),
-                             ("max_completion_tokens", "num_predict"), ("seed", "seed")):
-            if isinstance(body.get(theirs), (int, float)) and not isinstance(body.get(theirs), bool):
-                options[ours] = body[theirs]
-        events = stream_chat(node.router, model, messages, options)
-        first = first_answer_event(events)
-        if first["type"] == "error":
-            return openai_error(first["status"], first["error"])
+            raise HTTPFailure(400, "model is required")
+        options = body.get("options") if isinstance(body.get("options"), dict) else {}
+        started = time.monotonic()
+        first, events = self.chat.begin(model, messages, options)
         model = first.get("model", model)
-        completion_id = "chatcmpl-" + uuid.uuid4().hex[:24]
-        created = int(time.time())
+        if body.get("stream", True) is False:
+            parts, done = self.chat.whole(events)
+            final = ollama_final(model, done, started, key)
+            final.update(key("".join(parts)))
+            return final
+        bottle.response.content_type = "application/x-ndjson"
+        return ndjson(translate(events, {"token": functools.partial(self._token_chunk, model, key),
+                                         "done": functools.partial(ollama_final, model, started=started, key=key),
+                                         "error": self._error_chunk}))
 
-        def chunk(delta, finish=None):
-            return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "system_fingerprint": "neuromesh", "choices": [{"index": 0, "delta": delta,
-                                                                    "finish_reason": finish}]}
+    @staticmethod
+    def _token_chunk(model, key, event):
+        chunk = {"model": model, "created_at": ollama_timestamp(), "done": False}
+        chunk.update(key(event["content"]))
+        return chunk
 
+    @staticmethod
+    def _error_chunk(event):
+        return {"error": event["error"]}
+
+    @staticmethod
+    def _chat_text(text):
+        return {"message": {"role": "assistant", "content": text}}
+
+    @staticmethod
+    def _generate_text(text):
+        return {"response": text}
+
+
+class OpenAIApi(HttpApi):
+    """The OpenAI API (``/v1/models``, ``/v1/chat/completions``), answered by the whole mesh."""
+
+    error_shape = "openai"
+    loopback_only = True
+    OPTIONS = (("temperature", "temperature"), ("top_p", "top_p"), ("max_tokens", "num_predict"),
+               ("max_completion_tokens", "num_predict"), ("seed", "seed"))
+
+    def routes(self):
+        return [("GET", "/v1/models", self.models), ("POST", "/v1/chat/completions", self.post_chat)]
+
+    def models(self):
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": int(self.node.started_wall), "owned_by": hosts[0][1]}
+            for name, hosts in self.node.router.mesh_models().items()]}
+
+    def post_chat(self):
+        body = read_json_body()
+        messages = clean_chat_messages(body.get("messages"))
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise HTTPFailure(400, "model is required")
+        options = {ours: body[theirs] for theirs, ours in self.OPTIONS
+                   if isinstance(body.get(theirs), (int, float)) and not isinstance(body.get(theirs), bool)}
+        first, events = self.chat.begin(model, messages, options)
+        reply = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()),
+                 "model": first.get("model", model)}
         if body.get("stream") is True:
             bottle.response.content_type = "text/event-stream"
             bottle.response.set_header("Cache-Control", "no-cache")
+            return self._stream(reply, events)
+        parts, done = self.chat.whole(events)
+        count = done.get("eval_count") or len(parts)
+        return {"id": reply["id"], "object": "chat.completion", "created": reply["created"],
+                "model": reply["model"], "system_fingerprint": "neuromesh",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
+                             "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 0, "completion_tokens": count, "total_tokens": count}}
 
-            def stream():
-                yield "data: %s\n\n" % json.dumps(chunk({"role": "assistant", "content": ""}))
-                for event in itertools.chain([first], events):
-                    if event["type"] == "token":
-                        yield "data: %s\n\n" % json.dumps(chunk({"content": event["content"]}))
-                    elif event["type"] == "done":
-                        yield "data: %s\n\n" % json.dumps(chunk({}, "stop"))
-                    elif event["type"] == "error":
-                        yield "data: %s\n\n" % json.dumps({"error": {"message": event["error"], "type": "api_error"}})
-                yield "data: [DONE]\n\n"
-            return stream()
-        text, count = [], 0
-        for event in itertools.chain([first], events):
-            if event["type"] == "token":
-                text.append(event["content"])
-            elif event["type"] == "done":
-                count = event.get("eval_count") or len(text)
-            elif event["type"] == "error":
-                return openai_error(502, event["error"])
-        bottle.response.content_type = "application/json"
-        return json.dumps({"id": completion_id, "object": "chat.completion", "created": created, "model": model,
-                           "system_fingerprint": "neuromesh",
-                           "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
-                                        "finish_reason": "stop"}],
-                           "usage": {"prompt_tokens": 0, "completion_tokens": count, "total_tokens": count}})
+    def _stream(self, reply, events):
+        yield self._chunk(reply, {"role": "assistant", "content": ""})
+        yield from translate(events, {"token": functools.partial(self._token_chunk, reply),
+                                      "done": functools.partial(self._stop_chunk, reply),
+                                      "error": self._error_line})
+        yield "data: [DONE]\n\n"
 
-    # -- the relay: peers that were granted access use this node's own LLM ----------------
+    @staticmethod
+    def _chunk(reply, delta, finish=None):
+        return "data: %s\n\n" % json.dumps({
+            "id": reply["id"], "object": "chat.completion.chunk", "created": reply["created"],
+            "model": reply["model"], "system_fingerprint": "neuromesh",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
 
-    @app.post(RELAY_PATH)
-    def relay_chat():
+    def _token_chunk(self, reply, event):
+        return self._chunk(reply, {"content": event["content"]})
+
+    def _stop_chunk(self, reply, event):
+        return self._chunk(reply, {}, "stop")
+
+    @staticmethod
+    def _error_line(event):
+        return "data: %s\n\n" % json.dumps({"error": {"message": event["error"], "type": "api_error"}})
+
+
+class RelayApi(HttpApi):
+    """The relay: peers that were granted access (LREQ:) chat with this node's own LLM."""
+
+    def routes(self):
+        return [("POST", RELAY_PATH, self.post_chat)]
+
+    def post_chat(self):
         header = bottle.request.headers.get("Authorization", "")
-        if not node.router.token_is_valid(header[7:] if header.startswith("Bearer ") else ""):
-            return json_error(401, "no valid LLM access token: ask for access over the mesh link (LREQ:)")
-        try:
-            body = read_json_body()
-            messages = clean_chat_messages(body.get("messages"))
-        except HTTPFailure as exc:
-            return json_error(exc.status, str(exc))
+        if not self.node.router.token_is_valid(header[7:] if header.startswith("Bearer ") else ""):
+            raise HTTPFailure(401, "no valid LLM access token: ask for access over the mesh link (LREQ:)")
+        body = read_json_body()
+        messages = clean_chat_messages(body.get("messages"))
         model = body.get("model") if isinstance(body.get("model"), str) else None
         options = body.get("options") if isinstance(body.get("options"), dict) else {}
-        events = stream_chat(node.router, model, messages, options, local_only=True)
+        events = self.chat.stream(model, messages, options, local_only=True)
         bottle.response.content_type = "application/x-ndjson"
+        return ndjson(translate(events, {"queued": self._queued_line, "token": self._token_line,
+                                         "done": self._done_line, "error": self._error_line}))
 
-        def lines():
-            for event in events:
-                if event["type"] == "queued":
-                    yield {"queued": event["position"], "node_name": event["node_name"]}
-                elif event["type"] == "token":
-                    yield {"message": {"role": "assistant", "content": event["content"]}, "done": False}
-                elif event["type"] == "done":
-                    yield {"done": True, "done_reason": event.get("done_reason") or "stop",
-                           "eval_count": event.get("eval_count"), "tokens_per_second": event.get("tokens_per_second")}
-                elif event["type"] == "error":
-                    yield {"error": event["error"], "status": event["status"]}
-        return ndjson(lines())
+    @staticmethod
+    def _queued_line(event):
+        return {"queued": event["position"], "node_name": event["node_name"]}
 
-    # -- live events -------------------------------------------------------------------
+    @staticmethod
+    def _token_line(event):
+        return {"message": {"role": "assistant", "content": event["content"]}, "done": False}
 
-    @app.get("/api/events")
-    def events():
-        bottle.response.content_type = "text/event-stream"
-        bottle.response.set_header("Cache-Control", "no-cache")
-        bottle.response.set_header("X-Accel-Buffering", "no")
-        inbox = node.events.subscribe()
+    @staticmethod
+    def _done_line(event):
+        return {"done": True, "done_reason": event.get("done_reason") or "stop",
+                "eval_count": event.get("eval_count"), "tokens_per_second": event.get("tokens_per_second")}
 
-        def stream():
-            try:
-                yield sse_format({"type": "hello", "data": {"node_id": node.node_id, "name": node.name},
-                                  "time": utc_now()})
-                while not node.stopping:
-                    try:
-                        event = inbox.get(timeout=node.sse_keepalive)
-                    except queue.Empty:
-                        yield ": keep-alive\n\n"  # also how a gone client is noticed
-                        continue
-                    yield sse_format(event)
-            finally:
-                node.events.unsubscribe(inbox)
+    @staticmethod
+    def _error_line(event):
+        return {"error": event["error"], "status": event["status"]}
 
-        return stream()
 
-    @app.error(404)
-    def not_found(error):
-        return json_error(404, "not found: %s" % bottle.request.path)
-
-    @app.error(405)
-    def not_allowed(error):
-        return json_error(405, "method %s is not allowed on %s" % (bottle.request.method, bottle.request.path))
-
-    @app.error(500)
-    def server_error(error):
-        log.error("HTTP 500 on %s: %s", bottle.request.path, error.exception)
-        return json_error(500, "internal error: %s" % (error.exception or error.body))
-
+def build_app(node):
+    """The Bottle application of ``node``: every API's routes on one app, one chat room behind them."""
+    chat = ChatService(node.router, node.store, node.host_info)
+    app = bottle.Bottle()
+    for api in (PageApi, OllamaApi, OpenAIApi, RelayApi):
+        app.merge(api(node, chat).build())
+    app.add_hook("after_request", set_security_headers)
+    errors = ErrorReplies()
+    app.error(404, errors.not_found)
+    app.error(405, errors.not_allowed)
+    app.error(500, errors.server_error)
     return app
 
 

@@ -310,3 +310,157 @@ def make_original_layout(root):
 def original_layout(tmp_path):
     """A folder in the original NeuroMesh layout that the test made itself."""
     return make_original_layout(tmp_path / "original")
+
+###############################################################################
+# In-process fixtures: a Router over scripted backends, a stub node, WSGI calls
+###############################################################################
+#
+# These run the web app and the router inside the test process, without sockets.
+
+import io  # noqa: E402
+import threading  # noqa: E402
+import types  # noqa: E402
+import uuid  # noqa: E402
+from wsgiref.util import setup_testing_defaults  # noqa: E402
+
+import neuromesh  # noqa: E402
+
+
+class ScriptedBackend(neuromesh.Backend):
+    """A Backend whose answer is a script: ``reply`` token by token, or a failure.
+
+    fail: None, "refuse" (refused before the first token, so the router fails over) or
+    "midway" (an error after the first token). ``gate``: an Event the answer waits for
+    before it starts, to hold a slot.
+    """
+
+    kind = "scripted"
+
+    def __init__(self, node_name="fake", models=("m1",), reply="Hello from the fake", parallel=1,
+                 fail=None, gate=None, node_id=None):
+        neuromesh.Backend.__init__(self, "scripted://" + node_name, node_id or uuid.uuid4().hex, node_name,
+                                   parallel)
+        self.offer, self.reply, self.fail, self.gate = list(models), reply, fail, gate
+        self.asked = []  # (model, messages) of every chat
+        self.started = threading.Event()
+
+    def probe(self):
+        return list(self.offer)
+
+    def _stream(self, model, messages, options, cancel):
+        self.asked.append((model, messages))
+        self.started.set()
+        if self.gate is not None:
+            self.gate.wait(10)
+        if self.fail == "refuse":
+            raise neuromesh._UpstreamRefused("%s refused" % self.node_name)
+        yield self._start_event(model)
+        words = self.reply.split(" ")
+        for index, word in enumerate(words):
+            yield {"type": "token", "content": word if index == 0 else " " + word}
+            if self.fail == "midway":
+                raise neuromesh.LLMError("%s broke mid-answer" % self.node_name, partial=True)
+        yield dict(self._start_event(model), type="done", eval_count=len(words), done_reason="stop",
+                   tokens_per_second=42.0)
+
+
+class ScriptedPeerBackend(ScriptedBackend):
+    """A scripted backend that stands for a peer's relay (what Router.grants holds)."""
+
+    local = False
+
+    def __init__(self, node_name="peer", models=("m1",), **kwargs):
+        ScriptedBackend.__init__(self, node_name, models, **kwargs)
+        self.peer = types.SimpleNamespace(node_id=self.node_id, name=node_name, models=list(models),
+                                          connected=True, load=None, rtt_ms=1)
+        self.available = True
+
+
+def scripted_router(local=(), peers=(), **settings):
+    """A Router whose backends are the given scripted ones (no Ollama, no network)."""
+    config = neuromesh.Config(ollama_url=None, **settings)
+    router = neuromesh.Router(config, uuid.uuid4().hex, "stub", mesh=None)
+    router.local = list(local)
+    for backend in router.local:
+        backend.refresh()
+        backend.slots.on_change = router.on_change
+    for backend in peers:
+        router.grants[backend.node_id] = backend
+    return router
+
+
+class StubNode:
+    """What the web app needs of a Node: a real Store in a temp dir, a scripted Router, no mesh."""
+
+    sse_keepalive = 0.05
+
+    def __init__(self, tmp_path, router, **settings):
+        self.config = neuromesh.Config(data_dir=str(tmp_path), ollama_url=None, **settings)
+        self.node_id = router.node_id
+        self.name = router.node_name
+        self.started_wall = 1700000000.0
+        self.stopping = False
+        self.router = router
+        self.store = neuromesh.Store(str(tmp_path / "stub.db"), self.node_id, self.name)
+        self.events = neuromesh.EventBus()
+        self.mesh = types.SimpleNamespace(peers=list)
+
+    def health(self):
+        return {"status": "ok", "node_id": self.node_id, "name": self.name}
+
+    def seed_peer_conversations(self):
+        return {}
+
+    def host_info(self):
+        return {"hostname": self.name, "ip_address": "", "is_llm_host": self.router.has_local_llm}
+
+
+class WsgiReply:
+    """Status, headers and body of one WSGI call."""
+
+    def __init__(self, status, headers, body):
+        self.status = int(status.split()[0])
+        self.headers = dict(headers)
+        self.body = body
+
+    @property
+    def text(self):
+        return self.body.decode("utf-8")
+
+    def json(self):
+        return json.loads(self.text)
+
+    def lines(self):
+        return [json.loads(line) for line in self.text.splitlines() if line.strip()]
+
+
+def wsgi_call(app, method, path, body=None, headers=None, remote="127.0.0.1"):
+    """Calls the WSGI ``app`` once, as a client at ``remote`` would, and reads the whole reply."""
+    environ = {}
+    setup_testing_defaults(environ)
+    raw = body if isinstance(body, bytes) else (b"" if body is None else json.dumps(body).encode("utf-8"))
+    environ.update({"REQUEST_METHOD": method, "PATH_INFO": path, "REMOTE_ADDR": remote,
+                    "wsgi.input": io.BytesIO(raw), "CONTENT_LENGTH": str(len(raw)),
+                    "CONTENT_TYPE": "application/json"})
+    for name, value in (headers or {}).items():
+        environ["HTTP_" + name.upper().replace("-", "_")] = value
+    started = {}
+
+    def start_response(status, response_headers, exc_info=None):
+        started["status"], started["headers"] = status, response_headers
+
+    result = app(environ, start_response)
+    try:
+        data = b"".join(part if isinstance(part, bytes) else part.encode("utf-8") for part in result)
+    finally:
+        if hasattr(result, "close"):
+            result.close()
+    return WsgiReply(started["status"], started["headers"], data)
+
+
+@pytest.fixture
+def stub_node(tmp_path):
+    """A StubNode whose own LLM is one scripted backend offering ``m1``."""
+    node = StubNode(tmp_path, scripted_router(local=[ScriptedBackend("stub-llm")]))
+    yield node
+    node.store.close()

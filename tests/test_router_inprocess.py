@@ -1,0 +1,94 @@
+"""The Router in-process, over scripted backends: which LLM answers, failover, the FIFO queue."""
+
+import threading
+
+import pytest
+
+import neuromesh
+from conftest import ScriptedBackend, ScriptedPeerBackend, scripted_router, wait_for
+
+USER = [{"role": "user", "content": "Hi?"}]
+
+
+def answer(router, model="m1", on_queue=None, messages=USER):
+    """(who answered, text) of one chat."""
+    events = list(router.chat(model, messages, on_queue=on_queue))
+    text = "".join(event["content"] for event in events if event["type"] == "token")
+    assert events[0]["type"] == "start" and events[-1]["type"] == "done"
+    return events[-1]["node_name"], text
+
+
+def test_the_local_llm_answers_first():
+    local, peer = ScriptedBackend("home", reply="local answer"), ScriptedPeerBackend("away")
+    router = scripted_router(local=[local], peers=[peer])
+    assert answer(router) == ("home", "local answer")
+    assert peer.asked == []
+    assert router.candidates("m1") == [local, peer]
+
+
+def test_an_idle_peer_goes_first_when_the_local_llm_is_full():
+    local, peer = ScriptedBackend("home", gate=threading.Event()), ScriptedPeerBackend("away")
+    router = scripted_router(local=[local], peers=[peer])
+    holder = threading.Thread(target=answer, args=(router,))
+    holder.start()
+    try:
+        assert local.started.wait(5)
+        assert router.candidates("m1") == [peer, local]
+    finally:
+        local.gate.set()
+        holder.join(10)
+
+
+def test_a_backend_failing_before_the_first_token_is_failed_over():
+    broken, working = ScriptedBackend("broken", fail="refuse"), ScriptedBackend("working", reply="still here")
+    router = scripted_router(local=[broken, working])
+    assert answer(router) == ("working", "still here")
+    assert len(broken.asked) == 1 and len(working.asked) == 1
+
+
+def test_a_failing_local_llm_is_failed_over_to_a_peer():
+    router = scripted_router(local=[ScriptedBackend("home", fail="refuse")],
+                             peers=[ScriptedPeerBackend("away", reply="from the peer")])
+    assert answer(router) == ("away", "from the peer")
+    assert not any(router.peer_in_flight.values())
+
+
+def test_a_failure_after_the_first_token_is_not_failed_over():
+    broken, other = ScriptedBackend("broken", fail="midway"), ScriptedBackend("other")
+    router = scripted_router(local=[broken, other])
+    with pytest.raises(neuromesh.LLMError) as caught:
+        list(router.chat("m1", USER))
+    assert caught.value.partial is True and other.asked == []
+
+
+def test_every_backend_failing_is_a_503():
+    router = scripted_router(local=[ScriptedBackend("a", fail="refuse"), ScriptedBackend("b", fail="refuse")])
+    with pytest.raises(neuromesh.LLMError) as caught:
+        list(router.chat("m1", USER))
+    assert caught.value.status == 503 and "a refused" in str(caught.value) and "b refused" in str(caught.value)
+
+
+def test_with_one_slot_chats_queue_in_order_and_hear_their_place():
+    backend = ScriptedBackend("home", parallel=1, gate=threading.Event())
+    router = scripted_router(local=[backend], llm_parallel=1)
+    heard = {"b": [], "c": []}
+
+    def ask(label):
+        on_queue = None if label == "a" else (lambda event: heard[label].append(event["position"]))
+        answer(router, on_queue=on_queue, messages=[{"role": "user", "content": label}])
+
+    threads = {label: threading.Thread(target=ask, args=(label,)) for label in "abc"}
+    threads["a"].start()
+    assert backend.started.wait(5)
+    threads["b"].start()
+    wait_for(lambda: backend.slots.queued == 1, timeout=5, message="b queued")
+    threads["c"].start()
+    wait_for(lambda: backend.slots.queued == 2 and heard["c"], timeout=5, message="c queued")
+    assert backend.slots.load() == {"in_flight": 1, "queued": 2, "parallel": 1}
+    backend.gate.set()
+    for thread in threads.values():
+        thread.join(10)
+    assert [messages[0]["content"] for _model, messages in backend.asked] == ["a", "b", "c"]
+    assert heard["b"] == [1]
+    assert heard["c"] in ([2], [2, 1])  # 1 too, unless b was done before c looked again
+    assert backend.slots.load() == {"in_flight": 0, "queued": 0, "parallel": 1}
