@@ -5,13 +5,29 @@ Run ``python neuromesh.py`` on every machine of a room. Nodes find each other by
 broadcast, link over framed TCP, tell each other who has an LLM (Ollama or an
 OpenAI-compatible server), keep conversations synced, and serve a chat page in the browser.
 
-One module, synchronous and threaded, standard library plus three small pure-Python
+One module, synchronous and threaded, standard library plus a few small pure-Python
 packages (``requests``, ``bottle``, ``ifaddr``) that ``install.sh`` puts into ``_vendor/``
 beside this file. Runs on Python 3.9 and newer.
 
-Sections, in order: imports, constants, exceptions, utilities, configuration, wire
-protocol, store, discovery, peer links, events, sync, LLM backends and routing, web app,
-node, CLI.
+The rooms of this file, in the order data flows (each section a room)::
+
+    helpers, config, wire           Config, frames (marker + u64 LE length + JSON)
+    store                           Database -> EntryLog (per-origin logs) -> Store
+    seed files                      SeedFiles: the original NeuroMesh's JSON layout
+    discovery, peer links           Discovery (UDP), DialPlan, LinkIO (sockets), Mesh
+    events, sync                    EventBus (SSE), SyncWorker (SYNC/FILE, push)
+    llm                             Backend: Ollama/OpenAI/PeerBackend (relay); Router
+    chat                            ChatService: ask, regenerate, history, store answers
+    http apis                       PageApi, OllamaApi, OpenAIApi, RelayApi, ErrorReplies
+    node, cli                       Node (a MeshListener) builds and wires the rooms; main()
+
+A chat: PageApi.post_message -> ChatService.add_question -> Store.add_message ->
+ChatService.answer -> ChatService.stream -> Router.chat -> Backend.chat (a PeerBackend
+crosses to the host's RelayApi) -> token events -> PageApi streams SSE ->
+ChatService._store_answer -> Store.add_message -> Node._local_entries -> SyncWorker.push.
+
+A synced message: LinkIO reads a frame -> FrameDecoder -> Mesh.link_frame ->
+Node.frame -> SyncWorker -> Store.apply_entries -> EventBus -> the page's SSE.
 """
 
 __version__ = "0.1.0"
