@@ -516,3 +516,44 @@ def test_seal_and_check_cost():
     per_frame = (time.perf_counter() - started) / count
     print("seal+check of a small frame: %.2f us" % (per_frame * 1e6))
     assert per_frame < 200e-6
+
+
+# -- real nodes (black box) ---------------------------------------------------------------------
+
+
+def _titles(node):
+    return {record["title"] for record in node.json("/api/conversations")}
+
+
+@pytest.fixture
+def fake_llm():
+    from fake_ollama import FakeOllama
+    fake = FakeOllama(models=("secret-model:1b",)).start()
+    yield fake
+    fake.stop()
+
+
+def _models(node):
+    return {entry["name"] for entry in node.json("/api/models")["models"]}
+
+
+def test_real_nodes_with_the_key_share_and_strangers_learn_nothing(cluster, fake_llm):
+    a = cluster.start("a", extra=["--mesh-key", KEY, "--ollama-url", fake_llm.url])
+    b = cluster.start("b", extra=["--mesh-key", KEY])
+    wrong = cluster.start("wrong", extra=["--mesh-key", "not the code", "--peer", "127.0.0.1:%d" % a.tcp_port])
+    stranger = cluster.start("open", extra=["--peer", "127.0.0.1:%d" % a.tcp_port])
+    assert a.post("/api/conversations", json={"title": "room secret chat"}).status_code == 201
+    wait_for(lambda: b.node_id in a.connected_ids() and "room secret chat" in _titles(b)
+             and "secret-model:1b" in _models(b), message="A and B share chats and the LLM")
+    wait_for(lambda: a.health()["counters"].get("unauthenticated_datagrams", 0) >= 1
+             and a.health()["counters"].get("protocol_errors", 0) >= 2, message="A refused the strangers")
+    for node in (wrong, stranger):
+        assert node.peers() == [] and "room secret chat" not in _titles(node)
+        assert _models(node) == set()
+    assert {peer["node_id"] for peer in a.peers()} == {b.node_id}
+    health = a.health()
+    assert health["room"]["closed"] is True and len(health["room"]["key_hash"]) == 8
+    assert health["room"]["key_hash"] == b.health()["room"]["key_hash"] != wrong.health()["room"]["key_hash"]
+    assert stranger.health()["room"] == {"closed": False, "key_hash": None}
+    assert KEY not in str(health) and KEY not in a.log() and "Room: closed by a room code" in a.log()
+    assert "Room: open" in stranger.log()
