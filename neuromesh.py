@@ -850,6 +850,9 @@ class FrameDecoder:
         if marker not in MARKERS:
             raise ProtocolError("unknown frame marker %s" % safe_text(bytes(marker)))
         if self.cipher is None:
+            if marker == HELLO and length > HANDSHAKE_MAX_SIZE:
+                raise ProtocolError("peer runs an older NeuroMesh (protocol 1: HELO: before the key proof): "
+                                    "upgrade it")
             if length > min(self.max_size, HANDSHAKE_MAX_SIZE):
                 raise ProtocolError("frame of %d bytes is over the limit of %d before the key proof"
                                     % (length, min(self.max_size, HANDSHAKE_MAX_SIZE)))
