@@ -2679,7 +2679,8 @@ class MeshListener:
 
 class Mesh:
     """Keeps one framed TCP link to each peer, on one thread with one selector: the handshake,
-    heartbeats and peer exchange (Discovery, DialPlan and LinkIO do the rest).
+    heartbeats and peer exchange (Discovery, DialPlan and LinkIO do the rest). Its room key
+    comes from --mesh-key (the public open-room key without one) and is never shown.
 
     Methods for the caller (any thread): ``start()``, ``serve_forever()`` (on its own
     thread), ``shutdown()``, ``send(peer_id, marker, payload)``, ``broadcast(marker,
