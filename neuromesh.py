@@ -866,7 +866,8 @@ class FrameDecoder:
         try:
             payload = json.loads(body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: [[[[...
-            raise ProtocolError("bad JSON in a %s frame: %s" % (marker.decode("ascii"), safe_text(str(exc), 120)))
+            raise ProtocolError("bad JSON in a %s frame: %s"
+                                % (marker.decode("ascii"), safe_text(str(exc), 120)))
         if not isinstance(payload, dict):
             raise ProtocolError("a %s frame must carry a JSON object" % marker.decode("ascii"))
         return payload
@@ -2057,7 +2058,8 @@ class Discovery:
     def announce(self, kind, hello):
         if self.sock is None:
             return
-        datagram = tag_datagram(self.room_key, self.make_announcement(kind, public_announcement(hello, self.room_key)))
+        announcement = self.make_announcement(kind, public_announcement(hello, self.room_key))
+        datagram = tag_datagram(self.room_key, announcement)
         for address in self.broadcast_addresses:
             try:
                 self.sock.sendto(datagram, (address, self.udp_port))
@@ -2228,7 +2230,8 @@ class PeerTable(dict):
         """Forget unlinked peers silent for ``forget_after`` s, strangers after ``stranger_ttl`` s."""
         now = time.time()
         for node_id, peer in list(self.items()):
-            if not peer.connected and peer.last_seen < now - (forget_after if peer.ever_linked else stranger_ttl):
+            ttl = forget_after if peer.ever_linked else stranger_ttl
+            if not peer.connected and peer.last_seen < now - ttl:
                 del self[node_id]
 
 
@@ -2374,8 +2377,8 @@ class LinkIO:
     after it is sealed. Links from or to public addresses are refused unless ``allow_public``.
     It tells its ``owner`` (the Mesh): ``owner.hello_frame()`` is sent first once the peer
     proved the key, ``owner.link_frame(link, marker, payload)`` gets each frame received
-    after that (a ProtocolError closes the link) and ``owner.link_closed(link, reason)`` is told after a link's socket
-    is closed. Methods for the owner: ``listen(host, port)``, ``watch(sock, handler)``,
+    after that (a ProtocolError closes the link) and ``owner.link_closed(link, reason)``
+    is told after a link's socket is closed. Methods for the owner: ``listen(host, port)``, ``watch(sock, handler)``,
     ``dial(target)``, ``queue(link, frame)``, ``close(link, reason)``, ``select(timeout)``,
     ``dispatch(events)``, ``close_links(goodbye)`` and ``close_sockets()``.
     """
@@ -2571,8 +2574,8 @@ class LinkIO:
         except ProtocolError as exc:
             self.counters["protocol_errors"] += 1
             text = str(exc)
-            log_limited(logging.WARNING, ("protocol error", link.address[0], text[:30]), "closing link to %s:%s: %s",
-                        link.address[0], link.address[1], text)
+            log_limited(logging.WARNING, ("protocol error", link.address[0], text[:30]),
+                        "closing link to %s:%s: %s", link.address[0], link.address[1], text)
             self.close(link, text)
 
     def _connected_peer_allowed(self, link):
