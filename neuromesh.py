@@ -33,7 +33,7 @@ Node.frame -> SyncWorker -> Store.apply_entries -> EventBus -> the page's SSE.
 __version__ = "0.1.0"
 __license__ = "MIT"
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the key proof (HI!!:, AUTH:) and sealed frames
 
 ###############################################################################
 # Imports and the _vendor shim ################################################
@@ -47,6 +47,7 @@ import functools
 import ipaddress
 import itertools
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -61,6 +62,7 @@ import struct
 import sys
 import threading
 import time
+import unicodedata
 import uuid
 import webbrowser
 from datetime import datetime, timedelta, timezone
@@ -114,6 +116,8 @@ DEFAULTS = {
     "no_share_llm": False,
     "llm_parallel": 1,
     "lan_api": False,
+    "mesh_key": None,
+    "allow_public": False,
 }
 STATIC_DIR = os.path.join(HERE, "neuromesh_static")
 RUNTIME_FILE = "runtime.json"
@@ -217,6 +221,46 @@ def close_quietly(sock):
         pass
 
 
+class LogOnce:
+    """Logs a message once per ``interval`` for each key (e.g. a peer's address and the kind
+    of error); the repeats in between are counted and told with the next one that is logged.
+    Thread-safe; it keeps at most ``max_keys`` keys, so a flood of keys cannot grow it.
+    """
+
+    def __init__(self, interval=60.0, max_keys=1024):
+        self.interval = interval
+        self.max_keys = max_keys
+        self._lock = threading.Lock()
+        self._next = {}  # key -> monotonic time when it may be logged again
+        self._suppressed = collections.Counter()
+
+    def log(self, level, key, message, *args):
+        """Log ``message % args`` at ``level`` unless ``key`` was logged within the interval."""
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next.get(key, 0.0):
+                self._suppressed[key] += 1
+                return False
+            if len(self._next) >= self.max_keys:
+                self._next = {k: t for k, t in self._next.items() if t > now}
+                if len(self._next) >= self.max_keys:
+                    self._next.clear()
+            self._next[key] = now + self.interval
+            repeats = self._suppressed.pop(key, 0)
+        if repeats:
+            message += " (and %d more like it since the last such line)" % repeats
+        log.log(level, message, *args)
+        return True
+
+
+_log_once = LogOnce()
+
+
+def log_limited(level, key, message, *args):
+    """``log.log(level, message, *args)``, at most once a minute per ``key`` (see LogOnce)."""
+    return _log_once.log(level, key, message, *args)
+
+
 ###############################################################################
 # Configuration ###############################################################
 ###############################################################################
@@ -269,6 +313,13 @@ def parse_bool(text):
     raise ValueError("not a yes/no value: %r" % (text,))
 
 
+def parse_mesh_key(text):
+    """A room code, trimmed; its text never goes into an error message."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("the room code is empty")
+    return text.strip()
+
+
 def _string_list(value):
     if isinstance(value, (list, tuple)):
         return [str(item) for item in value]
@@ -303,9 +354,13 @@ SETTINGS = {
     "llm_parallel": (lambda text: max(1, int(text)), "chats one LLM answers at once; the rest queue (default: 1)"),
     "lan_api": (parse_bool, "let other machines of the private network use this node's Ollama and "
                             "OpenAI API (default: this computer only)"),
+    "mesh_key": (parse_mesh_key, "room code: only nodes with the same code link and "
+                 "learn anything (default: an open room); prefer NEUROMESH_MESH_KEY or the config file, "
+                 "as flags show in `ps`"),
+    "allow_public": (parse_bool, "accept peers and announcements from public (non-private) addresses"),
 }
 LIST_SETTINGS = ("broadcast", "peer")
-FLAG_SETTINGS = ("no_discovery", "no_browser", "no_share_llm", "lan_api")
+FLAG_SETTINGS = ("no_discovery", "no_browser", "no_share_llm", "lan_api", "allow_public")
 
 
 @dataclasses.dataclass
@@ -333,6 +388,8 @@ class Config:
     no_share_llm: bool = False
     llm_parallel: int = 1
     lan_api: bool = False
+    mesh_key: str = dataclasses.field(default=None, repr=False)  # the room code: never shown
+    allow_public: bool = False
 
     @property
     def static_peers(self):
@@ -468,7 +525,11 @@ SYNC = b"SYNC:"        # my version vector
 FILE = b"FILE:"        # entries you are missing
 LLM_REQUEST = b"LREQ:"
 LLM_RESPONSE = b"LRES:"
-MARKERS = frozenset((HELLO, LLM_CAPS, PING, PONG, PEERS, GOODBYE, SYNC, FILE, LLM_REQUEST, LLM_RESPONSE))
+HELLO_NONCE = b"HI!!:"  # key proof, step 1: my fresh nonce and auth version
+AUTH = b"AUTH:"         # key proof, step 2: my proof that I hold the room key
+HANDSHAKE_MARKERS = frozenset((HELLO_NONCE, AUTH))
+MARKERS = frozenset((HELLO, LLM_CAPS, PING, PONG, PEERS, GOODBYE, SYNC, FILE, LLM_REQUEST, LLM_RESPONSE,
+                     HELLO_NONCE, AUTH))
 
 FRAME_HEADER = struct.Struct("<5sQ")
 
@@ -481,15 +542,292 @@ def encode_frame(marker, payload):
     return FRAME_HEADER.pack(marker, len(body)) + body
 
 
+# Mesh authentication. Every link starts with a key proof, keyed or not (one code path):
+#   both ends:  HI!!: {"v": 1, "n": <32-byte nonce, hex>}        (plain: reveals nothing)
+#   both ends:  AUTH: {"p": <HMAC proof of the link key, hex>}   (plain: a MAC, not the key)
+#   then every frame, HELO: first, is sealed: the frame followed by a 16-byte tag,
+#   HMAC-SHA256(direction key, u64 sequence number + header + body), not counted in the length.
+# Without --mesh-key the room key is OPEN_ROOM_KEY, which is public: the mesh is open but runs
+# the same handshake. This authenticates; it does not encrypt (a LAN sniffer reads frames).
+# Discovery datagrams are b"NMK1" + 32-byte HMAC tag + the JSON announcement.
+
+TAG_SIZE = 16                 # bytes of HMAC-SHA256 carried after each sealed frame
+NONCE_SIZE = 32
+HANDSHAKE_MAX_SIZE = 4096     # largest frame a peer may send before it proved the key
+AUTH_VERSION = 1
+DATAGRAM_MAGIC = b"NMK1"
+DATAGRAM_TAG_SIZE = 32
+ROOM_KDF_ITERATIONS = 200000  # PBKDF2: slows offline guessing of a weak room code (~0.1 s, once)
+OPEN_ROOM_KEY = hashlib.sha256(b"neuromesh open room v1").digest()  # public by design
+_ROOM_SALT = b"neuromesh room code v1"
+_LINK_LABEL = b"neuromesh link v1"
+_SEQUENCE = struct.Struct("<Q")
+_SEQUENCE_HEADER = struct.Struct("<Q5sQ")  # sequence number + FRAME_HEADER, MAC'd in one update
+
+
+def derive_room_key(code):
+    """The 32-byte room key for a --mesh-key ``code``, or OPEN_ROOM_KEY when ``code`` is None.
+
+    Never log the code or the key; error messages do not include them.
+    """
+    if code is None:
+        return OPEN_ROOM_KEY
+    if not isinstance(code, str):
+        raise TypeError("the mesh key must be text")
+    normalized = unicodedata.normalize("NFC", code).strip()
+    if not normalized:
+        raise ValueError("the mesh key is empty")
+    return hashlib.pbkdf2_hmac("sha256", normalized.encode("utf-8"), _ROOM_SALT,
+                               ROOM_KDF_ITERATIONS, 32)
+
+
+def is_open_room(room_key):
+    """True when ``room_key`` is the public open-room key (no --mesh-key)."""
+    return hmac.compare_digest(room_key, OPEN_ROOM_KEY)
+
+
+def room_status(room_key):
+    """What /api/health may say of the room: closed or open, and a short hash of the key
+    (to compare two nodes' codes), never the code."""
+    closed = not is_open_room(room_key)
+    return {"closed": closed, "key_hash": hashlib.sha256(room_key).hexdigest()[:8] if closed else None}
+
+
+def _subkey(key, label):
+    """A key for one purpose, so one secret never keys two protocols."""
+    return hmac.new(key, b"neuromesh " + label, hashlib.sha256).digest()
+
+
+def tag_datagram(room_key, data):
+    """``data`` (an announcement) as a datagram tagged with the room's discovery key."""
+    tag = hmac.new(_subkey(room_key, b"discovery"), DATAGRAM_MAGIC + data, hashlib.sha256).digest()
+    return DATAGRAM_MAGIC + tag + data
+
+
+def open_datagram(room_key, data):
+    """The announcement in datagram ``data``, or None when it must be dropped unread.
+
+    A tagged datagram passes only with a valid tag for this room. An untagged one passes only
+    on an open node (no --mesh-key); a keyed node never accepts one.
+    """
+    data = bytes(data)
+    if data[:len(DATAGRAM_MAGIC)] != DATAGRAM_MAGIC:
+        return data if is_open_room(room_key) else None
+    start = len(DATAGRAM_MAGIC) + DATAGRAM_TAG_SIZE
+    if len(data) < start:
+        return None
+    body = data[start:]
+    expected = hmac.new(_subkey(room_key, b"discovery"), DATAGRAM_MAGIC + body, hashlib.sha256).digest()
+    return body if hmac.compare_digest(data[len(DATAGRAM_MAGIC):start], expected) else None
+
+
+PUBLIC_ANNOUNCEMENT_FIELDS = ("node_id", "tcp_port", "protocol_version")
+
+
+def public_announcement(hello, room_key):
+    """What a node may announce in the clear: everything when open; when keyed, only what a dial
+    needs (names, models and LLM come in the sealed HELO: once the peer proved the key)."""
+    if is_open_room(room_key):
+        return dict(hello)
+    return {key: hello[key] for key in PUBLIC_ANNOUNCEMENT_FIELDS if key in hello}
+
+
+def _canonical(payload):
+    """Bytes both ends compute alike for a decoded JSON object (for the transcript)."""
+    try:
+        text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    except (TypeError, ValueError, RecursionError):
+        raise ProtocolError("a HI!!: frame that cannot be canonicalized")
+    return text.encode("ascii")
+
+
+def _hex_field(payload, key, size, what):
+    value = payload.get(key)
+    if not isinstance(value, str) or len(value) != 2 * size:
+        raise ProtocolError("%s without a %d-byte %s" % (what, size, key))
+    try:
+        return bytes.fromhex(value)
+    except ValueError:
+        raise ProtocolError("%s with a malformed %s" % (what, key))
+
+
+class LinkSecrets:
+    """The keys of one link, derived from the room key and the handshake transcript.
+
+    ``channel_binding`` is public-safe and unique to the link (for identity signatures later);
+    ``dh_secret`` is the slot for an ephemeral X25519 secret, empty today.
+    """
+
+    def __init__(self, room_key, transcript_hash, dh_secret=b""):
+        prk = hmac.new(transcript_hash, _subkey(room_key, b"handshake") + dh_secret,
+                       hashlib.sha256).digest()  # HKDF-Extract(salt=transcript, ikm)
+
+        def expand(label):  # HKDF-Expand, one block
+            return hmac.new(prk, _LINK_LABEL + b" " + label + b"\x01", hashlib.sha256).digest()
+
+        self.proof_initiator = expand(b"proof initiator")
+        self.proof_responder = expand(b"proof responder")
+        self.mac_initiator = expand(b"mac initiator->responder")
+        self.mac_responder = expand(b"mac responder->initiator")
+        self.channel_binding = expand(b"channel binding")
+
+    def __repr__(self):
+        return "<LinkSecrets>"  # never the keys
+
+
+class Handshake:
+    """Runs one link's key proof, both ends alike: nonce exchange, transcript, proofs; when the
+    peer proved the room key, ``done`` is True and ``cipher`` seals and checks every later frame.
+
+    ``start()`` and ``receive(marker, payload)`` return encoded frames to send, in order. Any
+    misstep (wrong marker, malformed payload, wrong proof) raises ProtocolError and the
+    handshake is failed for good: close the link.
+    """
+
+    def __init__(self, room_key, initiator, nonce=None):
+        self.initiator = initiator  # True on the end that dialed
+        self._room_key = room_key
+        self._nonce = nonce if nonce is not None else secrets.token_bytes(NONCE_SIZE)
+        self._hello = {"v": AUTH_VERSION, "n": self._nonce.hex()}
+        self._state = "new"  # new -> wait_nonce -> wait_proof -> done | failed
+        self.peer_nonce = None
+        self.transcript_hash = None
+        self.secrets = None
+        self.cipher = None
+
+    def __repr__(self):
+        return "<Handshake %s %s>" % ("initiator" if self.initiator else "responder", self._state)
+
+    @property
+    def done(self):
+        return self._state == "done"
+
+    def start(self):
+        """The opening frame(s): my HI!!:. Call once the TCP connection is up."""
+        if self._state != "new":
+            return []
+        self._state = "wait_nonce"
+        return [encode_frame(HELLO_NONCE, self._hello)]
+
+    def receive(self, marker, payload):
+        """Take one unsealed frame from the peer; return the frames to send in reply."""
+        state = self._state
+        self._state = "failed"  # until this step succeeds
+        if state in ("new", "wait_nonce") and marker == HELLO_NONCE:
+            out = [encode_frame(HELLO_NONCE, self._hello)] if state == "new" else []
+            out.append(self._take_nonce(payload))
+            self._state = "wait_proof"
+            return out
+        if state == "wait_proof" and marker == AUTH:
+            self._take_proof(payload)
+            self._state = "done"
+            return []
+        if marker == HELLO:
+            raise ProtocolError("peer %s runs an older NeuroMesh (protocol 1, no key proof): upgrade it"
+                                % safe_text(payload.get("name") if isinstance(payload, dict) else None, 100))
+        name = safe_text(marker.decode("ascii", "replace")) if isinstance(marker, bytes) else "?"
+        raise ProtocolError("%s frame during the key proof (%s)" % (name, state))
+
+    def _take_nonce(self, payload):
+        if not isinstance(payload, dict):
+            raise ProtocolError("a HI!!: frame must carry a JSON object")
+        version = payload.get("v")
+        if not isinstance(version, int) or isinstance(version, bool) or version != AUTH_VERSION:
+            raise ProtocolError("the peer speaks mesh auth version %s, this node %d"
+                                % (safe_text(version, 20), AUTH_VERSION))
+        peer_nonce = _hex_field(payload, "n", NONCE_SIZE, "HI!!: frame")
+        if hmac.compare_digest(peer_nonce, self._nonce):
+            raise ProtocolError("the peer sent this node's own nonce back")
+        mine, theirs = _canonical(self._hello), _canonical(payload)
+        first, second = (mine, theirs) if self.initiator else (theirs, mine)
+        digest = hashlib.sha256(_LINK_LABEL + b" transcript")
+        for part in (first, second):
+            digest.update(struct.pack("<I", len(part)) + part)
+        self.peer_nonce = peer_nonce
+        self.transcript_hash = digest.digest()
+        self.secrets = LinkSecrets(self._room_key, self.transcript_hash)
+        proof = self.secrets.proof_initiator if self.initiator else self.secrets.proof_responder
+        return encode_frame(AUTH, {"p": proof.hex()})
+
+    def _take_proof(self, payload):
+        if not isinstance(payload, dict):
+            raise ProtocolError("an AUTH: frame must carry a JSON object")
+        proof = _hex_field(payload, "p", 32, "AUTH: frame")
+        keys = self.secrets
+        expected = keys.proof_responder if self.initiator else keys.proof_initiator
+        if not hmac.compare_digest(proof, expected):
+            raise ProtocolError("the peer does not hold this mesh's key (--mesh-key differs, "
+                                "or only one side has one)")
+        if self.initiator:
+            self.cipher = LinkCipher(keys.mac_initiator, keys.mac_responder)
+        else:
+            self.cipher = LinkCipher(keys.mac_responder, keys.mac_initiator)
+
+
+def _hmac_pads(key):
+    """SHA-256 states with HMAC's inner and outer pads of ``key`` hashed in (done once per key)."""
+    if len(key) > 64:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(64, b"\0")
+    return hashlib.sha256(bytes(b ^ 0x36 for b in key)), hashlib.sha256(bytes(b ^ 0x5C for b in key))
+
+
+class LinkCipher:
+    """Seals this link's outgoing frames and checks its incoming ones.
+
+    Each direction has its own key and an implicit u64 sequence number, starting at 0: a frame's
+    tag is HMAC-SHA256(key, seq + header + body)[:16], sent right after the frame and not counted
+    in its length. So a frame cannot be forged, altered, replayed, reordered, dropped mid-stream or
+    reflected back to its sender. It is not encryption. HMAC runs from precomputed pad states.
+    """
+
+    __slots__ = ("_send_inner", "_send_outer", "_receive_inner", "_receive_outer", "sent", "received")
+
+    def __init__(self, send_key, receive_key):
+        self._send_inner, self._send_outer = _hmac_pads(send_key)
+        self._receive_inner, self._receive_outer = _hmac_pads(receive_key)
+        self.sent = 0      # frames sealed so far = the next outgoing sequence number
+        self.received = 0  # frames checked so far = the next expected sequence number
+
+    def __repr__(self):
+        return "<LinkCipher sent=%d received=%d>" % (self.sent, self.received)
+
+    def tag(self, frame):
+        """The tag to send right after ``frame`` (an encode_frame() result); advances the sequence."""
+        inner = self._send_inner.copy()
+        inner.update(_SEQUENCE.pack(self.sent))
+        inner.update(frame)
+        outer = self._send_outer.copy()
+        outer.update(inner.digest())
+        self.sent += 1
+        return outer.digest()[:TAG_SIZE]
+
+    def check(self, marker, body, tag):
+        """Verify the next incoming frame; raise ProtocolError unless it is authentic and in order."""
+        inner = self._receive_inner.copy()
+        inner.update(_SEQUENCE_HEADER.pack(self.received, marker, len(body)))
+        inner.update(body)
+        outer = self._receive_outer.copy()
+        outer.update(inner.digest())
+        if not hmac.compare_digest(outer.digest()[:TAG_SIZE], bytes(tag)):
+            raise ProtocolError("a %s frame failed its integrity check (forged, altered, replayed or "
+                                "out of order)" % safe_text(bytes(marker).decode("ascii", "replace")))
+        self.received += 1
+
+
 class FrameDecoder:
     """Turns a byte stream into ``(marker, payload)`` frames, refusing anything malformed.
 
     ``feed()`` takes whatever bytes arrived and returns the complete frames; a partial frame
     waits for more bytes. A length over ``max_size`` raises before the payload is buffered.
+    Until ``cipher`` is set (by the caller, when the handshake is done) a frame may be at most
+    HANDSHAKE_MAX_SIZE and feed() returns at most one frame: call feed(b"") for the next one.
+    Once it is set, every frame must be followed by its valid tag, checked before parsing.
     """
 
     def __init__(self, max_size):
         self.max_size = max_size
+        self.cipher = None  # the link's LinkCipher, once the peer proved the key
         self._buffer = bytearray()
         self._need = None  # (marker, length) of the frame whose payload is awaited
 
@@ -502,33 +840,50 @@ class FrameDecoder:
         frames, start, size = [], 0, len(self._buffer)
         try:
             while True:
+                cipher = self.cipher
                 if self._need is None:
                     if size - start < FRAME_HEADER.size:
                         return frames
-                    marker, length = FRAME_HEADER.unpack_from(self._buffer, start)
-                    if marker not in MARKERS:
-                        raise ProtocolError("unknown frame marker %s" % safe_text(bytes(marker)))
-                    if length > self.max_size:
-                        raise ProtocolError("frame of %d bytes is over the limit of %d (--max-message-size)"
-                                            % (length, self.max_size))
+                    self._need = self._header(start)
                     start += FRAME_HEADER.size
-                    self._need = (marker, length)
                 marker, length = self._need
-                if size - start < length:
+                end = start + length + (TAG_SIZE if cipher is not None else 0)
+                if size < end:
                     return frames
                 body = bytes(self._buffer[start:start + length])
-                start += length
+                if cipher is not None:
+                    cipher.check(marker, body, self._buffer[start + length:end])
+                start = end
                 self._need = None
                 frames.append((marker, self._decode(marker, body)))
+                if cipher is None:  # the caller runs the handshake before the next frame
+                    return frames
         finally:
             del self._buffer[:start]  # once per feed: deleting per frame would copy the rest each time
+
+    def _header(self, start):
+        marker, length = FRAME_HEADER.unpack_from(self._buffer, start)
+        if marker not in MARKERS:
+            raise ProtocolError("unknown frame marker %s" % safe_text(bytes(marker)))
+        if self.cipher is None:
+            if marker == HELLO and length > HANDSHAKE_MAX_SIZE:
+                raise ProtocolError("peer runs an older NeuroMesh (protocol 1: HELO: before the key proof): "
+                                    "upgrade it")
+            if length > min(self.max_size, HANDSHAKE_MAX_SIZE):
+                raise ProtocolError("frame of %d bytes is over the limit of %d before the key proof"
+                                    % (length, min(self.max_size, HANDSHAKE_MAX_SIZE)))
+        elif length > self.max_size:
+            raise ProtocolError("frame of %d bytes is over the limit of %d (--max-message-size)"
+                                % (length, self.max_size))
+        return marker, length
 
     @staticmethod
     def _decode(marker, body):
         try:
             payload = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise ProtocolError("bad JSON in a %s frame: %s" % (marker.decode("ascii"), exc))
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: [[[[...
+            raise ProtocolError("bad JSON in a %s frame: %s"
+                                % (marker.decode("ascii"), safe_text(str(exc), 120)))
         if not isinstance(payload, dict):
             raise ProtocolError("a %s frame must carry a JSON object" % marker.decode("ascii"))
         return payload
@@ -1631,6 +1986,8 @@ class SeedFiles:
 # Announcement datagram (JSON), keeping the original's fields:
 #   {"message_type": "ONLINE" | "OFFLINE", "has_llm": bool, "timestamp": utc,
 #    "node_id", "name", "tcp_port", "http_port", "version", "protocol_version", "models": [...]}
+# sent as b"NMK1" + HMAC tag + JSON (see tag_datagram); a keyed node announces only
+# node_id, tcp_port and protocol_version, and drops datagrams without this room's tag.
 
 MAX_DATAGRAM = 65507
 
@@ -1643,10 +2000,15 @@ class Discovery:
     Methods for the caller: ``open()``, ``due(now)``, ``announce(kind, hello)``,
     ``receive()`` (the ``(ip, message)`` announcements heard from other nodes) and
     ``close()``; ``make_announcement`` and ``parse_announcement`` are the datagram format.
+    Datagrams are tagged with ``room_key``; ones without this room's tag, or from a public
+    address (unless ``allow_public``), are dropped unread.
     """
 
-    def __init__(self, udp_port, broadcast, node_id, interval, counters=None):
+    def __init__(self, udp_port, broadcast, node_id, interval, counters=None, room_key=OPEN_ROOM_KEY,
+                 allow_public=False):
         self.udp_port = udp_port
+        self.room_key = room_key
+        self.allow_public = allow_public
         self.configured = list(broadcast)  # empty: every interface's directed broadcast
         self.node_id = node_id
         self.interval = interval
@@ -1667,7 +2029,7 @@ class Discovery:
         """A received datagram as a dict, or None when it is not a NeuroMesh announcement."""
         try:
             message = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             return None
         if not isinstance(message, dict) or message.get("message_type") not in ("ONLINE", "OFFLINE"):
             return None
@@ -1712,7 +2074,8 @@ class Discovery:
     def announce(self, kind, hello):
         if self.sock is None:
             return
-        datagram = self.make_announcement(kind, hello)
+        announcement = self.make_announcement(kind, public_announcement(hello, self.room_key))
+        datagram = tag_datagram(self.room_key, announcement)
         for address in self.broadcast_addresses:
             try:
                 self.sock.sendto(datagram, (address, self.udp_port))
@@ -1732,15 +2095,30 @@ class Discovery:
             except OSError as exc:
                 log.debug("discovery socket error: %s", exc)
                 break
-            message = self.parse_announcement(data)
+            message = self.open_announcement(ip, data)
             if message is None:
-                self.counters["garbage_datagrams"] += 1
                 continue
             if message["node_id"] == self.node_id:
                 continue
             self.counters["announcements_heard"] += 1
             heard.append((ip, message))
         return heard
+
+    def open_announcement(self, ip, data):
+        """The announcement in a datagram from ``ip``, or None (counted) when it is dropped."""
+        if not (self.allow_public or _is_private_address(ip)):
+            self.counters["public_datagrams"] += 1
+            log_limited(logging.INFO, ("public datagram", ip), "ignoring announcements from the public "
+                        "address %s (--allow-public accepts them)", ip)
+            return None
+        body = open_datagram(self.room_key, data)
+        if body is None:
+            self.counters["unauthenticated_datagrams"] += 1
+            return None
+        message = self.parse_announcement(body)
+        if message is None:
+            self.counters["garbage_datagrams"] += 1
+        return message
 
     def close(self):
         close_quietly(self.sock)
@@ -1752,9 +2130,11 @@ class Discovery:
 
 
 class Link:
-    """One TCP connection to a peer: its buffers, its decoder and what the handshake told."""
+    """One TCP connection to a peer: its buffers, its decoder, its key proof (``handshake``;
+    ``cipher`` seals and checks every frame once the peer proved the room key) and what the
+    peer's HELO told."""
 
-    def __init__(self, sock, address, outbound, max_size, target=None):
+    def __init__(self, sock, address, outbound, max_size, target=None, room_key=OPEN_ROOM_KEY):
         self.sock = sock
         self.address = address  # (ip, port) of the far end
         self.outbound = outbound
@@ -1762,7 +2142,9 @@ class Link:
         self.decoder = FrameDecoder(max_size)
         self.outgoing = bytearray()
         self.connecting = outbound
-        self.peer_id = None  # set by the handshake
+        self.handshake = Handshake(room_key, outbound)
+        self.cipher = None  # the handshake's LinkCipher once the peer proved the room key
+        self.peer_id = None  # set by the sealed HELO
         self.hello = None
         now = time.monotonic()
         self.opened = now
@@ -1804,6 +2186,7 @@ class Peer:
     last_seen: float = 0.0  # wall clock, epoch seconds
     rtt_ms: float = None
     link: Link = None
+    ever_linked: bool = False  # False: a stranger only heard of, forgotten quickly
 
     @property
     def connected(self):
@@ -1833,6 +2216,71 @@ class Peer:
         self.last_seen = time.time()
 
 
+class PeerTable(dict):
+    """The mesh's peers by node id, capped at ``max_peers``: when it is full, the stranger
+    (never linked) heard of longest ago makes room, and unlinked peers expire (``expire``)."""
+
+    def __init__(self, max_peers=256):
+        dict.__init__(self)
+        self.max_peers = max_peers
+
+    def admit(self, node_id):
+        """The Peer of ``node_id``, made if need be; None when the table is full of linked peers."""
+        peer = self.get(node_id)
+        if peer is not None:
+            return peer
+        if len(self) >= self.max_peers and not self._make_room():
+            return None
+        peer = self[node_id] = Peer(node_id)
+        return peer
+
+    def _make_room(self):
+        unlinked = [peer for peer in self.values() if not peer.connected]
+        if not unlinked:
+            return False
+        oldest = min(unlinked, key=lambda peer: (peer.ever_linked, peer.last_seen))
+        del self[oldest.node_id]
+        return True
+
+    def expire(self, stranger_ttl, forget_after):
+        """Forget unlinked peers silent for ``forget_after`` s, strangers after ``stranger_ttl`` s."""
+        now = time.time()
+        for node_id, peer in list(self.items()):
+            ttl = forget_after if peer.ever_linked else stranger_ttl
+            if not peer.connected and peer.last_seen < now - ttl:
+                del self[node_id]
+
+
+def peer_address_allowed(address, allow_public=False):
+    """True when ``address`` is an IP literal (never a name: no DNS lookup on the mesh thread)
+    of a private network, or any IP literal with --allow-public."""
+    if not isinstance(address, str):
+        return False
+    try:
+        ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    return allow_public or _is_private_address(address)
+
+
+class TokenBucket:
+    """Allows ``rate`` events a second on average and ``burst`` at once (e.g. new dials)."""
+
+    def __init__(self, rate, burst):
+        self.rate, self.burst = rate, burst
+        self.tokens, self.stamp = float(burst), time.monotonic()
+
+    def take(self, now=None):
+        """True, using a token, when one is left; False when the caller must wait."""
+        now = time.monotonic() if now is None else now
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
 def keep_existing_link(own_id, peer_id, existing, new):
     """Of two links between this node and ``peer_id``, whether to keep ``existing`` rather than
     ``new``: both ends keep the link dialed by the smaller node id; on a tie, the newer one."""
@@ -1849,17 +2297,21 @@ class DialPlan:
 
     It opens no socket. Methods for the caller: ``add_static(host, port)`` for --peer,
     ``target(host, port, node_id)`` to record or refresh an address, ``due(now, busy,
-    linked)`` for the targets to dial now, ``failed(target, reason)`` to back off,
-    ``drop(target)`` and ``forget(node_id)`` for peers that left.
+    linked)`` for the targets to dial now (at most ``dial_rate`` new dials a second),
+    ``from_exchange(entries, skip, allowed)`` for a PEER: frame, ``failed(target, reason)``
+    to back off, ``drop(target)`` and ``forget(node_id)`` for peers that left.
     """
 
     max_backoff = 30.0
     max_targets = 1024  # addresses worth dialing, from discovery, peer exchange and --peer
+    max_exchanged = 256  # entries read from one PEER: frame (a classroom is smaller)
+    dial_rate, dial_burst = 10.0, 20
 
     def __init__(self, node_id, peer_timeout):
         self.node_id = node_id
         self.peer_timeout = peer_timeout
         self.targets = {}
+        self.bucket = TokenBucket(self.dial_rate, self.dial_burst)
 
     def __len__(self):
         return len(self.targets)
@@ -1893,8 +2345,26 @@ class DialPlan:
                 continue
             if target in busy or target.node_id in linked or now < target.next_dial:
                 continue
+            if not self.bucket.take(now):  # one PEER: frame must not start hundreds of dials
+                break
             ready.append(target)
         return ready
+
+    def from_exchange(self, entries, skip, allowed):
+        """Record the dial targets of a PEER: frame's ``entries``, but node ids in ``skip`` and
+        addresses ``allowed(address)`` refuses; returns how many were taken."""
+        taken = 0
+        for entry in entries[:self.max_exchanged]:
+            if not isinstance(entry, dict):
+                continue
+            node_id, address, port = entry.get("node_id"), entry.get("address"), entry.get("tcp_port")
+            if not isinstance(node_id, str) or node_id in skip or not allowed(address):
+                continue
+            if not isinstance(port, int) or isinstance(port, bool) or not 0 < port <= 65535:
+                continue
+            self.target(address, port, node_id[:64])
+            taken += 1
+        return taken
 
     def failed(self, target, reason):
         target.failures += 1
@@ -1918,21 +2388,25 @@ class LinkIO:
     discovery socket and a wake-up pair; it accepts, dials, buffers, reads and writes.
 
     It knows no peers and runs on the mesh thread (but for ``wake()`` and ``call_soon()``,
-    which queues a function for ``run_calls()`` there). It tells its
-    ``owner`` (the Mesh): ``owner.hello_frame()`` is sent first on every new link,
-    ``owner.link_frame(link, marker, payload)`` gets each frame received (a ProtocolError
-    closes the link) and ``owner.link_closed(link, reason)`` is told after a link's socket
-    is closed. Methods for the owner: ``listen(host, port)``, ``watch(sock, handler)``,
+    which queues a function for ``run_calls()`` there). Every link starts with the key proof
+    (Handshake, with ``room_key``); nothing else is sent or accepted before it, and every frame
+    after it is sealed. Links from or to public addresses are refused unless ``allow_public``.
+    It tells its ``owner`` (the Mesh): ``owner.hello_frame()`` is sent first once the peer
+    proved the key, ``owner.link_frame(link, marker, payload)`` gets each frame received
+    after that (a ProtocolError closes the link) and ``owner.link_closed(link, reason)``
+    is told after a link's socket is closed. Methods for the owner: ``listen(host, port)``, ``watch(sock, handler)``,
     ``dial(target)``, ``queue(link, frame)``, ``close(link, reason)``, ``select(timeout)``,
     ``dispatch(events)``, ``close_links(goodbye)`` and ``close_sockets()``.
     """
 
-    max_outgoing = 256 * MiB
+    max_outgoing = 16 * MiB  # a peer that does not read is dropped, not buffered for
 
-    def __init__(self, owner, max_frame, counters):
+    def __init__(self, owner, max_frame, counters, room_key=OPEN_ROOM_KEY, allow_public=False):
         self.owner = owner
         self.max_frame = max_frame
         self.counters = counters
+        self.room_key = room_key
+        self.allow_public = allow_public
         self.links = set()
         self._selector = selectors.DefaultSelector()
         self._listener = None
@@ -2018,7 +2492,7 @@ class LinkIO:
         except (OSError, ValueError):
             close_quietly(sock)
             raise
-        link = Link(sock, (target.host, target.port), True, self.max_frame, target)
+        link = Link(sock, (target.host, target.port), True, self.max_frame, target, self.room_key)
         self.links.add(link)
         self._selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, link)
         self.counters["dials"] += 1
@@ -2033,20 +2507,46 @@ class LinkIO:
             except OSError as exc:  # e.g. out of file descriptors: log, keep serving
                 log.warning("cannot accept a peer link: %s", exc)
                 return
+            if not self.origin_allowed(address[0], "from"):
+                close_quietly(sock)
+                continue
             sock.setblocking(False)
-            link = Link(sock, address[:2], False, self.max_frame)
+            link = Link(sock, address[:2], False, self.max_frame, room_key=self.room_key)
             self.links.add(link)
             self._selector.register(sock, selectors.EVENT_READ, link)
-            self.queue(link, self.owner.hello_frame())
+            self._queue_all(link, link.handshake.start())
             self.counters["accepted"] += 1
 
+    def origin_allowed(self, ip, direction):
+        """Whether a link ``direction`` ("from", "to") ``ip`` may be made: private, or --allow-public."""
+        if self.allow_public or _is_private_address(ip):
+            return True
+        self.counters["refused_public"] += 1
+        log_limited(logging.WARNING, ("public link", ip), "refusing a peer link %s the public address %s "
+                    "(--allow-public allows it)", direction, ip)
+        return False
+
+    def _queue_all(self, link, frames):
+        for frame in frames:
+            self.queue(link, frame)
+
     def queue(self, link, frame):
+        """Queue ``frame`` on ``link``, sealed; before the key proof only HI!!:/AUTH: frames go."""
         if link.closed:
             return
-        if len(link.outgoing) + len(frame) > self.max_outgoing:
+        if link.cipher is None and frame[:5] not in HANDSHAKE_MARKERS:
+            self.counters["frames_held_back"] += 1
+            return
+        if link.outgoing and len(link.outgoing) + len(frame) > self.max_outgoing:
+            log_limited(logging.WARNING, ("not reading", link.address[0]), "dropping the link to %s:%s: it "
+                        "does not read what it is sent (%.1f MiB queued)", link.address[0], link.address[1],
+                        len(link.outgoing) / MiB)
+            self.counters["links_not_reading"] += 1
             self.close(link, "peer does not read what it is sent")
             return
         link.outgoing += frame
+        if link.cipher is not None:
+            link.outgoing += link.cipher.tag(frame)
         if not link.connecting:
             self._selector.modify(link.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, link)
 
@@ -2056,8 +2556,10 @@ class LinkIO:
             if code:
                 self.close(link, os.strerror(code))
                 return
+            if not self._connected_peer_allowed(link):
+                return
             link.connecting = False
-            link.outgoing[:0] = self.owner.hello_frame()
+            self._queue_all(link, link.handshake.start())
         if link.outgoing:
             try:
                 sent = link.sock.send(link.outgoing)
@@ -2083,18 +2585,51 @@ class LinkIO:
         if not data:
             self.close(link, "connection closed by peer")
             return
-        link.last_received = time.monotonic()
         try:
-            frames = link.decoder.feed(data)
+            self._take(link, data)
+        except ProtocolError as exc:
+            self.counters["protocol_errors"] += 1
+            text = str(exc)
+            log_limited(logging.WARNING, ("protocol error", link.address[0], text[:30]),
+                        "closing link to %s:%s: %s", link.address[0], link.address[1], text)
+            self.close(link, text)
+
+    def _connected_peer_allowed(self, link):
+        try:
+            ip = link.sock.getpeername()[0]
+        except OSError as exc:
+            self.close(link, "connect failed: %s" % exc)
+            return False
+        if not self.origin_allowed(ip, "to"):
+            self.close(link, "a public address (--allow-public allows it)")
+            return False
+        return True
+
+    def _take(self, link, data):
+        """Feed ``data`` to the link's decoder and handle every complete frame: the key proof's
+        frames one by one until it is done, then the owner's (sealed) frames."""
+        frames = link.decoder.feed(data)
+        while frames:
+            link.last_received = time.monotonic()  # only a complete frame shows the peer is alive
+            handshaking = link.cipher is None
             for marker, payload in frames:
                 if link.closed:
                     return
                 self.counters["frames_in"] += 1
-                self.owner.link_frame(link, marker, payload)
-        except ProtocolError as exc:
-            self.counters["protocol_errors"] += 1
-            log.warning("closing link to %s:%s: %s", link.address[0], link.address[1], exc)
-            self.close(link, str(exc))
+                if handshaking:
+                    self._handshake_step(link, marker, payload)
+                elif marker in HANDSHAKE_MARKERS:
+                    raise ProtocolError("a %s frame after the key proof" % marker.decode("ascii"))
+                else:
+                    self.owner.link_frame(link, marker, payload)
+            frames = link.decoder.feed(b"") if handshaking and not link.closed else ()
+
+    def _handshake_step(self, link, marker, payload):
+        self._queue_all(link, link.handshake.receive(marker, payload))
+        if link.handshake.done:
+            link.cipher = link.decoder.cipher = link.handshake.cipher
+            self.counters["key_proofs"] += 1
+            self.queue(link, self.owner.hello_frame())
 
     def close(self, link, reason):
         if link.closed:
@@ -2111,8 +2646,8 @@ class LinkIO:
     def close_links(self, goodbye):
         """Send ``goodbye`` on every handshaken link, flush for up to a second, close them all."""
         for link in list(self.links):
-            if link.peer_id is not None and not link.connecting:
-                link.outgoing += goodbye
+            if link.peer_id is not None and link.cipher is not None and not link.connecting:
+                link.outgoing += goodbye + link.cipher.tag(goodbye)
         deadline = time.monotonic() + 1.0
         for link in list(self.links):  # best effort flush, bounded in time
             link.sock.setblocking(True)
@@ -2163,7 +2698,8 @@ class MeshListener:
 
 class Mesh:
     """Keeps one framed TCP link to each peer, on one thread with one selector: the handshake,
-    heartbeats and peer exchange (Discovery, DialPlan and LinkIO do the rest).
+    heartbeats and peer exchange (Discovery, DialPlan and LinkIO do the rest). Its room key
+    comes from --mesh-key (the public open-room key without one) and is never shown.
 
     Methods for the caller (any thread): ``start()``, ``serve_forever()`` (on its own
     thread), ``shutdown()``, ``send(peer_id, marker, payload)``, ``broadcast(marker,
@@ -2183,15 +2719,18 @@ class Mesh:
         self.name = config.name
         self.listener = MeshListener() if listener is None else listener
         self.lock = threading.RLock()  # guards the peer table; held by the loop while it works
-        self.peer_table = {}
+        self.peer_table = PeerTable()
         self.counters = collections.Counter()
         self.tcp_port = None
-        self.io = LinkIO(self, config.max_message_size, self.counters)
+        self.room_key = derive_room_key(config.mesh_key)  # never logged, never shown
+        self.io = LinkIO(self, config.max_message_size, self.counters, self.room_key, config.allow_public)
         self.dials = DialPlan(node_id, config.peer_timeout)
         self.discovery = None
         if not config.no_discovery:
-            self.discovery = Discovery(config.udp_port, config.broadcast, node_id,
-                                       config.announce_interval, self.counters)
+            self.discovery = Discovery(config.udp_port, config.broadcast, node_id, config.announce_interval,
+                                       self.counters, self.room_key, config.allow_public)
+        if config.allow_public:
+            log.warning("--allow-public: peers and announcements from public addresses are accepted")
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()
@@ -2299,10 +2838,8 @@ class Mesh:
                 self.io.close(link, "silent for %.1f s (--peer-timeout)" % (now - link.last_received))
             else:
                 self.io.queue(link, encode_frame(PING, {"t": now}))
-        forget_before = time.time() - max(self.forget_after, 5 * self.config.peer_timeout)
-        for node_id, peer in list(self.peer_table.items()):
-            if not peer.connected and peer.last_seen < forget_before:
-                del self.peer_table[node_id]
+        self.peer_table.expire(max(self.config.peer_timeout, 2 * self.config.announce_interval),
+                               max(self.forget_after, 5 * self.config.peer_timeout))
 
     def _dial_due(self, now):
         busy = {link.target for link in self.io.links if link.target is not None}
@@ -2345,10 +2882,12 @@ class Mesh:
         if message["message_type"] == "OFFLINE":
             self.dials.drop(target)
             return
-        peer = self.peer_table.get(node_id)
+        known = node_id in self.peer_table
+        peer = self.peer_table.admit(node_id)
         if peer is None:
-            peer = self.peer_table[node_id] = Peer(node_id)
-            log.info("heard %s at %s", safe_text(message.get("name")), ip)
+            return
+        if not known:
+            log.info("heard %s at %s", safe_text(message.get("name") or node_id[:8]), ip)
         if not peer.connected:
             peer.address, peer.tcp_port = ip, message["tcp_port"]
         peer.update(message)
@@ -2414,10 +2953,11 @@ class Mesh:
         if node_id == self.node_id:
             self.io.close(link, "that is this node itself")
             return
-        link.peer_id, link.hello = node_id, payload
-        peer = self.peer_table.get(node_id)
+        peer = self.peer_table.admit(node_id)
         if peer is None:
-            peer = self.peer_table[node_id] = Peer(node_id)
+            self.io.close(link, "the peer table is full")
+            return
+        link.peer_id, link.hello = node_id, payload
         current = peer.link
         if current is not None and current is not link:
             if keep_existing_link(self.node_id, node_id, current, link):
@@ -2425,7 +2965,7 @@ class Mesh:
                 return
             current.peer_id = None  # retire it quietly: the peer is not down
             self.io.close(current, "replaced by a newer link")
-        peer.link = link
+        peer.link, peer.ever_linked = link, True
         peer.address = link.address[0]
         peer.tcp_port = tcp_port or peer.tcp_port
         if link.target is not None:
@@ -2451,20 +2991,10 @@ class Mesh:
         entries = payload.get("peers")
         if not isinstance(entries, list):
             raise ProtocolError("PEER: frame without a peer list")
-        now = time.monotonic()
-        for entry in entries[:1000]:
-            if not isinstance(entry, dict):
-                continue
-            node_id, address, port = entry.get("node_id"), entry.get("address"), entry.get("tcp_port")
-            if node_id == self.node_id or not isinstance(node_id, str) or not isinstance(address, str):
-                continue
-            if not isinstance(port, int) or isinstance(port, bool) or not 0 < port <= 65535:
-                continue
-            peer = self.peer_table.get(node_id)
-            if peer is not None and peer.connected:
-                continue
-            self.dials.target(address, port, node_id)
-        self._dial_due(now)
+        skip = {node_id for node_id, peer in self.peer_table.items() if peer.connected} | {self.node_id}
+        self.dials.from_exchange(entries, skip, lambda address: peer_address_allowed(
+            address, self.config.allow_public))
+        self._dial_due(time.monotonic())
 
     # -- sending and closing ---------------------------------------------------
 
@@ -3266,12 +3796,23 @@ def llm_host_count(mesh_models):
     return len({node_id for hosts in mesh_models.values() for node_id, _name, _local in hosts})
 
 
+PRIVATE_NETWORKS = tuple(ipaddress.ip_network(net) for net in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "169.254.0.0/16", "100.64.0.0/10",
+    "::1/128", "fc00::/7", "fe80::/10"))
+
+
 def _is_private_address(address):
+    """True for an IP literal of a private network: RFC 1918, loopback, link-local, CGNAT
+    100.64.0.0/10, IPv6 ULA and link-local (an IPv4-mapped IPv6 address counts as its IPv4)."""
+    if not isinstance(address, str):
+        return False
     try:
-        ip = ipaddress.ip_address(address)
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return False
-    return ip.is_private or ip.is_loopback or ip.is_link_local
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in PRIVATE_NETWORKS)
 
 
 ###############################################################################
@@ -4241,7 +4782,7 @@ class Node(MeshListener):
         stats = self.mesh.stats()
         return {
             "status": "ok", "node_id": self.node_id, "name": self.name, "version": __version__,
-            "protocol_version": PROTOCOL_VERSION,
+            "protocol_version": PROTOCOL_VERSION, "room": room_status(self.mesh.room_key),
             "uptime_s": round(time.monotonic() - self.started_monotonic, 3),
             "peer_count": stats["connected_peers"], "has_llm": self.router.has_local_llm,
             "llm": self.llm_status(), "llm_hosts": llm_host_count(self.router.mesh_models()),
@@ -4331,6 +4872,12 @@ def run_node(config):
     else:
         print("  Announcing on UDP %d to %s" % (config.udp_port, ", ".join(node.mesh.broadcast_addresses)
                                                 or "nobody"), flush=True)
+    room = room_status(node.mesh.room_key)
+    if room["closed"]:
+        print("  Room: closed by a room code (key hash %s): only nodes with the same --mesh-key join"
+              % room["key_hash"], flush=True)
+    else:
+        print("  Room: open (no --mesh-key): any NeuroMesh on this network can join", flush=True)
     print("  Press Ctrl+C to stop.", flush=True)
     if not config.no_browser:
         threading.Thread(target=webbrowser.open, args=(local[0],), name="neuromesh-browser",

@@ -464,3 +464,83 @@ def stub_node(tmp_path):
     node = StubNode(tmp_path, scripted_router(local=[ScriptedBackend("stub-llm")]))
     yield node
     node.store.close()
+
+
+###############################################################################
+# Mesh security fixtures: a hand-driven peer link that runs (or skips) the key proof
+###############################################################################
+
+
+class RawPeer:
+    """A hand-driven link to a node's TCP port (loopback): ``prove()`` runs the key proof with
+    ``room_key`` (the open room's by default) and returns the node's sealed HELO; then ``send``
+    seals frames as a real peer would. ``sock`` is there for raw bytes."""
+
+    def __init__(self, port, room_key=None, timeout=5.0):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.handshake = neuromesh.Handshake(room_key or neuromesh.OPEN_ROOM_KEY, True)
+        self.decoder = neuromesh.FrameDecoder(1 << 24)
+        self.cipher = None
+        self.pending = []
+
+    def next_frame(self):
+        """The next frame from the node; ConnectionError when the node closed the link."""
+        while not self.pending:
+            self.pending += self.decoder.feed(b"")
+            if self.pending:
+                break
+            try:
+                data = self.sock.recv(65536)
+            except ConnectionResetError:
+                data = b""
+            if not data:
+                raise ConnectionError("the node closed the link")
+            self.pending += self.decoder.feed(data)
+        return self.pending.pop(0)
+
+    def prove(self):
+        for frame in self.handshake.start():
+            self.sock.sendall(frame)
+        while not self.handshake.done:
+            marker, payload = self.next_frame()
+            for frame in self.handshake.receive(marker, payload):
+                self.sock.sendall(frame)
+        self.cipher = self.decoder.cipher = self.handshake.cipher
+        marker, payload = self.next_frame()
+        assert marker == neuromesh.HELLO, marker
+        return payload
+
+    def seal(self, frame):
+        return frame + self.cipher.tag(frame)
+
+    def send(self, marker, payload):
+        self.sock.sendall(self.seal(neuromesh.encode_frame(marker, payload)))
+
+    def closed_by_node(self, timeout=5.0):
+        """True when the node closes the link within ``timeout`` (whatever it sent before)."""
+        self.sock.settimeout(timeout)
+        try:
+            while self.sock.recv(65536):
+                pass
+        except ConnectionResetError:
+            pass
+        except socket.timeout:
+            return False
+        return True
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def raw_peer():
+    """``raw_peer(port, room_key=None)``: RawPeer links, closed at the end of the test."""
+    made = []
+
+    def connect(port, room_key=None, timeout=5.0):
+        made.append(RawPeer(port, room_key, timeout))
+        return made[-1]
+
+    yield connect
+    for peer in made:
+        peer.close()

@@ -14,6 +14,16 @@ from conftest import LOOPBACK_BROADCAST, wait_for
 # -- frames ---------------------------------------------------------------------
 
 
+def feed_all(decoder, data):
+    """Every frame in ``data``: before the key proof a decoder gives one frame per feed()."""
+    frames = decoder.feed(data)
+    received = list(frames)
+    while frames:
+        frames = decoder.feed(b"")
+        received += frames
+    return received
+
+
 def test_frame_round_trip_keeps_marker_and_payload():
     payload = {"node_id": "abc", "text": "héllo ✓", "n": [1, 2.5, None, True]}
     frames = nm.FrameDecoder(1024).feed(nm.encode_frame(nm.HELLO, payload))
@@ -53,9 +63,9 @@ def test_any_split_of_a_stream_decodes_the_same(payloads, cuts):
     for cut in cuts * (len(stream) // max(1, sum(cuts)) + 1):
         if position >= len(stream):
             break
-        received += decoder.feed(stream[position:position + cut])
+        received += feed_all(decoder, stream[position:position + cut])
         position += cut
-    received += decoder.feed(stream[position:])
+    received += feed_all(decoder, stream[position:])
     assert [p for _m, p in received] == payloads
 
 
@@ -193,42 +203,20 @@ def test_a_lost_database_means_a_new_identity(tmp_path):
 # -- a live node and hostile peers ------------------------------------------------------
 
 
-def _raw_link(node):
-    sock = socket.create_connection(("127.0.0.1", node.tcp_port), timeout=5)
-    hello = nm.FrameDecoder(1 << 20)
-    frames = []
-    while not frames:
-        frames = hello.feed(sock.recv(65536))
-    assert frames[0][0] == nm.HELLO and frames[0][1]["node_id"] == node.node_id
-    return sock
-
-
-def _closed_by_node(sock):
-    sock.settimeout(5)
-    try:
-        while sock.recv(65536):
-            pass
-    except ConnectionResetError:
-        pass
-    return True
-
-
 @pytest.mark.parametrize("attack", ["oversize", "unknown_marker", "bad_json", "before_handshake"])
-def test_malformed_frames_close_the_link_and_the_node_stays_up(cluster, attack):
+def test_malformed_frames_close_the_link_and_the_node_stays_up(cluster, raw_peer, attack):
     node = cluster.start("target", settings={"max_message_size": "1MiB"})
-    sock = _raw_link(node)
-    try:
-        if attack == "oversize":
-            sock.sendall(struct.pack("<5sQ", b"FILE:", 2 ** 40))
-        elif attack == "unknown_marker":
-            sock.sendall(struct.pack("<5sQ", b"HACK:", 2) + b"{}")
-        elif attack == "bad_json":
-            sock.sendall(struct.pack("<5sQ", b"HELO:", 9) + b"{not json")
-        else:
-            sock.sendall(nm.encode_frame(nm.SYNC, {"vector": {}}))
-        assert _closed_by_node(sock)
-    finally:
-        sock.close()
+    peer = raw_peer(node.tcp_port)
+    assert peer.prove()["node_id"] == node.node_id  # the key proof done, no HELO sent yet
+    if attack == "oversize":
+        peer.sock.sendall(struct.pack("<5sQ", b"FILE:", 2 ** 40))
+    elif attack == "unknown_marker":
+        peer.sock.sendall(peer.seal(struct.pack("<5sQ", b"HACK:", 2) + b"{}"))
+    elif attack == "bad_json":
+        peer.sock.sendall(peer.seal(struct.pack("<5sQ", b"HELO:", 9) + b"{not json"))
+    else:
+        peer.send(nm.SYNC, {"vector": {}})
+    assert peer.closed_by_node()
     health = node.health()
     assert health["status"] == "ok" and node.alive
     assert health["counters"]["protocol_errors"] == 1
@@ -248,16 +236,14 @@ def test_garbage_datagrams_are_counted_and_ignored(cluster):
     assert node.alive and node.peers() == []
 
 
-def test_a_flood_of_peer_exchange_entries_is_bounded(cluster):
+def test_a_flood_of_peer_exchange_entries_is_bounded(cluster, raw_peer):
     node = cluster.start("target", settings={"peer_timeout": "30"})
-    sock = _raw_link(node)
-    try:
-        sock.sendall(nm.encode_frame(nm.HELLO, {"node_id": "f" * 32, "name": "flooder", "tcp_port": 1}))
-        entries = [{"node_id": "%032x" % i, "address": "127.0.0.1", "tcp_port": 20000 + i} for i in range(3000)]
-        sock.sendall(nm.encode_frame(nm.PEERS, {"peers": entries}))
-        wait_for(lambda: node.health()["counters"]["dial_targets"] >= 900, message="targets from the exchange")
-        counters = node.health()["counters"]
-        assert counters["dial_targets"] <= 1024  # 1000 entries read at most, the table capped
-        assert node.alive
-    finally:
-        sock.close()
+    peer = raw_peer(node.tcp_port)
+    peer.prove()
+    peer.send(nm.HELLO, {"node_id": "f" * 32, "name": "flooder", "tcp_port": 1})
+    entries = [{"node_id": "%032x" % i, "address": "127.0.0.1", "tcp_port": 20000 + i} for i in range(3000)]
+    peer.send(nm.PEERS, {"peers": entries})
+    wait_for(lambda: node.health()["counters"]["dial_targets"] >= 200, message="targets from the exchange")
+    counters = node.health()["counters"]
+    assert counters["dial_targets"] <= nm.DialPlan.max_exchanged + 1  # entries read at most: 256
+    assert node.alive
