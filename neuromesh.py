@@ -1398,25 +1398,18 @@ class Store:
         """Store the entries a peer sent; returns those that took effect (see EntryLog)."""
         return self._log.apply_entries(entries)
 
-    # -- guests of the chat page (HTTP) ---------------------------------------
-
-    _GUEST_TABLE = ("CREATE TABLE IF NOT EXISTS guest_conversations"
+    _GUEST_TABLE = ("CREATE TABLE IF NOT EXISTS guest_conversations"   # guests of the page (HTTP)
                     " (conversation_id TEXT PRIMARY KEY, guest_id TEXT NOT NULL)")
 
     def set_guest_owner(self, conversation_id, guest_id):
         """Record that a guest of this node's page started ``conversation_id`` (never synced)."""
-        def record():
-            self._db.execute(self._GUEST_TABLE)
-            self._db.execute("INSERT OR REPLACE INTO guest_conversations VALUES (?, ?)",
-                             (conversation_id, guest_id))
-        self._db.write(record)
+        self._db.write(lambda: (self._db.execute(self._GUEST_TABLE), self._db.execute(
+            "INSERT OR REPLACE INTO guest_conversations VALUES (?, ?)", (conversation_id, guest_id))))
 
     def guest_owners(self) -> dict:
         """{conversation id: guest id} of the conversations guests started."""
-        def read():
-            self._db.execute(self._GUEST_TABLE)
-            return dict(self._db.execute("SELECT conversation_id, guest_id FROM guest_conversations").fetchall())
-        return self._db.write(read)
+        return self._db.write(lambda: (self._db.execute(self._GUEST_TABLE), dict(self._db.execute(
+            "SELECT conversation_id, guest_id FROM guest_conversations").fetchall()))[1])
 
 
 ###############################################################################
