@@ -3588,6 +3588,26 @@ class HTTPServer:
         self._server.task_dispatcher.shutdown(cancel_pending=True, timeout=timeout)
 
 
+def http_connection_limit(wanted=2000, spare=200):
+    """Connections the HTTP server may hold open. On POSIX the soft open-files limit is raised
+    toward ``wanted`` + ``spare`` where the hard limit allows (a flood of idle sockets then
+    waits for the idle timeout without shutting out everyone else); Windows' select() takes 512."""
+    try:
+        import resource
+    except ImportError:
+        return 400
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    unlimited = resource.RLIM_INFINITY
+    target = wanted + spare if hard == unlimited else min(hard, wanted + spare)
+    if soft != unlimited and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return max(64, min(wanted, (wanted + spare if soft == unlimited else soft) - spare))
+
+
 def quiet_waitress_logs(level=logging.ERROR):
     """waitress logs a WARNING per queued task and INFO per gone client: keep them out."""
     logging.getLogger("waitress.queue").setLevel(level)
@@ -4582,7 +4602,8 @@ class Node(MeshListener):
         """Bind every port (errors name the flag to change), then start the threads."""
         try:
             self.http_server = HTTPServer(self.config.host, self.config.http_port, build_app(self),
-                                          idle_timeout=self.config.http_idle_timeout)
+                                          idle_timeout=self.config.http_idle_timeout,
+                                          connection_limit=http_connection_limit())
         except OSError as exc:
             if exc.errno in (errno.EADDRINUSE, errno.EACCES):
                 raise PortInUseError("HTTP port %d is already in use (another NeuroMesh or web server "
