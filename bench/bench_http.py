@@ -51,20 +51,27 @@ def start_node(script, data_dir):
         conftest.SCRIPT = saved
 
 
-def load(port, clients, seconds):
-    """Latencies (s) of GET /api/peers from ``clients`` threads, each a new connection per request."""
+def load(port, clients, seconds, keep_alive=False):
+    """Latencies (s) of GET /api/peers from ``clients`` threads: a new connection per request, or
+    one kept open (``keep_alive``; wsgiref closes it after each reply, so it is opened again)."""
     latencies, errors, lock = [], [0], threading.Lock()
     deadline = time.monotonic() + seconds
 
     def client():
+        connection = None
         while time.monotonic() < deadline and len(latencies) < MAX_REQUESTS:
             started = time.monotonic()
             try:
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                if connection is None:
+                    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
                 connection.request("GET", "/api/peers")
-                connection.getresponse().read()
-                connection.close()
-            except OSError:
+                response = connection.getresponse()
+                response.read()
+                if not keep_alive or response.will_close:
+                    connection.close()
+                    connection = None
+            except (OSError, http.client.HTTPException):
+                connection = None
                 with lock:
                     errors[0] += 1
                 continue
@@ -83,7 +90,7 @@ def report(label, latencies, errors):
     ordered = sorted(latencies)
     pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
     slow = sum(1 for value in ordered if value >= 0.9)
-    print("%-9s requests %6d  errors %d  p50 %7.1f ms  p95 %7.1f ms  p99 %7.1f ms  max %7.1f ms  >=0.9 s: %d"
+    print("%-20s requests %6d  errors %d  p50 %7.1f ms  p95 %7.1f ms  p99 %7.1f ms  max %7.1f ms  >=0.9 s: %d"
           % (label, len(ordered), errors, pick(0.5) * 1e3, pick(0.95) * 1e3, pick(0.99) * 1e3,
              ordered[-1] * 1e3, slow))
     return pick(0.95), slow, statistics.mean(ordered)
@@ -102,14 +109,17 @@ def main():
         for label, script in (("wsgiref", old_script(options.old_rev, temp / "old")), ("waitress", None)):
             node = start_node(script, temp / ("data-" + label))
             try:
-                latencies, errors = load(node.info["http_port"], options.clients, options.seconds)
+                for keep_alive in (False, True):
+                    latencies, errors = load(node.info["http_port"], options.clients, options.seconds, keep_alive)
+                    results[label, keep_alive] = report("%s %s" % (label, "keep-alive" if keep_alive else "new-conn"),
+                                                        latencies, errors)
             finally:
                 node.stop()
-            results[label] = report(label, latencies, errors)
-    (old_p95, old_slow, _), (new_p95, new_slow, _) = results["wsgiref"], results["waitress"]
-    print("%d clients GET /api/peers: p95 old/new = %.1f ms / %.1f ms = %.1fx; requests >= 0.9 s: %d -> %d"
-          % (options.clients, old_p95 * 1e3, new_p95 * 1e3, old_p95 / new_p95 if new_p95 else float("inf"),
-             old_slow, new_slow))
+    for keep_alive in (False, True):
+        (old_p95, old_slow, _), (new_p95, new_slow, _) = results["wsgiref", keep_alive], results["waitress", keep_alive]
+        print("%d clients GET /api/peers (%s): p95 old/new = %.1f ms / %.1f ms = %.2fx; requests >= 0.9 s: %d -> %d"
+              % (options.clients, "keep-alive" if keep_alive else "a connection per request", old_p95 * 1e3,
+                 new_p95 * 1e3, old_p95 / new_p95 if new_p95 else float("inf"), old_slow, new_slow))
 
 
 if __name__ == "__main__":
