@@ -66,8 +66,6 @@ import unicodedata
 import uuid
 import webbrowser
 from datetime import datetime, timedelta, timezone
-from socketserver import ThreadingMixIn
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VENDOR_DIR = os.path.join(HERE, "_vendor")
@@ -78,12 +76,14 @@ try:
     import bottle
     import ifaddr
     import requests
+    import waitress.server
+    from waitress import wasyncore
 except ImportError as _missing:  # pragma: no cover - exercised by hand on a bare machine
     _fix = ".\\install.ps1" if os.name == "nt" else "./install.sh"
     raise SystemExit(
         "NeuroMesh needs the package %r, which is not installed.\n"
-        "Fix: run `%s` in %s (it puts bottle, requests and ifaddr into _vendor/),\n"
-        "or `%s -m pip install bottle requests ifaddr`."
+        "Fix: run `%s` in %s (it puts bottle, requests, ifaddr and waitress into _vendor/),\n"
+        "or `%s -m pip install bottle requests ifaddr waitress`."
         % (_missing.name, _fix, HERE, os.path.basename(sys.executable) or "python3")
     )
 
@@ -118,6 +118,11 @@ DEFAULTS = {
     "lan_api": False,
     "mesh_key": None,
     "allow_public": False,
+    "guests": False,
+    "chat_rate": 100,
+    "max_queued": 64,
+    "max_requests_per_address": 32,
+    "http_idle_timeout": 30.0,
 }
 STATIC_DIR = os.path.join(HERE, "neuromesh_static")
 RUNTIME_FILE = "runtime.json"
@@ -207,6 +212,25 @@ def default_broadcast_addresses():
     return addresses
 
 
+PRIVATE_NETWORKS = tuple(ipaddress.ip_network(net) for net in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "169.254.0.0/16", "100.64.0.0/10",
+    "::1/128", "fc00::/7", "fe80::/10"))
+
+
+def is_private_address(address):
+    """True for an IP literal of a private network: RFC 1918, loopback, link-local, CGNAT
+    100.64.0.0/10, IPv6 ULA and link-local (an IPv4-mapped IPv6 address counts as its IPv4)."""
+    if not isinstance(address, str):
+        return False
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in PRIVATE_NETWORKS)
+
+
 def lan_addresses():
     """This machine's non-loopback IPv4 addresses, for the URLs printed at start."""
     return [ip for _n, ip, _p in local_ipv4_interfaces() if not ip.startswith(("127.", "169.254."))]
@@ -274,6 +298,11 @@ def parse_size(text):
     if not match:
         raise ValueError("not a size: %r (use bytes, or a number with k, M or G)" % (text,))
     return int(match.group(1)) * {"": 1, "k": 1024, "m": MiB, "g": 1024 * MiB}[match.group(2).lower()]
+
+
+def parse_count(text):
+    """A whole number of at least 1, such as a queue length or a rate."""
+    return max(1, int(text))
 
 
 def parse_seconds(text):
@@ -351,16 +380,24 @@ SETTINGS = {
                         "e.g. http://127.0.0.1:8000"),
     "model": (str, "the preferred model for chats (default: the first one found)"),
     "no_share_llm": (parse_bool, "keep this machine's LLM to itself (peers cannot use it)"),
-    "llm_parallel": (lambda text: max(1, int(text)), "chats one LLM answers at once; the rest queue (default: 1)"),
+    "llm_parallel": (parse_count, "chats one LLM answers at once; the rest queue (default: 1)"),
     "lan_api": (parse_bool, "let other machines of the private network use this node's Ollama and "
                             "OpenAI API (default: this computer only)"),
     "mesh_key": (parse_mesh_key, "room code: only nodes with the same code link and "
                  "learn anything (default: an open room); prefer NEUROMESH_MESH_KEY or the config file, "
                  "as flags show in `ps`"),
     "allow_public": (parse_bool, "accept peers and announcements from public (non-private) addresses"),
+    "guests": (parse_bool, "let browser-only devices of the room (phones, Chromebooks) use the chat page "
+                           "after they enter the room code (default: this computer only)"),
+    "chat_rate": (parse_count, "chats a minute one guest or LAN client may start (default: 100)"),
+    "max_queued": (parse_count, "chats that may wait for an LLM on this node; more get 503 (default: 64)"),
+    "max_requests_per_address": (parse_count, "HTTP requests one other machine may have in progress at "
+                                              "once (default: 32)"),
+    "http_idle_timeout": (parse_seconds, "seconds before an idle or never-finished HTTP connection is "
+                                         "closed (default: 30)"),
 }
 LIST_SETTINGS = ("broadcast", "peer")
-FLAG_SETTINGS = ("no_discovery", "no_browser", "no_share_llm", "lan_api", "allow_public")
+FLAG_SETTINGS = ("no_discovery", "no_browser", "no_share_llm", "lan_api", "allow_public", "guests")
 
 
 @dataclasses.dataclass
@@ -390,6 +427,11 @@ class Config:
     lan_api: bool = False
     mesh_key: str = dataclasses.field(default=None, repr=False)  # the room code: never shown
     allow_public: bool = False
+    guests: bool = False
+    chat_rate: int = DEFAULTS["chat_rate"]
+    max_queued: int = DEFAULTS["max_queued"]
+    max_requests_per_address: int = DEFAULTS["max_requests_per_address"]
+    http_idle_timeout: float = DEFAULTS["http_idle_timeout"]
 
     @property
     def static_peers(self):
@@ -1748,6 +1790,19 @@ class Store:
         """Store the entries a peer sent; returns those that took effect (see EntryLog)."""
         return self._log.apply_entries(entries)
 
+    _GUEST_TABLE = ("CREATE TABLE IF NOT EXISTS guest_conversations"   # guests of the page (HTTP)
+                    " (conversation_id TEXT PRIMARY KEY, guest_id TEXT NOT NULL)")
+
+    def set_guest_owner(self, conversation_id, guest_id):
+        """Record that a guest of this node's page started ``conversation_id`` (never synced)."""
+        self._db.write(lambda: (self._db.execute(self._GUEST_TABLE), self._db.execute(
+            "INSERT OR REPLACE INTO guest_conversations VALUES (?, ?)", (conversation_id, guest_id))))
+
+    def guest_owners(self) -> dict:
+        """{conversation id: guest id} of the conversations guests started."""
+        return self._db.write(lambda: (self._db.execute(self._GUEST_TABLE), dict(self._db.execute(
+            "SELECT conversation_id, guest_id FROM guest_conversations").fetchall()))[1])
+
 
 ###############################################################################
 # Seed files ##################################################################
@@ -2106,7 +2161,7 @@ class Discovery:
 
     def open_announcement(self, ip, data):
         """The announcement in a datagram from ``ip``, or None (counted) when it is dropped."""
-        if not (self.allow_public or _is_private_address(ip)):
+        if not (self.allow_public or is_private_address(ip)):
             self.counters["public_datagrams"] += 1
             log_limited(logging.INFO, ("public datagram", ip), "ignoring announcements from the public "
                         "address %s (--allow-public accepts them)", ip)
@@ -2260,7 +2315,7 @@ def peer_address_allowed(address, allow_public=False):
         ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return False
-    return allow_public or _is_private_address(address)
+    return allow_public or is_private_address(address)
 
 
 class TokenBucket:
@@ -2519,7 +2574,7 @@ class LinkIO:
 
     def origin_allowed(self, ip, direction):
         """Whether a link ``direction`` ("from", "to") ``ip`` may be made: private, or --allow-public."""
-        if self.allow_public or _is_private_address(ip):
+        if self.allow_public or is_private_address(ip):
             return True
         self.counters["refused_public"] += 1
         log_limited(logging.WARNING, ("public link", ip), "refusing a peer link %s the public address %s "
@@ -3699,7 +3754,7 @@ class Router:
         """LREQ: from a peer. Grant automatically to private-network peers unless --no-share-llm."""
         if self.config.no_share_llm:
             answer = {"granted": False, "message": "%s keeps its LLM to itself (--no-share-llm)" % self.node_name}
-        elif not _is_private_address(peer.address):
+        elif not is_private_address(peer.address):
             answer = {"granted": False, "message": "LLM access is only granted on private networks"}
         else:
             token = self.issued.get(peer.node_id) or secrets.token_urlsafe(24)
@@ -3719,7 +3774,7 @@ class Router:
         host, port, token = payload.get("llm_host"), payload.get("llm_port"), payload.get("token")
         if not isinstance(host, str) or not isinstance(port, int) or not isinstance(token, str):
             raise ProtocolError("LRES: frame without llm_host, llm_port and token")
-        if host in ("0.0.0.0", "") or not _is_private_address(host):
+        if host in ("0.0.0.0", "") or not is_private_address(host):
             host = peer.address  # its view of itself is useless from here: use where we reach it
         with self.lock:
             self.grants[peer.node_id] = PeerBackend(peer, {"llm_host": host, "llm_port": port, "token": token})
@@ -3796,25 +3851,6 @@ def llm_host_count(mesh_models):
     return len({node_id for hosts in mesh_models.values() for node_id, _name, _local in hosts})
 
 
-PRIVATE_NETWORKS = tuple(ipaddress.ip_network(net) for net in (
-    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "127.0.0.0/8", "169.254.0.0/16", "100.64.0.0/10",
-    "::1/128", "fc00::/7", "fe80::/10"))
-
-
-def _is_private_address(address):
-    """True for an IP literal of a private network: RFC 1918, loopback, link-local, CGNAT
-    100.64.0.0/10, IPv6 ULA and link-local (an IPv4-mapped IPv6 address counts as its IPv4)."""
-    if not isinstance(address, str):
-        return False
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in network for network in PRIVATE_NETWORKS)
-
-
 ###############################################################################
 # Chat ########################################################################
 ###############################################################################
@@ -3839,10 +3875,23 @@ class ChatService:
 
     history_budget = int(SAMPLING_DEFAULTS["num_ctx"] * 3)  # about 4 characters a token, room left to answer
 
-    def __init__(self, router, store, host_info):
+    def __init__(self, router, store, host_info, max_queued=DEFAULTS["max_queued"]):
         self.router = router
         self.store = store
         self.host_info = host_info  # callable: who asked, for a question asked on this node
+        self.max_queued = max_queued  # chats that may wait for their first answer event at once
+        self.waiting = 0
+        self._lock = threading.Lock()
+
+    def admit(self):
+        """An HTTPFailure 503 (with Retry-After, as Ollama does) when --max-queued chats already wait."""
+        if self.waiting >= self.max_queued:
+            raise HTTPFailure(503, "this node already has %d chats waiting for an LLM: try again shortly"
+                              % self.waiting, retry_after=5)
+
+    def _count_waiting(self, change):
+        with self._lock:
+            self.waiting += change
 
     # -- the events of one answer ----------------------------------------------------
 
@@ -3853,6 +3902,8 @@ class ChatService:
         error event. Closing this generator (the client went away) cancels the upstream request.
         """
         events, cancel = queue.Queue(), threading.Event()
+        self._count_waiting(1)
+        waiting = True
         threading.Thread(target=self._work, args=(events, cancel, model, messages, options, local_only),
                          name="neuromesh-chat", daemon=True).start()
         try:
@@ -3860,8 +3911,13 @@ class ChatService:
                 event = events.get()
                 if event is None:
                     return
+                if waiting and event["type"] != "queued":
+                    waiting = False
+                    self._count_waiting(-1)
                 yield event
         finally:
+            if waiting:
+                self._count_waiting(-1)
             cancel.set()
 
     def _work(self, events, cancel, model, messages, options, local_only):
@@ -4021,32 +4077,137 @@ CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 
                            "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 
 
-class ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    """The standard library's WSGI server, one daemon thread per request."""
+class HTTPServer:
+    """A WSGI app served by waitress, with the limits a classroom node needs.
 
-    daemon_threads = True
-    allow_reuse_address = os.name != "nt"
+    waitress reads and parses every request on one non-blocking poll() loop, so an idle,
+    half-sent or garbage connection costs a file descriptor but no thread, and is closed
+    after ``idle_timeout``; only complete, valid requests reach the ``threads`` workers. It
+    answers a bad Content-Length with 400 and a body (chunked or not) over ``max_body`` with
+    413 before the app runs. A streamed response (SSE, NDJSON) holds its worker until it
+    ends, so ``threads`` covers every long-lived stream plus the short requests beside them.
+
+    The socket is bound here (OSError/errno reach the caller; port 0 works); ``server_port``
+    is the bound port. ``serve_forever()`` runs the loop until ``shutdown()`` (from any
+    thread); ``server_close()`` frees the socket.
+    """
+
+    def __init__(self, host, port, app, threads=96, connection_limit=256, idle_timeout=30,
+                 max_body=4 * MiB, backlog=128, max_header=64 * 1024):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if os.name != "nt":  # Windows' SO_REUSEADDR lets a second server steal the port
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((host, port))
+        except BaseException:
+            sock.close()
+            raise
+        self.server_port = self.port = sock.getsockname()[1]
+        self._map = {}
+        self._stopping, self._stopped = threading.Event(), threading.Event()
+        self._stopped.set()
+        self._closed = False
+        self._server = waitress.server.create_server(
+            app, map=self._map, sockets=[sock], threads=threads,
+            connection_limit=connection_limit + 2,  # waitress counts its listener and wake-up pipe
+            backlog=backlog, channel_timeout=idle_timeout, cleanup_interval=max(1, int(idle_timeout // 4)),
+            max_request_body_size=max_body, max_request_header_size=max_header,
+            asyncore_use_poll=True,  # select() breaks past fd 1024
+            outbuf_high_watermark=4 * MiB, ident="NeuroMesh", expose_tracebacks=False,
+            clear_untrusted_proxy_headers=True)
+
+    def serve_forever(self, poll_interval=0.5):
+        self._stopped.clear()
+        try:
+            while not self._stopping.is_set():
+                wasyncore.loop(timeout=poll_interval, map=self._map, use_poll=True, count=1)
+        finally:
+            self._stopped.set()
+
+    def shutdown(self, timeout=5):
+        """Stop serve_forever, drop every connection (streams see ClientDisconnected)."""
+        self._stopping.set()
+        try:
+            self._server.pull_trigger()
+        except OSError:
+            pass
+        self._stopped.wait(timeout)
+        self.server_close(timeout)
+
+    def server_close(self, timeout=5):
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping.set()
+        self._stopped.wait(timeout)
+        wasyncore.close_all(self._map)  # listener, trigger and every open channel
+        self._server.task_dispatcher.shutdown(cancel_pending=True, timeout=timeout)
 
 
-class QuietRequestHandler(WSGIRequestHandler):
-    """Sends wsgiref's request lines to the debug log instead of stderr."""
+def http_connection_limit(wanted=2000, spare=200):
+    """Connections the HTTP server may hold open. On POSIX the soft open-files limit is raised
+    toward ``wanted`` + ``spare`` where the hard limit allows (a flood of idle sockets then
+    waits for the idle timeout without shutting out everyone else); Windows' select() takes 512."""
+    try:
+        import resource
+    except ImportError:
+        return 400
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    unlimited = resource.RLIM_INFINITY
+    target = wanted + spare if hard == unlimited else min(hard, wanted + spare)
+    if soft != unlimited and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return max(64, min(wanted, (wanted + spare if soft == unlimited else soft) - spare))
 
-    def log_message(self, format, *args):
-        log.debug("http %s %s", self.address_string(), safe_text(format % args))
+
+def quiet_waitress_logs(level=logging.ERROR):
+    """waitress logs a WARNING per queued task and INFO per gone client: keep them out."""
+    logging.getLogger("waitress.queue").setLevel(level)
+    logging.getLogger("waitress").setLevel(logging.WARNING)
+
+
+MAX_JSON_DEPTH = 64
+
+
+def _json_depth(value, limit):
+    """Whether ``value`` nests lists and objects no deeper than ``limit`` (iterative)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return False
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return True
 
 
 def read_json_body(limit=4 * MiB):
     """The request's JSON object, or an HTTPFailure saying what is wrong with it."""
-    length = bottle.request.content_length
+    raw_length = bottle.request.environ.get("CONTENT_LENGTH") or "0"
+    if not raw_length.isdigit():
+        raise HTTPFailure(400, "Content-Length must be a whole number of bytes, not %r" % safe_text(raw_length, 40))
+    length = int(raw_length)
     if length > limit:
         raise HTTPFailure(413, "request body of %d bytes is over the limit of %d" % (length, limit))
-    raw = bottle.request.body.read(limit + 1) if length else b""
+    raw = bottle.request.environ["wsgi.input"].read(length) if length else b""
     if not raw.strip():
         return {}
     try:
         body = json.loads(raw.decode("utf-8"))
+        deep = not _json_depth(body, MAX_JSON_DEPTH)
     except (UnicodeDecodeError, ValueError) as exc:
-        raise HTTPFailure(400, "the request body is not valid JSON: %s" % exc)
+        raise HTTPFailure(400, "the request body is not valid JSON: %s" % safe_text(str(exc), 200))
+    except RecursionError:
+        deep = True
+    if deep:
+        raise HTTPFailure(400, "the request body nests lists or objects deeper than %d levels" % MAX_JSON_DEPTH)
     if not isinstance(body, dict):
         raise HTTPFailure(400, "the request body must be a JSON object")
     return body
@@ -4142,6 +4303,8 @@ class ErrorReplies:
     def reply(self, status, message, extra=None):
         bottle.response.status = status
         bottle.response.content_type = "application/json"
+        if (extra or {}).get("retry_after"):
+            bottle.response.set_header("Retry-After", str(extra["retry_after"]))
         if self.shape == "openai":
             return json.dumps({"error": {"message": message, "type": self.OPENAI_TYPES.get(status, "api_error"),
                                          "param": None, "code": "model_not_found" if status == 404 else None}})
@@ -4160,6 +4323,261 @@ class ErrorReplies:
         return self.reply(500, "internal error: %s" % (error.exception or error.body))
 
 
+# -- who is asking: the access model of issue 9 --------------------------------------------
+#
+# The client is the socket's peer address (REMOTE_ADDR from the server), never a header.
+# Loopback is the owner of this computer and may do everything. Another machine gets the
+# chat page only with --guests and a room code, the Ollama/OpenAI APIs only with --lan-api
+# (plus ``Authorization: Bearer <mesh key>`` once a mesh key is set); the relay checks its
+# own tokens. Every request must name this machine in Host (DNS rebinding), and a
+# state-changing one must not come from another site (Origin, JSON content type).
+
+Client = collections.namedtuple("Client", "role address guest")  # role: owner guest visitor lan peer
+GUEST_CODE_FILE = "guest_code"
+GUEST_CODE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
+
+
+def is_loopback(address):
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
+
+
+def guest_code(config):
+    """The code guests enter: the mesh key if one is set, else this node's own, kept in the data dir."""
+    mesh_key = getattr(config, "mesh_key", None)
+    if mesh_key:
+        return mesh_key
+    path = os.path.join(config.data_dir, GUEST_CODE_FILE)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            code = handle.read().strip()
+        if len(code) >= 6:
+            return code
+    except OSError:
+        pass
+    code = "".join(secrets.choice(GUEST_CODE_ALPHABET) for _ in range(8))
+    os.makedirs(config.data_dir, exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        handle.write(code + "\n")
+    os.replace(path + ".tmp", path)
+    return code
+
+
+class RateLimit:
+    """At most ``limit`` events per ``window`` seconds per key; keys are bounded in number."""
+
+    def __init__(self, limit, window=60.0, max_keys=10000):
+        self.limit, self.window, self.max_keys = limit, window, max_keys
+        self._hits = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def hit(self, key, now=None):
+        """Counts one event of ``key``: 0 if allowed, else the seconds to wait (it is not counted)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            hits = self._hits.pop(key, None) or collections.deque()
+            while hits and hits[0] <= now - self.window:
+                hits.popleft()
+            self._hits[key] = hits
+            while len(self._hits) > self.max_keys:
+                self._hits.popitem(last=False)
+            if len(hits) >= self.limit:
+                return max(1, int(hits[0] + self.window - now + 1))
+            hits.append(now)
+            return 0
+
+
+class GuestDoor:
+    """Guest sessions: a right room code gives a random token in an HttpOnly cookie.
+
+    Sessions live in memory, at most ``max_sessions`` (the oldest go first), each for ``ttl``
+    seconds; wrong codes are limited per address.
+    """
+
+    cookie = "neuromesh_guest"
+
+    def __init__(self, config, ttl=12 * 3600, max_sessions=1000):
+        self.config = config
+        self.ttl, self.max_sessions = ttl, max_sessions
+        self._sessions = collections.OrderedDict()  # token -> (guest id, expiry)
+        self._lock = threading.Lock()
+        self.wrong_codes = RateLimit(10, window=300.0)
+
+    @property
+    def code(self):
+        return guest_code(self.config)
+
+    def login(self, address, code):
+        """``(token, guest id)`` for the right code; an HTTPFailure otherwise."""
+        if not isinstance(code, str) or not code.strip():
+            raise HTTPFailure(400, "enter the room code: {\"code\": \"...\"}")
+        if not hmac.compare_digest(code.strip().upper().encode("utf-8"), self.code.upper().encode("utf-8")):
+            wait = self.wrong_codes.hit(address)
+            if wait:
+                raise HTTPFailure(429, "too many wrong codes: try again in %d seconds" % wait, retry_after=wait)
+            raise HTTPFailure(403, "wrong room code: ask the teacher for the code shown on the NeuroMesh computer")
+        token, guest = secrets.token_urlsafe(32), "guest-" + secrets.token_hex(8)
+        with self._lock:
+            self._sessions[token] = (guest, time.monotonic() + self.ttl)
+            while len(self._sessions) > self.max_sessions:
+                self._sessions.popitem(last=False)
+        return token, guest
+
+    def guest_of(self, token):
+        if not token:
+            return None
+        with self._lock:
+            session = self._sessions.get(token)
+            if session is None or session[1] < time.monotonic():
+                self._sessions.pop(token, None)
+                return None
+            return session[0]
+
+
+class Gatekeeper:
+    """Decides, for each request, who is asking and whether they may (the ``guard`` of ErrorReplies).
+
+    ``check(kind)`` raises HTTPFailure or records the Client in the WSGI environ; ``kind`` is
+    "page", "llm" or "relay". Also WSGI middleware (``wrap``) that caps the requests one
+    other machine has in progress at once.
+    """
+
+    OPEN_PAGE_PATHS = ("/", "/api/guest/login", "/api/health")  # and /static/: what a guest needs to log in
+    UNSAFE = ("POST", "PUT", "PATCH", "DELETE")
+
+    def __init__(self, config, door=None):
+        self.config = config
+        self.door = door or GuestDoor(config)
+        self.chat_rate = RateLimit(config.chat_rate)
+        self.names = {"localhost", socket.gethostname().lower(), socket.gethostname().lower() + ".local"}
+        self._in_flight = collections.Counter()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def client():
+        return bottle.request.environ.get("neuromesh.client") or Client("owner", "127.0.0.1", None)
+
+    def check(self, kind):
+        request = bottle.request
+        address = request.environ.get("REMOTE_ADDR") or ""
+        self._check_host(request.environ.get("HTTP_HOST"))
+        if kind != "relay" and request.method in self.UNSAFE:
+            self._check_same_site(request, kind)
+        if is_loopback(address):
+            client = Client("owner", address, None)
+        elif kind == "relay":
+            client = Client("peer", address, None)
+        elif kind == "llm":
+            client = self._lan_client(request, address)
+        else:
+            client = self._guest_client(request, address)
+        request.environ["neuromesh.client"] = client
+
+    def _check_host(self, host):
+        if not host:
+            return  # HTTP/1.0 without Host: not a browser
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        name = name.strip("[]").lower().rstrip(".")
+        if name in self.names:
+            return
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            raise HTTPFailure(421, "this node answers requests for its IP address, localhost or %s only, not "
+                                   "%r: open it by its address" % (socket.gethostname(), safe_text(host, 100)))
+
+    @staticmethod
+    def _check_same_site(request, kind):
+        origin = request.headers.get("Origin")
+        host = request.headers.get("Host") or ""
+        if origin is not None and origin.lower() not in ("http://" + host.lower(), "https://" + host.lower()) \
+                or request.headers.get("Sec-Fetch-Site") == "cross-site":
+            raise HTTPFailure(403, "cross-site request refused: only this node's own page may change things here")
+        ctype = (request.environ.get("CONTENT_TYPE") or "").split(";")[0].strip().lower()
+        refused = ("text/plain", "multipart/form-data") if kind == "llm" else None
+        if request.method in ("POST", "PATCH", "PUT") and (request.environ.get("CONTENT_LENGTH") or "0") != "0" \
+                and (ctype in refused if refused else ctype != "application/json"):
+            raise HTTPFailure(415, "send the request body as JSON (Content-Type: application/json)")
+
+    def _lan_client(self, request, address):
+        if not (self.config.lan_api and is_private_address(address)):
+            raise HTTPFailure(403, "this node's LLM API answers only this computer; start it with --lan-api "
+                                   "to serve the local network")
+        mesh_key = getattr(self.config, "mesh_key", None)
+        if mesh_key:
+            header = request.headers.get("Authorization", "")
+            given = header[7:].strip() if header.startswith("Bearer ") else ""
+            if not hmac.compare_digest(given.encode("utf-8"), mesh_key.encode("utf-8")):
+                raise HTTPFailure(401, "this node's LLM API needs the room code: send the header "
+                                       "'Authorization: Bearer <mesh key>'")
+        return Client("lan", address, None)
+
+    def _guest_client(self, request, address):
+        if not self.config.guests:
+            raise HTTPFailure(403, "this node's chat page answers only this computer; start it with --guests "
+                                   "to let the room's phones and Chromebooks in with a code")
+        guest = self.door.guest_of(request.get_cookie(GuestDoor.cookie))
+        if guest is not None:
+            return Client("guest", address, guest)
+        if request.path in self.OPEN_PAGE_PATHS or request.path.startswith("/static/"):
+            return Client("visitor", address, None)
+        raise HTTPFailure(401, "enter the room code first (the chat page asks for it)", guest_login=True)
+
+    def admit_chat(self):
+        """Per-client chat rate (not for the owner or peers): an HTTPFailure 429 past it."""
+        client = self.client()
+        if client.role in ("owner", "peer"):
+            return
+        wait = self.chat_rate.hit(client.guest or client.address)
+        if wait:
+            raise HTTPFailure(429, "too many chats: at most %d a minute; try again in %d seconds"
+                              % (self.config.chat_rate, wait), retry_after=wait)
+
+    def wrap(self, app):
+        """WSGI middleware: at most --max-requests-per-address requests in progress per other machine."""
+        def capped(environ, start_response):
+            address = environ.get("REMOTE_ADDR") or ""
+            if is_loopback(address):
+                return app(environ, start_response)
+            with self._lock:
+                if self._in_flight[address] >= self.config.max_requests_per_address:
+                    start_response("429 Too Many Requests", [("Content-Type", "application/json"),
+                                                             ("Retry-After", "1")])
+                    return [json.dumps({"error": "too many requests in progress from %s: at most %d at once"
+                                        % (address, self.config.max_requests_per_address)}).encode("utf-8")]
+                self._in_flight[address] += 1
+            return _Released(app(environ, start_response), functools.partial(self._release, address))
+        return capped
+
+    def _release(self, address):
+        with self._lock:
+            self._in_flight[address] -= 1
+            if self._in_flight[address] <= 0:
+                del self._in_flight[address]
+
+
+class _Released:
+    """A WSGI response that calls ``release`` once, when the server closes it."""
+
+    def __init__(self, result, release):
+        self.result, self.release = result, release
+
+    def __iter__(self):
+        return iter(self.result)
+
+    def close(self):
+        try:
+            if hasattr(self.result, "close"):
+                self.result.close()
+        finally:
+            release, self.release = self.release, None
+            if release is not None:
+                release()
+
+
 class HttpApi:
     """One HTTP API: its routes, on a Bottle app of its own that answers errors in its format.
 
@@ -4167,31 +4585,28 @@ class HttpApi:
     """
 
     error_shape = "json"
-    loopback_only = False  # the Ollama and OpenAI APIs: this computer only, unless --lan-api
+    kind = "page"  # for the Gatekeeper: "page", "llm" (Ollama and OpenAI APIs) or "relay"
 
-    def __init__(self, node, chat):
+    def __init__(self, node, chat, gate=None):
         self.node = node
         self.chat = chat
+        self.gate = gate or Gatekeeper(node.config)
 
     def routes(self):
         """``[(method, path, callback)]``."""
         raise NotImplementedError
 
+    def admit_chat(self):
+        """Refuses a chat past the client's rate (429) or the node's queue (503)."""
+        self.gate.admit_chat()
+        self.chat.admit()
+
     def build(self):
         app = bottle.Bottle()
-        app.install(ErrorReplies(self.error_shape, self.check_client if self.loopback_only else None))
+        app.install(ErrorReplies(self.error_shape, functools.partial(self.gate.check, self.kind)))
         for method, path, callback in self.routes():
             app.route(path, method, callback)
         return app
-
-    def check_client(self):
-        """Loopback always; LAN clients on private networks only with --lan-api."""
-        address = bottle.request.remote_addr or ""
-        if address.startswith("127.") or address == "::1":
-            return
-        if not (self.node.config.lan_api and _is_private_address(address)):
-            raise HTTPFailure(403, "this node's LLM API answers only this computer; start it with --lan-api "
-                                   "to serve the local network")
 
 
 class PageApi(HttpApi):
@@ -4207,7 +4622,8 @@ class PageApi(HttpApi):
                 ("DELETE", conversation, self.delete_conversation), ("GET", "/peers", self.seed_peers),
                 ("POST", conversation + "/messages", self.post_message),
                 ("POST", conversation + "/regenerate", self.regenerate),
-                ("GET", "/api/models", self.models), ("GET", "/api/events", self.events)]
+                ("GET", "/api/models", self.models), ("GET", "/api/events", self.events),
+                ("POST", "/api/guest/login", self.guest_login), ("GET", "/api/guests", self.guests)]
 
     def index(self):
         return bottle.static_file("index.html", root=STATIC_DIR)
@@ -4228,21 +4644,50 @@ class PageApi(HttpApi):
     # -- conversations -------------------------------------------------------------
 
     def list_conversations(self):
-        return self.node.store.list_conversations()
+        records = self.node.store.list_conversations()
+        guest = self.gate.client().guest
+        if guest is None:
+            return records
+        owners = self.node.store.guest_owners()
+        return [dict(record, own=owners.get(record["id"]) == guest) for record in records
+                if owners.get(record["id"]) == guest or not record["private"]]
 
     def create_conversation(self):
         body = read_json_body()
         title = body_text(body, "title", limit=200) or "New chat"
         record = self.node.store.create_conversation(title=title, private=bool(body.get("private")))
+        guest = self.gate.client().guest
+        if guest is not None:
+            self.node.store.set_guest_owner(record["id"], guest)
         bottle.response.status = 201
         return record
 
+    def _readable(self, conversation_id):
+        """The conversation, if this client may read it: a guest reads their own and shared ones."""
+        conversation = self.chat.conversation(conversation_id)
+        guest = self.gate.client().guest
+        if guest is not None:
+            owned = self.node.store.guest_owners().get(conversation_id) == guest
+            if not owned and conversation["private"]:
+                raise HTTPFailure(404, "no conversation %s" % safe_text(conversation_id, 80))
+            conversation["own"] = owned
+        return conversation
+
+    def _writable(self, conversation_id):
+        """The conversation, if this client may change it: this node's own, and for a guest their own."""
+        conversation = self._readable(conversation_id)
+        if not conversation["own"]:
+            raise HTTPFailure(403, "conversation %s belongs to %s: you can read it, not change it"
+                              % (safe_text(conversation_id, 80), "someone else" if self.gate.client().guest
+                                 and conversation["origin"] == self.node.node_id else conversation["origin_name"]))
+        return conversation
+
     def get_conversation(self, conversation_id):
-        return self.chat.conversation(conversation_id)
+        return self._readable(conversation_id)
 
     def patch_conversation(self, conversation_id):
         body = read_json_body()
-        self.chat.conversation(conversation_id)
+        self._writable(conversation_id)
         title = body_text(body, "title", limit=200)
         private = body.get("private")
         if private is not None and not isinstance(private, bool):
@@ -4253,7 +4698,7 @@ class PageApi(HttpApi):
             raise HTTPFailure(403, str(exc))
 
     def delete_conversation(self, conversation_id):
-        self.chat.conversation(conversation_id)
+        self._writable(conversation_id)
         try:
             return self.node.store.delete_conversation(conversation_id)
         except StoreError as exc:
@@ -4266,6 +4711,9 @@ class PageApi(HttpApi):
         content = body_text(body, "content", required=True)
         sender = body_text(body, "sender", limit=100) or "user"
         model = body_text(body, "model", limit=200)
+        self._writable(conversation_id)
+        if body.get("answer") is not False:
+            self.admit_chat()
         question = self.chat.add_question(conversation_id, content, sender)
         if body.get("answer") is False:
             bottle.response.status = 201
@@ -4275,7 +4723,30 @@ class PageApi(HttpApi):
     def regenerate(self, conversation_id):
         body = read_json_body()
         model = body_text(body, "model", limit=200)
+        self._writable(conversation_id)
+        self.admit_chat()
         return self._answer_reply(None, self.chat.answer(conversation_id, model, regenerate=True))
+
+    # -- guests ------------------------------------------------------------------------
+
+    def guest_login(self):
+        """``POST /api/guest/login {"code"}``: a session cookie for a guest who knows the room code."""
+        body = read_json_body()
+        client = self.gate.client()
+        if client.role == "owner":
+            return {"role": "owner"}
+        token, guest = self.gate.door.login(client.address, body.get("code"))
+        bottle.response.set_cookie(GuestDoor.cookie, token, path="/", httponly=True, samesite="strict",
+                                   max_age=self.gate.door.ttl)
+        return {"role": "guest", "guest": guest}
+
+    def guests(self):
+        """Owner only: whether guests may come in, the URLs they open and the code they enter."""
+        if self.gate.client().role != "owner":
+            raise HTTPFailure(403, "only this computer's owner may see the room code")
+        lan = self.node.urls()[1] if hasattr(self.node, "urls") else []
+        return {"guests": bool(self.node.config.guests), "urls": lan, "code": self.gate.door.code,
+                "code_is_mesh_key": bool(getattr(self.node.config, "mesh_key", None))}
 
     def _answer_reply(self, question, events):
         """SSE to a page that asked for it, else one JSON reply once the answer is stored."""
@@ -4349,7 +4820,7 @@ def ollama_final(model, done, started, key):
 class OllamaApi(HttpApi):
     """Ollama's API, answered by the whole mesh (and the original NeuroMesh's ``/api/chat``)."""
 
-    loopback_only = True
+    kind = "llm"
 
     def routes(self):
         return [("GET", "/api/tags", self.tags), ("GET", "/api/ps", self.ps), ("GET", "/api/version", self.version),
@@ -4401,6 +4872,7 @@ class OllamaApi(HttpApi):
         """The original NeuroMesh's ``POST /api/chat {message, sender}``, kept in the default conversation."""
         content = body_text(body, "message", required=True)
         sender = body_text(body, "sender", limit=100) or "user"
+        self.admit_chat()
         return seed_message(self.chat.ask_default(content, sender, body_text(body, "model", limit=200)))
 
     def _answer(self, body, messages, key):
@@ -4410,6 +4882,7 @@ class OllamaApi(HttpApi):
             raise HTTPFailure(400, "model is required")
         options = body.get("options") if isinstance(body.get("options"), dict) else {}
         started = time.monotonic()
+        self.admit_chat()
         first, events = self.chat.begin(model, messages, options)
         model = first.get("model", model)
         if body.get("stream", True) is False:
@@ -4445,7 +4918,7 @@ class OpenAIApi(HttpApi):
     """The OpenAI API (``/v1/models``, ``/v1/chat/completions``), answered by the whole mesh."""
 
     error_shape = "openai"
-    loopback_only = True
+    kind = "llm"
     OPTIONS = (("temperature", "temperature"), ("top_p", "top_p"), ("max_tokens", "num_predict"),
                ("max_completion_tokens", "num_predict"), ("seed", "seed"))
 
@@ -4465,6 +4938,7 @@ class OpenAIApi(HttpApi):
             raise HTTPFailure(400, "model is required")
         options = {ours: body[theirs] for theirs, ours in self.OPTIONS
                    if isinstance(body.get(theirs), (int, float)) and not isinstance(body.get(theirs), bool)}
+        self.admit_chat()
         first, events = self.chat.begin(model, messages, options)
         reply = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()),
                  "model": first.get("model", model)}
@@ -4508,6 +4982,8 @@ class OpenAIApi(HttpApi):
 class RelayApi(HttpApi):
     """The relay: peers that were granted access (LREQ:) chat with this node's own LLM."""
 
+    kind = "relay"
+
     def routes(self):
         return [("POST", RELAY_PATH, self.post_chat)]
 
@@ -4519,6 +4995,7 @@ class RelayApi(HttpApi):
         messages = clean_chat_messages(body.get("messages"))
         model = body.get("model") if isinstance(body.get("model"), str) else None
         options = body.get("options") if isinstance(body.get("options"), dict) else {}
+        self.chat.admit()
         events = self.chat.stream(model, messages, options, local_only=True)
         bottle.response.content_type = "application/x-ndjson"
         return ndjson(translate(events, {"queued": self._queued_line, "token": self._token_line,
@@ -4544,10 +5021,12 @@ class RelayApi(HttpApi):
 
 def build_app(node):
     """The Bottle application of ``node``: every API's routes on one app, one chat room behind them."""
-    chat = ChatService(node.router, node.store, node.host_info)
+    chat = ChatService(node.router, node.store, node.host_info, max_queued=node.config.max_queued)
+    gate = Gatekeeper(node.config)
     app = bottle.Bottle()
     for api in (PageApi, OllamaApi, OpenAIApi, RelayApi):
-        app.merge(api(node, chat).build())
+        app.merge(api(node, chat, gate).build())
+    app.wsgi = gate.wrap(app.wsgi)
     app.add_hook("after_request", set_security_headers)
     errors = ErrorReplies()
     app.error(404, errors.not_found)
@@ -4567,7 +5046,7 @@ class Node(MeshListener):
     It is its mesh's listener: the MeshListener methods below pass what the mesh tells on.
     """
 
-    sse_keepalive = 15.0  # seconds between SSE comments; a gone client is noticed on a write
+    sse_keepalive = 15.0  # seconds between SSE comments; a gone client is noticed on a write (or at stop)
 
     def __init__(self, config):
         self.config = config
@@ -4681,9 +5160,9 @@ class Node(MeshListener):
     def start(self):
         """Bind every port (errors name the flag to change), then start the threads."""
         try:
-            self.http_server = make_server(self.config.host, self.config.http_port, build_app(self),
-                                           server_class=ThreadingWSGIServer,
-                                           handler_class=QuietRequestHandler)
+            self.http_server = HTTPServer(self.config.host, self.config.http_port, build_app(self),
+                                          idle_timeout=self.config.http_idle_timeout,
+                                          connection_limit=http_connection_limit())
         except OSError as exc:
             if exc.errno in (errno.EADDRINUSE, errno.EACCES):
                 raise PortInUseError("HTTP port %d is already in use (another NeuroMesh or web server "
@@ -4692,6 +5171,8 @@ class Node(MeshListener):
             raise NeuroMeshError("cannot listen on %s:%d: %s (check --host)"
                                  % (self.config.host, self.config.http_port, exc.strerror))
         self.http_port = self.http_server.server_port
+        if log.getEffectiveLevel() > logging.DEBUG:
+            quiet_waitress_logs()
         self.router.refresh_local()
         for backend in self.router.local:
             log.info("%s", "LLM: %s at %s offers %s" % (backend.kind, backend.url, ", ".join(backend.models))
@@ -4831,7 +5312,7 @@ class Node(MeshListener):
 def version_report():
     lines = ["NeuroMesh %s (protocol %d)" % (__version__, PROTOCOL_VERSION),
              "Python %s at %s" % (sys.version.split()[0], sys.executable)]
-    for module in (bottle, requests, ifaddr):
+    for module in (bottle, requests, ifaddr, waitress):
         version = getattr(module, "__version__", None)
         if version is None:
             try:
@@ -4867,6 +5348,11 @@ def run_node(config):
     print("  Chat page on this computer: %s" % local[0], flush=True)
     for url in lan:
         print("  For others on the network: %s" % url, flush=True)
+    if config.guests:
+        print("  Guests (phones, Chromebooks) open that page and enter the room code: %s" % guest_code(config),
+              flush=True)
+    else:
+        print("  Other machines are refused: start with --guests (chat page) or --lan-api (LLM API).", flush=True)
     if config.no_discovery:
         print("  Discovery is off; static peers: %s" % (", ".join(config.peer) or "none"), flush=True)
     else:

@@ -102,8 +102,31 @@
       init.body = JSON.stringify(options.body);
     }
     const response = await fetch(path, init);
+    if (response.status === 401 && path !== "/api/guest/login") await guestLogin();
     if (!response.ok) throw new ApiError(await errorText(response), response.status);
     return response.status === 204 ? null : response.json();
+  }
+
+  /** A guest on another device (node run with --guests): ask for the room code once, then reload. */
+  let guestAsking = false;
+  async function guestLogin() {
+    if (guestAsking) return;
+    guestAsking = true;
+    let message = "This NeuroMesh needs the room code (shown on the teacher's computer):";
+    for (;;) {
+      const code = window.prompt(message);
+      if (code === null) return;
+      const reply = await fetch("/api/guest/login", {
+        method: "POST",
+        headers: { "Content-Type": "application/json", Accept: "application/json" },
+        body: JSON.stringify({ code: code }),
+      });
+      if (reply.ok) {
+        window.location.reload();
+        return;
+      }
+      message = (await errorText(reply)) + "\nRoom code:";
+    }
   }
 
   function debounce(fn, ms) {

@@ -544,3 +544,23 @@ def raw_peer():
     yield connect
     for peer in made:
         peer.close()
+
+# -- HTTP access (issue 9): other machines, guests, LAN clients ---------------------------
+
+OTHER_MACHINE = "192.168.1.20"  # only ever an in-process REMOTE_ADDR, never a real connection
+
+
+@pytest.fixture
+def open_node(tmp_path):
+    """A StubNode started with --guests and --lan-api."""
+    node = StubNode(tmp_path, scripted_router(local=[ScriptedBackend("stub-llm")]), guests=True, lan_api=True)
+    yield node
+    node.store.close()
+
+
+def guest_headers(app, node, remote=OTHER_MACHINE):
+    """Logs a guest in at ``remote`` with the node's room code; the headers that carry the session."""
+    reply = wsgi_call(app, "POST", "/api/guest/login", {"code": neuromesh.guest_code(node.config)}, remote=remote)
+    assert reply.status == 200, reply.text
+    cookie = reply.headers["Set-Cookie"].split(";")[0]
+    return {"Cookie": cookie}

@@ -201,7 +201,7 @@ def test_three_hosts_in_namespaces_find_each_other_with_default_discovery(tmp_pa
         spaces.create()
         for index, host in enumerate(spaces.hosts, start=1):
             # default discovery: no --broadcast, no --host; each namespace has its own ports
-            lan_api = ["--lan-api"] if index == 3 else []
+            lan_api = ["--lan-api"] if index == 3 else ["--guests"] if index == 1 else []
             node = NodeProcess(tmp_path / host, ["--announce-interval", "0.5", "--peer-timeout", "3",
                                                  "--log-level", "debug"] + lan_api, host,
                                prefix=["ip", "netns", "exec", host])
@@ -221,9 +221,12 @@ def test_three_hosts_in_namespaces_find_each_other_with_default_discovery(tmp_pa
         peers = spaces.fetch_json(spaces.hosts[0], "http://127.0.0.1:8080/api/peers")
         assert sorted(peer["address"] for peer in peers) == ["%s.2" % spaces.subnet, "%s.3" % spaces.subnet]
         assert all(peer["tcp_port"] == 7878 for peer in peers)
-        # the page and its API serve the room; the Ollama/OpenAI API only this computer (no --lan-api)
+        # with --guests the page serves the room (after the room code); the Ollama/OpenAI API only this
+        # computer (no --lan-api); without --guests another machine gets a 403 naming the flag (issue 9)
         remote = "http://%s.1:8080" % spaces.subnet
         assert spaces.fetch_json(spaces.hosts[1], remote + "/api/health")["node_id"] == nodes[0].node_id
+        closed = spaces.fetch_status(spaces.hosts[0], "http://%s.2:8080/api/health" % spaces.subnet)
+        assert closed[0] == 403 and "--guests" in closed[1]
         refused = spaces.fetch_status(spaces.hosts[1], remote + "/api/tags")
         assert refused[0] == 403 and "--lan-api" in refused[1]
         assert spaces.fetch_json(spaces.hosts[0], "http://127.0.0.1:8080/api/tags") == {"models": []}

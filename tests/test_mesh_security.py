@@ -259,7 +259,7 @@ def test_datagrams_without_the_tag_start_no_dial(meshes):
     ("localhost", False), ("example.com", False), ("", False), (167772161, False), (None, False),
 ])
 def test_the_private_address_predicate(address, private):
-    assert nm._is_private_address(address) is private
+    assert nm.is_private_address(address) is private
 
 
 def test_peer_addresses_must_be_ip_literals():
@@ -281,7 +281,7 @@ def test_discovery_drops_public_sources():
 
 @pytest.mark.parametrize("allow_public", [False, True])
 def test_a_link_from_a_public_address_is_refused(meshes, monkeypatch, allow_public):
-    monkeypatch.setattr(nm, "_is_private_address", lambda address: False)  # loopback plays the internet
+    monkeypatch.setattr(nm, "is_private_address", lambda address: False)  # loopback plays the internet
     a = meshes("node-a", flags=["--allow-public"] if allow_public else [])
     peer = RawPeer(a.mesh.tcp_port)
     if allow_public:

@@ -69,15 +69,17 @@ def test_a_node_that_was_down_catches_up_when_it_returns(cluster):
 
 
 def test_500_messages_from_three_writers_at_once_converge(cluster):
+    # issue 9: a node writes only into its own conversations (a peer's are read-only, as on the page),
+    # so each writer writes into its own conversation and every node must end with all three
     nodes = [cluster.start() for _ in range(3)]
     wait_for(lambda: fully_linked(nodes), message="mesh")
-    conversation_id = new_conversation(nodes[0], "Busy class")
-    for node in nodes[1:]:
-        wait_for(lambda: conversation_id in listed_ids(node), message="shared conversation")
+    conversations = [new_conversation(node, "Busy class %s" % node.label) for node in nodes]
+    for node in nodes:
+        wait_for(lambda: set(conversations) <= set(listed_ids(node)), message="shared conversations")
     per_writer = [167, 167, 166]
     errors = []
 
-    def write(node, count):
+    def write(node, conversation_id, count):
         session = requests.Session()
         try:
             for index in range(count):
@@ -89,21 +91,22 @@ def test_500_messages_from_three_writers_at_once_converge(cluster):
         except requests.RequestException as exc:
             errors.append(repr(exc))
 
-    writers = [threading.Thread(target=write, args=(node, count)) for node, count in zip(nodes, per_writer)]
+    writers = [threading.Thread(target=write, args=job) for job in zip(nodes, conversations, per_writer)]
     for writer in writers:
         writer.start()
     for writer in writers:
         writer.join(60)
     assert errors == []
-    expected = {"%s-%d" % (node.label, i) for node, count in zip(nodes, per_writer) for i in range(count)}
-    assert len(expected) == 500
-    for node in nodes:
-        wait_for(lambda: len(contents(node, conversation_id) or []) >= 500, timeout=20,
-                 message="500 messages on %s" % node.label)
-        messages = node.json("/api/conversations/%s" % conversation_id)["messages"]
-        assert len(messages) == 500  # no duplicate
-        assert {m["content"] for m in messages} == expected  # no loss
-        assert len({(m["origin"], m["seq"]) for m in messages}) == 500
+    for writer, conversation_id, count in zip(nodes, conversations, per_writer):
+        expected = {"%s-%d" % (writer.label, i) for i in range(count)}
+        for node in nodes:
+            wait_for(lambda: len(contents(node, conversation_id) or []) >= count, timeout=20,
+                     message="%d messages of %s on %s" % (count, writer.label, node.label))
+            messages = node.json("/api/conversations/%s" % conversation_id)["messages"]
+            assert len(messages) == count  # no duplicate
+            assert {m["content"] for m in messages} == expected  # no loss
+            assert len({(m["origin"], m["seq"]) for m in messages}) == count
+    assert sum(per_writer) == 500
 
 
 def test_an_acknowledged_message_survives_sigkill_and_reaches_peers(cluster):
