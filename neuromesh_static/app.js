@@ -308,7 +308,7 @@
     $("#topbar-status").textContent = health ? health.name + " · " + plural(peers, "peer") + " · " + llm + " LLM" : "";
     if (health) document.title = health.name + " · NeuroMesh";
     const footer = $("#sidebar-footer");
-    footer.replaceChildren(
+    const lines = [
       h(
         "div",
         null,
@@ -317,7 +317,8 @@
       ),
       health ? h("div", null, "HTTP :" + health.ports.http + " · id " + health.node_id.slice(0, 8)) : null,
       state.role === "guest" ? h("div", { class: "guest-label" }, "Signed in as a guest of this computer") : null,
-    );
+    ];
+    footer.replaceChildren(...lines.filter(Boolean));
     renderRoom();
   }
 
@@ -343,7 +344,7 @@
       ...(own.length ? own.map(conversationItem) : [h("li", { class: "empty" }, "No conversations yet.")]),
     );
     $("#shared-list").replaceChildren(
-      ...(shared.length ? shared.map(conversationItem) : [h("li", { class: "empty" }, "Nothing shared by peers yet.")]),
+      ...(shared.length ? shared.map(conversationItem) : [h("li", { class: "empty" }, state.role === "guest" ? "Nothing shared yet." : "Nothing shared by peers yet.")]),
     );
   }
 

@@ -52,7 +52,7 @@ OPEN_ROOM = ("Open room: anyone on this network can join. "
 # What the node answers a guest who has not entered the room code (Gatekeeper, issue 9).
 GUEST_LOGIN_REQUIRED = {"error": "enter the room code first (the chat page asks for it)", "guest_login": True}
 # Chromium logs every refused fetch; the guest tests expect these.
-REFUSED_FETCH = r"Failed to load resource: (the server responded with a status of (401|403|429)|net::ERR_FAILED)"
+REFUSED_FETCH = r"Failed to load resource: (the server responded with a status of (401|403|429)|net::ERR_[A-Z_]+)"
 
 
 # ---- fixtures -----------------------------------------------------------------------------
@@ -610,7 +610,7 @@ def test_a_guest_enters_the_room_code_before_the_chat(pages, mesh):
     expect(form).to_be_visible()
     expect(form).to_contain_text("Enter the room code your teacher gave you.")
     expect(page.locator(".app")).to_be_hidden()
-    code = page.get_by_label("Room code")
+    code = page.get_by_label("Room code", exact=True)
     expect(code).to_be_focused()
     pages.screenshot(page, "signin")
     error = page.locator("#signin-error")
@@ -673,7 +673,7 @@ def test_a_guest_enters_the_room_code_before_the_chat(pages, mesh):
 
 def test_the_room_code_form_fits_a_phone(pages, mesh):
     page, guest = open_as_guest(pages, mesh.plain, **PHONE)
-    code = page.get_by_label("Room code")
+    code = page.get_by_label("Room code", exact=True)
     expect(code).to_be_visible()
     for locator in (code, page.get_by_role("button", name="Join")):
         box = locator.bounding_box()
