@@ -1752,8 +1752,7 @@
     if (!box.hidden) return;
     closeInvite();
     closeSidebar(false);
-    if (state.stream) state.stream.controller.abort();
-    $(".app").hidden = true;
+    $(".app").hidden = true; // an answer being written goes on behind the form
     $(".skip-link").hidden = true;
     const reason = $("#signin-reason");
     reason.hidden = !(ended && state.started);
