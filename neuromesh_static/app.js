@@ -53,6 +53,8 @@
     chat: "M4 5h16v11H10l-5 4v-4H4z",
     mesh: "M12 6 6 17M12 6l6 11M7.5 18.5h9M12 3.5a2.5 2.5 0 1 0 0 5 2.5 2.5 0 1 0 0-5zM5 15.5a2.5 2.5 0 1 0 0 5 2.5 2.5 0 1 0 0-5zM19 15.5a2.5 2.5 0 1 0 0 5 2.5 2.5 0 1 0 0-5z",
     pulse: "M3 12h4l3-8 4 16 3-8h4",
+    close: "M6 6l12 12M18 6 6 18",
+    invite: "M9 11a3.5 3.5 0 1 0 0-7 3.5 3.5 0 0 0 0 7zM3 20c0-3.3 2.7-6 6-6s6 2.7 6 6M19 8v6M16 11h6",
   };
 
   // A small sidebar button: ``label`` for screen readers, ``extra`` for more attributes.
@@ -78,55 +80,48 @@
   }
 
   class ApiError extends Error {
-    constructor(message, status) {
+    constructor(message, status, body) {
       super(message);
       this.status = status;
+      this.body = body || {};
+      // 401 {"error", "guest_login": true}: a guest of this node must enter the room code first.
+      this.signIn = status === 401;
     }
   }
 
-  async function errorText(response) {
+  const SIGNED_OUT = "Your sign-in has ended: enter the room code again.";
+
+  /** The ApiError of a non-2xx reply, with the node's sentence; a 401 also asks for the room code. */
+  async function apiError(response) {
+    let body = null;
     try {
-      const body = await response.json();
-      if (body && body.error) return String(body.error);
+      body = await response.json();
     } catch (error) {
       /* not JSON */
     }
-    return "HTTP " + response.status + " " + response.statusText;
+    const error = new ApiError(
+      response.status === 401
+        ? SIGNED_OUT
+        : body && body.error
+          ? String(typeof body.error === "object" ? body.error.message : body.error)
+          : "The node answered " + response.status + " " + response.statusText + ".",
+      response.status,
+      body,
+    );
+    if (error.signIn) showSignIn(true);
+    return error;
   }
 
   /** JSON in, JSON out; a non-2xx answer throws an ApiError carrying the node's message. */
   async function api(path, options) {
     const init = { method: (options && options.method) || "GET", headers: { Accept: "application/json" } };
     if (options && options.body !== undefined) {
-      init.headers["Content-Type"] = "application/json";
+      init.headers["Content-Type"] = "application/json"; // the node refuses state changes sent as forms
       init.body = JSON.stringify(options.body);
     }
     const response = await fetch(path, init);
-    if (response.status === 401 && path !== "/api/guest/login") await guestLogin();
-    if (!response.ok) throw new ApiError(await errorText(response), response.status);
+    if (!response.ok) throw await apiError(response);
     return response.status === 204 ? null : response.json();
-  }
-
-  /** A guest on another device (node run with --guests): ask for the room code once, then reload. */
-  let guestAsking = false;
-  async function guestLogin() {
-    if (guestAsking) return;
-    guestAsking = true;
-    let message = "This NeuroMesh needs the room code (shown on the teacher's computer):";
-    for (;;) {
-      const code = window.prompt(message);
-      if (code === null) return;
-      const reply = await fetch("/api/guest/login", {
-        method: "POST",
-        headers: { "Content-Type": "application/json", Accept: "application/json" },
-        body: JSON.stringify({ code: code }),
-      });
-      if (reply.ok) {
-        window.location.reload();
-        return;
-      }
-      message = (await errorText(reply)) + "\nRoom code:";
-    }
   }
 
   function debounce(fn, ms) {
@@ -220,6 +215,11 @@
     renamingId: null,
     confirmDeleteId: null,
     graphIds: new Set(),
+    started: false, // the app runs (after the room code, for a guest)
+    role: null, // "owner" (this computer), "guest" (signed in with the room code) or null (not known yet)
+    invite: null, // GET /api/guests (owner only): {guests, urls, code, code_is_mesh_key}
+    events: null, // the EventSource of /api/events
+    eventsOpened: false,
   };
 
   const ui = {
@@ -252,6 +252,7 @@
   // ==== views and the sidebar drawer =========================================================
 
   function route() {
+    if (!state.started) return;
     const match = /^#\/(chat|mesh|diagnostics)(?:\/(.+))?$/.exec(location.hash) || [];
     const view = match[1] || "chat";
     showView(view);
@@ -307,7 +308,7 @@
     $("#topbar-status").textContent = health ? health.name + " · " + plural(peers, "peer") + " · " + llm + " LLM" : "";
     if (health) document.title = health.name + " · NeuroMesh";
     const footer = $("#sidebar-footer");
-    footer.replaceChildren(
+    const lines = [
       h(
         "div",
         null,
@@ -315,7 +316,10 @@
         health ? " · v" + health.version + " · up " + formatDuration(health.uptime_s) : "",
       ),
       health ? h("div", null, "HTTP :" + health.ports.http + " · id " + health.node_id.slice(0, 8)) : null,
-    );
+      state.role === "guest" ? h("div", { class: "guest-label" }, "Signed in as a guest of this computer") : null,
+    ];
+    footer.replaceChildren(...lines.filter(Boolean));
+    renderRoom();
   }
 
   function setLive(live) {
@@ -335,11 +339,12 @@
     const visible = state.conversations.filter((c) => !c.deleted);
     const own = visible.filter((c) => c.own);
     const shared = visible.filter((c) => !c.own);
+    $("#shared-heading").textContent = state.role === "guest" ? "Shared in the room" : "Shared by peers";
     $("#conversation-list").replaceChildren(
       ...(own.length ? own.map(conversationItem) : [h("li", { class: "empty" }, "No conversations yet.")]),
     );
     $("#shared-list").replaceChildren(
-      ...(shared.length ? shared.map(conversationItem) : [h("li", { class: "empty" }, "Nothing shared by peers yet.")]),
+      ...(shared.length ? shared.map(conversationItem) : [h("li", { class: "empty" }, state.role === "guest" ? "Nothing shared yet." : "Nothing shared by peers yet.")]),
     );
   }
 
@@ -596,7 +601,9 @@
   function senderLabel(message) {
     if (message.role === "assistant") return "Assistant"; // who answered is in the line under it
     const host = message.host_info && message.host_info.hostname;
-    if (!message.origin || message.origin === myId())
+    // A guest shares this node's id with its owner and other guests: only their own chats are "You".
+    const othersChat = state.role === "guest" && state.current && !state.current.own;
+    if ((!message.origin || message.origin === myId()) && !othersChat)
       return message.sender && message.sender !== "user" ? message.sender : "You";
     return (message.sender || "user") + (host ? " on " + host : "");
   }
@@ -1012,7 +1019,7 @@
         body: JSON.stringify(body),
         signal: controller.signal,
       });
-      if (!response.ok) throw new ApiError(await errorText(response), response.status);
+      if (!response.ok) throw await apiError(response);
       if (!(response.headers.get("Content-Type") || "").includes("text/event-stream")) {
         const data = await response.json(); // a node that does not stream: {user, assistant}
         markUserStored(data.user || (data.role === "user" ? data : null));
@@ -1040,6 +1047,7 @@
       }
     } catch (error) {
       if (error.name === "AbortError") answer.stopped();
+      else if (error.signIn) answer.fail(SIGNED_OUT + " Then press Retry.", retry);
       else answer.fail(error.message || String(error), retry);
     } finally {
       if (state.stream && state.stream.controller === controller) state.stream = null;
@@ -1427,6 +1435,7 @@
           ["Version", d.version + (d.protocol_version ? " (protocol " + d.protocol_version + ")" : "")],
           ["Python", d.python || "—"],
           ["Up for", formatDuration(d.uptime_s)],
+          state.role === "owner" ? ["Room", roomStatusText(d)] : null,
         ]),
       ),
       panel(
@@ -1548,14 +1557,25 @@
   const schedulePeersRefresh = debounce(refreshPeers, 1500);
 
   function connectEvents() {
+    if (state.events) state.events.close();
     const source = new EventSource("/api/events");
-    let opened = false;
+    state.events = source;
     source.addEventListener("open", () => {
       setLive(true);
-      if (opened) refreshAll(); // back after a break: catch up on what was missed
-      opened = true;
+      if (state.eventsOpened) refreshAll(); // back after a break: catch up on what was missed
+      state.eventsOpened = true;
     });
-    source.addEventListener("error", () => setLive(false)); // EventSource reconnects by itself
+    source.addEventListener("error", () => {
+      setLive(false);
+      // EventSource reconnects by itself after a network break, but not after a refusal (a guest's
+      // session ended, say): then try again in a moment, or once the room code is entered.
+      if (source.readyState === EventSource.CLOSED && state.events === source) {
+        state.events = null;
+        setTimeout(() => {
+          if (!state.events && $("#signin").hidden) connectEvents();
+        }, 5000);
+      }
+    });
     const on = (type, handler) =>
       source.addEventListener(type, (event) => {
         let payload;
@@ -1591,11 +1611,272 @@
   }
 
   function poll() {
-    if (document.hidden) return;
+    if (document.hidden || !$("#signin").hidden) return;
+    if (state.role === null) probeAccess();
     refreshHealth().then(() => {
       if (state.view === "diagnostics") renderDiagnostics();
     });
     refreshPeers();
+  }
+
+  // ==== the room: guests' sign-in, the owner's room status and invitation =====================
+  //
+  // The node's owner uses the page on the node's own computer. With --guests, other devices of
+  // the room get the page too, after they enter the room code: until then every page API call
+  // answers 401 {"error", "guest_login": true}, and POST /api/guest/login {"code"} sets the
+  // session cookie. GET /api/guests tells the owner the addresses and the code to give out.
+
+  /** Who this page is for: GET /api/guests answers the owner, refuses a guest (403), asks a stranger to sign in (401). */
+  async function probeAccess() {
+    try {
+      state.invite = await api("/api/guests");
+      state.role = "owner";
+    } catch (error) {
+      if (error.signIn) return "signin"; // apiError has shown the sign-in form
+      if (error.status === 403) state.role = "guest";
+      else if (error.status === 404 || error.status === 405) state.role = "owner"; // a node without guests
+      else if (error.status === undefined) state.role = null; // no answer: ask again at the next poll
+      state.invite = null;
+    }
+    renderStatus();
+    return state.role;
+  }
+
+  function roomStatusText(health) {
+    const room = (health && health.room) || {}; // no "room": a node without room codes, so an open room
+    if (room.closed)
+      return "Room closed by a code" + (room.key_hash ? " (key " + String(room.key_hash).slice(0, 16) + ")" : "");
+    return "Open room: anyone on this network can join. To close it, start every node with --mesh-key <code>.";
+  }
+
+  function renderRoom() {
+    const box = $("#room");
+    const show = state.role === "owner" && Boolean(state.health);
+    box.hidden = !show;
+    $("#invite-open").hidden = !(show && state.invite && state.invite.guests);
+    if (!show) return;
+    const room = state.health.room || {};
+    const key = room.closed ? "closed:" + room.key_hash : "open";
+    const status = $("#room-status");
+    if (status.dataset.key === key) return; // unchanged: leave it for screen readers and selection
+    status.dataset.key = key;
+    status.className = "room-status " + (room.closed ? "closed" : "open");
+    status.replaceChildren(
+      ...(room.closed
+        ? [icon("lock"), h("span", null, roomStatusText(state.health))]
+        : [
+            icon("unlock"),
+            h(
+              "span",
+              null,
+              h("strong", null, "Open room:"),
+              " anyone on this network can join. To close it, start every node with ",
+              h("code", null, "--mesh-key <code>"),
+              ".",
+            ),
+          ]),
+    );
+  }
+
+  // -- the owner's invitation --------------------------------------------------------------------
+
+  async function openInvite() {
+    const dialog = $("#invite");
+    try {
+      state.invite = await api("/api/guests"); // the code may have changed since the page opened
+    } catch (error) {
+      if (error.signIn) return;
+    }
+    if (!state.invite) return;
+    renderInvite();
+    if (!dialog.open) dialog.showModal();
+    $("#invite-copy-code").focus();
+  }
+
+  function closeInvite() {
+    const dialog = $("#invite");
+    if (dialog.open) dialog.close();
+  }
+
+  function renderInvite() {
+    const invite = state.invite || {};
+    const urls = Array.isArray(invite.urls) ? invite.urls : [];
+    $("#invite-urls").replaceChildren(
+      ...(urls.length
+        ? urls.map((url) =>
+            h(
+              "li",
+              { class: "invite-url-row" },
+              h("code", { class: "invite-url" }, url),
+              h(
+                "button",
+                {
+                  type: "button",
+                  class: "small-button",
+                  "aria-label": "Copy the address " + url,
+                  onclick: (event) => copyWithFeedback(event.currentTarget, url),
+                },
+                icon("copy"),
+                h("span", { class: "label" }, "Copy"),
+              ),
+            ),
+          )
+        : [
+            h(
+              "li",
+              { class: "invite-none" },
+              "Other devices cannot reach this node yet: it listens on this computer only. Start it with ",
+              h("code", null, "--host 0.0.0.0"),
+              " (the default) and its network addresses appear here.",
+            ),
+          ]),
+    );
+    $("#invite-code").textContent = invite.code || "—";
+    $("#invite-note").textContent =
+      (invite.code_is_mesh_key
+        ? "This is the room's code (--mesh-key): it opens every computer of the room. "
+        : "This code opens this computer only. ") + "Guests see only their own chats and the ones shared in the room.";
+  }
+
+  // -- a guest's sign-in -------------------------------------------------------------------------
+
+  const signin = {
+    busy: false,
+    waitUntil: 0,
+    timer: 0,
+  };
+
+  /** Shows the room-code form instead of the app; ``ended``: a signed-in guest's session ran out. */
+  function showSignIn(ended) {
+    const box = $("#signin");
+    if (!box.hidden) return;
+    closeInvite();
+    closeSidebar(false);
+    $(".app").hidden = true; // an answer being written goes on behind the form
+    $(".skip-link").hidden = true;
+    const reason = $("#signin-reason");
+    reason.hidden = !(ended && state.started);
+    reason.textContent = reason.hidden
+      ? ""
+      : "Your sign-in has ended (the NeuroMesh computer may have restarted). Enter the room code again.";
+    setSignInError("");
+    $("#signin-code").value = "";
+    box.hidden = false;
+    document.title = "Join the room · NeuroMesh";
+    $("#signin-code").focus();
+  }
+
+  function setSignInError(message) {
+    const input = $("#signin-code");
+    $("#signin-error").textContent = message;
+    if (message) input.setAttribute("aria-invalid", "true");
+    else input.removeAttribute("aria-invalid");
+  }
+
+  function setSignInBusy(busy) {
+    signin.busy = busy;
+    renderSignInButton();
+  }
+
+  function renderSignInButton() {
+    const button = $("#signin-submit");
+    const wait = Math.ceil((signin.waitUntil - Date.now()) / 1000);
+    button.disabled = signin.busy || wait > 0;
+    button.textContent = signin.busy ? "Checking…" : wait > 0 ? "Wait " + wait + " s" : "Join";
+  }
+
+  /** After a 429: the button counts down the seconds the node asked to wait. */
+  function waitBeforeRetry(seconds) {
+    signin.waitUntil = Date.now() + seconds * 1000;
+    clearInterval(signin.timer);
+    signin.timer = setInterval(() => {
+      renderSignInButton();
+      if (Date.now() >= signin.waitUntil) clearInterval(signin.timer);
+    }, 1000);
+    renderSignInButton();
+  }
+
+  function retryAfterSeconds(response, body) {
+    const header = parseInt(response.headers.get("Retry-After") || "", 10);
+    if (header > 0) return header;
+    const match = /(\d+) seconds?/.exec((body && body.error) || "");
+    return match ? parseInt(match[1], 10) : 30;
+  }
+
+  async function submitSignIn(event) {
+    event.preventDefault();
+    if (signin.busy || Date.now() < signin.waitUntil) return;
+    const input = $("#signin-code");
+    const code = input.value.trim();
+    if (!code) {
+      setSignInError("Enter the room code first: your teacher has it.");
+      input.focus();
+      return;
+    }
+    setSignInBusy(true);
+    let response;
+    let body = null;
+    try {
+      response = await fetch("/api/guest/login", {
+        method: "POST",
+        headers: { "Content-Type": "application/json", Accept: "application/json" },
+        body: JSON.stringify({ code }),
+      });
+      try {
+        body = await response.json();
+      } catch (error) {
+        /* not JSON */
+      }
+    } catch (error) {
+      setSignInBusy(false);
+      setSignInError(
+        "The NeuroMesh computer does not answer. Check that this device is on the room's network " +
+          "and that NeuroMesh still runs there, then try again.",
+      );
+      input.focus();
+      return;
+    }
+    setSignInBusy(false);
+    if (response.ok) {
+      signedIn(body || {});
+      return;
+    }
+    if (response.status === 403) {
+      setSignInError("That code is not right. Check it with your teacher and try again.");
+    } else if (response.status === 429) {
+      const seconds = retryAfterSeconds(response, body);
+      setSignInError(
+        "Too many tries from this device. Wait " + plural(seconds, "second") + ", then try again.",
+      );
+      waitBeforeRetry(seconds);
+    } else if (response.status === 400) {
+      setSignInError("Enter the room code first: your teacher has it.");
+    } else {
+      setSignInError("The NeuroMesh computer could not sign you in just now. Try again in a moment.");
+    }
+    input.focus();
+    input.select();
+  }
+
+  /** The code was right: the app, for a guest (or for the owner, who never needed a code). */
+  function signedIn(body) {
+    state.role = body.role === "owner" ? "owner" : "guest";
+    state.invite = null;
+    $("#signin").hidden = true;
+    $(".app").hidden = false;
+    $(".skip-link").hidden = false;
+    setSignInError("");
+    if (state.role === "owner") probeAccess();
+    if (!state.started) startApp();
+    else {
+      refreshAll();
+      if (!state.events) connectEvents();
+      if (state.view === "chat" && state.currentId) loadConversation(state.currentId);
+    }
+    renderStatus();
+    renderConversationList();
+    if (state.view === "chat" && !ui.composer.hidden) ui.prompt.focus();
+    else $("#main").focus();
   }
 
   // ==== particle background ==================================================================
@@ -1712,6 +1993,16 @@
       else location.hash = "#/chat";
     });
     $("#diag-refresh").addEventListener("click", refreshDiagnostics);
+    $("#signin-form").addEventListener("submit", submitSignIn);
+    $("#signin-code").addEventListener("input", () => setSignInError(""));
+    $("#invite-open").addEventListener("click", openInvite);
+    $("#invite-close").addEventListener("click", closeInvite);
+    $("#invite").addEventListener("click", (event) => {
+      if (event.target === event.currentTarget) closeInvite(); // a click on the backdrop
+    });
+    $("#invite-copy-code").addEventListener("click", (event) =>
+      copyWithFeedback(event.currentTarget, $("#invite-code").textContent),
+    );
     for (const button of document.querySelectorAll(".suggestion")) {
       button.addEventListener("click", () => {
         if (!state.stream) sendMessage(button.textContent.trim());
@@ -1734,13 +2025,24 @@
     });
   }
 
-  fillStaticIcons();
-  bindEvents();
-  renderStatus();
-  renderModelPicker();
-  route();
-  connectEvents();
-  refreshAll();
-  setInterval(poll, 5000);
-  startParticles();
+  /** The app proper: views, live events and polling (for a guest, once the room code is in). */
+  function startApp() {
+    if (state.started) return;
+    state.started = true;
+    route();
+    connectEvents();
+    refreshAll();
+    setInterval(poll, 5000);
+  }
+
+  async function boot() {
+    fillStaticIcons();
+    bindEvents();
+    renderStatus();
+    renderModelPicker();
+    startParticles();
+    if ((await probeAccess()) !== "signin") startApp();
+  }
+
+  boot();
 })();
