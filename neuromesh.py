@@ -201,6 +201,34 @@ def close_quietly(sock):
         pass
 
 
+class JSONInputError(ValueError):
+    """Text from the network that is not acceptable JSON: too big, not UTF-8, malformed or too deep."""
+
+
+def parse_json(data, what="JSON", max_bytes=None):
+    """``data`` (bytes or str from the network) parsed as JSON, at most ``max_bytes`` long.
+
+    Every failure is one JSONInputError (a ValueError) naming ``what``: oversize, bad UTF-8,
+    malformed JSON, and nesting so deep that the parser would raise RecursionError."""
+    if isinstance(data, (bytes, bytearray)):
+        size = len(data)
+    elif isinstance(data, str):
+        size = len(data)  # characters: a lower bound of the UTF-8 size, enough to refuse early
+    else:
+        raise JSONInputError("%s is not text" % what)
+    if max_bytes is not None and size > max_bytes:
+        raise JSONInputError("%s is %d bytes, over the limit of %d" % (what, size, max_bytes))
+    try:
+        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
+        return json.loads(text)
+    except UnicodeDecodeError:
+        raise JSONInputError("%s is not UTF-8" % what) from None
+    except RecursionError:
+        raise JSONInputError("%s is nested too deeply" % what) from None
+    except ValueError as exc:
+        raise JSONInputError("%s is not valid JSON: %s" % (what, exc)) from None
+
+
 ###############################################################################
 # Configuration ###############################################################
 ###############################################################################
@@ -518,6 +546,127 @@ class FrameDecoder:
         return payload
 
 
+# Frame schemas ---------------------------------------------------------------
+#
+# Every frame a peer sends is checked against FRAME_SCHEMAS by check_frame() before any
+# handler reads it (Mesh.link_frame calls it first). A violation raises ProtocolError naming
+# the frame, the peer and the field; the mesh then closes that one link. Unknown fields are
+# ignored (a newer peer may send more); None counts as absent for optional fields. Entries
+# inside FILE: are checked one by one by the store (a bad entry is skipped, not the link).
+
+MAX_ORIGINS = 10000          # origins in one version vector
+MAX_FRAME_ENTRIES = 1000     # entries in one FILE: frame (sync batches are 500 at most)
+MAX_LOAD = 1000000           # in_flight, queued, parallel of an LLM load report
+
+
+class Field:
+    """One field of a frame schema. kind: "str" (lo..hi characters), "int" and "num" (lo..hi,
+    finite, never a boolean), "bool", "list" (at most hi items, each ``of``), "map" (at most hi
+    string keys of at most 128 characters, each value ``of``), "obj" (``of`` is a schema dict)."""
+
+    __slots__ = ("kind", "lo", "hi", "of", "required")
+
+    def __init__(self, kind, lo=None, hi=None, of=None, required=False):
+        self.kind, self.lo, self.hi, self.of, self.required = kind, lo, hi, of, required
+
+
+def _str(hi, lo=0, required=False):
+    return Field("str", lo, hi, required=required)
+
+
+def _int(lo, hi, required=False):
+    return Field("int", lo, hi, required=required)
+
+
+_PORT = _int(0, 65535)
+_LOAD = Field("map", hi=20, of=_int(0, MAX_LOAD))
+_CAPABILITY = {"has_llm": Field("bool"), "models": Field("list", hi=1000, of=_str(200)), "load": _LOAD}
+_PEER_ENTRY = {"node_id": _str(64, 1, True), "name": _str(1024), "address": _str(253, 1, True),
+               "tcp_port": _int(0, 65535, True)}
+
+FRAME_SCHEMAS = {
+    HELLO: dict(_CAPABILITY, node_id=_str(64, 1, True), name=_str(1024), tcp_port=_int(0, 65535, True),
+                http_port=_PORT, version=_str(64), protocol_version=_int(0, MAX_LOAD)),
+    LLM_CAPS: dict(_CAPABILITY),
+    PING: {"t": Field("num", -1e15, 1e15, required=True)},
+    PONG: {"t": Field("num", 0, 1e12, required=True)},  # our own time.monotonic(), echoed
+    PEERS: {"peers": Field("list", hi=10000, of=Field("obj", of=_PEER_ENTRY), required=True)},
+    GOODBYE: {"reason": _str(200)},
+    SYNC: {"vector": Field("map", hi=MAX_ORIGINS, of=_int(0, (1 << 62) - 1), required=True)},
+    FILE: {"entries": Field("list", hi=MAX_FRAME_ENTRIES, of=Field("obj", of={}), required=True),
+           "more": Field("bool")},
+    LLM_REQUEST: {"peer_name": _str(1024), "reason": _str(500)},
+    LLM_RESPONSE: {"granted": Field("bool", required=True), "message": _str(500), "llm_host": _str(253),
+                   "llm_port": _PORT, "token": _str(256)},
+}
+
+
+def _check_field(field, value, path):
+    """Raise ProtocolError unless ``value`` fits ``field``; ``path`` names it in the message."""
+    kind = field.kind
+    if kind == "bool":
+        if type(value) is not bool:
+            raise ProtocolError("%s must be true or false" % path)
+    elif kind in ("int", "num"):
+        number_types = (int,) if kind == "int" else (int, float)
+        if isinstance(value, bool) or not isinstance(value, number_types):
+            raise ProtocolError("%s must be %s" % (path, "an integer" if kind == "int" else "a number"))
+        if value != value or not field.lo <= value <= field.hi:  # NaN fails the first test
+            raise ProtocolError("%s must be from %s to %s" % (path, field.lo, field.hi))
+    elif kind == "str":
+        if not isinstance(value, str) or not field.lo <= len(value) <= field.hi:
+            raise ProtocolError("%s must be text of %d to %d characters" % (path, field.lo, field.hi))
+    elif kind == "list":
+        if not isinstance(value, list) or len(value) > field.hi:
+            raise ProtocolError("%s must be a list of at most %d items" % (path, field.hi))
+        for index, item in enumerate(value):
+            _check_field(field.of, item, "%s[%d]" % (path, index))
+    elif kind == "map":
+        if not isinstance(value, dict) or len(value) > field.hi:
+            raise ProtocolError("%s must be an object of at most %d keys" % (path, field.hi))
+        for key, item in value.items():
+            if len(key) > 128:
+                raise ProtocolError("%s has a key longer than 128 characters" % path)
+            _check_field(field.of, item, "%s.%s" % (path, safe_text(key, 40)))
+    elif kind == "obj":
+        if not isinstance(value, dict):
+            raise ProtocolError("%s must be an object" % path)
+        _check_fields(field.of, value, path + ".")
+
+
+def _check_fields(schema, payload, prefix):
+    for name, field in schema.items():
+        value = payload.get(name)
+        if value is None:
+            if field.required:
+                raise ProtocolError("%s%s is missing" % (prefix, name))
+            continue
+        _check_field(field, value, prefix + name)
+
+
+def _frame_source(link):
+    """Who sent a frame on ``link``, for error messages: its name from the handshake and address."""
+    if link is None:
+        return "a peer"
+    hello = link.hello if isinstance(getattr(link, "hello", None), dict) else {}
+    name = hello.get("name") or (link.peer_id or "?")[:8]
+    return "%s (%s:%s)" % (safe_text(name, 60), link.address[0], link.address[1])
+
+
+def check_frame(marker, payload, link=None):
+    """Raise ProtocolError unless ``payload`` fits the schema of ``marker`` (see FRAME_SCHEMAS)."""
+    schema = FRAME_SCHEMAS.get(marker)
+    label = marker.decode("ascii", "replace") if isinstance(marker, bytes) else "?"
+    if schema is None:
+        raise ProtocolError("unknown frame %s from %s" % (safe_text(label), _frame_source(link)))
+    if not isinstance(payload, dict):
+        raise ProtocolError("%s frame from %s is not a JSON object" % (label, _frame_source(link)))
+    try:
+        _check_fields(schema, payload, "")
+    except ProtocolError as exc:
+        raise ProtocolError("bad %s frame from %s: %s" % (label, _frame_source(link), exc)) from None
+
+
 ###############################################################################
 # Store #######################################################################
 ###############################################################################
@@ -583,7 +732,9 @@ def _normal_timestamp(text, what="timestamp") -> str:
 # entry can be skipped without losing the batch.
 
 PRIVATE_SUFFIX = "~private"        # origin suffix of this node's unsynced log
-MAX_CONTENT_BYTES = 1 << 20        # message text, UTF-8
+MAX_CONTENT_BYTES = 256 * 1024     # message text, UTF-8 (local writes too, so peers agree)
+MAX_ENTRY_BYTES = 512 * 1024       # a whole entry as JSON; far below --max-message-size
+MAX_SEQ_JUMP = 100000              # a peer's entry may lie at most this far past our prefix
 _MAX_TEXT_BYTES = 1024             # titles, names, senders, host fields
 _ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:@+-]{0,127}")
 _IMPORT_UID_RE = re.compile(r"import:[0-9a-f]{64}")
@@ -685,10 +836,13 @@ def _clean_entry(raw):
     imported = kind == "message" and isinstance(uid, str) and _IMPORT_UID_RE.fullmatch(uid)
     if uid != "%s:%d" % (origin, seq) and not imported:
         raise ValueError("uid is neither origin:seq nor an import hash")
-    return {"origin": origin, "seq": seq, "kind": kind,
-            "conversation_id": _ident(raw.get("conversation_id"), "conversation_id"),
-            "timestamp": _normal_timestamp(raw.get("timestamp")),
-            "uid": uid, "data": data}
+    entry = {"origin": origin, "seq": seq, "kind": kind,
+             "conversation_id": _ident(raw.get("conversation_id"), "conversation_id"),
+             "timestamp": _normal_timestamp(raw.get("timestamp")),
+             "uid": uid, "data": data}
+    if len(json.dumps(entry, ensure_ascii=False).encode("utf-8")) > MAX_ENTRY_BYTES:
+        raise ValueError("entry is larger than %d bytes" % MAX_ENTRY_BYTES)
+    return entry
 
 
 def _clean_imported_conversation(raw):
@@ -962,7 +1116,22 @@ class EntryLog:
                         invalid, "y" if invalid == 1 else "ies", reason)
         if not valid:
             return []
-        return self._db.write(lambda: [e for e in valid if self._insert_remote(e)])
+        far = []    # entries too far past what this node holds: a seq of 2**62-1 ends a log
+
+        def insert():
+            return [e for e in valid if self._plausible(e, far) and self._insert_remote(e)]
+        new = self._db.write(insert)
+        if far:
+            log.warning("store: refused %d entr%s more than %d past the entries held (first: %s:%d)",
+                        len(far), "y" if len(far) == 1 else "ies", MAX_SEQ_JUMP,
+                        far[0]["origin"], far[0]["seq"])
+        return new
+
+    def _plausible(self, entry, far):
+        if entry["seq"] <= self._contiguous(entry["origin"]) + MAX_SEQ_JUMP:
+            return True
+        far.append(entry)
+        return False
 
     def _put(self, entry, duplicate):
         self._db.execute(
@@ -1004,6 +1173,33 @@ class EntryLog:
             return self._apply_snapshot(entry, local=False)
         self._touch(entry["conversation_id"], entry["timestamp"])
         return True
+
+    def _contiguous(self, origin):
+        row = self._db.execute("SELECT contiguous FROM origins WHERE origin = ?",
+                               (origin,)).fetchone()
+        return row[0] if row else 0
+
+    def drop_implausible(self):
+        """Delete entries more than MAX_SEQ_JUMP past their origin's contiguous prefix, which a
+        peer could once plant (seq 2**62-1 ended its origin's log for good): run at open, in
+        its own transaction. Conversations whose snapshot was such an entry fall back to the
+        newest snapshot left. Returns how many entries were dropped."""
+        def drop():
+            far = ("seq > %d + COALESCE((SELECT contiguous FROM origins o"
+                   " WHERE o.origin = entries.origin), 0)" % MAX_SEQ_JUMP)
+            dropped = self._db.execute("DELETE FROM entries WHERE " + far).rowcount
+            if dropped:
+                self._db.execute(
+                    "UPDATE conversations SET state_seq = COALESCE((SELECT MAX(seq) FROM entries e"
+                    " WHERE e.origin = state_origin AND e.conversation_id = conversations.id"
+                    " AND e.kind = 'conversation'), 0) WHERE NOT EXISTS (SELECT 1 FROM entries e"
+                    " WHERE e.origin = state_origin AND e.seq = state_seq)")
+            return dropped
+        dropped = self._db.write(drop)
+        if dropped:
+            log.warning("store: dropped %d entr%s with implausible sequence numbers",
+                        dropped, "y" if dropped == 1 else "ies")
+        return dropped
 
     def _touch(self, conversation_id, timestamp):
         self._db.execute("UPDATE conversations SET updated_at = MAX(updated_at, ?)"
@@ -1085,6 +1281,7 @@ class Store:
         self._appended = []         # entries of the local write in progress
         self._db = Database(path, node_id)
         self._log = EntryLog(self._db)
+        self._log.drop_implausible()    # a log poisoned before MAX_SEQ_JUMP existed
 
     def close(self):
         self._db.close()
@@ -1799,22 +1996,46 @@ class Peer:
             "tcp_port": self.tcp_port, "http_port": self.http_port, "connected": self.connected,
             "has_llm": self.has_llm, "models": list(self.models), "load": dict(self.load),
             "version": self.version, "last_seen": self.last_seen,
-            "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
+            "rtt_ms": None if finite_or_none(self.rtt_ms, 3600000.0) is None else round(self.rtt_ms, 3),
         }
 
     def update(self, info):
-        """Take what a HELO, an announcement or an LLMC: frame says, checked and capped."""
+        """Take what a HELO, an announcement or an LLMC: frame says, checked and capped: a field
+        of the wrong type is ignored (``"false"`` is no boolean), a load is clamped (see clamp_load)."""
         if isinstance(info.get("name"), str):
             self.name = info["name"][:100]
         for key, kind in (("http_port", int), ("version", str), ("protocol_version", int), ("has_llm", bool)):
-            if isinstance(info.get(key), kind):
-                setattr(self, key, info[key])
+            if type(info.get(key)) is kind:
+                setattr(self, key, info[key][:64] if kind is str else info[key])
+        if not 0 <= self.http_port <= 65535:
+            self.http_port = 0
         if isinstance(info.get("models"), list):
-            self.models = [str(model)[:200] for model in info["models"][:200]]
+            self.models = [model[:200] for model in info["models"][:200] if isinstance(model, str)]
         if isinstance(info.get("load"), dict):
-            self.load = {str(k)[:50]: v for k, v in list(info["load"].items())[:20]
-                         if isinstance(v, (int, float, str, bool))}
+            self.load = clamp_load(info["load"])
         self.last_seen = time.time()
+
+
+def clamp_load(load):
+    """A peer's load report made safe to rank by: in_flight and queued integers of 0 to
+    10,000, parallel of 1 to 1,000; anything else about it is dropped."""
+    clean = {}
+    for key, low, high in (("in_flight", 0, 10000), ("queued", 0, 10000), ("parallel", 1, 1000)):
+        value = load.get(key)
+        if type(value) is float and value == value and abs(value) < 1e18:
+            value = int(value)
+        if type(value) is int:
+            clean[key] = min(high, max(low, value))
+    return clean
+
+
+def finite_or_none(value, high=None):
+    """``value`` when it is a finite number (at most ``high``), else None: JSON has no Infinity."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        return None
+    if value in (float("inf"), float("-inf")) or (high is not None and value > high):
+        return None
+    return value
 
 
 def keep_existing_link(own_id, peer_id, existing, new):
@@ -2344,6 +2565,7 @@ class Mesh:
 
     def link_frame(self, link, marker, payload):
         """Handle one frame from ``link``; a ProtocolError closes the link."""
+        check_frame(marker, payload, link)
         if marker == HELLO:
             self._handle_hello(link, payload)
             return
