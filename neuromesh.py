@@ -2763,22 +2763,77 @@ class EventBus:
 # A-C link; periodic sync only heals what a push missed.
 
 
+class SyncRequests:
+    """The SYNC: frames waiting for an answer: at most one per peer (a newer vector replaces the
+    pending one), at most ``max_peers`` peers, each answered at most every ``gap`` seconds, and
+    the same vector of one peer not again within ``repeat_gap`` seconds. Thread-safe."""
+
+    def __init__(self, gap, repeat_gap, max_peers=1024):
+        self.gap, self.repeat_gap, self.max_peers = gap, repeat_gap, max_peers
+        self._lock = threading.Lock()
+        self._pending = collections.OrderedDict()  # peer id -> newest vector, oldest first
+        self._answered = {}  # peer id -> (monotonic time, vector) of the last answer
+
+    def __len__(self):
+        with self._lock:
+            return len(self._pending)
+
+    def put(self, peer_id, vector):
+        """Keep ``vector`` as ``peer_id``'s request; returns "new", "merged" or "dropped"."""
+        with self._lock:
+            if peer_id in self._pending:
+                self._pending[peer_id] = vector
+                return "merged"
+            if len(self._pending) >= self.max_peers:
+                return "dropped"
+            self._pending[peer_id] = vector
+            return "new"
+
+    def take(self, now):
+        """``(peer_id, vector)`` of a request due now, or None; and the seconds until the next is due."""
+        with self._lock:
+            wait = None
+            for peer_id, vector in list(self._pending.items()):
+                last, last_vector = self._answered.get(peer_id, (None, None))
+                due = 0.0 if last is None else last + (self.repeat_gap if vector == last_vector else self.gap)
+                if due <= now:
+                    del self._pending[peer_id]
+                    self._answered[peer_id] = (now, vector)
+                    return (peer_id, vector), 0.0
+                wait = due - now if wait is None else min(wait, due - now)
+            return None, wait
+
+    def forget(self, peer_id):
+        with self._lock:
+            self._pending.pop(peer_id, None)
+            self._answered.pop(peer_id, None)
+
+
 class SyncWorker:
     """Runs the store side of sync on its own thread, so the mesh loop never waits on SQLite.
 
     Methods for the caller: ``start()``, ``shutdown()``, ``push(entries)`` after a local
-    write, ``peer_up(peer)``, and ``handle_sync``/``handle_file`` for SYNC: and FILE: frames.
+    write, ``peer_up(peer)``, ``peer_down(peer)``, and ``handle_sync``/``handle_file`` for SYNC:
+    and FILE: frames. A peer cannot swamp it: its SYNC: requests are merged and answered at
+    most every ``answer_gap`` seconds (see SyncRequests), and at most ``max_files_per_peer``
+    of its FILE: frames wait (more are dropped: the next sync round heals that).
     """
 
     batch_bytes = 1 * MiB
     batch_entries = 500
+    answer_gap = 0.2  # seconds between two answers to one peer
+    max_jobs = 4096
+    max_files_per_peer = 64
 
     def __init__(self, store, mesh, events, interval):
         self.store = store
         self.mesh = mesh
         self.events = events
         self.interval = interval
-        self._jobs = queue.Queue()
+        self._jobs = queue.Queue(self.max_jobs)
+        self.requests = SyncRequests(self.answer_gap, max(self.answer_gap, interval / 2.0))
+        self._files_waiting = collections.Counter()  # peer id -> FILE: jobs queued
+        self._files_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = None
         self.counters = collections.Counter()
@@ -2791,21 +2846,40 @@ class SyncWorker:
         next_round = time.monotonic() + self.interval
         while not self._stop.is_set():
             try:
-                job = self._jobs.get(timeout=max(0.0, min(0.5, next_round - time.monotonic())))
-            except queue.Empty:
-                job = None
-            try:
-                if job is not None:
-                    job[0](*job[1:])
-                if time.monotonic() >= next_round:
-                    next_round = time.monotonic() + self.interval
-                    self._send_vector(None)
+                next_round = self.run_once(next_round)
             except Exception:  # a bad batch must not stop syncing
                 log.exception("sync job failed")
 
+    def run_once(self, next_round):
+        """Run one queued job (a push or FILE:) and one due SYNC: answer, or wait up to half a
+        second for either; then the sync round when due. Returns the time of the next round."""
+        try:
+            job = self._jobs.get_nowait()
+        except queue.Empty:
+            job = None
+        if job is not None:
+            job[0](*job[1:])
+        request, wait = self.requests.take(time.monotonic())
+        if request is not None:
+            self._answer_sync(*request)
+        elif job is None:
+            timeout = min(0.5, next_round - time.monotonic(), 0.5 if wait is None else wait)
+            try:
+                job = self._jobs.get(timeout=max(0.0, timeout))
+                job[0](*job[1:])
+            except queue.Empty:
+                pass
+        if time.monotonic() >= next_round:
+            next_round = time.monotonic() + self.interval
+            self._send_vector(None)
+        return next_round
+
     def shutdown(self):
         self._stop.set()
-        self._jobs.put((lambda: None,))  # wake the worker now rather than at its next timeout
+        try:
+            self._jobs.put_nowait((lambda: None,))  # wake the worker now rather than at its next timeout
+        except queue.Full:
+            pass
         if self._thread is not None:
             self._thread.join(timeout=5)
 
@@ -2818,19 +2892,45 @@ class SyncWorker:
             self.mesh.broadcast(FILE, {"entries": shared, "more": False})
 
     def peer_up(self, peer):
-        self._jobs.put((self._send_vector, peer.node_id))
+        self._queue((self._send_vector, peer.node_id))
+
+    def peer_down(self, peer):
+        self.requests.forget(peer.node_id)
 
     def handle_sync(self, peer, payload):
         vector = payload.get("vector")
         if not isinstance(vector, dict):
             raise ProtocolError("SYNC: frame without a version vector")
-        self._jobs.put((self._answer_sync, peer.node_id, vector))
+        outcome = self.requests.put(peer.node_id, vector)
+        self.counters["sync_requests_" + outcome] += 1
+        if outcome == "new":
+            self._queue((lambda: None,))  # wake the worker: the answer may be due now
 
     def handle_file(self, peer, payload):
         entries = payload.get("entries")
         if not isinstance(entries, list):
             raise ProtocolError("FILE: frame without an entry list")
-        self._jobs.put((self._apply, peer.node_id, entries, payload.get("more") is True))
+        with self._files_lock:
+            if self._files_waiting[peer.node_id] >= self.max_files_per_peer:
+                self.counters["files_dropped"] += 1
+                return
+            self._files_waiting[peer.node_id] += 1
+        if not self._queue((self._apply, peer.node_id, entries, payload.get("more") is True)):
+            self._file_done(peer.node_id)
+
+    def _queue(self, job):
+        try:
+            self._jobs.put_nowait(job)
+            return True
+        except queue.Full:
+            self.counters["jobs_dropped"] += 1
+            return False
+
+    def _file_done(self, peer_id):
+        with self._files_lock:
+            self._files_waiting[peer_id] -= 1
+            if self._files_waiting[peer_id] <= 0:
+                del self._files_waiting[peer_id]
 
     # -- jobs, on the sync thread ---------------------------------------------------
 
@@ -2846,11 +2946,13 @@ class SyncWorker:
         clean = {str(origin): seq for origin, seq in vector.items()
                  if isinstance(seq, int) and not isinstance(seq, bool)}
         entries, more = self.store.entries_missing(clean, self.batch_bytes, self.batch_entries)
+        self.counters["sync_answers"] += 1
         if entries:
             self.mesh.send(peer_id, FILE, {"entries": entries, "more": more})
             self.counters["entries_sent"] += len(entries)
 
     def _apply(self, peer_id, entries, more):
+        self._file_done(peer_id)
         before = self.store.version_vector() if more else None
         new = self.store.apply_entries(entries)
         self.counters["entries_received"] += len(entries)
@@ -4280,6 +4382,7 @@ class Node(MeshListener):
         record = peer.to_dict()
         record["reason"] = reason
         self.router.peer_down(peer)
+        self.sync.peer_down(peer)
         self.events.publish("peer_down", record)
 
     def peer_changed(self, peer):
