@@ -3026,8 +3026,12 @@ def normalize_ollama_url(value):
     return "%s://%s:%s" % (scheme, host, port)
 
 
-def iter_lines_live(response):
-    """Lines of a streamed HTTP body as they arrive (``iter_lines`` would wait for 512 bytes)."""
+MAX_STREAM_LINE = 4 * MiB  # one line of an LLM's streamed answer
+
+
+def iter_lines_live(response, max_line=MAX_STREAM_LINE):
+    """Lines of a streamed HTTP body as they arrive (``iter_lines`` would wait for 512 bytes).
+    A line longer than ``max_line`` raises requests.RequestException: nothing is that long."""
     buffer = b""
     raw = response.raw
     while True:
@@ -3035,6 +3039,8 @@ def iter_lines_live(response):
         if not chunk:
             break
         buffer += chunk
+        if len(buffer) > max_line and b"\n" not in buffer:
+            raise requests.RequestException("a streamed line is over %d bytes" % max_line)
         while b"\n" in buffer:
             line, buffer = buffer.split(b"\n", 1)
             yield line.rstrip(b"\r")
@@ -3224,17 +3230,18 @@ class OllamaBackend(Backend):
         yield from stream_ollama_lines(response, self._start_event(model), cancel, self.node_name)
 
 
-def stream_ollama_lines(response, start_event, cancel, node_name):
-    """Events from an Ollama-style NDJSON chat stream (Ollama itself, or a peer's relay)."""
+def stream_ollama_lines(response, start_event, cancel, node_name, lines=None):
+    """Events from an Ollama-style NDJSON chat stream (Ollama itself, or a peer's relay);
+    ``lines`` (default: those of ``response`` as they arrive) are read, ``response`` closed."""
     produced = False
     try:
-        for line in iter_lines_live(response):
+        for line in iter_lines_live(response) if lines is None else lines:
             if cancel is not None and cancel.is_set():
                 return
             if not line.strip():
                 continue
             try:
-                chunk = json.loads(line)
+                chunk = parse_json(line, "a line from %s" % node_name, MAX_STREAM_LINE)
             except ValueError:
                 raise LLMError("%s sent a line that is not JSON" % node_name, partial=produced)
             if not isinstance(chunk, dict):
@@ -3243,21 +3250,27 @@ def stream_ollama_lines(response, start_event, cancel, node_name):
                 error = _error_text(chunk)
                 if produced:
                     raise LLMError("%s failed mid-answer: %s" % (node_name, error), partial=True)
-                raise _UpstreamRefused("%s: %s" % (node_name, error), status=int(chunk.get("status") or 503))
+                status = chunk.get("status")
+                raise _UpstreamRefused("%s: %s" % (node_name, error),
+                                       status=status if type(status) is int and 400 <= status < 600 else 503)
             if "queued" in chunk:
-                yield {"type": "queued", "position": chunk["queued"], "node_name": chunk.get("node_name", node_name)}
+                position, name = chunk["queued"], chunk.get("node_name")
+                yield {"type": "queued", "position": position if type(position) is int else 1,
+                       "node_name": name[:100] if isinstance(name, str) else node_name}
                 continue
             if not produced:
                 produced = True
                 yield start_event
-            content = (chunk.get("message") or {}).get("content") or chunk.get("response") or ""
+            content = _chunk_content(chunk)
             if content:
                 yield {"type": "token", "content": content}
             if chunk.get("done"):
                 count, duration = chunk.get("eval_count"), chunk.get("eval_duration")
+                count = count if type(count) is int and count >= 0 else None
+                duration = finite_or_none(duration, 1e15) or 0
                 done = dict(start_event, type="done", eval_count=count, done_reason=chunk.get("done_reason"),
                             tokens_per_second=tokens_per_second(count, (duration or 0) / 1e9))
-                if isinstance(chunk.get("tokens_per_second"), (int, float)):
+                if finite_or_none(chunk.get("tokens_per_second"), 1e9) is not None:
                     done["tokens_per_second"] = chunk["tokens_per_second"]
                 yield done
                 return
@@ -3270,6 +3283,14 @@ def stream_ollama_lines(response, start_event, cancel, node_name):
     if produced:
         raise LLMError("%s stopped answering mid-way" % node_name, partial=True)
     raise _UpstreamRefused("%s closed the connection without answering" % node_name)
+
+
+def _chunk_content(chunk):
+    """The text of one Ollama stream chunk ("" when it has none, or something else than text)."""
+    message = chunk.get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    content = content or chunk.get("response") or ""
+    return content if isinstance(content, str) else ""
 
 
 class OpenAIBackend(Backend):
@@ -3301,8 +3322,10 @@ class OpenAIBackend(Backend):
                     finished = True
                     break
                 try:
-                    chunk = json.loads(data)
+                    chunk = parse_json(data, "a line from %s" % self.node_name, MAX_STREAM_LINE)
                 except ValueError:
+                    continue
+                if not isinstance(chunk, dict):
                     continue
                 if "error" in chunk:
                     raise (LLMError if produced else _UpstreamRefused)(
@@ -3334,8 +3357,79 @@ class OpenAIBackend(Backend):
                    tokens_per_second=tokens_per_second(count - 1, elapsed))
 
 
+class RelayCall:
+    """One chat sent to a peer's relay, posted and read on a helper thread, so the chat waiting
+    for it gives up at once when the peer goes down: a frozen peer would otherwise hold the
+    read for ``Backend.read_timeout`` (300 s). ``lines(cancel)`` yields the answer's lines and
+    raises requests.ConnectionError after ``abort()``; ``close()`` when done with it."""
+
+    poll = 0.1  # seconds between looks at abort and cancel while no line arrives
+
+    def __init__(self, backend, body, headers):
+        self.backend = backend
+        self._lines = queue.Queue(256)
+        self._aborted = threading.Event()
+        self._closed = threading.Event()
+        self._response = None
+        threading.Thread(target=self._read, args=(body, headers), name="neuromesh-relay",
+                         daemon=True).start()
+
+    def _read(self, body, headers):
+        try:
+            self._response = self.backend._post(RELAY_PATH, body, headers=headers)
+            for line in iter_lines_live(self._response):
+                if not self._hand(("line", line)):
+                    return
+            self._hand(("end", None))
+        except Exception as exc:  # the chat thread raises it
+            self._hand(("error", exc))
+        finally:
+            if self._response is not None:
+                self._response.close()
+
+    def _hand(self, item):
+        while not (self._closed.is_set() or self._aborted.is_set()):
+            try:
+                self._lines.put(item, timeout=self.poll)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def lines(self, cancel):
+        while True:
+            if self._aborted.is_set():
+                raise requests.ConnectionError("%s went down" % self.backend.node_name)
+            if cancel is not None and cancel.is_set():
+                return
+            try:
+                kind, value = self._lines.get(timeout=self.poll)
+            except queue.Empty:
+                continue
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+
+    def abort(self):
+        """The peer is down: fail the chat now, and cut the read if it is under way."""
+        self._aborted.set()
+        raw = getattr(self._response, "raw", None)
+        sock = getattr(getattr(raw, "_connection", None), "sock", None)
+        try:
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self):
+        self._closed.set()
+
+
 class PeerBackend(Backend):
-    """A peer's LLM, reached through that peer's relay with the token it granted."""
+    """A peer's LLM, reached through that peer's relay with the token it granted.
+    ``abort()`` (its peer went down) fails its chats under way, and every later one."""
 
     kind = "peer"
     local = False
@@ -3345,11 +3439,30 @@ class PeerBackend(Backend):
         self.token = grant["token"]
         self.peer = peer  # its models are peer.models, kept current by LLMC:
         self.available = True
+        self._calls = set()
+        self._calls_lock = threading.Lock()
+        self._down = False
 
     def _stream(self, model, messages, options, cancel):
-        response = self._post(RELAY_PATH, {"model": model, "messages": messages, "options": options},
-                              headers={"Authorization": "Bearer " + self.token})
-        yield from stream_ollama_lines(response, self._start_event(model), cancel, self.node_name)
+        call = RelayCall(self, {"model": model, "messages": messages, "options": options},
+                         {"Authorization": "Bearer " + self.token})
+        with self._calls_lock:
+            self._calls.add(call)
+            if self._down:
+                call.abort()
+        try:
+            yield from stream_ollama_lines(call, self._start_event(model), cancel, self.node_name,
+                                           call.lines(cancel))
+        finally:
+            with self._calls_lock:
+                self._calls.discard(call)
+
+    def abort(self):
+        with self._calls_lock:
+            self._down = True
+            calls = list(self._calls)
+        for call in calls:
+            call.abort()
 
 
 class Router:
@@ -3466,11 +3579,13 @@ class Router:
             self.peer_changed(peer)
 
     def peer_down(self, peer):
-        """Tokens die with the link, both ways."""
+        """Tokens die with the link, both ways; chats relayed to the peer fail over at once."""
         with self.lock:
-            self.grants.pop(peer.node_id, None)
+            backend = self.grants.pop(peer.node_id, None)
             self.issued.pop(peer.node_id, None)
             self.requested.pop(peer.node_id, None)
+        if backend is not None and hasattr(backend, "abort"):
+            backend.abort()
         self.on_change()
 
     def handle_request(self, peer, payload):
