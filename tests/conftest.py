@@ -464,3 +464,80 @@ def stub_node(tmp_path):
     node = StubNode(tmp_path, scripted_router(local=[ScriptedBackend("stub-llm")]))
     yield node
     node.store.close()
+
+
+# -- hostile peers: the one place tests speak the link protocol from a raw socket -------------
+
+
+class RawPeer:
+    """A raw TCP socket linked to a live node as a fake peer, handshake done.
+
+    The only place the tests open a link by hand: when the handshake changes (a room code, frame
+    MACs), adapt ``__init__`` and ``send`` here. ``send(marker, payload)``, ``send_raw(bytes)``,
+    ``frames(timeout)`` (those received so far), ``closed_by_node(timeout)``, ``close()``.
+    """
+
+    def __init__(self, node, name="raw-peer", node_id=None, hello=None):
+        self.node_id = node_id or uuid.uuid4().hex
+        self.sock = socket.create_connection(("127.0.0.1", node.tcp_port), timeout=5)
+        self.decoder = neuromesh.FrameDecoder(64 * neuromesh.MiB)
+        self.received = []
+        wait_for(lambda: any(marker == neuromesh.HELLO for marker, _p in self.frames(0.2)),
+                 timeout=5, message="the node's HELO")
+        payload = {"node_id": self.node_id, "name": name, "tcp_port": 1, "http_port": 0,
+                   "version": neuromesh.__version__, "protocol_version": neuromesh.PROTOCOL_VERSION,
+                   "has_llm": False, "models": []}
+        payload.update(hello or {})
+        self.send(neuromesh.HELLO, payload)
+
+    def send(self, marker, payload):
+        self.sock.sendall(neuromesh.encode_frame(marker, payload))
+
+    def send_raw(self, data):
+        self.sock.sendall(data)
+
+    def frames(self, timeout=0.2):
+        """Read what arrives within ``timeout``; returns every frame received so far."""
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(1 << 20)
+            if data:
+                self.received += self.decoder.feed(data)
+        except (socket.timeout, BlockingIOError):
+            pass
+        return self.received
+
+    def closed_by_node(self, timeout=5.0):
+        """True once the node closed the link (reading and dropping what it still sends)."""
+        deadline = time.monotonic() + timeout
+        self.sock.settimeout(0.2)
+        while time.monotonic() < deadline:
+            try:
+                if not self.sock.recv(1 << 20):
+                    return True
+            except socket.timeout:
+                continue
+            except OSError:
+                return True
+        return False
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def raw_peer():
+    """``raw_peer(node, **kwargs)``: a RawPeer linked to ``node``, closed after the test."""
+    made = []
+
+    def make(node, **kwargs):
+        peer = RawPeer(node, **kwargs)
+        made.append(peer)
+        return peer
+
+    yield make
+    for peer in made:
+        peer.close()
