@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import neuromesh as nm
 from conftest import ScriptedBackend, fully_linked, scripted_router, wait_for
+from test_llm import fakes, hosts_of  # noqa: F401 (fakes is a fixture)
 
 MODEL = "llama3.2:1b"
 
@@ -309,21 +310,6 @@ def test_a_log_poisoned_before_the_fix_is_repaired_at_open(tmp_path):
 # -- live nodes ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fakes():
-    from fake_ollama import FakeOllama
-    started = []
-
-    def make(models=(MODEL,), token_delay=0.0):
-        fake = FakeOllama(models=models, token_delay=token_delay).start()
-        started.append(fake)
-        return fake
-
-    yield make
-    for fake in started:
-        fake.stop()
-
-
 def _contents(node, conversation_id):
     response = node.get("/api/conversations/%s" % conversation_id)
     return [m["content"] for m in response.json()["messages"]] if response.status_code == 200 else None
@@ -389,13 +375,7 @@ def test_a_chat_relayed_to_a_frozen_peer_completes_on_another(cluster, fakes):
     backup = cluster.start("backup", extra=["--ollama-url", second.url])
     client = cluster.start("client")
     wait_for(lambda: fully_linked([frozen, backup, client]), message="mesh")
-
-    def hosts():
-        for entry in client.json("/api/models")["models"]:
-            if entry["name"] == MODEL:
-                return {host["node_id"] for host in entry["hosts"]}
-        return set()
-    wait_for(lambda: hosts() == {frozen.node_id, backup.node_id}, message="both hosts granted")
+    wait_for(lambda: hosts_of(client) == {frozen.node_id, backup.node_id}, message="both hosts granted")
     first.set_fail("hang")
     results = []
     threads = [threading.Thread(target=lambda: results.append(_ask(client))) for _ in range(3)]
