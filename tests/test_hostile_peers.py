@@ -3,8 +3,6 @@ cannot be swamped, entries are capped in size and sequence, and a relay to a fro
 over. In-process first (fuzz and units), then live nodes on loopback."""
 
 import json
-import math
-import os
 import signal
 import socket
 import threading
