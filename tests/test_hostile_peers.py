@@ -326,8 +326,9 @@ def test_a_live_node_under_attack_keeps_its_good_peer_and_syncs(cluster, fakes, 
     conversation = b.post("/api/conversations", json={"title": "during the attack"}).json()["id"]
     wait_for(lambda: _contents(a, conversation) == [], message="the conversation synced")
     for index in range(5):  # something to answer SYNC with
-        a.post("/api/conversations/%s/messages" % conversation,
-               json={"content": "p" * 100000 + str(index), "sender": "a", "answer": False})
+        written = a.post("/api/conversations/%s/messages" % conversation,
+                         json={"content": "p" * 90000 + str(index), "sender": "a", "answer": False})
+        assert written.status_code == 201, written.text
     evil = raw_peer(a, name="evil")
     wait_for(lambda: evil.node_id in a.connected_ids(), message="the raw peer linked")
     if attack == "bad_llmc":
