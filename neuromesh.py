@@ -285,6 +285,34 @@ def log_limited(level, key, message, *args):
     return _log_once.log(level, key, message, *args)
 
 
+class JSONInputError(ValueError):
+    """Text from the network that is not acceptable JSON: too big, not UTF-8, malformed or too deep."""
+
+
+def parse_json(data, what="JSON", max_bytes=None):
+    """``data`` (bytes or str from the network) parsed as JSON, at most ``max_bytes`` long.
+
+    Every failure is one JSONInputError (a ValueError) naming ``what``: oversize, bad UTF-8,
+    malformed JSON, and nesting so deep that the parser would raise RecursionError."""
+    if isinstance(data, (bytes, bytearray)):
+        size = len(data)
+    elif isinstance(data, str):
+        size = len(data)  # characters: a lower bound of the UTF-8 size, enough to refuse early
+    else:
+        raise JSONInputError("%s is not text" % what)
+    if max_bytes is not None and size > max_bytes:
+        raise JSONInputError("%s is %d bytes, over the limit of %d" % (what, size, max_bytes))
+    try:
+        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
+        return json.loads(text)
+    except UnicodeDecodeError:
+        raise JSONInputError("%s is not UTF-8" % what) from None
+    except RecursionError:
+        raise JSONInputError("%s is nested too deeply" % what) from None
+    except ValueError as exc:
+        raise JSONInputError("%s is not valid JSON: %s" % (what, exc)) from None
+
+
 ###############################################################################
 # Configuration ###############################################################
 ###############################################################################
@@ -931,6 +959,127 @@ class FrameDecoder:
         return payload
 
 
+# Frame schemas ---------------------------------------------------------------
+#
+# Every frame a peer sends is checked against FRAME_SCHEMAS by check_frame() before any
+# handler reads it (Mesh.link_frame calls it first). A violation raises ProtocolError naming
+# the frame, the peer and the field; the mesh then closes that one link. Unknown fields are
+# ignored (a newer peer may send more); None counts as absent for optional fields. Entries
+# inside FILE: are checked one by one by the store (a bad entry is skipped, not the link).
+
+MAX_ORIGINS = 10000          # origins in one version vector
+MAX_FRAME_ENTRIES = 1000     # entries in one FILE: frame (sync batches are 500 at most)
+MAX_LOAD = 1000000           # in_flight, queued, parallel of an LLM load report
+
+
+class Field:
+    """One field of a frame schema. kind: "str" (lo..hi characters), "int" and "num" (lo..hi,
+    finite, never a boolean), "bool", "list" (at most hi items, each ``of``), "map" (at most hi
+    string keys of at most 128 characters, each value ``of``), "obj" (``of`` is a schema dict)."""
+
+    __slots__ = ("kind", "lo", "hi", "of", "required")
+
+    def __init__(self, kind, lo=None, hi=None, of=None, required=False):
+        self.kind, self.lo, self.hi, self.of, self.required = kind, lo, hi, of, required
+
+
+def _str(hi, lo=0, required=False):
+    return Field("str", lo, hi, required=required)
+
+
+def _int(lo, hi, required=False):
+    return Field("int", lo, hi, required=required)
+
+
+_PORT = _int(0, 65535)
+_LOAD = Field("map", hi=20, of=_int(0, MAX_LOAD))
+_CAPABILITY = {"has_llm": Field("bool"), "models": Field("list", hi=1000, of=_str(200)), "load": _LOAD}
+_PEER_ENTRY = {"node_id": _str(64, 1, True), "name": _str(1024), "address": _str(253, 1, True),
+               "tcp_port": _int(0, 65535, True)}
+
+FRAME_SCHEMAS = {
+    HELLO: dict(_CAPABILITY, node_id=_str(64, 1, True), name=_str(1024), tcp_port=_int(0, 65535, True),
+                http_port=_PORT, version=_str(64), protocol_version=_int(0, MAX_LOAD)),
+    LLM_CAPS: dict(_CAPABILITY),
+    PING: {"t": Field("num", -1e15, 1e15, required=True)},
+    PONG: {"t": Field("num", 0, 1e12, required=True)},  # our own time.monotonic(), echoed
+    PEERS: {"peers": Field("list", hi=10000, of=Field("obj", of=_PEER_ENTRY), required=True)},
+    GOODBYE: {"reason": _str(200)},
+    SYNC: {"vector": Field("map", hi=MAX_ORIGINS, of=_int(0, (1 << 62) - 1), required=True)},
+    FILE: {"entries": Field("list", hi=MAX_FRAME_ENTRIES, of=Field("obj", of={}), required=True),
+           "more": Field("bool")},
+    LLM_REQUEST: {"peer_name": _str(1024), "reason": _str(500)},
+    LLM_RESPONSE: {"granted": Field("bool", required=True), "message": _str(500), "llm_host": _str(253),
+                   "llm_port": _PORT, "token": _str(256)},
+}
+
+
+def _check_field(field, value, path):
+    """Raise ProtocolError unless ``value`` fits ``field``; ``path`` names it in the message."""
+    kind = field.kind
+    if kind == "bool":
+        if type(value) is not bool:
+            raise ProtocolError("%s must be true or false" % path)
+    elif kind in ("int", "num"):
+        number_types = (int,) if kind == "int" else (int, float)
+        if isinstance(value, bool) or not isinstance(value, number_types):
+            raise ProtocolError("%s must be %s" % (path, "an integer" if kind == "int" else "a number"))
+        if value != value or not field.lo <= value <= field.hi:  # NaN fails the first test
+            raise ProtocolError("%s must be from %s to %s" % (path, field.lo, field.hi))
+    elif kind == "str":
+        if not isinstance(value, str) or not field.lo <= len(value) <= field.hi:
+            raise ProtocolError("%s must be text of %d to %d characters" % (path, field.lo, field.hi))
+    elif kind == "list":
+        if not isinstance(value, list) or len(value) > field.hi:
+            raise ProtocolError("%s must be a list of at most %d items" % (path, field.hi))
+        for index, item in enumerate(value):
+            _check_field(field.of, item, "%s[%d]" % (path, index))
+    elif kind == "map":
+        if not isinstance(value, dict) or len(value) > field.hi:
+            raise ProtocolError("%s must be an object of at most %d keys" % (path, field.hi))
+        for key, item in value.items():
+            if len(key) > 128:
+                raise ProtocolError("%s has a key longer than 128 characters" % path)
+            _check_field(field.of, item, "%s.%s" % (path, safe_text(key, 40)))
+    elif kind == "obj":
+        if not isinstance(value, dict):
+            raise ProtocolError("%s must be an object" % path)
+        _check_fields(field.of, value, path + ".")
+
+
+def _check_fields(schema, payload, prefix):
+    for name, field in schema.items():
+        value = payload.get(name)
+        if value is None:
+            if field.required:
+                raise ProtocolError("%s%s is missing" % (prefix, name))
+            continue
+        _check_field(field, value, prefix + name)
+
+
+def _frame_source(link):
+    """Who sent a frame on ``link``, for error messages: its name from the handshake and address."""
+    if link is None:
+        return "a peer"
+    hello = link.hello if isinstance(getattr(link, "hello", None), dict) else {}
+    name = hello.get("name") or (link.peer_id or "?")[:8]
+    return "%s (%s:%s)" % (safe_text(name, 60), link.address[0], link.address[1])
+
+
+def check_frame(marker, payload, link=None):
+    """Raise ProtocolError unless ``payload`` fits the schema of ``marker`` (see FRAME_SCHEMAS)."""
+    schema = FRAME_SCHEMAS.get(marker)
+    label = marker.decode("ascii", "replace") if isinstance(marker, bytes) else "?"
+    if schema is None:
+        raise ProtocolError("unknown frame %s from %s" % (safe_text(label), _frame_source(link)))
+    if not isinstance(payload, dict):
+        raise ProtocolError("%s frame from %s is not a JSON object" % (label, _frame_source(link)))
+    try:
+        _check_fields(schema, payload, "")
+    except ProtocolError as exc:
+        raise ProtocolError("bad %s frame from %s: %s" % (label, _frame_source(link), exc)) from None
+
+
 ###############################################################################
 # Store #######################################################################
 ###############################################################################
@@ -996,7 +1145,9 @@ def _normal_timestamp(text, what="timestamp") -> str:
 # entry can be skipped without losing the batch.
 
 PRIVATE_SUFFIX = "~private"        # origin suffix of this node's unsynced log
-MAX_CONTENT_BYTES = 1 << 20        # message text, UTF-8
+MAX_CONTENT_BYTES = 256 * 1024     # message text, UTF-8 (local writes too, so peers agree)
+MAX_ENTRY_BYTES = 512 * 1024       # a whole entry as JSON; far below --max-message-size
+MAX_SEQ_JUMP = 100000              # a peer's entry may lie at most this far past our prefix
 _MAX_TEXT_BYTES = 1024             # titles, names, senders, host fields
 _ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:@+-]{0,127}")
 _IMPORT_UID_RE = re.compile(r"import:[0-9a-f]{64}")
@@ -1098,10 +1249,13 @@ def _clean_entry(raw):
     imported = kind == "message" and isinstance(uid, str) and _IMPORT_UID_RE.fullmatch(uid)
     if uid != "%s:%d" % (origin, seq) and not imported:
         raise ValueError("uid is neither origin:seq nor an import hash")
-    return {"origin": origin, "seq": seq, "kind": kind,
-            "conversation_id": _ident(raw.get("conversation_id"), "conversation_id"),
-            "timestamp": _normal_timestamp(raw.get("timestamp")),
-            "uid": uid, "data": data}
+    entry = {"origin": origin, "seq": seq, "kind": kind,
+             "conversation_id": _ident(raw.get("conversation_id"), "conversation_id"),
+             "timestamp": _normal_timestamp(raw.get("timestamp")),
+             "uid": uid, "data": data}
+    if len(json.dumps(entry, ensure_ascii=False).encode("utf-8")) > MAX_ENTRY_BYTES:
+        raise ValueError("entry is larger than %d bytes" % MAX_ENTRY_BYTES)
+    return entry
 
 
 def _clean_imported_conversation(raw):
@@ -1375,7 +1529,22 @@ class EntryLog:
                         invalid, "y" if invalid == 1 else "ies", reason)
         if not valid:
             return []
-        return self._db.write(lambda: [e for e in valid if self._insert_remote(e)])
+        far = []    # entries too far past what this node holds: a seq of 2**62-1 ends a log
+
+        def insert():
+            return [e for e in valid if self._plausible(e, far) and self._insert_remote(e)]
+        new = self._db.write(insert)
+        if far:
+            log.warning("store: refused %d entr%s more than %d past the entries held (first: %s:%d)",
+                        len(far), "y" if len(far) == 1 else "ies", MAX_SEQ_JUMP,
+                        far[0]["origin"], far[0]["seq"])
+        return new
+
+    def _plausible(self, entry, far):
+        if entry["seq"] <= self._contiguous(entry["origin"]) + MAX_SEQ_JUMP:
+            return True
+        far.append(entry)
+        return False
 
     def _put(self, entry, duplicate):
         self._db.execute(
@@ -1417,6 +1586,33 @@ class EntryLog:
             return self._apply_snapshot(entry, local=False)
         self._touch(entry["conversation_id"], entry["timestamp"])
         return True
+
+    def _contiguous(self, origin):
+        row = self._db.execute("SELECT contiguous FROM origins WHERE origin = ?",
+                               (origin,)).fetchone()
+        return row[0] if row else 0
+
+    def drop_implausible(self):
+        """Delete entries more than MAX_SEQ_JUMP past their origin's contiguous prefix, which a
+        peer could once plant (seq 2**62-1 ended its origin's log for good): run at open, in
+        its own transaction. Conversations whose snapshot was such an entry fall back to the
+        newest snapshot left. Returns how many entries were dropped."""
+        def drop():
+            far = ("seq > %d + COALESCE((SELECT contiguous FROM origins o"
+                   " WHERE o.origin = entries.origin), 0)" % MAX_SEQ_JUMP)
+            dropped = self._db.execute("DELETE FROM entries WHERE " + far).rowcount
+            if dropped:
+                self._db.execute(
+                    "UPDATE conversations SET state_seq = COALESCE((SELECT MAX(seq) FROM entries e"
+                    " WHERE e.origin = state_origin AND e.conversation_id = conversations.id"
+                    " AND e.kind = 'conversation'), 0) WHERE NOT EXISTS (SELECT 1 FROM entries e"
+                    " WHERE e.origin = state_origin AND e.seq = state_seq)")
+            return dropped
+        dropped = self._db.write(drop)
+        if dropped:
+            log.warning("store: dropped %d entr%s with implausible sequence numbers",
+                        dropped, "y" if dropped == 1 else "ies")
+        return dropped
 
     def _touch(self, conversation_id, timestamp):
         self._db.execute("UPDATE conversations SET updated_at = MAX(updated_at, ?)"
@@ -1498,6 +1694,7 @@ class Store:
         self._appended = []         # entries of the local write in progress
         self._db = Database(path, node_id)
         self._log = EntryLog(self._db)
+        self._log.drop_implausible()    # a log poisoned before MAX_SEQ_JUMP existed
 
     def close(self):
         self._db.close()
@@ -2253,21 +2450,23 @@ class Peer:
             "tcp_port": self.tcp_port, "http_port": self.http_port, "connected": self.connected,
             "has_llm": self.has_llm, "models": list(self.models), "load": dict(self.load),
             "version": self.version, "last_seen": self.last_seen,
-            "rtt_ms": None if self.rtt_ms is None else round(self.rtt_ms, 3),
+            "rtt_ms": None if finite_or_none(self.rtt_ms, 3600000.0) is None else round(self.rtt_ms, 3),
         }
 
     def update(self, info):
-        """Take what a HELO, an announcement or an LLMC: frame says, checked and capped."""
+        """Take what a HELO, an announcement or an LLMC: frame says, checked and capped: a field
+        of the wrong type is ignored (``"false"`` is no boolean), a load is clamped (see clamp_load)."""
         if isinstance(info.get("name"), str):
             self.name = info["name"][:100]
         for key, kind in (("http_port", int), ("version", str), ("protocol_version", int), ("has_llm", bool)):
-            if isinstance(info.get(key), kind):
-                setattr(self, key, info[key])
+            if type(info.get(key)) is kind:
+                setattr(self, key, info[key][:64] if kind is str else info[key])
+        if not 0 <= self.http_port <= 65535:
+            self.http_port = 0
         if isinstance(info.get("models"), list):
-            self.models = [str(model)[:200] for model in info["models"][:200]]
+            self.models = [model[:200] for model in info["models"][:200] if isinstance(model, str)]
         if isinstance(info.get("load"), dict):
-            self.load = {str(k)[:50]: v for k, v in list(info["load"].items())[:20]
-                         if isinstance(v, (int, float, str, bool))}
+            self.load = clamp_load(info["load"])
         self.last_seen = time.time()
 
 
@@ -2334,6 +2533,28 @@ class TokenBucket:
             return False
         self.tokens -= 1.0
         return True
+
+
+def clamp_load(load):
+    """A peer's load report made safe to rank by: in_flight and queued integers of 0 to
+    10,000, parallel of 1 to 1,000; anything else about it is dropped."""
+    clean = {}
+    for key, low, high in (("in_flight", 0, 10000), ("queued", 0, 10000), ("parallel", 1, 1000)):
+        value = load.get(key)
+        if type(value) is float and value == value and abs(value) < 1e18:
+            value = int(value)
+        if type(value) is int:
+            clean[key] = min(high, max(low, value))
+    return clean
+
+
+def finite_or_none(value, high=None):
+    """``value`` when it is a finite number (at most ``high``), else None: JSON has no Infinity."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        return None
+    if value in (float("inf"), float("-inf")) or (high is not None and value > high):
+        return None
+    return value
 
 
 def keep_existing_link(own_id, peer_id, existing, new):
@@ -2954,6 +3175,7 @@ class Mesh:
 
     def link_frame(self, link, marker, payload):
         """Handle one frame from ``link``; a ProtocolError closes the link."""
+        check_frame(marker, payload, link)
         if marker == HELLO:
             self._handle_hello(link, payload)
             return
@@ -3142,22 +3364,77 @@ class EventBus:
 # A-C link; periodic sync only heals what a push missed.
 
 
+class SyncRequests:
+    """The SYNC: frames waiting for an answer: at most one per peer (a newer vector replaces the
+    pending one), at most ``max_peers`` peers, each answered at most every ``gap`` seconds, and
+    the same vector of one peer not again within ``repeat_gap`` seconds. Thread-safe."""
+
+    def __init__(self, gap, repeat_gap, max_peers=1024):
+        self.gap, self.repeat_gap, self.max_peers = gap, repeat_gap, max_peers
+        self._lock = threading.Lock()
+        self._pending = collections.OrderedDict()  # peer id -> newest vector, oldest first
+        self._answered = {}  # peer id -> (monotonic time, vector) of the last answer
+
+    def __len__(self):
+        with self._lock:
+            return len(self._pending)
+
+    def put(self, peer_id, vector):
+        """Keep ``vector`` as ``peer_id``'s request; returns "new", "merged" or "dropped"."""
+        with self._lock:
+            if peer_id in self._pending:
+                self._pending[peer_id] = vector
+                return "merged"
+            if len(self._pending) >= self.max_peers:
+                return "dropped"
+            self._pending[peer_id] = vector
+            return "new"
+
+    def take(self, now):
+        """``(peer_id, vector)`` of a request due now, or None; and the seconds until the next is due."""
+        with self._lock:
+            wait = None
+            for peer_id, vector in list(self._pending.items()):
+                last, last_vector = self._answered.get(peer_id, (None, None))
+                due = 0.0 if last is None else last + (self.repeat_gap if vector == last_vector else self.gap)
+                if due <= now:
+                    del self._pending[peer_id]
+                    self._answered[peer_id] = (now, vector)
+                    return (peer_id, vector), 0.0
+                wait = due - now if wait is None else min(wait, due - now)
+            return None, wait
+
+    def forget(self, peer_id):
+        with self._lock:
+            self._pending.pop(peer_id, None)
+            self._answered.pop(peer_id, None)
+
+
 class SyncWorker:
     """Runs the store side of sync on its own thread, so the mesh loop never waits on SQLite.
 
     Methods for the caller: ``start()``, ``shutdown()``, ``push(entries)`` after a local
-    write, ``peer_up(peer)``, and ``handle_sync``/``handle_file`` for SYNC: and FILE: frames.
+    write, ``peer_up(peer)``, ``peer_down(peer)``, and ``handle_sync``/``handle_file`` for SYNC:
+    and FILE: frames. A peer cannot swamp it: its SYNC: requests are merged and answered at
+    most every ``answer_gap`` seconds (see SyncRequests), and at most ``max_files_per_peer``
+    of its FILE: frames wait (more are dropped: the next sync round heals that).
     """
 
     batch_bytes = 1 * MiB
     batch_entries = 500
+    answer_gap = 0.2  # seconds between two answers to one peer
+    max_jobs = 4096
+    max_files_per_peer = 64
 
     def __init__(self, store, mesh, events, interval):
         self.store = store
         self.mesh = mesh
         self.events = events
         self.interval = interval
-        self._jobs = queue.Queue()
+        self._jobs = queue.Queue(self.max_jobs)
+        self.requests = SyncRequests(self.answer_gap, max(self.answer_gap, interval / 2.0))
+        self._files_waiting = collections.Counter()  # peer id -> FILE: jobs queued
+        self._files_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = None
         self.counters = collections.Counter()
@@ -3170,21 +3447,40 @@ class SyncWorker:
         next_round = time.monotonic() + self.interval
         while not self._stop.is_set():
             try:
-                job = self._jobs.get(timeout=max(0.0, min(0.5, next_round - time.monotonic())))
-            except queue.Empty:
-                job = None
-            try:
-                if job is not None:
-                    job[0](*job[1:])
-                if time.monotonic() >= next_round:
-                    next_round = time.monotonic() + self.interval
-                    self._send_vector(None)
+                next_round = self.run_once(next_round)
             except Exception:  # a bad batch must not stop syncing
                 log.exception("sync job failed")
 
+    def run_once(self, next_round):
+        """Run one queued job (a push or FILE:) and one due SYNC: answer, or wait up to half a
+        second for either; then the sync round when due. Returns the time of the next round."""
+        try:
+            job = self._jobs.get_nowait()
+        except queue.Empty:
+            job = None
+        if job is not None:
+            job[0](*job[1:])
+        request, wait = self.requests.take(time.monotonic())
+        if request is not None:
+            self._answer_sync(*request)
+        elif job is None:
+            timeout = min(0.5, next_round - time.monotonic(), 0.5 if wait is None else wait)
+            try:
+                job = self._jobs.get(timeout=max(0.0, timeout))
+                job[0](*job[1:])
+            except queue.Empty:
+                pass
+        if time.monotonic() >= next_round:
+            next_round = time.monotonic() + self.interval
+            self._send_vector(None)
+        return next_round
+
     def shutdown(self):
         self._stop.set()
-        self._jobs.put((lambda: None,))  # wake the worker now rather than at its next timeout
+        try:
+            self._jobs.put_nowait((lambda: None,))  # wake the worker now rather than at its next timeout
+        except queue.Full:
+            pass
         if self._thread is not None:
             self._thread.join(timeout=5)
 
@@ -3197,19 +3493,45 @@ class SyncWorker:
             self.mesh.broadcast(FILE, {"entries": shared, "more": False})
 
     def peer_up(self, peer):
-        self._jobs.put((self._send_vector, peer.node_id))
+        self._queue((self._send_vector, peer.node_id))
+
+    def peer_down(self, peer):
+        self.requests.forget(peer.node_id)
 
     def handle_sync(self, peer, payload):
         vector = payload.get("vector")
         if not isinstance(vector, dict):
             raise ProtocolError("SYNC: frame without a version vector")
-        self._jobs.put((self._answer_sync, peer.node_id, vector))
+        outcome = self.requests.put(peer.node_id, vector)
+        self.counters["sync_requests_" + outcome] += 1
+        if outcome == "new":
+            self._queue((lambda: None,))  # wake the worker: the answer may be due now
 
     def handle_file(self, peer, payload):
         entries = payload.get("entries")
         if not isinstance(entries, list):
             raise ProtocolError("FILE: frame without an entry list")
-        self._jobs.put((self._apply, peer.node_id, entries, payload.get("more") is True))
+        with self._files_lock:
+            if self._files_waiting[peer.node_id] >= self.max_files_per_peer:
+                self.counters["files_dropped"] += 1
+                return
+            self._files_waiting[peer.node_id] += 1
+        if not self._queue((self._apply, peer.node_id, entries, payload.get("more") is True)):
+            self._file_done(peer.node_id)
+
+    def _queue(self, job):
+        try:
+            self._jobs.put_nowait(job)
+            return True
+        except queue.Full:
+            self.counters["jobs_dropped"] += 1
+            return False
+
+    def _file_done(self, peer_id):
+        with self._files_lock:
+            self._files_waiting[peer_id] -= 1
+            if self._files_waiting[peer_id] <= 0:
+                del self._files_waiting[peer_id]
 
     # -- jobs, on the sync thread ---------------------------------------------------
 
@@ -3225,11 +3547,13 @@ class SyncWorker:
         clean = {str(origin): seq for origin, seq in vector.items()
                  if isinstance(seq, int) and not isinstance(seq, bool)}
         entries, more = self.store.entries_missing(clean, self.batch_bytes, self.batch_entries)
+        self.counters["sync_answers"] += 1
         if entries:
             self.mesh.send(peer_id, FILE, {"entries": entries, "more": more})
             self.counters["entries_sent"] += len(entries)
 
     def _apply(self, peer_id, entries, more):
+        self._file_done(peer_id)
         before = self.store.version_vector() if more else None
         new = self.store.apply_entries(entries)
         self.counters["entries_received"] += len(entries)
@@ -3303,8 +3627,12 @@ def normalize_ollama_url(value):
     return "%s://%s:%s" % (scheme, host, port)
 
 
-def iter_lines_live(response):
-    """Lines of a streamed HTTP body as they arrive (``iter_lines`` would wait for 512 bytes)."""
+MAX_STREAM_LINE = 4 * MiB  # one line of an LLM's streamed answer
+
+
+def iter_lines_live(response, max_line=MAX_STREAM_LINE):
+    """Lines of a streamed HTTP body as they arrive (``iter_lines`` would wait for 512 bytes).
+    A line longer than ``max_line`` raises requests.RequestException: nothing is that long."""
     buffer = b""
     raw = response.raw
     while True:
@@ -3312,6 +3640,8 @@ def iter_lines_live(response):
         if not chunk:
             break
         buffer += chunk
+        if len(buffer) > max_line and b"\n" not in buffer:
+            raise requests.RequestException("a streamed line is over %d bytes" % max_line)
         while b"\n" in buffer:
             line, buffer = buffer.split(b"\n", 1)
             yield line.rstrip(b"\r")
@@ -3501,17 +3831,18 @@ class OllamaBackend(Backend):
         yield from stream_ollama_lines(response, self._start_event(model), cancel, self.node_name)
 
 
-def stream_ollama_lines(response, start_event, cancel, node_name):
-    """Events from an Ollama-style NDJSON chat stream (Ollama itself, or a peer's relay)."""
+def stream_ollama_lines(response, start_event, cancel, node_name, lines=None):
+    """Events from an Ollama-style NDJSON chat stream (Ollama itself, or a peer's relay);
+    ``lines`` (default: those of ``response`` as they arrive) are read, ``response`` closed."""
     produced = False
     try:
-        for line in iter_lines_live(response):
+        for line in iter_lines_live(response) if lines is None else lines:
             if cancel is not None and cancel.is_set():
                 return
             if not line.strip():
                 continue
             try:
-                chunk = json.loads(line)
+                chunk = parse_json(line, "a line from %s" % node_name, MAX_STREAM_LINE)
             except ValueError:
                 raise LLMError("%s sent a line that is not JSON" % node_name, partial=produced)
             if not isinstance(chunk, dict):
@@ -3520,21 +3851,27 @@ def stream_ollama_lines(response, start_event, cancel, node_name):
                 error = _error_text(chunk)
                 if produced:
                     raise LLMError("%s failed mid-answer: %s" % (node_name, error), partial=True)
-                raise _UpstreamRefused("%s: %s" % (node_name, error), status=int(chunk.get("status") or 503))
+                status = chunk.get("status")
+                raise _UpstreamRefused("%s: %s" % (node_name, error),
+                                       status=status if type(status) is int and 400 <= status < 600 else 503)
             if "queued" in chunk:
-                yield {"type": "queued", "position": chunk["queued"], "node_name": chunk.get("node_name", node_name)}
+                position, name = chunk["queued"], chunk.get("node_name")
+                yield {"type": "queued", "position": position if type(position) is int else 1,
+                       "node_name": name[:100] if isinstance(name, str) else node_name}
                 continue
             if not produced:
                 produced = True
                 yield start_event
-            content = (chunk.get("message") or {}).get("content") or chunk.get("response") or ""
+            content = _chunk_content(chunk)
             if content:
                 yield {"type": "token", "content": content}
             if chunk.get("done"):
                 count, duration = chunk.get("eval_count"), chunk.get("eval_duration")
+                count = count if type(count) is int and count >= 0 else None
+                duration = finite_or_none(duration, 1e15) or 0
                 done = dict(start_event, type="done", eval_count=count, done_reason=chunk.get("done_reason"),
                             tokens_per_second=tokens_per_second(count, (duration or 0) / 1e9))
-                if isinstance(chunk.get("tokens_per_second"), (int, float)):
+                if finite_or_none(chunk.get("tokens_per_second"), 1e9) is not None:
                     done["tokens_per_second"] = chunk["tokens_per_second"]
                 yield done
                 return
@@ -3547,6 +3884,14 @@ def stream_ollama_lines(response, start_event, cancel, node_name):
     if produced:
         raise LLMError("%s stopped answering mid-way" % node_name, partial=True)
     raise _UpstreamRefused("%s closed the connection without answering" % node_name)
+
+
+def _chunk_content(chunk):
+    """The text of one Ollama stream chunk ("" when it has none, or something else than text)."""
+    message = chunk.get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    content = content or chunk.get("response") or ""
+    return content if isinstance(content, str) else ""
 
 
 class OpenAIBackend(Backend):
@@ -3578,8 +3923,10 @@ class OpenAIBackend(Backend):
                     finished = True
                     break
                 try:
-                    chunk = json.loads(data)
+                    chunk = parse_json(data, "a line from %s" % self.node_name, MAX_STREAM_LINE)
                 except ValueError:
+                    continue
+                if not isinstance(chunk, dict):
                     continue
                 if "error" in chunk:
                     raise (LLMError if produced else _UpstreamRefused)(
@@ -3611,8 +3958,79 @@ class OpenAIBackend(Backend):
                    tokens_per_second=tokens_per_second(count - 1, elapsed))
 
 
+class RelayCall:
+    """One chat sent to a peer's relay, posted and read on a helper thread, so the chat waiting
+    for it gives up at once when the peer goes down: a frozen peer would otherwise hold the
+    read for ``Backend.read_timeout`` (300 s). ``lines(cancel)`` yields the answer's lines and
+    raises requests.ConnectionError after ``abort()``; ``close()`` when done with it."""
+
+    poll = 0.1  # seconds between looks at abort and cancel while no line arrives
+
+    def __init__(self, backend, body, headers):
+        self.backend = backend
+        self._lines = queue.Queue(256)
+        self._aborted = threading.Event()
+        self._closed = threading.Event()
+        self._response = None
+        threading.Thread(target=self._read, args=(body, headers), name="neuromesh-relay",
+                         daemon=True).start()
+
+    def _read(self, body, headers):
+        try:
+            self._response = self.backend._post(RELAY_PATH, body, headers=headers)
+            for line in iter_lines_live(self._response):
+                if not self._hand(("line", line)):
+                    return
+            self._hand(("end", None))
+        except Exception as exc:  # the chat thread raises it
+            self._hand(("error", exc))
+        finally:
+            if self._response is not None:
+                self._response.close()
+
+    def _hand(self, item):
+        while not (self._closed.is_set() or self._aborted.is_set()):
+            try:
+                self._lines.put(item, timeout=self.poll)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def lines(self, cancel):
+        while True:
+            if self._aborted.is_set():
+                raise requests.ConnectionError("%s went down" % self.backend.node_name)
+            if cancel is not None and cancel.is_set():
+                return
+            try:
+                kind, value = self._lines.get(timeout=self.poll)
+            except queue.Empty:
+                continue
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+
+    def abort(self):
+        """The peer is down: fail the chat now, and cut the read if it is under way."""
+        self._aborted.set()
+        raw = getattr(self._response, "raw", None)
+        sock = getattr(getattr(raw, "_connection", None), "sock", None)
+        try:
+            if sock is not None:
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self):
+        self._closed.set()
+
+
 class PeerBackend(Backend):
-    """A peer's LLM, reached through that peer's relay with the token it granted."""
+    """A peer's LLM, reached through that peer's relay with the token it granted.
+    ``abort()`` (its peer went down) fails its chats under way, and every later one."""
 
     kind = "peer"
     local = False
@@ -3622,11 +4040,30 @@ class PeerBackend(Backend):
         self.token = grant["token"]
         self.peer = peer  # its models are peer.models, kept current by LLMC:
         self.available = True
+        self._calls = set()
+        self._calls_lock = threading.Lock()
+        self._down = False
 
     def _stream(self, model, messages, options, cancel):
-        response = self._post(RELAY_PATH, {"model": model, "messages": messages, "options": options},
-                              headers={"Authorization": "Bearer " + self.token})
-        yield from stream_ollama_lines(response, self._start_event(model), cancel, self.node_name)
+        call = RelayCall(self, {"model": model, "messages": messages, "options": options},
+                         {"Authorization": "Bearer " + self.token})
+        with self._calls_lock:
+            self._calls.add(call)
+            if self._down:
+                call.abort()
+        try:
+            yield from stream_ollama_lines(call, self._start_event(model), cancel, self.node_name,
+                                           call.lines(cancel))
+        finally:
+            with self._calls_lock:
+                self._calls.discard(call)
+
+    def abort(self):
+        with self._calls_lock:
+            self._down = True
+            calls = list(self._calls)
+        for call in calls:
+            call.abort()
 
 
 class Router:
@@ -3743,11 +4180,13 @@ class Router:
             self.peer_changed(peer)
 
     def peer_down(self, peer):
-        """Tokens die with the link, both ways."""
+        """Tokens die with the link, both ways; chats relayed to the peer fail over at once."""
         with self.lock:
-            self.grants.pop(peer.node_id, None)
+            backend = self.grants.pop(peer.node_id, None)
             self.issued.pop(peer.node_id, None)
             self.requested.pop(peer.node_id, None)
+        if backend is not None and hasattr(backend, "abort"):
+            backend.abort()
         self.on_change()
 
     def handle_request(self, peer, payload):
@@ -5094,6 +5533,7 @@ class Node(MeshListener):
         record = peer.to_dict()
         record["reason"] = reason
         self.router.peer_down(peer)
+        self.sync.peer_down(peer)
         self.events.publish("peer_down", record)
 
     def peer_changed(self, peer):

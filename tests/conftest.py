@@ -532,6 +532,47 @@ class RawPeer:
         self.sock.close()
 
 
+class LinkedPeer:
+    """A fake peer on a raw socket, linked to a live node: the key proof done (the open room's
+    key unless ``room_key``) and its HELO sent. ``send(marker, payload)``, ``send_many(marker,
+    payload, count)``, ``frames(timeout)`` (every frame received so far), ``closed_by_node``."""
+
+    def __init__(self, node, name="raw-peer", node_id=None, hello=None, room_key=None):
+        self.node_id = node_id or uuid.uuid4().hex
+        self.link = RawPeer(node.tcp_port, room_key)
+        self.received = [(neuromesh.HELLO, self.link.prove())]
+        payload = {"node_id": self.node_id, "name": name, "tcp_port": 1, "http_port": 0,
+                   "version": neuromesh.__version__, "protocol_version": neuromesh.PROTOCOL_VERSION,
+                   "has_llm": False, "models": []}
+        payload.update(hello or {})
+        self.send(neuromesh.HELLO, payload)
+
+    def send(self, marker, payload):
+        self.link.send(marker, payload)
+
+    def send_many(self, marker, payload, count):
+        """``count`` copies of one frame, each sealed with its own sequence number, in one write."""
+        frame = neuromesh.encode_frame(marker, payload)
+        self.link.sock.sendall(b"".join(self.link.seal(frame) for _ in range(count)))
+
+    def frames(self, timeout=0.2):
+        """Read what arrives within ``timeout``; returns every frame received so far."""
+        self.link.sock.settimeout(timeout)
+        try:
+            data = self.link.sock.recv(1 << 20)
+            if data:
+                self.received += self.link.decoder.feed(data)
+        except (socket.timeout, BlockingIOError):
+            pass
+        return self.received
+
+    def closed_by_node(self, timeout=5.0):
+        return self.link.closed_by_node(timeout)
+
+    def close(self):
+        self.link.close()
+
+
 @pytest.fixture
 def raw_peer():
     """``raw_peer(port, room_key=None)``: RawPeer links, closed at the end of the test."""
@@ -542,6 +583,20 @@ def raw_peer():
         return made[-1]
 
     yield connect
+    for peer in made:
+        peer.close()
+
+
+@pytest.fixture
+def linked_peer():
+    """``linked_peer(node, **kwargs)``: a LinkedPeer linked to ``node``, closed after the test."""
+    made = []
+
+    def make(node, **kwargs):
+        made.append(LinkedPeer(node, **kwargs))
+        return made[-1]
+
+    yield make
     for peer in made:
         peer.close()
 
