@@ -27,7 +27,7 @@ _json = (_leaf | st.lists(_leaf, max_size=3) | st.dictionaries(_small_keys, _lea
 _schema_keys = sorted({key for schema in nm.FRAME_SCHEMAS.values() for key in schema})
 
 
-@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=3500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(marker=st.sampled_from(sorted(nm.MARKERS)),
        payload=st.dictionaries(st.sampled_from(_schema_keys), _json, max_size=4))
 def test_fuzzed_frames_are_accepted_or_refused_with_a_protocol_error(marker, payload):

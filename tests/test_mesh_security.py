@@ -456,7 +456,7 @@ WORD = st.sampled_from(["", "a", "ONLINE", "OFFLINE", "\u00e9\u2713", "0" * 64, 
     | st.binary(max_size=40).map(bytes.hex)
 SCALAR = st.none() | st.booleans() | st.integers() | WORD
 JSON = SCALAR | st.lists(SCALAR, max_size=3) | st.dictionaries(st.sampled_from(["v", "n", "p", "x"]), SCALAR, max_size=3)
-FUZZ = settings(max_examples=1200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _nonce_frame(version, nonce):
