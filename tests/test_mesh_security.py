@@ -522,8 +522,9 @@ def test_seal_and_check_cost():
         tag = sender.tag(frame)
         receiver.check(frame[:5], frame[13:], tag)
     per_frame = (time.perf_counter() - started) / count
-    print("seal+check of a small frame: %.2f us" % (per_frame * 1e6))
-    assert per_frame < 200e-6
+    print("seal+check of a small frame: %.2f us" % (per_frame * 1e6))  # a figure, not a goal
+    with pytest.raises(nm.ProtocolError):  # the receiver's count moved on: a replay fails
+        receiver.check(frame[:5], frame[13:], tag)
 
 
 # -- real nodes (black box) ---------------------------------------------------------------------
