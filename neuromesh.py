@@ -4437,7 +4437,14 @@ class MeshInfo:
         """What this node's own backends say (the relay's answer to a peer)."""
         if self.router.config.no_share_llm:
             return {"models": []} if path != "/api/version" else {"version": None}
-        replies = [backend.info(path) for backend in self.router.local if backend.available]
+        replies = []
+        for backend in self.router.local:
+            try:
+                replies.append(backend.info(path) if backend.available else {})
+            except (requests.RequestException, ValueError) as exc:
+                log_limited(logging.INFO, "info:" + backend.url, "%s did not say %s: %s", backend.url, path,
+                            type(exc).__name__)
+        replies = [reply for reply in replies if isinstance(reply, dict)]
         if path == "/api/version":
             versions = [r.get("version") for r in replies if r.get("version")]
             return {"version": max(versions, key=version_key) if versions else None}
@@ -5485,8 +5492,10 @@ class PageApi(HttpApi):
                 ("POST", "/api/guest/login", self.guest_login), ("GET", "/api/guests", self.guests)]
 
     def index(self):
-        """The page for browsers; "Ollama is running" for the tools that probe an Ollama (no text/html)."""
-        if "text/html" not in bottle.request.headers.get("Accept", ""):
+        """The page for browsers (and ``Accept: */*``); "Ollama is running" for the tools that probe an
+        Ollama asking for something else (the Ollama clients send ``Accept: application/json``)."""
+        accept = bottle.request.headers.get("Accept", "")
+        if accept and "text/html" not in accept and "*/*" not in accept:
             bottle.response.content_type = "text/plain; charset=utf-8"
             return "Ollama is running"
         return bottle.static_file("index.html", root=STATIC_DIR)

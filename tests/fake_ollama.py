@@ -445,7 +445,7 @@ class _Handler(BaseHTTPRequestHandler):
             prompt_tokens = sum(len(tokens_for(_text_of(m.get("content"))))
                                 for m in messages if isinstance(m, dict)) + 1
             ctx = _GenContext(fake, path, model, toks, reason, prompt_tokens, mode, body)
-            if not empty and not openai:
+            if not empty:
                 ctx.shape_answer(fake.answer_for(subject, model))
             if openai:
                 if stream:
@@ -544,6 +544,12 @@ class _Handler(BaseHTTPRequestHandler):
                          "finish_reason": ctx.finish_reason()}],
             "usage": ctx.usage(),
         }
+        if ctx.tool_calls:
+            obj["choices"][0]["message"] = {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_%d" % i, "type": "function",
+                 "function": {"name": c["function"]["name"], "arguments": json.dumps(c["function"]["arguments"])}}
+                for i, c in enumerate(ctx.tool_calls)]}
+            obj["choices"][0]["finish_reason"] = "tool_calls"
         self._send_partial_or_full(ctx, json.dumps(obj).encode("utf-8"), "application/json")
 
     def _send_partial_or_full(self, ctx: "_GenContext", body: bytes, ctype: str) -> None:
@@ -562,6 +568,15 @@ class _Handler(BaseHTTPRequestHandler):
         except _ClientGone:
             self.fake._count_abort()
             raise
+
+
+def _format_of(response_format: Any) -> Any:
+    """OpenAI's ``response_format`` as Ollama's ``format`` ("json", a schema, or None)."""
+    if not isinstance(response_format, dict):
+        return None
+    if response_format.get("type") == "json_schema":
+        return (response_format.get("json_schema") or {}).get("schema") or "json"
+    return "json" if response_format.get("type") == "json_object" else None
 
 
 class _GenContext:
@@ -594,8 +609,8 @@ class _GenContext:
             self.tool_calls = [{"function": {"name": function.get("name", ""),
                                              "arguments": {k: "value of %s" % k for k in props}}}]
             self.toks = []
-        elif self.body.get("format"):
-            fmt = self.body["format"]
+        elif self.body.get("format") or _format_of(self.body.get("response_format")):
+            fmt = self.body.get("format") or _format_of(self.body.get("response_format"))
             props = fmt.get("properties") if isinstance(fmt, dict) else None
             answer = {k: text for k in props} if isinstance(props, dict) and props else {"answer": text}
             self.toks = tokens_for(json.dumps(answer))

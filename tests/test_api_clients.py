@@ -282,3 +282,39 @@ def test_the_javascript_ollama_package_lists_and_streams_a_chat(served_mesh, js_
     assert set(result["models"]) == set(m["model"] for m in served_mesh.fake.tags)
     assert result["text"] == served_mesh.fake.answer_for([{"role": "user", "content": "Hello from node"}], API_MODEL)
     assert result["chunks"] > 3 and time.monotonic() - started < 60
+
+
+# -- a host behind an OpenAI-compatible server (the fake's /v1 side), with an API key ------------
+
+def test_a_host_behind_an_openai_compatible_server_with_a_key(cluster):
+    """``--openai-url`` twice (one dead) and ``--openai-key`` (NEUROMESH_OPENAI_KEY works the same):
+    Ollama-shaped requests are translated for the OpenAI-compatible host, or refused clearly."""
+    from conftest import fully_linked, wait_for
+    from fake_ollama import FakeOllama
+
+    ollama = pytest.importorskip("ollama")
+    fake = FakeOllama(models=(API_MODEL,)).start()
+    try:
+        host = cluster.start("host", extra=["--openai-url", fake.url + "/v1", "--openai-url", "http://127.0.0.1:9",
+                                            "--openai-key", "sk-room-secret"])
+        plain = cluster.start("plain")
+        wait_for(lambda: fully_linked([host, plain]), message="mesh")
+        wait_for(lambda: API_MODEL in {m["name"] for m in plain.json("/api/models")["models"]}, timeout=15,
+                 message="access")
+        client = ollama.Client(host=plain.url, timeout=30)
+        shown = client.show(API_MODEL)
+        assert shown.capabilities == ["completion"] and shown.details.family == ""  # nothing made up
+        reply = client.chat(model=API_MODEL, messages=QUESTION, tools=[WEATHER_TOOL], stream=False)
+        assert reply.message.tool_calls[0].function.arguments == {"city": "value of city"}
+        formatted = client.chat(model=API_MODEL, messages=QUESTION, format="json", stream=True)
+        assert json.loads("".join(c.message.content for c in formatted)) == {
+            "answer": fake.answer_for(QUESTION, API_MODEL)}
+        assert fake.requests_to("/v1/chat/completions")[-1]["response_format"] == {"type": "json_object"}
+        assert client.embed(model=API_MODEL, input="one").embeddings == [embedding_for("one")]
+        with pytest.raises(ollama.ResponseError) as error:
+            client.generate(model=API_MODEL, prompt="x", raw=True)
+        assert error.value.status_code == 400 and "raw" in str(error.value)
+        assert {h.get("authorization") for h in fake.request_headers} == {"Bearer sk-room-secret"}
+        assert [m.model for m in client.list().models] == [API_MODEL]
+    finally:
+        fake.stop()
