@@ -4001,6 +4001,21 @@ class OpenAIBackend(Backend):
                    tokens_per_second=tokens_per_second(count - 1, elapsed))
 
 
+def cut_response(response):
+    """Shut the socket a streamed ``requests`` response reads from: a read under way ends at once.
+    The socket is the connection's, or (a reply that closes the connection) only its body's reader's."""
+    raw = getattr(response, "raw", None)
+    sock = getattr(getattr(raw, "_connection", None), "sock", None)
+    if sock is None:
+        reader = getattr(getattr(raw, "_fp", None), "fp", None)
+        sock = getattr(getattr(reader, "raw", None), "_sock", None)
+    try:
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
 class RelayCall:
     """One chat sent to a peer's relay, posted and read on a helper thread, so the chat waiting
     for it gives up at once when the peer goes down: a frozen peer would otherwise hold the
@@ -4059,13 +4074,7 @@ class RelayCall:
     def abort(self):
         """The peer is down: fail the chat now, and cut the read if it is under way."""
         self._aborted.set()
-        raw = getattr(self._response, "raw", None)
-        sock = getattr(getattr(raw, "_connection", None), "sock", None)
-        try:
-            if sock is not None:
-                sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        cut_response(self._response)
 
     def close(self):
         self._closed.set()
@@ -4109,8 +4118,19 @@ class PeerBackend(Backend):
             call.abort()
 
     def forward(self, path, body):
-        return post_upstream(self, RELAY_FORWARD_PATH, {"path": path, "body": body},
-                             {"Authorization": "Bearer " + self.token})
+        upstream = post_upstream(self, RELAY_FORWARD_PATH, {"path": path, "body": body},
+                                 {"Authorization": "Bearer " + self.token})
+        with self._calls_lock:
+            self._calls.add(upstream)  # abort() cuts it too
+            down = self._down
+        if down:
+            upstream.abort()
+        upstream.on_close(lambda: self._forget(upstream))
+        return upstream
+
+    def _forget(self, call):
+        with self._calls_lock:
+            self._calls.discard(call)
 
     def info(self, path, timeout=2.0):
         response = self.session.post(self.url + RELAY_FORWARD_PATH, json={"path": path}, timeout=timeout,
@@ -4153,10 +4173,15 @@ class Upstream:
     """A reply to pass on as it is: ``status``, ``content_type`` and the body's byte pieces.
     Iterate it once; it closes (running ``on_close`` functions) when read or dropped."""
 
-    def __init__(self, status, content_type, chunks, close=None):
+    def __init__(self, status, content_type, chunks, close=None, response=None):
         self.status, self.content_type = status, content_type
         self._chunks = chunks
         self._closers = [close] if close else []
+        self.response = response  # the requests response it reads, if any
+
+    def abort(self):
+        """Its host went down: end the read under way at once."""
+        cut_response(self.response)
 
     def on_close(self, function):
         self._closers.append(function)
@@ -4176,6 +4201,14 @@ class Upstream:
     def json(self):
         return parse_json(b"".join(self), "a reply", MAX_FORWARD_BODY)
 
+    def error_text(self):
+        """The message of an error reply, JSON or not."""
+        body = b"".join(self)
+        try:
+            return _error_text(parse_json(body, "an error", MAX_FORWARD_BODY))
+        except ValueError:
+            return body.decode("utf-8", "replace")[:300]
+
     @classmethod
     def of_json(cls, payload, status=200):
         return cls(status, "application/json", iter([json.dumps(payload).encode("utf-8")]))
@@ -4186,14 +4219,21 @@ class Upstream:
 
     @classmethod
     def of_response(cls, response):
+        content_type = response.headers.get("Content-Type") or "application/json"
+
         def chunks():
-            while True:
-                chunk = response.raw.read1(65536)
-                if not chunk:
-                    return
-                yield chunk
-        return cls(response.status_code, response.headers.get("Content-Type") or "application/json",
-                   chunks(), response.close)
+            try:
+                while True:
+                    chunk = response.raw.read1(65536)
+                    if not chunk:
+                        return
+                    yield chunk
+            except Exception as exc:  # cut mid-way (urllib3 and socket errors): say so, as Ollama does
+                if "ndjson" not in content_type:
+                    raise
+                yield b"\n" + json.dumps({"error": "the host stopped answering mid-way (%s)"
+                                                   % type(exc).__name__}).encode("utf-8") + b"\n"
+        return cls(response.status_code, content_type, chunks(), response.close, response)
 
 
 def post_upstream(backend, path, body, headers=None):
@@ -4339,7 +4379,7 @@ class OpenAITranslation:
     def _json(self, path, body):
         upstream = post_upstream(self.backend, path, body)
         if upstream.status != 200:
-            raise LLMError("%s: %s" % (self.backend.node_name, _error_text(upstream.json())), status=upstream.status)
+            raise LLMError("%s: %s" % (self.backend.node_name, upstream.error_text()), status=upstream.status)
         return upstream.json()
 
     def embed(self, path, body):
@@ -5928,9 +5968,9 @@ class OpenAIApi(HttpApi):
             raise HTTPFailure(400, "input must be a string or a list of strings")
         self.admit_chat()
         upstream = mesh_call(self.node.router, "/api/embed", {"model": model, "input": inputs})
-        reply = upstream.json()
         if upstream.status != 200:
-            raise HTTPFailure(upstream.status, _error_text(reply))
+            raise HTTPFailure(upstream.status, upstream.error_text())
+        reply = upstream.json()
         packed = body.get("encoding_format") == "base64"
         data = [{"object": "embedding", "index": index,
                  "embedding": base64.b64encode(struct.pack("<%df" % len(vector), *vector)).decode("ascii")
@@ -6009,7 +6049,7 @@ class OpenAIShapes:
         self.api.admit_chat()
         upstream = mesh_call(self.api.node.router, "/api/chat", request)
         if upstream.status != 200:
-            raise HTTPFailure(upstream.status, _error_text(upstream.json()))
+            raise HTTPFailure(upstream.status, upstream.error_text())
         reply = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()), "model": model}
         if request["stream"]:
             bottle.response.content_type = "text/event-stream"

@@ -318,3 +318,24 @@ def test_a_host_behind_an_openai_compatible_server_with_a_key(cluster):
         assert [m.model for m in client.list().models] == [API_MODEL]
     finally:
         fake.stop()
+
+
+def test_a_passed_on_stream_ends_with_an_error_when_its_host_freezes(served_mesh):
+    """A chat with a format, relayed as it is: the host goes silent mid-answer (SIGSTOP), the peer
+    link times out, and the client's stream ends at once with Ollama's error line, not after 300 s."""
+    import signal
+
+    served_mesh.fake.token_delay = 0.5
+    body = {"model": API_MODEL, "messages": QUESTION, "format": "json", "stream": True}
+    started = time.monotonic()
+    with requests.post(served_mesh.plain.url + "/api/chat", json=body, stream=True, timeout=25) as reply:
+        lines = reply.iter_lines(chunk_size=1)
+        first = json.loads(next(lines))
+        assert first["done"] is False and first["message"]["content"]
+        served_mesh.host.process.send_signal(signal.SIGSTOP)
+        try:
+            rest = [json.loads(line) for line in lines if line]
+        finally:
+            served_mesh.host.process.send_signal(signal.SIGCONT)
+    assert "error" in rest[-1] and "mid-way" in rest[-1]["error"], rest[-3:]
+    assert time.monotonic() - started < 20
