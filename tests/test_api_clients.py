@@ -339,3 +339,25 @@ def test_a_passed_on_stream_ends_with_an_error_when_its_host_freezes(served_mesh
             served_mesh.host.process.send_signal(signal.SIGCONT)
     assert "error" in rest[-1] and "mid-way" in rest[-1]["error"], rest[-3:]
     assert time.monotonic() - started < 20
+
+
+def test_several_backend_urls_and_the_openai_key_from_flags_or_the_environment(tmp_path):
+    import neuromesh as nm
+
+    def config(args, environ):
+        return nm.load_config(nm.build_arg_parser().parse_args(["--data-dir", str(tmp_path)] + args), environ=environ)
+
+    both = config(["--ollama-url", "127.0.0.1:11434", "--ollama-url", "http://10.0.0.5:11434",
+                   "--openai-url", "http://127.0.0.1:8000/v1,http://127.0.0.1:9000"], {"OPENAI_API_KEY": "sk-a"})
+    assert both.ollama_url == "http://127.0.0.1:11434,http://10.0.0.5:11434"
+    assert both.openai_url == "http://127.0.0.1:8000,http://127.0.0.1:9000" and both.openai_key == "sk-a"
+    assert "sk-a" not in repr(both)  # never shown
+    router = nm.Router(both, "id", "name", mesh=None)
+    assert [(b.kind, b.url) for b in router.local] == [
+        ("ollama", "http://127.0.0.1:11434"), ("ollama", "http://10.0.0.5:11434"),
+        ("openai", "http://127.0.0.1:8000"), ("openai", "http://127.0.0.1:9000")]
+    assert {b.session.headers.get("Authorization") for b in router.local if b.kind == "openai"} == {"Bearer sk-a"}
+    assert "Authorization" not in router.local[0].session.headers  # the key goes to OpenAI servers only
+    assert config([], {"OPENAI_API_KEY": "sk-a", "NEUROMESH_OPENAI_KEY": "sk-b"}).openai_key == "sk-b"
+    assert config(["--openai-key", "sk-c"], {"NEUROMESH_OPENAI_KEY": "sk-b"}).openai_key == "sk-c"
+    assert config(["--ollama-url", "none"], {}).ollama_url is None
