@@ -40,6 +40,7 @@ PROTOCOL_VERSION = 2  # 2: the key proof (HI!!:, AUTH:) and sealed frames
 ###############################################################################
 
 import argparse
+import base64
 import collections
 import dataclasses
 import errno
@@ -447,9 +448,12 @@ SETTINGS = {
                                               "once (default: 32)"),
     "http_idle_timeout": (parse_seconds, "seconds before an idle or never-finished HTTP connection is "
                                          "closed (default: 30)"),
+    "openai_key": (str, "API key of the --openai-url server(s) (default: NEUROMESH_OPENAI_KEY, else "
+                        "OPENAI_API_KEY); prefer the environment, as flags show in `ps`"),
 }
 LIST_SETTINGS = ("broadcast", "peer")
 FLAG_SETTINGS = ("no_discovery", "no_browser", "no_share_llm", "lan_api", "allow_public", "guests")
+URL_SETTINGS = ("ollama_url", "openai_url")  # repeatable (or comma-separated): several backends per node
 
 
 @dataclasses.dataclass
@@ -484,6 +488,7 @@ class Config:
     max_queued: int = DEFAULTS["max_queued"]
     max_requests_per_address: int = DEFAULTS["max_requests_per_address"]
     http_idle_timeout: float = DEFAULTS["http_idle_timeout"]
+    openai_key: str = dataclasses.field(default=None, repr=False)
 
     @property
     def static_peers(self):
@@ -506,6 +511,8 @@ def build_arg_parser():
         flag = "--" + key.replace("_", "-")
         if key in FLAG_SETTINGS:
             parser.add_argument(flag, action="store_const", const=True, default=None, help=help_text)
+        elif key in URL_SETTINGS:
+            parser.add_argument(flag, action="append", default=None, metavar="URL", help=help_text)
         elif key in LIST_SETTINGS:
             parser.add_argument(flag, action="append", default=None, metavar="ADDR" if key == "broadcast"
                                 else "HOST:PORT", help=help_text)
@@ -532,6 +539,8 @@ def load_config(args, environ=None):
     values = {}
     if environ.get("OLLAMA_HOST"):
         values["ollama_url"] = environ["OLLAMA_HOST"]
+    if environ.get("OPENAI_API_KEY"):
+        values["openai_key"] = environ["OPENAI_API_KEY"]
     if args.config:
         try:
             with open(args.config, encoding="utf-8") as handle:
@@ -555,14 +564,16 @@ def load_config(args, environ=None):
         if given is not None:
             if key in LIST_SETTINGS:
                 given = [item for chunk in given for item in _string_list(chunk)]
+            elif key in URL_SETTINGS and isinstance(given, list):
+                given = ",".join(given)
             values[key] = _convert(key, given, "--" + key.replace("_", "-"))
     config = Config(**values)
     config.data_dir = os.path.abspath(os.path.expanduser(config.data_dir))
-    config.ollama_url = normalize_ollama_url(config.ollama_url)
+    config.ollama_url = ",".join(filter(None, (normalize_ollama_url(url) for url in
+                                               _string_list(config.ollama_url or "none")))) or None
     if config.openai_url:
-        config.openai_url = config.openai_url.rstrip("/")
-        if config.openai_url.endswith("/v1"):
-            config.openai_url = config.openai_url[:-3]
+        urls = [url.rstrip("/") for url in _string_list(config.openai_url)]
+        config.openai_url = ",".join(url[:-3] if url.endswith("/v1") else url for url in urls) or None
     try:
         config.static_peers
     except ValueError as exc:
@@ -3831,6 +3842,14 @@ class Backend:
     def _start_event(self, model):
         return {"type": "start", "node_id": self.node_id, "node_name": self.node_name, "model": model}
 
+    def forward(self, path, body):
+        """An Upstream answering an Ollama-shaped request (see MeshCalls); _UpstreamRefused if it cannot."""
+        raise _UpstreamRefused("%s cannot answer %s" % (self.node_name, path), status=501)
+
+    def info(self, path):
+        """What the server says to ``/api/tags``, ``/api/ps`` or ``/api/version`` (Ollama's shapes)."""
+        return {"models": []}
+
 
 class OllamaBackend(Backend):
     """Ollama's native API: ``/api/tags`` for models, streaming ``/api/chat``."""
@@ -3852,6 +3871,16 @@ class OllamaBackend(Backend):
         response = self._post("/api/chat", {"model": model, "messages": messages, "options": options,
                                             "stream": True})
         yield from stream_ollama_lines(response, self._start_event(model), cancel, self.node_name)
+
+    def forward(self, path, body):
+        return post_upstream(self, path, body)
+
+    def info(self, path):
+        if path == "/api/version":
+            return {"version": self.version()}
+        response = self.session.get(self.url + path, timeout=self.probe_timeout)
+        response.raise_for_status()
+        return response.json()
 
 
 def stream_ollama_lines(response, start_event, cancel, node_name, lines=None):
@@ -3894,6 +3923,8 @@ def stream_ollama_lines(response, start_event, cancel, node_name, lines=None):
                 duration = finite_or_none(duration, 1e15) or 0
                 done = dict(start_event, type="done", eval_count=count, done_reason=chunk.get("done_reason"),
                             tokens_per_second=tokens_per_second(count, (duration or 0) / 1e9))
+                if type(chunk.get("prompt_eval_count")) is int:
+                    done["prompt_eval_count"] = chunk["prompt_eval_count"]
                 if finite_or_none(chunk.get("tokens_per_second"), 1e9) is not None:
                     done["tokens_per_second"] = chunk["tokens_per_second"]
                 yield done
@@ -3926,6 +3957,18 @@ class OpenAIBackend(Backend):
         response = self.session.get(self.url + "/v1/models", timeout=self.probe_timeout)
         response.raise_for_status()
         return sorted(entry["id"] for entry in response.json()["data"])
+
+    def forward(self, path, body):
+        return OpenAITranslation(self).forward(path, body)
+
+    def info(self, path):
+        """An OpenAI-compatible server tells its models' names only: sizes and digests stay unknown."""
+        if path == "/api/version":
+            return {}
+        names = self.models if path == "/api/tags" else (self.models if self.slots.in_flight else [])
+        return {"models": [{"name": name, "model": name, "size": 0, "digest": "",
+                            "details": {"format": "", "family": "", "parameter_size": "", "quantization_level": ""},
+                            "neuromesh_backend": "openai-compatible"} for name in names]}
 
     def _stream(self, model, messages, options, cancel):
         body = {"model": model, "messages": messages, "stream": True}
@@ -3979,6 +4022,21 @@ class OpenAIBackend(Backend):
         elapsed = time.monotonic() - first_at if first_at else 0
         yield dict(start, type="done", eval_count=count, done_reason=finish_reason,
                    tokens_per_second=tokens_per_second(count - 1, elapsed))
+
+
+def cut_response(response):
+    """Shut the socket a streamed ``requests`` response reads from: a read under way ends at once.
+    The socket is the connection's, or (a reply that closes the connection) only its body's reader's."""
+    raw = getattr(response, "raw", None)
+    sock = getattr(getattr(raw, "_connection", None), "sock", None)
+    if sock is None:
+        reader = getattr(getattr(raw, "_fp", None), "fp", None)
+        sock = getattr(getattr(reader, "raw", None), "_sock", None)
+    try:
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 class RelayCall:
@@ -4039,13 +4097,7 @@ class RelayCall:
     def abort(self):
         """The peer is down: fail the chat now, and cut the read if it is under way."""
         self._aborted.set()
-        raw = getattr(self._response, "raw", None)
-        sock = getattr(getattr(raw, "_connection", None), "sock", None)
-        try:
-            if sock is not None:
-                sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        cut_response(self._response)
 
     def close(self):
         self._closed.set()
@@ -4088,6 +4140,421 @@ class PeerBackend(Backend):
         for call in calls:
             call.abort()
 
+    def forward(self, path, body):
+        upstream = post_upstream(self, RELAY_FORWARD_PATH, {"path": path, "body": body},
+                                 {"Authorization": "Bearer " + self.token})
+        with self._calls_lock:
+            self._calls.add(upstream)  # abort() cuts it too
+            down = self._down
+        if down:
+            upstream.abort()
+        upstream.on_close(lambda: self._forget(upstream))
+        return upstream
+
+    def _forget(self, call):
+        with self._calls_lock:
+            self._calls.discard(call)
+
+    def info(self, path, timeout=2.0):
+        response = self.session.post(self.url + RELAY_FORWARD_PATH, json={"path": path}, timeout=timeout,
+                                     headers={"Authorization": "Bearer " + self.token})
+        response.raise_for_status()
+        return response.json()
+
+
+# -- any request kind, passed on as it is (issue 13) ----------------------------------
+#
+# Chats of the page go through Router.chat as events. Every other request of the Ollama
+# API (show, embed, chats with tools or formats, raw generates) is passed on in Ollama's
+# own shape to a host that serves the model: ``MeshCalls.call(path, body)`` picks the
+# backend as Router.chat does and returns an ``Upstream`` (status, type, body pieces);
+# a PeerBackend carries it through the peer's ``/relay/forward``, which calls
+# MeshCalls there with its own backends only. An OpenAI-compatible host translates.
+
+RELAY_FORWARD_PATH = "/relay/forward"
+FORWARD_PATHS = ("/api/chat", "/api/generate", "/api/show", "/api/embed", "/api/embeddings")
+INFO_PATHS = ("/api/tags", "/api/ps", "/api/version")
+SLOT_PATHS = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings")  # work that holds a slot
+RECENT_OLLAMA_VERSION = "0.12.0"  # /api/version when no Ollama on the mesh tells its own
+MAX_FORWARD_BODY = 32 * MiB  # a request with images
+
+
+def model_aliases(name):
+    """The names ``name`` may be listed as: ``x`` and ``x:latest`` are the same model."""
+    if not isinstance(name, str) or not name:
+        return []
+    if name.endswith(":latest"):
+        return [name, name[:-len(":latest")]]
+    return [name] if ":" in name.rsplit("/", 1)[-1] else [name, name + ":latest"]
+
+
+def version_key(text):
+    return tuple(int(part) for part in re.findall(r"\d+", str(text or ""))[:4])
+
+
+class Upstream:
+    """A reply to pass on as it is: ``status``, ``content_type`` and the body's byte pieces.
+    Iterate it once; it closes (running ``on_close`` functions) when read or dropped."""
+
+    def __init__(self, status, content_type, chunks, close=None, response=None):
+        self.status, self.content_type = status, content_type
+        self._chunks = chunks
+        self._closers = [close] if close else []
+        self.response = response  # the requests response it reads, if any
+
+    def abort(self):
+        """Its host went down: end the read under way at once."""
+        cut_response(self.response)
+
+    def on_close(self, function):
+        self._closers.append(function)
+
+    def __iter__(self):
+        try:
+            for chunk in self._chunks:
+                yield chunk
+        finally:
+            self.close()
+
+    def close(self):
+        closers, self._closers = self._closers, []
+        for function in closers:
+            function()
+
+    def json(self):
+        return parse_json(b"".join(self), "a reply", MAX_FORWARD_BODY)
+
+    def error_text(self):
+        """The message of an error reply, JSON or not."""
+        body = b"".join(self)
+        try:
+            return _error_text(parse_json(body, "an error", MAX_FORWARD_BODY))
+        except ValueError:
+            return body.decode("utf-8", "replace")[:300]
+
+    @classmethod
+    def of_json(cls, payload, status=200):
+        return cls(status, "application/json", iter([json.dumps(payload).encode("utf-8")]))
+
+    @classmethod
+    def of_lines(cls, payloads):
+        return cls(200, "application/x-ndjson", iter([json.dumps(p).encode("utf-8") + b"\n" for p in payloads]))
+
+    @classmethod
+    def of_response(cls, response):
+        content_type = response.headers.get("Content-Type") or "application/json"
+
+        def chunks():
+            try:
+                while True:
+                    chunk = response.raw.read1(65536)
+                    if not chunk:
+                        return
+                    yield chunk
+            except Exception as exc:  # cut mid-way (urllib3 and socket errors): say so, as Ollama does
+                if "ndjson" not in content_type:
+                    raise
+                yield b"\n" + json.dumps({"error": "the host stopped answering mid-way (%s)"
+                                                   % type(exc).__name__}).encode("utf-8") + b"\n"
+        return cls(response.status_code, content_type, chunks(), response.close, response)
+
+
+def post_upstream(backend, path, body, headers=None):
+    """POST to ``backend``: an Upstream, or _UpstreamRefused (so the next host is tried) when it is
+    down, lacks the model or fails; a refusal of the request itself (400) is passed on."""
+    try:
+        response = backend.session.post(backend.url + path, json=body, stream=True, headers=headers,
+                                        timeout=(backend.connect_timeout, backend.read_timeout))
+    except requests.RequestException as exc:
+        raise _UpstreamRefused("%s did not answer: %s" % (backend.node_name, type(exc).__name__))
+    if response.status_code == 404 or response.status_code >= 500 or response.status_code == 401:
+        text = _http_error_text(response)
+        response.close()
+        what = "does not have that model" if response.status_code == 404 else "answered HTTP %d" % \
+            response.status_code
+        raise _UpstreamRefused("%s %s: %s" % (backend.node_name, what, text), status=response.status_code)
+    return Upstream.of_response(response)
+
+
+def ollama_tool_calls(calls):
+    """OpenAI ``tool_calls`` (arguments as JSON text) as Ollama's (arguments as an object)."""
+    result = []
+    for call in calls or []:
+        function = (call or {}).get("function") or {}
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError:
+                arguments = {"arguments": arguments}
+        result.append({"function": {"name": function.get("name", ""), "arguments": arguments or {}}})
+    return result
+
+
+def openai_tool_calls(calls, indexed=False):
+    """Ollama ``tool_calls`` as OpenAI's: with an id and type, arguments as JSON text."""
+    result = []
+    for index, call in enumerate(calls or []):
+        function = (call or {}).get("function") or {}
+        arguments = function.get("arguments")
+        entry = {"id": call.get("id") or "call_" + uuid.uuid4().hex[:24], "type": "function",
+                 "function": {"name": function.get("name", ""),
+                              "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments or {})}}
+        if indexed:
+            entry["index"] = index
+        result.append(entry)
+    return result
+
+
+def ollama_format(response_format):
+    """OpenAI ``response_format`` as Ollama's ``format``: "json", a JSON schema, or None."""
+    if not isinstance(response_format, dict):
+        return None
+    if response_format.get("type") == "json_object":
+        return "json"
+    if response_format.get("type") == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        return schema if isinstance(schema, dict) else "json"
+    return None
+
+
+def openai_response_format(fmt):
+    if fmt == "json":
+        return {"type": "json_object"}
+    if isinstance(fmt, dict):
+        return {"type": "json_schema", "json_schema": {"name": "answer", "schema": fmt}}
+    return None
+
+
+def ollama_messages(messages):
+    """OpenAI chat messages as Ollama's: content parts to text and base64 images, tool calls."""
+    result = []
+    for message in messages or []:
+        if not isinstance(message, dict):
+            continue
+        item = {"role": message.get("role"), "content": message.get("content") or ""}
+        if isinstance(item["content"], list):
+            parts = item["content"]
+            item["content"] = "".join(p.get("text", "") for p in parts if isinstance(p, dict))
+            images = [str((p.get("image_url") or {}).get("url", "")).split(",", 1)[-1] for p in parts
+                      if isinstance(p, dict) and p.get("type") == "image_url"]
+            if images:
+                item["images"] = images
+        if message.get("tool_calls"):
+            item["tool_calls"] = ollama_tool_calls(message["tool_calls"])
+        for key in ("tool_call_id", "name", "images"):
+            if key in message and key not in item:
+                item["tool_name" if key == "name" else key] = message[key]
+        result.append(item)
+    return result
+
+
+def openai_messages(messages):
+    """Ollama chat messages as OpenAI's (for an OpenAI-compatible host)."""
+    result = []
+    for message in messages or []:
+        item = {"role": message.get("role"), "content": message.get("content") or ""}
+        if message.get("images"):
+            item["content"] = [{"type": "text", "text": item["content"]}] + [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + image}}
+                for image in message["images"]]
+        if message.get("tool_calls"):
+            item["tool_calls"] = openai_tool_calls(message["tool_calls"])
+        if message.get("tool_call_id"):
+            item["tool_call_id"] = message["tool_call_id"]
+        result.append(item)
+    return result
+
+
+class OpenAITranslation:
+    """Ollama-shaped requests answered by an OpenAI-compatible server (``OpenAIBackend.forward``).
+    What such a server cannot do (a raw prompt, a template, a suffix) is refused in a clear error."""
+
+    UNSUPPORTED = ("template", "raw", "suffix", "context")
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def forward(self, path, body):
+        if path == "/api/show":
+            return Upstream.of_json(self.show(body["model"]))
+        if path in ("/api/embed", "/api/embeddings"):
+            return self.embed(path, body)
+        if path == "/api/generate":
+            given = [key for key in self.UNSUPPORTED if body.get(key)]
+            if given:
+                raise LLMError("%s serves %s through an OpenAI-compatible server, which cannot take %s"
+                               % (self.backend.node_name, body["model"], ", ".join(given)), status=400)
+            messages = [{"role": "user", "content": body.get("prompt") or "", "images": body.get("images")}]
+            if body.get("system"):
+                messages.insert(0, {"role": "system", "content": body["system"]})
+            return self.chat(dict(body, messages=messages), "response")
+        return self.chat(body, "message")
+
+    def show(self, model):
+        """What can be known honestly of a model behind an OpenAI-compatible server: its name."""
+        return {"modelfile": "", "parameters": "", "template": "", "modified_at": ollama_timestamp(),
+                "details": {"parent_model": "", "format": "", "family": "", "families": None,
+                            "parameter_size": "", "quantization_level": ""},
+                "model_info": {"general.architecture": "", "neuromesh.backend": "openai-compatible"},
+                "capabilities": ["completion"]}
+
+    def _json(self, path, body):
+        upstream = post_upstream(self.backend, path, body)
+        if upstream.status != 200:
+            raise LLMError("%s: %s" % (self.backend.node_name, upstream.error_text()), status=upstream.status)
+        return upstream.json()
+
+    def embed(self, path, body):
+        text = body.get("prompt") if path == "/api/embeddings" else body.get("input")
+        reply = self._json("/v1/embeddings", {"model": body["model"], "input": text})
+        vectors = [item.get("embedding") for item in sorted(reply.get("data") or [], key=lambda d: d.get("index", 0))]
+        if path == "/api/embeddings":
+            return Upstream.of_json({"embedding": vectors[0] if vectors else []})
+        usage = reply.get("usage") or {}
+        return Upstream.of_json({"model": body["model"], "embeddings": vectors,
+                                 "prompt_eval_count": usage.get("prompt_tokens", 0)})
+
+    def chat(self, body, key):
+        request = {"model": body["model"], "messages": openai_messages(body.get("messages")), "stream": False}
+        if body.get("tools"):
+            request["tools"] = body["tools"]
+        if openai_response_format(body.get("format")):
+            request["response_format"] = openai_response_format(body["format"])
+        options = body.get("options") or {}
+        for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("num_predict", "max_tokens"),
+                             ("seed", "seed")):
+            if ours in options:
+                request[theirs] = options[ours]
+        reply = self._json("/v1/chat/completions", request)
+        choice = (reply.get("choices") or [{}])[0]
+        message = choice.get("message") or {}
+        usage = reply.get("usage") or {}
+        final = {"model": body["model"], "created_at": ollama_timestamp(), "done": True,
+                 "done_reason": choice.get("finish_reason") or "stop",
+                 "prompt_eval_count": usage.get("prompt_tokens", 0), "eval_count": usage.get("completion_tokens", 0)}
+        text = message.get("content") or ""
+        said = {"role": "assistant", "content": text}
+        if message.get("tool_calls"):
+            said["tool_calls"] = ollama_tool_calls(message["tool_calls"])
+        if body.get("stream", True) is False:
+            return Upstream.of_json(dict(final, **{key: said if key == "message" else text}))
+        first = {"model": body["model"], "created_at": final["created_at"], "done": False,
+                 key: said if key == "message" else text}
+        return Upstream.of_lines([first, dict(final, **{key: {"role": "assistant", "content": ""}
+                                                        if key == "message" else ""})])
+
+
+class MeshCalls:
+    """Requests in Ollama's shape, answered by a host of the mesh that serves their model."""
+
+    def __init__(self, router):
+        self.router = router
+
+    def call(self, path, body, local_only=False):
+        """An Upstream from the first host that takes the request; LLMError when none does."""
+        router = self.router
+        model = router.resolve_model(body.get("model") or body.get("name"), local_only)
+        body = dict(body, model=model)
+        body.pop("name", None)
+        failures = []
+        for backend in router.candidates(model, local_only):
+            try:
+                return self._try(backend, path, body)
+            except _UpstreamRefused as exc:
+                failures.append((exc.status, str(exc)))
+                log.warning("failing over: %s", exc)
+        if not failures:
+            raise LLMError("model %r has no reachable host right now" % model, status=503)
+        status = 404 if all(s == 404 for s, _t in failures) else 503
+        raise LLMError("no LLM could answer: %s" % "; ".join(t for _s, t in failures), status=status)
+
+    def _try(self, backend, path, body):
+        if path not in SLOT_PATHS:
+            return backend.forward(path, body)
+        backend.slots.acquire()
+        self.router._count_peer_request(backend, +1)
+
+        def done():
+            self.router._count_peer_request(backend, -1)
+            backend.slots.release()
+        try:
+            upstream = backend.forward(path, body)
+        except BaseException:
+            done()
+            raise
+        upstream.on_close(done)
+        return upstream
+
+
+class MeshInfo:
+    """``/api/tags``, ``/api/ps`` and ``/api/version`` of the mesh: this node's backends, and each
+    sharing peer's (asked through its relay), merged."""
+
+    peer_timeout = 2.0
+
+    def __init__(self, router):
+        self.router = router
+
+    def local(self, path):
+        """What this node's own backends say (the relay's answer to a peer)."""
+        if self.router.config.no_share_llm:
+            return {"models": []} if path != "/api/version" else {"version": None}
+        replies = []
+        for backend in self.router.local:
+            try:
+                replies.append(backend.info(path) if backend.available else {})
+            except (requests.RequestException, ValueError) as exc:
+                log_limited(logging.INFO, "info:" + backend.url, "%s did not say %s: %s", backend.url, path,
+                            type(exc).__name__)
+        replies = [reply for reply in replies if isinstance(reply, dict)]
+        if path == "/api/version":
+            versions = [r.get("version") for r in replies if r.get("version")]
+            return {"version": max(versions, key=version_key) if versions else None}
+        return {"models": [entry for r in replies for entry in r.get("models") or [] if isinstance(entry, dict)]}
+
+    def _peer_replies(self, path):
+        with self.router.lock:
+            peers = [b for b in self.router.grants.values() if b.peer.connected]
+        replies = []
+        for backend in peers:
+            try:
+                replies.append((backend.peer.name, backend.info(path, self.peer_timeout)))
+            except (requests.RequestException, ValueError, LLMError) as exc:
+                log_limited(logging.INFO, "info:" + backend.node_id, "%s did not say %s: %s",
+                            safe_text(backend.node_name), path, type(exc).__name__)
+        return replies
+
+    def _entries(self, path):
+        """``{model name: (entry, [host names])}`` over this node and its sharing peers."""
+        merged = collections.OrderedDict()
+        replies = [(self.router.node_name, self.local(path))] + self._peer_replies(path)
+        for host, reply in replies:
+            for entry in reply.get("models") or []:
+                name = entry.get("model") or entry.get("name") if isinstance(entry, dict) else None
+                if isinstance(name, str):
+                    merged.setdefault(name, (entry, []))[1].append(host)
+        return merged
+
+    def tags(self):
+        known = self._entries("/api/tags")
+        models = []
+        for name, hosts in self.router.mesh_models().items():
+            entry = next((known[alias][0] for alias in model_aliases(name) if alias in known), None) or {
+                "modified_at": ollama_timestamp(), "size": 0, "digest": hashlib.sha256(name.encode()).hexdigest(),
+                "details": {"parent_model": "", "format": "", "family": "", "families": None,
+                            "parameter_size": "", "quantization_level": ""}}
+            models.append(dict(entry, name=name, model=name, neuromesh_hosts=[n for _i, n, _l in hosts]))
+        return {"models": models}
+
+    def ps(self):
+        return {"models": [dict(entry, neuromesh_hosts=hosts) for entry, hosts in self._entries("/api/ps").values()]}
+
+    def version(self):
+        versions = [reply.get("version") for _h, reply in [("", self.local("/api/version"))] +
+                    self._peer_replies("/api/version") if isinstance(reply.get("version"), str)]
+        return {"version": max(versions, key=version_key) if versions else RECENT_OLLAMA_VERSION}
+
 
 class Router:
     """Picks the LLM that answers a chat, and fails over to the next one.
@@ -4105,11 +4572,12 @@ class Router:
         self.node_id = node_id
         self.node_name = node_name
         self.mesh = mesh
-        self.local = []
-        if config.ollama_url:
-            self.local.append(OllamaBackend(config.ollama_url, node_id, node_name, config.llm_parallel))
-        if config.openai_url:
-            self.local.append(OpenAIBackend(config.openai_url, node_id, node_name, config.llm_parallel))
+        self.local = [OllamaBackend(url, node_id, node_name, config.llm_parallel)
+                      for url in _string_list(config.ollama_url or "")]
+        for url in _string_list(config.openai_url or ""):
+            self.local.append(OpenAIBackend(url, node_id, node_name, config.llm_parallel))
+            if getattr(config, "openai_key", None):
+                self.local[-1].session.headers["Authorization"] = "Bearer " + config.openai_key
         self.lock = threading.Lock()
         self.grants = {}    # peer node id -> PeerBackend (what peers let us use)
         self.issued = {}    # peer node id -> token (what we let peers use)
@@ -4166,10 +4634,9 @@ class Router:
         if not models:
             raise LLMError(NO_LLM_HELP, status=503)
         if requested:
-            if requested in models:
-                return requested
-            if ":" not in requested and requested + ":latest" in models:
-                return requested + ":latest"
+            for name in model_aliases(requested):
+                if name in models:
+                    return name
             raise LLMError("model %r is not on the mesh; available: %s" % (requested, ", ".join(models)),
                            status=404)
         preferred = self.config.model
@@ -5068,6 +5535,12 @@ class PageApi(HttpApi):
                 ("POST", "/api/guest/login", self.guest_login), ("GET", "/api/guests", self.guests)]
 
     def index(self):
+        """The page for browsers (and ``Accept: */*``); "Ollama is running" for the tools that probe an
+        Ollama asking for something else (the Ollama clients send ``Accept: application/json``)."""
+        accept = bottle.request.headers.get("Accept", "")
+        if accept and "text/html" not in accept and "*/*" not in accept:
+            bottle.response.content_type = "text/plain; charset=utf-8"
+            return "Ollama is running"
         return bottle.static_file("index.html", root=STATIC_DIR)
 
     def static(self, path):
@@ -5242,6 +5715,44 @@ class PageApi(HttpApi):
             node.events.unsubscribe(inbox)
 
 
+def mesh_call(router, path, body, local_only=False):
+    """``MeshCalls.call`` for an HTTP route: an LLMError becomes an HTTPFailure."""
+    try:
+        return MeshCalls(router).call(path, body, local_only)
+    except LLMError as exc:
+        raise HTTPFailure(exc.status, str(exc))
+
+
+def pass_on(upstream):
+    """Reply with what the host answered, as it answered it (status, type, streamed body)."""
+    bottle.response.status = upstream.status
+    bottle.response.content_type = upstream.content_type
+    return iter(upstream)
+
+
+def upstream_objects(upstream):
+    """The JSON objects of an NDJSON (or one-object JSON) Upstream, as they arrive."""
+    buffer = b""
+    for chunk in upstream:
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            if line.strip():
+                yield parse_json(line, "a line of the answer", MAX_STREAM_LINE)
+    if buffer.strip():
+        yield parse_json(buffer, "the answer", MAX_FORWARD_BODY)
+
+
+def pull_help(name, mesh_models):
+    """The error of ``/api/pull`` for a model no host serves: which hosts there are, what to run there."""
+    hosts = sorted({host for entries in mesh_models.values() for _id, host, _local in entries})
+    if not hosts:
+        return "model %r is not on the mesh, and no machine of the room shares an LLM yet. " % name + NO_LLM_HELP
+    return ("model %r is not on the mesh, and NeuroMesh does not download models. Run `ollama pull %s` on "
+            "one of the machines that serve LLMs (%s): the mesh offers it within seconds."
+            % (name, name, ", ".join(hosts)))
+
+
 def ollama_timestamp():
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f000Z")
 
@@ -5253,7 +5764,7 @@ def ollama_final(model, done, started, key):
     rate = done.get("tokens_per_second")
     final = {"model": model, "created_at": ollama_timestamp(), "done": True,
              "done_reason": done.get("done_reason") or "stop", "total_duration": elapsed, "load_duration": 0,
-             "prompt_eval_count": 0, "prompt_eval_duration": 0, "eval_count": count,
+             "prompt_eval_count": done.get("prompt_eval_count") or 0, "prompt_eval_duration": 0, "eval_count": count,
              "eval_duration": int(count / rate * 1e9) if rate else elapsed}
     final.update(key(""))
     return final
@@ -5264,44 +5775,63 @@ class OllamaApi(HttpApi):
 
     kind = "llm"
 
+    PASSED_CHAT = ("tools", "format", "think")  # chats with these go to the host as they are
+    PASSED_GENERATE = ("template", "raw", "suffix", "format", "images", "context", "think")
+
     def routes(self):
         return [("GET", "/api/tags", self.tags), ("GET", "/api/ps", self.ps), ("GET", "/api/version", self.version),
-                ("POST", "/api/chat", self.post_chat), ("POST", "/api/generate", self.post_generate)]
+                ("POST", "/api/chat", self.post_chat), ("POST", "/api/generate", self.post_generate),
+                ("POST", "/api/show", self.passed), ("POST", "/api/embed", self.passed),
+                ("POST", "/api/embeddings", self.passed), ("POST", "/api/pull", self.pull)]
 
     def tags(self):
-        entries = []
-        for name, hosts in self.node.router.mesh_models().items():
-            entries.append({"name": name, "model": name, "modified_at": ollama_timestamp(), "size": 0,
-                            "digest": hashlib.sha256(name.encode()).hexdigest(),
-                            "details": {"parent_model": "", "format": "gguf", "family": name.split(":")[0],
-                                        "families": None, "parameter_size": "", "quantization_level": ""},
-                            "neuromesh_hosts": [n for _i, n, _l in hosts]})
-        return {"models": entries}
+        return MeshInfo(self.node.router).tags()
 
     def ps(self):
-        running = []
-        for backend in self.node.router.local:
-            if backend.available and backend.slots.in_flight:
-                running += [{"name": m, "model": m, "size": 0, "digest": "", "details": {},
-                             "expires_at": ollama_timestamp(), "size_vram": 0} for m in backend.models]
-        return {"models": running}
+        return MeshInfo(self.node.router).ps()
 
     def version(self):
-        for backend in self.node.router.local:
-            if isinstance(backend, OllamaBackend) and backend.available:
-                version = backend.version()
-                if version:
-                    return {"version": version}
-        return {"version": "0.0.0"}
+        return MeshInfo(self.node.router).version()
+
+    def passed(self, body=None):
+        """A request the host that serves its model answers, passed on both ways as it is."""
+        body = read_json_body(MAX_FORWARD_BODY) if body is None else body
+        if not isinstance(body.get("model") or body.get("name"), str):
+            raise HTTPFailure(400, "model is required")
+        if bottle.request.path in SLOT_PATHS:
+            self.admit_chat()
+        return pass_on(mesh_call(self.node.router, bottle.request.path, body))
+
+    def pull(self):
+        """NeuroMesh downloads nothing: a model on the mesh is "pulled" at once, another is an error."""
+        body = read_json_body()
+        name = body.get("model") or body.get("name")
+        if not isinstance(name, str) or not name:
+            raise HTTPFailure(400, "model is required")
+        try:
+            self.node.router.resolve_model(name)
+        except LLMError:
+            raise HTTPFailure(404, pull_help(name, self.node.router.mesh_models()))
+        if body.get("stream", True) is False:
+            return {"status": "success"}
+        bottle.response.content_type = "application/x-ndjson"
+        return ndjson([{"status": "success"}])
 
     def post_chat(self):
-        body = read_json_body()
+        body = read_json_body(MAX_FORWARD_BODY)
         if isinstance(body.get("message"), str) and "messages" not in body and "model" not in body:
             return self._seed_chat(body)
-        return self._answer(body, clean_chat_messages(body.get("messages")), self._chat_text)
+        messages = body.get("messages")
+        if any(body.get(key) for key in self.PASSED_CHAT) or not messages or (isinstance(messages, list) and any(
+                isinstance(m, dict) and (m.get("images") or m.get("tool_calls") or m.get("role") == "tool")
+                for m in messages)):
+            return self.passed(body)
+        return self._answer(body, clean_chat_messages(messages), self._chat_text)
 
     def post_generate(self):
-        body = read_json_body()
+        body = read_json_body(MAX_FORWARD_BODY)
+        if any(body.get(key) for key in self.PASSED_GENERATE) or not body.get("prompt"):
+            return self.passed(body)
         prompt = body.get("prompt") or ""
         if not isinstance(prompt, str):
             raise HTTPFailure(400, "prompt must be text")
@@ -5365,36 +5895,92 @@ class OpenAIApi(HttpApi):
                ("max_completion_tokens", "num_predict"), ("seed", "seed"))
 
     def routes(self):
-        return [("GET", "/v1/models", self.models), ("POST", "/v1/chat/completions", self.post_chat)]
+        return [("GET", "/v1/models", self.models), ("POST", "/v1/chat/completions", self.post_chat),
+                ("GET", "/v1/models/<model_id:path>", self.model), ("POST", "/v1/completions", self.post_completion),
+                ("POST", "/v1/embeddings", self.post_embeddings)]
 
     def models(self):
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": int(self.node.started_wall), "owned_by": hosts[0][1]}
             for name, hosts in self.node.router.mesh_models().items()]}
 
-    def post_chat(self):
-        body = read_json_body()
-        messages = clean_chat_messages(body.get("messages"))
+    def model(self, model_id):
+        try:
+            name = self.node.router.resolve_model(model_id)
+        except LLMError:
+            raise HTTPFailure(404, "The model %r does not exist on the mesh" % model_id)
+        return {"id": name, "object": "model", "created": int(self.node.started_wall),
+                "owned_by": self.node.router.mesh_models()[name][0][1]}
+
+    def _request(self, body):
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise HTTPFailure(400, "model is required")
         options = {ours: body[theirs] for theirs, ours in self.OPTIONS
                    if isinstance(body.get(theirs), (int, float)) and not isinstance(body.get(theirs), bool)}
+        include_usage = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage")
+        return model, options, bool(include_usage)
+
+    def post_chat(self):
+        body = read_json_body(MAX_FORWARD_BODY)
+        if OpenAIShapes.is_structured(body):
+            return OpenAIShapes(self).structured(body)
+        messages = clean_chat_messages(body.get("messages"))
+        model, options, include_usage = self._request(body)
         self.admit_chat()
         first, events = self.chat.begin(model, messages, options)
         reply = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()),
-                 "model": first.get("model", model)}
+                 "model": first.get("model", model), "include_usage": include_usage}
         if body.get("stream") is True:
             bottle.response.content_type = "text/event-stream"
             bottle.response.set_header("Cache-Control", "no-cache")
             return self._stream(reply, events)
         parts, done = self.chat.whole(events)
-        count = done.get("eval_count") or len(parts)
         return {"id": reply["id"], "object": "chat.completion", "created": reply["created"],
                 "model": reply["model"], "system_fingerprint": "neuromesh",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(parts)},
-                             "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 0, "completion_tokens": count, "total_tokens": count}}
+                             "finish_reason": openai_finish(done)}],
+                "usage": openai_usage(done, len(parts))}
+
+    def post_completion(self):
+        """``/v1/completions``: the prompt asked as one user message of a chat."""
+        body = read_json_body()
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise HTTPFailure(400, "prompt must be a string (or a list of one string)")
+        model, options, include_usage = self._request(body)
+        self.admit_chat()
+        first, events = self.chat.begin(model, [{"role": "user", "content": prompt}], options)
+        reply = {"id": "cmpl-" + uuid.uuid4().hex[:24], "object": "text_completion", "created": int(time.time()),
+                 "model": first.get("model", model)}
+        if body.get("stream") is True:
+            bottle.response.content_type = "text/event-stream"
+            return OpenAIShapes.completion_stream(reply, events, include_usage)
+        parts, done = self.chat.whole(events)
+        return dict(reply, choices=[{"text": "".join(parts), "index": 0, "logprobs": None,
+                                     "finish_reason": openai_finish(done)}], usage=openai_usage(done, len(parts)))
+
+    def post_embeddings(self):
+        body = read_json_body(MAX_FORWARD_BODY)
+        model, _options, _usage = self._request(body)
+        inputs = body.get("input")
+        inputs = [inputs] if isinstance(inputs, str) else inputs
+        if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
+            raise HTTPFailure(400, "input must be a string or a list of strings")
+        self.admit_chat()
+        upstream = mesh_call(self.node.router, "/api/embed", {"model": model, "input": inputs})
+        if upstream.status != 200:
+            raise HTTPFailure(upstream.status, upstream.error_text())
+        reply = upstream.json()
+        packed = body.get("encoding_format") == "base64"
+        data = [{"object": "embedding", "index": index,
+                 "embedding": base64.b64encode(struct.pack("<%df" % len(vector), *vector)).decode("ascii")
+                 if packed else vector} for index, vector in enumerate(reply.get("embeddings") or [])]
+        count = reply.get("prompt_eval_count") or 0
+        return {"object": "list", "data": data, "model": reply.get("model") or model,
+                "usage": {"prompt_tokens": count, "total_tokens": count}}
 
     def _stream(self, reply, events):
         yield self._chunk(reply, {"role": "assistant", "content": ""})
@@ -5414,11 +6000,114 @@ class OpenAIApi(HttpApi):
         return self._chunk(reply, {"content": event["content"]})
 
     def _stop_chunk(self, reply, event):
-        return self._chunk(reply, {}, "stop")
+        usage = ""
+        if reply.get("include_usage"):
+            usage = "data: %s\n\n" % json.dumps({
+                "id": reply["id"], "object": "chat.completion.chunk", "created": reply["created"],
+                "model": reply["model"], "choices": [], "usage": openai_usage(event, event.get("eval_count") or 0)})
+        return self._chunk(reply, {}, openai_finish(event)) + usage
 
     @staticmethod
     def _error_line(event):
         return "data: %s\n\n" % json.dumps({"error": {"message": event["error"], "type": "api_error"}})
+
+
+def openai_finish(done, tool_calls=False):
+    if tool_calls:
+        return "tool_calls"
+    return "length" if done.get("done_reason") == "length" else "stop"
+
+
+def openai_usage(done, fallback_count=0):
+    """OpenAI ``usage`` from a done event or Ollama's final chunk (the host's own counts)."""
+    prompt = done.get("prompt_eval_count") if type(done.get("prompt_eval_count")) is int else 0
+    completion = done.get("eval_count") if type(done.get("eval_count")) is int else fallback_count
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class OpenAIShapes:
+    """OpenAI chats with tools, JSON output or images: asked as Ollama ``/api/chat`` of a host
+    (MeshCalls), the answer turned back into OpenAI's shape, streamed or not."""
+
+    def __init__(self, api):
+        self.api = api
+
+    @staticmethod
+    def is_structured(body):
+        fmt = body.get("response_format")
+        messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+        return bool(body.get("tools")) or bool(ollama_format(fmt)) or any(
+            isinstance(m, dict) and (m.get("tool_calls") or m.get("role") == "tool" or (
+                isinstance(m.get("content"), list) and any(isinstance(p, dict) and p.get("type") == "image_url"
+                                                           for p in m["content"]))) for m in messages)
+
+    def structured(self, body):
+        model, options, include_usage = self.api._request(body)
+        request = {"model": model, "messages": ollama_messages(body.get("messages")),
+                   "stream": body.get("stream") is True, "options": options}
+        if body.get("tools"):
+            request["tools"] = body["tools"]
+        if ollama_format(body.get("response_format")):
+            request["format"] = ollama_format(body["response_format"])
+        self.api.admit_chat()
+        upstream = mesh_call(self.api.node.router, "/api/chat", request)
+        if upstream.status != 200:
+            raise HTTPFailure(upstream.status, upstream.error_text())
+        reply = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()), "model": model}
+        if request["stream"]:
+            bottle.response.content_type = "text/event-stream"
+            return self.chat_stream(reply, upstream_objects(upstream), include_usage)
+        answer = upstream.json()
+        said = answer.get("message") or {}
+        message = {"role": "assistant", "content": said.get("content") or ""}
+        if said.get("tool_calls"):
+            message["tool_calls"] = openai_tool_calls(said["tool_calls"])
+            message["content"] = message["content"] or None
+        return {"id": reply["id"], "object": "chat.completion", "created": reply["created"], "model": model,
+                "system_fingerprint": "neuromesh",
+                "choices": [{"index": 0, "message": message,
+                             "finish_reason": openai_finish(answer, bool(said.get("tool_calls")))}],
+                "usage": openai_usage(answer)}
+
+    @staticmethod
+    def chat_stream(reply, chunks, include_usage):
+        called = False
+        yield OpenAIApi._chunk(reply, {"role": "assistant", "content": ""})
+        try:
+            for chunk in chunks:
+                if "error" in chunk:
+                    yield OpenAIApi._error_line({"error": _error_text(chunk)})
+                    break
+                said = chunk.get("message") or {}
+                if said.get("content"):
+                    yield OpenAIApi._chunk(reply, {"content": said["content"]})
+                if said.get("tool_calls"):
+                    called = True
+                    yield OpenAIApi._chunk(reply, {"tool_calls": openai_tool_calls(said["tool_calls"], indexed=True)})
+                if chunk.get("done"):
+                    yield OpenAIApi._chunk(reply, {}, openai_finish(chunk, called))
+                    if include_usage:
+                        yield "data: %s\n\n" % json.dumps(dict(reply, object="chat.completion.chunk", choices=[],
+                                                                 usage=openai_usage(chunk)))
+        except ValueError as exc:
+            yield OpenAIApi._error_line({"error": "the host sent a broken answer: %s" % exc})
+        yield "data: [DONE]\n\n"
+
+    @staticmethod
+    def completion_stream(reply, events, include_usage):
+        def line(text, finish=None, **extra):
+            return "data: %s\n\n" % json.dumps(dict(reply, choices=[
+                {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}], **extra))
+        for event in events:
+            if event["type"] == "token":
+                yield line(event["content"])
+            elif event["type"] == "done":
+                yield line("", openai_finish(event))
+                if include_usage:
+                    yield "data: %s\n\n" % json.dumps(dict(reply, choices=[], usage=openai_usage(event)))
+            elif event["type"] == "error":
+                yield OpenAIApi._error_line(event)
+        yield "data: [DONE]\n\n"
 
 
 class RelayApi(HttpApi):
@@ -5427,12 +6116,29 @@ class RelayApi(HttpApi):
     kind = "relay"
 
     def routes(self):
-        return [("POST", RELAY_PATH, self.post_chat)]
+        return [("POST", RELAY_PATH, self.post_chat), ("POST", RELAY_FORWARD_PATH, self.post_forward)]
 
-    def post_chat(self):
+    def _check_token(self):
         header = bottle.request.headers.get("Authorization", "")
         if not self.node.router.token_is_valid(header[7:] if header.startswith("Bearer ") else ""):
             raise HTTPFailure(401, "no valid LLM access token: ask for access over the mesh link (LREQ:)")
+
+    def post_forward(self):
+        """Any request kind of MeshCalls (``{"path", "body"}``), answered by this node's own LLMs,
+        the answer passed back as the LLM gave it: text, tool calls, JSON, embeddings."""
+        self._check_token()
+        body = read_json_body(MAX_FORWARD_BODY)
+        path, inner = body.get("path"), body.get("body") if isinstance(body.get("body"), dict) else {}
+        if path in INFO_PATHS:
+            return MeshInfo(self.node.router).local(path)
+        if path not in FORWARD_PATHS:
+            raise HTTPFailure(404, "the relay does not carry %s" % safe_text(path, 80))
+        if path in SLOT_PATHS:
+            self.chat.admit()
+        return pass_on(mesh_call(self.node.router, path, inner, local_only=True))
+
+    def post_chat(self):
+        self._check_token()
         body = read_json_body()
         messages = clean_chat_messages(body.get("messages"))
         model = body.get("model") if isinstance(body.get("model"), str) else None
@@ -5454,7 +6160,8 @@ class RelayApi(HttpApi):
     @staticmethod
     def _done_line(event):
         return {"done": True, "done_reason": event.get("done_reason") or "stop",
-                "eval_count": event.get("eval_count"), "tokens_per_second": event.get("tokens_per_second")}
+                "eval_count": event.get("eval_count"), "tokens_per_second": event.get("tokens_per_second"),
+                "prompt_eval_count": event.get("prompt_eval_count")}
 
     @staticmethod
     def _error_line(event):

@@ -619,3 +619,31 @@ def guest_headers(app, node, remote=OTHER_MACHINE):
     assert reply.status == 200, reply.text
     cookie = reply.headers["Set-Cookie"].split(";")[0]
     return {"Cookie": cookie}
+
+
+# -- issue 13: real clients against a node without an LLM, served by a peer ----------------
+
+API_MODEL = "llama3.2:1b"
+API_MODELS = (API_MODEL, "tinyllama", "nomic-embed-text:latest")
+
+
+class ServedMesh:
+    """A host node whose LLM is the fake Ollama, and a node ``plain`` without one that it serves."""
+
+    def __init__(self, fake, host, plain):
+        self.fake, self.host, self.plain = fake, host, plain
+
+
+@pytest.fixture
+def served_mesh(cluster):
+    from fake_ollama import FakeOllama
+    fake = FakeOllama(models=API_MODELS, token_delay=0.02).start()
+    try:
+        host = cluster.start("host", extra=["--ollama-url", fake.url])
+        plain = cluster.start("plain")
+        wait_for(lambda: fully_linked([host, plain]), message="mesh")
+        wait_for(lambda: {m["name"] for m in plain.json("/api/models")["models"]} >= set(API_MODELS),
+                 timeout=15, message="LLM access granted to the plain node")
+        yield ServedMesh(fake, host, plain)
+    finally:
+        fake.stop()

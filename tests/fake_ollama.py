@@ -42,6 +42,14 @@ MAX_HANG_SECONDS = 600.0  # a hanging request is released by stop()/heal(), or a
 MAX_BODY_BYTES = 64 * 1024 * 1024
 _MODIFIED_AT = "2025-01-01T12:00:00.123456789Z"  # nanoseconds + "Z", like the real server
 _GEN_PATHS = ("/api/chat", "/api/generate", "/v1/chat/completions")
+_EMBED_PATHS = ("/api/embed", "/api/embeddings", "/v1/embeddings")
+EMBED_DIMENSIONS = 8
+
+
+def embedding_for(text: str) -> List[float]:
+    """A deterministic unit-free vector for ``text`` (the same text, the same vector)."""
+    digest = hashlib.sha256(text.encode("utf-8")).digest()
+    return [round((b - 128) / 128.0, 6) for b in digest[:EMBED_DIMENSIONS]]
 
 
 def tokens_for(text: str) -> List[str]:
@@ -327,6 +335,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send_json(200, fake._openai_model(entry))
         if path == "/api/show" and method == "POST":
             return self._show(body, bad_json)
+        if path in _EMBED_PATHS and method == "POST":
+            return self._embed(path, body, bad_json)
         if path in _GEN_PATHS:
             if method != "POST":
                 return self._send_text(405, "405 method not allowed")
@@ -349,9 +359,32 @@ class _Handler(BaseHTTPRequestHandler):
             "details": entry.get("details", {}),
             "model_info": {"general.architecture": entry.get("details", {}).get("family", "llama"),
                            "llama.context_length": 131072},
-            "capabilities": ["completion"],
+            "capabilities": ["embedding"] if "embed" in entry["model"] else ["completion", "tools"],
             "modified_at": entry.get("modified_at", _MODIFIED_AT),
         })
+
+    def _embed(self, path: str, body: Any, bad_json: Optional[str]) -> None:
+        """``/api/embed`` ({input} -> {embeddings}), the old ``/api/embeddings`` ({prompt} -> {embedding}),
+        and ``/v1/embeddings`` (OpenAI's list of {embedding, index})."""
+        openai = path.startswith("/v1/")
+        if bad_json is not None or not isinstance(body, dict):
+            return self._send_error(400, "invalid request body: %s" % (bad_json or "not an object"), openai)
+        name = str(body.get("model") or "")
+        if self.fake._find_model(name) is None:
+            return self._send_error(404, 'model "%s" not found, try pulling it first' % name, openai)
+        if path == "/api/embeddings":
+            return self._send_json(200, {"embedding": embedding_for(str(body.get("prompt") or ""))})
+        texts = body.get("input")
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            return self._send_error(400, "invalid input type", openai)
+        count = sum(len(tokens_for(t)) for t in texts)
+        if openai:
+            return self._send_json(200, {"object": "list", "model": name, "data": [
+                {"object": "embedding", "index": i, "embedding": embedding_for(t)} for i, t in enumerate(texts)],
+                "usage": {"prompt_tokens": count, "total_tokens": count}})
+        self._send_json(200, {"model": name, "embeddings": [embedding_for(t) for t in texts],
+                              "total_duration": 1_000_000, "load_duration": 100_000, "prompt_eval_count": count})
 
     # ----- generation -------------------------------------------------------------
     def _generation(self, path: str, body: Any, bad_json: Optional[str]) -> None:
@@ -412,6 +445,8 @@ class _Handler(BaseHTTPRequestHandler):
             prompt_tokens = sum(len(tokens_for(_text_of(m.get("content"))))
                                 for m in messages if isinstance(m, dict)) + 1
             ctx = _GenContext(fake, path, model, toks, reason, prompt_tokens, mode, body)
+            if not empty:
+                ctx.shape_answer(fake.answer_for(subject, model))
             if openai:
                 if stream:
                     self._openai_stream(ctx)
@@ -437,6 +472,11 @@ class _Handler(BaseHTTPRequestHandler):
             obj[key] = {"role": "assistant", "content": tok} if key == "message" else tok
             obj["done"] = False
             self._chunk_or_count(json.dumps(obj).encode("utf-8") + b"\n")
+        if ctx.tool_calls:  # Ollama streams tool calls in a chunk of their own, content empty
+            obj = ctx.ollama_base()
+            obj["message"] = {"role": "assistant", "content": "", "tool_calls": ctx.tool_calls}
+            obj["done"] = False
+            self._chunk_or_count(json.dumps(obj).encode("utf-8") + b"\n")
         if ctx.mode == "die_midstream":
             ctx.wait_token()
             return self._abort_connection()
@@ -455,7 +495,10 @@ class _Handler(BaseHTTPRequestHandler):
         text = "".join(ctx.toks)
         if ctx.mode == "error_midstream":
             return self._send_error(500, ERROR_MIDSTREAM, False)
-        body = json.dumps(ctx.ollama_final(key, text)).encode("utf-8")
+        obj = ctx.ollama_final(key, text)
+        if key == "message" and ctx.tool_calls:  # not streamed: the calls come with the answer
+            obj["message"]["tool_calls"] = ctx.tool_calls
+        body = json.dumps(obj).encode("utf-8")
         self._send_partial_or_full(ctx, body, "application/json; charset=utf-8")
 
     def _openai_stream(self, ctx: "_GenContext") -> None:
@@ -501,6 +544,12 @@ class _Handler(BaseHTTPRequestHandler):
                          "finish_reason": ctx.finish_reason()}],
             "usage": ctx.usage(),
         }
+        if ctx.tool_calls:
+            obj["choices"][0]["message"] = {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "call_%d" % i, "type": "function",
+                 "function": {"name": c["function"]["name"], "arguments": json.dumps(c["function"]["arguments"])}}
+                for i, c in enumerate(ctx.tool_calls)]}
+            obj["choices"][0]["finish_reason"] = "tool_calls"
         self._send_partial_or_full(ctx, json.dumps(obj).encode("utf-8"), "application/json")
 
     def _send_partial_or_full(self, ctx: "_GenContext", body: bytes, ctype: str) -> None:
@@ -521,6 +570,15 @@ class _Handler(BaseHTTPRequestHandler):
             raise
 
 
+def _format_of(response_format: Any) -> Any:
+    """OpenAI's ``response_format`` as Ollama's ``format`` ("json", a schema, or None)."""
+    if not isinstance(response_format, dict):
+        return None
+    if response_format.get("type") == "json_schema":
+        return (response_format.get("json_schema") or {}).get("schema") or "json"
+    return "json" if response_format.get("type") == "json_object" else None
+
+
 class _GenContext:
     """Everything one generation answer needs."""
 
@@ -537,6 +595,25 @@ class _GenContext:
         self.created = int(time.time())
         self.completion_id = "chatcmpl-%d" % fake._next_id()
         self.delay = float(fake.token_delay)
+        self.tool_calls: List[Dict[str, Any]] = []
+
+    def shape_answer(self, text: str) -> None:
+        """As a model does: with ``tools`` and a user question last, call the first tool (arguments
+        from its schema's properties); with ``format`` (\"json\" or a schema), answer JSON."""
+        tools = self.body.get("tools")
+        messages = self.body.get("messages") or []
+        last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+        if isinstance(tools, list) and tools and last.get("role") == "user":
+            function = (tools[0] or {}).get("function") or {}
+            props = ((function.get("parameters") or {}).get("properties") or {})
+            self.tool_calls = [{"function": {"name": function.get("name", ""),
+                                             "arguments": {k: "value of %s" % k for k in props}}}]
+            self.toks = []
+        elif self.body.get("format") or _format_of(self.body.get("response_format")):
+            fmt = self.body.get("format") or _format_of(self.body.get("response_format"))
+            props = fmt.get("properties") if isinstance(fmt, dict) else None
+            answer = {k: text for k in props} if isinstance(props, dict) and props else {"answer": text}
+            self.toks = tokens_for(json.dumps(answer))
 
     def wait_token(self) -> bool:
         """Sleep one token delay; True if the server is stopping."""

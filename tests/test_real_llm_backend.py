@@ -108,3 +108,34 @@ def test_chat_completion_streams_incrementally(llm):
     spread = content_times[-1] - content_times[0]
     assert spread > 0.05, "all %d chunks arrived within %.3f s" % (len(content_times), spread)
     assert len({round(t, 3) for t in content_times}) >= 3
+
+
+def test_embeddings_and_show_through_the_mesh(cluster, tmp_path):
+    """Issue 13: llama.cpp's server started with ``--embedding true`` embeds; a node without an LLM
+    asks it through its peer's relay (``/v1/embeddings`` and ``/api/embed``), and ``/api/show``
+    answers what an OpenAI-compatible server lets one know honestly (its name, no details)."""
+    from conftest import fully_linked, wait_for
+
+    reason = available()
+    if reason:
+        pytest.skip(reason)
+    openai = pytest.importorskip("openai")
+    with LlamaServer(log_path=str(tmp_path / "llama-embed.log"), model_alias="smollm2:135m",
+                     extra_args=["--embedding", "true"]) as server:
+        probe = requests.post(server.url + "/v1/embeddings", json={"model": server.model, "input": "hi"},
+                              timeout=REQUEST_TIMEOUT)
+        if probe.status_code != 200:
+            pytest.skip("this llama.cpp server cannot embed (HTTP %d): %s" % (probe.status_code, probe.text[:200]))
+        host = cluster.start("llm-host", extra=["--openai-url", server.url + "/v1"])
+        laptop = cluster.start("laptop")
+        wait_for(lambda: fully_linked([host, laptop]), message="pair")
+        wait_for(lambda: "smollm2:135m" in {m["name"] for m in laptop.json("/api/models")["models"]},
+                 timeout=15, message="access")
+        client = openai.OpenAI(base_url=laptop.url + "/v1", api_key="x", max_retries=0, timeout=REQUEST_TIMEOUT)
+        reply = client.embeddings.create(model="smollm2:135m", input=["red", "blue"], encoding_format="float")
+        assert len(reply.data) == 2 and len(reply.data[0].embedding) == len(probe.json()["data"][0]["embedding"])
+        assert reply.data[0].embedding != reply.data[1].embedding
+        embedded = laptop.post("/api/embed", json={"model": "smollm2:135m", "input": "green"}, timeout=REQUEST_TIMEOUT)
+        assert embedded.status_code == 200 and len(embedded.json()["embeddings"]) == 1
+        shown = laptop.post("/api/show", json={"model": "smollm2:135m"}, timeout=30).json()
+        assert shown["capabilities"] == ["completion"] and shown["details"]["family"] == ""
