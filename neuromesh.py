@@ -1207,7 +1207,21 @@ def _clean_message_data(data):
             "answered_by": _ident(data.get("answered_by"), "answered_by", optional=True),
             "answered_by_name": _text(data.get("answered_by_name"), "answered_by_name",
                                       optional=True),
-            "tokens_per_second": _rate(data.get("tokens_per_second"))}
+            "tokens_per_second": _rate(data.get("tokens_per_second")),
+            **_message_marks(data)}
+
+
+def _message_marks(data):
+    """The optional marks of a message, present only when set (so older entries clean the same):
+    ``cut_off`` (an answer stopped or broken off, stored with what arrived) and ``replaces``
+    (the id of the question an edited question replaces)."""
+    marks = {}
+    if data.get("cut_off") is True:
+        marks["cut_off"] = True
+    replaces = data.get("replaces")
+    if isinstance(replaces, str) and 0 < len(replaces) <= 100:
+        marks["replaces"] = replaces
+    return marks
 
 
 def _rate(value):
@@ -1802,16 +1816,17 @@ class Store:
 
     def add_message(self, conversation_id, role, content, sender, host_info=None,
                     model=None, answered_by=None, answered_by_name=None,
-                    tokens_per_second=None) -> dict:
-        """Store a message written on this node; returns its entry."""
+                    tokens_per_second=None, **marks) -> dict:
+        """Store a message written on this node; returns its entry. ``marks``:
+        cut_off=True, replaces=<message id> (see _message_marks)."""
         if host_info is None:
             host_info = {"hostname": self.node_name, "ip_address": "", "is_llm_host": False}
         try:
-            data = _clean_message_data({
+            data = _clean_message_data(dict(marks, **{
                 "role": role, "content": content, "sender": sender,
                 "host_info": host_info, "model": model, "answered_by": answered_by,
                 "answered_by_name": answered_by_name,
-                "tokens_per_second": tokens_per_second})
+                "tokens_per_second": tokens_per_second}))
         except ValueError as error:
             raise StoreError("invalid message: %s" % error) from None
 
@@ -4419,11 +4434,34 @@ class ChatService:
             raise HTTPFailure(404, "no conversation %s" % safe_text(conversation_id, 80))
         return conversation
 
-    def add_question(self, conversation_id, content, sender):
-        """Stores a question asked on this node; returns it as a message."""
-        self.conversation(conversation_id)
-        entry = self.store.add_message(conversation_id, "user", content, sender, host_info=self.host_info())
+    def add_question(self, conversation_id, content, sender, replaces=None):
+        """Stores a question asked on this node; returns it as a message. ``replaces``: the id of
+        the conversation's last question, which this edited one takes the place of."""
+        conversation = self.conversation(conversation_id)
+        marks = {}
+        if replaces is not None:
+            questions = [m for m in conversation["messages"] if m["role"] == "user"]
+            if not questions or questions[-1]["id"] != replaces:
+                raise HTTPFailure(409, "only the last question of a conversation can be edited")
+            marks["replaces"] = replaces
+        entry = self.store.add_message(conversation_id, "user", content, sender, host_info=self.host_info(),
+                                       **marks)
         return self.store.message_from_entry(entry)
+
+    @staticmethod
+    def history_of(messages):
+        """What the LLM is told of a conversation: a question that got no answer (it failed) is
+        left out unless it is the last one, and so is a question replaced by its edit, with its answers."""
+        replaced = {m.get("replaces") for m in messages if m.get("replaces")}
+        history, skipping = [], False
+        for index, message in enumerate(messages):
+            if message["role"] == "user":
+                last = index == len(messages) - 1
+                answered = not last and messages[index + 1]["role"] == "assistant"
+                skipping = message["id"] in replaced or not (answered or last)
+            if not skipping:
+                history.append({"role": message["role"], "content": message["content"]})
+        return history
 
     def answer(self, conversation_id, model, regenerate=False):
         """Events of one answer in a conversation; the answer is stored when it is done.
@@ -4432,7 +4470,7 @@ class ChatService:
         ``regenerate`` answers the last question again, without the answers it had.
         """
         conversation = self.conversation(conversation_id)
-        history = [{"role": m["role"], "content": m["content"]} for m in conversation["messages"]]
+        history = self.history_of(conversation["messages"])
         if regenerate:
             while history and history[-1]["role"] == "assistant":
                 history.pop()
@@ -4447,26 +4485,50 @@ class ChatService:
         return self.stored_answer(self.answer(conversation["id"], model))
 
     def _stored_events(self, conversation_id, model, history):
-        parts = []
-        for event in self.stream(model, self.fit_history(history, self.history_budget)):
-            if event["type"] == "token":
-                parts.append(event["content"])
-            elif event["type"] == "done":
-                try:
-                    message = self._store_answer(conversation_id, "".join(parts), event)
-                except StoreError as exc:  # e.g. the conversation was deleted while it was answered
-                    yield {"type": "error", "error": "the answer could not be stored: %s" % exc,
-                           "status": 409, "partial": True}
-                    return
-                event = dict(event, message=message)
-            yield event
+        """The answer's events; what arrived of an answer cut off (Stop closes this generator, or
+        its host went down) is stored too, marked ``cut_off``."""
+        parts, started, finished = [], {}, False
+        events = self.stream(model, self.fit_history(history, self.history_budget))
+        try:
+            for event in events:
+                if event["type"] == "start":
+                    started = event
+                elif event["type"] == "token":
+                    parts.append(event["content"])
+                elif event["type"] == "error" and parts:
+                    finished = True
+                    message = self._store_cut_off(conversation_id, parts, started)
+                    event = dict(event, message=message) if message else event
+                elif event["type"] == "done":
+                    finished = True
+                    try:
+                        message = self._store_answer(conversation_id, "".join(parts), event)
+                    except StoreError as exc:  # e.g. the conversation was deleted while it was answered
+                        yield {"type": "error", "error": "the answer could not be stored: %s" % exc,
+                               "status": 409, "partial": True}
+                        return
+                    event = dict(event, message=message)
+                yield event
+        finally:
+            events.close()
+            if parts and not finished:  # the client went away (Stop): keep what it read
+                self._store_cut_off(conversation_id, parts, started)
 
-    def _store_answer(self, conversation_id, text, done):
+    def _store_cut_off(self, conversation_id, parts, started):
+        done = {"node_name": started.get("node_name") or "", "node_id": started.get("node_id"),
+                "model": started.get("model")}
+        try:
+            return self._store_answer(conversation_id, "".join(parts), done, cut_off=True)
+        except StoreError as exc:
+            log.warning("the cut-off answer could not be stored: %s", exc)
+            return None
+
+    def _store_answer(self, conversation_id, text, done, **marks):
         entry = self.store.add_message(
             conversation_id, "assistant", text or "(empty answer)", "LLM",
-            host_info={"hostname": done["node_name"], "ip_address": "", "is_llm_host": True},
-            model=done["model"], answered_by=done["node_id"], answered_by_name=done["node_name"],
-            tokens_per_second=done.get("tokens_per_second"))
+            host_info={"hostname": done["node_name"] or "LLM", "ip_address": "", "is_llm_host": True},
+            model=done["model"], answered_by=done["node_id"], answered_by_name=done["node_name"] or None,
+            tokens_per_second=done.get("tokens_per_second"), **marks)
         return self.store.message_from_entry(entry)
 
     @staticmethod
@@ -5150,10 +5212,11 @@ class PageApi(HttpApi):
         content = body_text(body, "content", required=True)
         sender = body_text(body, "sender", limit=100) or "user"
         model = body_text(body, "model", limit=200)
+        replaces = body_text(body, "replaces", limit=100)
         self._writable(conversation_id)
         if body.get("answer") is not False:
             self.admit_chat()
-        question = self.chat.add_question(conversation_id, content, sender)
+        question = self.chat.add_question(conversation_id, content, sender, replaces=replaces)
         if body.get("answer") is False:
             bottle.response.status = 201
             return question
@@ -5199,10 +5262,13 @@ class PageApi(HttpApi):
 
     @staticmethod
     def _answer_stream(question, events):
-        if question is not None:
-            yield "event: user\ndata: %s\n\n" % json.dumps({"message": question})
-        for event in events:
-            yield sse_format(event)
+        try:
+            if question is not None:
+                yield "event: user\ndata: %s\n\n" % json.dumps({"message": question})
+            for event in events:
+                yield sse_format(event)
+        finally:
+            events.close()  # the page pressed Stop: what arrived is stored now
 
     def models(self):
         router = self.node.router

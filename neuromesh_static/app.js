@@ -119,9 +119,24 @@
       init.headers["Content-Type"] = "application/json"; // the node refuses state changes sent as forms
       init.body = JSON.stringify(options.body);
     }
-    const response = await fetch(path, init);
+    const response = await fetchOrExplain(path, init);
     if (!response.ok) throw await apiError(response);
     return response.status === 204 ? null : response.json();
+  }
+
+  const NODE_DOWN = "This computer's NeuroMesh is not answering: it may be stopped or restarting.";
+
+  /** fetch(), but a network failure says in words that the node is down (never "Failed to fetch"). */
+  async function fetchOrExplain(path, init) {
+    try {
+      return await fetch(path, init);
+    } catch (error) {
+      if (error.name === "AbortError") throw error;
+      const down = new Error(NODE_DOWN);
+      down.nodeDown = true;
+      setLive(false);
+      throw down;
+    }
   }
 
   function debounce(fn, ms) {
@@ -323,8 +338,23 @@
   }
 
   function setLive(live) {
+    const changed = state.live !== live;
     state.live = live;
     renderStatus();
+    if (changed) updateComposer();
+  }
+
+  function renderOfflineNotice() {
+    const notice = $("#offline-notice");
+    const down = state.started && !state.live && state.eventsOpened;
+    notice.hidden = !down;
+    if (down && !notice.childElementCount)
+      notice.replaceChildren(
+        h("strong", null, "Not connected: "),
+        "this computer's NeuroMesh is not answering (stopped or restarting). Your draft is kept; " +
+          "Send works again as soon as the page reconnects, by itself.",
+      );
+    if (!down) notice.replaceChildren();
   }
 
   // ==== conversations in the sidebar =========================================================
@@ -635,12 +665,104 @@
       const body = h("div", { class: "markdown" });
       body.append(window.NeuroMarkdown.render(message.content));
       article.append(h("div", { class: "bubble glass" }, body, h("div", { class: "answer-status", role: "status" })));
+      if (message.cut_off) article.append(cutOffNote());
       article.append(answerMeta(message, {}));
     } else {
       article.append(h("div", { class: "bubble" }, message.content));
+      if (message.id) article.append(questionActions());
+      if (message.replaces) article.dataset.replaces = message.replaces;
     }
+    if (message.cut_off) article.classList.add("cut-off");
     article.dataset.content = message.content;
     return article;
+  }
+
+  function cutOffNote() {
+    return h(
+      "p",
+      { class: "cut-off-note" },
+      icon("stop"),
+      h("strong", null, "Cut off"),
+      " · this answer stopped before it was complete; what arrived is kept.",
+    );
+  }
+
+  function questionActions() {
+    return h(
+      "div",
+      { class: "question-actions" },
+      h(
+        "button",
+        {
+          type: "button",
+          class: "action-button edit-question",
+          "aria-label": "Edit and resend this question",
+          hidden: true,
+          onclick: (event) => startEdit(event.currentTarget.closest(".message")),
+        },
+        icon("edit"),
+        h("span", { class: "label" }, "Edit"),
+      ),
+    );
+  }
+
+  /** Edit-and-resend: the last question becomes a text box; Send stores the edit, which replaces it. */
+  function startEdit(article) {
+    if (!article || state.stream) return;
+    const bubble = article.querySelector(".bubble");
+    const box = h("textarea", { class: "edit-box", rows: "3", "aria-label": "Edit your question" });
+    box.value = article.dataset.content || "";
+    const cancel = () => {
+      form.remove();
+      bubble.hidden = false;
+      article.querySelector(".edit-question").focus();
+    };
+    const form = h(
+      "form",
+      { class: "edit-form" },
+      box,
+      h(
+        "div",
+        { class: "edit-bar" },
+        h("button", { type: "button", class: "small-button", onclick: cancel }, "Cancel"),
+        h("button", { type: "submit", class: "small-button primary" }, "Send the edit"),
+      ),
+    );
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      const text = box.value.trim();
+      if (!text) return;
+      if (state.stream || (state.started && !state.live && state.eventsOpened)) return;
+      form.remove();
+      bubble.hidden = false;
+      sendMessage(text, article.dataset.id);
+    });
+    box.addEventListener("keydown", (event) => {
+      if (event.key === "Escape") {
+        event.preventDefault();
+        cancel();
+      } else if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+        event.preventDefault();
+        form.requestSubmit();
+      }
+    });
+    bubble.hidden = true;
+    bubble.after(form);
+    box.focus();
+  }
+
+  /** Questions replaced by their edit, and the answers they had, are dimmed and marked. */
+  function markReplaced() {
+    const replaced = new Set(
+      [...ui.messages.querySelectorAll(".message[data-replaces]")].map((el) => el.dataset.replaces),
+    );
+    let inReplaced = false;
+    for (const article of ui.messages.querySelectorAll(".message")) {
+      if (article.classList.contains("user")) inReplaced = replaced.has(article.dataset.id);
+      article.classList.toggle("replaced", inReplaced);
+      if (inReplaced && article.classList.contains("user") && !article.querySelector(".replaced-note"))
+        article.append(h("p", { class: "replaced-note" }, "Edited: the new version is below."));
+    }
   }
 
   /** Who answered, with which model and how fast, plus the Copy and Regenerate buttons. */
@@ -690,13 +812,20 @@
     return meta;
   }
 
-  /** Regenerate shows only on the last answer of an own conversation, when nothing streams. */
+  /** Regenerate shows only on the last answer, Edit on the last question, of an own conversation,
+   * when nothing streams. */
   function updateAnswerActions() {
+    markReplaced();
     const answers = ui.messages.querySelectorAll(".message.assistant[data-id]");
     const canRegenerate = Boolean(state.current && state.current.own && !state.stream);
     answers.forEach((answer, index) => {
       const button = answer.querySelector(".regenerate");
       if (button) button.hidden = !(canRegenerate && index === answers.length - 1);
+    });
+    const questions = ui.messages.querySelectorAll(".message.user[data-id]");
+    questions.forEach((question, index) => {
+      const button = question.querySelector(".edit-question");
+      if (button) button.hidden = !(canRegenerate && index === questions.length - 1);
     });
   }
 
@@ -738,7 +867,9 @@
     ui.charCount.textContent = value.length + " / " + MAX_CHARS;
     ui.charCount.classList.toggle("near-limit", value.length > MAX_CHARS * 0.9);
     const streaming = Boolean(state.stream);
-    ui.send.disabled = streaming || !value.trim();
+    renderOfflineNotice();
+    const offline = state.started && !state.live && state.eventsOpened;
+    ui.send.disabled = streaming || !value.trim() || offline;
     ui.send.hidden = streaming;
     ui.stop.hidden = !streaming;
     const noLlm = state.models !== null && llmHostCount() === 0;
@@ -793,7 +924,7 @@
 
   function submitPrompt() {
     const text = ui.prompt.value;
-    if (!text.trim() || state.stream) return;
+    if (!text.trim() || state.stream || ui.send.disabled) return;
     ui.prompt.value = "";
     autoGrow();
     updateComposer();
@@ -805,7 +936,7 @@
   }
 
   /** Sends ``content``: creates the conversation if needed, then streams the answer. */
-  async function sendMessage(content) {
+  async function sendMessage(content, replaces) {
     if (state.stream || (state.current && !state.current.own)) return;
     const userView = messageView({
       role: "user",
@@ -836,7 +967,7 @@
         userView.append(
           inlineError("The conversation could not be created: " + error.message, () => {
             userView.remove();
-            sendMessage(content);
+            sendMessage(content, replaces);
           }),
         );
         return;
@@ -845,8 +976,8 @@
     streamAnswer(
       conversationId,
       "/api/conversations/" + encodeURIComponent(conversationId) + "/messages",
-      { content, model: chosenModel() },
-      { userView, content },
+      replaces ? { content, model: chosenModel(), replaces } : { content, model: chosenModel() },
+      { userView, content, replaces },
     );
   }
 
@@ -928,10 +1059,16 @@
         element.setAttribute("aria-label", "Answer from " + (data.node_name || message.answered_by_name || "the mesh"));
         element.append(answerMeta(message, Object.assign({}, info, data)));
       },
-      fail(message, retry) {
+      fail(message, retry, stored) {
         end();
         element.classList.add("failed");
         if (!text) element.querySelector(".bubble").hidden = true;
+        if (stored && stored.id) {
+          // What arrived before the host went down is stored, marked as cut off.
+          element.dataset.id = stored.id;
+          element.classList.add("cut-off");
+          element.append(cutOffNote());
+        }
         element.append(inlineError(message, retry));
       },
       stopped() {
@@ -945,6 +1082,10 @@
             info.node_name ? h("span", null, "answered by ", h("span", { class: "node" }, info.node_name)) : null,
           ),
         );
+        if (text) {
+          element.classList.add("cut-off");
+          element.querySelector(".bubble").after(cutOffNote());
+        }
       },
     };
   }
@@ -1000,7 +1141,7 @@
         regenerate();
       } else {
         if (context.userView) context.userView.remove();
-        sendMessage(context.content);
+        sendMessage(context.content, context.replaces);
       }
     };
     const markUserStored = (message) => {
@@ -1013,7 +1154,7 @@
       }
     };
     try {
-      const response = await fetch(path, {
+      const response = await fetchOrExplain(path, {
         method: "POST",
         headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
         body: JSON.stringify(body),
@@ -1039,7 +1180,7 @@
             answer.finish(data);
             ended = true;
           } else if (type === "error") {
-            answer.fail(data.error || "The answer failed.", retry);
+            answer.fail(data.error || "The answer failed.", retry, data.message);
             ended = true;
           }
         });
@@ -1048,7 +1189,14 @@
     } catch (error) {
       if (error.name === "AbortError") answer.stopped();
       else if (error.signIn) answer.fail(SIGNED_OUT + " Then press Retry.", retry);
-      else answer.fail(error.message || String(error), retry);
+      else {
+        answer.fail(error.message || String(error), retry);
+        // Nothing was stored: give the question back to the composer, unless a new draft is there.
+        if (!userStored && error.nodeDown && !ui.prompt.value.trim()) {
+          ui.prompt.value = context.content;
+          autoGrow();
+        }
+      }
     } finally {
       if (state.stream && state.stream.controller === controller) state.stream = null;
       if (context.userView) context.userView.classList.remove("pending");
@@ -1573,7 +1721,7 @@
         state.events = null;
         setTimeout(() => {
           if (!state.events && $("#signin").hidden) connectEvents();
-        }, 5000);
+        }, 2000);
       }
     });
     const on = (type, handler) =>

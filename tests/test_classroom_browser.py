@@ -1,0 +1,107 @@
+"""Issue 12, the classroom experience, in a real browser (Chromium, Playwright) against real nodes.
+
+Uses the fixtures and guards of test_browser.py: every node is on loopback, the only LLM is
+tests/fake_ollama.py, and a test fails on a console error, a dialog or a request off 127.0.0.1.
+Screenshots go to artifacts/ (printed at the end of the session by conftest).
+"""
+
+import json
+import os
+import re
+import socket
+
+import pytest
+import requests
+
+from conftest import wait_for
+
+try:
+    from test_browser import (LLM_NAME, MODEL, PLAIN_NAME, TIMEOUT_MS, ask, browser, expect,  # noqa: F401
+                              expect_llm_known, fake, finished_answers, mesh, pages)
+except ImportError as missing:  # pragma: no cover - playwright or chromium missing: test_browser says which
+    pytest.skip(str(missing), allow_module_level=True)
+
+
+def free_tcp_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def conversation_with(node, title, *questions):
+    conversation = node.post("/api/conversations", json={"title": title}).json()
+    for question in questions:
+        reply = node.post("/api/conversations/%s/messages" % conversation["id"], json={"content": question})
+        assert reply.status_code == 201, reply.text
+    return conversation
+
+
+# ---- A. nothing lost ------------------------------------------------------------------------
+
+def test_an_answer_cut_off_by_stop_is_kept_with_a_marker(pages, mesh):
+    page = pages.open(mesh.llm)
+    expect_llm_known(page)
+    mesh.fake.token_delay = 0.2
+    try:
+        ask(page, "Tell me a long story about a mesh of computers that share one model.")
+        page.locator("#messages .message.assistant.streaming .markdown").filter(has_text="Echo").wait_for()
+        page.get_by_role("button", name="Stop").click()
+        # The stored answer replaces the live one: it has an id and says it was cut off.
+        stored = page.locator("#messages .message.assistant.cut-off[data-id]")
+        expect(stored).to_have_count(1)
+        expect(stored).to_contain_text("Cut off")
+        expect(stored).to_contain_text("Echo from")
+    finally:
+        mesh.fake.token_delay = 0.04
+    page.reload()
+    stored = page.locator("#messages .message.assistant.cut-off[data-id]")
+    expect(stored).to_contain_text("Cut off")
+    conversation_id = page.evaluate("decodeURIComponent(location.hash.split('/')[2])")
+    messages = mesh.llm.json("/api/conversations/" + conversation_id)["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"]
+    assert messages[1]["cut_off"] is True and messages[1]["content"].startswith("Echo from")
+    pages.screenshot(page, "cut-off")
+
+
+def test_the_page_while_its_node_restarts_keeps_the_draft_and_reconnects(cluster, pages):
+    port = free_tcp_port()
+    node = cluster.start("restarting", extra=["--http-port", str(port), "--name", "Restart-Box"])
+    page = pages.open(node)
+    pages.allow_console(r"net::ERR_CONNECTION_REFUSED|Failed to load resource")
+    prompt = page.get_by_label("Message", exact=True)
+    prompt.fill("A draft typed while the node restarts")
+    node.stop()
+    notice = page.locator("#offline-notice")
+    expect(notice).to_be_visible()
+    expect(notice).to_contain_text("not answering")
+    expect(page.get_by_role("button", name="Send")).to_be_disabled()
+    prompt.press("Enter")  # blocked: nothing is lost
+    expect(prompt).to_have_value("A draft typed while the node restarts")
+    expect(page.locator("body")).not_to_contain_text("Failed to fetch")
+    pages.screenshot(page, "node-down")
+    node.start()
+    expect(notice).to_be_hidden(timeout=20000)
+    expect(page.locator("#live-dot")).to_have_class(re.compile(r"\blive\b"))
+    expect(page.get_by_role("button", name="Send")).to_be_enabled()
+    expect(prompt).to_have_value("A draft typed while the node restarts")
+
+
+def test_edit_and_resend_the_last_question(pages, mesh):
+    conversation = conversation_with(mesh.plain, "Edit me", "Name a fruit.")
+    page = pages.open(mesh.plain, "/#/chat/" + conversation["id"])
+    expect(finished_answers(page)).to_have_count(1)
+    edit = page.get_by_role("button", name="Edit and resend this question")
+    expect(edit).to_have_count(1)
+    edit.click()
+    box = page.get_by_label("Edit your question")
+    expect(box).to_have_value("Name a fruit.")
+    box.fill("Name a vegetable.")
+    box.press("Enter")
+    expect(finished_answers(page)).to_have_count(2)
+    expect(finished_answers(page).nth(1)).to_contain_text("Echo from %s: Name a vegetable." % MODEL)
+    expect(page.locator("#messages .message.user.replaced")).to_contain_text("Name a fruit.")
+    expect(page.locator("#messages .message.user.replaced")).to_contain_text("Edited")
+    # The LLM was not told the replaced question, nor its answer.
+    chats = [body for path, body in mesh.fake.requests if path == "/api/chat" and body]
+    last = chats[-1]["messages"]
+    assert [m["content"] for m in last if m["role"] == "user"] == ["Name a vegetable."], last
