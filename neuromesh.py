@@ -126,6 +126,7 @@ DEFAULTS = {
 }
 STATIC_DIR = os.path.join(HERE, "neuromesh_static")
 RUNTIME_FILE = "runtime.json"
+NAME_FILE = "name.txt"  # the name the owner gave this node from the page
 DATABASE_FILE = "neuromesh.db"
 NODE_ID_FILE = "node_id"
 
@@ -567,6 +568,26 @@ def load_identity(data_dir):
     except OSError:
         pass
     return _new_identity(path)
+
+
+def load_saved_name(data_dir):
+    """The name the owner gave this node from the page (kept in the data dir), or None."""
+    try:
+        with open(os.path.join(data_dir, NAME_FILE), encoding="utf-8") as handle:
+            return clean_node_name(handle.read()) or None
+    except (OSError, ValueError):
+        return None
+
+
+def clean_node_name(text):
+    """A node name as people type it, e.g. "Ana's laptop": one line, 1 to 40 characters."""
+    name = " ".join(str(text or "").split())
+    name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C")
+    if not name:
+        raise ValueError("a name needs at least one letter or digit")
+    if len(name) > 40:
+        raise ValueError("a name has at most 40 characters")
+    return name
 
 
 def _new_identity(path):
@@ -2014,6 +2035,13 @@ class Store:
         """{conversation id: guest id} of the conversations guests started."""
         return self._db.write(lambda: (self._db.execute(self._GUEST_TABLE), dict(self._db.execute(
             "SELECT conversation_id, guest_id FROM guest_conversations").fetchall()))[1])
+
+    def rename_node(self, name):
+        """The name new conversations and messages of this node carry from now on."""
+        try:
+            self.node_name = _text(name, "node name")
+        except ValueError as error:
+            raise StoreError(str(error)) from None
 
 
 ###############################################################################
@@ -5124,7 +5152,8 @@ class PageApi(HttpApi):
                 ("POST", conversation + "/messages", self.post_message),
                 ("POST", conversation + "/regenerate", self.regenerate),
                 ("GET", "/api/models", self.models), ("GET", "/api/events", self.events),
-                ("POST", "/api/guest/login", self.guest_login), ("GET", "/api/guests", self.guests)]
+                ("POST", "/api/guest/login", self.guest_login), ("GET", "/api/guests", self.guests),
+                ("PATCH", "/api/node", self.rename_node)]
 
     def index(self):
         return bottle.static_file("index.html", root=STATIC_DIR)
@@ -5228,6 +5257,16 @@ class PageApi(HttpApi):
         self._writable(conversation_id)
         self.admit_chat()
         return self._answer_reply(None, self.chat.answer(conversation_id, model, regenerate=True))
+
+    def rename_node(self):
+        """``PATCH /api/node {"name"}``: the owner names this computer, e.g. "Ana's laptop"."""
+        body = read_json_body()
+        if self.gate.client().role != "owner":
+            raise HTTPFailure(403, "only this computer's owner may rename it")
+        try:
+            return {"name": self.node.rename(body_text(body, "name", required=True, limit=200))}
+        except ValueError as exc:
+            raise HTTPFailure(400, "%s." % exc)
 
     # -- guests ------------------------------------------------------------------------
 
@@ -5557,8 +5596,9 @@ class Node(MeshListener):
         self.config = config
         self._refuse_shared_data_dir()
         self.node_id = load_identity(config.data_dir)
+        self.generic_name = "NeuroMesh-" + self.node_id[:4]
         if not config.name:
-            config.name = "NeuroMesh-" + self.node_id[:4]
+            config.name = load_saved_name(config.data_dir) or self.generic_name
         self.name = config.name
         self.started_monotonic = time.monotonic()
         self.started_wall = time.time()
@@ -5586,7 +5626,7 @@ class Node(MeshListener):
     # -- the mesh's listener (on the mesh thread) -------------------------------
 
     def hello_extra(self):
-        extra = {"http_port": self.http_port or 0}
+        extra = {"http_port": self.http_port or 0, "name": self.name}
         extra.update(self.router.local_capability())
         return extra
 
@@ -5604,6 +5644,7 @@ class Node(MeshListener):
 
     def peer_changed(self, peer):
         self.router.peer_changed(peer)
+        self.events.publish("peer_update", peer.to_dict())  # a new name, or a new LLM
 
     def peer_measured(self, peer):
         self.events.publish("peer_update", peer.to_dict())
@@ -5737,6 +5778,25 @@ class Node(MeshListener):
         except OSError:
             pass
 
+    def rename(self, name):
+        """The owner named this node from the page: kept in the data dir, told to peers and pages."""
+        name = clean_node_name(name)
+        path = os.path.join(self.config.data_dir, NAME_FILE)
+        with open(path + ".tmp", "w", encoding="utf-8") as handle:
+            handle.write(name + "\n")
+        os.replace(path + ".tmp", path)
+        log.info("this node is now called %s", safe_text(name))
+        self.name = self.config.name = self.mesh.name = self.router.node_name = name
+        for backend in self.router.local:
+            backend.node_name = name
+        self.store.rename_node(name)
+        self._write_runtime_file()
+        # Linked peers hear the new name now (Peer.update reads it), the others at the announcement.
+        self.mesh.broadcast(LLM_CAPS, dict(self.router.local_capability(), name=name))
+        self.mesh.announce_now()
+        self.events.publish("node", {"node_id": self.node_id, "name": name})
+        return name
+
     # -- conversations -------------------------------------------------------------
 
     def host_info(self):
@@ -5769,6 +5829,7 @@ class Node(MeshListener):
         stats = self.mesh.stats()
         return {
             "status": "ok", "node_id": self.node_id, "name": self.name, "version": __version__,
+            "name_is_generic": self.name == self.generic_name,
             "protocol_version": PROTOCOL_VERSION, "room": room_status(self.mesh.room_key),
             "uptime_s": round(time.monotonic() - self.started_monotonic, 3),
             "peer_count": stats["connected_peers"], "has_llm": self.router.has_local_llm,

@@ -317,6 +317,9 @@
     const peers = connectedPeers().length;
     const llm = llmHostCount();
     $("#node-name").textContent = health ? health.name : "Connecting…";
+    const owner = Boolean(health && state.role === "owner");
+    $("#rename-node").hidden = !owner;
+    $("#name-hint").hidden = !(owner && health.name_is_generic && $("#rename-node-form").hidden);
     $("#stat-peers").textContent = String(peers);
     $("#stat-llm").textContent = String(llm);
     $("#live-dot").className = "dot " + (state.live ? "live" : "down");
@@ -332,9 +335,102 @@
       ),
       health ? h("div", null, "HTTP :" + health.ports.http + " · id " + health.node_id.slice(0, 8)) : null,
       state.role === "guest" ? h("div", { class: "guest-label" }, "Signed in as a guest of this computer") : null,
+      h(
+        "div",
+        null,
+        h("span", { id: "you-are" }, displayName() ? "You are " + displayName() : "You have no name yet"),
+        " · ",
+        h(
+          "button",
+          {
+            type: "button",
+            class: "link-button",
+            onclick: () => {
+              try {
+                localStorage.removeItem(DISPLAY_NAME);
+              } catch (error) {
+                /* nothing kept */
+              }
+              renderWho();
+              $("#who-input").value = displayName();
+              $("#who-input").focus();
+            },
+          },
+          displayName() ? "change" : "set your name",
+        ),
+      ),
     ];
     footer.replaceChildren(...lines.filter(Boolean));
     renderRoom();
+  }
+
+  // ==== names: this computer's (the owner's choice), and the person's at this browser ===========
+
+  function openRenameNode() {
+    const form = $("#rename-node-form");
+    form.hidden = false;
+    $("#name-hint").hidden = true;
+    $("#rename-node-error").textContent = "";
+    const input = $("#rename-node-input");
+    input.value = state.health && !state.health.name_is_generic ? state.health.name : "";
+    input.focus();
+  }
+
+  function closeRenameNode() {
+    $("#rename-node-form").hidden = true;
+    renderStatus();
+    $("#rename-node").focus();
+  }
+
+  async function submitRenameNode(event) {
+    event.preventDefault();
+    const name = $("#rename-node-input").value.trim();
+    if (!name) {
+      $("#rename-node-error").textContent = "Type a name first.";
+      return;
+    }
+    try {
+      const reply = await api("/api/node", { method: "PATCH", body: { name } });
+      if (state.health) Object.assign(state.health, { name: reply.name, name_is_generic: false });
+      closeRenameNode();
+      refreshHealth();
+    } catch (error) {
+      $("#rename-node-error").textContent = error.message;
+    }
+  }
+
+  const DISPLAY_NAME = "neuromesh.displayName";
+
+  function displayName() {
+    try {
+      return localStorage.getItem(DISPLAY_NAME) || "";
+    } catch (error) {
+      return "";
+    }
+  }
+
+  /** The person's name is asked once, in the composer, and kept in this browser. */
+  function renderWho() {
+    let asked = null;
+    try {
+      asked = localStorage.getItem(DISPLAY_NAME);
+    } catch (error) {
+      asked = "";
+    }
+    $("#who").hidden = asked !== null;
+    const you = $("#you-are");
+    if (you) you.textContent = displayName() ? "You are " + displayName() : "You have no name yet";
+  }
+
+  function saveWho(name) {
+    try {
+      localStorage.setItem(DISPLAY_NAME, name.trim().slice(0, 40));
+    } catch (error) {
+      /* private mode: asked again next time */
+    }
+    renderWho();
+    renderStatus();
+    ui.prompt.focus();
   }
 
   function setLive(live) {
@@ -696,7 +792,7 @@
         {
           type: "button",
           class: "action-button edit-question",
-          "aria-label": "Edit and resend this question",
+          "aria-label": "Edit this question",
           hidden: true,
           onclick: (event) => startEdit(event.currentTarget.closest(".message")),
         },
@@ -725,7 +821,7 @@
         "div",
         { class: "edit-bar" },
         h("button", { type: "button", class: "small-button", onclick: cancel }, "Cancel"),
-        h("button", { type: "submit", class: "small-button primary" }, "Send the edit"),
+        h("button", { type: "submit", class: "small-button primary" }, "Ask again"),
       ),
     );
     form.addEventListener("submit", (event) => {
@@ -779,6 +875,9 @@
       "div",
       { class: "answer-meta" },
       node ? h("span", null, "answered by ", h("span", { class: "node" }, node)) : null,
+      (live.node_id || message.answered_by) && (live.node_id || message.answered_by) === myId()
+        ? h("span", { class: "chip this-computer" }, "this computer")
+        : null,
       model ? h("span", { class: "model" }, model) : null,
       speed ? h("span", { class: "speed" }, speed.toFixed(1) + " tokens/s") : null,
       h(
@@ -943,7 +1042,7 @@
       content,
       timestamp: new Date().toISOString(),
       origin: myId(),
-      sender: "user",
+      sender: displayName() || "user",
     });
     userView.classList.add("pending");
     ui.messages.append(userView);
@@ -976,7 +1075,7 @@
     streamAnswer(
       conversationId,
       "/api/conversations/" + encodeURIComponent(conversationId) + "/messages",
-      replaces ? { content, model: chosenModel(), replaces } : { content, model: chosenModel() },
+      { content, model: chosenModel(), replaces: replaces || undefined, sender: displayName() || undefined },
       { userView, content, replaces },
     );
   }
@@ -1388,6 +1487,7 @@
     group.append(svg("circle", { class: "body", r }));
     if (peer.has_llm) group.append(svg("text", { class: "badge", y: 3 }, "LLM"));
     group.append(svg("text", { y: labelAbove ? -r - (peer.has_llm ? 14 : 8) : r + 18 }, peer.name));
+    if (kind === "self") group.append(svg("text", { class: "self-label", y: r + 34 }, "this computer"));
     return group;
   }
 
@@ -1407,7 +1507,22 @@
       );
       return;
     }
+    const health = state.health;
+    const self = health
+      ? h(
+          "tr",
+          { "data-node-id": health.node_id, class: "online this-computer" },
+          h("th", { scope: "row" }, health.name, health.has_llm ? h("span", { class: "chip llm" }, "LLM") : null,
+            h("span", { class: "chip this-computer" }, "this computer")),
+          h("td", null, "127.0.0.1:" + health.ports.http),
+          h("td", null, (health.llm && health.llm.models && health.llm.models.length) ? health.llm.models.join(", ") : h("span", { class: "muted" }, "none")),
+          h("td", null, "—"),
+          h("td", null, "—"),
+          h("td", null, "now"),
+        )
+      : null;
     $("#peer-rows").replaceChildren(
+      ...(self ? [self] : []),
       ...peers.map((peer) => {
         const load = peer.load || {};
         const loadText =
@@ -1756,6 +1871,7 @@
       }
     });
     on("llm", scheduleModelsRefresh);
+    on("node", () => refreshHealth());
   }
 
   function poll() {
@@ -2141,6 +2257,21 @@
       else location.hash = "#/chat";
     });
     $("#diag-refresh").addEventListener("click", refreshDiagnostics);
+    $("#rename-node").addEventListener("click", openRenameNode);
+    $("#name-hint-button").addEventListener("click", openRenameNode);
+    $("#rename-node-cancel").addEventListener("click", closeRenameNode);
+    $("#rename-node-form").addEventListener("submit", submitRenameNode);
+    $("#rename-node-input").addEventListener("keydown", (event) => {
+      if (event.key === "Escape") closeRenameNode();
+    });
+    $("#who-save").addEventListener("click", () => saveWho($("#who-input").value));
+    $("#who-skip").addEventListener("click", () => saveWho(""));
+    $("#who-input").addEventListener("keydown", (event) => {
+      if (event.key === "Enter") {
+        event.preventDefault();
+        saveWho($("#who-input").value);
+      }
+    });
     $("#signin-form").addEventListener("submit", submitSignIn);
     $("#signin-code").addEventListener("input", () => setSignInError(""));
     $("#invite-open").addEventListener("click", openInvite);
@@ -2187,6 +2318,7 @@
     fillStaticIcons();
     bindEvents();
     renderStatus();
+    renderWho();
     renderModelPicker();
     startParticles();
     if ((await probeAccess()) !== "signin") startApp();

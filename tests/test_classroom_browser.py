@@ -90,7 +90,7 @@ def test_edit_and_resend_the_last_question(pages, mesh):
     conversation = conversation_with(mesh.plain, "Edit me", "Name a fruit.")
     page = pages.open(mesh.plain, "/#/chat/" + conversation["id"])
     expect(finished_answers(page)).to_have_count(1)
-    edit = page.get_by_role("button", name="Edit and resend this question")
+    edit = page.get_by_role("button", name="Edit this question")
     expect(edit).to_have_count(1)
     edit.click()
     box = page.get_by_label("Edit your question")
@@ -105,3 +105,57 @@ def test_edit_and_resend_the_last_question(pages, mesh):
     chats = [body for path, body in mesh.fake.requests if path == "/api/chat" and body]
     last = chats[-1]["messages"]
     assert [m["content"] for m in last if m["role"] == "user"] == ["Name a vegetable."], last
+
+
+# ---- B. names ------------------------------------------------------------------------------
+
+def test_the_owner_names_the_node_from_the_page_and_peers_hear_it(cluster, pages):
+    first = cluster.start("first")
+    second = cluster.start("second")
+    wait_for(lambda: first.connected_ids() == {second.node_id}, timeout=15, message="the nodes to link")
+    page = pages.open(first)
+    generic = "NeuroMesh-" + first.node_id[:4]
+    expect(page.locator("#node-name")).to_have_text(generic)
+    expect(page.locator("#name-hint")).to_be_visible()
+    page.get_by_role("button", name="name it").click()
+    field = page.get_by_label("Name of this computer")
+    field.fill("Ana's laptop")
+    field.press("Enter")
+    expect(page.locator("#node-name")).to_have_text("Ana's laptop")
+    expect(page.locator("#name-hint")).to_be_hidden()
+    assert first.health()["name"] == "Ana's laptop"
+    with open(os.path.join(first.data_dir, "name.txt"), encoding="utf-8") as handle:
+        assert handle.read().strip() == "Ana's laptop"
+    wait_for(lambda: [p["name"] for p in second.peers()] == ["Ana's laptop"], timeout=10,
+             message="the peer to hear the new name")
+    other = pages.open(second, "/#/mesh")
+    expect(other.locator('#peer-rows tr[data-node-id="%s"]' % first.node_id)).to_contain_text("Ana's laptop")
+    expect(other.locator("#peer-rows tr.this-computer")).to_contain_text("this computer")
+    # Kept across a restart, without --name.
+    pages.allow_console(r"net::ERR_CONNECTION_REFUSED")
+    first.stop()
+    first.start()
+    assert first.health()["name"] == "Ana's laptop"
+
+
+def test_a_students_display_name_is_asked_once_and_shown_to_others(pages, mesh):
+    page = pages.open(mesh.plain)
+    expect_llm_known(page)
+    who = page.get_by_label("Your name, shown with your questions:")
+    expect(who).to_be_visible()
+    who.fill("Ana")
+    who.press("Enter")
+    expect(who).to_be_hidden()
+    question = "Which planet is largest? %s" % os.getpid()
+    ask(page, question)
+    expect(finished_answers(page)).to_have_count(1)
+    expect(finished_answers(page).locator(".answer-meta")).to_contain_text("answered by " + LLM_NAME)
+    page.reload()
+    expect(page.locator("#who")).to_be_hidden()  # asked once: the browser keeps it
+    expect(page.locator("#sidebar-footer")).to_contain_text("You are Ana")
+    other = pages.open(mesh.llm)
+    other.locator("#shared-list").get_by_text(question[:30]).click()
+    head = other.locator("#messages .message.user .message-head")
+    expect(head).to_contain_text("Ana on " + PLAIN_NAME)
+    # This computer answered: the answer says so on the LLM host's page.
+    expect(other.locator("#messages .message.assistant .answer-meta")).to_contain_text("this computer")
