@@ -1245,6 +1245,14 @@ def _message_marks(data):
     return marks
 
 
+def _snippet(text, needle, width=80):
+    """The words of ``text`` around the first ``needle`` (lower case), on one line."""
+    text = " ".join((text or "").split())
+    at = max(text.lower().find(needle), 0)
+    start = max(at - width // 3, 0)
+    return ("…" if start else "") + text[start:start + width] + ("…" if start + width < len(text) else "")
+
+
 def _rate(value):
     """An optional non-negative number (tokens per second), rounded; None when absent or bad."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e9:
@@ -1500,7 +1508,7 @@ class EntryLog:
                                 (conversation_id,)).fetchone()
 
     def has_uid(self, uid) -> bool:
-        return self._db.execute("SELECT 1 FROM entries WHERE uid = ?",
+        return self._db.execute("SELECT 1 FROM entries WHERE uid = ? AND duplicate = 0",  # the uid index
                                 (uid,)).fetchone() is not None
 
     def version_vector(self) -> dict:
@@ -2042,6 +2050,62 @@ class Store:
             self.node_name = _text(name, "node name")
         except ValueError as error:
             raise StoreError(str(error)) from None
+
+    _VISIBLE_SQL = "c.deleted = 0 AND (c.owner = ? OR c.private = 0)"
+
+    def search(self, query, limit=50) -> list:
+        """Listed conversations whose title or a message contains ``query`` (any case): records
+        with ``match`` ("title" or "message") and ``snippet`` (the text around the first hit)."""
+        needle = " ".join(str(query).split()).lower()
+        if not needle:
+            return []
+
+        def find():
+            by_title = self._db.execute(
+                self._RECORD_SQL + " WHERE " + self._VISIBLE_SQL + " AND instr(lower(c.title), ?) > 0"
+                " ORDER BY c.updated_at DESC LIMIT ?", (self.node_id, needle, limit)).fetchall()
+            found = [dict(self._record(row), match="title", snippet=row["title"]) for row in by_title]
+            seen = {record["id"] for record in found}
+            hits = self._db.execute(
+                "SELECT e.conversation_id, json_extract(e.data, '$.content') AS content"
+                " FROM entries e JOIN conversations c ON c.id = e.conversation_id WHERE " + self._VISIBLE_SQL
+                + " AND e." + self._LISTED.replace(" AND ", " AND e.") + " AND instr(lower(json_extract("
+                "e.data, '$.content')), ?) > 0 ORDER BY c.updated_at DESC, e.timestamp DESC",
+                (self.node_id, needle)).fetchall()
+            for hit in hits:
+                if len(found) >= limit:
+                    break
+                if hit["conversation_id"] in seen:
+                    continue
+                seen.add(hit["conversation_id"])
+                found.append(dict(self._record_of(hit["conversation_id"]), match="message",
+                                  snippet=_snippet(hit["content"], needle)))
+            return found
+        return self._db.read(find)
+
+    def get_conversation_page(self, conversation_id, limit, before=None):
+        """Like get_conversation, with only the ``limit`` newest messages older than the message
+        whose id is ``before`` (None: the newest); ``has_more`` tells whether older ones exist."""
+        def page():
+            if not self._visible(self._log.conversation_row(conversation_id)):
+                return None
+            conversation = self._record_of(conversation_id)
+            where, parameters = "", [conversation_id]
+            if before:
+                cursor = self._db.execute(
+                    "SELECT timestamp, origin, seq FROM entries WHERE uid = ? AND conversation_id = ?",
+                    (before, conversation_id)).fetchone()
+                if cursor is None:
+                    raise StoreError("no message %s in this conversation" % before)
+                where, parameters = " AND (timestamp, origin, seq) < (?, ?, ?)", parameters + list(cursor)
+            rows = self._db.execute(
+                "SELECT " + _ENTRY_COLUMNS + " FROM entries WHERE conversation_id = ? AND " + self._LISTED
+                + where + " ORDER BY timestamp DESC, origin DESC, seq DESC LIMIT ?",
+                parameters + [limit + 1]).fetchall()
+            conversation["has_more"] = len(rows) > limit
+            conversation["messages"] = [self._message(row) for row in reversed(rows[:limit])]
+            return conversation
+        return self._db.read(page)
 
 
 ###############################################################################
@@ -5153,7 +5217,7 @@ class PageApi(HttpApi):
                 ("POST", conversation + "/regenerate", self.regenerate),
                 ("GET", "/api/models", self.models), ("GET", "/api/events", self.events),
                 ("POST", "/api/guest/login", self.guest_login), ("GET", "/api/guests", self.guests),
-                ("PATCH", "/api/node", self.rename_node)]
+                ("PATCH", "/api/node", self.rename_node), ("GET", "/api/search", self.search)]
 
     def index(self):
         return bottle.static_file("index.html", root=STATIC_DIR)
@@ -5192,9 +5256,9 @@ class PageApi(HttpApi):
         bottle.response.status = 201
         return record
 
-    def _readable(self, conversation_id):
+    def _readable(self, conversation_id, conversation=None):
         """The conversation, if this client may read it: a guest reads their own and shared ones."""
-        conversation = self.chat.conversation(conversation_id)
+        conversation = conversation or self.chat.conversation(conversation_id)
         guest = self.gate.client().guest
         if guest is not None:
             owned = self.node.store.guest_owners().get(conversation_id) == guest
@@ -5212,8 +5276,30 @@ class PageApi(HttpApi):
                                  and conversation["origin"] == self.node.node_id else conversation["origin_name"]))
         return conversation
 
+    page_default = 200  # messages of a conversation sent at once, newest first; ?limit=N&before=<id> for more
+
     def get_conversation(self, conversation_id):
-        return self._readable(conversation_id)
+        """``?limit=N&before=<message id>``: a page of messages, never more than 1000 at once."""
+        query = bottle.request.query
+        limit = query.get("limit") or str(self.page_default)
+        if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+            raise HTTPFailure(400, "'limit' must be a whole number from 1 to 1000")
+        limit = int(limit)
+        try:
+            page = self.node.store.get_conversation_page(conversation_id, limit, query.get("before") or None)
+        except StoreError as exc:
+            raise HTTPFailure(400, str(exc))
+        if page is None:
+            raise HTTPFailure(404, "no conversation %s" % safe_text(conversation_id, 80))
+        return self._readable(conversation_id, page)
+
+    def search(self):
+        """``GET /api/search?q=text``: conversations whose title or messages hold ``text``."""
+        text = (bottle.request.query.getunicode("q") or "").strip()[:200]
+        if not text:
+            return []
+        readable = {record["id"] for record in self.list_conversations()}
+        return [found for found in self.node.store.search(text, limit=100) if found["id"] in readable][:50]
 
     def patch_conversation(self, conversation_id):
         body = read_json_body()

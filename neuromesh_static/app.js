@@ -54,6 +54,7 @@
     mesh: "M12 6 6 17M12 6l6 11M7.5 18.5h9M12 3.5a2.5 2.5 0 1 0 0 5 2.5 2.5 0 1 0 0-5zM5 15.5a2.5 2.5 0 1 0 0 5 2.5 2.5 0 1 0 0-5zM19 15.5a2.5 2.5 0 1 0 0 5 2.5 2.5 0 1 0 0-5z",
     pulse: "M3 12h4l3-8 4 16 3-8h4",
     close: "M6 6l12 12M18 6 6 18",
+    search: "M10.5 4a6.5 6.5 0 1 0 0 13 6.5 6.5 0 0 0 0-13zM15.5 15.5 20 20",
     invite: "M9 11a3.5 3.5 0 1 0 0-7 3.5 3.5 0 0 0 0 7zM3 20c0-3.3 2.7-6 6-6s6 2.7 6 6M19 8v6M16 11h6",
   };
 
@@ -455,8 +456,20 @@
 
   // ==== conversations in the sidebar =========================================================
 
+  /** A title as words: Markdown marks (headings, emphasis, code, links, quotes, lists) left out. */
+  function plainTitle(text) {
+    return String(text || "")
+      .replace(/!?\[([^\]]*)\]\([^)]*\)/g, "$1")
+      .replace(/^\s{0,3}(?:#{1,6}|>|[-*+]|\d+[.)])\s+/gm, "")
+      .replace(/(\*\*|__|~~|\*|`+)/g, "")
+      .replace(/(^|\s)_(\S[^_]*)_(?=\s|$)/g, "$1$2")
+      .replace(/\s+/g, " ")
+      .trim();
+  }
+
   function titleFrom(text) {
-    const line = text.trim().split("\n")[0].replace(/\s+/g, " ");
+    const first = text.trim().split("\n").find((line) => plainTitle(line)) || "";
+    const line = plainTitle(first);
     return line.length > 60 ? line.slice(0, 57) + "…" : line || "New chat";
   }
 
@@ -470,14 +483,84 @@
       ...(own.length ? own.map(conversationItem) : [h("li", { class: "empty" }, "No conversations yet.")]),
     );
     $("#shared-list").replaceChildren(
-      ...(shared.length ? shared.map(conversationItem) : [h("li", { class: "empty" }, state.role === "guest" ? "Nothing shared yet." : "Nothing shared by peers yet.")]),
+      ...(shared.length
+        ? sharedGroups(shared)
+        : [h("p", { class: "empty" }, state.role === "guest" ? "Nothing shared yet." : "Nothing shared by peers yet.")]),
     );
   }
+
+  function machineName(c) {
+    if (c.origin === myId()) return (state.health ? state.health.name : "This computer") + " (this computer)";
+    const peer = state.peers.get(c.origin);
+    return (peer && peer.name) || c.origin_name || c.peer_label || c.origin.slice(0, 8);
+  }
+
+  /** Shared conversations grouped by the machine they come from, each group collapsible (kept). */
+  function sharedGroups(shared) {
+    const groups = new Map();
+    for (const c of shared) {
+      const key = c.peer_label ? "label:" + c.peer_label : c.origin;
+      if (!groups.has(key)) groups.set(key, { name: c.peer_label || machineName(c), list: [] });
+      groups.get(key).list.push(c);
+    }
+    state.collapsed = state.collapsed || new Set();
+    return [...groups.entries()]
+      .sort((a, b) => a[1].name.localeCompare(b[1].name))
+      .map(([key, group]) => {
+        const details = h(
+          "details",
+          { class: "machine-group", "data-origin": key },
+          h(
+            "summary",
+            null,
+            h("span", { class: "machine-name" }, group.name),
+            h("span", { class: "machine-count" }, String(group.list.length)),
+          ),
+          h("ul", { class: "conversation-list" }, group.list.map(conversationItem)),
+        );
+        details.open = !state.collapsed.has(key);
+        details.addEventListener("toggle", () => {
+          if (details.open) state.collapsed.delete(key);
+          else state.collapsed.add(key);
+        });
+        return details;
+      });
+  }
+
+  // ---- search --------------------------------------------------------------------------------
+
+  async function runSearch() {
+    const query = $("#search-input").value.trim();
+    const box = $("#search-results");
+    box.hidden = !query;
+    $("#conversation-lists").hidden = Boolean(query);
+    if (!query) return;
+    let found;
+    try {
+      found = await api("/api/search?q=" + encodeURIComponent(query));
+    } catch (error) {
+      $("#search-list").replaceChildren(h("li", { class: "empty error-text" }, error.message));
+      return;
+    }
+    if ($("#search-input").value.trim() !== query) return;
+    $("#search-list").replaceChildren(
+      ...(found.length
+        ? found.map((c) => {
+            const item = conversationItem(c);
+            if (c.match === "message")
+              item.querySelector(".conversation-open").append(h("span", { class: "search-snippet" }, c.snippet));
+            return item;
+          })
+        : [h("li", { class: "empty" }, "Nothing found for “" + query + "”.")]),
+    );
+  }
+
+  const scheduleSearch = debounce(runSearch, 200);
 
   function conversationItem(c) {
     const active = c.id === state.currentId;
     const meta =
-      (c.own ? "" : "from " + (c.origin_name || c.peer_label || c.origin.slice(0, 8)) + " · ") +
+      (c.own ? "" : "from " + machineName(c) + " · ") +
       plural(c.message_count, "message") +
       " · " +
       agoFromIso(c.updated_at);
@@ -493,7 +576,7 @@
         "span",
         { class: "conversation-title" },
         c.private ? [icon("lock"), h("span", { class: "sr-only" }, "Private: ")] : null,
-        h("span", null, c.title),
+        h("span", null, plainTitle(c.title) || "New chat"),
       ),
       h("span", { class: "conversation-meta" }, meta),
     );
@@ -655,7 +738,7 @@
     renderConversationList();
     let conversation;
     try {
-      conversation = await api("/api/conversations/" + encodeURIComponent(id));
+      conversation = await api(conversationPath(id));
     } catch (error) {
       if (state.currentId !== id) return;
       ui.messages.replaceChildren(
@@ -676,9 +759,59 @@
     scrollToBottom(true);
   }
 
+  const PAGE = 100; // messages fetched at once: a long conversation loads its newest, older ones on scroll-up
+
+  function conversationPath(id, before) {
+    return (
+      "/api/conversations/" +
+      encodeURIComponent(id) +
+      "?limit=" +
+      PAGE +
+      (before ? "&before=" + encodeURIComponent(before) : "")
+    );
+  }
+
+  /** Scrolled to the top of a long conversation: the page before the oldest shown, kept in place. */
+  async function loadOlder() {
+    const c = state.current;
+    if (!c || !c.has_more || state.loadingOlder || !c.messages.length) return;
+    state.loadingOlder = true;
+    const id = c.id;
+    let page;
+    try {
+      page = await api(conversationPath(id, c.messages[0].id));
+    } catch (error) {
+      state.loadingOlder = false;
+      return;
+    }
+    state.loadingOlder = false;
+    if (state.current !== c) return;
+    c.messages = page.messages.concat(c.messages);
+    c.has_more = page.has_more;
+    const before = ui.chatScroll.scrollHeight - ui.chatScroll.scrollTop;
+    const first = ui.messages.querySelector(".message");
+    for (const message of page.messages) ui.messages.insertBefore(messageView(message), first);
+    renderOlderNote();
+    ui.chatScroll.scrollTop = ui.chatScroll.scrollHeight - before;
+    updateAnswerActions();
+  }
+
+  function renderOlderNote() {
+    const old = ui.messages.querySelector(".older-note");
+    if (old) old.remove();
+    if (state.current && state.current.has_more)
+      ui.messages.prepend(
+        h(
+          "p",
+          { class: "older-note" },
+          h("button", { type: "button", class: "small-button", onclick: loadOlder }, "Show older messages"),
+        ),
+      );
+  }
+
   function renderChatHeader() {
     const c = state.current;
-    $("#chat-title").textContent = c ? c.title : state.currentId ? "Loading…" : "New chat";
+    $("#chat-title").textContent = c ? plainTitle(c.title) || "New chat" : state.currentId ? "Loading…" : "New chat";
     const subtitle = $("#chat-subtitle");
     subtitle.replaceChildren();
     if (c) {
@@ -694,6 +827,7 @@
     renderChatHeader();
     const c = state.current;
     ui.messages.replaceChildren(...(c ? c.messages.map(messageView) : []));
+    renderOlderNote();
     if (c && !c.own)
       ui.messages.append(
         h(
@@ -934,12 +1068,18 @@
     if (!id || (state.stream && state.stream.conversationId === id)) return;
     let conversation;
     try {
-      conversation = await api("/api/conversations/" + encodeURIComponent(id));
+      conversation = await api(conversationPath(id));
     } catch (error) {
       return;
     }
     if (state.currentId !== id || !state.current || (state.stream && state.stream.conversationId === id)) return;
-    Object.assign(state.current, conversation);
+    const known = new Set(state.current.messages.map((m) => m.id));
+    const older = state.current.messages;
+    const added = conversation.messages.filter((m) => !known.has(m.id));
+    Object.assign(state.current, conversation, {
+      messages: older.concat(added),
+      has_more: state.current.has_more,
+    });
     const shown = new Set([...ui.messages.querySelectorAll(".message[data-id]")].map((el) => el.dataset.id));
     const stick = isNearBottom();
     for (const message of conversation.messages) {
@@ -2251,6 +2391,13 @@
       closeSidebar(false);
       renderMesh();
     });
+    $("#search-input").addEventListener("input", scheduleSearch);
+    $("#search-input").addEventListener("keydown", (event) => {
+      if (event.key === "Escape" && event.currentTarget.value) {
+        event.currentTarget.value = "";
+        runSearch();
+      }
+    });
     $("#new-chat").addEventListener("click", () => {
       closeSidebar(false);
       if (location.hash === "#/chat" || location.hash === "") startNewChat();
@@ -2298,6 +2445,9 @@
     });
     ui.stop.addEventListener("click", stopAnswer);
     ui.picker.addEventListener("change", () => localStorage.setItem("neuromesh.model", ui.picker.value));
+    ui.chatScroll.addEventListener("scroll", () => {
+      if (ui.chatScroll.scrollTop < 80) loadOlder();
+    });
     ui.messages.addEventListener("click", (event) => {
       const button = event.target.closest(".copy-code");
       if (button) copyWithFeedback(button, button.closest(".code-block").querySelector("pre code").textContent);

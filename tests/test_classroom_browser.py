@@ -159,3 +159,57 @@ def test_a_students_display_name_is_asked_once_and_shown_to_others(pages, mesh):
     expect(head).to_contain_text("Ana on " + PLAIN_NAME)
     # This computer answered: the answer says so on the LLM host's page.
     expect(other.locator("#messages .message.assistant .answer-meta")).to_contain_text("this computer")
+
+
+# ---- C. the sidebar --------------------------------------------------------------------------
+
+def test_search_finds_a_message(pages, mesh):
+    word = "zebracrossing%d" % os.getpid()
+    conversation = mesh.plain.post("/api/conversations", json={"title": "## Road *safety*"}).json()
+    reply = mesh.plain.post("/api/conversations/%s/messages" % conversation["id"],
+                            json={"content": "How wide is a %s in town?" % word, "answer": False})
+    assert reply.status_code == 201, reply.text
+    page = pages.open(mesh.plain)
+    # The title is shown as words, without its Markdown.
+    item = page.locator('#conversation-list .conversation[data-id="%s"]' % conversation["id"])
+    expect(item.locator(".conversation-title")).to_have_text("Road safety")
+    page.get_by_label("Search conversations").fill(word.upper())
+    results = page.locator("#search-list")
+    expect(results).to_contain_text("Road safety")
+    expect(results.locator(".search-snippet")).to_contain_text("How wide is a " + word)
+    expect(page.locator("#conversation-list")).to_be_hidden()
+    pages.screenshot(page, "search")
+    results.get_by_role("button", name=re.compile("Road safety")).click()
+    expect(page.locator("#messages .message.user .bubble")).to_contain_text(word)
+    page.get_by_label("Search conversations").fill("nothing-like-this-anywhere")
+    expect(results).to_contain_text("Nothing found")
+    page.get_by_label("Search conversations").press("Escape")
+    expect(page.locator("#conversation-list")).to_be_visible()
+
+
+def test_shared_conversations_are_grouped_by_machine(pages, mesh):
+    title = "Grouped %d" % os.getpid()
+    conversation_with(mesh.llm, title, "Hello from the LLM box.")
+    page = pages.open(mesh.plain)
+    group = page.locator("#shared-list details.machine-group").filter(has_text=LLM_NAME)
+    expect(group).to_have_count(1)
+    expect(group.locator("summary")).to_contain_text(LLM_NAME)
+    expect(group.get_by_role("button", name=re.compile(title))).to_be_visible()
+    group.locator("summary").click()  # collapse
+    expect(group.get_by_role("button", name=re.compile(title))).to_be_hidden()
+    group.locator("summary").press("Enter")  # and open again, from the keyboard
+    expect(group.get_by_role("button", name=re.compile(title))).to_be_visible()
+
+
+def test_a_long_conversation_loads_its_newest_messages_and_older_ones_on_scroll(pages, mesh):
+    conversation = mesh.plain.post("/api/conversations", json={"title": "Long one"}).json()
+    for index in range(130):
+        mesh.plain.post("/api/conversations/%s/messages" % conversation["id"],
+                        json={"content": "note %03d" % index, "answer": False})
+    page = pages.open(mesh.plain, "/#/chat/" + conversation["id"])
+    bubbles = page.locator("#messages .message.user .bubble")
+    expect(bubbles).to_have_count(100)
+    expect(bubbles.last).to_have_text("note 129")
+    page.locator("#chat-scroll").evaluate("el => { el.scrollTop = 0; }")
+    expect(bubbles).to_have_count(130)
+    expect(bubbles.first).to_have_text("note 000")
