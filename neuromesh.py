@@ -55,6 +55,7 @@ import queue
 import re
 import secrets
 import selectors
+import shutil
 import signal
 import socket
 import sqlite3
@@ -1695,7 +1696,78 @@ class EntryLog:
         return True
 
 
-class Store:
+class StorePages:
+    """Store's reads for a sidebar and a chat that scale to a room: search and pages of long
+    conversations (mixed into Store, whose tables and helpers they use); and the node's name.
+
+    Methods for the caller: search, get_conversation_page, rename_node.
+    """
+
+    def rename_node(self, name):
+        """The name new conversations and messages of this node carry from now on."""
+        try:
+            self.node_name = _text(name, "node name")
+        except ValueError as error:
+            raise StoreError(str(error)) from None
+
+    _VISIBLE_SQL = "c.deleted = 0 AND (c.owner = ? OR c.private = 0)"
+
+    def search(self, query, limit=50) -> list:
+        """Listed conversations whose title or a message contains ``query`` (any case): records
+        with ``match`` ("title" or "message") and ``snippet`` (the text around the first hit)."""
+        needle = " ".join(str(query).split()).lower()
+        if not needle:
+            return []
+
+        def find():
+            by_title = self._db.execute(
+                self._RECORD_SQL + " WHERE " + self._VISIBLE_SQL + " AND instr(lower(c.title), ?) > 0"
+                " ORDER BY c.updated_at DESC LIMIT ?", (self.node_id, needle, limit)).fetchall()
+            found = [dict(self._record(row), match="title", snippet=row["title"]) for row in by_title]
+            seen = {record["id"] for record in found}
+            hits = self._db.execute(
+                "SELECT e.conversation_id, json_extract(e.data, '$.content') AS content"
+                " FROM entries e JOIN conversations c ON c.id = e.conversation_id WHERE " + self._VISIBLE_SQL
+                + " AND e." + self._LISTED.replace(" AND ", " AND e.") + " AND instr(lower(json_extract("
+                "e.data, '$.content')), ?) > 0 ORDER BY c.updated_at DESC, e.timestamp DESC",
+                (self.node_id, needle)).fetchall()
+            for hit in hits:
+                if len(found) >= limit:
+                    break
+                if hit["conversation_id"] in seen:
+                    continue
+                seen.add(hit["conversation_id"])
+                found.append(dict(self._record_of(hit["conversation_id"]), match="message",
+                                  snippet=_snippet(hit["content"], needle)))
+            return found
+        return self._db.read(find)
+
+    def get_conversation_page(self, conversation_id, limit, before=None):
+        """Like get_conversation, with only the ``limit`` newest messages older than the message
+        whose id is ``before`` (None: the newest); ``has_more`` tells whether older ones exist."""
+        def page():
+            if not self._visible(self._log.conversation_row(conversation_id)):
+                return None
+            conversation = self._record_of(conversation_id)
+            where, parameters = "", [conversation_id]
+            if before:
+                cursor = self._db.execute(
+                    "SELECT timestamp, origin, seq FROM entries WHERE uid = ? AND conversation_id = ?",
+                    (before, conversation_id)).fetchone()
+                if cursor is None:
+                    raise StoreError("no message %s in this conversation" % before)
+                where, parameters = " AND (timestamp, origin, seq) < (?, ?, ?)", parameters + list(cursor)
+            rows = self._db.execute(
+                "SELECT " + _ENTRY_COLUMNS + " FROM entries WHERE conversation_id = ? AND " + self._LISTED
+                + where + " ORDER BY timestamp DESC, origin DESC, seq DESC LIMIT ?",
+                parameters + [limit + 1]).fetchall()
+            conversation["has_more"] = len(rows) > limit
+            conversation["messages"] = [self._message(row) for row in reversed(rows[:limit])]
+            return conversation
+        return self._db.read(page)
+
+
+class Store(StorePages):
     """Keeps conversations durable in SQLite and answers what peers are missing.
 
     Every change is an entry in its origin node's append-only log, identified
@@ -2043,69 +2115,6 @@ class Store:
         """{conversation id: guest id} of the conversations guests started."""
         return self._db.write(lambda: (self._db.execute(self._GUEST_TABLE), dict(self._db.execute(
             "SELECT conversation_id, guest_id FROM guest_conversations").fetchall()))[1])
-
-    def rename_node(self, name):
-        """The name new conversations and messages of this node carry from now on."""
-        try:
-            self.node_name = _text(name, "node name")
-        except ValueError as error:
-            raise StoreError(str(error)) from None
-
-    _VISIBLE_SQL = "c.deleted = 0 AND (c.owner = ? OR c.private = 0)"
-
-    def search(self, query, limit=50) -> list:
-        """Listed conversations whose title or a message contains ``query`` (any case): records
-        with ``match`` ("title" or "message") and ``snippet`` (the text around the first hit)."""
-        needle = " ".join(str(query).split()).lower()
-        if not needle:
-            return []
-
-        def find():
-            by_title = self._db.execute(
-                self._RECORD_SQL + " WHERE " + self._VISIBLE_SQL + " AND instr(lower(c.title), ?) > 0"
-                " ORDER BY c.updated_at DESC LIMIT ?", (self.node_id, needle, limit)).fetchall()
-            found = [dict(self._record(row), match="title", snippet=row["title"]) for row in by_title]
-            seen = {record["id"] for record in found}
-            hits = self._db.execute(
-                "SELECT e.conversation_id, json_extract(e.data, '$.content') AS content"
-                " FROM entries e JOIN conversations c ON c.id = e.conversation_id WHERE " + self._VISIBLE_SQL
-                + " AND e." + self._LISTED.replace(" AND ", " AND e.") + " AND instr(lower(json_extract("
-                "e.data, '$.content')), ?) > 0 ORDER BY c.updated_at DESC, e.timestamp DESC",
-                (self.node_id, needle)).fetchall()
-            for hit in hits:
-                if len(found) >= limit:
-                    break
-                if hit["conversation_id"] in seen:
-                    continue
-                seen.add(hit["conversation_id"])
-                found.append(dict(self._record_of(hit["conversation_id"]), match="message",
-                                  snippet=_snippet(hit["content"], needle)))
-            return found
-        return self._db.read(find)
-
-    def get_conversation_page(self, conversation_id, limit, before=None):
-        """Like get_conversation, with only the ``limit`` newest messages older than the message
-        whose id is ``before`` (None: the newest); ``has_more`` tells whether older ones exist."""
-        def page():
-            if not self._visible(self._log.conversation_row(conversation_id)):
-                return None
-            conversation = self._record_of(conversation_id)
-            where, parameters = "", [conversation_id]
-            if before:
-                cursor = self._db.execute(
-                    "SELECT timestamp, origin, seq FROM entries WHERE uid = ? AND conversation_id = ?",
-                    (before, conversation_id)).fetchone()
-                if cursor is None:
-                    raise StoreError("no message %s in this conversation" % before)
-                where, parameters = " AND (timestamp, origin, seq) < (?, ?, ?)", parameters + list(cursor)
-            rows = self._db.execute(
-                "SELECT " + _ENTRY_COLUMNS + " FROM entries WHERE conversation_id = ? AND " + self._LISTED
-                + where + " ORDER BY timestamp DESC, origin DESC, seq DESC LIMIT ?",
-                parameters + [limit + 1]).fetchall()
-            conversation["has_more"] = len(rows) > limit
-            conversation["messages"] = [self._message(row) for row in reversed(rows[:limit])]
-            return conversation
-        return self._db.read(page)
 
 
 ###############################################################################
@@ -4421,10 +4430,11 @@ class ChatService:
 
     history_budget = int(SAMPLING_DEFAULTS["num_ctx"] * 3)  # about 4 characters a token, room left to answer
 
-    def __init__(self, router, store, host_info, max_queued=DEFAULTS["max_queued"]):
+    def __init__(self, router, store, host_info, max_queued=DEFAULTS["max_queued"], local_problem=None):
         self.router = router
         self.store = store
         self.host_info = host_info  # callable: who asked, for a question asked on this node
+        self.local_problem = local_problem or (lambda: None)  # why this computer's own LLM is down, or None
         self.max_queued = max_queued  # chats that may wait for their first answer event at once
         self.waiting = 0
         self._lock = threading.Lock()
@@ -4474,7 +4484,9 @@ class ChatService:
                 if cancel.is_set():
                     break
         except LLMError as exc:
-            events.put({"type": "error", "error": str(exc), "status": exc.status, "partial": exc.partial})
+            problem = None if exc.partial or exc.status == 499 else self.local_problem()
+            error = "%s. %s" % (str(exc).rstrip("."), problem[0].upper() + problem[1:]) if problem else str(exc)
+            events.put({"type": "error", "error": error, "status": exc.status, "partial": exc.partial})
         except Exception as exc:  # a bug: report it to the client, keep the node up
             log.exception("chat failed")
             events.put({"type": "error", "error": "internal error: %s" % exc, "status": 500, "partial": False})
@@ -5651,7 +5663,9 @@ class RelayApi(HttpApi):
 
 def build_app(node):
     """The Bottle application of ``node``: every API's routes on one app, one chat room behind them."""
-    chat = ChatService(node.router, node.store, node.host_info, max_queued=node.config.max_queued)
+    local_llm = getattr(node, "local_llm", None)
+    chat = ChatService(node.router, node.store, node.host_info, max_queued=node.config.max_queued,
+                       local_problem=local_llm and (lambda: local_llm.state()[1]))
     gate = Gatekeeper(node.config)
     app = bottle.Bottle()
     for api in (PageApi, OllamaApi, OpenAIApi, RelayApi):
@@ -5668,6 +5682,56 @@ def build_app(node):
 ###############################################################################
 # Node ########################################################################
 ###############################################################################
+
+
+class LocalLLM:
+    """The truth about this computer's own LLM, in words for the page, the APIs' errors and the
+    terminal: answering, installed but stopped (and how to start it), or none (normal on a
+    student's laptop). ``check()`` after each probe logs a change once."""
+
+    def __init__(self, router, config):
+        self.router = router
+        self.config = config
+        self.last = None
+
+    def state(self):
+        """("running" | "stopped" | "none" | "off", a sentence or None)."""
+        backends = self.router.local
+        if any(backend.available for backend in backends):
+            return "running", None
+        if not backends:
+            return "off", None
+        refused = [b for b in backends if "ConnectionError" in (b.error or "")]
+        ollama = [b for b in refused if b.kind == "ollama"]
+        if ollama and shutil.which("ollama"):
+            return "stopped", ("Ollama is installed on this computer but not running (nothing answers at %s): "
+                               "start it with `ollama serve` (or open the Ollama app)" % ollama[0].url)
+        if refused and (not ollama or self.config.ollama_url != DEFAULTS["ollama_url"]):
+            return "stopped", ("this computer's LLM server at %s is not running: start it" % refused[0].url)
+        return "none", None
+
+    def describe(self):
+        """One line for the start-up banner: what this node will use to answer."""
+        state, problem = self.state()
+        if state == "running":
+            backend = next(b for b in self.router.local if b.available)
+            return "answers with %s on this computer (%s at %s)%s" % (
+                ", ".join(backend.models) or "no model yet", backend.kind, backend.url,
+                "" if not self.config.no_share_llm else ", kept to itself (--no-share-llm)")
+        if state == "stopped":
+            return "uses the LLMs of the mesh for now: %s" % problem
+        return "has no LLM of its own: the LLMs of other computers of the mesh answer (that is normal)"
+
+    def check(self):
+        """Log when this computer's LLM stops or comes back (once per change)."""
+        state, problem = self.state()
+        if state == self.last:
+            return
+        if self.last is not None and state == "running":
+            log.info("this computer's LLM is back: %s", self.describe())
+        elif state == "stopped":
+            log.warning("%s", problem)
+        self.last = state
 
 
 class Node(MeshListener):
@@ -5698,6 +5762,7 @@ class Node(MeshListener):
         self.router = Router(config, self.node_id, self.name, self.mesh)
         self.router.http_port = lambda: self.http_port
         self.router.on_change = self._llm_changed
+        self.local_llm = LocalLLM(self.router, config)
         self._frame_handlers = {  # the frames the mesh passes on to frame(), by marker
             SYNC: self.sync.handle_sync, FILE: self.sync.handle_file,
             LLM_REQUEST: self.router.handle_request, LLM_RESPONSE: self.router.handle_response,
@@ -5745,12 +5810,14 @@ class Node(MeshListener):
     def _llm_changed(self):
         """This node's LLM, its load, or the LLMs we may use changed: tell peers and pages,
         each only when what they are told changed (a load change is not news to a page)."""
+        self.local_llm.check()
         capability = self.router.local_capability()
         if capability != self._told_capability:
             self._told_capability = capability
             self.mesh.broadcast(LLM_CAPS, capability)
         models = self.router.mesh_models()
         offer = {name: sorted(node_id for node_id, _n, _l in hosts) for name, hosts in models.items()}
+        offer["~local"] = [self.local_llm.last]  # the page also hears this computer's LLM stop or return
         if offer != self._told_offer:
             self._told_offer = offer
             self.events.publish("llm", {"llm_hosts": llm_host_count(models)})
@@ -5807,9 +5874,10 @@ class Node(MeshListener):
         if log.getEffectiveLevel() > logging.DEBUG:
             quiet_waitress_logs()
         self.router.refresh_local()
+        self.local_llm.check()
         for backend in self.router.local:
-            log.info("%s", "LLM: %s at %s offers %s" % (backend.kind, backend.url, ", ".join(backend.models))
-                     if backend.available else backend.error)
+            log.debug("%s", "LLM: %s at %s offers %s" % (backend.kind, backend.url, ", ".join(backend.models))
+                      if backend.available else backend.error)
         try:
             self.mesh.start()
         except Exception:
@@ -5944,6 +6012,7 @@ class Node(MeshListener):
                        {"backend": None, "url": None, "available": False, "models": [],
                         "error": "no local LLM configured (--ollama-url none)"}))
         summary["backends"] = backends
+        summary["state"], summary["problem"] = self.local_llm.state()
         summary["sharing"] = not self.config.no_share_llm
         summary["models"] = self.router.local_models()
         return summary
@@ -5998,6 +6067,7 @@ def run_node(config):
     install_signal_handlers(node)
     local, lan = node.urls()
     print("NeuroMesh %s is running as %s." % (__version__, node.name), flush=True)
+    print("  LLM: this node %s." % node.local_llm.describe(), flush=True)
     print("  Chat page on this computer: %s" % local[0], flush=True)
     for url in lan:
         print("  For others on the network: %s" % url, flush=True)

@@ -1118,13 +1118,38 @@
     renderNoLlmNotice(noLlm);
   }
 
-  function renderNoLlmNotice(show) {
+  /** Why this computer's own LLM does not answer (Ollama installed but stopped), from /api/health. */
+  function localLlmProblem() {
+    const llm = state.health && state.health.llm;
+    return llm && llm.state === "stopped" && state.role !== "guest" ? llm.problem : null;
+  }
+
+  function renderNoLlmNotice(noLlm) {
+    const problem = localLlmProblem();
+    const show = noLlm || Boolean(problem);
     ui.notice.hidden = !show;
+    const kind = (noLlm ? "none" : "") + "|" + (problem || "");
     if (!show) {
       ui.notice.replaceChildren();
+      ui.notice.dataset.kind = "";
       return;
     }
-    if (ui.notice.childElementCount) return; // keep the <details> open or closed as the user left it
+    if (ui.notice.dataset.kind === kind) return; // keep the <details> open or closed as the user left it
+    ui.notice.dataset.kind = kind;
+    if (!noLlm) {
+      ui.notice.replaceChildren(
+        h("strong", null, "This computer's LLM is stopped: "),
+        window.NeuroMarkdown.render(problem + ". Meanwhile the other LLMs of the mesh answer."),
+      );
+      return;
+    }
+    if (problem) {
+      ui.notice.replaceChildren(
+        h("strong", null, "No LLM answers yet: "),
+        window.NeuroMarkdown.render(problem + "."),
+      );
+      return;
+    }
     ui.notice.replaceChildren(
       h("strong", null, "No LLM on the mesh yet: "),
       "no linked computer runs a language model, so questions are saved and shared but nobody answers them.",
@@ -1877,7 +1902,11 @@
                 "Answering",
                 (llm.in_flight || 0) + " now, " + (llm.queued || 0) + " queued, " + (llm.parallel || 0) + " at a time",
               ],
-              llm.error ? ["Problem", h("span", { class: "error-text" }, llm.error)] : null,
+              llm.state === "stopped"
+                ? ["Problem", h("span", { class: "error-text" }, llm.problem || llm.error)]
+                : llm.state === "none" || llm.state === "off"
+                  ? ["On this computer", h("span", { class: "muted" }, "no LLM: the LLMs of the mesh answer (normal for most computers)")]
+                  : null,
               ["LLM hosts on the mesh", String(llmHostCount())],
             ])
           : kv([["Has an LLM", d.has_llm ? "yes" : "no"]]),
@@ -1927,6 +1956,7 @@
       return;
     }
     renderStatus();
+    if (localLlmProblem() || ui.notice.dataset.kind) updateComposer();
   }
 
   async function refreshPeers() {
@@ -2010,7 +2040,10 @@
         location.hash = "#/chat";
       }
     });
-    on("llm", scheduleModelsRefresh);
+    on("llm", () => {
+      scheduleModelsRefresh();
+      refreshHealth().then(updateComposer);
+    });
     on("node", () => refreshHealth());
   }
 

@@ -213,3 +213,47 @@ def test_a_long_conversation_loads_its_newest_messages_and_older_ones_on_scroll(
     page.locator("#chat-scroll").evaluate("el => { el.scrollTop = 0; }")
     expect(bubbles).to_have_count(130)
     expect(bubbles.first).to_have_text("note 000")
+
+
+# ---- D. the truth about this computer's LLM ----------------------------------------------------
+
+def test_a_stopped_ollama_is_named_with_how_to_start_it_and_its_return_is_seen(cluster, pages, tmp_path,
+                                                                                monkeypatch):
+    from fake_ollama import FakeOllama
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ollama").write_text("#!/bin/sh\nexit 0\n")  # Ollama is installed...
+    (bin_dir / "ollama").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir) + os.pathsep + os.environ["PATH"])
+    with FakeOllama(models=(MODEL,), token_delay=0.01) as server:
+        server.set_fail("refuse")  # ...but stopped
+        node = cluster.start("stopped-llm", extra=["--ollama-url", server.url, "--name", "Teacher-Box"])
+        wait_for(lambda: "installed on this computer but not running" in node.log(), timeout=10,
+                 message="the terminal to say Ollama is stopped")
+        assert "LLM: this node uses the LLMs of the mesh for now" in node.log()
+        assert "ollama serve" in node.log()
+        health = node.health()["llm"]
+        assert health["state"] == "stopped" and "ollama serve" in health["problem"]
+        reply = node.post("/api/chat", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                             "stream": False})
+        assert reply.status_code == 503 and "ollama serve" in reply.json()["error"], reply.text
+        page = pages.open(node)
+        notice = page.locator("#composer-notice")
+        expect(notice).to_contain_text("not running")
+        expect(notice).to_contain_text("ollama serve")
+        page.goto(node.url + "/#/diagnostics")
+        expect(page.locator("#diagnostics")).to_contain_text("ollama serve")
+        page.goto(node.url + "/#/chat")
+        server.heal()
+        wait_for(lambda: "this computer's LLM is back" in node.log(), timeout=15,
+                 message="the terminal to say Ollama is back")
+        expect(notice).to_be_hidden(timeout=15000)
+        expect(page.locator("#stat-llm")).to_have_text("1")
+
+
+def test_a_laptop_without_an_llm_is_not_a_problem_in_diagnostics(pages, mesh):
+    page = pages.open(mesh.plain, "/#/diagnostics")
+    panel = page.locator("#diagnostics .panel").filter(has_text="LLM backend")
+    expect(panel).to_contain_text("no LLM: the LLMs of the mesh answer")
+    expect(panel.locator(".error-text")).to_have_count(0)
+    expect(panel).not_to_contain_text("Problem")
