@@ -1243,6 +1243,9 @@ def _message_marks(data):
     replaces = data.get("replaces")
     if isinstance(replaces, str) and 0 < len(replaces) <= 100:
         marks["replaces"] = replaces
+    original = data.get("original_timestamp")  # as an imported file wrote it (nanoseconds)
+    if isinstance(original, str) and 0 < len(original) <= 64:
+        marks["original_timestamp"] = original
     return marks
 
 
@@ -1742,6 +1745,10 @@ class StorePages:
             return found
         return self._db.read(find)
 
+    def known_message_ids(self, ids) -> set:
+        """Those of the message ids ``ids`` this store holds (an import skips them)."""
+        return self._db.read(lambda: {uid for uid in ids if self._log.has_uid(uid)})
+
     def get_conversation_page(self, conversation_id, limit, before=None):
         """Like get_conversation, with only the ``limit`` newest messages older than the message
         whose id is ``before`` (None: the newest); ``has_more`` tells whether older ones exist."""
@@ -2147,7 +2154,7 @@ def seed_message(message) -> dict:
     """A stored message (from Store.get_conversation) in the original NeuroMesh's
     JSON shape: {content, timestamp, sender, message_type, host_info}."""
     return {"content": message["content"],
-            "timestamp": message["timestamp"],
+            "timestamp": message.get("original_timestamp") or message["timestamp"],
             "sender": message["sender"],
             "message_type": "Response" if message["role"] == "assistant" else "Question",
             "host_info": dict(message["host_info"])}
@@ -2179,63 +2186,48 @@ class SeedFiles:
         self.store = store
 
     def export_layout(self, directory) -> dict:
-        """Write the original's layout: conversations/local.json (the default
-        conversation), conversations/<id>.json (other own ones), and
-        received/<peer>/local.json and <id>.json (peers' and imported peers').
-        Creates the default conversation if need be; private conversations
-        are left out. Every file also carries "title",
-        and those under received/ carry "peer" (the unsanitized peer label).
-        Returns {conversations, messages, private_skipped}."""
-        default_id = self.store.default_conversation()["id"]
-        conversations = self.store.get_all_conversations()
-        files, peers, skipped = {}, {}, 0
-        conversations.sort(key=lambda c: (c["id"] != default_id, c["created_at"], c["id"]))
-        files[("conversations", "local.json")] = {"id": "local", "messages": [],
-                                                  "host_info": {}, "title": "Local chat"}
-        for conversation in conversations:
+        """Write the original's layout: conversations/local.json holds this node's own
+        conversations, and received/<peer>/local.json each peer's (imported peers' too), their
+        messages in time order with their timestamps as first written, as the original's files
+        held a node's chat. Private conversations are left out. Beyond the original's keys (it
+        ignores others), each message carries "id" and "conversation_id", and each file
+        "conversations" {id: {"title", "peer"}}, so an import splits them again and skips what
+        a store already holds. Returns {conversations, messages, private_skipped}."""
+        groups, skipped, count = {("conversations", "local.json"): []}, 0, 0
+        for conversation in self.store.get_all_conversations():
             if conversation["private"]:
                 skipped += 1
-            elif conversation["id"] == default_id:
-                files[("conversations", "local.json")] = self._seed_file(conversation, "local")
-            elif conversation["own"] and not conversation["peer_label"]:
-                name = _safe_name(conversation["id"]) + ".json"
-                files[self._unused(files, ("conversations", name))] = self._seed_file(conversation)
-            else:
-                peer = (conversation["peer_label"] or conversation["origin_name"]
-                        or conversation["origin"])
-                peers.setdefault(_safe_name(peer), []).append(conversation)
-        for folder, owned in sorted(peers.items()):
-            for index, conversation in enumerate(owned):
-                if index == 0:
-                    path = ("received", folder, "local.json")
-                    files[path] = self._seed_file(conversation, "local")
-                else:
-                    name = _safe_name(conversation["id"]) + ".json"
-                    path = self._unused(files, ("received", folder, name))
-                    files[path] = self._seed_file(conversation)
-                # The folder name is sanitized; "peer" keeps the label as shown.
-                files[path]["peer"] = (conversation["peer_label"]
-                                       or conversation["origin_name"] or conversation["origin"])
-        for parts, document in sorted(files.items()):
+                continue
+            peer = self._peer_of(conversation)
+            parts = ("conversations", "local.json") if peer is None else ("received", _safe_name(peer), "local.json")
+            groups.setdefault(parts, []).append(conversation)
+            count += 1
+        total = 0
+        for parts, conversations in sorted(groups.items()):
+            document = self._seed_file(conversations)
+            total += len(document["messages"])
             self._write_json(os.path.join(directory, *parts), document)
-        return {"conversations": len(files),
-                "messages": sum(len(d["messages"]) for d in files.values()),
-                "private_skipped": skipped}
+        return {"conversations": count, "messages": total, "private_skipped": skipped}
 
     @staticmethod
-    def _seed_file(conversation, file_id=None):
-        document = seed_conversation(conversation)
-        document["id"] = file_id or conversation["id"]
-        document["title"] = conversation["title"]
+    def _peer_of(conversation):
+        if conversation["own"] and not conversation["peer_label"]:
+            return None
+        return conversation["peer_label"] or conversation["origin_name"] or conversation["origin"]
+
+    def _seed_file(self, conversations):
+        pairs = sorted(((m, c) for c in conversations for m in c["messages"]),
+                       key=lambda pair: (pair[0]["timestamp"], pair[0]["id"]))
+        peer = self._peer_of(conversations[0]) if conversations else None
+        document = seed_conversation({"id": "local", "origin_name": peer or self.store.node_name,
+                                      "messages": [m for m, _c in pairs]})
+        for written, (message, conversation) in zip(document["messages"], pairs):
+            written.update(id=message["id"], conversation_id=conversation["id"])
+        document["conversations"] = {c["id"]: {"title": c["title"], "peer": self._peer_of(c)}
+                                     for c in conversations}
+        if peer is not None:
+            document["peer"] = peer  # the folder name is sanitized; "peer" keeps the label as shown
         return document
-
-    @staticmethod
-    def _unused(files, parts):
-        stem, counter = parts[-1][:-len(".json")], 2
-        while parts in files or parts[-1] == "local.json":
-            parts = parts[:-1] + ("%s-%d.json" % (stem, counter),)
-            counter += 1
-        return parts
 
     @staticmethod
     def _write_json(path, document):
@@ -2256,7 +2248,18 @@ class SeedFiles:
         Importing the same files again adds nothing.
         Returns {conversations, messages, skipped} (skipped: already present)."""
         files = [self._read_seed_file(*source) for source in self._seed_files(directory)]
-        return self.store.import_conversations([self._conversation(f) for f in files])
+        conversations = [c for f in files for c in self._conversations(f)]
+        known = self.store.known_message_ids([m["id"] for c in conversations for m in c.pop("ids")])
+        kept, skipped = [], 0
+        for conversation in conversations:
+            fresh = [m for m, i in zip(conversation["messages"], conversation.pop("message_ids"))
+                     if i not in known]
+            skipped += len(conversation["messages"]) - len(fresh)
+            if fresh or not conversation.pop("exported") or not conversation["messages"]:
+                kept.append(dict(conversation, messages=fresh))
+        summary = self.store.import_conversations(kept)
+        summary["skipped"] += skipped
+        return summary
 
     @staticmethod
     def _seed_files(directory):
@@ -2318,21 +2321,26 @@ class SeedFiles:
                      % (number, kind))
             try:
                 timestamp = _normal_timestamp(message["timestamp"])
+                raw = message["timestamp"].strip()
                 data = _clean_message_data({
                     "role": "user" if kind == "Question" else "assistant",
                     "content": message["content"], "sender": message["sender"],
-                    "host_info": message.get("host_info") or file_host or {}})
+                    "host_info": message.get("host_info") or file_host or {},
+                    "original_timestamp": raw if raw != timestamp else None})
+                ids = [_ident(message.get(key), key, optional=True) for key in ("id", "conversation_id")]
             except ValueError as error:
                 fail("message %d: %s" % (number, error))
-            messages.append((message["timestamp"], timestamp, data))
-        return {"relative": relative, "peer": peer, "title": title, "messages": messages}
+            messages.append((message["timestamp"], timestamp, data, ids))
+        listed = document.get("conversations")
+        return {"relative": relative, "peer": peer, "title": title, "messages": messages,
+                "conversations": listed if isinstance(listed, dict) else {}}
 
-    def _conversation(self, seed_file):
-        """A read file as Store.import_conversations takes it. Its id comes
-        from the file's path, its messages' uids from their contents."""
+    def _conversations(self, seed_file):
+        """A read file as Store.import_conversations takes it: one conversation, or those its
+        messages' "conversation_id" name (an export of ours). An id comes from the file's path,
+        or from the exported conversation's id; messages' uids from their contents. Each also
+        has "message_ids" (the exported ids, to skip those a store holds) and "exported"."""
         relative, peer = seed_file["relative"], seed_file["peer"]
-        conversation_id = str(uuid.uuid5(
-            _UUID_NAMESPACE, "import/%s/%s" % (self.store.node_id, relative)))
         stem = relative.rsplit("/", 1)[1][:-len(".json")]
         if seed_file["title"] is not None:
             title = seed_file["title"]
@@ -2340,11 +2348,25 @@ class SeedFiles:
             title = "Imported: %s" % stem
         else:
             title = peer if stem == "local" else "%s: %s" % (peer, stem)
-        messages = [{"uid": _import_uid(conversation_id, raw_timestamp, data),
-                     "timestamp": timestamp, "data": data}
-                    for raw_timestamp, timestamp, data in seed_file["messages"]]
-        return {"id": conversation_id, "title": title, "peer_label": peer,
-                "messages": messages}
+        groups = {}
+        for raw_timestamp, timestamp, data, (message_id, exported_id) in seed_file["messages"]:
+            groups.setdefault(exported_id, []).append((raw_timestamp, timestamp, data, message_id))
+        result = []
+        for exported_id, messages in (groups or {None: []}).items():
+            listed = seed_file["conversations"].get(exported_id)
+            listed = listed if isinstance(listed, dict) else {}
+            key = "import/%s/%s" % (self.store.node_id, relative) if exported_id is None else "import/" + exported_id
+            conversation_id = str(uuid.uuid5(_UUID_NAMESPACE, key))
+            label = peer if exported_id is None or peer is None else (listed.get("peer") or peer)
+            result.append({
+                "id": conversation_id, "peer_label": label if isinstance(label, str) else peer,
+                "title": listed.get("title") if isinstance(listed.get("title"), str) else title,
+                "messages": [{"uid": _import_uid(conversation_id, raw, data), "timestamp": timestamp, "data": data}
+                             for raw, timestamp, data, _id in messages],
+                "message_ids": [message_id for *_rest, message_id in messages],
+                "ids": [{"id": message_id} for *_rest, message_id in messages if message_id],
+                "exported": exported_id is not None})
+        return result
 
 
 ###############################################################################
@@ -5229,7 +5251,8 @@ class PageApi(HttpApi):
                 ("POST", conversation + "/regenerate", self.regenerate),
                 ("GET", "/api/models", self.models), ("GET", "/api/events", self.events),
                 ("POST", "/api/guest/login", self.guest_login), ("GET", "/api/guests", self.guests),
-                ("PATCH", "/api/node", self.rename_node), ("GET", "/api/search", self.search)]
+                ("PATCH", "/api/node", self.rename_node), ("GET", "/api/search", self.search),
+                ("GET", conversation + "/download", self.download)]
 
     def index(self):
         return bottle.static_file("index.html", root=STATIC_DIR)
@@ -5304,6 +5327,21 @@ class PageApi(HttpApi):
         if page is None:
             raise HTTPFailure(404, "no conversation %s" % safe_text(conversation_id, 80))
         return self._readable(conversation_id, page)
+
+    def download(self, conversation_id):
+        """``GET .../download?format=md|json``: one conversation as a file to keep."""
+        conversation = self._readable(conversation_id)
+        kind = bottle.request.query.get("format") or "md"
+        if kind not in ("md", "json"):
+            raise HTTPFailure(400, "'format' must be md or json")
+        name = (re.sub(r"[^\w-]+", "-", conversation["title"], flags=re.UNICODE).strip("-")[:60] or "conversation")
+        bottle.response.set_header("Content-Disposition", 'attachment; filename="%s.%s"'
+                                   % (name.encode("ascii", "replace").decode("ascii").replace("?", "_"), kind))
+        if kind == "json":
+            bottle.response.content_type = "application/json; charset=utf-8"
+            return json.dumps(conversation, ensure_ascii=False, indent=2)
+        bottle.response.content_type = "text/markdown; charset=utf-8"
+        return conversation_markdown(conversation)
 
     def search(self):
         """``GET /api/search?q=text``: conversations whose title or messages hold ``text``."""
@@ -5440,6 +5478,24 @@ class PageApi(HttpApi):
                 yield sse_format(event)
         finally:
             node.events.unsubscribe(inbox)
+
+
+def conversation_markdown(conversation):
+    """A conversation as a Markdown document a person can read, keep and print."""
+    lines = ["# %s" % conversation["title"], "",
+             "*From %s, %s messages, exported %s.*" % (conversation["origin_name"], len(conversation["messages"]),
+                                                       utc_now()[:16].replace("T", " ")), ""]
+    for message in conversation["messages"]:
+        when = message["timestamp"][:16].replace("T", " ")
+        if message["role"] == "assistant":
+            who = "Answer by %s" % (message.get("answered_by_name") or message["host_info"]["hostname"] or "the mesh")
+            who += " with %s" % message["model"] if message.get("model") else ""
+        else:
+            who = "%s on %s" % (message["sender"], message["host_info"]["hostname"] or "?")
+        lines += ["## %s · %s" % (who, when), "", message["content"], ""]
+        if message.get("cut_off"):
+            lines += ["*(cut off: this answer stopped before it was complete)*", ""]
+    return "\n".join(lines)
 
 
 def ollama_timestamp():

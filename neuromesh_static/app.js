@@ -819,6 +819,15 @@
         subtitle.append("from " + (c.origin_name || c.origin.slice(0, 8)), h("span", { class: "chip" }, "read-only"));
       if (c.private) subtitle.append(h("span", { class: "chip offline" }, "private"));
     }
+    const downloads = $("#chat-downloads");
+    downloads.hidden = !c;
+    if (c) {
+      const base = "/api/conversations/" + encodeURIComponent(c.id) + "/download?format=";
+      $("#download-md").href = base + "md";
+      $("#download-md").setAttribute("aria-label", "Download this conversation as Markdown");
+      $("#download-json").href = base + "json";
+      $("#download-json").setAttribute("aria-label", "Download this conversation as JSON");
+    }
     const chatLink = document.querySelector('.nav a[data-view="chat"]');
     chatLink.href = state.currentId ? "#/chat/" + encodeURIComponent(state.currentId) : "#/chat";
   }

@@ -105,3 +105,94 @@ def test_search_finds_titles_and_message_text(stub_node):
     assert by_id[hidden["id"]]["match"] == "title"  # own private ones are found by their owner
     assert [r["id"] for r in _get(app, "/api/search", {"q": "volcano"})] == [one["id"]]
     assert _get(app, "/api/search", {"q": ""}) == []
+
+
+# ---- E. export and import round trips ---------------------------------------------------------
+
+def _store(tmp_path, name):
+    return neuromesh.Store(str(tmp_path / (name + ".db")), (name * 32)[:32], name)
+
+
+def _shown(store):
+    return sorted((c["title"], c["peer_label"] or "", [(m["content"], m["role"], m["sender"], m["timestamp"])
+                                                        for m in c["messages"]])
+                  for c in store.get_all_conversations() if not c["private"])
+
+
+def test_original_files_round_trip_without_duplicates_and_keep_nanoseconds(tmp_path, original_layout):
+    a, b = _store(tmp_path, "a"), _store(tmp_path, "b")
+    try:
+        first = neuromesh.SeedFiles(a).import_layout(str(original_layout))
+        assert first["messages"] == 155
+        before = _shown(a)
+        out = tmp_path / "export"
+        summary = neuromesh.SeedFiles(a).export_layout(str(out))
+        assert summary["messages"] == 155
+        # Into the same data dir: nothing is added twice.
+        again = neuromesh.SeedFiles(a).import_layout(str(out))
+        assert again["messages"] == 0 and again["conversations"] == 0 and again["skipped"] == 155
+        assert _shown(a) == before
+        # Into another data dir: everything once, however often.
+        assert neuromesh.SeedFiles(b).import_layout(str(out))["messages"] == 155
+        assert neuromesh.SeedFiles(b).import_layout(str(out))["messages"] == 0
+        assert _shown(b) == before
+        # Timestamps keep the precision of the original files (nanoseconds).
+        original = json.loads((original_layout / "conversations" / "local.json").read_text())
+        exported = json.loads((out / "conversations" / "local.json").read_text())
+        assert sorted(m["timestamp"] for m in exported["messages"]) == sorted(
+            m["timestamp"] for m in original["messages"])
+        assert any(len(m["timestamp"]) == len("2025-03-25T13:56:00.304707400Z") for m in exported["messages"])
+        second = tmp_path / "export2"
+        neuromesh.SeedFiles(b).export_layout(str(second))
+        again = json.loads((second / "conversations" / "local.json").read_text())
+        assert [m["timestamp"] for m in again["messages"]] == [m["timestamp"] for m in exported["messages"]]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_own_conversations_round_trip_and_local_json_holds_them(tmp_path):
+    a, b = _store(tmp_path, "a"), _store(tmp_path, "b")
+    try:
+        one = a.create_conversation("Photosynthesis")
+        a.add_message(one["id"], "user", "What is chlorophyll?", "Ana")
+        a.add_message(one["id"], "assistant", "A green pigment.", "LLM", model="m")
+        two = a.create_conversation("Fractions")
+        a.add_message(two["id"], "user", "Is 1/2 more than 1/3?", "Ben")
+        secret = a.create_conversation("Secret", private=True)
+        a.add_message(secret["id"], "user", "hidden", "Ana")
+        out = tmp_path / "export"
+        summary = neuromesh.SeedFiles(a).export_layout(str(out))
+        assert summary == {"conversations": 2, "messages": 3, "private_skipped": 1}
+        local = json.loads((out / "conversations" / "local.json").read_text())
+        assert local["id"] == "local"
+        assert [m["content"] for m in local["messages"]] == [
+            "What is chlorophyll?", "A green pigment.", "Is 1/2 more than 1/3?"]
+        assert [m["message_type"] for m in local["messages"]] == ["Question", "Response", "Question"]
+        assert sorted(os.listdir(out / "conversations")) == ["local.json"]
+        before = _shown(a)
+        assert neuromesh.SeedFiles(a).import_layout(str(out)) == {"conversations": 0, "messages": 0, "skipped": 3}
+        assert _shown(a) == before
+        assert neuromesh.SeedFiles(b).import_layout(str(out))["messages"] == 3
+        assert neuromesh.SeedFiles(b).import_layout(str(out))["messages"] == 0
+        assert _shown(b) == [entry for entry in before]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_cli_round_trip_into_another_data_dir(tmp_path, original_layout):
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "_vendor"))
+
+    def run(*args):
+        return subprocess.run([sys.executable, SCRIPT] + list(args), capture_output=True, text=True,
+                              timeout=60, cwd=ROOT, env=env)
+    first = run("--data-dir", str(tmp_path / "one"), "import", str(original_layout))
+    assert first.returncode == 0, first.stderr
+    assert run("--data-dir", str(tmp_path / "one"), "export", str(tmp_path / "out")).returncode == 0
+    for _ in range(2):
+        second = run("--data-dir", str(tmp_path / "two"), "import", str(tmp_path / "out"))
+        assert second.returncode == 0, second.stderr
+    assert "0 messages" in second.stdout, second.stdout
+    again = run("--data-dir", str(tmp_path / "one"), "import", str(tmp_path / "out"))
+    assert "0 messages" in again.stdout and "0 conversations" in again.stdout, again.stdout

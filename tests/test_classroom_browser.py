@@ -257,3 +257,23 @@ def test_a_laptop_without_an_llm_is_not_a_problem_in_diagnostics(pages, mesh):
     expect(panel).to_contain_text("no LLM: the LLMs of the mesh answer")
     expect(panel.locator(".error-text")).to_have_count(0)
     expect(panel).not_to_contain_text("Problem")
+
+
+# ---- E. downloads -----------------------------------------------------------------------------
+
+def test_the_markdown_download_of_a_conversation(pages, mesh):
+    conversation = conversation_with(mesh.plain, "Rivers of Europe", "Name a long river.")
+    page = pages.open(mesh.plain, "/#/chat/" + conversation["id"])
+    expect(finished_answers(page)).to_have_count(1)
+    with page.expect_download() as caught:
+        page.get_by_role("link", name="Download this conversation as Markdown").click()
+    download = caught.value
+    assert download.suggested_filename == "Rivers-of-Europe.md"
+    text = open(download.path(), encoding="utf-8").read()
+    assert text.startswith("# Rivers of Europe\n")
+    assert "Name a long river." in text and "Echo from %s: Name a long river." % MODEL in text
+    assert "Answer by %s with %s" % (LLM_NAME, MODEL) in text
+    with page.expect_download() as caught:
+        page.get_by_role("link", name="Download this conversation as JSON").click()
+    document = json.loads(open(caught.value.path(), encoding="utf-8").read())
+    assert document["title"] == "Rivers of Europe" and len(document["messages"]) == 2
