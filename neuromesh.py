@@ -471,11 +471,12 @@ class Config:
 def build_arg_parser():
     epilog_lines = ["environment variables (between the config file and the flags):"]
     epilog_lines += ["  NEUROMESH_%s" % key.upper() for key in SETTINGS]
-    epilog_lines += ["", "subcommands: `export DIR` and `import DIR` move conversations in the "
-                         "original NeuroMesh file layout."]
     parser = argparse.ArgumentParser(
         prog="neuromesh.py",
-        description="Share the local LLMs of a room: run it on every machine.",
+        usage="python neuromesh.py [run | export DIR | import DIR] [options]",
+        description="Share the local LLMs of a room: run it on every machine.\n\ncommands:\n" + "\n".join(
+            "  %-12s %s" % (name, text.split("\n")[0]) for name, text in COMMAND_HELP.items())
+        + "\n\n`python neuromesh.py COMMAND --help` explains a command.",
         epilog="\n".join(epilog_lines),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -496,12 +497,41 @@ def build_arg_parser():
     return parser
 
 
+COMMAND_HELP = {
+    "run": "start this node (the default): the chat page, the mesh, the APIs.\n\n"
+           "  python neuromesh.py [options]",
+    "export": "write this node's conversations to DIR, in the original NeuroMesh file layout.\n\n"
+              "  python neuromesh.py export DIR [--data-dir DATA_DIR]\n\n"
+              "DIR/conversations/local.json holds this node's own conversations, DIR/received/<peer>/local.json\n"
+              "each peer's; private conversations are left out. Importing the export again adds nothing twice.",
+    "import": "read conversations from DIR (the original NeuroMesh's files, or an export) into this node.\n\n"
+              "  python neuromesh.py import DIR [--data-dir DATA_DIR]\n\n"
+              "Reads DIR/conversations/*.json and DIR/received/<peer>/*.json; a bad file imports nothing.\n"
+              "What the data dir already holds is skipped, so importing twice adds nothing twice.",
+}
+
+# What a setting's value must be, in words, for an error people can act on.
+_VALUE_WORDS = {parse_port: "a port number from 0 to 65535", parse_count: "a whole number of at least 1",
+                parse_seconds: "a positive number of seconds", int: "a whole number", float: "a number"}
+
+
+def command_help(argv):
+    """The help of ``import``/``export``/``run`` when the command line asks for it, else None."""
+    words = [word for word in argv if word in COMMAND_HELP]
+    if words and ("-h" in argv or "--help" in argv):
+        return "python neuromesh.py %s: %s\n" % (words[0], COMMAND_HELP[words[0]])
+    return None
+
+
 def _convert(key, value, source):
     converter = SETTINGS[key][0]
     try:
         return converter(value)
     except (TypeError, ValueError) as exc:
-        raise ConfigError("%s: bad value for %s: %s" % (source, key, exc))
+        wanted = _VALUE_WORDS.get(converter)
+        if wanted is None:
+            raise ConfigError("%s: bad value for %s: %s" % (source, key, exc))
+        raise ConfigError("%s must be %s, not %r" % (source, wanted, value))
 
 
 def load_config(args, environ=None):
@@ -6176,6 +6206,10 @@ def run_transfer(config, command, directory):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if command_help(argv):
+        print(command_help(argv), end="")
+        return 0
     parser = build_arg_parser()
     args = parser.parse_args(argv)
     if args.version:
@@ -6184,7 +6218,9 @@ def main(argv=None):
     try:
         config = load_config(args)
     except ConfigError as exc:
-        parser.error(str(exc))
+        print("neuromesh.py: error: %s.\nRun `python neuromesh.py --help` to see every option." % exc,
+              file=sys.stderr)
+        return 2
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

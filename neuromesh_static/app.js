@@ -1579,7 +1579,23 @@
           svg("title", null, (health ? health.name : "this node") + " ↔ " + peer.name + ": " + formatRtt(peer.rtt_ms)),
         ),
       );
-      links.append(svg("text", { class: "link-label", x: (cx + x) / 2, y: (cy + y) / 2 - 6 }, formatRtt(peer.rtt_ms)));
+      // The label beside its line, not on it: moved off the middle, across the line's direction.
+      const length = Math.hypot(x - cx, y - cy) || 1;
+      const [nx, ny] = [-(y - cy) / length, (x - cx) / length];
+      const side = ny > 0 ? -1 : 1;
+      const [ox, oy] = [side * nx, side * ny];
+      links.append(
+        svg(
+          "text",
+          {
+            class: "link-label",
+            x: (cx * 0.45 + x * 0.55 + ox * 8).toFixed(1),
+            y: (cy * 0.45 + y * 0.55 + oy * 10 + 4).toFixed(1),
+            "text-anchor": Math.abs(ox) > 0.5 ? (ox > 0 ? "start" : "end") : "middle",
+          },
+          formatRtt(peer.rtt_ms),
+        ),
+      );
       nodes.append(
         graphNode(
           peer,
@@ -1799,6 +1815,12 @@
 
   // ==== diagnostics view =====================================================================
 
+  /** A counter's key as a label in the style of the others: "frames_sent" -> "Frames sent". */
+  function counterLabel(key) {
+    const words = String(key).replace(/[_-]+/g, " ").replace(/([a-z])([A-Z])/g, "$1 $2").trim().toLowerCase();
+    return words.charAt(0).toUpperCase() + words.slice(1);
+  }
+
   function kv(rows) {
     return h(
       "dl",
@@ -1860,8 +1882,8 @@
     const llm = d.llm || {};
     const interfaces = d.interfaces || [];
     const errors = d.recent_errors || [];
-    const counters = Object.entries(d.counters || {}).map(([key, value]) => [key.replace(/_/g, " "), String(value)]);
-    const sync = Object.entries(d.sync || {}).map(([key, value]) => ["sync: " + key.replace(/_/g, " "), String(value)]);
+    const counters = Object.entries(d.counters || {}).map(([key, value]) => [counterLabel(key), String(value)]);
+    const sync = Object.entries(d.sync || {}).map(([key, value]) => ["Sync: " + counterLabel(key).toLowerCase(), String(value)]);
     $("#diagnostics").replaceChildren(
       panel(
         "This node",
@@ -1959,11 +1981,13 @@
   // ==== refreshing and live events ===========================================================
 
   async function refreshHealth() {
+    const first = !state.health;
     try {
       state.health = await api("/api/health");
     } catch (error) {
       return;
     }
+    if (first && state.current) renderChat(); // "You" needs this node's id
     renderStatus();
     if (localLlmProblem() || ui.notice.dataset.kind) updateComposer();
   }
@@ -2327,6 +2351,14 @@
 
   // ==== particle background ==================================================================
 
+  function motionOff() {
+    try {
+      return localStorage.getItem("neuromesh.motion") === "off";
+    } catch (error) {
+      return false;
+    }
+  }
+
   function startParticles() {
     const canvas = $("#particles");
     const context = canvas.getContext("2d");
@@ -2398,7 +2430,9 @@
 
     /** Runs only while the tab is visible and the user has not asked for less motion. */
     function update() {
-      const run = !document.hidden && !reducedMotion.matches;
+      const off = motionOff();
+      canvas.hidden = off;
+      const run = !document.hidden && !reducedMotion.matches && !off;
       if (run && !frame) frame = requestAnimationFrame(step);
       if (!run && frame) {
         cancelAnimationFrame(frame);
@@ -2409,6 +2443,22 @@
 
     window.addEventListener("resize", debounce(resize, 150));
     document.addEventListener("visibilitychange", update);
+    const toggle = $("#motion-toggle");
+    const label = () => {
+      toggle.setAttribute("aria-pressed", motionOff() ? "false" : "true");
+      toggle.textContent = "Animated background: " + (motionOff() ? "off" : reducedMotion.matches ? "off (reduced motion)" : "on");
+    };
+    toggle.addEventListener("click", () => {
+      try {
+        localStorage.setItem("neuromesh.motion", motionOff() ? "on" : "off");
+      } catch (error) {
+        /* not kept */
+      }
+      label();
+      update();
+    });
+    reducedMotion.addEventListener("change", label);
+    label();
     reducedMotion.addEventListener("change", update);
     resize();
     update();

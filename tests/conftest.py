@@ -619,3 +619,10 @@ def guest_headers(app, node, remote=OTHER_MACHINE):
     assert reply.status == 200, reply.text
     cookie = reply.headers["Set-Cookie"].split(";")[0]
     return {"Cookie": cookie}
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Where the browser tests left their screenshots (issue 12: CI prints the path)."""
+    folder = os.path.join(ROOT, "artifacts")
+    if os.path.isdir(folder):
+        terminalreporter.write_line("screenshots of the browser tests: %s" % folder)

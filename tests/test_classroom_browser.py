@@ -277,3 +277,27 @@ def test_the_markdown_download_of_a_conversation(pages, mesh):
         page.get_by_role("link", name="Download this conversation as JSON").click()
     document = json.loads(open(caught.value.path(), encoding="utf-8").read())
     assert document["title"] == "Rivers of Europe" and len(document["messages"]) == 2
+
+
+# ---- screenshots of every view, on a laptop and a phone ----------------------------------------
+
+SCREENS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "artifacts", "views")
+
+
+@pytest.mark.parametrize("size", [(1280, 800), (390, 844)], ids=["desktop", "phone"])
+def test_screenshots_of_chat_mesh_and_diagnostics(pages, mesh, size):
+    os.makedirs(SCREENS, exist_ok=True)
+    conversation = conversation_with(mesh.plain, "Why is the sky blue?", "Why is the sky blue?")
+    page = pages.open(mesh.plain, "/#/chat/" + conversation["id"], viewport={"width": size[0], "height": size[1]})
+    expect(finished_answers(page)).to_have_count(1)
+    expect(page.locator("#model-picker")).to_be_visible()
+    box = page.locator("#model-picker").bounding_box()
+    assert box["x"] >= 0 and box["x"] + box["width"] <= size[0], box  # the picker is not cut off
+    for view in ("chat", "mesh", "diagnostics"):
+        if view != "chat":
+            page.goto(mesh.plain.url + "/#/" + view)
+            expect(page.locator("#view-" + view)).to_be_visible()
+        page.wait_for_timeout(300)
+        path = os.path.join(SCREENS, "%s-%dx%d.png" % (view, size[0], size[1]))
+        page.screenshot(path=path)
+    print("screenshots in %s" % SCREENS)
