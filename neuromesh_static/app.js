@@ -824,9 +824,9 @@
     if (c) {
       const base = "/api/conversations/" + encodeURIComponent(c.id) + "/download?format=";
       $("#download-md").href = base + "md";
-      $("#download-md").setAttribute("aria-label", "Download this conversation as Markdown");
+      $("#download-md").setAttribute("aria-label", "Download .md (this conversation as Markdown)");
       $("#download-json").href = base + "json";
-      $("#download-json").setAttribute("aria-label", "Download this conversation as JSON");
+      $("#download-json").setAttribute("aria-label", "Download .json (this conversation as JSON)");
     }
     const chatLink = document.querySelector('.nav a[data-view="chat"]');
     chatLink.href = state.currentId ? "#/chat/" + encodeURIComponent(state.currentId) : "#/chat";

@@ -266,7 +266,7 @@ def test_the_markdown_download_of_a_conversation(pages, mesh):
     page = pages.open(mesh.plain, "/#/chat/" + conversation["id"])
     expect(finished_answers(page)).to_have_count(1)
     with page.expect_download() as caught:
-        page.get_by_role("link", name="Download this conversation as Markdown").click()
+        page.get_by_role("link", name="Download .md (this conversation as Markdown)").click()
     download = caught.value
     assert download.suggested_filename == "Rivers-of-Europe.md"
     text = open(download.path(), encoding="utf-8").read()
@@ -274,7 +274,7 @@ def test_the_markdown_download_of_a_conversation(pages, mesh):
     assert "Name a long river." in text and "Echo from %s: Name a long river." % MODEL in text
     assert "Answer by %s with %s" % (LLM_NAME, MODEL) in text
     with page.expect_download() as caught:
-        page.get_by_role("link", name="Download this conversation as JSON").click()
+        page.get_by_role("link", name="Download .json (this conversation as JSON)").click()
     document = json.loads(open(caught.value.path(), encoding="utf-8").read())
     assert document["title"] == "Rivers of Europe" and len(document["messages"]) == 2
 
@@ -301,3 +301,70 @@ def test_screenshots_of_chat_mesh_and_diagnostics(pages, mesh, size):
         path = os.path.join(SCREENS, "%s-%dx%d.png" % (view, size[0], size[1]))
         page.screenshot(path=path)
     print("screenshots in %s" % SCREENS)
+
+
+# ---- G. accessibility: axe-core in the page --------------------------------------------------
+
+@pytest.fixture(scope="module")
+def axe_script(tmp_path_factory):
+    """axe-core from the npm registry, installed for this run into a temp dir (npm's only traffic)."""
+    import shutil
+    import subprocess
+    if shutil.which("npm") is None:
+        pytest.skip("npm is missing: the accessibility scan needs it to install axe-core")
+    prefix = tmp_path_factory.mktemp("axe")
+    result = subprocess.run(["npm", "install", "--prefix", str(prefix), "--no-audit", "--no-fund",
+                             "--loglevel=error", "axe-core@4"], capture_output=True, text=True, timeout=300)
+    script = prefix / "node_modules" / "axe-core" / "axe.min.js"
+    if result.returncode != 0 or not script.exists():
+        pytest.skip("npm could not install axe-core (offline?): %s" % result.stderr.strip()[-300:])
+    return str(script)
+
+
+def axe_violations(page, script):
+    page.add_script_tag(path=script)
+    results = page.evaluate("""async () => {
+        const r = await axe.run(document, {runOnly: {type: "tag", values: ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]}});
+        return r.violations.map(v => ({id: v.id, impact: v.impact, help: v.help,
+                                       nodes: v.nodes.slice(0, 5).map(n => n.target.join(" ") + " :: " + n.failureSummary)}));
+    }""")
+    return [v for v in results if v["impact"] in ("serious", "critical")]
+
+
+def test_no_serious_accessibility_violation_on_chat_mesh_and_diagnostics(pages, mesh, axe_script):
+    conversation = conversation_with(mesh.plain, "Accessible chat", "Is this page accessible?")
+    # The page's CSP allows no inline script: this context lets the test add axe to it.
+    page = pages.open(mesh.plain, "/#/chat/" + conversation["id"], bypass_csp=True)
+    expect(finished_answers(page)).to_have_count(1)
+    found = {}
+    for view in ("chat", "mesh", "diagnostics"):
+        if view != "chat":
+            page.goto(mesh.plain.url + "/#/" + view)
+            expect(page.locator("#view-" + view)).to_be_visible()
+            page.wait_for_timeout(300)
+        found[view] = axe_violations(page, axe_script)
+    assert not any(found.values()), json.dumps(found, indent=1)
+
+
+def test_the_keyboard_reaches_the_chat_and_focus_is_visible(pages, mesh):
+    page = pages.open(mesh.plain)
+    expect_llm_known(page)
+    page.keyboard.press("Tab")  # the skip link
+    expect(page.locator(".skip-link")).to_be_focused()
+    outline = page.evaluate("getComputedStyle(document.activeElement).outlineStyle")
+    assert outline != "none"
+    page.keyboard.press("Enter")
+    prompt = page.get_by_label("Message", exact=True)
+    for _ in range(40):
+        if page.evaluate("document.activeElement && document.activeElement.id") == "prompt":
+            break
+        page.keyboard.press("Tab")
+        # A text field shows focus on its frame (the composer, the search box): :focus-within.
+        style = page.evaluate("""() => { const el = document.activeElement;
+            const s = getComputedStyle(el.closest(".composer, .search-box") || el);
+            return [s.outlineStyle, s.outlineWidth, s.boxShadow]; }""")
+        assert style[0] != "none" or style[2] != "none", (page.evaluate("document.activeElement.outerHTML"), style)
+    expect(prompt).to_be_focused()
+    page.keyboard.type("Keyboard only, please.")
+    page.keyboard.press("Enter")
+    expect(finished_answers(page)).to_contain_text("Keyboard only, please.")
