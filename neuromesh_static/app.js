@@ -2202,6 +2202,22 @@
           ]),
     );
     $("#invite-code").textContent = invite.code || "—";
+    // The first address as a QR code, drawn here (qr.js): a phone's camera opens it.
+    const figure = $("#invite-qr");
+    figure.hidden = !urls.length || !window.NeuroQR;
+    if (!figure.hidden) {
+      let code = null;
+      try {
+        code = window.NeuroQR.svg(urls[0], "QR code of the address " + urls[0]);
+      } catch (error) {
+        figure.hidden = true;
+      }
+      if (code) {
+        $("#invite-qr-code").replaceChildren(code);
+        $("#invite-qr-caption").textContent =
+          "Scan with a phone's camera to open " + urls[0] + (invite.code ? ", then enter the room code." : ".");
+      }
+    }
     $("#invite-note").textContent =
       (invite.code_is_mesh_key
         ? "This is the room's code (--mesh-key): it opens every computer of the room. "

@@ -368,3 +368,41 @@ def test_the_keyboard_reaches_the_chat_and_focus_is_visible(pages, mesh):
     page.keyboard.type("Keyboard only, please.")
     page.keyboard.press("Enter")
     expect(finished_answers(page)).to_contain_text("Keyboard only, please.")
+
+
+# ---- H. the invitation's QR code, drawn by the page ---------------------------------------------
+
+def test_the_invitation_shows_a_qr_code_of_the_address(pages, mesh):
+    from test_browser import PHONE, json_reply
+    reply = {"guests": True, "urls": ["http://192.168.1.20:8080/", "http://10.0.0.5:8080/"],
+             "code": "K7PQ-M4XZ", "code_is_mesh_key": False}
+    page = pages.open(mesh.plain, before=lambda page: page.route(
+        "**/api/guests", lambda route: json_reply(route, 200, reply)), **PHONE)
+    page.get_by_role("button", name="Open the sidebar").click()
+    page.get_by_role("button", name="Invite guests").click()
+    dialog = page.get_by_role("dialog", name="Invite guests")
+    qr = dialog.get_by_role("img", name="QR code of the address http://192.168.1.20:8080/")
+    expect(qr).to_be_visible()
+    expect(qr).to_have_attribute("data-version", "2")
+    expect(dialog.locator("#invite-qr-caption")).to_contain_text("then enter the room code")
+    box = qr.bounding_box()
+    assert box["width"] >= 120 and box["x"] + box["width"] <= 390
+    pages.screenshot(page, "invite-qr")
+
+
+def test_the_qr_encoder_matches_a_reference_encoder():
+    """qr.js against a matrix from segno (a reference encoder), same text, version 2, level M, mask 3."""
+    import hashlib
+    import shutil
+    import subprocess
+    if shutil.which("node") is None:
+        pytest.skip("node is missing: the browser test above still draws the code")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "neuromesh_static", "qr.js")
+    program = ("const q = require(%s); const c = q.encode('http://192.168.1.20:8080/?', 3);"
+               "console.log(JSON.stringify([c.version, c.modules.map(r => r.map(v => v ? '1' : '0').join(''))]))"
+               % json.dumps(script))
+    version, rows = json.loads(subprocess.run(["node", "-e", program], capture_output=True, text=True,
+                                              timeout=30, check=True).stdout)
+    assert version == 2 and len(rows) == 25
+    assert hashlib.sha256("\n".join(rows).encode()).hexdigest() == (
+        "4f6a862a599e29c0e6d96040c28f5780cad47324d540f3ad11b6d05fcdb3a826")
