@@ -12,14 +12,15 @@ beside this file. Runs on Python 3.9 and newer.
 The rooms of this file, in the order data flows (each section a room)::
 
     helpers, config, wire           Config, frames (marker + u64 LE length + JSON)
-    store                           Database -> EntryLog (per-origin logs) -> Store
+    store                           Database -> EntryLog (per-origin logs) -> Store (+ StorePages: search, pages)
     seed files                      SeedFiles: the original NeuroMesh's JSON layout
     discovery, peer links           Discovery (UDP), DialPlan, LinkIO (sockets), Mesh
     events, sync                    EventBus (SSE), SyncWorker (SYNC/FILE, push)
     llm                             Backend: Ollama/OpenAI/PeerBackend (relay); Router
     chat                            ChatService: ask, regenerate, history, store answers
     http apis                       PageApi, OllamaApi, OpenAIApi, RelayApi, ErrorReplies
-    node, cli                       Node (a MeshListener) builds and wires the rooms; main()
+    node, cli                       LocalLLM (this computer's LLM, told truly); Node (a MeshListener)
+                                    builds and wires the rooms; main()
 
 A chat: PageApi.post_message -> ChatService.add_question -> Store.add_message ->
 ChatService.answer -> ChatService.stream -> Router.chat -> Backend.chat (a PeerBackend
