@@ -406,3 +406,48 @@ def test_the_qr_encoder_matches_a_reference_encoder():
     assert version == 2 and len(rows) == 25
     assert hashlib.sha256("\n".join(rows).encode()).hexdigest() == (
         "4f6a862a599e29c0e6d96040c28f5780cad47324d540f3ad11b6d05fcdb3a826")
+
+
+# ---- H. two guests in browsers, from another machine (a network namespace) ----------------------
+
+def test_two_guests_in_browsers_each_see_their_own_chats_and_get_answers(tmp_path):
+    import subprocess
+    import sys
+    from test_mesh import Namespaces, _can_make_namespaces
+    from conftest import NodeProcess, ROOT
+    reason = _can_make_namespaces()
+    if reason:
+        pytest.skip(reason)
+    spaces = Namespaces(count=2)
+    host, visitor = spaces.hosts
+    fake = node = None
+    try:
+        spaces.create()
+        # The LLM runs beside the node, on the host namespace's own loopback.
+        fake = subprocess.Popen(["ip", "netns", "exec", host, sys.executable, os.path.join(ROOT, "tests", "fake_ollama.py"),
+                                 "--port", "11434", "--models", MODEL, "--token-delay", "0.01", "--max-seconds", "300"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        node = NodeProcess(tmp_path / host, ["--guests", "--no-discovery", "--ollama-url", "http://127.0.0.1:11434",
+                                             "--model", MODEL, "--log-level", "debug"], host,
+                           prefix=["ip", "netns", "exec", host]).start()
+        port = node.info["http_port"]
+        wait_for(lambda: spaces.fetch_json(host, "http://127.0.0.1:%d/api/models" % port)["llm_hosts"] == 1,
+                 timeout=15, message="the node to find its LLM")
+        code = spaces.fetch_json(host, "http://127.0.0.1:%d/api/guests" % port)["code"]
+        url = "http://%s.1:%d/" % (spaces.subnet, port)
+        env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "_vendor"))
+        run = subprocess.run(["ip", "netns", "exec", visitor, sys.executable,
+                              os.path.join(ROOT, "tests", "guests_in_namespace.py"), url, code],
+                             capture_output=True, text=True, timeout=180, env=env)
+        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:] + node.log()
+        seen = json.loads(run.stdout.strip().splitlines()[-1])
+        assert "Ana asks" in seen["ana"]["own"] and "Ben asks" not in seen["ana"]["own"], seen
+        assert "Ben asks" in seen["ben"]["own"] and "Ana asks" not in seen["ben"]["own"], seen
+        assert "Ben asks" in seen["ana"]["shared"] and "Ana asks" in seen["ben"]["shared"], seen
+    finally:
+        if node is not None:
+            node.kill()
+        if fake is not None:
+            fake.kill()
+            fake.wait(10)
+        spaces.delete()
