@@ -451,3 +451,39 @@ def test_two_guests_in_browsers_each_see_their_own_chats_and_get_answers(tmp_pat
             fake.kill()
             fake.wait(10)
         spaces.delete()
+
+
+# ---- F. polish found by looking --------------------------------------------------------------
+
+def test_background_motion_switch_peer_names_and_latency_labels(pages, mesh):
+    page = pages.open(mesh.plain, reduced_motion="no-preference")
+    canvas = page.locator("#particles")
+    expect(canvas).to_have_attribute("data-running", "true")
+    switch = page.get_by_role("button", name=re.compile("Animated background"))
+    expect(switch).to_have_attribute("aria-pressed", "true")
+    switch.click()
+    expect(switch).to_have_attribute("aria-pressed", "false")
+    expect(canvas).to_have_attribute("data-running", "false")
+    page.reload()
+    expect(page.locator("#particles")).to_have_attribute("data-running", "false")  # kept in this browser
+    reduced = pages.open(mesh.plain)  # prefers-reduced-motion: reduce
+    expect(reduced.locator("#particles")).to_have_attribute("data-running", "false")
+    page.goto(mesh.plain.url + "/#/mesh")
+    row = page.locator('#peer-rows tr[data-node-id="%s"] th' % mesh.llm.node_id)
+    expect(row).to_contain_text(LLM_NAME)
+    assert row.evaluate("el => getComputedStyle(el).textTransform") == "none"
+    label = page.locator("#mesh-graph .link-label").first
+    expect(label).to_be_visible()
+    line = page.locator("#mesh-graph line.link").first
+    # The label is beside its line: the line does not cross the label's box.
+    crossing = page.evaluate("""([l, t]) => {
+        const line = document.querySelector(l), text = document.querySelector(t);
+        const b = text.getBBox();
+        const [x1, y1, x2, y2] = ["x1", "y1", "x2", "y2"].map(k => +line.getAttribute(k));
+        for (let i = 0; i <= 100; i++) {
+            const x = x1 + (x2 - x1) * i / 100, y = y1 + (y2 - y1) * i / 100;
+            if (x >= b.x && x <= b.x + b.width && y >= b.y && y <= b.y + b.height) return true;
+        }
+        return false;
+    }""", ["#mesh-graph line.link", "#mesh-graph .link-label"])
+    assert crossing is False
