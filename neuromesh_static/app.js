@@ -1002,6 +1002,18 @@
       if (inReplaced && article.classList.contains("user") && !article.querySelector(".replaced-note"))
         article.append(h("p", { class: "replaced-note" }, "Edited: the new version is below."));
     }
+    // A stored question with no answer after it (it failed) stays, marked; the LLM is not told it.
+    const stored = [...ui.messages.querySelectorAll(".message")];
+    stored.forEach((article, index) => {
+      const next = stored[index + 1];
+      const unanswered =
+        article.classList.contains("user") && article.dataset.id && next && next.classList.contains("user");
+      article.classList.toggle("unanswered", Boolean(unanswered));
+      const note = article.querySelector(".unanswered-note");
+      if (unanswered && !note && !article.classList.contains("replaced"))
+        article.append(h("p", { class: "replaced-note unanswered-note" }, "Not answered: kept here, not sent as history."));
+      if (!unanswered && note) note.remove();
+    });
   }
 
   /** Who answered, with which model and how fast, plus the Copy and Regenerate buttons. */

@@ -487,3 +487,18 @@ def test_background_motion_switch_peer_names_and_latency_labels(pages, mesh):
         return false;
     }""", ["#mesh-graph line.link", "#mesh-graph .link-label"])
     assert crossing is False
+
+
+def test_a_failed_question_is_kept_marked_and_not_sent_as_history(pages, mesh):
+    conversation = mesh.plain.post("/api/conversations", json={"title": "Failed first"}).json()
+    mesh.plain.post("/api/conversations/%s/messages" % conversation["id"],
+                    json={"content": "This one never got an answer.", "answer": False})
+    page = pages.open(mesh.plain, "/#/chat/" + conversation["id"])
+    expect_llm_known(page)
+    ask(page, "And this one does.")
+    expect(finished_answers(page)).to_contain_text("Echo from %s: And this one does." % MODEL)
+    first = page.locator("#messages .message.user.unanswered")
+    expect(first).to_contain_text("This one never got an answer.")
+    expect(first).to_contain_text("Not answered")
+    chats = [body for path, body in mesh.fake.requests if path == "/api/chat" and body]
+    assert [m["content"] for m in chats[-1]["messages"] if m["role"] == "user"] == ["And this one does."]
