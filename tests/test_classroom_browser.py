@@ -373,20 +373,20 @@ def test_the_keyboard_reaches_the_chat_and_focus_is_visible(pages, mesh):
 # ---- H. the invitation's QR code, drawn by the page ---------------------------------------------
 
 def test_the_invitation_shows_a_qr_code_of_the_address(pages, mesh):
-    from test_browser import PHONE, json_reply
-    reply = {"guests": True, "urls": ["http://192.168.1.20:8080/", "http://10.0.0.5:8080/"],
-             "code": "K7PQ-M4XZ", "code_is_mesh_key": False}
-    page = pages.open(mesh.plain, before=lambda page: page.route(
-        "**/api/guests", lambda route: json_reply(route, 200, reply)), **PHONE)
-    page.get_by_role("button", name="Open the sidebar").click()
-    page.get_by_role("button", name="Invite guests").click()
+    from test_browser import json_reply
+    invitation = {"guests": True, "code": "QR42-ROOM", "code_is_mesh_key": True,
+                  "urls": ["http://192.168.1.20:8080/"]}
+
+    def answer_guests(page):
+        page.route("**/api/guests", lambda route: json_reply(route, 200, invitation))
+    page = pages.open(mesh.plain, before=answer_guests)
+    page.locator("#invite-open").click()
     dialog = page.get_by_role("dialog", name="Invite guests")
     qr = dialog.get_by_role("img", name="QR code of the address http://192.168.1.20:8080/")
     expect(qr).to_be_visible()
     expect(qr).to_have_attribute("data-version", "2")
     expect(dialog.locator("#invite-qr-caption")).to_contain_text("then enter the room code")
-    box = qr.bounding_box()
-    assert box["width"] >= 120 and box["x"] + box["width"] <= 390
+    assert qr.bounding_box()["width"] >= 120
     pages.screenshot(page, "invite-qr")
 
 
