@@ -12,14 +12,15 @@ beside this file. Runs on Python 3.9 and newer.
 The rooms of this file, in the order data flows (each section a room)::
 
     helpers, config, wire           Config, frames (marker + u64 LE length + JSON)
-    store                           Database -> EntryLog (per-origin logs) -> Store
+    store                           Database -> EntryLog (per-origin logs) -> Store (+ StorePages: search, pages)
     seed files                      SeedFiles: the original NeuroMesh's JSON layout
     discovery, peer links           Discovery (UDP), DialPlan, LinkIO (sockets), Mesh
     events, sync                    EventBus (SSE), SyncWorker (SYNC/FILE, push)
     llm                             Backend: Ollama/OpenAI/PeerBackend (relay); Router
     chat                            ChatService: ask, regenerate, history, store answers
     http apis                       PageApi, OllamaApi, OpenAIApi, RelayApi, ErrorReplies
-    node, cli                       Node (a MeshListener) builds and wires the rooms; main()
+    node, cli                       LocalLLM (this computer's LLM, told truly); Node (a MeshListener)
+                                    builds and wires the rooms; main()
 
 A chat: PageApi.post_message -> ChatService.add_question -> Store.add_message ->
 ChatService.answer -> ChatService.stream -> Router.chat -> Backend.chat (a PeerBackend
@@ -56,6 +57,7 @@ import queue
 import re
 import secrets
 import selectors
+import shutil
 import signal
 import socket
 import sqlite3
@@ -127,6 +129,7 @@ DEFAULTS = {
 }
 STATIC_DIR = os.path.join(HERE, "neuromesh_static")
 RUNTIME_FILE = "runtime.json"
+NAME_FILE = "name.txt"  # the name the owner gave this node from the page
 DATABASE_FILE = "neuromesh.db"
 NODE_ID_FILE = "node_id"
 
@@ -498,11 +501,12 @@ class Config:
 def build_arg_parser():
     epilog_lines = ["environment variables (between the config file and the flags):"]
     epilog_lines += ["  NEUROMESH_%s" % key.upper() for key in SETTINGS]
-    epilog_lines += ["", "subcommands: `export DIR` and `import DIR` move conversations in the "
-                         "original NeuroMesh file layout."]
     parser = argparse.ArgumentParser(
         prog="neuromesh.py",
-        description="Share the local LLMs of a room: run it on every machine.",
+        usage="python neuromesh.py [run | export DIR | import DIR] [options]",
+        description="Share the local LLMs of a room: run it on every machine.\n\ncommands:\n" + "\n".join(
+            "  %-12s %s" % (name, text.split("\n")[0]) for name, text in COMMAND_HELP.items())
+        + "\n\n`python neuromesh.py COMMAND --help` explains a command.",
         epilog="\n".join(epilog_lines),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -525,12 +529,41 @@ def build_arg_parser():
     return parser
 
 
+COMMAND_HELP = {
+    "run": "start this node (the default): the chat page, the mesh, the APIs.\n\n"
+           "  python neuromesh.py [options]",
+    "export": "write this node's conversations to DIR, in the original NeuroMesh file layout.\n\n"
+              "  python neuromesh.py export DIR [--data-dir DATA_DIR]\n\n"
+              "DIR/conversations/local.json holds this node's own conversations, DIR/received/<peer>/local.json\n"
+              "each peer's; private conversations are left out. Importing the export again adds nothing twice.",
+    "import": "read conversations from DIR (the original NeuroMesh's files, or an export) into this node.\n\n"
+              "  python neuromesh.py import DIR [--data-dir DATA_DIR]\n\n"
+              "Reads DIR/conversations/*.json and DIR/received/<peer>/*.json; a bad file imports nothing.\n"
+              "What the data dir already holds is skipped, so importing twice adds nothing twice.",
+}
+
+# What a setting's value must be, in words, for an error people can act on.
+_VALUE_WORDS = {parse_port: "a port number from 0 to 65535", parse_count: "a whole number of at least 1",
+                parse_seconds: "a positive number of seconds", int: "a whole number", float: "a number"}
+
+
+def command_help(argv):
+    """The help of ``import``/``export``/``run`` when the command line asks for it, else None."""
+    words = [word for word in argv if word in COMMAND_HELP]
+    if words and ("-h" in argv or "--help" in argv):
+        return "python neuromesh.py %s: %s\n" % (words[0], COMMAND_HELP[words[0]])
+    return None
+
+
 def _convert(key, value, source):
     converter = SETTINGS[key][0]
     try:
         return converter(value)
     except (TypeError, ValueError) as exc:
-        raise ConfigError("%s: bad value for %s: %s" % (source, key, exc))
+        wanted = _VALUE_WORDS.get(converter)
+        if wanted is None:
+            raise ConfigError("%s: bad value for %s: %s" % (source, key, exc))
+        raise ConfigError("%s must be %s, not %r" % (source, wanted, value))
 
 
 def load_config(args, environ=None):
@@ -602,6 +635,26 @@ def load_identity(data_dir):
     except OSError:
         pass
     return _new_identity(path)
+
+
+def load_saved_name(data_dir):
+    """The name the owner gave this node from the page (kept in the data dir), or None."""
+    try:
+        with open(os.path.join(data_dir, NAME_FILE), encoding="utf-8") as handle:
+            return clean_node_name(handle.read()) or None
+    except (OSError, ValueError):
+        return None
+
+
+def clean_node_name(text):
+    """A node name as people type it, e.g. "Ana's laptop": one line, 1 to 40 characters."""
+    name = " ".join(str(text or "").split())
+    name = "".join(ch for ch in name if unicodedata.category(ch)[0] != "C")
+    if not name:
+        raise ValueError("a name needs at least one letter or digit")
+    if len(name) > 40:
+        raise ValueError("a name has at most 40 characters")
+    return name
 
 
 def _new_identity(path):
@@ -1241,7 +1294,32 @@ def _clean_message_data(data):
             "answered_by": _ident(data.get("answered_by"), "answered_by", optional=True),
             "answered_by_name": _text(data.get("answered_by_name"), "answered_by_name",
                                       optional=True),
-            "tokens_per_second": _rate(data.get("tokens_per_second"))}
+            "tokens_per_second": _rate(data.get("tokens_per_second")),
+            **_message_marks(data)}
+
+
+def _message_marks(data):
+    """The optional marks of a message, present only when set (so older entries clean the same):
+    ``cut_off`` (an answer stopped or broken off, stored with what arrived) and ``replaces``
+    (the id of the question an edited question replaces)."""
+    marks = {}
+    if data.get("cut_off") is True:
+        marks["cut_off"] = True
+    replaces = data.get("replaces")
+    if isinstance(replaces, str) and 0 < len(replaces) <= 100:
+        marks["replaces"] = replaces
+    original = data.get("original_timestamp")  # as an imported file wrote it (nanoseconds)
+    if isinstance(original, str) and 0 < len(original) <= 64:
+        marks["original_timestamp"] = original
+    return marks
+
+
+def _snippet(text, needle, width=80):
+    """The words of ``text`` around the first ``needle`` (lower case), on one line."""
+    text = " ".join((text or "").split())
+    at = max(text.lower().find(needle), 0)
+    start = max(at - width // 3, 0)
+    return ("…" if start else "") + text[start:start + width] + ("…" if start + width < len(text) else "")
 
 
 def _rate(value):
@@ -1499,7 +1577,7 @@ class EntryLog:
                                 (conversation_id,)).fetchone()
 
     def has_uid(self, uid) -> bool:
-        return self._db.execute("SELECT 1 FROM entries WHERE uid = ?",
+        return self._db.execute("SELECT 1 FROM entries WHERE uid = ? AND duplicate = 0",  # the uid index
                                 (uid,)).fetchone() is not None
 
     def version_vector(self) -> dict:
@@ -1686,7 +1764,82 @@ class EntryLog:
         return True
 
 
-class Store:
+class StorePages:
+    """Store's reads for a sidebar and a chat that scale to a room: search and pages of long
+    conversations (mixed into Store, whose tables and helpers they use); and the node's name.
+
+    Methods for the caller: search, get_conversation_page, rename_node.
+    """
+
+    def rename_node(self, name):
+        """The name new conversations and messages of this node carry from now on."""
+        try:
+            self.node_name = _text(name, "node name")
+        except ValueError as error:
+            raise StoreError(str(error)) from None
+
+    _VISIBLE_SQL = "c.deleted = 0 AND (c.owner = ? OR c.private = 0)"
+
+    def search(self, query, limit=50) -> list:
+        """Listed conversations whose title or a message contains ``query`` (any case): records
+        with ``match`` ("title" or "message") and ``snippet`` (the text around the first hit)."""
+        needle = " ".join(str(query).split()).lower()
+        if not needle:
+            return []
+
+        def find():
+            by_title = self._db.execute(
+                self._RECORD_SQL + " WHERE " + self._VISIBLE_SQL + " AND instr(lower(c.title), ?) > 0"
+                " ORDER BY c.updated_at DESC LIMIT ?", (self.node_id, needle, limit)).fetchall()
+            found = [dict(self._record(row), match="title", snippet=row["title"]) for row in by_title]
+            seen = {record["id"] for record in found}
+            hits = self._db.execute(
+                "SELECT e.conversation_id, json_extract(e.data, '$.content') AS content"
+                " FROM entries e JOIN conversations c ON c.id = e.conversation_id WHERE " + self._VISIBLE_SQL
+                + " AND e." + self._LISTED.replace(" AND ", " AND e.") + " AND instr(lower(json_extract("
+                "e.data, '$.content')), ?) > 0 ORDER BY c.updated_at DESC, e.timestamp DESC",
+                (self.node_id, needle)).fetchall()
+            for hit in hits:
+                if len(found) >= limit:
+                    break
+                if hit["conversation_id"] in seen:
+                    continue
+                seen.add(hit["conversation_id"])
+                found.append(dict(self._record_of(hit["conversation_id"]), match="message",
+                                  snippet=_snippet(hit["content"], needle)))
+            return found
+        return self._db.read(find)
+
+    def known_message_ids(self, ids) -> set:
+        """Those of the message ids ``ids`` this store holds (an import skips them)."""
+        return self._db.read(lambda: {uid for uid in ids if self._log.has_uid(uid)})
+
+    def get_conversation_page(self, conversation_id, limit, before=None):
+        """Like get_conversation, with only the ``limit`` newest messages older than the message
+        whose id is ``before`` (None: the newest); ``has_more`` tells whether older ones exist."""
+        def page():
+            if not self._visible(self._log.conversation_row(conversation_id)):
+                return None
+            conversation = self._record_of(conversation_id)
+            where, parameters = "", [conversation_id]
+            if before:
+                cursor = self._db.execute(
+                    "SELECT timestamp, origin, seq FROM entries WHERE uid = ? AND conversation_id = ?",
+                    (before, conversation_id)).fetchone()
+                if cursor is None:
+                    raise StoreError("no message %s in this conversation" % before)
+                where, parameters = " AND (timestamp, origin, seq) < (?, ?, ?)", parameters + list(cursor)
+            rows = self._db.execute(
+                "SELECT " + _ENTRY_COLUMNS + " FROM entries WHERE conversation_id = ? AND " + self._LISTED
+                + where + " ORDER BY timestamp DESC, origin DESC, seq DESC LIMIT ?",
+                parameters + [limit + 1]).fetchall()
+            conversation["has_more"] = len(rows) > limit
+            conversation["messages"] = [self._message(row) for row in reversed(rows[:limit])]
+            return conversation
+        return self._db.read(page)
+
+
+class Store(StorePages):
     """Keeps conversations durable in SQLite and answers what peers are missing.
 
     Every change is an entry in its origin node's append-only log, identified
@@ -1836,16 +1989,17 @@ class Store:
 
     def add_message(self, conversation_id, role, content, sender, host_info=None,
                     model=None, answered_by=None, answered_by_name=None,
-                    tokens_per_second=None) -> dict:
-        """Store a message written on this node; returns its entry."""
+                    tokens_per_second=None, **marks) -> dict:
+        """Store a message written on this node; returns its entry. ``marks``:
+        cut_off=True, replaces=<message id> (see _message_marks)."""
         if host_info is None:
             host_info = {"hostname": self.node_name, "ip_address": "", "is_llm_host": False}
         try:
-            data = _clean_message_data({
+            data = _clean_message_data(dict(marks, **{
                 "role": role, "content": content, "sender": sender,
                 "host_info": host_info, "model": model, "answered_by": answered_by,
                 "answered_by_name": answered_by_name,
-                "tokens_per_second": tokens_per_second})
+                "tokens_per_second": tokens_per_second}))
         except ValueError as error:
             raise StoreError("invalid message: %s" % error) from None
 
@@ -2065,7 +2219,7 @@ def seed_message(message) -> dict:
     """A stored message (from Store.get_conversation) in the original NeuroMesh's
     JSON shape: {content, timestamp, sender, message_type, host_info}."""
     return {"content": message["content"],
-            "timestamp": message["timestamp"],
+            "timestamp": message.get("original_timestamp") or message["timestamp"],
             "sender": message["sender"],
             "message_type": "Response" if message["role"] == "assistant" else "Question",
             "host_info": dict(message["host_info"])}
@@ -2097,63 +2251,48 @@ class SeedFiles:
         self.store = store
 
     def export_layout(self, directory) -> dict:
-        """Write the original's layout: conversations/local.json (the default
-        conversation), conversations/<id>.json (other own ones), and
-        received/<peer>/local.json and <id>.json (peers' and imported peers').
-        Creates the default conversation if need be; private conversations
-        are left out. Every file also carries "title",
-        and those under received/ carry "peer" (the unsanitized peer label).
-        Returns {conversations, messages, private_skipped}."""
-        default_id = self.store.default_conversation()["id"]
-        conversations = self.store.get_all_conversations()
-        files, peers, skipped = {}, {}, 0
-        conversations.sort(key=lambda c: (c["id"] != default_id, c["created_at"], c["id"]))
-        files[("conversations", "local.json")] = {"id": "local", "messages": [],
-                                                  "host_info": {}, "title": "Local chat"}
-        for conversation in conversations:
+        """Write the original's layout: conversations/local.json holds this node's own
+        conversations, and received/<peer>/local.json each peer's (imported peers' too), their
+        messages in time order with their timestamps as first written, as the original's files
+        held a node's chat. Private conversations are left out. Beyond the original's keys (it
+        ignores others), each message carries "id" and "conversation_id", and each file
+        "conversations" {id: {"title", "peer"}}, so an import splits them again and skips what
+        a store already holds. Returns {conversations, messages, private_skipped}."""
+        groups, skipped, count = {("conversations", "local.json"): []}, 0, 0
+        for conversation in self.store.get_all_conversations():
             if conversation["private"]:
                 skipped += 1
-            elif conversation["id"] == default_id:
-                files[("conversations", "local.json")] = self._seed_file(conversation, "local")
-            elif conversation["own"] and not conversation["peer_label"]:
-                name = _safe_name(conversation["id"]) + ".json"
-                files[self._unused(files, ("conversations", name))] = self._seed_file(conversation)
-            else:
-                peer = (conversation["peer_label"] or conversation["origin_name"]
-                        or conversation["origin"])
-                peers.setdefault(_safe_name(peer), []).append(conversation)
-        for folder, owned in sorted(peers.items()):
-            for index, conversation in enumerate(owned):
-                if index == 0:
-                    path = ("received", folder, "local.json")
-                    files[path] = self._seed_file(conversation, "local")
-                else:
-                    name = _safe_name(conversation["id"]) + ".json"
-                    path = self._unused(files, ("received", folder, name))
-                    files[path] = self._seed_file(conversation)
-                # The folder name is sanitized; "peer" keeps the label as shown.
-                files[path]["peer"] = (conversation["peer_label"]
-                                       or conversation["origin_name"] or conversation["origin"])
-        for parts, document in sorted(files.items()):
+                continue
+            peer = self._peer_of(conversation)
+            parts = ("conversations", "local.json") if peer is None else ("received", _safe_name(peer), "local.json")
+            groups.setdefault(parts, []).append(conversation)
+            count += 1
+        total = 0
+        for parts, conversations in sorted(groups.items()):
+            document = self._seed_file(conversations)
+            total += len(document["messages"])
             self._write_json(os.path.join(directory, *parts), document)
-        return {"conversations": len(files),
-                "messages": sum(len(d["messages"]) for d in files.values()),
-                "private_skipped": skipped}
+        return {"conversations": count, "messages": total, "private_skipped": skipped}
 
     @staticmethod
-    def _seed_file(conversation, file_id=None):
-        document = seed_conversation(conversation)
-        document["id"] = file_id or conversation["id"]
-        document["title"] = conversation["title"]
+    def _peer_of(conversation):
+        if conversation["own"] and not conversation["peer_label"]:
+            return None
+        return conversation["peer_label"] or conversation["origin_name"] or conversation["origin"]
+
+    def _seed_file(self, conversations):
+        pairs = sorted(((m, c) for c in conversations for m in c["messages"]),
+                       key=lambda pair: (pair[0]["timestamp"], pair[0]["id"]))
+        peer = self._peer_of(conversations[0]) if conversations else None
+        document = seed_conversation({"id": "local", "origin_name": peer or self.store.node_name,
+                                      "messages": [m for m, _c in pairs]})
+        for written, (message, conversation) in zip(document["messages"], pairs):
+            written.update(id=message["id"], conversation_id=conversation["id"])
+        document["conversations"] = {c["id"]: {"title": c["title"], "peer": self._peer_of(c)}
+                                     for c in conversations}
+        if peer is not None:
+            document["peer"] = peer  # the folder name is sanitized; "peer" keeps the label as shown
         return document
-
-    @staticmethod
-    def _unused(files, parts):
-        stem, counter = parts[-1][:-len(".json")], 2
-        while parts in files or parts[-1] == "local.json":
-            parts = parts[:-1] + ("%s-%d.json" % (stem, counter),)
-            counter += 1
-        return parts
 
     @staticmethod
     def _write_json(path, document):
@@ -2174,7 +2313,18 @@ class SeedFiles:
         Importing the same files again adds nothing.
         Returns {conversations, messages, skipped} (skipped: already present)."""
         files = [self._read_seed_file(*source) for source in self._seed_files(directory)]
-        return self.store.import_conversations([self._conversation(f) for f in files])
+        conversations = [c for f in files for c in self._conversations(f)]
+        known = self.store.known_message_ids([m["id"] for c in conversations for m in c.pop("ids")])
+        kept, skipped = [], 0
+        for conversation in conversations:
+            fresh = [m for m, i in zip(conversation["messages"], conversation.pop("message_ids"))
+                     if i not in known]
+            skipped += len(conversation["messages"]) - len(fresh)
+            if fresh or not conversation.pop("exported") or not conversation["messages"]:
+                kept.append(dict(conversation, messages=fresh))
+        summary = self.store.import_conversations(kept)
+        summary["skipped"] += skipped
+        return summary
 
     @staticmethod
     def _seed_files(directory):
@@ -2236,21 +2386,26 @@ class SeedFiles:
                      % (number, kind))
             try:
                 timestamp = _normal_timestamp(message["timestamp"])
+                raw = message["timestamp"].strip()
                 data = _clean_message_data({
                     "role": "user" if kind == "Question" else "assistant",
                     "content": message["content"], "sender": message["sender"],
-                    "host_info": message.get("host_info") or file_host or {}})
+                    "host_info": message.get("host_info") or file_host or {},
+                    "original_timestamp": raw if raw != timestamp else None})
+                ids = [_ident(message.get(key), key, optional=True) for key in ("id", "conversation_id")]
             except ValueError as error:
                 fail("message %d: %s" % (number, error))
-            messages.append((message["timestamp"], timestamp, data))
-        return {"relative": relative, "peer": peer, "title": title, "messages": messages}
+            messages.append((message["timestamp"], timestamp, data, ids))
+        listed = document.get("conversations")
+        return {"relative": relative, "peer": peer, "title": title, "messages": messages,
+                "conversations": listed if isinstance(listed, dict) else {}}
 
-    def _conversation(self, seed_file):
-        """A read file as Store.import_conversations takes it. Its id comes
-        from the file's path, its messages' uids from their contents."""
+    def _conversations(self, seed_file):
+        """A read file as Store.import_conversations takes it: one conversation, or those its
+        messages' "conversation_id" name (an export of ours). An id comes from the file's path,
+        or from the exported conversation's id; messages' uids from their contents. Each also
+        has "message_ids" (the exported ids, to skip those a store holds) and "exported"."""
         relative, peer = seed_file["relative"], seed_file["peer"]
-        conversation_id = str(uuid.uuid5(
-            _UUID_NAMESPACE, "import/%s/%s" % (self.store.node_id, relative)))
         stem = relative.rsplit("/", 1)[1][:-len(".json")]
         if seed_file["title"] is not None:
             title = seed_file["title"]
@@ -2258,11 +2413,25 @@ class SeedFiles:
             title = "Imported: %s" % stem
         else:
             title = peer if stem == "local" else "%s: %s" % (peer, stem)
-        messages = [{"uid": _import_uid(conversation_id, raw_timestamp, data),
-                     "timestamp": timestamp, "data": data}
-                    for raw_timestamp, timestamp, data in seed_file["messages"]]
-        return {"id": conversation_id, "title": title, "peer_label": peer,
-                "messages": messages}
+        groups = {}
+        for raw_timestamp, timestamp, data, (message_id, exported_id) in seed_file["messages"]:
+            groups.setdefault(exported_id, []).append((raw_timestamp, timestamp, data, message_id))
+        result = []
+        for exported_id, messages in (groups or {None: []}).items():
+            listed = seed_file["conversations"].get(exported_id)
+            listed = listed if isinstance(listed, dict) else {}
+            key = "import/%s/%s" % (self.store.node_id, relative) if exported_id is None else "import/" + exported_id
+            conversation_id = str(uuid.uuid5(_UUID_NAMESPACE, key))
+            label = peer if exported_id is None or peer is None else (listed.get("peer") or peer)
+            result.append({
+                "id": conversation_id, "peer_label": label if isinstance(label, str) else peer,
+                "title": listed.get("title") if isinstance(listed.get("title"), str) else title,
+                "messages": [{"uid": _import_uid(conversation_id, raw, data), "timestamp": timestamp, "data": data}
+                             for raw, timestamp, data, _id in messages],
+                "message_ids": [message_id for *_rest, message_id in messages],
+                "ids": [{"id": message_id} for *_rest, message_id in messages if message_id],
+                "exported": exported_id is not None})
+        return result
 
 
 ###############################################################################
@@ -4804,10 +4973,11 @@ class ChatService:
 
     history_budget = int(SAMPLING_DEFAULTS["num_ctx"] * 3)  # about 4 characters a token, room left to answer
 
-    def __init__(self, router, store, host_info, max_queued=DEFAULTS["max_queued"]):
+    def __init__(self, router, store, host_info, max_queued=DEFAULTS["max_queued"], local_problem=None):
         self.router = router
         self.store = store
         self.host_info = host_info  # callable: who asked, for a question asked on this node
+        self.local_problem = local_problem or (lambda: None)  # why this computer's own LLM is down, or None
         self.max_queued = max_queued  # chats that may wait for their first answer event at once
         self.waiting = 0
         self._lock = threading.Lock()
@@ -4857,7 +5027,9 @@ class ChatService:
                 if cancel.is_set():
                     break
         except LLMError as exc:
-            events.put({"type": "error", "error": str(exc), "status": exc.status, "partial": exc.partial})
+            problem = None if exc.partial or exc.status == 499 else self.local_problem()
+            error = "%s. %s" % (str(exc).rstrip("."), problem[0].upper() + problem[1:]) if problem else str(exc)
+            events.put({"type": "error", "error": error, "status": exc.status, "partial": exc.partial})
         except Exception as exc:  # a bug: report it to the client, keep the node up
             log.exception("chat failed")
             events.put({"type": "error", "error": "internal error: %s" % exc, "status": 500, "partial": False})
@@ -4909,11 +5081,34 @@ class ChatService:
             raise HTTPFailure(404, "no conversation %s" % safe_text(conversation_id, 80))
         return conversation
 
-    def add_question(self, conversation_id, content, sender):
-        """Stores a question asked on this node; returns it as a message."""
-        self.conversation(conversation_id)
-        entry = self.store.add_message(conversation_id, "user", content, sender, host_info=self.host_info())
+    def add_question(self, conversation_id, content, sender, replaces=None):
+        """Stores a question asked on this node; returns it as a message. ``replaces``: the id of
+        the conversation's last question, which this edited one takes the place of."""
+        conversation = self.conversation(conversation_id)
+        marks = {}
+        if replaces is not None:
+            questions = [m for m in conversation["messages"] if m["role"] == "user"]
+            if not questions or questions[-1]["id"] != replaces:
+                raise HTTPFailure(409, "only the last question of a conversation can be edited")
+            marks["replaces"] = replaces
+        entry = self.store.add_message(conversation_id, "user", content, sender, host_info=self.host_info(),
+                                       **marks)
         return self.store.message_from_entry(entry)
+
+    @staticmethod
+    def history_of(messages):
+        """What the LLM is told of a conversation: a question that got no answer (it failed) is
+        left out unless it is the last one, and so is a question replaced by its edit, with its answers."""
+        replaced = {m.get("replaces") for m in messages if m.get("replaces")}
+        history, skipping = [], False
+        for index, message in enumerate(messages):
+            if message["role"] == "user":
+                last = index == len(messages) - 1
+                answered = not last and messages[index + 1]["role"] == "assistant"
+                skipping = message["id"] in replaced or not (answered or last)
+            if not skipping:
+                history.append({"role": message["role"], "content": message["content"]})
+        return history
 
     def answer(self, conversation_id, model, regenerate=False):
         """Events of one answer in a conversation; the answer is stored when it is done.
@@ -4922,7 +5117,7 @@ class ChatService:
         ``regenerate`` answers the last question again, without the answers it had.
         """
         conversation = self.conversation(conversation_id)
-        history = [{"role": m["role"], "content": m["content"]} for m in conversation["messages"]]
+        history = self.history_of(conversation["messages"])
         if regenerate:
             while history and history[-1]["role"] == "assistant":
                 history.pop()
@@ -4937,26 +5132,50 @@ class ChatService:
         return self.stored_answer(self.answer(conversation["id"], model))
 
     def _stored_events(self, conversation_id, model, history):
-        parts = []
-        for event in self.stream(model, self.fit_history(history, self.history_budget)):
-            if event["type"] == "token":
-                parts.append(event["content"])
-            elif event["type"] == "done":
-                try:
-                    message = self._store_answer(conversation_id, "".join(parts), event)
-                except StoreError as exc:  # e.g. the conversation was deleted while it was answered
-                    yield {"type": "error", "error": "the answer could not be stored: %s" % exc,
-                           "status": 409, "partial": True}
-                    return
-                event = dict(event, message=message)
-            yield event
+        """The answer's events; what arrived of an answer cut off (Stop closes this generator, or
+        its host went down) is stored too, marked ``cut_off``."""
+        parts, started, finished = [], {}, False
+        events = self.stream(model, self.fit_history(history, self.history_budget))
+        try:
+            for event in events:
+                if event["type"] == "start":
+                    started = event
+                elif event["type"] == "token":
+                    parts.append(event["content"])
+                elif event["type"] == "error" and parts:
+                    finished = True
+                    message = self._store_cut_off(conversation_id, parts, started)
+                    event = dict(event, message=message) if message else event
+                elif event["type"] == "done":
+                    finished = True
+                    try:
+                        message = self._store_answer(conversation_id, "".join(parts), event)
+                    except StoreError as exc:  # e.g. the conversation was deleted while it was answered
+                        yield {"type": "error", "error": "the answer could not be stored: %s" % exc,
+                               "status": 409, "partial": True}
+                        return
+                    event = dict(event, message=message)
+                yield event
+        finally:
+            events.close()
+            if parts and not finished:  # the client went away (Stop): keep what it read
+                self._store_cut_off(conversation_id, parts, started)
 
-    def _store_answer(self, conversation_id, text, done):
+    def _store_cut_off(self, conversation_id, parts, started):
+        done = {"node_name": started.get("node_name") or "", "node_id": started.get("node_id"),
+                "model": started.get("model")}
+        try:
+            return self._store_answer(conversation_id, "".join(parts), done, cut_off=True)
+        except StoreError as exc:
+            log.warning("the cut-off answer could not be stored: %s", exc)
+            return None
+
+    def _store_answer(self, conversation_id, text, done, **marks):
         entry = self.store.add_message(
             conversation_id, "assistant", text or "(empty answer)", "LLM",
-            host_info={"hostname": done["node_name"], "ip_address": "", "is_llm_host": True},
-            model=done["model"], answered_by=done["node_id"], answered_by_name=done["node_name"],
-            tokens_per_second=done.get("tokens_per_second"))
+            host_info={"hostname": done["node_name"] or "LLM", "ip_address": "", "is_llm_host": True},
+            model=done["model"], answered_by=done["node_id"], answered_by_name=done["node_name"] or None,
+            tokens_per_second=done.get("tokens_per_second"), **marks)
         return self.store.message_from_entry(entry)
 
     @staticmethod
@@ -5532,7 +5751,9 @@ class PageApi(HttpApi):
                 ("POST", conversation + "/messages", self.post_message),
                 ("POST", conversation + "/regenerate", self.regenerate),
                 ("GET", "/api/models", self.models), ("GET", "/api/events", self.events),
-                ("POST", "/api/guest/login", self.guest_login), ("GET", "/api/guests", self.guests)]
+                ("POST", "/api/guest/login", self.guest_login), ("GET", "/api/guests", self.guests),
+                ("PATCH", "/api/node", self.rename_node), ("GET", "/api/search", self.search),
+                ("GET", conversation + "/download", self.download)]
 
     def index(self):
         """The page for browsers (and ``Accept: */*``); "Ollama is running" for the tools that probe an
@@ -5577,9 +5798,9 @@ class PageApi(HttpApi):
         bottle.response.status = 201
         return record
 
-    def _readable(self, conversation_id):
+    def _readable(self, conversation_id, conversation=None):
         """The conversation, if this client may read it: a guest reads their own and shared ones."""
-        conversation = self.chat.conversation(conversation_id)
+        conversation = conversation or self.chat.conversation(conversation_id)
         guest = self.gate.client().guest
         if guest is not None:
             owned = self.node.store.guest_owners().get(conversation_id) == guest
@@ -5597,8 +5818,45 @@ class PageApi(HttpApi):
                                  and conversation["origin"] == self.node.node_id else conversation["origin_name"]))
         return conversation
 
+    page_default = 200  # messages of a conversation sent at once, newest first; ?limit=N&before=<id> for more
+
     def get_conversation(self, conversation_id):
-        return self._readable(conversation_id)
+        """``?limit=N&before=<message id>``: a page of messages, never more than 1000 at once."""
+        query = bottle.request.query
+        limit = query.get("limit") or str(self.page_default)
+        if not limit.isdigit() or not 1 <= int(limit) <= 1000:
+            raise HTTPFailure(400, "'limit' must be a whole number from 1 to 1000")
+        limit = int(limit)
+        try:
+            page = self.node.store.get_conversation_page(conversation_id, limit, query.get("before") or None)
+        except StoreError as exc:
+            raise HTTPFailure(400, str(exc))
+        if page is None:
+            raise HTTPFailure(404, "no conversation %s" % safe_text(conversation_id, 80))
+        return self._readable(conversation_id, page)
+
+    def download(self, conversation_id):
+        """``GET .../download?format=md|json``: one conversation as a file to keep."""
+        conversation = self._readable(conversation_id)
+        kind = bottle.request.query.get("format") or "md"
+        if kind not in ("md", "json"):
+            raise HTTPFailure(400, "'format' must be md or json")
+        name = (re.sub(r"[^\w-]+", "-", conversation["title"], flags=re.UNICODE).strip("-")[:60] or "conversation")
+        bottle.response.set_header("Content-Disposition", 'attachment; filename="%s.%s"'
+                                   % (name.encode("ascii", "replace").decode("ascii").replace("?", "_"), kind))
+        if kind == "json":
+            bottle.response.content_type = "application/json; charset=utf-8"
+            return json.dumps(conversation, ensure_ascii=False, indent=2)
+        bottle.response.content_type = "text/markdown; charset=utf-8"
+        return conversation_markdown(conversation)
+
+    def search(self):
+        """``GET /api/search?q=text``: conversations whose title or messages hold ``text``."""
+        text = (bottle.request.query.getunicode("q") or "").strip()[:200]
+        if not text:
+            return []
+        readable = {record["id"] for record in self.list_conversations()}
+        return [found for found in self.node.store.search(text, limit=100) if found["id"] in readable][:50]
 
     def patch_conversation(self, conversation_id):
         body = read_json_body()
@@ -5626,10 +5884,11 @@ class PageApi(HttpApi):
         content = body_text(body, "content", required=True)
         sender = body_text(body, "sender", limit=100) or "user"
         model = body_text(body, "model", limit=200)
+        replaces = body_text(body, "replaces", limit=100)
         self._writable(conversation_id)
         if body.get("answer") is not False:
             self.admit_chat()
-        question = self.chat.add_question(conversation_id, content, sender)
+        question = self.chat.add_question(conversation_id, content, sender, replaces=replaces)
         if body.get("answer") is False:
             bottle.response.status = 201
             return question
@@ -5641,6 +5900,16 @@ class PageApi(HttpApi):
         self._writable(conversation_id)
         self.admit_chat()
         return self._answer_reply(None, self.chat.answer(conversation_id, model, regenerate=True))
+
+    def rename_node(self):
+        """``PATCH /api/node {"name"}``: the owner names this computer, e.g. "Ana's laptop"."""
+        body = read_json_body()
+        if self.gate.client().role != "owner":
+            raise HTTPFailure(403, "only this computer's owner may rename it")
+        try:
+            return {"name": self.node.rename(body_text(body, "name", required=True, limit=200))}
+        except ValueError as exc:
+            raise HTTPFailure(400, "%s." % exc)
 
     # -- guests ------------------------------------------------------------------------
 
@@ -5675,10 +5944,13 @@ class PageApi(HttpApi):
 
     @staticmethod
     def _answer_stream(question, events):
-        if question is not None:
-            yield "event: user\ndata: %s\n\n" % json.dumps({"message": question})
-        for event in events:
-            yield sse_format(event)
+        try:
+            if question is not None:
+                yield "event: user\ndata: %s\n\n" % json.dumps({"message": question})
+            for event in events:
+                yield sse_format(event)
+        finally:
+            events.close()  # the page pressed Stop: what arrived is stored now
 
     def models(self):
         router = self.node.router
@@ -5751,6 +6023,24 @@ def pull_help(name, mesh_models):
     return ("model %r is not on the mesh, and NeuroMesh does not download models. Run `ollama pull %s` on "
             "one of the machines that serve LLMs (%s): the mesh offers it within seconds."
             % (name, name, ", ".join(hosts)))
+
+
+def conversation_markdown(conversation):
+    """A conversation as a Markdown document a person can read, keep and print."""
+    lines = ["# %s" % conversation["title"], "",
+             "*From %s, %s messages, exported %s.*" % (conversation["origin_name"], len(conversation["messages"]),
+                                                       utc_now()[:16].replace("T", " ")), ""]
+    for message in conversation["messages"]:
+        when = message["timestamp"][:16].replace("T", " ")
+        if message["role"] == "assistant":
+            who = "Answer by %s" % (message.get("answered_by_name") or message["host_info"]["hostname"] or "the mesh")
+            who += " with %s" % message["model"] if message.get("model") else ""
+        else:
+            who = "%s on %s" % (message["sender"], message["host_info"]["hostname"] or "?")
+        lines += ["## %s · %s" % (who, when), "", message["content"], ""]
+        if message.get("cut_off"):
+            lines += ["*(cut off: this answer stopped before it was complete)*", ""]
+    return "\n".join(lines)
 
 
 def ollama_timestamp():
@@ -6170,7 +6460,9 @@ class RelayApi(HttpApi):
 
 def build_app(node):
     """The Bottle application of ``node``: every API's routes on one app, one chat room behind them."""
-    chat = ChatService(node.router, node.store, node.host_info, max_queued=node.config.max_queued)
+    local_llm = getattr(node, "local_llm", None)
+    chat = ChatService(node.router, node.store, node.host_info, max_queued=node.config.max_queued,
+                       local_problem=local_llm and (lambda: local_llm.state()[1]))
     gate = Gatekeeper(node.config)
     app = bottle.Bottle()
     for api in (PageApi, OllamaApi, OpenAIApi, RelayApi):
@@ -6189,6 +6481,56 @@ def build_app(node):
 ###############################################################################
 
 
+class LocalLLM:
+    """The truth about this computer's own LLM, in words for the page, the APIs' errors and the
+    terminal: answering, installed but stopped (and how to start it), or none (normal on a
+    student's laptop). ``check()`` after each probe logs a change once."""
+
+    def __init__(self, router, config):
+        self.router = router
+        self.config = config
+        self.last = None
+
+    def state(self):
+        """("running" | "stopped" | "none" | "off", a sentence or None)."""
+        backends = self.router.local
+        if any(backend.available for backend in backends):
+            return "running", None
+        if not backends:
+            return "off", None
+        refused = [b for b in backends if "ConnectionError" in (b.error or "")]
+        ollama = [b for b in refused if b.kind == "ollama"]
+        if ollama and shutil.which("ollama"):
+            return "stopped", ("Ollama is installed on this computer but not running (nothing answers at %s): "
+                               "start it with `ollama serve` (or open the Ollama app)" % ollama[0].url)
+        if refused and (not ollama or self.config.ollama_url != DEFAULTS["ollama_url"]):
+            return "stopped", ("this computer's LLM server at %s is not running: start it" % refused[0].url)
+        return "none", None
+
+    def describe(self):
+        """One line for the start-up banner: what this node will use to answer."""
+        state, problem = self.state()
+        if state == "running":
+            backend = next(b for b in self.router.local if b.available)
+            return "answers with %s on this computer (%s at %s)%s" % (
+                ", ".join(backend.models) or "no model yet", backend.kind, backend.url,
+                "" if not self.config.no_share_llm else ", kept to itself (--no-share-llm)")
+        if state == "stopped":
+            return "uses the LLMs of the mesh for now: %s" % problem
+        return "has no LLM of its own: the LLMs of other computers of the mesh answer (that is normal)"
+
+    def check(self):
+        """Log when this computer's LLM stops or comes back (once per change)."""
+        state, problem = self.state()
+        if state == self.last:
+            return
+        if self.last is not None and state == "running":
+            log.info("this computer's LLM is back: %s", self.describe())
+        elif state == "stopped":
+            log.warning("%s", problem)
+        self.last = state
+
+
 class Node(MeshListener):
     """One NeuroMesh node: identity, store, mesh, sync, web server, and their start and stop.
 
@@ -6201,8 +6543,9 @@ class Node(MeshListener):
         self.config = config
         self._refuse_shared_data_dir()
         self.node_id = load_identity(config.data_dir)
+        self.generic_name = "NeuroMesh-" + self.node_id[:4]
         if not config.name:
-            config.name = "NeuroMesh-" + self.node_id[:4]
+            config.name = load_saved_name(config.data_dir) or self.generic_name
         self.name = config.name
         self.started_monotonic = time.monotonic()
         self.started_wall = time.time()
@@ -6216,6 +6559,7 @@ class Node(MeshListener):
         self.router = Router(config, self.node_id, self.name, self.mesh)
         self.router.http_port = lambda: self.http_port
         self.router.on_change = self._llm_changed
+        self.local_llm = LocalLLM(self.router, config)
         self._frame_handlers = {  # the frames the mesh passes on to frame(), by marker
             SYNC: self.sync.handle_sync, FILE: self.sync.handle_file,
             LLM_REQUEST: self.router.handle_request, LLM_RESPONSE: self.router.handle_response,
@@ -6230,7 +6574,7 @@ class Node(MeshListener):
     # -- the mesh's listener (on the mesh thread) -------------------------------
 
     def hello_extra(self):
-        extra = {"http_port": self.http_port or 0}
+        extra = {"http_port": self.http_port or 0, "name": self.name}
         extra.update(self.router.local_capability())
         return extra
 
@@ -6248,6 +6592,7 @@ class Node(MeshListener):
 
     def peer_changed(self, peer):
         self.router.peer_changed(peer)
+        self.events.publish("peer_update", peer.to_dict())  # a new name, or a new LLM
 
     def peer_measured(self, peer):
         self.events.publish("peer_update", peer.to_dict())
@@ -6262,12 +6607,14 @@ class Node(MeshListener):
     def _llm_changed(self):
         """This node's LLM, its load, or the LLMs we may use changed: tell peers and pages,
         each only when what they are told changed (a load change is not news to a page)."""
+        self.local_llm.check()
         capability = self.router.local_capability()
         if capability != self._told_capability:
             self._told_capability = capability
             self.mesh.broadcast(LLM_CAPS, capability)
         models = self.router.mesh_models()
         offer = {name: sorted(node_id for node_id, _n, _l in hosts) for name, hosts in models.items()}
+        offer["~local"] = [self.local_llm.last]  # the page also hears this computer's LLM stop or return
         if offer != self._told_offer:
             self._told_offer = offer
             self.events.publish("llm", {"llm_hosts": llm_host_count(models)})
@@ -6324,9 +6671,10 @@ class Node(MeshListener):
         if log.getEffectiveLevel() > logging.DEBUG:
             quiet_waitress_logs()
         self.router.refresh_local()
+        self.local_llm.check()
         for backend in self.router.local:
-            log.info("%s", "LLM: %s at %s offers %s" % (backend.kind, backend.url, ", ".join(backend.models))
-                     if backend.available else backend.error)
+            log.debug("%s", "LLM: %s at %s offers %s" % (backend.kind, backend.url, ", ".join(backend.models))
+                      if backend.available else backend.error)
         try:
             self.mesh.start()
         except Exception:
@@ -6381,6 +6729,25 @@ class Node(MeshListener):
         except OSError:
             pass
 
+    def rename(self, name):
+        """The owner named this node from the page: kept in the data dir, told to peers and pages."""
+        name = clean_node_name(name)
+        path = os.path.join(self.config.data_dir, NAME_FILE)
+        with open(path + ".tmp", "w", encoding="utf-8") as handle:
+            handle.write(name + "\n")
+        os.replace(path + ".tmp", path)
+        log.info("this node is now called %s", safe_text(name))
+        self.name = self.config.name = self.mesh.name = self.router.node_name = name
+        for backend in self.router.local:
+            backend.node_name = name
+        self.store.rename_node(name)
+        self._write_runtime_file()
+        # Linked peers hear the new name now (Peer.update reads it), the others at the announcement.
+        self.mesh.broadcast(LLM_CAPS, dict(self.router.local_capability(), name=name))
+        self.mesh.announce_now()
+        self.events.publish("node", {"node_id": self.node_id, "name": name})
+        return name
+
     # -- conversations -------------------------------------------------------------
 
     def host_info(self):
@@ -6413,6 +6780,7 @@ class Node(MeshListener):
         stats = self.mesh.stats()
         return {
             "status": "ok", "node_id": self.node_id, "name": self.name, "version": __version__,
+            "name_is_generic": self.name == self.generic_name,
             "protocol_version": PROTOCOL_VERSION, "room": room_status(self.mesh.room_key),
             "uptime_s": round(time.monotonic() - self.started_monotonic, 3),
             "peer_count": stats["connected_peers"], "has_llm": self.router.has_local_llm,
@@ -6441,6 +6809,7 @@ class Node(MeshListener):
                        {"backend": None, "url": None, "available": False, "models": [],
                         "error": "no local LLM configured (--ollama-url none)"}))
         summary["backends"] = backends
+        summary["state"], summary["problem"] = self.local_llm.state()
         summary["sharing"] = not self.config.no_share_llm
         summary["models"] = self.router.local_models()
         return summary
@@ -6495,6 +6864,7 @@ def run_node(config):
     install_signal_handlers(node)
     local, lan = node.urls()
     print("NeuroMesh %s is running as %s." % (__version__, node.name), flush=True)
+    print("  LLM: this node %s." % node.local_llm.describe(), flush=True)
     print("  Chat page on this computer: %s" % local[0], flush=True)
     for url in lan:
         print("  For others on the network: %s" % url, flush=True)
@@ -6547,6 +6917,10 @@ def run_transfer(config, command, directory):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if command_help(argv):
+        print(command_help(argv), end="")
+        return 0
     parser = build_arg_parser()
     args = parser.parse_args(argv)
     if args.version:
@@ -6555,7 +6929,9 @@ def main(argv=None):
     try:
         config = load_config(args)
     except ConfigError as exc:
-        parser.error(str(exc))
+        print("neuromesh.py: error: %s.\nRun `python neuromesh.py --help` to see every option." % exc,
+              file=sys.stderr)
+        return 2
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -54,6 +54,7 @@
     mesh: "M12 6 6 17M12 6l6 11M7.5 18.5h9M12 3.5a2.5 2.5 0 1 0 0 5 2.5 2.5 0 1 0 0-5zM5 15.5a2.5 2.5 0 1 0 0 5 2.5 2.5 0 1 0 0-5zM19 15.5a2.5 2.5 0 1 0 0 5 2.5 2.5 0 1 0 0-5z",
     pulse: "M3 12h4l3-8 4 16 3-8h4",
     close: "M6 6l12 12M18 6 6 18",
+    search: "M10.5 4a6.5 6.5 0 1 0 0 13 6.5 6.5 0 0 0 0-13zM15.5 15.5 20 20",
     invite: "M9 11a3.5 3.5 0 1 0 0-7 3.5 3.5 0 0 0 0 7zM3 20c0-3.3 2.7-6 6-6s6 2.7 6 6M19 8v6M16 11h6",
   };
 
@@ -119,9 +120,24 @@
       init.headers["Content-Type"] = "application/json"; // the node refuses state changes sent as forms
       init.body = JSON.stringify(options.body);
     }
-    const response = await fetch(path, init);
+    const response = await fetchOrExplain(path, init);
     if (!response.ok) throw await apiError(response);
     return response.status === 204 ? null : response.json();
+  }
+
+  const NODE_DOWN = "This computer's NeuroMesh is not answering: it may be stopped or restarting.";
+
+  /** fetch(), but a network failure says in words that the node is down (never "Failed to fetch"). */
+  async function fetchOrExplain(path, init) {
+    try {
+      return await fetch(path, init);
+    } catch (error) {
+      if (error.name === "AbortError") throw error;
+      const down = new Error(NODE_DOWN);
+      down.nodeDown = true;
+      setLive(false);
+      throw down;
+    }
   }
 
   function debounce(fn, ms) {
@@ -302,6 +318,9 @@
     const peers = connectedPeers().length;
     const llm = llmHostCount();
     $("#node-name").textContent = health ? health.name : "Connecting…";
+    const owner = Boolean(health && state.role === "owner");
+    $("#rename-node").hidden = !owner;
+    $("#name-hint").hidden = !(owner && health.name_is_generic && $("#rename-node-form").hidden);
     $("#stat-peers").textContent = String(peers);
     $("#stat-llm").textContent = String(llm);
     $("#live-dot").className = "dot " + (state.live ? "live" : "down");
@@ -317,20 +336,140 @@
       ),
       health ? h("div", null, "HTTP :" + health.ports.http + " · id " + health.node_id.slice(0, 8)) : null,
       state.role === "guest" ? h("div", { class: "guest-label" }, "Signed in as a guest of this computer") : null,
+      h(
+        "div",
+        null,
+        h("span", { id: "you-are" }, displayName() ? "You are " + displayName() : "You have no name yet"),
+        " · ",
+        h(
+          "button",
+          {
+            type: "button",
+            class: "link-button",
+            onclick: () => {
+              try {
+                localStorage.removeItem(DISPLAY_NAME);
+              } catch (error) {
+                /* nothing kept */
+              }
+              renderWho();
+              $("#who-input").value = displayName();
+              $("#who-input").focus();
+            },
+          },
+          displayName() ? "change" : "set your name",
+        ),
+      ),
     ];
     footer.replaceChildren(...lines.filter(Boolean));
     renderRoom();
   }
 
+  // ==== names: this computer's (the owner's choice), and the person's at this browser ===========
+
+  function openRenameNode() {
+    const form = $("#rename-node-form");
+    form.hidden = false;
+    $("#name-hint").hidden = true;
+    $("#rename-node-error").textContent = "";
+    const input = $("#rename-node-input");
+    input.value = state.health && !state.health.name_is_generic ? state.health.name : "";
+    input.focus();
+  }
+
+  function closeRenameNode() {
+    $("#rename-node-form").hidden = true;
+    renderStatus();
+    $("#rename-node").focus();
+  }
+
+  async function submitRenameNode(event) {
+    event.preventDefault();
+    const name = $("#rename-node-input").value.trim();
+    if (!name) {
+      $("#rename-node-error").textContent = "Type a name first.";
+      return;
+    }
+    try {
+      const reply = await api("/api/node", { method: "PATCH", body: { name } });
+      if (state.health) Object.assign(state.health, { name: reply.name, name_is_generic: false });
+      closeRenameNode();
+      refreshHealth();
+    } catch (error) {
+      $("#rename-node-error").textContent = error.message;
+    }
+  }
+
+  const DISPLAY_NAME = "neuromesh.displayName";
+
+  function displayName() {
+    try {
+      return localStorage.getItem(DISPLAY_NAME) || "";
+    } catch (error) {
+      return "";
+    }
+  }
+
+  /** The person's name is asked once, in the composer, and kept in this browser. */
+  function renderWho() {
+    let asked = null;
+    try {
+      asked = localStorage.getItem(DISPLAY_NAME);
+    } catch (error) {
+      asked = "";
+    }
+    $("#who").hidden = asked !== null;
+    const you = $("#you-are");
+    if (you) you.textContent = displayName() ? "You are " + displayName() : "You have no name yet";
+  }
+
+  function saveWho(name) {
+    try {
+      localStorage.setItem(DISPLAY_NAME, name.trim().slice(0, 40));
+    } catch (error) {
+      /* private mode: asked again next time */
+    }
+    renderWho();
+    renderStatus();
+    ui.prompt.focus();
+  }
+
   function setLive(live) {
+    const changed = state.live !== live;
     state.live = live;
     renderStatus();
+    if (changed) updateComposer();
+  }
+
+  function renderOfflineNotice() {
+    const notice = $("#offline-notice");
+    const down = state.started && !state.live && state.eventsOpened;
+    notice.hidden = !down;
+    if (down && !notice.childElementCount)
+      notice.replaceChildren(
+        h("strong", null, "Not connected: "),
+        "this computer's NeuroMesh is not answering (stopped or restarting). Your draft is kept; " +
+          "Send works again as soon as the page reconnects, by itself.",
+      );
+    if (!down) notice.replaceChildren();
   }
 
   // ==== conversations in the sidebar =========================================================
 
+  /** A title as words: Markdown marks (headings, emphasis, code, links, quotes, lists) left out. */
+  function plainTitle(text) {
+    return String(text || "")
+      .replace(/!?\[([^\]]*)\]\([^)]*\)/g, "$1")
+      .replace(/^\s{0,3}(?:#{1,6}|>|[-*+]|\d+[.)])\s+/gm, "")
+      .replace(/(\*\*|__|~~|\*|`+)/g, "")
+      .replace(/(^|\s)_(\S[^_]*)_(?=\s|$)/g, "$1$2")
+      .replace(/\s+/g, " ")
+      .trim();
+  }
+
   function titleFrom(text) {
-    const line = text.trim().split("\n")[0].replace(/\s+/g, " ");
+    const first = text.trim().split("\n").find((line) => plainTitle(line)) || "";
+    const line = plainTitle(first);
     return line.length > 60 ? line.slice(0, 57) + "…" : line || "New chat";
   }
 
@@ -344,14 +483,84 @@
       ...(own.length ? own.map(conversationItem) : [h("li", { class: "empty" }, "No conversations yet.")]),
     );
     $("#shared-list").replaceChildren(
-      ...(shared.length ? shared.map(conversationItem) : [h("li", { class: "empty" }, state.role === "guest" ? "Nothing shared yet." : "Nothing shared by peers yet.")]),
+      ...(shared.length
+        ? sharedGroups(shared)
+        : [h("p", { class: "empty" }, state.role === "guest" ? "Nothing shared yet." : "Nothing shared by peers yet.")]),
     );
   }
+
+  function machineName(c) {
+    if (c.origin === myId()) return (state.health ? state.health.name : "This computer") + " (this computer)";
+    const peer = state.peers.get(c.origin);
+    return (peer && peer.name) || c.origin_name || c.peer_label || c.origin.slice(0, 8);
+  }
+
+  /** Shared conversations grouped by the machine they come from, each group collapsible (kept). */
+  function sharedGroups(shared) {
+    const groups = new Map();
+    for (const c of shared) {
+      const key = c.peer_label ? "label:" + c.peer_label : c.origin;
+      if (!groups.has(key)) groups.set(key, { name: c.peer_label || machineName(c), list: [] });
+      groups.get(key).list.push(c);
+    }
+    state.collapsed = state.collapsed || new Set();
+    return [...groups.entries()]
+      .sort((a, b) => a[1].name.localeCompare(b[1].name))
+      .map(([key, group]) => {
+        const details = h(
+          "details",
+          { class: "machine-group", "data-origin": key },
+          h(
+            "summary",
+            null,
+            h("span", { class: "machine-name" }, group.name),
+            h("span", { class: "machine-count" }, String(group.list.length)),
+          ),
+          h("ul", { class: "conversation-list" }, group.list.map(conversationItem)),
+        );
+        details.open = !state.collapsed.has(key);
+        details.addEventListener("toggle", () => {
+          if (details.open) state.collapsed.delete(key);
+          else state.collapsed.add(key);
+        });
+        return details;
+      });
+  }
+
+  // ---- search --------------------------------------------------------------------------------
+
+  async function runSearch() {
+    const query = $("#search-input").value.trim();
+    const box = $("#search-results");
+    box.hidden = !query;
+    $("#conversation-lists").hidden = Boolean(query);
+    if (!query) return;
+    let found;
+    try {
+      found = await api("/api/search?q=" + encodeURIComponent(query));
+    } catch (error) {
+      $("#search-list").replaceChildren(h("li", { class: "empty error-text" }, error.message));
+      return;
+    }
+    if ($("#search-input").value.trim() !== query) return;
+    $("#search-list").replaceChildren(
+      ...(found.length
+        ? found.map((c) => {
+            const item = conversationItem(c);
+            if (c.match === "message")
+              item.querySelector(".conversation-open").append(h("span", { class: "search-snippet" }, c.snippet));
+            return item;
+          })
+        : [h("li", { class: "empty" }, "Nothing found for “" + query + "”.")]),
+    );
+  }
+
+  const scheduleSearch = debounce(runSearch, 200);
 
   function conversationItem(c) {
     const active = c.id === state.currentId;
     const meta =
-      (c.own ? "" : "from " + (c.origin_name || c.peer_label || c.origin.slice(0, 8)) + " · ") +
+      (c.own ? "" : "from " + machineName(c) + " · ") +
       plural(c.message_count, "message") +
       " · " +
       agoFromIso(c.updated_at);
@@ -367,7 +576,7 @@
         "span",
         { class: "conversation-title" },
         c.private ? [icon("lock"), h("span", { class: "sr-only" }, "Private: ")] : null,
-        h("span", null, c.title),
+        h("span", null, plainTitle(c.title) || "New chat"),
       ),
       h("span", { class: "conversation-meta" }, meta),
     );
@@ -529,7 +738,7 @@
     renderConversationList();
     let conversation;
     try {
-      conversation = await api("/api/conversations/" + encodeURIComponent(id));
+      conversation = await api(conversationPath(id));
     } catch (error) {
       if (state.currentId !== id) return;
       ui.messages.replaceChildren(
@@ -550,15 +759,74 @@
     scrollToBottom(true);
   }
 
+  const PAGE = 100; // messages fetched at once: a long conversation loads its newest, older ones on scroll-up
+
+  function conversationPath(id, before) {
+    return (
+      "/api/conversations/" +
+      encodeURIComponent(id) +
+      "?limit=" +
+      PAGE +
+      (before ? "&before=" + encodeURIComponent(before) : "")
+    );
+  }
+
+  /** Scrolled to the top of a long conversation: the page before the oldest shown, kept in place. */
+  async function loadOlder() {
+    const c = state.current;
+    if (!c || !c.has_more || state.loadingOlder || !c.messages.length) return;
+    state.loadingOlder = true;
+    const id = c.id;
+    let page;
+    try {
+      page = await api(conversationPath(id, c.messages[0].id));
+    } catch (error) {
+      state.loadingOlder = false;
+      return;
+    }
+    state.loadingOlder = false;
+    if (state.current !== c) return;
+    c.messages = page.messages.concat(c.messages);
+    c.has_more = page.has_more;
+    const before = ui.chatScroll.scrollHeight - ui.chatScroll.scrollTop;
+    const first = ui.messages.querySelector(".message");
+    for (const message of page.messages) ui.messages.insertBefore(messageView(message), first);
+    renderOlderNote();
+    ui.chatScroll.scrollTop = ui.chatScroll.scrollHeight - before;
+    updateAnswerActions();
+  }
+
+  function renderOlderNote() {
+    const old = ui.messages.querySelector(".older-note");
+    if (old) old.remove();
+    if (state.current && state.current.has_more)
+      ui.messages.prepend(
+        h(
+          "p",
+          { class: "older-note" },
+          h("button", { type: "button", class: "small-button", onclick: loadOlder }, "Show older messages"),
+        ),
+      );
+  }
+
   function renderChatHeader() {
     const c = state.current;
-    $("#chat-title").textContent = c ? c.title : state.currentId ? "Loading…" : "New chat";
+    $("#chat-title").textContent = c ? plainTitle(c.title) || "New chat" : state.currentId ? "Loading…" : "New chat";
     const subtitle = $("#chat-subtitle");
     subtitle.replaceChildren();
     if (c) {
       if (!c.own)
         subtitle.append("from " + (c.origin_name || c.origin.slice(0, 8)), h("span", { class: "chip" }, "read-only"));
       if (c.private) subtitle.append(h("span", { class: "chip offline" }, "private"));
+    }
+    const downloads = $("#chat-downloads");
+    downloads.hidden = !c;
+    if (c) {
+      const base = "/api/conversations/" + encodeURIComponent(c.id) + "/download?format=";
+      $("#download-md").href = base + "md";
+      $("#download-md").setAttribute("aria-label", "Download .md (this conversation as Markdown)");
+      $("#download-json").href = base + "json";
+      $("#download-json").setAttribute("aria-label", "Download .json (this conversation as JSON)");
     }
     const chatLink = document.querySelector('.nav a[data-view="chat"]');
     chatLink.href = state.currentId ? "#/chat/" + encodeURIComponent(state.currentId) : "#/chat";
@@ -568,6 +836,7 @@
     renderChatHeader();
     const c = state.current;
     ui.messages.replaceChildren(...(c ? c.messages.map(messageView) : []));
+    renderOlderNote();
     if (c && !c.own)
       ui.messages.append(
         h(
@@ -635,12 +904,116 @@
       const body = h("div", { class: "markdown" });
       body.append(window.NeuroMarkdown.render(message.content));
       article.append(h("div", { class: "bubble glass" }, body, h("div", { class: "answer-status", role: "status" })));
+      if (message.cut_off) article.append(cutOffNote());
       article.append(answerMeta(message, {}));
     } else {
       article.append(h("div", { class: "bubble" }, message.content));
+      if (message.id) article.append(questionActions());
+      if (message.replaces) article.dataset.replaces = message.replaces;
     }
+    if (message.cut_off) article.classList.add("cut-off");
     article.dataset.content = message.content;
     return article;
+  }
+
+  function cutOffNote() {
+    return h(
+      "p",
+      { class: "cut-off-note" },
+      icon("stop"),
+      h("strong", null, "Cut off"),
+      " · this answer stopped before it was complete; what arrived is kept.",
+    );
+  }
+
+  function questionActions() {
+    return h(
+      "div",
+      { class: "question-actions" },
+      h(
+        "button",
+        {
+          type: "button",
+          class: "action-button edit-question",
+          "aria-label": "Edit this question",
+          hidden: true,
+          onclick: (event) => startEdit(event.currentTarget.closest(".message")),
+        },
+        icon("edit"),
+        h("span", { class: "label" }, "Edit"),
+      ),
+    );
+  }
+
+  /** Edit-and-resend: the last question becomes a text box; Send stores the edit, which replaces it. */
+  function startEdit(article) {
+    if (!article || state.stream) return;
+    const bubble = article.querySelector(".bubble");
+    const box = h("textarea", { class: "edit-box", rows: "3", "aria-label": "Edit your question" });
+    box.value = article.dataset.content || "";
+    const cancel = () => {
+      form.remove();
+      bubble.hidden = false;
+      article.querySelector(".edit-question").focus();
+    };
+    const form = h(
+      "form",
+      { class: "edit-form" },
+      box,
+      h(
+        "div",
+        { class: "edit-bar" },
+        h("button", { type: "button", class: "small-button", onclick: cancel }, "Cancel"),
+        h("button", { type: "submit", class: "small-button primary" }, "Ask again"),
+      ),
+    );
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      const text = box.value.trim();
+      if (!text) return;
+      if (state.stream || (state.started && !state.live && state.eventsOpened)) return;
+      form.remove();
+      bubble.hidden = false;
+      sendMessage(text, article.dataset.id);
+    });
+    box.addEventListener("keydown", (event) => {
+      if (event.key === "Escape") {
+        event.preventDefault();
+        cancel();
+      } else if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+        event.preventDefault();
+        form.requestSubmit();
+      }
+    });
+    bubble.hidden = true;
+    bubble.after(form);
+    box.focus();
+  }
+
+  /** Questions replaced by their edit, and the answers they had, are dimmed and marked. */
+  function markReplaced() {
+    const replaced = new Set(
+      [...ui.messages.querySelectorAll(".message[data-replaces]")].map((el) => el.dataset.replaces),
+    );
+    let inReplaced = false;
+    for (const article of ui.messages.querySelectorAll(".message")) {
+      if (article.classList.contains("user")) inReplaced = replaced.has(article.dataset.id);
+      article.classList.toggle("replaced", inReplaced);
+      if (inReplaced && article.classList.contains("user") && !article.querySelector(".replaced-note"))
+        article.append(h("p", { class: "replaced-note" }, "Edited: the new version is below."));
+    }
+    // A stored question with no answer after it (it failed) stays, marked; the LLM is not told it.
+    const stored = [...ui.messages.querySelectorAll(".message")];
+    stored.forEach((article, index) => {
+      const next = stored[index + 1];
+      const unanswered =
+        article.classList.contains("user") && article.dataset.id && next && next.classList.contains("user");
+      article.classList.toggle("unanswered", Boolean(unanswered));
+      const note = article.querySelector(".unanswered-note");
+      if (unanswered && !note && !article.classList.contains("replaced"))
+        article.append(h("p", { class: "replaced-note unanswered-note" }, "Not answered: kept here, not sent as history."));
+      if (!unanswered && note) note.remove();
+    });
   }
 
   /** Who answered, with which model and how fast, plus the Copy and Regenerate buttons. */
@@ -657,6 +1030,9 @@
       "div",
       { class: "answer-meta" },
       node ? h("span", null, "answered by ", h("span", { class: "node" }, node)) : null,
+      (live.node_id || message.answered_by) && (live.node_id || message.answered_by) === myId()
+        ? h("span", { class: "chip this-computer" }, "this computer")
+        : null,
       model ? h("span", { class: "model" }, model) : null,
       speed ? h("span", { class: "speed" }, speed.toFixed(1) + " tokens/s") : null,
       h(
@@ -690,13 +1066,20 @@
     return meta;
   }
 
-  /** Regenerate shows only on the last answer of an own conversation, when nothing streams. */
+  /** Regenerate shows only on the last answer, Edit on the last question, of an own conversation,
+   * when nothing streams. */
   function updateAnswerActions() {
+    markReplaced();
     const answers = ui.messages.querySelectorAll(".message.assistant[data-id]");
     const canRegenerate = Boolean(state.current && state.current.own && !state.stream);
     answers.forEach((answer, index) => {
       const button = answer.querySelector(".regenerate");
       if (button) button.hidden = !(canRegenerate && index === answers.length - 1);
+    });
+    const questions = ui.messages.querySelectorAll(".message.user[data-id]");
+    questions.forEach((question, index) => {
+      const button = question.querySelector(".edit-question");
+      if (button) button.hidden = !(canRegenerate && index === questions.length - 1);
     });
   }
 
@@ -706,12 +1089,18 @@
     if (!id || (state.stream && state.stream.conversationId === id)) return;
     let conversation;
     try {
-      conversation = await api("/api/conversations/" + encodeURIComponent(id));
+      conversation = await api(conversationPath(id));
     } catch (error) {
       return;
     }
     if (state.currentId !== id || !state.current || (state.stream && state.stream.conversationId === id)) return;
-    Object.assign(state.current, conversation);
+    const known = new Set(state.current.messages.map((m) => m.id));
+    const older = state.current.messages;
+    const added = conversation.messages.filter((m) => !known.has(m.id));
+    Object.assign(state.current, conversation, {
+      messages: older.concat(added),
+      has_more: state.current.has_more,
+    });
     const shown = new Set([...ui.messages.querySelectorAll(".message[data-id]")].map((el) => el.dataset.id));
     const stick = isNearBottom();
     for (const message of conversation.messages) {
@@ -738,7 +1127,9 @@
     ui.charCount.textContent = value.length + " / " + MAX_CHARS;
     ui.charCount.classList.toggle("near-limit", value.length > MAX_CHARS * 0.9);
     const streaming = Boolean(state.stream);
-    ui.send.disabled = streaming || !value.trim();
+    renderOfflineNotice();
+    const offline = state.started && !state.live && state.eventsOpened;
+    ui.send.disabled = streaming || !value.trim() || offline;
     ui.send.hidden = streaming;
     ui.stop.hidden = !streaming;
     const noLlm = state.models !== null && llmHostCount() === 0;
@@ -748,13 +1139,38 @@
     renderNoLlmNotice(noLlm);
   }
 
-  function renderNoLlmNotice(show) {
+  /** Why this computer's own LLM does not answer (Ollama installed but stopped), from /api/health. */
+  function localLlmProblem() {
+    const llm = state.health && state.health.llm;
+    return llm && llm.state === "stopped" && state.role !== "guest" ? llm.problem : null;
+  }
+
+  function renderNoLlmNotice(noLlm) {
+    const problem = localLlmProblem();
+    const show = noLlm || Boolean(problem);
     ui.notice.hidden = !show;
+    const kind = (noLlm ? "none" : "") + "|" + (problem || "");
     if (!show) {
       ui.notice.replaceChildren();
+      ui.notice.dataset.kind = "";
       return;
     }
-    if (ui.notice.childElementCount) return; // keep the <details> open or closed as the user left it
+    if (ui.notice.dataset.kind === kind) return; // keep the <details> open or closed as the user left it
+    ui.notice.dataset.kind = kind;
+    if (!noLlm) {
+      ui.notice.replaceChildren(
+        h("strong", null, "This computer's LLM is stopped: "),
+        window.NeuroMarkdown.render(problem + ". Meanwhile the other LLMs of the mesh answer."),
+      );
+      return;
+    }
+    if (problem) {
+      ui.notice.replaceChildren(
+        h("strong", null, "No LLM answers yet: "),
+        window.NeuroMarkdown.render(problem + "."),
+      );
+      return;
+    }
     ui.notice.replaceChildren(
       h("strong", null, "No LLM on the mesh yet: "),
       "no linked computer runs a language model, so questions are saved and shared but nobody answers them.",
@@ -793,7 +1209,7 @@
 
   function submitPrompt() {
     const text = ui.prompt.value;
-    if (!text.trim() || state.stream) return;
+    if (!text.trim() || state.stream || ui.send.disabled) return;
     ui.prompt.value = "";
     autoGrow();
     updateComposer();
@@ -805,14 +1221,14 @@
   }
 
   /** Sends ``content``: creates the conversation if needed, then streams the answer. */
-  async function sendMessage(content) {
+  async function sendMessage(content, replaces) {
     if (state.stream || (state.current && !state.current.own)) return;
     const userView = messageView({
       role: "user",
       content,
       timestamp: new Date().toISOString(),
       origin: myId(),
-      sender: "user",
+      sender: displayName() || "user",
     });
     userView.classList.add("pending");
     ui.messages.append(userView);
@@ -836,7 +1252,7 @@
         userView.append(
           inlineError("The conversation could not be created: " + error.message, () => {
             userView.remove();
-            sendMessage(content);
+            sendMessage(content, replaces);
           }),
         );
         return;
@@ -845,8 +1261,8 @@
     streamAnswer(
       conversationId,
       "/api/conversations/" + encodeURIComponent(conversationId) + "/messages",
-      { content, model: chosenModel() },
-      { userView, content },
+      { content, model: chosenModel(), replaces: replaces || undefined, sender: displayName() || undefined },
+      { userView, content, replaces },
     );
   }
 
@@ -928,10 +1344,16 @@
         element.setAttribute("aria-label", "Answer from " + (data.node_name || message.answered_by_name || "the mesh"));
         element.append(answerMeta(message, Object.assign({}, info, data)));
       },
-      fail(message, retry) {
+      fail(message, retry, stored) {
         end();
         element.classList.add("failed");
         if (!text) element.querySelector(".bubble").hidden = true;
+        if (stored && stored.id) {
+          // What arrived before the host went down is stored, marked as cut off.
+          element.dataset.id = stored.id;
+          element.classList.add("cut-off");
+          element.append(cutOffNote());
+        }
         element.append(inlineError(message, retry));
       },
       stopped() {
@@ -945,6 +1367,10 @@
             info.node_name ? h("span", null, "answered by ", h("span", { class: "node" }, info.node_name)) : null,
           ),
         );
+        if (text) {
+          element.classList.add("cut-off");
+          element.querySelector(".bubble").after(cutOffNote());
+        }
       },
     };
   }
@@ -1000,7 +1426,7 @@
         regenerate();
       } else {
         if (context.userView) context.userView.remove();
-        sendMessage(context.content);
+        sendMessage(context.content, context.replaces);
       }
     };
     const markUserStored = (message) => {
@@ -1013,7 +1439,7 @@
       }
     };
     try {
-      const response = await fetch(path, {
+      const response = await fetchOrExplain(path, {
         method: "POST",
         headers: { "Content-Type": "application/json", Accept: "text/event-stream" },
         body: JSON.stringify(body),
@@ -1039,7 +1465,7 @@
             answer.finish(data);
             ended = true;
           } else if (type === "error") {
-            answer.fail(data.error || "The answer failed.", retry);
+            answer.fail(data.error || "The answer failed.", retry, data.message);
             ended = true;
           }
         });
@@ -1048,7 +1474,14 @@
     } catch (error) {
       if (error.name === "AbortError") answer.stopped();
       else if (error.signIn) answer.fail(SIGNED_OUT + " Then press Retry.", retry);
-      else answer.fail(error.message || String(error), retry);
+      else {
+        answer.fail(error.message || String(error), retry);
+        // Nothing was stored: give the question back to the composer, unless a new draft is there.
+        if (!userStored && error.nodeDown && !ui.prompt.value.trim()) {
+          ui.prompt.value = context.content;
+          autoGrow();
+        }
+      }
     } finally {
       if (state.stream && state.stream.controller === controller) state.stream = null;
       if (context.userView) context.userView.classList.remove("pending");
@@ -1158,7 +1591,23 @@
           svg("title", null, (health ? health.name : "this node") + " ↔ " + peer.name + ": " + formatRtt(peer.rtt_ms)),
         ),
       );
-      links.append(svg("text", { class: "link-label", x: (cx + x) / 2, y: (cy + y) / 2 - 6 }, formatRtt(peer.rtt_ms)));
+      // The label beside its line, not on it: moved off the middle, across the line's direction.
+      const length = Math.hypot(x - cx, y - cy) || 1;
+      const [nx, ny] = [-(y - cy) / length, (x - cx) / length];
+      const side = ny > 0 ? -1 : 1;
+      const [ox, oy] = [side * nx, side * ny];
+      links.append(
+        svg(
+          "text",
+          {
+            class: "link-label",
+            x: (cx * 0.45 + x * 0.55 + ox * 8).toFixed(1),
+            y: (cy * 0.45 + y * 0.55 + oy * 10 + 4).toFixed(1),
+            "text-anchor": Math.abs(ox) > 0.5 ? (ox > 0 ? "start" : "end") : "middle",
+          },
+          formatRtt(peer.rtt_ms),
+        ),
+      );
       nodes.append(
         graphNode(
           peer,
@@ -1240,6 +1689,7 @@
     group.append(svg("circle", { class: "body", r }));
     if (peer.has_llm) group.append(svg("text", { class: "badge", y: 3 }, "LLM"));
     group.append(svg("text", { y: labelAbove ? -r - (peer.has_llm ? 14 : 8) : r + 18 }, peer.name));
+    if (kind === "self") group.append(svg("text", { class: "self-label", y: r + 34 }, "this computer"));
     return group;
   }
 
@@ -1259,7 +1709,22 @@
       );
       return;
     }
+    const health = state.health;
+    const self = health
+      ? h(
+          "tr",
+          { "data-node-id": health.node_id, class: "online this-computer" },
+          h("th", { scope: "row" }, health.name, health.has_llm ? h("span", { class: "chip llm" }, "LLM") : null,
+            h("span", { class: "chip this-computer" }, "this computer")),
+          h("td", null, "127.0.0.1:" + health.ports.http),
+          h("td", null, (health.llm && health.llm.models && health.llm.models.length) ? health.llm.models.join(", ") : h("span", { class: "muted" }, "none")),
+          h("td", null, "—"),
+          h("td", null, "—"),
+          h("td", null, "now"),
+        )
+      : null;
     $("#peer-rows").replaceChildren(
+      ...(self ? [self] : []),
       ...peers.map((peer) => {
         const load = peer.load || {};
         const loadText =
@@ -1362,6 +1827,12 @@
 
   // ==== diagnostics view =====================================================================
 
+  /** A counter's key as a label in the style of the others: "frames_sent" -> "Frames sent". */
+  function counterLabel(key) {
+    const words = String(key).replace(/[_-]+/g, " ").replace(/([a-z])([A-Z])/g, "$1 $2").trim().toLowerCase();
+    return words.charAt(0).toUpperCase() + words.slice(1);
+  }
+
   function kv(rows) {
     return h(
       "dl",
@@ -1423,8 +1894,8 @@
     const llm = d.llm || {};
     const interfaces = d.interfaces || [];
     const errors = d.recent_errors || [];
-    const counters = Object.entries(d.counters || {}).map(([key, value]) => [key.replace(/_/g, " "), String(value)]);
-    const sync = Object.entries(d.sync || {}).map(([key, value]) => ["sync: " + key.replace(/_/g, " "), String(value)]);
+    const counters = Object.entries(d.counters || {}).map(([key, value]) => [counterLabel(key), String(value)]);
+    const sync = Object.entries(d.sync || {}).map(([key, value]) => ["Sync: " + counterLabel(key).toLowerCase(), String(value)]);
     $("#diagnostics").replaceChildren(
       panel(
         "This node",
@@ -1474,7 +1945,11 @@
                 "Answering",
                 (llm.in_flight || 0) + " now, " + (llm.queued || 0) + " queued, " + (llm.parallel || 0) + " at a time",
               ],
-              llm.error ? ["Problem", h("span", { class: "error-text" }, llm.error)] : null,
+              llm.state === "stopped"
+                ? ["Problem", h("span", { class: "error-text" }, llm.problem || llm.error)]
+                : llm.state === "none" || llm.state === "off"
+                  ? ["On this computer", h("span", { class: "muted" }, "no LLM: the LLMs of the mesh answer (normal for most computers)")]
+                  : null,
               ["LLM hosts on the mesh", String(llmHostCount())],
             ])
           : kv([["Has an LLM", d.has_llm ? "yes" : "no"]]),
@@ -1518,12 +1993,15 @@
   // ==== refreshing and live events ===========================================================
 
   async function refreshHealth() {
+    const first = !state.health;
     try {
       state.health = await api("/api/health");
     } catch (error) {
       return;
     }
+    if (first && state.current) renderChat(); // "You" needs this node's id
     renderStatus();
+    if (localLlmProblem() || ui.notice.dataset.kind) updateComposer();
   }
 
   async function refreshPeers() {
@@ -1573,7 +2051,7 @@
         state.events = null;
         setTimeout(() => {
           if (!state.events && $("#signin").hidden) connectEvents();
-        }, 5000);
+        }, 2000);
       }
     });
     const on = (type, handler) =>
@@ -1607,7 +2085,11 @@
         location.hash = "#/chat";
       }
     });
-    on("llm", scheduleModelsRefresh);
+    on("llm", () => {
+      scheduleModelsRefresh();
+      refreshHealth().then(updateComposer);
+    });
+    on("node", () => refreshHealth());
   }
 
   function poll() {
@@ -1732,6 +2214,22 @@
           ]),
     );
     $("#invite-code").textContent = invite.code || "—";
+    // The first address as a QR code, drawn here (qr.js): a phone's camera opens it.
+    const figure = $("#invite-qr");
+    figure.hidden = !urls.length || !window.NeuroQR;
+    if (!figure.hidden) {
+      let code = null;
+      try {
+        code = window.NeuroQR.svg(urls[0], "QR code of the address " + urls[0]);
+      } catch (error) {
+        figure.hidden = true;
+      }
+      if (code) {
+        $("#invite-qr-code").replaceChildren(code);
+        $("#invite-qr-caption").textContent =
+          "Scan with a phone's camera to open " + urls[0] + (invite.code ? ", then enter the room code." : ".");
+      }
+    }
     $("#invite-note").textContent =
       (invite.code_is_mesh_key
         ? "This is the room's code (--mesh-key): it opens every computer of the room. "
@@ -1881,6 +2379,14 @@
 
   // ==== particle background ==================================================================
 
+  function motionOff() {
+    try {
+      return localStorage.getItem("neuromesh.motion") === "off";
+    } catch (error) {
+      return false;
+    }
+  }
+
   function startParticles() {
     const canvas = $("#particles");
     const context = canvas.getContext("2d");
@@ -1952,7 +2458,9 @@
 
     /** Runs only while the tab is visible and the user has not asked for less motion. */
     function update() {
-      const run = !document.hidden && !reducedMotion.matches;
+      const off = motionOff();
+      canvas.hidden = off;
+      const run = !document.hidden && !reducedMotion.matches && !off;
       if (run && !frame) frame = requestAnimationFrame(step);
       if (!run && frame) {
         cancelAnimationFrame(frame);
@@ -1963,6 +2471,22 @@
 
     window.addEventListener("resize", debounce(resize, 150));
     document.addEventListener("visibilitychange", update);
+    const toggle = $("#motion-toggle");
+    const label = () => {
+      toggle.setAttribute("aria-pressed", motionOff() ? "false" : "true");
+      toggle.textContent = "Animated background: " + (motionOff() ? "off" : reducedMotion.matches ? "off (reduced motion)" : "on");
+    };
+    toggle.addEventListener("click", () => {
+      try {
+        localStorage.setItem("neuromesh.motion", motionOff() ? "on" : "off");
+      } catch (error) {
+        /* not kept */
+      }
+      label();
+      update();
+    });
+    reducedMotion.addEventListener("change", label);
+    label();
     reducedMotion.addEventListener("change", update);
     resize();
     update();
@@ -1987,12 +2511,34 @@
       closeSidebar(false);
       renderMesh();
     });
+    $("#search-input").addEventListener("input", scheduleSearch);
+    $("#search-input").addEventListener("keydown", (event) => {
+      if (event.key === "Escape" && event.currentTarget.value) {
+        event.currentTarget.value = "";
+        runSearch();
+      }
+    });
     $("#new-chat").addEventListener("click", () => {
       closeSidebar(false);
       if (location.hash === "#/chat" || location.hash === "") startNewChat();
       else location.hash = "#/chat";
     });
     $("#diag-refresh").addEventListener("click", refreshDiagnostics);
+    $("#rename-node").addEventListener("click", openRenameNode);
+    $("#name-hint-button").addEventListener("click", openRenameNode);
+    $("#rename-node-cancel").addEventListener("click", closeRenameNode);
+    $("#rename-node-form").addEventListener("submit", submitRenameNode);
+    $("#rename-node-input").addEventListener("keydown", (event) => {
+      if (event.key === "Escape") closeRenameNode();
+    });
+    $("#who-save").addEventListener("click", () => saveWho($("#who-input").value));
+    $("#who-skip").addEventListener("click", () => saveWho(""));
+    $("#who-input").addEventListener("keydown", (event) => {
+      if (event.key === "Enter") {
+        event.preventDefault();
+        saveWho($("#who-input").value);
+      }
+    });
     $("#signin-form").addEventListener("submit", submitSignIn);
     $("#signin-code").addEventListener("input", () => setSignInError(""));
     $("#invite-open").addEventListener("click", openInvite);
@@ -2019,6 +2565,9 @@
     });
     ui.stop.addEventListener("click", stopAnswer);
     ui.picker.addEventListener("change", () => localStorage.setItem("neuromesh.model", ui.picker.value));
+    ui.chatScroll.addEventListener("scroll", () => {
+      if (ui.chatScroll.scrollTop < 80) loadOlder();
+    });
     ui.messages.addEventListener("click", (event) => {
       const button = event.target.closest(".copy-code");
       if (button) copyWithFeedback(button, button.closest(".code-block").querySelector("pre code").textContent);
@@ -2039,6 +2588,7 @@
     fillStaticIcons();
     bindEvents();
     renderStatus();
+    renderWho();
     renderModelPicker();
     startParticles();
     if ((await probeAccess()) !== "signin") startApp();

@@ -647,3 +647,10 @@ def served_mesh(cluster):
         yield ServedMesh(fake, host, plain)
     finally:
         fake.stop()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Where the browser tests left their screenshots (issue 12: CI prints the path)."""
+    folder = os.path.join(ROOT, "artifacts")
+    if os.path.isdir(folder):
+        terminalreporter.write_line("screenshots of the browser tests: %s" % folder)

@@ -166,8 +166,8 @@ def test_repeatable_flags_fractional_intervals_and_sizes():
 
 
 @pytest.mark.parametrize("argv, environ, fragment", [
-    (["--http-port", "http"], {}, "http_port"),
-    (["--peer-timeout", "-1"], {}, "peer_timeout"),
+    (["--http-port", "http"], {}, "--http-port must be a port number"),
+    (["--peer-timeout", "-1"], {}, "--peer-timeout must be a positive number of seconds"),
     ([], {"NEUROMESH_UDP_PORT": "99999"}, "NEUROMESH_UDP_PORT"),
     (["--max-message-size", "lots"], {}, "max_message_size"),
     (["--log-level", "loud"], {}, "log-level"),

@@ -499,7 +499,10 @@ def test_export_then_import_gives_the_same_conversations(seed_dir, tmp_path):
         list(SEED_PEERS) + ["__bob__"])
     assert "private words" not in "".join(p.read_text() for p in out.rglob("*.json"))
     local = json.loads((out / "conversations" / "local.json").read_text())
-    assert local["id"] == "local" and local["messages"][0]["content"] == "native"
+    # local.json holds this node's own conversations, in time order, as the original's did.
+    assert local["id"] == "local" and local["messages"][0]["content"] == "helllo"
+    assert local["messages"][0]["timestamp"] == "2025-03-25T13:56:00.304707400Z"  # full precision
+    assert {"native", "answer"} <= {m["content"] for m in local["messages"]}
 
     def shown(s):
         return sorted(
