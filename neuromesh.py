@@ -33,7 +33,7 @@ Node.frame -> SyncWorker -> Store.apply_entries -> EventBus -> the page's SSE.
 __version__ = "0.1.0"
 __license__ = "MIT"
 
-PROTOCOL_VERSION = 2  # 2: the key proof (HI!!:, AUTH:) and sealed frames
+PROTOCOL_VERSION = 3  # 2: the key proof (HI!!:, AUTH:) and sealed frames; 3: node keys, signed logs
 
 ###############################################################################
 # Imports and the _vendor shim ################################################
@@ -77,13 +77,14 @@ try:
     import ifaddr
     import requests
     import waitress.server
+    from ecdsa import BadSignatureError, Ed25519, SigningKey, VerifyingKey
     from waitress import wasyncore
 except ImportError as _missing:  # pragma: no cover - exercised by hand on a bare machine
     _fix = ".\\install.ps1" if os.name == "nt" else "./install.sh"
     raise SystemExit(
         "NeuroMesh needs the package %r, which is not installed.\n"
-        "Fix: run `%s` in %s (it puts bottle, requests, ifaddr and waitress into _vendor/),\n"
-        "or `%s -m pip install bottle requests ifaddr waitress`."
+        "Fix: run `%s` in %s (it puts bottle, requests, ifaddr, waitress and ecdsa into _vendor/),\n"
+        "or `%s -m pip install bottle requests ifaddr waitress ecdsa`."
         % (_missing.name, _fix, HERE, os.path.basename(sys.executable) or "python3")
     )
 
@@ -579,6 +580,192 @@ def _new_identity(path):
 
 
 ###############################################################################
+# Identity and signatures #####################################################
+###############################################################################
+#
+# Each node holds an Ed25519 key (pure Python, the `ecdsa` package) in its data dir; its node id is
+# a short hash of the public key, so only the key's holder can speak for that id. Pure-Python
+# verification costs milliseconds, so logs are hash-chained and only one head per origin per
+# batch is signed (see LogChain, BatchVerifier). Links also run an ephemeral X25519 exchange, so
+# even a student who knows the room code cannot sit between two nodes with the link keys.
+
+KEY_FILE = "node_key"        # 64 hex characters: the Ed25519 seed (RFC 8032 private key)
+_ID_TAG = b"neuromesh node id v1\0"
+_ENTRY_TAG = b"neuromesh entry v1\0"
+_HEAD_TAG = b"neuromesh head v1\0"
+_HELO_TAG = b"neuromesh helo v1\0"
+GENESIS = bytes(32)          # the chain hash before an origin's first entry
+_BOUND_CID_RE = re.compile(r"([0-9a-f]{32})\.[0-9a-f]{32}")
+
+
+class BatchRejected(NeuroMeshError):
+    """A FILE: batch failed verification: nothing of it was applied; the sender is logged and
+    unlinked. ``origin`` names the log at fault, when one is."""
+
+    def __init__(self, reason, origin=None):
+        super().__init__(reason)
+        self.reason = reason
+        self.origin = origin
+
+
+def node_id_from_key(public_key):
+    """The node id of a 32-byte Ed25519 public key: 128 bits of SHA-256 as 32 hex digits (the
+    shape of the uuid4 ids of earlier versions, so every id check stays as it is)."""
+    return hashlib.sha256(_ID_TAG + bytes(public_key)).hexdigest()[:32]
+
+
+class NodeKey:
+    """This node's Ed25519 key pair, kept as a 0600 file in the data dir; never shown or logged."""
+
+    def __init__(self, seed):
+        self._signing = SigningKey.from_string(bytes(seed), curve=Ed25519)
+        self.public = bytes(self._signing.get_verifying_key().to_string())
+        self.node_id = node_id_from_key(self.public)
+
+    def __repr__(self):
+        return "<NodeKey %s>" % self.node_id
+
+    @classmethod
+    def generate(cls):
+        return cls(os.urandom(32))
+
+    @classmethod
+    def load_or_create(cls, data_dir):
+        """The key in ``data_dir``, made on first start. A damaged key file is an error, never
+        silently a new identity (peers would see a stranger)."""
+        os.makedirs(data_dir, exist_ok=True)
+        path = os.path.join(data_dir, KEY_FILE)
+        try:
+            with open(path, encoding="ascii") as handle:
+                text = handle.read().strip()
+        except FileNotFoundError:
+            return cls._create(path)
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError("cannot read the node key %s: %s" % (path, error))
+        if not re.fullmatch(r"[0-9a-f]{64}", text):
+            raise ConfigError("node key file %s is damaged: restore it from a backup, or move it away"
+                              " together with %s to start as a new node" % (path, DATABASE_FILE))
+        if os.name != "nt" and os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o600)
+        return cls(bytes.fromhex(text))
+
+    @classmethod
+    def _create(cls, path):
+        seed = os.urandom(32)
+        temporary = path + ".tmp"
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w", encoding="ascii") as handle:
+            handle.write(seed.hex() + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+        return cls(seed)
+
+    def sign(self, message):
+        return bytes(self._signing.sign(message))
+
+
+_VERIFIERS = collections.OrderedDict()  # public key -> VerifyingKey with precomputed tables
+_VERIFIERS_LOCK = threading.Lock()
+
+
+def verify_signature(public_key, message, signature):
+    """True when ``signature`` is ``public_key``'s Ed25519 signature of ``message``; never raises."""
+    try:
+        public_key, signature = bytes(public_key), bytes(signature)
+    except (TypeError, ValueError):
+        return False
+    if len(public_key) != 32 or len(signature) != 64:
+        return False
+    with _VERIFIERS_LOCK:
+        key = _VERIFIERS.get(public_key)
+    if key is None:
+        try:
+            key = VerifyingKey.from_string(public_key, curve=Ed25519)
+            key.precompute(lazy=True)  # 4x faster verifies for a key seen again
+        except Exception:
+            return False
+        with _VERIFIERS_LOCK:
+            _VERIFIERS[public_key] = key
+            while len(_VERIFIERS) > 256:
+                _VERIFIERS.popitem(last=False)
+    try:
+        return bool(key.verify(signature, message))
+    except (BadSignatureError, ValueError, AssertionError, TypeError):
+        return False
+
+
+def head_message(origin, seq, head):
+    """What an origin signs to vouch for its log up to ``seq``, whose chain hash is ``head``."""
+    return _HEAD_TAG + origin.encode("ascii") + b"\0" + struct.pack(">Q", seq) + head
+
+
+def helo_message(peer_nonce, channel_binding, node_id):
+    """What a node signs in its HELO: the peer's fresh nonce, this link's binding, its own id."""
+    return _HELO_TAG + peer_nonce + channel_binding + node_id.encode("ascii")
+
+
+def data_text(data):
+    """The canonical text of an entry's cleaned data: sorted, compact JSON."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def entry_hash(prev, entry, text):
+    """The chain hash through a cleaned ``entry`` (``text`` its data_text) after ``prev``. Its six
+    validated fields cannot hold a newline, so one a line is unambiguous."""
+    fields = "%s\n%d\n%s\n%s\n%s\n%s\n" % (entry["origin"], entry["seq"], entry["kind"],
+                                            entry["conversation_id"], entry["timestamp"], entry["uid"])
+    return hashlib.sha256(_ENTRY_TAG + prev + (fields + text).encode("utf-8")).digest()
+
+
+def bound_owner(conversation_id):
+    """The owner a conversation id names ("<owner id>.<uuid hex>"), or None for the plain ids
+    of earlier versions and of imports."""
+    match = _BOUND_CID_RE.fullmatch(conversation_id)
+    return match.group(1) if match else None
+
+
+_X25519_P = 2 ** 255 - 19
+
+
+def x25519(scalar, u_bytes):
+    """RFC 7748 X25519 (a Montgomery ladder, ~1.4 ms): shared secret of ``scalar`` and ``u_bytes``."""
+    k = bytearray(scalar)
+    k[0] &= 248
+    k[31] = (k[31] & 127) | 64
+    k = int.from_bytes(k, "little")
+    p = _X25519_P
+    x1 = int.from_bytes(u_bytes, "little") & ((1 << 255) - 1)
+    x2, z2, x3, z3, swap = 1, 0, x1, 1, 0
+    for t in range(254, -1, -1):
+        bit = (k >> t) & 1
+        swap ^= bit
+        if swap:
+            x2, x3, z2, z3 = x3, x2, z3, z2
+        swap = bit
+        a, b = (x2 + z2) % p, (x2 - z2) % p
+        aa, bb = a * a % p, b * b % p
+        e = (aa - bb) % p
+        c, d = (x3 + z3) % p, (x3 - z3) % p
+        da, cb = d * a % p, c * b % p
+        x3 = (da + cb) ** 2 % p
+        z3 = x1 * (da - cb) ** 2 % p
+        x2 = aa * bb % p
+        z2 = e * (aa + 121665 * e) % p
+    if swap:
+        x2, z2 = x3, z3
+    return (x2 * pow(z2, p - 2, p) % p).to_bytes(32, "little")
+
+
+def x25519_public(scalar):
+    return x25519(scalar, (9).to_bytes(32, "little"))
+
+
+###############################################################################
 # Wire protocol ###############################################################
 ###############################################################################
 #
@@ -613,7 +800,7 @@ def encode_frame(marker, payload):
 
 
 # Mesh authentication. Every link starts with a key proof, keyed or not (one code path):
-#   both ends:  HI!!: {"v": 1, "n": <32-byte nonce, hex>}        (plain: reveals nothing)
+#   both ends:  HI!!: {"v": 2, "n": <32-byte nonce, hex>, "e": <ephemeral X25519 key, hex>}
 #   both ends:  AUTH: {"p": <HMAC proof of the link key, hex>}   (plain: a MAC, not the key)
 #   then every frame, HELO: first, is sealed: the frame followed by a 16-byte tag,
 #   HMAC-SHA256(direction key, u64 sequence number + header + body), not counted in the length.
@@ -624,7 +811,7 @@ def encode_frame(marker, payload):
 TAG_SIZE = 16                 # bytes of HMAC-SHA256 carried after each sealed frame
 NONCE_SIZE = 32
 HANDSHAKE_MAX_SIZE = 4096     # largest frame a peer may send before it proved the key
-AUTH_VERSION = 1
+AUTH_VERSION = 2              # 2: an ephemeral X25519 key in HI!!: ("e")
 DATAGRAM_MAGIC = b"NMK1"
 DATAGRAM_TAG_SIZE = 32
 ROOM_KDF_ITERATIONS = 200000  # PBKDF2: slows offline guessing of a weak room code (~0.1 s, once)
@@ -724,8 +911,9 @@ def _hex_field(payload, key, size, what):
 class LinkSecrets:
     """The keys of one link, derived from the room key and the handshake transcript.
 
-    ``channel_binding`` is public-safe and unique to the link (for identity signatures later);
-    ``dh_secret`` is the slot for an ephemeral X25519 secret, empty today.
+    ``channel_binding`` is public-safe and unique to the link (the HELO signatures cover it);
+    ``dh_secret`` is the link's ephemeral X25519 secret, so a relay in the middle that knows the
+    room key still ends up with different keys on each side.
     """
 
     def __init__(self, room_key, transcript_hash, dh_secret=b""):
@@ -758,7 +946,8 @@ class Handshake:
         self.initiator = initiator  # True on the end that dialed
         self._room_key = room_key
         self._nonce = nonce if nonce is not None else secrets.token_bytes(NONCE_SIZE)
-        self._hello = {"v": AUTH_VERSION, "n": self._nonce.hex()}
+        self._ephemeral = secrets.token_bytes(32)
+        self._hello = {"v": AUTH_VERSION, "n": self._nonce.hex(), "e": x25519_public(self._ephemeral).hex()}
         self._state = "new"  # new -> wait_nonce -> wait_proof -> done | failed
         self.peer_nonce = None
         self.transcript_hash = None
@@ -771,6 +960,10 @@ class Handshake:
     @property
     def done(self):
         return self._state == "done"
+
+    @property
+    def nonce(self):
+        return self._nonce
 
     def start(self):
         """The opening frame(s): my HI!!:. Call once the TCP connection is up."""
@@ -808,6 +1001,9 @@ class Handshake:
         peer_nonce = _hex_field(payload, "n", NONCE_SIZE, "HI!!: frame")
         if hmac.compare_digest(peer_nonce, self._nonce):
             raise ProtocolError("the peer sent this node's own nonce back")
+        dh_secret = x25519(self._ephemeral, _hex_field(payload, "e", 32, "HI!!: frame"))
+        if dh_secret == bytes(32):
+            raise ProtocolError("the peer sent a degenerate X25519 key")
         mine, theirs = _canonical(self._hello), _canonical(payload)
         first, second = (mine, theirs) if self.initiator else (theirs, mine)
         digest = hashlib.sha256(_LINK_LABEL + b" transcript")
@@ -815,7 +1011,7 @@ class Handshake:
             digest.update(struct.pack("<I", len(part)) + part)
         self.peer_nonce = peer_nonce
         self.transcript_hash = digest.digest()
-        self.secrets = LinkSecrets(self._room_key, self.transcript_hash)
+        self.secrets = LinkSecrets(self._room_key, self.transcript_hash, dh_secret)
         proof = self.secrets.proof_initiator if self.initiator else self.secrets.proof_responder
         return encode_frame(AUTH, {"p": proof.hex()})
 
@@ -999,7 +1195,8 @@ _PEER_ENTRY = {"node_id": _str(64, 1, True), "name": _str(1024), "address": _str
 
 FRAME_SCHEMAS = {
     HELLO: dict(_CAPABILITY, node_id=_str(64, 1, True), name=_str(1024), tcp_port=_int(0, 65535, True),
-                http_port=_PORT, version=_str(64), protocol_version=_int(0, MAX_LOAD)),
+                http_port=_PORT, version=_str(64), protocol_version=_int(0, MAX_LOAD),
+                key=_str(64, 64, True), sig=_str(128, 128, True)),
     LLM_CAPS: dict(_CAPABILITY),
     PING: {"t": Field("num", -1e15, 1e15, required=True)},
     PONG: {"t": Field("num", 0, 1e12, required=True)},  # our own time.monotonic(), echoed
@@ -2439,6 +2636,7 @@ class Peer:
     rtt_ms: float = None
     link: Link = None
     ever_linked: bool = False  # False: a stranger only heard of, forgotten quickly
+    public_key: bytes = None  # the Ed25519 key its HELO proved (node_id is its hash)
 
     @property
     def connected(self):
@@ -2667,7 +2865,7 @@ class LinkIO:
     which queues a function for ``run_calls()`` there). Every link starts with the key proof
     (Handshake, with ``room_key``); nothing else is sent or accepted before it, and every frame
     after it is sealed. Links from or to public addresses are refused unless ``allow_public``.
-    It tells its ``owner`` (the Mesh): ``owner.hello_frame()`` is sent first once the peer
+    It tells its ``owner`` (the Mesh): ``owner.hello_frame(link)`` is sent first once the peer
     proved the key, ``owner.link_frame(link, marker, payload)`` gets each frame received
     after that (a ProtocolError closes the link) and ``owner.link_closed(link, reason)``
     is told after a link's socket is closed. Methods for the owner: ``listen(host, port)``, ``watch(sock, handler)``,
@@ -2905,7 +3103,7 @@ class LinkIO:
         if link.handshake.done:
             link.cipher = link.decoder.cipher = link.handshake.cipher
             self.counters["key_proofs"] += 1
-            self.queue(link, self.owner.hello_frame())
+            self.queue(link, self.owner.hello_frame(link))
 
     def close(self, link, reason):
         if link.closed:
@@ -2981,7 +3179,8 @@ class Mesh:
     thread), ``shutdown()``, ``send(peer_id, marker, payload)``, ``broadcast(marker,
     payload)``, ``announce_now()``, ``peers()``, ``linked_peers()``, ``stats()``. What
     happens is told to ``listener`` (see MeshListener) on the mesh thread. LinkIO calls
-    ``hello_frame()``, ``link_frame(link, marker, payload)`` and ``link_closed(link, reason)``.
+    ``hello_frame(link)``, ``link_frame(link, marker, payload)`` and ``link_closed(link, reason)``.
+    Its ``key`` (a NodeKey) proves ``node_id`` in every HELO.
     """
 
     poll_interval = 0.5
@@ -2989,9 +3188,10 @@ class Mesh:
     handshake_timeout = 10.0
     forget_after = 600.0  # seconds a down peer stays listed
 
-    def __init__(self, config, node_id, listener=None):
+    def __init__(self, config, node_id, listener=None, key=None):
         self.config = config
         self.node_id = node_id
+        self.key = key
         self.name = config.name
         self.listener = MeshListener() if listener is None else listener
         self.lock = threading.RLock()  # guards the peer table; held by the loop while it works
@@ -3137,8 +3337,33 @@ class Mesh:
         payload.update(self.listener.hello_extra())
         return payload
 
-    def hello_frame(self):
-        return encode_frame(HELLO, self.hello_payload())
+    def hello_frame(self, link):
+        """My HELO for ``link``: signed over the peer's nonce and the link's binding, so it cannot
+        be replayed on another link nor sent by anyone without this node's key."""
+        payload = self.hello_payload()
+        if self.key is not None:
+            handshake = link.handshake
+            payload["key"] = self.key.public.hex()
+            payload["sig"] = self.key.sign(helo_message(handshake.peer_nonce, handshake.secrets.channel_binding,
+                                                        self.node_id)).hex()
+        return encode_frame(HELLO, payload)
+
+    @staticmethod
+    def check_hello_key(link, node_id, payload):
+        """The public key proving ``node_id`` on ``link``; ProtocolError (the link closes) when the
+        HELO's id is not the hash of its key or the key did not sign this link."""
+        try:
+            public = bytes.fromhex(payload.get("key") or "")
+            signature = bytes.fromhex(payload.get("sig") or "")
+        except ValueError:
+            raise ProtocolError("HELO with a malformed key or signature")
+        if len(public) != 32 or node_id_from_key(public) != node_id:
+            raise ProtocolError("HELO claims node id %s, which is not its key's" % safe_text(node_id, 64))
+        handshake = link.handshake
+        if not verify_signature(public, helo_message(handshake.nonce, handshake.secrets.channel_binding, node_id),
+                                signature):
+            raise ProtocolError("HELO of %s is not signed by its key for this link" % safe_text(node_id, 64))
+        return public
 
     def _announce(self, kind):
         if self.discovery is not None:
@@ -3225,6 +3450,7 @@ class Mesh:
             raise ProtocolError("handshake without a node id")
         if not isinstance(tcp_port, int) or isinstance(tcp_port, bool) or not 0 <= tcp_port <= 65535:
             raise ProtocolError("handshake without a TCP port")
+        public = self.check_hello_key(link, node_id, payload)
         if link.target is not None:
             link.target.node_id = node_id
         if node_id == self.node_id:
@@ -3250,6 +3476,7 @@ class Mesh:
         else:
             self.dials.target(peer.address, peer.tcp_port, node_id)
         peer.update(payload)
+        peer.public_key = public
         self.io.queue(link, encode_frame(PING, {"t": time.monotonic()}))
         if current is None:
             log.info("linked to %s (%s:%d)", safe_text(peer.name), peer.address, peer.tcp_port)
