@@ -2037,11 +2037,12 @@ class BatchVerifier:
             raise BatchRejected("the head of %s is not its last entry" % origin, origin)
         have, prev = self.chain.head(origin)
         first = run[0]["seq"]
-        if run[-1]["seq"] <= have or first > have + 1:
-            return []  # all held already, or a gap that the next SYNC fills
-        if first <= have:
+        if first > have + 1:
+            return []  # a gap that the next SYNC fills
+        if first <= have:  # held entries must be the very same: a replay cannot alter them
             prev = GENESIS if first == 1 else self.chain.hash_at(origin, first - 1)
-        public = self._key(origin, head.get("key"))
+            if prev is None:
+                raise BatchRejected("no chain held for %s" % origin, origin)
         out = []
         for entry in run:
             text = data_text(entry["data"])
@@ -2051,7 +2052,9 @@ class BatchVerifier:
             elif prev != self.chain.hash_at(origin, entry["seq"]):
                 raise BatchRejected("entry %s:%d differs from the one held (a forked log)"
                                     % (origin, entry["seq"]), origin)
-        self._check_head(origin, run[-1]["seq"], prev, head, public)
+        if not out:
+            return []
+        self._check_head(origin, run[-1]["seq"], prev, head, self._key(origin, head.get("key")))
         self._check_owners(origin, out)
         out[-1] = out[-1][:2] + (bytes.fromhex(head["sig"]), out[-1][3])
         return out
