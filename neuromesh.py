@@ -2120,7 +2120,14 @@ class SignedBatches:
         def verify_and_store():
             return self._log.store_verified(self._verifier.verify(payload))
         stored, new = self._db.write(verify_and_store)
-        return (self.payload(stored) if stored else None), new
+        if not stored:
+            return None, new
+        heads = {}
+        for entry in stored:  # each origin's stored run ends at the head it came with
+            heads[entry["origin"]] = dict(payload["heads"][entry["origin"]])
+        for origin, head in heads.items():
+            head["key"] = self._db.read(self._chain.public_key, origin).hex()
+        return {"entries": stored, "heads": heads, "more": False}, new
 
 
 class Store:

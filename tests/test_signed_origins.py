@@ -271,11 +271,12 @@ def test_fuzz_the_batch_verifier_only_rejects(data):
     entries, head = payload["entries"], payload["heads"][_FUZZ_KEY.node_id]
     for _ in range(data.draw(st.integers(1, 4))):
         action = data.draw(st.sampled_from(["field", "data", "drop", "swap", "head", "heads", "entries"]))
-        if action == "field" and entries:
-            entry = data.draw(st.sampled_from(entries))
+        objects = [entry for entry in entries if isinstance(entry, dict)]
+        if action == "field" and objects:
+            entry = data.draw(st.sampled_from(objects))
             entry[data.draw(st.sampled_from(sorted(entry)))] = data.draw(_JUNK)
-        elif action == "data" and entries:
-            entry = data.draw(st.sampled_from(entries))
+        elif action == "data" and objects:
+            entry = data.draw(st.sampled_from(objects))
             entry["data"] = dict(entry["data"]) if isinstance(entry.get("data"), dict) else {}
             entry["data"][data.draw(st.sampled_from(["content", "role", "title", "deleted", "x"]))] = data.draw(_JUNK)
         elif action == "drop" and entries:
