@@ -690,3 +690,22 @@ def write_schema1_data_dir(data_dir, conversations=2, messages=3):
     db.execute("INSERT INTO origins (origin, contiguous) VALUES (?, ?)", (old_id, seq))
     db.close()
     return old_id, written
+
+
+class Keyring(dict):
+    """Node keys for test labels, since a node id is now the hash of a key: ``KEYS.id("node-a")``
+    is that label's node id (its key made on first use), ``KEYS[label]`` its NodeKey, and
+    ``KEYS.label_of(node_id)`` the label back (the id itself when it has none)."""
+
+    def __missing__(self, label):
+        self[label] = neuromesh.NodeKey.generate()
+        return self[label]
+
+    def id(self, label):
+        return self[label].node_id
+
+    def label_of(self, node_id):
+        return next((label for label, key in list(self.items()) if key.node_id == node_id), node_id)
+
+
+KEYS = Keyring()
