@@ -754,6 +754,22 @@ def x25519_public(scalar):
     return x25519(scalar, (9).to_bytes(32, "little"))
 
 
+_EPHEMERAL_LOCK = threading.Lock()
+_EPHEMERAL = [0.0, None]  # [renew after (monotonic), (secret, public)]
+
+
+def ephemeral_key_pair(lifetime=60.0):
+    """This node's X25519 key pair for new links, renewed every ``lifetime`` seconds: a
+    connection that never completes a handshake then costs no scalar multiplication (the
+    fresh nonces still make every link's keys unique)."""
+    with _EPHEMERAL_LOCK:
+        now = time.monotonic()
+        if _EPHEMERAL[1] is None or now >= _EPHEMERAL[0]:
+            secret = secrets.token_bytes(32)
+            _EPHEMERAL[:] = [now + lifetime, (secret, x25519_public(secret))]
+        return _EPHEMERAL[1]
+
+
 ###############################################################################
 # Wire protocol ###############################################################
 ###############################################################################
@@ -935,8 +951,8 @@ class Handshake:
         self.initiator = initiator  # True on the end that dialed
         self._room_key = room_key
         self._nonce = nonce if nonce is not None else secrets.token_bytes(NONCE_SIZE)
-        self._ephemeral = secrets.token_bytes(32)
-        self._hello = {"v": AUTH_VERSION, "n": self._nonce.hex(), "e": x25519_public(self._ephemeral).hex()}
+        self._ephemeral, public = ephemeral_key_pair()
+        self._hello = {"v": AUTH_VERSION, "n": self._nonce.hex(), "e": public.hex()}
         self._state = "new"  # new -> wait_nonce -> wait_proof -> done | failed
         self.peer_nonce = None
         self.transcript_hash = None
