@@ -286,30 +286,54 @@ def log_limited(level, key, message, *args):
     return _log_once.log(level, key, message, *args)
 
 
+MAX_JSON_DEPTH = 64  # HTTP bodies and datagrams; JSON schemas of tool calls nest far less
+MAX_DATAGRAM_JSON = 65536
+
+
 class JSONInputError(ValueError):
     """Text from the network that is not acceptable JSON: too big, not UTF-8, malformed or too deep."""
 
 
-def parse_json(data, what="JSON", max_bytes=None):
-    """``data`` (bytes or str from the network) parsed as JSON, at most ``max_bytes`` long.
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_INNERMOST_PAIR = re.compile(rb"\[\]|\{\}")
+_NOT_BRACKETS = bytes(byte for byte in range(256) if byte not in b"[]{}")
+
+
+def json_deeper_than(data, max_depth):
+    """Whether the JSON text ``data`` (bytes) nests lists and objects deeper than ``max_depth``.
+
+    Told before parsing, at C speed: a deep parse would touch a worker thread's stack for good.
+    """
+    if data.count(b"[") + data.count(b"{") <= max_depth:
+        return False
+    skeleton = _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
+    for _ in range(max_depth):
+        skeleton, removed = _INNERMOST_PAIR.subn(b"", skeleton)
+        if not skeleton or not removed:
+            return False  # flat enough, or unbalanced: then the parser says what is wrong
+    return bool(skeleton)
+
+
+def parse_json(data, what="JSON", max_bytes=None, max_depth=None):
+    """``data`` (bytes or str from the network) parsed as JSON, at most ``max_bytes`` long and,
+    when ``max_depth`` is given, nesting at most that deep (checked before parsing).
 
     Every failure is one JSONInputError (a ValueError) naming ``what``: oversize, bad UTF-8,
     malformed JSON, and nesting so deep that the parser would raise RecursionError."""
-    if isinstance(data, (bytes, bytearray)):
-        size = len(data)
-    elif isinstance(data, str):
-        size = len(data)  # characters: a lower bound of the UTF-8 size, enough to refuse early
-    else:
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")
+    elif not isinstance(data, (bytes, bytearray)):
         raise JSONInputError("%s is not text" % what)
-    if max_bytes is not None and size > max_bytes:
-        raise JSONInputError("%s is %d bytes, over the limit of %d" % (what, size, max_bytes))
+    if max_bytes is not None and len(data) > max_bytes:
+        raise JSONInputError("%s is %d bytes, over the limit of %d" % (what, len(data), max_bytes))
+    if max_depth is not None and json_deeper_than(bytes(data), max_depth):
+        raise JSONInputError("%s nests lists or objects deeper than %d levels" % (what, max_depth))
     try:
-        text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
-        return json.loads(text)
+        return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
         raise JSONInputError("%s is not UTF-8" % what) from None
     except RecursionError:
-        raise JSONInputError("%s is nested too deeply" % what) from None
+        raise JSONInputError("%s nests lists or objects too deeply" % what) from None
     except ValueError as exc:
         raise JSONInputError("%s is not valid JSON: %s" % (what, exc)) from None
 
@@ -1151,10 +1175,9 @@ class FrameDecoder:
     @staticmethod
     def _decode(marker, body):
         try:
-            payload = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: [[[[...
-            raise ProtocolError("bad JSON in a %s frame: %s"
-                                % (marker.decode("ascii"), safe_text(str(exc), 120)))
+            payload = parse_json(body, "the payload")
+        except JSONInputError as exc:
+            raise ProtocolError("bad JSON in a %s frame: %s" % (marker.decode("ascii"), safe_text(str(exc), 160)))
         if not isinstance(payload, dict):
             raise ProtocolError("a %s frame must carry a JSON object" % marker.decode("ascii"))
         return payload
@@ -2775,8 +2798,8 @@ class Discovery:
     def parse_announcement(data):
         """A received datagram as a dict, or None when it is not a NeuroMesh announcement."""
         try:
-            message = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
+            message = parse_json(data, "an announcement", MAX_DATAGRAM_JSON, MAX_JSON_DEPTH)
+        except JSONInputError:
             return None
         if not isinstance(message, dict) or message.get("message_type") not in ("ONLINE", "OFFLINE"):
             return None
@@ -5173,21 +5196,6 @@ def quiet_waitress_logs(level=logging.ERROR):
     logging.getLogger("waitress").setLevel(logging.WARNING)
 
 
-MAX_JSON_DEPTH = 64
-
-
-def _json_depth(value, limit):
-    """Whether ``value`` nests lists and objects no deeper than ``limit`` (iterative)."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            if depth > limit:
-                return False
-            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return True
-
-
 def read_json_body(limit=4 * MiB):
     """The request's JSON object, or an HTTPFailure saying what is wrong with it."""
     raw_length = bottle.request.environ.get("CONTENT_LENGTH") or "0"
@@ -5200,14 +5208,9 @@ def read_json_body(limit=4 * MiB):
     if not raw.strip():
         return {}
     try:
-        body = json.loads(raw.decode("utf-8"))
-        deep = not _json_depth(body, MAX_JSON_DEPTH)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise HTTPFailure(400, "the request body is not valid JSON: %s" % safe_text(str(exc), 200))
-    except RecursionError:
-        deep = True
-    if deep:
-        raise HTTPFailure(400, "the request body nests lists or objects deeper than %d levels" % MAX_JSON_DEPTH)
+        body = parse_json(raw, "the request body", limit, MAX_JSON_DEPTH)
+    except JSONInputError as exc:
+        raise HTTPFailure(400, safe_text(str(exc), 240))
     if not isinstance(body, dict):
         raise HTTPFailure(400, "the request body must be a JSON object")
     return body

@@ -28,16 +28,29 @@ from conftest import Cluster, fully_linked, wait_for  # noqa: E402
 from fake_ollama import FakeOllama  # noqa: E402
 
 
+def sealed_link_ciphers():
+    """The two ends' frame ciphers of one link, as the key proof leaves them (open room)."""
+    keys = nm.LinkSecrets(nm.OPEN_ROOM_KEY, b"t" * 32)
+    return (nm.LinkCipher(keys.mac_initiator, keys.mac_responder),
+            nm.LinkCipher(keys.mac_responder, keys.mac_initiator))
+
+
+def sealed(cipher, frame):
+    return frame + cipher.tag(frame)
+
+
 def bench_frames():
     payloads = [{"entries": [{"origin": "a" * 32, "seq": i, "kind": "message", "data": {"content": "x" * 200}}
                              for i in range(50)]} for _ in range(200)]
-    stream = b"".join(nm.encode_frame(nm.FILE, p) for p in payloads)
+    sender, receiver = sealed_link_ciphers()
+    stream = b"".join(sealed(sender, nm.encode_frame(nm.FILE, p)) for p in payloads)
     bodies = [json.dumps(p).encode() for p in payloads]
     started = time.perf_counter()
     for body in bodies:
         json.loads(body)
     baseline = time.perf_counter() - started
     decoder = nm.FrameDecoder(1 << 26)
+    decoder.cipher = receiver  # a linked peer's frames: after the key proof, each with its MAC
     started = time.perf_counter()
     frames = []
     for offset in range(0, len(stream), 65536):  # as a socket delivers it
@@ -60,18 +73,20 @@ def bench_mesh(tmp):
         print("link-up: 3 processes started in %.2f s; fully linked %.3f s after the last one started"
               % (spawned - started, linked - spawned))
         idle = [n.health()["memory_rss_bytes"] / 1e6 for n in nodes]
-        conversation = nodes[0].post("/api/conversations", json={"title": "bench"}).json()["id"]
-        wait_for(lambda: all(any(c["id"] == conversation for c in n.json("/api/conversations")) for n in nodes),
-                 message="conversation everywhere")
+        # each writer into its own conversation: only a conversation's owner writes into it
+        conversations = {n.label: n.post("/api/conversations", json={"title": "bench"}).json()["id"] for n in nodes}
+        wait_for(lambda: all(len(n.json("/api/conversations")) >= 3 for n in nodes),
+                 message="conversations everywhere")
         per_writer, latencies = 167, []
 
         def write(node):
             session = requests.Session()
             for index in range(per_writer):
                 t0 = time.perf_counter()
-                session.post(node.url + "/api/conversations/%s/messages" % conversation, timeout=10,
-                             json={"content": "%s-%d" % (node.label, index), "answer": False})
+                reply = session.post(node.url + "/api/conversations/%s/messages" % conversations[node.label],
+                                     timeout=10, json={"content": "%s-%d" % (node.label, index), "answer": False})
                 latencies.append(time.perf_counter() - t0)
+                assert reply.status_code == 201, reply.text
 
         started = time.monotonic()
         writers = [threading.Thread(target=write, args=(n,)) for n in nodes]
@@ -83,7 +98,8 @@ def bench_mesh(tmp):
         total = per_writer * 3
 
         def converged():
-            return all(n.json("/api/conversations/%s" % conversation)["message_count"] == total for n in nodes)
+            return all(sum(c["message_count"] for c in n.json("/api/conversations")
+                           if c["id"] in conversations.values()) == total for n in nodes)
 
         wait_for(converged, timeout=60, interval=0.02, message="convergence")
         done = time.monotonic()

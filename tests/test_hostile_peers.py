@@ -28,7 +28,7 @@ _json = (_leaf | st.lists(_leaf, max_size=3) | st.dictionaries(_small_keys, _lea
 _schema_keys = sorted({key for schema in nm.FRAME_SCHEMAS.values() for key in schema})
 
 
-@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=3500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(marker=st.sampled_from(sorted(nm.MARKERS)),
        payload=st.dictionaries(st.sampled_from(_schema_keys), _json, max_size=4))
 def test_fuzzed_frames_are_accepted_or_refused_with_a_protocol_error(marker, payload):
@@ -329,7 +329,37 @@ def _ask(node):
                                         "messages": [{"role": "user", "content": "hello?"}]}, timeout=60)
 
 
-@pytest.mark.parametrize("attack", ["bad_llmc", "poisoned_file", "sync_flood"])
+def _deep_nesting_before_the_proof(node):
+    """A raw socket's PING frame nested 1,000 deep, as the finding's probe sent it."""
+    body = b"[" * 1000 + b"]" * 1000
+    with socket.create_connection(("127.0.0.1", node.tcp_port), timeout=5) as sock:
+        sock.sendall(nm.FRAME_HEADER.pack(nm.PING, len(body)) + body)
+        sock.settimeout(5)
+        while sock.recv(65536):
+            pass  # the node answers with its nonce, then closes the link
+
+
+def _trickle(node, seconds=3.0):
+    """One byte a tenth of a second of a frame that never completes: closed by a deadline."""
+    with socket.create_connection(("127.0.0.1", node.tcp_port), timeout=5) as sock:
+        frame = nm.FRAME_HEADER.pack(nm.PING, 1000)
+        deadline = time.monotonic() + seconds
+        for byte in frame * 100:
+            if time.monotonic() > deadline:
+                return False
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                return True  # closed by the node
+            time.sleep(0.1)  # the attack itself is slow: that is what it tests
+    return False
+
+
+LIVE_ATTACKS = ["bad_llmc", "poisoned_file", "sync_flood", "deep_nesting", "bad_pong", "string_bool",
+                "oversize_entry", "peer_exchange_flood", "trickle"]
+
+
+@pytest.mark.parametrize("attack", LIVE_ATTACKS)
 def test_a_live_node_under_attack_keeps_its_good_peer_and_syncs(cluster, fakes, linked_peer, attack):
     fake = fakes()
     a = cluster.start("a", extra=["--ollama-url", fake.url])
@@ -356,8 +386,36 @@ def test_a_live_node_under_attack_keeps_its_good_peer_and_syncs(cluster, fakes, 
                                              conversation_id=conversation)], "more": False})
         wait_for(lambda: "rejected a batch" in a.log(), message="the unsigned poisoned batch rejected")
         assert evil.closed_by_node(), "its sender is unlinked"
-    else:
+    elif attack == "sync_flood":
         evil.send_many(nm.SYNC, {"vector": {}}, 2000)
+    elif attack == "deep_nesting":
+        _deep_nesting_before_the_proof(a)
+        body = b'{"t":' + b"[" * 1000 + b"]" * 1000 + b"}"
+        evil.link.sock.sendall(evil.link.seal(nm.FRAME_HEADER.pack(nm.PING, len(body)) + body))
+        assert evil.closed_by_node(), "a deeply nested frame closes that link"
+    elif attack == "bad_pong":
+        evil.send(nm.PONG, {"t": -1e308})
+        assert evil.closed_by_node(), "a PONG with an impossible time closes that link"
+        assert "Infinity" not in a.get("/api/peers").text
+    elif attack == "string_bool":
+        snapshot, _message = _ENTRIES
+        data = dict(snapshot["data"], private="false")
+        evil.send(nm.FILE, {"entries": [dict(snapshot, data=data, origin=evil.node_id,
+                                             uid="%s:1" % evil.node_id, seq=1)], "more": False})
+        wait_for(lambda: "refused 1 entry" in a.log() or evil.closed_by_node(0.2),
+                 message="the entry with a string boolean refused")
+    elif attack == "oversize_entry":
+        _snapshot, message = _ENTRIES
+        data = dict(message["data"], content="x" * (1 << 20))
+        evil.send(nm.FILE, {"entries": [dict(message, data=data, origin=evil.node_id,
+                                             uid="%s:1" % evil.node_id, seq=1)], "more": False})
+        wait_for(lambda: "refused 1 entry" in a.log() or evil.closed_by_node(0.2),
+                 message="the oversize entry refused")
+    elif attack == "peer_exchange_flood":
+        evil.send(nm.PEERS, {"peers": [{"node_id": "%032x" % n, "address": "127.0.%d.%d" % (n // 250, n % 250 + 1),
+                                        "tcp_port": 9} for n in range(1000)]})
+    else:
+        assert _trickle(a) or a.get("/api/health").status_code == 200
     started = time.monotonic()
     b.post("/api/conversations/%s/messages" % conversation, json={"content": "real", "sender": "b", "answer": False})
     wait_for(lambda: "real" in (_contents(a, conversation) or []), timeout=5, message="the real message on a")
@@ -371,6 +429,10 @@ def test_a_live_node_under_attack_keeps_its_good_peer_and_syncs(cluster, fakes, 
                              if key.startswith("sync_requests_")) >= 2000, message="the flood read")
         sync = a.health()["sync"]
         assert sync.get("sync_answers", 0) < 100 and sync.get("entries_sent", 0) < 500, sync
+    if attack == "peer_exchange_flood":
+        assert len(a.peers()) <= 257, "the peer table stays bounded"
+    if attack in ("oversize_entry", "string_bool"):
+        assert all(evil.node_id != record.get("origin") for record in a.json("/api/conversations"))
     if attack == "poisoned_file":
         fresh = b.post("/api/conversations/%s/messages" % conversation,
                        json={"content": "after", "sender": "b", "answer": False})

@@ -1,5 +1,6 @@
 """Mesh core: discovery, links, peer exchange, failure detection, multi-host namespaces."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -257,3 +258,58 @@ def test_a_second_node_on_the_same_data_dir_is_refused(cluster):
     assert clash.returncode == 2
     assert "another NeuroMesh (pid %d)" % first.process.pid in clash.stderr and "--data-dir" in clash.stderr
     assert first.health()["status"] == "ok"
+
+
+@pytest.mark.skipif(_can_make_namespaces() is not None, reason=str(_can_make_namespaces()))
+def test_a_keyed_mesh_in_namespaces_leaves_a_node_without_the_key_alone(tmp_path):
+    spaces = Namespaces()
+    nodes = []
+    try:
+        spaces.create()
+        for index, host in enumerate(spaces.hosts, start=1):
+            key = ["--mesh-key", "bluefox-42"] if index < 3 else []  # host 3 has no room code
+            node = NodeProcess(tmp_path / host, ["--announce-interval", "0.5", "--peer-timeout", "3",
+                                                 "--log-level", "debug", "--ollama-url", "none"] + key, host,
+                               prefix=["ip", "netns", "exec", host])
+            nodes.append(node)
+            node.start()
+
+        def health(host):
+            return spaces.fetch_json(host, "http://127.0.0.1:8080/api/health")
+
+        def keyed_pair_linked():
+            return all(health(host)["peer_count"] == 1 for host in spaces.hosts[:2])
+
+        wait_for(keyed_pair_linked, timeout=20, interval=0.3, message="the two keyed hosts linked")
+        # the stranger has heard the keyed announcements (and dropped them) several times over
+        wait_for(lambda: health(spaces.hosts[2])["counters"].get("unauthenticated_datagrams", 0) >= 4,
+                 timeout=10, interval=0.3, message="the stranger hears the keyed announcements")
+        stranger = health(spaces.hosts[2])
+        assert stranger["peer_count"] == 0 and stranger["room"]["closed"] is False
+        assert spaces.fetch_json(spaces.hosts[2], "http://127.0.0.1:8080/api/peers") == []
+        models = spaces.fetch_json(spaces.hosts[2], "http://127.0.0.1:8080/api/models")
+        assert models["models"] == [] and models["llm_hosts"] == 0
+        keyed = health(spaces.hosts[0])
+        assert keyed["room"]["closed"] is True and keyed["room"]["key_hash"] == health(spaces.hosts[1])["room"]["key_hash"]
+        peers = spaces.fetch_json(spaces.hosts[0], "http://127.0.0.1:8080/api/peers")
+        assert [peer["address"] for peer in peers] == ["%s.2" % spaces.subnet]
+        assert "bluefox-42" not in json.dumps(keyed)
+        assert nodes[2].node_id not in json.dumps(peers)
+        # a conversation of the room reaches the room, and not the stranger
+        post = ("import json, urllib.request\nrequest = urllib.request.Request('http://127.0.0.1:8080/api/conversations', "
+                "data=b'{\"title\": \"room only\"}', headers={'Content-Type': 'application/json'})\n"
+                "print(json.load(urllib.request.urlopen(request, timeout=5))['id'])")
+        created = subprocess.run(["ip", "netns", "exec", spaces.hosts[0], sys.executable, "-c", post],
+                                 capture_output=True, text=True, timeout=20)
+        conversation_id = created.stdout.strip()
+        assert created.returncode == 0 and conversation_id, created.stderr
+
+        def listed(host):
+            return [c["id"] for c in spaces.fetch_json(host, "http://127.0.0.1:8080/api/conversations")]
+
+        wait_for(lambda: conversation_id in listed(spaces.hosts[1]), timeout=10, message="synced in the room")
+        assert conversation_id not in listed(spaces.hosts[2])
+    finally:
+        for node in nodes:
+            node.kill()
+        spaces.delete()

