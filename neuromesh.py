@@ -34,7 +34,7 @@ Node.frame -> SyncWorker -> Store.apply_entries -> EventBus -> the page's SSE.
 __version__ = "0.1.0"
 __license__ = "MIT"
 
-PROTOCOL_VERSION = 2  # 2: the key proof (HI!!:, AUTH:) and sealed frames
+PROTOCOL_VERSION = 3  # 2: the key proof (HI!!:, AUTH:) and sealed frames; 3: node keys, signed logs
 
 ###############################################################################
 # Imports and the _vendor shim ################################################
@@ -80,13 +80,14 @@ try:
     import ifaddr
     import requests
     import waitress.server
+    from ecdsa import BadSignatureError, Ed25519, SigningKey, VerifyingKey
     from waitress import wasyncore
 except ImportError as _missing:  # pragma: no cover - exercised by hand on a bare machine
     _fix = ".\\install.ps1" if os.name == "nt" else "./install.sh"
     raise SystemExit(
         "NeuroMesh needs the package %r, which is not installed.\n"
-        "Fix: run `%s` in %s (it puts bottle, requests, ifaddr and waitress into _vendor/),\n"
-        "or `%s -m pip install bottle requests ifaddr waitress`."
+        "Fix: run `%s` in %s (it puts bottle, requests, ifaddr, waitress and ecdsa into _vendor/),\n"
+        "or `%s -m pip install bottle requests ifaddr waitress ecdsa`."
         % (_missing.name, _fix, HERE, os.path.basename(sys.executable) or "python3")
     )
 
@@ -131,7 +132,7 @@ STATIC_DIR = os.path.join(HERE, "neuromesh_static")
 RUNTIME_FILE = "runtime.json"
 NAME_FILE = "name.txt"  # the name the owner gave this node from the page
 DATABASE_FILE = "neuromesh.db"
-NODE_ID_FILE = "node_id"
+NODE_ID_FILE = "node_id"   # the random id of versions before node keys
 
 ###############################################################################
 # Exceptions ##################################################################
@@ -617,24 +618,142 @@ def load_config(args, environ=None):
 
 
 def load_identity(data_dir):
-    """The node id kept in the data dir, made on first start (random: no hostname leaks).
+    """This node's id: the hash of its key (see load_node_key)."""
+    return load_node_key(data_dir).node_id
 
-    A data dir whose database is gone gets a new id too: peers already hold the old id's
-    sequence numbers, and a new log under the old id would be ignored as known.
+
+def load_node_key(data_dir):
+    """The NodeKey kept in the data dir, made on first start (random: no hostname leaks).
+
+    A data dir whose database is gone gets a new key, so a new id, too: peers already hold the
+    old id's signed log, and a new log under it would be refused as a fork. The old key is
+    kept beside it as node_key.old.
     """
     os.makedirs(data_dir, exist_ok=True)
-    path = os.path.join(data_dir, NODE_ID_FILE)
-    if not os.path.exists(os.path.join(data_dir, DATABASE_FILE)):
-        return _new_identity(path)
+    path = os.path.join(data_dir, KEY_FILE)
+    if os.path.exists(path) and not os.path.exists(os.path.join(data_dir, DATABASE_FILE)):
+        os.replace(path, path + ".old")
+    return NodeKey.load_or_create(data_dir)
+
+
+###############################################################################
+# Identity and signatures #####################################################
+###############################################################################
+#
+# Each node holds an Ed25519 key (pure Python, the `ecdsa` package) in its data dir; its node id is
+# a short hash of the public key, so only the key's holder can speak for that id. Pure-Python
+# verification costs milliseconds, so logs are hash-chained and only one head per origin per
+# batch is signed (see LogChain, BatchVerifier). Links also run an ephemeral X25519 exchange, so
+# even a student who knows the room code cannot sit between two nodes with the link keys.
+
+KEY_FILE = "node_key"        # 64 hex characters: the Ed25519 seed (RFC 8032 private key)
+_ID_TAG = b"neuromesh node id v1\0"
+_ENTRY_TAG = b"neuromesh entry v1\0"
+_HEAD_TAG = b"neuromesh head v1\0"
+_HELO_TAG = b"neuromesh helo v1\0"
+GENESIS = bytes(32)          # the chain hash before an origin's first entry
+_BOUND_CID_RE = re.compile(r"([0-9a-f]{32})\.[0-9a-f]{32}")
+
+
+class BatchRejected(NeuroMeshError):
+    """A FILE: batch failed verification: nothing of it was applied; the sender is logged and
+    unlinked. ``origin`` names the log at fault, when one is."""
+
+    def __init__(self, reason, origin=None):
+        super().__init__(reason)
+        self.reason = reason
+        self.origin = origin
+
+
+def node_id_from_key(public_key):
+    """The node id of a 32-byte Ed25519 public key: 128 bits of SHA-256 as 32 hex digits (the
+    shape of the uuid4 ids of earlier versions, so every id check stays as it is)."""
+    return hashlib.sha256(_ID_TAG + bytes(public_key)).hexdigest()[:32]
+
+
+class NodeKey:
+    """This node's Ed25519 key pair, kept as a 0600 file in the data dir; never shown or logged."""
+
+    def __init__(self, seed):
+        self._signing = SigningKey.from_string(bytes(seed), curve=Ed25519)
+        self.public = bytes(self._signing.get_verifying_key().to_string())
+        self.node_id = node_id_from_key(self.public)
+
+    def __repr__(self):
+        return "<NodeKey %s>" % self.node_id
+
+    @classmethod
+    def generate(cls):
+        return cls(os.urandom(32))
+
+    @classmethod
+    def load_or_create(cls, data_dir):
+        """The key in ``data_dir``, made on first start. A damaged key file is an error, never
+        silently a new identity (peers would see a stranger)."""
+        os.makedirs(data_dir, exist_ok=True)
+        path = os.path.join(data_dir, KEY_FILE)
+        try:
+            with open(path, encoding="ascii") as handle:
+                text = handle.read().strip()
+        except FileNotFoundError:
+            return cls._create(path)
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError("cannot read the node key %s: %s" % (path, error))
+        if not re.fullmatch(r"[0-9a-f]{64}", text):
+            raise ConfigError("node key file %s is damaged: restore it from a backup, or move it away"
+                              " together with %s to start as a new node" % (path, DATABASE_FILE))
+        if os.name != "nt" and os.stat(path).st_mode & 0o077:
+            os.chmod(path, 0o600)
+        return cls(bytes.fromhex(text))
+
+    @classmethod
+    def _create(cls, path):
+        seed = os.urandom(32)
+        temporary = path + ".tmp"
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w", encoding="ascii") as handle:
+            handle.write(seed.hex() + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+        return cls(seed)
+
+    def sign(self, message):
+        return bytes(self._signing.sign(message))
+
+
+_VERIFIERS = collections.OrderedDict()  # public key -> VerifyingKey with precomputed tables
+_VERIFIERS_LOCK = threading.Lock()
+
+
+def verify_signature(public_key, message, signature):
+    """True when ``signature`` is ``public_key``'s Ed25519 signature of ``message``; never raises."""
     try:
-        with open(path, encoding="ascii") as handle:
-            node_id = handle.read().strip()
-        if re.fullmatch(r"[0-9a-f]{32}", node_id):
-            return node_id
-        log.warning("node id file %s is damaged; making a new node id", path)
-    except OSError:
-        pass
-    return _new_identity(path)
+        public_key, signature = bytes(public_key), bytes(signature)
+    except (TypeError, ValueError):
+        return False
+    if len(public_key) != 32 or len(signature) != 64:
+        return False
+    with _VERIFIERS_LOCK:
+        key = _VERIFIERS.get(public_key)
+    if key is None:
+        try:
+            key = VerifyingKey.from_string(public_key, curve=Ed25519)
+            key.precompute(lazy=True)  # 4x faster verifies for a key seen again
+        except Exception:
+            return False
+        with _VERIFIERS_LOCK:
+            _VERIFIERS[public_key] = key
+            while len(_VERIFIERS) > 256:
+                _VERIFIERS.popitem(last=False)
+    try:
+        return bool(key.verify(signature, message))
+    except (BadSignatureError, ValueError, AssertionError, TypeError):
+        return False
 
 
 def load_saved_name(data_dir):
@@ -657,13 +776,86 @@ def clean_node_name(text):
     return name
 
 
-def _new_identity(path):
-    node_id = uuid.uuid4().hex
-    temporary = path + ".tmp"
-    with open(temporary, "w", encoding="ascii") as handle:
-        handle.write(node_id + "\n")
-    os.replace(temporary, path)
-    return node_id
+def head_message(origin, seq, head):
+    """What an origin signs to vouch for its log up to ``seq``, whose chain hash is ``head``."""
+    return _HEAD_TAG + origin.encode("ascii") + b"\0" + struct.pack(">Q", seq) + head
+
+
+def helo_message(peer_nonce, channel_binding, node_id):
+    """What a node signs in its HELO: the peer's fresh nonce, this link's binding, its own id."""
+    return _HELO_TAG + peer_nonce + channel_binding + node_id.encode("ascii")
+
+
+def data_text(data):
+    """The canonical text of an entry's cleaned data: sorted, compact JSON."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def entry_hash(prev, entry, text):
+    """The chain hash through a cleaned ``entry`` (``text`` its data_text) after ``prev``. Its six
+    validated fields cannot hold a newline, so one a line is unambiguous."""
+    fields = "%s\n%d\n%s\n%s\n%s\n%s\n" % (entry["origin"], entry["seq"], entry["kind"],
+                                            entry["conversation_id"], entry["timestamp"], entry["uid"])
+    return hashlib.sha256(_ENTRY_TAG + prev + (fields + text).encode("utf-8")).digest()
+
+
+def bound_owner(conversation_id):
+    """The owner a conversation id names ("<owner id>.<uuid hex>"), or None for the plain ids
+    of earlier versions and of imports."""
+    match = _BOUND_CID_RE.fullmatch(conversation_id)
+    return match.group(1) if match else None
+
+
+_X25519_P = 2 ** 255 - 19
+
+
+def x25519(scalar, u_bytes):
+    """RFC 7748 X25519 (a Montgomery ladder, ~1.4 ms): shared secret of ``scalar`` and ``u_bytes``."""
+    k = bytearray(scalar)
+    k[0] &= 248
+    k[31] = (k[31] & 127) | 64
+    k = int.from_bytes(k, "little")
+    p = _X25519_P
+    x1 = int.from_bytes(u_bytes, "little") & ((1 << 255) - 1)
+    x2, z2, x3, z3, swap = 1, 0, x1, 1, 0
+    for t in range(254, -1, -1):
+        bit = (k >> t) & 1
+        swap ^= bit
+        if swap:
+            x2, x3, z2, z3 = x3, x2, z3, z2
+        swap = bit
+        a, b = (x2 + z2) % p, (x2 - z2) % p
+        aa, bb = a * a % p, b * b % p
+        e = (aa - bb) % p
+        c, d = (x3 + z3) % p, (x3 - z3) % p
+        da, cb = d * a % p, c * b % p
+        x3 = (da + cb) ** 2 % p
+        z3 = x1 * (da - cb) ** 2 % p
+        x2 = aa * bb % p
+        z2 = e * (aa + 121665 * e) % p
+    if swap:
+        x2, z2 = x3, z3
+    return (x2 * pow(z2, p - 2, p) % p).to_bytes(32, "little")
+
+
+def x25519_public(scalar):
+    return x25519(scalar, (9).to_bytes(32, "little"))
+
+
+_EPHEMERAL_LOCK = threading.Lock()
+_EPHEMERAL = [0.0, None]  # [renew after (monotonic), (secret, public)]
+
+
+def ephemeral_key_pair(lifetime=60.0):
+    """This node's X25519 key pair for new links, renewed every ``lifetime`` seconds: a
+    connection that never completes a handshake then costs no scalar multiplication (the
+    fresh nonces still make every link's keys unique)."""
+    with _EPHEMERAL_LOCK:
+        now = time.monotonic()
+        if _EPHEMERAL[1] is None or now >= _EPHEMERAL[0]:
+            secret = secrets.token_bytes(32)
+            _EPHEMERAL[:] = [now + lifetime, (secret, x25519_public(secret))]
+        return _EPHEMERAL[1]
 
 
 ###############################################################################
@@ -701,7 +893,7 @@ def encode_frame(marker, payload):
 
 
 # Mesh authentication. Every link starts with a key proof, keyed or not (one code path):
-#   both ends:  HI!!: {"v": 1, "n": <32-byte nonce, hex>}        (plain: reveals nothing)
+#   both ends:  HI!!: {"v": 2, "n": <32-byte nonce, hex>, "e": <ephemeral X25519 key, hex>}
 #   both ends:  AUTH: {"p": <HMAC proof of the link key, hex>}   (plain: a MAC, not the key)
 #   then every frame, HELO: first, is sealed: the frame followed by a 16-byte tag,
 #   HMAC-SHA256(direction key, u64 sequence number + header + body), not counted in the length.
@@ -712,7 +904,7 @@ def encode_frame(marker, payload):
 TAG_SIZE = 16                 # bytes of HMAC-SHA256 carried after each sealed frame
 NONCE_SIZE = 32
 HANDSHAKE_MAX_SIZE = 4096     # largest frame a peer may send before it proved the key
-AUTH_VERSION = 1
+AUTH_VERSION = 2              # 2: an ephemeral X25519 key in HI!!: ("e")
 DATAGRAM_MAGIC = b"NMK1"
 DATAGRAM_TAG_SIZE = 32
 ROOM_KDF_ITERATIONS = 200000  # PBKDF2: slows offline guessing of a weak room code (~0.1 s, once)
@@ -812,8 +1004,9 @@ def _hex_field(payload, key, size, what):
 class LinkSecrets:
     """The keys of one link, derived from the room key and the handshake transcript.
 
-    ``channel_binding`` is public-safe and unique to the link (for identity signatures later);
-    ``dh_secret`` is the slot for an ephemeral X25519 secret, empty today.
+    ``channel_binding`` is public-safe and unique to the link (the HELO signatures cover it);
+    ``dh_secret`` is the link's ephemeral X25519 secret, so a relay in the middle that knows the
+    room key still ends up with different keys on each side.
     """
 
     def __init__(self, room_key, transcript_hash, dh_secret=b""):
@@ -846,7 +1039,8 @@ class Handshake:
         self.initiator = initiator  # True on the end that dialed
         self._room_key = room_key
         self._nonce = nonce if nonce is not None else secrets.token_bytes(NONCE_SIZE)
-        self._hello = {"v": AUTH_VERSION, "n": self._nonce.hex()}
+        self._ephemeral, public = ephemeral_key_pair()
+        self._hello = {"v": AUTH_VERSION, "n": self._nonce.hex(), "e": public.hex()}
         self._state = "new"  # new -> wait_nonce -> wait_proof -> done | failed
         self.peer_nonce = None
         self.transcript_hash = None
@@ -859,6 +1053,10 @@ class Handshake:
     @property
     def done(self):
         return self._state == "done"
+
+    @property
+    def nonce(self):
+        return self._nonce
 
     def start(self):
         """The opening frame(s): my HI!!:. Call once the TCP connection is up."""
@@ -896,6 +1094,9 @@ class Handshake:
         peer_nonce = _hex_field(payload, "n", NONCE_SIZE, "HI!!: frame")
         if hmac.compare_digest(peer_nonce, self._nonce):
             raise ProtocolError("the peer sent this node's own nonce back")
+        dh_secret = x25519(self._ephemeral, _hex_field(payload, "e", 32, "HI!!: frame"))
+        if dh_secret == bytes(32):
+            raise ProtocolError("the peer sent a degenerate X25519 key")
         mine, theirs = _canonical(self._hello), _canonical(payload)
         first, second = (mine, theirs) if self.initiator else (theirs, mine)
         digest = hashlib.sha256(_LINK_LABEL + b" transcript")
@@ -903,7 +1104,7 @@ class Handshake:
             digest.update(struct.pack("<I", len(part)) + part)
         self.peer_nonce = peer_nonce
         self.transcript_hash = digest.digest()
-        self.secrets = LinkSecrets(self._room_key, self.transcript_hash)
+        self.secrets = LinkSecrets(self._room_key, self.transcript_hash, dh_secret)
         proof = self.secrets.proof_initiator if self.initiator else self.secrets.proof_responder
         return encode_frame(AUTH, {"p": proof.hex()})
 
@@ -1081,12 +1282,15 @@ def _int(lo, hi, required=False):
 _PORT = _int(0, 65535)
 _LOAD = Field("map", hi=20, of=_int(0, MAX_LOAD))
 _CAPABILITY = {"has_llm": Field("bool"), "models": Field("list", hi=1000, of=_str(200)), "load": _LOAD}
+_HEAD = {"seq": _int(1, (1 << 62) - 1, True), "hash": _str(64, 64, True), "sig": _str(128, 128, True),
+         "key": _str(64, 64)}
 _PEER_ENTRY = {"node_id": _str(64, 1, True), "name": _str(1024), "address": _str(253, 1, True),
                "tcp_port": _int(0, 65535, True)}
 
 FRAME_SCHEMAS = {
     HELLO: dict(_CAPABILITY, node_id=_str(64, 1, True), name=_str(1024), tcp_port=_int(0, 65535, True),
-                http_port=_PORT, version=_str(64), protocol_version=_int(0, MAX_LOAD)),
+                http_port=_PORT, version=_str(64), protocol_version=_int(0, MAX_LOAD),
+                key=_str(64, 64, True), sig=_str(128, 128, True)),
     LLM_CAPS: dict(_CAPABILITY),
     PING: {"t": Field("num", -1e15, 1e15, required=True)},
     PONG: {"t": Field("num", 0, 1e12, required=True)},  # our own time.monotonic(), echoed
@@ -1094,7 +1298,7 @@ FRAME_SCHEMAS = {
     GOODBYE: {"reason": _str(200)},
     SYNC: {"vector": Field("map", hi=MAX_ORIGINS, of=_int(0, (1 << 62) - 1), required=True)},
     FILE: {"entries": Field("list", hi=MAX_FRAME_ENTRIES, of=Field("obj", of={}), required=True),
-           "more": Field("bool")},
+           "heads": Field("map", hi=MAX_ORIGINS, of=Field("obj", of=_HEAD)), "more": Field("bool")},
     LLM_REQUEST: {"peer_name": _str(1024), "reason": _str(500)},
     LLM_RESPONSE: {"granted": Field("bool", required=True), "message": _str(500), "llm_host": _str(253),
                    "llm_port": _PORT, "token": _str(256)},
@@ -1414,7 +1618,7 @@ class Database:
     BUSY_TIMEOUT_MS (wait for another process holding the write lock).
     """
 
-    SCHEMA_VERSION = 1
+    SCHEMA_VERSION = 2
     BUSY_TIMEOUT_MS = 10000
 
     # One SQL script per schema version, applied in order. Never edit a
@@ -1459,10 +1663,19 @@ class Database:
         ) WITHOUT ROWID;
         CREATE INDEX conversations_by_update ON conversations (updated_at);
         """,
+        # 2: signed logs. Rows from before keep hash NULL: their origin has no key, so they stay
+        # here, readable, but are never served (nobody could verify them).
+        """
+        ALTER TABLE entries ADD COLUMN hash BLOB;   -- chain hash through this entry
+        ALTER TABLE entries ADD COLUMN sig BLOB;    -- origin's head signature at this seq, if made
+        ALTER TABLE origins ADD COLUMN head BLOB;   -- chain hash at contiguous
+        CREATE TABLE keys (origin TEXT PRIMARY KEY, public_key BLOB NOT NULL) WITHOUT ROWID;
+        """,
     ]
 
     def __init__(self, path, node_id):
         self.path = path
+        self.migrated_from = None  # the schema version found, when this open migrated it
         self._lock = threading.Lock()
         try:
             if path != ":memory:" and os.path.dirname(path):
@@ -1522,6 +1735,8 @@ class Database:
         if version > len(self._MIGRATIONS):
             raise StoreError("database %s has schema version %d; this NeuroMesh knows"
                              " up to %d" % (self.path, version, len(self._MIGRATIONS)))
+        if version < len(self._MIGRATIONS):
+            self.migrated_from = version
         for number in range(version + 1, len(self._MIGRATIONS) + 1):
             try:
                 self._connection.executescript(
@@ -1539,9 +1754,22 @@ class Database:
         row = self.execute("SELECT value FROM meta WHERE key = 'node_id'").fetchone()
         if row is None:
             self.execute("INSERT INTO meta (key, value) VALUES ('node_id', ?)", (node_id,))
+        elif row[0] != node_id and self.migrated_from == 1:
+            self._adopt_legacy(row[0], node_id)
         elif row[0] != node_id:
             raise StoreError("database %s belongs to node %s, not %s"
                              % (self.path, row[0], node_id))
+
+
+    def _adopt_legacy(self, legacy_id, node_id):
+        # The first start with a node key: the id becomes the key's hash (an old random id proves
+        # nothing, so it cannot be bound to a key). The old logs stay; their conversations are
+        # this node's here, and its new messages in them go to its new, signed log.
+        self.execute("UPDATE meta SET value = ? WHERE key = 'node_id'", (node_id,))
+        self.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('legacy_id', ?)", (legacy_id,))
+        self.execute("UPDATE conversations SET owner = ? WHERE owner = ?", (node_id, legacy_id))
+        log.info("store: node id %s is now %s (derived from the node key); its conversations are kept",
+                 legacy_id, node_id)
 
 
 class EntryLog:
@@ -1554,8 +1782,9 @@ class EntryLog:
     apply_entries.
     """
 
-    def __init__(self, database):
+    def __init__(self, database, key=None):
         self._db = database
+        self.chain = LogChain(database, key)
 
     def append(self, origin, kind, conversation_id, data, timestamp=None, uid=None) -> dict:
         """Append a local entry to one of this node's logs and return it."""
@@ -1565,7 +1794,7 @@ class EntryLog:
                  "conversation_id": conversation_id,
                  "timestamp": timestamp or utc_now(),
                  "uid": uid or "%s:%d" % (origin, seq), "data": data}
-        self._put(entry, duplicate=False)
+        self._put(entry, False, self.chain.link(entry))
         if kind == "conversation":
             self._apply_snapshot(entry, local=True)
         else:
@@ -1586,10 +1815,11 @@ class EntryLog:
             "SELECT origin, contiguous FROM origins WHERE contiguous > 0").fetchall())
         return {origin: seq for origin, seq in rows if not origin.endswith(PRIVATE_SUFFIX)}
 
-    def entries_missing(self, their_vector, max_bytes=1 << 20, max_entries=500):
+    def entries_missing(self, their_vector, max_bytes=1 << 20, max_entries=500, only=None):
         """(entries, more): public entries past their_vector, by origin then
         seq, at most max_entries and about max_bytes of JSON (always at least
-        one entry). more is True when the batch was cut short.
+        one entry), of the origins in ``only`` when given. more is True when
+        the batch was cut short.
 
         A peer with a gap keeps being sent what lies beyond it; a caller
         looping while more should also stop once a batch brings nothing new."""
@@ -1602,7 +1832,7 @@ class EntryLog:
             origins = [row[0] for row in self._db.execute(
                 "SELECT origin FROM origins ORDER BY origin")]
             for origin in origins:
-                if origin.endswith(PRIVATE_SUFFIX):
+                if origin.endswith(PRIVATE_SUFFIX) or (only is not None and origin not in only):
                     continue
                 since = their_vector.get(origin, 0)
                 if type(since) is not int or since < 0:
@@ -1623,8 +1853,32 @@ class EntryLog:
             return entries, False
         return self._db.read(collect)
 
+    def run_from(self, origin, seq, limit):
+        """Entries of ``origin`` from ``seq`` on, up to its first signed one (at most ``limit``)."""
+        def collect():
+            run = []
+            for row in self._db.execute("SELECT " + _ENTRY_COLUMNS + ", sig FROM entries WHERE origin = ?"
+                                        " AND seq >= ? ORDER BY seq LIMIT ?", (origin, seq, limit)):
+                run.append({"origin": row["origin"], "seq": row["seq"], "kind": row["kind"],
+                            "conversation_id": row["conversation_id"], "timestamp": row["timestamp"],
+                            "uid": row["uid"], "data": json.loads(row["data"])})
+                if row["sig"] is not None:
+                    break
+            return run
+        return self._db.read(collect)
+
+    def store_verified(self, items):
+        """Store what BatchVerifier passed (inside its transaction): returns (stored, took effect)."""
+        stored, new = [], []
+        for entry, digest, sig, text in items:
+            stored.append(entry)
+            if self._insert_remote(entry, digest, sig, text):
+                new.append(entry)
+        return stored, new
+
     def apply_entries(self, entries) -> list:
-        """Store the entries a peer sent, in one transaction; returns those
+        """Store the entries a peer sent, in one transaction, unverified (sync
+        goes through BatchVerifier and store_verified); returns those
         that were new and took effect (to announce and forward). Invalid
         entries are skipped with a warning; peer input never raises."""
         if not isinstance(entries, list):
@@ -1658,13 +1912,14 @@ class EntryLog:
         far.append(entry)
         return False
 
-    def _put(self, entry, duplicate):
+    def _put(self, entry, duplicate, digest=None, sig=None, text=None):
         self._db.execute(
-            "INSERT INTO entries (%s, duplicate) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            "INSERT INTO entries (%s, duplicate, hash, sig) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             % _ENTRY_COLUMNS,
             (entry["origin"], entry["seq"], entry["uid"], entry["kind"],
              entry["conversation_id"], entry["timestamp"],
-             json.dumps(entry["data"], ensure_ascii=False), int(duplicate)))
+             json.dumps(entry["data"], ensure_ascii=False) if text is None else text,
+             int(duplicate), digest, sig))
         self._advance(entry["origin"], entry["seq"])
 
     def _advance(self, origin, seq):
@@ -1679,9 +1934,10 @@ class EntryLog:
         while self._db.execute("SELECT 1 FROM entries WHERE origin = ? AND seq = ?",
                                (origin, have + 1)).fetchone():
             have += 1
-        self._db.execute("UPDATE origins SET contiguous = ? WHERE origin = ?", (have, origin))
+        self._db.execute("UPDATE origins SET contiguous = ?, head = (SELECT hash FROM entries"
+                         " WHERE origin = ? AND seq = ?) WHERE origin = ?", (have, origin, have, origin))
 
-    def _insert_remote(self, entry):
+    def _insert_remote(self, entry, digest=None, sig=None, text=None):
         """Store a validated peer entry. True if it is new and takes effect."""
         key = (entry["origin"], entry["seq"])
         if self._db.execute("SELECT 1 FROM entries WHERE origin = ? AND seq = ?",
@@ -1689,7 +1945,7 @@ class EntryLog:
             return False
         taken = self._db.execute("SELECT origin, seq FROM entries WHERE uid = ?"
                                  " AND duplicate = 0", (entry["uid"],)).fetchone()
-        self._put(entry, duplicate=bool(taken))
+        self._put(entry, bool(taken), digest, sig, text)
         if taken:
             log.warning("store: entry %s:%d repeats uid %s of %s:%d; kept unlisted",
                         key[0], key[1], entry["uid"], taken[0], taken[1])
@@ -1762,6 +2018,244 @@ class EntryLog:
                 " private = ?, deleted = MAX(deleted, ?), created_at = ?,"
                 " origin_name = ?, peer_label = ? WHERE id = ?", state + (cid,))
         return True
+
+
+class LogChain:
+    """The hash chains and head signatures of the public logs in a store's database.
+
+    Entry n of an origin carries h(n) = SHA-256(tag, h(n-1), entry) in ``entries.hash``; a head
+    signature (``entries.sig``) is the origin's Ed25519 signature of (origin, n, h(n)). Every
+    batch sent ends each origin's run at a signed seq, so any holder can pass history on and the
+    receiver checks it with one signature per origin. ``keys`` pins each origin's public key.
+    Methods run inside a transaction of the database, except ``signed_batch``.
+    """
+
+    def __init__(self, database, key=None):
+        self._db = database
+        self.key = key  # this node's NodeKey; None: a store that cannot sign (tests, tools)
+
+    def link(self, entry):
+        """The chain hash of a new local ``entry`` (None on a private log, which never syncs)."""
+        if entry["origin"].endswith(PRIVATE_SUFFIX):
+            return None
+        try:
+            clean = _clean_entry(entry)
+        except ValueError as error:
+            raise StoreError("a local entry is invalid: %s" % error) from None
+        prev = GENESIS if clean["seq"] == 1 else self.hash_at(clean["origin"], clean["seq"] - 1)
+        if prev is None:
+            raise StoreError("the log of %s has no chain before seq %d" % (clean["origin"], clean["seq"]))
+        return entry_hash(prev, clean, data_text(clean["data"]))
+
+    def hash_at(self, origin, seq):
+        row = self._db.execute("SELECT hash FROM entries WHERE origin = ? AND seq = ?", (origin, seq)).fetchone()
+        return row[0] if row else None
+
+    def head(self, origin):
+        """(contiguous seq, chain hash there) of ``origin``'s stored log."""
+        row = self._db.execute("SELECT contiguous, head FROM origins WHERE origin = ?", (origin,)).fetchone()
+        if row is None or row[0] == 0:
+            return 0, GENESIS
+        return row[0], row[1]
+
+    def public_key(self, origin):
+        row = self._db.execute("SELECT public_key FROM keys WHERE origin = ?", (origin,)).fetchone()
+        return row[0] if row else None
+
+    def remember_key(self, origin, public):
+        self._db.execute("INSERT OR IGNORE INTO keys (origin, public_key) VALUES (?, ?)", (origin, bytes(public)))
+
+    def keyed_origins(self):
+        return {row[0] for row in self._db.execute("SELECT origin FROM keys")}
+
+    def signed_head(self, origin, seq):
+        """The head record of ``origin`` at ``seq`` for a FILE: frame; this node signs its own log
+        on demand (one signature per batch or push). None when no signature is held there."""
+        row = self._db.execute("SELECT hash, sig FROM entries WHERE origin = ? AND seq = ?", (origin, seq)).fetchone()
+        public = self.public_key(origin)
+        if row is None or row[0] is None or public is None:
+            return None
+        sig = row[1]
+        if sig is None and self.key is not None and origin == self.key.node_id:
+            sig = self.key.sign(head_message(origin, seq, row[0]))
+            self._db.execute("UPDATE entries SET sig = ? WHERE origin = ? AND seq = ?", (sig, origin, seq))
+        if sig is None:
+            return None
+        return {"seq": seq, "hash": row[0].hex(), "sig": bytes(sig).hex(), "key": public.hex()}
+
+    def heads_for(self, entries):
+        """{origin: head} for the last entry of each origin in ``entries``."""
+        last = {}
+        for entry in entries:
+            last[entry["origin"]] = entry["seq"]
+        return {origin: self.signed_head(origin, seq) for origin, seq in last.items()}
+
+    def signed_cut(self, entries):
+        """``entries`` (each origin's run consecutive) with every run cut back to its last signed
+        seq, and the heads; second value True when something was cut."""
+        runs = collections.OrderedDict()
+        for entry in entries:
+            runs.setdefault(entry["origin"], []).append(entry)
+        kept, heads, cut = [], {}, False
+        for origin, run in runs.items():
+            while run:
+                head = self.signed_head(origin, run[-1]["seq"])
+                if head is not None:
+                    break
+                run.pop()
+                cut = True
+            if run:
+                kept.extend(run)
+                heads[origin] = head
+        return kept, heads, cut
+
+    def signed_batch(self, entry_log, vector, max_bytes, max_entries):
+        """A FILE: payload of what ``vector`` lacks, from keyed logs only (unkeyed ones, from
+        before signing, cannot be verified by anyone); runs end at signed seqs."""
+        keyed = self._db.read(self.keyed_origins)
+        entries, more = entry_log.entries_missing(vector, max_bytes, max_entries, only=keyed)
+        kept, heads, cut = self._db.write(self.signed_cut, entries)
+        if not kept and entries:  # a relay's run signed only past the budget: send it whole
+            first = entries[0]
+            kept, heads, cut = self._db.write(self.signed_cut, entry_log.run_from(
+                first["origin"], first["seq"], MAX_FRAME_ENTRIES))
+        return {"entries": kept, "heads": heads, "more": more or cut}
+
+
+class BatchVerifier:
+    """Checks a FILE: payload against the stored chains before anything of it is applied: per
+    origin, consecutive entries that chain from the stored head to a head that origin's key
+    signed (one signature per origin), written by their owner. ``verify`` runs inside the
+    write transaction and raises BatchRejected; it returns [(entry, hash, sig, text)] to store.
+    A run that starts past the stored head (a push after a missed one) waits for SYNC."""
+
+    def __init__(self, chain):
+        self.chain = chain
+
+    def verify(self, payload):
+        runs = self._runs(payload.get("entries"))
+        heads = payload.get("heads")
+        if not runs:
+            return []
+        if not isinstance(heads, dict) or set(heads) != set(runs):
+            raise BatchRejected("entries without one signed head per origin")
+        accepted = []
+        for origin, run in runs.items():
+            accepted.extend(self._verify_run(origin, run, heads[origin]))
+        return accepted
+
+    @staticmethod
+    def _runs(entries):
+        if not isinstance(entries, list):
+            raise BatchRejected("FILE: without an entry list")
+        runs = collections.OrderedDict()
+        for raw in entries:
+            try:
+                entry = _clean_entry(raw)
+            except ValueError as error:
+                raise BatchRejected("invalid entry: %s" % error)
+            run = runs.setdefault(entry["origin"], [])
+            if run and entry["seq"] != run[-1]["seq"] + 1:
+                raise BatchRejected("entries of %s are not consecutive" % entry["origin"], entry["origin"])
+            run.append(entry)
+        return runs
+
+    def _verify_run(self, origin, run, head):
+        if not isinstance(head, dict) or head.get("seq") != run[-1]["seq"]:
+            raise BatchRejected("the head of %s is not its last entry" % origin, origin)
+        have, prev = self.chain.head(origin)
+        first = run[0]["seq"]
+        if first > have + 1:
+            return []  # a gap that the next SYNC fills
+        if first <= have:  # held entries must be the very same: a replay cannot alter them
+            prev = GENESIS if first == 1 else self.chain.hash_at(origin, first - 1)
+            if prev is None:
+                raise BatchRejected("no chain held for %s" % origin, origin)
+        out = []
+        for entry in run:
+            text = data_text(entry["data"])
+            prev = entry_hash(prev, entry, text)
+            if entry["seq"] > have:
+                out.append((entry, prev, None, text))
+            elif prev != self.chain.hash_at(origin, entry["seq"]):
+                raise BatchRejected("entry %s:%d differs from the one held (a forked log)"
+                                    % (origin, entry["seq"]), origin)
+        if not out:
+            return []
+        self._check_head(origin, run[-1]["seq"], prev, head, self._key(origin, head.get("key")))
+        self._check_owners(origin, out)
+        out[-1] = out[-1][:2] + (bytes.fromhex(head["sig"]), out[-1][3])
+        return out
+
+    def _key(self, origin, key_hex):
+        public = self.chain.public_key(origin)
+        if public is not None:
+            return public
+        try:
+            public = bytes.fromhex(key_hex)
+        except (TypeError, ValueError):
+            raise BatchRejected("no key for %s" % origin, origin)
+        if len(public) != 32 or node_id_from_key(public) != origin:
+            raise BatchRejected("the key sent for %s is not its own" % origin, origin)
+        self.chain.remember_key(origin, public)  # rolled back with the batch if it fails
+        return public
+
+    @staticmethod
+    def _check_head(origin, seq, digest, head, public):
+        try:
+            claimed, sig = bytes.fromhex(head.get("hash")), bytes.fromhex(head.get("sig"))
+        except (TypeError, ValueError):
+            raise BatchRejected("a malformed head of %s" % origin, origin)
+        if claimed != digest:
+            raise BatchRejected("broken chain: the entries of %s do not hash to its signed head" % origin, origin)
+        if not verify_signature(public, head_message(origin, seq, digest), sig):
+            raise BatchRejected("a bad signature on the head of %s" % origin, origin)
+
+    @staticmethod
+    def _check_owners(origin, items):
+        for entry, _digest, _sig, _text in items:
+            owner = bound_owner(entry["conversation_id"])
+            if owner is not None and owner != origin:
+                what = "deletes" if entry["kind"] == "conversation" and entry["data"]["deleted"] else "writes to"
+                raise BatchRejected("%s %s conversation %s of %s" % (origin, what, entry["conversation_id"], owner),
+                                    origin)
+
+
+class SignedBatches:
+    """What sync sends and takes, signed: FILE: payloads whose runs end at a head their origin
+    signed (see LogChain), and received ones checked by BatchVerifier before the one transaction
+    that stores them. A store made without a key serves no log of its own."""
+
+    def __init__(self, database, entry_log, key=None):
+        self._db, self._log = database, entry_log
+        self._chain = entry_log.chain
+        self._verifier = BatchVerifier(self._chain)
+        if key is not None:
+            database.write(self._chain.remember_key, key.node_id, key.public)
+
+    def missing(self, vector, max_bytes=1 << 20, max_entries=500):
+        """The FILE: payload answering a SYNC: ``vector``."""
+        return self._chain.signed_batch(self._log, vector, max_bytes, max_entries)
+
+    def payload(self, entries):
+        """The FILE: payload of a live push or a forward of stored ``entries``."""
+        kept, heads, _cut = self._db.write(self._chain.signed_cut, entries)
+        return {"entries": kept, "heads": heads, "more": False}
+
+    def apply(self, payload):
+        """Verify and store a FILE: payload: (the payload to forward or None, the entries that
+        took effect). BatchRejected when it fails: then nothing of it was stored."""
+        def verify_and_store():
+            return self._log.store_verified(self._verifier.verify(payload))
+        stored, new = self._db.write(verify_and_store)
+        if not stored:
+            return None, new
+        heads = {}
+        for entry in stored:  # each origin's stored run ends at the head it came with
+            heads[entry["origin"]] = dict(payload["heads"][entry["origin"]])
+        for origin, head in heads.items():
+            head["key"] = self._db.read(self._chain.public_key, origin).hex()
+        return {"entries": stored, "heads": heads, "more": False}, new
 
 
 class StorePages:
@@ -1852,7 +2346,7 @@ class Store(StorePages):
     update_conversation, delete_conversation, import_conversations;
     list_conversations, get_conversation, get_all_conversations,
     message_count; version_vector, entries_missing, apply_entries, is_shared;
-    close.
+    close. ``batches`` (SignedBatches) serves and applies signed FILE: payloads.
 
     Attribute to set: on_local_entries, a callable given the list of entries
     each local write appended (private ones included: filter with is_shared),
@@ -1869,7 +2363,7 @@ class Store(StorePages):
         " AND e.kind = 'message' AND e.duplicate = 0 AND e.republished = 0)"
         " AS message_count FROM conversations c")
 
-    def __init__(self, path, node_id, node_name):
+    def __init__(self, path, node_id, node_name, key=None):
         try:
             self.node_id = _ident(node_id, "node id")
             self.node_name = _text(node_name, "node name")
@@ -1880,8 +2374,9 @@ class Store(StorePages):
         self.on_local_entries = None
         self._appended = []         # entries of the local write in progress
         self._db = Database(path, node_id)
-        self._log = EntryLog(self._db)
+        self._log = EntryLog(self._db, key)
         self._log.drop_implausible()    # a log poisoned before MAX_SEQ_JUMP existed
+        self.batches = SignedBatches(self._db, self._log, key)
 
     def close(self):
         self._db.close()
@@ -1956,7 +2451,7 @@ class Store(StorePages):
 
     def create_conversation(self, title="New chat", private=False) -> dict:
         """Start a conversation owned by this node; returns its record."""
-        conversation_id = str(uuid.uuid4())
+        conversation_id = "%s.%s" % (self.node_id, uuid.uuid4().hex)  # names its owner (bound_owner)
         try:
             _text(title, "title")
             _flag(private, "private")
@@ -1975,8 +2470,8 @@ class Store(StorePages):
         def get_or_create():
             generation = 0
             while True:
-                conversation_id = str(uuid.uuid5(
-                    _UUID_NAMESPACE, "default/%s/%d" % (self.node_id, generation)))
+                conversation_id = "%s.%s" % (self.node_id, uuid.uuid5(
+                    _UUID_NAMESPACE, "default/%s/%d" % (self.node_id, generation)).hex)
                 row = self._log.conversation_row(conversation_id)
                 if row is None:
                     self._new_conversation(conversation_id, "Local chat", False)
@@ -2642,6 +3137,7 @@ class Peer:
     rtt_ms: float = None
     link: Link = None
     ever_linked: bool = False  # False: a stranger only heard of, forgotten quickly
+    public_key: bytes = None  # the Ed25519 key its HELO proved (node_id is its hash)
 
     @property
     def connected(self):
@@ -2680,6 +3176,20 @@ class PeerTable(dict):
     def __init__(self, max_peers=256):
         dict.__init__(self)
         self.max_peers = max_peers
+        self._banned = {}  # node id -> monotonic time until which its links are refused
+
+    def ban(self, node_id, seconds):
+        """Refuse ``node_id``'s links for ``seconds``; returns its current link, to close."""
+        self._banned[node_id] = time.monotonic() + seconds
+        peer = self.get(node_id)
+        return peer.link if peer is not None else None
+
+    def banned(self, node_id):
+        until = self._banned.get(node_id)
+        if until is not None and until <= time.monotonic():
+            del self._banned[node_id]
+            until = None
+        return until is not None
 
     def admit(self, node_id):
         """The Peer of ``node_id``, made if need be; None when the table is full of linked peers."""
@@ -2758,6 +3268,36 @@ def finite_or_none(value, high=None):
     if value in (float("inf"), float("-inf")) or (high is not None and value > high):
         return None
     return value
+
+
+def signed_hello(key, link, payload):
+    """``payload`` (a HELO) with ``key`` and its signature over the peer's nonce and the link's
+    binding: it cannot be replayed on another link nor made without the key."""
+    if key is not None:
+        handshake = link.handshake
+        payload["key"] = key.public.hex()
+        binding = handshake.secrets.channel_binding
+        payload["sig"] = key.sign(helo_message(handshake.peer_nonce, binding, payload["node_id"])).hex()
+    return payload
+
+
+def proven_hello_key(link, node_id, payload, banned=False):
+    """The public key proving ``node_id`` on ``link``; ProtocolError (the link closes) when the
+    HELO's id is not the hash of its key or the key did not sign this link."""
+    try:
+        public = bytes.fromhex(payload.get("key") or "")
+        signature = bytes.fromhex(payload.get("sig") or "")
+    except ValueError:
+        raise ProtocolError("HELO with a malformed key or signature")
+    if len(public) != 32 or node_id_from_key(public) != node_id:
+        raise ProtocolError("HELO claims node id %s, which is not its key's" % safe_text(node_id, 64))
+    handshake = link.handshake
+    if not verify_signature(public, helo_message(handshake.nonce, handshake.secrets.channel_binding, node_id),
+                            signature):
+        raise ProtocolError("HELO of %s is not signed by its key for this link" % safe_text(node_id, 64))
+    if banned:
+        raise ProtocolError("refusing %s for a while: it sent data that failed verification" % node_id)
+    return public
 
 
 def keep_existing_link(own_id, peer_id, existing, new):
@@ -2870,7 +3410,7 @@ class LinkIO:
     which queues a function for ``run_calls()`` there). Every link starts with the key proof
     (Handshake, with ``room_key``); nothing else is sent or accepted before it, and every frame
     after it is sealed. Links from or to public addresses are refused unless ``allow_public``.
-    It tells its ``owner`` (the Mesh): ``owner.hello_frame()`` is sent first once the peer
+    It tells its ``owner`` (the Mesh): ``owner.hello_frame(link)`` is sent first once the peer
     proved the key, ``owner.link_frame(link, marker, payload)`` gets each frame received
     after that (a ProtocolError closes the link) and ``owner.link_closed(link, reason)``
     is told after a link's socket is closed. Methods for the owner: ``listen(host, port)``, ``watch(sock, handler)``,
@@ -3108,7 +3648,7 @@ class LinkIO:
         if link.handshake.done:
             link.cipher = link.decoder.cipher = link.handshake.cipher
             self.counters["key_proofs"] += 1
-            self.queue(link, self.owner.hello_frame())
+            self.queue(link, self.owner.hello_frame(link))
 
     def close(self, link, reason):
         if link.closed:
@@ -3184,7 +3724,7 @@ class Mesh:
     thread), ``shutdown()``, ``send(peer_id, marker, payload)``, ``broadcast(marker,
     payload)``, ``announce_now()``, ``peers()``, ``linked_peers()``, ``stats()``. What
     happens is told to ``listener`` (see MeshListener) on the mesh thread. LinkIO calls
-    ``hello_frame()``, ``link_frame(link, marker, payload)`` and ``link_closed(link, reason)``.
+    ``hello_frame(link)``, ``link_frame(link, marker, payload)`` and ``link_closed(link, reason)``.
     """
 
     poll_interval = 0.5
@@ -3192,9 +3732,10 @@ class Mesh:
     handshake_timeout = 10.0
     forget_after = 600.0  # seconds a down peer stays listed
 
-    def __init__(self, config, node_id, listener=None):
+    def __init__(self, config, node_id, listener=None, key=None):
         self.config = config
         self.node_id = node_id
+        self.key = key  # the NodeKey that proves node_id in every HELO
         self.name = config.name
         self.listener = MeshListener() if listener is None else listener
         self.lock = threading.RLock()  # guards the peer table; held by the loop while it works
@@ -3261,6 +3802,14 @@ class Mesh:
     def call_soon(self, function, *args):
         """Run ``function(*args)`` on the mesh thread."""
         self.io.call_soon(function, *args)
+
+    def unlink(self, peer_id, reason, seconds=60.0):
+        """Close the link to ``peer_id`` and refuse it for ``seconds`` (any thread)."""
+        def close():
+            link = self.peer_table.ban(peer_id, seconds)
+            if link is not None:
+                self.io.close(link, reason)
+        self.call_soon(close)
 
     def send(self, peer_id, marker, payload):
         """Queue a frame to one linked peer; quietly dropped if it is not linked."""
@@ -3340,8 +3889,9 @@ class Mesh:
         payload.update(self.listener.hello_extra())
         return payload
 
-    def hello_frame(self):
-        return encode_frame(HELLO, self.hello_payload())
+    def hello_frame(self, link):
+        return encode_frame(HELLO, signed_hello(self.key, link, self.hello_payload()))
+
 
     def _announce(self, kind):
         if self.discovery is not None:
@@ -3428,6 +3978,7 @@ class Mesh:
             raise ProtocolError("handshake without a node id")
         if not isinstance(tcp_port, int) or isinstance(tcp_port, bool) or not 0 <= tcp_port <= 65535:
             raise ProtocolError("handshake without a TCP port")
+        public = proven_hello_key(link, node_id, payload, self.peer_table.banned(node_id))
         if link.target is not None:
             link.target.node_id = node_id
         if node_id == self.node_id:
@@ -3453,6 +4004,7 @@ class Mesh:
         else:
             self.dials.target(peer.address, peer.tcp_port, node_id)
         peer.update(payload)
+        peer.public_key = public
         self.io.queue(link, encode_frame(PING, {"t": time.monotonic()}))
         if current is None:
             log.info("linked to %s (%s:%d)", safe_text(peer.name), peer.address, peer.tcp_port)
@@ -3692,8 +4244,9 @@ class SyncWorker:
     def push(self, entries):
         """Send entries this node just wrote to every linked peer (private ones never leave)."""
         shared = [entry for entry in entries if self.store.is_shared(entry)]
-        if shared:
-            self.mesh.broadcast(FILE, {"entries": shared, "more": False})
+        payload = self.store.batches.payload(shared) if shared else None
+        if payload and payload["entries"]:
+            self.mesh.broadcast(FILE, payload)
 
     def peer_up(self, peer):
         self._queue((self._send_vector, peer.node_id))
@@ -3719,7 +4272,7 @@ class SyncWorker:
                 self.counters["files_dropped"] += 1
                 return
             self._files_waiting[peer.node_id] += 1
-        if not self._queue((self._apply, peer.node_id, entries, payload.get("more") is True)):
+        if not self._queue((self._apply, peer.node_id, payload, payload.get("more") is True)):
             self._file_done(peer.node_id)
 
     def _queue(self, job):
@@ -3749,20 +4302,28 @@ class SyncWorker:
     def _answer_sync(self, peer_id, vector):
         clean = {str(origin): seq for origin, seq in vector.items()
                  if isinstance(seq, int) and not isinstance(seq, bool)}
-        entries, more = self.store.entries_missing(clean, self.batch_bytes, self.batch_entries)
+        payload = self.store.batches.missing(clean, self.batch_bytes, self.batch_entries)
         self.counters["sync_answers"] += 1
-        if entries:
-            self.mesh.send(peer_id, FILE, {"entries": entries, "more": more})
-            self.counters["entries_sent"] += len(entries)
+        if payload["entries"]:
+            self.mesh.send(peer_id, FILE, payload)
+            self.counters["entries_sent"] += len(payload["entries"])
 
-    def _apply(self, peer_id, entries, more):
+    def _apply(self, peer_id, payload, more):
         self._file_done(peer_id)
         before = self.store.version_vector() if more else None
-        new = self.store.apply_entries(entries)
-        self.counters["entries_received"] += len(entries)
+        try:
+            forward, new = self.store.batches.apply(payload)
+        except BatchRejected as rejected:
+            log.warning("sync: rejected a batch from peer %s (origin %s): %s; unlinking it",
+                        peer_id, rejected.origin or "-", rejected.reason)
+            self.counters["batches_rejected"] += 1
+            self.mesh.unlink(peer_id, "sent a batch that failed verification: %s" % rejected.reason)
+            return
+        self.counters["entries_received"] += len(payload.get("entries") or ())
         self.counters["entries_new"] += len(new)
+        if forward:  # every stored entry: a refused snapshot is still a link of its chain
+            self.mesh.broadcast(FILE, forward, exclude=peer_id)
         if new:
-            self.mesh.broadcast(FILE, {"entries": new, "more": False}, exclude=peer_id)
             publish_entries(self.events, new)
         if more and self.store.version_vector() != before:  # a stuck gap must not loop
             self._send_vector(peer_id)
@@ -6542,7 +7103,8 @@ class Node(MeshListener):
     def __init__(self, config):
         self.config = config
         self._refuse_shared_data_dir()
-        self.node_id = load_identity(config.data_dir)
+        self.key = load_node_key(config.data_dir)
+        self.node_id = self.key.node_id
         self.generic_name = "NeuroMesh-" + self.node_id[:4]
         if not config.name:
             config.name = load_saved_name(config.data_dir) or self.generic_name
@@ -6552,8 +7114,8 @@ class Node(MeshListener):
         self.recent_errors = RecentErrors()
         log.addHandler(self.recent_errors)
         self.events = EventBus()
-        self.store = Store(os.path.join(config.data_dir, DATABASE_FILE), self.node_id, self.name)
-        self.mesh = Mesh(config, self.node_id, listener=self)
+        self.store = Store(os.path.join(config.data_dir, DATABASE_FILE), self.node_id, self.name, self.key)
+        self.mesh = Mesh(config, self.node_id, listener=self, key=self.key)
         self.sync = SyncWorker(self.store, self.mesh, self.events, config.sync_interval)
         self.store.on_local_entries = self._local_entries
         self.router = Router(config, self.node_id, self.name, self.mesh)
@@ -6901,8 +7463,9 @@ def run_transfer(config, command, directory):
     """``export DIR`` / ``import DIR``: the original NeuroMesh's file layout, to and from the store."""
     if not directory:
         raise ConfigError("%s needs a directory: python neuromesh.py %s DIR" % (command, command))
-    node_id = load_identity(config.data_dir)
-    store = Store(os.path.join(config.data_dir, DATABASE_FILE), node_id, config.name or "NeuroMesh-" + node_id[:4])
+    key = load_node_key(config.data_dir)
+    node_id = key.node_id
+    store = Store(os.path.join(config.data_dir, DATABASE_FILE), node_id, config.name or "NeuroMesh-" + node_id[:4], key)
     try:
         if command == "export":
             summary = SeedFiles(store).export_layout(directory)

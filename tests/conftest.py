@@ -537,15 +537,18 @@ class LinkedPeer:
     key unless ``room_key``) and its HELO sent. ``send(marker, payload)``, ``send_many(marker,
     payload, count)``, ``frames(timeout)`` (every frame received so far), ``closed_by_node``."""
 
-    def __init__(self, node, name="raw-peer", node_id=None, hello=None, room_key=None):
-        self.node_id = node_id or uuid.uuid4().hex
+    def __init__(self, node, name="raw-peer", node_id=None, hello=None, room_key=None, key=None):
+        # Signs its HELO with ``key`` (a new NodeKey by default); a ``node_id`` that is not that
+        # key's claims another node's id, which the node must refuse.
+        self.key = key or neuromesh.NodeKey.generate()
+        self.node_id = node_id or self.key.node_id
         self.link = RawPeer(node.tcp_port, room_key)
         self.received = [(neuromesh.HELLO, self.link.prove())]
         payload = {"node_id": self.node_id, "name": name, "tcp_port": 1, "http_port": 0,
                    "version": neuromesh.__version__, "protocol_version": neuromesh.PROTOCOL_VERSION,
                    "has_llm": False, "models": []}
         payload.update(hello or {})
-        self.send(neuromesh.HELLO, payload)
+        self.send(neuromesh.HELLO, neuromesh.signed_hello(self.key, self.link, payload))
 
     def send(self, marker, payload):
         self.link.send(marker, payload)
@@ -654,3 +657,90 @@ def pytest_terminal_summary(terminalreporter):
     folder = os.path.join(ROOT, "artifacts")
     if os.path.isdir(folder):
         terminalreporter.write_line("screenshots of the browser tests: %s" % folder)
+
+
+# -- signed origins (issue 11): keyed stores, hand-signed batches, a data dir of schema 1 ----------
+
+
+def keyed_store(path=":memory:", name="node"):
+    """A Store with its own NodeKey: ``(store, key)``."""
+    key = neuromesh.NodeKey.generate()
+    return neuromesh.Store(str(path), key.node_id, name, key), key
+
+
+def signed_run(key, entries, prev=neuromesh.GENESIS, origin=None, head_key=None):
+    """A FILE: payload of ``entries`` (one origin's consecutive run) chained from ``prev`` and
+    signed by ``key``, which need not be the origin's: forgers use this. ``head_key`` is the
+    public key the head names (``key``'s by default)."""
+    origin = origin or entries[0]["origin"]
+    for entry in entries:
+        clean = neuromesh._clean_entry(entry)
+        prev = neuromesh.entry_hash(prev, clean, neuromesh.data_text(clean["data"]))
+    seq = entries[-1]["seq"]
+    head = {"seq": seq, "hash": prev.hex(), "sig": key.sign(neuromesh.head_message(origin, seq, prev)).hex(),
+            "key": (head_key or key.public).hex()}
+    return {"entries": entries, "heads": {origin: head}, "more": False}
+
+
+def make_entry(origin, seq, conversation_id, kind="message", **data):
+    """An entry as a node writes it: a message (``content``) or a conversation snapshot."""
+    if kind == "message":
+        body = {"role": "user", "content": data.get("content", "hi"), "sender": "s",
+                "host_info": {"hostname": "h", "ip_address": "", "is_llm_host": False}}
+    else:
+        body = {"title": data.get("title", "t"), "private": False, "deleted": data.get("deleted", False),
+                "created_at": "2026-11-25T12:00:00.000000Z", "origin_name": "x", "peer_label": None}
+    return {"origin": origin, "seq": seq, "kind": kind, "conversation_id": conversation_id,
+            "timestamp": "2026-11-25T12:00:%02d.000000Z" % (seq % 60), "uid": "%s:%d" % (origin, seq),
+            "data": body}
+
+
+def write_schema1_data_dir(data_dir, conversations=2, messages=3):
+    """A data dir as the version before node keys left it: a random ``node_id`` file and a
+    schema-1 database (its shipped script) holding that node's conversations. Returns
+    ``(old node id, {conversation id: [contents]})``."""
+    import sqlite3
+    os.makedirs(str(data_dir), exist_ok=True)
+    old_id = uuid.uuid4().hex
+    with open(os.path.join(str(data_dir), neuromesh.NODE_ID_FILE), "w") as handle:
+        handle.write(old_id + "\n")
+    db = sqlite3.connect(os.path.join(str(data_dir), neuromesh.DATABASE_FILE), isolation_level=None)
+    db.executescript("BEGIN;\n%s\nPRAGMA user_version = 1;\nCOMMIT;" % neuromesh.Database._MIGRATIONS[0])
+    db.execute("INSERT INTO meta (key, value) VALUES ('node_id', ?)", (old_id,))
+    seq, written = 0, {}
+    for number in range(conversations):
+        cid = str(uuid.uuid4())
+        entries = [make_entry(old_id, seq + 1, cid, "conversation", title="old chat %d" % number)]
+        entries += [make_entry(old_id, seq + 2 + index, cid, content="old %d.%d" % (number, index))
+                    for index in range(messages)]
+        seq += len(entries)
+        for entry in entries:
+            db.execute("INSERT INTO entries (origin, seq, uid, kind, conversation_id, timestamp, data)"
+                       " VALUES (?, ?, ?, ?, ?, ?, ?)", (entry["origin"], entry["seq"], entry["uid"], entry["kind"],
+                                                        cid, entry["timestamp"], json.dumps(entry["data"])))
+        db.execute("INSERT INTO conversations VALUES (?, ?, ?, ?, ?, 0, 0, ?, 'old', NULL, ?)",
+                   (cid, old_id, old_id, entries[0]["seq"], "old chat %d" % number,
+                    entries[0]["data"]["created_at"], entries[-1]["timestamp"]))
+        written[cid] = [entry["data"]["content"] for entry in entries[1:]]
+    db.execute("INSERT INTO origins (origin, contiguous) VALUES (?, ?)", (old_id, seq))
+    db.close()
+    return old_id, written
+
+
+class Keyring(dict):
+    """Node keys for test labels, since a node id is now the hash of a key: ``KEYS.id("node-a")``
+    is that label's node id (its key made on first use), ``KEYS[label]`` its NodeKey, and
+    ``KEYS.label_of(node_id)`` the label back (the id itself when it has none)."""
+
+    def __missing__(self, label):
+        self[label] = neuromesh.NodeKey.generate()
+        return self[label]
+
+    def id(self, label):
+        return self[label].node_id
+
+    def label_of(self, node_id):
+        return next((label for label, key in list(self.items()) if key.node_id == node_id), node_id)
+
+
+KEYS = Keyring()

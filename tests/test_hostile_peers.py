@@ -7,13 +7,14 @@ import signal
 import socket
 import threading
 import time
+import types
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import neuromesh as nm
-from conftest import ScriptedBackend, fully_linked, scripted_router, wait_for
+from conftest import ScriptedBackend, fully_linked, keyed_store, scripted_router, wait_for
 from test_llm import fakes, hosts_of  # noqa: F401 (fakes is a fixture)
 
 MODEL = "llama3.2:1b"
@@ -106,8 +107,16 @@ def test_a_bad_field_is_named_in_the_protocol_error(marker, payload, field):
 def test_what_a_node_sends_passes_its_own_schemas(tmp_path, mesh_config):
     node = nm.Node(mesh_config())
     node.mesh.tcp_port = 7878  # set by start(), which this test does not need
+    ends = [nm.Handshake(nm.OPEN_ROOM_KEY, True), nm.Handshake(nm.OPEN_ROOM_KEY, False)]
+    outgoing = [ends[0].start(), []]
+    while not ends[0].done or not ends[1].done:  # a key proof in memory: the HELO is signed for a link
+        for index, end in enumerate(ends):
+            frames, outgoing[1 - index] = outgoing[1 - index], []
+            for frame in frames:
+                outgoing[index] += end.receive(*nm.FrameDecoder(1 << 20).feed(frame)[0])
+    hello = nm.signed_hello(node.key, types.SimpleNamespace(handshake=ends[0]), node.mesh.hello_payload())
     try:
-        for marker, payload in [(nm.HELLO, node.mesh.hello_payload()), (nm.LLM_CAPS, node.router.local_capability()),
+        for marker, payload in [(nm.HELLO, hello), (nm.LLM_CAPS, node.router.local_capability()),
                                 (nm.PING, {"t": time.monotonic()}), (nm.PONG, {"t": time.monotonic()}),
                                 (nm.GOODBYE, {"reason": "shutdown"}), (nm.SYNC, {"vector": {"a" * 64: 3}}),
                                 (nm.FILE, {"entries": list(_ENTRIES), "more": False}),
@@ -214,19 +223,22 @@ class RecordingMesh:
 
 
 def test_two_thousand_syncs_are_merged_and_a_real_push_goes_first(tmp_path):
-    store = nm.Store(str(tmp_path / "db"), "nodeB", "bob")
+    store, _key = keyed_store(tmp_path / "db", "bob")  # only keyed logs are served
     conversation = store.create_conversation("big")
     for index in range(20):
         store.add_message(conversation["id"], "user", "x" * 50000 + str(index), "bob")
     mesh, events = RecordingMesh(), nm.EventBus()
     worker = nm.SyncWorker(store, mesh, events, interval=30.0)
-    flooder, friend = nm.Peer("f" * 32, name="flooder"), nm.Peer("a" * 32, name="friend")
+    flooder = nm.Peer("f" * 32, name="flooder")
     for index in range(2000):
-        worker.handle_sync(flooder, {"vector": {"nodeB": index % 3}})
+        worker.handle_sync(flooder, {"vector": {store.node_id: index % 3}})
     assert len(worker.requests) == 1 and worker._jobs.qsize() <= 1
     assert worker.counters["sync_requests_merged"] == 1999
-    snapshot, message = _ENTRIES
-    worker.handle_file(friend, {"entries": [snapshot, message], "more": False})
+    friend_store, friend_key = keyed_store(name="friend")  # a push must be signed by its origin
+    chat = friend_store.create_conversation("t")["id"]
+    friend_store.add_message(chat, "user", "fine", "friend")
+    friend = nm.Peer(friend_key.node_id, name="friend")
+    worker.handle_file(friend, friend_store.batches.missing({}))
     next_round = time.monotonic() + 30
     for _ in range(4):
         next_round = worker.run_once(next_round)
@@ -372,7 +384,8 @@ def test_a_live_node_under_attack_keeps_its_good_peer_and_syncs(cluster, fakes, 
         snapshot, message = _ENTRIES
         evil.send(nm.FILE, {"entries": [dict(message, origin=b.node_id, seq=seq, uid="%s:%d" % (b.node_id, seq),
                                              conversation_id=conversation)], "more": False})
-        wait_for(lambda: "refused 1 entry" in a.log(), message="the poisoned entry refused")
+        wait_for(lambda: "rejected a batch" in a.log(), message="the unsigned poisoned batch rejected")
+        assert evil.closed_by_node(), "its sender is unlinked"
     elif attack == "sync_flood":
         evil.send_many(nm.SYNC, {"vector": {}}, 2000)
     elif attack == "deep_nesting":

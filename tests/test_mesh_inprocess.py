@@ -9,11 +9,11 @@ import time
 import pytest
 
 import neuromesh as nm
-from conftest import LOOPBACK_BROADCAST, reserve_udp_port, wait_for
+from conftest import KEYS, LOOPBACK_BROADCAST, reserve_udp_port, wait_for
 
 
 class RecordingListener(nm.MeshListener):
-    """Records what a mesh tells it, as ``(what, ...)`` tuples in ``calls``."""
+    """Records what a mesh tells it, as ``(what, ...)`` tuples in ``calls`` (peers by KEYS label)."""
 
     def __init__(self, http_port=0):
         self.http_port = http_port
@@ -32,30 +32,30 @@ class RecordingListener(nm.MeshListener):
         return {"http_port": self.http_port}
 
     def peer_up(self, peer):
-        self._record("peer_up", peer.node_id)
+        self._record("peer_up", KEYS.label_of(peer.node_id))
 
     def peer_down(self, peer, reason):
-        self._record("peer_down", peer.node_id, reason)
+        self._record("peer_down", KEYS.label_of(peer.node_id), reason)
 
     def peer_changed(self, peer):
-        self._record("peer_changed", peer.node_id)
+        self._record("peer_changed", KEYS.label_of(peer.node_id))
 
     def frame(self, marker, peer, payload):
-        self._record("frame", marker, peer.node_id, payload)
+        self._record("frame", marker, KEYS.label_of(peer.node_id), payload)
 
 
 class RunningMesh:
-    """A started Mesh serving on its own thread."""
+    """A started Mesh serving on its own thread; ``node_id`` is a KEYS label (ids are key hashes)."""
 
     def __init__(self, config, node_id, listener):
         self.listener = listener
-        self.mesh = nm.Mesh(config, node_id, listener)
+        self.mesh = nm.Mesh(config, KEYS.id(node_id), listener, key=KEYS[node_id])
         self.mesh.start()
         self.thread = threading.Thread(target=self.mesh.serve_forever, name="test-mesh-" + node_id)
         self.thread.start()
 
     def linked_ids(self):
-        return {peer.node_id for peer in self.mesh.linked_peers()}
+        return {KEYS.label_of(peer.node_id) for peer in self.mesh.linked_peers()}
 
     def stop(self):
         if self.thread.is_alive():
@@ -81,7 +81,7 @@ def test_two_meshes_link_on_loopback(two_meshes):
     wait_for(lambda: a.listener.of("peer_up") and b.listener.of("peer_up"), message="peer_up on both")
     assert a.listener.of("peer_up") == [("node-b",)] and b.listener.of("peer_up") == [("node-a",)]
     assert a.linked_ids() == {"node-b"} and b.linked_ids() == {"node-a"}
-    record = {peer["node_id"]: peer for peer in b.mesh.peers()}["node-a"]
+    record = {peer["node_id"]: peer for peer in b.mesh.peers()}[KEYS.id("node-a")]
     assert record["name"] == "A" and record["http_port"] == 1111  # listener.hello_extra() in the HELO
     assert record["address"] == "127.0.0.1"
     assert b.mesh.broadcast_addresses == []
@@ -90,14 +90,14 @@ def test_two_meshes_link_on_loopback(two_meshes):
 def test_a_frame_reaches_the_other_listener(two_meshes):
     a, b = two_meshes
     wait_for(lambda: a.linked_ids() and b.linked_ids(), message="the link")
-    a.mesh.send("node-b", nm.SYNC, {"vector": {"node-a": 3}})
+    a.mesh.send(KEYS.id("node-b"), nm.SYNC, {"vector": {"node-a": 3}})
     b.mesh.broadcast(nm.LLM_REQUEST, {"peer_name": "B"})
     wait_for(lambda: b.listener.of("frame") and a.listener.of("frame"), message="both frames")
     assert b.listener.of("frame") == [(nm.SYNC, "node-a", {"vector": {"node-a": 3}})]
     assert a.listener.of("frame") == [(nm.LLM_REQUEST, "node-b", {"peer_name": "B"})]
-    a.mesh.send("node-b", nm.LLM_CAPS, {"has_llm": True, "models": ["m1"]})  # the mesh's own marker
+    a.mesh.send(KEYS.id("node-b"), nm.LLM_CAPS, {"has_llm": True, "models": ["m1"]})  # the mesh's own marker
     wait_for(lambda: b.listener.of("peer_changed"), message="peer_changed")
-    assert {p["node_id"]: p for p in b.mesh.peers()}["node-a"]["models"] == ["m1"]
+    assert {p["node_id"]: p for p in b.mesh.peers()}[KEYS.id("node-a")]["models"] == ["m1"]
     assert len(b.listener.of("frame")) == 1
 
 

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import neuromesh as nm
-from conftest import LOOPBACK_BROADCAST, RawPeer, reserve_udp_port, wait_for
+from conftest import KEYS, LOOPBACK_BROADCAST, RawPeer, reserve_udp_port, wait_for
 from test_mesh_inprocess import RecordingListener, RunningMesh
 
 KEY = "correct horse battery staple"
@@ -38,7 +38,7 @@ def meshes(mesh_config):
         config = mesh_config(discovery=discovery, settings=settings, extra=extra)
         mesh = RunningMesh.__new__(RunningMesh)
         mesh.listener = RecordingListener()
-        mesh.mesh = nm.Mesh(config, node_id, mesh.listener)
+        mesh.mesh = nm.Mesh(config, KEYS.id(node_id), mesh.listener, key=KEYS[node_id])
         for name, value in attributes.items():
             setattr(mesh.mesh, name, value)
         mesh.mesh.start()
@@ -59,14 +59,14 @@ def fresh_log_once(monkeypatch):
 
 
 def linked(a, b):
-    return b.mesh.node_id in a.linked_ids() and a.mesh.node_id in b.linked_ids()
+    return KEYS.label_of(b.mesh.node_id) in a.linked_ids() and KEYS.label_of(a.mesh.node_id) in b.linked_ids()
 
 
 def proven_peer(mesh, node_id="raw-peer", key=KEY, name="raw"):
     """A RawPeer that proved ``key`` to ``mesh`` and sent its HELO; waits until it is linked."""
     peer = RawPeer(mesh.mesh.tcp_port, nm.derive_room_key(key) if key else None)
     peer.prove()
-    peer.send(nm.HELLO, {"node_id": node_id, "name": name, "tcp_port": 1})
+    peer.send(nm.HELLO, nm.signed_hello(KEYS[node_id], peer, {"node_id": KEYS.id(node_id), "name": name, "tcp_port": 1}))
     wait_for(lambda: node_id in mesh.linked_ids(), message="the raw peer linked")
     return peer
 
@@ -111,7 +111,7 @@ def test_same_key_links_a_wrong_key_or_no_key_learns_nothing(meshes):
     wait_for(lambda: linked(a, b), message="A and B linked")
     wait_for(lambda: a.mesh.counters["protocol_errors"] >= 2 and wrong.mesh.counters["protocol_errors"] >= 1
              and open_node.mesh.counters["protocol_errors"] >= 1, message="both strangers refused")
-    assert a.linked_ids() == {"node-b"} and {p["node_id"] for p in a.mesh.peers()} == {"node-b"}
+    assert a.linked_ids() == {"node-b"} and {p["node_id"] for p in a.mesh.peers()} == {KEYS.id("node-b")}
     for stranger in (wrong, open_node):
         assert stranger.mesh.peers() == [] and stranger.listener.calls == []
     assert a.mesh.counters["key_proofs"] == 1  # only B's link got past the proof
@@ -192,7 +192,7 @@ def test_an_unproven_socket_hears_nothing_but_the_nonce(meshes):
     finally:
         sock.close()
     assert [marker for marker, _p in _all_frames(data)] == [nm.HELLO_NONCE]
-    assert b"node-a" not in data
+    assert KEYS.id("node-a").encode() not in data
 
 
 def _all_frames(data):
@@ -386,7 +386,7 @@ def test_a_peer_that_never_reads_is_dropped_at_the_write_cap(meshes, fresh_log_o
     pad = "x" * (256 * 1024)
 
     def dropped():
-        a.mesh.send("raw-peer", nm.SYNC, {"pad": pad})
+        a.mesh.send(KEYS.id("raw-peer"), nm.SYNC, {"pad": pad})
         return a.mesh.counters["links_not_reading"] >= 1
 
     with caplog.at_level(logging.WARNING, logger="neuromesh"):

@@ -240,7 +240,8 @@ def test_a_flood_of_peer_exchange_entries_is_bounded(cluster, raw_peer):
     node = cluster.start("target", settings={"peer_timeout": "30"})
     peer = raw_peer(node.tcp_port)
     peer.prove()
-    peer.send(nm.HELLO, {"node_id": "f" * 32, "name": "flooder", "tcp_port": 1})
+    key = nm.NodeKey.generate()  # a HELO must be signed by the key its id derives from
+    peer.send(nm.HELLO, nm.signed_hello(key, peer, {"node_id": key.node_id, "name": "flooder", "tcp_port": 1}))
     entries = [{"node_id": "%032x" % i, "address": "127.0.0.1", "tcp_port": 20000 + i} for i in range(3000)]
     peer.send(nm.PEERS, {"peers": entries})
     wait_for(lambda: node.health()["counters"]["dial_targets"] >= 200, message="targets from the exchange")
