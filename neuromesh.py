@@ -5395,6 +5395,14 @@ class Router:
         self.mesh.send(peer.node_id, LLM_REQUEST, {"peer_name": self.node_name,
                                                    "reason": "answer chats of this node's users"})
 
+    def _ask_again(self, backend):
+        """A peer refused our token (its side of a link went down and took it): ask anew."""
+        with self.lock:
+            if self.grants.get(backend.node_id) is backend:
+                del self.grants[backend.node_id]
+            self.requested.pop(backend.node_id, None)
+        self.peer_changed(backend.peer)
+
     def retry_requests(self):
         for peer in self.mesh.linked_peers():
             self.peer_changed(peer)
@@ -5499,6 +5507,8 @@ class Router:
                     raise LLMError(str(exc), partial=True)
                 failures.append(str(exc))
                 log.warning("failing over: %s", exc)
+                if exc.status == 401 and isinstance(backend, PeerBackend):
+                    self._ask_again(backend)
             finally:
                 self._count_peer_request(backend, -1)
         status = 404 if failures and all("does not have that model" in f for f in failures) else 503

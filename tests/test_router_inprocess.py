@@ -1,6 +1,7 @@
 """The Router in-process, over scripted backends: which LLM answers, failover, the FIFO queue."""
 
 import threading
+import types
 
 import pytest
 
@@ -92,3 +93,36 @@ def test_with_one_slot_chats_queue_in_order_and_hear_their_place():
     assert heard["b"] == [1]
     assert heard["c"] in ([2], [2, 1])  # 1 too, unless b was done before c looked again
     assert backend.slots.load() == {"in_flight": 0, "queued": 0, "parallel": 1}
+
+
+def test_a_token_the_peer_refuses_drops_the_grant_and_asks_again():
+    """A host that lost our token (its side of a link went down) answers 401: ask for access anew."""
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    def refuse(_environ, start_response):
+        start_response("401 Unauthorized", [("Content-Type", "application/json")])
+        return [b'{"error": "no valid LLM access token"}']
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = make_server("127.0.0.1", 0, refuse, handler_class=Quiet)
+    thread = threading.Thread(target=server.serve_forever, name="test-refusing-host", daemon=True)
+    thread.start()
+    try:
+        peer = types.SimpleNamespace(node_id="p" * 32, name="host", models=["m1"], connected=True,
+                                     has_llm=True, load={}, rtt_ms=1, address="127.0.0.1", link=None)
+        backend = neuromesh.PeerBackend(peer, {"llm_host": "127.0.0.1", "llm_port": server.server_port,
+                                        "token": "stale"})
+        router = scripted_router(peers=[backend])
+        sent = []
+        router.mesh = types.SimpleNamespace(send=lambda node_id, marker, payload: sent.append((node_id, marker)))
+        with pytest.raises(neuromesh.LLMError) as refused:
+            list(router.chat("m1", [{"role": "user", "content": "hi"}]))
+        assert "401" in str(refused.value)
+        assert peer.node_id not in router.grants
+        assert sent == [(peer.node_id, neuromesh.LLM_REQUEST)]
+    finally:
+        server.shutdown()
+        server.server_close()
