@@ -6,19 +6,23 @@ broadcast, link over framed TCP, tell each other who has an LLM (Ollama or an
 OpenAI-compatible server), keep conversations synced, and serve a chat page in the browser.
 
 One module, synchronous and threaded, standard library plus a few small pure-Python
-packages (``requests``, ``bottle``, ``ifaddr``) that ``install.sh`` puts into ``_vendor/``
-beside this file. Runs on Python 3.9 and newer.
+packages (``requests``, ``bottle``, ``ifaddr``, ``waitress``, ``ecdsa``) that ``install.sh``
+puts into ``_vendor/`` beside this file. Runs on Python 3.9 and newer.
 
 The rooms of this file, in the order data flows (each section a room)::
 
-    helpers, config, wire           Config, frames (marker + u64 LE length + JSON)
-    store                           Database -> EntryLog (per-origin logs) -> Store (+ StorePages: search, pages)
+    helpers, config, identity       Config, NodeKey (Ed25519; the node id is its key's hash)
+    wire                            frames (marker + u64 LE length + JSON), Handshake (room code,
+                                    X25519, signed HELO), LinkCipher (a MAC on every frame), schemas
+    store                           Database -> EntryLog (per-origin logs) -> LogChain, BatchVerifier
+                                    (hash chains, signed heads) -> Store (+ StorePages: search, pages)
     seed files                      SeedFiles: the original NeuroMesh's JSON layout
     discovery, peer links           Discovery (UDP), DialPlan, LinkIO (sockets), Mesh
     events, sync                    EventBus (SSE), SyncWorker (SYNC/FILE, push)
-    llm                             Backend: Ollama/OpenAI/PeerBackend (relay); Router
+    llm                             Backend: Ollama/OpenAI/PeerBackend (relay); Router; MeshCalls
     chat                            ChatService: ask, regenerate, history, store answers
-    http apis                       PageApi, OllamaApi, OpenAIApi, RelayApi, ErrorReplies
+    http apis                       Gatekeeper (who may ask), PageApi, OllamaApi, OpenAIApi, RelayApi,
+                                    ErrorReplies; HTTPServer (waitress)
     node, cli                       LocalLLM (this computer's LLM, told truly); Node (a MeshListener)
                                     builds and wires the rooms; main()
 
@@ -27,8 +31,9 @@ ChatService.answer -> ChatService.stream -> Router.chat -> Backend.chat (a PeerB
 crosses to the host's RelayApi) -> token events -> PageApi streams SSE ->
 ChatService._store_answer -> Store.add_message -> Node._local_entries -> SyncWorker.push.
 
-A synced message: LinkIO reads a frame -> FrameDecoder -> Mesh.link_frame ->
-Node.frame -> SyncWorker -> Store.apply_entries -> EventBus -> the page's SSE.
+A synced message: LinkIO reads a frame -> FrameDecoder (MAC checked) -> Mesh.link_frame
+(check_frame) -> Node.frame -> SyncWorker -> the batch verified (chain, one signature per
+origin) and stored -> EventBus -> the page's SSE.
 """
 
 __version__ = "0.1.0"
