@@ -241,6 +241,13 @@ def is_private_address(address):
     return any(ip in network for network in PRIVATE_NETWORKS)
 
 
+def count_down(counts, key):
+    """One less of ``key`` in the dict ``counts``; the key goes at zero, so idle keys cost nothing."""
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]
+
+
 def lan_addresses():
     """This machine's non-loopback IPv4 addresses, for the URLs printed at start."""
     return [ip for _n, ip, _p in local_ipv4_interfaces() if not ip.startswith(("127.", "169.254."))]
@@ -4290,9 +4297,7 @@ class SyncWorker:
 
     def _file_done(self, peer_id):
         with self._files_lock:
-            self._files_waiting[peer_id] -= 1
-            if self._files_waiting[peer_id] <= 0:
-                del self._files_waiting[peer_id]
+            count_down(self._files_waiting, peer_id)
 
     # -- jobs, on the sync thread ---------------------------------------------------
 
@@ -6258,9 +6263,7 @@ class Gatekeeper:
 
     def _release(self, address):
         with self._lock:
-            self._in_flight[address] -= 1
-            if self._in_flight[address] <= 0:
-                del self._in_flight[address]
+            count_down(self._in_flight, address)
 
 
 class _Released:
