@@ -1511,7 +1511,32 @@ def _clean_message_data(data):
             "answered_by_name": _text(data.get("answered_by_name"), "answered_by_name",
                                       optional=True),
             "tokens_per_second": _rate(data.get("tokens_per_second")),
+            **_answered_by_hosts(data.get("answered_by_hosts")),
             **_message_marks(data)}
+
+
+MAX_ANSWER_HOSTS = 16  # hosts one answer was continued on (each takes over after a failure)
+
+
+def _answered_by_hosts(value):
+    """``{"answered_by_hosts": [{node_id, name, tokens}, ...]}`` of an answer that one host began
+    and others continued (mid-answer failover), in the order they wrote it; ``{}`` when absent,
+    so the entries of single-host answers clean as before. ValueError when it is malformed."""
+    if value is None:
+        return {}
+    if not isinstance(value, list) or not 2 <= len(value) <= MAX_ANSWER_HOSTS:
+        raise ValueError("answered_by_hosts is not a list of 2 to %d hosts" % MAX_ANSWER_HOSTS)
+    hosts = []
+    for index, host in enumerate(value):
+        what = "answered_by_hosts[%d]" % index
+        if not isinstance(host, dict):
+            raise ValueError("%s is not an object" % what)
+        tokens = host.get("tokens")
+        if type(tokens) is not int or not 0 <= tokens <= MAX_CONTENT_BYTES:
+            raise ValueError("%s.tokens is not a count of tokens" % what)
+        hosts.append({"node_id": _ident(host.get("node_id"), what + ".node_id"),
+                      "name": _text(host.get("name"), what + ".name"), "tokens": tokens})
+    return {"answered_by_hosts": hosts}
 
 
 def _message_marks(data):
@@ -2498,7 +2523,8 @@ class Store(StorePages):
                     model=None, answered_by=None, answered_by_name=None,
                     tokens_per_second=None, **marks) -> dict:
         """Store a message written on this node; returns its entry. ``marks``:
-        cut_off=True, replaces=<message id> (see _message_marks)."""
+        cut_off=True, replaces=<message id> (see _message_marks), answered_by_hosts=[...]
+        (see _answered_by_hosts)."""
         if host_info is None:
             host_info = {"hostname": self.node_name, "ip_address": "", "is_llm_host": False}
         try:
@@ -5296,6 +5322,73 @@ class MeshInfo:
         return {"version": max(versions, key=version_key) if versions else RECENT_OLLAMA_VERSION}
 
 
+class AnswerSoFar:
+    """What an answer has said so far, and which hosts said it: for mid-answer failover.
+
+    A host that takes over an answer whose host went down is sent the partial answer as the
+    start of the assistant's message (the last message of the chat), which Ollama, llama.cpp's
+    server and vLLM continue rather than begin anew; so the answer goes on, with no text twice.
+    Methods for the caller: ``note(event)`` (each event of the answer, in order; returns the event
+    to pass on: a later host's "start" becomes "continued"), ``request()`` (messages and options
+    for the next host), ``finish(done)``, ``record()`` (the hosts to store, or None) and ``text``.
+    """
+
+    def __init__(self, messages, options):
+        self.messages, self.options = messages, options
+        self.parts = []  # token texts
+        self.hosts = []  # {"node_id", "name", "tokens"}, in the order they wrote
+
+    @property
+    def text(self):
+        return "".join(self.parts)
+
+    @property
+    def tokens(self):
+        return sum(host["tokens"] for host in self.hosts)
+
+    def note(self, event):
+        kind = event["type"]
+        if kind in ("start", "continued"):
+            if self.hosts:
+                event = dict(event, type="continued", after_tokens=self.tokens,
+                             from_node_name=self.hosts[-1]["name"])
+            self.hosts.append({"node_id": event["node_id"], "name": event["node_name"], "tokens": 0})
+        elif kind == "token" and self.hosts:
+            self.parts.append(event["content"])
+            self.hosts[-1]["tokens"] += 1
+        return event
+
+    def request(self):
+        """``(messages, options)`` for the next host: the partial answer as the assistant's
+        message to continue, and what is left of a ``num_predict`` limit."""
+        if not self.parts:
+            return self.messages, self.options
+        messages = list(self.messages)
+        if messages and messages[-1].get("role") == "assistant":  # the client's own prefill goes on too
+            messages[-1] = dict(messages[-1], content=(messages[-1].get("content") or "") + self.text)
+        else:
+            messages.append({"role": "assistant", "content": self.text})
+        options = dict(self.options)
+        limit = options.get("num_predict")
+        if type(limit) is int and limit > 0:
+            options["num_predict"] = max(1, limit - self.tokens)
+        return messages, options
+
+    def finish(self, done):
+        """The done event of a continued answer counts the tokens of every host."""
+        if len(self.hosts) < 2:
+            return done
+        last = self.hosts[-1]["tokens"]
+        count = done.get("eval_count")
+        return dict(done, eval_count=(count if type(count) is int else last) + self.tokens - last)
+
+    def record(self):
+        """``answered_by_hosts`` of the stored message (hosts that wrote some of it), or None
+        when one host wrote it all."""
+        hosts = [dict(host) for host in self.hosts if host["tokens"]][:MAX_ANSWER_HOSTS]
+        return hosts if len(hosts) > 1 else None
+
+
 class Router:
     """Picks the LLM that answers a chat, and fails over to the next one.
 
@@ -5490,37 +5583,45 @@ class Router:
                 self.peer_in_flight[backend.node_id] += change
 
     def chat(self, model, messages, options=None, cancel=None, on_queue=None, local_only=False):
-        """Answer with the first candidate that starts; events as documented at the section top."""
+        """Answer with the first candidate that starts; events as documented at the section top.
+
+        A host that fails mid-answer (it died, or its link's heartbeat failed and aborted the
+        relay) is failed over too: the next candidate, which serves the same model, continues
+        the partial answer (see AnswerSoFar), announced by a "continued" event. When none can,
+        LLMError(partial=True): what arrived is kept, marked cut off, and the student may retry.
+        """
         model = self.resolve_model(model, local_only)
         merged = dict(SAMPLING_DEFAULTS)
         merged.update(options or {})
         candidates = self.candidates(model, local_only)
         if not candidates:
             raise LLMError("model %r has no reachable host right now" % model, status=503)
-        failures = []
+        answer, failures = AnswerSoFar(messages, merged), []
         for backend in candidates:
             if cancel is not None and cancel.is_set():
                 return
+            asked, asked_options = answer.request()
             self._count_peer_request(backend, +1)
-            started = False
             try:
-                for event in backend.chat(model, messages, merged, cancel, on_queue):
+                for event in backend.chat(model, asked, asked_options, cancel, on_queue):
                     if event["type"] == "queued":
                         if on_queue is not None:
                             on_queue(event)
                         continue
-                    started = True
-                    yield event
+                    yield answer.finish(event) if event["type"] == "done" else answer.note(event)
                 return
-            except _UpstreamRefused as exc:
-                if started:
-                    raise LLMError(str(exc), partial=True)
+            except LLMError as exc:
+                if not (isinstance(exc, _UpstreamRefused) or exc.partial):
+                    raise
                 failures.append(str(exc))
-                log.warning("failing over: %s", exc)
+                log.warning("failing over%s: %s", " mid-answer" if answer.parts else "", exc)
                 if exc.status == 401 and isinstance(backend, PeerBackend):
                     self._ask_again(backend)
             finally:
                 self._count_peer_request(backend, -1)
+        if answer.parts:
+            raise LLMError("%s; no other host of %s could continue the answer: what arrived is kept, "
+                           "retry to ask again" % ("; ".join(failures), model), partial=True)
         status = 404 if failures and all("does not have that model" in f for f in failures) else 503
         raise LLMError("no LLM could answer: %s" % "; ".join(failures), status=status)
 
@@ -5715,22 +5816,21 @@ class ChatService:
     def _stored_events(self, conversation_id, model, history):
         """The answer's events; what arrived of an answer cut off (Stop closes this generator, or
         its host went down) is stored too, marked ``cut_off``."""
-        parts, started, finished = [], {}, False
+        answer, started, finished = AnswerSoFar(history, {}), {}, False  # started: the host writing now
         events = self.stream(model, self.fit_history(history, self.history_budget))
         try:
             for event in events:
-                if event["type"] == "start":
+                answer.note(event)
+                if event["type"] in ("start", "continued"):
                     started = event
-                elif event["type"] == "token":
-                    parts.append(event["content"])
-                elif event["type"] == "error" and parts:
+                elif event["type"] == "error" and answer.parts:
                     finished = True
-                    message = self._store_cut_off(conversation_id, parts, started)
+                    message = self._store_cut_off(conversation_id, answer, started)
                     event = dict(event, message=message) if message else event
                 elif event["type"] == "done":
                     finished = True
                     try:
-                        message = self._store_answer(conversation_id, "".join(parts), event)
+                        message = self._store_answer(conversation_id, answer, event)
                     except StoreError as exc:  # e.g. the conversation was deleted while it was answered
                         yield {"type": "error", "error": "the answer could not be stored: %s" % exc,
                                "status": 409, "partial": True}
@@ -5739,19 +5839,24 @@ class ChatService:
                 yield event
         finally:
             events.close()
-            if parts and not finished:  # the client went away (Stop): keep what it read
-                self._store_cut_off(conversation_id, parts, started)
+            if answer.parts and not finished:  # the client went away (Stop): keep what it read
+                self._store_cut_off(conversation_id, answer, started)
 
-    def _store_cut_off(self, conversation_id, parts, started):
+    def _store_cut_off(self, conversation_id, answer, started):
         done = {"node_name": started.get("node_name") or "", "node_id": started.get("node_id"),
                 "model": started.get("model")}
         try:
-            return self._store_answer(conversation_id, "".join(parts), done, cut_off=True)
+            return self._store_answer(conversation_id, answer, done, cut_off=True)
         except StoreError as exc:
             log.warning("the cut-off answer could not be stored: %s", exc)
             return None
 
-    def _store_answer(self, conversation_id, text, done, **marks):
+    def _store_answer(self, conversation_id, answer, done, **marks):
+        """Stores ``answer`` (an AnswerSoFar). ``answered_by`` names the host that wrote its end;
+        ``answered_by_hosts`` every host, when others began it (mid-answer failover)."""
+        text = answer.text
+        if answer.record():
+            marks["answered_by_hosts"] = answer.record()
         entry = self.store.add_message(
             conversation_id, "assistant", text or "(empty answer)", "LLM",
             host_info={"hostname": done["node_name"] or "LLM", "ip_address": "", "is_llm_host": True},
@@ -6613,6 +6718,9 @@ def conversation_markdown(conversation):
         when = message["timestamp"][:16].replace("T", " ")
         if message["role"] == "assistant":
             who = "Answer by %s" % (message.get("answered_by_name") or message["host_info"]["hostname"] or "the mesh")
+            if message.get("answered_by_hosts"):
+                names = [host["name"] or host["node_id"][:8] for host in message["answered_by_hosts"]]
+                who = "Answer by %s, continued on %s" % (names[0], ", ".join(names[1:]))
             who += " with %s" % message["model"] if message.get("model") else ""
         else:
             who = "%s on %s" % (message["sender"], message["host_info"]["hostname"] or "?")

@@ -7,6 +7,7 @@ Network safety: every node started here binds 127.0.0.1 and broadcasts only to
 import datetime
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -330,18 +331,21 @@ class ScriptedBackend(neuromesh.Backend):
     """A Backend whose answer is a script: ``reply`` token by token, or a failure.
 
     fail: None, "refuse" (refused before the first token, so the router fails over) or
-    "midway" (an error after the first token). ``gate``: an Event the answer waits for
-    before it starts, to hold a slot.
+    "midway" (an error after ``fail_after`` tokens, default 1). ``gate``: an Event the answer
+    waits for before it starts, to hold a slot. ``continues``: a chat ending with the
+    assistant's message gets the rest of ``reply`` after that text (as Ollama continues a prefill).
     """
 
     kind = "scripted"
 
     def __init__(self, node_name="fake", models=("m1",), reply="Hello from the fake", parallel=1,
-                 fail=None, gate=None, node_id=None):
+                 fail=None, gate=None, node_id=None, fail_after=1, continues=False):
         neuromesh.Backend.__init__(self, "scripted://" + node_name, node_id or uuid.uuid4().hex, node_name,
                                    parallel)
         self.offer, self.reply, self.fail, self.gate = list(models), reply, fail, gate
+        self.fail_after, self.continues = fail_after, continues
         self.asked = []  # (model, messages) of every chat
+        self.options = []  # options of every chat
         self.started = threading.Event()
 
     def probe(self):
@@ -349,16 +353,20 @@ class ScriptedBackend(neuromesh.Backend):
 
     def _stream(self, model, messages, options, cancel):
         self.asked.append((model, messages))
+        self.options.append(options)
         self.started.set()
         if self.gate is not None:
             self.gate.wait(10)
         if self.fail == "refuse":
             raise neuromesh._UpstreamRefused("%s refused" % self.node_name)
         yield self._start_event(model)
-        words = self.reply.split(" ")
+        text = self.reply
+        if self.continues and messages[-1]["role"] == "assistant" and text.startswith(messages[-1]["content"]):
+            text = text[len(messages[-1]["content"]):]
+        words = re.findall(r"\s*\S+", text)  # each word keeps the space before it
         for index, word in enumerate(words):
-            yield {"type": "token", "content": word if index == 0 else " " + word}
-            if self.fail == "midway":
+            yield {"type": "token", "content": word}
+            if self.fail == "midway" and index + 1 >= self.fail_after:
                 raise neuromesh.LLMError("%s broke mid-answer" % self.node_name, partial=True)
         yield dict(self._start_event(model), type="done", eval_count=len(words), done_reason="stop",
                    tokens_per_second=42.0)

@@ -9,6 +9,9 @@ token, Nagle off), and can inject failures::
         fake.set_fail("503", count=1)   # the next generation request gets a 503
         fake.set_fail("refuse")         # connects are refused until fake.heal()
 
+A chat whose last message is the assistant's is continued from there, as Ollama does with
+a prefill: the answer is the rest of the deterministic reply after that text.
+
 Runs on Python 3.9+.  CLI (foreground, for browser tests and manual checks)::
 
     python tests/fake_ollama.py --port 11434 --models a,b --token-delay 0.05
@@ -437,7 +440,7 @@ class _Handler(BaseHTTPRequestHandler):
                 toks: List[str] = []
                 reason = "load"
             else:
-                toks = tokens_for(fake.answer_for(subject, model))
+                toks = tokens_for(fake.rest_after_prefill(messages, fake.answer_for(subject, model)))
                 reason = "stop"
                 if isinstance(limit, int) and 0 <= limit < len(toks):
                     toks = toks[:limit]
@@ -856,6 +859,14 @@ class FakeOllama:
                     last = _text_of(m.get("content"))
                     break
         return "Echo from %s: %s (this is a deterministic fake reply)" % (model, last)
+
+    @staticmethod
+    def rest_after_prefill(messages: Sequence[Any], text: str) -> str:
+        """What is left of ``text`` to say when the chat ends with the assistant's own message:
+        Ollama (and llama.cpp's server) continue that message instead of starting a new one."""
+        last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
+        prefix = _text_of(last.get("content")) if last.get("role") == "assistant" else ""
+        return text[len(prefix):] if prefix and text.startswith(prefix) else text
 
     # ----- helpers for tests -------------------------------------------------------
     def requests_to(self, path: str) -> List[Any]:

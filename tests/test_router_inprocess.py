@@ -54,12 +54,81 @@ def test_a_failing_local_llm_is_failed_over_to_a_peer():
     assert not any(router.peer_in_flight.values())
 
 
-def test_a_failure_after_the_first_token_is_not_failed_over():
-    broken, other = ScriptedBackend("broken", fail="midway"), ScriptedBackend("other")
+def test_a_failure_mid_answer_is_continued_by_another_host_with_the_same_model():
+    """Mid-answer failover: the second host is sent the partial answer as the assistant's
+    message to continue, and the answer goes on with no text twice."""
+    broken = ScriptedBackend("broken", reply="one two three four five", fail="midway", fail_after=2)
+    other = ScriptedBackend("other", reply="one two three four five", continues=True)
     router = scripted_router(local=[broken, other])
+    events = list(router.chat("m1", USER, options={"num_predict": 10}))
+    assert [event["type"] for event in events] == ["start", "token", "token", "continued"] + ["token"] * 3 + ["done"]
+    assert "".join(event["content"] for event in events if event["type"] == "token") == "one two three four five"
+    (model, messages), = other.asked
+    assert model == "m1" and messages == USER + [{"role": "assistant", "content": "one two"}]
+    assert other.options[-1]["num_predict"] == 8  # what is left of the limit
+    continued = events[3]
+    assert (continued["node_name"], continued["from_node_name"], continued["after_tokens"]) == ("other", "broken", 2)
+    assert events[-1]["node_name"] == "other" and events[-1]["eval_count"] == 5
+
+
+def test_a_client_prefill_is_extended_not_repeated():
+    broken = ScriptedBackend("broken", reply="b c d", fail="midway", fail_after=1)
+    other = ScriptedBackend("other", reply="a b c d", continues=True)
+    router = scripted_router(local=[broken, other])
+    prefilled = USER + [{"role": "assistant", "content": "a "}]
+    list(router.chat("m1", prefilled))
+    assert other.asked[0][1] == USER + [{"role": "assistant", "content": "a b"}]
+
+
+def test_no_host_with_the_same_model_keeps_the_partial_answer():
+    broken = ScriptedBackend("broken", fail="midway", fail_after=2)
+    elsewhere = ScriptedBackend("elsewhere", models=("m2",))
+    router = scripted_router(local=[broken, elsewhere])
+    seen = []
     with pytest.raises(neuromesh.LLMError) as caught:
-        list(router.chat("m1", USER))
-    assert caught.value.partial is True and other.asked == []
+        for event in router.chat("m1", USER):
+            seen.append(event)
+    assert caught.value.partial is True and elsewhere.asked == []
+    assert "could continue" in str(caught.value) and "kept" in str(caught.value)
+    assert [event["type"] for event in seen] == ["start", "token", "token"]
+
+
+def test_a_host_failing_before_its_first_token_is_not_counted_as_an_author():
+    answer = neuromesh.AnswerSoFar(USER, {})
+    for event in ({"type": "start", "node_id": "a", "node_name": "A"},
+                  {"type": "start", "node_id": "b", "node_name": "B"}, {"type": "token", "content": "x"}):
+        answer.note(event)
+    assert answer.record() is None and answer.request() == (USER + [{"role": "assistant", "content": "x"}], {})
+
+
+def test_the_chat_room_stores_both_hosts_and_the_page_hears_continued(tmp_path):
+    store = neuromesh.Store(str(tmp_path / "s.db"), "n" * 32, "student")
+    broken = ScriptedBackend("broken", reply="one two three", fail="midway", fail_after=1)
+    other = ScriptedBackend("other", reply="one two three", continues=True)
+    chat = neuromesh.ChatService(scripted_router(local=[broken, other]), store, lambda: None)
+    conversation = store.create_conversation("t")
+    chat.add_question(conversation["id"], "Hi?", "ada")
+    events = list(chat.answer(conversation["id"], "m1"))
+    assert [e["type"] for e in events if e["type"] != "token"] == ["start", "continued", "done"]
+    stored = events[-1]["message"]
+    assert stored["content"] == "one two three" and "cut_off" not in stored
+    assert stored["answered_by"] == other.node_id and stored["answered_by_name"] == "other"
+    assert stored["answered_by_hosts"] == [{"node_id": broken.node_id, "name": "broken", "tokens": 1},
+                                           {"node_id": other.node_id, "name": "other", "tokens": 2}]
+    assert "Answer by broken, continued on other" in neuromesh.conversation_markdown(
+        store.get_conversation(conversation["id"]))
+
+
+def test_the_chat_room_keeps_a_partial_answer_marked_when_nobody_continues(tmp_path):
+    store = neuromesh.Store(str(tmp_path / "s.db"), "n" * 32, "student")
+    chat = neuromesh.ChatService(scripted_router(local=[ScriptedBackend("broken", fail="midway", fail_after=2)]),
+                                 store, lambda: None)
+    conversation = store.create_conversation("t")
+    chat.add_question(conversation["id"], "Hi?", "ada")
+    events = list(chat.answer(conversation["id"], "m1"))
+    assert events[-1]["type"] == "error" and events[-1]["partial"] is True
+    assert events[-1]["message"]["content"] == "Hello from" and events[-1]["message"]["cut_off"] is True
+    assert "answered_by_hosts" not in events[-1]["message"]
 
 
 def test_every_backend_failing_is_a_503():
