@@ -4432,11 +4432,15 @@ MAX_STREAM_LINE = 4 * MiB  # one line of an LLM's streamed answer
 
 def iter_lines_live(response, max_line=MAX_STREAM_LINE):
     """Lines of a streamed HTTP body as they arrive (``iter_lines`` would wait for 512 bytes).
-    A line longer than ``max_line`` raises requests.RequestException: nothing is that long."""
+    A line longer than ``max_line`` raises requests.RequestException: nothing is that long; a
+    body cut off raises requests.ConnectionError (urllib3's own errors are not requests')."""
     buffer = b""
     raw = response.raw
     while True:
-        chunk = raw.read1(65536)
+        try:
+            chunk = raw.read1(65536)
+        except (requests.packages.urllib3.exceptions.HTTPError, OSError) as exc:  # the host went away mid-body
+            raise requests.ConnectionError("the stream broke off: %s" % type(exc).__name__) from exc
         if not chunk:
             break
         buffer += chunk
