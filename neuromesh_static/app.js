@@ -1018,11 +1018,15 @@
 
   /** Who answered, with which model and how fast, plus the Copy and Regenerate buttons. */
   function answerMeta(message, live) {
+    // An answer whose host went down mid-way and another host continued (answered_by_hosts).
+    const hosts = (message.answered_by_hosts || []).map((host) => host.name || host.node_id.slice(0, 8));
     const node =
+      (hosts.length > 1 ? hosts[0] : null) ||
       live.node_name ||
       message.answered_by_name ||
       (message.answered_by ? message.answered_by.slice(0, 8) : null) ||
       (message.host_info && message.host_info.hostname);
+    const continuedOn = hosts.length > 1 ? hosts.slice(1).join(", ") : live.continued_on;
     const model = live.model || message.model;
     const speed = live.tokens_per_second || message.tokens_per_second;
     const article = () => meta.closest(".message");
@@ -1030,6 +1034,7 @@
       "div",
       { class: "answer-meta" },
       node ? h("span", null, "answered by ", h("span", { class: "node" }, node)) : null,
+      continuedOn ? h("span", { class: "continued" }, "continued on ", h("span", { class: "node" }, continuedOn)) : null,
       (live.node_id || message.answered_by) && (live.node_id || message.answered_by) === myId()
         ? h("span", { class: "chip this-computer" }, "this computer")
         : null,
@@ -1331,6 +1336,10 @@
         info = data;
         setStatus((data.node_name || "A node") + " is answering" + (data.model ? " with " + data.model : "") + "…");
       },
+      continued(data) {
+        info.continued_on = data.node_name;
+        setStatus((data.from_node_name || "The host") + " stopped: " + (data.node_name || "another host") + " continues…");
+      },
       token(content) {
         text += content;
         status.querySelector(".typing").hidden = true;
@@ -1460,6 +1469,7 @@
               "Waiting in the queue of " + (data.node_name || "an LLM host") + ": position " + data.position + "…",
             );
           else if (type === "start") answer.start(data);
+          else if (type === "continued") answer.continued(data);
           else if (type === "token") answer.token(data.content || "");
           else if (type === "done") {
             answer.finish(data);

@@ -77,6 +77,53 @@ def test_fuzzed_entries_are_applied_or_skipped(field, value, seq, data_field):
         target.close()
 
 
+_host = st.fixed_dictionaries({"node_id": st.sampled_from(["a" * 32, "b" * 32, "", "x y", "~p"]) | _leaf,
+                                "name": _leaf | st.text(min_size=1020, max_size=1030),
+                                "tokens": _leaf | st.integers(-2, nm.MAX_CONTENT_BYTES + 2)})
+_answered_by_hosts = _json | st.lists(_host | _leaf, max_size=nm.MAX_ANSWER_HOSTS + 2)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hosts=_answered_by_hosts)
+def test_fuzzed_answered_by_hosts_are_kept_clean_or_the_entry_refused(hosts):
+    """A peer's ``answered_by_hosts`` (mid-answer failover) is a list of 2 to 16 {node_id, name,
+    tokens}, kept as it is, or the entry is refused with a ValueError naming the field."""
+    _snapshot, message = _ENTRIES
+    raw = dict(message, data=dict(message["data"], role="assistant", answered_by_hosts=hosts))
+    try:
+        clean = nm._clean_entry(raw)
+    except ValueError as exc:
+        assert "answered_by_hosts" in str(exc) and hosts is not None
+        return
+    kept = clean["data"].get("answered_by_hosts")
+    if hosts is None:
+        assert kept is None
+    else:
+        assert kept == hosts and 2 <= len(kept) <= nm.MAX_ANSWER_HOSTS
+        assert all(type(host["tokens"]) is int and host["tokens"] >= 0 for host in kept)
+        json.dumps(clean, allow_nan=False)
+
+
+def test_an_answer_continued_on_another_host_syncs_with_both_hosts_and_bad_ones_are_skipped():
+    source = nm.Store(":memory:", "nodeA", "alice")
+    conversation = source.create_conversation("t")
+    hosts = [{"node_id": "h1" * 16, "name": "Ana's laptop", "tokens": 10},
+             {"node_id": "h2" * 16, "name": "Ben's laptop", "tokens": 40}]
+    source.add_message(conversation["id"], "assistant", "an answer", "LLM", answered_by="h2" * 16,
+                       answered_by_name="Ben's laptop", answered_by_hosts=hosts)
+    with pytest.raises(nm.StoreError):
+        source.add_message(conversation["id"], "assistant", "x", "LLM", answered_by_hosts=hosts[:1])
+    snapshot, message = source.entries_missing({})[0]
+    forged = dict(message, seq=3, uid="nodeA:3",
+                  data=dict(message["data"], answered_by_hosts=[dict(hosts[0], tokens=-1), hosts[1]]))
+    target = nm.Store(":memory:", "nodeB", "bob")
+    assert target.apply_entries([snapshot, message, forged]) == [snapshot, message]
+    stored = target.get_conversation(conversation["id"])["messages"][-1]
+    assert stored["answered_by_hosts"] == hosts and stored["answered_by"] == "h2" * 16
+    for store in (source, target):
+        store.close()
+
+
 # -- frame schemas ----------------------------------------------------------------------------
 
 
