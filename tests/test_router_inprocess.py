@@ -121,14 +121,16 @@ def test_the_chat_room_stores_both_hosts_and_the_page_hears_continued(tmp_path):
 
 def test_the_chat_room_keeps_a_partial_answer_marked_when_nobody_continues(tmp_path):
     store = neuromesh.Store(str(tmp_path / "s.db"), "n" * 32, "student")
-    chat = neuromesh.ChatService(scripted_router(local=[ScriptedBackend("broken", fail="midway", fail_after=2)]),
-                                 store, lambda: None)
+    elsewhere = ScriptedBackend("elsewhere", models=("m2",))  # another model: it may not continue
+    router = scripted_router(local=[ScriptedBackend("broken", fail="midway", fail_after=2), elsewhere])
+    chat = neuromesh.ChatService(router, store, lambda: None)
     conversation = store.create_conversation("t")
     chat.add_question(conversation["id"], "Hi?", "ada")
     events = list(chat.answer(conversation["id"], "m1"))
     assert events[-1]["type"] == "error" and events[-1]["partial"] is True
     assert events[-1]["message"]["content"] == "Hello from" and events[-1]["message"]["cut_off"] is True
-    assert "answered_by_hosts" not in events[-1]["message"]
+    assert "answered_by_hosts" not in events[-1]["message"] and elsewhere.asked == []
+    assert "retry" in events[-1]["error"]
 
 
 def test_every_backend_failing_is_a_503():
