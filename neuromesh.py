@@ -4389,6 +4389,8 @@ def publish_entries(events, entries):
 #   {"type": "start", "node_id", "node_name", "model"}
 #   {"type": "token", "content"}
 #   {"type": "done", "node_id", "node_name", "model", "tokens_per_second", "eval_count", ...}
+# and the Router adds, when another host takes over an answer whose host failed mid-way:
+#   {"type": "continued", "node_id", "node_name", "model", "after_tokens", "from_node_name"}
 
 SAMPLING_DEFAULTS = {"temperature": 0.2, "top_k": 10, "top_p": 0.8, "num_ctx": 2048}
 RELAY_PATH = "/relay/chat"
