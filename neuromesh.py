@@ -5860,9 +5860,9 @@ class ChatService:
     def _store_answer(self, conversation_id, answer, done, **marks):
         """Stores ``answer`` (an AnswerSoFar). ``answered_by`` names the host that wrote its end;
         ``answered_by_hosts`` every host, when others began it (mid-answer failover)."""
-        text = answer.text
-        if answer.record():
-            marks["answered_by_hosts"] = answer.record()
+        text, hosts = answer.text, answer.record()
+        if hosts:
+            marks["answered_by_hosts"] = hosts
         entry = self.store.add_message(
             conversation_id, "assistant", text or "(empty answer)", "LLM",
             host_info={"hostname": done["node_name"] or "LLM", "ip_address": "", "is_llm_host": True},

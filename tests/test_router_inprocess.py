@@ -1,12 +1,14 @@
-"""The Router in-process, over scripted backends: which LLM answers, failover, the FIFO queue."""
+"""The Router in-process, over scripted backends: which LLM answers, failover (before the first
+token, and mid-answer: another host continues), the FIFO queue."""
 
+import json
 import threading
 import types
 
 import pytest
 
 import neuromesh
-from conftest import ScriptedBackend, ScriptedPeerBackend, scripted_router, wait_for
+from conftest import ScriptedBackend, ScriptedPeerBackend, StubNode, scripted_router, wait_for, wsgi_call
 
 USER = [{"role": "user", "content": "Hi?"}]
 
@@ -197,3 +199,18 @@ def test_a_token_the_peer_refuses_drops_the_grant_and_asks_again():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_openai_stream_goes_on_across_a_failover(tmp_path):
+    """A client of the OpenAI API sees one stream of chunks: no error, no text twice, usage of both hosts."""
+    broken = ScriptedBackend("broken", reply="one two three four", fail="midway", fail_after=2)
+    other = ScriptedBackend("other", reply="one two three four", continues=True)
+    app = neuromesh.build_app(StubNode(tmp_path, scripted_router(local=[broken, other])))
+    reply = wsgi_call(app, "POST", "/v1/chat/completions", {"model": "m1", "messages": USER, "stream": True,
+                                                           "stream_options": {"include_usage": True}})
+    chunks = [json.loads(line[6:]) for line in reply.body.decode().splitlines()
+              if line.startswith("data: {")]
+    assert not any("error" in chunk for chunk in chunks)
+    text = "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks if chunk["choices"])
+    assert text == "one two three four"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop" and chunks[-1]["usage"]["completion_tokens"] == 4
