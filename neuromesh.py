@@ -4815,7 +4815,8 @@ class RelayCall:
     """One chat sent to a peer's relay, posted and read on a helper thread, so the chat waiting
     for it gives up at once when the peer goes down: a frozen peer would otherwise hold the
     read for ``Backend.read_timeout`` (300 s). ``lines(cancel)`` yields the answer's lines and
-    raises requests.ConnectionError after ``abort()``; ``close()`` when done with it."""
+    raises requests.ConnectionError after ``abort()``, or once the peer's mesh link is silent
+    for the peer timeout while no line comes (its host froze); ``close()`` when done with it."""
 
     poll = 0.1  # seconds between looks at abort and cancel while no line arrives
 
@@ -4859,6 +4860,8 @@ class RelayCall:
             try:
                 kind, value = self._lines.get(timeout=self.poll)
             except queue.Empty:
+                if self.backend.link_silent():  # its host froze: go on elsewhere now
+                    self.abort()
                 continue
             if kind == "end":
                 return
@@ -4881,6 +4884,7 @@ class PeerBackend(Backend):
 
     kind = "peer"
     local = False
+    stall_timeout = None  # seconds of a silent mesh link that mean its host froze (--peer-timeout)
 
     def __init__(self, peer, grant):
         Backend.__init__(self, "http://%s:%d" % (grant["llm_host"], grant["llm_port"]), peer.node_id, peer.name)
@@ -4904,6 +4908,14 @@ class PeerBackend(Backend):
         finally:
             with self._calls_lock:
                 self._calls.discard(call)
+
+    def link_silent(self):
+        """Whether the peer's mesh link has heard nothing (not even a PONG) for ``stall_timeout``:
+        the heartbeat closes such a link at its next round (every third of the timeout), and a
+        chat waiting for this peer's next word need not wait for that."""
+        link = getattr(self.peer, "link", None)
+        return (self.stall_timeout is not None and link is not None
+                and time.monotonic() - link.last_received > self.stall_timeout)
 
     def abort(self):
         with self._calls_lock:
@@ -5552,8 +5564,10 @@ class Router:
             raise ProtocolError("LRES: frame without llm_host, llm_port and token")
         if host in ("0.0.0.0", "") or not is_private_address(host):
             host = peer.address  # its view of itself is useless from here: use where we reach it
+        backend = PeerBackend(peer, {"llm_host": host, "llm_port": port, "token": token})
+        backend.stall_timeout = self.config.peer_timeout
         with self.lock:
-            self.grants[peer.node_id] = PeerBackend(peer, {"llm_host": host, "llm_port": port, "token": token})
+            self.grants[peer.node_id] = backend
         log.info("%s shares its LLM (%s)", safe_text(peer.name), ", ".join(peer.models) or "no models yet")
         self.on_change()
 

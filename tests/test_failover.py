@@ -82,10 +82,10 @@ def test_a_host_frozen_mid_answer_is_continued_within_the_peer_timeout(cluster, 
     stall = continued_at - hit_at
     print("the frozen host's answer went on at the other host %.2f s after the freeze (peer timeout %.1f s)"
           % (stall, PEER_TIMEOUT))
-    # The link's heartbeat finds the stall: a link silent for the peer timeout is closed at the next
-    # heartbeat (every third of it), which aborts the relay; the rest is slack for a loaded machine.
-    # Without the abort, the relay's read would wait for Backend.read_timeout (300 s).
-    assert stall < 3 * PEER_TIMEOUT, "the stall was noticed after %.1f s" % stall
+    # The relay gives up once the host's mesh link has been silent for the peer timeout (its last
+    # PONG came at most a heartbeat before the freeze); the rest is slack for a loaded machine.
+    # Without that, the relay's read would wait for Backend.read_timeout (300 s).
+    assert stall < 2 * PEER_TIMEOUT, "the stall was noticed after %.1f s" % stall
 
 
 def test_the_ollama_api_stream_goes_on_across_the_failover(cluster, fakes):

@@ -3,6 +3,7 @@ token, and mid-answer: another host continues), the FIFO queue."""
 
 import json
 import threading
+import time
 import types
 
 import pytest
@@ -214,3 +215,44 @@ def test_the_openai_stream_goes_on_across_a_failover(tmp_path):
     text = "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks if chunk["choices"])
     assert text == "one two three four"
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop" and chunks[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_a_relay_whose_peer_link_falls_silent_is_continued_elsewhere():
+    """A frozen host: its relay sends a word, then nothing, and its mesh link hears nothing for the
+    peer timeout. The chat does not wait for the heartbeat to close the link: it goes on elsewhere."""
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+    release = threading.Event()
+
+    def frozen_relay(_environ, start_response):
+        start_response("200 OK", [("Content-Type", "application/x-ndjson")])
+        yield b'{"message": {"role": "assistant", "content": "one"}, "done": false}\n'
+        release.wait(30)
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = make_server("127.0.0.1", 0, frozen_relay, handler_class=Quiet)
+    thread = threading.Thread(target=server.serve_forever, name="test-frozen-host", daemon=True)
+    thread.start()
+    try:
+        link = types.SimpleNamespace(last_received=time.monotonic())
+        peer = types.SimpleNamespace(node_id="f" * 32, name="frozen", models=["m1"], connected=True, has_llm=True,
+                                     load={}, rtt_ms=1, address="127.0.0.1", link=link)
+        frozen = neuromesh.PeerBackend(peer, {"llm_host": "127.0.0.1", "llm_port": server.server_port,
+                                              "token": "t"})
+        frozen.stall_timeout = 0.5
+        other = ScriptedPeerBackend("other", reply="one two three", continues=True)
+        router = scripted_router(peers=[frozen, other])  # equally idle: the first granted goes first
+        asked_at = time.monotonic()
+        events = list(router.chat("m1", USER))
+        waited = time.monotonic() - asked_at
+        assert "".join(event["content"] for event in events if event["type"] == "token") == "one two three"
+        assert [event["node_name"] for event in events if event["type"] in ("start", "continued")] == \
+            ["frozen", "other"]
+        assert other.asked[0][1][-1] == {"role": "assistant", "content": "one"}
+        assert waited < 10, "found by the link's silence (0.5 s), not the relay's read timeout (300 s)"
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
