@@ -5605,8 +5605,8 @@ class Router:
     def chat(self, model, messages, options=None, cancel=None, on_queue=None, local_only=False):
         """Answer with the first candidate that starts; events as documented at the section top.
 
-        A host that fails mid-answer (it died, or its link's heartbeat failed and aborted the
-        relay) is failed over too: the next candidate, which serves the same model, continues
+        A host that fails mid-answer (it died, or its mesh link fell silent for the peer timeout,
+        which aborts the relay) is failed over too: the next candidate, which serves the same model, continues
         the partial answer (see AnswerSoFar), announced by a "continued" event. When none can,
         LLMError(partial=True): what arrived is kept, marked cut off, and the student may retry.
         """
@@ -5863,8 +5863,9 @@ class ChatService:
                 self._store_cut_off(conversation_id, answer, started)
 
     def _store_cut_off(self, conversation_id, answer, started):
-        done = {"node_name": started.get("node_name") or "", "node_id": started.get("node_id"),
-                "model": started.get("model")}
+        wrote = [host for host in answer.hosts if host["tokens"]][-1:]  # not a host that took over, then failed
+        done = {"node_name": wrote[0]["name"] if wrote else started.get("node_name") or "",
+                "node_id": wrote[0]["node_id"] if wrote else started.get("node_id"), "model": started.get("model")}
         try:
             return self._store_answer(conversation_id, answer, done, cut_off=True)
         except StoreError as exc:

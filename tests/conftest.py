@@ -331,7 +331,7 @@ class ScriptedBackend(neuromesh.Backend):
     """A Backend whose answer is a script: ``reply`` token by token, or a failure.
 
     fail: None, "refuse" (refused before the first token, so the router fails over) or
-    "midway" (an error after ``fail_after`` tokens, default 1). ``gate``: an Event the answer
+    "midway" (an error after ``fail_after`` tokens, default 1; 0: right after its start). ``gate``: an Event the answer
     waits for before it starts, to hold a slot. ``continues``: a chat ending with the
     assistant's message gets the rest of ``reply`` after that text (as Ollama continues a prefill).
     """
@@ -364,6 +364,8 @@ class ScriptedBackend(neuromesh.Backend):
         if self.continues and messages[-1]["role"] == "assistant" and text.startswith(messages[-1]["content"]):
             text = text[len(messages[-1]["content"]):]
         words = re.findall(r"\s*\S+", text)  # each word keeps the space before it
+        if self.fail == "midway" and self.fail_after == 0:
+            raise neuromesh.LLMError("%s broke before its first word" % self.node_name, partial=True)
         for index, word in enumerate(words):
             yield {"type": "token", "content": word}
             if self.fail == "midway" and index + 1 >= self.fail_after:

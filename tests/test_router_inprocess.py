@@ -256,3 +256,18 @@ def test_a_relay_whose_peer_link_falls_silent_is_continued_elsewhere():
         release.set()
         server.shutdown()
         server.server_close()
+
+
+def test_a_host_that_takes_over_and_fails_at_once_is_not_named_as_the_author(tmp_path):
+    store = neuromesh.Store(str(tmp_path / "s.db"), "n" * 32, "student")
+    broken = ScriptedBackend("broken", fail="midway", fail_after=2)
+    taker = ScriptedBackend("taker", fail="midway", fail_after=0)
+    chat = neuromesh.ChatService(scripted_router(local=[broken, taker]), store, lambda: None)
+    conversation = store.create_conversation("t")
+    chat.add_question(conversation["id"], "Hi?", "ada")
+    events = list(chat.answer(conversation["id"], "m1"))
+    assert [e["type"] for e in events if e["type"] != "token"] == ["start", "continued", "error"]
+    stored = events[-1]["message"]
+    assert stored["cut_off"] is True and stored["content"] == "Hello from"
+    assert stored["answered_by"] == broken.node_id and "answered_by_hosts" not in stored
+    assert taker.asked[0][1][-1] == {"role": "assistant", "content": "Hello from"}
