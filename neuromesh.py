@@ -57,6 +57,7 @@ import hashlib
 import hmac
 import json
 import logging
+import mimetypes
 import os
 import queue
 import re
@@ -73,12 +74,20 @@ import time
 import unicodedata
 import uuid
 import webbrowser
+import zipfile
 from datetime import datetime, timedelta, timezone
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VENDOR_DIR = os.path.join(HERE, "_vendor")
-if os.path.isdir(VENDOR_DIR) and VENDOR_DIR not in sys.path:
-    sys.path.insert(0, VENDOR_DIR)
+# Run as one file (neuromesh-<version>.pyz), HERE is the archive itself; the bundle, as a file or as
+# its folder, holds the runtime packages beside this module instead of in _vendor/.
+ARCHIVE = HERE if os.path.isfile(HERE) else None
+BUNDLED = ARCHIVE is not None or os.path.isfile(os.path.join(HERE, "__main__.py"))
+if BUNDLED:
+    sys.dont_write_bytecode = True  # a bundle writes nothing beside itself: no __pycache__
+_DEPENDENCY_DIR = HERE if BUNDLED else VENDOR_DIR
+if (BUNDLED or os.path.isdir(VENDOR_DIR)) and _DEPENDENCY_DIR not in sys.path:
+    sys.path.insert(0, _DEPENDENCY_DIR)
 
 try:
     import bottle
@@ -5975,6 +5984,48 @@ def set_security_headers():
     bottle.response.set_header("X-Content-Type-Options", "nosniff")
 
 
+class ArchivedFiles:
+    """The page's files read from inside the .pyz (bottle.static_file needs a real folder).
+
+    Read once on first use: the page is a few hundred KiB, and a zip is not opened per request.
+    """
+
+    folder = "neuromesh_static/"
+
+    def __init__(self, archive):
+        self.archive = archive
+        self._files = None
+        self._lock = threading.Lock()
+
+    def files(self):
+        with self._lock:
+            if self._files is None:
+                with zipfile.ZipFile(self.archive) as bundle:
+                    self._files = {name[len(self.folder):]: bundle.read(name) for name in bundle.namelist()
+                                   if name.startswith(self.folder) and not name.endswith("/")}
+            return self._files
+
+    def response(self, name):
+        """The file ``name`` of the page as a Bottle reply, or a 404 like bottle.static_file's."""
+        body = self.files().get(name.replace("\\", "/").lstrip("/"))
+        if body is None:
+            return bottle.HTTPError(404, "File does not exist.")
+        mimetype = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        if mimetype.startswith("text/") or mimetype in ("application/javascript", "image/svg+xml"):
+            mimetype += "; charset=UTF-8"
+        return bottle.HTTPResponse(body, 200, {"Content-Type": mimetype, "Content-Length": str(len(body))})
+
+
+_ARCHIVED_FILES = ArchivedFiles(ARCHIVE) if ARCHIVE else None
+
+
+def static_file(name):
+    """A file of the chat page: from neuromesh_static/, or from inside the .pyz run as one file."""
+    if _ARCHIVED_FILES is not None:
+        return _ARCHIVED_FILES.response(name)
+    return bottle.static_file(name, root=STATIC_DIR)
+
+
 class ErrorReplies:
     """The one place errors become HTTP replies, in the error format of the API that was asked.
 
@@ -6341,10 +6392,10 @@ class PageApi(HttpApi):
         if accept and "text/html" not in accept and "*/*" not in accept:
             bottle.response.content_type = "text/plain; charset=utf-8"
             return "Ollama is running"
-        return bottle.static_file("index.html", root=STATIC_DIR)
+        return static_file("index.html")
 
     def static(self, path):
-        return bottle.static_file(path, root=STATIC_DIR)
+        return static_file(path)
 
     def health(self):
         return self.node.health()
