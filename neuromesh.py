@@ -8029,35 +8029,63 @@ def format_uptime(seconds):
     return ("%dh%02dm" % (hours, rest // 60)) if hours else "%dm%02ds" % divmod(rest, 60)
 
 
-def status_report(health, peers, models):
-    """The lines ``status`` prints from a node's /api/health, /api/peers and /api/models."""
-    room = health.get("room") or {}
-    lines = ["%s (node %s), NeuroMesh %s, up %s, room %s" % (
-        safe_text(health.get("name"), 64), safe_text(health.get("node_id"), 64)[:8], safe_text(health.get("version"), 20),
-        format_uptime(health.get("uptime_s")), "closed (key hash %s)" % room.get("key_hash") if room.get("closed")
-        else "open")]
-    llm = health.get("llm") or {}
-    lines.append("LLM on this node: %s" % ("%s at %s, models: %s" % (
-        llm.get("backend"), llm.get("url"), ", ".join(safe_text(m, 100) for m in llm.get("models") or []) or "none")
-        if llm.get("available") else "none (%s)" % safe_text(llm.get("error") or llm.get("problem") or "not configured")))
-    linked = [peer for peer in peers if peer.get("connected")]
-    lines.append("")
-    lines.append("Peers: %d linked, %d known" % (len(linked), len(peers)))
-    if peers:
+def _record(value):
+    return value if isinstance(value, dict) else {}
+
+
+def _records(value):
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def _names(values, limit):
+    return ", ".join(safe_text(value, limit) for value in (values if isinstance(values, list) else []))
+
+
+def status_header(health):
+    """The node's name, id, version, uptime, room and own LLM, from its /api/health."""
+    room, llm = _record(health.get("room")), _record(health.get("llm"))
+    uptime = health.get("uptime_s") if isinstance(health.get("uptime_s"), (int, float)) else 0
+    first = "%s (node %s), NeuroMesh %s, up %s, room %s" % (
+        safe_text(health.get("name"), 64), safe_text(health.get("node_id"), 64)[:8],
+        safe_text(health.get("version"), 20), format_uptime(uptime),
+        "closed (key hash %s)" % safe_text(room.get("key_hash"), 16) if room.get("closed") else "open")
+    if llm.get("available"):
+        own = "%s at %s, models: %s" % (safe_text(llm.get("backend"), 40), safe_text(llm.get("url"), 100),
+                                        _names(llm.get("models"), 100) or "none")
+    else:
+        own = "none (%s)" % safe_text(llm.get("error") or llm.get("problem") or "not configured")
+    return [first, "LLM on this node: " + own]
+
+
+def peers_table(peers):
+    peers = _records(peers)
+    lines = ["Peers: %d linked, %d known" % (sum(1 for peer in peers if peer.get("connected") is True), len(peers))]
+    rows = [(safe_text(peer.get("name"), 40), safe_text(peer.get("node_id"), 64)[:8],
+             safe_text(peer.get("address"), 64), safe_text(peer.get("tcp_port"), 8),
+             "yes" if peer.get("connected") is True else "no", "yes" if peer.get("has_llm") is True else "no",
+             "-" if peer.get("rtt_ms") is None else safe_text(peer.get("rtt_ms"), 12),
+             _names(peer.get("models"), 60) or "-") for peer in peers]
+    if rows:
         lines += ["  " + line for line in format_table(
-            ("NAME", "NODE", "ADDRESS", "TCP", "LINKED", "LLM", "RTT MS", "MODELS"),
-            [(safe_text(peer.get("name"), 40), safe_text(peer.get("node_id"), 64)[:8], safe_text(peer.get("address"), 64),
-              peer.get("tcp_port"), "yes" if peer.get("connected") else "no", "yes" if peer.get("has_llm") else "no",
-              "-" if peer.get("rtt_ms") is None else peer.get("rtt_ms"),
-              ", ".join(safe_text(m, 60) for m in peer.get("models") or []) or "-") for peer in peers])]
-    entries = models.get("models") or []
-    lines.append("")
-    lines.append("LLM hosts on the mesh: %s" % models.get("llm_hosts", 0))
-    if entries:
-        lines += ["  " + line for line in format_table(("MODEL", "HOSTS"), [
-            (safe_text(entry.get("name"), 100), ", ".join(safe_text(host.get("name"), 40) + (" (this node)" if
-             host.get("local") else "") for host in entry.get("hosts") or [])) for entry in entries])]
+            ("NAME", "NODE", "ADDRESS", "TCP", "LINKED", "LLM", "RTT MS", "MODELS"), rows)]
     return lines
+
+
+def models_table(models):
+    entries = _records(models.get("models"))
+    lines = ["LLM hosts on the mesh: %s" % safe_text(models.get("llm_hosts", 0), 12)]
+    rows = [(safe_text(entry.get("name"), 100), ", ".join(
+        safe_text(host.get("name"), 40) + (" (this node)" if host.get("local") is True else "")
+        for host in _records(entry.get("hosts")))) for entry in entries]
+    if rows:
+        lines += ["  " + line for line in format_table(("MODEL", "HOSTS"), rows)]
+    return lines
+
+
+def status_report(health, peers, models):
+    """The lines ``status`` prints from a node's /api/health, /api/peers and /api/models (each reply
+    is checked for shape: a field of the wrong type shows as text, never as a crash)."""
+    return status_header(_record(health)) + [""] + peers_table(peers) + [""] + models_table(_record(models))
 
 
 def run_status(config, port=None):

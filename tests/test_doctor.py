@@ -9,6 +9,8 @@ import sys
 import types
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import neuromesh
 from conftest import LOOPBACK_BROADCAST, ROOT, SCRIPT, NodeProcess, fully_linked, wait_for
@@ -343,3 +345,21 @@ def test_doctor_says_which_peer_blocks_its_tcp_port(two_hosts, tmp_path):
     assert result.returncode == 1, out
     assert "[problem] heard but cannot connect: TCP 7878 is blocked on lab-pc-1 (%s.1)" % two_hosts.subnet in out
     assert "fix: on lab-pc-1 (%s.1), open the firewall: python neuromesh.py firewall" % two_hosts.subnet in out
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
+                                                                                      max_size=4), max_leaves=20)
+reply_fields = st.dictionaries(st.sampled_from(["name", "node_id", "version", "uptime_s", "room", "llm", "models",
+                                                "hosts", "llm_hosts", "connected", "has_llm", "rtt_ms", "tcp_port",
+                                                "address", "available", "key_hash", "closed", "local"]),
+                               json_values, max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(health=reply_fields | json_values, peers=st.lists(reply_fields | json_values, max_size=4) | json_values,
+       models=st.fixed_dictionaries({"models": st.lists(reply_fields, max_size=3)}) | json_values)
+def test_status_prints_any_reply_shape_as_escaped_text(health, peers, models):
+    lines = neuromesh.status_report(health, peers, models)
+    assert lines[0] and all(isinstance(line, str) and "\x1b" not in line and "\n" not in line for line in lines)
+    assert any(line.startswith("Peers: ") for line in lines) and any(line.startswith("LLM hosts") for line in lines)
