@@ -356,7 +356,7 @@ reply_fields = st.dictionaries(st.sampled_from(["name", "node_id", "version", "u
                                json_values, max_size=8)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(health=reply_fields | json_values, peers=st.lists(reply_fields | json_values, max_size=4) | json_values,
        models=st.fixed_dictionaries({"models": st.lists(reply_fields, max_size=3)}) | json_values)
 def test_status_prints_any_reply_shape_as_escaped_text(health, peers, models):
