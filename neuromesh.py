@@ -24,7 +24,11 @@ The rooms of this file, in the order data flows (each section a room)::
     http apis                       Gatekeeper (who may ask), PageApi, OllamaApi, OpenAIApi, RelayApi,
                                     ErrorReplies; HTTPServer (waitress)
     node, cli                       LocalLLM (this computer's LLM, told truly); Node (a MeshListener)
-                                    builds and wires the rooms; main()
+                                    builds and wires the rooms; Doctor, status, firewall steps per
+                                    OS; main()
+
+Run as one file (``install.sh --bundle``: a .pyz, or its folder), the runtime packages sit beside
+this module and the page is read from inside the archive (ArchivedFiles).
 
 A chat: PageApi.post_message -> ChatService.add_question -> Store.add_message ->
 ChatService.answer -> ChatService.stream -> Router.chat -> Backend.chat (a PeerBackend

@@ -363,3 +363,13 @@ def test_status_prints_any_reply_shape_as_escaped_text(health, peers, models):
     lines = neuromesh.status_report(health, peers, models)
     assert lines[0] and all(isinstance(line, str) and "\x1b" not in line and "\n" not in line for line in lines)
     assert any(line.startswith("Peers: ") for line in lines) and any(line.startswith("LLM hosts") for line in lines)
+
+
+def test_the_new_commands_have_their_own_help():
+    for command, words in (("doctor", "two\nannounce intervals"), ("status", "health, peers and LLM hosts"),
+                           ("firewall", "New-NetFirewallRule in the group NeuroMesh")):
+        result = run_cli(command, "--help")
+        assert result.returncode == 0 and result.stdout.startswith("python neuromesh.py %s: " % command)
+        assert " ".join(words.split()) in " ".join(result.stdout.split()), result.stdout
+    listing = run_cli("--help").stdout
+    assert all("\n  %s " % command in listing for command in ("doctor", "status", "firewall"))
