@@ -7584,12 +7584,14 @@ def linux_firewall_steps(ports, subnets, which=shutil.which, remove=False):
         steps.run.append(["firewall-cmd", "--reload"])
         return steps
     if remove:
-        steps.show.append("nft delete table inet neuromesh")
+        # nftables deletes a rule by its handle only: list them, then delete the NeuroMesh ones.
+        steps.show += ["nft -a list chain inet filter input | grep NeuroMesh",
+                       "nft delete rule inet filter input handle HANDLE    (for each handle listed)"]
     else:
-        # A base chain of its own at a priority before the distribution's filter chain: an accept
-        # there does not override a drop elsewhere, so the rules go into the existing input chain.
-        steps.show += ["nft insert rule inet filter input ip saddr %s %s dport %d accept" % (subnet, protocol, port)
-                       for subnet, protocol, port in rules]
+        # An accept in a table of NeuroMesh's own would not override a drop in the distribution's
+        # filter chain, so the rules go into that chain, marked with a comment.
+        steps.show += ['nft insert rule inet filter input ip saddr %s %s dport %d accept comment "NeuroMesh"'
+                       % (subnet, protocol, port) for subnet, protocol, port in rules]
     steps.notes.append("Neither ufw nor firewalld is installed: if this machine filters with nftables, run the "
                        "commands above as root (they assume the usual `inet filter input` chain; add them to "
                        "/etc/nftables.conf to keep them after a reboot). With no firewall, nothing is needed.")

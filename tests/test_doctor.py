@@ -90,7 +90,10 @@ def test_linux_uses_ufw_then_firewalld_per_local_subnet_else_prints_nftables():
     removed = neuromesh.firewall_steps("linux", PORTS, subnets, which=only("firewall-cmd"), remove=True)
     assert removed.run[0][2].startswith("--remove-rich-rule=")
     bare = neuromesh.firewall_steps("linux", PORTS, subnets, which=only())
-    assert bare.run == [] and "nft insert rule inet filter input ip saddr 10.77.1.0/24 udp dport 5000 accept" in bare.show
+    assert bare.run == [] and ('nft insert rule inet filter input ip saddr 10.77.1.0/24 udp dport 5000 accept '
+                               'comment "NeuroMesh"') in bare.show
+    bare_removal = neuromesh.firewall_steps("linux", PORTS, subnets, which=only(), remove=True)
+    assert bare_removal.run == [] and bare_removal.show[0] == "nft -a list chain inet filter input | grep NeuroMesh"
     assert len(bare.show) == 6 and "nftables" in bare.notes[0]
     nowhere = neuromesh.firewall_steps("linux", PORTS, [], which=only("ufw"))
     assert nowhere.run == [] and "No private IPv4 subnet" in nowhere.notes[0]
@@ -373,3 +376,39 @@ def test_the_new_commands_have_their_own_help():
         assert " ".join(words.split()) in " ".join(result.stdout.split()), result.stdout
     listing = run_cli("--help").stdout
     assert all("\n  %s " % command in listing for command in ("doctor", "status", "firewall"))
+
+
+def test_install_sh_uninstall_shows_the_removal_and_changes_nothing_without_consent(tmp_path):
+    # stdin is no terminal and there is no --yes: the commands are printed, never run
+    result = subprocess.run(["sh", os.path.join(ROOT, "install.sh"), "--uninstall"], stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHON=sys.executable))
+    assert "To remove NeuroMesh's firewall rules on linux:" in result.stdout, result.stdout + result.stderr
+    assert "Done." not in result.stdout
+    assert result.returncode == 0 or "Nothing changed" in result.stderr or "No private IPv4 subnet" in result.stdout
+
+
+def test_the_page_is_served_from_inside_the_archive(tmp_path):
+    import zipfile
+    archive = str(tmp_path / "neuromesh-test.pyz")
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.writestr("neuromesh_static/index.html", "<!doctype html><title>NeuroMesh</title>")
+        bundle.writestr("neuromesh_static/app.js", "console.log(1);")
+        bundle.writestr("neuromesh.py", "secret = 1")
+    files = neuromesh.ArchivedFiles(archive)
+    page = files.response("index.html")
+    assert page.status_code == 200 and page.body == b"<!doctype html><title>NeuroMesh</title>"
+    assert page.headers["Content-Type"] == "text/html; charset=UTF-8"
+    assert "javascript" in files.response("app.js").headers["Content-Type"]
+    for name in ("../neuromesh.py", "neuromesh.py", "", "nope.css", "..\\neuromesh.py"):
+        assert files.response(name).status_code == 404, name
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=st.text(max_size=40))
+def test_any_path_asked_of_the_archive_is_its_file_or_a_404(name):
+    files = neuromesh.ArchivedFiles("unused.pyz")
+    files._files = {"index.html": b"page", "sub/app.js": b"js"}
+    reply = files.response(name)
+    assert reply.status_code in (200, 404)
+    if reply.status_code == 200:
+        assert reply.body in (b"page", b"js") and name.replace("\\", "/").lstrip("/") in files._files
