@@ -7764,6 +7764,8 @@ class Doctor:
 
     connect_timeout = 3.0
     llm_timeout = 3.0
+    max_heard = 1000  # distinct node ids kept from announcements (a flood of made-up ids stays bounded)
+    max_dialed = 32  # peers whose TCP port is tried (3 s each at worst)
     probe = b"NeuroMesh doctor probe"  # no announcement: nodes drop it unread
 
     def __init__(self, config, system=None, out=None):
@@ -7936,7 +7938,8 @@ class Doctor:
             while time.monotonic() < deadline:
                 if selector.select(max(0.0, min(0.25, deadline - time.monotonic()))):
                     for ip, message in discovery.receive():
-                        self.heard[message["node_id"]] = (ip, message)
+                        if message["node_id"] in self.heard or len(self.heard) < self.max_heard:
+                            self.heard[message["node_id"]] = (ip, message)
         finally:
             selector.close()
         self.other_room = discovery.counters.get("unauthenticated_datagrams", 0)
@@ -7955,7 +7958,9 @@ class Doctor:
         peers = {node_id: heard for node_id, heard in self.heard.items() if node_id != own}
         if own in self.heard:
             self.add("ok", "this machine's running node is announcing")
-        for node_id, (ip, message) in sorted(peers.items()):
+        if len(peers) > self.max_dialed:
+            self.add("note", "heard %d peers; trying the TCP port of the first %d" % (len(peers), self.max_dialed))
+        for node_id, (ip, message) in sorted(peers.items())[:self.max_dialed]:
             label = "%s (%s)" % (safe_text(message.get("name") or node_id[:8], 64), ip)
             error = self.reachable(ip, message["tcp_port"])
             if error is None:

@@ -412,3 +412,25 @@ def test_any_path_asked_of_the_archive_is_its_file_or_a_404(name):
     assert reply.status_code in (200, 404)
     if reply.status_code == 200:
         assert reply.body in (b"page", b"js") and name.replace("\\", "/").lstrip("/") in files._files
+
+
+def test_a_flood_of_made_up_announcements_keeps_the_doctor_bounded(tmp_path):
+    doctor = neuromesh.Doctor(config_of("--ollama-url", "none", data_dir=tmp_path), system="linux", out=list().append)
+    readable, other = socket.socketpair()
+    counter = iter(range(10 ** 9))
+
+    class Flood:
+        sock = readable
+        counters = {"unauthenticated_datagrams": 3}
+
+        @staticmethod
+        def receive():
+            return [("10.0.0.9", {"node_id": "n%d" % next(counter), "tcp_port": 7878}) for _ in range(64)]
+
+    try:
+        other.send(b"x")  # the socket stays readable: the flood never stops
+        doctor.listen(Flood, 0.3)
+    finally:
+        readable.close()
+        other.close()
+    assert len(doctor.heard) == doctor.max_heard and doctor.other_room == 3
