@@ -42,6 +42,8 @@
 .EXAMPLE
     .\install.ps1 -Dev; $env:PYTHONPATH = "_vendor"; py -3 -m pytest
 #>
+# Not positional: `.\install.ps1 --dev` must not become -Offline '--dev'.
+[CmdletBinding(PositionalBinding = $false)]
 param(
     [switch]$Dev,
     [switch]$Bundle,
@@ -49,7 +51,9 @@ param(
     [string]$Wheelhouse = '',
     [switch]$Firewall,
     [switch]$Uninstall,
-    [switch]$Help
+    [switch]$Help,
+    # The spellings of install.sh (--dev, --offline DIR, ...) arrive here.
+    [Parameter(ValueFromRemainingArguments = $true)][string[]]$Rest = @()
 )
 
 # Native commands report failure through $LASTEXITCODE, checked after each call.
@@ -95,9 +99,9 @@ After installing:
 }
 
 # The spellings of install.sh work too.
-$rest = @($args)
-for ($i = 0; $i -lt $rest.Count; $i++) {
-    $arg = "$($rest[$i])"
+$given = @($Rest)
+for ($i = 0; $i -lt $given.Count; $i++) {
+    $arg = "$($given[$i])"
     switch -CaseSensitive ($arg) {
         '--dev' { $Dev = [switch]$true }
         '--bundle' { $Bundle = [switch]$true }
@@ -105,12 +109,12 @@ for ($i = 0; $i -lt $rest.Count; $i++) {
         '--uninstall' { $Uninstall = [switch]$true }
         '--help' { $Help = [switch]$true }
         { $_ -in @('--offline', '--wheelhouse') } {
-            if ($i + 1 -ge $rest.Count) {
+            if ($i + 1 -ge $given.Count) {
                 Write-Host "install.ps1: $arg needs a folder: .\install.ps1 $arg DIR" -ForegroundColor Red
                 exit 2
             }
             $i++
-            if ($arg -eq '--offline') { $Offline = "$($rest[$i])" } else { $Wheelhouse = "$($rest[$i])" }
+            if ($arg -eq '--offline') { $Offline = "$($given[$i])" } else { $Wheelhouse = "$($given[$i])" }
         }
         default {
             Write-Host "install.ps1: unknown option: $arg" -ForegroundColor Red

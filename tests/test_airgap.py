@@ -287,7 +287,7 @@ def sh_flags():
 def ps1_flags():
     text = open(os.path.join(ROOT, "install.ps1")).read()
     params = re.search(r"^param\((.*?)^\)", text, re.M | re.S).group(1)
-    return sorted("--" + name.lower() for name in re.findall(r"\$([A-Za-z]+)", params))
+    return sorted("--" + name.lower() for name in re.findall(r"\[(?:switch|string)\]\$([A-Za-z]+)", params))
 
 
 def test_install_ps1_offers_the_same_flags_as_install_sh():
