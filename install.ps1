@@ -82,7 +82,7 @@ Installs NeuroMesh's dependencies into _vendor\ beside this script
   -Firewall        after installing, open UDP 5000 and TCP 7878 and 8080 for the
                    local subnet only, in the firewall group NeuroMesh (shows the
                    commands and asks first; run PowerShell as Administrator;
-                   other ports: py -3 neuromesh.py firewall --http-port 9090 ...)
+                   other ports: $env:NEUROMESH_HTTP_PORT = 9090 first)
   -Uninstall       remove the firewall rules that -Firewall added (delete the
                    folder yourself to remove NeuroMesh)
   -Help            show this help and exit

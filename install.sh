@@ -37,7 +37,7 @@ Installs NeuroMesh's dependencies into _vendor/ beside this script
                     wheels in DIR instead of PyPI
   --firewall        after installing, open UDP 5000 and TCP 7878 and 8080 for the
                     local subnet only (shows the commands and asks first; other
-                    ports: python3 neuromesh.py firewall --http-port 9090 ...)
+                    ports: NEUROMESH_HTTP_PORT=9090 ./install.sh --firewall)
   --uninstall       remove the firewall rules that --firewall added (delete the
                     folder yourself to remove NeuroMesh)
   -h, --help        show this help and exit
