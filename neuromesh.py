@@ -7798,6 +7798,8 @@ class Doctor:
                       self.check_firewall, self.check_llm, self.check_network, self.check_mesh_llm):
             try:
                 check()
+            except BrokenPipeError:  # `doctor | head`: the reader is gone
+                raise
             except Exception as exc:  # one broken check must not hide the others
                 log.debug("doctor check %s failed", check.__name__, exc_info=True)
                 self.add("note", "%s could not run: %s" % (check.__name__[6:], safe_text(str(exc))))
@@ -8240,6 +8242,9 @@ def main(argv=None):
         if args.command == "firewall":
             return run_firewall(config, remove=args.uninstall, assume_yes=args.yes, dry_run=args.dry_run)
         return run_transfer(config, args.command, args.directory)
+    except BrokenPipeError:  # `doctor | head` closed the pipe: stop quietly (Python's documented recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except NeuroMeshError as exc:
         print("neuromesh: error: %s" % exc, file=sys.stderr)
         return 2

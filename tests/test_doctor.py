@@ -434,3 +434,11 @@ def test_a_flood_of_made_up_announcements_keeps_the_doctor_bounded(tmp_path):
         readable.close()
         other.close()
     assert len(doctor.heard) == doctor.max_heard and doctor.other_room == 3
+
+
+def test_doctor_piped_into_head_stops_quietly(cluster, tmp_path):
+    flags = " ".join(loopback_doctor_flags(cluster, "--ollama-url", "none"))
+    piped = subprocess.run(["sh", "-c", "'%s' '%s' doctor --data-dir '%s' %s | head -n 1" % (
+        sys.executable, SCRIPT, tmp_path, flags)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert piped.stdout.startswith("NeuroMesh doctor") and len(piped.stdout.splitlines()) == 1
+    assert "Traceback" not in piped.stderr and "BrokenPipeError" not in piped.stderr, piped.stderr
