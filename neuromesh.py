@@ -24,7 +24,11 @@ The rooms of this file, in the order data flows (each section a room)::
     http apis                       Gatekeeper (who may ask), PageApi, OllamaApi, OpenAIApi, RelayApi,
                                     ErrorReplies; HTTPServer (waitress)
     node, cli                       LocalLLM (this computer's LLM, told truly); Node (a MeshListener)
-                                    builds and wires the rooms; main()
+                                    builds and wires the rooms; Doctor, status, firewall steps per
+                                    OS; main()
+
+Run as one file (``install.sh --bundle``: a .pyz, or its folder), the runtime packages sit beside
+this module and the page is read from inside the archive (ArchivedFiles).
 
 A chat: PageApi.post_message -> ChatService.add_question -> Store.add_message ->
 ChatService.answer -> ChatService.stream -> Router.chat -> Backend.chat (a PeerBackend
@@ -57,6 +61,7 @@ import hashlib
 import hmac
 import json
 import logging
+import mimetypes
 import os
 import queue
 import re
@@ -67,18 +72,27 @@ import signal
 import socket
 import sqlite3
 import struct
+import subprocess
 import sys
 import threading
 import time
 import unicodedata
 import uuid
 import webbrowser
+import zipfile
 from datetime import datetime, timedelta, timezone
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VENDOR_DIR = os.path.join(HERE, "_vendor")
-if os.path.isdir(VENDOR_DIR) and VENDOR_DIR not in sys.path:
-    sys.path.insert(0, VENDOR_DIR)
+# Run as one file (neuromesh-<version>.pyz), HERE is the archive itself; the bundle, as a file or as
+# its folder, holds the runtime packages beside this module instead of in _vendor/.
+ARCHIVE = HERE if os.path.isfile(HERE) else None
+BUNDLED = ARCHIVE is not None or os.path.isfile(os.path.join(HERE, "__main__.py"))
+if BUNDLED:
+    sys.dont_write_bytecode = True  # a bundle writes nothing beside itself: no __pycache__
+_DEPENDENCY_DIR = HERE if BUNDLED else VENDOR_DIR
+if (BUNDLED or os.path.isdir(VENDOR_DIR)) and _DEPENDENCY_DIR not in sys.path:
+    sys.path.insert(0, _DEPENDENCY_DIR)
 
 try:
     import bottle
@@ -516,7 +530,7 @@ def build_arg_parser():
     epilog_lines += ["  NEUROMESH_%s" % key.upper() for key in SETTINGS]
     parser = argparse.ArgumentParser(
         prog="neuromesh.py",
-        usage="python neuromesh.py [run | export DIR | import DIR] [options]",
+        usage="python neuromesh.py [run | doctor | status | firewall | export DIR | import DIR] [options]",
         description="Share the local LLMs of a room: run it on every machine.\n\ncommands:\n" + "\n".join(
             "  %-12s %s" % (name, text.split("\n")[0]) for name, text in COMMAND_HELP.items())
         + "\n\n`python neuromesh.py COMMAND --help` explains a command.",
@@ -536,7 +550,10 @@ def build_arg_parser():
         else:
             parser.add_argument(flag, default=None, help=help_text)
     parser.add_argument("--version", action="store_true", help="print versions and where packages load from")
-    parser.add_argument("command", nargs="?", choices=("run", "export", "import"), default="run",
+    parser.add_argument("--uninstall", action="store_true", help="firewall: remove NeuroMesh's rules")
+    parser.add_argument("--yes", action="store_true", help="firewall: apply the commands without asking")
+    parser.add_argument("--dry-run", action="store_true", help="firewall: only print the commands")
+    parser.add_argument("command", nargs="?", choices=tuple(COMMAND_HELP), default="run",
                         help=argparse.SUPPRESS)
     parser.add_argument("directory", nargs="?", help=argparse.SUPPRESS)
     return parser
@@ -553,6 +570,20 @@ COMMAND_HELP = {
               "  python neuromesh.py import DIR [--data-dir DATA_DIR]\n\n"
               "Reads DIR/conversations/*.json and DIR/received/<peer>/*.json; a bad file imports nothing.\n"
               "What the data dir already holds is skipped, so importing twice adds nothing twice.",
+    "doctor": "check why peers do not appear, and print a fix for each problem found.\n\n"
+              "  python neuromesh.py doctor [--broadcast ADDR] [--udp-port N] [--mesh-key CODE] ...\n\n"
+              "Takes the node's options (ports, room code, LLM URLs, --peer) and checks: Python and where each\n"
+              "package loads from, the data dir, the ports, each interface and its broadcast, the room (a hash of\n"
+              "the code, never the code), this machine's LLM, the firewall, and the peers heard during two\n"
+              "announce intervals. Exits 1 when something blocks the mesh.",
+    "status": "ask the node running on this computer for its health, peers and LLM hosts, as tables.\n\n"
+              "  python neuromesh.py status [--http-port PORT | --data-dir DATA_DIR]",
+    "firewall": "open this node's ports (UDP 5000, TCP 7878 and 8080, or the ones configured) for the local\n"
+                "subnet only; shows the commands and asks first.\n\n"
+                "  python neuromesh.py firewall [--uninstall] [--yes] [--dry-run] [--http-port N ...]\n\n"
+                "Windows: New-NetFirewallRule in the group NeuroMesh. macOS: the application firewall.\n"
+                "Linux: ufw or firewalld where present, else the nftables commands to run. --uninstall removes\n"
+                "the rules. Needs Administrator or root.",
 }
 
 # What a setting's value must be, in words, for an error people can act on.
@@ -6101,6 +6132,48 @@ def set_security_headers():
     bottle.response.set_header("X-Content-Type-Options", "nosniff")
 
 
+class ArchivedFiles:
+    """The page's files read from inside the .pyz (bottle.static_file needs a real folder).
+
+    Read once on first use: the page is a few hundred KiB, and a zip is not opened per request.
+    """
+
+    folder = "neuromesh_static/"
+
+    def __init__(self, archive):
+        self.archive = archive
+        self._files = None
+        self._lock = threading.Lock()
+
+    def files(self):
+        with self._lock:
+            if self._files is None:
+                with zipfile.ZipFile(self.archive) as bundle:
+                    self._files = {name[len(self.folder):]: bundle.read(name) for name in bundle.namelist()
+                                   if name.startswith(self.folder) and not name.endswith("/")}
+            return self._files
+
+    def response(self, name):
+        """The file ``name`` of the page as a Bottle reply, or a 404 like bottle.static_file's."""
+        body = self.files().get(name.replace("\\", "/").lstrip("/"))
+        if body is None:
+            return bottle.HTTPError(404, "File does not exist.")
+        mimetype = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        if mimetype.startswith("text/") or mimetype in ("application/javascript", "image/svg+xml"):
+            mimetype += "; charset=UTF-8"
+        return bottle.HTTPResponse(body, 200, {"Content-Type": mimetype, "Content-Length": str(len(body))})
+
+
+_ARCHIVED_FILES = ArchivedFiles(ARCHIVE) if ARCHIVE else None
+
+
+def static_file(name):
+    """A file of the chat page: from neuromesh_static/, or from inside the .pyz run as one file."""
+    if _ARCHIVED_FILES is not None:
+        return _ARCHIVED_FILES.response(name)
+    return bottle.static_file(name, root=STATIC_DIR)
+
+
 class ErrorReplies:
     """The one place errors become HTTP replies, in the error format of the API that was asked.
 
@@ -6467,10 +6540,10 @@ class PageApi(HttpApi):
         if accept and "text/html" not in accept and "*/*" not in accept:
             bottle.response.content_type = "text/plain; charset=utf-8"
             return "Ollama is running"
-        return bottle.static_file("index.html", root=STATIC_DIR)
+        return static_file("index.html")
 
     def static(self, path):
-        return bottle.static_file(path, root=STATIC_DIR)
+        return static_file(path)
 
     def health(self):
         return self.node.health()
@@ -7533,6 +7606,650 @@ class Node(MeshListener):
 
 
 ###############################################################################
+# Firewall, doctor and status #################################################
+###############################################################################
+#
+# What a user runs when peers do not appear: `doctor` checks this machine and the network,
+# `status` asks a running node, `firewall` opens the ports for the local subnet. Each
+# OS-specific step is one small function below, given the OS, so tests build every OS's
+# commands without running them (and never touch this machine's firewall).
+
+FIREWALL_GROUP = "NeuroMesh"
+MACOS_SOCKETFILTERFW = "/usr/libexec/ApplicationFirewall/socketfilterfw"
+
+
+def current_os():
+    """``"windows"``, ``"macos"`` or ``"linux"`` (another Unix counts as linux): the one place that asks."""
+    if sys.platform.startswith("win"):
+        return "windows"
+    return "macos" if sys.platform == "darwin" else "linux"
+
+
+def mesh_ports(config):
+    """``[(protocol, port, flag)]`` that peers and browsers reach: discovery, links, the page."""
+    ports = [("tcp", config.tcp_port, "--tcp-port"), ("tcp", config.http_port, "--http-port")]
+    if not config.no_discovery:
+        ports.insert(0, ("udp", config.udp_port, "--udp-port"))
+    return ports
+
+
+def local_subnets():
+    """This machine's private IPv4 subnets (``10.1.2.0/24``), the only sources the rules let in."""
+    subnets = []
+    for _name, ip, prefix in local_ipv4_interfaces():
+        if ip.startswith("127.") or prefix >= 32 or not is_private_address(ip):
+            continue
+        subnet = str(ipaddress.ip_network("%s/%d" % (ip, prefix), strict=False))
+        if subnet not in subnets:
+            subnets.append(subnet)
+    return subnets
+
+
+@dataclasses.dataclass
+class FirewallSteps:
+    """What ``firewall`` does on one OS: commands it runs (argv lists), commands it only shows
+    (for the user to run: no tool it can drive), and notes to read."""
+
+    run: list = dataclasses.field(default_factory=list)
+    show: list = dataclasses.field(default_factory=list)
+    notes: list = dataclasses.field(default_factory=list)
+
+
+def windows_firewall_steps(ports, remove=False):
+    """PowerShell's New-NetFirewallRule, in the NeuroMesh group, from the local subnet only."""
+    steps = FirewallSteps()
+    if remove:
+        steps.run.append(["powershell", "-NoProfile", "-Command",
+                          "Remove-NetFirewallRule -Group '%s' -ErrorAction SilentlyContinue" % FIREWALL_GROUP])
+        return steps
+    for protocol, port, _flag in ports:
+        name = "NeuroMesh %s %d" % (protocol.upper(), port)
+        steps.run.append(["powershell", "-NoProfile", "-Command",
+                          "New-NetFirewallRule -DisplayName '%s' -Group '%s' -Direction Inbound -Action Allow "
+                          "-Protocol %s -LocalPort %d -RemoteAddress LocalSubnet -Profile Domain,Private"
+                          % (name, FIREWALL_GROUP, protocol.upper(), port)])
+    steps.notes.append("Windows classes a new network as Public, where these rules do not apply. On the "
+                       "classroom network, set it to Private (Settings > Network & internet > the network > "
+                       "Private network), or, if you must, allow Public too: "
+                       "Set-NetFirewallRule -Group NeuroMesh -Profile Any")
+    steps.notes.append("Run PowerShell as Administrator. Remove the rules with: python neuromesh.py firewall "
+                       "--uninstall")
+    return steps
+
+
+def macos_firewall_steps(python, ports, remove=False):
+    """macOS's application firewall allows programs, not ports: it lets this Python accept connections."""
+    steps = FirewallSteps()
+    if remove:
+        steps.run.append(["sudo", MACOS_SOCKETFILTERFW, "--remove", python])
+        return steps
+    steps.run.append(["sudo", MACOS_SOCKETFILTERFW, "--add", python])
+    steps.run.append(["sudo", MACOS_SOCKETFILTERFW, "--unblockapp", python])
+    steps.notes.append("The macOS application firewall allows a program, not a port or a subnet: this lets %s "
+                       "accept connections (it asks for your password). A third-party firewall (Little Snitch, "
+                       "LuLu) needs its own rule for %s." % (python, ", ".join(
+                           "%s %d" % (protocol.upper(), port) for protocol, port, _flag in ports)))
+    return steps
+
+
+def linux_firewall_steps(ports, subnets, which=shutil.which, remove=False):
+    """ufw or firewalld where present (rules per local subnet); else the nftables commands to run."""
+    steps = FirewallSteps()
+    if not subnets:
+        steps.notes.append("No private IPv4 subnet found on this machine's interfaces: connect to the "
+                           "classroom network first, then run this again.")
+        return steps
+    rules = [(subnet, protocol, port) for subnet in subnets for protocol, port, _flag in ports]
+    if which("ufw"):
+        for subnet, protocol, port in rules:
+            verb = ["delete", "allow"] if remove else ["allow"]
+            steps.run.append(["ufw"] + verb + ["from", subnet, "to", "any", "port", str(port), "proto", protocol])
+        return steps
+    if which("firewall-cmd"):
+        option = "--remove-rich-rule" if remove else "--add-rich-rule"
+        for subnet, protocol, port in rules:
+            steps.run.append(["firewall-cmd", "--permanent", "%s=rule family=ipv4 source address=%s port port=%d "
+                              "protocol=%s accept" % (option, subnet, port, protocol)])
+        steps.run.append(["firewall-cmd", "--reload"])
+        return steps
+    if remove:
+        # nftables deletes a rule by its handle only: list them, then delete the NeuroMesh ones.
+        steps.show += ["nft -a list chain inet filter input | grep NeuroMesh",
+                       "nft delete rule inet filter input handle HANDLE    (for each handle listed)"]
+    else:
+        # An accept in a table of NeuroMesh's own would not override a drop in the distribution's
+        # filter chain, so the rules go into that chain, marked with a comment.
+        steps.show += ['nft insert rule inet filter input ip saddr %s %s dport %d accept comment "NeuroMesh"'
+                       % (subnet, protocol, port) for subnet, protocol, port in rules]
+    steps.notes.append("Neither ufw nor firewalld is installed: if this machine filters with nftables, run the "
+                       "commands above as root (they assume the usual `inet filter input` chain; add them to "
+                       "/etc/nftables.conf to keep them after a reboot). With no firewall, nothing is needed.")
+    return steps
+
+
+def firewall_steps(system, ports, subnets=(), which=shutil.which, python=None, remove=False):
+    """The FirewallSteps for ``system`` (see current_os), built without running anything."""
+    if system == "windows":
+        return windows_firewall_steps(ports, remove)
+    if system == "macos":
+        return macos_firewall_steps(python or sys.executable, ports, remove)
+    return linux_firewall_steps(ports, list(subnets), which, remove)
+
+
+def short_error(exc):
+    """What went wrong with an HTTP request, in a few words."""
+    if isinstance(exc, requests.Timeout):
+        return "no answer in time"
+    if isinstance(exc, requests.ConnectionError):
+        return "nothing answers there"
+    return safe_text(str(exc), 160)
+
+
+def run_command(argv, timeout=30):
+    """``(exit code, output)`` of a command; a missing program is exit 127, never an exception."""
+    try:
+        done = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
+                              universal_newlines=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return 127, str(exc)
+    return done.returncode, done.stdout or ""
+
+
+def linux_firewall_state(which=shutil.which, run=run_command):
+    if which("ufw"):
+        code, out = run(["ufw", "status"])
+        if code != 0:
+            return "ufw is installed; its state needs root: sudo ufw status"
+        return "ufw: " + " ".join(out.split()[:2] if "inactive" in out else [line.strip() for line in
+                                  out.splitlines() if "Status" in line or "5000" in line or "7878" in line][:6])
+    if which("firewall-cmd"):
+        code, out = run(["firewall-cmd", "--state"])
+        return "firewalld: %s" % (out.strip() or "unknown (needs root)")
+    if which("nft"):
+        code, out = run(["nft", "list", "ruleset"])
+        if code != 0:
+            return "nftables is installed; its rules need root to read: sudo nft list ruleset"
+        return "nftables: %s" % ("no rules" if not out.strip() else "%d rules loaded; check they allow UDP/TCP "
+                                 "from the local subnet" % out.count("\n"))
+    return "no ufw, firewalld or nftables found: nothing on this machine filters"
+
+
+def macos_firewall_state(run=run_command):
+    code, out = run([MACOS_SOCKETFILTERFW, "--getglobalstate"])
+    return out.strip() or "application firewall: unknown"
+
+
+def windows_firewall_state(run=run_command):
+    code, out = run(["powershell", "-NoProfile", "-Command",
+                     "(Get-NetFirewallRule -Group '%s' -ErrorAction SilentlyContinue | Measure-Object).Count; "
+                     "(Get-NetConnectionProfile).NetworkCategory" % FIREWALL_GROUP])
+    lines = out.split()
+    if code != 0 or not lines or not lines[0].isdigit():
+        return "Windows Defender Firewall: state unknown (%s)" % safe_text(out.strip() or "no output")
+    state = "%s NeuroMesh rules" % lines[0]
+    if "Public" in lines[1:]:
+        state += "; this network is Public, where the rules do not apply (make it Private)"
+    return state
+
+
+def firewall_state(system, which=shutil.which, run=run_command):
+    """One line on this OS's firewall, for doctor (reads only; never changes a rule)."""
+    if system == "windows":
+        return windows_firewall_state(run)
+    if system == "macos":
+        return macos_firewall_state(run)
+    return linux_firewall_state(which, run)
+
+
+def run_firewall(config, remove=False, assume_yes=False, dry_run=False, system=None, run=run_command):
+    """``firewall``: show the commands, ask, then run them; ``--uninstall`` removes the rules."""
+    system = system or current_os()
+    steps = firewall_steps(system, mesh_ports(config), local_subnets(), python=sys.executable, remove=remove)
+    what = "remove NeuroMesh's firewall rules" if remove else "open %s for the local subnet only" % ", ".join(
+        "%s %d" % (protocol.upper(), port) for protocol, port, _flag in mesh_ports(config))
+    print("To %s on %s:" % (what, system))
+    for argv in steps.run:
+        print("  " + " ".join(argv if argv[0] != "powershell" else argv[3:]))
+    for line in steps.show:
+        print("  " + line)
+    for note in steps.notes:
+        print("Note: " + note)
+    if not steps.run or dry_run:
+        return 0 if steps.run or steps.show else 1
+    if not assume_yes:
+        if not sys.stdin.isatty():
+            print("Nothing changed: run again with --yes to apply these commands.", file=sys.stderr)
+            return 1
+        if input("Run these commands now? [y/N] ").strip().lower() not in ("y", "yes"):
+            print("Nothing changed.")
+            return 1
+    failed = 0
+    for argv in steps.run:
+        code, out = run(argv)
+        if code != 0:
+            failed += 1
+            print("failed (%d): %s\n%s" % (code, " ".join(argv), out.strip()), file=sys.stderr)
+    if failed:
+        print("Some commands failed: run this as %s." % ("Administrator" if system == "windows" else "root (sudo)"),
+              file=sys.stderr)
+        return 1
+    print("Done." if remove else "Done: peers of the local subnet can reach this node.")
+    return 0
+
+
+def running_node_info(data_dir):
+    """What a node running on ``data_dir`` wrote at start (``runtime.json``), or None when none runs."""
+    try:
+        with open(os.path.join(data_dir, RUNTIME_FILE), encoding="utf-8") as handle:
+            info = json.load(handle)
+        pid = int(info["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if os.name == "posix" and pid != os.getpid():  # on Windows os.kill would end the process
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None  # left behind by a node that was killed
+        except PermissionError:
+            pass
+    return info
+
+
+def port_in_use(host, protocol, port):
+    """The OSError binding ``port`` gives, or None when it is free (the socket is closed at once).
+    UDP binds the way Discovery does, so a running node's shared discovery socket is no clash."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM if protocol == "udp" else socket.SOCK_STREAM)
+    try:
+        if protocol == "udp" or os.name == "posix":  # Windows' SO_REUSEADDR would steal a TCP port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if protocol == "udp" and hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("" if protocol == "udp" else host, port))
+        return None
+    except OSError as exc:
+        return exc
+    finally:
+        sock.close()
+
+
+@dataclasses.dataclass
+class Finding:
+    """One line of doctor's report; a ``problem`` blocks the mesh (doctor then exits 1)."""
+
+    level: str  # "ok", "note" or "problem"
+    text: str
+    fix: str = None
+    details: list = dataclasses.field(default_factory=list)
+
+
+class Doctor:
+    """Checks what the mesh needs on this machine and its network, and says how to fix each problem.
+
+    Methods for the caller: ``run()`` (every check, in order; returns the findings).
+    Nothing here changes the machine: ports are bound only to see whether they are free, one
+    probe datagram goes to each broadcast address, and each peer heard gets one TCP connection,
+    closed at once. Class variables: the timeouts.
+    """
+
+    connect_timeout = 3.0
+    llm_timeout = 3.0
+    max_heard = 1000  # distinct node ids kept from announcements (a flood of made-up ids stays bounded)
+    max_dialed = 32  # peers whose TCP port is tried (3 s each at worst)
+    probe = b"NeuroMesh doctor probe"  # no announcement: nodes drop it unread
+
+    def __init__(self, config, system=None, out=None):
+        self.config = config
+        self.system = system or current_os()
+        self.out = out or functools.partial(print, flush=True)
+        self.findings = []
+        self.running = running_node_info(config.data_dir)
+        self.heard = {}  # node id -> (ip, announcement)
+        self.other_room = 0
+        self.local_models = []
+
+    def add(self, level, text, fix=None, details=()):
+        finding = Finding(level, text, fix, list(details))
+        self.findings.append(finding)
+        self.out("[%s] %s" % (level, text) if level != "ok" else "[ok] %s" % text)
+        for line in finding.details:
+            self.out("      " + line)
+        if fix:
+            self.out("      fix: " + fix)
+        return finding
+
+    @property
+    def problems(self):
+        return [finding for finding in self.findings if finding.level == "problem"]
+
+    def run(self):
+        self.out("NeuroMesh doctor %s: checks this machine and its network (it changes nothing)." % __version__)
+        for check in (self.check_python, self.check_data_dir, self.check_ports, self.check_room,
+                      self.check_firewall, self.check_llm, self.check_network, self.check_mesh_llm):
+            try:
+                check()
+            except BrokenPipeError:  # `doctor | head`: the reader is gone
+                raise
+            except Exception as exc:  # one broken check must not hide the others
+                log.debug("doctor check %s failed", check.__name__, exc_info=True)
+                self.add("note", "%s could not run: %s" % (check.__name__[6:], safe_text(str(exc))))
+        if self.problems:
+            self.out("\n%d problem(s) block the mesh: see the fixes above." % len(self.problems))
+        else:
+            self.out("\nNothing blocks the mesh.")
+        return self.findings
+
+    # -- this machine --------------------------------------------------------------
+
+    def check_python(self):
+        self.add("ok", "Python %s at %s" % (sys.version.split()[0], sys.executable),
+                 details=version_report().splitlines()[2:])
+
+    def check_data_dir(self):
+        folder = self.config.data_dir
+        try:
+            os.makedirs(folder, exist_ok=True)
+            probe = os.path.join(folder, ".doctor-%d" % os.getpid())
+            with open(probe, "w", encoding="utf-8") as handle:
+                handle.write("ok")
+            os.remove(probe)
+        except OSError as exc:
+            self.add("problem", "the data dir %s is not writable (%s)" % (folder, exc.strerror or exc),
+                     "give a folder you can write with --data-dir (or NEUROMESH_DATA_DIR)")
+            return
+        self.add("ok", "data dir %s is writable" % folder)
+
+    def check_ports(self):
+        running = self.running or {}
+        for protocol, port, flag in mesh_ports(self.config):
+            name = "%s port %d (%s)" % (protocol.upper(), port, flag)
+            if port == 0:
+                self.add("ok", "%s: chosen when the node starts" % name)
+                continue
+            error = port_in_use(self.config.host, protocol, port)
+            held = running.get({"--http-port": "http_port", "--tcp-port": "tcp_port",
+                                "--udp-port": "udp_port"}[flag]) == port
+            if error is None:
+                self.add("ok", "%s is free" % name)
+            elif held:
+                self.add("ok", "%s is held by the running node (pid %s)" % (name, running.get("pid")))
+            else:
+                self.add("problem", "%s is in use by another program (%s)" % (name, error.strerror or error),
+                         "stop that program, or start NeuroMesh with %s %d (every node of the room needs the "
+                         "same UDP port; TCP ports may differ)" % (flag, port + 1))
+
+    def check_room(self):
+        if not self.config.mesh_key:
+            self.add("ok", "room: open (no --mesh-key): any NeuroMesh on this network may join")
+            return
+        status = room_status(derive_room_key(self.config.mesh_key))
+        self.add("ok", "room: closed by a room code, key hash %s (every machine of the room shows the same hash)"
+                 % status["key_hash"])
+
+    def check_firewall(self):
+        self.add("note", "firewall (%s): %s" % (self.system, firewall_state(self.system)),
+                 "if peers cannot reach this machine: python neuromesh.py firewall")
+
+    def check_llm(self):
+        config = self.config
+        backends = [("Ollama", url, "/api/tags") for url in _string_list(config.ollama_url or "")]
+        backends += [("OpenAI-compatible server", url, "/v1/models") for url in _string_list(config.openai_url or "")]
+        if not backends:
+            self.add("note", "no LLM backend configured on this machine (--ollama-url none)")
+        headers = {"Authorization": "Bearer " + config.openai_key} if config.openai_key else {}
+        for kind, url, path in backends:
+            try:
+                response = requests.get(url + path, timeout=self.llm_timeout,
+                                        headers=headers if path == "/v1/models" else {})
+                response.raise_for_status()
+                payload = response.json()
+                entries = payload.get("models") if path == "/api/tags" else payload.get("data")
+                models = [safe_text(entry.get("name") or entry.get("id"), 100) for entry in entries or []
+                          if isinstance(entry, dict)]
+            except (requests.RequestException, ValueError, AttributeError) as exc:
+                self.add("note", "%s at %s is not reachable (%s)" % (kind, url, short_error(exc)),
+                         "start it (`ollama serve`), or point --ollama-url / --openai-url at it")
+                continue
+            self.local_models += models
+            self.add("ok" if models else "note", "%s at %s answers; models: %s" % (kind, url, ", ".join(models)
+                     or "none"), None if models else "pull one: ollama pull llama3.2:1b")
+
+    # -- the network ---------------------------------------------------------------
+
+    def check_network(self):
+        config = self.config
+        interfaces = ["%s %s/%d%s" % (name, ip, prefix, "" if prefix >= 31 else " broadcast " +
+                                      directed_broadcast(ip, prefix)) for name, ip, prefix in local_ipv4_interfaces()]
+        self.add("ok", "%d IPv4 interface(s)" % len(interfaces), details=interfaces)
+        if config.no_discovery:
+            self.add("note", "discovery is off (--no-discovery): peers come only from --peer")
+            self.check_static_peers()
+            return
+        room_key = derive_room_key(config.mesh_key) if config.mesh_key else OPEN_ROOM_KEY
+        discovery = Discovery(config.udp_port, config.broadcast, "doctor-" + secrets.token_hex(8),
+                              config.announce_interval, room_key=room_key, allow_public=config.allow_public)
+        try:
+            discovery.open()
+        except (PortInUseError, OSError) as exc:
+            self.add("problem", "cannot listen for announcements on UDP %d: %s" % (config.udp_port, exc),
+                     "free UDP %d, or use --udp-port on every node of the room" % config.udp_port)
+            return
+        try:
+            if self.send_probes(discovery):
+                self.listen(discovery, 2 * config.announce_interval)
+        finally:
+            discovery.close()
+        self.judge_peers()
+
+    def send_probes(self, discovery):
+        """One probe to each broadcast address: proof that a broadcast can leave this machine."""
+        if not discovery.broadcast_addresses:
+            self.add("problem", "no network interface with a broadcast address: discovery can find nobody",
+                     "connect to the classroom network, or link by hand: --peer HOST:%d" % self.config.tcp_port)
+            return False
+        sent = []
+        for address in discovery.broadcast_addresses:
+            try:
+                discovery.sock.sendto(self.probe, (address, self.config.udp_port))
+                sent.append(address)
+            except OSError as exc:
+                self.add("problem", "cannot send a broadcast to %s:%d (%s)" % (address, self.config.udp_port,
+                                                                             exc.strerror or exc),
+                         "a firewall on this machine blocks outgoing broadcasts: allow UDP %d, or link by hand: "
+                         "--peer HOST:%d" % (self.config.udp_port, self.config.tcp_port))
+        if sent:
+            self.add("ok", "a broadcast can be sent to %s (UDP %d)" % (", ".join(sent), self.config.udp_port))
+        return bool(sent)
+
+    def listen(self, discovery, seconds):
+        self.out("      listening %.0f s for announcements (two announce intervals)..." % seconds)
+        selector = selectors.DefaultSelector()
+        try:
+            selector.register(discovery.sock, selectors.EVENT_READ)
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                if selector.select(max(0.0, min(0.25, deadline - time.monotonic()))):
+                    for ip, message in discovery.receive():
+                        if message["node_id"] in self.heard or len(self.heard) < self.max_heard:
+                            self.heard[message["node_id"]] = (ip, message)
+        finally:
+            selector.close()
+        self.other_room = discovery.counters.get("unauthenticated_datagrams", 0)
+
+    def reachable(self, host, port):
+        """None when a TCP connection to ``host:port`` opens (closed at once), else the error."""
+        try:
+            sock = socket.create_connection((host, port), timeout=self.connect_timeout)
+        except OSError as exc:
+            return exc
+        close_quietly(sock)
+        return None
+
+    def judge_peers(self):
+        own = (self.running or {}).get("node_id")
+        peers = {node_id: heard for node_id, heard in self.heard.items() if node_id != own}
+        if own in self.heard:
+            self.add("ok", "this machine's running node is announcing")
+        if len(peers) > self.max_dialed:
+            self.add("note", "heard %d peers; trying the TCP port of the first %d" % (len(peers), self.max_dialed))
+        for node_id, (ip, message) in sorted(peers.items())[:self.max_dialed]:
+            label = "%s (%s)" % (safe_text(message.get("name") or node_id[:8], 64), ip)
+            error = self.reachable(ip, message["tcp_port"])
+            if error is None:
+                self.add("ok", "peer %s heard, and TCP %d reaches it" % (label, message["tcp_port"]))
+            else:
+                self.add("problem", "heard but cannot connect: TCP %d is blocked on %s (%s)"
+                         % (message["tcp_port"], label, error.strerror or error),
+                         "on %s, open the firewall: python neuromesh.py firewall" % label)
+        if peers:
+            return
+        if self.other_room:
+            self.add("problem", "heard %d announcement(s) from another room: their room code differs from this "
+                     "machine's" % self.other_room,
+                     "give every machine of the room the same --mesh-key (doctor shows its key hash)")
+        elif self.check_static_peers():
+            self.add("note", "no announcement heard: broadcasts are blocked on this network (client isolation?), "
+                     "but the --peer given links the mesh")
+        else:
+            self.add("problem", "no announcement heard: broadcasts are blocked on this network (client "
+                     "isolation?), use --peer (or no other node runs on this network)",
+                     "start the others with --peer %s:%d (one reachable peer is enough)"
+                     % ((lan_addresses() or ["THIS-MACHINE"])[0], self.config.tcp_port))
+
+    def check_static_peers(self):
+        """Tries each --peer; True when one answers."""
+        answered = False
+        for host, port in self.config.static_peers:
+            error = self.reachable(host, port)
+            answered = answered or error is None
+            if error is None:
+                self.add("ok", "--peer %s:%d answers" % (host, port))
+            else:
+                self.add("problem", "--peer %s:%d cannot be reached (%s)" % (host, port, error.strerror or error),
+                         "check the address, and open TCP %d on that machine" % port)
+        return answered
+
+    def check_mesh_llm(self):
+        """A problem only when no LLM answers here and nobody on the mesh has one."""
+        if self.local_models:
+            return
+        with_llm = [message.get("name") or node_id[:8] for node_id, (_ip, message) in self.heard.items()
+                    if message.get("has_llm") and node_id != (self.running or {}).get("node_id")]
+        hosts = 0
+        if self.running and self.running.get("http_port"):
+            try:
+                hosts = requests.get("http://127.0.0.1:%d/api/health" % self.running["http_port"],
+                                     timeout=self.llm_timeout).json().get("llm_hosts", 0)
+            except (requests.RequestException, ValueError, AttributeError):
+                hosts = 0
+        if with_llm or hosts:
+            self.add("ok", "LLMs on the mesh: %s" % (", ".join(safe_text(name, 64) for name in with_llm)
+                                                     or "%d host(s), says the running node" % hosts))
+            return
+        self.add("problem", "no LLM: none answers on this machine and no peer heard has one",
+                 "install Ollama on one machine of the room (https://ollama.com) and pull a model "
+                 "(ollama pull llama3.2:1b), or point --ollama-url / --openai-url at a running one")
+
+
+def run_doctor(config, system=None):
+    """``doctor``: exit 1 when something blocks the mesh."""
+    doctor = Doctor(config, system)
+    doctor.run()
+    return 1 if doctor.problems else 0
+
+
+def format_table(headers, rows):
+    """Rows of text as aligned columns under ``headers``, two spaces apart."""
+    rows = [[str(cell) for cell in row] for row in rows]
+    widths = [max([len(header)] + [len(row[index]) for row in rows]) for index, header in enumerate(headers)]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+            for row in [list(headers)] + rows]
+
+
+def format_uptime(seconds):
+    seconds = int(seconds or 0)
+    hours, rest = divmod(seconds, 3600)
+    return ("%dh%02dm" % (hours, rest // 60)) if hours else "%dm%02ds" % divmod(rest, 60)
+
+
+def _record(value):
+    return value if isinstance(value, dict) else {}
+
+
+def _records(value):
+    return [item for item in value if isinstance(item, dict)] if isinstance(value, list) else []
+
+
+def _names(values, limit):
+    return ", ".join(safe_text(value, limit) for value in (values if isinstance(values, list) else []))
+
+
+def status_header(health):
+    """The node's name, id, version, uptime, room and own LLM, from its /api/health."""
+    room, llm = _record(health.get("room")), _record(health.get("llm"))
+    uptime = health.get("uptime_s") if isinstance(health.get("uptime_s"), (int, float)) else 0
+    first = "%s (node %s), NeuroMesh %s, up %s, room %s" % (
+        safe_text(health.get("name"), 64), safe_text(health.get("node_id"), 64)[:8],
+        safe_text(health.get("version"), 20), format_uptime(uptime),
+        "closed (key hash %s)" % safe_text(room.get("key_hash"), 16) if room.get("closed") else "open")
+    if llm.get("available"):
+        own = "%s at %s, models: %s" % (safe_text(llm.get("backend"), 40), safe_text(llm.get("url"), 100),
+                                        _names(llm.get("models"), 100) or "none")
+    else:
+        own = "none (%s)" % safe_text(llm.get("error") or llm.get("problem") or "not configured")
+    return [first, "LLM on this node: " + own]
+
+
+def peers_table(peers):
+    peers = _records(peers)
+    lines = ["Peers: %d linked, %d known" % (sum(1 for peer in peers if peer.get("connected") is True), len(peers))]
+    rows = [(safe_text(peer.get("name"), 40), safe_text(peer.get("node_id"), 64)[:8],
+             safe_text(peer.get("address"), 64), safe_text(peer.get("tcp_port"), 8),
+             "yes" if peer.get("connected") is True else "no", "yes" if peer.get("has_llm") is True else "no",
+             "-" if peer.get("rtt_ms") is None else safe_text(peer.get("rtt_ms"), 12),
+             _names(peer.get("models"), 60) or "-") for peer in peers]
+    if rows:
+        lines += ["  " + line for line in format_table(
+            ("NAME", "NODE", "ADDRESS", "TCP", "LINKED", "LLM", "RTT MS", "MODELS"), rows)]
+    return lines
+
+
+def models_table(models):
+    entries = _records(models.get("models"))
+    lines = ["LLM hosts on the mesh: %s" % safe_text(models.get("llm_hosts", 0), 12)]
+    rows = [(safe_text(entry.get("name"), 100), ", ".join(
+        safe_text(host.get("name"), 40) + (" (this node)" if host.get("local") is True else "")
+        for host in _records(entry.get("hosts")))) for entry in entries]
+    if rows:
+        lines += ["  " + line for line in format_table(("MODEL", "HOSTS"), rows)]
+    return lines
+
+
+def status_report(health, peers, models):
+    """The lines ``status`` prints from a node's /api/health, /api/peers and /api/models (each reply
+    is checked for shape: a field of the wrong type shows as text, never as a crash)."""
+    return status_header(_record(health)) + [""] + peers_table(peers) + [""] + models_table(_record(models))
+
+
+def run_status(config, port=None):
+    """``status``: asks the node on this computer (its HTTP port, on loopback) and prints tables."""
+    running = running_node_info(config.data_dir)
+    port = port or (running or {}).get("http_port") or config.http_port
+    base = "http://127.0.0.1:%d" % port
+    try:
+        replies = [requests.get(base + path, timeout=5) for path in ("/api/health", "/api/peers", "/api/models")]
+        for reply in replies:
+            reply.raise_for_status()
+        health, peers, models = [reply.json() for reply in replies]
+    except (requests.RequestException, ValueError) as exc:
+        print("neuromesh: error: no NeuroMesh answers at %s (%s).\nStart one with `python neuromesh.py`, or name "
+              "its port: python neuromesh.py status --http-port PORT (or its --data-dir)."
+              % (base, short_error(exc)), file=sys.stderr)
+        return 1
+    print("\n".join(status_report(health, peers, models)))
+    return 0
+
+
+###############################################################################
 # CLI #########################################################################
 ###############################################################################
 
@@ -7647,7 +8364,16 @@ def main(argv=None):
     try:
         if args.command == "run":
             return run_node(config)
+        if args.command == "doctor":
+            return run_doctor(config)
+        if args.command == "status":
+            return run_status(config, config.http_port if args.http_port is not None else None)
+        if args.command == "firewall":
+            return run_firewall(config, remove=args.uninstall, assume_yes=args.yes, dry_run=args.dry_run)
         return run_transfer(config, args.command, args.directory)
+    except BrokenPipeError:  # `doctor | head` closed the pipe: stop quietly (Python's documented recipe)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except NeuroMeshError as exc:
         print("neuromesh: error: %s" % exc, file=sys.stderr)
         return 2

@@ -83,11 +83,12 @@ def reserve_udp_port():
 class NodeProcess:
     """A real ``python neuromesh.py`` process on loopback, driven by a test."""
 
-    def __init__(self, data_dir, args, label, prefix=()):
+    def __init__(self, data_dir, args, label, prefix=(), program=None):
         self.data_dir = str(data_dir)
         self.args = list(args)
         self.label = label
         self.prefix = list(prefix)
+        self.program = list(program or [sys.executable, SCRIPT])  # the bundle tests run the .pyz instead
         self.process = None
         self.info = None
         self.log_path = os.path.join(self.data_dir, "node.log")
@@ -97,7 +98,7 @@ class NodeProcess:
         runtime = os.path.join(self.data_dir, "runtime.json")
         if os.path.exists(runtime):
             os.remove(runtime)  # left by a killed run
-        command = self.prefix + [sys.executable, SCRIPT, "--data-dir", self.data_dir, "--no-browser"] + self.args
+        command = self.prefix + self.program + ["--data-dir", self.data_dir, "--no-browser"] + self.args
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
 
