@@ -3223,7 +3223,8 @@ class Peer:
             self.queue = {key[:128]: min(count, 10000) for key, count in list(info["queue"].items())[:64]
                           if isinstance(key, str) and type(count) is int and count > 0}
         if "tokens_per_second" in info:
-            self.tokens_per_second = finite_or_none(info["tokens_per_second"], 1e6)
+            rate = finite_or_none(info["tokens_per_second"], 1e6)
+            self.tokens_per_second = rate if rate is not None and rate >= 0 else None
         self.last_seen = time.time()
 
 
