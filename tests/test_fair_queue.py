@@ -2,13 +2,15 @@
 first, --share-slots, placement where a chat starts soonest, re-placement, 503s moved, the pause
 switch, the requester carried through the relay, and the queues in /metrics and /api/health."""
 
+import os
 import threading
 
 import pytest
+import requests
 from hypothesis import given, settings, strategies as st
 
 import neuromesh
-from conftest import ScriptedBackend, StubNode, scripted_router, wait_for, wsgi_call
+from conftest import ScriptedBackend, StubNode, fully_linked, scripted_router, wait_for, wsgi_call
 from fake_ollama import FakeOllama
 
 prometheus_parser = pytest.importorskip("prometheus_client.parser")
@@ -377,3 +379,48 @@ def test_requester_weights_are_checked_when_the_node_starts():
     for bad in ("=3", "teacher", "teacher=many", "teacher=1000"):
         with pytest.raises(ValueError):
             neuromesh.parse_requester_weights(bad)
+
+
+# -- two real nodes: the requester through the relay, the waited time, the pause switch ----------
+
+
+def test_a_students_chat_on_a_sharing_host_is_counted_and_the_pause_switch_sends_chats_away(cluster):
+    model = "llama3.2:1b"
+    with FakeOllama(models=(model,), token_delay=0.005) as fake:
+        host = cluster.start("host", extra=["--ollama-url", fake.url, "--llm-parallel", "2", "--share-slots", "1"])
+        student = cluster.start("student")
+        wait_for(lambda: fully_linked([host, student]), message="mesh")
+
+        def student_hosts():
+            return {h["node_id"] for m in student.json("/api/models")["models"] for h in m["hosts"]}
+
+        wait_for(lambda: student_hosts() == {host.node_id}, message="the student may use the host's LLM")
+        conversation = student.post("/api/conversations", json={"title": "fair"}).json()["id"]
+        reply = student.post("/api/conversations/%s/messages" % conversation, json={"content": "hi"}, timeout=30)
+        assert reply.status_code == 201, reply.text
+        answer = reply.json()["assistant"]
+        assert answer["answered_by"] == host.node_id and answer["answered_by_name"] == host.health()["name"]
+        assert isinstance(answer["waited_s"], float) and 0 <= answer["waited_s"] < 30
+
+        samples = metric_samples(host.get("/metrics").text)
+        assert values_of(samples, "neuromesh_requester_chats_started_total",
+                         requester=student.node_id + "/owner") == [1]
+        assert values_of(samples, "neuromesh_sharing_with") == [1]
+        queues = host.health()["queues"]
+        assert queues["share_slots"] == 1 and queues["hosts"][0]["parallel"] == 2
+
+        paused = requests.patch(host.url + "/api/node", json={"sharing_paused": True}, timeout=5)
+        assert paused.status_code == 200 and paused.json()["sharing_paused"] is True
+        assert os.path.exists(os.path.join(host.data_dir, "sharing_paused"))  # kept like the node's name
+        assert host.health()["llm"]["sharing_paused"] is True
+        wait_for(lambda: student_hosts() == set(), message="the student stops placing chats on the paused host")
+        refused = student.post("/api/conversations/%s/messages" % conversation, json={"content": "again"}, timeout=30)
+        assert refused.status_code == 503
+        own = host.post("/api/chat", json={"model": model, "messages": [{"role": "user", "content": "mine"}],
+                                            "stream": False}, timeout=30)
+        assert own.status_code == 200, own.text  # the owner still uses their own LLM
+
+        resumed = requests.patch(host.url + "/api/node", json={"sharing_paused": False}, timeout=5)
+        assert resumed.json()["sharing_paused"] is False
+        wait_for(lambda: student_hosts() == {host.node_id}, message="sharing again")
+        assert not os.path.exists(os.path.join(host.data_dir, "sharing_paused"))
