@@ -4614,13 +4614,9 @@ class Slots:
                     position = self._position(ticket)
                     if position != reported and on_position is not None:
                         reported = position
-                        self._condition.release()
-                        try:
-                            on_position(position)
-                        finally:
-                            self._condition.acquire()
+                        self._unlocked(functools.partial(on_position, position))
                         continue
-                    if cancel is not None and cancel.is_set():
+                    if cancel is not None and self._unlocked(cancel.is_set):
                         raise LLMError("the request was cancelled while queued", status=499)
                     self._condition.wait(self.poll)
                 self._start(ticket)
@@ -4632,6 +4628,15 @@ class Slots:
                     self._waiting.remove(ticket)
                 self._condition.notify_all()
         self.on_change()
+
+    def _unlocked(self, function):
+        """``function()`` with this queue's lock let go: a re-placement check looks at other
+        queues, and two of them looking at each other under their own locks would deadlock."""
+        self._condition.release()
+        try:
+            return function()
+        finally:
+            self._condition.acquire()
 
     def release(self, turn=None):
         turn = turn or OWNER_TURN

@@ -199,6 +199,35 @@ def test_a_queued_chat_moves_to_the_host_that_frees_up_first():
     assert chats.host_of("c3") == freed.node_name and not chats.errors
 
 
+def test_chats_waiting_at_two_hosts_keep_looking_at_the_other_and_all_finish():
+    log = []
+    first, second = HeldBackend("first", log=log), HeldBackend("second", log=log)
+    router = scripted_router(local=[first, second])
+    looks = []
+    candidates = router.candidates
+
+    def counted(*args, **kwargs):
+        looks.append(1)
+        return candidates(*args, **kwargs)
+
+    router.candidates = counted
+    chats = Chats(router)
+    for index, backend in enumerate((first, second)):
+        chats.ask("busy-%d" % index, LIGHTS[index])
+        wait_for(lambda: backend.slots.in_flight == 1, timeout=5, message="both hosts busy")
+    chats.ask("w1", LIGHTS[2])
+    wait_for(lambda: chats.heard["w1"], timeout=5, message="w1 waits")
+    chats.ask("w2", LIGHTS[3])
+    wait_for(lambda: chats.heard["w2"], timeout=5, message="w2 waits")
+    assert {first.slots.queued, second.slots.queued} == {1}  # one waits at each host
+    seen = len(looks)
+    wait_for(lambda: len(looks) >= seen + 20, timeout=10, message="the waiting chats look at the other host")
+    first.open()
+    second.open()
+    chats.join()
+    assert len(chats.events) == 4 and not chats.errors
+
+
 def test_a_host_answering_503_gets_its_chat_moved():
     with FakeOllama(models=("m1",)) as busy, FakeOllama(models=("m1",)) as free:
         router = scripted_router()
