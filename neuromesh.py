@@ -4607,8 +4607,8 @@ class Slots:
             reported = None
             try:
                 while True:
-                    if ticket.refused:
-                        raise _UpstreamRefused(ticket.refused, status=503)
+                    if ticket.refused:  # 409, not 503: the LLM itself is not full
+                        raise _UpstreamRefused(ticket.refused, status=409)
                     if self._may_start(ticket):
                         break
                     position = self._position(ticket)
@@ -4699,13 +4699,10 @@ class Slots:
             tag = max(self._clock, self._finish.get(turn.requester.key, 0.0))
             order = (0 if turn.first else 1, tag, float("inf"))
             ahead = sum(1 for other in self._waiting if other.order() < order)
-            parallel = self.limit
+            rounds = max(0, self.in_flight + ahead - self.limit + 1) / float(self.limit)
             if turn.remote and turn.cap is not None:
-                parallel = min(parallel, turn.cap)
-                busy = self.remote_in_flight
-            else:
-                busy = self.in_flight
-            return max(0, busy + ahead - parallel + 1) / float(parallel)
+                rounds = max(rounds, max(0, self.remote_in_flight + ahead - turn.cap + 1) / float(turn.cap))
+            return rounds
 
     def load(self):
         with self._condition:
@@ -5687,7 +5684,7 @@ class Placement:
         peer = backend.peer
         load = getattr(peer, "load", None) or {}
         parallel = load.get("parallel") or 1
-        in_flight = max(load.get("in_flight") or 0, self.router.peer_in_flight[backend.node_id] - 1)
+        in_flight = load.get("in_flight") or 0  # ours waiting for our slot to it count in Slots.rounds_before
         queue = getattr(peer, "queue", None) or {}
         if queue:
             mine = queue.get(requester.key, 0)
@@ -5992,7 +5989,7 @@ class Router:
             except _UpstreamRefused as exc:
                 if started:
                     raise LLMError(str(exc), partial=True)
-                if not attempt.moved:
+                if not (attempt.moved or (cancel is not None and cancel.is_set())):
                     self._refused(backend, exc, failures, failed)
             except LLMError:
                 if not attempt.moved:
