@@ -4,13 +4,15 @@ switch, the requester carried through the relay, and the queues in /metrics and 
 
 import os
 import threading
+import time
+import types
 
 import pytest
 import requests
 from hypothesis import given, settings, strategies as st
 
 import neuromesh
-from conftest import ScriptedBackend, StubNode, fully_linked, scripted_router, wait_for, wsgi_call
+from conftest import ScriptedBackend, ScriptedPeerBackend, StubNode, fully_linked, scripted_router, wait_for, wsgi_call
 from fake_ollama import FakeOllama
 
 prometheus_parser = pytest.importorskip("prometheus_client.parser")
@@ -307,6 +309,44 @@ def test_the_relay_queues_a_chat_under_the_peer_and_the_tag_it_sent(relay_host):
     assert relay_chat(app, "guest-1234abcd").lines()[-1]["done"] is True
     assert relay_chat(app, "../../etc\n{x}").lines()[-1]["done"] is True  # a hostile tag: the node's own
     assert dict(backend.slots.stats.started) == {peer_id + "/guest-1234abcd": 1, peer_id + "/node": 1}
+
+
+def test_a_host_past_its_queue_limit_gets_the_chat_moved_to_another(tmp_path):
+    """The host's relay (served on loopback) answers 503 once --max-queued chats wait: the
+    requester's router places the chat on the other host at once."""
+    held = HeldBackend("full-host", parallel=1)
+    host_router = scripted_router(local=[held])
+    host_router.issued["r" * 32] = "peer-token"
+    host = StubNode(tmp_path, host_router, max_queued=1)
+    server = neuromesh.HTTPServer("127.0.0.1", 0, neuromesh.build_app(host))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="test-full-host")
+    thread.start()
+    waiting = Chats(host_router)
+    try:
+        waiting.ask("already waiting", LIGHTS[0])  # holds the slot
+        wait_for(lambda: held.slots.in_flight == 1, timeout=5, message="the host's slot held")
+        peer = types.SimpleNamespace(node_id=host_router.node_id, name="full-host", models=["m1"], connected=True,
+                                     has_llm=True, load={}, rtt_ms=1, address="127.0.0.1", link=None)
+        full = neuromesh.PeerBackend(peer, {"llm_host": "127.0.0.1", "llm_port": server.server_port,
+                                            "token": "peer-token"})
+        other = ScriptedPeerBackend("other-host", reply="from the other host")
+        requester = scripted_router(peers=[full, other])
+        requester.placement.rank = lambda backends, model, who: sorted(backends, key=lambda b: b is other)
+        url = "http://127.0.0.1:%d%s" % (server.server_port, neuromesh.RELAY_PATH)
+        body = {"model": "m1", "messages": [{"role": "user", "content": "in the queue"}], "requester": "x"}
+        queued = requests.post(url, json=body, headers={"Authorization": "Bearer peer-token"}, stream=True, timeout=10)
+        wait_for(lambda: held.slots.queued == 1, timeout=5, message="a relayed chat waits at the host: it is full")
+        heard = []
+        events = list(requester.chat("m1", [{"role": "user", "content": "hi"}], on_queue=heard.append))
+        assert events[-1]["node_name"] == "other-host" and heard == []  # moved at once, never queued there
+        assert full.busy_until > time.monotonic()  # and placed last for a while
+        queued.close()
+    finally:
+        held.open()
+        waiting.join()
+        server.shutdown()
+        thread.join(5)
+        host.store.close()
 
 
 def test_a_paused_host_refuses_relayed_chats_with_a_clear_503(relay_host):
