@@ -5655,7 +5655,9 @@ class Placement:
         self.router = router
 
     def rank(self, backends, model, requester):
-        keyed = [(self.wait(backend, model, requester), 0 if backend.local else 1,
+        known = sorted(self.answer_seconds(b) for b in backends if self.answer_seconds(b) is not None)
+        usual = known[len(known) // 2] if known else Backend.default_answer_seconds
+        keyed = [(self.wait(backend, model, requester, usual), 0 if backend.local else 1,
                   backend.slots.in_flight + self.router.peer_in_flight[backend.node_id],
                   backend.recent_latency or 0.0, index, backend) for index, backend in enumerate(backends)]
         return [entry[-1] for entry in sorted(keyed, key=lambda entry: entry[:-1])]
@@ -5664,13 +5666,24 @@ class Placement:
         """Answers' time before a chat of ``requester`` starts on ``backend`` (0: at once)."""
         turn = self.router.policy.turn(requester, backend, asking=False) if backend.local else \
             Turn(self.router.policy.requester(requester), 1.0, False, False, None)
-        rounds = backend.slots.rounds_before(turn)
+        rounds = backend.slots.rounds_before(turn) + self.router.pending[backend] / float(backend.slots.limit)
         if not backend.local:
             rounds += self._host_rounds(backend, turn.requester)
         return rounds
 
-    def wait(self, backend, model, requester):
-        seconds = self.rounds(backend, requester) * backend.answer_seconds()
+    @staticmethod
+    def answer_seconds(backend):
+        """How long an answer takes on ``backend``, from its answers here or its host's own report;
+        None while unknown."""
+        if backend.recent_tps:
+            return backend.answer_seconds()
+        rate = finite_or_none(getattr(getattr(backend, "peer", None), "tokens_per_second", None), 1e6)
+        return (backend.recent_tokens or 200.0) / rate if rate else None
+
+    def wait(self, backend, model, requester, usual=Backend.default_answer_seconds):
+        """Seconds until a chat would start on ``backend``; ``usual``: an answer's time where unknown
+        (the median of the others: a host that has not answered yet is not slow for it)."""
+        seconds = self.rounds(backend, requester) * (self.answer_seconds(backend) or usual)
         loaded = backend.loaded if backend.local else set(getattr(backend.peer, "loaded", ()) or ()) | backend.loaded
         if model not in loaded:
             seconds += self.load_seconds
@@ -5703,29 +5716,40 @@ class _Attempt:
 
     look_every = 0.2  # seconds between looks at the other hosts
 
-    def __init__(self, cancel, elsewhere):
+    def __init__(self, cancel, elsewhere, settle):
         self.cancel = cancel
-        self.elsewhere = elsewhere  # callable: True when another host would start the chat now
+        self.elsewhere = elsewhere  # callable: the backend that would start the chat now, or None
+        self._settle = settle  # called once: the chat is in the backend's queue or slot (or left)
         self.waiting = False
-        self.moved = False
+        self.moved = None  # the backend it moves to
         self._next_look = 0.0
 
     def is_set(self):
-        if self.cancel is not None and self.cancel.is_set():
+        if self.cancelled():
             return True
         if self.waiting and not self.moved and time.monotonic() >= self._next_look:
             self._next_look = time.monotonic() + self.look_every
-            self.moved = bool(self.elsewhere())
-        return self.moved
+            self.moved = self.elsewhere()
+        return self.moved is not None
+
+    def cancelled(self):
+        return self.cancel is not None and self.cancel.is_set()
+
+    def settle(self):
+        settle, self._settle = self._settle, None
+        if settle is not None:
+            settle()
 
     def placed(self):
         """It holds a slot now: it stays."""
         self.waiting = False
+        self.settle()
 
     def heard(self, on_queue):
         """``on_queue`` that first marks the chat as waiting."""
         def queued(event):
             self.waiting = True
+            self.settle()
             if on_queue is not None:
                 on_queue(event)
         return queued
@@ -5758,6 +5782,8 @@ class Router:
         self.issued = {}    # peer node id -> token (what we let peers use)
         self.requested = {}  # peer node id -> when we asked for access (monotonic)
         self.peer_in_flight = collections.Counter()
+        self.pending = collections.Counter()  # backend -> chats placed on it, not yet queued there
+        self._placing = threading.Lock()
         self.policy = SharePolicy(node_id, config.share_slots, config.requester_weight)
         self.placement = Placement(self)
         self.on_change = lambda: None
@@ -5963,45 +5989,73 @@ class Router:
         model = self.resolve_model(model, local_only)
         merged = dict(SAMPLING_DEFAULTS)
         merged.update(options or {})
-        failures, failed = [], []
-        for _try in range(self.max_placements):
-            candidates = [b for b in self.candidates(model, local_only, requester) if b not in failed]
-            if not candidates:
-                break
-            if cancel is not None and cancel.is_set():
-                return
-            backend = candidates[0]
-            attempt = _Attempt(cancel, functools.partial(self._starts_elsewhere, backend, model, local_only,
-                                                         requester, failed))
-            self._count_peer_request(backend, +1)
-            started = False
-            try:
-                for event in backend.chat(model, messages, merged, attempt, attempt.heard(on_queue),
-                                          self.policy.turn(requester, backend), attempt.placed):
-                    if event["type"] == "queued":
-                        attempt.heard(on_queue)(event)
-                        continue
-                    started = True
-                    attempt.placed()
-                    yield event
-                if not attempt.moved:
+        failures, failed, target = [], [], None
+        try:
+            for _try in range(self.max_placements):
+                if cancel is not None and cancel.is_set():
                     return
-            except _UpstreamRefused as exc:
-                if started:
-                    raise LLMError(str(exc), partial=True)
-                if not (attempt.moved or (cancel is not None and cancel.is_set())):
-                    self._refused(backend, exc, failures, failed)
-            except LLMError:
-                if not attempt.moved:
-                    raise
-            finally:
-                self._count_peer_request(backend, -1)
-            if attempt.moved:
-                log.info("a queued chat moves from %s to a host that is free first", safe_text(backend.node_name))
+                backend, target = target or self._place(model, local_only, requester, failed), None
+                if backend is None:
+                    break
+                attempt = _Attempt(cancel, functools.partial(self._starts_elsewhere, backend, model, local_only,
+                                                             requester, failed),
+                                   functools.partial(self._settle, backend))
+                if (yield from self._try(backend, attempt, model, messages, merged, on_queue, requester,
+                                         failures, failed)):
+                    return
+                target = attempt.moved or None
+        finally:
+            if target is not None:
+                self._settle(target)
         if not failures:
             raise LLMError("model %r has no reachable host right now" % model, status=503)
         status = 404 if failures and all("does not have that model" in f for f in failures) else 503
         raise LLMError("no LLM could answer: %s" % "; ".join(failures), status=status)
+
+    def _try(self, backend, attempt, model, messages, options, on_queue, requester, failures, failed):
+        """One try of a chat on ``backend``: yields its events; returns True when the chat is over
+        (answered, or cancelled), False to place it again (it moved, or the backend refused)."""
+        self._count_peer_request(backend, +1)
+        started = False
+        try:
+            for event in backend.chat(model, messages, options, attempt, attempt.heard(on_queue),
+                                      self.policy.turn(requester, backend), attempt.placed):
+                if event["type"] == "queued":
+                    attempt.heard(on_queue)(event)
+                    continue
+                started = True
+                attempt.placed()
+                yield event
+            return not attempt.moved
+        except _UpstreamRefused as exc:
+            if started:
+                raise LLMError(str(exc), partial=True)
+            if not (attempt.moved or attempt.cancelled()):
+                self._refused(backend, exc, failures, failed)
+        except LLMError:
+            if not attempt.moved:
+                raise
+        finally:
+            attempt.settle()
+            self._count_peer_request(backend, -1)
+        if attempt.moved:
+            log.info("a queued chat moves from %s to %s, free first", safe_text(backend.node_name),
+                     safe_text(attempt.moved.node_name))
+        return False
+
+    def _place(self, model, local_only, requester, failed):
+        """The backend where a chat starts soonest (None: none left), counted as on its way there
+        until it queues or starts (so chats placed at the same moment spread out)."""
+        with self._placing:
+            candidates = [b for b in self.candidates(model, local_only, requester) if b not in failed]
+            if candidates:
+                self.pending[candidates[0]] += 1
+            return candidates[0] if candidates else None
+
+    def _settle(self, backend):
+        """A chat placed on ``backend`` waits in its queue or holds a slot now (or left)."""
+        with self._placing:
+            count_down(self.pending, backend)
 
     def _refused(self, backend, exc, failures, failed):
         """A backend refused before the first token: the chat goes to the next; one that is full
@@ -6015,9 +6069,14 @@ class Router:
             self._ask_again(backend)
 
     def _starts_elsewhere(self, backend, model, local_only, requester, failed):
-        """Whether another host of ``model`` would start a chat of ``requester`` now."""
-        return any(other is not backend and other not in failed and self.placement.starts_now(other, requester)
-                   for other in self.candidates(model, local_only, requester))
+        """Another host of ``model`` that would start a chat of ``requester`` now, counted as the
+        chat's way there; None if there is none."""
+        with self._placing:
+            for other in self.candidates(model, local_only, requester):
+                if other is not backend and other not in failed and self.placement.starts_now(other, requester):
+                    self.pending[other] += 1
+                    return other
+        return None
 
 
 def llm_host_count(mesh_models):
