@@ -146,10 +146,13 @@ DEFAULTS = {
     "max_queued": 64,
     "max_requests_per_address": 32,
     "http_idle_timeout": 30.0,
+    "share_slots": None,
+    "requester_weight": {},
 }
 STATIC_DIR = os.path.join(HERE, "neuromesh_static")
 RUNTIME_FILE = "runtime.json"
 NAME_FILE = "name.txt"  # the name the owner gave this node from the page
+SHARING_FILE = "sharing_paused"  # there while the owner paused sharing from the page
 DATABASE_FILE = "neuromesh.db"
 NODE_ID_FILE = "node_id"   # the random id of versions before node keys
 
@@ -438,6 +441,24 @@ def _string_list(value):
     return [item.strip() for item in str(value).split(",") if item.strip()]
 
 
+def parse_requester_weights(value):
+    """``NODE_OR_TAG=WEIGHT`` items (a list, comma-separated text, or a JSON object) to a dict."""
+    pairs = value.items() if isinstance(value, dict) else [item.rpartition("=")[::2] for item in _string_list(value)]
+    weights = {}
+    for name, weight in pairs:
+        name = str(name).strip()
+        if not name:
+            raise ValueError("write each weight as NODE_OR_TAG=WEIGHT, e.g. 3f2a9c01=3 or owner=2")
+        try:
+            number = float(weight)
+        except (TypeError, ValueError):
+            raise ValueError("the weight of %r is not a number: %r" % (name, weight))
+        if not 0.01 <= number <= 100:
+            raise ValueError("the weight of %r must be from 0.01 to 100, not %r" % (name, weight))
+        weights[name] = number
+    return weights
+
+
 # Each setting: (converter, help). The flag is --name-with-dashes, the env var NEUROMESH_NAME.
 SETTINGS = {
     "name": (str, "display name of this node (default: NeuroMesh-xxxx from the node id)"),
@@ -480,8 +501,14 @@ SETTINGS = {
                                          "closed (default: 30)"),
     "openai_key": (str, "API key of the --openai-url server(s) (default: NEUROMESH_OPENAI_KEY, else "
                         "OPENAI_API_KEY); prefer the environment, as flags show in `ps`"),
+    "share_slots": (parse_count, "at most this many of this machine's LLM slots (--llm-parallel) answer "
+                                 "other people's chats at once, so its owner always finds one free "
+                                 "(default: all)"),
+    "requester_weight": (parse_requester_weights, "NODE_OR_TAG=WEIGHT: a bigger share of this machine's LLM "
+                                                  "queue for a node (its id, 8+ characters) or a tag (owner, "
+                                                  "guest-..., lan:ADDRESS); repeatable (default: 1 each)"),
 }
-LIST_SETTINGS = ("broadcast", "peer")
+LIST_SETTINGS = ("broadcast", "peer", "requester_weight")
 FLAG_SETTINGS = ("no_discovery", "no_browser", "no_share_llm", "lan_api", "allow_public", "guests")
 URL_SETTINGS = ("ollama_url", "openai_url")  # repeatable (or comma-separated): several backends per node
 
@@ -519,6 +546,8 @@ class Config:
     max_requests_per_address: int = DEFAULTS["max_requests_per_address"]
     http_idle_timeout: float = DEFAULTS["http_idle_timeout"]
     openai_key: str = dataclasses.field(default=None, repr=False)
+    share_slots: int = None
+    requester_weight: dict = dataclasses.field(default_factory=dict)
 
     @property
     def static_peers(self):
@@ -545,8 +574,8 @@ def build_arg_parser():
         elif key in URL_SETTINGS:
             parser.add_argument(flag, action="append", default=None, metavar="URL", help=help_text)
         elif key in LIST_SETTINGS:
-            parser.add_argument(flag, action="append", default=None, metavar="ADDR" if key == "broadcast"
-                                else "HOST:PORT", help=help_text)
+            parser.add_argument(flag, action="append", default=None, help=help_text,
+                                metavar={"broadcast": "ADDR", "peer": "HOST:PORT"}.get(key, "NODE_OR_TAG=W"))
         else:
             parser.add_argument(flag, default=None, help=help_text)
     parser.add_argument("--version", action="store_true", help="print versions and where packages load from")
@@ -1324,7 +1353,9 @@ def _int(lo, hi, required=False):
 
 _PORT = _int(0, 65535)
 _LOAD = Field("map", hi=20, of=_int(0, MAX_LOAD))
-_CAPABILITY = {"has_llm": Field("bool"), "models": Field("list", hi=1000, of=_str(200)), "load": _LOAD}
+_CAPABILITY = {"has_llm": Field("bool"), "models": Field("list", hi=1000, of=_str(200)), "load": _LOAD,
+               "loaded": Field("list", hi=200, of=_str(200)), "queue": Field("map", hi=64, of=_int(0, MAX_LOAD)),
+               "tokens_per_second": Field("num", 0, 1e6)}
 _HEAD = {"seq": _int(1, (1 << 62) - 1, True), "hash": _str(64, 64, True), "sig": _str(128, 128, True),
          "key": _str(64, 64)}
 _PEER_ENTRY = {"node_id": _str(64, 1, True), "name": _str(1024), "address": _str(253, 1, True),
@@ -1572,14 +1603,18 @@ def _answered_by_hosts(value):
 
 def _message_marks(data):
     """The optional marks of a message, present only when set (so older entries clean the same):
-    ``cut_off`` (an answer stopped or broken off, stored with what arrived) and ``replaces``
-    (the id of the question an edited question replaces)."""
+    ``cut_off`` (an answer stopped or broken off, stored with what arrived), ``replaces``
+    (the id of the question an edited question replaces) and ``waited_s`` (how long an answer
+    waited for its host)."""
     marks = {}
     if data.get("cut_off") is True:
         marks["cut_off"] = True
     replaces = data.get("replaces")
     if isinstance(replaces, str) and 0 < len(replaces) <= 100:
         marks["replaces"] = replaces
+    waited = _rate(data.get("waited_s"))  # seconds an answer waited for its host
+    if waited is not None:
+        marks["waited_s"] = waited
     original = data.get("original_timestamp")  # as an imported file wrote it (nanoseconds)
     if isinstance(original, str) and 0 < len(original) <= 64:
         marks["original_timestamp"] = original
@@ -3202,6 +3237,9 @@ class Peer:
     has_llm: bool = False
     models: list = dataclasses.field(default_factory=list)
     load: dict = dataclasses.field(default_factory=dict)
+    loaded: list = dataclasses.field(default_factory=list)  # its models in memory
+    queue: dict = dataclasses.field(default_factory=dict)  # requester key -> chats waiting at its LLM
+    tokens_per_second: float = None  # its LLM's recent speed
     last_seen: float = 0.0  # wall clock, epoch seconds
     rtt_ms: float = None
     link: Link = None
@@ -3217,6 +3255,7 @@ class Peer:
             "node_id": self.node_id, "name": self.name, "address": self.address,
             "tcp_port": self.tcp_port, "http_port": self.http_port, "connected": self.connected,
             "has_llm": self.has_llm, "models": list(self.models), "load": dict(self.load),
+            "queue": dict(self.queue), "loaded": list(self.loaded), "tokens_per_second": self.tokens_per_second,
             "version": self.version, "last_seen": self.last_seen,
             "rtt_ms": None if finite_or_none(self.rtt_ms, 3600000.0) is None else round(self.rtt_ms, 3),
         }
@@ -3235,6 +3274,14 @@ class Peer:
             self.models = [model[:200] for model in info["models"][:200] if isinstance(model, str)]
         if isinstance(info.get("load"), dict):
             self.load = clamp_load(info["load"])
+        if isinstance(info.get("loaded"), list):
+            self.loaded = [model[:200] for model in info["loaded"][:200] if isinstance(model, str)]
+        if isinstance(info.get("queue"), dict):
+            self.queue = {key[:128]: min(count, 10000) for key, count in list(info["queue"].items())[:64]
+                          if isinstance(key, str) and type(count) is int and count > 0}
+        if "tokens_per_second" in info:
+            rate = finite_or_none(info["tokens_per_second"], 1e6)
+            self.tokens_per_second = rate if rate is not None and rate >= 0 else None
         self.last_seen = time.time()
 
 
@@ -4505,13 +4552,108 @@ def tokens_per_second(count, seconds):
     return round(count / seconds, 2) if count and seconds and seconds > 0 else None
 
 
+class Requester(collections.namedtuple("Requester", "node_id tag")):
+    """Who asks for a chat: a node (its id, proven by its key) and a client on it: "owner" (the
+    computer's own user), a guest's session id, "lan:ADDRESS" (an API client of the network)."""
+
+    __slots__ = ()
+    max_tag = 48
+
+    @property
+    def key(self):
+        return "%s/%s" % (self.node_id, self.tag)
+
+    @classmethod
+    def clean_tag(cls, text):
+        """A tag a peer sent (hostile text) as a short safe one; "node" when it gave none that fits."""
+        if not isinstance(text, str) or not re.fullmatch(r"[A-Za-z0-9:._-]{1,%d}" % cls.max_tag, text):
+            return "node"
+        return text
+
+
+# A place in a queue: the requester, its weight, ``first`` (the owner's chat: ahead of every
+# other), ``remote`` (another's chat on this node's own LLM) and ``cap`` (--share-slots: how
+# many slots remote chats may hold at once; None: all).
+Turn = collections.namedtuple("Turn", "requester weight first remote cap")
+OWNER_TURN = Turn(Requester("", "owner"), 1.0, True, False, None)
+
+
+class QueueStats:
+    """What a queue did lately, for /api/health and /metrics: waits (sum, count, histogram),
+    chats started per requester, and the shares of the last ``window`` chats started."""
+
+    buckets = (0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+    window = 200
+    max_requesters = 500  # started counts kept; the least active go first
+
+    def __init__(self):
+        self.wait_sum = 0.0
+        self.wait_count = 0
+        self.wait_buckets = [0] * len(self.buckets)
+        self.started = collections.OrderedDict()  # requester key -> chats started
+        self.recent = collections.deque(maxlen=self.window)  # (requester key, wait) of the last chats
+        self.refused = 0
+
+    def record(self, key, waited):
+        self.wait_sum += waited
+        self.wait_count += 1
+        for index, bound in enumerate(self.buckets):
+            if waited <= bound:
+                self.wait_buckets[index] += 1
+        self.started[key] = self.started.pop(key, 0) + 1
+        while len(self.started) > self.max_requesters:
+            self.started.popitem(last=False)
+        self.recent.append((key, waited))
+
+    def shares(self):
+        """``{requester key: fraction of the last chats started}``."""
+        counts = collections.Counter(key for key, _w in self.recent)
+        total = float(len(self.recent)) or 1.0
+        return {key: round(count / total, 4) for key, count in counts.items()}
+
+    def median_wait(self):
+        waits = sorted(wait for _k, wait in self.recent)
+        return round(waits[len(waits) // 2], 3) if waits else None
+
+
+class _Ticket:
+    """One chat waiting in Slots: its turn, virtual start tag, arrival order and time."""
+
+    __slots__ = ("turn", "tag", "seq", "since", "refused")
+
+    def __init__(self, turn, tag, seq):
+        self.turn, self.tag, self.seq = turn, tag, seq
+        self.since = time.monotonic()
+        self.refused = None
+
+    def order(self):
+        return (0 if self.turn.first else 1, self.tag, self.seq)
+
+
 class Slots:
-    """A concurrency limit with a FIFO queue: at most ``limit`` holders, the rest wait in order."""
+    """A concurrency limit with a fair queue: at most ``limit`` holders, the rest wait their turn.
+
+    The owner's chats (``Turn.first``) go first. Every other chat waits its turn round-robin
+    across requesters, weighted (start-time fair queueing: a requester's next chat gets the
+    virtual tag ``max(clock, its last finish)``, its finish the tag plus ``1 / weight``; the
+    smallest tag goes next; the clock is the tag last served). Remote turns (others' chats on
+    this node's own LLM) hold at most ``Turn.cap`` slots at once (--share-slots).
+    Methods for the caller: ``acquire(cancel, on_position, turn)`` / ``release(turn)``,
+    ``load()``, ``by_requester()``, ``rounds_before(turn)``, ``refuse_remote(text)``.
+    """
+
+    poll = 0.25  # seconds between looks at a cancel Event while waiting
 
     def __init__(self, limit):
         self.limit = max(1, int(limit))
         self.in_flight = 0
-        self._waiting = collections.deque()
+        self.remote_in_flight = 0
+        self._waiting = []
+        self._finish = {}  # requester key -> finish tag of its last chat
+        self._clock = 0.0
+        self._running = collections.Counter()  # requester key -> slots held
+        self._seq = itertools.count()
+        self.stats = QueueStats()
         self._condition = threading.Condition()
         self.on_change = lambda: None  # load changed; called outside the lock
 
@@ -4519,41 +4661,125 @@ class Slots:
     def queued(self):
         return len(self._waiting)
 
-    def acquire(self, cancel=None, on_position=None):
-        """Wait for a slot; ``on_position(n)`` hears each change of place (1 = next)."""
-        ticket = object()
+    def acquire(self, cancel=None, on_position=None, turn=None):
+        """Wait for a slot; ``on_position(n)`` hears each change of place (1 = next). A remote
+        turn refused while it waits (sharing paused) raises _UpstreamRefused."""
+        turn = turn or OWNER_TURN
         with self._condition:
-            self._waiting.append(ticket)
+            ticket = self._enqueue(turn)
             reported = None
             try:
-                while not (self._waiting[0] is ticket and self.in_flight < self.limit):
-                    position = self._waiting.index(ticket) + 1
+                while True:
+                    if ticket.refused:  # 409, not 503: the LLM itself is not full
+                        raise _UpstreamRefused(ticket.refused, status=409)
+                    if self._may_start(ticket):
+                        break
+                    position = self._position(ticket)
                     if position != reported and on_position is not None:
                         reported = position
-                        self._condition.release()
-                        try:
-                            on_position(position)
-                        finally:
-                            self._condition.acquire()
+                        self._unlocked(functools.partial(on_position, position))
                         continue
-                    if cancel is not None and cancel.is_set():
+                    if cancel is not None and self._unlocked(cancel.is_set):
                         raise LLMError("the request was cancelled while queued", status=499)
-                    self._condition.wait(0.25)
-                self.in_flight += 1
+                    self._condition.wait(self.poll)
+                self._start(ticket)
+            except BaseException:
+                self._forget(ticket)
+                raise
             finally:
-                self._waiting.remove(ticket)
+                if ticket in self._waiting:
+                    self._waiting.remove(ticket)
                 self._condition.notify_all()
         self.on_change()
 
-    def release(self):
+    def _unlocked(self, function):
+        """``function()`` with this queue's lock let go: a re-placement check looks at other
+        queues, and two of them looking at each other under their own locks would deadlock."""
+        self._condition.release()
+        try:
+            return function()
+        finally:
+            self._condition.acquire()
+
+    def release(self, turn=None):
+        turn = turn or OWNER_TURN
         with self._condition:
             self.in_flight -= 1
+            self.remote_in_flight -= 1 if turn.remote else 0
+            count_down(self._running, turn.requester.key)
             self._condition.notify_all()
         self.on_change()
+
+    def _enqueue(self, turn):
+        key = turn.requester.key
+        tag = max(self._clock, self._finish.get(key, 0.0))
+        self._finish[key] = tag + 1.0 / max(turn.weight, 0.01)
+        ticket = _Ticket(turn, tag, next(self._seq))
+        self._waiting.append(ticket)
+        return ticket
+
+    def _forget(self, ticket):
+        """A chat that leaves the queue gives its virtual time back."""
+        key = ticket.turn.requester.key
+        if self._finish.get(key) == ticket.tag + 1.0 / max(ticket.turn.weight, 0.01):
+            self._finish[key] = ticket.tag
+
+    def _blocked(self, ticket):
+        turn = ticket.turn
+        return turn.remote and turn.cap is not None and self.remote_in_flight >= turn.cap
+
+    def _may_start(self, ticket):
+        if self.in_flight >= self.limit or self._blocked(ticket):
+            return False
+        ahead = ticket.order()
+        return not any(other.order() < ahead and not self._blocked(other) for other in self._waiting)
+
+    def _position(self, ticket):
+        ahead = ticket.order()
+        return 1 + sum(1 for other in self._waiting if other.order() < ahead)
+
+    def _start(self, ticket):
+        self._clock = max(self._clock, ticket.tag)
+        for key in [key for key, finish in self._finish.items() if finish <= self._clock]:
+            del self._finish[key]  # it would get the clock as its next tag anyway
+        self.in_flight += 1
+        self.remote_in_flight += 1 if ticket.turn.remote else 0
+        self._running[ticket.turn.requester.key] += 1
+        self.stats.record(ticket.turn.requester.key, time.monotonic() - ticket.since)
+
+    def refuse_remote(self, text):
+        """Send every waiting remote turn away with ``text`` (sharing was paused)."""
+        with self._condition:
+            for ticket in self._waiting:
+                if ticket.turn.remote:
+                    ticket.refused = text
+                    self.stats.refused += 1
+            self._condition.notify_all()
+
+    def rounds_before(self, turn):
+        """About how many answers' time a new chat of ``turn`` would wait: 0 when it starts at once."""
+        with self._condition:
+            tag = max(self._clock, self._finish.get(turn.requester.key, 0.0))
+            order = (0 if turn.first else 1, tag, float("inf"))
+            ahead = sum(1 for other in self._waiting if other.order() < order)
+            rounds = max(0, self.in_flight + ahead - self.limit + 1) / float(self.limit)
+            if turn.remote and turn.cap is not None:
+                rounds = max(rounds, max(0, self.remote_in_flight + ahead - turn.cap + 1) / float(turn.cap))
+            return rounds
 
     def load(self):
         with self._condition:
             return {"in_flight": self.in_flight, "queued": len(self._waiting), "parallel": self.limit}
+
+    def by_requester(self):
+        """``{requester key: {"queued": n, "running": m}}``: counts only, never what they asked."""
+        with self._condition:
+            counts = collections.defaultdict(lambda: {"queued": 0, "running": 0})
+            for ticket in self._waiting:
+                counts[ticket.turn.requester.key]["queued"] += 1
+            for key, running in self._running.items():
+                counts[key]["running"] = running
+            return dict(counts)
 
 
 class Backend:
@@ -4579,6 +4805,10 @@ class Backend:
         self.error = None
         self.slots = Slots(parallel)
         self.recent_latency = None  # seconds to first token, smoothed
+        self.recent_tps = None  # tokens per second of its answers, smoothed
+        self.recent_tokens = None  # tokens per answer, smoothed
+        self.loaded = set()  # models in memory (Ollama's /api/ps), or that answered lately
+        self.busy_until = 0.0  # monotonic time until which it counts as full (it answered 503)
         self._probing = threading.Lock()  # a chat waits for a probe under way to finish
         self.session = requests.Session()
         self.session.trust_env = False  # never send the room's LLM traffic through a proxy
@@ -4587,7 +4817,7 @@ class Backend:
         load = self.slots.load()
         return {"backend": self.kind, "url": self.url, "available": self.available, "models": list(self.models),
                 "error": self.error, "in_flight": load["in_flight"], "queued": load["queued"],
-                "parallel": load["parallel"]}
+                "parallel": load["parallel"], "loaded": sorted(self.loaded), "tokens_per_second": self.recent_tps}
 
     def refresh(self):
         """Probe the server; returns True when what it offers changed.
@@ -4605,27 +4835,63 @@ class Backend:
             except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
                 self.available, self.models = False, []
                 self.error = "%s at %s is not reachable: %s" % (self.kind, self.url, type(exc).__name__)
+            try:
+                self.loaded = self.probe_loaded() if self.available else set()
+            except (requests.RequestException, ValueError, AttributeError):
+                pass  # an older server without /api/ps: what answered lately stays
             return before != (self.available, tuple(self.models))
 
-    def chat(self, model, messages, options, cancel, on_queue=None):
-        """Stream events for one chat, holding one of this backend's slots."""
+    def chat(self, model, messages, options, cancel, on_queue=None, turn=None, on_slot=None):
+        """Stream events for one chat, holding one of this backend's slots (``turn``: whose chat;
+        ``on_slot()`` hears that the chat holds its slot)."""
         self.slots.acquire(cancel, None if on_queue is None else
                            (lambda position: on_queue({"type": "queued", "position": position,
-                                                       "node_name": self.node_name})))
+                                                       "node_name": self.node_name})), turn)
+        if on_slot is not None:
+            on_slot()
         try:
             with self._probing:
                 pass
             started = time.monotonic()
             first = True
-            for event in self._stream(model, messages, options, cancel):
+            for event in self._stream_for(turn, model, messages, options, cancel):
                 if first and event["type"] == "token":
                     first = False
                     latency = time.monotonic() - started
                     self.recent_latency = latency if self.recent_latency is None else \
                         0.7 * self.recent_latency + 0.3 * latency
+                if event["type"] == "done":
+                    self._measured(model, event)
                 yield event
         finally:
-            self.slots.release()
+            self.slots.release(turn)
+
+    busy_pause = 10.0  # seconds a backend that answered 503 (its queue is full) is placed last
+
+    def _stream_for(self, turn, model, messages, options, cancel):
+        """The events of ``_stream``; a backend that passes the requester on overrides it."""
+        return self._stream(model, messages, options, cancel)
+
+    def _measured(self, model, done):
+        """An answer ended: its model is loaded, and its speed and length teach the placement."""
+        self.loaded.add(model)
+        rate, count = finite_or_none(done.get("tokens_per_second"), 1e6), done.get("eval_count")
+        if rate:
+            self.recent_tps = rate if self.recent_tps is None else round(0.7 * self.recent_tps + 0.3 * rate, 2)
+        if type(count) is int and count > 0:
+            self.recent_tokens = count if self.recent_tokens is None else 0.7 * self.recent_tokens + 0.3 * count
+
+    def answer_seconds(self):
+        """About how long one answer takes here: tokens per answer over tokens per second."""
+        if not self.recent_tps:
+            return self.default_answer_seconds
+        return (self.recent_tokens or 200.0) / self.recent_tps
+
+    default_answer_seconds = 10.0
+
+    def probe_loaded(self):
+        """The models in memory now (override where the server tells it)."""
+        return set(self.loaded)
 
     def _post(self, path, body, headers=None):
         try:
@@ -4663,6 +4929,12 @@ class OllamaBackend(Backend):
         response = self.session.get(self.url + "/api/tags", timeout=self.probe_timeout)
         response.raise_for_status()
         return sorted({entry.get("model") or entry["name"] for entry in response.json()["models"]})
+
+    def probe_loaded(self):
+        response = self.session.get(self.url + "/api/ps", timeout=self.probe_timeout)
+        response.raise_for_status()
+        return {entry.get("model") or entry.get("name") for entry in response.json().get("models") or []
+                if isinstance(entry, dict) and isinstance(entry.get("model") or entry.get("name"), str)}
 
     def version(self):
         try:
@@ -4926,9 +5198,11 @@ class PeerBackend(Backend):
         self._calls_lock = threading.Lock()
         self._down = False
 
-    def _stream(self, model, messages, options, cancel):
-        call = RelayCall(self, {"model": model, "messages": messages, "options": options},
-                         {"Authorization": "Bearer " + self.token})
+    def _stream(self, model, messages, options, cancel, requester=None):
+        body = {"model": model, "messages": messages, "options": options}
+        if requester is not None:
+            body["requester"] = requester.tag  # the host knows our node id from the token
+        call = RelayCall(self, body, {"Authorization": "Bearer " + self.token})
         with self._calls_lock:
             self._calls.add(call)
             if self._down:
@@ -4947,6 +5221,8 @@ class PeerBackend(Backend):
         link = getattr(self.peer, "link", None)
         return (self.stall_timeout is not None and link is not None
                 and time.monotonic() - link.last_received > self.stall_timeout)
+    def _stream_for(self, turn, model, messages, options, cancel):
+        return self._stream(model, messages, options, cancel, None if turn is None else turn.requester)
 
     def abort(self):
         with self._calls_lock:
@@ -5266,33 +5542,36 @@ class MeshCalls:
     def __init__(self, router):
         self.router = router
 
-    def call(self, path, body, local_only=False):
+    def call(self, path, body, local_only=False, requester=None):
         """An Upstream from the first host that takes the request; LLMError when none does."""
         router = self.router
         model = router.resolve_model(body.get("model") or body.get("name"), local_only)
         body = dict(body, model=model)
         body.pop("name", None)
         failures = []
-        for backend in router.candidates(model, local_only):
+        for backend in router.candidates(model, local_only, requester):
             try:
-                return self._try(backend, path, body)
+                return self._try(backend, path, body, router.policy.turn(requester, backend))
             except _UpstreamRefused as exc:
                 failures.append((exc.status, str(exc)))
                 log.warning("failing over: %s", exc)
+        if answer.parts:
+            raise LLMError("%s; no other host of %s could continue the answer: what arrived is kept, "
+                           "retry to ask again" % ("; ".join(failures), model), partial=True)
         if not failures:
             raise LLMError("model %r has no reachable host right now" % model, status=503)
         status = 404 if all(s == 404 for s, _t in failures) else 503
         raise LLMError("no LLM could answer: %s" % "; ".join(t for _s, t in failures), status=status)
 
-    def _try(self, backend, path, body):
+    def _try(self, backend, path, body, turn):
         if path not in SLOT_PATHS:
             return backend.forward(path, body)
-        backend.slots.acquire()
+        backend.slots.acquire(turn=turn)
         self.router._count_peer_request(backend, +1)
 
         def done():
             self.router._count_peer_request(backend, -1)
-            backend.slots.release()
+            backend.slots.release(turn)
         try:
             upstream = backend.forward(path, body)
         except BaseException:
@@ -5313,7 +5592,7 @@ class MeshInfo:
 
     def local(self, path):
         """What this node's own backends say (the relay's answer to a peer)."""
-        if self.router.config.no_share_llm:
+        if not self.router.sharing:
             return {"models": []} if path != "/api/version" else {"version": None}
         replies = []
         for backend in self.router.local:
@@ -5436,6 +5715,186 @@ class AnswerSoFar:
         when one host wrote it all."""
         hosts = [dict(host) for host in self.hosts if host["tokens"]][:MAX_ANSWER_HOSTS]
         return hosts if len(hosts) > 1 else None
+class SharePolicy:
+    """How this node shares its LLM: the owner's chats go first, each requester has a weight
+    (--requester-weight), remote chats hold at most --share-slots slots, and the owner may
+    pause sharing (remote chats are then refused, so their router places them elsewhere).
+
+    Methods for the caller: ``turn(requester, backend)`` (the queue place of one chat),
+    ``is_owner(requester)``, ``sharing_with(granted)``; ``paused`` is set by the Node.
+    """
+
+    active_window = 600.0  # seconds a remote requester counts as one we share with
+    max_seen = 1000
+
+    def __init__(self, node_id, share_slots=None, weights=None):
+        self.node_id = node_id
+        self.share_slots = share_slots
+        self.weights = dict(weights or {})
+        self.paused = False
+        self._seen = collections.OrderedDict()  # remote requester key -> (node id, last chat, monotonic)
+        self._lock = threading.Lock()
+
+    def requester(self, requester):
+        """``requester``, or this node's owner when None (a chat asked on this computer)."""
+        return requester if requester is not None else Requester(self.node_id, "owner")
+
+    def is_owner(self, requester):
+        requester = self.requester(requester)
+        return requester.node_id == self.node_id and requester.tag == "owner"
+
+    def weight_of(self, requester):
+        """The weight named for the requester's key, its node (an id prefix of 8+ characters), or its tag."""
+        weights = self.weights
+        if requester.key in weights:
+            return weights[requester.key]
+        for name, weight in weights.items():
+            if len(name) >= 8 and requester.node_id.startswith(name):
+                return weight
+        return weights.get(requester.tag, 1.0)
+
+    def turn(self, requester, backend, asking=True):
+        """The queue place of a chat of ``requester`` on ``backend`` (``asking``: it is asked now,
+        not only estimated)."""
+        requester = self.requester(requester)
+        owner = self.is_owner(requester)
+        remote = bool(backend.local) and not owner
+        if remote and asking:
+            self._saw(requester)
+        return Turn(requester, self.weight_of(requester), owner, remote, self.share_slots if remote else None)
+
+    def _saw(self, requester):
+        with self._lock:
+            self._seen.pop(requester.key, None)
+            self._seen[requester.key] = (requester.node_id, time.monotonic())
+            while len(self._seen) > self.max_seen:
+                self._seen.popitem(last=False)
+
+    def sharing_with(self, granted=()):
+        """How many students this node shares with: remote requesters of the last minutes, plus
+        the nodes it granted access to that have not asked yet."""
+        horizon = time.monotonic() - self.active_window
+        with self._lock:
+            active = [(node_id, key) for key, (node_id, when) in self._seen.items() if when >= horizon]
+        nodes = {node_id for node_id, _key in active}
+        return len(active) + len([node_id for node_id in set(granted) if node_id not in nodes])
+
+
+class Placement:
+    """Ranks the backends of a model by when a new chat would start there, soonest first.
+
+    The estimate: rounds of answers ahead of this requester (this node's queue for the backend,
+    and for a peer the host's own queue as its LLMC: reports it, by requester), times how long
+    an answer takes there (recent tokens per answer over recent tokens per second), plus the
+    time to load a model that is not in memory (Ollama's /api/ps), plus a long pause for a host
+    that answered 503 lately. Ties go to this node's own LLM, then the least busy.
+    """
+
+    load_seconds = 5.0  # about how long a model not in memory takes to load
+    busy_seconds = 3600.0
+
+    def __init__(self, router):
+        self.router = router
+
+    def rank(self, backends, model, requester):
+        known = sorted(self.answer_seconds(b) for b in backends if self.answer_seconds(b) is not None)
+        usual = known[len(known) // 2] if known else Backend.default_answer_seconds
+        keyed = [(self.wait(backend, model, requester, usual), 0 if backend.local else 1,
+                  backend.slots.in_flight + self.router.peer_in_flight[backend.node_id],
+                  backend.recent_latency or 0.0, index, backend) for index, backend in enumerate(backends)]
+        return [entry[-1] for entry in sorted(keyed, key=lambda entry: entry[:-1])]
+
+    def rounds(self, backend, requester):
+        """Answers' time before a chat of ``requester`` starts on ``backend`` (0: at once)."""
+        turn = self.router.policy.turn(requester, backend, asking=False) if backend.local else \
+            Turn(self.router.policy.requester(requester), 1.0, False, False, None)
+        rounds = backend.slots.rounds_before(turn) + self.router.pending[backend] / float(backend.slots.limit)
+        if not backend.local:
+            rounds += self._host_rounds(backend, turn.requester)
+        return rounds
+
+    @staticmethod
+    def answer_seconds(backend):
+        """How long an answer takes on ``backend``, from its answers here or its host's own report;
+        None while unknown."""
+        if backend.recent_tps:
+            return backend.answer_seconds()
+        rate = finite_or_none(getattr(getattr(backend, "peer", None), "tokens_per_second", None), 1e6)
+        return (backend.recent_tokens or 200.0) / rate if rate else None
+
+    def wait(self, backend, model, requester, usual=Backend.default_answer_seconds):
+        """Seconds until a chat would start on ``backend``; ``usual``: an answer's time where unknown
+        (the median of the others: a host that has not answered yet is not slow for it)."""
+        seconds = self.rounds(backend, requester) * (self.answer_seconds(backend) or usual)
+        loaded = backend.loaded if backend.local else set(getattr(backend.peer, "loaded", ()) or ()) | backend.loaded
+        if model not in loaded:
+            seconds += self.load_seconds
+        if backend.busy_until > time.monotonic():
+            seconds += self.busy_seconds
+        return seconds
+
+    def _host_rounds(self, backend, requester):
+        """The host's queue as it last told it: with fair queueing, each other requester goes
+        before us at most once more than we already have waiting there."""
+        peer = backend.peer
+        load = getattr(peer, "load", None) or {}
+        parallel = load.get("parallel") or 1
+        in_flight = load.get("in_flight") or 0  # ours waiting for our slot to it count in Slots.rounds_before
+        queue = getattr(peer, "queue", None) or {}
+        if queue:
+            mine = queue.get(requester.key, 0)
+            ahead = mine + sum(min(count, mine + 1) for key, count in queue.items() if key != requester.key)
+        else:
+            ahead = load.get("queued") or 0
+        return max(0, in_flight + ahead - parallel + 1) / float(parallel)
+
+    def starts_now(self, backend, requester):
+        return self.rounds(backend, requester) == 0 and backend.busy_until <= time.monotonic()
+
+
+class _Attempt:
+    """The cancel Event one try on one backend sees: set when the chat is cancelled, or, while
+    it waits in a queue, when another host could start it now (``moved``: place it again)."""
+
+    look_every = 0.2  # seconds between looks at the other hosts
+
+    def __init__(self, cancel, elsewhere, settle):
+        self.cancel = cancel
+        self.elsewhere = elsewhere  # callable: the backend that would start the chat now, or None
+        self._settle = settle  # called once: the chat is in the backend's queue or slot (or left)
+        self.waiting = False
+        self.moved = None  # the backend it moves to
+        self._next_look = 0.0
+
+    def is_set(self):
+        if self.cancelled():
+            return True
+        if self.waiting and not self.moved and time.monotonic() >= self._next_look:
+            self._next_look = time.monotonic() + self.look_every
+            self.moved = self.elsewhere()
+        return self.moved is not None
+
+    def cancelled(self):
+        return self.cancel is not None and self.cancel.is_set()
+
+    def settle(self):
+        settle, self._settle = self._settle, None
+        if settle is not None:
+            settle()
+
+    def placed(self):
+        """It holds a slot now: it stays."""
+        self.waiting = False
+        self.settle()
+
+    def heard(self, on_queue):
+        """``on_queue`` that first marks the chat as waiting."""
+        def queued(event):
+            self.waiting = True
+            self.settle()
+            if on_queue is not None:
+                on_queue(event)
+        return queued
 
 
 class Router:
@@ -5465,6 +5924,10 @@ class Router:
         self.issued = {}    # peer node id -> token (what we let peers use)
         self.requested = {}  # peer node id -> when we asked for access (monotonic)
         self.peer_in_flight = collections.Counter()
+        self.pending = collections.Counter()  # backend -> chats placed on it, not yet queued there
+        self._placing = threading.Lock()
+        self.policy = SharePolicy(node_id, config.share_slots, config.requester_weight)
+        self.placement = Placement(self)
         self.on_change = lambda: None
         self.http_port = lambda: 0
         for backend in self.local:
@@ -5492,11 +5955,41 @@ class Router:
         return {"in_flight": sum(l["in_flight"] for l in loads), "queued": sum(l["queued"] for l in loads),
                 "parallel": sum(l["parallel"] for l in loads)}
 
+    @property
+    def sharing(self):
+        """Whether peers may use this node's LLM now (not --no-share-llm, not paused)."""
+        return not self.config.no_share_llm and not self.policy.paused
+
     def local_capability(self):
-        """What HELO:, LLMC: and the announcements say about this node's LLM."""
-        return {"has_llm": self.has_local_llm and not self.config.no_share_llm,
-                "models": self.local_models() if not self.config.no_share_llm else [],
-                "load": self.local_load()}
+        """What HELO:, LLMC: and the announcements say about this node's LLM: also the models in
+        memory, the recent speed, and the queue's counts by requester (for placement elsewhere)."""
+        sharing = self.sharing
+        available = [b for b in self.local if b.available]
+        rates = [b.recent_tps for b in available if b.recent_tps]
+        return {"has_llm": self.has_local_llm and sharing,
+                "models": self.local_models() if sharing else [],
+                "load": self.local_load(),
+                "loaded": sorted({m for b in available for m in b.loaded})[:200] if sharing else [],
+                "queue": self.queue_counts() if sharing else {},
+                "tokens_per_second": max(rates) if rates and sharing else None}
+
+    def queue_counts(self, limit=64):
+        """``{requester key: chats waiting}`` over this node's own LLMs, the ``limit`` longest."""
+        counts = collections.Counter()
+        for backend in self.local:
+            for key, count in backend.slots.by_requester().items():
+                if count["queued"]:
+                    counts[key[:128]] += count["queued"]
+        return dict(counts.most_common(limit))
+
+    def pause_sharing(self, paused):
+        """The owner paused (or resumed) sharing: remote chats waiting here go elsewhere."""
+        self.policy.paused = bool(paused)
+        if paused:
+            for backend in self.local:
+                backend.slots.refuse_remote("%s paused sharing its LLM: the chat goes to another host"
+                                            % self.node_name)
+        self.on_change()
 
     def mesh_models(self, local_only=False):
         """``{model: [(node_id, node_name, local)]}`` over this node and the peers that granted access."""
@@ -5570,7 +6063,8 @@ class Router:
         self.on_change()
 
     def handle_request(self, peer, payload):
-        """LREQ: from a peer. Grant automatically to private-network peers unless --no-share-llm."""
+        """LREQ: from a peer. Grant automatically to private-network peers unless --no-share-llm
+        (a paused node grants too: its relay refuses chats while paused)."""
         if self.config.no_share_llm:
             answer = {"granted": False, "message": "%s keeps its LLM to itself (--no-share-llm)" % self.node_name}
         elif not is_private_address(peer.address):
@@ -5603,78 +6097,137 @@ class Router:
         self.on_change()
 
     def token_is_valid(self, token):
+        return self.token_holder(token) is not None
+
+    def token_holder(self, token):
+        """The node id of the peer we gave ``token`` to, or None."""
         with self.lock:
-            return bool(token) and any(secrets.compare_digest(token, issued) for issued in self.issued.values())
+            for node_id, issued in self.issued.items():
+                if token and secrets.compare_digest(token, issued):
+                    return node_id
+        return None
 
     # -- routing ---------------------------------------------------------------------
 
-    def candidates(self, model, local_only=False):
-        """Backends that have ``model``, best first: local unless it is full and a peer is idle."""
+    def candidates(self, model, local_only=False, requester=None):
+        """Backends that have ``model``, where a chat of ``requester`` starts soonest first (see
+        Placement); this node's own LLM only for its owner while sharing is paused."""
         local = [b for b in self.local if b.available and model in b.models]
+        if self.policy.paused and not self.policy.is_owner(requester):
+            local = []
         with self.lock:
             peers = [] if local_only else [b for b in self.grants.values()
                                            if model in b.peer.models and b.peer.connected]
-
-        def peer_busy(backend):
-            load = backend.peer.load or {}
-            theirs = load.get("in_flight", 0) + load.get("queued", 0)
-            return (self.peer_in_flight[backend.node_id] + (theirs if isinstance(theirs, int) else 0),
-                    backend.recent_latency if backend.recent_latency is not None else
-                    (backend.peer.rtt_ms or 0) / 1000.0)
-
-        peers.sort(key=peer_busy)
-        local_full = all(b.slots.in_flight + b.slots.queued >= b.slots.limit for b in local)
-        if local and local_full and peers and peer_busy(peers[0])[0] == 0:
-            return peers + local
-        return local + peers
+        return self.placement.rank(local + peers, model, requester)
 
     def _count_peer_request(self, backend, change):
         if not backend.local:
             with self.lock:
                 self.peer_in_flight[backend.node_id] += change
 
-    def chat(self, model, messages, options=None, cancel=None, on_queue=None, local_only=False):
-        """Answer with the first candidate that starts; events as documented at the section top.
+    max_placements = 24  # tries of one chat: failovers and moves to a host that freed up first
+
+    def chat(self, model, messages, options=None, cancel=None, on_queue=None, local_only=False, requester=None):
+        """Answer on the candidate where the chat starts soonest; one that waits in a queue moves
+        when another host can start it first. Events as documented at the section top.
 
         A host that fails mid-answer (it died, or its mesh link fell silent for the peer timeout,
-        which aborts the relay) is failed over too: the next candidate, which serves the same model, continues
-        the partial answer (see AnswerSoFar), announced by a "continued" event. When none can,
-        LLMError(partial=True): what arrived is kept, marked cut off, and the student may retry.
+        which aborts the relay) is failed over too: the next candidate, which serves the same model,
+        continues the partial answer (see AnswerSoFar), announced by a "continued" event. When none
+        can, LLMError(partial=True): what arrived is kept, marked cut off, and the student may retry.
         """
         model = self.resolve_model(model, local_only)
         merged = dict(SAMPLING_DEFAULTS)
         merged.update(options or {})
-        candidates = self.candidates(model, local_only)
-        if not candidates:
-            raise LLMError("model %r has no reachable host right now" % model, status=503)
-        answer, failures = AnswerSoFar(messages, merged), []
-        for backend in candidates:
-            if cancel is not None and cancel.is_set():
-                return
-            asked, asked_options = answer.request()
-            self._count_peer_request(backend, +1)
-            try:
-                for event in backend.chat(model, asked, asked_options, cancel, on_queue):
-                    if event["type"] == "queued":
-                        if on_queue is not None:
-                            on_queue(event)
-                        continue
-                    yield answer.finish(event) if event["type"] == "done" else answer.note(event)
-                return
-            except LLMError as exc:
-                if not (isinstance(exc, _UpstreamRefused) or exc.partial):
-                    raise
-                failures.append(str(exc))
-                log.warning("failing over%s: %s", " mid-answer" if answer.parts else "", exc)
-                if exc.status == 401 and isinstance(backend, PeerBackend):
-                    self._ask_again(backend)
-            finally:
-                self._count_peer_request(backend, -1)
+        answer, failures, failed, target = AnswerSoFar(messages, merged), [], [], None
+        try:
+            for _try in range(self.max_placements):
+                if cancel is not None and cancel.is_set():
+                    return
+                backend, target = target or self._place(model, local_only, requester, failed), None
+                if backend is None:
+                    break
+                attempt = _Attempt(cancel, functools.partial(self._starts_elsewhere, backend, model, local_only,
+                                                             requester, failed),
+                                   functools.partial(self._settle, backend))
+                if (yield from self._try(backend, attempt, model, answer, on_queue, requester,
+                                         failures, failed)):
+                    return
+                target = attempt.moved or None
+        finally:
+            if target is not None:
+                self._settle(target)
         if answer.parts:
             raise LLMError("%s; no other host of %s could continue the answer: what arrived is kept, "
                            "retry to ask again" % ("; ".join(failures), model), partial=True)
+        if not failures:
+            raise LLMError("model %r has no reachable host right now" % model, status=503)
         status = 404 if failures and all("does not have that model" in f for f in failures) else 503
         raise LLMError("no LLM could answer: %s" % "; ".join(failures), status=status)
+
+    def _try(self, backend, attempt, model, answer, on_queue, requester, failures, failed):
+        """One try of a chat on ``backend``: yields its events; returns True when the chat is over
+        (answered, or cancelled), False to place it again (it moved, the backend refused, or it
+        failed mid-answer: the next host continues ``answer``)."""
+        self._count_peer_request(backend, +1)
+        messages, options = answer.request()
+        try:
+            for event in backend.chat(model, messages, options, attempt, attempt.heard(on_queue),
+                                      self.policy.turn(requester, backend), attempt.placed):
+                if event["type"] == "queued":
+                    attempt.heard(on_queue)(event)
+                    continue
+                attempt.placed()
+                yield answer.finish(event) if event["type"] == "done" else answer.note(event)
+            return not attempt.moved
+        except LLMError as exc:
+            host_failed = isinstance(exc, _UpstreamRefused) or exc.partial
+            if not (attempt.moved or host_failed):
+                raise
+            if host_failed and not (attempt.moved or attempt.cancelled()):
+                self._refused(backend, exc, failures, failed, mid_answer=bool(answer.parts))
+        finally:
+            attempt.settle()
+            self._count_peer_request(backend, -1)
+        if attempt.moved:
+            log.info("a queued chat moves from %s to %s, free first", safe_text(backend.node_name),
+                     safe_text(attempt.moved.node_name))
+        return False
+
+    def _place(self, model, local_only, requester, failed):
+        """The backend where a chat starts soonest (None: none left), counted as on its way there
+        until it queues or starts (so chats placed at the same moment spread out)."""
+        with self._placing:
+            candidates = [b for b in self.candidates(model, local_only, requester) if b not in failed]
+            if candidates:
+                self.pending[candidates[0]] += 1
+            return candidates[0] if candidates else None
+
+    def _settle(self, backend):
+        """A chat placed on ``backend`` waits in its queue or holds a slot now (or left)."""
+        with self._placing:
+            count_down(self.pending, backend)
+
+    def _refused(self, backend, exc, failures, failed, mid_answer=False):
+        """A backend refused, or failed mid-answer: the chat goes to the next (which continues what
+        arrived); one that is full (503) is placed last for a while."""
+        failures.append(str(exc))
+        failed.append(backend)
+        log.warning("failing over%s: %s", " mid-answer" if mid_answer else "", exc)
+        if exc.status == 503:
+            backend.busy_until = time.monotonic() + Backend.busy_pause
+        if exc.status == 401 and isinstance(backend, PeerBackend):
+            self._ask_again(backend)
+
+    def _starts_elsewhere(self, backend, model, local_only, requester, failed):
+        """Another host of ``model`` that would start a chat of ``requester`` now, counted as the
+        chat's way there; None if there is none."""
+        with self._placing:
+            for other in self.candidates(model, local_only, requester):
+                if other is not backend and other not in failed and self.placement.starts_now(other, requester):
+                    self.pending[other] += 1
+                    return other
+        return None
 
 
 def llm_host_count(mesh_models):
@@ -5727,8 +6280,9 @@ class ChatService:
 
     # -- the events of one answer ----------------------------------------------------
 
-    def stream(self, model, messages, options=None, local_only=False):
+    def stream(self, model, messages, options=None, local_only=False, requester=None):
         """Runs ``router.chat`` on a worker thread and yields its events as they happen.
+        ``requester``: who asks (a Requester; None: this computer's owner), for the fair queues.
 
         Queue positions arrive while the worker waits for a slot; an LLMError becomes an
         error event. Closing this generator (the client went away) cancels the upstream request.
@@ -5736,7 +6290,7 @@ class ChatService:
         events, cancel = queue.Queue(), threading.Event()
         self._count_waiting(1)
         waiting = True
-        threading.Thread(target=self._work, args=(events, cancel, model, messages, options, local_only),
+        threading.Thread(target=self._work, args=(events, cancel, model, messages, options, local_only, requester),
                          name="neuromesh-chat", daemon=True).start()
         try:
             while True:
@@ -5752,10 +6306,10 @@ class ChatService:
                 self._count_waiting(-1)
             cancel.set()
 
-    def _work(self, events, cancel, model, messages, options, local_only):
+    def _work(self, events, cancel, model, messages, options, local_only, requester=None):
         try:
             for event in self.router.chat(model, messages, options, cancel, on_queue=events.put,
-                                          local_only=local_only):
+                                          local_only=local_only, requester=requester):
                 events.put(event)
                 if cancel.is_set():
                     break
@@ -5769,13 +6323,13 @@ class ChatService:
         finally:
             events.put(None)
 
-    def begin(self, model, messages, options=None):
+    def begin(self, model, messages, options=None, requester=None):
         """``(first event, all events)`` of an answer that started; an HTTPFailure if it cannot.
 
         Queue positions are left out: clients of the Ollama and OpenAI APIs cannot show them,
         and the reply's status depends on whether an answer starts.
         """
-        events = self.stream(model, messages, options)
+        events = self.stream(model, messages, options, requester=requester)
         first = next((event for event in events if event["type"] != "queued"),
                      {"type": "error", "error": "no answer", "status": 503, "partial": False})
         if first["type"] == "error":
@@ -5843,7 +6397,7 @@ class ChatService:
                 history.append({"role": message["role"], "content": message["content"]})
         return history
 
-    def answer(self, conversation_id, model, regenerate=False):
+    def answer(self, conversation_id, model, regenerate=False, requester=None):
         """Events of one answer in a conversation; the answer is stored when it is done.
 
         The request is checked here, before any reply is sent; the events come from a generator.
@@ -5856,32 +6410,37 @@ class ChatService:
                 history.pop()
             if not history:
                 raise HTTPFailure(400, "nothing to regenerate: the conversation has no question yet")
-        return self._stored_events(conversation_id, model, history)
+        return self._stored_events(conversation_id, model, history, requester)
 
-    def ask_default(self, content, sender, model):
+    def ask_default(self, content, sender, model, requester=None):
         """The original NeuroMesh's chat: a question in the default conversation; its stored answer."""
         conversation = self.store.default_conversation()
         self.add_question(conversation["id"], content, sender)
-        return self.stored_answer(self.answer(conversation["id"], model))
+        return self.stored_answer(self.answer(conversation["id"], model, requester=requester))
 
-    def _stored_events(self, conversation_id, model, history):
+    def _stored_events(self, conversation_id, model, history, requester=None):
         """The answer's events; what arrived of an answer cut off (Stop closes this generator, or
-        its host went down) is stored too, marked ``cut_off``."""
+        its host went down) is stored too, marked ``cut_off``. The start event, and the stored
+        answer, tell how long the chat waited for its host (``waited_s``)."""
         answer, started, finished = AnswerSoFar(history, {}), {}, False  # started: the host writing now
-        events = self.stream(model, self.fit_history(history, self.history_budget))
+        asked, waited = time.monotonic(), None
+        events = self.stream(model, self.fit_history(history, self.history_budget), requester=requester)
         try:
             for event in events:
+                if event["type"] == "start":
+                    waited = round(time.monotonic() - asked, 2)
+                    event = dict(event, waited_s=waited)
                 answer.note(event)
                 if event["type"] in ("start", "continued"):
                     started = event
                 elif event["type"] == "error" and answer.parts:
                     finished = True
-                    message = self._store_cut_off(conversation_id, answer, started)
+                    message = self._store_cut_off(conversation_id, answer, started, waited)
                     event = dict(event, message=message) if message else event
                 elif event["type"] == "done":
                     finished = True
                     try:
-                        message = self._store_answer(conversation_id, answer, event)
+                        message = self._store_answer(conversation_id, answer, event, waited_s=waited)
                     except StoreError as exc:  # e.g. the conversation was deleted while it was answered
                         yield {"type": "error", "error": "the answer could not be stored: %s" % exc,
                                "status": 409, "partial": True}
@@ -5891,14 +6450,14 @@ class ChatService:
         finally:
             events.close()
             if answer.parts and not finished:  # the client went away (Stop): keep what it read
-                self._store_cut_off(conversation_id, answer, started)
+                self._store_cut_off(conversation_id, answer, started, waited)
 
-    def _store_cut_off(self, conversation_id, answer, started):
+    def _store_cut_off(self, conversation_id, answer, started, waited):
         wrote = [host for host in answer.hosts if host["tokens"]][-1:]  # not a host that took over, then failed
         done = {"node_name": wrote[0]["name"] if wrote else started.get("node_name") or "",
                 "node_id": wrote[0]["node_id"] if wrote else started.get("node_id"), "model": started.get("model")}
         try:
-            return self._store_answer(conversation_id, answer, done, cut_off=True)
+            return self._store_answer(conversation_id, answer, done, cut_off=True, waited_s=waited)
         except StoreError as exc:
             log.warning("the cut-off answer could not be stored: %s", exc)
             return None
@@ -6507,6 +7066,17 @@ class HttpApi:
         self.gate.admit_chat()
         self.chat.admit()
 
+    def requester(self):
+        """Who asks, for the fair queues: this node and its client (the owner, a guest, a LAN client)."""
+        client = self.gate.client()
+        if client.role == "owner":
+            tag = "owner"
+        elif client.guest:
+            tag = client.guest
+        else:
+            tag = "lan:" + client.address
+        return Requester(self.node.node_id, Requester.clean_tag(tag))
+
     def build(self):
         app = bottle.Bottle()
         app.install(ErrorReplies(self.error_shape, functools.partial(self.gate.check, self.kind)))
@@ -6670,24 +7240,35 @@ class PageApi(HttpApi):
         if body.get("answer") is False:
             bottle.response.status = 201
             return question
-        return self._answer_reply(question, self.chat.answer(conversation_id, model))
+        return self._answer_reply(question, self.chat.answer(conversation_id, model, requester=self.requester()))
 
     def regenerate(self, conversation_id):
         body = read_json_body()
         model = body_text(body, "model", limit=200)
         self._writable(conversation_id)
         self.admit_chat()
-        return self._answer_reply(None, self.chat.answer(conversation_id, model, regenerate=True))
+        return self._answer_reply(None, self.chat.answer(conversation_id, model, regenerate=True,
+                                                         requester=self.requester()))
 
     def rename_node(self):
-        """``PATCH /api/node {"name"}``: the owner names this computer, e.g. "Ana's laptop"."""
+        """``PATCH /api/node {"name"}``: the owner names this computer, e.g. "Ana's laptop";
+        ``{"sharing_paused": true|false}`` pauses or resumes sharing its LLM."""
         body = read_json_body()
         if self.gate.client().role != "owner":
-            raise HTTPFailure(403, "only this computer's owner may rename it")
-        try:
-            return {"name": self.node.rename(body_text(body, "name", required=True, limit=200))}
-        except ValueError as exc:
-            raise HTTPFailure(400, "%s." % exc)
+            raise HTTPFailure(403, "only this computer's owner may rename it or pause its sharing")
+        paused = body.get("sharing_paused")
+        if paused is not None and not isinstance(paused, bool):
+            raise HTTPFailure(400, "'sharing_paused' must be true or false")
+        if paused is None or "name" in body:
+            try:
+                reply = {"name": self.node.rename(body_text(body, "name", required=True, limit=200))}
+            except ValueError as exc:
+                raise HTTPFailure(400, "%s." % exc)
+        else:
+            reply = {"name": self.node.name}
+        if paused is not None:
+            reply["sharing_paused"] = self.node.pause_sharing(paused)
+        return reply
 
     # -- guests ------------------------------------------------------------------------
 
@@ -6765,10 +7346,10 @@ class PageApi(HttpApi):
             node.events.unsubscribe(inbox)
 
 
-def mesh_call(router, path, body, local_only=False):
+def mesh_call(router, path, body, local_only=False, requester=None):
     """``MeshCalls.call`` for an HTTP route: an LLMError becomes an HTTPFailure."""
     try:
-        return MeshCalls(router).call(path, body, local_only)
+        return MeshCalls(router).call(path, body, local_only, requester)
     except LLMError as exc:
         raise HTTPFailure(exc.status, str(exc))
 
@@ -6871,7 +7452,7 @@ class OllamaApi(HttpApi):
             raise HTTPFailure(400, "model is required")
         if bottle.request.path in SLOT_PATHS:
             self.admit_chat()
-        return pass_on(mesh_call(self.node.router, bottle.request.path, body))
+        return pass_on(mesh_call(self.node.router, bottle.request.path, body, requester=self.requester()))
 
     def pull(self):
         """NeuroMesh downloads nothing: a model on the mesh is "pulled" at once, another is an error."""
@@ -6916,7 +7497,8 @@ class OllamaApi(HttpApi):
         content = body_text(body, "message", required=True)
         sender = body_text(body, "sender", limit=100) or "user"
         self.admit_chat()
-        return seed_message(self.chat.ask_default(content, sender, body_text(body, "model", limit=200)))
+        return seed_message(self.chat.ask_default(content, sender, body_text(body, "model", limit=200),
+                                                  requester=self.requester()))
 
     def _answer(self, body, messages, key):
         """Streams (NDJSON) or returns one JSON object, as Ollama does; ``key`` shapes the text."""
@@ -6926,7 +7508,7 @@ class OllamaApi(HttpApi):
         options = body.get("options") if isinstance(body.get("options"), dict) else {}
         started = time.monotonic()
         self.admit_chat()
-        first, events = self.chat.begin(model, messages, options)
+        first, events = self.chat.begin(model, messages, options, requester=self.requester())
         model = first.get("model", model)
         if body.get("stream", True) is False:
             parts, done = self.chat.whole(events)
@@ -6999,7 +7581,7 @@ class OpenAIApi(HttpApi):
         messages = clean_chat_messages(body.get("messages"))
         model, options, include_usage = self._request(body)
         self.admit_chat()
-        first, events = self.chat.begin(model, messages, options)
+        first, events = self.chat.begin(model, messages, options, requester=self.requester())
         reply = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()),
                  "model": first.get("model", model), "include_usage": include_usage}
         if body.get("stream") is True:
@@ -7023,7 +7605,8 @@ class OpenAIApi(HttpApi):
             raise HTTPFailure(400, "prompt must be a string (or a list of one string)")
         model, options, include_usage = self._request(body)
         self.admit_chat()
-        first, events = self.chat.begin(model, [{"role": "user", "content": prompt}], options)
+        first, events = self.chat.begin(model, [{"role": "user", "content": prompt}], options,
+                                        requester=self.requester())
         reply = {"id": "cmpl-" + uuid.uuid4().hex[:24], "object": "text_completion", "created": int(time.time()),
                  "model": first.get("model", model)}
         if body.get("stream") is True:
@@ -7041,7 +7624,8 @@ class OpenAIApi(HttpApi):
         if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
             raise HTTPFailure(400, "input must be a string or a list of strings")
         self.admit_chat()
-        upstream = mesh_call(self.node.router, "/api/embed", {"model": model, "input": inputs})
+        upstream = mesh_call(self.node.router, "/api/embed", {"model": model, "input": inputs},
+                             requester=self.requester())
         if upstream.status != 200:
             raise HTTPFailure(upstream.status, upstream.error_text())
         reply = upstream.json()
@@ -7121,7 +7705,7 @@ class OpenAIShapes:
         if ollama_format(body.get("response_format")):
             request["format"] = ollama_format(body["response_format"])
         self.api.admit_chat()
-        upstream = mesh_call(self.api.node.router, "/api/chat", request)
+        upstream = mesh_call(self.api.node.router, "/api/chat", request, requester=self.api.requester())
         if upstream.status != 200:
             raise HTTPFailure(upstream.status, upstream.error_text())
         reply = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()), "model": model}
@@ -7190,14 +7774,25 @@ class RelayApi(HttpApi):
         return [("POST", RELAY_PATH, self.post_chat), ("POST", RELAY_FORWARD_PATH, self.post_forward)]
 
     def _check_token(self):
+        """The node id the token was given to; 401 for no valid token."""
         header = bottle.request.headers.get("Authorization", "")
-        if not self.node.router.token_is_valid(header[7:] if header.startswith("Bearer ") else ""):
+        holder = self.node.router.token_holder(header[7:] if header.startswith("Bearer ") else "")
+        if holder is None:
             raise HTTPFailure(401, "no valid LLM access token: ask for access over the mesh link (LREQ:)")
+        return holder
+
+    def _admit(self):
+        """503 while the owner paused sharing (the peer's router places the chat elsewhere), or
+        when --max-queued chats already wait here."""
+        if self.node.router.policy.paused:
+            raise HTTPFailure(503, "%s paused sharing its LLM for now: the chat goes to another host"
+                              % self.node.name, retry_after=30)
+        self.chat.admit()
 
     def post_forward(self):
         """Any request kind of MeshCalls (``{"path", "body"}``), answered by this node's own LLMs,
         the answer passed back as the LLM gave it: text, tool calls, JSON, embeddings."""
-        self._check_token()
+        holder = self._check_token()
         body = read_json_body(MAX_FORWARD_BODY)
         path, inner = body.get("path"), body.get("body") if isinstance(body.get("body"), dict) else {}
         if path in INFO_PATHS:
@@ -7205,17 +7800,24 @@ class RelayApi(HttpApi):
         if path not in FORWARD_PATHS:
             raise HTTPFailure(404, "the relay does not carry %s" % safe_text(path, 80))
         if path in SLOT_PATHS:
-            self.chat.admit()
-        return pass_on(mesh_call(self.node.router, path, inner, local_only=True))
+            self._admit()
+        return pass_on(mesh_call(self.node.router, path, inner, local_only=True,
+                                 requester=self.requester_of(holder, body)))
+
+    @staticmethod
+    def requester_of(holder, body):
+        """The peer the token names, and the client on it that the body tags (its own business)."""
+        return Requester(holder, Requester.clean_tag(body.get("requester")))
 
     def post_chat(self):
-        self._check_token()
+        holder = self._check_token()
         body = read_json_body()
         messages = clean_chat_messages(body.get("messages"))
         model = body.get("model") if isinstance(body.get("model"), str) else None
         options = body.get("options") if isinstance(body.get("options"), dict) else {}
-        self.chat.admit()
-        events = self.chat.stream(model, messages, options, local_only=True)
+        self._admit()
+        events = self.chat.stream(model, messages, options, local_only=True,
+                                  requester=self.requester_of(holder, body))
         bottle.response.content_type = "application/x-ndjson"
         return ndjson(translate(events, {"queued": self._queued_line, "token": self._token_line,
                                          "done": self._done_line, "error": self._error_line}))
@@ -7239,6 +7841,168 @@ class RelayApi(HttpApi):
         return {"error": event["error"], "status": event["status"]}
 
 
+# -- queues on view: /api/health's "queues" and /metrics (issue 15) ----------------------
+
+
+class QueueReport:
+    """The LLM queues of the mesh as this node sees them: its own LLMs exactly (counts by
+    requester, waits, speed, shares), each sharing peer's as its LLMC: last told. Counts only:
+    never what anyone asked. ``health()`` for /api/health, ``metrics()`` for /metrics."""
+
+    def __init__(self, router, mesh=None):
+        self.router = router
+        self.names = {router.node_id: router.node_name}
+        for peer in (mesh.linked_peers() if mesh is not None and hasattr(mesh, "linked_peers") else []):
+            self.names[peer.node_id] = peer.name
+
+    def requester_name(self, key):
+        """``node id/tag`` in words: the node's name, and what kind of client asked there."""
+        node_id, _sep, tag = key.partition("/")
+        name = self.names.get(node_id) or node_id[:8] or "this computer"
+        if tag in ("owner", "node"):
+            return name
+        if tag.startswith("guest-"):
+            return "%s · guest %s" % (name, tag[6:10])
+        if tag.startswith("lan:"):
+            return "%s · API client %s" % (name, tag[4:])
+        return "%s · %s" % (name, tag)
+
+    def hosts(self):
+        """One record per LLM host: this node's backends, then the peers that share theirs."""
+        router, hosts = self.router, []
+        for backend in router.local:
+            load, stats = backend.slots.load(), backend.slots.stats
+            shares = stats.shares()
+            counts = backend.slots.by_requester()
+            keys = sorted(set(counts) | set(shares))
+            hosts.append(dict(load, node_id=router.node_id, name=router.node_name, local=True, url=backend.url,
+                              tokens_per_second=backend.recent_tps, median_wait_s=stats.median_wait(),
+                              loaded=sorted(backend.loaded), requesters=[
+                                  {"requester": key, "name": self.requester_name(key),
+                                   "queued": counts.get(key, {}).get("queued", 0),
+                                   "running": counts.get(key, {}).get("running", 0),
+                                   "share": shares.get(key, 0.0)} for key in keys]))
+        with router.lock:
+            peers = [b.peer for b in router.grants.values() if b.peer.connected]
+        for peer in peers:
+            load = getattr(peer, "load", None) or {}
+            queue = getattr(peer, "queue", None) or {}
+            hosts.append({"node_id": peer.node_id, "name": peer.name, "local": False,
+                          "in_flight": load.get("in_flight", 0), "queued": load.get("queued", 0),
+                          "parallel": load.get("parallel", 1),
+                          "tokens_per_second": getattr(peer, "tokens_per_second", None),
+                          "loaded": list(getattr(peer, "loaded", None) or []),
+                          "requesters": [{"requester": key, "name": self.requester_name(key), "queued": count}
+                                         for key, count in sorted(queue.items())]})
+        return hosts
+
+    def health(self):
+        policy = self.router.policy
+        with self.router.lock:
+            granted = list(self.router.issued)
+        return {"sharing_paused": policy.paused, "share_slots": policy.share_slots,
+                "sharing_with": policy.sharing_with(granted) if self.router.sharing else 0,
+                "weights": dict(policy.weights), "hosts": self.hosts()}
+
+    def metrics(self):
+        """The Prometheus text format (version 0.0.4), written by hand."""
+        text = PromText()
+        policy, hosts = self.router.policy, self.hosts()
+        with self.router.lock:
+            granted = list(self.router.issued)
+        text.family("neuromesh_sharing_paused", "gauge", "1 while the owner paused sharing this node's LLM",
+                    [({}, int(policy.paused))])
+        text.family("neuromesh_sharing_with", "gauge", "students this node's LLM serves (recent remote "
+                    "requesters and granted nodes)", [({}, policy.sharing_with(granted) if self.router.sharing else 0)])
+        for name, field, help_text in (("neuromesh_queue_waiting", "queued", "chats waiting for a slot of an LLM host"),
+                                       ("neuromesh_queue_running", "in_flight", "chats an LLM host answers now"),
+                                       ("neuromesh_queue_slots", "parallel", "chats an LLM host answers at once")):
+            text.family(name, "gauge", help_text, [(self._host_labels(h), h.get(field) or 0) for h in hosts])
+        text.family("neuromesh_tokens_per_second", "gauge", "recent answer speed of an LLM host",
+                    [(self._host_labels(h), h["tokens_per_second"]) for h in hosts if h.get("tokens_per_second")])
+        text.family("neuromesh_requester_waiting", "gauge", "chats of one requester waiting at an LLM host",
+                    [(dict(self._host_labels(h), requester=r["requester"], requester_name=r["name"]), r["queued"])
+                     for h in hosts for r in h["requesters"]])
+        local = [(h, b) for h, b in zip(hosts, self.router.local)]
+        text.family("neuromesh_requester_running", "gauge", "chats of one requester this node's LLM answers now",
+                    [(dict(self._host_labels(h), requester=r["requester"]), r["running"])
+                     for h, _b in local for r in h["requesters"]])
+        text.family("neuromesh_requester_share", "gauge", "a requester's share of the last chats this node's "
+                    "LLM started", [(dict(self._host_labels(h), requester=r["requester"]), r["share"])
+                                    for h, _b in local for r in h["requesters"]])
+        text.family("neuromesh_requester_chats_started_total", "counter", "chats of one requester this node's LLM "
+                    "started", [(dict(self._host_labels(h), requester=key), count)
+                                for h, b in local for key, count in b.slots.stats.started.items()])
+        text.family("neuromesh_chats_refused_total", "counter", "queued remote chats sent elsewhere (sharing "
+                    "paused)", [(self._host_labels(h), b.slots.stats.refused) for h, b in local])
+        text.histogram("neuromesh_queue_wait_seconds", "seconds chats waited for a slot of this node's LLM",
+                       [(self._host_labels(h), b.slots.stats) for h, b in local])
+        return text.render()
+
+    @staticmethod
+    def _host_labels(host):
+        labels = {"host": host["name"], "node_id": host["node_id"]}
+        if host.get("url"):
+            labels["backend"] = host["url"]
+        return labels
+
+
+class PromText:
+    """Lines of the Prometheus text exposition format: HELP, TYPE, then samples with escaped labels."""
+
+    def __init__(self):
+        self.lines = []
+
+    @staticmethod
+    def _escape(value):
+        return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+    @staticmethod
+    def _number(value):
+        if value is None:
+            return "NaN"
+        if isinstance(value, bool):
+            return str(int(value))
+        return repr(float(value)) if isinstance(value, float) else str(int(value))
+
+    def _sample(self, name, labels, value):
+        inner = ",".join('%s="%s"' % (key, self._escape(val)) for key, val in sorted(labels.items()))
+        self.lines.append("%s%s %s" % (name, "{%s}" % inner if inner else "", self._number(value)))
+
+    def family(self, name, kind, help_text, samples):
+        self.lines.append("# HELP %s %s" % (name, help_text.replace("\\", "\\\\").replace("\n", " ")))
+        self.lines.append("# TYPE %s %s" % (name, kind))
+        for labels, value in samples:
+            self._sample(name, labels, value)
+
+    def histogram(self, name, help_text, series):
+        """``series``: (labels, QueueStats) pairs; QueueStats buckets are cumulative already."""
+        self.lines.append("# HELP %s %s" % (name, help_text))
+        self.lines.append("# TYPE %s histogram" % name)
+        for labels, stats in series:
+            for bound, count in zip(stats.buckets, stats.wait_buckets):
+                self._sample(name + "_bucket", dict(labels, le=repr(float(bound))), count)
+            self._sample(name + "_bucket", dict(labels, le="+Inf"), stats.wait_count)
+            self._sample(name + "_sum", labels, round(stats.wait_sum, 6))
+            self._sample(name + "_count", labels, stats.wait_count)
+
+    def render(self):
+        return "\n".join(self.lines) + "\n"
+
+
+class MetricsApi(HttpApi):
+    """``GET /metrics``: the queues for Prometheus (this computer; the network with --lan-api)."""
+
+    kind = "llm"
+
+    def routes(self):
+        return [("GET", "/metrics", self.metrics)]
+
+    def metrics(self):
+        bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
+        return QueueReport(self.node.router, getattr(self.node, "mesh", None)).metrics()
+
+
 def build_app(node):
     """The Bottle application of ``node``: every API's routes on one app, one chat room behind them."""
     local_llm = getattr(node, "local_llm", None)
@@ -7246,7 +8010,7 @@ def build_app(node):
                        local_problem=local_llm and (lambda: local_llm.state()[1]))
     gate = Gatekeeper(node.config)
     app = bottle.Bottle()
-    for api in (PageApi, OllamaApi, OpenAIApi, RelayApi):
+    for api in (PageApi, OllamaApi, OpenAIApi, RelayApi, MetricsApi):
         app.merge(api(node, chat, gate).build())
     app.wsgi = gate.wrap(app.wsgi)
     app.add_hook("after_request", set_security_headers)
@@ -7339,6 +8103,7 @@ class Node(MeshListener):
         self.sync = SyncWorker(self.store, self.mesh, self.events, config.sync_interval)
         self.store.on_local_entries = self._local_entries
         self.router = Router(config, self.node_id, self.name, self.mesh)
+        self.router.policy.paused = os.path.exists(os.path.join(config.data_dir, SHARING_FILE))
         self.router.http_port = lambda: self.http_port
         self.router.on_change = self._llm_changed
         self.local_llm = LocalLLM(self.router, config)
@@ -7530,6 +8295,21 @@ class Node(MeshListener):
         self.events.publish("node", {"node_id": self.node_id, "name": name})
         return name
 
+    def pause_sharing(self, paused):
+        """The owner paused (or resumed) sharing this computer's LLM from the page: kept in the
+        data dir like the name, told to peers (they stop placing chats here) and pages."""
+        path = os.path.join(self.config.data_dir, SHARING_FILE)
+        if paused:
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write("paused from the page at %s\n" % utc_now())
+        elif os.path.exists(path):
+            os.remove(path)
+        log.info("sharing this computer's LLM is %s", "paused" if paused else "on again")
+        self.router.pause_sharing(paused)
+        self.mesh.announce_now()
+        self.events.publish("node", {"node_id": self.node_id, "name": self.name, "sharing_paused": bool(paused)})
+        return bool(paused)
+
     # -- conversations -------------------------------------------------------------
 
     def host_info(self):
@@ -7580,7 +8360,7 @@ class Node(MeshListener):
                          if key not in ("connected_peers",)},
             "event_subscribers": self.events.subscriber_count,
             "sync": dict(self.sync.counters), "messages": self.store.message_count(),
-            "python": sys.version.split()[0],
+            "python": sys.version.split()[0], "queues": QueueReport(self.router, self.mesh).health(),
         }
 
     def llm_status(self):
@@ -7593,6 +8373,11 @@ class Node(MeshListener):
         summary["backends"] = backends
         summary["state"], summary["problem"] = self.local_llm.state()
         summary["sharing"] = not self.config.no_share_llm
+        summary["sharing_paused"] = self.router.policy.paused
+        summary["share_slots"] = self.config.share_slots
+        with self.router.lock:
+            granted = list(self.router.issued)
+        summary["sharing_with"] = self.router.policy.sharing_with(granted) if self.router.sharing else 0
         summary["models"] = self.router.local_models()
         return summary
 

@@ -323,6 +323,7 @@
     $("#name-hint").hidden = !(owner && health.name_is_generic && $("#rename-node-form").hidden);
     $("#stat-peers").textContent = String(peers);
     $("#stat-llm").textContent = String(llm);
+    renderSharing(owner);
     $("#live-dot").className = "dot " + (state.live ? "live" : "down");
     $("#topbar-status").textContent = health ? health.name + " · " + plural(peers, "peer") + " · " + llm + " LLM" : "";
     if (health) document.title = health.name + " · NeuroMesh";
@@ -363,6 +364,38 @@
     ];
     footer.replaceChildren(...lines.filter(Boolean));
     renderRoom();
+  }
+
+  /** The owner's view of sharing this computer's LLM: "Sharing with 7 students" and the pause switch. */
+  function renderSharing(owner) {
+    const llm = state.health && state.health.llm;
+    const box = $("#sharing");
+    box.hidden = !(owner && llm && llm.state === "running" && llm.sharing);
+    if (box.hidden) return;
+    const paused = Boolean(llm.sharing_paused);
+    const count = llm.sharing_with || 0;
+    $("#sharing-text").textContent = paused
+      ? "Sharing paused: only you use this LLM"
+      : count
+        ? "Sharing with " + plural(count, "student")
+        : "Sharing with the room";
+    const toggle = $("#sharing-switch");
+    toggle.setAttribute("aria-checked", paused ? "false" : "true");
+    toggle.title = paused ? "Share this computer's LLM again" : "Pause sharing: other people's chats go to other hosts";
+  }
+
+  async function toggleSharing() {
+    const llm = state.health && state.health.llm;
+    if (!llm) return;
+    $("#sharing-error").textContent = "";
+    try {
+      const reply = await api("/api/node", { method: "PATCH", body: { sharing_paused: !llm.sharing_paused } });
+      llm.sharing_paused = reply.sharing_paused;
+      renderSharing(true);
+    } catch (error) {
+      $("#sharing-error").textContent = error.message;
+    }
+    refreshHealth();
   }
 
   // ==== names: this computer's (the owner's choice), and the person's at this browser ===========
@@ -1029,6 +1062,7 @@
     const continuedOn = hosts.length > 1 ? hosts.slice(1).join(", ") : live.continued_on;
     const model = live.model || message.model;
     const speed = live.tokens_per_second || message.tokens_per_second;
+    const waited = typeof live.waited_s === "number" ? live.waited_s : message.waited_s;
     const article = () => meta.closest(".message");
     const meta = h(
       "div",
@@ -1040,6 +1074,10 @@
         : null,
       model ? h("span", { class: "model" }, model) : null,
       speed ? h("span", { class: "speed" }, speed.toFixed(1) + " tokens/s") : null,
+      typeof waited === "number"
+        ? h("span", { class: "waited", title: "How long this answer waited for its host" },
+            "waited " + (waited < 10 ? waited.toFixed(1) : Math.round(waited)) + " s")
+        : null,
       h(
         "span",
         { class: "answer-actions" },
@@ -1547,7 +1585,51 @@
     renderMeshOverview();
     renderGraph();
     renderPeerRows();
+    renderQueues();
     renderPeerConversations();
+  }
+
+  /** Each LLM host's queue: how many chats it answers and how many wait, by requester (counts only). */
+  function renderQueues() {
+    const hosts = (state.health && state.health.queues && state.health.queues.hosts) || [];
+    if (!hosts.length) {
+      $("#queue-rows").replaceChildren(
+        h("tr", null, h("td", { colspan: "5", class: "muted" }, "No LLM host on the mesh yet.")),
+      );
+      return;
+    }
+    $("#queue-rows").replaceChildren(
+      ...hosts.map((host) => {
+        const requesters = (host.requesters || []).filter((r) => r.queued || r.running);
+        return h(
+          "tr",
+          { "data-node-id": host.node_id, class: "queue-row" },
+          h("th", { scope: "row" }, host.name, host.local ? h("span", { class: "chip this-computer" }, "this computer") : null),
+          h("td", null, (host.in_flight || 0) + " of " + (host.parallel || 1)),
+          h("td", { class: "queue-waiting" }, String(host.queued || 0)),
+          h("td", null, host.tokens_per_second ? host.tokens_per_second.toFixed(1) + " tokens/s" : "—"),
+          h(
+            "td",
+            null,
+            requesters.length
+              ? h(
+                  "ul",
+                  { class: "requesters" },
+                  ...requesters.map((r) =>
+                    h(
+                      "li",
+                      null,
+                      r.name + ": ",
+                      h("strong", null, String(r.queued || 0)),
+                      " waiting" + (r.running ? ", " + r.running + " answered now" : ""),
+                    ),
+                  ),
+                )
+              : h("span", { class: "muted" }, "nobody waits"),
+          ),
+        );
+      }),
+    );
   }
 
   function card(value, label) {
@@ -2535,6 +2617,7 @@
     });
     $("#diag-refresh").addEventListener("click", refreshDiagnostics);
     $("#rename-node").addEventListener("click", openRenameNode);
+    $("#sharing-switch").addEventListener("click", toggleSharing);
     $("#name-hint-button").addEventListener("click", openRenameNode);
     $("#rename-node-cancel").addEventListener("click", closeRenameNode);
     $("#rename-node-form").addEventListener("submit", submitRenameNode);

@@ -688,3 +688,29 @@ def test_the_room_code_form_fits_a_phone(pages, mesh):
     expect(page.get_by_label("Message", exact=True)).to_be_visible()
     expect(page.locator("#sidebar")).to_be_hidden()
     pages.screenshot(page, "signed-in-phone")
+
+
+def test_the_owner_sees_whom_the_llm_serves_pauses_sharing_and_sees_the_queues(pages, mesh):
+    page = pages.open(mesh.llm)  # the owner of the computer with the LLM
+    sharing = page.get_by_role("switch", name="Share this computer's LLM with the room")
+    expect(sharing).to_have_attribute("aria-checked", "true")
+    expect(page.locator("#sharing-text")).to_have_text("Sharing with 1 student")  # the plain node
+    try:
+        sharing.click()
+        expect(sharing).to_have_attribute("aria-checked", "false")
+        expect(page.locator("#sharing-text")).to_contain_text("Sharing paused")
+        wait_for(lambda: mesh.plain.json("/api/models")["llm_hosts"] == 0, timeout=10,
+                 message="the plain node stops placing chats on the paused host")
+        pages.screenshot(page, "paused")
+        sharing.click()
+        expect(sharing).to_have_attribute("aria-checked", "true")
+    finally:
+        requests.patch(mesh.llm.url + "/api/node", json={"sharing_paused": False}, timeout=5)
+        wait_for(lambda: mesh.plain.json("/api/models")["llm_hosts"] == 1, timeout=10, message="sharing again")
+    page.goto(mesh.llm.url + "/#/mesh")
+    row = page.locator("#queue-rows tr.queue-row").first
+    expect(row).to_contain_text(LLM_NAME)
+    expect(row).to_contain_text("0 of 1")
+    pages.screenshot(page, "queues")
+    plain = pages.open(mesh.plain)
+    expect(plain.locator("#sharing")).to_be_hidden()  # no LLM here: nothing to share
