@@ -1625,6 +1625,7 @@ class Database:
     in one IMMEDIATE transaction, committed on return; read(action, *args) runs
     it under the same lock; both raise a database error as StoreError.
     execute(sql, parameters), for use inside those actions; close.
+    Attribute to extend: rollback_listeners, callables run after a write rolled back.
 
     Class variables: SCHEMA_VERSION (PRAGMA user_version after migrating),
     BUSY_TIMEOUT_MS (wait for another process holding the write lock).
@@ -1688,6 +1689,7 @@ class Database:
     def __init__(self, path, node_id):
         self.path = path
         self.migrated_from = None  # the schema version found, when this open migrated it
+        self.rollback_listeners = []  # callables told when a write is rolled back (caches to drop)
         self._lock = threading.Lock()
         try:
             if path != ":memory:" and os.path.dirname(path):
@@ -1730,6 +1732,8 @@ class Database:
                         self.execute("ROLLBACK")
                     except sqlite3.Error:
                         pass        # the original error is the one to report
+                for listener in self.rollback_listeners:
+                    listener()
                 if isinstance(error, sqlite3.Error):
                     raise StoreError("database error: %s" % error) from error
                 raise
@@ -1784,6 +1788,40 @@ class Database:
                  legacy_id, node_id)
 
 
+class MessageCounts:
+    """Listed messages per conversation: each counted once, then kept up to date by the writes,
+    so a sidebar, a conversation's record and /api/health cost the same however long the
+    conversations are.
+
+    Methods for the caller, inside a transaction or read of the database: of (the count),
+    added (a listed message was inserted), forget (drop a count, or all, to count again).
+    """
+
+    def __init__(self, database):
+        self._db = database
+        self._counts = {}
+        database.rollback_listeners.append(self.forget)
+
+    def of(self, conversation_id) -> int:
+        count = self._counts.get(conversation_id)
+        if count is None:
+            count = self._db.execute(
+                "SELECT COUNT(*) FROM entries WHERE conversation_id = ? AND kind = 'message'"
+                " AND duplicate = 0 AND republished = 0", (conversation_id,)).fetchone()[0]
+            self._counts[conversation_id] = count
+        return count
+
+    def added(self, conversation_id):
+        if conversation_id in self._counts:
+            self._counts[conversation_id] += 1
+
+    def forget(self, conversation_id=None):
+        if conversation_id is None:
+            self._counts.clear()
+        else:
+            self._counts.pop(conversation_id, None)
+
+
 class EntryLog:
     """Keeps the per-origin append-only logs in a store's database, and the
     conversations table folded from them (the owner's newest snapshot wins).
@@ -1797,6 +1835,7 @@ class EntryLog:
     def __init__(self, database, key=None):
         self._db = database
         self.chain = LogChain(database, key)
+        self.counts = MessageCounts(database)
 
     def append(self, origin, kind, conversation_id, data, timestamp=None, uid=None) -> dict:
         """Append a local entry to one of this node's logs and return it."""
@@ -1932,6 +1971,8 @@ class EntryLog:
              entry["conversation_id"], entry["timestamp"],
              json.dumps(entry["data"], ensure_ascii=False) if text is None else text,
              int(duplicate), digest, sig))
+        if entry["kind"] == "message" and not duplicate:
+            self.counts.added(entry["conversation_id"])
         self._advance(entry["origin"], entry["seq"])
 
     def _advance(self, origin, seq):
@@ -1982,6 +2023,7 @@ class EntryLog:
                    " WHERE o.origin = entries.origin), 0)" % MAX_SEQ_JUMP)
             dropped = self._db.execute("DELETE FROM entries WHERE " + far).rowcount
             if dropped:
+                self.counts.forget()
                 self._db.execute(
                     "UPDATE conversations SET state_seq = COALESCE((SELECT MAX(seq) FROM entries e"
                     " WHERE e.origin = state_origin AND e.conversation_id = conversations.id"
@@ -2370,10 +2412,7 @@ class Store(StorePages):
     SCHEMA_VERSION = Database.SCHEMA_VERSION
 
     _LISTED = "kind = 'message' AND duplicate = 0 AND republished = 0"
-    _RECORD_SQL = (
-        "SELECT c.*, (SELECT COUNT(*) FROM entries e WHERE e.conversation_id = c.id"
-        " AND e.kind = 'message' AND e.duplicate = 0 AND e.republished = 0)"
-        " AS message_count FROM conversations c")
+    _RECORD_SQL = "SELECT c.* FROM conversations c"   # _record adds the message count (MessageCounts)
 
     def __init__(self, path, node_id, node_name, key=None):
         try:
@@ -2445,7 +2484,7 @@ class Store(StorePages):
                 "origin_name": row["origin_name"], "peer_label": row["peer_label"],
                 "title": row["title"], "private": bool(row["private"]),
                 "deleted": bool(row["deleted"]), "created_at": row["created_at"],
-                "updated_at": row["updated_at"], "message_count": row["message_count"],
+                "updated_at": row["updated_at"], "message_count": self._log.counts.of(row["id"]),
                 "own": row["owner"] == self.node_id}
 
     def _record_of(self, conversation_id):
@@ -2562,6 +2601,7 @@ class Store(StorePages):
                          timestamp=row["timestamp"])
             self._db.execute("UPDATE entries SET republished = 1 WHERE origin = ?"
                              " AND seq = ?", (self.private_origin, row["seq"]))
+        self._log.counts.forget(conversation_id)
 
     def delete_conversation(self, conversation_id) -> dict:
         """Delete an own conversation for good: a tombstone peers obey."""
@@ -2659,6 +2699,42 @@ class Store(StorePages):
         """A record plus "messages" in timestamp order, or None if the
         conversation is unknown, deleted, or a peer's private one."""
         return self._db.read(self._get, conversation_id)
+
+    def get_conversation_record(self, conversation_id):
+        """Like get_conversation without the messages: as cheap for a long conversation as for
+        a new one (a post checks with it that the conversation is there)."""
+        def record():
+            if not self._visible(self._log.conversation_row(conversation_id)):
+                return None
+            return self._record_of(conversation_id)
+        return self._db.read(record)
+
+    def recent_messages(self, conversation_id, min_chars) -> list:
+        """The newest messages of a conversation, oldest first, back to the first one that
+        brings their contents to ``min_chars`` characters (all of them if it has fewer): what an
+        answer's history needs, read without the rest of a long conversation."""
+        def read():
+            cursor = self._db.execute(
+                "SELECT " + _ENTRY_COLUMNS + " FROM entries WHERE conversation_id = ? AND " + self._LISTED
+                + " ORDER BY timestamp DESC, origin DESC, seq DESC", (conversation_id,))
+            messages, chars = [], 0
+            for row in cursor:
+                messages.append(self._message(row))
+                chars += len(messages[-1].get("content") or "")
+                if chars >= min_chars:
+                    break
+            cursor.close()
+            messages.reverse()
+            return messages
+        return self._db.read(read)
+
+    def last_question_id(self, conversation_id):
+        """The id of the conversation's newest question (a message of role "user"), or None."""
+        row = self._db.read(lambda: self._db.execute(
+            "SELECT uid FROM entries WHERE conversation_id = ? AND " + self._LISTED
+            + " AND json_extract(data, '$.role') = 'user' ORDER BY timestamp DESC, origin DESC, seq DESC"
+            " LIMIT 1", (conversation_id,)).fetchone())
+        return row[0] if row else None
 
     def get_all_conversations(self) -> list:
         """get_conversation of every listed conversation, read at one moment."""
@@ -5662,14 +5738,20 @@ class ChatService:
             raise HTTPFailure(404, "no conversation %s" % safe_text(conversation_id, 80))
         return conversation
 
+    def record(self, conversation_id):
+        """The conversation's record without its messages (cheap however long it is), or a 404."""
+        record = self.store.get_conversation_record(conversation_id)
+        if record is None:
+            raise HTTPFailure(404, "no conversation %s" % safe_text(conversation_id, 80))
+        return record
+
     def add_question(self, conversation_id, content, sender, replaces=None):
         """Stores a question asked on this node; returns it as a message. ``replaces``: the id of
         the conversation's last question, which this edited one takes the place of."""
-        conversation = self.conversation(conversation_id)
+        self.record(conversation_id)
         marks = {}
         if replaces is not None:
-            questions = [m for m in conversation["messages"] if m["role"] == "user"]
-            if not questions or questions[-1]["id"] != replaces:
+            if self.store.last_question_id(conversation_id) != replaces:
                 raise HTTPFailure(409, "only the last question of a conversation can be edited")
             marks["replaces"] = replaces
         entry = self.store.add_message(conversation_id, "user", content, sender, host_info=self.host_info(),
@@ -5697,8 +5779,9 @@ class ChatService:
         The request is checked here, before any reply is sent; the events come from a generator.
         ``regenerate`` answers the last question again, without the answers it had.
         """
-        conversation = self.conversation(conversation_id)
-        history = self.history_of(conversation["messages"])
+        self.record(conversation_id)
+        # Twice the budget: history_of may leave some out, fit_history then cuts to the budget.
+        history = self.history_of(self.store.recent_messages(conversation_id, 2 * self.history_budget))
         if regenerate:
             while history and history[-1]["role"] == "assistant":
                 history.pop()
@@ -6379,7 +6462,7 @@ class PageApi(HttpApi):
 
     def _readable(self, conversation_id, conversation=None):
         """The conversation, if this client may read it: a guest reads their own and shared ones."""
-        conversation = conversation or self.chat.conversation(conversation_id)
+        conversation = conversation or self.chat.record(conversation_id)
         guest = self.gate.client().guest
         if guest is not None:
             owned = self.node.store.guest_owners().get(conversation_id) == guest
@@ -6416,7 +6499,7 @@ class PageApi(HttpApi):
 
     def download(self, conversation_id):
         """``GET .../download?format=md|json``: one conversation as a file to keep."""
-        conversation = self._readable(conversation_id)
+        conversation = self._readable(conversation_id, self.chat.conversation(conversation_id))
         kind = bottle.request.query.get("format") or "md"
         if kind not in ("md", "json"):
             raise HTTPFailure(400, "'format' must be md or json")
