@@ -1436,7 +1436,16 @@ def format_timestamp(moment) -> str:
         moment.hour, moment.minute, moment.second, moment.microsecond)
 
 
+_CANONICAL_TIMESTAMP_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z", re.ASCII)  # format_timestamp's
+
+
 def _normal_timestamp(text, what="timestamp") -> str:
+    if isinstance(text, str) and _CANONICAL_TIMESTAMP_RE.fullmatch(text):
+        try:  # already in the stored form (every synced entry): only check it is a real moment
+            datetime.fromisoformat(text[:-1])
+            return text
+        except ValueError:
+            pass  # the full parse below says what is wrong
     try:
         return format_timestamp(parse_timestamp(text))
     except ValueError as error:
@@ -1717,6 +1726,9 @@ class Database:
     def execute(self, sql, parameters=()):
         return self._connection.execute(sql, parameters)
 
+    def connection_executemany(self, sql, rows):
+        return self._connection.executemany(sql, rows)
+
     def write(self, action, *args):
         with self._lock:
             try:
@@ -1892,17 +1904,24 @@ class EntryLog:
                     "SELECT " + _ENTRY_COLUMNS + " FROM entries WHERE origin = ?"
                     " AND seq > ? ORDER BY seq", (origin, since))
                 for row in cursor:
+                    cost = self._frame_bytes(row)
+                    if len(entries) >= max_entries or (entries and size + cost > max_bytes):
+                        return entries, True
                     entry = {"origin": row["origin"], "seq": row["seq"], "kind": row["kind"],
                              "conversation_id": row["conversation_id"],
                              "timestamp": row["timestamp"], "uid": row["uid"],
                              "data": json.loads(row["data"])}
-                    cost = len(json.dumps(entry)) + 2
-                    if len(entries) >= max_entries or (entries and size + cost > max_bytes):
-                        return entries, True
                     entries.append(entry)
                     size += cost
             return entries, False
         return self._db.read(collect)
+
+    @staticmethod
+    def _frame_bytes(row):
+        """At least the bytes an entry row takes in a FILE: frame (compact JSON, UTF-8): its data's
+        stored text, never shorter than the compact form, plus the other fields, keys and quotes."""
+        return (len(row["data"].encode("utf-8")) + len(row["origin"]) + len(row["uid"])
+                + len(row["conversation_id"]) + len(row["timestamp"]) + len(row["kind"]) + 120)
 
     def run_from(self, origin, seq, limit):
         """Entries of ``origin`` from ``seq`` on, up to its first signed one (at most ``limit``)."""
@@ -1919,13 +1938,95 @@ class EntryLog:
         return self._db.read(collect)
 
     def store_verified(self, items):
-        """Store what BatchVerifier passed (inside its transaction): returns (stored, took effect)."""
-        stored, new = [], []
-        for entry, digest, sig, text in items:
-            stored.append(entry)
-            if self._insert_remote(entry, digest, sig, text):
-                new.append(entry)
+        """Store what BatchVerifier passed (inside its transaction): returns (stored, took effect).
+
+        A catch-up brings runs of hundreds of entries per origin: each run is looked up, inserted
+        and advanced with a few statements, not several per entry; conversations are touched once
+        per batch. Entries already held, and repeated message ids, are handled as one by one."""
+        stored, new, touched = [], [], {}
+        for run in self._origin_runs(items):
+            stored.extend(entry for entry, _digest, _sig, _text in run)
+            new.extend(self._store_run(run, touched))
+        for conversation_id, timestamp in touched.items():
+            self._touch(conversation_id, timestamp)
         return stored, new
+
+    @staticmethod
+    def _origin_runs(items):
+        """``items`` cut into runs of one origin each, in order."""
+        runs = []
+        for item in items:
+            if runs and runs[-1][-1][0]["origin"] == item[0]["origin"]:
+                runs[-1].append(item)
+            else:
+                runs.append([item])
+        return runs
+
+    _LOOKUP_CHUNK = 400  # SQL parameters per lookup (SQLite before 3.32 allows 999)
+
+    def _held_uids(self, uids):
+        held = set()
+        for start in range(0, len(uids), self._LOOKUP_CHUNK):
+            chunk = uids[start:start + self._LOOKUP_CHUNK]
+            held.update(row[0] for row in self._db.execute(
+                "SELECT uid FROM entries WHERE duplicate = 0 AND uid IN (%s)" % ",".join("?" * len(chunk)), chunk))
+        return held
+
+    def _store_run(self, run, touched):
+        """Insert one origin's verified run; returns the entries that took effect."""
+        origin = run[0][0]["origin"]
+        seqs = [entry["seq"] for entry, _digest, _sig, _text in run]
+        held = {row[0] for row in self._db.execute(
+            "SELECT seq FROM entries WHERE origin = ? AND seq BETWEEN ? AND ?", (origin, min(seqs), max(seqs)))}
+        taken = self._held_uids([entry["uid"] for entry, _digest, _sig, _text in run])
+        rows, new = [], []
+        for entry, digest, sig, text in run:
+            if entry["seq"] in held:
+                continue
+            duplicate = entry["uid"] in taken
+            taken.add(entry["uid"])
+            rows.append((origin, entry["seq"], entry["uid"], entry["kind"], entry["conversation_id"],
+                         entry["timestamp"], text, int(duplicate), digest, sig))
+            if duplicate:
+                log.warning("store: entry %s:%d repeats uid %s of a held entry; kept unlisted",
+                            origin, entry["seq"], entry["uid"])
+            elif entry["kind"] == "conversation":
+                self._insert_rows(rows)  # the snapshot folds in what came before it
+                rows = []
+                if self._apply_snapshot(entry, local=False):
+                    new.append(entry)
+            else:
+                self.counts.added(entry["conversation_id"])
+                touched[entry["conversation_id"]] = max(touched.get(entry["conversation_id"], ""),
+                                                        entry["timestamp"])
+                new.append(entry)
+        self._insert_rows(rows)
+        self._advance_run(origin, min(seqs))
+        return new
+
+    def _insert_rows(self, rows):
+        if rows:
+            self._db.connection_executemany(
+                "INSERT INTO entries (%s, duplicate, hash, sig) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                % _ENTRY_COLUMNS, rows)
+
+    def _advance_run(self, origin, first):
+        """_advance after a run from ``first`` on was inserted: walks the contiguous prefix on."""
+        have = self._contiguous(origin)
+        if self._db.execute("SELECT 1 FROM origins WHERE origin = ?", (origin,)).fetchone() is None:
+            self._db.execute("INSERT INTO origins (origin, contiguous) VALUES (?, 0)", (origin,))
+        if first > have + 1 or not self._db.execute("SELECT 1 FROM entries WHERE origin = ? AND seq = ?",
+                                                    (origin, have + 1)).fetchone():
+            return
+        row = self._db.execute(  # the first seq past ``have`` that is not held (a gap, or the end)
+            "SELECT MIN(e.seq) + 1 FROM entries e WHERE e.origin = ? AND e.seq >= ? AND NOT EXISTS"
+            " (SELECT 1 FROM entries n WHERE n.origin = e.origin AND n.seq = e.seq + 1)",
+            (origin, have + 1)).fetchone()
+        if row[0] is None:
+            return
+        have = row[0] - 1
+        self._db.execute("UPDATE origins SET contiguous = ?, head = (SELECT hash FROM entries"
+                         " WHERE origin = ? AND seq = ?) WHERE origin = ?", (have, origin, have, origin))
 
     def apply_entries(self, entries) -> list:
         """Store the entries a peer sent, in one transaction, unverified (sync
