@@ -4006,7 +4006,12 @@ class Mesh:
         self.call_soon(self._send_to_peer, peer_id, frame)
 
     def broadcast(self, marker, payload, exclude=None):
-        """Queue a frame to every linked peer but ``exclude``."""
+        """Queue a frame to every linked peer but ``exclude``. With no such peer nothing is encoded:
+        a new peer's catch-up would otherwise encode every batch again to forward it to nobody."""
+        # Read without the lock the loop holds while it works (list() copies the table at once): a
+        # peer linked a moment later gets this from the SYNC every new link starts with.
+        if not any(peer.connected and peer.node_id != exclude for peer in list(self.peer_table.values())):
+            return
         frame = encode_frame(marker, payload)
         self.call_soon(self._send_to_all, frame, exclude)
 
@@ -4963,12 +4968,17 @@ class RelayCall:
     raises requests.ConnectionError after ``abort()``; ``close()`` when done with it."""
 
     poll = 0.1  # seconds between looks at abort and cancel while no line arrives
+    settle = 1.0  # at most this long, close() after the last line lets the reader finish the body
+
+    _LAST_LINE = (b'"done": true', b'"done":true')  # the relay's final line (RelayApi._done_line)
 
     def __init__(self, backend, body, headers):
         self.backend = backend
         self._lines = queue.Queue(256)
         self._aborted = threading.Event()
         self._closed = threading.Event()
+        self._last_line = threading.Event()  # the answer's final line was read
+        self._finished = threading.Event()   # the reader is done with the response
         self._response = None
         threading.Thread(target=self._read, args=(body, headers), name="neuromesh-relay",
                          daemon=True).start()
@@ -4977,6 +4987,8 @@ class RelayCall:
         try:
             self._response = self.backend._post(RELAY_PATH, body, headers=headers)
             for line in iter_lines_live(self._response):
+                if any(mark in line for mark in self._LAST_LINE):
+                    self._last_line.set()
                 if not self._hand(("line", line)):
                     return
             self._hand(("end", None))
@@ -4984,7 +4996,8 @@ class RelayCall:
             self._hand(("error", exc))
         finally:
             if self._response is not None:
-                self._response.close()
+                self._response.close()  # a body read to its end gave its connection back already
+            self._finished.set()
 
     def _hand(self, item):
         while not (self._closed.is_set() or self._aborted.is_set()):
@@ -5018,6 +5031,11 @@ class RelayCall:
 
     def close(self):
         self._closed.set()
+        if self._last_line.is_set():
+            # The body's end follows the final line at once: once the reader has read it, the
+            # kept-alive connection is back in the session's pool for the next answer, which
+            # would otherwise open a new one.
+            self._finished.wait(self.settle)
 
 
 class PeerBackend(Backend):
