@@ -77,6 +77,35 @@ def measure(messages=10000, posts=100, rounds=3):
     return {"long": long_rate, "new": new_rate, "ratio": long_rate / new_rate}
 
 
+def read_costs(messages=100000, conversations=10, rounds=9):
+    """Seconds (median of ``rounds``) of what /api/health and the sidebar read after a post, in a
+    store of ``messages`` messages and in one of ``conversations`` messages: {"big", "small"}.
+    In-process, no network."""
+    result = {}
+    with tempfile.TemporaryDirectory() as temp:
+        for label, total in (("big", messages), ("small", conversations)):
+            key = nm.NodeKey.generate()
+            store = nm.Store(os.path.join(temp, label + ".db"), key.node_id, "bench", key)
+            try:
+                data = {"role": "user", "content": TEXT, "sender": "student",
+                        "host_info": {"hostname": "laptop", "ip_address": "", "is_llm_host": False}}
+                for _ in range(conversations):
+                    conversation_id = store.create_conversation("notes")["id"]
+                    store._db.write(lambda: [store._log.append(key.node_id, "message", conversation_id, dict(data))
+                                             for _ in range(total // conversations)])
+                times = []
+                for number in range(rounds):
+                    store.add_message(conversation_id, "user", "question %d" % number, "student")
+                    started = time.perf_counter()
+                    store.message_count()
+                    store.list_conversations()
+                    times.append(time.perf_counter() - started)
+                result[label] = statistics.median(times)
+            finally:
+                store.close()
+    return result
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=10000)

@@ -8,7 +8,7 @@ it ran on. Timings are medians (the note says of how many); a comparison runs it
 the same run and reports the ratio. ``--quick`` (CI) uses fewer rounds and smaller loads and
 finishes in under 3 minutes; the note of each figure says what it measured.
 
-Groups: post (a long conversation against a new one), http (32 clients), classroom (30 SSE pages
+Groups: post (a long conversation against a new one), reads (health and sidebar), http (32 clients), classroom (30 SSE pages
 and 8 chats), relay (first token through a peer's relay against Ollama directly), catchup (a new
 peer's catch-up), mesh (bench_mesh.py: frames, link-up, sync of 3 writers, memory), fanout
 (bench/bench_fanout.py, issue 14 parts 3-4, when present: frames per message, reach-all,
@@ -52,6 +52,15 @@ def post_rows(quick):
     return [row("POST into a %d-message conversation / into a new one" % messages, result["ratio"], "ratio",
                 ">= 0.8", result["ratio"] >= 0.8, "median of %d rounds of %d posts: %.0f/s against %.0f/s"
                 % (rounds, posts, result["long"], result["new"]))]
+
+
+def read_rows(quick):
+    import bench_post
+    messages = 20000 if quick else 100000
+    costs = bench_post.read_costs(messages)
+    ratio = costs["big"] / costs["small"]
+    return [row("health count + sidebar after a post: %d messages / 10" % messages, ratio, "ratio", "-", None,
+                "medians of 9: %.2f ms against %.2f ms (in-process)" % (costs["big"] * 1e3, costs["small"] * 1e3))]
 
 
 def http_rows(quick):
@@ -141,7 +150,7 @@ def fanout_rows(quick):
     return list(module.collect(quick))
 
 
-GROUPS = [("post", post_rows), ("http", http_rows), ("classroom", classroom_rows), ("relay", relay_rows),
+GROUPS = [("post", post_rows), ("reads", read_rows), ("http", http_rows), ("classroom", classroom_rows), ("relay", relay_rows),
           ("catchup", catchup_rows), ("mesh", mesh_rows), ("fanout", fanout_rows)]
 
 
