@@ -1633,7 +1633,7 @@ class Database:
     Methods for the caller, all thread-safe: write(action, *args) runs action
     in one IMMEDIATE transaction, committed on return; read(action, *args) runs
     it under the same lock; both raise a database error as StoreError.
-    execute(sql, parameters), for use inside those actions; close.
+    execute(sql, parameters) and executemany(sql, rows), for use inside those actions; close.
     Attribute to extend: rollback_listeners, callables run after a write rolled back.
 
     Class variables: SCHEMA_VERSION (PRAGMA user_version after migrating),
@@ -1726,7 +1726,7 @@ class Database:
     def execute(self, sql, parameters=()):
         return self._connection.execute(sql, parameters)
 
-    def connection_executemany(self, sql, rows):
+    def executemany(self, sql, rows):
         return self._connection.executemany(sql, rows)
 
     def write(self, action, *args):
@@ -2006,7 +2006,7 @@ class EntryLog:
 
     def _insert_rows(self, rows):
         if rows:
-            self._db.connection_executemany(
+            self._db.executemany(
                 "INSERT INTO entries (%s, duplicate, hash, sig) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 % _ENTRY_COLUMNS, rows)
 
