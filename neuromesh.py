@@ -1498,7 +1498,16 @@ def format_timestamp(moment) -> str:
         moment.hour, moment.minute, moment.second, moment.microsecond)
 
 
+_CANONICAL_TIMESTAMP_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z", re.ASCII)  # format_timestamp's
+
+
 def _normal_timestamp(text, what="timestamp") -> str:
+    if isinstance(text, str) and _CANONICAL_TIMESTAMP_RE.fullmatch(text):
+        try:  # already in the stored form (every synced entry): only check it is a real moment
+            datetime.fromisoformat(text[:-1])
+            return text
+        except ValueError:
+            pass  # the full parse below says what is wrong
     try:
         return format_timestamp(parse_timestamp(text))
     except ValueError as error:
@@ -1715,7 +1724,8 @@ class Database:
     Methods for the caller, all thread-safe: write(action, *args) runs action
     in one IMMEDIATE transaction, committed on return; read(action, *args) runs
     it under the same lock; both raise a database error as StoreError.
-    execute(sql, parameters), for use inside those actions; close.
+    execute(sql, parameters) and executemany(sql, rows), for use inside those actions; close.
+    Attribute to extend: rollback_listeners, callables run after a write rolled back.
 
     Class variables: SCHEMA_VERSION (PRAGMA user_version after migrating),
     BUSY_TIMEOUT_MS (wait for another process holding the write lock).
@@ -1779,6 +1789,7 @@ class Database:
     def __init__(self, path, node_id):
         self.path = path
         self.migrated_from = None  # the schema version found, when this open migrated it
+        self.rollback_listeners = []  # callables told when a write is rolled back (caches to drop)
         self._lock = threading.Lock()
         try:
             if path != ":memory:" and os.path.dirname(path):
@@ -1806,6 +1817,9 @@ class Database:
     def execute(self, sql, parameters=()):
         return self._connection.execute(sql, parameters)
 
+    def executemany(self, sql, rows):
+        return self._connection.executemany(sql, rows)
+
     def write(self, action, *args):
         with self._lock:
             try:
@@ -1821,6 +1835,8 @@ class Database:
                         self.execute("ROLLBACK")
                     except sqlite3.Error:
                         pass        # the original error is the one to report
+                for listener in self.rollback_listeners:
+                    listener()
                 if isinstance(error, sqlite3.Error):
                     raise StoreError("database error: %s" % error) from error
                 raise
@@ -1875,6 +1891,40 @@ class Database:
                  legacy_id, node_id)
 
 
+class MessageCounts:
+    """Listed messages per conversation: each counted once, then kept up to date by the writes,
+    so a sidebar, a conversation's record and /api/health cost the same however long the
+    conversations are.
+
+    Methods for the caller, inside a transaction or read of the database: of (the count),
+    added (a listed message was inserted), forget (drop a count, or all, to count again).
+    """
+
+    def __init__(self, database):
+        self._db = database
+        self._counts = {}
+        database.rollback_listeners.append(self.forget)
+
+    def of(self, conversation_id) -> int:
+        count = self._counts.get(conversation_id)
+        if count is None:
+            count = self._db.execute(
+                "SELECT COUNT(*) FROM entries WHERE conversation_id = ? AND kind = 'message'"
+                " AND duplicate = 0 AND republished = 0", (conversation_id,)).fetchone()[0]
+            self._counts[conversation_id] = count
+        return count
+
+    def added(self, conversation_id):
+        if conversation_id in self._counts:
+            self._counts[conversation_id] += 1
+
+    def forget(self, conversation_id=None):
+        if conversation_id is None:
+            self._counts.clear()
+        else:
+            self._counts.pop(conversation_id, None)
+
+
 class EntryLog:
     """Keeps the per-origin append-only logs in a store's database, and the
     conversations table folded from them (the owner's newest snapshot wins).
@@ -1888,6 +1938,7 @@ class EntryLog:
     def __init__(self, database, key=None):
         self._db = database
         self.chain = LogChain(database, key)
+        self.counts = MessageCounts(database)
 
     def append(self, origin, kind, conversation_id, data, timestamp=None, uid=None) -> dict:
         """Append a local entry to one of this node's logs and return it."""
@@ -1944,17 +1995,24 @@ class EntryLog:
                     "SELECT " + _ENTRY_COLUMNS + " FROM entries WHERE origin = ?"
                     " AND seq > ? ORDER BY seq", (origin, since))
                 for row in cursor:
+                    cost = self._frame_bytes(row)
+                    if len(entries) >= max_entries or (entries and size + cost > max_bytes):
+                        return entries, True
                     entry = {"origin": row["origin"], "seq": row["seq"], "kind": row["kind"],
                              "conversation_id": row["conversation_id"],
                              "timestamp": row["timestamp"], "uid": row["uid"],
                              "data": json.loads(row["data"])}
-                    cost = len(json.dumps(entry)) + 2
-                    if len(entries) >= max_entries or (entries and size + cost > max_bytes):
-                        return entries, True
                     entries.append(entry)
                     size += cost
             return entries, False
         return self._db.read(collect)
+
+    @staticmethod
+    def _frame_bytes(row):
+        """At least the bytes an entry row takes in a FILE: frame (compact JSON, UTF-8): its data's
+        stored text, never shorter than the compact form, plus the other fields, keys and quotes."""
+        return (len(row["data"].encode("utf-8")) + len(row["origin"]) + len(row["uid"])
+                + len(row["conversation_id"]) + len(row["timestamp"]) + len(row["kind"]) + 120)
 
     def run_from(self, origin, seq, limit):
         """Entries of ``origin`` from ``seq`` on, up to its first signed one (at most ``limit``)."""
@@ -1971,13 +2029,95 @@ class EntryLog:
         return self._db.read(collect)
 
     def store_verified(self, items):
-        """Store what BatchVerifier passed (inside its transaction): returns (stored, took effect)."""
-        stored, new = [], []
-        for entry, digest, sig, text in items:
-            stored.append(entry)
-            if self._insert_remote(entry, digest, sig, text):
-                new.append(entry)
+        """Store what BatchVerifier passed (inside its transaction): returns (stored, took effect).
+
+        A catch-up brings runs of hundreds of entries per origin: each run is looked up, inserted
+        and advanced with a few statements, not several per entry; conversations are touched once
+        per batch. Entries already held, and repeated message ids, are handled as one by one."""
+        stored, new, touched = [], [], {}
+        for run in self._origin_runs(items):
+            stored.extend(entry for entry, _digest, _sig, _text in run)
+            new.extend(self._store_run(run, touched))
+        for conversation_id, timestamp in touched.items():
+            self._touch(conversation_id, timestamp)
         return stored, new
+
+    @staticmethod
+    def _origin_runs(items):
+        """``items`` cut into runs of one origin each, in order."""
+        runs = []
+        for item in items:
+            if runs and runs[-1][-1][0]["origin"] == item[0]["origin"]:
+                runs[-1].append(item)
+            else:
+                runs.append([item])
+        return runs
+
+    _LOOKUP_CHUNK = 400  # SQL parameters per lookup (SQLite before 3.32 allows 999)
+
+    def _held_uids(self, uids):
+        held = set()
+        for start in range(0, len(uids), self._LOOKUP_CHUNK):
+            chunk = uids[start:start + self._LOOKUP_CHUNK]
+            held.update(row[0] for row in self._db.execute(
+                "SELECT uid FROM entries WHERE duplicate = 0 AND uid IN (%s)" % ",".join("?" * len(chunk)), chunk))
+        return held
+
+    def _store_run(self, run, touched):
+        """Insert one origin's verified run; returns the entries that took effect."""
+        origin = run[0][0]["origin"]
+        seqs = [entry["seq"] for entry, _digest, _sig, _text in run]
+        held = {row[0] for row in self._db.execute(
+            "SELECT seq FROM entries WHERE origin = ? AND seq BETWEEN ? AND ?", (origin, min(seqs), max(seqs)))}
+        taken = self._held_uids([entry["uid"] for entry, _digest, _sig, _text in run])
+        rows, new = [], []
+        for entry, digest, sig, text in run:
+            if entry["seq"] in held:
+                continue
+            duplicate = entry["uid"] in taken
+            taken.add(entry["uid"])
+            rows.append((origin, entry["seq"], entry["uid"], entry["kind"], entry["conversation_id"],
+                         entry["timestamp"], text, int(duplicate), digest, sig))
+            if duplicate:
+                log.warning("store: entry %s:%d repeats uid %s of a held entry; kept unlisted",
+                            origin, entry["seq"], entry["uid"])
+            elif entry["kind"] == "conversation":
+                self._insert_rows(rows)  # the snapshot folds in what came before it
+                rows = []
+                if self._apply_snapshot(entry, local=False):
+                    new.append(entry)
+            else:
+                self.counts.added(entry["conversation_id"])
+                touched[entry["conversation_id"]] = max(touched.get(entry["conversation_id"], ""),
+                                                        entry["timestamp"])
+                new.append(entry)
+        self._insert_rows(rows)
+        self._advance_run(origin, min(seqs))
+        return new
+
+    def _insert_rows(self, rows):
+        if rows:
+            self._db.executemany(
+                "INSERT INTO entries (%s, duplicate, hash, sig) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                % _ENTRY_COLUMNS, rows)
+
+    def _advance_run(self, origin, first):
+        """_advance after a run from ``first`` on was inserted: walks the contiguous prefix on."""
+        have = self._contiguous(origin)
+        if self._db.execute("SELECT 1 FROM origins WHERE origin = ?", (origin,)).fetchone() is None:
+            self._db.execute("INSERT INTO origins (origin, contiguous) VALUES (?, 0)", (origin,))
+        if first > have + 1 or not self._db.execute("SELECT 1 FROM entries WHERE origin = ? AND seq = ?",
+                                                    (origin, have + 1)).fetchone():
+            return
+        row = self._db.execute(  # the first seq past ``have`` that is not held (a gap, or the end)
+            "SELECT MIN(e.seq) + 1 FROM entries e WHERE e.origin = ? AND e.seq >= ? AND NOT EXISTS"
+            " (SELECT 1 FROM entries n WHERE n.origin = e.origin AND n.seq = e.seq + 1)",
+            (origin, have + 1)).fetchone()
+        if row[0] is None:
+            return
+        have = row[0] - 1
+        self._db.execute("UPDATE origins SET contiguous = ?, head = (SELECT hash FROM entries"
+                         " WHERE origin = ? AND seq = ?) WHERE origin = ?", (have, origin, have, origin))
 
     def apply_entries(self, entries) -> list:
         """Store the entries a peer sent, in one transaction, unverified (sync
@@ -2023,6 +2163,8 @@ class EntryLog:
              entry["conversation_id"], entry["timestamp"],
              json.dumps(entry["data"], ensure_ascii=False) if text is None else text,
              int(duplicate), digest, sig))
+        if entry["kind"] == "message" and not duplicate:
+            self.counts.added(entry["conversation_id"])
         self._advance(entry["origin"], entry["seq"])
 
     def _advance(self, origin, seq):
@@ -2073,6 +2215,7 @@ class EntryLog:
                    " WHERE o.origin = entries.origin), 0)" % MAX_SEQ_JUMP)
             dropped = self._db.execute("DELETE FROM entries WHERE " + far).rowcount
             if dropped:
+                self.counts.forget()
                 self._db.execute(
                     "UPDATE conversations SET state_seq = COALESCE((SELECT MAX(seq) FROM entries e"
                     " WHERE e.origin = state_origin AND e.conversation_id = conversations.id"
@@ -2461,10 +2604,7 @@ class Store(StorePages):
     SCHEMA_VERSION = Database.SCHEMA_VERSION
 
     _LISTED = "kind = 'message' AND duplicate = 0 AND republished = 0"
-    _RECORD_SQL = (
-        "SELECT c.*, (SELECT COUNT(*) FROM entries e WHERE e.conversation_id = c.id"
-        " AND e.kind = 'message' AND e.duplicate = 0 AND e.republished = 0)"
-        " AS message_count FROM conversations c")
+    _RECORD_SQL = "SELECT c.* FROM conversations c"   # _record adds the message count (MessageCounts)
 
     def __init__(self, path, node_id, node_name, key=None):
         try:
@@ -2536,7 +2676,7 @@ class Store(StorePages):
                 "origin_name": row["origin_name"], "peer_label": row["peer_label"],
                 "title": row["title"], "private": bool(row["private"]),
                 "deleted": bool(row["deleted"]), "created_at": row["created_at"],
-                "updated_at": row["updated_at"], "message_count": row["message_count"],
+                "updated_at": row["updated_at"], "message_count": self._log.counts.of(row["id"]),
                 "own": row["owner"] == self.node_id}
 
     def _record_of(self, conversation_id):
@@ -2654,6 +2794,7 @@ class Store(StorePages):
                          timestamp=row["timestamp"])
             self._db.execute("UPDATE entries SET republished = 1 WHERE origin = ?"
                              " AND seq = ?", (self.private_origin, row["seq"]))
+        self._log.counts.forget(conversation_id)
 
     def delete_conversation(self, conversation_id) -> dict:
         """Delete an own conversation for good: a tombstone peers obey."""
@@ -2751,6 +2892,42 @@ class Store(StorePages):
         """A record plus "messages" in timestamp order, or None if the
         conversation is unknown, deleted, or a peer's private one."""
         return self._db.read(self._get, conversation_id)
+
+    def get_conversation_record(self, conversation_id):
+        """Like get_conversation without the messages: as cheap for a long conversation as for
+        a new one (a post checks with it that the conversation is there)."""
+        def record():
+            if not self._visible(self._log.conversation_row(conversation_id)):
+                return None
+            return self._record_of(conversation_id)
+        return self._db.read(record)
+
+    def recent_messages(self, conversation_id, min_chars) -> list:
+        """The newest messages of a conversation, oldest first, back to the first one that
+        brings their contents to ``min_chars`` characters (all of them if it has fewer): what an
+        answer's history needs, read without the rest of a long conversation."""
+        def read():
+            cursor = self._db.execute(
+                "SELECT " + _ENTRY_COLUMNS + " FROM entries WHERE conversation_id = ? AND " + self._LISTED
+                + " ORDER BY timestamp DESC, origin DESC, seq DESC", (conversation_id,))
+            messages, chars = [], 0
+            for row in cursor:
+                messages.append(self._message(row))
+                chars += len(messages[-1].get("content") or "")
+                if chars >= min_chars:
+                    break
+            cursor.close()
+            messages.reverse()
+            return messages
+        return self._db.read(read)
+
+    def last_question_id(self, conversation_id):
+        """The id of the conversation's newest question (a message of role "user"), or None."""
+        row = self._db.read(lambda: self._db.execute(
+            "SELECT uid FROM entries WHERE conversation_id = ? AND " + self._LISTED
+            + " AND json_extract(data, '$.role') = 'user' ORDER BY timestamp DESC, origin DESC, seq DESC"
+            " LIMIT 1", (conversation_id,)).fetchone())
+        return row[0] if row else None
 
     def get_all_conversations(self) -> list:
         """get_conversation of every listed conversation, read at one moment."""
@@ -3933,7 +4110,12 @@ class Mesh:
         self.call_soon(self._send_to_peer, peer_id, frame)
 
     def broadcast(self, marker, payload, exclude=None):
-        """Queue a frame to every linked peer but ``exclude``."""
+        """Queue a frame to every linked peer but ``exclude``. With no such peer nothing is encoded:
+        a new peer's catch-up would otherwise encode every batch again to forward it to nobody."""
+        # Read without the lock the loop holds while it works (list() copies the table at once): a
+        # peer linked a moment later gets this from the SYNC every new link starts with.
+        if not any(peer.connected and peer.node_id != exclude for peer in list(self.peer_table.values())):
+            return
         frame = encode_frame(marker, payload)
         self.call_soon(self._send_to_all, frame, exclude)
 
@@ -5122,12 +5304,17 @@ class RelayCall:
     for the peer timeout while no line comes (its host froze); ``close()`` when done with it."""
 
     poll = 0.1  # seconds between looks at abort and cancel while no line arrives
+    settle = 1.0  # at most this long, close() after the last line lets the reader finish the body
+
+    _LAST_LINE = (b'"done": true', b'"done":true')  # the relay's final line (RelayApi._done_line)
 
     def __init__(self, backend, body, headers):
         self.backend = backend
         self._lines = queue.Queue(256)
         self._aborted = threading.Event()
         self._closed = threading.Event()
+        self._last_line = threading.Event()  # the answer's final line was read
+        self._finished = threading.Event()   # the reader is done with the response
         self._response = None
         threading.Thread(target=self._read, args=(body, headers), name="neuromesh-relay",
                          daemon=True).start()
@@ -5136,6 +5323,8 @@ class RelayCall:
         try:
             self._response = self.backend._post(RELAY_PATH, body, headers=headers)
             for line in iter_lines_live(self._response):
+                if any(mark in line for mark in self._LAST_LINE):
+                    self._last_line.set()
                 if not self._hand(("line", line)):
                     return
             self._hand(("end", None))
@@ -5143,7 +5332,8 @@ class RelayCall:
             self._hand(("error", exc))
         finally:
             if self._response is not None:
-                self._response.close()
+                self._response.close()  # a body read to its end gave its connection back already
+            self._finished.set()
 
     def _hand(self, item):
         while not (self._closed.is_set() or self._aborted.is_set()):
@@ -5179,6 +5369,11 @@ class RelayCall:
 
     def close(self):
         self._closed.set()
+        if self._last_line.is_set():
+            # The body's end follows the final line at once: once the reader has read it, the
+            # kept-alive connection is back in the session's pool for the next answer, which
+            # would otherwise open a new one.
+            self._finished.wait(self.settle)
 
 
 class PeerBackend(Backend):
@@ -6368,14 +6563,20 @@ class ChatService:
             raise HTTPFailure(404, "no conversation %s" % safe_text(conversation_id, 80))
         return conversation
 
+    def record(self, conversation_id):
+        """The conversation's record without its messages (cheap however long it is), or a 404."""
+        record = self.store.get_conversation_record(conversation_id)
+        if record is None:
+            raise HTTPFailure(404, "no conversation %s" % safe_text(conversation_id, 80))
+        return record
+
     def add_question(self, conversation_id, content, sender, replaces=None):
         """Stores a question asked on this node; returns it as a message. ``replaces``: the id of
         the conversation's last question, which this edited one takes the place of."""
-        conversation = self.conversation(conversation_id)
+        self.record(conversation_id)
         marks = {}
         if replaces is not None:
-            questions = [m for m in conversation["messages"] if m["role"] == "user"]
-            if not questions or questions[-1]["id"] != replaces:
+            if self.store.last_question_id(conversation_id) != replaces:
                 raise HTTPFailure(409, "only the last question of a conversation can be edited")
             marks["replaces"] = replaces
         entry = self.store.add_message(conversation_id, "user", content, sender, host_info=self.host_info(),
@@ -6403,8 +6604,9 @@ class ChatService:
         The request is checked here, before any reply is sent; the events come from a generator.
         ``regenerate`` answers the last question again, without the answers it had.
         """
-        conversation = self.conversation(conversation_id)
-        history = self.history_of(conversation["messages"])
+        self.record(conversation_id)
+        # Twice the budget: history_of may leave some out, fit_history then cuts to the budget.
+        history = self.history_of(self.store.recent_messages(conversation_id, 2 * self.history_budget))
         if regenerate:
             while history and history[-1]["role"] == "assistant":
                 history.pop()
@@ -7148,7 +7350,7 @@ class PageApi(HttpApi):
 
     def _readable(self, conversation_id, conversation=None):
         """The conversation, if this client may read it: a guest reads their own and shared ones."""
-        conversation = conversation or self.chat.conversation(conversation_id)
+        conversation = conversation or self.chat.record(conversation_id)
         guest = self.gate.client().guest
         if guest is not None:
             owned = self.node.store.guest_owners().get(conversation_id) == guest
@@ -7185,7 +7387,7 @@ class PageApi(HttpApi):
 
     def download(self, conversation_id):
         """``GET .../download?format=md|json``: one conversation as a file to keep."""
-        conversation = self._readable(conversation_id)
+        conversation = self._readable(conversation_id, self.chat.conversation(conversation_id))
         kind = bottle.request.query.get("format") or "md"
         if kind not in ("md", "json"):
             raise HTTPFailure(400, "'format' must be md or json")

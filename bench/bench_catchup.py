@@ -63,9 +63,8 @@ def catch_up(source, target, signed, limit):
     return batches
 
 
-def main():
-    messages = int(sys.argv[1]) if len(sys.argv) > 1 else 100000
-    origins = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+def measure(messages=100000, origins=3):
+    """{False: (wall, cpu), True: (wall, cpu)}: the unsigned and the signed catch-up, in seconds."""
     with tempfile.TemporaryDirectory() as directory:
         started = time.perf_counter()
         source = build(directory, messages, origins)
@@ -84,9 +83,15 @@ def main():
                 "signed" if signed else "unsigned", target.message_count(), batches, *results[signed]))
             target.close()
         source.close()
+    return results
+
+
+def main():
+    messages = int(sys.argv[1]) if len(sys.argv) > 1 else 100000
+    origins = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    results = measure(messages, origins)
     (uw, uc), (sw, sc) = results[False], results[True]
     print("ratio signed/unsigned: wall %.2f  cpu %.2f  (goal: within 1.5)" % (sw / uw, sc / uc))
-
 
 if __name__ == "__main__":
     main()

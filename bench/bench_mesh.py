@@ -60,6 +60,7 @@ def bench_frames():
     mb = len(stream) / 1e6
     print("frames: %.1f MB decoded at %.0f MB/s; plain json.loads %.0f MB/s; ratio %.2fx the baseline time"
           % (mb, mb / decoding, mb / baseline, decoding / baseline))
+    return {"mb_per_s": mb / decoding, "json_mb_per_s": mb / baseline, "ratio": decoding / baseline}
 
 
 def bench_mesh(tmp):
@@ -72,6 +73,7 @@ def bench_mesh(tmp):
         linked = time.monotonic()
         print("link-up: 3 processes started in %.2f s; fully linked %.3f s after the last one started"
               % (spawned - started, linked - spawned))
+        figures = {"link_up_s": linked - spawned}
         idle = [n.health()["memory_rss_bytes"] / 1e6 for n in nodes]
         # each writer into its own conversation: only a conversation's owner writes into it
         conversations = {n.label: n.post("/api/conversations", json={"title": "bench"}).json()["id"] for n in nodes}
@@ -110,6 +112,10 @@ def bench_mesh(tmp):
         busy = [n.health()["memory_rss_bytes"] / 1e6 for n in nodes]
         print("memory: RSS per node idle %s MB, after %d messages %s MB"
               % ("/".join("%.0f" % m for m in idle), total, "/".join("%.0f" % m for m in busy)))
+        figures.update(messages=total, write_rate=total / (written - started), ack_median_ms=statistics.median(
+            latencies) * 1e3, converged_s=done - written, rss_idle_mb=statistics.median(idle),
+            rss_busy_mb=statistics.median(busy))
+        return figures
     finally:
         cluster.close()
 
@@ -130,7 +136,9 @@ def stream_timing(url, model, prompt, rounds=5):
     return statistics.median(firsts), statistics.median(totals)
 
 
-def bench_relay(tmp):
+def bench_relay(tmp, rounds=5):
+    """Medians of first token and whole answer (s): {"direct", "host", "relay"}: (first, total).
+    The three are asked in turn, ``rounds`` times, so a busy moment of the machine hits all three."""
     model = "bench:1b"
     prompt = " ".join("word%d" % i for i in range(60))
     with FakeOllama(models=(model,), token_delay=0.0) as fake:
@@ -140,13 +148,23 @@ def bench_relay(tmp):
             laptop = cluster.start("laptop")
             wait_for(lambda: fully_linked([host, laptop]), message="pair")
             wait_for(lambda: laptop.json("/api/models")["models"], message="access granted")
-            direct = stream_timing(fake.url, model, prompt)
-            local = stream_timing(host.url, model, prompt)
-            relayed = stream_timing(laptop.url, model, prompt)
-            for label, (first, total) in (("Ollama directly", direct), ("the host node", local),
-                                          ("a peer, through the relay", relayed)):
+            urls = {"direct": fake.url, "host": host.url, "relay": laptop.url}
+            for url in urls.values():
+                stream_timing(url, model, prompt, 1)   # warm up: first connections, first grant use
+            samples = {label: ([], []) for label in urls}
+            for _ in range(rounds):
+                for label, url in urls.items():
+                    first, total = stream_timing(url, model, prompt, 1)
+                    samples[label][0].append(first)
+                    samples[label][1].append(total)
+            figures = {label: (statistics.median(firsts), statistics.median(totals))
+                       for label, (firsts, totals) in samples.items()}
+            for label, name in (("direct", "Ollama directly"), ("host", "the host node"),
+                                ("relay", "a peer, through the relay")):
+                first, total = figures[label]
                 print("relay: ~70 tokens from %-27s first token %6.1f ms, whole answer %6.1f ms (%.1fx direct)"
-                      % (label, first * 1e3, total * 1e3, total / direct[1]))
+                      % (name, first * 1e3, total * 1e3, total / figures["direct"][1]))
+            return figures
         finally:
             cluster.close()
 

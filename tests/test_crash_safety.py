@@ -26,6 +26,18 @@ def _writer(node_url, conversation_id, acknowledged, stop):
             acknowledged.append(text)
 
 
+def _all_contents(node, conversation_id):
+    """Every message of the conversation, page by page (a page holds the newest 200 by default)."""
+    contents, before = [], ""
+    for _ in range(1000):
+        page = node.json("/api/conversations/%s?limit=1000%s" % (conversation_id, before))
+        contents = [m["content"] for m in page["messages"]] + contents
+        if not page["has_more"]:
+            return contents
+        before = "&before=" + page["messages"][0]["id"]
+    raise AssertionError("more pages than messages")
+
+
 def test_random_sigkills_lose_no_acknowledged_message(cluster):
     node = cluster.start("victim", discovery=False)
     conversation_id = node.post("/api/conversations", json={"title": "crash test"}).json()["id"]
@@ -44,7 +56,7 @@ def test_random_sigkills_lose_no_acknowledged_message(cluster):
     finally:
         stop.set()
         writer.join(10)
-    stored = [m["content"] for m in node.json("/api/conversations/%s" % conversation_id)["messages"]]
+    stored = _all_contents(node, conversation_id)
     assert len(acknowledged) >= KILLS
     missing = set(acknowledged) - set(stored)
     assert not missing, "acknowledged but lost: %s" % sorted(missing)[:10]

@@ -1,0 +1,83 @@
+"""A catch-up stores each verified run in a few statements (issue 14, part 5): what the batched
+path stores must be what the entry-by-entry path stored. In-process, no network."""
+
+import neuromesh as nm
+from conftest import keyed_store
+
+CONVERSATION = "11111111-2222-3333-4444-555555555555"   # an imported one: no owner in its id
+
+
+def imported(count):
+    """The same imported conversation of ``count`` messages, as two nodes importing one file get it."""
+    messages = [{"uid": "import:%064x" % index, "timestamp": "2024-01-01T00:00:%02d.000000Z" % index,
+                 "data": {"role": "user", "content": "line %d" % index, "sender": "user",
+                          "host_info": {"hostname": "Box", "ip_address": "", "is_llm_host": False}}}
+                for index in range(count)]
+    return [{"id": CONVERSATION, "title": "Imported", "peer_label": None, "messages": messages}]
+
+
+def catch_up(source, target, limit=50):
+    for _ in range(limit):
+        payload = source.batches.missing(target.version_vector(), max_entries=200)
+        if not payload["entries"]:
+            return
+        target.batches.apply(payload)
+    raise AssertionError("no end to the catch-up")
+
+
+def test_a_catch_up_in_batches_holds_everything_once(tmp_path):
+    source, key = keyed_store(tmp_path / "source.db", "source")
+    own = source.create_conversation("notes")["id"]
+    for index in range(450):
+        source.add_message(own, "user", "message %d" % index, "student")
+    source.update_conversation(own, title="renamed notes")
+    target, _ = keyed_store(tmp_path / "target.db", "target")
+    catch_up(source, target)
+    assert target.version_vector()[key.node_id] == source.version_vector()[key.node_id] == 452
+    record = target.get_conversation_record(own)
+    assert record["title"] == "renamed notes" and record["message_count"] == 450
+    assert record["updated_at"] == source.get_conversation_record(own)["updated_at"]
+    assert [m["content"] for m in target.get_conversation(own)["messages"]] == \
+        ["message %d" % index for index in range(450)]
+    assert target.message_count() == 450
+
+
+def test_a_message_id_two_origins_share_is_listed_once(tmp_path):
+    first, key_first = keyed_store(tmp_path / "first.db", "first")
+    second, key_second = keyed_store(tmp_path / "second.db", "second")
+    first.import_conversations(imported(5))
+    second.import_conversations(imported(5))
+    target, _ = keyed_store(tmp_path / "target.db", "target")
+    catch_up(first, target)
+    catch_up(second, target)
+    vector = target.version_vector()
+    assert vector[key_first.node_id] == vector[key_second.node_id] == 6   # every slot filled
+    assert [m["content"] for m in target.get_conversation(CONVERSATION)["messages"]] == \
+        ["line %d" % index for index in range(5)]
+    assert target.get_conversation_record(CONVERSATION)["message_count"] == 5
+
+
+def test_a_batch_that_brings_nothing_new_changes_nothing(tmp_path):
+    source, key = keyed_store(tmp_path / "source.db", "source")
+    conversation = source.create_conversation("notes")["id"]
+    source.add_message(conversation, "user", "one", "student")
+    target, _ = keyed_store(tmp_path / "target.db", "target")
+    payload = source.batches.missing({})
+    forward, new = target.batches.apply(payload)
+    assert len(new) == 2 and forward is not None
+    again, new_again = target.batches.apply(payload)
+    assert new_again == [] and again is None
+    assert target.version_vector()[key.node_id] == 2 and target.message_count() == 1
+
+
+def test_stored_timestamps_pass_unchanged_and_others_are_normalized():
+    assert nm._normal_timestamp("2024-01-01T00:00:00.123456Z") == "2024-01-01T00:00:00.123456Z"
+    assert nm._normal_timestamp("2024-01-01T00:00:00.1234567Z") == "2024-01-01T00:00:00.123456Z"
+    assert nm._normal_timestamp("2024-01-01T01:00:00+01:00") == "2024-01-01T00:00:00.000000Z"
+    for impossible in ("2024-13-01T00:00:00.000000Z", "2024-02-30T00:00:00.000000Z"):
+        try:
+            nm._normal_timestamp(impossible)
+        except ValueError as error:
+            assert "impossible timestamp" in str(error)
+        else:
+            raise AssertionError("%s was accepted" % impossible)
