@@ -8278,6 +8278,24 @@ class LocalLLM:
         self.last = state
 
 
+def running_node_info(data_dir):
+    """What a node running on ``data_dir`` wrote at start (``runtime.json``), or None when none runs."""
+    try:
+        with open(os.path.join(data_dir, RUNTIME_FILE), encoding="utf-8") as handle:
+            info = json.load(handle)
+        pid = info["pid"] = int(info["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if os.name == "posix" and pid != os.getpid():  # on Windows os.kill would end the process
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None  # left behind by a node that was killed
+        except PermissionError:
+            pass
+    return info
+
+
 class Node(MeshListener):
     """One NeuroMesh node: identity, store, mesh, sync, web server, and their start and stop.
 
@@ -8386,22 +8404,11 @@ class Node(MeshListener):
 
     def _refuse_shared_data_dir(self):
         """Two running nodes on one data dir would share an identity and a database."""
-        path = os.path.join(self.config.data_dir, RUNTIME_FILE)
-        try:
-            with open(path, encoding="utf-8") as handle:
-                pid = int(json.load(handle)["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
+        info = running_node_info(self.config.data_dir)
+        if info is None or os.name != "posix" or info["pid"] == os.getpid():  # Windows: no live check
             return
-        if os.name != "posix" or pid == os.getpid():  # on Windows os.kill would end the process
-            return
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return  # left behind by a node that was killed
-        except PermissionError:
-            pass
         raise NeuroMeshError("another NeuroMesh (pid %d) is running with the data dir %s: stop it, or give "
-                             "this one its own with --data-dir" % (pid, self.config.data_dir))
+                             "this one its own with --data-dir" % (info["pid"], self.config.data_dir))
 
     def start(self):
         """Bind every port (errors name the flag to change), then start the threads."""
@@ -8822,24 +8829,6 @@ def run_firewall(config, remove=False, assume_yes=False, dry_run=False, system=N
         return 1
     print("Done." if remove else "Done: peers of the local subnet can reach this node.")
     return 0
-
-
-def running_node_info(data_dir):
-    """What a node running on ``data_dir`` wrote at start (``runtime.json``), or None when none runs."""
-    try:
-        with open(os.path.join(data_dir, RUNTIME_FILE), encoding="utf-8") as handle:
-            info = json.load(handle)
-        pid = int(info["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if os.name == "posix" and pid != os.getpid():  # on Windows os.kill would end the process
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None  # left behind by a node that was killed
-        except PermissionError:
-            pass
-    return info
 
 
 def port_in_use(host, protocol, port):
