@@ -59,6 +59,7 @@ import json
 import logging
 import os
 import queue
+import random
 import re
 import secrets
 import selectors
@@ -132,6 +133,7 @@ DEFAULTS = {
     "max_queued": 64,
     "max_requests_per_address": 32,
     "http_idle_timeout": 30.0,
+    "max_links": 24,
 }
 STATIC_DIR = os.path.join(HERE, "neuromesh_static")
 RUNTIME_FILE = "runtime.json"
@@ -464,6 +466,8 @@ SETTINGS = {
                                               "once (default: 32)"),
     "http_idle_timeout": (parse_seconds, "seconds before an idle or never-finished HTTP connection is "
                                          "closed (default: 30)"),
+    "max_links": (parse_count, "peer links this node keeps at most, besides one to each LLM host; a bigger "
+                               "room is linked by a random, well-connected subset (default: 24, at least 4)"),
     "openai_key": (str, "API key of the --openai-url server(s) (default: NEUROMESH_OPENAI_KEY, else "
                         "OPENAI_API_KEY); prefer the environment, as flags show in `ps`"),
 }
@@ -504,6 +508,7 @@ class Config:
     max_queued: int = DEFAULTS["max_queued"]
     max_requests_per_address: int = DEFAULTS["max_requests_per_address"]
     http_idle_timeout: float = DEFAULTS["http_idle_timeout"]
+    max_links: int = DEFAULTS["max_links"]
     openai_key: str = dataclasses.field(default=None, repr=False)
 
     @property
@@ -624,6 +629,9 @@ def load_config(args, environ=None):
         config.static_peers
     except ValueError as exc:
         raise ConfigError("--peer: %s" % exc)
+    if config.max_links < 4:
+        raise ConfigError("--max-links must be at least 4 (fewer links could split the room), not %d"
+                          % config.max_links)
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError("--log-level must be debug, info, warning or error, not %r" % config.log_level)
     return config
@@ -1310,7 +1318,8 @@ FRAME_SCHEMAS = {
     GOODBYE: {"reason": _str(200)},
     SYNC: {"vector": Field("map", hi=MAX_ORIGINS, of=_int(0, (1 << 62) - 1), required=True)},
     FILE: {"entries": Field("list", hi=MAX_FRAME_ENTRIES, of=Field("obj", of={}), required=True),
-           "heads": Field("map", hi=MAX_ORIGINS, of=Field("obj", of=_HEAD)), "more": Field("bool")},
+           "heads": Field("map", hi=MAX_ORIGINS, of=Field("obj", of=_HEAD)), "more": Field("bool"),
+           "spread": Field("bool")},
     LLM_REQUEST: {"peer_name": _str(1024), "reason": _str(500)},
     LLM_RESPONSE: {"granted": Field("bool", required=True), "message": _str(500), "llm_host": _str(253),
                    "llm_port": _PORT, "token": _str(256)},
@@ -3112,6 +3121,7 @@ class Link:
         self.opened = now
         self.last_received = now
         self.closed = False
+        self.closing = None  # (reason, since) once close_after() queued its last frame
 
     def __repr__(self):
         return "<Link %s:%s %s %s>" % (self.address[0], self.address[1],
@@ -3150,6 +3160,7 @@ class Peer:
     link: Link = None
     ever_linked: bool = False  # False: a stranger only heard of, forgotten quickly
     public_key: bytes = None  # the Ed25519 key its HELO proved (node_id is its hash)
+    links: frozenset = None  # the node ids it said it is linked to (its last PEER: frame); None: unknown
 
     @property
     def connected(self):
@@ -3185,7 +3196,7 @@ class PeerTable(dict):
     """The mesh's peers by node id, capped at ``max_peers``: when it is full, the stranger
     (never linked) heard of longest ago makes room, and unlinked peers expire (``expire``)."""
 
-    def __init__(self, max_peers=256):
+    def __init__(self, max_peers=1024):  # a school's every node stays listed, even when not linked
         dict.__init__(self)
         self.max_peers = max_peers
         self._banned = {}  # node id -> monotonic time until which its links are refused
@@ -3365,8 +3376,9 @@ class DialPlan:
         return target
 
     def due(self, now, busy, linked):
-        """The targets to dial now: not this node, not expired (those are dropped), not
-        ``busy`` (a link is dialed for them already), not a node in ``linked``, not backing off."""
+        """The targets worth dialing now, in random order: not this node, not expired (those are
+        dropped), not ``busy`` (a link is dialed for them already), not a node in ``linked``, not
+        backing off. The caller takes a token of ``bucket`` for each one it dials."""
         ready = []
         for key, target in list(self.targets.items()):
             if target.node_id == self.node_id:
@@ -3376,10 +3388,13 @@ class DialPlan:
                 continue
             if target in busy or target.node_id in linked or now < target.next_dial:
                 continue
-            if not self.bucket.take(now):  # one PEER: frame must not start hundreds of dials
-                break
             ready.append(target)
+        random.shuffle(ready)
         return ready
+
+    def known_ids(self):
+        """The node ids of the targets (addresses of --peer not yet linked have none)."""
+        return {target.node_id for target in self.targets.values() if target.node_id}
 
     def from_exchange(self, entries, skip, allowed):
         """Record the dial targets of a PEER: frame's ``entries``, but node ids in ``skip`` and
@@ -3412,6 +3427,67 @@ class DialPlan:
         for key, target in list(self.targets.items()):
             if target.node_id == node_id and not target.static:
                 del self.targets[key]
+
+
+class LinkPolicy:
+    """Which links a node keeps, and which peers a received entry goes on to (no sockets: the
+    Mesh and the simulated mesh of the tests and the benchmark both use it).
+
+    Links: while a node knows at most ``max_links`` others it links to all (a full mesh). In a
+    bigger room it dials ``out_links`` peers of its own, chosen at random, and accepts every
+    link; past ``max_links`` it closes random links that peers dialed (``evictions``). That
+    leaves a random graph of degree out_links to max_links: connected, a few hops across. A
+    link to or from an LLM host is never counted nor closed: every node keeps one to each LLM
+    host, so each can chat.
+
+    Forwarding (``forward_to``): the origin sends a new entry to all its peers, marked
+    "spread". A node that stores it from a spread frame passes it on only to its peers the
+    sender is not linked to: those the sender sent it to itself or left to the node it got it
+    from, back to the origin. Peers whose version vector shows they hold it get nothing. In a
+    full mesh an entry costs N-1 frames; in a chain each hop forwards at once.
+    """
+
+    def __init__(self, max_links):
+        self.max_links = max_links
+        self.out_links = max(2, (max_links + 2) // 3)
+
+    def full_mesh(self, known):
+        """Whether ``known`` other nodes are few enough to link to every one."""
+        return known <= self.max_links
+
+    def dial_choices(self, ready, known, outbound, rng=random):
+        """Of ``ready`` ((target, is_llm_host) pairs), the targets to dial now, given ``known``
+        other nodes and ``outbound`` counted links this node dialed or is dialing."""
+        hosts = [target for target, is_host in ready if is_host]
+        others = [target for target, is_host in ready if not is_host]
+        if self.full_mesh(known):
+            return hosts + others
+        wanted = max(0, self.out_links - outbound)
+        return hosts + rng.sample(others, min(wanted, len(others)))
+
+    def evictions(self, counted, newcomer, rng=random):
+        """The peers to unlink so that at most ``max_links`` of the ``counted`` links stay:
+        ``counted`` is (node id, dialed by the peer) pairs; random links peers dialed go first,
+        never the ``newcomer``'s (a node that joins late must find room)."""
+        excess = len(counted) - self.max_links
+        if excess <= 0:
+            return []
+        inbound = [node_id for node_id, dialed_by_peer in counted if dialed_by_peer and node_id != newcomer]
+        outbound = [node_id for node_id, dialed_by_peer in counted if not dialed_by_peer and node_id != newcomer]
+        rng.shuffle(inbound)
+        rng.shuffle(outbound)
+        return (inbound + outbound)[:excess]
+
+    @staticmethod
+    def forward_to(linked, sender, sender_links, spread, holders=()):
+        """The node ids of ``linked`` to pass entries from ``sender`` on to: not the sender, not
+        ``holders`` (their vectors show the entries), and when the sender ``spread`` them, not
+        the peers in ``sender_links`` (None when the sender has not told its links)."""
+        skip = set(holders)
+        skip.add(sender)
+        if spread and sender_links is not None:
+            skip.update(sender_links)
+        return [node_id for node_id in linked if node_id not in skip]
 
 
 class LinkIO:
@@ -3581,6 +3657,18 @@ class LinkIO:
         if not link.connecting:
             self._selector.modify(link.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, link)
 
+    def close_after(self, link, frame, reason):
+        """Queue ``frame`` (a goodbye) and close ``link`` once it is sent; ``expire_closing``
+        closes it anyway if the peer never reads it."""
+        self.queue(link, frame)
+        if not link.closed and link.closing is None:
+            link.closing = (reason, time.monotonic())
+
+    def expire_closing(self, now, grace=2.0):
+        for link in list(self.links):
+            if link.closing is not None and now - link.closing[1] > grace:
+                self.close(link, link.closing[0])
+
     def _writable(self, link):
         if link.connecting:
             code = link.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -3601,6 +3689,9 @@ class LinkIO:
                 return
             del link.outgoing[:sent]
         if not link.outgoing:
+            if link.closing is not None:
+                self.close(link, link.closing[0])
+                return
             self._selector.modify(link.sock, selectors.EVENT_READ, link)
 
     def _readable(self, link):
@@ -3734,12 +3825,13 @@ class Mesh:
 
     Methods for the caller (any thread): ``start()``, ``serve_forever()`` (on its own
     thread), ``shutdown()``, ``send(peer_id, marker, payload)``, ``broadcast(marker,
-    payload)``, ``announce_now()``, ``peers()``, ``linked_peers()``, ``stats()``. What
+    payload)``, ``forward(marker, payload, sender, spread, holders)``, ``announce_now()``, ``peers()``, ``linked_peers()``, ``stats()``. What
     happens is told to ``listener`` (see MeshListener) on the mesh thread. LinkIO calls
     ``hello_frame(link)``, ``link_frame(link, marker, payload)`` and ``link_closed(link, reason)``.
     """
 
     poll_interval = 0.5
+    max_link_list = 4096  # node ids of one PEER: frame kept as the sender's links
     connect_timeout = 5.0
     handshake_timeout = 10.0
     forget_after = 600.0  # seconds a down peer stays listed
@@ -3757,6 +3849,7 @@ class Mesh:
         self.room_key = derive_room_key(config.mesh_key)  # never logged, never shown
         self.io = LinkIO(self, config.max_message_size, self.counters, self.room_key, config.allow_public)
         self.dials = DialPlan(node_id, config.peer_timeout)
+        self.link_policy = LinkPolicy(config.max_links)
         self.discovery = None
         if not config.no_discovery:
             self.discovery = Discovery(config.udp_port, config.broadcast, node_id, config.announce_interval,
@@ -3833,6 +3926,12 @@ class Mesh:
         frame = encode_frame(marker, payload)
         self.call_soon(self._send_to_all, frame, exclude)
 
+    def forward(self, marker, payload, sender, spread, holders=()):
+        """Queue a frame of entries received from ``sender`` (``spread``: in a spread frame) to
+        the peers that may lack them (see LinkPolicy.forward_to); ``holders`` hold them."""
+        frame = encode_frame(marker, payload)
+        self.call_soon(self._forward_frame, frame, sender, spread, frozenset(holders))
+
     def announce_now(self):
         self.call_soon(self._announce, "ONLINE")
 
@@ -3864,6 +3963,7 @@ class Mesh:
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.heartbeat_interval
             self._heartbeat(now)
+            self.io.expire_closing(now)
         self._dial_due(now)
 
     def _heartbeat(self, now):
@@ -3876,7 +3976,8 @@ class Mesh:
                     self.io.close(link, "no handshake")
             elif now - link.last_received > self.config.peer_timeout:
                 self.io.close(link, "silent for %.1f s (--peer-timeout)" % (now - link.last_received))
-            else:
+            elif self.node_id < link.peer_id or now - link.last_received > 1.5 * self.heartbeat_interval:
+                # One end pings (its PONG shows the other alive): half the idle frames of both pinging.
                 self.io.queue(link, encode_frame(PING, {"t": now}))
         self.peer_table.expire(max(self.config.peer_timeout, 2 * self.config.announce_interval),
                                max(self.forget_after, 5 * self.config.peer_timeout))
@@ -3884,11 +3985,44 @@ class Mesh:
     def _dial_due(self, now):
         busy = {link.target for link in self.io.links if link.target is not None}
         linked = {node_id for node_id, peer in self.peer_table.items() if peer.connected}
-        for target in self.dials.due(now, busy, linked):
+        ready = self.dials.due(now, busy, linked)
+        if not ready:
+            return
+        known = len((self.dials.known_ids() | linked) - {self.node_id})
+        choices = self.link_policy.dial_choices([(target, self._is_llm_host(target.node_id)) for target in ready],
+                                                known, self._outbound_links())
+        for target in choices:
+            if not self.dials.bucket.take(now):  # one PEER: frame must not start hundreds of dials
+                break
             try:
                 self.io.dial(target)
             except (OSError, ValueError) as exc:  # bad address, no route, refused at once
                 self.dials.failed(target, exc)
+
+    def _is_llm_host(self, node_id):
+        peer = self.peer_table.get(node_id) if node_id else None
+        return peer is not None and peer.has_llm
+
+    def _outbound_links(self):
+        """Counted links this node dialed (linked or still dialing): not those to LLM hosts."""
+        count = 0
+        for link in self.io.links:
+            node_id = link.peer_id or (link.target.node_id if link.target is not None else None)
+            if link.outbound and link.closing is None and not self._is_llm_host(node_id):
+                count += 1
+        return count
+
+    def _trim_links(self, newcomer):
+        """Past --max-links, unlink random peers that dialed this node (see LinkPolicy);
+        an LLM host keeps every link, and no link to an LLM host counts."""
+        if self.listener.hello_extra().get("has_llm"):
+            return
+        counted = [(peer.node_id, not peer.link.outbound) for peer in self.peer_table.values()
+                   if peer.link is not None and peer.link.closing is None and not peer.has_llm]
+        for node_id in self.link_policy.evictions(counted, newcomer):
+            self.counters["links_trimmed"] += 1
+            self.io.close_after(self.peer_table[node_id].link, encode_frame(GOODBYE, {"reason": "links full"}),
+                                "this node keeps at most %d links (--max-links)" % self.config.max_links)
 
     # -- discovery -----------------------------------------------------------
 
@@ -3962,7 +4096,7 @@ class Mesh:
                 if first:
                     self.listener.peer_measured(peer)
         elif marker == PEERS:
-            self._handle_peer_exchange(payload)
+            self._handle_peer_exchange(peer, payload)
         elif marker == GOODBYE:
             if link.target is not None:
                 self.dials.drop(link.target)
@@ -4021,6 +4155,7 @@ class Mesh:
         if current is None:
             log.info("linked to %s (%s:%d)", safe_text(peer.name), peer.address, peer.tcp_port)
             self._send_peer_exchange()
+            self._trim_links(node_id)
         self.listener.peer_up(peer)
 
     def _send_peer_exchange(self):
@@ -4031,10 +4166,13 @@ class Mesh:
                        "tcp_port": other.tcp_port} for other in linked if other is not peer]
             self.io.queue(peer.link, encode_frame(PEERS, {"peers": others}))
 
-    def _handle_peer_exchange(self, payload):
+    def _handle_peer_exchange(self, peer, payload):
         entries = payload.get("peers")
         if not isinstance(entries, list):
             raise ProtocolError("PEER: frame without a peer list")
+        # Whom the peer is linked to (it lists all but us): forwarding spares those (LinkPolicy).
+        peer.links = frozenset([self.node_id] + [entry["node_id"] for entry in entries[:self.max_link_list]
+                                                 if isinstance(entry, dict) and isinstance(entry.get("node_id"), str)])
         skip = {node_id for node_id, peer in self.peer_table.items() if peer.connected} | {self.node_id}
         self.dials.from_exchange(entries, skip, lambda address: peer_address_allowed(
             address, self.config.allow_public))
@@ -4052,6 +4190,15 @@ class Mesh:
             if peer.link is not None and peer.node_id != exclude:
                 self.io.queue(peer.link, frame)
 
+    def _forward_frame(self, frame, sender, spread, holders):
+        peer = self.peer_table.get(sender)
+        linked = [node_id for node_id, other in self.peer_table.items() if other.link is not None]
+        targets = LinkPolicy.forward_to(linked, sender, peer.links if peer is not None else None, spread, holders)
+        self.counters["forwards_sent"] += len(targets)
+        self.counters["forwards_spared"] += len(linked) - len(targets) - (sender in linked)
+        for node_id in targets:
+            self.io.queue(self.peer_table[node_id].link, frame)
+
     def link_closed(self, link, reason):
         """After LinkIO closed ``link``: back off or redial its target; its peer is down."""
         if link.target is not None and link.peer_id is None and reason != "that is this node itself":
@@ -4062,10 +4209,13 @@ class Mesh:
         if peer is not None and peer.link is link:
             peer.link = None
             peer.rtt_ms = None
+            peer.links = None
             peer.last_seen = time.time()
             log.info("lost %s: %s", safe_text(peer.name), reason)
             self.counters["peers_lost"] += 1
             self.listener.peer_down(peer, reason)
+            if not self._stopping.is_set():
+                self._send_peer_exchange()  # peers must not spare forwards on a link that is gone
 
     def _close_all(self):
         goodbye = encode_frame(GOODBYE, {"reason": "shutdown"})
@@ -4126,9 +4276,21 @@ class EventBus:
 # SYNC: {"vector": {origin: seq}}   the contiguous prefix of each origin's log I hold
 # FILE: {"entries": [entry, ...], "more": bool}   entries the receiver lacks, in bounded batches
 #
-# Each side sends SYNC on link-up and every --sync-interval; the other answers with FILE.
-# New entries are pushed at once and forwarded once, so a chain A-B-C converges without an
-# A-C link; periodic sync only heals what a push missed.
+# Each side sends SYNC on link-up, and every --sync-interval to a peer when it has news for it
+# or the peer's last vector shows entries it lacks; the other answers with FILE when the
+# vector lacks something. New entries are pushed at once ("spread": true) and forwarded once
+# to the peers that may lack them (LinkPolicy.forward_to), so a chain A-B-C converges without
+# an A-C link; periodic sync only heals what a push missed. An idle mesh sends no SYNC at all.
+
+
+def vector_ahead(vector, other):
+    """Whether ``vector`` holds an entry ``other`` lacks."""
+    return any(seq > other.get(origin, 0) for origin, seq in vector.items())
+
+
+def vector_holds(vector, entries):
+    """Whether ``vector`` shows every one of ``entries`` held."""
+    return all(vector.get(entry["origin"], 0) >= entry["seq"] for entry in entries)
 
 
 class SyncRequests:
@@ -4202,6 +4364,10 @@ class SyncWorker:
         self.requests = SyncRequests(self.answer_gap, max(self.answer_gap, interval / 2.0))
         self._files_waiting = collections.Counter()  # peer id -> FILE: jobs queued
         self._files_lock = threading.Lock()
+        self._vectors_lock = threading.Lock()
+        self._their_vectors = {}  # peer id -> the vector its last SYNC: showed
+        self._told_vectors = {}  # peer id -> the vector we last sent it
+        self._asked = {}  # peer id -> (ours, theirs) when we last asked it for what it has more
         self._stop = threading.Event()
         self._thread = None
         self.counters = collections.Counter()
@@ -4239,7 +4405,7 @@ class SyncWorker:
                 pass
         if time.monotonic() >= next_round:
             next_round = time.monotonic() + self.interval
-            self._send_vector(None)
+            self._sync_round()
         return next_round
 
     def shutdown(self):
@@ -4258,6 +4424,7 @@ class SyncWorker:
         shared = [entry for entry in entries if self.store.is_shared(entry)]
         payload = self.store.batches.payload(shared) if shared else None
         if payload and payload["entries"]:
+            payload["spread"] = True  # to every peer: receivers spare the peers linked to us
             self.mesh.broadcast(FILE, payload)
 
     def peer_up(self, peer):
@@ -4265,6 +4432,9 @@ class SyncWorker:
 
     def peer_down(self, peer):
         self.requests.forget(peer.node_id)
+        with self._vectors_lock:
+            for known in (self._their_vectors, self._told_vectors, self._asked):
+                known.pop(peer.node_id, None)
 
     def handle_sync(self, peer, payload):
         vector = payload.get("vector")
@@ -4301,22 +4471,47 @@ class SyncWorker:
 
     # -- jobs, on the sync thread ---------------------------------------------------
 
-    def _send_vector(self, peer_id):
-        payload = {"vector": self.store.version_vector()}
-        if peer_id is None:
-            self.mesh.broadcast(SYNC, payload)
-        else:
-            self.mesh.send(peer_id, SYNC, payload)
+    def _send_vector(self, peer_id, ours=None):
+        ours = self.store.version_vector() if ours is None else ours
+        with self._vectors_lock:
+            self._told_vectors[peer_id] = ours
+        self.mesh.send(peer_id, SYNC, {"vector": ours})
         self.counters["vectors_sent"] += 1
+
+    def _sync_round(self):
+        """Send our vector to each peer that has not heard it, or whose vector shows more."""
+        ours = self.store.version_vector()
+        for peer in self.mesh.linked_peers():
+            with self._vectors_lock:
+                told = self._told_vectors.get(peer.node_id)
+                theirs = self._their_vectors.get(peer.node_id, {})
+            if told != ours or vector_ahead(theirs, ours):
+                self._send_vector(peer.node_id, ours)
+            else:
+                self.counters["vectors_spared"] += 1
 
     def _answer_sync(self, peer_id, vector):
         clean = {str(origin): seq for origin, seq in vector.items()
                  if isinstance(seq, int) and not isinstance(seq, bool)}
-        payload = self.store.batches.missing(clean, self.batch_bytes, self.batch_entries)
+        ours = self.store.version_vector()
+        with self._vectors_lock:
+            self._their_vectors[peer_id] = clean
+            ask = vector_ahead(clean, ours) and self._asked.get(peer_id) != (ours, clean)
+            if ask:  # the same request for the same two states is never repeated: a stuck gap must not loop
+                self._asked[peer_id] = (ours, clean)
         self.counters["sync_answers"] += 1
-        if payload["entries"]:
-            self.mesh.send(peer_id, FILE, payload)
-            self.counters["entries_sent"] += len(payload["entries"])
+        if vector_ahead(ours, clean):  # else nothing to send: no store query
+            payload = self.store.batches.missing(clean, self.batch_bytes, self.batch_entries)
+            if payload["entries"]:
+                self.mesh.send(peer_id, FILE, payload)
+                self.counters["entries_sent"] += len(payload["entries"])
+        if ask:
+            self._send_vector(peer_id, ours)
+
+    def _holders(self, entries):
+        """The peers whose last vector shows every one of ``entries``."""
+        with self._vectors_lock:
+            return [peer_id for peer_id, vector in self._their_vectors.items() if vector_holds(vector, entries)]
 
     def _apply(self, peer_id, payload, more):
         self._file_done(peer_id)
@@ -4332,7 +4527,9 @@ class SyncWorker:
         self.counters["entries_received"] += len(payload.get("entries") or ())
         self.counters["entries_new"] += len(new)
         if forward:  # every stored entry: a refused snapshot is still a link of its chain
-            self.mesh.broadcast(FILE, forward, exclude=peer_id)
+            spread = payload.get("spread") is True
+            forward["spread"] = True
+            self.mesh.forward(FILE, forward, peer_id, spread, self._holders(forward["entries"]))
         if new:
             publish_entries(self.events, new)
         if more and self.store.version_vector() != before:  # a stuck gap must not loop
