@@ -82,6 +82,12 @@ class ArrivalWatch:
                 raise AssertionError("an event stream did not open")
 
     def _listen(self, node):
+        try:
+            self._read_events(node)
+        except requests.RequestException:  # the node stopped: the measurement is over
+            pass
+
+    def _read_events(self, node):
         with requests.get(node.url + "/api/events", stream=True, timeout=(5, 120)) as response:
             self.ready.release()
             for line in response.iter_lines(chunk_size=1, decode_unicode=True):

@@ -744,3 +744,43 @@ class Keyring(dict):
 
 
 KEYS = Keyring()
+
+
+# -- issue 14: fan-out and bounded links ---------------------------------------------------------
+
+
+@pytest.fixture
+def sync_network(tmp_path):
+    """A SyncNetwork (tests/mesh_simulation.py): real Stores and SyncWorkers on simulated links."""
+    from mesh_simulation import SyncNetwork
+    network = SyncNetwork(tmp_path)
+    try:
+        yield network
+    finally:
+        network.close()
+
+
+HUNDRED_DEGREE = 8  # well under 100: every node must choose its links
+
+
+@pytest.fixture
+def hundred_nodes(cluster):
+    """100 node processes on loopback with --max-links 8, one of them an LLM host (the fake
+    Ollama): ``(nodes, host, degree)`` once every node holds a few links."""
+    from concurrent.futures import ThreadPoolExecutor
+    from fake_ollama import FakeOllama
+    fake = FakeOllama(models=(API_MODEL,)).start()
+    settings = {"announce_interval": "2", "peer_timeout": "10", "sync_interval": "5"}
+    base = cluster.node_args(True, settings, ["--max-links", str(HUNDRED_DEGREE)])
+    base[base.index("debug")] = "warning"  # 100 debug logs would cost more than the mesh
+    nodes = [NodeProcess(cluster.tmp_path / ("n%d" % index), base + (["--ollama-url", fake.url] if index == 0 else []),
+                         "n%d" % index) for index in range(100)]
+    cluster.nodes.extend(nodes)
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(lambda node: node.start(timeout=60), nodes))
+        wait_for(lambda: all(node.health()["peer_count"] >= 3 for node in nodes), timeout=60, interval=1.0,
+                 message="every node linked")
+        yield nodes, nodes[0], HUNDRED_DEGREE
+    finally:
+        fake.stop()
