@@ -3831,6 +3831,7 @@ class Mesh:
     """
 
     poll_interval = 0.5
+    dial_check_interval = 0.1  # seconds between two walks of the dial targets
     max_link_list = 4096  # node ids of one PEER: frame kept as the sender's links
     connect_timeout = 5.0
     handshake_timeout = 10.0
@@ -3860,6 +3861,7 @@ class Mesh:
         self._stopped = threading.Event()
         self._stopped.set()
         self._next_heartbeat = 0.0
+        self._next_dial_check = 0.0
         self.heartbeat_interval = max(0.05, config.peer_timeout / 3.0)
 
     # -- lifecycle -----------------------------------------------------------
@@ -3964,7 +3966,9 @@ class Mesh:
             self._next_heartbeat = now + self.heartbeat_interval
             self._heartbeat(now)
             self.io.expire_closing(now)
-        self._dial_due(now)
+        if now >= self._next_dial_check:  # not at every frame or datagram: it walks every target
+            self._next_dial_check = now + self.dial_check_interval
+            self._dial_due(now)
 
     def _heartbeat(self, now):
         for link in list(self.io.links):
@@ -4068,7 +4072,7 @@ class Mesh:
         peer.update(message)
         if not peer.connected:
             target.failures, target.next_dial = 0, 0.0  # a node that speaks is worth dialing now
-            self._dial_due(time.monotonic())
+            self._next_dial_check = min(self._next_dial_check, time.monotonic() + self.dial_check_interval / 2)
 
     # -- frames ----------------------------------------------------------------
 
@@ -4384,9 +4388,9 @@ class SyncWorker:
             except Exception:  # a bad batch must not stop syncing
                 log.exception("sync job failed")
 
-    def run_once(self, next_round):
-        """Run one queued job (a push or FILE:) and one due SYNC: answer, or wait up to half a
-        second for either; then the sync round when due. Returns the time of the next round."""
+    def _step(self):
+        """Run one queued job (a push or FILE:) and one due SYNC: answer: (whether any ran, the
+        seconds until the next answer is due or None)."""
         try:
             job = self._jobs.get_nowait()
         except queue.Empty:
@@ -4396,7 +4400,13 @@ class SyncWorker:
         request, wait = self.requests.take(time.monotonic())
         if request is not None:
             self._answer_sync(*request)
-        elif job is None:
+        return job is not None or request is not None, wait
+
+    def run_once(self, next_round):
+        """Run one queued job and one due SYNC: answer, or wait up to half a second for either;
+        then the sync round when due. Returns the time of the next round."""
+        ran, wait = self._step()
+        if not ran:
             timeout = min(0.5, next_round - time.monotonic(), 0.5 if wait is None else wait)
             try:
                 job = self._jobs.get(timeout=max(0.0, timeout))
@@ -4411,18 +4421,8 @@ class SyncWorker:
     def run_ready(self):
         """Run every queued job and every SYNC: answer due now, without waiting (meshes
         driven by hand, as in the tests' simulated network)."""
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                job = None
-            if job is not None:
-                job[0](*job[1:])
-            request, _wait = self.requests.take(time.monotonic())
-            if request is not None:
-                self._answer_sync(*request)
-            if job is None and request is None:
-                return
+        while self._step()[0]:
+            pass
 
     def shutdown(self):
         self._stop.set()

@@ -134,8 +134,8 @@ class NodeProcess:
         kwargs.setdefault("timeout", 10)
         return requests.post(self.url + path, **kwargs)
 
-    def json(self, path):
-        response = self.get(path)
+    def json(self, path, timeout=5):
+        response = self.get(path, timeout=timeout)
         response.raise_for_status()
         return response.json()
 
@@ -770,7 +770,7 @@ def hundred_nodes(cluster):
     from concurrent.futures import ThreadPoolExecutor
     from fake_ollama import FakeOllama
     fake = FakeOllama(models=(API_MODEL,)).start()
-    settings = {"announce_interval": "2", "peer_timeout": "10", "sync_interval": "5"}
+    settings = {"announce_interval": "3", "peer_timeout": "20", "sync_interval": "5"}
     base = cluster.node_args(True, settings, ["--max-links", str(HUNDRED_DEGREE)])
     base[base.index("debug")] = "warning"  # 100 debug logs would cost more than the mesh
     nodes = [NodeProcess(cluster.tmp_path / ("n%d" % index), base + (["--ollama-url", fake.url] if index == 0 else []),
@@ -779,8 +779,13 @@ def hundred_nodes(cluster):
     try:
         with ThreadPoolExecutor(6) as pool:
             list(pool.map(lambda node: node.start(timeout=60), nodes))
-        wait_for(lambda: all(node.health()["peer_count"] >= 3 for node in nodes), timeout=60, interval=1.0,
-                 message="every node linked")
+        wait_for(lambda: all(node.json("/api/health", timeout=30)["peer_count"] >= 3 for node in nodes),
+                 timeout=120, interval=1.0, message="every node linked")
         yield nodes, nodes[0], HUNDRED_DEGREE
     finally:
+        for node in nodes:  # all at once: one by one, 100 graceful stops take minutes
+            if node.alive:
+                node.process.send_signal(signal.SIGTERM)
+        for node in nodes:
+            node.stop(timeout=15)
         fake.stop()

@@ -160,13 +160,14 @@ def test_a_hundred_processes_with_bounded_links_all_get_a_message_and_see_the_ll
     assert reply.status_code == 201, reply.text
 
     def everyone_has_it():
-        return [node.label for node in nodes if conversation not in {c["id"] for c in node.json("/api/conversations")}]
+        return [node.label for node in nodes
+                if conversation not in {c["id"] for c in node.json("/api/conversations", timeout=30)}]
 
     wait_for(lambda: not everyone_has_it(), timeout=30, interval=0.5, message="the conversation on every node")
     for node in nodes:
-        peers = node.peers()
+        peers = node.json("/api/peers", timeout=30)
         counted = [p for p in peers if p["connected"] and p["node_id"] != host.node_id]
         assert len(counted) <= degree, (node.label, len(counted))
         assert len(peers) >= 50, (node.label, len(peers))  # discovery lists those it is not linked to too
-    wait_for(lambda: all(node.json("/api/models")["llm_hosts"] == 1 for node in nodes if node is not host),
+    wait_for(lambda: all(node.json("/api/models", timeout=30)["llm_hosts"] == 1 for node in nodes if node is not host),
              timeout=30, interval=0.5, message="every node to see the LLM host")
