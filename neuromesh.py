@@ -3832,7 +3832,7 @@ class Mesh:
 
     poll_interval = 0.5
     dial_check_interval = 0.1  # seconds between two walks of the dial targets
-    max_link_list = 4096  # node ids of one PEER: frame kept as the sender's links
+    max_link_list = 1024  # node ids of one PEER: frame kept as the sender's links
     connect_timeout = 5.0
     handshake_timeout = 10.0
     forget_after = 600.0  # seconds a down peer stays listed

@@ -777,15 +777,22 @@ def hundred_nodes(cluster):
                          "n%d" % index) for index in range(100)]
     cluster.nodes.extend(nodes)
     try:
+        started = time.monotonic()
         with ThreadPoolExecutor(6) as pool:
             list(pool.map(lambda node: node.start(timeout=60), nodes))
+        running = time.monotonic()
         wait_for(lambda: all(node.json("/api/health", timeout=30)["peer_count"] >= 3 for node in nodes),
                  timeout=120, interval=1.0, message="every node linked")
+        print("100 processes running in %.1f s, each with 3 links or more %.1f s later"
+              % (running - started, time.monotonic() - running))
         yield nodes, nodes[0], HUNDRED_DEGREE
     finally:
         for node in nodes:  # all at once: one by one, 100 graceful stops take minutes
             if node.alive:
                 node.process.send_signal(signal.SIGTERM)
         for node in nodes:
-            node.stop(timeout=15)
+            try:
+                node.stop(timeout=15)
+            except subprocess.TimeoutExpired:  # a loaded machine: the test's assertions are done
+                node.kill()
         fake.stop()

@@ -5,6 +5,7 @@ processes on loopback with bounded links and one LLM host."""
 import random
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import neuromesh as nm
 from conftest import wait_for
@@ -167,7 +168,50 @@ def test_a_hundred_processes_with_bounded_links_all_get_a_message_and_see_the_ll
     for node in nodes:
         peers = node.json("/api/peers", timeout=30)
         counted = [p for p in peers if p["connected"] and p["node_id"] != host.node_id]
-        assert len(counted) <= degree, (node.label, len(counted))
+        if node is not host:  # the LLM host keeps every node's link to it
+            assert len(counted) <= degree, (node.label, len(counted))
+            assert any(p["connected"] and p["node_id"] == host.node_id for p in peers), node.label
         assert len(peers) >= 50, (node.label, len(peers))  # discovery lists those it is not linked to too
     wait_for(lambda: all(node.json("/api/models", timeout=30)["llm_hosts"] == 1 for node in nodes if node is not host),
              timeout=30, interval=0.5, message="every node to see the LLM host")
+
+
+# -- hostile input: a PEER: frame's list of links, a FILE: frame's "spread" -----------------------------
+
+ENTRY_VALUE = st.none() | st.booleans() | st.integers(-3, 70000) | st.text(max_size=70) | st.lists(st.integers(), max_size=2)
+PEER_ENTRY = st.dictionaries(st.sampled_from(["node_id", "name", "address", "tcp_port", "x"]), ENTRY_VALUE, max_size=5)
+
+
+@pytest.fixture(scope="module")
+def bare_mesh(tmp_path_factory):
+    """A Mesh that is built but never started: its frame handling, called by hand."""
+    config = nm.Config(data_dir=str(tmp_path_factory.mktemp("bare")), no_discovery=True, host="127.0.0.1")
+    key = nm.NodeKey.generate()
+    mesh = nm.Mesh(config, key.node_id, key=key)
+    yield mesh
+    mesh.io.close_sockets()
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payload=st.fixed_dictionaries({"peers": st.lists(PEER_ENTRY, max_size=30)}) | st.dictionaries(
+    st.sampled_from(["peers", "spread"]), ENTRY_VALUE))
+def test_any_peer_list_is_checked_and_kept_bounded_as_the_senders_links(bare_mesh, payload):
+    peer = nm.Peer("p" * 32)
+    try:
+        nm.check_frame(nm.PEERS, payload)
+    except nm.ProtocolError:
+        return  # the link would close with this message
+    bare_mesh._handle_peer_exchange(peer, payload)
+    assert bare_mesh.node_id in peer.links and len(peer.links) <= bare_mesh.max_link_list + 1
+    assert all(isinstance(node_id, str) for node_id in peer.links)
+
+
+@settings(max_examples=100, deadline=None)
+@given(spread=ENTRY_VALUE)
+def test_a_file_frame_whose_spread_is_not_a_boolean_is_refused(spread):
+    payload = {"entries": [], "spread": spread}
+    if spread is None or isinstance(spread, bool):
+        nm.check_frame(nm.FILE, payload)
+    else:
+        with pytest.raises(nm.ProtocolError, match="spread must be true or false"):
+            nm.check_frame(nm.FILE, payload)
