@@ -59,6 +59,17 @@ class Mesh:
                  interval=0.5, message="%d nodes with %d links each" % (len(self.nodes), links_each))
         return time.monotonic() - started
 
+    def wait_settled(self, timeout, quiet=3):
+        """Wait until no node's link count changed for ``quiet`` polls in a row (links chosen)."""
+        deadline, last, same = time.monotonic() + timeout, None, 0
+        while time.monotonic() < deadline and same < quiet:
+            counts = [h["peer_count"] for h in self.health()]
+            same = same + 1 if counts == last and min(counts) > 0 else 0
+            last = counts
+            time.sleep(1.0)
+        if same < quiet:
+            raise AssertionError("links still changing after %.0f s" % timeout)
+
     def close(self):
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda node: node.stop(timeout=10), self.nodes))
@@ -206,9 +217,8 @@ def idle_rows(count, seconds, settings=None, label="default intervals"):
     with tempfile.TemporaryDirectory(prefix="nm-fanout-") as tmp:
         mesh = Mesh(tmp, count, settings=settings)
         try:
-            degree = min(count - 1, nm.DEFAULTS.get("max_links", count))
-            mesh.wait_linked(degree // 2, timeout=60 + 2 * count)
-            time.sleep(2.0)  # the link-up's sync rounds end
+            mesh.wait_settled(timeout=120 + 2 * count)
+            time.sleep(5.0)  # the link-up's sync rounds end
             cpu = idle_cpu(mesh, seconds)
             return [row("idle CPU, %d-node mesh, %s" % (count, label), cpu, "% of a core", "< 5", cpu < 5.0,
                         "measured over %d s, all processes summed" % seconds)]
