@@ -3035,6 +3035,11 @@ class Discovery:
                         "nobody; connect with --peer HOST:PORT")
         return sock
 
+    @property
+    def next_due(self):
+        """Monotonic time of the next announcement."""
+        return self._next_announce
+
     def due(self, now):
         """True when an announcement is due, and then not again for an announce interval."""
         if self.sock is None or now < self._next_announce:
@@ -3830,8 +3835,8 @@ class Mesh:
     ``hello_frame(link)``, ``link_frame(link, marker, payload)`` and ``link_closed(link, reason)``.
     """
 
-    poll_interval = 0.5
-    dial_check_interval = 0.1  # seconds between two walks of the dial targets
+    poll_interval = 2.0  # the longest the loop sleeps; timers wake it sooner
+    dial_check_interval = 0.1  # seconds between a node's announcement and the dial check it triggers
     max_link_list = 1024  # node ids of one PEER: frame kept as the sender's links
     connect_timeout = 5.0
     handshake_timeout = 10.0
@@ -3885,7 +3890,7 @@ class Mesh:
             self._announce_if_due(time.monotonic())
             while not self._stopping.is_set():
                 try:
-                    events = self.io.select(self.poll_interval)
+                    events = self.io.select(self._select_timeout())
                     with self.lock:
                         self.io.dispatch(events)
                         self.io.run_calls()
@@ -3959,6 +3964,18 @@ class Mesh:
 
     # -- the loop ------------------------------------------------------------
 
+    def _select_timeout(self):
+        """Seconds the loop may sleep: until a heartbeat, an announcement or a dial check is due
+        (at most ``poll_interval``); an idle node wakes rarely."""
+        due = min(self._next_heartbeat, self._next_dial_check)
+        if self.discovery is not None:
+            due = min(due, self.discovery.next_due)
+        return min(self.poll_interval, max(0.0, due - time.monotonic()))
+
+    def _dial_soon(self, moment):
+        """Check the dial targets no later than ``moment`` (a backoff ends, a node spoke)."""
+        self._next_dial_check = min(self._next_dial_check, moment)
+
     def _run_timers(self):
         now = time.monotonic()
         self._announce_if_due(now)
@@ -3967,7 +3984,7 @@ class Mesh:
             self._heartbeat(now)
             self.io.expire_closing(now)
         if now >= self._next_dial_check:  # not at every frame or datagram: it walks every target
-            self._next_dial_check = now + self.dial_check_interval
+            self._next_dial_check = now + self.poll_interval  # sooner when told (_dial_soon)
             self._dial_due(now)
 
     def _heartbeat(self, now):
@@ -4002,6 +4019,7 @@ class Mesh:
                 self.io.dial(target)
             except (OSError, ValueError) as exc:  # bad address, no route, refused at once
                 self.dials.failed(target, exc)
+                self._dial_soon(target.next_dial)
 
     def _is_llm_host(self, node_id):
         peer = self.peer_table.get(node_id) if node_id else None
@@ -4072,7 +4090,7 @@ class Mesh:
         peer.update(message)
         if not peer.connected:
             target.failures, target.next_dial = 0, 0.0  # a node that speaks is worth dialing now
-            self._next_dial_check = min(self._next_dial_check, time.monotonic() + self.dial_check_interval / 2)
+            self._dial_soon(time.monotonic() + self.dial_check_interval)
 
     # -- frames ----------------------------------------------------------------
 
@@ -4160,12 +4178,15 @@ class Mesh:
             log.info("linked to %s (%s:%d)", safe_text(peer.name), peer.address, peer.tcp_port)
             self._send_peer_exchange()
             self._trim_links(node_id)
+        else:  # what the retired link still held unsent is lost: the peer hears our links again
+            self._send_peer_exchange(peer)
         self.listener.peer_up(peer)
 
-    def _send_peer_exchange(self):
-        """Tell every linked peer about the others, so one seed joins a whole mesh."""
+    def _send_peer_exchange(self, only=None):
+        """Tell every linked peer (or ``only`` that one) about the others, so one seed joins a
+        whole mesh and forwards spare the peers the sender reached (LinkPolicy)."""
         linked = [peer for peer in self.peer_table.values() if peer.connected]
-        for peer in linked:
+        for peer in linked if only is None else [only]:
             others = [{"node_id": other.node_id, "name": other.name, "address": other.address,
                        "tcp_port": other.tcp_port} for other in linked if other is not peer]
             self.io.queue(peer.link, encode_frame(PEERS, {"peers": others}))
@@ -4209,6 +4230,8 @@ class Mesh:
             self.dials.failed(link.target, reason)
         elif link.target is not None:
             link.target.next_dial = time.monotonic() + 0.25  # relink soon, not in a tight loop
+        if link.target is not None:
+            self._dial_soon(link.target.next_dial)
         peer = self.peer_table.get(link.peer_id) if link.peer_id else None
         if peer is not None and peer.link is link:
             peer.link = None
@@ -4356,6 +4379,7 @@ class SyncWorker:
     batch_bytes = 1 * MiB
     batch_entries = 500
     answer_gap = 0.2  # seconds between two answers to one peer
+    max_wait = 5.0  # the longest the worker sleeps: a queued job or SYNC: wakes it sooner
     max_jobs = 4096
     max_files_per_peer = 64
 
@@ -4403,11 +4427,12 @@ class SyncWorker:
         return job is not None or request is not None, wait
 
     def run_once(self, next_round):
-        """Run one queued job and one due SYNC: answer, or wait up to half a second for either;
-        then the sync round when due. Returns the time of the next round."""
+        """Run one queued job and one due SYNC: answer, or wait for either (a new job wakes it)
+        until the next answer or round is due; then the sync round when due. Returns the time of
+        the next round."""
         ran, wait = self._step()
         if not ran:
-            timeout = min(0.5, next_round - time.monotonic(), 0.5 if wait is None else wait)
+            timeout = min(self.max_wait, next_round - time.monotonic(), self.max_wait if wait is None else wait)
             try:
                 job = self._jobs.get(timeout=max(0.0, timeout))
                 job[0](*job[1:])

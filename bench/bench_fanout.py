@@ -50,7 +50,7 @@ class Mesh:
 
     def health(self):
         with ThreadPoolExecutor(8) as pool:
-            return list(pool.map(lambda node: node.health(), self.nodes))
+            return list(pool.map(lambda node: node.json("/api/health", timeout=30), self.nodes))
 
     def wait_linked(self, links_each, timeout):
         """Wait until every node has at least ``links_each`` links; returns the seconds it took."""
@@ -63,8 +63,11 @@ class Mesh:
         """Wait until no node's link count changed for ``quiet`` polls in a row (links chosen)."""
         deadline, last, same = time.monotonic() + timeout, None, 0
         while time.monotonic() < deadline and same < quiet:
-            counts = [h["peer_count"] for h in self.health()]
-            same = same + 1 if counts == last and min(counts) > 0 else 0
+            try:
+                counts = [h["peer_count"] for h in self.health()]
+            except requests.RequestException:  # a node too busy linking to answer: not settled
+                counts = None
+            same = same + 1 if counts and counts == last and min(counts) > 0 else 0
             last = counts
             time.sleep(1.0)
         if same < quiet:
