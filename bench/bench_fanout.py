@@ -186,6 +186,8 @@ def full_mesh_rows(count, quick, reach_goal, extra=()):
         mesh = Mesh(tmp, count, extra=(["--max-links", str(count)] if LINK_FLAGS else []) + list(extra))
         try:
             link_up = mesh.wait_linked(count - 1, timeout=60 + 2 * count)
+            mesh.wait_settled(timeout=60)
+            time.sleep(3.0)  # the link-ups' peer exchanges (N frames each) are read
             times, copies = message_rounds(mesh, 3)
             bound = 2 * (count - 1)
             per = statistics.median(copies)
