@@ -3037,8 +3037,8 @@ class Discovery:
 
     @property
     def next_due(self):
-        """Monotonic time of the next announcement."""
-        return self._next_announce
+        """Monotonic time of the next announcement (never, once the socket is closed)."""
+        return float("inf") if self.sock is None else self._next_announce
 
     def due(self, now):
         """True when an announcement is due, and then not again for an announce interval."""
@@ -3830,7 +3830,8 @@ class Mesh:
 
     Methods for the caller (any thread): ``start()``, ``serve_forever()`` (on its own
     thread), ``shutdown()``, ``send(peer_id, marker, payload)``, ``broadcast(marker,
-    payload)``, ``forward(marker, payload, sender, spread, holders)``, ``announce_now()``, ``peers()``, ``linked_peers()``, ``stats()``. What
+    payload)``, ``forward(marker, payload, sender, spread, holders)``, ``announce_now()``,
+    ``peers()``, ``linked_peers()``, ``stats()``. What
     happens is told to ``listener`` (see MeshListener) on the mesh thread. LinkIO calls
     ``hello_frame(link)``, ``link_frame(link, marker, payload)`` and ``link_closed(link, reason)``.
     """
