@@ -4381,6 +4381,7 @@ class SyncWorker:
     batch_entries = 500
     answer_gap = 0.2  # seconds between two answers to one peer
     max_wait = 5.0  # the longest the worker sleeps: a queued job or SYNC: wakes it sooner
+    fresh_for = 1.0  # seconds a pushed entry is left out of SYNC: answers: its push is on the way
     max_jobs = 4096
     max_files_per_peer = 64
 
@@ -4397,6 +4398,7 @@ class SyncWorker:
         self._their_vectors = {}  # peer id -> the vector its last SYNC: showed
         self._told_vectors = {}  # peer id -> the vector we last sent it
         self._asked = {}  # peer id -> (ours, theirs) when we last asked it for what it has more
+        self._fresh = {}  # origin -> (first seq, last seq, monotonic time) of entries just pushed here
         self._stop = threading.Event()
         self._thread = None
         self.counters = collections.Counter()
@@ -4467,6 +4469,7 @@ class SyncWorker:
         payload = self.store.batches.payload(shared) if shared else None
         if payload and payload["entries"]:
             payload["spread"] = True  # to every peer: receivers spare the peers linked to us
+            self._mark_fresh(payload["entries"])
             self.mesh.broadcast(FILE, payload)
 
     def peer_up(self, peer):
@@ -4543,13 +4546,37 @@ class SyncWorker:
             if ask:  # the same request for the same two states is never repeated: a stuck gap must not loop
                 self._asked[peer_id] = (ours, clean)
         self.counters["sync_answers"] += 1
-        if vector_ahead(ours, clean):  # else nothing to send: no store query
-            payload = self.store.batches.missing(clean, self.batch_bytes, self.batch_entries)
+        view = self._without_fresh(clean)
+        if vector_ahead(ours, view):  # else nothing to send: no store query
+            payload = self.store.batches.missing(view, self.batch_bytes, self.batch_entries)
             if payload["entries"]:
                 self.mesh.send(peer_id, FILE, payload)
                 self.counters["entries_sent"] += len(payload["entries"])
         if ask:
             self._send_vector(peer_id, ours)
+
+    def _mark_fresh(self, entries):
+        now = time.monotonic()
+        with self._vectors_lock:
+            for entry in entries:
+                first, last, since = self._fresh.get(entry["origin"], (entry["seq"], 0, now))
+                if now - since > self.fresh_for:
+                    first = entry["seq"]
+                self._fresh[entry["origin"]] = (min(first, entry["seq"]), max(last, entry["seq"]), now)
+
+    def _without_fresh(self, vector):
+        """``vector`` as if it held the entries pushed here within ``fresh_for`` seconds that
+        directly follow what it holds: their push is on the way, and answering them would only
+        send a second copy (a lost push is healed by the next round)."""
+        now = time.monotonic()
+        view = dict(vector)
+        with self._vectors_lock:
+            for origin, (first, last, since) in list(self._fresh.items()):
+                if now - since > self.fresh_for:
+                    del self._fresh[origin]
+                elif first - 1 <= view.get(origin, 0) < last:
+                    view[origin] = last
+        return view
 
     def _holders(self, entries):
         """The peers whose last vector shows every one of ``entries``."""
@@ -4572,6 +4599,7 @@ class SyncWorker:
         if forward:  # every stored entry: a refused snapshot is still a link of its chain
             spread = payload.get("spread") is True
             forward["spread"] = True
+            self._mark_fresh(new)
             self.mesh.forward(FILE, forward, peer_id, spread, self._holders(forward["entries"]))
         if new:
             publish_entries(self.events, new)

@@ -128,10 +128,12 @@ class ArrivalWatch:
 
 
 def sync_totals(healths):
-    """Entries received (every FILE: copy counts) and frames received, summed over the mesh."""
+    """Entries received (every FILE: copy counts), and of them forwarded ones and sync answers
+    (counters of the new code only), summed over the mesh."""
     received = sum(h["sync"].get("entries_received", 0) for h in healths)
-    frames = sum(h["counters"].get("frames_in", 0) for h in healths)
-    return received, frames
+    forwarded = sum(h["counters"].get("forwards_sent", 0) for h in healths)
+    answered = sum(h["sync"].get("entries_sent", 0) for h in healths)
+    return received, (forwarded, answered)
 
 
 def message_rounds(mesh, rounds):
@@ -144,15 +146,18 @@ def message_rounds(mesh, rounds):
             conversation = writer.post("/api/conversations", json={"title": "fanout %d" % index}).json()["id"]
             watch.reach_time(conversation, time.monotonic(), "conversation")
             time.sleep(0.5)  # let the conversation's own copies settle before counting
-            before, _ = sync_totals(mesh.health())
+            before, (forwards_before, answers_before) = sync_totals(mesh.health())
             started = time.monotonic()
             reply = writer.post("/api/conversations/%s/messages" % conversation,
                                 json={"content": "round %d" % index, "answer": False})
             assert reply.status_code == 201, reply.text
             times.append(watch.reach_time(conversation, started))
             time.sleep(0.5)  # late (redundant) copies still count
-            after, _ = sync_totals(mesh.health())
+            after, (forwards_after, answers_after) = sync_totals(mesh.health())
             copies.append(after - before)
+            print("round %d: %d copies, %d forwarded, %d in sync answers" % (
+                index, after - before, forwards_after - forwards_before, answers_after - answers_before),
+                file=sys.stderr)
     finally:
         watch.close()
     return times, copies

@@ -3,6 +3,7 @@
 processes on loopback with bounded links and one LLM host."""
 
 import random
+import types
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -100,9 +101,20 @@ def test_idle_mesh_sends_no_vectors_and_a_missed_push_heals_in_one_round(sync_ne
     assert sync_network.nodes["c"].store.get_conversation(conversation) is None
     sync_network.drop_to(None)
     for worker in sync_network.nodes.values():
+        worker.fresh_for = 0.0  # the next round comes seconds later in life: the push is no longer fresh
         worker.run_once(0.0)
     sync_network.run()
     assert sync_network.messages("c", conversation) == ["late"]
+
+
+def test_a_vector_that_crosses_a_push_gets_no_second_copy(sync_network):
+    full_mesh(sync_network, ["a", "b"])
+    behind = sync_network.nodes["b"].store.version_vector()
+    conversation = sync_network.write("a", "crossing")  # its pushes are on the way to b
+    sync_network.nodes["a"].handle_sync(types.SimpleNamespace(node_id="b"), {"vector": behind})
+    sync_network.run()
+    assert sync_network.messages("b", conversation) == ["crossing"]
+    assert sync_network.copies() == 2  # the two pushes; the SYNC: answer left them out
 
 
 # -- LinkPolicy ---------------------------------------------------------------------------------
