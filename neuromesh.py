@@ -4324,7 +4324,8 @@ def vector_holds(vector, entries):
 class SyncRequests:
     """The SYNC: frames waiting for an answer: at most one per peer (a newer vector replaces the
     pending one), at most ``max_peers`` peers, each answered at most every ``gap`` seconds, and
-    the same vector of one peer not again within ``repeat_gap`` seconds. Thread-safe."""
+    the same vector of one peer not again within ``repeat_gap`` seconds: such a repeat is
+    dropped, since answered late it would resend all the peer got meanwhile. Thread-safe."""
 
     def __init__(self, gap, repeat_gap, max_peers=1024):
         self.gap, self.repeat_gap, self.max_peers = gap, repeat_gap, max_peers
@@ -4337,8 +4338,11 @@ class SyncRequests:
             return len(self._pending)
 
     def put(self, peer_id, vector):
-        """Keep ``vector`` as ``peer_id``'s request; returns "new", "merged" or "dropped"."""
+        """Keep ``vector`` as ``peer_id``'s request; returns "new", "merged", "repeated" or "dropped"."""
         with self._lock:
+            last, last_vector = self._answered.get(peer_id, (None, None))
+            if vector == last_vector and time.monotonic() < last + self.repeat_gap:
+                return "repeated"
             if peer_id in self._pending:
                 self._pending[peer_id] = vector
                 return "merged"
