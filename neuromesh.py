@@ -3201,7 +3201,7 @@ class PeerTable(dict):
     """The mesh's peers by node id, capped at ``max_peers``: when it is full, the stranger
     (never linked) heard of longest ago makes room, and unlinked peers expire (``expire``)."""
 
-    def __init__(self, max_peers=1024):  # a school's every node stays listed, even when not linked
+    def __init__(self, max_peers=256):
         dict.__init__(self)
         self.max_peers = max_peers
         self._banned = {}  # node id -> monotonic time until which its links are refused
