@@ -64,6 +64,7 @@ import logging
 import mimetypes
 import os
 import queue
+import random
 import re
 import secrets
 import selectors
@@ -148,6 +149,7 @@ DEFAULTS = {
     "http_idle_timeout": 30.0,
     "share_slots": None,
     "requester_weight": {},
+    "max_links": 24,
 }
 STATIC_DIR = os.path.join(HERE, "neuromesh_static")
 RUNTIME_FILE = "runtime.json"
@@ -499,6 +501,8 @@ SETTINGS = {
                                               "once (default: 32)"),
     "http_idle_timeout": (parse_seconds, "seconds before an idle or never-finished HTTP connection is "
                                          "closed (default: 30)"),
+    "max_links": (parse_count, "peer links this node keeps at most, besides one to each LLM host; a bigger "
+                               "room is linked by a random, well-connected subset (default: 24, at least 4)"),
     "openai_key": (str, "API key of the --openai-url server(s) (default: NEUROMESH_OPENAI_KEY, else "
                         "OPENAI_API_KEY); prefer the environment, as flags show in `ps`"),
     "share_slots": (parse_count, "at most this many of this machine's LLM slots (--llm-parallel) answer "
@@ -545,6 +549,7 @@ class Config:
     max_queued: int = DEFAULTS["max_queued"]
     max_requests_per_address: int = DEFAULTS["max_requests_per_address"]
     http_idle_timeout: float = DEFAULTS["http_idle_timeout"]
+    max_links: int = DEFAULTS["max_links"]
     openai_key: str = dataclasses.field(default=None, repr=False)
     share_slots: int = None
     requester_weight: dict = dataclasses.field(default_factory=dict)
@@ -684,6 +689,9 @@ def load_config(args, environ=None):
         config.static_peers
     except ValueError as exc:
         raise ConfigError("--peer: %s" % exc)
+    if config.max_links < 4:
+        raise ConfigError("--max-links must be at least 4 (fewer links could split the room), not %d"
+                          % config.max_links)
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError("--log-level must be debug, info, warning or error, not %r" % config.log_level)
     return config
@@ -1372,7 +1380,8 @@ FRAME_SCHEMAS = {
     GOODBYE: {"reason": _str(200)},
     SYNC: {"vector": Field("map", hi=MAX_ORIGINS, of=_int(0, (1 << 62) - 1), required=True)},
     FILE: {"entries": Field("list", hi=MAX_FRAME_ENTRIES, of=Field("obj", of={}), required=True),
-           "heads": Field("map", hi=MAX_ORIGINS, of=Field("obj", of=_HEAD)), "more": Field("bool")},
+           "heads": Field("map", hi=MAX_ORIGINS, of=Field("obj", of=_HEAD)), "more": Field("bool"),
+           "spread": Field("bool")},
     LLM_REQUEST: {"peer_name": _str(1024), "reason": _str(500)},
     LLM_RESPONSE: {"granted": Field("bool", required=True), "message": _str(500), "llm_host": _str(253),
                    "llm_port": _PORT, "token": _str(256)},
@@ -3295,6 +3304,11 @@ class Discovery:
                         "nobody; connect with --peer HOST:PORT")
         return sock
 
+    @property
+    def next_due(self):
+        """Monotonic time of the next announcement (never, once the socket is closed)."""
+        return float("inf") if self.sock is None else self._next_announce
+
     def due(self, now):
         """True when an announcement is due, and then not again for an announce interval."""
         if self.sock is None or now < self._next_announce:
@@ -3381,6 +3395,7 @@ class Link:
         self.opened = now
         self.last_received = now
         self.closed = False
+        self.closing = None  # (reason, since) once close_after() queued its last frame
 
     def __repr__(self):
         return "<Link %s:%s %s %s>" % (self.address[0], self.address[1],
@@ -3422,6 +3437,7 @@ class Peer:
     link: Link = None
     ever_linked: bool = False  # False: a stranger only heard of, forgotten quickly
     public_key: bytes = None  # the Ed25519 key its HELO proved (node_id is its hash)
+    links: frozenset = None  # the node ids it said it is linked to (its last PEER: frame); None: unknown
 
     @property
     def connected(self):
@@ -3646,8 +3662,9 @@ class DialPlan:
         return target
 
     def due(self, now, busy, linked):
-        """The targets to dial now: not this node, not expired (those are dropped), not
-        ``busy`` (a link is dialed for them already), not a node in ``linked``, not backing off."""
+        """The targets worth dialing now, in random order: not this node, not expired (those are
+        dropped), not ``busy`` (a link is dialed for them already), not a node in ``linked``, not
+        backing off. The caller takes a token of ``bucket`` for each one it dials."""
         ready = []
         for key, target in list(self.targets.items()):
             if target.node_id == self.node_id:
@@ -3657,10 +3674,13 @@ class DialPlan:
                 continue
             if target in busy or target.node_id in linked or now < target.next_dial:
                 continue
-            if not self.bucket.take(now):  # one PEER: frame must not start hundreds of dials
-                break
             ready.append(target)
+        random.shuffle(ready)
         return ready
+
+    def known_ids(self):
+        """The node ids of the targets (addresses of --peer not yet linked have none)."""
+        return {target.node_id for target in self.targets.values() if target.node_id}
 
     def from_exchange(self, entries, skip, allowed):
         """Record the dial targets of a PEER: frame's ``entries``, but node ids in ``skip`` and
@@ -3693,6 +3713,67 @@ class DialPlan:
         for key, target in list(self.targets.items()):
             if target.node_id == node_id and not target.static:
                 del self.targets[key]
+
+
+class LinkPolicy:
+    """Which links a node keeps, and which peers a received entry goes on to (no sockets: the
+    Mesh and the simulated mesh of the tests and the benchmark both use it).
+
+    Links: while a node knows at most ``max_links`` others it links to all (a full mesh). In a
+    bigger room it dials ``out_links`` peers of its own, chosen at random, and accepts every
+    link; past ``max_links`` it closes random links that peers dialed (``evictions``). That
+    leaves a random graph of degree out_links to max_links: connected, a few hops across. A
+    link to or from an LLM host is never counted nor closed: every node keeps one to each LLM
+    host, so each can chat.
+
+    Forwarding (``forward_to``): the origin sends a new entry to all its peers, marked
+    "spread". A node that stores it from a spread frame passes it on only to its peers the
+    sender is not linked to: those the sender sent it to itself or left to the node it got it
+    from, back to the origin. Peers whose version vector shows they hold it get nothing. In a
+    full mesh an entry costs N-1 frames; in a chain each hop forwards at once.
+    """
+
+    def __init__(self, max_links):
+        self.max_links = max_links
+        self.out_links = max(2, (max_links + 2) // 3)
+
+    def full_mesh(self, known):
+        """Whether ``known`` other nodes are few enough to link to every one."""
+        return known <= self.max_links
+
+    def dial_choices(self, ready, known, outbound, rng=random):
+        """Of ``ready`` ((target, is_llm_host) pairs), the targets to dial now, given ``known``
+        other nodes and ``outbound`` counted links this node dialed or is dialing."""
+        hosts = [target for target, is_host in ready if is_host]
+        others = [target for target, is_host in ready if not is_host]
+        if self.full_mesh(known):
+            return hosts + others
+        wanted = max(0, self.out_links - outbound)
+        return hosts + rng.sample(others, min(wanted, len(others)))
+
+    def evictions(self, counted, newcomer, rng=random):
+        """The peers to unlink so that at most ``max_links`` of the ``counted`` links stay:
+        ``counted`` is (node id, dialed by the peer) pairs; random links peers dialed go first,
+        never the ``newcomer``'s (a node that joins late must find room)."""
+        excess = len(counted) - self.max_links
+        if excess <= 0:
+            return []
+        inbound = [node_id for node_id, dialed_by_peer in counted if dialed_by_peer and node_id != newcomer]
+        outbound = [node_id for node_id, dialed_by_peer in counted if not dialed_by_peer and node_id != newcomer]
+        rng.shuffle(inbound)
+        rng.shuffle(outbound)
+        return (inbound + outbound)[:excess]
+
+    @staticmethod
+    def forward_to(linked, sender, sender_links, spread, holders=()):
+        """The node ids of ``linked`` to pass entries from ``sender`` on to: not the sender, not
+        ``holders`` (their vectors show the entries), and when the sender ``spread`` them, not
+        the peers in ``sender_links`` (None when the sender has not told its links)."""
+        skip = set(holders)
+        skip.add(sender)
+        if spread and sender_links is not None:
+            skip.update(sender_links)
+        return [node_id for node_id in linked if node_id not in skip]
 
 
 class LinkIO:
@@ -3862,6 +3943,18 @@ class LinkIO:
         if not link.connecting:
             self._selector.modify(link.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, link)
 
+    def close_after(self, link, frame, reason):
+        """Queue ``frame`` (a goodbye) and close ``link`` once it is sent; ``expire_closing``
+        closes it anyway if the peer never reads it."""
+        self.queue(link, frame)
+        if not link.closed and link.closing is None:
+            link.closing = (reason, time.monotonic())
+
+    def expire_closing(self, now, grace=2.0):
+        for link in list(self.links):
+            if link.closing is not None and now - link.closing[1] > grace:
+                self.close(link, link.closing[0])
+
     def _writable(self, link):
         if link.connecting:
             code = link.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -3882,6 +3975,9 @@ class LinkIO:
                 return
             del link.outgoing[:sent]
         if not link.outgoing:
+            if link.closing is not None:
+                self.close(link, link.closing[0])
+                return
             self._selector.modify(link.sock, selectors.EVENT_READ, link)
 
     def _readable(self, link):
@@ -4015,12 +4111,15 @@ class Mesh:
 
     Methods for the caller (any thread): ``start()``, ``serve_forever()`` (on its own
     thread), ``shutdown()``, ``send(peer_id, marker, payload)``, ``broadcast(marker,
-    payload)``, ``announce_now()``, ``peers()``, ``linked_peers()``, ``stats()``. What
+    payload)``, ``forward(marker, payload, sender, spread, holders)``, ``announce_now()``,
+    ``peers()``, ``linked_peers()``, ``stats()``. What
     happens is told to ``listener`` (see MeshListener) on the mesh thread. LinkIO calls
     ``hello_frame(link)``, ``link_frame(link, marker, payload)`` and ``link_closed(link, reason)``.
     """
 
-    poll_interval = 0.5
+    poll_interval = 2.0  # the longest the loop sleeps; timers wake it sooner
+    dial_check_interval = 0.1  # seconds between a node's announcement and the dial check it triggers
+    max_link_list = 1024  # node ids of one PEER: frame kept as the sender's links
     connect_timeout = 5.0
     handshake_timeout = 10.0
     forget_after = 600.0  # seconds a down peer stays listed
@@ -4038,6 +4137,7 @@ class Mesh:
         self.room_key = derive_room_key(config.mesh_key)  # never logged, never shown
         self.io = LinkIO(self, config.max_message_size, self.counters, self.room_key, config.allow_public)
         self.dials = DialPlan(node_id, config.peer_timeout)
+        self.link_policy = LinkPolicy(config.max_links)
         self.discovery = None
         if not config.no_discovery:
             self.discovery = Discovery(config.udp_port, config.broadcast, node_id, config.announce_interval,
@@ -4048,6 +4148,7 @@ class Mesh:
         self._stopped = threading.Event()
         self._stopped.set()
         self._next_heartbeat = 0.0
+        self._next_dial_check = 0.0
         self.heartbeat_interval = max(0.05, config.peer_timeout / 3.0)
 
     # -- lifecycle -----------------------------------------------------------
@@ -4071,7 +4172,7 @@ class Mesh:
             self._announce_if_due(time.monotonic())
             while not self._stopping.is_set():
                 try:
-                    events = self.io.select(self.poll_interval)
+                    events = self.io.select(self._select_timeout())
                     with self.lock:
                         self.io.dispatch(events)
                         self.io.run_calls()
@@ -4119,6 +4220,12 @@ class Mesh:
         frame = encode_frame(marker, payload)
         self.call_soon(self._send_to_all, frame, exclude)
 
+    def forward(self, marker, payload, sender, spread, holders=()):
+        """Queue a frame of entries received from ``sender`` (``spread``: in a spread frame) to
+        the peers that may lack them (see LinkPolicy.forward_to); ``holders`` hold them."""
+        frame = encode_frame(marker, payload)
+        self.call_soon(self._forward_frame, frame, sender, spread, frozenset(holders))
+
     def announce_now(self):
         self.call_soon(self._announce, "ONLINE")
 
@@ -4144,13 +4251,28 @@ class Mesh:
 
     # -- the loop ------------------------------------------------------------
 
+    def _select_timeout(self):
+        """Seconds the loop may sleep: until a heartbeat, an announcement or a dial check is due
+        (at most ``poll_interval``); an idle node wakes rarely."""
+        due = min(self._next_heartbeat, self._next_dial_check)
+        if self.discovery is not None:
+            due = min(due, self.discovery.next_due)
+        return min(self.poll_interval, max(0.0, due - time.monotonic()))
+
+    def _dial_soon(self, moment):
+        """Check the dial targets no later than ``moment`` (a backoff ends, a node spoke)."""
+        self._next_dial_check = min(self._next_dial_check, moment)
+
     def _run_timers(self):
         now = time.monotonic()
         self._announce_if_due(now)
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.heartbeat_interval
             self._heartbeat(now)
-        self._dial_due(now)
+            self.io.expire_closing(now)
+        if now >= self._next_dial_check:  # not at every frame or datagram: it walks every target
+            self._next_dial_check = now + self.poll_interval  # sooner when told (_dial_soon)
+            self._dial_due(now)
 
     def _heartbeat(self, now):
         for link in list(self.io.links):
@@ -4162,7 +4284,8 @@ class Mesh:
                     self.io.close(link, "no handshake")
             elif now - link.last_received > self.config.peer_timeout:
                 self.io.close(link, "silent for %.1f s (--peer-timeout)" % (now - link.last_received))
-            else:
+            elif self.node_id < link.peer_id or now - link.last_received > 1.5 * self.heartbeat_interval:
+                # One end pings (its PONG shows the other alive): half the idle frames of both pinging.
                 self.io.queue(link, encode_frame(PING, {"t": now}))
         self.peer_table.expire(max(self.config.peer_timeout, 2 * self.config.announce_interval),
                                max(self.forget_after, 5 * self.config.peer_timeout))
@@ -4170,11 +4293,45 @@ class Mesh:
     def _dial_due(self, now):
         busy = {link.target for link in self.io.links if link.target is not None}
         linked = {node_id for node_id, peer in self.peer_table.items() if peer.connected}
-        for target in self.dials.due(now, busy, linked):
+        ready = self.dials.due(now, busy, linked)
+        if not ready:
+            return
+        known = len((self.dials.known_ids() | linked) - {self.node_id})
+        choices = self.link_policy.dial_choices([(target, self._is_llm_host(target.node_id)) for target in ready],
+                                                known, self._outbound_links())
+        for target in choices:
+            if not self.dials.bucket.take(now):  # one PEER: frame must not start hundreds of dials
+                break
             try:
                 self.io.dial(target)
             except (OSError, ValueError) as exc:  # bad address, no route, refused at once
                 self.dials.failed(target, exc)
+                self._dial_soon(target.next_dial)
+
+    def _is_llm_host(self, node_id):
+        peer = self.peer_table.get(node_id) if node_id else None
+        return peer is not None and peer.has_llm
+
+    def _outbound_links(self):
+        """Counted links this node dialed (linked or still dialing): not those to LLM hosts."""
+        count = 0
+        for link in self.io.links:
+            node_id = link.peer_id or (link.target.node_id if link.target is not None else None)
+            if link.outbound and link.closing is None and not self._is_llm_host(node_id):
+                count += 1
+        return count
+
+    def _trim_links(self, newcomer):
+        """Past --max-links, unlink random peers that dialed this node (see LinkPolicy);
+        an LLM host keeps every link, and no link to an LLM host counts."""
+        if self.listener.hello_extra().get("has_llm"):
+            return
+        counted = [(peer.node_id, not peer.link.outbound) for peer in self.peer_table.values()
+                   if peer.link is not None and peer.link.closing is None and not peer.has_llm]
+        for node_id in self.link_policy.evictions(counted, newcomer):
+            self.counters["links_trimmed"] += 1
+            self.io.close_after(self.peer_table[node_id].link, encode_frame(GOODBYE, {"reason": "links full"}),
+                                "this node keeps at most %d links (--max-links)" % self.config.max_links)
 
     # -- discovery -----------------------------------------------------------
 
@@ -4220,7 +4377,7 @@ class Mesh:
         peer.update(message)
         if not peer.connected:
             target.failures, target.next_dial = 0, 0.0  # a node that speaks is worth dialing now
-            self._dial_due(time.monotonic())
+            self._dial_soon(time.monotonic() + self.dial_check_interval)
 
     # -- frames ----------------------------------------------------------------
 
@@ -4248,7 +4405,7 @@ class Mesh:
                 if first:
                     self.listener.peer_measured(peer)
         elif marker == PEERS:
-            self._handle_peer_exchange(payload)
+            self._handle_peer_exchange(peer, payload)
         elif marker == GOODBYE:
             if link.target is not None:
                 self.dials.drop(link.target)
@@ -4307,20 +4464,27 @@ class Mesh:
         if current is None:
             log.info("linked to %s (%s:%d)", safe_text(peer.name), peer.address, peer.tcp_port)
             self._send_peer_exchange()
+            self._trim_links(node_id)
+        else:  # what the retired link still held unsent is lost: the peer hears our links again
+            self._send_peer_exchange(peer)
         self.listener.peer_up(peer)
 
-    def _send_peer_exchange(self):
-        """Tell every linked peer about the others, so one seed joins a whole mesh."""
+    def _send_peer_exchange(self, only=None):
+        """Tell every linked peer (or ``only`` that one) about the others, so one seed joins a
+        whole mesh and forwards spare the peers the sender reached (LinkPolicy)."""
         linked = [peer for peer in self.peer_table.values() if peer.connected]
-        for peer in linked:
+        for peer in linked if only is None else [only]:
             others = [{"node_id": other.node_id, "name": other.name, "address": other.address,
                        "tcp_port": other.tcp_port} for other in linked if other is not peer]
             self.io.queue(peer.link, encode_frame(PEERS, {"peers": others}))
 
-    def _handle_peer_exchange(self, payload):
+    def _handle_peer_exchange(self, peer, payload):
         entries = payload.get("peers")
         if not isinstance(entries, list):
             raise ProtocolError("PEER: frame without a peer list")
+        # Whom the peer is linked to (it lists all but us): forwarding spares those (LinkPolicy).
+        peer.links = frozenset([self.node_id] + [entry["node_id"] for entry in entries[:self.max_link_list]
+                                                 if isinstance(entry, dict) and isinstance(entry.get("node_id"), str)])
         skip = {node_id for node_id, peer in self.peer_table.items() if peer.connected} | {self.node_id}
         self.dials.from_exchange(entries, skip, lambda address: peer_address_allowed(
             address, self.config.allow_public))
@@ -4338,20 +4502,34 @@ class Mesh:
             if peer.link is not None and peer.node_id != exclude:
                 self.io.queue(peer.link, frame)
 
+    def _forward_frame(self, frame, sender, spread, holders):
+        peer = self.peer_table.get(sender)
+        linked = [node_id for node_id, other in self.peer_table.items() if other.link is not None]
+        targets = LinkPolicy.forward_to(linked, sender, peer.links if peer is not None else None, spread, holders)
+        self.counters["forwards_sent"] += len(targets)
+        self.counters["forwards_spared"] += len(linked) - len(targets) - (sender in linked)
+        for node_id in targets:
+            self.io.queue(self.peer_table[node_id].link, frame)
+
     def link_closed(self, link, reason):
         """After LinkIO closed ``link``: back off or redial its target; its peer is down."""
         if link.target is not None and link.peer_id is None and reason != "that is this node itself":
             self.dials.failed(link.target, reason)
         elif link.target is not None:
             link.target.next_dial = time.monotonic() + 0.25  # relink soon, not in a tight loop
+        if link.target is not None:
+            self._dial_soon(link.target.next_dial)
         peer = self.peer_table.get(link.peer_id) if link.peer_id else None
         if peer is not None and peer.link is link:
             peer.link = None
             peer.rtt_ms = None
+            peer.links = None
             peer.last_seen = time.time()
             log.info("lost %s: %s", safe_text(peer.name), reason)
             self.counters["peers_lost"] += 1
             self.listener.peer_down(peer, reason)
+            if not self._stopping.is_set():
+                self._send_peer_exchange()  # peers must not spare forwards on a link that is gone
 
     def _close_all(self):
         goodbye = encode_frame(GOODBYE, {"reason": "shutdown"})
@@ -4412,15 +4590,28 @@ class EventBus:
 # SYNC: {"vector": {origin: seq}}   the contiguous prefix of each origin's log I hold
 # FILE: {"entries": [entry, ...], "more": bool}   entries the receiver lacks, in bounded batches
 #
-# Each side sends SYNC on link-up and every --sync-interval; the other answers with FILE.
-# New entries are pushed at once and forwarded once, so a chain A-B-C converges without an
-# A-C link; periodic sync only heals what a push missed.
+# Each side sends SYNC on link-up, and every --sync-interval to a peer when it has news for it
+# or the peer's last vector shows entries it lacks; the other answers with FILE when the
+# vector lacks something. New entries are pushed at once ("spread": true) and forwarded once
+# to the peers that may lack them (LinkPolicy.forward_to), so a chain A-B-C converges without
+# an A-C link; periodic sync only heals what a push missed. An idle mesh sends no SYNC at all.
+
+
+def vector_ahead(vector, other):
+    """Whether ``vector`` holds an entry ``other`` lacks."""
+    return any(seq > other.get(origin, 0) for origin, seq in vector.items())
+
+
+def vector_holds(vector, entries):
+    """Whether ``vector`` shows every one of ``entries`` held."""
+    return all(vector.get(entry["origin"], 0) >= entry["seq"] for entry in entries)
 
 
 class SyncRequests:
     """The SYNC: frames waiting for an answer: at most one per peer (a newer vector replaces the
     pending one), at most ``max_peers`` peers, each answered at most every ``gap`` seconds, and
-    the same vector of one peer not again within ``repeat_gap`` seconds. Thread-safe."""
+    the same vector of one peer not again within ``repeat_gap`` seconds: such a repeat is
+    dropped, since answered late it would resend all the peer got meanwhile. Thread-safe."""
 
     def __init__(self, gap, repeat_gap, max_peers=1024):
         self.gap, self.repeat_gap, self.max_peers = gap, repeat_gap, max_peers
@@ -4433,8 +4624,11 @@ class SyncRequests:
             return len(self._pending)
 
     def put(self, peer_id, vector):
-        """Keep ``vector`` as ``peer_id``'s request; returns "new", "merged" or "dropped"."""
+        """Keep ``vector`` as ``peer_id``'s request; returns "new", "merged", "repeated" or "dropped"."""
         with self._lock:
+            last, last_vector = self._answered.get(peer_id, (None, None))
+            if vector == last_vector and time.monotonic() < last + self.repeat_gap:
+                return "repeated"
             if peer_id in self._pending:
                 self._pending[peer_id] = vector
                 return "merged"
@@ -4476,6 +4670,8 @@ class SyncWorker:
     batch_bytes = 1 * MiB
     batch_entries = 500
     answer_gap = 0.2  # seconds between two answers to one peer
+    max_wait = 5.0  # the longest the worker sleeps: a queued job or SYNC: wakes it sooner
+    fresh_for = 1.0  # seconds a pushed entry is left out of SYNC: answers: its push is on the way
     max_jobs = 4096
     max_files_per_peer = 64
 
@@ -4488,6 +4684,11 @@ class SyncWorker:
         self.requests = SyncRequests(self.answer_gap, max(self.answer_gap, interval / 2.0))
         self._files_waiting = collections.Counter()  # peer id -> FILE: jobs queued
         self._files_lock = threading.Lock()
+        self._vectors_lock = threading.Lock()
+        self._their_vectors = {}  # peer id -> the vector its last SYNC: showed
+        self._told_vectors = {}  # peer id -> the vector we last sent it
+        self._asked = {}  # peer id -> (ours, theirs) when we last asked it for what it has more
+        self._fresh = {}  # origin -> (first seq, last seq, monotonic time) of entries just pushed here
         self._stop = threading.Event()
         self._thread = None
         self.counters = collections.Counter()
@@ -4504,9 +4705,9 @@ class SyncWorker:
             except Exception:  # a bad batch must not stop syncing
                 log.exception("sync job failed")
 
-    def run_once(self, next_round):
-        """Run one queued job (a push or FILE:) and one due SYNC: answer, or wait up to half a
-        second for either; then the sync round when due. Returns the time of the next round."""
+    def _step(self):
+        """Run one queued job (a push or FILE:) and one due SYNC: answer: (whether any ran, the
+        seconds until the next answer is due or None)."""
         try:
             job = self._jobs.get_nowait()
         except queue.Empty:
@@ -4516,8 +4717,15 @@ class SyncWorker:
         request, wait = self.requests.take(time.monotonic())
         if request is not None:
             self._answer_sync(*request)
-        elif job is None:
-            timeout = min(0.5, next_round - time.monotonic(), 0.5 if wait is None else wait)
+        return job is not None or request is not None, wait
+
+    def run_once(self, next_round):
+        """Run one queued job and one due SYNC: answer, or wait for either (a new job wakes it)
+        until the next answer or round is due; then the sync round when due. Returns the time of
+        the next round."""
+        ran, wait = self._step()
+        if not ran:
+            timeout = min(self.max_wait, next_round - time.monotonic(), self.max_wait if wait is None else wait)
             try:
                 job = self._jobs.get(timeout=max(0.0, timeout))
                 job[0](*job[1:])
@@ -4525,8 +4733,14 @@ class SyncWorker:
                 pass
         if time.monotonic() >= next_round:
             next_round = time.monotonic() + self.interval
-            self._send_vector(None)
+            self._sync_round()
         return next_round
+
+    def run_ready(self):
+        """Run every queued job and every SYNC: answer due now, without waiting (meshes
+        driven by hand, as in the tests' simulated network)."""
+        while self._step()[0]:
+            pass
 
     def shutdown(self):
         self._stop.set()
@@ -4544,6 +4758,8 @@ class SyncWorker:
         shared = [entry for entry in entries if self.store.is_shared(entry)]
         payload = self.store.batches.payload(shared) if shared else None
         if payload and payload["entries"]:
+            payload["spread"] = True  # to every peer: receivers spare the peers linked to us
+            self._mark_fresh(payload["entries"])
             self.mesh.broadcast(FILE, payload)
 
     def peer_up(self, peer):
@@ -4551,6 +4767,9 @@ class SyncWorker:
 
     def peer_down(self, peer):
         self.requests.forget(peer.node_id)
+        with self._vectors_lock:
+            for known in (self._their_vectors, self._told_vectors, self._asked):
+                known.pop(peer.node_id, None)
 
     def handle_sync(self, peer, payload):
         vector = payload.get("vector")
@@ -4587,22 +4806,72 @@ class SyncWorker:
 
     # -- jobs, on the sync thread ---------------------------------------------------
 
-    def _send_vector(self, peer_id):
-        payload = {"vector": self.store.version_vector()}
-        if peer_id is None:
-            self.mesh.broadcast(SYNC, payload)
-        else:
-            self.mesh.send(peer_id, SYNC, payload)
+    def _send_vector(self, peer_id, ours=None):
+        ours = self.store.version_vector() if ours is None else ours
+        with self._vectors_lock:
+            self._told_vectors[peer_id] = ours
+        self.mesh.send(peer_id, SYNC, {"vector": ours})
         self.counters["vectors_sent"] += 1
+
+    def _sync_round(self):
+        """Send our vector to each peer that has not heard it, or whose vector shows more."""
+        ours = self.store.version_vector()
+        self.counters["sync_rounds"] += 1
+        for peer in self.mesh.linked_peers():
+            with self._vectors_lock:
+                told = self._told_vectors.get(peer.node_id)
+                theirs = self._their_vectors.get(peer.node_id, {})
+            if told != ours or vector_ahead(theirs, ours):
+                self._send_vector(peer.node_id, ours)
+            else:
+                self.counters["vectors_spared"] += 1
 
     def _answer_sync(self, peer_id, vector):
         clean = {str(origin): seq for origin, seq in vector.items()
                  if isinstance(seq, int) and not isinstance(seq, bool)}
-        payload = self.store.batches.missing(clean, self.batch_bytes, self.batch_entries)
+        ours = self.store.version_vector()
+        with self._vectors_lock:
+            self._their_vectors[peer_id] = clean
+            ask = vector_ahead(clean, ours) and self._asked.get(peer_id) != (ours, clean)
+            if ask:  # the same request for the same two states is never repeated: a stuck gap must not loop
+                self._asked[peer_id] = (ours, clean)
         self.counters["sync_answers"] += 1
-        if payload["entries"]:
-            self.mesh.send(peer_id, FILE, payload)
-            self.counters["entries_sent"] += len(payload["entries"])
+        view = self._without_fresh(clean)
+        if vector_ahead(ours, view):  # else nothing to send: no store query
+            payload = self.store.batches.missing(view, self.batch_bytes, self.batch_entries)
+            if payload["entries"]:
+                self.mesh.send(peer_id, FILE, payload)
+                self.counters["entries_sent"] += len(payload["entries"])
+        if ask:
+            self._send_vector(peer_id, ours)
+
+    def _mark_fresh(self, entries):
+        now = time.monotonic()
+        with self._vectors_lock:
+            for entry in entries:
+                first, last, since = self._fresh.get(entry["origin"], (entry["seq"], 0, now))
+                if now - since > self.fresh_for:
+                    first = entry["seq"]
+                self._fresh[entry["origin"]] = (min(first, entry["seq"]), max(last, entry["seq"]), now)
+
+    def _without_fresh(self, vector):
+        """``vector`` as if it held the entries pushed here within ``fresh_for`` seconds that
+        directly follow what it holds: their push is on the way, and answering them would only
+        send a second copy (a lost push is healed by the next round)."""
+        now = time.monotonic()
+        view = dict(vector)
+        with self._vectors_lock:
+            for origin, (first, last, since) in list(self._fresh.items()):
+                if now - since > self.fresh_for:
+                    del self._fresh[origin]
+                elif first - 1 <= view.get(origin, 0) < last:
+                    view[origin] = last
+        return view
+
+    def _holders(self, entries):
+        """The peers whose last vector shows every one of ``entries``."""
+        with self._vectors_lock:
+            return [peer_id for peer_id, vector in self._their_vectors.items() if vector_holds(vector, entries)]
 
     def _apply(self, peer_id, payload, more):
         self._file_done(peer_id)
@@ -4618,7 +4887,10 @@ class SyncWorker:
         self.counters["entries_received"] += len(payload.get("entries") or ())
         self.counters["entries_new"] += len(new)
         if forward:  # every stored entry: a refused snapshot is still a link of its chain
-            self.mesh.broadcast(FILE, forward, exclude=peer_id)
+            spread = payload.get("spread") is True
+            forward["spread"] = True
+            self._mark_fresh(new)
+            self.mesh.forward(FILE, forward, peer_id, spread, self._holders(forward["entries"]))
         if new:
             publish_entries(self.events, new)
         if more and self.store.version_vector() != before:  # a stuck gap must not loop

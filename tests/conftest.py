@@ -136,8 +136,8 @@ class NodeProcess:
         kwargs.setdefault("timeout", 10)
         return requests.post(self.url + path, **kwargs)
 
-    def json(self, path):
-        response = self.get(path)
+    def json(self, path, timeout=5):
+        response = self.get(path, timeout=timeout)
         response.raise_for_status()
         return response.json()
 
@@ -755,3 +755,55 @@ class Keyring(dict):
 
 
 KEYS = Keyring()
+
+
+# -- issue 14: fan-out and bounded links ---------------------------------------------------------
+
+
+@pytest.fixture
+def sync_network(tmp_path):
+    """A SyncNetwork (tests/mesh_simulation.py): real Stores and SyncWorkers on simulated links."""
+    from mesh_simulation import SyncNetwork
+    network = SyncNetwork(tmp_path)
+    try:
+        yield network
+    finally:
+        network.close()
+
+
+HUNDRED_DEGREE = 8  # well under 100: every node must choose its links
+
+
+@pytest.fixture
+def hundred_nodes(cluster):
+    """100 node processes on loopback with --max-links 8, one of them an LLM host (the fake
+    Ollama): ``(nodes, host, degree)`` once every node holds a few links."""
+    from concurrent.futures import ThreadPoolExecutor
+    from fake_ollama import FakeOllama
+    fake = FakeOllama(models=(API_MODEL,)).start()
+    settings = {"announce_interval": "3", "peer_timeout": "20", "sync_interval": "5"}
+    base = cluster.node_args(True, settings, ["--max-links", str(HUNDRED_DEGREE)])
+    base[base.index("debug")] = "warning"  # 100 debug logs would cost more than the mesh
+    nodes = [NodeProcess(cluster.tmp_path / ("n%d" % index), base + (["--ollama-url", fake.url] if index == 0 else []),
+                         "n%d" % index) for index in range(100)]
+    cluster.nodes.extend(nodes)
+    try:
+        started = time.monotonic()
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(lambda node: node.start(timeout=60), nodes))
+        running = time.monotonic()
+        wait_for(lambda: all(node.json("/api/health", timeout=30)["peer_count"] >= 3 for node in nodes),
+                 timeout=120, interval=1.0, message="every node linked")
+        print("100 processes running in %.1f s, each with 3 links or more %.1f s later"
+              % (running - started, time.monotonic() - running))
+        yield nodes, nodes[0], HUNDRED_DEGREE
+    finally:
+        for node in nodes:  # all at once: one by one, 100 graceful stops take minutes
+            if node.alive:
+                node.process.send_signal(signal.SIGTERM)
+        for node in nodes:
+            try:
+                node.stop(timeout=15)
+            except subprocess.TimeoutExpired:  # a loaded machine: the test's assertions are done
+                node.kill()
+        fake.stop()

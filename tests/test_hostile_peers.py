@@ -268,6 +268,9 @@ class RecordingMesh:
     def broadcast(self, marker, payload, exclude=None):
         self.sent.append((None, marker, payload))
 
+    def forward(self, marker, payload, sender, spread, holders=()):
+        self.sent.append((None, marker, payload))
+
 
 def test_two_thousand_syncs_are_merged_and_a_real_push_goes_first(tmp_path):
     store, _key = keyed_store(tmp_path / "db", "bob")  # only keyed logs are served

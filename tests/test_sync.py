@@ -133,7 +133,7 @@ def test_private_conversations_stay_home_and_deletes_reach_everyone(cluster):
     say(a, public, "for everyone")
     wait_for(lambda: contents(b, public) == ["for everyone"], message="public conversation synced")
     # periodic sync has run several rounds by now (0.5 s interval); the private one never left
-    wait_for(lambda: b.health()["sync"].get("vectors_sent", 0) >= 3, message="sync rounds")
+    wait_for(lambda: b.health()["sync"].get("sync_rounds", 0) >= 3, message="sync rounds")
     assert secret not in listed_ids(b) and b.get("/api/conversations/%s" % secret).status_code == 404
     assert "only for me" not in json.dumps(b.json("/peers"))
 
