@@ -790,7 +790,7 @@ def hundred_nodes(cluster):
     try:
         started = time.monotonic()
         with ThreadPoolExecutor(6) as pool:
-            list(pool.map(lambda node: node.start(timeout=60), nodes))
+            list(pool.map(lambda node: node.start(timeout=120), nodes))  # 100 imports share 2 cores
         running = time.monotonic()
         wait_for(lambda: all(node.json("/api/health", timeout=30)["peer_count"] >= 3 for node in nodes),
                  timeout=120, interval=1.0, message="every node linked")
