@@ -1667,6 +1667,27 @@ def _clean_conversation_data(data):
 
 def _clean_entry(raw):
     """A peer's entry checked and normalized, or ValueError saying what is wrong."""
+    return _clean_entry_text(raw)[0]
+
+
+# The bytes json.dumps(entry, ensure_ascii=False) spends on an entry's keys and punctuation: its
+# six other values are ids, a timestamp and a seq, which JSON writes as they are (no escapes).
+_ENTRY_WRAPPER_BYTES = len(json.dumps({"origin": "", "seq": 0, "kind": "", "conversation_id": "",
+                                       "timestamp": "", "uid": "", "data": 0})) - 2
+
+
+def _default_separator_bytes(value):
+    """The bytes json.dumps's default separators (", " and ": ") add over the compact ones."""
+    if isinstance(value, dict):
+        return max(2 * len(value) - 1, 0) + sum(_default_separator_bytes(item) for item in value.values())
+    if isinstance(value, list):
+        return max(len(value) - 1, 0) + sum(_default_separator_bytes(item) for item in value)
+    return 0
+
+
+def _clean_entry_text(raw):
+    """(_clean_entry(raw), data_text of its data): a received entry is encoded once, for its
+    size check, its chain hash and its row. The size is json.dumps(entry)'s, to the byte."""
     if not isinstance(raw, dict):
         raise ValueError("entry is not an object")
     origin = _ident(raw.get("origin"), "origin")      # "~" is refused: no private logs
@@ -1690,9 +1711,19 @@ def _clean_entry(raw):
              "conversation_id": _ident(raw.get("conversation_id"), "conversation_id"),
              "timestamp": _normal_timestamp(raw.get("timestamp")),
              "uid": uid, "data": data}
-    if len(json.dumps(entry, ensure_ascii=False).encode("utf-8")) > MAX_ENTRY_BYTES:
+    text = data_text(data)
+    if _entry_bytes(entry, text) > MAX_ENTRY_BYTES:
         raise ValueError("entry is larger than %d bytes" % MAX_ENTRY_BYTES)
-    return entry
+    return entry, text
+
+
+def _entry_bytes(entry, text):
+    """len(json.dumps(entry, ensure_ascii=False).encode("utf-8")) of a cleaned ``entry`` whose
+    data_text is ``text``, without encoding it again."""
+    size = len(text) if text.isascii() else len(text.encode("utf-8"))
+    return (size + _default_separator_bytes(entry["data"]) + _ENTRY_WRAPPER_BYTES + len(entry["origin"])
+            + len(str(entry["seq"])) + len(entry["kind"]) + len(entry["conversation_id"])
+            + len(entry["timestamp"]) + len(entry["uid"]))
 
 
 def _clean_imported_conversation(raw):
@@ -2406,20 +2437,21 @@ class BatchVerifier:
         runs = collections.OrderedDict()
         for raw in entries:
             try:
-                entry = _clean_entry(raw)
+                entry, text = _clean_entry_text(raw)
             except ValueError as error:
                 raise BatchRejected("invalid entry: %s" % error)
             run = runs.setdefault(entry["origin"], [])
-            if run and entry["seq"] != run[-1]["seq"] + 1:
+            if run and entry["seq"] != run[-1][0]["seq"] + 1:
                 raise BatchRejected("entries of %s are not consecutive" % entry["origin"], entry["origin"])
-            run.append(entry)
+            run.append((entry, text))
         return runs
 
     def _verify_run(self, origin, run, head):
-        if not isinstance(head, dict) or head.get("seq") != run[-1]["seq"]:
+        """``run``: [(entry, its data_text)] of ``origin``, consecutive."""
+        if not isinstance(head, dict) or head.get("seq") != run[-1][0]["seq"]:
             raise BatchRejected("the head of %s is not its last entry" % origin, origin)
         have, prev = self.chain.head(origin)
-        first = run[0]["seq"]
+        first = run[0][0]["seq"]
         if first > have + 1:
             return []  # a gap that the next SYNC fills
         if first <= have:  # held entries must be the very same: a replay cannot alter them
@@ -2427,8 +2459,7 @@ class BatchVerifier:
             if prev is None:
                 raise BatchRejected("no chain held for %s" % origin, origin)
         out = []
-        for entry in run:
-            text = data_text(entry["data"])
+        for entry, text in run:
             prev = entry_hash(prev, entry, text)
             if entry["seq"] > have:
                 out.append((entry, prev, None, text))
@@ -2437,7 +2468,7 @@ class BatchVerifier:
                                     % (origin, entry["seq"]), origin)
         if not out:
             return []
-        self._check_head(origin, run[-1]["seq"], prev, head, self._key(origin, head.get("key")))
+        self._check_head(origin, run[-1][0]["seq"], prev, head, self._key(origin, head.get("key")))
         self._check_owners(origin, out)
         out[-1] = out[-1][:2] + (bytes.fromhex(head["sig"]), out[-1][3])
         return out
