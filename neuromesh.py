@@ -1336,7 +1336,7 @@ class FrameDecoder:
 # inside FILE: are checked one by one by the store (a bad entry is skipped, not the link).
 
 MAX_ORIGINS = 10000          # origins in one version vector
-MAX_FRAME_ENTRIES = 1000     # entries in one FILE: frame (sync batches are 500 at most)
+MAX_FRAME_ENTRIES = 1000     # entries in one FILE: frame (a sync batch fills it, within 1 MiB)
 MAX_LOAD = 1000000           # in_flight, queued, parallel of an LLM load report
 
 
@@ -1679,10 +1679,15 @@ _ENTRY_WRAPPER_BYTES = len(json.dumps({"origin": "", "seq": 0, "kind": "", "conv
 def _default_separator_bytes(value):
     """The bytes json.dumps's default separators (", " and ": ") add over the compact ones."""
     if isinstance(value, dict):
-        return max(2 * len(value) - 1, 0) + sum(_default_separator_bytes(item) for item in value.values())
-    if isinstance(value, list):
-        return max(len(value) - 1, 0) + sum(_default_separator_bytes(item) for item in value)
-    return 0
+        count, items = max(2 * len(value) - 1, 0), value.values()
+    elif isinstance(value, list):
+        count, items = max(len(value) - 1, 0), value
+    else:
+        return 0
+    for item in items:
+        if isinstance(item, (dict, list)):  # most values are scalars: no call for them
+            count += _default_separator_bytes(item)
+    return count
 
 
 def _clean_entry_text(raw):
@@ -2009,7 +2014,7 @@ class EntryLog:
             "SELECT origin, contiguous FROM origins WHERE contiguous > 0").fetchall())
         return {origin: seq for origin, seq in rows if not origin.endswith(PRIVATE_SUFFIX)}
 
-    def entries_missing(self, their_vector, max_bytes=1 << 20, max_entries=500, only=None):
+    def entries_missing(self, their_vector, max_bytes=1 << 20, max_entries=MAX_FRAME_ENTRIES, only=None):
         """(entries, more): public entries past their_vector, by origin then
         seq, at most max_entries and about max_bytes of JSON (always at least
         one entry), of the origins in ``only`` when given. more is True when
@@ -2519,7 +2524,7 @@ class SignedBatches:
         if key is not None:
             database.write(self._chain.remember_key, key.node_id, key.public)
 
-    def missing(self, vector, max_bytes=1 << 20, max_entries=500):
+    def missing(self, vector, max_bytes=1 << 20, max_entries=MAX_FRAME_ENTRIES):
         """The FILE: payload answering a SYNC: ``vector``."""
         return self._chain.signed_batch(self._log, vector, max_bytes, max_entries)
 
@@ -2983,7 +2988,7 @@ class Store(StorePages):
         """{origin: n} where this store holds seqs 1..n of origin's public log."""
         return self._log.version_vector()
 
-    def entries_missing(self, their_vector, max_bytes=1 << 20, max_entries=500):
+    def entries_missing(self, their_vector, max_bytes=1 << 20, max_entries=MAX_FRAME_ENTRIES):
         """(entries, more): public entries past their_vector; see EntryLog."""
         return self._log.entries_missing(their_vector, max_bytes, max_entries)
 
@@ -4699,7 +4704,7 @@ class SyncWorker:
     """
 
     batch_bytes = 1 * MiB
-    batch_entries = 500
+    batch_entries = MAX_FRAME_ENTRIES  # the most a FILE: frame may hold: fewer transactions per catch-up
     answer_gap = 0.2  # seconds between two answers to one peer
     max_wait = 5.0  # the longest the worker sleeps: a queued job or SYNC: wakes it sooner
     fresh_for = 1.0  # seconds a pushed entry is left out of SYNC: answers: its push is on the way
