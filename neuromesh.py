@@ -866,9 +866,12 @@ def helo_message(peer_nonce, channel_binding, node_id):
     return _HELO_TAG + peer_nonce + channel_binding + node_id.encode("ascii")
 
 
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)  # made once
+
+
 def data_text(data):
     """The canonical text of an entry's cleaned data: sorted, compact JSON."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _CANONICAL_JSON.encode(data)
 
 
 def entry_hash(prev, entry, text):
@@ -1545,6 +1548,8 @@ def _text(value, what, limit=_MAX_TEXT_BYTES, optional=False):
         raise ValueError("%s is not a string" % what)
     if len(value) > limit:
         raise ValueError("%s is longer than %d bytes" % (what, limit))
+    if value.isascii():  # one byte a character, and no lone surrogate
+        return value
     try:
         size = len(value.encode("utf-8"))
     except UnicodeEncodeError:      # lone surrogates pass json.loads, not SQLite
@@ -2056,7 +2061,8 @@ class EntryLog:
     def _frame_bytes(row):
         """At least the bytes an entry row takes in a FILE: frame (compact JSON, UTF-8): its data's
         stored text, never shorter than the compact form, plus the other fields, keys and quotes."""
-        return (len(row["data"].encode("utf-8")) + len(row["origin"]) + len(row["uid"])
+        data = row["data"]
+        return ((len(data) if data.isascii() else len(data.encode("utf-8"))) + len(row["origin"]) + len(row["uid"])
                 + len(row["conversation_id"]) + len(row["timestamp"]) + len(row["kind"]) + 120)
 
     def run_from(self, origin, seq, limit):
