@@ -4940,15 +4940,22 @@ class SyncWorker:
 
 
 def publish_entries(events, entries):
-    """Tell the page what changed: one event per new message or conversation change."""
+    """Tell the page what changed: one event per conversation change, and one per conversation
+    for its new messages (the last of them), not one per message: a catch-up brings a thousand
+    at once, and the page reloads a conversation whatever the count (an SSE client's queue holds
+    at most EventBus.max_pending events)."""
+    last_messages = collections.OrderedDict()  # conversation id -> its last new message here
     for entry in entries:
         if entry.get("kind") == "message":
-            events.publish("message", {"conversation_id": entry["conversation_id"], "origin": entry["origin"],
-                                       "seq": entry["seq"], "role": entry["data"].get("role")})
+            last_messages.pop(entry["conversation_id"], None)
+            last_messages[entry["conversation_id"]] = entry
         else:
             events.publish("conversation", {"conversation_id": entry["conversation_id"],
                                             "deleted": bool(entry["data"].get("deleted")),
                                             "private": bool(entry["data"].get("private"))})
+    for entry in last_messages.values():
+        events.publish("message", {"conversation_id": entry["conversation_id"], "origin": entry["origin"],
+                                   "seq": entry["seq"], "role": entry["data"].get("role")})
 
 
 ###############################################################################

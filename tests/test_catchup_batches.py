@@ -128,3 +128,24 @@ def test_an_entry_one_byte_over_the_limit_is_refused_and_one_at_it_kept():
     assert len(json.dumps(nm._clean_entry(at_limit), ensure_ascii=False).encode("utf-8")) == nm.MAX_ENTRY_BYTES
     with pytest.raises(ValueError, match="larger than"):
         nm._clean_entry(dict(raw, data=dict(raw["data"], content="\x01" * escaped + "x" * (plain + 1))))
+
+
+def test_a_batch_of_new_messages_tells_the_page_once_per_conversation(tmp_path):
+    """A catch-up batch of a thousand messages is one page event per conversation (the last
+    message), so an SSE client's bounded queue is not flooded; conversation changes stay one each."""
+    source, _key = keyed_store(tmp_path / "source.db", "source")
+    first, second = source.create_conversation("one")["id"], source.create_conversation("two")["id"]
+    for index in range(300):
+        source.add_message(first if index % 3 else second, "user", "message %d" % index, "student")
+    source.add_message(first, "assistant", "the last word", "llm")
+    target, _ = keyed_store(tmp_path / "target.db", "target")
+    _forward, new = target.batches.apply(source.batches.missing(target.version_vector()))
+    assert len(new) == 303
+    bus = nm.EventBus()
+    inbox = bus.subscribe()
+    nm.publish_entries(bus, new)
+    events = [inbox.get_nowait() for _ in range(inbox.qsize())]
+    assert [event["type"] for event in events] == ["conversation", "conversation", "message", "message"]
+    by_conversation = {event["data"]["conversation_id"]: event["data"] for event in events[2:]}
+    assert by_conversation[first]["role"] == "assistant" and by_conversation[first]["seq"] == 303
+    assert by_conversation[second]["seq"] == max(entry["seq"] for entry in new if entry["conversation_id"] == second)
