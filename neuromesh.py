@@ -2516,8 +2516,12 @@ class BatchVerifier:
 
     @staticmethod
     def _check_owners(origin, items):
+        owners = {}  # conversation id -> its owner: a run writes to few conversations
         for entry, _digest, _sig, _text in items:
-            owner = bound_owner(entry["conversation_id"])
+            conversation_id = entry["conversation_id"]
+            if conversation_id not in owners:
+                owners[conversation_id] = bound_owner(conversation_id)
+            owner = owners[conversation_id]
             if owner is not None and owner != origin:
                 what = "deletes" if entry["kind"] == "conversation" and entry["data"]["deleted"] else "writes to"
                 raise BatchRejected("%s %s conversation %s of %s" % (origin, what, entry["conversation_id"], owner),
