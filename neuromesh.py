@@ -866,9 +866,12 @@ def helo_message(peer_nonce, channel_binding, node_id):
     return _HELO_TAG + peer_nonce + channel_binding + node_id.encode("ascii")
 
 
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)  # made once
+
+
 def data_text(data):
     """The canonical text of an entry's cleaned data: sorted, compact JSON."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return _CANONICAL_JSON.encode(data)
 
 
 def entry_hash(prev, entry, text):
@@ -1336,7 +1339,7 @@ class FrameDecoder:
 # inside FILE: are checked one by one by the store (a bad entry is skipped, not the link).
 
 MAX_ORIGINS = 10000          # origins in one version vector
-MAX_FRAME_ENTRIES = 1000     # entries in one FILE: frame (sync batches are 500 at most)
+MAX_FRAME_ENTRIES = 1000     # entries in one FILE: frame (a sync batch fills it, within 1 MiB)
 MAX_LOAD = 1000000           # in_flight, queued, parallel of an LLM load report
 
 
@@ -1545,6 +1548,8 @@ def _text(value, what, limit=_MAX_TEXT_BYTES, optional=False):
         raise ValueError("%s is not a string" % what)
     if len(value) > limit:
         raise ValueError("%s is longer than %d bytes" % (what, limit))
+    if value.isascii():  # one byte a character, and no lone surrogate
+        return value
     try:
         size = len(value.encode("utf-8"))
     except UnicodeEncodeError:      # lone surrogates pass json.loads, not SQLite
@@ -1667,6 +1672,32 @@ def _clean_conversation_data(data):
 
 def _clean_entry(raw):
     """A peer's entry checked and normalized, or ValueError saying what is wrong."""
+    return _clean_entry_text(raw)[0]
+
+
+# The bytes json.dumps(entry, ensure_ascii=False) spends on an entry's keys and punctuation: its
+# six other values are ids, a timestamp and a seq, which JSON writes as they are (no escapes).
+_ENTRY_WRAPPER_BYTES = len(json.dumps({"origin": "", "seq": 0, "kind": "", "conversation_id": "",
+                                       "timestamp": "", "uid": "", "data": 0})) - 2
+
+
+def _default_separator_bytes(value):
+    """The bytes json.dumps's default separators (", " and ": ") add over the compact ones."""
+    if isinstance(value, dict):
+        count, items = max(2 * len(value) - 1, 0), value.values()
+    elif isinstance(value, list):
+        count, items = max(len(value) - 1, 0), value
+    else:
+        return 0
+    for item in items:
+        if isinstance(item, (dict, list)):  # most values are scalars: no call for them
+            count += _default_separator_bytes(item)
+    return count
+
+
+def _clean_entry_text(raw):
+    """(_clean_entry(raw), data_text of its data): a received entry is encoded once, for its
+    size check, its chain hash and its row. The size is json.dumps(entry)'s, to the byte."""
     if not isinstance(raw, dict):
         raise ValueError("entry is not an object")
     origin = _ident(raw.get("origin"), "origin")      # "~" is refused: no private logs
@@ -1690,9 +1721,19 @@ def _clean_entry(raw):
              "conversation_id": _ident(raw.get("conversation_id"), "conversation_id"),
              "timestamp": _normal_timestamp(raw.get("timestamp")),
              "uid": uid, "data": data}
-    if len(json.dumps(entry, ensure_ascii=False).encode("utf-8")) > MAX_ENTRY_BYTES:
+    text = data_text(data)
+    if _entry_bytes(entry, text) > MAX_ENTRY_BYTES:
         raise ValueError("entry is larger than %d bytes" % MAX_ENTRY_BYTES)
-    return entry
+    return entry, text
+
+
+def _entry_bytes(entry, text):
+    """len(json.dumps(entry, ensure_ascii=False).encode("utf-8")) of a cleaned ``entry`` whose
+    data_text is ``text``, without encoding it again."""
+    size = len(text) if text.isascii() else len(text.encode("utf-8"))
+    return (size + _default_separator_bytes(entry["data"]) + _ENTRY_WRAPPER_BYTES + len(entry["origin"])
+            + len(str(entry["seq"])) + len(entry["kind"]) + len(entry["conversation_id"])
+            + len(entry["timestamp"]) + len(entry["uid"]))
 
 
 def _clean_imported_conversation(raw):
@@ -1978,7 +2019,7 @@ class EntryLog:
             "SELECT origin, contiguous FROM origins WHERE contiguous > 0").fetchall())
         return {origin: seq for origin, seq in rows if not origin.endswith(PRIVATE_SUFFIX)}
 
-    def entries_missing(self, their_vector, max_bytes=1 << 20, max_entries=500, only=None):
+    def entries_missing(self, their_vector, max_bytes=1 << 20, max_entries=MAX_FRAME_ENTRIES, only=None):
         """(entries, more): public entries past their_vector, by origin then
         seq, at most max_entries and about max_bytes of JSON (always at least
         one entry), of the origins in ``only`` when given. more is True when
@@ -1991,7 +2032,7 @@ class EntryLog:
         max_entries = max(1, max_entries)
 
         def collect():
-            entries, size = [], 0
+            rows, size = [], 0
             origins = [row[0] for row in self._db.execute(
                 "SELECT origin FROM origins ORDER BY origin")]
             for origin in origins:
@@ -2005,22 +2046,29 @@ class EntryLog:
                     " AND seq > ? ORDER BY seq", (origin, since))
                 for row in cursor:
                     cost = self._frame_bytes(row)
-                    if len(entries) >= max_entries or (entries and size + cost > max_bytes):
-                        return entries, True
-                    entry = {"origin": row["origin"], "seq": row["seq"], "kind": row["kind"],
-                             "conversation_id": row["conversation_id"],
-                             "timestamp": row["timestamp"], "uid": row["uid"],
-                             "data": json.loads(row["data"])}
-                    entries.append(entry)
+                    if len(rows) >= max_entries or (rows and size + cost > max_bytes):
+                        return self._entries_of(rows), True
+                    rows.append(row)
                     size += cost
-            return entries, False
+            return self._entries_of(rows), False
         return self._db.read(collect)
+
+    @staticmethod
+    def _entries_of(rows):
+        """Entry dicts of ``rows``; their data texts parsed in one json.loads, not one call each."""
+        datas = json.loads("[%s]" % ",".join([row["data"] for row in rows]))
+        if len(datas) != len(rows):  # a damaged row holding "1,2": parse them one by one, as before
+            datas = [json.loads(row["data"]) for row in rows]
+        return [{"origin": row["origin"], "seq": row["seq"], "kind": row["kind"],
+                 "conversation_id": row["conversation_id"], "timestamp": row["timestamp"], "uid": row["uid"],
+                 "data": data} for row, data in zip(rows, datas)]
 
     @staticmethod
     def _frame_bytes(row):
         """At least the bytes an entry row takes in a FILE: frame (compact JSON, UTF-8): its data's
         stored text, never shorter than the compact form, plus the other fields, keys and quotes."""
-        return (len(row["data"].encode("utf-8")) + len(row["origin"]) + len(row["uid"])
+        data = row["data"]
+        return ((len(data) if data.isascii() else len(data.encode("utf-8"))) + len(row["origin"]) + len(row["uid"])
                 + len(row["conversation_id"]) + len(row["timestamp"]) + len(row["kind"]) + 120)
 
     def run_from(self, origin, seq, limit):
@@ -2406,20 +2454,21 @@ class BatchVerifier:
         runs = collections.OrderedDict()
         for raw in entries:
             try:
-                entry = _clean_entry(raw)
+                entry, text = _clean_entry_text(raw)
             except ValueError as error:
                 raise BatchRejected("invalid entry: %s" % error)
             run = runs.setdefault(entry["origin"], [])
-            if run and entry["seq"] != run[-1]["seq"] + 1:
+            if run and entry["seq"] != run[-1][0]["seq"] + 1:
                 raise BatchRejected("entries of %s are not consecutive" % entry["origin"], entry["origin"])
-            run.append(entry)
+            run.append((entry, text))
         return runs
 
     def _verify_run(self, origin, run, head):
-        if not isinstance(head, dict) or head.get("seq") != run[-1]["seq"]:
+        """``run``: [(entry, its data_text)] of ``origin``, consecutive."""
+        if not isinstance(head, dict) or head.get("seq") != run[-1][0]["seq"]:
             raise BatchRejected("the head of %s is not its last entry" % origin, origin)
         have, prev = self.chain.head(origin)
-        first = run[0]["seq"]
+        first = run[0][0]["seq"]
         if first > have + 1:
             return []  # a gap that the next SYNC fills
         if first <= have:  # held entries must be the very same: a replay cannot alter them
@@ -2427,8 +2476,7 @@ class BatchVerifier:
             if prev is None:
                 raise BatchRejected("no chain held for %s" % origin, origin)
         out = []
-        for entry in run:
-            text = data_text(entry["data"])
+        for entry, text in run:
             prev = entry_hash(prev, entry, text)
             if entry["seq"] > have:
                 out.append((entry, prev, None, text))
@@ -2437,7 +2485,7 @@ class BatchVerifier:
                                     % (origin, entry["seq"]), origin)
         if not out:
             return []
-        self._check_head(origin, run[-1]["seq"], prev, head, self._key(origin, head.get("key")))
+        self._check_head(origin, run[-1][0]["seq"], prev, head, self._key(origin, head.get("key")))
         self._check_owners(origin, out)
         out[-1] = out[-1][:2] + (bytes.fromhex(head["sig"]), out[-1][3])
         return out
@@ -2468,8 +2516,12 @@ class BatchVerifier:
 
     @staticmethod
     def _check_owners(origin, items):
+        owners = {}  # conversation id -> its owner: a run writes to few conversations
         for entry, _digest, _sig, _text in items:
-            owner = bound_owner(entry["conversation_id"])
+            conversation_id = entry["conversation_id"]
+            if conversation_id not in owners:
+                owners[conversation_id] = bound_owner(conversation_id)
+            owner = owners[conversation_id]
             if owner is not None and owner != origin:
                 what = "deletes" if entry["kind"] == "conversation" and entry["data"]["deleted"] else "writes to"
                 raise BatchRejected("%s %s conversation %s of %s" % (origin, what, entry["conversation_id"], owner),
@@ -2488,7 +2540,7 @@ class SignedBatches:
         if key is not None:
             database.write(self._chain.remember_key, key.node_id, key.public)
 
-    def missing(self, vector, max_bytes=1 << 20, max_entries=500):
+    def missing(self, vector, max_bytes=1 << 20, max_entries=MAX_FRAME_ENTRIES):
         """The FILE: payload answering a SYNC: ``vector``."""
         return self._chain.signed_batch(self._log, vector, max_bytes, max_entries)
 
@@ -2952,7 +3004,7 @@ class Store(StorePages):
         """{origin: n} where this store holds seqs 1..n of origin's public log."""
         return self._log.version_vector()
 
-    def entries_missing(self, their_vector, max_bytes=1 << 20, max_entries=500):
+    def entries_missing(self, their_vector, max_bytes=1 << 20, max_entries=MAX_FRAME_ENTRIES):
         """(entries, more): public entries past their_vector; see EntryLog."""
         return self._log.entries_missing(their_vector, max_bytes, max_entries)
 
@@ -4668,7 +4720,7 @@ class SyncWorker:
     """
 
     batch_bytes = 1 * MiB
-    batch_entries = 500
+    batch_entries = MAX_FRAME_ENTRIES  # the most a FILE: frame may hold: fewer transactions per catch-up
     answer_gap = 0.2  # seconds between two answers to one peer
     max_wait = 5.0  # the longest the worker sleeps: a queued job or SYNC: wakes it sooner
     fresh_for = 1.0  # seconds a pushed entry is left out of SYNC: answers: its push is on the way
@@ -4898,15 +4950,22 @@ class SyncWorker:
 
 
 def publish_entries(events, entries):
-    """Tell the page what changed: one event per new message or conversation change."""
+    """Tell the page what changed: one event per conversation change, and one per conversation
+    for its new messages (the last of them), not one per message: a catch-up brings a thousand
+    at once, and the page reloads a conversation whatever the count (an SSE client's queue holds
+    at most EventBus.max_pending events)."""
+    last_messages = collections.OrderedDict()  # conversation id -> its last new message here
     for entry in entries:
         if entry.get("kind") == "message":
-            events.publish("message", {"conversation_id": entry["conversation_id"], "origin": entry["origin"],
-                                       "seq": entry["seq"], "role": entry["data"].get("role")})
+            last_messages.pop(entry["conversation_id"], None)
+            last_messages[entry["conversation_id"]] = entry
         else:
             events.publish("conversation", {"conversation_id": entry["conversation_id"],
                                             "deleted": bool(entry["data"].get("deleted")),
                                             "private": bool(entry["data"].get("private"))})
+    for entry in last_messages.values():
+        events.publish("message", {"conversation_id": entry["conversation_id"], "origin": entry["origin"],
+                                   "seq": entry["seq"], "role": entry["data"].get("role")})
 
 
 ###############################################################################
