@@ -5735,7 +5735,7 @@ class RelayCall:
                 if self._connection is not None:
                     self._connection.close()
                 self._connection = None
-                if connection is not reused or self._aborted.is_set():
+                if reused is None or connection is not reused or self._aborted.is_set():
                     raise _UpstreamRefused("%s did not answer: %s" % (name, type(exc).__name__))
         if response.status != 200:
             try:
