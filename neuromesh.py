@@ -5652,9 +5652,18 @@ class RelayResponse:
         except http.client.HTTPException as exc:  # a bad chunk, a body cut short
             raise ConnectionError("the relay's answer broke off: %s" % type(exc).__name__) from exc
 
-    def cut(self):
-        """Shut the socket: a read under way ends at once."""
-        cut_socket(self._connection.sock)
+    def finish(self, timeout, limit=64 * 1024):
+        """Read the body's end (at most ``limit`` bytes, for at most about ``timeout`` s)."""
+        connection = self._connection
+        if connection is None or connection.sock is None:
+            return
+        try:
+            connection.sock.settimeout(timeout)
+            while limit > 0 and not self._response.isclosed():
+                limit -= len(self._response.read1(limit) or b"x")
+            connection.sock.settimeout(self._connections.read_timeout)
+        except (OSError, http.client.HTTPException):
+            pass
 
     def close(self):
         connection, self._connection = self._connection, None
@@ -5675,47 +5684,93 @@ def cut_socket(sock):
         pass
 
 
-class RelayCall:
-    """One chat sent to a peer's relay, posted and read on a helper thread, so the chat waiting
-    for it gives up at once when the peer goes down: a frozen peer would otherwise hold the
-    read for ``Backend.read_timeout`` (300 s). ``lines(cancel)`` yields the answer's lines and
-    raises requests.ConnectionError after ``abort()``, or once the peer's mesh link is silent
-    for the peer timeout while no line comes (its host froze); ``close()`` when done with it."""
+class RelayWatch:
+    """The one thread that watches the relay calls under way, every ``RelayCall.poll`` seconds:
+    it cuts a call whose chat was cancelled, and aborts one whose peer's mesh link fell silent
+    while no line came (its host froze). It runs only while calls are under way."""
 
-    poll = 0.1  # seconds between looks at abort and cancel while no line arrives
-    settle = 1.0  # at most this long, close() after the last line lets the reader finish the body
+    def __init__(self):
+        self._calls = set()
+        self._lock = threading.Lock()
+        self._running = False
+
+    def add(self, call):
+        with self._lock:
+            self._calls.add(call)
+            if self._running:
+                return
+            self._running = True
+        threading.Thread(target=self._watch, name="neuromesh-relay-watch", daemon=True).start()
+
+    def discard(self, call):
+        with self._lock:
+            self._calls.discard(call)
+
+    def _watch(self):
+        while True:
+            time.sleep(RelayCall.poll)
+            with self._lock:
+                calls = list(self._calls)
+                if not calls:
+                    self._running = False
+                    return
+            for call in calls:
+                call.check()
+
+
+class RelayCall:
+    """One chat sent to a peer's relay, posted and read on the chat's own thread (a thread hop
+    per line would cost the first token about a millisecond). It gives up at once when the peer
+    goes down: ``abort()`` shuts the socket, so a frozen peer does not hold the read for
+    ``Backend.read_timeout`` (300 s). ``lines(cancel)`` yields the answer's lines and raises
+    requests.ConnectionError after ``abort()``, or once the peer's mesh link is silent for the
+    peer timeout while no line comes (RelayWatch looks); ``close()`` when done with it."""
+
+    poll = 0.1  # seconds between looks at cancel and a silent link while no line arrives
+    settle = 1.0  # at most this long, close() after the last line reads the body's end
 
     _LAST_LINE = (b'"done": true', b'"done":true')  # the relay's final line (RelayApi._done_line)
 
     def __init__(self, backend, body, headers):
         self.backend = backend
-        self._lines = queue.Queue(256)
+        self._body, self._headers = body, headers
         self._aborted = threading.Event()
-        self._closed = threading.Event()
-        self._last_line = threading.Event()  # the answer's final line was read
-        self._finished = threading.Event()   # the reader is done with the response
+        self._cancel = None
+        self._last_line = False  # the answer's final line was read
+        self._heard = time.monotonic()  # when the last line (or the call's start) was
         self._response = None
-        self._connection = None  # the one the chat is posted on, cut by abort()
-        threading.Thread(target=self._read, args=(body, headers), name="neuromesh-relay",
-                         daemon=True).start()
+        self._connection = None  # the one the chat is posted on
+        self._socket = None  # its socket, cut by abort()
 
-    def _read(self, body, headers):
+    def lines(self, cancel):
+        self._cancel = cancel
+        RELAY_WATCH.add(self)
         try:
-            self._response = self._post(json.dumps(body).encode("utf-8"), headers)
+            if self._aborted.is_set():
+                raise requests.ConnectionError("%s went down" % self.backend.node_name)
+            self._response = self._post(json.dumps(self._body).encode("utf-8"), self._headers)
             for line in iter_lines_live(self._response):
+                self._heard = time.monotonic()
                 if any(mark in line for mark in self._LAST_LINE):
-                    self._last_line.set()
-                if not self._hand(("line", line)):
+                    self._last_line = True
+                if cancel is not None and cancel.is_set():
                     return
-            self._hand(("end", None))
-        except Exception as exc:  # the chat thread raises it
-            self._hand(("error", exc))
+                yield line
+        except (requests.RequestException, _UpstreamRefused):
+            if cancel is not None and cancel.is_set():
+                return
+            if self._aborted.is_set():
+                raise requests.ConnectionError("%s went down" % self.backend.node_name)
+            raise
         finally:
-            if self._response is not None:
-                self._response.close()  # a body read to its end gives its connection back
-            elif self._connection is not None:
-                self._connection.close()
-            self._finished.set()
+            RELAY_WATCH.discard(self)
+
+    def check(self):
+        """RelayWatch's look: cut a cancelled call; abort one whose host froze."""
+        if self._cancel is not None and self._cancel.is_set():
+            self._cut()
+        elif time.monotonic() - self._heard > self.poll and self.backend.link_silent():
+            self.abort()  # its host froze: go on elsewhere now
 
     def _post(self, payload, headers):
         """The relay's answer once its status line came (_UpstreamRefused when it is not 200).
@@ -5726,6 +5781,7 @@ class RelayCall:
         for connection in ([reused] if reused else []) + [None]:
             try:
                 self._connection = connection = connection or connections.open()
+                self._socket = connection.sock  # http.client lets go of it for a reply that closes
                 if self._aborted.is_set():
                     cut_socket(connection.sock)
                 connection.request("POST", RELAY_PATH, body=payload, headers=headers)
@@ -5750,47 +5806,28 @@ class RelayCall:
                                    status=response.status)
         return RelayResponse(connections, connection, response)
 
-    def _hand(self, item):
-        while not (self._closed.is_set() or self._aborted.is_set()):
-            try:
-                self._lines.put(item, timeout=self.poll)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def lines(self, cancel):
-        while True:
-            if self._aborted.is_set():
-                raise requests.ConnectionError("%s went down" % self.backend.node_name)
-            if cancel is not None and cancel.is_set():
-                return
-            try:
-                kind, value = self._lines.get(timeout=self.poll)
-            except queue.Empty:
-                if self.backend.link_silent():  # its host froze: go on elsewhere now
-                    self.abort()
-                continue
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
-
     def abort(self):
         """The peer is down: fail the chat now, and cut the post or read under way."""
         self._aborted.set()
-        connection = self._connection
-        if connection is not None:
-            cut_socket(connection.sock)
+        self._cut()
+
+    def _cut(self):
+        cut_socket(self._socket)
 
     def close(self):
-        self._closed.set()
-        if self._last_line.is_set():
-            # The body's end follows the final line at once: once the reader has read it, the
-            # kept-alive connection is back with the backend for the next answer, which would
-            # otherwise open a new one.
-            self._finished.wait(self.settle)
+        RELAY_WATCH.discard(self)
+        response, self._response = self._response, None
+        if response is not None:
+            if self._last_line and not self._aborted.is_set():
+                # The body's end follows the final line at once: read, the kept-alive
+                # connection goes back to the backend for the next answer.
+                response.finish(self.settle)
+            response.close()
+        elif self._connection is not None:
+            self._connection.close()
+
+
+RELAY_WATCH = RelayWatch()
 
 
 def _relay_error_text(body):
