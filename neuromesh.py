@@ -5573,9 +5573,10 @@ def cut_response(response):
 class RelayConnections:
     """Kept-alive HTTP connections to one peer's relay, spoken with ``http.client`` itself:
     requests and urllib3 cost about 0.7 ms of Python per chat before the first token, on the
-    path every relayed answer waits on. ``post()`` sends on an idle connection (a fresh one
-    when none is idle, or the peer closed it meanwhile); ``give_back()`` keeps one whose answer
-    was read to its end; ``close()`` drops the idle ones."""
+    path every relayed answer waits on. ``take()`` is an idle connection the peer still holds
+    open (or None), ``open()`` a fresh one; ``give_back()`` keeps one whose answer was read to
+    its end and left open (waitress 3.0.2 closes after every chunked answer, so today's relays
+    reply on a fresh connection each time); ``close()`` drops the idle ones."""
 
     keep = 8  # idle connections kept: the chats a student runs on one host at once
 
