@@ -5624,6 +5624,10 @@ class RelayConnections:
         except OSError:
             return False
 
+    def idle(self):
+        with self._lock:
+            return len(self._idle)
+
     def give_back(self, connection):
         with self._lock:
             if len(self._idle) < self.keep:

@@ -100,7 +100,7 @@ def test_relayed_chats_share_one_kept_alive_connection(relay):
     first = list(backend._stream("m1", MESSAGES, {}, None))
     second = list(backend._stream("m1", MESSAGES, {}, None))
     assert tokens(first) == "Hello" and first[-1]["type"] == "done" and tokens(second) == "again"
-    assert (server.connections, server.requests) == (1, 2)
+    assert (server.connections, server.requests) == (1, 2) and backend.connections.idle() == 1
     assert server.bodies[0]["messages"] == MESSAGES and server.bodies[0]["model"] == "m1"
 
 
