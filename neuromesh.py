@@ -59,6 +59,7 @@ import ipaddress
 import itertools
 import hashlib
 import hmac
+import http.client
 import json
 import logging
 import mimetypes
@@ -78,6 +79,7 @@ import sys
 import threading
 import time
 import unicodedata
+import urllib.parse
 import uuid
 import webbrowser
 import zipfile
@@ -5627,84 +5629,276 @@ def cut_response(response):
         pass
 
 
-class RelayCall:
-    """One chat sent to a peer's relay, posted and read on a helper thread, so the chat waiting
-    for it gives up at once when the peer goes down: a frozen peer would otherwise hold the
-    read for ``Backend.read_timeout`` (300 s). ``lines(cancel)`` yields the answer's lines and
-    raises requests.ConnectionError after ``abort()``, or once the peer's mesh link is silent
-    for the peer timeout while no line comes (its host froze); ``close()`` when done with it."""
+class RelayConnections:
+    """Kept-alive HTTP connections to one peer's relay, spoken with ``http.client`` itself:
+    requests and urllib3 cost about 0.7 ms of Python per chat before the first token, on the
+    path every relayed answer waits on. ``take()`` is an idle connection the peer still holds
+    open (or None), ``open()`` a fresh one; ``give_back()`` keeps one whose answer was read to
+    its end and left open (waitress 3.0.2 closes after every chunked answer, so today's relays
+    reply on a fresh connection each time); ``close()`` drops the idle ones."""
 
-    poll = 0.1  # seconds between looks at abort and cancel while no line arrives
-    settle = 1.0  # at most this long, close() after the last line lets the reader finish the body
+    keep = 8  # idle connections kept: the chats a student runs on one host at once
+
+    def __init__(self, url, connect_timeout, read_timeout):
+        parts = urllib.parse.urlsplit(url)
+        self.host, self.port = parts.hostname, parts.port or 80
+        self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        self._idle = []
+        self._lock = threading.Lock()
+
+    def open(self):
+        connection = http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
+        try:
+            connection.connect()
+            connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            connection.sock.settimeout(self.read_timeout)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def take(self):
+        """An idle connection the peer still holds open, or None."""
+        while True:
+            with self._lock:
+                connection = self._idle.pop() if self._idle else None
+            if connection is None or self._alive(connection):
+                return connection
+            connection.close()
+
+    def _alive(self, connection):
+        """An idle connection has nothing to read: a byte or its end means the peer closed it."""
+        sock = connection.sock
+        if sock is None:
+            return False
+        try:
+            sock.setblocking(False)
+            try:
+                sock.recv(1, socket.MSG_PEEK)
+                return False
+            except BlockingIOError:
+                return True
+            finally:
+                sock.settimeout(self.read_timeout)
+        except OSError:
+            return False
+
+    def idle(self):
+        with self._lock:
+            return len(self._idle)
+
+    def give_back(self, connection):
+        with self._lock:
+            if len(self._idle) < self.keep:
+                self._idle.append(connection)
+                return
+        connection.close()
+
+    def close(self):
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()
+
+
+class RelayResponse:
+    """A relay's streamed answer read straight from ``http.client`` (see RelayConnections).
+    ``raw.read1`` as ``iter_lines_live`` reads it (a broken body raises ConnectionError);
+    ``close()`` gives the connection back once the body was read to its end, else closes it."""
+
+    def __init__(self, connections, connection, response):
+        self.raw = self
+        self._connections, self._connection, self._response = connections, connection, response
+
+    def read1(self, size):
+        try:
+            return self._response.read1(size)
+        except http.client.HTTPException as exc:  # a bad chunk, a body cut short
+            raise ConnectionError("the relay's answer broke off: %s" % type(exc).__name__) from exc
+
+    def finish(self, timeout, limit=64 * 1024):
+        """Read the body's end (at most ``limit`` bytes, for at most about ``timeout`` s)."""
+        connection = self._connection
+        if connection is None or connection.sock is None:
+            return
+        try:
+            connection.sock.settimeout(timeout)
+            while limit > 0 and not self._response.isclosed():
+                limit -= len(self._response.read1(limit) or b"x")
+            connection.sock.settimeout(self._connections.read_timeout)
+        except (OSError, http.client.HTTPException):
+            pass
+
+    def close(self):
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        if self._response.isclosed() and not self._response.will_close:
+            self._connections.give_back(connection)
+        else:
+            self._response.close()
+            connection.close()
+
+
+def cut_socket(sock):
+    try:
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class RelayWatch:
+    """The one thread that watches the relay calls under way, every ``RelayCall.poll`` seconds:
+    it cuts a call whose chat was cancelled, and aborts one whose peer's mesh link fell silent
+    while no line came (its host froze). It runs only while calls are under way."""
+
+    def __init__(self):
+        self._calls = set()
+        self._lock = threading.Lock()
+        self._running = False
+
+    def add(self, call):
+        with self._lock:
+            self._calls.add(call)
+            if self._running:
+                return
+            self._running = True
+        threading.Thread(target=self._watch, name="neuromesh-relay-watch", daemon=True).start()
+
+    def discard(self, call):
+        with self._lock:
+            self._calls.discard(call)
+
+    def _watch(self):
+        while True:
+            time.sleep(RelayCall.poll)
+            with self._lock:
+                calls = list(self._calls)
+                if not calls:
+                    self._running = False
+                    return
+            for call in calls:
+                call.check()
+
+
+class RelayCall:
+    """One chat sent to a peer's relay, posted and read on the chat's own thread (a thread hop
+    per line would cost the first token about a millisecond). It gives up at once when the peer
+    goes down: ``abort()`` shuts the socket, so a frozen peer does not hold the read for
+    ``Backend.read_timeout`` (300 s). ``lines(cancel)`` yields the answer's lines and raises
+    requests.ConnectionError after ``abort()``, or once the peer's mesh link is silent for the
+    peer timeout while no line comes (RelayWatch looks); ``close()`` when done with it."""
+
+    poll = 0.1  # seconds between looks at cancel and a silent link while no line arrives
+    settle = 1.0  # at most this long, close() after the last line reads the body's end
 
     _LAST_LINE = (b'"done": true', b'"done":true')  # the relay's final line (RelayApi._done_line)
 
     def __init__(self, backend, body, headers):
         self.backend = backend
-        self._lines = queue.Queue(256)
+        self._body, self._headers = body, headers
         self._aborted = threading.Event()
-        self._closed = threading.Event()
-        self._last_line = threading.Event()  # the answer's final line was read
-        self._finished = threading.Event()   # the reader is done with the response
+        self._cancel = None
+        self._last_line = False  # the answer's final line was read
+        self._heard = time.monotonic()  # when the last line (or the call's start) was
         self._response = None
-        threading.Thread(target=self._read, args=(body, headers), name="neuromesh-relay",
-                         daemon=True).start()
-
-    def _read(self, body, headers):
-        try:
-            self._response = self.backend._post(RELAY_PATH, body, headers=headers)
-            for line in iter_lines_live(self._response):
-                if any(mark in line for mark in self._LAST_LINE):
-                    self._last_line.set()
-                if not self._hand(("line", line)):
-                    return
-            self._hand(("end", None))
-        except Exception as exc:  # the chat thread raises it
-            self._hand(("error", exc))
-        finally:
-            if self._response is not None:
-                self._response.close()  # a body read to its end gave its connection back already
-            self._finished.set()
-
-    def _hand(self, item):
-        while not (self._closed.is_set() or self._aborted.is_set()):
-            try:
-                self._lines.put(item, timeout=self.poll)
-                return True
-            except queue.Full:
-                continue
-        return False
+        self._connection = None  # the one the chat is posted on
+        self._socket = None  # its socket, cut by abort()
 
     def lines(self, cancel):
-        while True:
+        self._cancel = cancel
+        RELAY_WATCH.add(self)
+        try:
             if self._aborted.is_set():
                 raise requests.ConnectionError("%s went down" % self.backend.node_name)
+            self._response = self._post(json.dumps(self._body).encode("utf-8"), self._headers)
+            for line in iter_lines_live(self._response):
+                self._heard = time.monotonic()
+                if any(mark in line for mark in self._LAST_LINE):
+                    self._last_line = True
+                if cancel is not None and cancel.is_set():
+                    return
+                yield line
+        except (requests.RequestException, _UpstreamRefused):
             if cancel is not None and cancel.is_set():
                 return
+            if self._aborted.is_set():
+                raise requests.ConnectionError("%s went down" % self.backend.node_name)
+            raise
+        finally:
+            RELAY_WATCH.discard(self)
+
+    def check(self):
+        """RelayWatch's look: cut a cancelled call; abort one whose host froze."""
+        if self._cancel is not None and self._cancel.is_set():
+            self._cut()
+        elif time.monotonic() - self._heard > self.poll and self.backend.link_silent():
+            self.abort()  # its host froze: go on elsewhere now
+
+    def _post(self, payload, headers):
+        """The relay's answer once its status line came (_UpstreamRefused when it is not 200).
+        A kept-alive connection the peer closed meanwhile is replaced by a fresh one, once."""
+        connections, name = self.backend.connections, self.backend.node_name
+        headers = dict(headers, **{"Content-Type": "application/json"})
+        reused = connections.take()
+        for connection in ([reused] if reused else []) + [None]:
             try:
-                kind, value = self._lines.get(timeout=self.poll)
-            except queue.Empty:
-                if self.backend.link_silent():  # its host froze: go on elsewhere now
-                    self.abort()
-                continue
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
+                self._connection = connection = connection or connections.open()
+                self._socket = connection.sock  # http.client lets go of it for a reply that closes
+                if self._aborted.is_set():
+                    cut_socket(connection.sock)
+                connection.request("POST", RELAY_PATH, body=payload, headers=headers)
+                response = connection.getresponse()
+                break
+            except (OSError, http.client.HTTPException) as exc:
+                if self._connection is not None:
+                    self._connection.close()
+                self._connection = None
+                if reused is None or connection is not reused or self._aborted.is_set():
+                    raise _UpstreamRefused("%s did not answer: %s" % (name, type(exc).__name__))
+        if response.status != 200:
+            try:
+                text = _relay_error_text(response.read(64 * 1024))
+            except (OSError, http.client.HTTPException):
+                text = "no reason given"
+            self._connection.close()
+            self._connection = None
+            if response.status == 404:
+                raise _UpstreamRefused("%s does not have that model: %s" % (name, text), status=404)
+            raise _UpstreamRefused("%s answered HTTP %d: %s" % (name, response.status, text),
+                                   status=response.status)
+        return RelayResponse(connections, connection, response)
 
     def abort(self):
-        """The peer is down: fail the chat now, and cut the read if it is under way."""
+        """The peer is down: fail the chat now, and cut the post or read under way."""
         self._aborted.set()
-        cut_response(self._response)
+        self._cut()
+
+    def _cut(self):
+        cut_socket(self._socket)
 
     def close(self):
-        self._closed.set()
-        if self._last_line.is_set():
-            # The body's end follows the final line at once: once the reader has read it, the
-            # kept-alive connection is back in the session's pool for the next answer, which
-            # would otherwise open a new one.
-            self._finished.wait(self.settle)
+        RELAY_WATCH.discard(self)
+        response, self._response = self._response, None
+        if response is not None:
+            if self._last_line and not self._aborted.is_set():
+                # The body's end follows the final line at once: read, the kept-alive
+                # connection goes back to the backend for the next answer.
+                response.finish(self.settle)
+            response.close()
+        elif self._connection is not None:
+            self._connection.close()
+
+
+RELAY_WATCH = RelayWatch()
+
+
+def _relay_error_text(body):
+    try:
+        return _error_text(json.loads(body.decode("utf-8", "replace")))
+    except ValueError:
+        return body.decode("utf-8", "replace")[:300]
 
 
 class PeerBackend(Backend):
@@ -5720,6 +5914,7 @@ class PeerBackend(Backend):
         self.token = grant["token"]
         self.peer = peer  # its models are peer.models, kept current by LLMC:
         self.available = True
+        self.connections = RelayConnections(self.url, self.connect_timeout, self.read_timeout)
         self._calls = set()
         self._calls_lock = threading.Lock()
         self._down = False
@@ -5756,6 +5951,7 @@ class PeerBackend(Backend):
             calls = list(self._calls)
         for call in calls:
             call.abort()
+        self.connections.close()
 
     def forward(self, path, body):
         upstream = post_upstream(self, RELAY_FORWARD_PATH, {"path": path, "body": body},
