@@ -6587,13 +6587,15 @@ class _Attempt:
         self.waiting = False
         self.moved = None  # the backend it moves to
         self._next_look = 0.0
+        self._looking = threading.Lock()
 
     def is_set(self):
         if self.cancelled():
             return True
-        if self.waiting and not self.moved and time.monotonic() >= self._next_look:
-            self._next_look = time.monotonic() + self.look_every
-            self.moved = self.elsewhere()
+        with self._looking:  # the chat's thread and RelayWatch both ask; one look counts the move once
+            if self.waiting and not self.moved and time.monotonic() >= self._next_look:
+                self._next_look = time.monotonic() + self.look_every
+                self.moved = self.elsewhere()
         return self.moved is not None
 
     def cancelled(self):
