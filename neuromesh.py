@@ -8966,7 +8966,9 @@ class Node(MeshListener):
             self.http_server.server_close()
             raise
         self._spawn("neuromesh-mesh", self.mesh.serve_forever)
-        self._spawn("neuromesh-http", lambda: self.http_server.serve_forever(poll_interval=0.1))
+        # shutdown() wakes the loop through waitress's trigger, and so does every finished response:
+        # the poll timeout only paces waitress's idle-connection cleanup (its own default is 1 s).
+        self._spawn("neuromesh-http", lambda: self.http_server.serve_forever(poll_interval=1.0))
         self.sync.start()
         self._spawn("neuromesh-housekeeping", self._housekeeping_forever)
         self._write_runtime_file()
