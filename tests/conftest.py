@@ -4,6 +4,7 @@ Network safety: every node started here binds 127.0.0.1 and broadcasts only to
 127.255.255.255 (or runs inside a network namespace the test made itself).
 """
 
+import contextlib
 import datetime
 import json
 import os
@@ -326,6 +327,25 @@ import uuid  # noqa: E402
 from wsgiref.util import setup_testing_defaults  # noqa: E402
 
 import neuromesh  # noqa: E402
+
+
+@contextlib.contextmanager
+def serve_wsgi(app, name):
+    """``app`` served on 127.0.0.1 (a port of its own) by a quiet wsgiref server in a daemon thread
+    named ``name``: a stand-in host for in-process tests. Yields the server (``server_port``)."""
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = make_server("127.0.0.1", 0, app, handler_class=Quiet)
+    threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 class ScriptedBackend(neuromesh.Backend):

@@ -266,10 +266,16 @@ def test_status_escapes_what_peers_say_about_themselves():
 needs_namespaces = pytest.mark.skipif(_can_make_namespaces() is not None, reason=str(_can_make_namespaces()))
 
 
-def nft(namespace, *rules):
-    """Rules in the test's own namespace only (never this machine's firewall)."""
-    for rule in rules:
-        subprocess.run(["ip", "netns", "exec", namespace, "nft"] + rule.split("|"), check=True,
+def drop_in(namespace, *match):
+    """An nftables rule that drops the input ``match`` (words of nft's syntax) in the test's own
+    namespace only (never this machine's firewall); the test is skipped where nft is missing."""
+    if subprocess.run(["sh", "-c", "command -v nft"], capture_output=True).returncode != 0:
+        pytest.skip("needs nft (apt-get install nftables; .ci/run installs it)")
+    for rule in (["add", "table", "inet", "nmtest"],
+                 ["add", "chain", "inet", "nmtest", "input",
+                  "{ type filter hook input priority 0 ; policy accept ; }"],
+                 ["add", "rule", "inet", "nmtest", "input"] + list(match) + ["drop"]):
+        subprocess.run(["ip", "netns", "exec", namespace, "nft"] + rule, check=True,
                        capture_output=True, timeout=20)
 
 
@@ -319,11 +325,7 @@ def test_doctor_in_a_namespace_reports_the_node_of_another_host_as_a_peer(two_ho
 
 @needs_namespaces
 def test_doctor_names_blocked_broadcasts_when_its_network_drops_them(two_hosts, tmp_path):
-    if subprocess.run(["sh", "-c", "command -v nft"], capture_output=True).returncode != 0:
-        pytest.skip("needs nft (apt-get install nftables; .ci/run installs it)")
-    nft(two_hosts.hosts[1], "add|table|inet|nmtest",
-        "add|chain|inet|nmtest|input|{ type filter hook input priority 0 ; policy accept ; }",
-        "add|rule|inet|nmtest|input|meta|pkttype|broadcast|drop")
+    drop_in(two_hosts.hosts[1], "meta", "pkttype", "broadcast")
     result = doctor_in(two_hosts, tmp_path)
     out = result.stdout
     assert result.returncode == 1, out
@@ -338,11 +340,7 @@ def test_doctor_names_blocked_broadcasts_when_its_network_drops_them(two_hosts, 
 
 @needs_namespaces
 def test_doctor_says_which_peer_blocks_its_tcp_port(two_hosts, tmp_path):
-    if subprocess.run(["sh", "-c", "command -v nft"], capture_output=True).returncode != 0:
-        pytest.skip("needs nft (apt-get install nftables; .ci/run installs it)")
-    nft(two_hosts.hosts[0], "add|table|inet|nmtest",
-        "add|chain|inet|nmtest|input|{ type filter hook input priority 0 ; policy accept ; }",
-        "add|rule|inet|nmtest|input|tcp|dport|7878|drop")
+    drop_in(two_hosts.hosts[0], "tcp", "dport", "7878")
     result = doctor_in(two_hosts, tmp_path)
     out = result.stdout
     assert result.returncode == 1, out

@@ -9,7 +9,8 @@ import types
 import pytest
 
 import neuromesh
-from conftest import ScriptedBackend, ScriptedPeerBackend, StubNode, scripted_router, wait_for, wsgi_call
+from conftest import (ScriptedBackend, ScriptedPeerBackend, StubNode, scripted_router, serve_wsgi, wait_for,
+                      wsgi_call)
 
 USER = [{"role": "user", "content": "Hi?"}]
 
@@ -171,20 +172,11 @@ def test_with_one_slot_chats_queue_in_order_and_hear_their_place():
 
 def test_a_token_the_peer_refuses_drops_the_grant_and_asks_again():
     """A host that lost our token (its side of a link went down) answers 401: ask for access anew."""
-    from wsgiref.simple_server import WSGIRequestHandler, make_server
-
     def refuse(_environ, start_response):
         start_response("401 Unauthorized", [("Content-Type", "application/json")])
         return [b'{"error": "no valid LLM access token"}']
 
-    class Quiet(WSGIRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = make_server("127.0.0.1", 0, refuse, handler_class=Quiet)
-    thread = threading.Thread(target=server.serve_forever, name="test-refusing-host", daemon=True)
-    thread.start()
-    try:
+    with serve_wsgi(refuse, "test-refusing-host") as server:
         peer = types.SimpleNamespace(node_id="p" * 32, name="host", models=["m1"], connected=True,
                                      has_llm=True, load={}, rtt_ms=1, address="127.0.0.1", link=None)
         backend = neuromesh.PeerBackend(peer, {"llm_host": "127.0.0.1", "llm_port": server.server_port,
@@ -197,9 +189,6 @@ def test_a_token_the_peer_refuses_drops_the_grant_and_asks_again():
         assert "401" in str(refused.value)
         assert peer.node_id not in router.grants
         assert sent == [(peer.node_id, neuromesh.LLM_REQUEST)]
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_the_openai_stream_goes_on_across_a_failover(tmp_path):
@@ -220,7 +209,6 @@ def test_the_openai_stream_goes_on_across_a_failover(tmp_path):
 def test_a_relay_whose_peer_link_falls_silent_is_continued_elsewhere():
     """A frozen host: its relay sends a word, then nothing, and its mesh link hears nothing for the
     peer timeout. The chat does not wait for the heartbeat to close the link: it goes on elsewhere."""
-    from wsgiref.simple_server import WSGIRequestHandler, make_server
     release = threading.Event()
 
     def frozen_relay(_environ, start_response):
@@ -228,34 +216,26 @@ def test_a_relay_whose_peer_link_falls_silent_is_continued_elsewhere():
         yield b'{"message": {"role": "assistant", "content": "one"}, "done": false}\n'
         release.wait(30)
 
-    class Quiet(WSGIRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = make_server("127.0.0.1", 0, frozen_relay, handler_class=Quiet)
-    thread = threading.Thread(target=server.serve_forever, name="test-frozen-host", daemon=True)
-    thread.start()
-    try:
-        link = types.SimpleNamespace(last_received=time.monotonic())
-        peer = types.SimpleNamespace(node_id="f" * 32, name="frozen", models=["m1"], connected=True, has_llm=True,
-                                     load={}, rtt_ms=1, address="127.0.0.1", link=link)
-        frozen = neuromesh.PeerBackend(peer, {"llm_host": "127.0.0.1", "llm_port": server.server_port,
-                                              "token": "t"})
-        frozen.stall_timeout = 0.5
-        other = ScriptedPeerBackend("other", reply="one two three", continues=True)
-        router = scripted_router(peers=[frozen, other])  # equally idle: the first granted goes first
-        asked_at = time.monotonic()
-        events = list(router.chat("m1", USER))
-        waited = time.monotonic() - asked_at
-        assert "".join(event["content"] for event in events if event["type"] == "token") == "one two three"
-        assert [event["node_name"] for event in events if event["type"] in ("start", "continued")] == \
-            ["frozen", "other"]
-        assert other.asked[0][1][-1] == {"role": "assistant", "content": "one"}
-        assert waited < 10, "found by the link's silence (0.5 s), not the relay's read timeout (300 s)"
-    finally:
-        release.set()
-        server.shutdown()
-        server.server_close()
+    with serve_wsgi(frozen_relay, "test-frozen-host") as server:
+        try:
+            link = types.SimpleNamespace(last_received=time.monotonic())
+            peer = types.SimpleNamespace(node_id="f" * 32, name="frozen", models=["m1"], connected=True,
+                                         has_llm=True, load={}, rtt_ms=1, address="127.0.0.1", link=link)
+            frozen = neuromesh.PeerBackend(peer, {"llm_host": "127.0.0.1", "llm_port": server.server_port,
+                                                  "token": "t"})
+            frozen.stall_timeout = 0.5
+            other = ScriptedPeerBackend("other", reply="one two three", continues=True)
+            router = scripted_router(peers=[frozen, other])  # equally idle: the first granted goes first
+            asked_at = time.monotonic()
+            events = list(router.chat("m1", USER))
+            waited = time.monotonic() - asked_at
+            assert "".join(event["content"] for event in events if event["type"] == "token") == "one two three"
+            assert [event["node_name"] for event in events if event["type"] in ("start", "continued")] == \
+                ["frozen", "other"]
+            assert other.asked[0][1][-1] == {"role": "assistant", "content": "one"}
+            assert waited < 10, "found by the link's silence (0.5 s), not the relay's read timeout (300 s)"
+        finally:
+            release.set()  # the frozen host's worker may end, so the server can shut down
 
 
 def test_a_host_that_takes_over_and_fails_at_once_is_not_named_as_the_author(tmp_path):
