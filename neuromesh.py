@@ -1533,7 +1533,8 @@ def _normal_timestamp(text, what="timestamp") -> str:
 # entry can be skipped without losing the batch.
 
 PRIVATE_SUFFIX = "~private"        # origin suffix of this node's unsynced log
-MAX_CONTENT_BYTES = 256 * 1024     # message text, UTF-8 (local writes too, so peers agree)
+MAX_CONTENT_BYTES = 256 * 1024     # THE message limit: one message's text in UTF-8, at every door (page,
+                                   # Ollama/OpenAI APIs, relay, sync; v0.1.0 peers hold the same)
 MAX_ENTRY_BYTES = 512 * 1024       # a whole entry as JSON; far below --max-message-size
 MAX_SEQ_JUMP = 100000              # a peer's entry may lie at most this far past our prefix
 _MAX_TEXT_BYTES = 1024             # titles, names, senders, host fields
@@ -7369,15 +7370,49 @@ def read_json_body(limit=4 * MiB):
     return body
 
 
-def body_text(body, key, required=False, limit=100000):
+def body_text(body, key, required=False, limit=None):
+    """``body[key]`` as text, or an HTTPFailure; ``limit`` in characters, or None for a message's
+    text (check_message_size)."""
     value = body.get(key)
     if value is None and not required:
         return None
     if not isinstance(value, str) or (required and not value.strip()):
         raise HTTPFailure(400, "%r must be a non-empty string" % key)
+    if limit is None:
+        return check_message_size(value)
     if len(value) > limit:
         raise HTTPFailure(413, "%r is longer than %d characters" % (key, limit))
     return value
+
+
+def check_message_size(text):
+    """``text``, or an HTTPFailure 413 when it is over MAX_CONTENT_BYTES of UTF-8: the one message
+    limit, with one wording, at every door (the store holds synced entries to it as well)."""
+    if len(text) * 4 <= MAX_CONTENT_BYTES:  # short enough whatever it holds
+        return text
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_CONTENT_BYTES:
+        raise HTTPFailure(413, "message is %d bytes, over the limit of %d bytes (%d KiB): shorten it"
+                          % (size, MAX_CONTENT_BYTES, MAX_CONTENT_BYTES // 1024))
+    return text
+
+
+def check_message_sizes(body):
+    """check_message_size on every message of an Ollama/OpenAI chat or generate body, before it
+    is answered or passed on: each of ``messages`` (text, or OpenAI's text parts), ``prompt``
+    (a text, or OpenAI's list of them) and ``system``."""
+    messages = body.get("messages")
+    for item in messages if isinstance(messages, list) else ():
+        content = item.get("content") if isinstance(item, dict) else None
+        if isinstance(content, list):
+            content = "".join(part["text"] for part in content
+                              if isinstance(part, dict) and isinstance(part.get("text"), str))
+        if isinstance(content, str):
+            check_message_size(content)
+    prompt = body.get("prompt")
+    for text in (prompt if isinstance(prompt, list) else [prompt]) + [body.get("system")]:
+        if isinstance(text, str):
+            check_message_size(text)
 
 
 def clean_chat_messages(value):
@@ -7395,7 +7430,7 @@ def clean_chat_messages(value):
             content = ""
         if not isinstance(content, str):
             raise HTTPFailure(400, "message content must be text")
-        messages.append({"role": item["role"], "content": content})
+        messages.append({"role": item["role"], "content": check_message_size(content)})
     return messages
 
 
@@ -7475,7 +7510,8 @@ class ErrorReplies:
     """
 
     api = 2
-    OPENAI_TYPES = {400: "invalid_request_error", 404: "not_found_error", 403: "permission_error"}
+    OPENAI_TYPES = {400: "invalid_request_error", 404: "not_found_error", 403: "permission_error",
+                    413: "invalid_request_error"}
 
     def __init__(self, shape="json", guard=None):
         self.shape = shape  # "json" or "openai"
@@ -7645,11 +7681,17 @@ class Gatekeeper:
 
     OPEN_PAGE_PATHS = ("/", "/api/guest/login", "/api/health")  # and /static/: what a guest needs to log in
     UNSAFE = ("POST", "PUT", "PATCH", "DELETE")
+    # Relayed chats: each requester (the node its relay token names, plus the tag it sends) gets
+    # the clients' --chat-rate (100 a minute); a node, whatever tags it makes up, gets this many
+    # times that (3,200 a minute): a teacher's node relaying for a class of 30 guests, itself and one spare.
+    RELAY_CLASS_SIZE = 32
 
-    def __init__(self, config, door=None):
+    def __init__(self, config, door=None, relay_rate=None, relay_node_rate=None):
         self.config = config
         self.door = door or GuestDoor(config)
         self.chat_rate = RateLimit(config.chat_rate)
+        self.relay_rate = RateLimit(relay_rate or config.chat_rate)
+        self.relay_node_rate = RateLimit(relay_node_rate or self.RELAY_CLASS_SIZE * self.relay_rate.limit)
         self.names = {"localhost", socket.gethostname().lower(), socket.gethostname().lower() + ".local"}
         self._in_flight = collections.Counter()
         self._lock = threading.Lock()
@@ -7733,6 +7775,18 @@ class Gatekeeper:
         if wait:
             raise HTTPFailure(429, "too many chats: at most %d a minute; try again in %d seconds"
                               % (self.config.chat_rate, wait), retry_after=wait)
+
+    def admit_relay(self, requester):
+        """Rate of the chats a peer relays: an HTTPFailure 429 past its node's ceiling or its requester's rate."""
+        wait = self.relay_node_rate.hit(requester.node_id)  # first: a refused node adds no tag keys
+        if wait:
+            raise HTTPFailure(429, "too many relayed chats from your node: at most %d a minute for all its "
+                              "users together; try again in %d seconds" % (self.relay_node_rate.limit, wait),
+                              retry_after=wait)
+        wait = self.relay_rate.hit(requester.key)
+        if wait:
+            raise HTTPFailure(429, "too many relayed chats from one user of your node: at most %d a minute; "
+                              "try again in %d seconds" % (self.relay_rate.limit, wait), retry_after=wait)
 
     def wrap(self, app):
         """WSGI middleware: at most --max-requests-per-address requests in progress per other machine."""
@@ -8204,6 +8258,7 @@ class OllamaApi(HttpApi):
         body = read_json_body(MAX_FORWARD_BODY)
         if isinstance(body.get("message"), str) and "messages" not in body and "model" not in body:
             return self._seed_chat(body)
+        check_message_sizes(body)
         messages = body.get("messages")
         if any(body.get(key) for key in self.PASSED_CHAT) or not messages or (isinstance(messages, list) and any(
                 isinstance(m, dict) and (m.get("images") or m.get("tool_calls") or m.get("role") == "tool")
@@ -8213,6 +8268,7 @@ class OllamaApi(HttpApi):
 
     def post_generate(self):
         body = read_json_body(MAX_FORWARD_BODY)
+        check_message_sizes(body)
         if any(body.get(key) for key in self.PASSED_GENERATE) or not body.get("prompt"):
             return self.passed(body)
         prompt = body.get("prompt") or ""
@@ -8307,6 +8363,7 @@ class OpenAIApi(HttpApi):
 
     def post_chat(self):
         body = read_json_body(MAX_FORWARD_BODY)
+        check_message_sizes(body)
         if OpenAIShapes.is_structured(body):
             return OpenAIShapes(self).structured(body)
         messages = clean_chat_messages(body.get("messages"))
@@ -8334,6 +8391,7 @@ class OpenAIApi(HttpApi):
             prompt = prompt[0]
         if not isinstance(prompt, str):
             raise HTTPFailure(400, "prompt must be a string (or a list of one string)")
+        check_message_size(prompt)
         model, options, include_usage = self._request(body)
         self.admit_chat()
         first, events = self.chat.begin(model, [{"role": "user", "content": prompt}], options,
@@ -8512,12 +8570,14 @@ class RelayApi(HttpApi):
             raise HTTPFailure(401, "no valid LLM access token: ask for access over the mesh link (LREQ:)")
         return holder
 
-    def _admit(self):
-        """503 while the owner paused sharing (the peer's router places the chat elsewhere), or
-        when --max-queued chats already wait here."""
+    def _admit(self, requester):
+        """503 while the owner paused sharing (the peer's router places the chat elsewhere), 429
+        past the requester's or its node's rate (Gatekeeper.admit_relay), 503 when --max-queued
+        chats already wait here."""
         if self.node.router.policy.paused:
             raise HTTPFailure(503, "%s paused sharing its LLM for now: the chat goes to another host"
                               % self.node.name, retry_after=30)
+        self.gate.admit_relay(requester)
         self.chat.admit()
 
     def post_forward(self):
@@ -8530,10 +8590,11 @@ class RelayApi(HttpApi):
             return MeshInfo(self.node.router).local(path)
         if path not in FORWARD_PATHS:
             raise HTTPFailure(404, "the relay does not carry %s" % safe_text(path, 80))
+        check_message_sizes(inner)
+        requester = self.requester_of(holder, body)
         if path in SLOT_PATHS:
-            self._admit()
-        return pass_on(mesh_call(self.node.router, path, inner, local_only=True,
-                                 requester=self.requester_of(holder, body)))
+            self._admit(requester)
+        return pass_on(mesh_call(self.node.router, path, inner, local_only=True, requester=requester))
 
     @staticmethod
     def requester_of(holder, body):
@@ -8546,9 +8607,9 @@ class RelayApi(HttpApi):
         messages = clean_chat_messages(body.get("messages"))
         model = body.get("model") if isinstance(body.get("model"), str) else None
         options = body.get("options") if isinstance(body.get("options"), dict) else {}
-        self._admit()
-        events = self.chat.stream(model, messages, options, local_only=True,
-                                  requester=self.requester_of(holder, body))
+        requester = self.requester_of(holder, body)
+        self._admit(requester)
+        events = self.chat.stream(model, messages, options, local_only=True, requester=requester)
         bottle.response.content_type = "application/x-ndjson"
         return ndjson(translate(events, {"queued": self._queued_line, "token": self._token_line,
                                          "done": self._done_line, "error": self._error_line}))
