@@ -9,7 +9,8 @@
 
   const $ = (selector) => document.querySelector(selector);
   const SVG_NS = "http://www.w3.org/2000/svg";
-  const MAX_CHARS = 100000;
+  const MAX_BYTES = 262144; // a message's limit in bytes of UTF-8: the node's MAX_CONTENT_BYTES (256 KiB)
+  const UTF8 = new TextEncoder();
 
   /** An element: h("a", {href: "#", class: "x", onclick: fn}, "text", child, ...). */
   function h(tag, props, ...children) {
@@ -1167,12 +1168,13 @@
 
   function updateComposer() {
     const value = ui.prompt.value;
-    ui.charCount.textContent = value.length + " / " + MAX_CHARS;
-    ui.charCount.classList.toggle("near-limit", value.length > MAX_CHARS * 0.9);
+    const size = UTF8.encode(value).length;
+    ui.charCount.textContent = size + " / " + MAX_BYTES;
+    ui.charCount.classList.toggle("near-limit", size > MAX_BYTES * 0.9);
     const streaming = Boolean(state.stream);
     renderOfflineNotice();
     const offline = state.started && !state.live && state.eventsOpened;
-    ui.send.disabled = streaming || !value.trim() || offline;
+    ui.send.disabled = streaming || !value.trim() || offline || size > MAX_BYTES;
     ui.send.hidden = streaming;
     ui.stop.hidden = !streaming;
     const noLlm = state.models !== null && llmHostCount() === 0;

@@ -218,7 +218,7 @@ def test_a_question_streams_in_and_names_the_node_that_answered(pages, mesh):
     prompt.press("Shift+Enter")  # a new line, not a send
     prompt.press_sequentially("lines")
     expect(prompt).to_have_value("two\nlines")
-    expect(page.locator("#char-count")).to_have_text("9 / 100000")
+    expect(page.locator("#char-count")).to_have_text("9 / 262144")
     expect(page.locator("#messages .message")).to_have_count(0)
     question = "How do the computers of this room find each other?"
     ask(page, question)

@@ -6,6 +6,8 @@ refused; a message at the limit is accepted everywhere. The texts are two-byte c
 so a count of characters would let the over-limit one through.
 """
 
+import os
+
 import pytest
 
 import neuromesh
@@ -105,3 +107,12 @@ def test_a_synced_entry_over_the_limit_is_refused_and_one_at_it_is_kept():
     assert [m["content"] for m in target.get_conversation(conversation)["messages"]] == [AT_LIMIT]
     source.close()
     target.close()
+
+
+def test_the_page_counts_and_limits_bytes_with_the_same_number():
+    with open(os.path.join(neuromesh.STATIC_DIR, "app.js"), encoding="utf-8") as handle:
+        script = handle.read()
+    with open(os.path.join(neuromesh.STATIC_DIR, "index.html"), encoding="utf-8") as handle:
+        page = handle.read()
+    assert "const MAX_BYTES = %d;" % LIMIT in script and "TextEncoder" in script
+    assert 'maxlength="%d"' % LIMIT in page and "0 / %d<" % LIMIT in page
