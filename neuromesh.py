@@ -497,7 +497,8 @@ SETTINGS = {
     "allow_public": (parse_bool, "accept peers and announcements from public (non-private) addresses"),
     "guests": (parse_bool, "let browser-only devices of the room (phones, Chromebooks) use the chat page "
                            "after they enter the room code (default: this computer only)"),
-    "chat_rate": (parse_count, "chats a minute one guest or LAN client may start (default: 100)"),
+    "chat_rate": (parse_count, "chats a minute one guest, LAN client or peer's user may start; a peer node "
+                               "32 times that (default: 100)"),
     "max_queued": (parse_count, "chats that may wait for an LLM on this node; more get 503 (default: 64)"),
     "max_requests_per_address": (parse_count, "HTTP requests one other machine may have in progress at "
                                               "once (default: 32)"),
