@@ -7676,8 +7676,9 @@ class Gatekeeper:
     """Decides, for each request, who is asking and whether they may (the ``guard`` of ErrorReplies).
 
     ``check(kind)`` raises HTTPFailure or records the Client in the WSGI environ; ``kind`` is
-    "page", "llm" or "relay". Also WSGI middleware (``wrap``) that caps the requests one
-    other machine has in progress at once.
+    "page", "llm" or "relay". ``admit_chat()`` and ``admit_relay(requester)`` hold chats to
+    their rates (429). Also WSGI middleware (``wrap``) that caps the requests one other
+    machine has in progress at once.
     """
 
     OPEN_PAGE_PATHS = ("/", "/api/guest/login", "/api/health")  # and /static/: what a guest needs to log in
