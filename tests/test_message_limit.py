@@ -9,6 +9,7 @@ so a count of characters would let the over-limit one through.
 import os
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import neuromesh
 from conftest import OTHER_MACHINE, StubNode, scripted_router, wsgi_call
@@ -116,3 +117,21 @@ def test_the_page_counts_and_limits_bytes_with_the_same_number():
         page = handle.read()
     assert "const MAX_BYTES = %d;" % LIMIT in script and "TextEncoder" in script
     assert 'maxlength="%d"' % LIMIT in page and "0 / %d<" % LIMIT in page
+
+
+TEXTS = st.sampled_from(["", "hi", AT_LIMIT, OVER, "\ud800" * (LIMIT // 3 + 1)]) | st.text(max_size=8)
+LEAVES = st.none() | st.booleans() | st.integers() | TEXTS
+PARTS = st.lists(st.dictionaries(st.sampled_from(["type", "text"]), LEAVES, max_size=2) | LEAVES, max_size=3)
+MESSAGES = st.lists(st.dictionaries(st.sampled_from(["role", "content"]), LEAVES | PARTS, max_size=2) | LEAVES,
+                    max_size=3)
+BODIES = st.fixed_dictionaries({}, optional={"messages": MESSAGES | LEAVES, "prompt": LEAVES | st.lists(LEAVES),
+                                             "system": LEAVES})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=BODIES)
+def test_any_body_passes_the_size_check_or_gets_the_413(body):
+    try:
+        neuromesh.check_message_sizes(body)
+    except neuromesh.HTTPFailure as exc:
+        assert exc.status == 413 and str(exc).startswith("message is ") and str(exc).endswith("shorten it")
