@@ -504,8 +504,8 @@ SETTINGS = {
     "max_requests_per_address": (parse_count, "HTTP requests one other machine may have in progress at "
                                               "once (default: 32)"),
     "http_idle_timeout": (parse_seconds, "seconds before an idle HTTP connection is closed (default: 30)"),
-    "http_request_deadline": (parse_seconds, "seconds another machine has to send a whole HTTP request, "
-                                             "headers and body; a never-finished one is closed (default: 20)"),
+    "http_request_deadline": (parse_seconds, "seconds a client has to send a whole HTTP request, headers "
+                                             "and body; a never-finished one is closed (default: 20)"),
     "max_connections_per_address": (parse_count, "HTTP connections one other machine may hold open; more "
                                                  "are closed at once, and this computer always finds room "
                                                  "(default: 128)"),
@@ -7283,23 +7283,24 @@ class GatedWSGIServer(waitress.server.TcpWSGIServer):
     """waitress's TCP server with a gate at accept and a deadline for receiving a request.
 
     Another machine may hold ``per_address`` connections, and all other machines together the
-    connection limit less ``loopback_reserve``, so this computer's own page always finds room;
-    a connection past either is reset as soon as it is accepted. A request whose headers and
+    connection limit less a share kept for ``is_owner(host)`` (loopback: this computer's page
+    and tools), so the owner always finds room; a connection past either is reset as soon as
+    it is accepted. A request whose headers and
     body are not all in ``request_deadline`` seconds after its first byte is closed, however
     steadily it trickles; a request being answered (a stream may last minutes) is never timed.
 
     Methods for the caller: ``connection_closed(host)`` (from the channel).
-    Class variables: ``accepts_per_wake``, ``loopback_share``, ``warn_every``.
+    Class variables: ``accepts_per_wake``, ``owner_share``, ``warn_every``.
     """
 
     channel_class = GatedChannel
     accepts_per_wake = 64  # drain a flood's backlog quickly, so the owner's connect waits little
-    loopback_share = 8     # this computer keeps 1/8 of the connection limit (at most 200)
+    owner_share = 8        # the owner keeps 1/8 of the connection limit (at most 200) to itself
     warn_every = 60.0
 
-    def __init__(self, app, sock, dispatcher, adj, request_deadline, per_address, map):
-        self.request_deadline, self.per_address = request_deadline, per_address
-        self.stranger_limit = adj.connection_limit - 2 - min(200, adj.connection_limit // self.loopback_share)
+    def __init__(self, app, sock, dispatcher, adj, request_deadline, per_address, is_owner, map):
+        self.request_deadline, self.per_address, self.is_owner = request_deadline, per_address, is_owner
+        self.stranger_limit = adj.connection_limit - 2 - min(200, adj.connection_limit // self.owner_share)
         self.held, self.strangers, self.warned = collections.Counter(), 0, {}
         waitress.server.TcpWSGIServer.__init__(
             self, app, map, True, sock, dispatcher=dispatcher, adj=adj, bind_socket=False,
@@ -7317,8 +7318,11 @@ class GatedWSGIServer(waitress.server.TcpWSGIServer):
                 return
             conn, addr = pair
             if not self._admit(addr[0]):
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                conn.close()  # a reset, and no TIME_WAIT kept for it here
+                try:  # a reset, and no TIME_WAIT kept for it here
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                except OSError:
+                    pass
+                conn.close()
                 continue
             try:
                 self.channel_class(self, conn, addr, self.adj, map=self._map)
@@ -7326,26 +7330,30 @@ class GatedWSGIServer(waitress.server.TcpWSGIServer):
                 conn.close()
                 continue
             self.held[addr[0]] += 1
-            self.strangers += not is_loopback(addr[0])
+            self.strangers += not self.is_owner(addr[0])
 
     def _admit(self, host):
-        if is_loopback(host):
+        if self.is_owner(host):
             return True
         if self.held[host] < self.per_address and self.strangers < self.stranger_limit:
             return True
         now = time.time()
         if now - self.warned.get(host, 0) > self.warn_every:
             self.warned[host] = now
-            log.warning("%s holds %d HTTP connections (all other machines %d): refusing more from it; "
-                        "raise --max-connections-per-address if a school proxy carries many devices",
-                        safe_text(host, 60), self.held[host], self.strangers)
+            if self.held[host] >= self.per_address:
+                log.warning("%s holds %d HTTP connections, the most one machine may: refusing more (raise "
+                            "--max-connections-per-address if it is a proxy for many devices)",
+                            safe_text(host, 60), self.held[host])
+            else:
+                log.warning("other machines hold %d HTTP connections, all but the share kept for this "
+                            "computer: refusing %s", self.strangers, safe_text(host, 60))
         return False
 
     def connection_closed(self, host):
         self.held[host] -= 1
         if self.held[host] <= 0:
             del self.held[host]
-        self.strangers -= not is_loopback(host)
+        self.strangers -= not self.is_owner(host)
 
     def maintenance(self, now):
         """Close connections idle past the idle timeout, or slower than the request deadline."""
@@ -7377,7 +7385,8 @@ class HTTPServer:
     """
 
     def __init__(self, host, port, app, threads=96, connection_limit=256, idle_timeout=30,
-                 max_body=4 * MiB, backlog=128, max_header=64 * 1024, request_deadline=20, per_address=128):
+                 max_body=4 * MiB, backlog=128, max_header=64 * 1024, request_deadline=20, per_address=128,
+                 is_owner=None):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -7404,7 +7413,8 @@ class HTTPServer:
             clear_untrusted_proxy_headers=True)
         dispatcher = waitress.server.ThreadedTaskDispatcher()
         dispatcher.set_thread_count(threads)
-        self._server = GatedWSGIServer(app, sock, dispatcher, adj, request_deadline, per_address, self._map)
+        self._server = GatedWSGIServer(app, sock, dispatcher, adj, request_deadline, per_address,
+                                       is_owner or is_loopback, self._map)
 
     def serve_forever(self, poll_interval=0.5):
         self._stopped.clear()
