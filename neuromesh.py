@@ -7385,7 +7385,7 @@ class HTTPServer:
     """
 
     def __init__(self, host, port, app, threads=96, connection_limit=256, idle_timeout=30,
-                 max_body=4 * MiB, backlog=128, max_header=64 * 1024, request_deadline=20, per_address=128,
+                 max_body=4 * MiB, backlog=2048, max_header=64 * 1024, request_deadline=20, per_address=128,
                  is_owner=None):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -7406,7 +7406,8 @@ class HTTPServer:
         adj = waitress.server.Adjustments(
             sockets=[sock], threads=threads,
             connection_limit=connection_limit + 2,  # waitress counts its listener and wake-up pipe
-            backlog=backlog, channel_timeout=idle_timeout, cleanup_interval=1,
+            backlog=backlog,  # a connect burst queues in the kernel: a full queue drops the owner's SYN too (1 s retry)
+            channel_timeout=idle_timeout, cleanup_interval=1,
             max_request_body_size=max_body, max_request_header_size=max_header,
             asyncore_use_poll=True,  # select() breaks past fd 1024
             outbuf_high_watermark=4 * MiB, ident="NeuroMesh", expose_tracebacks=False,
