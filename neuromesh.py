@@ -7272,6 +7272,10 @@ class GatedChannel(waitress.server.HTTPChannel):
             self.request_began = time.time()
         return waitress.server.HTTPChannel.received(self, data)
 
+    def service(self):
+        waitress.server.HTTPChannel.service(self)
+        self.request_began = time.time()  # a request read ahead in the same packet: its time starts now
+
     def del_channel(self, map=None):
         counted = self._fileno in self.server.active_channels
         waitress.server.HTTPChannel.del_channel(self, map)
@@ -7285,9 +7289,9 @@ class GatedWSGIServer(waitress.server.TcpWSGIServer):
     Another machine may hold ``per_address`` connections, and all other machines together the
     connection limit less a share kept for ``is_owner(host)`` (loopback: this computer's page
     and tools), so the owner always finds room; a connection past either is reset as soon as
-    it is accepted. A request whose headers and
-    body are not all in ``request_deadline`` seconds after its first byte is closed, however
-    steadily it trickles; a request being answered (a stream may last minutes) is never timed.
+    it is accepted. A request whose headers and body are not all in ``request_deadline``
+    seconds after its first byte is closed, however steadily it trickles; a connection whose
+    request is being answered (a stream may last minutes) is never timed.
 
     Methods for the caller: ``connection_closed(host)`` (from the channel).
     Class variables: ``accepts_per_wake``, ``owner_share``, ``warn_every``.

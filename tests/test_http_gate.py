@@ -7,6 +7,7 @@ The in-process tests run on loopback, with 127.0.0.2.. playing other machines; t
 runs a node with default flags and a stranger in network namespaces the test makes itself.
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -27,7 +28,7 @@ PARTIAL = b"GET /health HTTP/1.1\r\nHost: node\r\nX-Slow: "
 
 
 def tiny_app(environ, start_response):
-    """/health answers at once; /stream is an SSE answer of 8 events, one every 0.4 s."""
+    """/health answers at once, /slow?SECONDS after that long; /stream is an SSE answer of 8 events, one every 0.4 s."""
     if environ["PATH_INFO"] == "/stream":
         start_response("200 OK", [("Content-Type", "text/event-stream")])
 
@@ -36,12 +37,14 @@ def tiny_app(environ, start_response):
                 yield b"data: %d\n\n" % index
                 time.sleep(0.4)
         return events()
+    if environ["PATH_INFO"] == "/slow":
+        time.sleep(float(environ["QUERY_STRING"]))
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
     return [b"ok"]
 
 
-@pytest.fixture
-def gated():
+@contextlib.contextmanager
+def gated_server(request_deadline):
     """An HTTPServer on 127.0.0.1 whose owner is 127.0.0.1 only: 127.0.0.x are other machines."""
     try:
         probe = socket.socket()
@@ -50,13 +53,22 @@ def gated():
     except OSError:
         pytest.skip("this system routes only 127.0.0.1 to loopback (no 127.0.0.2 to play a stranger)")
     server = neuromesh.HTTPServer("127.0.0.1", 0, tiny_app, threads=8, connection_limit=64, idle_timeout=30,
-                                  request_deadline=1.5, per_address=8, is_owner=lambda host: host == "127.0.0.1")
+                                  request_deadline=request_deadline, per_address=8,
+                                  is_owner=lambda host: host == "127.0.0.1")
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="gated-http",
                               daemon=True)
     thread.start()
-    yield server
-    server.shutdown()
-    thread.join(5)
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        thread.join(5)
+
+
+@pytest.fixture
+def gated():
+    with gated_server(request_deadline=1.5) as server:
+        yield server
 
 
 def connect_from(source, port):
@@ -169,6 +181,32 @@ def test_a_slow_streamed_answer_outlives_the_request_deadline(gated):
     finally:
         stream.close()
         slow.close()
+
+
+def test_a_request_read_ahead_behind_a_slow_answer_gets_its_own_deadline():
+    """Pipelined: a second request begun in the packet of a first whose answer takes 3.2 s
+    (past the 3 s deadline) has the whole deadline from the end of that answer on."""
+    with gated_server(request_deadline=3.0) as server:
+        sock = connect_from("127.0.0.2", server.server_port)
+        try:
+            sock.sendall(b"GET /slow?3.2 HTTP/1.1\r\nHost: node\r\n\r\nGET /health HTTP/1.1\r\nHost: node\r\n")
+            sock.settimeout(10)
+            first = b""
+            while not first.endswith(b"ok"):
+                chunk = sock.recv(4096)
+                assert chunk, "closed before the first answer"
+                first += chunk
+            time.sleep(1.6)  # past a maintenance round (1 s), well inside the second request's own deadline
+            sock.sendall(b"Connection: close\r\n\r\n")
+            second = b""
+            while True:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                second += chunk
+            assert second.startswith(b"HTTP/1.1 200 ") and second.endswith(b"ok"), second
+        finally:
+            sock.close()
 
 
 # -- the attack, in network namespaces -------------------------------------------------------------
