@@ -7323,7 +7323,8 @@ class GatedWSGIServer(waitress.server.TcpWSGIServer):
             conn, addr = pair
             if not self._admit(addr[0]):
                 try:  # a reset, and no TIME_WAIT kept for it here
-                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    linger = struct.pack("HH" if os.name == "nt" else "ii", 1, 0)  # Windows: two u_shorts
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
                 except OSError:
                     pass
                 conn.close()
