@@ -149,6 +149,8 @@ DEFAULTS = {
     "max_queued": 64,
     "max_requests_per_address": 32,
     "http_idle_timeout": 30.0,
+    "http_request_deadline": 20.0,
+    "max_connections_per_address": 128,
     "share_slots": None,
     "requester_weight": {},
     "max_links": 24,
@@ -502,8 +504,12 @@ SETTINGS = {
     "max_queued": (parse_count, "chats that may wait for an LLM on this node; more get 503 (default: 64)"),
     "max_requests_per_address": (parse_count, "HTTP requests one other machine may have in progress at "
                                               "once (default: 32)"),
-    "http_idle_timeout": (parse_seconds, "seconds before an idle or never-finished HTTP connection is "
-                                         "closed (default: 30)"),
+    "http_idle_timeout": (parse_seconds, "seconds before an idle HTTP connection is closed (default: 30)"),
+    "http_request_deadline": (parse_seconds, "seconds a client has to send a whole HTTP request, headers "
+                                             "and body; a never-finished one is closed (default: 20)"),
+    "max_connections_per_address": (parse_count, "HTTP connections one other machine may hold open; more "
+                                                 "are closed at once, and this computer always finds room "
+                                                 "(default: 128)"),
     "max_links": (parse_count, "peer links this node keeps at most, besides one to each LLM host; a bigger "
                                "room is linked by a random, well-connected subset (default: 24, at least 4)"),
     "openai_key": (str, "API key of the --openai-url server(s) (default: NEUROMESH_OPENAI_KEY, else "
@@ -552,6 +558,8 @@ class Config:
     max_queued: int = DEFAULTS["max_queued"]
     max_requests_per_address: int = DEFAULTS["max_requests_per_address"]
     http_idle_timeout: float = DEFAULTS["http_idle_timeout"]
+    http_request_deadline: float = DEFAULTS["http_request_deadline"]
+    max_connections_per_address: int = DEFAULTS["max_connections_per_address"]
     max_links: int = DEFAULTS["max_links"]
     openai_key: str = dataclasses.field(default=None, repr=False)
     share_slots: int = None
@@ -7255,12 +7263,125 @@ CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 
                            "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 
 
+class GatedChannel(waitress.server.HTTPChannel):
+    """A waitress connection that notes when its current request began to arrive (for the
+    server's request deadline) and tells its server when it closes (for the per-address count)."""
+
+    request_began = 0.0
+
+    def received(self, data):
+        if self.request is None:  # the first bytes of a new request
+            self.request_began = time.time()
+        return waitress.server.HTTPChannel.received(self, data)
+
+    def service(self):
+        waitress.server.HTTPChannel.service(self)
+        self.request_began = time.time()  # a request read ahead in the same packet: its time starts now
+
+    def del_channel(self, map=None):
+        counted = self._fileno in self.server.active_channels
+        waitress.server.HTTPChannel.del_channel(self, map)
+        if counted:
+            self.server.connection_closed(self.addr[0])
+
+
+class GatedWSGIServer(waitress.server.TcpWSGIServer):
+    """waitress's TCP server with a gate at accept and a deadline for receiving a request.
+
+    Another machine may hold ``per_address`` connections, and all other machines together the
+    connection limit less a share kept for ``is_owner(host)`` (loopback: this computer's page
+    and tools), so the owner always finds room; a connection past either is reset as soon as
+    it is accepted. A request whose headers and body are not all in ``request_deadline``
+    seconds after its first byte is closed, however steadily it trickles; a connection whose
+    request is being answered (a stream may last minutes) is never timed.
+
+    Methods for the caller: ``connection_closed(host)`` (from the channel).
+    Class variables: ``accepts_per_wake``, ``owner_share``, ``warn_every``.
+    """
+
+    channel_class = GatedChannel
+    accepts_per_wake = 64  # drain a flood's backlog quickly, so the owner's connect waits little
+    owner_share = 8        # the owner keeps 1/8 of the connection limit (at most 200) to itself
+    warn_every = 60.0
+
+    def __init__(self, app, sock, dispatcher, adj, request_deadline, per_address, is_owner, map):
+        self.request_deadline, self.per_address, self.is_owner = request_deadline, per_address, is_owner
+        self.stranger_limit = adj.connection_limit - 2 - min(200, adj.connection_limit // self.owner_share)
+        self.held, self.strangers, self.warned = collections.Counter(), 0, {}
+        waitress.server.TcpWSGIServer.__init__(
+            self, app, map, True, sock, dispatcher=dispatcher, adj=adj, bind_socket=False,
+            sockinfo=(sock.family, sock.type, sock.proto, sock.getsockname()))
+
+    def handle_accept(self):
+        for _ in range(self.accepts_per_wake):
+            if len(self._map) >= self.adj.connection_limit:
+                return
+            try:
+                pair = self.accept()
+            except OSError:  # EMFILE, or a connection already gone: the next wake tries again
+                return
+            if pair is None:
+                return
+            conn, addr = pair
+            if not self._admit(addr[0]):
+                try:  # a reset, and no TIME_WAIT kept for it here
+                    linger = struct.pack("HH" if os.name == "nt" else "ii", 1, 0)  # Windows: two u_shorts
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                except OSError:
+                    pass
+                conn.close()
+                continue
+            try:
+                self.channel_class(self, conn, addr, self.adj, map=self._map)
+            except OSError:
+                conn.close()
+                continue
+            self.held[addr[0]] += 1
+            self.strangers += not self.is_owner(addr[0])
+
+    def _admit(self, host):
+        if self.is_owner(host):
+            return True
+        if self.held[host] < self.per_address and self.strangers < self.stranger_limit:
+            return True
+        now = time.time()
+        if now - self.warned.get(host, 0) > self.warn_every:
+            self.warned[host] = now
+            if self.held[host] >= self.per_address:
+                log.warning("%s holds %d HTTP connections, the most one machine may: refusing more (raise "
+                            "--max-connections-per-address if it is a proxy for many devices)",
+                            safe_text(host, 60), self.held[host])
+            else:
+                log.warning("other machines hold %d HTTP connections, all but the share kept for this "
+                            "computer: refusing %s", self.strangers, safe_text(host, 60))
+        return False
+
+    def connection_closed(self, host):
+        self.held[host] -= 1
+        if self.held[host] <= 0:
+            del self.held[host]
+        self.strangers -= not self.is_owner(host)
+
+    def maintenance(self, now):
+        """Close connections idle past the idle timeout, or slower than the request deadline."""
+        idle_since, late_since = now - self.adj.channel_timeout, now - self.request_deadline
+        for channel in list(self.active_channels.values()):
+            if channel.requests:  # being answered
+                continue
+            if channel.last_activity < idle_since or (
+                    channel.request is not None and channel.request_began < late_since):
+                channel.handle_close()  # at once: will_close waits for a writable socket
+        self.warned = {host: at for host, at in self.warned.items() if now - at <= self.warn_every}
+
+
 class HTTPServer:
     """A WSGI app served by waitress, with the limits a classroom node needs.
 
     waitress reads and parses every request on one non-blocking poll() loop, so an idle,
-    half-sent or garbage connection costs a file descriptor but no thread, and is closed
-    after ``idle_timeout``; only complete, valid requests reach the ``threads`` workers. It
+    half-sent or garbage connection costs a file descriptor but no thread; it is closed after
+    ``idle_timeout`` idle, or ``request_deadline`` after its request began however steadily it
+    trickles, and another machine holds at most ``per_address`` of them (GatedWSGIServer).
+    Only complete, valid requests reach the ``threads`` workers. It
     answers a bad Content-Length with 400 and a body (chunked or not) over ``max_body`` with
     413 before the app runs. A streamed response (SSE, NDJSON) holds its worker until it
     ends, so ``threads`` covers every long-lived stream plus the short requests beside them.
@@ -7271,7 +7392,8 @@ class HTTPServer:
     """
 
     def __init__(self, host, port, app, threads=96, connection_limit=256, idle_timeout=30,
-                 max_body=4 * MiB, backlog=128, max_header=64 * 1024):
+                 max_body=4 * MiB, backlog=2048, max_header=64 * 1024, request_deadline=20, per_address=128,
+                 is_owner=None):
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -7288,14 +7410,19 @@ class HTTPServer:
         self._stopping, self._stopped = threading.Event(), threading.Event()
         self._stopped.set()
         self._closed = False
-        self._server = waitress.server.create_server(
-            app, map=self._map, sockets=[sock], threads=threads,
+        adj = waitress.server.Adjustments(
+            sockets=[sock], threads=threads,
             connection_limit=connection_limit + 2,  # waitress counts its listener and wake-up pipe
-            backlog=backlog, channel_timeout=idle_timeout, cleanup_interval=max(1, int(idle_timeout // 4)),
+            backlog=backlog,  # a connect burst queues in the kernel: a full queue drops the owner's SYN too (1 s retry)
+            channel_timeout=idle_timeout, cleanup_interval=1,
             max_request_body_size=max_body, max_request_header_size=max_header,
             asyncore_use_poll=True,  # select() breaks past fd 1024
             outbuf_high_watermark=4 * MiB, ident="NeuroMesh", expose_tracebacks=False,
             clear_untrusted_proxy_headers=True)
+        dispatcher = waitress.server.ThreadedTaskDispatcher()
+        dispatcher.set_thread_count(threads)
+        self._server = GatedWSGIServer(app, sock, dispatcher, adj, request_deadline, per_address,
+                                       is_owner or is_loopback, self._map)
 
     def serve_forever(self, poll_interval=0.5):
         self._stopped.clear()
@@ -9007,6 +9134,8 @@ class Node(MeshListener):
         try:
             self.http_server = HTTPServer(self.config.host, self.config.http_port, build_app(self),
                                           idle_timeout=self.config.http_idle_timeout,
+                                          request_deadline=self.config.http_request_deadline,
+                                          per_address=self.config.max_connections_per_address,
                                           connection_limit=http_connection_limit())
         except OSError as exc:
             if exc.errno in (errno.EADDRINUSE, errno.EACCES):
