@@ -872,12 +872,14 @@ _CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure
 
 
 def data_text(data):
-    """The canonical text of an entry's cleaned data: sorted, compact JSON."""
+    """The canonical text of an entry's data as it came (sorted, compact JSON): what its hash
+    covers, so fields a node does not know are kept and forwarded. Data this version writes is
+    already clean, so its text is what earlier versions hash too."""
     return _CANONICAL_JSON.encode(data)
 
 
 def entry_hash(prev, entry, text):
-    """The chain hash through a cleaned ``entry`` (``text`` its data_text) after ``prev``. Its six
+    """The chain hash through a checked ``entry`` (``text`` its data_text) after ``prev``. Its six
     validated fields cannot hold a newline, so one a line is unambiguous."""
     fields = "%s\n%d\n%s\n%s\n%s\n%s\n" % (entry["origin"], entry["seq"], entry["kind"],
                                             entry["conversation_id"], entry["timestamp"], entry["uid"])
@@ -1602,6 +1604,9 @@ def _clean_message_data(data):
             **_message_marks(data)}
 
 
+_MESSAGE_FIELDS = frozenset(("role", "content", "sender", "host_info", "model", "answered_by", "answered_by_name",
+                             "tokens_per_second"))  # always in what _clean_message_data returns
+_MESSAGE_MARKS = _MESSAGE_FIELDS | {"answered_by_hosts", "cut_off", "replaces", "waited_s", "original_timestamp"}
 MAX_ANSWER_HOSTS = 16  # hosts one answer was continued on (each takes over after a failure)
 
 
@@ -1673,7 +1678,8 @@ def _clean_conversation_data(data):
 
 
 def _clean_entry(raw):
-    """A peer's entry checked and normalized, or ValueError saying what is wrong."""
+    """A peer's entry checked (its data kept as it came, see data_text), or ValueError saying
+    what is wrong."""
     return _clean_entry_text(raw)[0]
 
 
@@ -1683,17 +1689,23 @@ _ENTRY_WRAPPER_BYTES = len(json.dumps({"origin": "", "seq": 0, "kind": "", "conv
                                        "timestamp": "", "uid": "", "data": 0})) - 2
 
 
-def _default_separator_bytes(value):
-    """The bytes json.dumps's default separators (", " and ": ") add over the compact ones."""
+MAX_DATA_DEPTH = 16  # lists and objects in an entry's data (this version's nest 3 deep)
+
+
+def _default_separator_bytes(value, depth=MAX_DATA_DEPTH):
+    """The bytes json.dumps's default separators (", " and ": ") add over the compact ones;
+    ValueError when ``value`` nests deeper than ``depth`` (fields this version does not know)."""
     if isinstance(value, dict):
         count, items = max(2 * len(value) - 1, 0), value.values()
     elif isinstance(value, list):
         count, items = max(len(value) - 1, 0), value
     else:
         return 0
+    if depth <= 0:
+        raise ValueError("data nests deeper than %d levels" % MAX_DATA_DEPTH)
     for item in items:
         if isinstance(item, (dict, list)):  # most values are scalars: no call for them
-            count += _default_separator_bytes(item)
+            count += _default_separator_bytes(item, depth - 1)
     return count
 
 
@@ -1707,10 +1719,11 @@ def _clean_entry_text(raw):
     if type(seq) is not int or not 0 < seq < 1 << 62:
         raise ValueError("seq is not a positive integer")
     kind = raw.get("kind")
+    data = raw.get("data")
     if kind == "message":
-        data = _clean_message_data(raw.get("data"))
+        _clean_message_data(data)  # known fields are checked; the data is kept as it came
     elif kind == "conversation":
-        data = _clean_conversation_data(raw.get("data"))
+        _clean_conversation_data(data)
     else:
         raise ValueError("kind is not 'message' or 'conversation'")
     uid = raw.get("uid")
@@ -1723,17 +1736,25 @@ def _clean_entry_text(raw):
              "conversation_id": _ident(raw.get("conversation_id"), "conversation_id"),
              "timestamp": _normal_timestamp(raw.get("timestamp")),
              "uid": uid, "data": data}
+    separators = _default_separator_bytes(data)  # first: it bounds the nesting data_text walks
     text = data_text(data)
-    if _entry_bytes(entry, text) > MAX_ENTRY_BYTES:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate in a field this version does not know
+            raise ValueError("data is not valid Unicode") from None
+    if _entry_bytes(entry, text, separators) > MAX_ENTRY_BYTES:
         raise ValueError("entry is larger than %d bytes" % MAX_ENTRY_BYTES)
     return entry, text
 
 
-def _entry_bytes(entry, text):
+def _entry_bytes(entry, text, separators=None):
     """len(json.dumps(entry, ensure_ascii=False).encode("utf-8")) of a cleaned ``entry`` whose
     data_text is ``text``, without encoding it again."""
     size = len(text) if text.isascii() else len(text.encode("utf-8"))
-    return (size + _default_separator_bytes(entry["data"]) + _ENTRY_WRAPPER_BYTES + len(entry["origin"])
+    if separators is None:
+        separators = _default_separator_bytes(entry["data"])
+    return (size + separators + _ENTRY_WRAPPER_BYTES + len(entry["origin"])
             + len(str(entry["seq"])) + len(entry["kind"]) + len(entry["conversation_id"])
             + len(entry["timestamp"]) + len(entry["uid"]))
 
@@ -2294,7 +2315,8 @@ class EntryLog:
     def _apply_snapshot(self, entry, local):
         """Fold a conversation entry into the conversations table.
         False when refused: only the conversation's owner may change it."""
-        cid, origin, data = entry["conversation_id"], entry["origin"], entry["data"]
+        cid, origin = entry["conversation_id"], entry["origin"]
+        data = _clean_conversation_data(entry["data"])  # the fields this version knows
         row = self.conversation_row(cid)
         state = (origin, entry["seq"], data["title"], int(data["private"]),
                  int(data["deleted"]), data["created_at"], data["origin_name"],
@@ -2939,7 +2961,10 @@ class Store(StorePages):
         message = {"id": entry["uid"], "origin": entry["origin"], "seq": entry["seq"],
                    "conversation_id": entry["conversation_id"],
                    "timestamp": entry["timestamp"]}
-        message.update(entry["data"])
+        data = entry["data"]
+        if not _MESSAGE_FIELDS <= data.keys() <= _MESSAGE_MARKS:  # a newer version's fields: show ours
+            data = _clean_message_data(data)
+        message.update(data)
         return message
 
     @staticmethod
