@@ -1787,6 +1787,7 @@ def _owner_of(origin):
 
 
 _ENTRY_COLUMNS = "origin, seq, uid, kind, conversation_id, timestamp, data"
+REFUSED = 2  # entries.duplicate of a peer's entry into a conversation of another owner: never listed
 
 
 class Database:
@@ -2114,10 +2115,10 @@ class EntryLog:
         A catch-up brings runs of hundreds of entries per origin: each run is looked up, inserted
         and advanced with a few statements, not several per entry; conversations are touched once
         per batch. Entries already held, and repeated message ids, are handled as one by one."""
-        stored, new, touched = [], [], {}
+        stored, new, touched, owners = [], [], {}, {}
         for run in self._origin_runs(items):
             stored.extend(entry for entry, _digest, _sig, _text in run)
-            new.extend(self._store_run(run, touched))
+            new.extend(self._store_run(run, touched, owners))
         for conversation_id, timestamp in touched.items():
             self._touch(conversation_id, timestamp)
         return stored, new
@@ -2143,8 +2144,9 @@ class EntryLog:
                 "SELECT uid FROM entries WHERE duplicate = 0 AND uid IN (%s)" % ",".join("?" * len(chunk)), chunk))
         return held
 
-    def _store_run(self, run, touched):
-        """Insert one origin's verified run; returns the entries that took effect."""
+    def _store_run(self, run, touched, owners):
+        """Insert one origin's verified run; returns the entries that took effect. ``owners``:
+        {conversation id: owner} of the batch so far (see _refused)."""
         origin = run[0][0]["origin"]
         seqs = [entry["seq"] for entry, _digest, _sig, _text in run]
         held = {row[0] for row in self._db.execute(
@@ -2155,12 +2157,16 @@ class EntryLog:
             if entry["seq"] in held:
                 continue
             duplicate = entry["uid"] in taken
-            taken.add(entry["uid"])
+            refused = not duplicate and self._refused(entry, owners)
+            if not refused:
+                taken.add(entry["uid"])
             rows.append((origin, entry["seq"], entry["uid"], entry["kind"], entry["conversation_id"],
-                         entry["timestamp"], text, int(duplicate), digest, sig))
+                         entry["timestamp"], text, REFUSED if refused else int(duplicate), digest, sig))
             if duplicate:
                 log.warning("store: entry %s:%d repeats uid %s of a held entry; kept unlisted",
                             origin, entry["seq"], entry["uid"])
+            elif refused:
+                continue
             elif entry["kind"] == "conversation":
                 self._insert_rows(rows)  # the snapshot folds in what came before it
                 rows = []
@@ -2174,6 +2180,35 @@ class EntryLog:
         self._insert_rows(rows)
         self._advance_run(origin, min(seqs))
         return new
+
+    def conversation_owner(self, conversation_id):
+        row = self.conversation_row(conversation_id)
+        return row["owner"] if row is not None else None
+
+    def _owner_held(self, conversation_id):
+        """The owner of a conversation as this node holds it: its row's, else the writer of the
+        entries held in it (messages may come before their conversation); None if none is held."""
+        row = self._db.execute("SELECT owner FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+        if row is None:
+            row = self._db.execute("SELECT origin FROM entries WHERE conversation_id = ? AND duplicate = 0"
+                                   " LIMIT 1", (conversation_id,)).fetchone()
+            return _owner_of(row[0]) if row else None
+        return row[0]
+
+    def _refused(self, entry, owners):
+        """Whether a peer's entry writes into a conversation of another owner: the id names it
+        (bound_owner), or this node holds it. A plain id (of an import by v0.1.0, or from before
+        node keys) keeps the owner held here; its first writer owns a new one. A refused entry
+        keeps its log slot (REFUSED), so the chain stays whole and is forwarded for others to judge."""
+        cid, writer = entry["conversation_id"], _owner_of(entry["origin"])
+        if cid not in owners:
+            owners[cid] = bound_owner(cid) or self._owner_held(cid) or writer
+        if owners[cid] == writer:
+            return False
+        log_limited(logging.WARNING, ("refused", entry["origin"]),
+                    "store: refused %s:%d: it %s conversation %s of %s (kept unlisted)", entry["origin"],
+                    entry["seq"], "changes" if entry["kind"] == "conversation" else "writes to", cid, owners[cid])
+        return True
 
     def _insert_rows(self, rows):
         if rows:
@@ -2705,6 +2740,17 @@ class Store(StorePages):
         self._log = EntryLog(self._db, key)
         self._log.drop_implausible()    # a log poisoned before MAX_SEQ_JUMP existed
         self.batches = SignedBatches(self._db, self._log, key)
+        if key is not None:
+            self._write(self._sign_unsigned)
+
+    def _sign_unsigned(self):
+        # Own shared conversations whose newest snapshot lies in a log no key signs (written
+        # before node keys): a signed snapshot each, once, so every peer learns their owner
+        # before anyone else can claim their plain ids. Their time stays, and with it their place.
+        rows = self._db.execute("SELECT * FROM conversations WHERE owner = ? AND private = 0 AND state_origin"
+                                " NOT IN (SELECT origin FROM keys)", (self.node_id,)).fetchall()
+        for row in rows:
+            self._append(self.node_id, "conversation", row["id"], self._state(row), timestamp=row["updated_at"])
 
     def close(self):
         self._db.close()
@@ -2980,6 +3026,10 @@ class Store(StorePages):
         """A record plus "messages" in timestamp order, or None if the
         conversation is unknown, deleted, or a peer's private one."""
         return self._db.read(self._get, conversation_id)
+
+    def owner_of(self, conversation_id):
+        """The node id owning a conversation held here, deleted ones too; None when none is held."""
+        return self._db.read(self._log.conversation_owner, conversation_id)
 
     def get_conversation_record(self, conversation_id):
         """Like get_conversation without the messages: as cheap for a long conversation as for
@@ -3285,7 +3335,7 @@ class SeedFiles:
             listed = seed_file["conversations"].get(exported_id)
             listed = listed if isinstance(listed, dict) else {}
             key = "import/%s/%s" % (self.store.node_id, relative) if exported_id is None else "import/" + exported_id
-            conversation_id = str(uuid.uuid5(_UUID_NAMESPACE, key))
+            conversation_id = self._conversation_id(uuid.uuid5(_UUID_NAMESPACE, key))
             label = peer if exported_id is None or peer is None else (listed.get("peer") or peer)
             result.append({
                 "id": conversation_id, "peer_label": label if isinstance(label, str) else peer,
@@ -3296,6 +3346,13 @@ class SeedFiles:
                 "ids": [{"id": message_id} for *_rest, message_id in messages if message_id],
                 "exported": exported_id is not None})
         return result
+
+    def _conversation_id(self, derived):
+        """The id of an imported conversation: bound to this node (see bound_owner), so no one
+        can claim it first; the plain id earlier versions gave it when this node holds that."""
+        if self.store.owner_of(str(derived)) == self.store.node_id:
+            return str(derived)
+        return "%s.%s" % (self.store.node_id, derived.hex)
 
 
 ###############################################################################
