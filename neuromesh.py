@@ -40,7 +40,7 @@ A synced message: LinkIO reads a frame -> FrameDecoder (MAC checked) -> Mesh.lin
 origin) and stored -> EventBus -> the page's SSE.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __license__ = "MIT"
 
 PROTOCOL_VERSION = 3  # 2: the key proof (HI!!:, AUTH:) and sealed frames; 3: node keys, signed logs
@@ -3586,6 +3586,7 @@ class Peer:
             "has_llm": self.has_llm, "models": list(self.models), "load": dict(self.load),
             "queue": dict(self.queue), "loaded": list(self.loaded), "tokens_per_second": self.tokens_per_second,
             "version": self.version, "last_seen": self.last_seen,
+            "outdated": bool(self.version) and version_key(self.version) < version_key(__version__),
             "rtt_ms": None if finite_or_none(self.rtt_ms, 3600000.0) is None else round(self.rtt_ms, 3),
         }
 
@@ -3612,6 +3613,24 @@ class Peer:
             rate = finite_or_none(info["tokens_per_second"], 1e6)
             self.tokens_per_second = rate if rate is not None and rate >= 0 else None
         self.last_seen = time.time()
+
+
+_VERSION_NOTICES = LogOnce(interval=float("inf"))  # once a process per peer: an upgrade is a person's job
+
+
+def tell_versions(peer):
+    """Log once which of this node and a linked ``peer`` should be upgraded, when they differ."""
+    theirs = (peer.protocol_version, version_key(peer.version))
+    ours = (PROTOCOL_VERSION, version_key(__version__))
+    if not peer.version or theirs == ours:
+        return
+    name = safe_text(peer.name or peer.node_id[:8])
+    if theirs < ours:
+        _VERSION_NOTICES.log(logging.WARNING, peer.node_id, "%s runs an older NeuroMesh (%s): upgrade it",
+                             name, safe_text(peer.version, 20))
+    else:
+        _VERSION_NOTICES.log(logging.WARNING, peer.node_id, "%s runs a newer NeuroMesh (%s): upgrade this"
+                             " computer (it runs %s)", name, safe_text(peer.version, 20), __version__)
 
 
 class PeerTable(dict):
@@ -4599,6 +4618,7 @@ class Mesh:
         self.io.queue(link, encode_frame(PING, {"t": time.monotonic()}))
         if current is None:
             log.info("linked to %s (%s:%d)", safe_text(peer.name), peer.address, peer.tcp_port)
+            tell_versions(peer)
             self._send_peer_exchange()
             self._trim_links(node_id)
         else:  # what the retired link still held unsent is lost: the peer hears our links again
