@@ -2,15 +2,18 @@
 from before node keys, and ids an insider could compute before their owner uses them. The
 insider has the room code and its own key, and sends correctly signed batches.
 
-Network safety: no sockets; every node is an in-process store."""
+Network safety: in-process stores, and loopback only (127.0.0.0/8) for the live nodes (the
+cluster fixture)."""
 
 import json
+import subprocess
+import sys
 import uuid
 
 import pytest
 
 import neuromesh as nm
-from conftest import keyed_store, make_entry, signed_run, write_schema1_data_dir
+from conftest import ROOT, SCRIPT, fully_linked, keyed_store, make_entry, signed_run, wait_for, write_schema1_data_dir
 
 
 def sync(source, target):
@@ -167,3 +170,29 @@ def test_the_id_of_a_future_import_cannot_be_claimed_first(room, tmp_path):
     assert record["own"] and not record["deleted"] and len(record["messages"]) == 2
     sync(a, c)
     assert c.get_conversation(bound)["origin"] == a.node_id
+
+
+def test_both_doors_refuse_a_write_into_an_imported_conversation(cluster, linked_peer, tmp_path):
+    """The issue's room: a imported a file, c holds it; an insider linked to c tries the sync
+    door, and c's page tries the HTTP door. Both refuse, and a's own page still shows only a's."""
+    imported = subprocess.run([sys.executable, SCRIPT, "--data-dir", str(tmp_path / "a"), "import",
+                               str(write_seed(tmp_path / "seed"))], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert imported.returncode == 0 and "1 conversations, 2 messages" in imported.stdout + imported.stderr, imported
+    a = cluster.start("a", data_dir=tmp_path / "a")
+    c = cluster.start("c")
+    wait_for(lambda: fully_linked([a, c]), message="a and c linked")
+    cid = a.json("/api/conversations")[0]["id"]
+    wait_for(lambda: len(c.get("/api/conversations/%s" % cid).json().get("messages", [])) == 2,
+             message="a's import on c")
+    insider = Insider()
+    evil = linked_peer(c, name="mallory", key=insider.key)
+    wait_for(lambda: evil.node_id in c.connected_ids(), message="the insider linked to c")
+    evil.send(nm.FILE, insider.batch(cid, "message"))
+    assert evil.closed_by_node(), "c unlinks the insider"
+    refused = c.post("/api/conversations/%s/messages" % cid, json={"content": "from c", "sender": "c",
+                                                                   "answer": False})
+    assert refused.status_code == 403
+    for node in (a, c):
+        record = node.get("/api/conversations/%s" % cid).json()
+        assert [m["content"] for m in record["messages"]] == ["first question", "an answer"]
+        assert record["origin"] == a.node_id and not record["deleted"]
