@@ -163,3 +163,17 @@ def test_the_previous_release_and_this_code_share_a_room(cluster, tmp_path):
     record = [peer for peer in new.peers() if peer["node_id"] == old.node_id][0]
     assert record["outdated"] is True and record["version"] == version
     assert json.dumps(new.peers()).count("outdated") == len(new.peers())
+
+
+def test_a_peer_of_another_version_is_named_once(caplog):
+    newer = nm.Peer(node_id="b" * 32, name="Ben's laptop", version="9.0.0", protocol_version=nm.PROTOCOL_VERSION)
+    older = nm.Peer(node_id="c" * 32, name="Cleo's laptop", version="0.1.0", protocol_version=nm.PROTOCOL_VERSION)
+    same = nm.Peer(node_id="d" * 32, name="Dan's laptop", version=nm.__version__, protocol_version=nm.PROTOCOL_VERSION)
+    with caplog.at_level("WARNING", logger="neuromesh"):
+        for _ in range(3):  # relinks: still one line each
+            for peer in (newer, older, same):
+                nm.tell_versions(peer)
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines == ["Ben's laptop runs a newer NeuroMesh (9.0.0): upgrade this computer (it runs %s)" % nm.__version__,
+                     "Cleo's laptop runs an older NeuroMesh (0.1.0): upgrade it"]
+    assert [peer.to_dict()["outdated"] for peer in (newer, older, same)] == [False, True, False]
