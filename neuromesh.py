@@ -2711,7 +2711,7 @@ class Store(StorePages):
     returns: create_conversation, default_conversation, add_message,
     update_conversation, delete_conversation, import_conversations;
     list_conversations, get_conversation, get_all_conversations,
-    message_count; version_vector, entries_missing, apply_entries, is_shared;
+    message_count, owner_of; version_vector, entries_missing, apply_entries, is_shared;
     close. ``batches`` (SignedBatches) serves and applies signed FILE: payloads.
 
     Attribute to set: on_local_entries, a callable given the list of entries
@@ -3579,6 +3579,10 @@ class Peer:
     def connected(self):
         return self.link is not None
 
+    def release(self):
+        """(protocol version, version key) its HELO told: what it can read, then how new it is."""
+        return self.protocol_version, version_key(self.version)
+
     def to_dict(self):
         return {
             "node_id": self.node_id, "name": self.name, "address": self.address,
@@ -3586,7 +3590,7 @@ class Peer:
             "has_llm": self.has_llm, "models": list(self.models), "load": dict(self.load),
             "queue": dict(self.queue), "loaded": list(self.loaded), "tokens_per_second": self.tokens_per_second,
             "version": self.version, "last_seen": self.last_seen,
-            "outdated": bool(self.version) and version_key(self.version) < version_key(__version__),
+            "outdated": bool(self.version) and self.release() < this_release(),
             "rtt_ms": None if finite_or_none(self.rtt_ms, 3600000.0) is None else round(self.rtt_ms, 3),
         }
 
@@ -3618,14 +3622,16 @@ class Peer:
 _VERSION_NOTICES = LogOnce(interval=float("inf"))  # once a process per peer: an upgrade is a person's job
 
 
+def this_release():
+    return PROTOCOL_VERSION, version_key(__version__)
+
+
 def tell_versions(peer):
     """Log once which of this node and a linked ``peer`` should be upgraded, when they differ."""
-    theirs = (peer.protocol_version, version_key(peer.version))
-    ours = (PROTOCOL_VERSION, version_key(__version__))
-    if not peer.version or theirs == ours:
+    if not peer.version or peer.release() == this_release():
         return
     name = safe_text(peer.name or peer.node_id[:8])
-    if theirs < ours:
+    if peer.release() < this_release():
         _VERSION_NOTICES.log(logging.WARNING, peer.node_id, "%s runs an older NeuroMesh (%s): upgrade it",
                              name, safe_text(peer.version, 20))
     else:
