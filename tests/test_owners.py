@@ -196,3 +196,13 @@ def test_both_doors_refuse_a_write_into_an_imported_conversation(cluster, linked
         record = node.get("/api/conversations/%s" % cid).json()
         assert [m["content"] for m in record["messages"]] == ["first question", "an answer"]
         assert record["origin"] == a.node_id and not record["deleted"]
+
+
+def test_a_file_imported_by_the_previous_version_is_not_imported_again(room, tmp_path, monkeypatch):
+    (a, _), _c = room[0]
+    seed = write_seed(tmp_path / "seed")
+    with monkeypatch.context() as patch:  # v0.1.0's ids: the plain uuid5 of the file
+        patch.setattr(nm.SeedFiles, "_conversation_id", lambda self, derived: str(derived))
+        assert nm.SeedFiles(a).import_layout(str(seed))["messages"] == 2
+    assert nm.SeedFiles(a).import_layout(str(seed)) == {"conversations": 0, "messages": 0, "skipped": 2}
+    assert len(a.list_conversations()) == 1
