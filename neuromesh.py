@@ -40,7 +40,7 @@ A synced message: LinkIO reads a frame -> FrameDecoder (MAC checked) -> Mesh.lin
 origin) and stored -> EventBus -> the page's SSE.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __license__ = "MIT"
 
 PROTOCOL_VERSION = 3  # 2: the key proof (HI!!:, AUTH:) and sealed frames; 3: node keys, signed logs
@@ -881,12 +881,14 @@ _CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure
 
 
 def data_text(data):
-    """The canonical text of an entry's cleaned data: sorted, compact JSON."""
+    """The canonical text of an entry's data as it came (sorted, compact JSON): what its hash
+    covers, so fields a node does not know are kept and forwarded. Data this version writes is
+    already clean, so its text is what earlier versions hash too."""
     return _CANONICAL_JSON.encode(data)
 
 
 def entry_hash(prev, entry, text):
-    """The chain hash through a cleaned ``entry`` (``text`` its data_text) after ``prev``. Its six
+    """The chain hash through a checked ``entry`` (``text`` its data_text) after ``prev``. Its six
     validated fields cannot hold a newline, so one a line is unambiguous."""
     fields = "%s\n%d\n%s\n%s\n%s\n%s\n" % (entry["origin"], entry["seq"], entry["kind"],
                                             entry["conversation_id"], entry["timestamp"], entry["uid"])
@@ -1612,6 +1614,9 @@ def _clean_message_data(data):
             **_message_marks(data)}
 
 
+_MESSAGE_FIELDS = frozenset(("role", "content", "sender", "host_info", "model", "answered_by", "answered_by_name",
+                             "tokens_per_second"))  # always in what _clean_message_data returns
+_MESSAGE_MARKS = _MESSAGE_FIELDS | {"answered_by_hosts", "cut_off", "replaces", "waited_s", "original_timestamp"}
 MAX_ANSWER_HOSTS = 16  # hosts one answer was continued on (each takes over after a failure)
 
 
@@ -1683,7 +1688,8 @@ def _clean_conversation_data(data):
 
 
 def _clean_entry(raw):
-    """A peer's entry checked and normalized, or ValueError saying what is wrong."""
+    """A peer's entry checked (its data kept as it came, see data_text), or ValueError saying
+    what is wrong."""
     return _clean_entry_text(raw)[0]
 
 
@@ -1693,17 +1699,23 @@ _ENTRY_WRAPPER_BYTES = len(json.dumps({"origin": "", "seq": 0, "kind": "", "conv
                                        "timestamp": "", "uid": "", "data": 0})) - 2
 
 
-def _default_separator_bytes(value):
-    """The bytes json.dumps's default separators (", " and ": ") add over the compact ones."""
+MAX_DATA_DEPTH = 16  # lists and objects in an entry's data (this version's nest 3 deep)
+
+
+def _default_separator_bytes(value, depth=MAX_DATA_DEPTH):
+    """The bytes json.dumps's default separators (", " and ": ") add over the compact ones;
+    ValueError when ``value`` nests deeper than ``depth`` (fields this version does not know)."""
     if isinstance(value, dict):
         count, items = max(2 * len(value) - 1, 0), value.values()
     elif isinstance(value, list):
         count, items = max(len(value) - 1, 0), value
     else:
         return 0
+    if depth <= 0:
+        raise ValueError("data nests deeper than %d levels" % MAX_DATA_DEPTH)
     for item in items:
         if isinstance(item, (dict, list)):  # most values are scalars: no call for them
-            count += _default_separator_bytes(item)
+            count += _default_separator_bytes(item, depth - 1)
     return count
 
 
@@ -1717,10 +1729,11 @@ def _clean_entry_text(raw):
     if type(seq) is not int or not 0 < seq < 1 << 62:
         raise ValueError("seq is not a positive integer")
     kind = raw.get("kind")
+    data = raw.get("data")
     if kind == "message":
-        data = _clean_message_data(raw.get("data"))
+        _clean_message_data(data)  # known fields are checked; the data is kept as it came
     elif kind == "conversation":
-        data = _clean_conversation_data(raw.get("data"))
+        _clean_conversation_data(data)
     else:
         raise ValueError("kind is not 'message' or 'conversation'")
     uid = raw.get("uid")
@@ -1733,17 +1746,25 @@ def _clean_entry_text(raw):
              "conversation_id": _ident(raw.get("conversation_id"), "conversation_id"),
              "timestamp": _normal_timestamp(raw.get("timestamp")),
              "uid": uid, "data": data}
+    separators = _default_separator_bytes(data)  # first: it bounds the nesting data_text walks
     text = data_text(data)
-    if _entry_bytes(entry, text) > MAX_ENTRY_BYTES:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate in a field this version does not know
+            raise ValueError("data is not valid Unicode") from None
+    if _entry_bytes(entry, text, separators) > MAX_ENTRY_BYTES:
         raise ValueError("entry is larger than %d bytes" % MAX_ENTRY_BYTES)
     return entry, text
 
 
-def _entry_bytes(entry, text):
+def _entry_bytes(entry, text, separators=None):
     """len(json.dumps(entry, ensure_ascii=False).encode("utf-8")) of a cleaned ``entry`` whose
     data_text is ``text``, without encoding it again."""
     size = len(text) if text.isascii() else len(text.encode("utf-8"))
-    return (size + _default_separator_bytes(entry["data"]) + _ENTRY_WRAPPER_BYTES + len(entry["origin"])
+    if separators is None:
+        separators = _default_separator_bytes(entry["data"])
+    return (size + separators + _ENTRY_WRAPPER_BYTES + len(entry["origin"])
             + len(str(entry["seq"])) + len(entry["kind"]) + len(entry["conversation_id"])
             + len(entry["timestamp"]) + len(entry["uid"]))
 
@@ -1776,6 +1797,7 @@ def _owner_of(origin):
 
 
 _ENTRY_COLUMNS = "origin, seq, uid, kind, conversation_id, timestamp, data"
+REFUSED = 2  # entries.duplicate of a peer's entry into a conversation of another owner: never listed
 
 
 class Database:
@@ -2103,10 +2125,10 @@ class EntryLog:
         A catch-up brings runs of hundreds of entries per origin: each run is looked up, inserted
         and advanced with a few statements, not several per entry; conversations are touched once
         per batch. Entries already held, and repeated message ids, are handled as one by one."""
-        stored, new, touched = [], [], {}
+        stored, new, touched, owners = [], [], {}, {}
         for run in self._origin_runs(items):
             stored.extend(entry for entry, _digest, _sig, _text in run)
-            new.extend(self._store_run(run, touched))
+            new.extend(self._store_run(run, touched, owners))
         for conversation_id, timestamp in touched.items():
             self._touch(conversation_id, timestamp)
         return stored, new
@@ -2132,8 +2154,9 @@ class EntryLog:
                 "SELECT uid FROM entries WHERE duplicate = 0 AND uid IN (%s)" % ",".join("?" * len(chunk)), chunk))
         return held
 
-    def _store_run(self, run, touched):
-        """Insert one origin's verified run; returns the entries that took effect."""
+    def _store_run(self, run, touched, owners):
+        """Insert one origin's verified run; returns the entries that took effect. ``owners``:
+        {conversation id: owner} of the batch so far (see _refused)."""
         origin = run[0][0]["origin"]
         seqs = [entry["seq"] for entry, _digest, _sig, _text in run]
         held = {row[0] for row in self._db.execute(
@@ -2144,12 +2167,16 @@ class EntryLog:
             if entry["seq"] in held:
                 continue
             duplicate = entry["uid"] in taken
-            taken.add(entry["uid"])
+            refused = not duplicate and self._refused(entry, owners)
+            if not refused:
+                taken.add(entry["uid"])
             rows.append((origin, entry["seq"], entry["uid"], entry["kind"], entry["conversation_id"],
-                         entry["timestamp"], text, int(duplicate), digest, sig))
+                         entry["timestamp"], text, REFUSED if refused else int(duplicate), digest, sig))
             if duplicate:
                 log.warning("store: entry %s:%d repeats uid %s of a held entry; kept unlisted",
                             origin, entry["seq"], entry["uid"])
+            elif refused:
+                continue
             elif entry["kind"] == "conversation":
                 self._insert_rows(rows)  # the snapshot folds in what came before it
                 rows = []
@@ -2163,6 +2190,35 @@ class EntryLog:
         self._insert_rows(rows)
         self._advance_run(origin, min(seqs))
         return new
+
+    def conversation_owner(self, conversation_id):
+        row = self.conversation_row(conversation_id)
+        return row["owner"] if row is not None else None
+
+    def _owner_held(self, conversation_id):
+        """The owner of a conversation as this node holds it: its row's, else the writer of the
+        entries held in it (messages may come before their conversation); None if none is held."""
+        row = self._db.execute("SELECT owner FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+        if row is None:
+            row = self._db.execute("SELECT origin FROM entries WHERE conversation_id = ? AND duplicate = 0"
+                                   " LIMIT 1", (conversation_id,)).fetchone()
+            return _owner_of(row[0]) if row else None
+        return row[0]
+
+    def _refused(self, entry, owners):
+        """Whether a peer's entry writes into a conversation of another owner: the id names it
+        (bound_owner), or this node holds it. A plain id (of an import by v0.1.0, or from before
+        node keys) keeps the owner held here; its first writer owns a new one. A refused entry
+        keeps its log slot (REFUSED), so the chain stays whole and is forwarded for others to judge."""
+        cid, writer = entry["conversation_id"], _owner_of(entry["origin"])
+        if cid not in owners:
+            owners[cid] = bound_owner(cid) or self._owner_held(cid) or writer
+        if owners[cid] == writer:
+            return False
+        log_limited(logging.WARNING, ("refused", entry["origin"]),
+                    "store: refused %s:%d: it %s conversation %s of %s (kept unlisted)", entry["origin"],
+                    entry["seq"], "changes" if entry["kind"] == "conversation" else "writes to", cid, owners[cid])
+        return True
 
     def _insert_rows(self, rows):
         if rows:
@@ -2304,7 +2360,8 @@ class EntryLog:
     def _apply_snapshot(self, entry, local):
         """Fold a conversation entry into the conversations table.
         False when refused: only the conversation's owner may change it."""
-        cid, origin, data = entry["conversation_id"], entry["origin"], entry["data"]
+        cid, origin = entry["conversation_id"], entry["origin"]
+        data = _clean_conversation_data(entry["data"])  # the fields this version knows
         row = self.conversation_row(cid)
         state = (origin, entry["seq"], data["title"], int(data["private"]),
                  int(data["deleted"]), data["created_at"], data["origin_name"],
@@ -2664,7 +2721,7 @@ class Store(StorePages):
     returns: create_conversation, default_conversation, add_message,
     update_conversation, delete_conversation, import_conversations;
     list_conversations, get_conversation, get_all_conversations,
-    message_count; version_vector, entries_missing, apply_entries, is_shared;
+    message_count, owner_of; version_vector, entries_missing, apply_entries, is_shared;
     close. ``batches`` (SignedBatches) serves and applies signed FILE: payloads.
 
     Attribute to set: on_local_entries, a callable given the list of entries
@@ -2693,6 +2750,17 @@ class Store(StorePages):
         self._log = EntryLog(self._db, key)
         self._log.drop_implausible()    # a log poisoned before MAX_SEQ_JUMP existed
         self.batches = SignedBatches(self._db, self._log, key)
+        if key is not None:
+            self._write(self._sign_unsigned)
+
+    def _sign_unsigned(self):
+        # Own shared conversations whose newest snapshot lies in a log no key signs (written
+        # before node keys): a signed snapshot each, once, so every peer learns their owner
+        # before anyone else can claim their plain ids. Their time stays, and with it their place.
+        rows = self._db.execute("SELECT * FROM conversations WHERE owner = ? AND private = 0 AND state_origin"
+                                " NOT IN (SELECT origin FROM keys)", (self.node_id,)).fetchall()
+        for row in rows:
+            self._append(self.node_id, "conversation", row["id"], self._state(row), timestamp=row["updated_at"])
 
     def close(self):
         self._db.close()
@@ -2949,7 +3017,10 @@ class Store(StorePages):
         message = {"id": entry["uid"], "origin": entry["origin"], "seq": entry["seq"],
                    "conversation_id": entry["conversation_id"],
                    "timestamp": entry["timestamp"]}
-        message.update(entry["data"])
+        data = entry["data"]
+        if not _MESSAGE_FIELDS <= data.keys() <= _MESSAGE_MARKS:  # a newer version's fields: show ours
+            data = _clean_message_data(data)
+        message.update(data)
         return message
 
     @staticmethod
@@ -2965,6 +3036,10 @@ class Store(StorePages):
         """A record plus "messages" in timestamp order, or None if the
         conversation is unknown, deleted, or a peer's private one."""
         return self._db.read(self._get, conversation_id)
+
+    def owner_of(self, conversation_id):
+        """The node id owning a conversation held here, deleted ones too; None when none is held."""
+        return self._db.read(self._log.conversation_owner, conversation_id)
 
     def get_conversation_record(self, conversation_id):
         """Like get_conversation without the messages: as cheap for a long conversation as for
@@ -3270,7 +3345,7 @@ class SeedFiles:
             listed = seed_file["conversations"].get(exported_id)
             listed = listed if isinstance(listed, dict) else {}
             key = "import/%s/%s" % (self.store.node_id, relative) if exported_id is None else "import/" + exported_id
-            conversation_id = str(uuid.uuid5(_UUID_NAMESPACE, key))
+            conversation_id = self._conversation_id(uuid.uuid5(_UUID_NAMESPACE, key))
             label = peer if exported_id is None or peer is None else (listed.get("peer") or peer)
             result.append({
                 "id": conversation_id, "peer_label": label if isinstance(label, str) else peer,
@@ -3281,6 +3356,13 @@ class SeedFiles:
                 "ids": [{"id": message_id} for *_rest, message_id in messages if message_id],
                 "exported": exported_id is not None})
         return result
+
+    def _conversation_id(self, derived):
+        """The id of an imported conversation: bound to this node (see bound_owner), so no one
+        can claim it first; the plain id earlier versions gave it when this node holds that."""
+        if self.store.owner_of(str(derived)) == self.store.node_id:
+            return str(derived)
+        return "%s.%s" % (self.store.node_id, derived.hex)
 
 
 ###############################################################################
@@ -3507,6 +3589,10 @@ class Peer:
     def connected(self):
         return self.link is not None
 
+    def release(self):
+        """(protocol version, version key) its HELO told: what it can read, then how new it is."""
+        return self.protocol_version, version_key(self.version)
+
     def to_dict(self):
         return {
             "node_id": self.node_id, "name": self.name, "address": self.address,
@@ -3514,6 +3600,7 @@ class Peer:
             "has_llm": self.has_llm, "models": list(self.models), "load": dict(self.load),
             "queue": dict(self.queue), "loaded": list(self.loaded), "tokens_per_second": self.tokens_per_second,
             "version": self.version, "last_seen": self.last_seen,
+            "outdated": bool(self.version) and self.release() < this_release(),
             "rtt_ms": None if finite_or_none(self.rtt_ms, 3600000.0) is None else round(self.rtt_ms, 3),
         }
 
@@ -3540,6 +3627,26 @@ class Peer:
             rate = finite_or_none(info["tokens_per_second"], 1e6)
             self.tokens_per_second = rate if rate is not None and rate >= 0 else None
         self.last_seen = time.time()
+
+
+_VERSION_NOTICES = LogOnce(interval=float("inf"))  # once a process per peer: an upgrade is a person's job
+
+
+def this_release():
+    return PROTOCOL_VERSION, version_key(__version__)
+
+
+def tell_versions(peer):
+    """Log once which of this node and a linked ``peer`` should be upgraded, when they differ."""
+    if not peer.version or peer.release() == this_release():
+        return
+    name = safe_text(peer.name or peer.node_id[:8])
+    if peer.release() < this_release():
+        _VERSION_NOTICES.log(logging.WARNING, peer.node_id, "%s runs an older NeuroMesh (%s): upgrade it",
+                             name, safe_text(peer.version, 20))
+    else:
+        _VERSION_NOTICES.log(logging.WARNING, peer.node_id, "%s runs a newer NeuroMesh (%s): upgrade this"
+                             " computer (it runs %s)", name, safe_text(peer.version, 20), __version__)
 
 
 class PeerTable(dict):
@@ -4527,6 +4634,7 @@ class Mesh:
         self.io.queue(link, encode_frame(PING, {"t": time.monotonic()}))
         if current is None:
             log.info("linked to %s (%s:%d)", safe_text(peer.name), peer.address, peer.tcp_port)
+            tell_versions(peer)
             self._send_peer_exchange()
             self._trim_links(node_id)
         else:  # what the retired link still held unsent is lost: the peer hears our links again
