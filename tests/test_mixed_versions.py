@@ -104,26 +104,28 @@ def test_deep_or_broken_unknown_fields_are_refused_not_raised():
 
 
 def previous_release(tmp_path):
-    """The newest v* tag whose __version__ differs from this code's, as a runnable copy: (tag,
-    its version, path to its neuromesh.py). Skips when git or tags are absent."""
+    """The previous release as a runnable copy: (its name, its version, its protocol, path to its
+    neuromesh.py). The newest v* tag whose __version__ differs from this code's; in a clone
+    without tags, the last commit before __version__ last changed. Skips when git is absent."""
+    def git(*args):
+        return subprocess.run(["git"] + list(args), cwd=ROOT, capture_output=True, timeout=30)
     try:
-        tags = subprocess.run(["git", "tag", "--list", "v*", "--sort=-v:refname"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=30, check=True).stdout.split()
+        tags = git("tag", "--list", "v*", "--sort=-v:refname").stdout.decode().split()
+        bumps = git("log", "--format=%H", "-G", "^__version__ = ", "--", "neuromesh.py").stdout.decode().split()
     except (OSError, subprocess.SubprocessError) as error:
         pytest.skip("git is not available here (%s): the previous release cannot be read" % error)
-    for tag in tags:
-        shown = subprocess.run(["git", "show", "%s:neuromesh.py" % tag], cwd=ROOT, capture_output=True,
-                               timeout=30)
+    for name in tags + [commit + "^" for commit in bumps]:
+        shown = git("show", "%s:neuromesh.py" % name)
         match = re.search(rb'^__version__ = "([^"]+)"', shown.stdout, re.M)
         if shown.returncode == 0 and match and match.group(1).decode() != nm.__version__:
-            folder = tmp_path / ("neuromesh-" + tag)
+            folder = tmp_path / "previous-release"
             folder.mkdir()
             (folder / "neuromesh.py").write_bytes(shown.stdout)
-            for name in ("_vendor", "neuromesh_static"):
-                os.symlink(os.path.join(ROOT, name), str(folder / name))
+            for static in ("_vendor", "neuromesh_static"):
+                os.symlink(os.path.join(ROOT, static), str(folder / static))
             protocol = re.search(rb"^PROTOCOL_VERSION = (\d+)", shown.stdout, re.M)
-            return tag, match.group(1).decode(), int(protocol.group(1)), str(folder / "neuromesh.py")
-    pytest.skip("no v* tag with another version than %s (a clone without tags?)" % nm.__version__)
+            return name, match.group(1).decode(), int(protocol.group(1)), str(folder / "neuromesh.py")
+    pytest.skip("no earlier release than %s in this clone's history (a shallow clone?)" % nm.__version__)
 
 
 def write(node, cid, count, who):
