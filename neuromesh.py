@@ -6631,6 +6631,7 @@ class Router:
     """
 
     request_retry = 3.0
+    max_issued = 256  # tokens kept for peers that may link again (those of unlinked peers go first)
 
     def __init__(self, config, node_id, node_name, mesh):
         self.config = config
@@ -6645,7 +6646,8 @@ class Router:
                 self.local[-1].session.headers["Authorization"] = "Bearer " + config.openai_key
         self.lock = threading.Lock()
         self.grants = {}    # peer node id -> PeerBackend (what peers let us use)
-        self.issued = {}    # peer node id -> token (what we let peers use)
+        self.issued = {}    # peer node id -> token (what we let peers use), kept while it relinks
+        self.away = set()   # holders of issued tokens not linked now: refused until they link again
         self.requested = {}  # peer node id -> when we asked for access (monotonic)
         self.peer_in_flight = collections.Counter()
         self.pending = collections.Counter()  # backend -> chats placed on it, not yet queued there
@@ -6757,6 +6759,7 @@ class Router:
             backend = self.grants.get(peer.node_id)
             if relinked:
                 self.requested.pop(peer.node_id, None)
+                self.away.discard(peer.node_id)
             asked = self.requested.get(peer.node_id)
             if not peer.has_llm or backend is not None or (asked is not None and now - asked < self.request_retry):
                 return
@@ -6765,7 +6768,7 @@ class Router:
                                                    "reason": "answer chats of this node's users"})
 
     def _ask_again(self, backend):
-        """A peer refused our token (its side of a link went down and took it): ask anew."""
+        """A peer refused our token (it restarted, or its side of our link is down): ask anew."""
         with self.lock:
             if self.grants.get(backend.node_id) is backend:
                 del self.grants[backend.node_id]
@@ -6777,10 +6780,14 @@ class Router:
             self.peer_changed(peer)
 
     def peer_down(self, peer):
-        """Tokens die with the link, both ways; chats relayed to the peer fail over at once."""
+        """The peer's grant to us dies with the link (we ask anew on the next one), and chats
+        relayed to it fail over at once. The token we gave it is refused until it links again,
+        then honoured: a link can close on this side only (the peer had replaced it by a newer
+        one first, quietly), and the peer then still holds that token."""
         with self.lock:
             backend = self.grants.pop(peer.node_id, None)
-            self.issued.pop(peer.node_id, None)
+            if peer.node_id in self.issued:
+                self.away.add(peer.node_id)
             self.requested.pop(peer.node_id, None)
         if backend is not None and hasattr(backend, "abort"):
             backend.abort()
@@ -6794,9 +6801,15 @@ class Router:
         elif not is_private_address(peer.address):
             answer = {"granted": False, "message": "LLM access is only granted on private networks"}
         else:
-            token = self.issued.get(peer.node_id) or secrets.token_urlsafe(24)
             with self.lock:
-                self.issued[peer.node_id] = token
+                token = self.issued.get(peer.node_id)
+                if token is None:
+                    if len(self.issued) >= self.max_issued:
+                        for node_id in self.away:
+                            self.issued.pop(node_id, None)
+                        self.away.clear()
+                    token = self.issued[peer.node_id] = secrets.token_urlsafe(24)
+                self.away.discard(peer.node_id)
             local_ip = peer.link.sock.getsockname()[0] if peer.link is not None else self.config.host
             answer = {"granted": True, "message": "welcome, %s" % safe_text(payload.get("peer_name"), 60),
                       "llm_host": local_ip, "llm_port": self.http_port(), "token": token}
@@ -6824,11 +6837,11 @@ class Router:
         return self.token_holder(token) is not None
 
     def token_holder(self, token):
-        """The node id of the peer we gave ``token`` to, or None."""
+        """The node id of the linked peer we gave ``token`` to, or None."""
         with self.lock:
             for node_id, issued in self.issued.items():
                 if token and secrets.compare_digest(token, issued):
-                    return node_id
+                    return None if node_id in self.away else node_id
         return None
 
     # -- routing ---------------------------------------------------------------------
