@@ -3559,6 +3559,7 @@ class DialTarget:
     failures: int = 0
     next_dial: float = 0.0
     expires: float = None  # monotonic time; None for static peers
+    ip: str = None  # a host name's address, looked up for its next dial (NameResolver)
 
 
 @dataclasses.dataclass(eq=False)
@@ -3789,6 +3790,52 @@ def keep_existing_link(own_id, peer_id, existing, new):
     if dialer(existing) != dialer(new):
         return dialer(existing) == min(own_id, peer_id)
     return False
+
+
+def resolve_ipv4(name):
+    """The first IPv4 address of the host name ``name`` (blocks: call it off the mesh thread)."""
+    return socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+
+
+class NameResolver:
+    """Looks up the host names of --peer off the mesh thread, so a slow DNS freezes no link:
+    one short-lived thread per lookup, at most one in flight per name; the result goes back
+    to the loop through ``call_soon`` (its queue and wake-up).
+
+    Methods for the caller (on the mesh thread): ``lookup(name, done)`` starts a lookup unless
+    one for ``name`` is under way (then False); ``done(address, error)`` is called on the mesh
+    thread when it returns. ``resolve(name)`` (an IPv4 address; it may raise OSError) is the
+    lookup itself, ``resolve_ipv4`` unless the caller gives another.
+    """
+
+    def __init__(self, call_soon, resolve=None):
+        self._call_soon = call_soon
+        self._resolve = resolve or resolve_ipv4
+        self._pending = set()  # names under way; touched on the mesh thread only
+
+    def lookup(self, name, done):
+        if name in self._pending:
+            return False
+        self._pending.add(name)
+        threading.Thread(target=self._run, args=(name, done), name="neuromesh-resolve", daemon=True).start()
+        return True
+
+    def _run(self, name, done):
+        address, error = None, None
+        try:
+            address = self._resolve(name)
+            if not peer_address_allowed(address, allow_public=True):
+                address, error = None, "not an IP address: %s" % safe_text(address, 60)
+        except (OSError, UnicodeError, ValueError) as exc:
+            error = exc
+        except Exception as exc:  # a thread must not die silently
+            log.exception("looking up %s failed", safe_text(name))
+            error = exc
+        self._call_soon(self._finish, name, done, address, error)
+
+    def _finish(self, name, done, address, error):
+        self._pending.discard(name)
+        done(address, error)
 
 
 class DialPlan:
@@ -4050,13 +4097,13 @@ class LinkIO:
         try:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setblocking(False)
-            code = sock.connect_ex((target.host, target.port))
+            code = sock.connect_ex((target.ip or target.host, target.port))
             if code not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK, getattr(errno, "WSAEWOULDBLOCK", -1)):
                 raise OSError(code, os.strerror(code))
         except (OSError, ValueError):
             close_quietly(sock)
             raise
-        link = Link(sock, (target.host, target.port), True, self.max_frame, target, self.room_key)
+        link = Link(sock, (target.ip or target.host, target.port), True, self.max_frame, target, self.room_key)
         self.links.add(link)
         self._selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, link)
         self.counters["dials"] += 1
@@ -4295,7 +4342,7 @@ class Mesh:
     handshake_timeout = 10.0
     forget_after = 600.0  # seconds a down peer stays listed
 
-    def __init__(self, config, node_id, listener=None, key=None):
+    def __init__(self, config, node_id, listener=None, key=None, resolve=None):
         self.config = config
         self.node_id = node_id
         self.key = key  # the NodeKey that proves node_id in every HELO
@@ -4308,6 +4355,7 @@ class Mesh:
         self.room_key = derive_room_key(config.mesh_key)  # never logged, never shown
         self.io = LinkIO(self, config.max_message_size, self.counters, self.room_key, config.allow_public)
         self.dials = DialPlan(node_id, config.peer_timeout)
+        self.resolver = NameResolver(self.call_soon, resolve)  # resolve: the lookup of --peer names
         self.link_policy = LinkPolicy(config.max_links)
         self.discovery = None
         if not config.no_discovery:
@@ -4471,6 +4519,8 @@ class Mesh:
         choices = self.link_policy.dial_choices([(target, self._is_llm_host(target.node_id)) for target in ready],
                                                 known, self._outbound_links())
         for target in choices:
+            if not self._address_known(target, now):
+                continue
             if not self.dials.bucket.take(now):  # one PEER: frame must not start hundreds of dials
                 break
             try:
@@ -4478,6 +4528,26 @@ class Mesh:
             except (OSError, ValueError) as exc:  # bad address, no route, refused at once
                 self.dials.failed(target, exc)
                 self._dial_soon(target.next_dial)
+            target.ip = None  # a name is looked up again for its next dial
+
+    def _address_known(self, target, now):
+        """Whether ``target`` can be dialed now: an IP address, or a host name looked up (off
+        this thread); else a lookup starts, and the target waits for it."""
+        if target.ip is not None or peer_address_allowed(target.host, allow_public=True):
+            return True
+        if self.resolver.lookup(target.host, functools.partial(self._looked_up, target)):
+            target.next_dial = now + self.connect_timeout + DialPlan.max_backoff  # its answer resets it
+        return False
+
+    def _looked_up(self, target, address, error):
+        """On the mesh thread: the lookup of ``target.host`` returned; dial it now, or back off."""
+        if address is None:
+            log_limited(logging.WARNING, ("lookup", target.host), "cannot look up the peer %s: %s (check the "
+                        "name given with --peer, or give its IP address)", safe_text(target.host), error)
+            self.dials.failed(target, error)
+        else:
+            target.ip, target.next_dial = address, 0.0
+        self._dial_soon(target.next_dial)
 
     def _is_llm_host(self, node_id):
         peer = self.peer_table.get(node_id) if node_id else None
@@ -6749,6 +6819,7 @@ class Router:
     """
 
     request_retry = 3.0
+    max_issued = 256  # tokens kept for peers that may link again (those of unlinked peers go first)
 
     def __init__(self, config, node_id, node_name, mesh):
         self.config = config
@@ -6763,7 +6834,8 @@ class Router:
                 self.local[-1].session.headers["Authorization"] = "Bearer " + config.openai_key
         self.lock = threading.Lock()
         self.grants = {}    # peer node id -> PeerBackend (what peers let us use)
-        self.issued = {}    # peer node id -> token (what we let peers use)
+        self.issued = {}    # peer node id -> token (what we let peers use), kept while it relinks
+        self.away = set()   # holders of issued tokens not linked now: refused until they link again
         self.requested = {}  # peer node id -> when we asked for access (monotonic)
         self.peer_in_flight = collections.Counter()
         self.pending = collections.Counter()  # backend -> chats placed on it, not yet queued there
@@ -6875,6 +6947,7 @@ class Router:
             backend = self.grants.get(peer.node_id)
             if relinked:
                 self.requested.pop(peer.node_id, None)
+                self.away.discard(peer.node_id)
             asked = self.requested.get(peer.node_id)
             if not peer.has_llm or backend is not None or (asked is not None and now - asked < self.request_retry):
                 return
@@ -6883,7 +6956,7 @@ class Router:
                                                    "reason": "answer chats of this node's users"})
 
     def _ask_again(self, backend):
-        """A peer refused our token (its side of a link went down and took it): ask anew."""
+        """A peer refused our token (it restarted, or its side of our link is down): ask anew."""
         with self.lock:
             if self.grants.get(backend.node_id) is backend:
                 del self.grants[backend.node_id]
@@ -6895,10 +6968,14 @@ class Router:
             self.peer_changed(peer)
 
     def peer_down(self, peer):
-        """Tokens die with the link, both ways; chats relayed to the peer fail over at once."""
+        """The peer's grant to us dies with the link (we ask anew on the next one), and chats
+        relayed to it fail over at once. The token we gave it is refused until it links again,
+        then honoured: a link can close on this side only (the peer had replaced it by a newer
+        one first, quietly), and the peer then still holds that token."""
         with self.lock:
             backend = self.grants.pop(peer.node_id, None)
-            self.issued.pop(peer.node_id, None)
+            if peer.node_id in self.issued:
+                self.away.add(peer.node_id)
             self.requested.pop(peer.node_id, None)
         if backend is not None and hasattr(backend, "abort"):
             backend.abort()
@@ -6912,9 +6989,15 @@ class Router:
         elif not is_private_address(peer.address):
             answer = {"granted": False, "message": "LLM access is only granted on private networks"}
         else:
-            token = self.issued.get(peer.node_id) or secrets.token_urlsafe(24)
             with self.lock:
-                self.issued[peer.node_id] = token
+                token = self.issued.get(peer.node_id)
+                if token is None:
+                    if len(self.issued) >= self.max_issued:
+                        for node_id in self.away:
+                            self.issued.pop(node_id, None)
+                        self.away.clear()
+                    token = self.issued[peer.node_id] = secrets.token_urlsafe(24)
+                self.away.discard(peer.node_id)
             local_ip = peer.link.sock.getsockname()[0] if peer.link is not None else self.config.host
             answer = {"granted": True, "message": "welcome, %s" % safe_text(payload.get("peer_name"), 60),
                       "llm_host": local_ip, "llm_port": self.http_port(), "token": token}
@@ -6942,11 +7025,11 @@ class Router:
         return self.token_holder(token) is not None
 
     def token_holder(self, token):
-        """The node id of the peer we gave ``token`` to, or None."""
+        """The node id of the linked peer we gave ``token`` to, or None."""
         with self.lock:
             for node_id, issued in self.issued.items():
                 if token and secrets.compare_digest(token, issued):
-                    return node_id
+                    return None if node_id in self.away else node_id
         return None
 
     # -- routing ---------------------------------------------------------------------
