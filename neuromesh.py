@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """NeuroMesh: share the local LLMs of a classroom or an air-gapped lab, with nothing to configure.
 
-Run ``python neuromesh.py`` on every machine of a room. Nodes find each other by UDP
+Run ``python3 neuromesh.py`` on every machine of a room. Nodes find each other by UDP
 broadcast, link over framed TCP, tell each other who has an LLM (Ollama or an
 OpenAI-compatible server), keep conversations synced, and serve a chat page in the browser.
 
@@ -53,6 +53,7 @@ import argparse
 import base64
 import collections
 import dataclasses
+import difflib
 import errno
 import functools
 import ipaddress
@@ -76,6 +77,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import unicodedata
@@ -94,6 +96,10 @@ BUNDLED = ARCHIVE is not None or os.path.isfile(os.path.join(HERE, "__main__.py"
 if BUNDLED:
     sys.dont_write_bytecode = True  # a bundle writes nothing beside itself: no __pycache__
 _DEPENDENCY_DIR = HERE if BUNDLED else VENDOR_DIR
+# How a user runs this program again, for the commands messages suggest: stock Debian and Ubuntu
+# have no `python`, and a bundle is run by its own name.
+PROGRAM = os.path.basename(HERE) if BUNDLED else "neuromesh.py"
+RUN = ("python " if os.name == "nt" else "python3 ") + PROGRAM
 if (BUNDLED or os.path.isdir(VENDOR_DIR)) and _DEPENDENCY_DIR not in sys.path:
     sys.path.insert(0, _DEPENDENCY_DIR)
 
@@ -108,9 +114,9 @@ except ImportError as _missing:  # pragma: no cover - exercised by hand on a bar
     _fix = ".\\install.ps1" if os.name == "nt" else "./install.sh"
     raise SystemExit(
         "NeuroMesh needs the package %r, which is not installed.\n"
-        "Fix: run `%s` in %s (it puts bottle, requests, ifaddr, waitress and ecdsa into _vendor/),\n"
-        "or `%s -m pip install bottle requests ifaddr waitress ecdsa`."
-        % (_missing.name, _fix, HERE, os.path.basename(sys.executable) or "python3")
+        "Fix: run `%s` in %s first: it puts the pinned bottle, requests, ifaddr, waitress and ecdsa\n"
+        "into _vendor/ there, and changes nothing else on this computer."
+        % (_missing.name, _fix, HERE)
     )
 
 log = logging.getLogger("neuromesh")
@@ -565,11 +571,12 @@ def build_arg_parser():
     epilog_lines = ["environment variables (between the config file and the flags):"]
     epilog_lines += ["  NEUROMESH_%s" % key.upper() for key in SETTINGS]
     parser = argparse.ArgumentParser(
-        prog="neuromesh.py",
-        usage="python neuromesh.py [run | doctor | status | firewall | export DIR | import DIR] [options]",
+        prog=PROGRAM,
+        usage=RUN + " [run | doctor | status | firewall | export DIR | import DIR] [options]",
         description="Share the local LLMs of a room: run it on every machine.\n\ncommands:\n" + "\n".join(
-            "  %-12s %s" % (name, text.split("\n")[0]) for name, text in COMMAND_HELP.items())
-        + "\n\n`python neuromesh.py COMMAND --help` explains a command.",
+            textwrap.fill(" ".join(text.split("\n\n")[0].split()), 96, initial_indent="  %-12s " % name,
+                          subsequent_indent=" " * 15) for name, text in COMMAND_HELP.items())
+        + "\n\n`%s COMMAND --help` explains a command." % RUN,
         epilog="\n".join(epilog_lines),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -597,26 +604,26 @@ def build_arg_parser():
 
 COMMAND_HELP = {
     "run": "start this node (the default): the chat page, the mesh, the APIs.\n\n"
-           "  python neuromesh.py [options]",
+           "  " + RUN + " [options]",
     "export": "write this node's conversations to DIR, in the original NeuroMesh file layout.\n\n"
-              "  python neuromesh.py export DIR [--data-dir DATA_DIR]\n\n"
+              "  " + RUN + " export DIR [--data-dir DATA_DIR]\n\n"
               "DIR/conversations/local.json holds this node's own conversations, DIR/received/<peer>/local.json\n"
               "each peer's; private conversations are left out. Importing the export again adds nothing twice.",
     "import": "read conversations from DIR (the original NeuroMesh's files, or an export) into this node.\n\n"
-              "  python neuromesh.py import DIR [--data-dir DATA_DIR]\n\n"
+              "  " + RUN + " import DIR [--data-dir DATA_DIR]\n\n"
               "Reads DIR/conversations/*.json and DIR/received/<peer>/*.json; a bad file imports nothing.\n"
               "What the data dir already holds is skipped, so importing twice adds nothing twice.",
     "doctor": "check why peers do not appear, and print a fix for each problem found.\n\n"
-              "  python neuromesh.py doctor [--broadcast ADDR] [--udp-port N] [--mesh-key CODE] ...\n\n"
+              "  " + RUN + " doctor [--broadcast ADDR] [--udp-port N] [--mesh-key CODE] ...\n\n"
               "Takes the node's options (ports, room code, LLM URLs, --peer) and checks: Python and where each\n"
               "package loads from, the data dir, the ports, each interface and its broadcast, the room (a hash of\n"
               "the code, never the code), this machine's LLM, the firewall, and the peers heard during two\n"
               "announce intervals. Exits 1 when something blocks the mesh.",
     "status": "ask the node running on this computer for its health, peers and LLM hosts, as tables.\n\n"
-              "  python neuromesh.py status [--http-port PORT | --data-dir DATA_DIR]",
+              "  " + RUN + " status [--http-port PORT | --data-dir DATA_DIR]",
     "firewall": "open this node's ports (UDP 5000, TCP 7878 and 8080, or the ones configured) for the local\n"
                 "subnet only; shows the commands and asks first.\n\n"
-                "  python neuromesh.py firewall [--uninstall] [--yes] [--dry-run] [--http-port N ...]\n\n"
+                "  " + RUN + " firewall [--uninstall] [--yes] [--dry-run] [--http-port N ...]\n\n"
                 "Windows: New-NetFirewallRule in the group NeuroMesh. macOS: the application firewall.\n"
                 "Linux: ufw or firewalld where present, else the nftables commands to run. --uninstall removes\n"
                 "the rules. Needs Administrator or root.",
@@ -631,7 +638,7 @@ def command_help(argv):
     """The help of ``import``/``export``/``run`` when the command line asks for it, else None."""
     words = [word for word in argv if word in COMMAND_HELP]
     if words and ("-h" in argv or "--help" in argv):
-        return "python neuromesh.py %s: %s\n" % (words[0], COMMAND_HELP[words[0]])
+        return "%s %s: %s\n" % (RUN, words[0], COMMAND_HELP[words[0]])
     return None
 
 
@@ -9197,7 +9204,7 @@ def windows_firewall_steps(ports, remove=False):
                        "classroom network, set it to Private (Settings > Network & internet > the network > "
                        "Private network), or, if you must, allow Public too: "
                        "Set-NetFirewallRule -Group NeuroMesh -Profile Any")
-    steps.notes.append("Run PowerShell as Administrator. Remove the rules with: python neuromesh.py firewall "
+    steps.notes.append("Run PowerShell as Administrator. Remove the rules with: " + RUN + " firewall "
                        "--uninstall")
     return steps
 
@@ -9379,6 +9386,39 @@ def port_in_use(host, protocol, port):
         sock.close()
 
 
+def probe_hello(host, port, room_key, timeout=3.0, max_size=MiB):
+    """The HELO of the node at ``host:port``, proven: the doctor dials it, runs the key proof with
+    ``room_key`` and checks the HELO's signature, as a node would, then hangs up without a HELO of
+    its own. OSError when it cannot connect or read in ``timeout``; ProtocolError when the key
+    proof or the HELO fails (another room code, or not a NeuroMesh)."""
+    deadline = time.monotonic() + timeout
+    link = Link(socket.create_connection((host, port), timeout=timeout), (host, port), True, max_size,
+                room_key=room_key)
+    handshake, decoder = link.handshake, link.decoder
+    try:
+        link.sock.sendall(b"".join(handshake.start()))
+        data = b""
+        while True:
+            frames = decoder.feed(data)
+            data = b""
+            if not frames:
+                link.sock.settimeout(max(0.01, deadline - time.monotonic()))
+                data = link.sock.recv(64 * 1024)
+                if not data:
+                    raise ProtocolError("it closed the link during the key proof (another room code?)")
+                continue
+            marker, payload = frames[0]
+            if not handshake.done:
+                link.sock.sendall(b"".join(handshake.receive(marker, payload)))
+                decoder.cipher = handshake.cipher
+            elif marker == HELLO:
+                check_frame(marker, payload)
+                proven_hello_key(link, payload["node_id"], payload)
+                return payload
+    finally:
+        close_quietly(link.sock)
+
+
 @dataclasses.dataclass
 class Finding:
     """One line of doctor's report; a ``problem`` blocks the mesh (doctor then exits 1)."""
@@ -9394,8 +9434,9 @@ class Doctor:
 
     Methods for the caller: ``run()`` (every check, in order; returns the findings).
     Nothing here changes the machine: ports are bound only to see whether they are free, one
-    probe datagram goes to each broadcast address, and each peer heard gets one TCP connection,
-    closed at once. Class variables: the timeouts.
+    probe datagram goes to each broadcast address, and each peer heard gets one link, which runs
+    the key proof with this machine's room code, reads the peer's HELO (its name and LLM: what a
+    closed room tells only its members) and is closed at once. Class variables: the timeouts.
     """
 
     connect_timeout = 3.0
@@ -9411,6 +9452,8 @@ class Doctor:
         self.findings = []
         self.running = running_node_info(config.data_dir)
         self.heard = {}  # node id -> (ip, announcement)
+        self.met = {}  # node id -> (ip, proven HELO) of the peers whose key proof passed
+        self.room_key = OPEN_ROOM_KEY
         self.other_room = 0
         self.local_models = []
 
@@ -9494,7 +9537,7 @@ class Doctor:
 
     def check_firewall(self):
         self.add("note", "firewall (%s): %s" % (self.system, firewall_state(self.system)),
-                 "if peers cannot reach this machine: python neuromesh.py firewall")
+                 "if peers cannot reach this machine: %s firewall" % RUN)
 
     def check_llm(self):
         config = self.config
@@ -9531,7 +9574,7 @@ class Doctor:
             self.add("note", "discovery is off (--no-discovery): peers come only from --peer")
             self.check_static_peers()
             return
-        room_key = derive_room_key(config.mesh_key) if config.mesh_key else OPEN_ROOM_KEY
+        self.room_key = room_key = derive_room_key(config.mesh_key) if config.mesh_key else OPEN_ROOM_KEY
         discovery = Discovery(config.udp_port, config.broadcast, "doctor-" + secrets.token_hex(8),
                               config.announce_interval, room_key=room_key, allow_public=config.allow_public)
         try:
@@ -9591,6 +9634,10 @@ class Doctor:
         close_quietly(sock)
         return None
 
+    @staticmethod
+    def label(node_id, ip, info):
+        return "%s (%s)" % (safe_text(info.get("name") or node_id[:8], 64), ip)
+
     def judge_peers(self):
         own = (self.running or {}).get("node_id")
         peers = {node_id: heard for node_id, heard in self.heard.items() if node_id != own}
@@ -9599,14 +9646,7 @@ class Doctor:
         if len(peers) > self.max_dialed:
             self.add("note", "heard %d peers; trying the TCP port of the first %d" % (len(peers), self.max_dialed))
         for node_id, (ip, message) in sorted(peers.items())[:self.max_dialed]:
-            label = "%s (%s)" % (safe_text(message.get("name") or node_id[:8], 64), ip)
-            error = self.reachable(ip, message["tcp_port"])
-            if error is None:
-                self.add("ok", "peer %s heard, and TCP %d reaches it" % (label, message["tcp_port"]))
-            else:
-                self.add("problem", "heard but cannot connect: TCP %d is blocked on %s (%s)"
-                         % (message["tcp_port"], label, error.strerror or error),
-                         "on %s, open the firewall: python neuromesh.py firewall" % label)
+            self.meet(node_id, ip, message)
         if peers:
             return
         if self.other_room:
@@ -9622,6 +9662,28 @@ class Doctor:
                      "start the others with --peer %s:%d (one reachable peer is enough)"
                      % ((lan_addresses() or ["THIS-MACHINE"])[0], self.config.tcp_port))
 
+    def meet(self, node_id, ip, message):
+        """Link to one peer heard, run the key proof, and report it by the name its HELO proves."""
+        port = message["tcp_port"]
+        try:
+            hello = probe_hello(ip, port, self.room_key, self.connect_timeout)
+        except ProtocolError as exc:
+            self.add("problem", "%s answers on TCP %d but the link fails: %s" % (self.label(node_id, ip, message),
+                                                                                port, safe_text(str(exc))),
+                     "give every machine of the room the same --mesh-key (doctor shows its key hash)")
+            return
+        except OSError as exc:
+            label = self.label(node_id, ip, message)
+            self.add("problem", "heard but cannot connect: TCP %d is blocked on %s (%s)"
+                     % (port, label, exc.strerror or exc),
+                     "on %s, open the firewall: %s firewall" % (label, RUN))
+            return
+        self.met[hello["node_id"]] = (ip, hello)
+        what = "has the LLM (%s)" % ", ".join(hello.get("models") or ["no model"]) if hello.get("has_llm") \
+            else "no LLM"
+        self.add("ok", "peer %s heard, and TCP %d reaches it: it proved the room code; %s"
+                 % (self.label(node_id, ip, hello), port, safe_text(what, 200)))
+
     def check_static_peers(self):
         """Tries each --peer; True when one answers."""
         answered = False
@@ -9636,25 +9698,35 @@ class Doctor:
         return answered
 
     def check_mesh_llm(self):
-        """A problem only when no LLM answers here and nobody on the mesh has one."""
-        if self.local_models:
+        """Names the computers with an LLM: this one, the peers met, and those the running node
+        knows; a problem only when there is none."""
+        hosts = ["this computer (%s)" % ", ".join(self.local_models)] if self.local_models else []
+        named = set()
+        for node_id, (ip, hello) in sorted(self.met.items()):
+            if hello.get("has_llm"):
+                named.add(node_id)
+                hosts.append("%s: %s" % (self.label(node_id, ip, hello), ", ".join(hello.get("models") or [])))
+        for peer in self.running_node_peers():
+            if peer.get("has_llm") is True and peer.get("node_id") not in named:
+                hosts.append("%s: %s" % (self.label(str(peer.get("node_id")), safe_text(peer.get("address"), 64),
+                                                    peer), _names(peer.get("models"), 100)))
+        if hosts:
+            self.add("ok", "LLM on the mesh: %s" % safe_text("; ".join(hosts), 1000))
             return
-        with_llm = [message.get("name") or node_id[:8] for node_id, (_ip, message) in self.heard.items()
-                    if message.get("has_llm") and node_id != (self.running or {}).get("node_id")]
-        hosts = 0
-        if self.running and self.running.get("http_port"):
-            try:
-                hosts = requests.get("http://127.0.0.1:%d/api/health" % self.running["http_port"],
-                                     timeout=self.llm_timeout).json().get("llm_hosts", 0)
-            except (requests.RequestException, ValueError, AttributeError):
-                hosts = 0
-        if with_llm or hosts:
-            self.add("ok", "LLMs on the mesh: %s" % (", ".join(safe_text(name, 64) for name in with_llm)
-                                                     or "%d host(s), says the running node" % hosts))
-            return
-        self.add("problem", "no LLM: none answers on this machine and no peer heard has one",
+        self.add("problem", "no LLM: none answers on this machine and no computer of the room has one",
                  "install Ollama on one machine of the room (https://ollama.com) and pull a model "
                  "(ollama pull llama3.2:1b), or point --ollama-url / --openai-url at a running one")
+
+    def running_node_peers(self):
+        """The peers the node running on this machine knows (its /api/peers), or []."""
+        if not (self.running and self.running.get("http_port")):
+            return []
+        try:
+            peers = requests.get("http://127.0.0.1:%d/api/peers" % self.running["http_port"],
+                                 timeout=self.llm_timeout).json()
+        except (requests.RequestException, ValueError):
+            return []
+        return [peer for peer in peers if isinstance(peer, dict)] if isinstance(peers, list) else []
 
 
 def run_doctor(config, system=None):
@@ -9748,9 +9820,9 @@ def run_status(config, port=None):
             reply.raise_for_status()
         health, peers, models = [reply.json() for reply in replies]
     except (requests.RequestException, ValueError) as exc:
-        print("neuromesh: error: no NeuroMesh answers at %s (%s).\nStart one with `python neuromesh.py`, or name "
-              "its port: python neuromesh.py status --http-port PORT (or its --data-dir)."
-              % (base, short_error(exc)), file=sys.stderr)
+        print("neuromesh: error: no NeuroMesh answers at %s (%s).\nStart one with `%s`, or name "
+              "its port: %s status --http-port PORT (or its --data-dir)."
+              % (base, short_error(exc), RUN, RUN), file=sys.stderr)
         return 1
     print("\n".join(status_report(health, peers, models)))
     return 0
@@ -9833,7 +9905,7 @@ def run_node(config):
 def run_transfer(config, command, directory):
     """``export DIR`` / ``import DIR``: the original NeuroMesh's file layout, to and from the store."""
     if not directory:
-        raise ConfigError("%s needs a directory: python neuromesh.py %s DIR" % (command, command))
+        raise ConfigError("%s needs a directory: %s %s DIR" % (command, RUN, command))
     key = load_node_key(config.data_dir)
     node_id = key.node_id
     store = Store(os.path.join(config.data_dir, DATABASE_FILE), node_id, config.name or "NeuroMesh-" + node_id[:4], key)
@@ -9850,12 +9922,32 @@ def run_transfer(config, command, directory):
     return 0
 
 
+def unknown_option(parser, argv):
+    """The error for the first ``--option`` in ``argv`` that the parser does not know, with the
+    closest known one; None when all are known. (argparse would first misread the option's value
+    as a command: "invalid choice: '8081'".)"""
+    known = [flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
+    for word in argv:
+        if word == "--":
+            return None
+        flag = word.split("=", 1)[0]
+        if not flag.startswith("--") or any(option.startswith(flag) for option in known):
+            continue
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+        return "unknown option %s%s" % (safe_text(flag, 60), " (did you mean %s?)" % close[0] if close else "")
+    return None
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if command_help(argv):
         print(command_help(argv), end="")
         return 0
     parser = build_arg_parser()
+    unknown = unknown_option(parser, argv)
+    if unknown:
+        print("%s: error: %s.\nRun `%s --help` to see every option." % (PROGRAM, unknown, RUN), file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if args.version:
         print(version_report())
@@ -9863,7 +9955,7 @@ def main(argv=None):
     try:
         config = load_config(args)
     except ConfigError as exc:
-        print("neuromesh.py: error: %s.\nRun `python neuromesh.py --help` to see every option." % exc,
+        print("%s: error: %s.\nRun `%s --help` to see every option." % (PROGRAM, exc, RUN),
               file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
