@@ -263,7 +263,7 @@ if [ "$BUNDLE" = 1 ]; then
     cp neuromesh.py "dist/$NAME/"
     cp -R neuromesh_static "dist/$NAME/"
     cat > "dist/$NAME/__main__.py" <<'EOF'
-"""NeuroMesh in one file: python3 neuromesh-<version>.pyz [options] (see README.md)."""
+"""NeuroMesh in one file: python neuromesh-<version>.pyz [options] (see README.md)."""
 import sys
 
 sys.dont_write_bytecode = True  # nothing is written beside the bundle, only in the data dir

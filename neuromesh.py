@@ -4246,6 +4246,11 @@ class Mesh:
             self._close_all()
             self._stopped.set()
 
+    @property
+    def stopping(self):
+        """True once ``shutdown()`` was asked: links closing now are this node's doing."""
+        return self._stopping.is_set()
+
     def shutdown(self, timeout=5.0):
         """Say goodbye to every peer, stop the loop and wait for it (call from another thread)."""
         self._stopping.set()
@@ -5009,7 +5014,30 @@ class LLMError(NeuroMeshError):
 
 
 class _UpstreamRefused(LLMError):
-    """This backend cannot answer now (refused, failed or busy before the first token): try the next."""
+    """This backend cannot answer now (refused, failed or busy before the first token): try the next.
+    ``down``: nothing answers at its address (the server is stopped), so it is shown down at once."""
+
+    def __init__(self, message, status=503, partial=False, down=False):
+        LLMError.__init__(self, message, status, partial)
+        self.down = down
+
+
+def unreachable(backend, exc):
+    """The _UpstreamRefused for a call to ``backend`` that got no answer (``exc``): one sentence
+    naming the computer and what to do, no exception names."""
+    name = backend.node_name
+    if not backend.local:
+        return _UpstreamRefused("%s did not answer (its NeuroMesh may have stopped, or the network "
+                                "between is down)" % name)
+    if isinstance(exc, requests.Timeout):
+        return _UpstreamRefused("the LLM on %s did not answer in time" % name)
+    return _UpstreamRefused("the LLM on %s has stopped: ask whoever uses %s to start it" % (name, name),
+                            down=True)
+
+
+def failures_text(failures):
+    """What each host said, once each, as one sentence."""
+    return "; ".join(collections.OrderedDict.fromkeys(failures)) or "no LLM could answer"
 
 
 def normalize_ollama_url(value):
@@ -5363,6 +5391,11 @@ class Backend:
                 pass  # an older server without /api/ps: what answered lately stays
             return before != (self.available, tuple(self.models))
 
+    def mark_down(self):
+        """A call found nothing answering: shown down now, not at the next probe."""
+        self.available, self.models = False, []
+        self.error = "%s at %s is not reachable: ConnectionError" % (self.kind, self.url)
+
     def chat(self, model, messages, options, cancel, on_queue=None, turn=None, on_slot=None):
         """Stream events for one chat, holding one of this backend's slots (``turn``: whose chat;
         ``on_slot()`` hears that the chat holds its slot)."""
@@ -5420,7 +5453,7 @@ class Backend:
             response = self.session.post(self.url + path, json=body, stream=True, headers=headers,
                                          timeout=(self.connect_timeout, self.read_timeout))
         except requests.RequestException as exc:
-            raise _UpstreamRefused("%s did not answer: %s" % (self.node_name, type(exc).__name__))
+            raise unreachable(self, exc)
         if response.status_code != 200:
             text = _http_error_text(response)
             response.close()
@@ -5501,7 +5534,7 @@ def stream_ollama_lines(response, start_event, cancel, node_name, lines=None):
                 if produced:
                     raise LLMError("%s failed mid-answer: %s" % (node_name, error), partial=True)
                 status = chunk.get("status")
-                raise _UpstreamRefused("%s: %s" % (node_name, error),
+                raise _UpstreamRefused(error if node_name in error else "%s: %s" % (node_name, error),
                                        status=status if type(status) is int and 400 <= status < 600 else 503)
             if "queued" in chunk:
                 position, name = chunk["queued"], chunk.get("node_name")
@@ -5526,10 +5559,10 @@ def stream_ollama_lines(response, start_event, cancel, node_name, lines=None):
                     done["tokens_per_second"] = chunk["tokens_per_second"]
                 yield done
                 return
-    except requests.RequestException as exc:
+    except requests.RequestException:
         if produced:
-            raise LLMError("%s stopped answering mid-way (%s)" % (node_name, type(exc).__name__), partial=True)
-        raise _UpstreamRefused("%s stopped answering: %s" % (node_name, type(exc).__name__))
+            raise LLMError("%s stopped answering mid-way" % node_name, partial=True)
+        raise _UpstreamRefused("%s stopped answering" % node_name)
     finally:
         response.close()
     if produced:
@@ -5603,11 +5636,10 @@ class OpenAIBackend(Backend):
                             yield start
                         count += 1
                         yield {"type": "token", "content": content}
-        except requests.RequestException as exc:
+        except requests.RequestException:
             if produced:
-                raise LLMError("%s stopped answering mid-way (%s)" % (self.node_name, type(exc).__name__),
-                               partial=True)
-            raise _UpstreamRefused("%s stopped answering: %s" % (self.node_name, type(exc).__name__))
+                raise LLMError("%s stopped answering mid-way" % self.node_name, partial=True)
+            raise _UpstreamRefused("%s stopped answering" % self.node_name)
         finally:
             response.close()
         if not finished or finish_reason is None:  # llama.cpp ends an interrupted answer with [DONE] alone
@@ -5863,7 +5895,7 @@ class RelayCall:
                     self._connection.close()
                 self._connection = None
                 if reused is None or connection is not reused or self._aborted.is_set():
-                    raise _UpstreamRefused("%s did not answer: %s" % (name, type(exc).__name__))
+                    raise unreachable(self.backend, exc)
         if response.status != 200:
             try:
                 text = _relay_error_text(response.read(64 * 1024))
@@ -6086,7 +6118,7 @@ def post_upstream(backend, path, body, headers=None):
         response = backend.session.post(backend.url + path, json=body, stream=True, headers=headers,
                                         timeout=(backend.connect_timeout, backend.read_timeout))
     except requests.RequestException as exc:
-        raise _UpstreamRefused("%s did not answer: %s" % (backend.node_name, type(exc).__name__))
+        raise unreachable(backend, exc)
     if response.status_code == 404 or response.status_code >= 500 or response.status_code == 401:
         text = _http_error_text(response)
         response.close()
@@ -6284,13 +6316,14 @@ class MeshCalls:
             except _UpstreamRefused as exc:
                 failures.append((exc.status, str(exc)))
                 log.warning("failing over: %s", exc)
+                router.mark_down(backend, exc)
         if answer.parts:
             raise LLMError("%s; no other host of %s could continue the answer: what arrived is kept, "
-                           "retry to ask again" % ("; ".join(failures), model), partial=True)
+                           "retry to ask again" % (failures_text(failures), model), partial=True)
         if not failures:
             raise LLMError("model %r has no reachable host right now" % model, status=503)
         status = 404 if all(s == 404 for s, _t in failures) else 503
-        raise LLMError("no LLM could answer: %s" % "; ".join(t for _s, t in failures), status=status)
+        raise LLMError(failures_text([t for _s, t in failures]), status=status)
 
     def _try(self, backend, path, body, turn):
         if path not in SLOT_PATHS:
@@ -6734,10 +6767,22 @@ class Router:
                 models.setdefault(name, []).append((backend.node_id, backend.peer.name, False))
         return models
 
+    def stopped_hosts(self, local_only=False):
+        """The names of the computers whose LLM went quiet: this one when its server is down, and
+        linked peers that granted access but offer no model now."""
+        names = [self.node_name] if any(b.error for b in self.local) else []
+        with self.lock:
+            grants = [] if local_only else list(self.grants.values())
+        return names + [safe_text(b.peer.name, 64) for b in grants if b.peer.connected and not b.peer.models]
+
     def resolve_model(self, requested, local_only=False):
         """The model to use for ``requested`` (None: the preferred or first one); LLMError if none."""
         models = self.mesh_models(local_only)
         if not models:
+            stopped = self.stopped_hosts(local_only)
+            if stopped:
+                raise LLMError("the LLM on %s is not answering now: ask whoever uses %s to start it"
+                               % (" and ".join(stopped), "it" if len(stopped) == 1 else "them"), status=503)
             raise LLMError(NO_LLM_HELP, status=503)
         if requested:
             for name in model_aliases(requested):
@@ -6890,11 +6935,11 @@ class Router:
                 self._settle(target)
         if answer.parts:
             raise LLMError("%s; no other host of %s could continue the answer: what arrived is kept, "
-                           "retry to ask again" % ("; ".join(failures), model), partial=True)
+                           "retry to ask again" % (failures_text(failures), model), partial=True)
         if not failures:
             raise LLMError("model %r has no reachable host right now" % model, status=503)
         status = 404 if failures and all("does not have that model" in f for f in failures) else 503
-        raise LLMError("no LLM could answer: %s" % "; ".join(failures), status=status)
+        raise LLMError(failures_text(failures), status=status)
 
     def _try(self, backend, attempt, model, answer, on_queue, requester, failures, failed):
         """One try of a chat on ``backend``: yields its events; returns True when the chat is over
@@ -6944,11 +6989,22 @@ class Router:
         arrived); one that is full (503) is placed last for a while."""
         failures.append(str(exc))
         failed.append(backend)
+        if getattr(self.mesh, "stopping", False):  # the peers' links close because this node stops
+            log.info("this node is stopping: the answer from %s ends here", safe_text(backend.node_name))
+            return
         log.warning("failing over%s: %s", " mid-answer" if mid_answer else "", exc)
+        self.mark_down(backend, exc)
         if exc.status == 503:
             backend.busy_until = time.monotonic() + Backend.busy_pause
         if exc.status == 401 and isinstance(backend, PeerBackend):
             self._ask_again(backend)
+
+    def mark_down(self, backend, exc):
+        """This computer's LLM server that refused a call is shown down now (to the page and the
+        peers, which stop sending chats here), not at the next probe."""
+        if backend.local and getattr(exc, "down", False) and backend.available:
+            backend.mark_down()
+            self.on_change()
 
     def _starts_elsewhere(self, backend, model, local_only, requester, failed):
         """Another host of ``model`` that would start a chat of ``requester`` now, counted as the
@@ -7045,14 +7101,23 @@ class ChatService:
                 if cancel.is_set():
                     break
         except LLMError as exc:
-            problem = None if exc.partial or exc.status == 499 else self.local_problem()
-            error = "%s. %s" % (str(exc).rstrip("."), problem[0].upper() + problem[1:]) if problem else str(exc)
+            problem = None if exc.partial or exc.status == 499 or local_only else self.local_problem()
+            error = self._error_text(str(exc), problem)
             events.put({"type": "error", "error": error, "status": exc.status, "partial": exc.partial})
         except Exception as exc:  # a bug: report it to the client, keep the node up
             log.exception("chat failed")
             events.put({"type": "error", "error": "internal error: %s" % exc, "status": 500, "partial": False})
         finally:
             events.put(None)
+
+    def _error_text(self, error, problem):
+        """The chat's error for this computer's user: when its own LLM is stopped (``problem``, how
+        to start it) and the error is about this computer alone, the problem says it all."""
+        if not problem:
+            return error
+        about_here = error == NO_LLM_HELP or (self.router.node_name in error and ";" not in error)
+        problem = problem[0].upper() + problem[1:]
+        return problem if about_here else "%s. %s" % (error.rstrip("."), problem)
 
     def begin(self, model, messages, options=None, requester=None):
         """``(first event, all events)`` of an answer that started; an HTTPFailure if it cannot.
@@ -8787,7 +8852,7 @@ class LocalLLM:
             return "stopped", ("Ollama is installed on this computer but not running (nothing answers at %s): "
                                "start it with `ollama serve` (or open the Ollama app)" % ollama[0].url)
         if refused and (not ollama or self.config.ollama_url != DEFAULTS["ollama_url"]):
-            return "stopped", ("this computer's LLM server at %s is not running: start it" % refused[0].url)
+            return "stopped", ("nothing answers at %s: start the LLM server there" % refused[0].url)
         return "none", None
 
     def describe(self):
