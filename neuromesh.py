@@ -7604,6 +7604,7 @@ class ErrorReplies:
 
 Client = collections.namedtuple("Client", "role address guest")  # role: owner guest visitor lan peer
 GUEST_CODE_FILE = "guest_code"
+GUEST_SESSIONS_FILE = "guest_sessions.json"
 GUEST_CODE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
 
 
@@ -7616,10 +7617,8 @@ def is_loopback(address):
 
 
 def guest_code(config):
-    """The code guests enter: the mesh key if one is set, else this node's own, kept in the data dir."""
-    mesh_key = getattr(config, "mesh_key", None)
-    if mesh_key:
-        return mesh_key
+    """The code guests enter: this node's own, kept in the data dir. Never the room code (--mesh-key),
+    which lets a computer run a node of the room: a guest gets the chat page only."""
     path = os.path.join(config.data_dir, GUEST_CODE_FILE)
     try:
         with open(path, encoding="utf-8") as handle:
@@ -7634,6 +7633,16 @@ def guest_code(config):
         handle.write(code + "\n")
     os.replace(path + ".tmp", path)
     return code
+
+
+def guest_reach(config):
+    """Why guests cannot open this node's page, with the flag that fixes it; None when they can."""
+    if is_loopback(config.host):
+        return ("this node listens on %s only, which no other computer can reach: start it with --host 0.0.0.0 "
+                "(the default) for guests" % config.host)
+    if config.host in ("0.0.0.0", "") and not lan_addresses():
+        return "this computer has no network address yet: connect it to the classroom network"
+    return None
 
 
 class RateLimit:
@@ -7661,10 +7670,13 @@ class RateLimit:
 
 
 class GuestDoor:
-    """Guest sessions: a right room code gives a random token in an HttpOnly cookie.
+    """Guest sessions: a right guest code gives a random token in an HttpOnly cookie.
 
-    Sessions live in memory, at most ``max_sessions`` (the oldest go first), each for ``ttl``
-    seconds; wrong codes are limited per address.
+    Sessions outlive a restart of the node: they are kept in the data dir (GUEST_SESSIONS_FILE),
+    each as the SHA-256 of its token and its expiry (wall clock), at most ``max_sessions`` (the
+    oldest go first), each for ``ttl`` seconds. They are kept under a fingerprint of the guest
+    code and the room code's public hash, so changing either signs every guest out. Wrong codes
+    are limited per address.
     """
 
     cookie = "neuromesh_guest"
@@ -7672,13 +7684,73 @@ class GuestDoor:
     def __init__(self, config, ttl=12 * 3600, max_sessions=1000):
         self.config = config
         self.ttl, self.max_sessions = ttl, max_sessions
-        self._sessions = collections.OrderedDict()  # token -> (guest id, expiry)
+        self.path = os.path.join(config.data_dir, GUEST_SESSIONS_FILE)
         self._lock = threading.Lock()
         self.wrong_codes = RateLimit(10, window=300.0)
+        self._room = None  # the fingerprint of the codes, computed once (a PBKDF2 of the room code)
+        self._sessions = None  # SHA-256 of the token -> (guest id, expiry), read at first use
 
     @property
     def code(self):
         return guest_code(self.config)
+
+    def codes(self):
+        """Which code does what, for the owner's invite dialog (never the room code itself)."""
+        mesh_key = getattr(self.config, "mesh_key", None)
+        return {
+            "guest": {"code": self.code, "lets": "open this computer's chat page in a browser (phones, "
+                      "Chromebooks): it cannot run a node nor join the room"},
+            "room": {"set": bool(mesh_key), "key_hash": room_status(derive_room_key(mesh_key))["key_hash"]
+                     if mesh_key else None,
+                     "lets": "run a node of this room (--mesh-key): give it only to the computers of the room"},
+        }
+
+    def _fingerprint(self):
+        if self._room is None:
+            mesh_key = getattr(self.config, "mesh_key", None)
+            room = room_status(derive_room_key(mesh_key))["key_hash"] if mesh_key else "open"
+            self._room = hashlib.sha256(("neuromesh guests v1\0%s\0%s" % (self.code.upper(), room))
+                                        .encode("utf-8")).hexdigest()
+        return self._room
+
+    def _loaded(self):
+        """The sessions (under the lock): read from the data dir once; the ones of other codes,
+        expired or malformed are dropped."""
+        if self._sessions is None:
+            self._sessions = collections.OrderedDict()
+            try:
+                with open(self.path, encoding="utf-8") as handle:
+                    saved = parse_json(handle.read(), "the guest sessions", 4 * MiB, 4)
+            except (OSError, ValueError):
+                saved = {}
+            now = time.time()
+            if isinstance(saved, dict) and saved.get("room") == self._fingerprint():
+                for item in saved.get("sessions") if isinstance(saved.get("sessions"), list) else []:
+                    if isinstance(item, list) and len(item) == 3 and all(isinstance(x, str) for x in item[:2]) \
+                            and isinstance(item[2], (int, float)) and item[2] > now:
+                        self._sessions[item[0]] = (item[1], float(item[2]))
+            while len(self._sessions) > self.max_sessions:
+                self._sessions.popitem(last=False)
+        return self._sessions
+
+    def _save(self):
+        """Write the sessions (under the lock), owner-readable only, replaced at once."""
+        now = time.time()
+        sessions = [[digest, guest, round(expiry, 3)] for digest, (guest, expiry) in self._sessions.items()
+                    if expiry > now]
+        try:
+            os.makedirs(self.config.data_dir, exist_ok=True)
+            descriptor = os.open(self.path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                json.dump({"room": self._fingerprint(), "sessions": sessions}, handle)
+            os.replace(self.path + ".tmp", self.path)
+        except OSError as exc:
+            log_limited(logging.WARNING, "guest sessions", "cannot keep the guest sessions in %s (%s): guests "
+                        "sign in again after a restart", self.path, exc.strerror or exc)
+
+    @staticmethod
+    def _digest(token):
+        return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
     def login(self, address, code):
         """``(token, guest id)`` for the right code; an HTTPFailure otherwise."""
@@ -7691,18 +7763,22 @@ class GuestDoor:
             raise HTTPFailure(403, "wrong room code: ask the teacher for the code shown on the NeuroMesh computer")
         token, guest = secrets.token_urlsafe(32), "guest-" + secrets.token_hex(8)
         with self._lock:
-            self._sessions[token] = (guest, time.monotonic() + self.ttl)
-            while len(self._sessions) > self.max_sessions:
-                self._sessions.popitem(last=False)
+            sessions = self._loaded()
+            sessions[self._digest(token)] = (guest, time.time() + self.ttl)
+            while len(sessions) > self.max_sessions:
+                sessions.popitem(last=False)
+            self._save()
         return token, guest
 
     def guest_of(self, token):
-        if not token:
+        if not token or not isinstance(token, str) or len(token) > 256:
             return None
+        digest = self._digest(token)
         with self._lock:
-            session = self._sessions.get(token)
-            if session is None or session[1] < time.monotonic():
-                self._sessions.pop(token, None)
+            sessions = self._loaded()
+            session = sessions.get(digest)
+            if session is None or session[1] < time.time():
+                sessions.pop(digest, None)
                 return None
             return session[0]
 
@@ -8092,7 +8168,8 @@ class PageApi(HttpApi):
             raise HTTPFailure(403, "only this computer's owner may see the room code")
         lan = self.node.urls()[1] if hasattr(self.node, "urls") else []
         return {"guests": bool(self.node.config.guests), "urls": lan, "code": self.gate.door.code,
-                "code_is_mesh_key": bool(getattr(self.node.config, "mesh_key", None))}
+                "code_is_mesh_key": False, "codes": self.gate.door.codes(),
+                "reachable": bool(lan), "why_not": None if lan else guest_reach(self.node.config)}
 
     def _answer_reply(self, question, events):
         """SSE to a page that asked for it, else one JSON reply once the answer is stored."""
@@ -9199,7 +9276,8 @@ class Node(MeshListener):
         local = ["http://127.0.0.1:%d/" % port]
         if self.config.host in ("0.0.0.0", ""):
             return local, ["http://%s:%d/" % (ip, port) for ip in lan_addresses()]
-        return ["http://%s:%d/" % (self.config.host, port)], []
+        own = "http://%s:%d/" % (self.config.host, port)
+        return [own], [] if is_loopback(self.config.host) else [own]
 
 
 ###############################################################################
@@ -9938,9 +10016,11 @@ def run_node(config):
     print("  Chat page on this computer: %s" % local[0], flush=True)
     for url in lan:
         print("  For others on the network: %s" % url, flush=True)
-    if config.guests:
-        print("  Guests (phones, Chromebooks) open that page and enter the room code: %s" % guest_code(config),
-              flush=True)
+    if config.guests and lan:
+        print("  Guests (phones, Chromebooks) open %s and enter the guest code: %s"
+              % (lan[0] if len(lan) == 1 else "one of the addresses above", guest_code(config)), flush=True)
+    elif config.guests:
+        print("  Guests cannot come in: %s." % guest_reach(config), flush=True)
     else:
         print("  Other machines are refused: start with --guests (chat page) or --lan-api (LLM API).", flush=True)
     if config.no_discovery:
