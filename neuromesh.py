@@ -99,7 +99,7 @@ _DEPENDENCY_DIR = HERE if BUNDLED else VENDOR_DIR
 # How a user runs this program again, for the commands messages suggest: stock Debian and Ubuntu
 # have no `python`, and a bundle is run by its own name.
 PROGRAM = os.path.basename(HERE) if BUNDLED else "neuromesh.py"
-RUN = ("python " if os.name == "nt" else "python3 ") + PROGRAM
+RUN = ("py -3 " if os.name == "nt" else "python3 ") + PROGRAM  # as the README says
 if (BUNDLED or os.path.isdir(VENDOR_DIR)) and _DEPENDENCY_DIR not in sys.path:
     sys.path.insert(0, _DEPENDENCY_DIR)
 
