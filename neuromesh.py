@@ -9558,6 +9558,8 @@ def probe_hello(host, port, room_key, timeout=3.0, max_size=MiB):
                 check_frame(marker, payload)
                 proven_hello_key(link, payload["node_id"], payload)
                 return payload
+            else:
+                raise ProtocolError("it sent %s before its HELO" % marker.decode("ascii", "replace"))
     finally:
         close_quietly(link.sock)
 

@@ -3,9 +3,12 @@ heard with the room code, reads the HELO the room tells only its members, and na
 and the one with the LLM; beside a running node, and on a machine about to join."""
 
 import socket
+import threading
 
 import neuromesh
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from conftest import fully_linked, wait_for
 from fake_ollama import FakeOllama
 from test_doctor import MODEL, loopback_doctor_flags, run_cli
@@ -77,3 +80,27 @@ def test_a_listener_that_never_answers_the_key_proof_times_out():
             neuromesh.probe_hello("127.0.0.1", silent.getsockname()[1], neuromesh.OPEN_ROOM_KEY, timeout=0.5)
     finally:
         silent.close()
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=40, deadline=None)
+def test_any_bytes_from_a_peer_end_the_probe_with_a_clear_error(reply):
+    """A hostile listener on a peer's port: the doctor's probe fails cleanly, never hangs or crashes."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(reply)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        with pytest.raises((neuromesh.ProtocolError, OSError)):
+            neuromesh.probe_hello("127.0.0.1", listener.getsockname()[1], neuromesh.OPEN_ROOM_KEY, timeout=2)
+    finally:
+        listener.close()
+        thread.join(5)

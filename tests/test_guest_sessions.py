@@ -7,6 +7,9 @@ import json
 import os
 import stat
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 import neuromesh
 from conftest import ScriptedBackend, StubNode, scripted_router, wsgi_call
 
@@ -109,3 +112,19 @@ def test_guests_are_told_the_address_they_can_open(tmp_path):
     config = neuromesh.Config(data_dir=str(tmp_path), host="10.20.30.40", guests=True)
     assert neuromesh.guest_reach(config) is None
     assert "--host 0.0.0.0" in neuromesh.guest_reach(neuromesh.Config(data_dir=str(tmp_path), host="127.0.0.1"))
+
+
+@given(st.one_of(st.binary(max_size=2000), st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=20)),
+    lambda inner: st.one_of(st.lists(inner, max_size=5), st.dictionaries(st.text(max_size=10), inner, max_size=5)),
+    max_leaves=30).map(lambda value: json.dumps(value).encode())))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_sessions_file_loads_as_sessions_or_none(tmp_path, data):
+    """A damaged sessions file signs guests out; it never crashes the node nor lets anyone in."""
+    config = neuromesh.Config(data_dir=str(tmp_path), ollama_url=None, guests=True)
+    with open(os.path.join(str(tmp_path), neuromesh.GUEST_SESSIONS_FILE), "wb") as handle:
+        handle.write(data)
+    door = neuromesh.GuestDoor(config)
+    assert door.guest_of("any-token") is None
+    token, guest = door.login(PHONE, neuromesh.guest_code(config))
+    assert neuromesh.GuestDoor(config).guest_of(token) == guest
