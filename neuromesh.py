@@ -5352,6 +5352,7 @@ class Backend:
         self.node_name = node_name
         self.models = []
         self.available = False
+        self.answered = False  # it answered once: down now means stopped, not never installed
         self.error = None
         self.slots = Slots(parallel)
         self.recent_latency = None  # seconds to first token, smoothed
@@ -5381,7 +5382,7 @@ class Backend:
             before = (self.available, tuple(self.models))
             try:
                 self.models = self.probe()
-                self.available, self.error = True, None
+                self.available, self.answered, self.error = True, True, None
             except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
                 self.available, self.models = False, []
                 self.error = "%s at %s is not reachable: %s" % (self.kind, self.url, type(exc).__name__)
@@ -6768,9 +6769,9 @@ class Router:
         return models
 
     def stopped_hosts(self, local_only=False):
-        """The names of the computers whose LLM went quiet: this one when its server is down, and
-        linked peers that granted access but offer no model now."""
-        names = [self.node_name] if any(b.error for b in self.local) else []
+        """The names of the computers whose LLM went quiet: this one when its server answered once
+        and is down now, and linked peers that granted access but offer no model now."""
+        names = [self.node_name] if any(b.error and b.answered for b in self.local) else []
         with self.lock:
             grants = [] if local_only else list(self.grants.values())
         return names + [safe_text(b.peer.name, 64) for b in grants if b.peer.connected and not b.peer.models]
@@ -6781,8 +6782,9 @@ class Router:
         if not models:
             stopped = self.stopped_hosts(local_only)
             if stopped:
-                raise LLMError("the LLM on %s is not answering now: ask whoever uses %s to start it"
-                               % (" and ".join(stopped), "it" if len(stopped) == 1 else "them"), status=503)
+                raise LLMError("the LLM on %s is not answering now: ask whoever uses %s to start it (or to "
+                               "share it again)" % (" and ".join(stopped), "it" if len(stopped) == 1 else "them"),
+                               status=503)
             raise LLMError(NO_LLM_HELP, status=503)
         if requested:
             for name in model_aliases(requested):

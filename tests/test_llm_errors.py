@@ -112,3 +112,11 @@ def test_a_node_stopping_mid_answer_says_so_and_does_not_blame_the_host(cluster)
         assert host.health()["status"] == "ok"
     finally:
         fake.stop()
+
+
+def test_a_laptop_that_never_had_an_llm_is_told_how_to_add_one_not_that_one_stopped(cluster):
+    fake = FakeOllama(models=(MODEL,)).start()
+    fake.stop()  # nothing ever answered at its --ollama-url
+    node = cluster.start("student", extra=["--ollama-url", fake.url, "--name", "ben-desk"])
+    error = ask_json(node).json()["error"]
+    assert "not answering now" not in error and "has stopped" not in error, error
