@@ -5031,8 +5031,11 @@ def unreachable(backend, exc):
                                 "between is down)" % name)
     if isinstance(exc, requests.Timeout):
         return _UpstreamRefused("the LLM on %s did not answer in time" % name)
-    return _UpstreamRefused("the LLM on %s has stopped: ask whoever uses %s to start it" % (name, name),
-                            down=True)
+    if isinstance(exc, requests.ConnectionError):
+        return _UpstreamRefused("the LLM on %s has stopped: ask whoever uses %s to start it" % (name, name),
+                                down=True)
+    return _UpstreamRefused("the LLM on %s cannot be reached: check its address (--ollama-url, --openai-url)"
+                            % name)
 
 
 def failures_text(failures):
@@ -7639,7 +7642,7 @@ def guest_code(config):
 
 def guest_reach(config):
     """Why guests cannot open this node's page, with the flag that fixes it; None when they can."""
-    if is_loopback(config.host):
+    if config.host == "localhost" or is_loopback(config.host):
         return ("this node listens on %s only, which no other computer can reach: start it with --host 0.0.0.0 "
                 "(the default) for guests" % config.host)
     if config.host in ("0.0.0.0", "") and not lan_addresses():
@@ -9828,8 +9831,9 @@ class Doctor:
         self.met[hello["node_id"]] = (ip, hello)
         what = "has the LLM (%s)" % ", ".join(hello.get("models") or ["no model"]) if hello.get("has_llm") \
             else "no LLM"
-        self.add("ok", "peer %s heard, and TCP %d reaches it: it proved the room code; %s"
-                 % (self.label(node_id, ip, hello), port, safe_text(what, 200)))
+        self.add("ok", "peer %s heard, and TCP %d reaches it: %s; %s"
+                 % (self.label(node_id, ip, hello), port, "it proved the room code" if self.config.mesh_key
+                    else "it linked", safe_text(what, 200)))
 
     def check_static_peers(self):
         """Tries each --peer; True when one answers."""
