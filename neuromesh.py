@@ -9551,9 +9551,13 @@ def probe_hello(host, port, room_key, timeout=3.0, max_size=MiB):
             data = b""
             if not frames:
                 link.sock.settimeout(max(0.01, deadline - time.monotonic()))
-                data = link.sock.recv(64 * 1024)
+                try:
+                    data = link.sock.recv(64 * 1024)
+                except ConnectionResetError:
+                    data = b""
                 if not data:
-                    raise ProtocolError("it closed the link during the key proof (another room code?)")
+                    raise ProtocolError("it closed the link %s: its room code differs, or it is not a NeuroMesh"
+                                        % ("before its HELO" if handshake.done else "during the key proof"))
                 continue
             marker, payload = frames[0]
             if not handshake.done:
