@@ -28,9 +28,9 @@ Installs NeuroMesh's dependencies into _vendor/ beside this script
                     ollama, openai, vermin) from requirements-dev.txt, for the
                     Python that runs this script
   --bundle          build dist/neuromesh-<version>.pyz, one file that runs with
-                    `python neuromesh-<version>.pyz` on any machine with Python 3.9+
+                    `python3 neuromesh-<version>.pyz` on any machine with Python 3.9+
                     and nothing installed, and dist/neuromesh-<version>/, the same
-                    as a folder (run it with `python neuromesh-<version>`)
+                    as a folder (run it with `python3 neuromesh-<version>`)
   --wheelhouse DIR  on a connected machine: download the pinned wheels into DIR
                     (with --dev, the test tools' too, for this Python)
   --offline DIR     on a machine without internet: install (or --bundle) from the

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """NeuroMesh: share the local LLMs of a classroom or an air-gapped lab, with nothing to configure.
 
-Run ``python neuromesh.py`` on every machine of a room. Nodes find each other by UDP
+Run ``python3 neuromesh.py`` on every machine of a room. Nodes find each other by UDP
 broadcast, link over framed TCP, tell each other who has an LLM (Ollama or an
 OpenAI-compatible server), keep conversations synced, and serve a chat page in the browser.
 
@@ -53,6 +53,7 @@ import argparse
 import base64
 import collections
 import dataclasses
+import difflib
 import errno
 import functools
 import ipaddress
@@ -76,6 +77,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import unicodedata
@@ -94,6 +96,10 @@ BUNDLED = ARCHIVE is not None or os.path.isfile(os.path.join(HERE, "__main__.py"
 if BUNDLED:
     sys.dont_write_bytecode = True  # a bundle writes nothing beside itself: no __pycache__
 _DEPENDENCY_DIR = HERE if BUNDLED else VENDOR_DIR
+# How a user runs this program again, for the commands messages suggest: stock Debian and Ubuntu
+# have no `python`, and a bundle is run by its own name.
+PROGRAM = os.path.basename(HERE) if BUNDLED else "neuromesh.py"
+RUN = ("py -3 " if os.name == "nt" else "python3 ") + PROGRAM  # as the README says
 if (BUNDLED or os.path.isdir(VENDOR_DIR)) and _DEPENDENCY_DIR not in sys.path:
     sys.path.insert(0, _DEPENDENCY_DIR)
 
@@ -108,9 +114,9 @@ except ImportError as _missing:  # pragma: no cover - exercised by hand on a bar
     _fix = ".\\install.ps1" if os.name == "nt" else "./install.sh"
     raise SystemExit(
         "NeuroMesh needs the package %r, which is not installed.\n"
-        "Fix: run `%s` in %s (it puts bottle, requests, ifaddr, waitress and ecdsa into _vendor/),\n"
-        "or `%s -m pip install bottle requests ifaddr waitress ecdsa`."
-        % (_missing.name, _fix, HERE, os.path.basename(sys.executable) or "python3")
+        "Fix: run `%s` in %s first: it puts the pinned bottle, requests, ifaddr, waitress and ecdsa\n"
+        "into _vendor/ there, and changes nothing else on this computer."
+        % (_missing.name, _fix, HERE)
     )
 
 log = logging.getLogger("neuromesh")
@@ -574,11 +580,12 @@ def build_arg_parser():
     epilog_lines = ["environment variables (between the config file and the flags):"]
     epilog_lines += ["  NEUROMESH_%s" % key.upper() for key in SETTINGS]
     parser = argparse.ArgumentParser(
-        prog="neuromesh.py",
-        usage="python neuromesh.py [run | doctor | status | firewall | export DIR | import DIR] [options]",
+        prog=PROGRAM,
+        usage=RUN + " [run | doctor | status | firewall | export DIR | import DIR] [options]",
         description="Share the local LLMs of a room: run it on every machine.\n\ncommands:\n" + "\n".join(
-            "  %-12s %s" % (name, text.split("\n")[0]) for name, text in COMMAND_HELP.items())
-        + "\n\n`python neuromesh.py COMMAND --help` explains a command.",
+            textwrap.fill(" ".join(text.split("\n\n")[0].split()), 96, initial_indent="  %-12s " % name,
+                          subsequent_indent=" " * 15) for name, text in COMMAND_HELP.items())
+        + "\n\n`%s COMMAND --help` explains a command." % RUN,
         epilog="\n".join(epilog_lines),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -606,26 +613,26 @@ def build_arg_parser():
 
 COMMAND_HELP = {
     "run": "start this node (the default): the chat page, the mesh, the APIs.\n\n"
-           "  python neuromesh.py [options]",
+           "  " + RUN + " [options]",
     "export": "write this node's conversations to DIR, in the original NeuroMesh file layout.\n\n"
-              "  python neuromesh.py export DIR [--data-dir DATA_DIR]\n\n"
+              "  " + RUN + " export DIR [--data-dir DATA_DIR]\n\n"
               "DIR/conversations/local.json holds this node's own conversations, DIR/received/<peer>/local.json\n"
               "each peer's; private conversations are left out. Importing the export again adds nothing twice.",
     "import": "read conversations from DIR (the original NeuroMesh's files, or an export) into this node.\n\n"
-              "  python neuromesh.py import DIR [--data-dir DATA_DIR]\n\n"
+              "  " + RUN + " import DIR [--data-dir DATA_DIR]\n\n"
               "Reads DIR/conversations/*.json and DIR/received/<peer>/*.json; a bad file imports nothing.\n"
               "What the data dir already holds is skipped, so importing twice adds nothing twice.",
     "doctor": "check why peers do not appear, and print a fix for each problem found.\n\n"
-              "  python neuromesh.py doctor [--broadcast ADDR] [--udp-port N] [--mesh-key CODE] ...\n\n"
+              "  " + RUN + " doctor [--broadcast ADDR] [--udp-port N] [--mesh-key CODE] ...\n\n"
               "Takes the node's options (ports, room code, LLM URLs, --peer) and checks: Python and where each\n"
               "package loads from, the data dir, the ports, each interface and its broadcast, the room (a hash of\n"
               "the code, never the code), this machine's LLM, the firewall, and the peers heard during two\n"
               "announce intervals. Exits 1 when something blocks the mesh.",
     "status": "ask the node running on this computer for its health, peers and LLM hosts, as tables.\n\n"
-              "  python neuromesh.py status [--http-port PORT | --data-dir DATA_DIR]",
+              "  " + RUN + " status [--http-port PORT | --data-dir DATA_DIR]",
     "firewall": "open this node's ports (UDP 5000, TCP 7878 and 8080, or the ones configured) for the local\n"
                 "subnet only; shows the commands and asks first.\n\n"
-                "  python neuromesh.py firewall [--uninstall] [--yes] [--dry-run] [--http-port N ...]\n\n"
+                "  " + RUN + " firewall [--uninstall] [--yes] [--dry-run] [--http-port N ...]\n\n"
                 "Windows: New-NetFirewallRule in the group NeuroMesh. macOS: the application firewall.\n"
                 "Linux: ufw or firewalld where present, else the nftables commands to run. --uninstall removes\n"
                 "the rules. Needs Administrator or root.",
@@ -640,7 +647,7 @@ def command_help(argv):
     """The help of ``import``/``export``/``run`` when the command line asks for it, else None."""
     words = [word for word in argv if word in COMMAND_HELP]
     if words and ("-h" in argv or "--help" in argv):
-        return "python neuromesh.py %s: %s\n" % (words[0], COMMAND_HELP[words[0]])
+        return "%s %s: %s\n" % (RUN, words[0], COMMAND_HELP[words[0]])
     return None
 
 
@@ -4404,6 +4411,11 @@ class Mesh:
             self._close_all()
             self._stopped.set()
 
+    @property
+    def stopping(self):
+        """True once ``shutdown()`` was asked: links closing now are this node's doing."""
+        return self._stopping.is_set()
+
     def shutdown(self, timeout=5.0):
         """Say goodbye to every peer, stop the loop and wait for it (call from another thread)."""
         self._stopping.set()
@@ -5190,7 +5202,33 @@ class LLMError(NeuroMeshError):
 
 
 class _UpstreamRefused(LLMError):
-    """This backend cannot answer now (refused, failed or busy before the first token): try the next."""
+    """This backend cannot answer now (refused, failed or busy before the first token): try the next.
+    ``down``: nothing answers at its address (the server is stopped), so it is shown down at once."""
+
+    def __init__(self, message, status=503, partial=False, down=False):
+        LLMError.__init__(self, message, status, partial)
+        self.down = down
+
+
+def unreachable(backend, exc):
+    """The _UpstreamRefused for a call to ``backend`` that got no answer (``exc``): one sentence
+    naming the computer and what to do, no exception names."""
+    name = backend.node_name
+    if not backend.local:
+        return _UpstreamRefused("%s did not answer (its NeuroMesh may have stopped, or the network "
+                                "between is down)" % name)
+    if isinstance(exc, requests.Timeout):
+        return _UpstreamRefused("the LLM on %s did not answer in time" % name)
+    if isinstance(exc, requests.ConnectionError):
+        return _UpstreamRefused("the LLM on %s has stopped: ask whoever uses %s to start it" % (name, name),
+                                down=True)
+    return _UpstreamRefused("the LLM on %s cannot be reached: check its address (--ollama-url, --openai-url)"
+                            % name)
+
+
+def failures_text(failures):
+    """What each host said, once each, as one sentence."""
+    return "; ".join(collections.OrderedDict.fromkeys(failures)) or "no LLM could answer"
 
 
 def normalize_ollama_url(value):
@@ -5505,6 +5543,7 @@ class Backend:
         self.node_name = node_name
         self.models = []
         self.available = False
+        self.answered = False  # it answered once: down now means stopped, not never installed
         self.error = None
         self.slots = Slots(parallel)
         self.recent_latency = None  # seconds to first token, smoothed
@@ -5534,7 +5573,7 @@ class Backend:
             before = (self.available, tuple(self.models))
             try:
                 self.models = self.probe()
-                self.available, self.error = True, None
+                self.available, self.answered, self.error = True, True, None
             except (requests.RequestException, ValueError, KeyError, TypeError) as exc:
                 self.available, self.models = False, []
                 self.error = "%s at %s is not reachable: %s" % (self.kind, self.url, type(exc).__name__)
@@ -5543,6 +5582,11 @@ class Backend:
             except (requests.RequestException, ValueError, AttributeError):
                 pass  # an older server without /api/ps: what answered lately stays
             return before != (self.available, tuple(self.models))
+
+    def mark_down(self):
+        """A call found nothing answering: shown down now, not at the next probe."""
+        self.available, self.models = False, []
+        self.error = "%s at %s is not reachable: ConnectionError" % (self.kind, self.url)
 
     def chat(self, model, messages, options, cancel, on_queue=None, turn=None, on_slot=None):
         """Stream events for one chat, holding one of this backend's slots (``turn``: whose chat;
@@ -5601,7 +5645,7 @@ class Backend:
             response = self.session.post(self.url + path, json=body, stream=True, headers=headers,
                                          timeout=(self.connect_timeout, self.read_timeout))
         except requests.RequestException as exc:
-            raise _UpstreamRefused("%s did not answer: %s" % (self.node_name, type(exc).__name__))
+            raise unreachable(self, exc)
         if response.status_code != 200:
             text = _http_error_text(response)
             response.close()
@@ -5682,7 +5726,7 @@ def stream_ollama_lines(response, start_event, cancel, node_name, lines=None):
                 if produced:
                     raise LLMError("%s failed mid-answer: %s" % (node_name, error), partial=True)
                 status = chunk.get("status")
-                raise _UpstreamRefused("%s: %s" % (node_name, error),
+                raise _UpstreamRefused(error if node_name in error else "%s: %s" % (node_name, error),
                                        status=status if type(status) is int and 400 <= status < 600 else 503)
             if "queued" in chunk:
                 position, name = chunk["queued"], chunk.get("node_name")
@@ -5707,10 +5751,10 @@ def stream_ollama_lines(response, start_event, cancel, node_name, lines=None):
                     done["tokens_per_second"] = chunk["tokens_per_second"]
                 yield done
                 return
-    except requests.RequestException as exc:
+    except requests.RequestException:
         if produced:
-            raise LLMError("%s stopped answering mid-way (%s)" % (node_name, type(exc).__name__), partial=True)
-        raise _UpstreamRefused("%s stopped answering: %s" % (node_name, type(exc).__name__))
+            raise LLMError("%s stopped answering mid-way" % node_name, partial=True)
+        raise _UpstreamRefused("%s stopped answering" % node_name)
     finally:
         response.close()
     if produced:
@@ -5784,11 +5828,10 @@ class OpenAIBackend(Backend):
                             yield start
                         count += 1
                         yield {"type": "token", "content": content}
-        except requests.RequestException as exc:
+        except requests.RequestException:
             if produced:
-                raise LLMError("%s stopped answering mid-way (%s)" % (self.node_name, type(exc).__name__),
-                               partial=True)
-            raise _UpstreamRefused("%s stopped answering: %s" % (self.node_name, type(exc).__name__))
+                raise LLMError("%s stopped answering mid-way" % self.node_name, partial=True)
+            raise _UpstreamRefused("%s stopped answering" % self.node_name)
         finally:
             response.close()
         if not finished or finish_reason is None:  # llama.cpp ends an interrupted answer with [DONE] alone
@@ -6044,7 +6087,7 @@ class RelayCall:
                     self._connection.close()
                 self._connection = None
                 if reused is None or connection is not reused or self._aborted.is_set():
-                    raise _UpstreamRefused("%s did not answer: %s" % (name, type(exc).__name__))
+                    raise unreachable(self.backend, exc)
         if response.status != 200:
             try:
                 text = _relay_error_text(response.read(64 * 1024))
@@ -6267,7 +6310,7 @@ def post_upstream(backend, path, body, headers=None):
         response = backend.session.post(backend.url + path, json=body, stream=True, headers=headers,
                                         timeout=(backend.connect_timeout, backend.read_timeout))
     except requests.RequestException as exc:
-        raise _UpstreamRefused("%s did not answer: %s" % (backend.node_name, type(exc).__name__))
+        raise unreachable(backend, exc)
     if response.status_code == 404 or response.status_code >= 500 or response.status_code == 401:
         text = _http_error_text(response)
         response.close()
@@ -6465,13 +6508,14 @@ class MeshCalls:
             except _UpstreamRefused as exc:
                 failures.append((exc.status, str(exc)))
                 log.warning("failing over: %s", exc)
+                router.mark_down(backend, exc)
         if answer.parts:
             raise LLMError("%s; no other host of %s could continue the answer: what arrived is kept, "
-                           "retry to ask again" % ("; ".join(failures), model), partial=True)
+                           "retry to ask again" % (failures_text(failures), model), partial=True)
         if not failures:
             raise LLMError("model %r has no reachable host right now" % model, status=503)
         status = 404 if all(s == 404 for s, _t in failures) else 503
-        raise LLMError("no LLM could answer: %s" % "; ".join(t for _s, t in failures), status=status)
+        raise LLMError(failures_text([t for _s, t in failures]), status=status)
 
     def _try(self, backend, path, body, turn):
         if path not in SLOT_PATHS:
@@ -6917,10 +6961,23 @@ class Router:
                 models.setdefault(name, []).append((backend.node_id, backend.peer.name, False))
         return models
 
+    def stopped_hosts(self, local_only=False):
+        """The names of the computers whose LLM went quiet: this one when its server answered once
+        and is down now, and linked peers that granted access but offer no model now."""
+        names = [self.node_name] if any(b.error and b.answered for b in self.local) else []
+        with self.lock:
+            grants = [] if local_only else list(self.grants.values())
+        return names + [safe_text(b.peer.name, 64) for b in grants if b.peer.connected and not b.peer.models]
+
     def resolve_model(self, requested, local_only=False):
         """The model to use for ``requested`` (None: the preferred or first one); LLMError if none."""
         models = self.mesh_models(local_only)
         if not models:
+            stopped = self.stopped_hosts(local_only)
+            if stopped:
+                raise LLMError("the LLM on %s is not answering now: ask whoever uses %s to start it (or to "
+                               "share it again)" % (" and ".join(stopped), "it" if len(stopped) == 1 else "them"),
+                               status=503)
             raise LLMError(NO_LLM_HELP, status=503)
         if requested:
             for name in model_aliases(requested):
@@ -7084,11 +7141,11 @@ class Router:
                 self._settle(target)
         if answer.parts:
             raise LLMError("%s; no other host of %s could continue the answer: what arrived is kept, "
-                           "retry to ask again" % ("; ".join(failures), model), partial=True)
+                           "retry to ask again" % (failures_text(failures), model), partial=True)
         if not failures:
             raise LLMError("model %r has no reachable host right now" % model, status=503)
         status = 404 if failures and all("does not have that model" in f for f in failures) else 503
-        raise LLMError("no LLM could answer: %s" % "; ".join(failures), status=status)
+        raise LLMError(failures_text(failures), status=status)
 
     def _try(self, backend, attempt, model, answer, on_queue, requester, failures, failed):
         """One try of a chat on ``backend``: yields its events; returns True when the chat is over
@@ -7138,11 +7195,22 @@ class Router:
         arrived); one that is full (503) is placed last for a while."""
         failures.append(str(exc))
         failed.append(backend)
+        if getattr(self.mesh, "stopping", False):  # the peers' links close because this node stops
+            log.info("this node is stopping: the answer from %s ends here", safe_text(backend.node_name))
+            return
         log.warning("failing over%s: %s", " mid-answer" if mid_answer else "", exc)
+        self.mark_down(backend, exc)
         if exc.status == 503:
             backend.busy_until = time.monotonic() + Backend.busy_pause
         if exc.status == 401 and isinstance(backend, PeerBackend):
             self._ask_again(backend)
+
+    def mark_down(self, backend, exc):
+        """This computer's LLM server that refused a call is shown down now (to the page and the
+        peers, which stop sending chats here), not at the next probe."""
+        if backend.local and getattr(exc, "down", False) and backend.available:
+            backend.mark_down()
+            self.on_change()
 
     def _starts_elsewhere(self, backend, model, local_only, requester, failed):
         """Another host of ``model`` that would start a chat of ``requester`` now, counted as the
@@ -7239,14 +7307,23 @@ class ChatService:
                 if cancel.is_set():
                     break
         except LLMError as exc:
-            problem = None if exc.partial or exc.status == 499 else self.local_problem()
-            error = "%s. %s" % (str(exc).rstrip("."), problem[0].upper() + problem[1:]) if problem else str(exc)
+            problem = None if exc.partial or exc.status == 499 or local_only else self.local_problem()
+            error = self._error_text(str(exc), problem)
             events.put({"type": "error", "error": error, "status": exc.status, "partial": exc.partial})
         except Exception as exc:  # a bug: report it to the client, keep the node up
             log.exception("chat failed")
             events.put({"type": "error", "error": "internal error: %s" % exc, "status": 500, "partial": False})
         finally:
             events.put(None)
+
+    def _error_text(self, error, problem):
+        """The chat's error for this computer's user: when its own LLM is stopped (``problem``, how
+        to start it) and the error is about this computer alone, the problem says it all."""
+        if not problem:
+            return error
+        about_here = error == NO_LLM_HELP or (self.router.node_name in error and ";" not in error)
+        problem = problem[0].upper() + problem[1:]
+        return problem if about_here else "%s. %s" % (error.rstrip("."), problem)
 
     def begin(self, model, messages, options=None, requester=None):
         """``(first event, all events)`` of an answer that started; an HTTPFailure if it cannot.
@@ -7887,6 +7964,7 @@ class ErrorReplies:
 
 Client = collections.namedtuple("Client", "role address guest")  # role: owner guest visitor lan peer
 GUEST_CODE_FILE = "guest_code"
+GUEST_SESSIONS_FILE = "guest_sessions.json"
 GUEST_CODE_ALPHABET = "ABCDEFGHJKMNPQRSTUVWXYZ23456789"
 
 
@@ -7899,10 +7977,8 @@ def is_loopback(address):
 
 
 def guest_code(config):
-    """The code guests enter: the mesh key if one is set, else this node's own, kept in the data dir."""
-    mesh_key = getattr(config, "mesh_key", None)
-    if mesh_key:
-        return mesh_key
+    """The code guests enter: this node's own, kept in the data dir. Never the room code (--mesh-key),
+    which lets a computer run a node of the room: a guest gets the chat page only."""
     path = os.path.join(config.data_dir, GUEST_CODE_FILE)
     try:
         with open(path, encoding="utf-8") as handle:
@@ -7917,6 +7993,16 @@ def guest_code(config):
         handle.write(code + "\n")
     os.replace(path + ".tmp", path)
     return code
+
+
+def guest_reach(config):
+    """Why guests cannot open this node's page, with the flag that fixes it; None when they can."""
+    if config.host == "localhost" or is_loopback(config.host):
+        return ("this node listens on %s only, which no other computer can reach: start it with --host 0.0.0.0 "
+                "(the default) for guests" % config.host)
+    if config.host in ("0.0.0.0", "") and not lan_addresses():
+        return "this computer has no network address yet: connect it to the classroom network"
+    return None
 
 
 class RateLimit:
@@ -7944,10 +8030,13 @@ class RateLimit:
 
 
 class GuestDoor:
-    """Guest sessions: a right room code gives a random token in an HttpOnly cookie.
+    """Guest sessions: a right guest code gives a random token in an HttpOnly cookie.
 
-    Sessions live in memory, at most ``max_sessions`` (the oldest go first), each for ``ttl``
-    seconds; wrong codes are limited per address.
+    Sessions outlive a restart of the node: they are kept in the data dir (GUEST_SESSIONS_FILE),
+    each as the SHA-256 of its token and its expiry (wall clock), at most ``max_sessions`` (the
+    oldest go first), each for ``ttl`` seconds. They are kept under a fingerprint of the guest
+    code and the room code's public hash, so changing either signs every guest out. Wrong codes
+    are limited per address.
     """
 
     cookie = "neuromesh_guest"
@@ -7955,13 +8044,73 @@ class GuestDoor:
     def __init__(self, config, ttl=12 * 3600, max_sessions=1000):
         self.config = config
         self.ttl, self.max_sessions = ttl, max_sessions
-        self._sessions = collections.OrderedDict()  # token -> (guest id, expiry)
+        self.path = os.path.join(config.data_dir, GUEST_SESSIONS_FILE)
         self._lock = threading.Lock()
         self.wrong_codes = RateLimit(10, window=300.0)
+        self._room = None  # the fingerprint of the codes, computed once (a PBKDF2 of the room code)
+        self._sessions = None  # SHA-256 of the token -> (guest id, expiry), read at first use
 
     @property
     def code(self):
         return guest_code(self.config)
+
+    def codes(self):
+        """Which code does what, for the owner's invite dialog (never the room code itself)."""
+        mesh_key = getattr(self.config, "mesh_key", None)
+        return {
+            "guest": {"code": self.code, "lets": "open this computer's chat page in a browser (phones, "
+                      "Chromebooks): it cannot run a node nor join the room"},
+            "room": {"set": bool(mesh_key), "key_hash": room_status(derive_room_key(mesh_key))["key_hash"]
+                     if mesh_key else None,
+                     "lets": "run a node of this room (--mesh-key): give it only to the computers of the room"},
+        }
+
+    def _fingerprint(self):
+        if self._room is None:
+            mesh_key = getattr(self.config, "mesh_key", None)
+            room = room_status(derive_room_key(mesh_key))["key_hash"] if mesh_key else "open"
+            self._room = hashlib.sha256(("neuromesh guests v1\0%s\0%s" % (self.code.upper(), room))
+                                        .encode("utf-8")).hexdigest()
+        return self._room
+
+    def _loaded(self):
+        """The sessions (under the lock): read from the data dir once; the ones of other codes,
+        expired or malformed are dropped."""
+        if self._sessions is None:
+            self._sessions = collections.OrderedDict()
+            try:
+                with open(self.path, encoding="utf-8") as handle:
+                    saved = parse_json(handle.read(), "the guest sessions", 4 * MiB, 4)
+            except (OSError, ValueError):
+                saved = {}
+            now = time.time()
+            if isinstance(saved, dict) and saved.get("room") == self._fingerprint():
+                for item in saved.get("sessions") if isinstance(saved.get("sessions"), list) else []:
+                    if isinstance(item, list) and len(item) == 3 and all(isinstance(x, str) for x in item[:2]) \
+                            and isinstance(item[2], (int, float)) and item[2] > now:
+                        self._sessions[item[0]] = (item[1], float(item[2]))
+            while len(self._sessions) > self.max_sessions:
+                self._sessions.popitem(last=False)
+        return self._sessions
+
+    def _save(self):
+        """Write the sessions (under the lock), owner-readable only, replaced at once."""
+        now = time.time()
+        sessions = [[digest, guest, round(expiry, 3)] for digest, (guest, expiry) in self._sessions.items()
+                    if expiry > now]
+        try:
+            os.makedirs(self.config.data_dir, exist_ok=True)
+            descriptor = os.open(self.path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                json.dump({"room": self._fingerprint(), "sessions": sessions}, handle)
+            os.replace(self.path + ".tmp", self.path)
+        except OSError as exc:
+            log_limited(logging.WARNING, "guest sessions", "cannot keep the guest sessions in %s (%s): guests "
+                        "sign in again after a restart", self.path, exc.strerror or exc)
+
+    @staticmethod
+    def _digest(token):
+        return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
     def login(self, address, code):
         """``(token, guest id)`` for the right code; an HTTPFailure otherwise."""
@@ -7974,18 +8123,22 @@ class GuestDoor:
             raise HTTPFailure(403, "wrong room code: ask the teacher for the code shown on the NeuroMesh computer")
         token, guest = secrets.token_urlsafe(32), "guest-" + secrets.token_hex(8)
         with self._lock:
-            self._sessions[token] = (guest, time.monotonic() + self.ttl)
-            while len(self._sessions) > self.max_sessions:
-                self._sessions.popitem(last=False)
+            sessions = self._loaded()
+            sessions[self._digest(token)] = (guest, time.time() + self.ttl)
+            while len(sessions) > self.max_sessions:
+                sessions.popitem(last=False)
+            self._save()
         return token, guest
 
     def guest_of(self, token):
-        if not token:
+        if not token or not isinstance(token, str) or len(token) > 256:
             return None
+        digest = self._digest(token)
         with self._lock:
-            session = self._sessions.get(token)
-            if session is None or session[1] < time.monotonic():
-                self._sessions.pop(token, None)
+            sessions = self._loaded()
+            session = sessions.get(digest)
+            if session is None or session[1] < time.time():
+                sessions.pop(digest, None)
                 return None
             return session[0]
 
@@ -8394,7 +8547,8 @@ class PageApi(HttpApi):
             raise HTTPFailure(403, "only this computer's owner may see the room code")
         lan = self.node.urls()[1] if hasattr(self.node, "urls") else []
         return {"guests": bool(self.node.config.guests), "urls": lan, "code": self.gate.door.code,
-                "code_is_mesh_key": bool(getattr(self.node.config, "mesh_key", None))}
+                "code_is_mesh_key": False, "codes": self.gate.door.codes(),
+                "reachable": bool(lan), "why_not": None if lan else guest_reach(self.node.config)}
 
     def _answer_reply(self, question, events):
         """SSE to a page that asked for it, else one JSON reply once the answer is stored."""
@@ -9161,7 +9315,7 @@ class LocalLLM:
             return "stopped", ("Ollama is installed on this computer but not running (nothing answers at %s): "
                                "start it with `ollama serve` (or open the Ollama app)" % ollama[0].url)
         if refused and (not ollama or self.config.ollama_url != DEFAULTS["ollama_url"]):
-            return "stopped", ("this computer's LLM server at %s is not running: start it" % refused[0].url)
+            return "stopped", ("nothing answers at %s: start the LLM server there" % refused[0].url)
         return "none", None
 
     def describe(self):
@@ -9510,7 +9664,8 @@ class Node(MeshListener):
         local = ["http://127.0.0.1:%d/" % port]
         if self.config.host in ("0.0.0.0", ""):
             return local, ["http://%s:%d/" % (ip, port) for ip in lan_addresses()]
-        return ["http://%s:%d/" % (self.config.host, port)], []
+        own = "http://%s:%d/" % (self.config.host, port)
+        return [own], [] if is_loopback(self.config.host) else [own]
 
 
 ###############################################################################
@@ -9580,7 +9735,7 @@ def windows_firewall_steps(ports, remove=False):
                        "classroom network, set it to Private (Settings > Network & internet > the network > "
                        "Private network), or, if you must, allow Public too: "
                        "Set-NetFirewallRule -Group NeuroMesh -Profile Any")
-    steps.notes.append("Run PowerShell as Administrator. Remove the rules with: python neuromesh.py firewall "
+    steps.notes.append("Run PowerShell as Administrator. Remove the rules with: " + RUN + " firewall "
                        "--uninstall")
     return steps
 
@@ -9762,6 +9917,45 @@ def port_in_use(host, protocol, port):
         sock.close()
 
 
+def probe_hello(host, port, room_key, timeout=3.0, max_size=MiB):
+    """The HELO of the node at ``host:port``, proven: the doctor dials it, runs the key proof with
+    ``room_key`` and checks the HELO's signature, as a node would, then hangs up without a HELO of
+    its own. OSError when it cannot connect or read in ``timeout``; ProtocolError when the key
+    proof or the HELO fails (another room code, or not a NeuroMesh)."""
+    deadline = time.monotonic() + timeout
+    link = Link(socket.create_connection((host, port), timeout=timeout), (host, port), True, max_size,
+                room_key=room_key)
+    handshake, decoder = link.handshake, link.decoder
+    try:
+        link.sock.sendall(b"".join(handshake.start()))
+        data = b""
+        while True:
+            frames = decoder.feed(data)
+            data = b""
+            if not frames:
+                link.sock.settimeout(max(0.01, deadline - time.monotonic()))
+                try:
+                    data = link.sock.recv(64 * 1024)
+                except ConnectionResetError:
+                    data = b""
+                if not data:
+                    raise ProtocolError("it closed the link %s: its room code differs, or it is not a NeuroMesh"
+                                        % ("before its HELO" if handshake.done else "during the key proof"))
+                continue
+            marker, payload = frames[0]
+            if not handshake.done:
+                link.sock.sendall(b"".join(handshake.receive(marker, payload)))
+                decoder.cipher = handshake.cipher
+            elif marker == HELLO:
+                check_frame(marker, payload)
+                proven_hello_key(link, payload["node_id"], payload)
+                return payload
+            else:
+                raise ProtocolError("it sent %s before its HELO" % marker.decode("ascii", "replace"))
+    finally:
+        close_quietly(link.sock)
+
+
 @dataclasses.dataclass
 class Finding:
     """One line of doctor's report; a ``problem`` blocks the mesh (doctor then exits 1)."""
@@ -9777,8 +9971,9 @@ class Doctor:
 
     Methods for the caller: ``run()`` (every check, in order; returns the findings).
     Nothing here changes the machine: ports are bound only to see whether they are free, one
-    probe datagram goes to each broadcast address, and each peer heard gets one TCP connection,
-    closed at once. Class variables: the timeouts.
+    probe datagram goes to each broadcast address, and each peer heard gets one link, which runs
+    the key proof with this machine's room code, reads the peer's HELO (its name and LLM: what a
+    closed room tells only its members) and is closed at once. Class variables: the timeouts.
     """
 
     connect_timeout = 3.0
@@ -9794,6 +9989,8 @@ class Doctor:
         self.findings = []
         self.running = running_node_info(config.data_dir)
         self.heard = {}  # node id -> (ip, announcement)
+        self.met = {}  # node id -> (ip, proven HELO) of the peers whose key proof passed
+        self.room_key = OPEN_ROOM_KEY
         self.other_room = 0
         self.local_models = []
 
@@ -9877,7 +10074,7 @@ class Doctor:
 
     def check_firewall(self):
         self.add("note", "firewall (%s): %s" % (self.system, firewall_state(self.system)),
-                 "if peers cannot reach this machine: python neuromesh.py firewall")
+                 "if peers cannot reach this machine: %s firewall" % RUN)
 
     def check_llm(self):
         config = self.config
@@ -9914,7 +10111,7 @@ class Doctor:
             self.add("note", "discovery is off (--no-discovery): peers come only from --peer")
             self.check_static_peers()
             return
-        room_key = derive_room_key(config.mesh_key) if config.mesh_key else OPEN_ROOM_KEY
+        self.room_key = room_key = derive_room_key(config.mesh_key) if config.mesh_key else OPEN_ROOM_KEY
         discovery = Discovery(config.udp_port, config.broadcast, "doctor-" + secrets.token_hex(8),
                               config.announce_interval, room_key=room_key, allow_public=config.allow_public)
         try:
@@ -9974,6 +10171,10 @@ class Doctor:
         close_quietly(sock)
         return None
 
+    @staticmethod
+    def label(node_id, ip, info):
+        return "%s (%s)" % (safe_text(info.get("name") or node_id[:8], 64), ip)
+
     def judge_peers(self):
         own = (self.running or {}).get("node_id")
         peers = {node_id: heard for node_id, heard in self.heard.items() if node_id != own}
@@ -9982,14 +10183,7 @@ class Doctor:
         if len(peers) > self.max_dialed:
             self.add("note", "heard %d peers; trying the TCP port of the first %d" % (len(peers), self.max_dialed))
         for node_id, (ip, message) in sorted(peers.items())[:self.max_dialed]:
-            label = "%s (%s)" % (safe_text(message.get("name") or node_id[:8], 64), ip)
-            error = self.reachable(ip, message["tcp_port"])
-            if error is None:
-                self.add("ok", "peer %s heard, and TCP %d reaches it" % (label, message["tcp_port"]))
-            else:
-                self.add("problem", "heard but cannot connect: TCP %d is blocked on %s (%s)"
-                         % (message["tcp_port"], label, error.strerror or error),
-                         "on %s, open the firewall: python neuromesh.py firewall" % label)
+            self.meet(node_id, ip, message)
         if peers:
             return
         if self.other_room:
@@ -10005,6 +10199,29 @@ class Doctor:
                      "start the others with --peer %s:%d (one reachable peer is enough)"
                      % ((lan_addresses() or ["THIS-MACHINE"])[0], self.config.tcp_port))
 
+    def meet(self, node_id, ip, message):
+        """Link to one peer heard, run the key proof, and report it by the name its HELO proves."""
+        port = message["tcp_port"]
+        try:
+            hello = probe_hello(ip, port, self.room_key, self.connect_timeout)
+        except ProtocolError as exc:
+            self.add("problem", "%s answers on TCP %d but the link fails: %s" % (self.label(node_id, ip, message),
+                                                                                port, safe_text(str(exc))),
+                     "give every machine of the room the same --mesh-key (doctor shows its key hash)")
+            return
+        except OSError as exc:
+            label = self.label(node_id, ip, message)
+            self.add("problem", "heard but cannot connect: TCP %d is blocked on %s (%s)"
+                     % (port, label, exc.strerror or exc),
+                     "on %s, open the firewall: %s firewall" % (label, RUN))
+            return
+        self.met[hello["node_id"]] = (ip, hello)
+        what = "has the LLM (%s)" % ", ".join(hello.get("models") or ["no model"]) if hello.get("has_llm") \
+            else "no LLM"
+        self.add("ok", "peer %s heard, and TCP %d reaches it: %s; %s"
+                 % (self.label(node_id, ip, hello), port, "it proved the room code" if self.config.mesh_key
+                    else "it linked", safe_text(what, 200)))
+
     def check_static_peers(self):
         """Tries each --peer; True when one answers."""
         answered = False
@@ -10019,25 +10236,35 @@ class Doctor:
         return answered
 
     def check_mesh_llm(self):
-        """A problem only when no LLM answers here and nobody on the mesh has one."""
-        if self.local_models:
+        """Names the computers with an LLM: this one, the peers met, and those the running node
+        knows; a problem only when there is none."""
+        hosts = ["this computer (%s)" % ", ".join(self.local_models)] if self.local_models else []
+        named = set()
+        for node_id, (ip, hello) in sorted(self.met.items()):
+            if hello.get("has_llm"):
+                named.add(node_id)
+                hosts.append("%s: %s" % (self.label(node_id, ip, hello), ", ".join(hello.get("models") or [])))
+        for peer in self.running_node_peers():
+            if peer.get("has_llm") is True and peer.get("node_id") not in named:
+                hosts.append("%s: %s" % (self.label(str(peer.get("node_id")), safe_text(peer.get("address"), 64),
+                                                    peer), _names(peer.get("models"), 100)))
+        if hosts:
+            self.add("ok", "LLM on the mesh: %s" % safe_text("; ".join(hosts), 1000))
             return
-        with_llm = [message.get("name") or node_id[:8] for node_id, (_ip, message) in self.heard.items()
-                    if message.get("has_llm") and node_id != (self.running or {}).get("node_id")]
-        hosts = 0
-        if self.running and self.running.get("http_port"):
-            try:
-                hosts = requests.get("http://127.0.0.1:%d/api/health" % self.running["http_port"],
-                                     timeout=self.llm_timeout).json().get("llm_hosts", 0)
-            except (requests.RequestException, ValueError, AttributeError):
-                hosts = 0
-        if with_llm or hosts:
-            self.add("ok", "LLMs on the mesh: %s" % (", ".join(safe_text(name, 64) for name in with_llm)
-                                                     or "%d host(s), says the running node" % hosts))
-            return
-        self.add("problem", "no LLM: none answers on this machine and no peer heard has one",
+        self.add("problem", "no LLM: none answers on this machine and no computer of the room has one",
                  "install Ollama on one machine of the room (https://ollama.com) and pull a model "
                  "(ollama pull llama3.2:1b), or point --ollama-url / --openai-url at a running one")
+
+    def running_node_peers(self):
+        """The peers the node running on this machine knows (its /api/peers), or []."""
+        if not (self.running and self.running.get("http_port")):
+            return []
+        try:
+            peers = requests.get("http://127.0.0.1:%d/api/peers" % self.running["http_port"],
+                                 timeout=self.llm_timeout).json()
+        except (requests.RequestException, ValueError):
+            return []
+        return [peer for peer in peers if isinstance(peer, dict)] if isinstance(peers, list) else []
 
 
 def run_doctor(config, system=None):
@@ -10131,9 +10358,9 @@ def run_status(config, port=None):
             reply.raise_for_status()
         health, peers, models = [reply.json() for reply in replies]
     except (requests.RequestException, ValueError) as exc:
-        print("neuromesh: error: no NeuroMesh answers at %s (%s).\nStart one with `python neuromesh.py`, or name "
-              "its port: python neuromesh.py status --http-port PORT (or its --data-dir)."
-              % (base, short_error(exc)), file=sys.stderr)
+        print("neuromesh: error: no NeuroMesh answers at %s (%s).\nStart one with `%s`, or name "
+              "its port: %s status --http-port PORT (or its --data-dir)."
+              % (base, short_error(exc), RUN, RUN), file=sys.stderr)
         return 1
     print("\n".join(status_report(health, peers, models)))
     return 0
@@ -10184,9 +10411,11 @@ def run_node(config):
     print("  Chat page on this computer: %s" % local[0], flush=True)
     for url in lan:
         print("  For others on the network: %s" % url, flush=True)
-    if config.guests:
-        print("  Guests (phones, Chromebooks) open that page and enter the room code: %s" % guest_code(config),
-              flush=True)
+    if config.guests and lan:
+        print("  Guests (phones, Chromebooks) open %s and enter the guest code: %s"
+              % (lan[0] if len(lan) == 1 else "one of the addresses above", guest_code(config)), flush=True)
+    elif config.guests:
+        print("  Guests cannot come in: %s." % guest_reach(config), flush=True)
     else:
         print("  Other machines are refused: start with --guests (chat page) or --lan-api (LLM API).", flush=True)
     if config.no_discovery:
@@ -10216,7 +10445,7 @@ def run_node(config):
 def run_transfer(config, command, directory):
     """``export DIR`` / ``import DIR``: the original NeuroMesh's file layout, to and from the store."""
     if not directory:
-        raise ConfigError("%s needs a directory: python neuromesh.py %s DIR" % (command, command))
+        raise ConfigError("%s needs a directory: %s %s DIR" % (command, RUN, command))
     key = load_node_key(config.data_dir)
     node_id = key.node_id
     store = Store(os.path.join(config.data_dir, DATABASE_FILE), node_id, config.name or "NeuroMesh-" + node_id[:4], key)
@@ -10233,12 +10462,32 @@ def run_transfer(config, command, directory):
     return 0
 
 
+def unknown_option(parser, argv):
+    """The error for the first ``--option`` in ``argv`` that the parser does not know, with the
+    closest known one; None when all are known. (argparse would first misread the option's value
+    as a command: "invalid choice: '8081'".)"""
+    known = [flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
+    for word in argv:
+        if word == "--":
+            return None
+        flag = word.split("=", 1)[0]
+        if not flag.startswith("--") or any(option.startswith(flag) for option in known):
+            continue
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+        return "unknown option %s%s" % (safe_text(flag, 60), " (did you mean %s?)" % close[0] if close else "")
+    return None
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if command_help(argv):
         print(command_help(argv), end="")
         return 0
     parser = build_arg_parser()
+    unknown = unknown_option(parser, argv)
+    if unknown:
+        print("%s: error: %s.\nRun `%s --help` to see every option." % (PROGRAM, unknown, RUN), file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if args.version:
         print(version_report())
@@ -10246,7 +10495,7 @@ def main(argv=None):
     try:
         config = load_config(args)
     except ConfigError as exc:
-        print("neuromesh.py: error: %s.\nRun `python neuromesh.py --help` to see every option." % exc,
+        print("%s: error: %s.\nRun `%s --help` to see every option." % (PROGRAM, exc, RUN),
               file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,

@@ -184,7 +184,7 @@ def format_value(value):
 
 
 def table(rows):
-    """The table as Markdown (printed, and pasted into the README's Performance section)."""
+    """The table as Markdown (printed, and pasted into docs/performance.md)."""
     lines = ["| figure | value | unit | goal | met | note |", "|---|---|---|---|---|---|"]
     for item in rows:
         met = {True: "yes", False: "**no**", None: ""}[item["met"]]

@@ -322,3 +322,17 @@ def test_install_ps1_names_the_microsoft_store_stub():
     assert "*\\WindowsApps\\*" in ps1 and "Microsoft Store's placeholder" in ps1
     assert "App execution aliases" in ps1
     assert "this machine's is older" in ps1 and "pip is not available" in ps1 and "PEP 668" in ps1
+
+
+def test_inside_the_bundle_messages_name_the_bundle_not_neuromesh_py(bundle, tmp_path):
+    """Issue 23: a user who runs the .pyz (or its folder) is told commands with its own name."""
+    pyz, folder = bundle
+    for target in (pyz, folder):
+        name = os.path.basename(target)
+        shown = subprocess.run([sys.executable, "-I", target, "--help"], capture_output=True, text=True, timeout=60)
+        assert shown.returncode == 0 and shown.stdout.startswith("usage: python3 %s [run" % name), shown.stdout
+        doctor = subprocess.run([sys.executable, "-I", target, "doctor", "--help"], capture_output=True, text=True,
+                                timeout=60)
+        assert "python3 %s doctor [--broadcast" % name in doctor.stdout
+        for text in (shown.stdout, doctor.stdout):
+            assert "neuromesh.py" not in text

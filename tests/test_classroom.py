@@ -213,7 +213,7 @@ def test_help_lists_the_commands_and_import_has_its_own_help():
         assert "\n  %s " % command in main.stdout, main.stdout
     own = _cli("import", "--help")
     assert own.returncode == 0
-    assert own.stdout.startswith("python neuromesh.py import: read conversations from DIR")
+    assert own.stdout.startswith("python3 neuromesh.py import: read conversations from DIR")
     assert "--http-port" not in own.stdout
 
 

@@ -168,7 +168,7 @@ def test_doctor_names_an_occupied_port_and_a_missing_llm_and_exits_non_zero(clus
     assert "[problem] TCP port %d (--http-port) is in use by another program" % port in out
     assert "fix: stop that program, or start NeuroMesh with --http-port %d" % (port + 1) in out
     assert "Ollama at http://127.0.0.1:" in out and "nothing answers there" in out
-    assert "[problem] no LLM: none answers on this machine and no peer heard has one" in out
+    assert "[problem] no LLM: none answers on this machine and no computer of the room has one" in out
     assert "[problem] no announcement heard: broadcasts are blocked on this network (client isolation?), use --peer" in out
     assert "bottle 0.13.4 from" in out and "Python %d.%d" % sys.version_info[:2] in out
     assert "[ok] data dir %s is writable" % (tmp_path / "d") in out
@@ -213,7 +213,7 @@ def test_doctor_counts_a_running_nodes_ports_as_held_and_its_peers_llm(cluster, 
     out = result.stdout
     assert "TCP port %d (--http-port) is held by the running node (pid %d)" % (
         plain.info["http_port"], plain.process.pid) in out, out
-    assert "LLMs on the mesh: 1 host(s), says the running node" in out
+    assert "[ok] LLM on the mesh: %s (127.0.0.1): %s" % (host.health()["name"], MODEL) in out
 
 
 # ---- status -------------------------------------------------------------------------------------
@@ -318,7 +318,7 @@ def test_doctor_in_a_namespace_reports_the_node_of_another_host_as_a_peer(two_ho
     peer_ip = "%s.1" % two_hosts.subnet
     assert "[ok] a broadcast can be sent to %s.255 (UDP 5000)" % two_hosts.subnet in out, out
     assert "[ok] peer lab-pc-1 (%s) heard, and TCP 7878 reaches it" % peer_ip in out, out
-    assert "[ok] LLMs on the mesh: lab-pc-1" in out
+    assert "[ok] LLM on the mesh: lab-pc-1" in out
     assert "broadcast %s.255" % two_hosts.subnet in out  # the interface list
     assert result.returncode == 0, out
 
@@ -345,7 +345,7 @@ def test_doctor_says_which_peer_blocks_its_tcp_port(two_hosts, tmp_path):
     out = result.stdout
     assert result.returncode == 1, out
     assert "[problem] heard but cannot connect: TCP 7878 is blocked on lab-pc-1 (%s.1)" % two_hosts.subnet in out
-    assert "fix: on lab-pc-1 (%s.1), open the firewall: python neuromesh.py firewall" % two_hosts.subnet in out
+    assert "fix: on lab-pc-1 (%s.1), open the firewall: python3 neuromesh.py firewall" % two_hosts.subnet in out
 
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
@@ -370,7 +370,7 @@ def test_the_new_commands_have_their_own_help():
     for command, words in (("doctor", "two\nannounce intervals"), ("status", "health, peers and LLM hosts"),
                            ("firewall", "New-NetFirewallRule in the group NeuroMesh")):
         result = run_cli(command, "--help")
-        assert result.returncode == 0 and result.stdout.startswith("python neuromesh.py %s: " % command)
+        assert result.returncode == 0 and result.stdout.startswith("python3 neuromesh.py %s: " % command)
         assert " ".join(words.split()) in " ".join(result.stdout.split()), result.stdout
     listing = run_cli("--help").stdout
     assert all("\n  %s " % command in listing for command in ("doctor", "status", "firewall"))

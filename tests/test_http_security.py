@@ -120,10 +120,12 @@ def test_guest_login_with_wrong_and_right_code(app, open_node):
     assert statuses[:10] == [403] * 10 and statuses[-1] == 429
 
 
-def test_the_guest_code_is_the_mesh_key_when_one_is_set(open_node):
+def test_the_guest_code_is_never_the_mesh_key(open_node):
     open_node.config.mesh_key = "room-42"
     app = neuromesh.build_app(open_node)
-    assert wsgi_call(app, "POST", "/api/guest/login", {"code": "room-42"}, remote=PHONE).status == 200
+    assert wsgi_call(app, "POST", "/api/guest/login", {"code": "room-42"}, remote=PHONE).status == 403
+    code = neuromesh.guest_code(open_node.config)
+    assert wsgi_call(app, "POST", "/api/guest/login", {"code": code}, remote=PHONE).status == 200
 
 
 def test_guests_see_their_own_and_shared_conversations_never_private_ones(app, open_node):
