@@ -55,6 +55,7 @@
     pulse: "M3 12h4l3-8 4 16 3-8h4",
     close: "M6 6l12 12M18 6 6 18",
     search: "M10.5 4a6.5 6.5 0 1 0 0 13 6.5 6.5 0 0 0 0-13zM15.5 15.5 20 20",
+    settings: "M4 7h9M17 7h3M15 5v4M4 17h3M11 17h9M9 15v4",
     invite: "M9 11a3.5 3.5 0 1 0 0-7 3.5 3.5 0 0 0 0 7zM3 20c0-3.3 2.7-6 6-6s6 2.7 6 6M19 8v6M16 11h6",
   };
 
@@ -148,8 +149,13 @@
     };
   }
 
-  function plural(n, word) {
-    return n + " " + word + (n === 1 ? "" : "s");
+  /** "1 peer", "2 peers"; ``many`` for a plural that is not word + "s" ("peers linked"). */
+  function plural(n, word, many) {
+    return n + " " + noun(n, word, many);
+  }
+
+  function noun(n, word, many) {
+    return n === 1 ? word : many || word + "s";
   }
 
   function formatClock(iso) {
@@ -322,10 +328,12 @@
     $("#rename-node").hidden = !owner;
     $("#name-hint").hidden = !(owner && health.name_is_generic && $("#rename-node-form").hidden);
     $("#stat-peers").textContent = String(peers);
+    $("#stat-peers-word").textContent = noun(peers, "peer linked", "peers linked");
     $("#stat-llm").textContent = String(llm);
+    $("#stat-llm-word").textContent = noun(llm, "LLM host");
     renderSharing(owner);
     $("#live-dot").className = "dot " + (state.live ? "live" : "down");
-    $("#topbar-status").textContent = health ? health.name + " · " + plural(peers, "peer") + " · " + llm + " LLM" : "";
+    $("#topbar-status").textContent = health ? health.name + " · " + plural(peers, "peer") + " · " + plural(llm, "LLM host") : "";
     if (health) document.title = health.name + " · NeuroMesh";
     const footer = $("#sidebar-footer");
     const lines = [
@@ -1646,9 +1654,9 @@
     const known = state.peers.size;
     const linked = connectedPeers().length;
     $("#mesh-overview").replaceChildren(
-      card(linked, "peers linked" + (known > linked ? " (" + (known - linked) + " offline)" : "")),
-      card(llmHostCount(), "LLM hosts on the mesh"),
-      card(health ? health.messages : "—", "messages stored here"),
+      card(linked, noun(linked, "peer linked", "peers linked") + (known > linked ? " (" + (known - linked) + " offline)" : "")),
+      card(llmHostCount(), noun(llmHostCount(), "LLM host") + " on the mesh"),
+      card(health ? health.messages : "—", (health ? noun(health.messages, "message") : "messages") + " stored here"),
       card(
         health ? (health.status === "ok" ? "OK" : health.status) : "—",
         health ? "health · up " + formatDuration(health.uptime_s) : "health",
@@ -2235,6 +2243,8 @@
     if (status.dataset.key === key) return; // unchanged: leave it for screen readers and selection
     status.dataset.key = key;
     status.className = "room-status " + (room.closed ? "closed" : "open");
+    status.title = roomStatusText(state.health);
+    expandRoomStatus(false);
     status.replaceChildren(
       ...(room.closed
         ? [icon("lock"), h("span", null, roomStatusText(state.health))]
@@ -2250,6 +2260,15 @@
             ),
           ]),
     );
+  }
+
+  /** The room's notice is one line until "more" is pressed. */
+  function expandRoomStatus(expanded) {
+    $("#room-status").classList.toggle("expanded", expanded);
+    $("#room").classList.toggle("expanded", expanded);
+    const more = $("#room-more");
+    more.setAttribute("aria-expanded", String(expanded));
+    more.textContent = expanded ? "less" : "more";
   }
 
   // -- the owner's invitation --------------------------------------------------------------------
@@ -2635,6 +2654,7 @@
     $("#signin-form").addEventListener("submit", submitSignIn);
     $("#signin-code").addEventListener("input", () => setSignInError(""));
     $("#invite-open").addEventListener("click", openInvite);
+    $("#room-more").addEventListener("click", () => expandRoomStatus(!$("#room-status").classList.contains("expanded")));
     $("#invite-close").addEventListener("click", closeInvite);
     $("#invite").addEventListener("click", (event) => {
       if (event.target === event.currentTarget) closeInvite(); // a click on the backdrop
