@@ -90,3 +90,105 @@ def test_the_sidebar_shows_at_least_eight_conversations(pages, lesson, viewport)
         page.wait_for_timeout(300)  # the drawer slides in (no transition under reduced motion)
     pages.screenshot(page, "sidebar")
     assert fully_visible_conversations(page) >= 8
+
+
+# ---- item 7: Markdown tables and plurals ------------------------------------------------------------
+
+TREE = """source => {
+    const tree = node => node.nodeType === 3 ? node.data
+        : [node.nodeName.toLowerCase(), node.className || "", ...[...node.childNodes].map(tree)];
+    return [...window.NeuroMarkdown.render(source).childNodes].map(tree);
+}"""
+
+
+@pytest.fixture(scope="module")
+def markdown_page(browser, lesson):
+    """One page of the teacher's node, for rendering Markdown through markdown.js."""
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(lesson.teacher.url + "/")
+        page.wait_for_function("window.NeuroMarkdown !== undefined")
+        yield page
+    finally:
+        context.close()
+
+
+def render(page, source):
+    return page.evaluate(TREE, source)
+
+
+def table_of(header, rows, aligns):
+    cell = lambda tag, text, align: [tag, "align-" + align if align else ""] + ([text] if text else [])  # noqa: E731
+    head = ["thead", "", ["tr", ""] + [cell("th", text, align) for text, align in zip(header, aligns)]]
+    body = ["tbody", ""] + [["tr", ""] + [cell("td", text, align) for text, align in zip(row, aligns)] for row in rows]
+    return ["div", "table-scroll", ["table", "", head] + ([body] if rows else [])]
+
+
+def test_the_markdown_table_parser(markdown_page):
+    page = markdown_page
+    gfm = "| Planet | Moons | Rings |\n|:-------|:-----:|------:|\n| Earth | 1 | no |\n| Saturn | 146 | yes |"
+    assert render(page, gfm) == [table_of(["Planet", "Moons", "Rings"], [["Earth", "1", "no"], ["Saturn", "146", "yes"]],
+                                          ["left", "center", "right"])]
+    # Without outer pipes, short rows padded, long rows cut, \| kept as a pipe, a paragraph before and after.
+    source = "Compare:\na | b\n--- | ---\n1\n2 | 3 | 4\nx \\| y | z\n\nThat is all."
+    assert render(page, source) == [["p", "", "Compare:"],
+                                    table_of(["a", "b"], [["1", ""], ["2", "3"], ["x | y", "z"]], ["", ""]),
+                                    ["p", "", "That is all."]]
+    # Inline Markdown in cells; HTML stays text.
+    assert render(page, "| **bold** | <img src=x onerror=alert(1)> |\n|---|---|") == [
+        ["div", "table-scroll", ["table", "", ["thead", "", ["tr", "", ["th", "", ["strong", "", "bold"]],
+                                                             ["th", "", "<img src=x onerror=alert(1)>"]]]]]]
+    # Not tables: a header and delimiter of different widths, no delimiter row, a rule under a line.
+    assert render(page, "| a | b |\n|---|") == [["p", "", "| a | b |", ["br", ""], "|---|"]]
+    assert render(page, "a | b\nc | d") == [["p", "", "a | b", ["br", ""], "c | d"]]
+    assert render(page, "| a | b |") == [["p", "", "| a | b |"]]
+    # A table ends where another block starts.
+    assert render(page, "|a|\n|-|\n|1|\n- item")[1] == ["ul", "", ["li", "", "item"]]
+
+
+def test_hostile_markdown_renders_quickly_and_only_as_allowed_elements(markdown_page):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    allowed = {"p", "br", "strong", "em", "code", "pre", "a", "ul", "ol", "li", "blockquote", "hr", "h3", "h4", "h5",
+               "h6", "div", "span", "button", "table", "thead", "tbody", "tr", "th", "td"}
+    pieces = st.sampled_from(["|", "-", ":", " ", "\n", "\\", "`", "*", "a", "<b>", "---", "| x |", "\\|", "> ", "1. "])
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(pieces, max_size=60).map("".join))
+    def check(source):
+        tags = markdown_page.evaluate("""source => {
+            const box = document.createElement("div");
+            box.append(window.NeuroMarkdown.render(source));
+            return [...box.querySelectorAll("*")].map(e => e.nodeName.toLowerCase()
+                + [...e.attributes].filter(a => a.name.startsWith("on") || a.name === "style").map(a => "@" + a.name).join(""));
+        }""", source)
+        assert set(tags) <= allowed, (source, tags)
+
+    check()
+    # Long hostile lines stay fast (a backtracking pattern would take minutes here).
+    for source in ("-" + " " * 50000 + "x\n| a |", "| a " * 20000 + "|\n" + "|-" * 20000 + "|", "|\n" * 20000):
+        elapsed = markdown_page.evaluate("s => { const t = performance.now(); window.NeuroMarkdown.render(s);"
+                                         " return performance.now() - t; }", source)
+        print("render of %d hostile characters: %.0f ms" % (len(source), elapsed))
+
+
+def test_an_answer_with_a_table_shows_a_table_and_counts_read_as_words(pages, lesson):
+    page = pages.open(lesson.teacher, viewport=LAPTOP)
+    expect(page.locator("#stat-llm")).to_have_text("1")
+    expect(page.locator(".live-counts")).to_have_text(re.compile(r"^\s*1 peer linked\s+1 LLM host\s*$"))
+    ask(page, "Make a table:\n\n| Planet | Moons |\n|:--|--:|\n| Earth | 1 |\n| Mars | 2 |\n\nThanks.")
+    answer = finished_answers(page).last
+    table = answer.locator("table")
+    expect(table).to_have_count(1)
+    expect(table.locator("thead th")).to_have_text(["Planet", "Moons"])
+    expect(table.locator("tbody tr")).to_have_count(2)
+    expect(table.locator("tbody tr").nth(1).locator("td")).to_have_text(["Mars", "2"])
+    assert table.locator("tbody td").nth(1).evaluate("td => getComputedStyle(td).textAlign") == "right"
+    expect(answer).not_to_contain_text("|:--|")
+    pages.screenshot(page, "table")
+    page.get_by_role("link", name="Mesh").click()
+    expect(page.locator("#mesh-overview")).to_contain_text("1peer linked")
+    expect(page.locator("#mesh-overview")).to_contain_text("1LLM host on the mesh")
+    pages.screenshot(page, "mesh-counts")
