@@ -1134,7 +1134,9 @@
     });
   }
 
-  /** Appends messages stored since the page drew the conversation (from peers, or after a stop). */
+  /** Appends messages stored since the page drew the conversation (from peers, or after a stop); a
+   * local question or answer that is now stored (a Stop, or the node restarted mid-answer) is
+   * replaced by the stored one, so one answer shows and its Retry is gone. */
   async function syncCurrentConversation() {
     const id = state.currentId;
     if (!id || (state.stream && state.stream.conversationId === id)) return;
@@ -1157,7 +1159,7 @@
     for (const message of conversation.messages) {
       if (shown.has(message.id)) continue;
       const local = [...ui.messages.querySelectorAll(".message." + message.role + ":not([data-id])")].find((el) =>
-        message.role === "user" ? el.dataset.content === message.content : el.classList.contains("stopped"),
+        message.role === "user" ? el.dataset.content === message.content : answersStoredQuestion(el, message, conversation),
       );
       const view = messageView(message);
       if (local) local.replaceWith(view);
@@ -1167,6 +1169,18 @@
     updateWelcome();
     updateAnswerActions();
     if (stick) scrollToBottom(true);
+  }
+
+  /** Whether the local answer ``el`` (stopped, or failed when the node went down) is the stored ``message``:
+   * the question before it is the one the store answers with ``message``. */
+  function answersStoredQuestion(el, message, conversation) {
+    if (!el.classList.contains("stopped") && !el.classList.contains("failed")) return false;
+    let question = el.previousElementSibling;
+    while (question && !question.classList.contains("user")) question = question.previousElementSibling;
+    if (!question) return false;
+    const at = conversation.messages.indexOf(message);
+    const asked = conversation.messages.slice(0, at).reverse().find((m) => m.role === "user");
+    return Boolean(asked) && (question.dataset.id ? question.dataset.id === asked.id : question.dataset.content === asked.content);
   }
 
   const scheduleCurrentSync = debounce(syncCurrentConversation, 120);
@@ -1531,7 +1545,8 @@
       if (error.name === "AbortError") answer.stopped();
       else if (error.signIn) answer.fail(SIGNED_OUT + " Then press Retry.", retry);
       else {
-        answer.fail(error.message || String(error), retry);
+        // A stream cut by the node going down reads "network error": say what happened instead.
+        answer.fail(error instanceof TypeError ? NODE_DOWN : error.message || String(error), retry);
         // Nothing was stored: give the question back to the composer, unless a new draft is there.
         if (!userStored && error.nodeDown && !ui.prompt.value.trim()) {
           ui.prompt.value = context.content;

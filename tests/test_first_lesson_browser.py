@@ -192,3 +192,40 @@ def test_an_answer_with_a_table_shows_a_table_and_counts_read_as_words(pages, le
     expect(page.locator("#mesh-overview")).to_contain_text("1peer linked")
     expect(page.locator("#mesh-overview")).to_contain_text("1LLM host on the mesh")
     pages.screenshot(page, "mesh-counts")
+
+
+# ---- item 4: one answer, not two, after the node restarted mid-answer ----------------------------
+
+def test_after_the_node_restarts_mid_answer_one_stored_answer_shows_and_no_stale_retry(cluster, pages, fake):
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    node = cluster.start("restarting", extra=["--http-port", str(port), "--name", "Teacher-PC",
+                                             "--ollama-url", fake.url, "--model", MODEL])
+    page = pages.open(node, viewport=LAPTOP)
+    pages.allow_console(r"net::ERR_CONNECTION_REFUSED|Failed to load resource|net::ERR_")
+    expect(page.locator("#stat-llm")).to_have_text("1")
+    fake.token_delay = 0.2
+    try:
+        ask(page, "Tell me a long story about photosynthesis.")
+        page.locator("#messages .message.assistant.streaming .markdown").filter(has_text="Echo").wait_for()
+        node.stop()
+    finally:
+        fake.token_delay = 0.04
+    stale = page.locator("#messages .message.assistant:not([data-id])")
+    expect(stale.get_by_role("button", name="Retry")).to_be_visible()
+    expect(stale).not_to_contain_text("network error")  # said in words
+    pages.screenshot(page, "node-down-mid-answer")
+    node.start()
+    expect(page.locator("#live-dot")).to_have_class(re.compile(r"\blive\b"), timeout=20000)
+    answers = page.locator("#messages .message.assistant")
+    expect(answers).to_have_count(1)
+    expect(page.locator("#messages .message.assistant[data-id]")).to_contain_text("Cut off")
+    expect(page.get_by_role("button", name="Retry")).to_have_count(0)
+    expect(page.locator("#messages .message.user")).to_have_count(1)
+    conversation_id = page.evaluate("decodeURIComponent(location.hash.split('/')[2])")
+    stored = node.json("/api/conversations/" + conversation_id)["messages"]
+    assert [m["role"] for m in stored] == ["user", "assistant"] and stored[1]["cut_off"] is True
+    expect(answers).to_have_attribute("data-id", stored[1]["id"])
+    pages.screenshot(page, "reconnected")
