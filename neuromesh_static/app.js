@@ -586,14 +586,30 @@
     if ($("#search-input").value.trim() !== query) return;
     $("#search-list").replaceChildren(
       ...(found.length
-        ? found.map((c) => {
-            const item = conversationItem(c);
-            if (c.match === "message")
-              item.querySelector(".conversation-open").append(h("span", { class: "search-snippet" }, c.snippet));
-            return item;
-          })
+        ? found.map((c) => searchItem(c, query))
         : [h("li", { class: "empty" }, "Nothing found for “" + query + "”.")]),
     );
+  }
+
+  /** A search result: the title, the words around the match (for a title match, the first question's),
+   * the matches marked, and the computer it comes from. */
+  function searchItem(c, query) {
+    const item = conversationItem(c);
+    const open = item.querySelector(".conversation-open");
+    const title = open.querySelector(".conversation-title > span:last-child");
+    title.replaceChildren(...marked(title.textContent, query));
+    open.append(h("span", { class: "search-snippet" }, marked(String(c.snippet || ""), query)));
+    open.querySelector(".conversation-meta").textContent =
+      "on " + machineName(c) + " · " + plural(c.message_count, "message") + " · " + agoFromIso(c.updated_at);
+    return item;
+  }
+
+  /** ``text`` as text nodes, each occurrence of ``query`` (any case, any spacing) in a <mark>. */
+  function marked(text, query) {
+    const words = query.split(/\s+/).filter(Boolean).map((w) => w.replace(/[.*+?^${}()|[\]\\]/g, "\\$&"));
+    if (!words.length) return [text];
+    const parts = text.split(new RegExp("(" + words.join("\\s+") + ")", "i"));
+    return parts.map((part, index) => (index % 2 ? h("mark", null, part) : part)).filter((part) => part !== "");
   }
 
   const scheduleSearch = debounce(runSearch, 200);

@@ -229,3 +229,34 @@ def test_after_the_node_restarts_mid_answer_one_stored_answer_shows_and_no_stale
     assert [m["role"] for m in stored] == ["user", "assistant"] and stored[1]["cut_off"] is True
     expect(answers).to_have_attribute("data-id", stored[1]["id"])
     pages.screenshot(page, "reconnected")
+
+
+# ---- item 2: search results tell look-alike conversations apart ----------------------------------
+
+def test_search_results_show_the_words_around_the_match_and_the_computer(pages, lesson):
+    teacher_name = lesson.teacher.health()["name"]
+    page = pages.open(lesson.teacher, viewport=LAPTOP)
+    search = page.get_by_label("Search conversations")
+    search.fill("photosynth")
+    results = page.locator("#search-list .conversation")
+    expect(results).to_have_count(2)
+    expect(results.locator(".conversation-title")).to_have_text([TOPICS[0], TOPICS[0]])
+    origins = sorted(results.locator(".conversation-meta").all_inner_texts())
+    assert origins[0].startswith("on " + STUDENT + " · ") and origins[1].startswith("on %s (this computer) · " % teacher_name), origins
+    expect(results.locator(".conversation-title mark")).to_have_text(["photosynth", "photosynth"])
+    # Each says what was asked in it: the student's question and the teacher's differ.
+    snippets = sorted(results.locator(".search-snippet").all_inner_texts())
+    assert snippets == ["Explain photosynthesis to a ten-year-old, with chlorophyll.",
+                        "Tell me about what is photosynthesis?"], snippets
+    pages.screenshot(page, "search-title")
+    search.fill("CHLOROPHYLL")
+    expect(results).to_have_count(1)
+    expect(results.locator(".search-snippet")).to_contain_text("to a ten-year-old, with chlorophyll.")
+    expect(results.locator(".search-snippet mark")).to_have_text("chlorophyll")
+    expect(results.locator(".conversation-meta")).to_contain_text("on " + STUDENT)
+    pages.screenshot(page, "search-message")
+    phone = pages.open(lesson.teacher, viewport=PHONE)
+    phone.get_by_role("button", name="Open the sidebar").click()
+    phone.get_by_label("Search conversations").fill("photosynth")
+    expect(phone.locator("#search-list .conversation .search-snippet")).to_have_count(2)
+    pages.screenshot(phone, "search-phone")
