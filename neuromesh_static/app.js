@@ -91,7 +91,7 @@
     }
   }
 
-  const SIGNED_OUT = "Your sign-in has ended: enter the room code again.";
+  const SIGNED_OUT = "Your sign-in has ended: enter the guest code again.";
 
   /** The ApiError of a non-2xx reply, with the node's sentence; a 401 also asks for the room code. */
   async function apiError(response) {
@@ -2369,13 +2369,34 @@
       if (code) {
         $("#invite-qr-code").replaceChildren(code);
         $("#invite-qr-caption").textContent =
-          "Scan with a phone's camera to open " + urls[0] + (invite.code ? ", then enter the room code." : ".");
+          "Scan with a phone's camera to open " + urls[0] + (invite.code ? ", then enter the guest code." : ".");
       }
     }
-    $("#invite-note").textContent =
-      (invite.code_is_mesh_key
-        ? "This is the room's code (--mesh-key): it opens every computer of the room. "
-        : "This code opens this computer only. ") + "Guests see only their own chats and the ones shared in the room.";
+    $("#invite-note").replaceChildren(...inviteCodes(Boolean(invite.code_is_mesh_key)));
+  }
+
+  /** Which code does what: the guest code is for browsers, the room code (--mesh-key) for computers. */
+  function inviteCodes(same) {
+    return [
+      h(
+        "li",
+        null,
+        h("strong", null, "Guest code"),
+        " (above): lets a browser chat here as a guest, who sees only their own chats and the ones shared in the room. ",
+        same ? "" : "This code opens this computer only.",
+      ),
+      h(
+        "li",
+        { class: same ? "invite-warning" : null },
+        h("strong", null, "Room code"),
+        " (",
+        h("code", null, "--mesh-key"),
+        same
+          ? "): here the same code, so whoever has it can also join a computer to the mesh as a node, with every " +
+              "computer's shared chats. Give it only to people you would let do both."
+          : "): lets a computer join the mesh as a node. You keep it; it is not shown here.",
+      ),
+    ];
   }
 
   // -- a guest's sign-in -------------------------------------------------------------------------
@@ -2398,7 +2419,7 @@
     reason.hidden = !(ended && state.started);
     reason.textContent = reason.hidden
       ? ""
-      : "Your sign-in has ended (the NeuroMesh computer may have restarted). Enter the room code again.";
+      : "Your sign-in has ended (the NeuroMesh computer may have restarted). Enter the guest code again.";
     setSignInError("");
     $("#signin-code").value = "";
     box.hidden = false;
@@ -2449,7 +2470,7 @@
     const input = $("#signin-code");
     const code = input.value.trim();
     if (!code) {
-      setSignInError("Enter the room code first: your teacher has it.");
+      setSignInError("Enter the guest code first: your teacher has it.");
       input.focus();
       return;
     }
@@ -2490,7 +2511,7 @@
       );
       waitBeforeRetry(seconds);
     } else if (response.status === 400) {
-      setSignInError("Enter the room code first: your teacher has it.");
+      setSignInError("Enter the guest code first: your teacher has it.");
     } else {
       setSignInError("The NeuroMesh computer could not sign you in just now. Try again in a moment.");
     }

@@ -385,7 +385,7 @@ def test_the_invitation_shows_a_qr_code_of_the_address(pages, mesh):
     qr = dialog.get_by_role("img", name="QR code of the address http://192.168.1.20:8080/")
     expect(qr).to_be_visible()
     expect(qr).to_have_attribute("data-version", "2")
-    expect(dialog.locator("#invite-qr-caption")).to_contain_text("then enter the room code")
+    expect(dialog.locator("#invite-qr-caption")).to_contain_text("then enter the guest code")
     assert qr.bounding_box()["width"] >= 120
     pages.screenshot(page, "invite-qr")
 

@@ -260,3 +260,33 @@ def test_search_results_show_the_words_around_the_match_and_the_computer(pages, 
     phone.get_by_label("Search conversations").fill("photosynth")
     expect(phone.locator("#search-list .conversation .search-snippet")).to_have_count(2)
     pages.screenshot(phone, "search-phone")
+
+
+# ---- item 5: the invitation says which code does what ----------------------------------------------
+
+def test_the_invitation_says_the_guest_code_is_for_browsers_and_the_room_code_for_computers(cluster, pages):
+    host = cluster.start("host", discovery=False, extra=["--name", "Teacher-PC", "--guests"])
+    code = host.json("/api/guests")["code"]
+    page = pages.open(host, viewport=LAPTOP)
+    page.get_by_role("button", name="Invite guests").click()
+    dialog = page.get_by_role("dialog", name="Invite guests")
+    expect(dialog.locator("#invite-code")).to_have_text(code)
+    expect(dialog).to_contain_text("Enter the guest code")
+    notes = dialog.locator("#invite-note li")
+    expect(notes).to_have_count(2)
+    expect(notes.nth(0)).to_contain_text("Guest code (above): lets a browser chat here as a guest")
+    expect(notes.nth(0)).to_contain_text("This code opens this computer only.")
+    expect(notes.nth(1)).to_contain_text("Room code (--mesh-key): lets a computer join the mesh as a node. You keep it")
+    assert code not in notes.nth(1).inner_text()
+    pages.screenshot(page, "invite")
+
+
+def test_when_the_guest_code_is_the_room_code_the_invitation_warns(pages, lesson):
+    invitation = {"guests": True, "code": "BLUEFOX-42", "code_is_mesh_key": True, "urls": ["http://192.168.1.20:8080/"]}
+    page = pages.open(lesson.teacher, viewport=PHONE, before=lambda page: page.route(
+        "**/api/guests", lambda route: json_reply(route, 200, invitation)))
+    page.get_by_role("button", name="Open the sidebar").click()
+    page.get_by_role("button", name="Invite guests").click()
+    warning = page.get_by_role("dialog", name="Invite guests").locator("#invite-note .invite-warning")
+    expect(warning).to_contain_text("here the same code, so whoever has it can also join a computer to the mesh as a node")
+    pages.screenshot(page, "invite-same-code")
