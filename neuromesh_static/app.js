@@ -1507,7 +1507,8 @@
     const retry = () => {
       if (state.stream) return;
       answer.element.remove();
-      if (userStored) {
+      // A question the page found stored after a reconnect (its local bubble replaced) is not asked twice.
+      if (userStored || (context.userView && !context.userView.isConnected)) {
         regenerate();
       } else {
         if (context.userView) context.userView.remove();

@@ -458,7 +458,7 @@ def test_diagnostics_and_mesh_overview_show_this_node(pages, mesh):
     expect(diagnostics).to_contain_text("127.255.255.255")
     expect(page.locator("#particles")).to_have_attribute("data-running", "true")
     page.get_by_role("link", name="Mesh").click()
-    expect(page.locator("#mesh-overview")).to_contain_text("LLM hosts")
+    expect(page.locator("#mesh-overview")).to_contain_text("LLM host on the mesh")  # one host: singular (issue 23)
     expect(page.locator("#mesh-graph g.node.self.llm")).to_have_count(1)
     expect(page.locator('#mesh-graph g.node.peer[data-node-id="%s"]' % mesh.plain.node_id)).to_contain_text(PLAIN_NAME)
     expect(page.locator('#peer-rows tr[data-node-id="%s"]' % mesh.plain.node_id)).to_contain_text("linked")
