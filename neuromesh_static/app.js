@@ -333,7 +333,9 @@
     $("#stat-llm-word").textContent = noun(llm, "LLM host");
     renderSharing(owner);
     $("#live-dot").className = "dot " + (state.live ? "live" : "down");
-    $("#topbar-status").textContent = health ? health.name + " · " + plural(peers, "peer") + " · " + plural(llm, "LLM host") : "";
+    $("#topbar-status").textContent = health
+      ? health.name + " · " + plural(peers, "peer") + " · " + plural(llm, "LLM host")
+      : "";
     if (health) document.title = health.name + " · NeuroMesh";
     const footer = $("#sidebar-footer");
     const lines = [
@@ -1175,7 +1177,9 @@
     for (const message of conversation.messages) {
       if (shown.has(message.id)) continue;
       const local = [...ui.messages.querySelectorAll(".message." + message.role + ":not([data-id])")].find((el) =>
-        message.role === "user" ? el.dataset.content === message.content : answersStoredQuestion(el, message, conversation),
+        message.role === "user"
+          ? el.dataset.content === message.content
+          : answersStoredQuestion(el, message, conversation),
       );
       const view = messageView(message);
       if (local) local.replaceWith(view);
@@ -1196,7 +1200,8 @@
     if (!question) return false;
     const at = conversation.messages.indexOf(message);
     const asked = conversation.messages.slice(0, at).reverse().find((m) => m.role === "user");
-    return Boolean(asked) && (question.dataset.id ? question.dataset.id === asked.id : question.dataset.content === asked.content);
+    if (!asked) return false;
+    return question.dataset.id ? question.dataset.id === asked.id : question.dataset.content === asked.content;
   }
 
   const scheduleCurrentSync = debounce(syncCurrentConversation, 120);
@@ -1686,7 +1691,10 @@
     const known = state.peers.size;
     const linked = connectedPeers().length;
     $("#mesh-overview").replaceChildren(
-      card(linked, noun(linked, "peer linked", "peers linked") + (known > linked ? " (" + (known - linked) + " offline)" : "")),
+      card(
+        linked,
+        noun(linked, "peer linked", "peers linked") + (known > linked ? " (" + (known - linked) + " offline)" : ""),
+      ),
       card(llmHostCount(), noun(llmHostCount(), "LLM host") + " on the mesh"),
       card(health ? health.messages : "—", (health ? noun(health.messages, "message") : "messages") + " stored here"),
       card(
@@ -2383,7 +2391,8 @@
         "li",
         null,
         h("strong", null, "Guest code"),
-        " (above): lets a browser chat here as a guest, who sees only their own chats and the ones shared in the room. ",
+        " (above): lets a browser chat here as a guest, who sees only their own chats and the ones shared " +
+          "in the room. ",
         same ? "" : "This code opens this computer only.",
       ),
       h(
@@ -2707,7 +2716,9 @@
     $("#signin-form").addEventListener("submit", submitSignIn);
     $("#signin-code").addEventListener("input", () => setSignInError(""));
     $("#invite-open").addEventListener("click", openInvite);
-    $("#room-more").addEventListener("click", () => expandRoomStatus(!$("#room-status").classList.contains("expanded")));
+    $("#room-more").addEventListener("click", () =>
+      expandRoomStatus(!$("#room-status").classList.contains("expanded")),
+    );
     $("#invite-close").addEventListener("click", closeInvite);
     $("#invite").addEventListener("click", (event) => {
       if (event.target === event.currentTarget) closeInvite(); // a click on the backdrop

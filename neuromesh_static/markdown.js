@@ -135,9 +135,11 @@
     const delimiters = tableCells(lines[i + 1]);
     if (!delimiters.every((cell) => /^:?-+:?$/.test(cell))) return null;
     if (delimiters.length !== tableCells(lines[i]).length || delimiters.length > MAX_COLUMNS) return null;
-    return delimiters.map((cell) =>
-      cell.startsWith(":") && cell.endsWith(":") ? "center" : cell.endsWith(":") ? "right" : cell.startsWith(":") ? "left" : "",
-    );
+    return delimiters.map((cell) => {
+      const left = cell.startsWith(":");
+      const right = cell.endsWith(":");
+      return left && right ? "center" : right ? "right" : left ? "left" : "";
+    });
   }
 
   function tableRow(cells, aligns, tag) {

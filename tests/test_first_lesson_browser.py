@@ -6,7 +6,6 @@ tables, plurals, and an invitation that says which code does what. Uses the guar
 test_browser.py (loopback only, no console error, no dialog) and leaves screenshots in artifacts/.
 """
 
-import os
 import re
 from types import SimpleNamespace
 
@@ -49,7 +48,8 @@ def lesson(tmp_path_factory, fake):
 
 def with_question(node, title, question):
     conversation = node.post("/api/conversations", json={"title": title}).json()
-    reply = node.post("/api/conversations/%s/messages" % conversation["id"], json={"content": question, "answer": False})
+    reply = node.post("/api/conversations/%s/messages" % conversation["id"],
+                      json={"content": question, "answer": False})
     assert reply.status_code == 201, reply.text
     return conversation
 
