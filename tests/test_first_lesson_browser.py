@@ -91,7 +91,9 @@ def test_the_sidebar_shows_at_least_eight_conversations(pages, lesson, viewport)
     expect(page.locator("#room-status")).to_be_visible()
     expect(page.get_by_role("link", name="Diagnostics")).to_be_visible()
     pages.screenshot(page, "sidebar")
-    assert fully_visible_conversations(page) >= 8
+    visible = fully_visible_conversations(page)
+    print("conversations wholly visible at %(width)dx%(height)d: " % viewport + str(visible))
+    assert visible >= 8
     # What folded away is one click from there: the room's whole notice, the settings.
     more = page.get_by_role("button", name="more", exact=True)
     more.click()
