@@ -2659,7 +2659,8 @@ class StorePages:
 
     def search(self, query, limit=50) -> list:
         """Listed conversations whose title or a message contains ``query`` (any case): records
-        with ``match`` ("title" or "message") and ``snippet`` (the text around the first hit)."""
+        with ``match`` ("title" or "message") and ``snippet`` (the text around the first hit; for a
+        title, the words of its first message, so that two look-alike titles can be told apart)."""
         needle = " ".join(str(query).split()).lower()
         if not needle:
             return []
@@ -2668,7 +2669,7 @@ class StorePages:
             by_title = self._db.execute(
                 self._RECORD_SQL + " WHERE " + self._VISIBLE_SQL + " AND instr(lower(c.title), ?) > 0"
                 " ORDER BY c.updated_at DESC LIMIT ?", (self.node_id, needle, limit)).fetchall()
-            found = [dict(self._record(row), match="title", snippet=row["title"]) for row in by_title]
+            found = [dict(self._record(row), match="title", snippet=self._first_words(row, needle)) for row in by_title]
             seen = {record["id"] for record in found}
             hits = self._db.execute(
                 "SELECT e.conversation_id, json_extract(e.data, '$.content') AS content"
@@ -2686,6 +2687,12 @@ class StorePages:
                                   snippet=_snippet(hit["content"], needle)))
             return found
         return self._db.read(find)
+
+    def _first_words(self, row, needle):
+        first = self._db.execute(
+            "SELECT json_extract(data, '$.content') AS content FROM entries WHERE conversation_id = ? AND "
+            + self._LISTED + " ORDER BY timestamp LIMIT 1", (row["id"],)).fetchone()
+        return _snippet(first["content"], needle) if first and first["content"] else row["title"]
 
     def known_message_ids(self, ids) -> set:
         """Those of the message ids ``ids`` this store holds (an import skips them)."""

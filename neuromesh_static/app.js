@@ -56,6 +56,7 @@
     pulse: "M3 12h4l3-8 4 16 3-8h4",
     close: "M6 6l12 12M18 6 6 18",
     search: "M10.5 4a6.5 6.5 0 1 0 0 13 6.5 6.5 0 0 0 0-13zM15.5 15.5 20 20",
+    settings: "M4 7h9M17 7h3M15 5v4M4 17h3M11 17h9M9 15v4",
     invite: "M9 11a3.5 3.5 0 1 0 0-7 3.5 3.5 0 0 0 0 7zM3 20c0-3.3 2.7-6 6-6s6 2.7 6 6M19 8v6M16 11h6",
   };
 
@@ -91,7 +92,7 @@
     }
   }
 
-  const SIGNED_OUT = "Your sign-in has ended: enter the room code again.";
+  const SIGNED_OUT = "Your sign-in has ended: enter the guest code again.";
 
   /** The ApiError of a non-2xx reply, with the node's sentence; a 401 also asks for the room code. */
   async function apiError(response) {
@@ -149,8 +150,13 @@
     };
   }
 
-  function plural(n, word) {
-    return n + " " + word + (n === 1 ? "" : "s");
+  /** "1 peer", "2 peers"; ``many`` for a plural that is not word + "s" ("peers linked"). */
+  function plural(n, word, many) {
+    return n + " " + noun(n, word, many);
+  }
+
+  function noun(n, word, many) {
+    return n === 1 ? word : many || word + "s";
   }
 
   function formatClock(iso) {
@@ -323,10 +329,14 @@
     $("#rename-node").hidden = !owner;
     $("#name-hint").hidden = !(owner && health.name_is_generic && $("#rename-node-form").hidden);
     $("#stat-peers").textContent = String(peers);
+    $("#stat-peers-word").textContent = noun(peers, "peer linked", "peers linked");
     $("#stat-llm").textContent = String(llm);
+    $("#stat-llm-word").textContent = noun(llm, "LLM host");
     renderSharing(owner);
     $("#live-dot").className = "dot " + (state.live ? "live" : "down");
-    $("#topbar-status").textContent = health ? health.name + " · " + plural(peers, "peer") + " · " + llm + " LLM" : "";
+    $("#topbar-status").textContent = health
+      ? health.name + " · " + plural(peers, "peer") + " · " + plural(llm, "LLM host")
+      : "";
     if (health) document.title = health.name + " · NeuroMesh";
     const footer = $("#sidebar-footer");
     const lines = [
@@ -579,14 +589,30 @@
     if ($("#search-input").value.trim() !== query) return;
     $("#search-list").replaceChildren(
       ...(found.length
-        ? found.map((c) => {
-            const item = conversationItem(c);
-            if (c.match === "message")
-              item.querySelector(".conversation-open").append(h("span", { class: "search-snippet" }, c.snippet));
-            return item;
-          })
+        ? found.map((c) => searchItem(c, query))
         : [h("li", { class: "empty" }, "Nothing found for “" + query + "”.")]),
     );
+  }
+
+  /** A search result: the title, the words around the match (for a title match, the first question's),
+   * the matches marked, and the computer it comes from. */
+  function searchItem(c, query) {
+    const item = conversationItem(c);
+    const open = item.querySelector(".conversation-open");
+    const title = open.querySelector(".conversation-title > span:last-child");
+    title.replaceChildren(...marked(title.textContent, query));
+    open.append(h("span", { class: "search-snippet" }, marked(String(c.snippet || ""), query)));
+    open.querySelector(".conversation-meta").textContent =
+      "on " + machineName(c) + " · " + plural(c.message_count, "message") + " · " + agoFromIso(c.updated_at);
+    return item;
+  }
+
+  /** ``text`` as text nodes, each occurrence of ``query`` (any case, any spacing) in a <mark>. */
+  function marked(text, query) {
+    const words = query.split(/\s+/).filter(Boolean).map((w) => w.replace(/[.*+?^${}()|[\]\\]/g, "\\$&"));
+    if (!words.length) return [text];
+    const parts = text.split(new RegExp("(" + words.join("\\s+") + ")", "i"));
+    return parts.map((part, index) => (index % 2 ? h("mark", null, part) : part)).filter((part) => part !== "");
   }
 
   const scheduleSearch = debounce(runSearch, 200);
@@ -1127,7 +1153,9 @@
     });
   }
 
-  /** Appends messages stored since the page drew the conversation (from peers, or after a stop). */
+  /** Appends messages stored since the page drew the conversation (from peers, or after a stop); a
+   * local question or answer that is now stored (a Stop, or the node restarted mid-answer) is
+   * replaced by the stored one, so one answer shows and its Retry is gone. */
   async function syncCurrentConversation() {
     const id = state.currentId;
     if (!id || (state.stream && state.stream.conversationId === id)) return;
@@ -1150,7 +1178,9 @@
     for (const message of conversation.messages) {
       if (shown.has(message.id)) continue;
       const local = [...ui.messages.querySelectorAll(".message." + message.role + ":not([data-id])")].find((el) =>
-        message.role === "user" ? el.dataset.content === message.content : el.classList.contains("stopped"),
+        message.role === "user"
+          ? el.dataset.content === message.content
+          : answersStoredQuestion(el, message, conversation),
       );
       const view = messageView(message);
       if (local) local.replaceWith(view);
@@ -1160,6 +1190,19 @@
     updateWelcome();
     updateAnswerActions();
     if (stick) scrollToBottom(true);
+  }
+
+  /** Whether the local answer ``el`` (stopped, or failed when the node went down) is the stored ``message``:
+   * the question before it is the one the store answers with ``message``. */
+  function answersStoredQuestion(el, message, conversation) {
+    if (!el.classList.contains("stopped") && !el.classList.contains("failed")) return false;
+    let question = el.previousElementSibling;
+    while (question && !question.classList.contains("user")) question = question.previousElementSibling;
+    if (!question) return false;
+    const at = conversation.messages.indexOf(message);
+    const asked = conversation.messages.slice(0, at).reverse().find((m) => m.role === "user");
+    if (!asked) return false;
+    return question.dataset.id ? question.dataset.id === asked.id : question.dataset.content === asked.content;
   }
 
   const scheduleCurrentSync = debounce(syncCurrentConversation, 120);
@@ -1471,7 +1514,8 @@
     const retry = () => {
       if (state.stream) return;
       answer.element.remove();
-      if (userStored) {
+      // A question the page found stored after a reconnect (its local bubble replaced) is not asked twice.
+      if (userStored || (context.userView && !context.userView.isConnected)) {
         regenerate();
       } else {
         if (context.userView) context.userView.remove();
@@ -1525,7 +1569,8 @@
       if (error.name === "AbortError") answer.stopped();
       else if (error.signIn) answer.fail(SIGNED_OUT + " Then press Retry.", retry);
       else {
-        answer.fail(error.message || String(error), retry);
+        // A stream cut by the node going down reads "network error": say what happened instead.
+        answer.fail(error instanceof TypeError ? NODE_DOWN : error.message || String(error), retry);
         // Nothing was stored: give the question back to the composer, unless a new draft is there.
         if (!userStored && error.nodeDown && !ui.prompt.value.trim()) {
           ui.prompt.value = context.content;
@@ -1648,9 +1693,12 @@
     const known = state.peers.size;
     const linked = connectedPeers().length;
     $("#mesh-overview").replaceChildren(
-      card(linked, "peers linked" + (known > linked ? " (" + (known - linked) + " offline)" : "")),
-      card(llmHostCount(), "LLM hosts on the mesh"),
-      card(health ? health.messages : "—", "messages stored here"),
+      card(
+        linked,
+        noun(linked, "peer linked", "peers linked") + (known > linked ? " (" + (known - linked) + " offline)" : ""),
+      ),
+      card(llmHostCount(), noun(llmHostCount(), "LLM host") + " on the mesh"),
+      card(health ? health.messages : "—", (health ? noun(health.messages, "message") : "messages") + " stored here"),
       card(
         health ? (health.status === "ok" ? "OK" : health.status) : "—",
         health ? "health · up " + formatDuration(health.uptime_s) : "health",
@@ -2237,6 +2285,8 @@
     if (status.dataset.key === key) return; // unchanged: leave it for screen readers and selection
     status.dataset.key = key;
     status.className = "room-status " + (room.closed ? "closed" : "open");
+    status.title = roomStatusText(state.health);
+    expandRoomStatus(false);
     status.replaceChildren(
       ...(room.closed
         ? [icon("lock"), h("span", null, roomStatusText(state.health))]
@@ -2252,6 +2302,15 @@
             ),
           ]),
     );
+  }
+
+  /** The room's notice is one line until "more" is pressed. */
+  function expandRoomStatus(expanded) {
+    $("#room-status").classList.toggle("expanded", expanded);
+    $("#room").classList.toggle("expanded", expanded);
+    const more = $("#room-more");
+    more.setAttribute("aria-expanded", String(expanded));
+    more.textContent = expanded ? "less" : "more";
   }
 
   // -- the owner's invitation --------------------------------------------------------------------
@@ -2321,13 +2380,35 @@
       if (code) {
         $("#invite-qr-code").replaceChildren(code);
         $("#invite-qr-caption").textContent =
-          "Scan with a phone's camera to open " + urls[0] + (invite.code ? ", then enter the room code." : ".");
+          "Scan with a phone's camera to open " + urls[0] + (invite.code ? ", then enter the guest code." : ".");
       }
     }
-    $("#invite-note").textContent =
-      (invite.code_is_mesh_key
-        ? "This is the room's code (--mesh-key): it opens every computer of the room. "
-        : "This code opens this computer only. ") + "Guests see only their own chats and the ones shared in the room.";
+    $("#invite-note").replaceChildren(...inviteCodes(Boolean(invite.code_is_mesh_key)));
+  }
+
+  /** Which code does what: the guest code is for browsers, the room code (--mesh-key) for computers. */
+  function inviteCodes(same) {
+    return [
+      h(
+        "li",
+        null,
+        h("strong", null, "Guest code"),
+        " (above): lets a browser chat here as a guest, who sees only their own chats and the ones shared " +
+          "in the room. ",
+        same ? "" : "This code opens this computer only.",
+      ),
+      h(
+        "li",
+        { class: same ? "invite-warning" : null },
+        h("strong", null, "Room code"),
+        " (",
+        h("code", null, "--mesh-key"),
+        same
+          ? "): here the same code, so whoever has it can also join a computer to the mesh as a node, with every " +
+              "computer's shared chats. Give it only to people you would let do both."
+          : "): lets a computer join the mesh as a node. You keep it; it is not shown here.",
+      ),
+    ];
   }
 
   // -- a guest's sign-in -------------------------------------------------------------------------
@@ -2350,7 +2431,7 @@
     reason.hidden = !(ended && state.started);
     reason.textContent = reason.hidden
       ? ""
-      : "Your sign-in has ended (the NeuroMesh computer may have restarted). Enter the room code again.";
+      : "Your sign-in has ended (the NeuroMesh computer may have restarted). Enter the guest code again.";
     setSignInError("");
     $("#signin-code").value = "";
     box.hidden = false;
@@ -2401,7 +2482,7 @@
     const input = $("#signin-code");
     const code = input.value.trim();
     if (!code) {
-      setSignInError("Enter the room code first: your teacher has it.");
+      setSignInError("Enter the guest code first: your teacher has it.");
       input.focus();
       return;
     }
@@ -2442,7 +2523,7 @@
       );
       waitBeforeRetry(seconds);
     } else if (response.status === 400) {
-      setSignInError("Enter the room code first: your teacher has it.");
+      setSignInError("Enter the guest code first: your teacher has it.");
     } else {
       setSignInError("The NeuroMesh computer could not sign you in just now. Try again in a moment.");
     }
@@ -2637,6 +2718,9 @@
     $("#signin-form").addEventListener("submit", submitSignIn);
     $("#signin-code").addEventListener("input", () => setSignInError(""));
     $("#invite-open").addEventListener("click", openInvite);
+    $("#room-more").addEventListener("click", () =>
+      expandRoomStatus(!$("#room-status").classList.contains("expanded")),
+    );
     $("#invite-close").addEventListener("click", closeInvite);
     $("#invite").addEventListener("click", (event) => {
       if (event.target === event.currentTarget) closeInvite(); // a click on the backdrop

@@ -4,7 +4,8 @@
 // element made with createElement, so "<img onerror=...>" shows as those characters.
 // Supported: paragraphs (single newlines kept), headings, - * + and 1. lists, > quotes,
 // --- rules, **bold**, *italic* / _italic_, `inline code`, ``` fenced code ``` (with a copy
-// button), [text](https://...) links and bare http(s) URLs (rel=noopener, new tab).
+// button), [text](https://...) links and bare http(s) URLs (rel=noopener, new tab), and GFM
+// tables (a header row, a |:--|:-:|--:| row, body rows).
 "use strict";
 
 (function () {
@@ -13,6 +14,7 @@
   const LIST_ITEM = /^ {0,3}([-*+]|\d{1,9}[.)])\s+(.*)$/;
   const QUOTE = /^ {0,3}>\s?(.*)$/;
   const RULE = /^ {0,3}([-*_])(\s*\1){2,}\s*$/;
+  const MAX_COLUMNS = 64; // a hostile "table" of thousands of columns stays a paragraph
   // One alternative per inline form; the earliest match in the text wins.
   const INLINE = new RegExp(
     [
@@ -108,6 +110,67 @@
     return block;
   }
 
+  /** The cells of a table row: outer pipes dropped, split at pipes that are not escaped (\|). */
+  function tableCells(line) {
+    const cells = [];
+    let cell = "";
+    const text = line.trim().replace(/^\|/, "");
+    for (let i = 0; i < text.length; i += 1) {
+      if (text[i] === "\\" && text[i + 1] === "|") {
+        cell += "|";
+        i += 1;
+      } else if (text[i] === "|") {
+        cells.push(cell.trim());
+        cell = "";
+      } else cell += text[i];
+    }
+    if (cell.trim() || !/\|\s*$/.test(line)) cells.push(cell.trim());
+    return cells;
+  }
+
+  /** The columns' alignments if lines[i] is a table's header and lines[i + 1] its delimiter row, else null. */
+  function tableStart(lines, i) {
+    if (i + 1 >= lines.length || !lines[i].includes("|") || !lines[i + 1].includes("-")) return null;
+    if (!lines[i + 1].includes("|") && !/^\s*\|/.test(lines[i])) return null; // "a|b" over "---" is a heading
+    const delimiters = tableCells(lines[i + 1]);
+    if (!delimiters.every((cell) => /^:?-+:?$/.test(cell))) return null;
+    if (delimiters.length !== tableCells(lines[i]).length || delimiters.length > MAX_COLUMNS) return null;
+    return delimiters.map((cell) => {
+      const left = cell.startsWith(":");
+      const right = cell.endsWith(":");
+      return left && right ? "center" : right ? "right" : left ? "left" : "";
+    });
+  }
+
+  function tableRow(cells, aligns, tag) {
+    const row = document.createElement("tr");
+    aligns.forEach((align, index) => {
+      const cell = document.createElement(tag);
+      if (tag === "th") cell.scope = "col";
+      if (align) cell.className = "align-" + align;
+      renderInline(cells[index] || "", cell);
+      row.append(cell);
+    });
+    return row;
+  }
+
+  /** A <table> in a scrolling box: as many columns as the header, short rows padded, long ones cut. */
+  function table(header, rows, aligns) {
+    const node = document.createElement("table");
+    const head = document.createElement("thead");
+    head.append(tableRow(header, aligns, "th"));
+    node.append(head);
+    if (rows.length) {
+      const body = document.createElement("tbody");
+      for (const cells of rows) body.append(tableRow(cells, aligns, "td"));
+      node.append(body);
+    }
+    const box = document.createElement("div");
+    box.className = "table-scroll";
+    box.append(node);
+    return box;
+  }
+
   function startsBlock(line) {
     return FENCE.test(line) || HEADING.test(line) || LIST_ITEM.test(line) || QUOTE.test(line) || RULE.test(line);
   }
@@ -126,6 +189,13 @@
         while (i < lines.length && !close.test(lines[i])) code.push(lines[i++]);
         i += 1; // the closing fence (absent while an answer is still streaming)
         parent.append(codeBlock(code.join("\n").replace(/\n+$/, ""), match[2]));
+      } else if ((match = tableStart(lines, i))) {
+        const header = tableCells(line);
+        const rows = [];
+        i += 2;
+        while (i < lines.length && lines[i].trim() && !startsBlock(lines[i]) && !tableStart(lines, i))
+          rows.push(tableCells(lines[i++]));
+        parent.append(table(header, rows, match));
       } else if (RULE.test(line)) {
         parent.append(document.createElement("hr"));
         i += 1;
@@ -156,7 +226,8 @@
         parent.append(list(items, ordered, parseInt(match[1], 10)));
       } else {
         const paragraph = [lines[i++]];
-        while (i < lines.length && lines[i].trim() && !startsBlock(lines[i])) paragraph.push(lines[i++]);
+        while (i < lines.length && lines[i].trim() && !startsBlock(lines[i]) && !tableStart(lines, i))
+          paragraph.push(lines[i++]);
         const p = document.createElement("p");
         renderInline(paragraph.join("\n"), p);
         parent.append(p);

@@ -26,7 +26,7 @@ def main():
             page = context.new_page()
             page.set_default_timeout(15000)
             page.goto(URL)
-            code = page.get_by_label("Room code", exact=True)
+            code = page.get_by_label("Guest code", exact=True)
             code.fill(CODE)
             code.press("Enter")
             expect(page.locator(".app")).to_be_visible(timeout=15000)

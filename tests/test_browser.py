@@ -458,7 +458,7 @@ def test_diagnostics_and_mesh_overview_show_this_node(pages, mesh):
     expect(diagnostics).to_contain_text("127.255.255.255")
     expect(page.locator("#particles")).to_have_attribute("data-running", "true")
     page.get_by_role("link", name="Mesh").click()
-    expect(page.locator("#mesh-overview")).to_contain_text("LLM hosts")
+    expect(page.locator("#mesh-overview")).to_contain_text("LLM host on the mesh")  # one host: singular (issue 23)
     expect(page.locator("#mesh-graph g.node.self.llm")).to_have_count(1)
     expect(page.locator('#mesh-graph g.node.peer[data-node-id="%s"]' % mesh.plain.node_id)).to_contain_text(PLAIN_NAME)
     expect(page.locator('#peer-rows tr[data-node-id="%s"]' % mesh.plain.node_id)).to_contain_text("linked")
@@ -570,7 +570,7 @@ def test_with_guests_the_owner_sees_the_address_and_code_to_give_out(cluster, pa
     dialog = page.get_by_role("dialog", name="Invite guests")
     expect(dialog).to_be_visible()
     expect(dialog.locator("#invite-code")).to_have_text(code)
-    copy = dialog.get_by_role("button", name="Copy the room code")
+    copy = dialog.get_by_role("button", name="Copy the guest code")
     expect(copy).to_be_focused()
     # --host 127.0.0.1: no address another device could open, and the dialog says how to get one
     expect(dialog.locator("#invite-urls")).to_contain_text("--host 0.0.0.0")
@@ -608,15 +608,15 @@ def test_a_guest_enters_the_room_code_before_the_chat(pages, mesh):
     page, guest = open_as_guest(pages, mesh.llm)
     form = page.get_by_role("form", name="Join the room")
     expect(form).to_be_visible()
-    expect(form).to_contain_text("Enter the room code your teacher gave you.")
+    expect(form).to_contain_text("Enter the guest code your teacher gave you.")
     expect(page.locator(".app")).to_be_hidden()
-    code = page.get_by_label("Room code", exact=True)
+    code = page.get_by_label("Guest code", exact=True)
     expect(code).to_be_focused()
     pages.screenshot(page, "signin")
     error = page.locator("#signin-error")
 
     code.press("Enter")  # nothing typed: said so, nothing sent
-    expect(error).to_contain_text("Enter the room code first")
+    expect(error).to_contain_text("Enter the guest code first")
     assert guest.logins == []
 
     code.fill("WRONG-1")
@@ -666,14 +666,14 @@ def test_a_guest_enters_the_room_code_before_the_chat(pages, mesh):
     code.press("Enter")
     expect(form).to_be_hidden()
     retry = page.get_by_role("button", name="Retry")
-    expect(page.locator("#messages .inline-error")).to_contain_text("enter the room code again")
+    expect(page.locator("#messages .inline-error")).to_contain_text("enter the guest code again")
     retry.click()
     expect(finished_answers(page)).to_contain_text("Echo from %s: Are you still there?" % MODEL)
 
 
 def test_the_room_code_form_fits_a_phone(pages, mesh):
     page, guest = open_as_guest(pages, mesh.plain, **PHONE)
-    code = page.get_by_label("Room code", exact=True)
+    code = page.get_by_label("Guest code", exact=True)
     expect(code).to_be_visible()
     for locator in (code, page.get_by_role("button", name="Join")):
         box = locator.bounding_box()

@@ -222,3 +222,15 @@ def test_a_bad_port_gets_a_sentence():
     assert bad.returncode == 2
     assert bad.stderr.startswith("neuromesh.py: error: --http-port must be a port number from 0 to 65535, not 'abc'.")
     assert "invalid literal" not in bad.stderr and "usage:" not in bad.stderr
+
+
+def test_a_title_match_shows_the_first_words_of_the_conversation(stub_node):
+    """Issue 23: two "What is photosynthesis?" are told apart by what was asked in each."""
+    store = stub_node.store
+    first = store.create_conversation("What is photosynthesis?")
+    store.add_message(first["id"], "user", "Explain photosynthesis with chlorophyll, please.", "Ana")
+    empty = store.create_conversation("What is photosynthesis? (2)")
+    found = {r["id"]: r for r in _get(neuromesh.build_app(stub_node), "/api/search", {"q": "photosynth"})}
+    assert found[first["id"]]["match"] == "title"
+    assert found[first["id"]]["snippet"] == "Explain photosynthesis with chlorophyll, please."
+    assert found[empty["id"]]["snippet"] == "What is photosynthesis? (2)"  # nothing asked yet: the title

@@ -385,7 +385,7 @@ def test_the_invitation_shows_a_qr_code_of_the_address(pages, mesh):
     qr = dialog.get_by_role("img", name="QR code of the address http://192.168.1.20:8080/")
     expect(qr).to_be_visible()
     expect(qr).to_have_attribute("data-version", "2")
-    expect(dialog.locator("#invite-qr-caption")).to_contain_text("then enter the room code")
+    expect(dialog.locator("#invite-qr-caption")).to_contain_text("then enter the guest code")
     assert qr.bounding_box()["width"] >= 120
     pages.screenshot(page, "invite-qr")
 
@@ -459,6 +459,7 @@ def test_background_motion_switch_peer_names_and_latency_labels(pages, mesh):
     page = pages.open(mesh.plain, reduced_motion="no-preference")
     canvas = page.locator("#particles")
     expect(canvas).to_have_attribute("data-running", "true")
+    page.get_by_text("Settings and details").click()  # the switch is folded away with the settings (issue 23)
     switch = page.get_by_role("button", name=re.compile("Animated background"))
     expect(switch).to_have_attribute("aria-pressed", "true")
     switch.click()
