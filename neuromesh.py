@@ -504,7 +504,7 @@ SETTINGS = {
                  "as flags show in `ps`"),
     "allow_public": (parse_bool, "accept peers and announcements from public (non-private) addresses"),
     "guests": (parse_bool, "let browser-only devices of the room (phones, Chromebooks) use the chat page "
-                           "after they enter the room code (default: this computer only)"),
+                           "after they enter this node's guest code (default: this computer only)"),
     "chat_rate": (parse_count, "chats a minute one guest, LAN client or peer's user may start; a peer node "
                                "32 times that (default: 100)"),
     "max_queued": (parse_count, "chats that may wait for an LLM on this node; more get 503 (default: 64)"),
@@ -8122,12 +8122,12 @@ class GuestDoor:
     def login(self, address, code):
         """``(token, guest id)`` for the right code; an HTTPFailure otherwise."""
         if not isinstance(code, str) or not code.strip():
-            raise HTTPFailure(400, "enter the room code: {\"code\": \"...\"}")
+            raise HTTPFailure(400, "enter the guest code: {\"code\": \"...\"}")
         if not hmac.compare_digest(code.strip().upper().encode("utf-8"), self.code.upper().encode("utf-8")):
             wait = self.wrong_codes.hit(address)
             if wait:
                 raise HTTPFailure(429, "too many wrong codes: try again in %d seconds" % wait, retry_after=wait)
-            raise HTTPFailure(403, "wrong room code: ask the teacher for the code shown on the NeuroMesh computer")
+            raise HTTPFailure(403, "wrong guest code: ask the teacher for the guest code shown on the NeuroMesh computer")
         token, guest = secrets.token_urlsafe(32), "guest-" + secrets.token_hex(8)
         with self._lock:
             sessions = self._loaded()
@@ -8244,7 +8244,7 @@ class Gatekeeper:
             return Client("guest", address, guest)
         if request.path in self.OPEN_PAGE_PATHS or request.path.startswith("/static/"):
             return Client("visitor", address, None)
-        raise HTTPFailure(401, "enter the room code first (the chat page asks for it)", guest_login=True)
+        raise HTTPFailure(401, "enter the guest code first (the chat page asks for it)", guest_login=True)
 
     def admit_chat(self):
         """Per-client chat rate (not for the owner or peers): an HTTPFailure 429 past it."""

@@ -87,7 +87,7 @@
       super(message);
       this.status = status;
       this.body = body || {};
-      // 401 {"error", "guest_login": true}: a guest of this node must enter the room code first.
+      // 401 {"error", "guest_login": true}: a guest of this node must enter the guest code first.
       this.signIn = status === 401;
     }
   }
@@ -2246,7 +2246,7 @@
   // ==== the room: guests' sign-in, the owner's room status and invitation =====================
   //
   // The node's owner uses the page on the node's own computer. With --guests, other devices of
-  // the room get the page too, after they enter the room code: until then every page API call
+  // the room get the page too, after they enter the guest code: until then every page API call
   // answers 401 {"error", "guest_login": true}, and POST /api/guest/login {"code"} sets the
   // session cookie. GET /api/guests tells the owner the addresses and the code to give out.
 

@@ -50,7 +50,7 @@ SERVER_HAS_GUESTS = "--guests" in subprocess.run([sys.executable, SCRIPT, "--hel
 OPEN_ROOM = ("Open room: anyone on this network can join. "
              "To close it, start every node with --mesh-key <code>.")
 # What the node answers a guest who has not entered the room code (Gatekeeper, issue 9).
-GUEST_LOGIN_REQUIRED = {"error": "enter the room code first (the chat page asks for it)", "guest_login": True}
+GUEST_LOGIN_REQUIRED = {"error": "enter the guest code first (the chat page asks for it)", "guest_login": True}
 # Chromium logs every refused fetch; the guest tests expect these.
 REFUSED_FETCH = r"Failed to load resource: (the server responded with a status of (401|403|429)|net::ERR_[A-Z_]+)"
 
@@ -505,7 +505,7 @@ class GuestNode:
                 return json_reply(route, 429, {"error": "too many wrong codes: try again in %d seconds" % wait},
                                   {"Retry-After": str(wait)})
             if code != self.CODE:
-                return json_reply(route, 403, {"error": "wrong room code: ask the teacher for the code shown "
+                return json_reply(route, 403, {"error": "wrong guest code: ask the teacher for the guest code shown "
                                                         "on the NeuroMesh computer"})
             self.signed_in = True
             return json_reply(route, 200, {"role": "guest", "guest": "guest-0123456789abcdef"})

@@ -104,7 +104,7 @@ def test_guest_login_with_wrong_and_right_code(app, open_node):
     assert wsgi_call(app, "GET", "/api/conversations", remote=PHONE).status == 401
     assert wsgi_call(app, "GET", "/", remote=PHONE).status == 200  # the page, to enter the code
     wrong = wsgi_call(app, "POST", "/api/guest/login", {"code": "NOPE1234"}, remote=PHONE)
-    assert wrong.status == 403 and "wrong room code" in wrong.json()["error"]
+    assert wrong.status == 403 and "wrong guest code" in wrong.json()["error"]
     code = neuromesh.guest_code(open_node.config)
     right = wsgi_call(app, "POST", "/api/guest/login", {"code": code.lower()}, remote=PHONE)
     cookie = right.headers["Set-Cookie"]
