@@ -1,0 +1,146 @@
+"""A peer that comes back while another node keeps writing catches up at once (issue 20, item 8):
+the SyncWorker logic in-process (real Stores and SyncWorkers on a simulated network), then real
+node processes on loopback (a restart, a pause), then hosts in network namespaces (a cut link;
+five nodes under partitions and a SIGKILL)."""
+
+import types
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import neuromesh as nm
+from conftest import keyed_store
+from test_fanout import full_mesh
+
+
+def unlink(network, a, b):
+    """Drop the link ``a``-``b`` as a cut cable does: both sides see the peer go down."""
+    network.links[a].discard(b)
+    network.links[b].discard(a)
+    for one, other in ((a, b), (b, a)):
+        network.nodes[one].peer_down(types.SimpleNamespace(node_id=other))
+
+
+def sent(network, marker, sender, receiver):
+    return network.frames[(marker, sender, receiver)]
+
+
+# -- in-process: the SyncWorker logic --------------------------------------------------------------
+
+
+def test_a_peer_that_relinks_while_the_writer_keeps_writing_gets_what_it_missed(sync_network):
+    full_mesh(sync_network, ["a", "b"])
+    store = sync_network.nodes["a"].store
+    conversation = store.create_conversation("lesson")["id"]
+    sync_network.run()
+    unlink(sync_network, "a", "b")
+    sync_network.frames.clear()
+    written = []
+    for index in range(30):  # all within a second: one long "fresh" streak of pushes nobody got
+        written.append("while away %d" % index)
+        store.add_message(conversation, "user", written[-1], "teacher")
+    sync_network.link("a", "b")
+    for index in range(5):  # a keeps writing: each delivery round brings a new push
+        written.append("after %d" % index)
+        store.add_message(conversation, "user", written[-1], "teacher")
+        sync_network.run()
+    assert sync_network.messages("b", conversation) == written
+    assert sent(sync_network, nm.FILE, "a", "b") <= 5 + 2  # the live pushes, and at most two answers
+
+
+def test_a_push_past_a_missed_one_makes_the_receiver_ask_and_the_gap_comes_at_once(sync_network):
+    full_mesh(sync_network, ["a", "b"])
+    store = sync_network.nodes["a"].store
+    conversation = store.create_conversation("lesson")["id"]
+    sync_network.run()
+    sync_network.frames.clear()
+    sync_network.drop_to("b")
+    store.add_message(conversation, "user", "lost on the way", "teacher")  # fresh: pushed a moment ago
+    sync_network.drop_to(None)
+    store.add_message(conversation, "user", "arrives past the gap", "teacher")
+    sync_network.run()
+    assert sync_network.messages("b", conversation) == ["lost on the way", "arrives past the gap"]
+    assert sent(sync_network, nm.SYNC, "b", "a") == 1  # one question, with the gap named
+    assert sent(sync_network, nm.FILE, "a", "b") == 2  # the push, then the answer
+    assert sync_network.nodes["b"].counters["gaps_asked"] == 1
+
+
+def test_a_writing_mesh_with_no_loss_sends_no_sync_at_all(sync_network):
+    full_mesh(sync_network, ["a", "b", "c"])
+    conversation = sync_network.nodes["a"].store.create_conversation("lesson")["id"]
+    for index in range(20):
+        sync_network.nodes["a"].store.add_message(conversation, "user", "line %d" % index, "teacher")
+        sync_network.run()
+    assert sync_network.copies(nm.SYNC) == 0
+    assert sync_network.copies() == 21 * 2  # each entry once to each of the N-1 others
+
+
+class RecordingMesh:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, peer_id, marker, payload):
+        self.sent.append((peer_id, marker, payload))
+
+    def broadcast(self, marker, payload, exclude=None):
+        self.sent.append((None, marker, payload))
+
+    def forward(self, marker, payload, sender, spread, holders=()):
+        self.sent.append((None, marker, payload))
+
+
+def test_a_gap_nobody_fills_is_asked_once_per_state_not_once_per_push(tmp_path):
+    writer_store, writer_key = keyed_store(tmp_path / "writer.db", "writer")
+    conversation = writer_store.create_conversation("lesson")["id"]
+    for index in range(6):
+        writer_store.add_message(conversation, "user", "line %d" % index, "teacher")
+    store, _key = keyed_store(tmp_path / "reader.db", "reader")
+    mesh = RecordingMesh()
+    worker = nm.SyncWorker(store, mesh, nm.EventBus(), interval=30.0)
+    peer = types.SimpleNamespace(node_id=writer_key.node_id)
+    worker.peer_up(peer)
+    worker.run_ready()
+    mesh.sent.clear()
+    for seq in range(3, 7):  # pushes that all start past the gap (the reader holds nothing)
+        worker.handle_file(peer, writer_store.batches.missing({writer_key.node_id: seq}))
+    worker.run_ready()
+    asks = [payload for _peer, marker, payload in mesh.sent if marker == nm.SYNC]
+    assert asks == [{"vector": {}, "gaps": [writer_key.node_id]}]
+    assert store.version_vector() == {}
+
+
+def test_a_gap_question_is_answered_at_once_even_for_entries_just_pushed(tmp_path):
+    store, key = keyed_store(tmp_path / "writer.db", "writer")
+    mesh = RecordingMesh()
+    worker = nm.SyncWorker(store, mesh, nm.EventBus(), interval=30.0)  # a repeated vector waits 15 s
+    worker.requests.gap = 0.0  # a new one is answered at once: time is not simulated here
+    store.on_local_entries = worker.push  # as a Node pushes its own writes
+    reader = types.SimpleNamespace(node_id="r" * 32)
+    worker.peer_up(reader)
+    conversation = store.create_conversation("lesson")["id"]
+    store.add_message(conversation, "user", "one", "teacher")
+
+    def answers():
+        return [payload for peer_id, marker, payload in mesh.sent if peer_id == reader.node_id and marker == nm.FILE]
+
+    worker.handle_sync(reader, {"vector": {}})  # crossed the two pushes: no second copy
+    worker.run_ready()
+    assert answers() == []
+    worker.handle_sync(reader, {"vector": {}})  # the same again: a repeat, dropped
+    worker.handle_sync(reader, {"vector": {}, "gaps": [key.node_id]})  # the pushes came past its gap
+    worker.run_ready()
+    assert worker.counters["sync_requests_repeated"] == 1
+    assert [entry["seq"] for entry in answers()[0]["entries"]] == [1, 2] and len(answers()) == 1
+
+
+@settings(max_examples=150, deadline=None)
+@given(gaps=st.none() | st.booleans() | st.integers() | st.text(max_size=5)
+       | st.lists(st.text(max_size=140) | st.integers(), max_size=5))
+def test_a_sync_frame_with_any_gaps_field_is_checked(gaps):
+    payload = {"vector": {}, "gaps": gaps}
+    fits = gaps is None or (isinstance(gaps, list) and all(isinstance(g, str) and len(g) <= 128 for g in gaps))
+    if fits:
+        nm.check_frame(nm.SYNC, payload)
+    else:
+        with pytest.raises(nm.ProtocolError, match="gaps"):
+            nm.check_frame(nm.SYNC, payload)
