@@ -3,13 +3,17 @@ the SyncWorker logic in-process (real Stores and SyncWorkers on a simulated netw
 node processes on loopback (a restart, a pause), then hosts in network namespaces (a cut link;
 five nodes under partitions and a SIGKILL)."""
 
+import signal
+import threading
+import time
 import types
 
 import pytest
+import requests
 from hypothesis import given, settings, strategies as st
 
 import neuromesh as nm
-from conftest import keyed_store
+from conftest import fully_linked, keyed_store, wait_for
 from test_fanout import full_mesh
 
 
@@ -144,3 +148,86 @@ def test_a_sync_frame_with_any_gaps_field_is_checked(gaps):
     else:
         with pytest.raises(nm.ProtocolError, match="gaps"):
             nm.check_frame(nm.SYNC, payload)
+
+
+# -- real node processes on loopback -----------------------------------------------------------------
+
+
+class Writer(threading.Thread):
+    """Posts a message every 1/rate seconds into one conversation through ``post(path, body)``
+    (an HTTP status back), as a teacher's node that never stops; at most ``limit`` messages."""
+
+    def __init__(self, post, conversation_id, rate=5.0, limit=1000):
+        threading.Thread.__init__(self, daemon=True)
+        self.post, self.conversation_id, self.rate, self.limit = post, conversation_id, rate, limit
+        self.acknowledged = []
+        self.failures = []
+        self.finish = threading.Event()
+
+    def run(self):
+        path = "/api/conversations/%s/messages" % self.conversation_id
+        for index in range(self.limit):
+            if self.finish.wait(1.0 / self.rate):
+                return
+            text = "%s-%d" % (self.conversation_id[:8], index)
+            status = self.post(path, {"content": text, "answer": False})
+            (self.acknowledged if status == 201 else self.failures).append(text)
+
+    def stop(self):
+        self.finish.set()
+        self.join(15)
+        return list(self.acknowledged)
+
+
+def http_post(node):
+    session = requests.Session()
+    return lambda path, body: session.post(node.url + path, json=body, timeout=10).status_code
+
+
+def held(node, conversation_id):
+    """The messages ``node`` shows of a conversation, in order (a list: a duplicate would show)."""
+    response = node.get("/api/conversations/%s?limit=1000" % conversation_id)
+    return [] if response.status_code != 200 else [m["content"] for m in response.json()["messages"]]
+
+
+def writing_pair(cluster):
+    a, b = cluster.start("a"), cluster.start("b")
+    wait_for(lambda: fully_linked([a, b]), message="a and b linked")
+    conversation_id = a.post("/api/conversations", json={"title": "the lesson"}).json()["id"]
+    wait_for(lambda: held(b, conversation_id) == [], message="the conversation on b")
+    writer = Writer(http_post(a), conversation_id)
+    writer.start()
+    wait_for(lambda: len(writer.acknowledged) >= 10, message="a writing")  # a streak of pushes under way
+    return a, b, conversation_id, writer
+
+
+def catches_up_while_writing(a, b, conversation_id, writer):
+    missed = list(writer.acknowledged)  # everything acknowledged while b was away, and before
+    wait_for(lambda: fully_linked([a, b]), timeout=15, interval=0.02, message="b linked again")
+    try:
+        wait_for(lambda: set(missed) <= set(held(b, conversation_id)), timeout=3.0,
+                 message="b holding, within 3 s of relinking, all a acknowledged while it was away")
+        assert writer.is_alive() and not writer.finish.is_set(), "a was still writing"
+    finally:
+        everything = writer.stop()
+    assert writer.failures == []
+    wait_for(lambda: held(b, conversation_id) == everything, message="b holding each message once")
+
+
+def test_a_restarted_peer_catches_up_while_a_keeps_writing(cluster):
+    a, b, conversation_id, writer = writing_pair(cluster)
+    b.stop()
+    time.sleep(6.0)  # b is away for 6 s, as a laptop restarting
+    b.start()
+    catches_up_while_writing(a, b, conversation_id, writer)
+
+
+def test_a_paused_peer_catches_up_while_a_keeps_writing(cluster):
+    a, b, conversation_id, writer = writing_pair(cluster)
+    b.process.send_signal(signal.SIGSTOP)  # a laptop whose lid closed: a drops the silent link
+    try:
+        wait_for(lambda: b.node_id not in a.connected_ids(), timeout=10, message="a dropped b")
+        time.sleep(6.0 - 2.0)  # 6 s away in all (the peer timeout is 2 s)
+    finally:
+        b.process.send_signal(signal.SIGCONT)
+    catches_up_while_writing(a, b, conversation_id, writer)
