@@ -3,7 +3,10 @@ the SyncWorker logic in-process (real Stores and SyncWorkers on a simulated netw
 node processes on loopback (a restart, a pause), then hosts in network namespaces (a cut link;
 five nodes under partitions and a SIGKILL)."""
 
+import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 import types
@@ -13,8 +16,9 @@ import requests
 from hypothesis import given, settings, strategies as st
 
 import neuromesh as nm
-from conftest import fully_linked, keyed_store, wait_for
+from conftest import NodeProcess, fully_linked, keyed_store, wait_for
 from test_fanout import full_mesh
+from test_mesh import Namespaces, _can_make_namespaces
 
 
 def unlink(network, a, b):
@@ -231,3 +235,170 @@ def test_a_paused_peer_catches_up_while_a_keeps_writing(cluster):
     finally:
         b.process.send_signal(signal.SIGCONT)
     catches_up_while_writing(a, b, conversation_id, writer)
+
+
+# -- hosts in network namespaces: a cut link; five nodes under partitions and a SIGKILL -----------------
+
+AGENT = r"""
+import json, sys, urllib.error, urllib.request
+for line in sys.stdin:
+    method, path, body = json.loads(line)
+    request = urllib.request.Request("http://127.0.0.1:8080" + path, method=method, headers={
+        "Content-Type": "application/json"}, data=None if body is None else json.dumps(body).encode())
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            reply = [response.status, json.loads(response.read() or b"null")]
+    except urllib.error.HTTPError as error:
+        reply = [error.code, None]
+    except Exception as error:
+        reply = [0, repr(error)]
+    print(json.dumps(reply), flush=True)
+"""
+
+
+class HostClient:
+    """Asks the node of one namespace over HTTP through a small process living in it (one
+    process for many requests: a new one per request would cost more than the request)."""
+
+    def __init__(self, host):
+        self.process = subprocess.Popen(["ip", "netns", "exec", host, sys.executable, "-c", AGENT],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.lock = threading.Lock()
+
+    def call(self, method, path, body=None):
+        with self.lock:
+            self.process.stdin.write(json.dumps([method, path, body]) + "\n")
+            self.process.stdin.flush()
+            return json.loads(self.process.stdout.readline() or "[0, null]")
+
+    def post(self, path, body):
+        return self.call("POST", path, body)[0]
+
+    def json(self, path):
+        status, body = self.call("GET", path)
+        return body if status == 200 else None
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait(10)
+
+
+class CutNamespaces(Namespaces):
+    """Namespaces (tests/test_mesh.py) whose cables can be pulled and whose bridge can be split in two."""
+
+    def cut(self, index):
+        self.ip("-n", self.hub, "link", "set", "veth%d" % index, "down")
+
+    def mend(self, index):
+        self.ip("-n", self.hub, "link", "set", "veth%d" % index, "up")
+
+    def split(self, indexes):
+        """Move the hosts ``indexes`` onto a second bridge: two rooms that cannot hear each other."""
+        self.ip("-n", self.hub, "link", "add", "br1", "type", "bridge")
+        self.ip("-n", self.hub, "link", "set", "br1", "up")
+        for index in indexes:
+            self.ip("-n", self.hub, "link", "set", "veth%d" % index, "master", "br1")
+
+    def heal(self, indexes):
+        for index in indexes:
+            self.ip("-n", self.hub, "link", "set", "veth%d" % index, "master", "br0")
+        self.ip("-n", self.hub, "link", "del", "br1")
+
+
+class NamespaceRoom:
+    """``count`` nodes, one per namespace, with a client each; ``linked()``, ``holds(...)``."""
+
+    def __init__(self, tmp_path, spaces):
+        self.spaces = spaces
+        self.nodes, self.clients = [], []
+        for host in spaces.hosts:
+            self.nodes.append(NodeProcess(tmp_path / host, ["--announce-interval", "0.5", "--peer-timeout", "2",
+                                                           "--log-level", "debug", "--ollama-url", "none"], host,
+                                          prefix=["ip", "netns", "exec", host]))
+            self.clients.append(HostClient(host))
+
+    def start(self):
+        for node in self.nodes:
+            node.start()
+        wait_for(self.linked, timeout=30, interval=0.3, message="every namespace linked to every other")
+
+    def linked(self, indexes=None):
+        indexes = range(len(self.nodes)) if indexes is None else indexes
+        for index in indexes:
+            peers = self.clients[index].json("/api/peers") or []
+            if sum(1 for peer in peers if peer["connected"] and peer["address"] in self._addresses(indexes)) \
+                    != len(indexes) - 1:
+                return False
+        return True
+
+    def _addresses(self, indexes):
+        return {"%s.%d" % (self.spaces.subnet, index + 1) for index in indexes}
+
+    def writer(self, index):
+        """A Writer on node ``index``, in a conversation every node lists, with a client of its own."""
+        client = HostClient(self.spaces.hosts[index])
+        self.clients.append(client)
+        status, record = client.call("POST", "/api/conversations", {"title": "lesson %d" % index})
+        assert status == 201, record
+        wait_for(lambda: all(self.held(other, record["id"]) == [] for other in range(len(self.nodes))),
+                 timeout=10, interval=0.2, message="the conversation on every node")
+        return Writer(client.post, record["id"])
+
+    def held(self, index, conversation_id):
+        page = self.clients[index].json("/api/conversations/%s?limit=1000" % conversation_id)
+        return None if page is None else [message["content"] for message in page["messages"]]
+
+    def lacking(self, expected):
+        """(node index, how many) of the messages in ``expected`` ({conversation id: [text]}) each node lacks."""
+        out = []
+        for index in range(len(self.nodes)):
+            count = sum(len(set(texts) - set(self.held(index, cid) or [])) for cid, texts in expected.items())
+            if count:
+                out.append((index + 1, count))
+        return out
+
+    def close(self):
+        for node in self.nodes:
+            node.kill()
+        for client in self.clients:
+            client.close()
+
+
+def namespace_room(tmp_path, count):
+    spaces = CutNamespaces(count)
+    spaces.create()
+    room = NamespaceRoom(tmp_path, spaces)
+    try:
+        room.start()
+    except BaseException:
+        room.close()
+        spaces.delete()
+        raise
+    return spaces, room
+
+
+@pytest.mark.skipif(_can_make_namespaces() is not None, reason=str(_can_make_namespaces()))
+def test_a_peer_whose_cable_was_pulled_for_6_s_catches_up_while_a_keeps_writing(tmp_path):
+    spaces, room = namespace_room(tmp_path, 2)
+    writer = None
+    try:
+        writer = room.writer(0)
+        writer.start()
+        wait_for(lambda: len(writer.acknowledged) >= 10, message="a writing")
+        spaces.cut(2)
+        wait_for(lambda: not room.linked(), timeout=10, message="a and b see the link gone")
+        time.sleep(6.0 - 2.0)  # 6 s without the cable in all (the peer timeout is 2 s)
+        spaces.mend(2)
+        missed = {writer.conversation_id: list(writer.acknowledged)}
+        wait_for(room.linked, timeout=15, interval=0.05, message="a and b linked again")
+        wait_for(lambda: not room.lacking(missed), timeout=3.0, interval=0.1,
+                 message="b holding, within 3 s of relinking, all a acknowledged while it was cut off")
+        assert writer.is_alive(), "a was still writing"
+        everything = writer.stop()
+        assert writer.failures == []
+        wait_for(lambda: room.held(1, writer.conversation_id) == everything, message="each message once on b")
+    finally:
+        if writer is not None:
+            writer.stop()
+        room.close()
+        spaces.delete()
