@@ -402,3 +402,43 @@ def test_a_peer_whose_cable_was_pulled_for_6_s_catches_up_while_a_keeps_writing(
             writer.stop()
         room.close()
         spaces.delete()
+
+
+@pytest.mark.skipif(_can_make_namespaces() is not None, reason=str(_can_make_namespaces()))
+def test_five_hosts_after_partitions_and_a_sigkill_hold_every_acknowledged_message_soon_after_the_heal(tmp_path):
+    spaces, room = namespace_room(tmp_path, 5)
+    writers = []
+    try:
+        writers = [room.writer(index) for index in (0, 1, 3)]  # hosts 1, 2 and 4 write all along
+        for writer in writers:
+            writer.start()
+        wait_for(lambda: all(len(writer.acknowledged) >= 5 for writer in writers), message="writing")
+        spaces.cut(2)  # host 2 alone, still writing
+        time.sleep(2.0)
+        spaces.split([4, 5])  # hosts 1 and 3 | hosts 4 and 5
+        time.sleep(1.0)
+        room.nodes[2].kill()  # host 3: the power goes out
+        time.sleep(2.0)
+        spaces.mend(2)
+        room.nodes[2].start()
+        time.sleep(3.0)
+        spaces.heal([4, 5])  # the final heal
+        healed = time.monotonic()
+        before_heal = {writer.conversation_id: list(writer.acknowledged) for writer in writers}
+        try:
+            wait_for(lambda: not room.lacking(before_heal), timeout=5.0, interval=0.2, message="the heal")
+        except AssertionError:
+            raise AssertionError("5 s after the final heal, (host, messages acknowledged before it that it lacks): %s"
+                                 % room.lacking(before_heal)) from None
+        print("every node held all %d messages acknowledged before the final heal %.1f s after it"
+              % (sum(len(texts) for texts in before_heal.values()), time.monotonic() - healed))
+        assert all(writer.is_alive() for writer in writers), "the writers were still writing"
+        everything = {writer.conversation_id: writer.stop() for writer in writers}
+        assert [writer.failures for writer in writers] == [[], [], []]
+        wait_for(lambda: all(room.held(index, cid) == texts for index in range(5) for cid, texts in everything.items()),
+                 timeout=20, interval=0.3, message="every node holding each message once, none lost")
+    finally:
+        for writer in writers:
+            writer.stop()
+        room.close()
+        spaces.delete()
