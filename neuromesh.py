@@ -4666,10 +4666,10 @@ def vector_holds(vector, entries):
 
 
 class SyncRequests:
-    """The SYNC: frames waiting for an answer (each a request: its vector, and its gaps): at most
-    one per peer (a newer request replaces the pending one), at most ``max_peers`` peers, each answered at most every ``gap`` seconds, and
-    the same vector of one peer not again within ``repeat_gap`` seconds: such a repeat is
-    dropped, since answered late it would resend all the peer got meanwhile. Thread-safe."""
+    """The SYNC: frames waiting for an answer, each a request (its vector and its gaps): at most
+    one per peer (a newer one replaces the pending one), at most ``max_peers`` peers, each
+    answered at most every ``gap`` seconds, and the same request of one peer not again within
+    ``repeat_gap`` seconds: such a repeat is dropped, since answered late it would resend all the peer got meanwhile. Thread-safe."""
 
     def __init__(self, gap, repeat_gap, max_peers=1024):
         self.gap, self.repeat_gap, self.max_peers = gap, repeat_gap, max_peers
@@ -4930,7 +4930,7 @@ class SyncWorker:
         while fresh and (len(fresh) > self.max_fresh or next(iter(fresh.values())) < now - self.fresh_for):
             fresh.popitem(last=False)
 
-    def _without_fresh(self, peer_id, vector, gaps=()):
+    def _without_fresh(self, peer_id, vector, gaps):
         """``vector`` as if it held the entries that directly follow what it holds and were
         pushed here within ``fresh_for`` seconds, after ``peer_id`` linked: their push is on the
         way, and answering them would only send a second copy. Each entry counts on its own (a
