@@ -4669,7 +4669,8 @@ class SyncRequests:
     """The SYNC: frames waiting for an answer, each a request (its vector and its gaps): at most
     one per peer (a newer one replaces the pending one), at most ``max_peers`` peers, each
     answered at most every ``gap`` seconds, and the same request of one peer not again within
-    ``repeat_gap`` seconds: such a repeat is dropped, since answered late it would resend all the peer got meanwhile. Thread-safe."""
+    ``repeat_gap`` seconds: such a repeat is dropped, since answered late it would resend all
+    the peer got meanwhile. Thread-safe."""
 
     def __init__(self, gap, repeat_gap, max_peers=1024):
         self.gap, self.repeat_gap, self.max_peers = gap, repeat_gap, max_peers
