@@ -1,6 +1,6 @@
 """Catch-up of a peer that comes back while another node keeps writing (issue 20, item 8).
 
-    PYTHONPATH=_vendor python3 bench/bench_live_catchup.py [--rate 5] [--script PATH]
+    PYTHONPATH=_vendor python3 bench/bench_live_catchup.py [--rate 5] [--sync-interval 0.5] [--script PATH]
 
 Two node processes on loopback; a writes into one conversation ``--rate`` messages a second
 throughout. b is cut off for 6 s, by a restart (SIGTERM, start again) and by a pause (SIGSTOP,
@@ -55,8 +55,8 @@ def held(node, conversation_id):
     return set() if response.status_code != 200 else {m["content"] for m in response.json()["messages"]}
 
 
-def one_case(cluster, how, rate, patience):
-    a, b = cluster.start(), cluster.start()
+def one_case(cluster, how, rate, patience, settings):
+    a, b = cluster.start(settings=settings), cluster.start(settings=settings)
     wait_for(lambda: fully_linked([a, b]), message="pair")
     conversation_id = a.post("/api/conversations", json={"title": "live"}).json()["id"]
     wait_for(lambda: conversation_id in {c["id"] for c in b.json("/api/conversations")}, message="on b")
@@ -98,6 +98,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=5.0)
     parser.add_argument("--patience", type=float, default=20.0)
+    parser.add_argument("--sync-interval", default="0.5", help="--sync-interval of both nodes (the tests' 0.5 s)")
     parser.add_argument("--script", help="another neuromesh.py to run (a baseline)")
     options = parser.parse_args()
     if options.script:
@@ -106,7 +107,8 @@ def main():
         with tempfile.TemporaryDirectory() as directory:
             cluster = Cluster(Path(directory))
             try:
-                caught, after_stop = one_case(cluster, how, options.rate, options.patience)
+                caught, after_stop = one_case(cluster, how, options.rate, options.patience,
+                                              {"sync_interval": options.sync_interval})
             finally:
                 cluster.close()
         if caught is not None:
