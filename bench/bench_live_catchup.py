@@ -12,7 +12,6 @@ once a stops. ``--script`` runs another copy of neuromesh.py (a baseline). Every
 """
 
 import argparse
-import os
 import signal
 import sys
 import tempfile
