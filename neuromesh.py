@@ -1401,7 +1401,8 @@ FRAME_SCHEMAS = {
     PONG: {"t": Field("num", 0, 1e12, required=True)},  # our own time.monotonic(), echoed
     PEERS: {"peers": Field("list", hi=10000, of=Field("obj", of=_PEER_ENTRY), required=True)},
     GOODBYE: {"reason": _str(200)},
-    SYNC: {"vector": Field("map", hi=MAX_ORIGINS, of=_int(0, (1 << 62) - 1), required=True)},
+    SYNC: {"vector": Field("map", hi=MAX_ORIGINS, of=_int(0, (1 << 62) - 1), required=True),
+           "gaps": Field("list", hi=MAX_FRAME_ENTRIES, of=_str(128))},
     FILE: {"entries": Field("list", hi=MAX_FRAME_ENTRIES, of=Field("obj", of={}), required=True),
            "heads": Field("map", hi=MAX_ORIGINS, of=Field("obj", of=_HEAD)), "more": Field("bool"),
            "spread": Field("bool")},
@@ -4848,7 +4849,8 @@ class EventBus:
 # Sync ########################################################################
 ###############################################################################
 #
-# SYNC: {"vector": {origin: seq}}   the contiguous prefix of each origin's log I hold
+# SYNC: {"vector": {origin: seq}, "gaps": [origin]}   the contiguous prefix of each origin's log
+#                                    I hold; gaps: origins whose pushes came past it (send them now)
 # FILE: {"entries": [entry, ...], "more": bool}   entries the receiver lacks, in bounded batches
 #
 # Each side sends SYNC on link-up, and every --sync-interval to a peer when it has news for it
@@ -4856,6 +4858,8 @@ class EventBus:
 # vector lacks something. New entries are pushed at once ("spread": true) and forwarded once
 # to the peers that may lack them (LinkPolicy.forward_to), so a chain A-B-C converges without
 # an A-C link; periodic sync only heals what a push missed. An idle mesh sends no SYNC at all.
+# A push that starts past what the receiver holds (it missed one, or was away) is dropped, and
+# the receiver asks its sender at once with "gaps"; those origins are answered in full.
 
 
 def vector_ahead(vector, other):
@@ -4869,10 +4873,11 @@ def vector_holds(vector, entries):
 
 
 class SyncRequests:
-    """The SYNC: frames waiting for an answer: at most one per peer (a newer vector replaces the
-    pending one), at most ``max_peers`` peers, each answered at most every ``gap`` seconds, and
-    the same vector of one peer not again within ``repeat_gap`` seconds: such a repeat is
-    dropped, since answered late it would resend all the peer got meanwhile. Thread-safe."""
+    """The SYNC: frames waiting for an answer, each a request (its vector and its gaps): at most
+    one per peer (a newer one replaces the pending one), at most ``max_peers`` peers, each
+    answered at most every ``gap`` seconds, and the same request of one peer not again within
+    ``repeat_gap`` seconds: such a repeat is dropped, since answered late it would resend all
+    the peer got meanwhile. Thread-safe."""
 
     def __init__(self, gap, repeat_gap, max_peers=1024):
         self.gap, self.repeat_gap, self.max_peers = gap, repeat_gap, max_peers
@@ -4933,6 +4938,7 @@ class SyncWorker:
     answer_gap = 0.2  # seconds between two answers to one peer
     max_wait = 5.0  # the longest the worker sleeps: a queued job or SYNC: wakes it sooner
     fresh_for = 1.0  # seconds a pushed entry is left out of SYNC: answers: its push is on the way
+    max_fresh = 65536  # pushed entries remembered as fresh at most (a second of pushes is far fewer)
     max_jobs = 4096
     max_files_per_peer = 64
 
@@ -4949,7 +4955,9 @@ class SyncWorker:
         self._their_vectors = {}  # peer id -> the vector its last SYNC: showed
         self._told_vectors = {}  # peer id -> the vector we last sent it
         self._asked = {}  # peer id -> (ours, theirs) when we last asked it for what it has more
-        self._fresh = {}  # origin -> (first seq, last seq, monotonic time) of entries just pushed here
+        self._gaps_asked = {}  # peer id -> (ours, origins) when we last asked it for gaps below its pushes
+        self._linked = {}  # peer id -> monotonic time its link came up: only later pushes reached it
+        self._fresh = collections.OrderedDict()  # (origin, seq) -> monotonic time it was pushed here
         self._stop = threading.Event()
         self._thread = None
         self.counters = collections.Counter()
@@ -5024,19 +5032,22 @@ class SyncWorker:
             self.mesh.broadcast(FILE, payload)
 
     def peer_up(self, peer):
+        with self._vectors_lock:
+            self._linked[peer.node_id] = time.monotonic()
         self._queue((self._send_vector, peer.node_id))
 
     def peer_down(self, peer):
         self.requests.forget(peer.node_id)
         with self._vectors_lock:
-            for known in (self._their_vectors, self._told_vectors, self._asked):
+            for known in (self._their_vectors, self._told_vectors, self._asked, self._gaps_asked, self._linked):
                 known.pop(peer.node_id, None)
 
     def handle_sync(self, peer, payload):
-        vector = payload.get("vector")
+        vector, gaps = payload.get("vector"), payload.get("gaps")
         if not isinstance(vector, dict):
             raise ProtocolError("SYNC: frame without a version vector")
-        outcome = self.requests.put(peer.node_id, vector)
+        gaps = tuple(sorted({origin for origin in gaps if isinstance(origin, str)})) if isinstance(gaps, list) else ()
+        outcome = self.requests.put(peer.node_id, (vector, gaps))
         self.counters["sync_requests_" + outcome] += 1
         if outcome == "new":
             self._queue((lambda: None,))  # wake the worker: the answer may be due now
@@ -5068,10 +5079,16 @@ class SyncWorker:
     # -- jobs, on the sync thread ---------------------------------------------------
 
     def _send_vector(self, peer_id, ours=None):
+        """Send ``ours`` (default: the store's vector), with the gaps we asked ``peer_id`` for
+        while it is still our vector: a newer SYNC: replaces a waiting one, and must not lose them."""
         ours = self.store.version_vector() if ours is None else ours
+        payload = {"vector": ours}
         with self._vectors_lock:
             self._told_vectors[peer_id] = ours
-        self.mesh.send(peer_id, SYNC, {"vector": ours})
+            held, gaps = self._gaps_asked.get(peer_id, (None, None))
+        if gaps and held == ours:
+            payload["gaps"] = gaps
+        self.mesh.send(peer_id, SYNC, payload)
         self.counters["vectors_sent"] += 1
 
     def _sync_round(self):
@@ -5087,7 +5104,8 @@ class SyncWorker:
             else:
                 self.counters["vectors_spared"] += 1
 
-    def _answer_sync(self, peer_id, vector):
+    def _answer_sync(self, peer_id, request):
+        vector, gaps = request
         clean = {str(origin): seq for origin, seq in vector.items()
                  if isinstance(seq, int) and not isinstance(seq, bool)}
         ours = self.store.version_vector()
@@ -5097,7 +5115,7 @@ class SyncWorker:
             if ask:  # the same request for the same two states is never repeated: a stuck gap must not loop
                 self._asked[peer_id] = (ours, clean)
         self.counters["sync_answers"] += 1
-        view = self._without_fresh(clean)
+        view = self._without_fresh(peer_id, clean, gaps)
         if vector_ahead(ours, view):  # else nothing to send: no store query
             payload = self.store.batches.missing(view, self.batch_bytes, self.batch_entries)
             if payload["entries"]:
@@ -5110,23 +5128,33 @@ class SyncWorker:
         now = time.monotonic()
         with self._vectors_lock:
             for entry in entries:
-                first, last, since = self._fresh.get(entry["origin"], (entry["seq"], 0, now))
-                if now - since > self.fresh_for:
-                    first = entry["seq"]
-                self._fresh[entry["origin"]] = (min(first, entry["seq"]), max(last, entry["seq"]), now)
+                key = (entry["origin"], entry["seq"])
+                self._fresh.pop(key, None)
+                self._fresh[key] = now
+            self._forget_stale(now)
 
-    def _without_fresh(self, vector):
-        """``vector`` as if it held the entries pushed here within ``fresh_for`` seconds that
-        directly follow what it holds: their push is on the way, and answering them would only
-        send a second copy (a lost push is healed by the next round)."""
+    def _forget_stale(self, now):
+        fresh = self._fresh
+        while fresh and (len(fresh) > self.max_fresh or next(iter(fresh.values())) < now - self.fresh_for):
+            fresh.popitem(last=False)
+
+    def _without_fresh(self, peer_id, vector, gaps):
+        """``vector`` as if it held the entries that directly follow what it holds and were
+        pushed here within ``fresh_for`` seconds, after ``peer_id`` linked: their push is on the
+        way, and answering them would only send a second copy. Each entry counts on its own (a
+        node that writes all the time must not make a returning peer look as if it held all),
+        and none of the origins in ``gaps``: the peer got pushes past its gap, so none is on the way."""
         now = time.monotonic()
         view = dict(vector)
         with self._vectors_lock:
-            for origin, (first, last, since) in list(self._fresh.items()):
-                if now - since > self.fresh_for:
-                    del self._fresh[origin]
-                elif first - 1 <= view.get(origin, 0) < last:
-                    view[origin] = last
+            self._forget_stale(now)
+            since = max(now - self.fresh_for, self._linked.get(peer_id, now))
+            for origin in {origin for origin, _seq in self._fresh}.difference(gaps):
+                seq = view.get(origin, 0)
+                while self._fresh.get((origin, seq + 1), since - 1.0) >= since:
+                    seq += 1
+                if seq:
+                    view[origin] = seq
         return view
 
     def _holders(self, entries):
@@ -5154,8 +5182,26 @@ class SyncWorker:
             self.mesh.forward(FILE, forward, peer_id, spread, self._holders(forward["entries"]))
         if new:
             publish_entries(self.events, new)
-        if more and self.store.version_vector() != before:  # a stuck gap must not loop
-            self._send_vector(peer_id)
+        if more or len(new) < len(payload["entries"]):
+            self._ask_again(peer_id, payload["entries"], before)
+
+    def _ask_again(self, peer_id, entries, before):
+        """After a batch from ``peer_id``: ask it at once for the gaps below the entries it sent
+        past what this node holds (a push after a missed one, or after time away), else for the
+        rest when it said there is more (``before``: our vector then). The same question is not
+        asked twice for the same state: a stuck gap must not loop; the next round heals it."""
+        held = self.store.version_vector()
+        gaps = sorted({entry["origin"] for entry in entries if held.get(entry["origin"], 0) < entry["seq"]})
+        with self._vectors_lock:
+            if gaps and self._gaps_asked.get(peer_id) == (held, gaps):
+                gaps = None
+            elif gaps:
+                self._gaps_asked[peer_id] = (held, gaps)
+        if gaps:
+            self.counters["gaps_asked"] += 1
+            self._send_vector(peer_id, held)
+        elif before is not None and held != before:
+            self._send_vector(peer_id, held)
 
 
 def publish_entries(events, entries):
