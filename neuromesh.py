@@ -8442,7 +8442,7 @@ class PageApi(HttpApi):
 
     def seed_peers(self):
         """The original NeuroMesh's view: ``{peer: conversation}`` of what peers wrote."""
-        if self.node.teacher_key is not None:
+        if getattr(self.node, "teacher_key", None) is not None:
             raise HTTPFailure(404, "the teacher's computer shows only the chats students share")
         return self.node.seed_peer_conversations()
 
@@ -8450,7 +8450,9 @@ class PageApi(HttpApi):
 
     def _teacher_may_read(self, record):
         """On the teacher's computer only its own chats and those a student shows it (issue 24)."""
-        return self.node.teacher_key is None or record["own"] or record["id"] in self.node.room.shared()
+        if getattr(self.node, "teacher_key", None) is None:  # a stand-in node of the tests has none
+            return True
+        return record["own"] or record["id"] in self.node.room.shared()
 
     def list_conversations(self):
         records = [record for record in self.node.store.list_conversations() if self._teacher_may_read(record)]
