@@ -9632,6 +9632,8 @@ class Node(MeshListener):
         self.store = Store(os.path.join(config.data_dir, DATABASE_FILE), self.node_id, self.name, self.key,
                            self.teacher_key)
         self.room = RoomRules(self.store, config.teacher)
+        if self.teacher_key is not None:
+            self._introduce_teacher()
         self.mesh = Mesh(config, self.node_id, listener=self, key=self.key)
         self.sync = SyncWorker(self.store, self.mesh, self.events, config.sync_interval)
         self.store.on_local_entries = self._local_entries
@@ -9650,6 +9652,15 @@ class Node(MeshListener):
         self.http_port = None
         self._threads = []
         self._stop = threading.Event()
+
+    def _introduce_teacher(self):
+        """The teacher's first start (or a new name): an open room's policy, so students see who
+        their teacher is before any rule is set."""
+        policy = self.room.policy()
+        if policy is None or policy["teacher_name"] != self.name or policy["teacher_node"] != self.node_id:
+            policy = dict(policy or {}, teacher_name=self.name, teacher_node=self.node_id)
+            teacher = self.teacher_key.node_id
+            self.store.write_control(teacher, "%s.%s" % (teacher, POLICY_SUFFIX), {"policy": policy})
 
     # -- the mesh's listener (on the mesh thread) -------------------------------
 
