@@ -4,12 +4,13 @@ signed policy reaches every node; hosts enforce it on every chat they answer, re
 
 Network safety: loopback only (127.0.0.0/8); nodes bind 127.0.0.1 (the cluster fixture)."""
 
+import sys
 import time
 
 import pytest
 import requests
 
-from conftest import fully_linked, wait_for
+from conftest import NodeProcess, fully_linked, wait_for
 from test_llm import MODEL, fakes, hosts_of  # noqa: F401 (fakes is a fixture)
 
 JSON = {"Accept": "application/json"}
@@ -156,3 +157,30 @@ def assert_no_student_text_served(teacher, text, hidden):
                      "/api/conversations/%s/download" % conversation):
             reply = teacher.get(path)
             assert reply.status_code == 404 and text not in reply.text, path
+
+
+def test_the_room_file_from_the_teachers_page_runs_with_python_I_and_pins_teacher_and_code(cluster, tmp_path):
+    code = ["--mesh-key", "PHOTOSYNTHESIS-7"]
+    teacher = cluster.start("teacher", extra=["--name", "Ms Rivera", "teacher"] + code)
+    fingerprint = teacher.json("/api/room")["teacher"]
+    reply = teacher.get("/api/teacher/room.pyz", timeout=60)
+    assert reply.status_code == 200 and "neuromesh-room.pyz" in reply.headers["Content-Disposition"]
+    room_file = tmp_path / "neuromesh-room.pyz"
+    room_file.write_bytes(reply.content)
+    student = NodeProcess(tmp_path / "student", cluster.node_args(), "room-file",
+                          program=[sys.executable, "-I", str(room_file)])
+    cluster.nodes.append(student)
+    student.start(timeout=60)
+    room = student.json("/api/room")
+    assert room["teacher"] == fingerprint and not room["is_teacher"]
+    # the room is closed by a code the student never typed: linking proves the file holds it
+    wait_for(lambda: fully_linked([teacher, student]), timeout=20, message="the room file's node joined the closed room")
+    wait_for(lambda: student.json("/api/room")["teacher_name"] == "Ms Rivera", message="the teacher's name")
+
+
+def test_a_student_computer_cannot_use_the_teachers_api(room):
+    student = room.students[0]
+    for method, path in (("GET", "/api/teacher"), ("POST", "/api/teacher/policy"), ("GET", "/api/teacher/room.pyz")):
+        reply = requests.request(method, student.url + path, json={"paused": True}, timeout=5)
+        assert reply.status_code == 403 and "teacher's own computer" in reply.json()["error"]
+    assert not paused_on(room.host)
