@@ -6795,6 +6795,8 @@ def clean_policy(raw):
                         if isinstance(models, list) and models else None)
     quota = raw.get("quota")
     policy["quota"] = quota if type(quota) is int and 0 < quota < 10000 else None
+    clear = raw.get("clear_guests")  # when the teacher last asked to clear guests' chats
+    policy["clear_guests"] = clear if isinstance(clear, str) and 0 < len(clear) <= 40 else None
     node = raw.get("teacher_node")
     policy["teacher_node"] = node if isinstance(node, str) and re.fullmatch(r"[0-9a-f]{32}", node) else None
     return policy
@@ -6883,6 +6885,51 @@ class RoomRules:
         ids = shown.get("conversations")
         return {cid for cid in ids[:1000] if isinstance(cid, str) and bound_owner(cid) == origin} \
             if isinstance(ids, list) else set()
+
+    _OWN_FIELDS = ("shown_to_teacher", "guest_chats", "guests_cleared")
+
+    def write_own(self, **fields):
+        """This node's record for the teacher, with ``fields`` changed: the chats its owner shows
+        the teacher, how many chats its guests wrote, when it last cleared them."""
+        origin = self.store.node_id
+        cid = "%s.%s" % (origin, SHARES_SUFFIX)
+        record = self.store.control_record(origin, cid) or {}
+        kept = {key: record[key] for key in self._OWN_FIELDS if key in record}
+        kept.update(fields)
+        self.store.write_control(origin, cid, kept)
+
+    def guest_chats(self):
+        """The conversations of this node's guests that are still there."""
+        return [cid for cid in self.store.guest_owners() if self.store.get_conversation_record(cid) is not None]
+
+    def clear_guests(self):
+        """When the teacher asked to clear guests' chats after this node last did: delete them
+        (each deletion syncs like any other); returns how many went."""
+        policy = self.policy()
+        asked = policy and policy["clear_guests"]
+        origin = self.store.node_id
+        if not asked or (self.store.control_record(origin, "%s.%s" % (origin, SHARES_SUFFIX)) or {}).get(
+                "guests_cleared") == asked:
+            return 0
+        gone = 0
+        for cid in self.guest_chats():
+            try:
+                self.store.delete_conversation(cid)
+                gone += 1
+            except StoreError as error:  # a guest chat of another node's log cannot be ours to delete
+                log.warning("could not clear the guest chat %s: %s", cid, error)
+        self.write_own(guests_cleared=asked, guest_chats=0)
+        log.info("cleared %d guests' chats, as %s asked", gone, policy["teacher_name"] or "the teacher")
+        return gone
+
+    def guest_chat_counts(self):
+        """{node id: guests' chats it reports} of every node of the room."""
+        counts = {}
+        for origin, record in self.store.control_records(SHARES_SUFFIX).items():
+            count = record.get("guest_chats")
+            if type(count) is int and 0 < count < 1 << 30:
+                counts[origin] = count
+        return counts
 
     def shared(self):
         """{conversation id: its owner} of every chat a student shows the teacher."""
@@ -8470,6 +8517,9 @@ class PageApi(HttpApi):
         guest = self.gate.client().guest
         if guest is not None:
             self.node.store.set_guest_owner(record["id"], guest)
+            room = getattr(self.node, "room", None)  # the teacher's count for "Clear guests' chats"
+            if room is not None and room.teacher_id:
+                room.write_own(guest_chats=len(room.guest_chats()))
         bottle.response.status = 201
         return record
 
@@ -9253,7 +9303,8 @@ class RoomApi(HttpApi):
         return [("GET", "/api/room", self.room), ("POST", "/api/room/share", self.share),
                 ("GET", "/api/teacher", self.overview), ("POST", "/api/teacher/policy", self.set_policy),
                 ("GET", "/api/teacher/shared/<conversation_id>", self.shared_conversation),
-                ("GET", "/api/teacher/room.pyz", self.bundle)]
+                ("GET", "/api/teacher/room.pyz", self.bundle),
+                ("POST", "/api/teacher/clear-guests", self.clear_guests)]
 
     def room(self):
         """The rules this page's chats obey: the teacher, pause and reason, instructions, quota left."""
@@ -9283,9 +9334,8 @@ class RoomApi(HttpApi):
             raise HTTPFailure(409, "no teacher in this room: there is no one to show it to")
         current = self.node.room.shown_by(self.node.node_id)
         wanted = (current | {cid}) if shown else (current - {cid})
-        self.node.store.write_control(self.node.node_id, "%s.%s" % (self.node.node_id, SHARES_SUFFIX),
-                                      {"shown_to_teacher": {"teacher": self.node.room.teacher_id,
-                                                            "conversations": sorted(wanted)}})
+        self.node.room.write_own(shown_to_teacher={"teacher": self.node.room.teacher_id,
+                                                   "conversations": sorted(wanted)})
         return {"shown": sorted(wanted)}
 
     def _teacher(self):
@@ -9315,6 +9365,7 @@ class RoomApi(HttpApi):
         return {"students": students, "hosts": hosts, "policy": self.node.room.policy(),
                 "waited_longest": waited["name"] if waited and waited["longest_wait_s"] else None,
                 "shared": [record for record in shared if record.get("id")],
+                "guest_chats": sum(self.node.room.guest_chat_counts().values()),
                 "teacher": self.node.room.teacher_id}
 
     def _shared_record(self, cid):
@@ -9339,10 +9390,27 @@ class RoomApi(HttpApi):
         """``POST /api/teacher/policy``: the room's new rules, signed with the teacher key."""
         self._teacher()
         body = read_json_body()
-        policy = clean_policy(dict(body, teacher_name=self.node.name, teacher_node=self.node.node_id))
+        asked = (self.node.room.policy() or {}).get("clear_guests")  # nodes offline then still clear later
+        policy = clean_policy(dict(body, teacher_name=self.node.name, teacher_node=self.node.node_id,
+                                   clear_guests=asked))
         teacher = self.node.teacher_key.node_id
         self.node.store.write_control(teacher, "%s.%s" % (teacher, POLICY_SUFFIX), {"policy": policy})
         return self.node.room.policy()
+
+    def clear_guests(self):
+        """``POST /api/teacher/clear-guests {"count"}``: every node deletes the chats its guests
+        wrote; ``count`` is the number the teacher confirmed (the page names it)."""
+        self._teacher()
+        body = read_json_body()
+        count = sum(self.node.room.guest_chat_counts().values())
+        if body.get("count") != count:
+            raise HTTPFailure(409, "the room holds %d guests' chats now, not %s: confirm that number"
+                              % (count, safe_text(body.get("count"), 20)))
+        policy = dict(self.node.room.policy() or {}, clear_guests=utc_now())
+        teacher = self.node.teacher_key.node_id
+        self.node.store.write_control(teacher, "%s.%s" % (teacher, POLICY_SUFFIX), {"policy": policy})
+        self.node.room.clear_guests()
+        return {"clearing": count}
 
     def bundle(self):
         """``GET /api/teacher/room.pyz``: NeuroMesh for this room, to hand to students."""
@@ -9721,6 +9789,7 @@ class Node(MeshListener):
                     if self.router.refresh_local():
                         self.mesh.announce_now()
                 self.router.retry_requests()
+                self.room.clear_guests()
             except Exception:
                 log.exception("housekeeping failed")
 

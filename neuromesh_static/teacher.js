@@ -255,7 +255,36 @@ async function showShared(id) {
   box.hidden = false;
 }
 
+function askToClearGuests() {
+  const count = teacher.view ? teacher.view.guest_chats : 0;
+  const confirm = $("#clear-confirm");
+  if (!count) {
+    $("#clear-status").textContent = "No guest has written a chat in this room.";
+    return;
+  }
+  $("#clear-question").textContent = "Delete the " + count + (count === 1 ? " chat" : " chats") +
+    " guests wrote, on every computer of the room?";
+  confirm.dataset.count = String(count);
+  confirm.hidden = false;
+  $("#clear-no").focus();
+}
+
+async function clearGuests() {
+  const confirm = $("#clear-confirm");
+  confirm.hidden = true;
+  try {
+    const reply = await post("/api/teacher/clear-guests", { count: Number(confirm.dataset.count) });
+    $("#clear-status").textContent = "Clearing " + reply.clearing + " guests' chats on every computer.";
+  } catch (error) {
+    $("#clear-status").textContent = error.message;
+  }
+  refreshDashboard();
+}
+
 function startTeacherPage() {
+  $("#clear-guests").addEventListener("click", askToClearGuests);
+  $("#clear-yes").addEventListener("click", clearGuests);
+  $("#clear-no").addEventListener("click", () => { $("#clear-confirm").hidden = true; });
   const form = $("#policy-form");
   form.addEventListener("input", () => { teacher.editing = true; });
   form.addEventListener("submit", (event) => {

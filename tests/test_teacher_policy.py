@@ -151,3 +151,24 @@ def test_any_policy_record_cleans_to_a_policy_and_never_raises(raw):
         assert isinstance(policy["paused"], bool) and isinstance(policy["reason"], str)
         assert policy["quota"] is None or 0 < policy["quota"] < 10000
         assert policy["models"] is None or all(isinstance(m, str) for m in policy["models"])
+
+
+def test_clear_guests_chats_deletes_only_the_guests_chats_once_and_the_count_reaches_the_teacher(room):
+    teacher, teacher_key, student, rules = room
+    teach(teacher, teacher_key, student, paused=False)
+    guest_chats = [student.create_conversation("guest chat %d" % n)["id"] for n in range(3)]
+    for cid in guest_chats:
+        student.set_guest_owner(cid, "guest-0123456789abcdef")
+    own = student.create_conversation("the owner's own chat")["id"]
+    rules.write_own(guest_chats=len(rules.guest_chats()))
+    teacher.batches.apply(student.batches.missing(teacher.version_vector()))
+    assert nm.RoomRules(teacher, teacher_key.node_id).guest_chat_counts() == {student.node_id: 3}
+
+    assert rules.clear_guests() == 0, "nothing is cleared before the teacher asks"
+    teach(teacher, teacher_key, student, paused=False, clear_guests=nm.utc_now())
+    assert rules.clear_guests() == 3
+    assert [c["id"] for c in student.list_conversations()] == [own]
+    assert rules.clear_guests() == 0, "one request clears once"
+    teacher.batches.apply(student.batches.missing(teacher.version_vector()))
+    assert nm.RoomRules(teacher, teacher_key.node_id).guest_chat_counts() == {}
+    assert all(teacher.get_conversation(cid) is None for cid in guest_chats), "the deletions reach every node"

@@ -184,3 +184,12 @@ def test_a_student_computer_cannot_use_the_teachers_api(room):
         reply = requests.request(method, student.url + path, json={"paused": True}, timeout=5)
         assert reply.status_code == 403 and "teacher's own computer" in reply.json()["error"]
     assert not paused_on(room.host)
+
+
+def test_clear_guests_chats_needs_the_count_the_teacher_confirmed(room):
+    assert room.teacher.json("/api/teacher")["guest_chats"] == 0
+    reply = room.teacher.post("/api/teacher/clear-guests", json={"count": 4})
+    assert reply.status_code == 409 and "0 guests' chats now" in reply.json()["error"]
+    assert room.teacher.post("/api/teacher/clear-guests", json={"count": 0}).json() == {"clearing": 0}
+    wait_for(lambda: all((n.json("/api/room")["policy"] or {}).get("clear_guests") for n in room.nodes),
+             message="the request everywhere")
