@@ -3144,41 +3144,54 @@ class Store(StorePages):
             "SELECT conversation_id, guest_id FROM guest_conversations").fetchall()))[1])
 
     # -- the room's control records (issue 24) ------------------------------------------
-    # A control record is a snapshot of a hidden (deleted) conversation bound to its writer,
-    # with fields of its own: version 0.2.0 nodes store and forward it as a deleted chat, signed
-    # and chained like every entry, and never show it.
+    # A control record is a message, its JSON as its content, in a deleted conversation bound to
+    # its writer: only fields every earlier version knows (their hashes cover clean data), so
+    # they store and forward it, signed and chained like every entry, and never show it.
 
     def write_control(self, origin, conversation_id, fields):
         """Append a control record ``fields`` to the log of ``origin`` (this node's, or the
         teacher key's) and return the entry."""
-        data = {"title": "NeuroMesh room record", "private": False, "deleted": True,
-                "created_at": utc_now(), "origin_name": self.node_name}
-        data.update(fields)
-        return self._write(lambda: self._append(origin, "conversation", conversation_id, data))
+        content = json.dumps(dict(fields, neuromesh_room=1), sort_keys=True)
+        data = _clean_message_data({"role": "user", "content": content, "sender": "NeuroMesh room record",
+                                    "host_info": {"hostname": self.node_name}})
+
+        def write():
+            if self._log.conversation_row(conversation_id) is None:
+                self._append(origin, "conversation", conversation_id, {
+                    "title": "NeuroMesh room record", "private": False, "deleted": True,
+                    "created_at": utc_now(), "origin_name": self.node_name, "peer_label": None})
+            return self._append(origin, "message", conversation_id, data)
+        return self._write(write)
+
+    @staticmethod
+    def _control_data(text):
+        try:
+            record = json.loads(json.loads(text)["content"])
+        except (TypeError, ValueError, KeyError):
+            return None
+        return record if isinstance(record, dict) and record.get("neuromesh_room") == 1 else None
 
     def control_record(self, origin, conversation_id):
-        """The data of the newest control record ``origin`` wrote under ``conversation_id``, with
-        its ``seq``; None when there is none."""
+        """The newest control record ``origin`` wrote under ``conversation_id``, with its
+        ``seq``; None when there is none."""
         row = self._db.read(lambda: self._db.execute(
-            "SELECT seq, data FROM entries WHERE origin = ? AND conversation_id = ? AND kind = 'conversation'"
+            "SELECT seq, data FROM entries WHERE origin = ? AND conversation_id = ? AND kind = 'message'"
             " AND duplicate = 0 ORDER BY seq DESC LIMIT 1", (origin, conversation_id)).fetchone())
-        if row is None:
-            return None
-        data = json.loads(row[1])
-        return dict(data, seq=row[0]) if isinstance(data, dict) else None
+        record = row and self._control_data(row[1])
+        return dict(record, seq=row[0]) if record else None
 
     def control_records(self, conversation_suffix):
-        """{origin: data} of the newest control record of each origin whose conversation id is
+        """{origin: record} of the newest control record of each origin whose conversation id is
         ``<origin>.<conversation_suffix>`` (the students' shares)."""
         rows = self._db.read(lambda: self._db.execute(
-            "SELECT origin, data FROM entries e WHERE kind = 'conversation' AND duplicate = 0"
+            "SELECT origin, data FROM entries e WHERE kind = 'message' AND duplicate = 0"
             " AND conversation_id = origin || '.' || ? AND seq = (SELECT MAX(seq) FROM entries"
             " WHERE origin = e.origin AND conversation_id = e.conversation_id)", (conversation_suffix,)).fetchall())
         records = {}
         for origin, text in rows:
-            data = json.loads(text)
-            if isinstance(data, dict):
-                records[origin] = data
+            record = self._control_data(text)
+            if record is not None:
+                records[origin] = record
         return records
 
     def activity_since(self, since):
@@ -3187,7 +3200,7 @@ class Store(StorePages):
         rows = self._db.read(lambda: self._db.execute(
             "SELECT c.owner, json_extract(e.data, '$.role'), json_extract(e.data, '$.waited_s')"
             " FROM entries e JOIN conversations c ON c.id = e.conversation_id WHERE e." + self._LISTED.replace(
-                " AND ", " AND e.") + " AND e.timestamp >= ? AND c.private = 0", (since,)).fetchall())
+                " AND ", " AND e.") + " AND e.timestamp >= ? AND c.private = 0 AND c.deleted = 0", (since,)).fetchall())
         activity = {}
         for owner, role, waited in rows:
             record = activity.setdefault(owner, {"chats": 0, "waited": 0.0})
@@ -5231,11 +5244,11 @@ def publish_entries(events, entries):
     at most EventBus.max_pending events)."""
     last_messages = collections.OrderedDict()  # conversation id -> its last new message here
     for entry in entries:
-        if entry.get("kind") == "message":
+        if entry["conversation_id"].endswith((POLICY_SUFFIX, SHARES_SUFFIX)):
+            events.publish("room", {"origin": entry["origin"]})  # pages ask /api/room what it means
+        elif entry.get("kind") == "message":
             last_messages.pop(entry["conversation_id"], None)
             last_messages[entry["conversation_id"]] = entry
-        elif entry["conversation_id"].endswith((POLICY_SUFFIX, SHARES_SUFFIX)):
-            events.publish("room", {"origin": entry["origin"]})  # pages ask /api/room what it means
         else:
             events.publish("conversation", {"conversation_id": entry["conversation_id"],
                                             "deleted": bool(entry["data"].get("deleted")),

@@ -2,6 +2,8 @@
 their own key tries to act as the teacher. Each forgery is refused and changes no node's state;
 only the pinned teacher's signed, newest record governs (the patterns of test_signed_origins)."""
 
+import json
+
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -65,8 +67,10 @@ def test_a_policy_signed_by_a_students_key_is_refused(room):
         student.batches.apply(mallory.batches.missing({}))
     assert state(student, rules) == before
     # signed as the teacher's origin with her own key: refused
-    entry = dict(teacher.batches.missing({})["entries"][-1], seq=2, uid="%s:2" % teacher_key.node_id,
-                 data=dict(teacher.batches.missing({})["entries"][-1]["data"], policy=PAUSE))
+    held = teacher.batches.missing({})["entries"][-1]
+    seq = held["seq"] + 1
+    entry = dict(held, seq=seq, uid="%s:%d" % (teacher_key.node_id, seq),
+                 data=dict(held["data"], content=json.dumps({"neuromesh_room": 1, "policy": PAUSE})))
     prev = student.batches._chain.head(teacher_key.node_id)[1]
     for head_key in (mallory_key.public, teacher_key.public):
         with pytest.raises(nm.BatchRejected):

@@ -193,3 +193,27 @@ def test_clear_guests_chats_needs_the_count_the_teacher_confirmed(room):
     assert room.teacher.post("/api/teacher/clear-guests", json={"count": 0}).json() == {"clearing": 0}
     wait_for(lambda: all((n.json("/api/room")["policy"] or {}).get("clear_guests") for n in room.nodes),
              message="the request everywhere")
+
+
+def test_the_previous_release_keeps_and_forwards_the_policy_and_shows_nothing(cluster, tmp_path):
+    from test_mixed_versions import previous_release
+    import neuromesh as nm
+    tag, _version, protocol, program = previous_release(tmp_path)
+    if protocol != nm.PROTOCOL_VERSION:
+        pytest.skip("%s speaks another wire: it never links to this version" % tag)
+    old = NodeProcess(tmp_path / "old", cluster.node_args(discovery=False), "old " + tag,
+                      program=[sys.executable, program])
+    cluster.nodes.append(old)
+    old.start()
+    via_old = ["--peer", "127.0.0.1:%d" % old.tcp_port]
+    teacher = cluster.start("teacher", discovery=False, extra=["--name", "Ms Rivera", "teacher"] + via_old)
+    wait_for(lambda: fully_linked([teacher, old]), timeout=20, message="the old node linked")
+    teacher.post("/api/teacher/policy", json={"paused": True, "reason": "Quiz"})
+    wait_for(lambda: len(old.json("/api/peers")) and teacher.json("/api/room")["policy"]["paused"], message="paused")
+    student = cluster.start("student", discovery=False,
+                            extra=["--teacher", teacher.json("/api/room")["teacher"]] + via_old)
+    wait_for(lambda: (student.json("/api/room")["policy"] or {}).get("reason") == "Quiz", timeout=20,
+             message="the pause reached the late student")
+    assert old.json("/api/conversations") == [], "an old node keeps the record as a deleted chat: it shows nothing"
+    for failure in ("rejected a batch", "failed verification", "invalid entr"):
+        assert failure not in old.log() + student.log()
