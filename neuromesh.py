@@ -6276,6 +6276,7 @@ RELAY_FORWARD_PATH = "/relay/forward"
 FORWARD_PATHS = ("/api/chat", "/api/generate", "/api/show", "/api/embed", "/api/embeddings")
 INFO_PATHS = ("/api/tags", "/api/ps", "/api/version")
 SLOT_PATHS = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings")  # work that holds a slot
+GENERATION_PATHS = ("/api/chat", "/api/generate")  # what the teacher's rules govern
 RECENT_OLLAMA_VERSION = "0.12.0"  # /api/version when no Ollama on the mesh tells its own
 MAX_FORWARD_BODY = 32 * MiB  # a request with images
 
@@ -6558,10 +6559,14 @@ class MeshCalls:
         model = router.resolve_model(body.get("model") or body.get("name"), local_only)
         body = dict(body, model=model)
         body.pop("name", None)
+        governed = path in GENERATION_PATHS and not router.policy.is_owner(requester)
+        if path in GENERATION_PATHS and (governed or model not in router.local_models()):  # its own LLM is the owner's
+            router.room.admit(router.policy.requester(requester), model)  # the teacher's rules (issue 24)
         failures = []
         for backend in router.candidates(model, local_only, requester):
             try:
-                return self._try(backend, path, body, router.policy.turn(requester, backend))
+                asked = router.room.instruct_body(requester, path, body) if governed and backend.local else body
+                return self._try(backend, path, asked, router.policy.turn(requester, backend))
             except _UpstreamRefused as exc:
                 failures.append((exc.status, str(exc)))
                 log.warning("failing over: %s", exc)
@@ -6950,6 +6955,18 @@ class RoomRules:
             return {}
         return {cid: origin for origin, record in self.store.control_records(SHARES_SUFFIX).items()
                 for cid in self._shown(origin, record)}
+
+    def instruct_body(self, requester, path, body):
+        """An Ollama request ``body`` with the teacher's instructions: the first system message of a
+        chat, the start of a generation's system prompt."""
+        if path == "/api/chat":
+            messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+            return dict(body, messages=self.with_instructions(requester, messages))
+        policy = self.policy()
+        if not self.governs(policy, requester) or not policy["instructions"]:
+            return body
+        system = body.get("system") if isinstance(body.get("system"), str) else ""
+        return dict(body, system=policy["instructions"] + ("\n\n" + system if system else ""))
 
     def with_instructions(self, requester, messages):
         """``messages`` with the teacher's instructions as the first system message."""

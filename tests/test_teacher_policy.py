@@ -176,3 +176,15 @@ def test_clear_guests_chats_deletes_only_the_guests_chats_once_and_the_count_rea
     teacher.batches.apply(student.batches.missing(teacher.version_vector()))
     assert nm.RoomRules(teacher, teacher_key.node_id).guest_chat_counts() == {}
     assert all(teacher.get_conversation(cid) is None for cid in guest_chats), "the deletions reach every node"
+
+
+def test_instructions_go_first_in_a_chat_and_a_generation(room):
+    teacher, teacher_key, student, rules = room
+    teach(teacher, teacher_key, student, instructions="Hints only.", teacher_node="c" * 32)
+    ana = nm.Requester("a" * 32, "owner")
+    chat = rules.instruct_body(ana, "/api/chat", {"messages": [{"role": "user", "content": "hi"}]})
+    assert chat["messages"][0] == {"role": "system", "content": "Hints only."}
+    assert rules.instruct_body(ana, "/api/generate", {"prompt": "hi", "system": "Be brief."})["system"] == \
+        "Hints only.\n\nBe brief."
+    own = nm.Requester("c" * 32, "owner")  # the teacher's own computer
+    assert rules.instruct_body(own, "/api/generate", {"prompt": "hi"}) == {"prompt": "hi"}

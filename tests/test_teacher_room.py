@@ -80,6 +80,11 @@ def test_the_teachers_pause_reaches_every_node_and_every_host_refuses_with_the_r
     status, reply = ask(rogue)
     assert status in (403, 503) and "Test until 10:40" in reply["error"], reply
     assert len(room.fake.requests_to("/api/chat")) == before, "no paused chat reached the LLM"
+    for node in (room.students[0], rogue):  # the Ollama API of a student's computer too
+        reply = requests.post(node.url + "/api/generate", json={"model": MODEL, "prompt": "hi", "stream": False},
+                              timeout=30)
+        assert reply.status_code in (403, 503) and "Test until 10:40" in reply.text, reply.text
+    assert not room.fake.requests_to("/api/generate")
 
     room.set_policy(paused=False)
     wait_for(lambda: not any(paused_on(n) for n in room.nodes), message="the resume everywhere")
@@ -103,6 +108,20 @@ def test_the_instructions_reach_the_llm_of_every_chat_relayed_or_not(room, clust
     for body in asked:
         assert body["messages"][0] == {"role": "system", "content": words}
         assert sum(1 for m in body["messages"] if m["role"] == "system") == 1
+    # the Ollama API of a student's computer, relayed to the host, too
+    room.fake.clear_requests()
+    for node in (room.students[0], rogue):
+        reply = requests.post(node.url + "/api/generate", json={"model": MODEL, "prompt": "hi", "stream": False,
+                                                                "system": "be brief"}, timeout=30)
+        assert reply.status_code == 200, reply.text
+        reply = requests.post(node.url + "/api/chat", timeout=30, json={
+            "model": MODEL, "stream": False, "messages": [{"role": "user", "content": "hi"}]})
+        assert reply.status_code == 200, reply.text
+    asked = room.fake.requests_to("/api/chat") + room.fake.requests_to("/api/generate")
+    assert len(asked) == 4
+    for body in asked:  # the teacher's words first, the student's own system prompt after them
+        assert body["messages"][0] == {"role": "system", "content": words} if "messages" in body else \
+            body["system"].startswith(words)
 
 
 def test_the_quota_refuses_one_student_clearly_and_no_other(room):
