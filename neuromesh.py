@@ -589,7 +589,7 @@ def build_arg_parser():
     epilog_lines += ["  NEUROMESH_%s" % key.upper() for key in SETTINGS]
     parser = argparse.ArgumentParser(
         prog="neuromesh.py",
-        usage="python neuromesh.py [run | doctor | status | firewall | export DIR | import DIR] [options]",
+        usage="python neuromesh.py [run | teacher | doctor | status | firewall | export DIR | import DIR] [options]",
         description="Share the local LLMs of a room: run it on every machine.\n\ncommands:\n" + "\n".join(
             "  %-12s %s" % (name, text.split("\n")[0]) for name, text in COMMAND_HELP.items())
         + "\n\n`python neuromesh.py COMMAND --help` explains a command.",
@@ -636,7 +636,7 @@ COMMAND_HELP = {
               "the code, never the code), this machine's LLM, the firewall, and the peers heard during two\n"
               "announce intervals. Exits 1 when something blocks the mesh.",
     "teacher": "start this node as the room's teacher: makes a teacher key in the data dir (once) and\n"
-               "opens the teacher's page: pause the room, set instructions, see the class.\n\n"
+               "runs the node; its page links to the teacher's room: pause the room, set instructions, see the class.\n\n"
                "  python neuromesh.py teacher [options]\n\n"
                "Students obey only the teacher their node pins: the room file from the teacher's page, or\n"
                "--teacher FINGERPRINT.",
@@ -10775,8 +10775,9 @@ def main(argv=None):
             return run_firewall(config, remove=args.uninstall, assume_yes=args.yes, dry_run=args.dry_run)
         if args.command == "teacher":
             config.teacher = NodeKey.load_or_create(config.data_dir, TEACHER_KEY_FILE).node_id
-            print("You are this room's teacher: key fingerprint %s (students pin it with --teacher, or run the\n"
-                  "room file your page offers)." % config.teacher, flush=True)
+            print("You are this room's teacher: key fingerprint %s. The teacher's room is /static/teacher.html\n"
+                  "on this node's page; students run the room file it offers, or pin --teacher." % config.teacher,
+                  flush=True)
             return run_node(config)
         return run_transfer(config, args.command, args.directory)
     except BrokenPipeError:  # `doctor | head` closed the pipe: stop quietly (Python's documented recipe)
