@@ -2753,7 +2753,7 @@ class Store(StorePages):
     update_conversation, delete_conversation, import_conversations;
     list_conversations, get_conversation, get_all_conversations,
     message_count, owner_of; version_vector, entries_missing, apply_entries, is_shared;
-    close. ``batches`` (SignedBatches) serves and applies signed FILE: payloads.
+    write_control, control_record, control_records, activity_since (the teacher's room); close. ``batches`` (SignedBatches) serves and applies signed FILE: payloads.
 
     Attribute to set: on_local_entries, a callable given the list of entries
     each local write appended (private ones included: filter with is_shared),

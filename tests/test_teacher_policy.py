@@ -188,3 +188,13 @@ def test_instructions_go_first_in_a_chat_and_a_generation(room):
         "Hints only.\n\nBe brief."
     own = nm.Requester("c" * 32, "owner")  # the teacher's own computer
     assert rules.instruct_body(own, "/api/generate", {"prompt": "hi"}) == {"prompt": "hi"}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=200) | st.builds(lambda v: json.dumps({"content": v}), st.text(max_size=60))
+       | st.builds(lambda v: json.dumps({"content": json.dumps(v)}), st.dictionaries(
+           st.sampled_from(["neuromesh_room", "policy", "shown_to_teacher", "guest_chats"]),
+           st.none() | st.integers() | st.text(max_size=10) | st.lists(st.text(max_size=5)), max_size=4)))
+def test_any_stored_message_reads_as_a_control_record_or_none_and_never_raises(text):
+    record = nm.Store._control_data(text)
+    assert record is None or record["neuromesh_room"] == 1
