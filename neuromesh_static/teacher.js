@@ -307,7 +307,12 @@ if (document.body.dataset.page === "teacher") {
   startTeacherPage();
 } else {
   holdDrafts();
-  window.addEventListener("hashchange", followConversation);
-  followConversation();
-  follow(refreshRoom, 10000);
+  // Start once app.js is live (its /api/events is open): a guest has entered the room code by then.
+  const waiting = setInterval(() => {
+    if (!document.querySelector("#live-dot.live")) return;
+    clearInterval(waiting);
+    window.addEventListener("hashchange", followConversation);
+    followConversation();
+    follow(refreshRoom, 10000);
+  }, 200);
 }
