@@ -61,6 +61,8 @@ import itertools
 import hashlib
 import hmac
 import http.client
+import importlib
+import io
 import json
 import logging
 import mimetypes
@@ -160,6 +162,7 @@ DEFAULTS = {
     "share_slots": None,
     "requester_weight": {},
     "max_links": 24,
+    "teacher": None,
 }
 STATIC_DIR = os.path.join(HERE, "neuromesh_static")
 RUNTIME_FILE = "runtime.json"
@@ -447,6 +450,14 @@ def parse_mesh_key(text):
     return text.strip()
 
 
+def parse_fingerprint(text):
+    """A teacher's key fingerprint as `neuromesh.py teacher` prints it: 32 hex digits."""
+    text = str(text or "").strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{32}", text):
+        raise ValueError("a teacher fingerprint is 32 hex digits")
+    return text
+
+
 def _string_list(value):
     if isinstance(value, (list, tuple)):
         return [str(item) for item in value]
@@ -518,6 +529,8 @@ SETTINGS = {
                                                  "(default: 128)"),
     "max_links": (parse_count, "peer links this node keeps at most, besides one to each LLM host; a bigger "
                                "room is linked by a random, well-connected subset (default: 24, at least 4)"),
+    "teacher": (parse_fingerprint, "the room's teacher: the fingerprint `neuromesh.py teacher` shows; only that "
+                                   "key's room policy is obeyed (default: no teacher, no one's policy)"),
     "openai_key": (str, "API key of the --openai-url server(s) (default: NEUROMESH_OPENAI_KEY, else "
                         "OPENAI_API_KEY); prefer the environment, as flags show in `ps`"),
     "share_slots": (parse_count, "at most this many of this machine's LLM slots (--llm-parallel) answer "
@@ -570,6 +583,7 @@ class Config:
     openai_key: str = dataclasses.field(default=None, repr=False)
     share_slots: int = None
     requester_weight: dict = dataclasses.field(default_factory=dict)
+    teacher: str = None
 
     @property
     def static_peers(self):
@@ -581,7 +595,7 @@ def build_arg_parser():
     epilog_lines += ["  NEUROMESH_%s" % key.upper() for key in SETTINGS]
     parser = argparse.ArgumentParser(
         prog=PROGRAM,
-        usage=RUN + " [run | doctor | status | firewall | export DIR | import DIR] [options]",
+        usage=RUN + " [run | teacher | doctor | status | firewall | export DIR | import DIR] [options]",
         description="Share the local LLMs of a room: run it on every machine.\n\ncommands:\n" + "\n".join(
             textwrap.fill(" ".join(text.split("\n\n")[0].split()), 96, initial_indent="  %-12s " % name,
                           subsequent_indent=" " * 15) for name, text in COMMAND_HELP.items())
@@ -628,6 +642,11 @@ COMMAND_HELP = {
               "package loads from, the data dir, the ports, each interface and its broadcast, the room (a hash of\n"
               "the code, never the code), this machine's LLM, the firewall, and the peers heard during two\n"
               "announce intervals. Exits 1 when something blocks the mesh.",
+    "teacher": "start this node as the room's teacher: makes a teacher key in the data dir (once) and\n"
+               "runs the node; its page links to the teacher's room: pause the room, set instructions, see the class.\n\n"
+               "  " + RUN + " teacher [options]\n\n"
+               "Students obey only the teacher their node pins: the room file from the teacher's page, or\n"
+               "--teacher FINGERPRINT.",
     "status": "ask the node running on this computer for its health, peers and LLM hosts, as tables.\n\n"
               "  " + RUN + " status [--http-port PORT | --data-dir DATA_DIR]",
     "firewall": "open this node's ports (UDP 5000, TCP 7878 and 8080, or the ones configured) for the local\n"
@@ -665,7 +684,8 @@ def _convert(key, value, source):
 def load_config(args, environ=None):
     """Merge defaults < ``--config`` JSON file < ``NEUROMESH_*`` variables < flags into a Config."""
     environ = os.environ if environ is None else environ
-    values = {}
+    # a room's .pyz: its room code and teacher, under every other source
+    values = {key: _convert(key, value, "the room file") for key, value in bundled_room().items()}
     if environ.get("OLLAMA_HOST"):
         values["ollama_url"] = environ["OLLAMA_HOST"]
     if environ.get("OPENAI_API_KEY"):
@@ -715,6 +735,15 @@ def load_config(args, environ=None):
     return config
 
 
+def load_teacher_key(config):
+    """The teacher key in the data dir when this node is the teacher it pins (see the
+    ``teacher`` command), else None."""
+    if not config.teacher or not os.path.exists(os.path.join(config.data_dir, TEACHER_KEY_FILE)):
+        return None
+    key = NodeKey.load_or_create(config.data_dir, TEACHER_KEY_FILE)
+    return key if key.node_id == config.teacher else None
+
+
 def load_identity(data_dir):
     """This node's id: the hash of its key (see load_node_key)."""
     return load_node_key(data_dir).node_id
@@ -745,6 +774,7 @@ def load_node_key(data_dir):
 # even a student who knows the room code cannot sit between two nodes with the link keys.
 
 KEY_FILE = "node_key"        # 64 hex characters: the Ed25519 seed (RFC 8032 private key)
+TEACHER_KEY_FILE = "teacher_key"  # the same, of the room's teacher (`neuromesh.py teacher`)
 _ID_TAG = b"neuromesh node id v1\0"
 _ENTRY_TAG = b"neuromesh entry v1\0"
 _HEAD_TAG = b"neuromesh head v1\0"
@@ -785,11 +815,11 @@ class NodeKey:
         return cls(os.urandom(32))
 
     @classmethod
-    def load_or_create(cls, data_dir):
+    def load_or_create(cls, data_dir, filename=KEY_FILE):
         """The key in ``data_dir``, made on first start. A damaged key file is an error, never
         silently a new identity (peers would see a stranger)."""
         os.makedirs(data_dir, exist_ok=True)
-        path = os.path.join(data_dir, KEY_FILE)
+        path = os.path.join(data_dir, filename)
         try:
             with open(path, encoding="ascii") as handle:
                 text = handle.read().strip()
@@ -2027,9 +2057,9 @@ class EntryLog:
     apply_entries.
     """
 
-    def __init__(self, database, key=None):
+    def __init__(self, database, key=None, teacher_key=None):
         self._db = database
-        self.chain = LogChain(database, key)
+        self.chain = LogChain(database, key, teacher_key)
         self.counts = MessageCounts(database)
 
     def append(self, origin, kind, conversation_id, data, timestamp=None, uid=None) -> dict:
@@ -2410,9 +2440,10 @@ class LogChain:
     Methods run inside a transaction of the database, except ``signed_batch``.
     """
 
-    def __init__(self, database, key=None):
+    def __init__(self, database, key=None, teacher_key=None):
         self._db = database
         self.key = key  # this node's NodeKey; None: a store that cannot sign (tests, tools)
+        self.signers = {k.node_id: k for k in (key, teacher_key) if k is not None}  # the logs it signs
 
     def link(self, entry):
         """The chain hash of a new local ``entry`` (None on a private log, which never syncs)."""
@@ -2456,8 +2487,8 @@ class LogChain:
         if row is None or row[0] is None or public is None:
             return None
         sig = row[1]
-        if sig is None and self.key is not None and origin == self.key.node_id:
-            sig = self.key.sign(head_message(origin, seq, row[0]))
+        if sig is None and origin in self.signers:
+            sig = self.signers[origin].sign(head_message(origin, seq, row[0]))
             self._db.execute("UPDATE entries SET sig = ? WHERE origin = ? AND seq = ?", (sig, origin, seq))
         if sig is None:
             return None
@@ -2614,8 +2645,8 @@ class SignedBatches:
         self._db, self._log = database, entry_log
         self._chain = entry_log.chain
         self._verifier = BatchVerifier(self._chain)
-        if key is not None:
-            database.write(self._chain.remember_key, key.node_id, key.public)
+        for signer in self._chain.signers.values():
+            database.write(self._chain.remember_key, signer.node_id, signer.public)
 
     def missing(self, vector, max_bytes=1 << 20, max_entries=MAX_FRAME_ENTRIES):
         """The FILE: payload answering a SYNC: ``vector``."""
@@ -2737,7 +2768,7 @@ class Store(StorePages):
     update_conversation, delete_conversation, import_conversations;
     list_conversations, get_conversation, get_all_conversations,
     message_count, owner_of; version_vector, entries_missing, apply_entries, is_shared;
-    close. ``batches`` (SignedBatches) serves and applies signed FILE: payloads.
+    write_control, control_record, control_records, activity_since (the teacher's room); close. ``batches`` (SignedBatches) serves and applies signed FILE: payloads.
 
     Attribute to set: on_local_entries, a callable given the list of entries
     each local write appended (private ones included: filter with is_shared),
@@ -2751,7 +2782,7 @@ class Store(StorePages):
     _LISTED = "kind = 'message' AND duplicate = 0 AND republished = 0"
     _RECORD_SQL = "SELECT c.* FROM conversations c"   # _record adds the message count (MessageCounts)
 
-    def __init__(self, path, node_id, node_name, key=None):
+    def __init__(self, path, node_id, node_name, key=None, teacher_key=None):
         try:
             self.node_id = _ident(node_id, "node id")
             self.node_name = _text(node_name, "node name")
@@ -2762,7 +2793,7 @@ class Store(StorePages):
         self.on_local_entries = None
         self._appended = []         # entries of the local write in progress
         self._db = Database(path, node_id)
-        self._log = EntryLog(self._db, key)
+        self._log = EntryLog(self._db, key, teacher_key)
         self._log.drop_implausible()    # a log poisoned before MAX_SEQ_JUMP existed
         self.batches = SignedBatches(self._db, self._log, key)
         if key is not None:
@@ -3126,6 +3157,73 @@ class Store(StorePages):
         """{conversation id: guest id} of the conversations guests started."""
         return self._db.write(lambda: (self._db.execute(self._GUEST_TABLE), dict(self._db.execute(
             "SELECT conversation_id, guest_id FROM guest_conversations").fetchall()))[1])
+
+    # -- the room's control records (issue 24) ------------------------------------------
+    # A control record is a message, its JSON as its content, in a deleted conversation bound to
+    # its writer: only fields every earlier version knows (their hashes cover clean data), so
+    # they store and forward it, signed and chained like every entry, and never show it.
+
+    def write_control(self, origin, conversation_id, fields):
+        """Append a control record ``fields`` to the log of ``origin`` (this node's, or the
+        teacher key's) and return the entry."""
+        content = json.dumps(dict(fields, neuromesh_room=1), sort_keys=True)
+        data = _clean_message_data({"role": "user", "content": content, "sender": "NeuroMesh room record",
+                                    "host_info": {"hostname": self.node_name}})
+
+        def write():
+            if self._log.conversation_row(conversation_id) is None:
+                self._append(origin, "conversation", conversation_id, {
+                    "title": "NeuroMesh room record", "private": False, "deleted": True,
+                    "created_at": utc_now(), "origin_name": self.node_name, "peer_label": None})
+            return self._append(origin, "message", conversation_id, data)
+        return self._write(write)
+
+    @staticmethod
+    def _control_data(text):
+        try:
+            record = json.loads(json.loads(text)["content"])
+        except (TypeError, ValueError, KeyError):
+            return None
+        return record if isinstance(record, dict) and record.get("neuromesh_room") == 1 else None
+
+    def control_record(self, origin, conversation_id):
+        """The newest control record ``origin`` wrote under ``conversation_id``, with its
+        ``seq``; None when there is none."""
+        row = self._db.read(lambda: self._db.execute(
+            "SELECT seq, data FROM entries WHERE origin = ? AND conversation_id = ? AND kind = 'message'"
+            " AND duplicate = 0 ORDER BY seq DESC LIMIT 1", (origin, conversation_id)).fetchone())
+        record = row and self._control_data(row[1])
+        return dict(record, seq=row[0]) if record else None
+
+    def control_records(self, conversation_suffix):
+        """{origin: record} of the newest control record of each origin whose conversation id is
+        ``<origin>.<conversation_suffix>`` (the students' shares)."""
+        rows = self._db.read(lambda: self._db.execute(
+            "SELECT origin, data FROM entries e WHERE kind = 'message' AND duplicate = 0"
+            " AND conversation_id = origin || '.' || ? AND seq = (SELECT MAX(seq) FROM entries"
+            " WHERE origin = e.origin AND conversation_id = e.conversation_id)", (conversation_suffix,)).fetchall())
+        records = {}
+        for origin, text in rows:
+            record = self._control_data(text)
+            if record is not None:
+                records[origin] = record
+        return records
+
+    def activity_since(self, since):
+        """{owner: {"chats": questions asked, "waited": longest wait of an answer (s)}} of the shared
+        conversations since the timestamp ``since``: counts and times, never text."""
+        rows = self._db.read(lambda: self._db.execute(
+            "SELECT c.owner, json_extract(e.data, '$.role'), json_extract(e.data, '$.waited_s')"
+            " FROM entries e JOIN conversations c ON c.id = e.conversation_id WHERE e." + self._LISTED.replace(
+                " AND ", " AND e.") + " AND e.timestamp >= ? AND c.private = 0 AND c.deleted = 0", (since,)).fetchall())
+        activity = {}
+        for owner, role, waited in rows:
+            record = activity.setdefault(owner, {"chats": 0, "waited": 0.0})
+            if role == "user":
+                record["chats"] += 1
+            elif isinstance(waited, (int, float)):
+                record["waited"] = max(record["waited"], float(waited))
+        return activity
 
 
 ###############################################################################
@@ -5211,7 +5309,9 @@ def publish_entries(events, entries):
     at most EventBus.max_pending events)."""
     last_messages = collections.OrderedDict()  # conversation id -> its last new message here
     for entry in entries:
-        if entry.get("kind") == "message":
+        if entry["conversation_id"].endswith((POLICY_SUFFIX, SHARES_SUFFIX)):
+            events.publish("room", {"origin": entry["origin"]})  # pages ask /api/room what it means
+        elif entry.get("kind") == "message":
             last_messages.pop(entry["conversation_id"], None)
             last_messages[entry["conversation_id"]] = entry
         else:
@@ -6272,6 +6372,7 @@ RELAY_FORWARD_PATH = "/relay/forward"
 FORWARD_PATHS = ("/api/chat", "/api/generate", "/api/show", "/api/embed", "/api/embeddings")
 INFO_PATHS = ("/api/tags", "/api/ps", "/api/version")
 SLOT_PATHS = ("/api/chat", "/api/generate", "/api/embed", "/api/embeddings")  # work that holds a slot
+GENERATION_PATHS = ("/api/chat", "/api/generate")  # what the teacher's rules govern
 RECENT_OLLAMA_VERSION = "0.12.0"  # /api/version when no Ollama on the mesh tells its own
 MAX_FORWARD_BODY = 32 * MiB  # a request with images
 
@@ -6554,10 +6655,14 @@ class MeshCalls:
         model = router.resolve_model(body.get("model") or body.get("name"), local_only)
         body = dict(body, model=model)
         body.pop("name", None)
+        governed = path in GENERATION_PATHS and not router.policy.is_owner(requester)
+        if path in GENERATION_PATHS and (governed or model not in router.local_models()):  # its own LLM is the owner's
+            router.room.admit(router.policy.requester(requester), model)  # the teacher's rules (issue 24)
         failures = []
         for backend in router.candidates(model, local_only, requester):
             try:
-                return self._try(backend, path, body, router.policy.turn(requester, backend))
+                asked = router.room.instruct_body(requester, path, body) if governed and backend.local else body
+                return self._try(backend, path, asked, router.policy.turn(requester, backend))
             except _UpstreamRefused as exc:
                 failures.append((exc.status, str(exc)))
                 log.warning("failing over: %s", exc)
@@ -6787,6 +6892,187 @@ class SharePolicy:
         return len(active) + len([node_id for node_id in set(granted) if node_id not in nodes])
 
 
+POLICY_SUFFIX = "7e9c1a1e5a0b4d6f8c2e000000000024"  # <teacher id>.POLICY_SUFFIX holds the room policy
+SHARES_SUFFIX = "7e9c1a1e5a0b4d6f8c2e000000005a4e"  # <node id>.SHARES_SUFFIX: chats its owner shows the teacher
+_POLICY_TEXT = {"reason": 200, "instructions": 4000, "teacher_name": 40}
+
+
+def clean_policy(raw):
+    """The room policy of a record's ``policy`` field, each value checked (a damaged one falls back
+    to its default, which governs least); never raises."""
+    raw = raw if isinstance(raw, dict) else {}
+    policy = {"paused": raw.get("paused") is True, "guests": raw.get("guests") is not False}
+    for key, limit in _POLICY_TEXT.items():
+        value = raw.get(key)
+        policy[key] = value[:limit] if isinstance(value, str) else ""
+    models = raw.get("models")
+    policy["models"] = ([m for m in models if isinstance(m, str)][:100]
+                        if isinstance(models, list) and models else None)
+    quota = raw.get("quota")
+    policy["quota"] = quota if type(quota) is int and 0 < quota < 10000 else None
+    clear = raw.get("clear_guests")  # when the teacher last asked to clear guests' chats
+    policy["clear_guests"] = clear if isinstance(clear, str) and 0 < len(clear) <= 40 else None
+    node = raw.get("teacher_node")
+    policy["teacher_node"] = node if isinstance(node, str) and re.fullmatch(r"[0-9a-f]{32}", node) else None
+    return policy
+
+
+class RoomRules:
+    """The room's rules as its pinned teacher signed them, and their enforcement: the newest policy
+    record of the teacher's log (verified like every entry, see BatchVerifier) decides. Without a
+    pinned teacher nothing is governed; no one else's record is ever read.
+
+    Methods for the caller: ``policy()`` (None: no teacher, or no policy yet), ``admit(requester,
+    model)`` (LLMError when the policy refuses the chat; counts it for the quota),
+    ``with_instructions(requester, messages)``, ``quota_left(requester)``.
+    """
+
+    quota_window = 3600.0
+    max_counted = 2000  # requesters whose chats are counted; the least recent go first
+
+    def __init__(self, store, teacher_id):
+        self.store = store
+        self.teacher_id = teacher_id
+        self._chats = collections.OrderedDict()  # requester key -> deque of monotonic chat times
+        self._lock = threading.Lock()
+
+    def record(self):
+        """The teacher's newest policy record (with ``seq``), or None."""
+        if not self.teacher_id or self.store is None:
+            return None
+        return self.store.control_record(self.teacher_id, "%s.%s" % (self.teacher_id, POLICY_SUFFIX))
+
+    def policy(self):
+        record = self.record()
+        return clean_policy(record.get("policy")) if record else None
+
+    def governs(self, policy, requester):
+        return policy is not None and not (requester.node_id == policy["teacher_node"] and requester.tag == "owner")
+
+    def admit(self, requester, model):
+        policy = self.policy()
+        if not self.governs(policy, requester):
+            return
+        name = policy["teacher_name"] or "the teacher"
+        if policy["paused"]:
+            raise LLMError("%s paused the room's LLMs: %s" % (name, policy["reason"] or "no reason given"), status=403)
+        if policy["models"] is not None and model not in policy["models"]:
+            raise LLMError("%s allows only %s in this room, not %s" % (name, ", ".join(policy["models"]), model),
+                           status=403)
+        if not policy["guests"] and requester.tag.startswith("guest-"):
+            raise LLMError("%s does not allow guests in this room now" % name, status=403)
+        if policy["quota"] is not None:
+            self._count(requester, policy["quota"], name)
+
+    def _count(self, requester, quota, name):
+        now = time.monotonic()
+        with self._lock:
+            times = self._chats.pop(requester.key, None) or collections.deque()
+            self._chats[requester.key] = times
+            while times and times[0] <= now - self.quota_window:
+                times.popleft()
+            if len(times) >= quota:
+                wait = int(times[0] + self.quota_window - now) // 60 + 1
+                raise LLMError("you used the %d chats an hour %s allows: the next one in %d minutes"
+                               % (quota, name, wait), status=429)
+            times.append(now)
+            while len(self._chats) > self.max_counted:
+                self._chats.popitem(last=False)
+
+    def quota_left(self, requester):
+        policy = self.policy()
+        if policy is None or policy["quota"] is None:
+            return None
+        horizon = time.monotonic() - self.quota_window
+        with self._lock:
+            used = sum(1 for when in self._chats.get(requester.key, ()) if when > horizon)
+        return max(policy["quota"] - used, 0)
+
+    def shown_by(self, origin):
+        """The conversation ids ``origin`` shows this room's teacher ("Show my teacher")."""
+        record = self.store.control_record(origin, "%s.%s" % (origin, SHARES_SUFFIX)) if self.store else None
+        return self._shown(origin, record)
+
+    def _shown(self, origin, record):
+        shown = (record or {}).get("shown_to_teacher")
+        if not isinstance(shown, dict) or shown.get("teacher") != self.teacher_id or not self.teacher_id:
+            return set()
+        ids = shown.get("conversations")
+        return {cid for cid in ids[:1000] if isinstance(cid, str) and bound_owner(cid) == origin} \
+            if isinstance(ids, list) else set()
+
+    _OWN_FIELDS = ("shown_to_teacher", "guest_chats", "guests_cleared")
+
+    def write_own(self, **fields):
+        """This node's record for the teacher, with ``fields`` changed: the chats its owner shows
+        the teacher, how many chats its guests wrote, when it last cleared them."""
+        origin = self.store.node_id
+        cid = "%s.%s" % (origin, SHARES_SUFFIX)
+        record = self.store.control_record(origin, cid) or {}
+        kept = {key: record[key] for key in self._OWN_FIELDS if key in record}
+        kept.update(fields)
+        self.store.write_control(origin, cid, kept)
+
+    def guest_chats(self):
+        """The conversations of this node's guests that are still there."""
+        return [cid for cid in self.store.guest_owners() if self.store.get_conversation_record(cid) is not None]
+
+    def clear_guests(self):
+        """When the teacher asked to clear guests' chats after this node last did: delete them
+        (each deletion syncs like any other); returns how many went."""
+        policy = self.policy()
+        asked = policy and policy["clear_guests"]
+        origin = self.store.node_id
+        if not asked or (self.store.control_record(origin, "%s.%s" % (origin, SHARES_SUFFIX)) or {}).get(
+                "guests_cleared") == asked:
+            return 0
+        gone = 0
+        for cid in self.guest_chats():
+            try:
+                self.store.delete_conversation(cid)
+                gone += 1
+            except StoreError as error:  # a guest chat of another node's log cannot be ours to delete
+                log.warning("could not clear the guest chat %s: %s", cid, error)
+        self.write_own(guests_cleared=asked, guest_chats=0)
+        log.info("cleared %d guests' chats, as %s asked", gone, policy["teacher_name"] or "the teacher")
+        return gone
+
+    def guest_chat_counts(self):
+        """{node id: guests' chats it reports} of every node of the room."""
+        counts = {}
+        for origin, record in self.store.control_records(SHARES_SUFFIX).items():
+            count = record.get("guest_chats")
+            if type(count) is int and 0 < count < 1 << 30:
+                counts[origin] = count
+        return counts
+
+    def shared(self):
+        """{conversation id: its owner} of every chat a student shows the teacher."""
+        if self.store is None:
+            return {}
+        return {cid: origin for origin, record in self.store.control_records(SHARES_SUFFIX).items()
+                for cid in self._shown(origin, record)}
+
+    def instruct_body(self, requester, path, body):
+        """An Ollama request ``body`` with the teacher's instructions: the first system message of a
+        chat, the start of a generation's system prompt."""
+        if path == "/api/chat":
+            messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+            return dict(body, messages=self.with_instructions(requester, messages))
+        policy = self.policy()
+        if not self.governs(policy, requester) or not policy["instructions"]:
+            return body
+        system = body.get("system") if isinstance(body.get("system"), str) else ""
+        return dict(body, system=policy["instructions"] + ("\n\n" + system if system else ""))
+
+    def with_instructions(self, requester, messages):
+        """``messages`` with the teacher's instructions as the first system message."""
+        policy = self.policy()
+        if not self.governs(policy, requester) or not policy["instructions"]:
+            return messages
+        return [{"role": "system", "content": policy["instructions"]}] + list(messages)
+
+
 class Placement:
     """Ranks the backends of a model by when a new chat would start there, soonest first.
 
@@ -6918,11 +7204,12 @@ class Router:
     request_retry = 3.0
     max_issued = 256  # tokens kept for peers that may link again (those of unlinked peers go first)
 
-    def __init__(self, config, node_id, node_name, mesh):
+    def __init__(self, config, node_id, node_name, mesh, room=None):
         self.config = config
         self.node_id = node_id
         self.node_name = node_name
         self.mesh = mesh
+        self.room = room or RoomRules(None, None)
         self.local = [OllamaBackend(url, node_id, node_name, config.llm_parallel)
                       for url in _string_list(config.ollama_url or "")]
         for url in _string_list(config.openai_url or ""):
@@ -7172,6 +7459,8 @@ class Router:
         can, LLMError(partial=True): what arrived is kept, marked cut off, and the student may retry.
         """
         model = self.resolve_model(model, local_only)
+        if not (self.policy.is_owner(requester) and model in self.local_models()):  # its own LLM is the owner's
+            self.room.admit(self.policy.requester(requester), model)
         merged = dict(SAMPLING_DEFAULTS)
         merged.update(options or {})
         answer, failures, failed, target = AnswerSoFar(messages, merged), [], [], None
@@ -7206,6 +7495,8 @@ class Router:
         failed mid-answer: the next host continues ``answer``)."""
         self._count_peer_request(backend, +1)
         messages, options = answer.request()
+        if backend.local and not self.policy.is_owner(requester):  # the room's host adds the teacher's words
+            messages = self.room.with_instructions(requester, messages)
         try:
             for event in backend.chat(model, messages, options, attempt, attempt.heard(on_queue),
                                       self.policy.turn(requester, backend), attempt.placed):
@@ -8434,12 +8725,20 @@ class PageApi(HttpApi):
 
     def seed_peers(self):
         """The original NeuroMesh's view: ``{peer: conversation}`` of what peers wrote."""
+        if getattr(self.node, "teacher_key", None) is not None:
+            raise HTTPFailure(404, "the teacher's computer shows only the chats students share")
         return self.node.seed_peer_conversations()
 
     # -- conversations -------------------------------------------------------------
 
+    def _teacher_may_read(self, record):
+        """On the teacher's computer only its own chats and those a student shows it (issue 24)."""
+        if getattr(self.node, "teacher_key", None) is None:  # a stand-in node of the tests has none
+            return True
+        return record["own"] or record["id"] in self.node.room.shared()
+
     def list_conversations(self):
-        records = self.node.store.list_conversations()
+        records = [record for record in self.node.store.list_conversations() if self._teacher_may_read(record)]
         guest = self.gate.client().guest
         if guest is None:
             return records
@@ -8454,12 +8753,17 @@ class PageApi(HttpApi):
         guest = self.gate.client().guest
         if guest is not None:
             self.node.store.set_guest_owner(record["id"], guest)
+            room = getattr(self.node, "room", None)  # the teacher's count for "Clear guests' chats"
+            if room is not None and room.teacher_id:
+                room.write_own(guest_chats=len(room.guest_chats()))
         bottle.response.status = 201
         return record
 
     def _readable(self, conversation_id, conversation=None):
         """The conversation, if this client may read it: a guest reads their own and shared ones."""
         conversation = conversation or self.chat.record(conversation_id)
+        if not self._teacher_may_read(conversation):
+            raise HTTPFailure(404, "no conversation %s: a student has not shown it to you" % safe_text(conversation_id, 80))
         guest = self.gate.client().guest
         if guest is not None:
             owned = self.node.store.guest_owners().get(conversation_id) == guest
@@ -9160,6 +9464,200 @@ class RelayApi(HttpApi):
         return {"error": event["error"], "status": event["status"]}
 
 
+# -- the teacher's room (issue 24) ----------------------------------------------------------
+
+
+ROOM_FILE = "room.json"  # inside a room's .pyz: its room code and teacher
+_RUNTIME_PACKAGES = ("bottle", "waitress", "ifaddr", "requests", "ecdsa", "six",
+                     "urllib3", "idna", "charset_normalizer", "certifi")
+
+
+def bundled_room():
+    """``{"mesh_key", "teacher"}`` of the room file inside this bundle ({} when run otherwise)."""
+    try:
+        if ARCHIVE is not None:
+            with zipfile.ZipFile(ARCHIVE) as archive:
+                text = archive.read(ROOM_FILE).decode("utf-8")
+        elif BUNDLED:
+            with open(os.path.join(HERE, ROOM_FILE), encoding="utf-8") as handle:
+                text = handle.read()
+        else:
+            return {}
+        room = parse_json(text, "room file")
+    except (KeyError, OSError, ValueError, zipfile.BadZipFile):
+        return {}
+    return {key: room[key] for key in ("mesh_key", "teacher") if isinstance(room.get(key), str)}
+
+
+class RoomBundle:
+    """The room's .pyz: this program, its page and its runtime packages, with the room code and the
+    teacher's fingerprint inside (``room.json``), so students run one file and obey this teacher."""
+
+    def __init__(self, mesh_key, teacher):
+        self.room = {"mesh_key": mesh_key, "teacher": teacher}
+
+    def build(self):
+        out = io.BytesIO()
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+            if ARCHIVE is not None:
+                with zipfile.ZipFile(ARCHIVE) as source:
+                    for name in source.namelist():
+                        if name != ROOM_FILE:
+                            archive.writestr(name, source.read(name))
+            else:
+                self._add_sources(archive)
+            archive.writestr(ROOM_FILE, json.dumps(self.room))
+        return b"#!/usr/bin/env python3\n" + out.getvalue()
+
+    @staticmethod
+    def _add_sources(archive):
+        archive.write(os.path.abspath(__file__), "neuromesh.py")
+        archive.writestr("__main__.py", "import sys\nsys.dont_write_bytecode = True\nimport neuromesh\n"
+                                        "sys.exit(neuromesh.main())\n")
+        for name in sorted(os.listdir(STATIC_DIR)):
+            archive.write(os.path.join(STATIC_DIR, name), "neuromesh_static/" + name)
+        for package in _RUNTIME_PACKAGES:
+            module = sys.modules.get(package) or importlib.import_module(package)
+            path = module.__file__
+            if os.path.basename(path) != "__init__.py":
+                archive.write(path, os.path.basename(path))
+                continue
+            top = os.path.dirname(path)
+            for folder, dirs, files in os.walk(top):
+                dirs[:] = [d for d in dirs if d != "__pycache__"]
+                for name in files:
+                    if not name.endswith((".pyc", ".so", ".pyd")):
+                        full = os.path.join(folder, name)
+                        archive.write(full, os.path.join(package, os.path.relpath(full, top)))
+
+
+class RoomApi(HttpApi):
+    """The room as pages see it: a student's view of the teacher's rules and their "Show my teacher"
+    shares; on the teacher's own computer, the teacher's view, which holds counts and names, never a
+    student's text unless that student shared that one chat."""
+
+    def routes(self):
+        return [("GET", "/api/room", self.room), ("POST", "/api/room/share", self.share),
+                ("GET", "/api/teacher", self.overview), ("POST", "/api/teacher/policy", self.set_policy),
+                ("GET", "/api/teacher/shared/<conversation_id>", self.shared_conversation),
+                ("GET", "/api/teacher/room.pyz", self.bundle),
+                ("POST", "/api/teacher/clear-guests", self.clear_guests)]
+
+    def room(self):
+        """The rules this page's chats obey: the teacher, pause and reason, instructions, quota left."""
+        rules, node = self.node.room, self.node
+        policy = rules.policy()
+        answer = {"teacher": rules.teacher_id, "is_teacher": node.teacher_key is not None,
+                  "policy": policy, "shown": sorted(rules.shown_by(node.node_id)),
+                  "quota_left": rules.quota_left(self.requester())}
+        if not rules.teacher_id:
+            answer["message"] = "no teacher in this room"
+        elif policy is None:
+            answer["message"] = "the teacher has set no rules yet"
+        answer["teacher_name"] = (policy or {}).get("teacher_name") or None
+        return answer
+
+    def share(self):
+        """``POST /api/room/share {"conversation_id", "shown"}``: show this node's own chat to the
+        teacher, or take it back."""
+        body = read_json_body()
+        if self.gate.client().guest is not None:
+            raise HTTPFailure(403, "only the owner of %s can show a chat to the teacher" % self.node.name)
+        cid, shown = body_text(body, "conversation_id", required=True, limit=100), body.get("shown") is not False
+        record = self.chat.record(cid)
+        if not record["own"] or record["private"]:
+            raise HTTPFailure(403, "only your own shared (not private) chats can be shown to the teacher")
+        if not self.node.room.teacher_id:
+            raise HTTPFailure(409, "no teacher in this room: there is no one to show it to")
+        current = self.node.room.shown_by(self.node.node_id)
+        wanted = (current | {cid}) if shown else (current - {cid})
+        self.node.room.write_own(shown_to_teacher={"teacher": self.node.room.teacher_id,
+                                                   "conversations": sorted(wanted)})
+        return {"shown": sorted(wanted)}
+
+    def _teacher(self):
+        if self.node.teacher_key is None or self.gate.client().role != "owner":
+            raise HTTPFailure(403, "the teacher's view is only on the teacher's own computer (`neuromesh.py teacher`)")
+
+    def overview(self):
+        """Aggregates, not transcripts: who is up, chats and longest wait per student in the last hour,
+        each host's queue, and the chats students chose to show."""
+        self._teacher()
+        since = format_timestamp(datetime.now(timezone.utc) - timedelta(hours=1))
+        activity = self.node.store.activity_since(since)
+        peers = self.node.mesh.peers()
+        students = [{"node_id": p["node_id"], "name": p["name"], "online": p["connected"],
+                     "chats_last_hour": activity.get(p["node_id"], {}).get("chats", 0),
+                     "longest_wait_s": activity.get(p["node_id"], {}).get("waited", 0.0)}
+                    for p in peers]
+        hosts = [{"name": p["name"], "up": p["connected"], "models": p["models"], "load": p["load"]}
+                 for p in peers if p["has_llm"] or p["models"]]
+        if self.node.router.has_local_llm:
+            hosts.insert(0, {"name": self.node.name, "up": True, "models": self.node.router.local_models(),
+                             "load": self.node.router.local_load()})
+        waited = max(students, key=lambda s: s["longest_wait_s"], default=None)
+        names = {p["node_id"]: p["name"] for p in peers}
+        shared = [dict(self._shared_record(cid), shared_by=names.get(owner) or owner[:8])
+                  for cid, owner in sorted(self.node.room.shared().items())]
+        return {"students": students, "hosts": hosts, "policy": self.node.room.policy(),
+                "waited_longest": waited["name"] if waited and waited["longest_wait_s"] else None,
+                "shared": [record for record in shared if record.get("id")],
+                "guest_chats": sum(self.node.room.guest_chat_counts().values()),
+                "teacher": self.node.room.teacher_id}
+
+    def _shared_record(self, cid):
+        try:
+            record = self.node.store.get_conversation_record(cid)
+        except StoreError:
+            return {}
+        return {"id": cid, "title": record["title"]} if record else {}
+
+    def shared_conversation(self, conversation_id):
+        self._teacher()
+        owner = self.node.room.shared().get(conversation_id)
+        if owner is None:
+            raise HTTPFailure(404, "no student shows you the chat %s" % safe_text(conversation_id, 80))
+        conversation = self.node.store.get_conversation(conversation_id)
+        if conversation is None:
+            raise HTTPFailure(404, "the chat %s has not reached this computer yet" % safe_text(conversation_id, 80))
+        names = {p["node_id"]: p["name"] for p in self.node.mesh.peers()}
+        return dict(conversation, shared_by=names.get(owner) or conversation.get("origin_name"))
+
+    def set_policy(self):
+        """``POST /api/teacher/policy``: the room's new rules, signed with the teacher key."""
+        self._teacher()
+        body = read_json_body()
+        asked = (self.node.room.policy() or {}).get("clear_guests")  # nodes offline then still clear later
+        policy = clean_policy(dict(body, teacher_name=self.node.name, teacher_node=self.node.node_id,
+                                   clear_guests=asked))
+        teacher = self.node.teacher_key.node_id
+        self.node.store.write_control(teacher, "%s.%s" % (teacher, POLICY_SUFFIX), {"policy": policy})
+        return self.node.room.policy()
+
+    def clear_guests(self):
+        """``POST /api/teacher/clear-guests {"count"}``: every node deletes the chats its guests
+        wrote; ``count`` is the number the teacher confirmed (the page names it)."""
+        self._teacher()
+        body = read_json_body()
+        count = sum(self.node.room.guest_chat_counts().values())
+        if body.get("count") != count:
+            raise HTTPFailure(409, "the room holds %d guests' chats now, not %s: confirm that number"
+                              % (count, safe_text(body.get("count"), 20)))
+        policy = dict(self.node.room.policy() or {}, clear_guests=utc_now())
+        teacher = self.node.teacher_key.node_id
+        self.node.store.write_control(teacher, "%s.%s" % (teacher, POLICY_SUFFIX), {"policy": policy})
+        self.node.room.clear_guests()
+        return {"clearing": count}
+
+    def bundle(self):
+        """``GET /api/teacher/room.pyz``: NeuroMesh for this room, to hand to students."""
+        self._teacher()
+        data = RoomBundle(self.node.config.mesh_key, self.node.teacher_key.node_id).build()
+        bottle.response.content_type = "application/zip"
+        bottle.response.set_header("Content-Disposition", 'attachment; filename="neuromesh-room.pyz"')
+        return data
+
+
 # -- queues on view: /api/health's "queues" and /metrics (issue 15) ----------------------
 
 
@@ -9329,7 +9827,7 @@ def build_app(node):
                        local_problem=local_llm and (lambda: local_llm.state()[1]))
     gate = Gatekeeper(node.config)
     app = bottle.Bottle()
-    for api in (PageApi, OllamaApi, OpenAIApi, RelayApi, MetricsApi):
+    for api in (PageApi, OllamaApi, OpenAIApi, RelayApi, MetricsApi, RoomApi):
         app.merge(api(node, chat, gate).build())
     app.wsgi = gate.wrap(app.wsgi)
     app.add_hook("after_request", set_security_headers)
@@ -9435,11 +9933,16 @@ class Node(MeshListener):
         self.recent_errors = RecentErrors()
         log.addHandler(self.recent_errors)
         self.events = EventBus()
-        self.store = Store(os.path.join(config.data_dir, DATABASE_FILE), self.node_id, self.name, self.key)
+        self.teacher_key = load_teacher_key(config)
+        self.store = Store(os.path.join(config.data_dir, DATABASE_FILE), self.node_id, self.name, self.key,
+                           self.teacher_key)
+        self.room = RoomRules(self.store, config.teacher)
+        if self.teacher_key is not None:
+            self._introduce_teacher()
         self.mesh = Mesh(config, self.node_id, listener=self, key=self.key)
         self.sync = SyncWorker(self.store, self.mesh, self.events, config.sync_interval)
         self.store.on_local_entries = self._local_entries
-        self.router = Router(config, self.node_id, self.name, self.mesh)
+        self.router = Router(config, self.node_id, self.name, self.mesh, self.room)
         self.router.policy.paused = os.path.exists(os.path.join(config.data_dir, SHARING_FILE))
         self.router.http_port = lambda: self.http_port
         self.router.on_change = self._llm_changed
@@ -9454,6 +9957,15 @@ class Node(MeshListener):
         self.http_port = None
         self._threads = []
         self._stop = threading.Event()
+
+    def _introduce_teacher(self):
+        """The teacher's first start (or a new name): an open room's policy, so students see who
+        their teacher is before any rule is set."""
+        policy = self.room.policy()
+        if policy is None or policy["teacher_name"] != self.name or policy["teacher_node"] != self.node_id:
+            policy = dict(policy or {}, teacher_name=self.name, teacher_node=self.node_id)
+            teacher = self.teacher_key.node_id
+            self.store.write_control(teacher, "%s.%s" % (teacher, POLICY_SUFFIX), {"policy": policy})
 
     # -- the mesh's listener (on the mesh thread) -------------------------------
 
@@ -9514,6 +10026,7 @@ class Node(MeshListener):
                     if self.router.refresh_local():
                         self.mesh.announce_now()
                 self.router.retry_requests()
+                self.room.clear_guests()
             except Exception:
                 log.exception("housekeeping failed")
 
@@ -10562,6 +11075,12 @@ def main(argv=None):
             return run_status(config, config.http_port if args.http_port is not None else None)
         if args.command == "firewall":
             return run_firewall(config, remove=args.uninstall, assume_yes=args.yes, dry_run=args.dry_run)
+        if args.command == "teacher":
+            config.teacher = NodeKey.load_or_create(config.data_dir, TEACHER_KEY_FILE).node_id
+            print("You are this room's teacher: key fingerprint %s. The teacher's room is /static/teacher.html\n"
+                  "on this node's page; students run the room file it offers, or pin --teacher." % config.teacher,
+                  flush=True)
+            return run_node(config)
         return run_transfer(config, args.command, args.directory)
     except BrokenPipeError:  # `doctor | head` closed the pipe: stop quietly (Python's documented recipe)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
