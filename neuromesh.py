@@ -6667,9 +6667,6 @@ class MeshCalls:
                 failures.append((exc.status, str(exc)))
                 log.warning("failing over: %s", exc)
                 router.mark_down(backend, exc)
-        if answer.parts:
-            raise LLMError("%s; no other host of %s could continue the answer: what arrived is kept, "
-                           "retry to ask again" % (failures_text(failures), model), partial=True)
         if not failures:
             raise LLMError("model %r has no reachable host right now" % model, status=503)
         status = 404 if all(s == 404 for s, _t in failures) else 503

@@ -251,3 +251,15 @@ def test_a_host_that_takes_over_and_fails_at_once_is_not_named_as_the_author(tmp
     assert stored["cut_off"] is True and stored["content"] == "Hello from"
     assert stored["answered_by"] == broken.node_id and "answered_by_hosts" not in stored
     assert taker.asked[0][1][-1] == {"role": "assistant", "content": "Hello from"}
+
+
+def test_a_forwarded_call_that_every_host_refuses_says_so_with_503():
+    class Refusing(ScriptedPeerBackend):
+        def forward(self, path, body):
+            raise neuromesh._UpstreamRefused("%s is busy" % self.node_name)
+
+    router = scripted_router(peers=[Refusing("ana-laptop"), Refusing("ben-laptop")])
+    with pytest.raises(neuromesh.LLMError) as refused:
+        neuromesh.MeshCalls(router).call("/api/show", {"model": "m1"})
+    assert refused.value.status == 503
+    assert "ana-laptop is busy" in str(refused.value) and "ben-laptop is busy" in str(refused.value)
