@@ -285,6 +285,8 @@ class _Handler(BaseHTTPRequestHandler):
                 path = path.rstrip("/")
             body: Any = None
             bad_json: Optional[str] = None
+            if path.startswith("/api/blobs/"):
+                return self._blob(method, path[len("/api/blobs/"):])
             if method == "POST":
                 try:
                     raw = self._read_body()
@@ -338,6 +340,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send_json(200, fake._openai_model(entry))
         if path == "/api/show" and method == "POST":
             return self._show(body, bad_json)
+        if path == "/api/create" and method == "POST":
+            return self._create(body)
         if path in _EMBED_PATHS and method == "POST":
             return self._embed(path, body, bad_json)
         if path in _GEN_PATHS:
@@ -347,6 +351,56 @@ class _Handler(BaseHTTPRequestHandler):
         if path.startswith("/api/") or path.startswith("/v1/"):
             return self._send_text(404, "404 page not found")
         return self._send_text(404, "404 page not found")
+
+    def _blob(self, method: str, digest: str) -> None:
+        """``HEAD /api/blobs/sha256:<hex>`` (200 if held), ``POST`` (the body, kept only if its sha256 is the name)."""
+        fake = self.fake
+        hex_digest = digest[7:] if digest.startswith("sha256:") else ""
+        if not re.fullmatch(r"[0-9a-f]{64}", hex_digest):
+            return self._send_error(400, "invalid digest format", False)
+        if method == "HEAD":
+            return self._send_bytes(200 if hex_digest in fake.blobs else 404, b"", "text/plain")
+        if method != "POST":
+            return self._send_text(405, "405 method not allowed")
+        length = int(self.headers.get("Content-Length") or 0)
+        whole, left = hashlib.sha256(), length
+        while left > 0:
+            piece = self.rfile.read(min(left, 1 << 20))
+            if not piece:
+                break
+            whole.update(piece)
+            left -= len(piece)
+        fake._record("/api/blobs", {"digest": digest, "size": length}, {})
+        if left or whole.hexdigest() != hex_digest:
+            self.close_connection = True
+            return self._send_error(400, "digest mismatch, expected %s, got sha256:%s" % (digest, whole.hexdigest()),
+                                    False)
+        with fake._lock:
+            fake.blobs[hex_digest] = length
+        self._send_bytes(201, b"", "text/plain")
+
+    def _create(self, body: Any) -> None:
+        """``POST /api/create`` from uploaded blobs: recorded in ``created``, then listed in /api/tags."""
+        fake = self.fake
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            return self._send_error(400, "model is required", False)
+        files = body.get("files") or {}
+        missing = [d for d in files.values() if not isinstance(d, str) or d[7:] not in fake.blobs]
+        if not files or missing:
+            return self._send_error(400, "missing blobs: %s" % missing, False)
+        with fake._lock:
+            fake.created.append(body)
+            name = _normalize_model(body["model"])
+            if fake._find_model(name) is None:
+                fake.models.append(name)
+                fake.tags.append(dict(_tag_entry(name), size=sum(fake.blobs[d[7:]] for d in files.values())))
+        if body.get("stream") is False:
+            return self._send_json(200, {"status": "success"})
+        self._send_head(200, "application/x-ndjson", None)
+        for status in ("using existing layer %s" % d for d in files.values()):
+            self._chunk((json.dumps({"status": status}) + "\n").encode())
+        self._chunk(b'{"status":"success"}\n')
+        self._end_chunks()
 
     def _show(self, body: Any, bad_json: Optional[str]) -> None:
         if bad_json is not None or not isinstance(body, dict):
@@ -713,6 +767,8 @@ class FakeOllama:
         self._refusing = False
         self._ids = 0
         self._loaded: Dict[str, float] = {}
+        self.blobs: Dict[str, int] = {}  # hex digest -> size, of the blobs posted to /api/blobs
+        self.created: List[Dict[str, Any]] = []  # the bodies of /api/create
 
     # ----- lifecycle -------------------------------------------------------------
     @property
