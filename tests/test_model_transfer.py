@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 
 import pytest
 import requests
@@ -45,6 +46,29 @@ def write_store(root, name, size, seed=b"model", extra=()):
     with open(os.path.join(folder, tag), "w") as handle:
         json.dump(manifest, handle)
     return model
+
+
+class ThreadedCall:
+    """Runs ``call`` on a thread; ``result()`` is its value (or raises its exception)."""
+
+    def __init__(self, call):
+        self._outcome = []
+        self._thread = threading.Thread(target=self._run, args=(call,), daemon=True)
+        self._thread.start()
+
+    def _run(self, call):
+        try:
+            self._outcome.append((True, call()))
+        except BaseException as exc:  # handed to result()
+            self._outcome.append((False, exc))
+
+    def result(self, timeout):
+        self._thread.join(timeout)
+        assert self._outcome, "the call did not end in %s s" % timeout
+        ok, value = self._outcome[0]
+        if not ok:
+            raise value
+        return value
 
 
 def start_node(cluster, label, fake, store, extra=(), program=None):
@@ -135,3 +159,80 @@ def test_the_ollama_client_pulls_through_a_node_with_ollamas_progress(cluster, f
                                           "verifying sha256 digest", "writing manifest", "success"}
     with pytest.raises(ollama.ResponseError):
         ollama.Client(host=puller.url, timeout=30).pull("mistral:7b")
+
+
+def test_a_pull_cut_when_its_source_dies_resumes_from_the_restarted_source(cluster, fakes, tmp_path):
+    size, chunk = 24 * 1024 * 1024, nm.TRANSFER_CHUNK
+    write_store(tmp_path / "store-a", MODEL, size)
+    source_llm, puller_llm = fakes(MODEL), fakes()
+    source_llm.set_fail("hang")  # a chat the source answers: it serves at its --transfer-rate meanwhile
+    source = start_node(cluster, "source", source_llm, tmp_path / "store-a", extra=["--transfer-rate", "4MiB"])
+    puller = start_node(cluster, "puller", puller_llm, tmp_path / "store-b")
+    wait_for(lambda: fully_linked([source, puller]), message="mesh")
+    wait_for(lambda: MODEL in {m["name"] for m in puller.json("/api/models")["models"]}, timeout=20,
+             message="the model on the mesh")
+    chat = ThreadedCall(lambda: source.post("/api/chat", json={"model": MODEL, "stream": False,
+                                                               "messages": [{"role": "user", "content": "hi"}]},
+                                            timeout=60))
+    wait_for(lambda: source_llm.in_flight == 1, message="the source answering a chat")
+    pull = ThreadedCall(lambda: pull_lines(puller, MODEL, timeout=180))
+    wait_for(lambda: metric(puller, "neuromesh_model_fetched_bytes_total") >= size // 3, timeout=60,
+             message="a third of the model fetched")
+
+    source.kill()  # a closed lid, a pulled plug
+    before = metric(puller, "neuromesh_model_fetched_bytes_total")
+    assert before < size
+    source_llm.heal()
+    source.start()
+
+    lines = pull.result(timeout=180)
+    assert lines[-1] == {"status": "success"}, lines[-3:]
+    assert metric(puller, "neuromesh_model_fetched_bytes_total") == size  # each chunk landed once
+    assert metric(source, "neuromesh_model_served_bytes_total") <= size - before + chunk
+    assert MODEL in {m["name"] for m in requests.get(puller_llm.url + "/api/tags").json()["models"]}
+    with pytest.raises(requests.ConnectionError):
+        chat.result(timeout=60)  # it was asked of the source that died
+
+
+def test_a_damaged_chunk_is_thrown_away_fetched_elsewhere_and_its_sender_named(cluster, fakes, tmp_path):
+    size = 8 * 1024 * 1024
+    digest = write_store(tmp_path / "store-a", MODEL, size)
+    liar_llm, honest_llm, puller_llm = fakes(MODEL), fakes(MODEL), fakes()
+    liar = start_node(cluster, "liar", liar_llm, tmp_path / "store-a", extra=["--name", "Liar"],
+                      program=[sys.executable, os.path.join(SCRIPT_DIR, "corrupt_model_peer.py")])
+    honest = start_node(cluster, "honest", honest_llm, tmp_path / "store-a")
+    puller = start_node(cluster, "puller", puller_llm, tmp_path / "store-b")
+    wait_for(lambda: fully_linked([liar, honest, puller]), message="mesh")
+    wait_for(lambda: {liar.node_id, honest.node_id} <= hosts_of(puller, MODEL), timeout=20,
+             message="both sources on the mesh")
+
+    lines = pull_lines(puller, MODEL)
+
+    assert lines[-1] == {"status": "success"}, lines[-3:]
+    assert puller_llm.blobs[digest] == size  # Ollama got the right bytes
+    assert metric(puller, "neuromesh_model_rejected_chunks_total") >= 1
+    assert "Liar" in puller.health()["models_transfer"]["transfers"][-1]["bad_peers"]
+    assert "Liar sent chunk" in puller.log() and "does not match" in puller.log()
+
+
+def test_a_node_outside_the_room_gets_nothing(cluster, fakes, tmp_path):
+    digest = write_store(tmp_path / "store-a", MODEL, 2 * 1024 * 1024)
+    source_llm, stranger_llm, keeper_llm = fakes(MODEL), fakes(), fakes(MODEL)
+    source = start_node(cluster, "source", source_llm, tmp_path / "store-a", extra=["--mesh-key", "room-one-code"])
+    keeper = start_node(cluster, "keeper", keeper_llm, tmp_path / "store-a",
+                        extra=["--mesh-key", "room-two-code", "--no-share-llm"])
+    stranger = start_node(cluster, "stranger", stranger_llm, tmp_path / "store-c",
+                          extra=["--mesh-key", "room-two-code"])
+    wait_for(lambda: fully_linked([keeper, stranger]), message="the stranger's own room")
+
+    reply = stranger.post("/api/pull", json={"model": MODEL})  # its room has it only on a node that shares none
+    assert reply.status_code == 404 and "success" not in reply.text
+    assert source.node_id not in stranger.connected_ids()
+    assert not stranger_llm.blobs and not stranger_llm.created
+
+    # a stranger on the LAN asking the relay itself, with no token or a made-up one
+    for headers in ({}, {"Authorization": "Bearer made-up-token"}):
+        for path in ("/relay/models", "/relay/blobs/%s" % digest, "/relay/blobs/%s/chunks" % digest):
+            reply = requests.get(source.url + path, headers=headers, timeout=5)
+            assert reply.status_code == 401 and digest not in reply.text
+    assert metric(source, "neuromesh_model_served_bytes_total") == 0
