@@ -579,7 +579,7 @@ def build_arg_parser():
     epilog_lines += ["  NEUROMESH_%s" % key.upper() for key in SETTINGS]
     parser = argparse.ArgumentParser(
         prog="neuromesh.py",
-        usage="python neuromesh.py [run | doctor | status | firewall | export DIR | import DIR] [options]",
+        usage="python neuromesh.py [run | doctor | status | pull MODEL | firewall | export DIR | import DIR] [options]",
         description="Share the local LLMs of a room: run it on every machine.\n\ncommands:\n" + "\n".join(
             "  %-12s %s" % (name, text.split("\n")[0]) for name, text in COMMAND_HELP.items())
         + "\n\n`python neuromesh.py COMMAND --help` explains a command.",
@@ -627,6 +627,10 @@ COMMAND_HELP = {
               "announce intervals. Exits 1 when something blocks the mesh.",
     "status": "ask the node running on this computer for its health, peers and LLM hosts, as tables.\n\n"
               "  python neuromesh.py status [--http-port PORT | --data-dir DATA_DIR]",
+    "pull": "get MODEL from the room's computers into this computer's Ollama, with no internet.\n\n"
+            "  python neuromesh.py pull MODEL [--http-port PORT | --data-dir DATA_DIR]\n\n"
+            "The node running on this computer fetches it in checked chunks from every peer that has it\n"
+            "and hands it to Ollama; Ctrl+C stops, and the same command resumes where it stopped.",
     "firewall": "open this node's ports (UDP 5000, TCP 7878 and 8080, or the ones configured) for the local\n"
                 "subnet only; shows the commands and asks first.\n\n"
                 "  python neuromesh.py firewall [--uninstall] [--yes] [--dry-run] [--http-port N ...]\n\n"
@@ -7219,8 +7223,13 @@ def model_name_of(parts):
 def parse_manifest(data):
     """``{"layers": [{"digest", "size", "mediaType"}], "size"}`` of a manifest's bytes; ValueError if bad."""
     manifest = parse_json(data, "a model manifest", max_bytes=MiB, max_depth=8)
+    listed = manifest.get("layers") if isinstance(manifest, dict) else None
+    if not isinstance(listed, list):
+        raise ValueError("a manifest without layers")
     layers = []
-    for layer in (manifest.get("layers") or [])[:64] + [manifest.get("config") or {}]:
+    for layer in listed[:64] + [manifest.get("config") or {}]:
+        if not isinstance(layer, dict):
+            raise ValueError("a layer that is not an object")
         if not layer:
             continue
         size = layer.get("size")
@@ -7553,7 +7562,8 @@ class RoomHolders:
 
         def ask(backend):
             try:
-                catalog = self.get(backend, MODELS_RELAY_PATH).json()
+                catalog = parse_json(self.get(backend, MODELS_RELAY_PATH).content, "a peer's models",
+                                     max_bytes=8 * MiB, max_depth=16)
                 if isinstance(catalog, dict) and isinstance(catalog.get("blobs"), dict):
                     with lock:
                         found[backend] = catalog
@@ -7767,7 +7777,7 @@ class ModelPull:
                                             json={"path": "/api/show", "body": {"model": name}},
                                             headers={"Authorization": "Bearer " + backend.token})
             response.raise_for_status()
-            show = response.json()
+            show = parse_json(response.content, "a model's description", max_bytes=8 * MiB, max_depth=32)
             return show if isinstance(show, dict) else {}
         except (requests.RequestException, ValueError) as exc:
             raise PullError("%s did not describe %s (%s): try the pull again" % (backend.node_name, name,
@@ -7899,7 +7909,9 @@ class ModelPulls:
         partial = self.partials.get(hex_digest) or PartialBlob.resume(self.directory, hex_digest, size)
         if partial is None:
             try:
-                listed = self.holders.get(source, "%s/%s/chunks" % (BLOBS_RELAY_PATH, hex_digest), timeout=120).json()
+                listed = parse_json(self.holders.get(source, "%s/%s/chunks" % (BLOBS_RELAY_PATH, hex_digest),
+                                                     timeout=120).content, "a chunk list", max_bytes=64 * MiB,
+                                    max_depth=4)
                 partial = PartialBlob(self.directory, hex_digest, size, listed.get("hashes") or [])
             except (requests.RequestException, ValueError, AttributeError) as exc:
                 raise PullError("%s did not list the chunks of %s (%s): pull again" % (
@@ -11001,10 +11013,24 @@ def models_table(models):
     return lines
 
 
+def transfers_table(health):
+    """The model pulls of this node (its /api/health's ``models_transfer``), when there were any."""
+    transfers = _records(_record(health.get("models_transfer")).get("transfers"))
+    rows = [(safe_text(t.get("model"), 100), safe_text(t.get("status"), 40),
+             progress_line(t, 10).split(" ", 2)[-1] if isinstance(t.get("total"), int) else "-",
+             safe_text(t.get("error") or ", ".join(_names(t.get("bad_peers"), 40).split(", ")[:3]) or "-", 100))
+            for t in transfers]
+    if not rows:
+        return []
+    return [""] + ["Model transfers:"] + ["  " + line for line in format_table(("MODEL", "STATUS", "DONE", "NOTE"),
+                                                                                rows)]
+
+
 def status_report(health, peers, models):
     """The lines ``status`` prints from a node's /api/health, /api/peers and /api/models (each reply
     is checked for shape: a field of the wrong type shows as text, never as a crash)."""
-    return status_header(_record(health)) + [""] + peers_table(peers) + [""] + models_table(_record(models))
+    return (status_header(_record(health)) + [""] + peers_table(peers) + [""] + models_table(_record(models))
+            + transfers_table(_record(health)))
 
 
 def run_status(config, port=None):
@@ -11100,6 +11126,56 @@ def run_node(config):
     return 0
 
 
+def node_base_url(config, port=None):
+    """The HTTP address of the node running on this computer (its port from --http-port or its data dir)."""
+    running = running_node_info(config.data_dir)
+    return "http://127.0.0.1:%d" % (port or (running or {}).get("http_port") or config.http_port)
+
+
+def progress_line(record, width=30):
+    """One line of ``pull``'s progress: the status, and a bar once a blob's size is known."""
+    total, done = record.get("total"), record.get("completed") or 0
+    if not isinstance(total, int) or total <= 0 or not isinstance(done, int):
+        return safe_text(record.get("status"), 100)
+    filled = min(width, width * done // total)
+    return "%s %3d%% [%s%s] %d/%d MB" % (safe_text(record.get("status"), 40), 100 * done // total,
+                                         "#" * filled, "." * (width - filled), done // MiB, total // MiB)
+
+
+def run_pull(config, model, port=None, out=None):
+    """``pull MODEL``: the node on this computer gets MODEL from the room's computers into this
+    computer's Ollama, with a progress bar; Ctrl+C stops it, and the same command resumes it."""
+    out = out or sys.stdout
+    if not model:
+        raise ConfigError("pull needs a model: python neuromesh.py pull MODEL")
+    base = node_base_url(config, port)
+    try:
+        with requests.post(base + "/api/pull", json={"model": model}, stream=True, timeout=(5, 300)) as reply:
+            if reply.status_code != 200:
+                print("neuromesh: error: %s" % _http_error_text(reply), file=sys.stderr)
+                return 1
+            last = None
+            for line in reply.iter_lines():
+                record = parse_json(line, "a progress line", MAX_STREAM_LINE) if line.strip() else {}
+                if "error" in record:
+                    print("\nneuromesh: error: %s" % safe_text(record["error"], 500), file=sys.stderr)
+                    return 1
+                text = progress_line(record)
+                if text and text != last:
+                    out.write(("\r" if last and record.get("total") else "\n" if last else "") + text)
+                    out.flush()
+                    last = text
+            out.write("\n")
+            return 0 if last == "success" else 1
+    except KeyboardInterrupt:
+        print("\nstopped: run the same command again, and the pull goes on where it stopped", file=sys.stderr)
+        return 130
+    except (requests.RequestException, ValueError) as exc:
+        print("neuromesh: error: no NeuroMesh answers at %s (%s): start it first with `python neuromesh.py`"
+              % (base, short_error(exc)), file=sys.stderr)
+        return 1
+
+
 def run_transfer(config, command, directory):
     """``export DIR`` / ``import DIR``: the original NeuroMesh's file layout, to and from the store."""
     if not directory:
@@ -11145,6 +11221,8 @@ def main(argv=None):
             return run_doctor(config)
         if args.command == "status":
             return run_status(config, config.http_port if args.http_port is not None else None)
+        if args.command == "pull":
+            return run_pull(config, args.directory, config.http_port if args.http_port is not None else None)
         if args.command == "firewall":
             return run_firewall(config, remove=args.uninstall, assume_yes=args.yes, dry_run=args.dry_run)
         return run_transfer(config, args.command, args.directory)

@@ -4,6 +4,8 @@ Ollama, through Ollama's API (the fake checks each blob's digest), and resumes a
 
 import hashlib
 import json
+import re
+import subprocess
 import os
 import sys
 import threading
@@ -236,3 +238,90 @@ def test_a_node_outside_the_room_gets_nothing(cluster, fakes, tmp_path):
             reply = requests.get(source.url + path, headers=headers, timeout=5)
             assert reply.status_code == 401 and digest not in reply.text
     assert metric(source, "neuromesh_model_served_bytes_total") == 0
+
+
+def test_the_pull_command_shows_a_progress_bar_and_status_lists_the_transfer(cluster, fakes, tmp_path):
+    write_store(tmp_path / "store-a", MODEL, 5 * 1024 * 1024)
+    source_llm, puller_llm = fakes(MODEL), fakes()
+    source = start_node(cluster, "source", source_llm, tmp_path / "store-a")
+    puller = start_node(cluster, "puller", puller_llm, tmp_path / "store-b")
+    wait_for(lambda: fully_linked([source, puller]), message="mesh")
+    wait_for(lambda: MODEL in {m["name"] for m in puller.json("/api/models")["models"]}, timeout=20,
+             message="the model on the mesh")
+
+    def command(*words):
+        return subprocess.run([sys.executable, nm.__file__] + list(words) + ["--data-dir", puller.data_dir],
+                              capture_output=True, text=True, timeout=120)
+
+    pulled = command("pull", MODEL)
+    assert pulled.returncode == 0, pulled.stderr
+    assert "100% [####" in pulled.stdout and "5/5 MB" in pulled.stdout and pulled.stdout.strip().endswith("success")
+    missing = command("pull", "mistral:7b")
+    assert missing.returncode == 1 and "ollama pull mistral:7b" in missing.stderr
+    status = command("status")
+    assert status.returncode == 0
+    assert "Model transfers:" in status.stdout and re.search(r"tinyllama:1b\s+success", status.stdout)
+
+
+# -- hostile input: manifests, parameters, ranges and catalogs never crash -------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+JSONISH = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                       lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
+                                                                                     max_size=4), max_leaves=20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.binary(max_size=200), JSONISH.map(lambda v: json.dumps(v).encode())))
+def test_a_manifest_is_read_or_refused_with_a_value_error(data):
+    try:
+        manifest = nm.parse_manifest(data)
+    except ValueError:
+        return
+    assert all(nm.digest_hex(layer["digest"]) for layer in manifest["layers"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=300))
+def test_any_parameters_text_gives_a_dict(text):
+    assert isinstance(nm.modelfile_parameters(text), dict)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=40), st.integers(1, 1 << 40))
+def test_a_range_header_is_a_range_inside_the_blob_or_416(header, size):
+    try:
+        start, end = nm.ModelRelayApi._range(header, size)
+    except nm.HTTPFailure as exc:
+        assert exc.status == 416
+        return
+    assert 0 <= start < end <= size
+
+
+@settings(max_examples=100, deadline=None)
+@given(catalog=JSONISH)
+def test_a_peers_catalog_of_any_shape_never_breaks_a_fetch(tmp_path_factory, catalog):
+    directory = str(tmp_path_factory.mktemp("partials"))
+    partial = nm.PartialBlob(directory, "a" * 64, 3 * nm.TRANSFER_CHUNK, ["b" * 64] * 3)
+
+    class Holders:
+        def catalogs(self):
+            return {object(): {"blobs": {"a" * 64: catalog}}}
+
+    fetch = nm.BlobFetch(partial, Holders(), nm.TransferStats(), lambda n: None, threading.Event())
+    fetch._work = lambda backend: None  # the look only
+    fetch._look()
+    assert all(held <= set(range(3)) for held in fetch.held.values())
+
+
+def test_chunks_left_by_a_cut_pull_are_read_back_and_garbage_is_ignored(tmp_path):
+    partial = nm.PartialBlob(str(tmp_path), "c" * 64, 2 * nm.TRANSFER_CHUNK + 1, ["d" * 64] * 3)
+    partial.write(1, b"x" * nm.TRANSFER_CHUNK)
+    with open(os.path.join(str(tmp_path), "c" * 64 + ".have"), "a") as handle:
+        handle.write("7\nnot a number\n-1\n")
+    again = nm.PartialBlob.resume(str(tmp_path), "c" * 64, 2 * nm.TRANSFER_CHUNK + 1)
+    assert again.have == {1} and not again.complete
+    assert nm.PartialBlob.resume(str(tmp_path), "c" * 64, 5) is None  # another size: start afresh
+    with pytest.raises(ValueError):
+        nm.PartialBlob(str(tmp_path), "e" * 64, 10, ["not a hash"])
