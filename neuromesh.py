@@ -7430,13 +7430,23 @@ class TransferStats:
 
 
 class ServeRate:
-    """Paces the model bytes this node serves while it answers a chat (--transfer-rate bytes a
-    second, over all transfers), so a transfer does not slow its chats' first tokens."""
+    """Paces the model bytes this node serves while it answers chats, and for ``linger`` seconds
+    after (--transfer-rate bytes a second, over all transfers): the link then has room for the
+    next chat's first words, not a queue of model bytes ahead of them."""
 
-    def __init__(self, rate, busy):
-        self.rate, self.busy = rate, busy
+    linger = 5.0
+
+    def __init__(self, rate, answering):
+        self.rate, self.answering = rate, answering
         self._next = 0.0
+        self._answered = None  # when a chat was last seen under way (monotonic)
         self._lock = threading.Lock()
+
+    def busy(self):
+        now = time.monotonic()
+        if self.answering():
+            self._answered = now
+        return self._answered is not None and now - self._answered < self.linger
 
     def spend(self, count):
         if not self.busy():
@@ -7600,16 +7610,25 @@ class BlobFetch:
         self.workers = {}  # backend -> thread
         self.bad = []  # names of peers that sent a chunk that did not match
         self._dropped = set()
+        self._done = False  # the fetch ended: its workers leave
         self._cond = threading.Condition()
 
     def run(self):
+        try:
+            self._run()
+        finally:
+            with self._cond:
+                self._done = True
+                self._cond.notify_all()
+
+    def _run(self):
         partial, waited = self.partial, time.monotonic()
         while not partial.complete:
             if self.stop.is_set():
                 raise PullError("the pull was stopped; it resumes where it stopped when started again")
             self._look()
             with self._cond:
-                if self.workers or any(self._wanted(b) for b in self.held):
+                if self.busy or any(self._wanted(b) for b in self.held):
                     waited = time.monotonic()
                 elif time.monotonic() - waited > self.patience:
                     break
@@ -7630,6 +7649,7 @@ class BlobFetch:
                 if type(i) is int and 0 <= i < self.partial.count}
             with self._cond:
                 self.held[backend] = held
+                self._cond.notify_all()
                 if backend not in self.workers and self._wanted(backend):
                     thread = threading.Thread(target=self._work, args=(backend,), daemon=True,
                                               name="neuromesh-fetch")
@@ -7656,7 +7676,10 @@ class BlobFetch:
                 with self._cond:
                     index = self._pick(backend)
                     if index is None:
-                        return
+                        if self._done or backend not in self.held:
+                            return
+                        self._cond.wait(self.refresh)  # until a chunk lands or the next look
+                        continue
                 try:
                     ok = self._fetch(backend, index)
                 finally:
