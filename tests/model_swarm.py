@@ -36,7 +36,7 @@ class SwarmRoom:
     Use as a context manager; every process it started is killed, every namespace deleted."""
 
     def __init__(self, tmp_path, count=8, models=("swarm-one:1b", "swarm-all:1b"), size=16 * 1024 * 1024,
-                 rate_mbit=40, token_delay=0.3, source_rate="10MiB"):
+                 rate_mbit=40, token_delay=0.05, source_rate="10MiB"):
         tag = uuid.uuid4().hex[:6]
         self.tmp_path, self.models, self.size = tmp_path, list(models), size
         self.rate_mbit, self.token_delay, self.source_rate = rate_mbit, token_delay, source_rate
@@ -165,24 +165,30 @@ class SwarmRoom:
 
 def measure(tmp_path, pullers=7, size=16 * 1024 * 1024, rate_mbit=40, chats=0, source_rate="10MiB"):
     """One transfer, then ``pullers`` at once, in the same room: seconds and MB/s of each. With
-    ``chats``, one more computer (that pulls nothing) asks the source that many chats without a
-    transfer, then during the swarm: the median first-token times."""
+    ``chats``, one more computer (that pulls nothing) asks the source that many chats with no
+    transfer, then while one computer pulls a third model: the median first-token times."""
     count = pullers + (2 if chats else 1)
-    with SwarmRoom(tmp_path, count=count, size=size, rate_mbit=rate_mbit, source_rate=source_rate) as room:
-        one, swarm = room.models
-        quiet = sorted(room.first_token_seconds(count, one) for _ in range(chats))[chats // 2] if chats else None
-        single, lasts = room.pull([2], one)
-        busy = []
-        runs = [subprocess.Popen(["ip", "netns", "exec", room.hosts[i - 1], sys.executable, "-c",
-                                  room.pull_code(swarm)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                for i in range(2, pullers + 2)]
-        started = time.monotonic()
-        while len(busy) < chats and any(run.poll() is None for run in runs):
-            busy.append(room.first_token_seconds(count, one))
-        outs = [json.loads(run.communicate(timeout=300)[0] or "{}") for run in runs]
-        swarm_seconds = max(out.get("seconds", float("inf")) for out in outs)
-        return {"size": size, "single_s": single, "swarm_s": swarm_seconds, "pullers": pullers,
-                "single_mb_s": size / 1e6 / single, "swarm_mb_s": pullers * size / 1e6 / swarm_seconds,
-                "lasts": lasts + [out.get("last") for out in outs], "first_token_quiet_s": quiet,
-                "first_token_busy_s": sorted(busy)[len(busy) // 2] if busy else None, "busy_chats": len(busy),
-                "started": started}
+    models = ("swarm-one:1b", "swarm-all:1b", "swarm-chat:1b")[:3 if chats else 2]
+    with SwarmRoom(tmp_path, count=count, models=models, size=size, rate_mbit=rate_mbit,
+                   source_rate=source_rate) as room:
+        single, lasts = room.pull([2], models[0])
+        swarm_seconds, more = room.pull(range(2, pullers + 2), models[1])
+        result = {"size": size, "single_s": single, "swarm_s": swarm_seconds, "pullers": pullers,
+                  "single_mb_s": size / 1e6 / single, "swarm_mb_s": pullers * size / 1e6 / swarm_seconds,
+                  "lasts": lasts + more}
+        if chats:
+            result.update(chat_figures(room, count, models, chats))
+        return result
+
+
+def chat_figures(room, count, models, chats):
+    """Median first-token seconds of a chat the source answers: with no transfer, then while host 2 pulls."""
+    quiet = sorted(room.first_token_seconds(count, models[0]) for _ in range(chats))[chats // 2]
+    run = subprocess.Popen(["ip", "netns", "exec", room.hosts[1], sys.executable, "-c", room.pull_code(models[2])],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    busy = []
+    while len(busy) < chats and run.poll() is None:
+        busy.append(room.first_token_seconds(count, models[0]))
+    run.communicate(timeout=300)
+    return {"first_token_quiet_s": quiet, "busy_chats": len(busy),
+            "first_token_busy_s": sorted(busy)[len(busy) // 2] if busy else None}
