@@ -7967,6 +7967,26 @@ class ModelPulls:
         return any(isinstance(c.get("models"), dict) and names & set(c["models"])
                    for c in self.holders.catalogs().values())
 
+    def room(self, own):
+        """The page's list: each model of the room, the computers that have it, its size, and whether
+        this computer can get it. ``own``: this node's shared models (ModelShare.shared_models())."""
+        ready = self.ollama is not None and self.ollama.available
+        sizes, here = {}, set(self.ollama.models if ready else ())
+        for catalog in [{"models": own}] + list(self.holders.catalogs().values()):
+            for name, manifest in (catalog.get("models") if isinstance(catalog.get("models"), dict) else {}).items():
+                if isinstance(name, str) and isinstance(manifest, dict) and type(manifest.get("size")) is int:
+                    sizes[name[:200]] = manifest["size"]
+        mesh = self.router.mesh_models()
+        with self._lock:
+            running = set(self._running)
+        rows = []
+        for name in sorted(set(mesh) | set(sizes)):
+            have = bool(here & set(model_aliases(name)))
+            rows.append({"name": name, "hosts": [host for _id, host, _local in mesh.get(name, [])],
+                         "size": sizes.get(name), "here": have, "pulling": name in running,
+                         "can_get": ready and not have and name in sizes})
+        return {"models": rows, "has_ollama": ready}
+
     def pull(self, model, stop=None):
         """The progress records of a pull of ``model``; PullError if it cannot start or go on."""
         if self.ollama is None:
@@ -9867,6 +9887,20 @@ class ModelRelayApi(RelayApi):
         return start, end
 
 
+
+class ModelPageApi(HttpApi):
+    """The page's list of the room's models (``GET /api/room-models``): who has each, its size,
+    and whether this computer can get it; the page's button then pulls through Ollama's /api/pull."""
+
+    def routes(self):
+        return [("GET", "/api/room-models", self.room_models)]
+
+    def room_models(self):
+        reply = self.node.model_pulls.room(self.node.model_share.shared_models())
+        reply["may_pull"] = self.gate.client().role == "owner"  # /api/pull is the owner's (or --lan-api's)
+        return reply
+
+
 # -- queues on view: /api/health's "queues" and /metrics (issue 15) ----------------------
 
 
@@ -10038,7 +10072,7 @@ def build_app(node):
                        local_problem=local_llm and (lambda: local_llm.state()[1]))
     gate = Gatekeeper(node.config)
     app = bottle.Bottle()
-    for api in (PageApi, OllamaApi, OpenAIApi, RelayApi, ModelRelayApi, MetricsApi):
+    for api in (PageApi, OllamaApi, OpenAIApi, RelayApi, ModelRelayApi, ModelPageApi, MetricsApi):
         app.merge(api(node, chat, gate).build())
     app.wsgi = gate.wrap(app.wsgi)
     app.add_hook("after_request", set_security_headers)
