@@ -6960,7 +6960,7 @@ class Router:
                 self.requested.pop(peer.node_id, None)
                 self.away.discard(peer.node_id)
             asked = self.requested.get(peer.node_id)
-            if not (peer.has_llm or peer.shares_models) or backend is not None or (asked is not None and now - asked < self.request_retry):
+            if not (peer.has_llm or getattr(peer, "shares_models", False)) or backend is not None or (asked is not None and now - asked < self.request_retry):
                 return
             self.requested[peer.node_id] = now
         self.mesh.send(peer.node_id, LLM_REQUEST, {"peer_name": self.node_name,
@@ -7547,7 +7547,8 @@ class ModelShare:
 
 
 class RoomHolders:
-    """The peers a pull may fetch from (those whose relay token this node holds), and what they hold."""
+    """The peers a pull may fetch from (those whose relay token this node holds), and what they hold.
+    ``get`` and ``post`` are the one way a pull talks to a peer's relay."""
 
     timeout = 3.0
 
@@ -7563,6 +7564,12 @@ class RoomHolders:
         response = backend.session.get(backend.url + path, timeout=timeout or self.timeout,
                                        headers=dict(kwargs.pop("headers", {}), Authorization="Bearer " + backend.token),
                                        **kwargs)
+        response.raise_for_status()
+        return response
+
+    def post(self, backend, path, body, timeout=None):
+        response = backend.session.post(backend.url + path, json=body, timeout=timeout or self.timeout,
+                                         headers={"Authorization": "Bearer " + backend.token})
         response.raise_for_status()
         return response
 
@@ -7796,10 +7803,8 @@ class ModelPull:
 
     def _show(self, backend, name):
         try:
-            response = backend.session.post(backend.url + RELAY_FORWARD_PATH, timeout=30,
-                                            json={"path": "/api/show", "body": {"model": name}},
-                                            headers={"Authorization": "Bearer " + backend.token})
-            response.raise_for_status()
+            response = self.pulls.holders.post(backend, RELAY_FORWARD_PATH,
+                                               {"path": "/api/show", "body": {"model": name}}, timeout=30)
             show = parse_json(response.content, "a model's description", max_bytes=8 * MiB, max_depth=32)
             return show if isinstance(show, dict) else {}
         except (requests.RequestException, ValueError) as exc:

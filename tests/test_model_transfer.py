@@ -325,3 +325,17 @@ def test_chunks_left_by_a_cut_pull_are_read_back_and_garbage_is_ignored(tmp_path
     assert nm.PartialBlob.resume(str(tmp_path), "c" * 64, 5) is None  # another size: start afresh
     with pytest.raises(ValueError):
         nm.PartialBlob(str(tmp_path), "e" * 64, 10, ["not a hash"])
+
+
+def test_a_pull_that_does_not_fit_on_the_disk_says_so_before_it_starts(tmp_path):
+    class Pulls:
+        directory, partials = str(tmp_path), {}
+        ollama = None
+
+    free = nm.shutil.disk_usage(str(tmp_path)).free
+    pull = nm.ModelPull("huge:70b", Pulls(), threading.Event())
+    with pytest.raises(nm.PullError) as error:
+        pull._check_space([{"digest": "sha256:" + "f" * 64, "size": free, "mediaType": nm.MODEL_LAYER}])
+    assert "free on %s" % tmp_path in str(error.value) and "huge:70b needs" in str(error.value)
+    assert "free some disk space" in str(error.value)
+    pull._check_space([{"digest": "sha256:" + "f" * 64, "size": 1024, "mediaType": nm.MODEL_LAYER}])
