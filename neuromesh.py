@@ -6960,7 +6960,8 @@ class Router:
                 self.requested.pop(peer.node_id, None)
                 self.away.discard(peer.node_id)
             asked = self.requested.get(peer.node_id)
-            if not (peer.has_llm or getattr(peer, "shares_models", False)) or backend is not None or (asked is not None and now - asked < self.request_retry):
+            offers = peer.has_llm or getattr(peer, "shares_models", False)  # an LLM, or models to copy
+            if not offers or backend is not None or (asked is not None and now - asked < self.request_retry):
                 return
             self.requested[peer.node_id] = now
         self.mesh.send(peer.node_id, LLM_REQUEST, {"peer_name": self.node_name,
@@ -10195,7 +10196,8 @@ class Node(MeshListener):
         self.transfer_stats = TransferStats()
         model_store = ModelStore(ollama_model_dirs())
         self.model_pulls = ModelPulls(self.router, model_store, os.path.join(config.data_dir, TRANSFERS_DIR),
-                                      self.transfer_stats, next((b for b in self.router.local if b.kind == "ollama"), None))
+                                      self.transfer_stats,
+                                      next((b for b in self.router.local if b.kind == "ollama"), None))
         self.model_share = ModelShare(model_store, self.router, config, self.model_pulls.partials, self.transfer_stats)
         self._frame_handlers = {  # the frames the mesh passes on to frame(), by marker
             SYNC: self.sync.handle_sync, FILE: self.sync.handle_file,
