@@ -8010,6 +8010,9 @@ class ModelPulls:
         except PullError as exc:
             self.stats.progress(model, {"status": "failed", "error": str(exc)})
             raise
+        except GeneratorExit:  # its client left (Ctrl+C): the chunks stay for the next pull
+            self.stats.progress(model, {"status": "stopped", "error": "stopped by its client; a new pull resumes"})
+            raise
         finally:
             stop.set()
             with self._lock:

@@ -5,6 +5,7 @@ Ollama, through Ollama's API (the fake checks each blob's digest), and resumes a
 import hashlib
 import json
 import re
+import signal
 import subprocess
 import os
 import sys
@@ -339,3 +340,35 @@ def test_a_pull_that_does_not_fit_on_the_disk_says_so_before_it_starts(tmp_path)
     assert "free on %s" % tmp_path in str(error.value) and "huge:70b needs" in str(error.value)
     assert "free some disk space" in str(error.value)
     pull._check_space([{"digest": "sha256:" + "f" * 64, "size": 1024, "mediaType": nm.MODEL_LAYER}])
+
+
+def test_a_pull_stopped_by_ctrl_c_goes_on_where_it_stopped(cluster, fakes, tmp_path):
+    size, chunk = 16 * 1024 * 1024, nm.TRANSFER_CHUNK
+    write_store(tmp_path / "store-a", MODEL, size)
+    source_llm, puller_llm = fakes(MODEL), fakes()
+    source_llm.set_fail("hang")  # the source answers a chat: it serves at --transfer-rate meanwhile
+    source = start_node(cluster, "source", source_llm, tmp_path / "store-a", extra=["--transfer-rate", "4MiB"])
+    puller = start_node(cluster, "puller", puller_llm, tmp_path / "store-b")
+    wait_for(lambda: fully_linked([source, puller]), message="mesh")
+    wait_for(lambda: MODEL in {m["name"] for m in puller.json("/api/models")["models"]}, timeout=20,
+             message="the model on the mesh")
+    ThreadedCall(lambda: source.post("/api/chat", json={"model": MODEL, "stream": False,
+                                                        "messages": [{"role": "user", "content": "hi"}]}, timeout=60))
+    wait_for(lambda: source_llm.in_flight == 1, message="the source answering a chat")
+    command = [sys.executable, nm.__file__, "pull", MODEL, "--data-dir", puller.data_dir]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: metric(puller, "neuromesh_model_fetched_bytes_total") >= size // 4, timeout=60,
+             message="a quarter of the model fetched")
+    first.send_signal(signal.SIGINT)  # Ctrl+C
+    _out, err = first.communicate(timeout=30)
+    assert first.returncode == 130 and "the same command again" in err
+    wait_for(lambda: puller.health()["models_transfer"]["transfers"][-1]["status"] == "stopped", timeout=30,
+             message="the node to stop the pull")
+    before = metric(puller, "neuromesh_model_fetched_bytes_total")
+    source_llm.heal()
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+    assert again.returncode == 0 and again.stdout.strip().endswith("success"), again.stderr
+    assert before < size and metric(puller, "neuromesh_model_fetched_bytes_total") == size
+    assert metric(source, "neuromesh_model_served_bytes_total") <= size + chunk
