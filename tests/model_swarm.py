@@ -86,8 +86,8 @@ class SwarmRoom:
                                               seed=model.encode())
         for index, host in enumerate(self.hosts, start=1):
             models = ",".join(self.models) if index == 1 else ""
-            fake = [sys.executable, os.path.join(HERE, "fake_ollama.py"), "--port", "11434",
-                    "--token-delay", str(self.token_delay), "--max-seconds", "600"] + (["--models", models] if models else [])
+            fake = [sys.executable, os.path.join(HERE, "fake_ollama.py"), "--port", "11434", "--models", models,
+                    "--token-delay", str(self.token_delay), "--max-seconds", "600"]
             log = open(str(self.tmp_path / ("fake-%d.log" % index)), "ab")
             self.processes.append(subprocess.Popen(["ip", "netns", "exec", host] + fake, stdout=log,
                                                    stderr=subprocess.STDOUT, cwd=ROOT))
@@ -133,8 +133,9 @@ class SwarmRoom:
     def pull(self, indices, model):
         """Pull ``model`` on every host of ``indices`` at once: (wall seconds, each one's last record)."""
         started = time.monotonic()
-        runs = [subprocess.Popen(["ip", "netns", "exec", self.hosts[i - 1], sys.executable, "-c", self.pull_code(model)],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in indices]
+        runs = [subprocess.Popen(["ip", "netns", "exec", self.hosts[i - 1], sys.executable, "-c",
+                                  self.pull_code(model)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for i in indices]
         outs = []
         for run in runs:
             out, err = run.communicate(timeout=300)

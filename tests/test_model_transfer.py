@@ -372,3 +372,28 @@ def test_a_pull_stopped_by_ctrl_c_goes_on_where_it_stopped(cluster, fakes, tmp_p
     assert again.returncode == 0 and again.stdout.strip().endswith("success"), again.stderr
     assert before < size and metric(puller, "neuromesh_model_fetched_bytes_total") == size
     assert metric(source, "neuromesh_model_served_bytes_total") <= size + chunk
+
+
+def test_an_insider_with_a_relay_token_reads_only_shared_blobs_and_only_in_them(cluster, fakes, tmp_path, linked_peer):
+    shared = write_store(tmp_path / "store-a", MODEL, 2 * 1024 * 1024 + 7)
+    secret = write_store(tmp_path / "store-a", "secret:1b", 1024 * 1024, seed=b"secret")  # Ollama does not list it
+    source = start_node(cluster, "source", fakes(MODEL), tmp_path / "store-a")
+    insider = linked_peer(source, name="insider")  # the room code and its own key: a member of the room
+    insider.send(nm.LLM_REQUEST, {"peer_name": "insider"})
+    wait_for(lambda: any(marker == nm.LLM_RESPONSE for marker, _payload in insider.frames()), message="a token")
+    token = [payload for marker, payload in insider.frames() if marker == nm.LLM_RESPONSE][-1]["token"]
+    auth = {"Authorization": "Bearer " + token}
+
+    catalog = requests.get(source.url + "/relay/models", headers=auth, timeout=5).json()
+    assert set(catalog["models"]) == {MODEL} and secret not in catalog["blobs"]
+    part = requests.get(source.url + "/relay/blobs/" + shared, headers=dict(auth, Range="bytes=10-19"), timeout=5)
+    with open(os.path.join(str(tmp_path / "store-a"), "blobs", "sha256-" + shared), "rb") as handle:
+        assert part.status_code == 206 and part.content == handle.read()[10:20]
+    for path, status in (("/relay/blobs/" + secret, 404), ("/relay/blobs/sha256:" + secret + "/chunks", 404),
+                         ("/relay/blobs/..%2F..%2F..%2Fetc%2Fpasswd", (400, 404)),
+                         ("/relay/blobs/" + "0" * 64, 404)):
+        reply = requests.get(source.url + path, headers=auth, timeout=5)
+        assert reply.status_code in (status if isinstance(status, tuple) else (status,)), (path, reply.status_code)
+    beyond = requests.get(source.url + "/relay/blobs/" + shared, headers=dict(auth, Range="bytes=99999999-"), timeout=5)
+    assert beyond.status_code == 416
+    assert metric(source, "neuromesh_model_served_bytes_total") == 10
