@@ -522,6 +522,8 @@ class _Handler(BaseHTTPRequestHandler):
         n_ok = len(ctx.toks)
         if ctx.mode in ("die_midstream", "error_midstream"):
             n_ok = min(2, max(len(ctx.toks) - 1, 0))
+        if self.fake.first_token_delay and self.fake._stopping.wait(self.fake.first_token_delay):
+            return self._abort_connection()  # the prompt's evaluation, before the first word
         for i, tok in enumerate(ctx.toks[:n_ok]):
             if i and ctx.wait_token():
                 return self._abort_connection()
@@ -736,6 +738,7 @@ class FakeOllama:
     Attributes you may read or set at any time:
       url, port, models, tags (list of /api/tags entries; set it to customize),
       token_delay (seconds between streamed tokens; also paces non-stream answers),
+      first_token_delay (seconds before the first token of a streamed /api/chat or /api/generate; 0),
       requests (list of (path, parsed JSON body or None)),
       request_headers (parallel list of dicts, header names lower-cased),
       in_flight / max_in_flight (chat, generate, /v1/chat/completions being answered),
@@ -749,6 +752,7 @@ class FakeOllama:
         self.models: List[str] = list(models)
         self.tags: List[Dict[str, Any]] = [_tag_entry(m) for m in self.models]
         self.token_delay = float(token_delay)
+        self.first_token_delay = 0.0
         self.port = int(port)
         self.verbose = verbose
         self.requests: List[Tuple[str, Any]] = []
@@ -1021,6 +1025,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--port", type=int, default=11434)
     ap.add_argument("--models", default="llama3.2:1b", help="comma-separated model names")
     ap.add_argument("--token-delay", type=float, default=0.0, help="seconds between tokens")
+    ap.add_argument("--first-token-delay", type=float, default=0.0,
+                    help="seconds before the first token of a streamed Ollama answer")
     ap.add_argument("--fail", default=None, choices=[m for m in FAIL_MODES if m], help="start in a fail mode")
     ap.add_argument("--max-seconds", type=float, default=3600.0, help="exit after this long (0: 24 h)")
     ap.add_argument("--verbose", action="store_true", help="log each request to stderr")
@@ -1028,6 +1034,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     fake = FakeOllama(models=[m.strip() for m in args.models.split(",") if m.strip()],
                       token_delay=args.token_delay, port=args.port, verbose=args.verbose)
+    fake.first_token_delay = args.first_token_delay
     done = threading.Event()
 
     def _on_signal(signum: int, frame: Any) -> None:

@@ -36,10 +36,11 @@ class SwarmRoom:
     Use as a context manager; every process it started is killed, every namespace deleted."""
 
     def __init__(self, tmp_path, count=8, models=("swarm-one:1b", "swarm-all:1b"), size=16 * 1024 * 1024,
-                 rate_mbit=40, token_delay=0.05, source_rate="10MiB"):
+                 rate_mbit=40, token_delay=0.05, source_rate="10MiB", first_token_delay=0.0):
         tag = uuid.uuid4().hex[:6]
         self.tmp_path, self.models, self.size = tmp_path, list(models), size
         self.rate_mbit, self.token_delay, self.source_rate = rate_mbit, token_delay, source_rate
+        self.first_token_delay = first_token_delay  # the source's fixed time to a chat's first word
         self.hub = "nmhub" + tag
         self.hosts = ["nm%s%d" % (tag, i) for i in range(1, count + 1)]
         self.subnet = "10.78.%d" % (int(tag[:2], 16) % 250 + 1)
@@ -87,7 +88,8 @@ class SwarmRoom:
         for index, host in enumerate(self.hosts, start=1):
             models = ",".join(self.models) if index == 1 else ""
             fake = [sys.executable, os.path.join(HERE, "fake_ollama.py"), "--port", "11434", "--models", models,
-                    "--token-delay", str(self.token_delay), "--max-seconds", "600"]
+                    "--token-delay", str(self.token_delay), "--first-token-delay", str(self.first_token_delay),
+                    "--max-seconds", "600"]
             log = open(str(self.tmp_path / ("fake-%d.log" % index)), "ab")
             self.processes.append(subprocess.Popen(["ip", "netns", "exec", host] + fake, stdout=log,
                                                    stderr=subprocess.STDOUT, cwd=ROOT))
@@ -164,14 +166,15 @@ class SwarmRoom:
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20)
 
 
-def measure(tmp_path, pullers=7, size=16 * 1024 * 1024, rate_mbit=40, chats=0, source_rate="10MiB"):
+def measure(tmp_path, pullers=7, size=16 * 1024 * 1024, rate_mbit=40, chats=0, source_rate="10MiB",
+            first_token_delay=0.2):
     """One transfer, then ``pullers`` at once, in the same room: seconds and MB/s of each. With
     ``chats``, one more computer (that pulls nothing) asks the source that many chats with no
     transfer, then while one computer pulls a third model: the median first-token times."""
     count = pullers + (2 if chats else 1)
     models = ("swarm-one:1b", "swarm-all:1b", "swarm-chat:1b")[:3 if chats else 2]
     with SwarmRoom(tmp_path, count=count, models=models, size=size, rate_mbit=rate_mbit,
-                   source_rate=source_rate) as room:
+                   source_rate=source_rate, first_token_delay=first_token_delay if chats else 0.0) as room:
         single, lasts = room.pull([2], models[0])
         swarm_seconds, more = room.pull(range(2, pullers + 2), models[1])
         result = {"size": size, "single_s": single, "swarm_s": swarm_seconds, "pullers": pullers,
