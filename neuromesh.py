@@ -7886,8 +7886,13 @@ class ModelPull:
                             % (self.ollama.url, short_error(exc)))
 
     def _create(self, name, layers, show):
+        adapter = "application/vnd.ollama.image.adapter"
         body = {"model": name, "stream": False,
-                "files": {"model-%d.gguf" % i: layer["digest"] for i, layer in enumerate(layers)}}
+                "files": {"model-%d.gguf" % i: layer["digest"] for i, layer in enumerate(layers)
+                          if layer["mediaType"] != adapter}}
+        adapters = {"adapter-%d.gguf" % i: l["digest"] for i, l in enumerate(layers) if l["mediaType"] == adapter}
+        if adapters:
+            body["adapters"] = adapters
         for key in ("template", "system"):
             if isinstance(show.get(key), str) and show[key]:
                 body[key] = show[key]
