@@ -163,6 +163,7 @@ DEFAULTS = {
     "requester_weight": {},
     "max_links": 24,
     "teacher": None,
+    "transfer_rate": 10 * MiB,
 }
 STATIC_DIR = os.path.join(HERE, "neuromesh_static")
 RUNTIME_FILE = "runtime.json"
@@ -536,6 +537,8 @@ SETTINGS = {
     "share_slots": (parse_count, "at most this many of this machine's LLM slots (--llm-parallel) answer "
                                  "other people's chats at once, so its owner always finds one free "
                                  "(default: all)"),
+    "transfer_rate": (parse_size, "bytes a second this machine serves models to the room's other computers "
+                                  "while it answers a chat, so chats stay quick (default: 10MiB)"),
     "requester_weight": (parse_requester_weights, "NODE_OR_TAG=WEIGHT: a bigger share of this machine's LLM "
                                                   "queue for a node (its id, 8+ characters) or a tag (owner, "
                                                   "guest-..., lan:ADDRESS); repeatable (default: 1 each)"),
@@ -584,6 +587,7 @@ class Config:
     share_slots: int = None
     requester_weight: dict = dataclasses.field(default_factory=dict)
     teacher: str = None
+    transfer_rate: int = DEFAULTS["transfer_rate"]
 
     @property
     def static_peers(self):
@@ -595,7 +599,7 @@ def build_arg_parser():
     epilog_lines += ["  NEUROMESH_%s" % key.upper() for key in SETTINGS]
     parser = argparse.ArgumentParser(
         prog=PROGRAM,
-        usage=RUN + " [run | teacher | doctor | status | firewall | export DIR | import DIR] [options]",
+        usage=RUN + " [run | teacher | doctor | status | pull MODEL | firewall | export DIR | import DIR] [options]",
         description="Share the local LLMs of a room: run it on every machine.\n\ncommands:\n" + "\n".join(
             textwrap.fill(" ".join(text.split("\n\n")[0].split()), 96, initial_indent="  %-12s " % name,
                           subsequent_indent=" " * 15) for name, text in COMMAND_HELP.items())
@@ -649,6 +653,10 @@ COMMAND_HELP = {
                "--teacher FINGERPRINT.",
     "status": "ask the node running on this computer for its health, peers and LLM hosts, as tables.\n\n"
               "  " + RUN + " status [--http-port PORT | --data-dir DATA_DIR]",
+    "pull": "get MODEL from the room's computers into this computer's Ollama, with no internet.\n\n"
+            "  " + RUN + " pull MODEL [--http-port PORT | --data-dir DATA_DIR]\n\n"
+            "The node running on this computer fetches it in checked chunks from every peer that has it\n"
+            "and hands it to Ollama; Ctrl+C stops, and the same command resumes where it stopped.",
     "firewall": "open this node's ports (UDP 5000, TCP 7878 and 8080, or the ones configured) for the local\n"
                 "subnet only; shows the commands and asks first.\n\n"
                 "  " + RUN + " firewall [--uninstall] [--yes] [--dry-run] [--http-port N ...]\n\n"
@@ -1416,7 +1424,7 @@ _PORT = _int(0, 65535)
 _LOAD = Field("map", hi=20, of=_int(0, MAX_LOAD))
 _CAPABILITY = {"has_llm": Field("bool"), "models": Field("list", hi=1000, of=_str(200)), "load": _LOAD,
                "loaded": Field("list", hi=200, of=_str(200)), "queue": Field("map", hi=64, of=_int(0, MAX_LOAD)),
-               "tokens_per_second": Field("num", 0, 1e6)}
+               "tokens_per_second": Field("num", 0, 1e6), "shares_models": Field("bool")}
 _HEAD = {"seq": _int(1, (1 << 62) - 1, True), "hash": _str(64, 64, True), "sig": _str(128, 128, True),
          "key": _str(64, 64)}
 _PEER_ENTRY = {"node_id": _str(64, 1, True), "name": _str(1024), "address": _str(253, 1, True),
@@ -3687,6 +3695,7 @@ class Peer:
     version: str = ""
     protocol_version: int = 0
     has_llm: bool = False
+    shares_models: bool = False  # it serves the models of its Ollama store to the room (issue 26)
     models: list = dataclasses.field(default_factory=list)
     load: dict = dataclasses.field(default_factory=dict)
     loaded: list = dataclasses.field(default_factory=list)  # its models in memory
@@ -3723,7 +3732,8 @@ class Peer:
         of the wrong type is ignored (``"false"`` is no boolean), a load is clamped (see clamp_load)."""
         if isinstance(info.get("name"), str):
             self.name = info["name"][:100]
-        for key, kind in (("http_port", int), ("version", str), ("protocol_version", int), ("has_llm", bool)):
+        for key, kind in (("http_port", int), ("version", str), ("protocol_version", int), ("has_llm", bool),
+                          ("shares_models", bool)):
             if type(info.get(key)) is kind:
                 setattr(self, key, info[key][:64] if kind is str else info[key])
         if not 0 <= self.http_port <= 65535:
@@ -7266,7 +7276,8 @@ class Router:
                 "load": self.local_load(),
                 "loaded": sorted({m for b in available for m in b.loaded})[:200] if sharing else [],
                 "queue": self.queue_counts() if sharing else {},
-                "tokens_per_second": max(rates) if rates and sharing else None}
+                "tokens_per_second": max(rates) if rates and sharing else None,
+                "shares_models": sharing and any(b.kind == "ollama" for b in self.local)}
 
     def queue_counts(self, limit=64):
         """``{requester key: chats waiting}`` over this node's own LLMs, the ``limit`` longest."""
@@ -7343,7 +7354,8 @@ class Router:
                 self.requested.pop(peer.node_id, None)
                 self.away.discard(peer.node_id)
             asked = self.requested.get(peer.node_id)
-            if not peer.has_llm or backend is not None or (asked is not None and now - asked < self.request_retry):
+            offers = peer.has_llm or getattr(peer, "shares_models", False)  # an LLM, or models to copy
+            if not offers or backend is not None or (asked is not None and now - asked < self.request_retry):
                 return
             self.requested[peer.node_id] = now
         self.mesh.send(peer.node_id, LLM_REQUEST, {"peer_name": self.node_name,
@@ -7567,6 +7579,858 @@ class Router:
 def llm_host_count(mesh_models):
     """How many nodes serve the models of ``Router.mesh_models()``."""
     return len({node_id for hosts in mesh_models.values() for node_id, _name, _local in hosts})
+
+
+###############################################################################
+# Model transfer ##############################################################
+###############################################################################
+#
+# A model travels across the room (issue 26), with no internet. A node with a local Ollama
+# reads Ollama's store read-only (ModelStore: the manifests and the content-addressed blobs
+# ``sha256-<hex>``) and serves the models it shares on its relay (ModelRelayApi, with the relay
+# token each peer got over the link). A pull (the CLI's ``pull``, the page's button and Ollama's
+# ``/api/pull``: one ModelPull) fetches each blob in chunks from every peer that holds it, even
+# in part (BlobFetch: several peers at once, rarest chunk first, each chunk's sha256 checked),
+# keeps the chunks in the data dir (PartialBlob: a cut pull resumes), and hands the blob to this
+# computer's Ollama through Ollama's own API (/api/blobs, then /api/create): NeuroMesh never
+# writes into Ollama's folders.
+
+MODELS_RELAY_PATH = "/relay/models"
+BLOBS_RELAY_PATH = "/relay/blobs"
+TRANSFER_CHUNK = 1 * MiB  # at most this much is fetched again after a cut
+TRANSFERS_DIR = "transfers"  # in the data dir: the chunks of pulls under way
+MODEL_LAYER = "application/vnd.ollama.image.model"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def digest_hex(digest):
+    """The 64 hex digits of ``sha256:<hex>`` or ``sha256-<hex>`` (or of the hex alone); ValueError if none."""
+    text = digest[7:] if isinstance(digest, str) and digest[:7] in ("sha256:", "sha256-") else digest
+    if not isinstance(text, str) or not _HEX64.fullmatch(text):
+        raise ValueError("not a sha256 digest: %r" % safe_text(str(digest), 80))
+    return text
+
+
+def ollama_model_dirs(environ=None, system=None, home=None):
+    """Where this computer's Ollama keeps its models: OLLAMA_MODELS, else the usual places."""
+    environ = os.environ if environ is None else environ
+    if environ.get("OLLAMA_MODELS"):
+        return [environ["OLLAMA_MODELS"]]
+    dirs = [os.path.join(home or os.path.expanduser("~"), ".ollama", "models")]
+    if (system or current_os()) == "linux":
+        dirs.append("/usr/share/ollama/.ollama/models")  # the Linux installer's service
+    return dirs
+
+
+def model_name_of(parts):
+    """The name Ollama lists for ``manifests/<host>/<namespace>/<name>/<tag>``."""
+    host, namespace, name, tag = parts
+    if host == "registry.ollama.ai":
+        return "%s:%s" % (name if namespace == "library" else namespace + "/" + name, tag)
+    return "%s/%s/%s:%s" % (host, namespace, name, tag)
+
+
+def parse_manifest(data):
+    """``{"layers": [{"digest", "size", "mediaType"}], "size"}`` of a manifest's bytes; ValueError if bad."""
+    manifest = parse_json(data, "a model manifest", max_bytes=MiB, max_depth=8)
+    listed = manifest.get("layers") if isinstance(manifest, dict) else None
+    if not isinstance(listed, list):
+        raise ValueError("a manifest without layers")
+    layers = []
+    for layer in listed[:64] + [manifest.get("config") or {}]:
+        if not isinstance(layer, dict):
+            raise ValueError("a layer that is not an object")
+        if not layer:
+            continue
+        size = layer.get("size")
+        if type(size) is not int or size < 0:
+            raise ValueError("a layer without a size")
+        layers.append({"digest": "sha256:" + digest_hex(layer.get("digest")), "size": size,
+                       "mediaType": safe_text(layer.get("mediaType"), 120)})
+    if not any(layer["mediaType"] == MODEL_LAYER for layer in layers):
+        raise ValueError("no model layer")
+    return {"layers": layers, "size": sum(layer["size"] for layer in layers)}
+
+
+class ModelStore:
+    """This computer's Ollama model store, read only: its models and their blobs.
+
+    Methods for the caller: ``models()`` ({name: manifest}), ``blob_path(hex)``,
+    ``chunk_hashes(hex)`` (each chunk's sha256, once the whole blob was checked)."""
+
+    def __init__(self, directories, chunk=TRANSFER_CHUNK):
+        self.directories = list(directories)
+        self.chunk = chunk
+        self._hashes = collections.OrderedDict()  # (hex, size, mtime) -> chunk hashes, or None: damaged
+        self._lock = threading.Lock()
+
+    @property
+    def root(self):
+        return next((d for d in self.directories if os.path.isdir(os.path.join(d, "manifests"))), None)
+
+    def models(self):
+        root, found = self.root, {}
+        if root is None:
+            return found
+        base = os.path.join(root, "manifests")
+        for dirpath, dirs, files in os.walk(base):
+            dirs[:] = sorted(dirs)[:200]
+            for tag in files[:200]:
+                parts = os.path.relpath(os.path.join(dirpath, tag), base).split(os.sep)
+                if len(parts) != 4:
+                    continue
+                try:
+                    with open(os.path.join(dirpath, tag), "rb") as handle:
+                        found[model_name_of(parts)] = parse_manifest(handle.read(MiB + 1))
+                except (OSError, ValueError) as exc:
+                    log_limited(logging.WARNING, "manifest " + tag, "skipping the model manifest %s: %s",
+                                safe_text("/".join(parts)), exc)
+        return found
+
+    def blob_path(self, hex_digest):
+        root = self.root
+        path = root and os.path.join(root, "blobs", "sha256-" + digest_hex(hex_digest))
+        return path if path and os.path.isfile(path) else None
+
+    def chunk_hashes(self, hex_digest):
+        """The chunks' sha256s of a blob whose whole sha256 matches its name; None if damaged or absent.
+        One read of the blob, remembered while its size and time stay."""
+        path = self.blob_path(hex_digest)
+        if path is None:
+            return None
+        stat = os.stat(path)
+        key = (hex_digest, stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            if key in self._hashes:
+                return self._hashes[key]
+        whole, hashes = hashlib.sha256(), []
+        with open(path, "rb") as handle:
+            for piece in iter(lambda: handle.read(self.chunk), b""):
+                whole.update(piece)
+                hashes.append(hashlib.sha256(piece).hexdigest())
+        if whole.hexdigest() != hex_digest:
+            log_limited(logging.WARNING, "damaged " + hex_digest, "the blob sha256-%s in Ollama's store is "
+                        "damaged (its sha256 differs): it is not served; `ollama pull` the model again", hex_digest)
+            hashes = None
+        with self._lock:
+            self._hashes[key] = hashes
+            while len(self._hashes) > 64:
+                self._hashes.popitem(last=False)
+        return hashes
+
+
+class PartialBlob:
+    """One blob being fetched, kept in the data dir so a cut pull resumes: its bytes so far
+    (``<hex>.part``), its chunks' sha256s (``<hex>.chunks``) and the chunks that landed checked
+    (``<hex>.have``, one index a line, appended after the chunk's bytes are on disk)."""
+
+    def __init__(self, directory, hex_digest, size, hashes, chunk=TRANSFER_CHUNK):
+        self.hex, self.size, self.chunk, self.hashes = digest_hex(hex_digest), size, chunk, list(hashes)
+        self.count = max(1, -(-size // chunk))
+        if len(self.hashes) != self.count or not all(_HEX64.fullmatch(h or "") for h in self.hashes):
+            raise ValueError("the chunk list of sha256-%s does not fit its size" % self.hex)
+        os.makedirs(directory, exist_ok=True)
+        stem = os.path.join(directory, self.hex)
+        self.path, self._have_path, self._chunks_path = stem + ".part", stem + ".have", stem + ".chunks"
+        self._lock = threading.Lock()
+        self.have = self._read_have()
+        with open(self.path, "ab") as handle:
+            handle.truncate(size)
+        with open(self._chunks_path, "w", encoding="utf-8") as handle:
+            json.dump({"size": size, "chunk": chunk, "hashes": self.hashes}, handle)
+
+    @classmethod
+    def resume(cls, directory, hex_digest, size):
+        """The partial blob a cut pull left (None: none, or one of another size)."""
+        try:
+            with open(os.path.join(directory, digest_hex(hex_digest) + ".chunks"), encoding="utf-8") as handle:
+                saved = json.load(handle)
+            if saved["size"] != size or saved["chunk"] != TRANSFER_CHUNK:
+                return None
+            return cls(directory, hex_digest, size, saved["hashes"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _read_have(self):
+        try:
+            with open(self._have_path, encoding="ascii", errors="replace") as handle:
+                lines = handle.read().split()
+        except OSError:
+            return set()
+        return {int(line) for line in lines if line.isdigit() and int(line) < self.count}
+
+    def span(self, index):
+        start = index * self.chunk
+        return start, min(self.size, start + self.chunk)
+
+    def write(self, index, data):
+        start, _end = self.span(index)
+        with self._lock:
+            with open(self.path, "r+b") as handle:
+                handle.seek(start)
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            with open(self._have_path, "a", encoding="ascii") as handle:
+                handle.write("%d\n" % index)
+            self.have.add(index)
+
+    def read(self, start, length):
+        with open(self.path, "rb") as handle:
+            handle.seek(start)
+            return handle.read(length)
+
+    @property
+    def complete(self):
+        return len(self.have) >= self.count
+
+    def held(self):
+        with self._lock:
+            return "all" if self.complete else sorted(self.have)
+
+    def check(self):
+        """Whether the whole file's sha256 is its name."""
+        whole = hashlib.sha256()
+        with open(self.path, "rb") as handle:
+            for piece in iter(lambda: handle.read(MiB), b""):
+                whole.update(piece)
+        return whole.hexdigest() == self.hex
+
+    def remove(self):
+        for path in (self.path, self._have_path, self._chunks_path):
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+
+
+class TransferStats:
+    """Bytes served and fetched, chunks thrown away, and the transfers under way (for /metrics,
+    /api/health and ``status``)."""
+
+    def __init__(self):
+        self.counts = collections.Counter()
+        self.transfers = collections.OrderedDict()  # model -> its last progress record
+        self._lock = threading.Lock()
+
+    def add(self, key, count=1):
+        with self._lock:
+            self.counts[key] += count
+
+    def progress(self, model, record):
+        with self._lock:
+            self.transfers[model] = dict(record, model=model, at=time.time())
+            while len(self.transfers) > 32:
+                self.transfers.popitem(last=False)
+
+    def report(self):
+        with self._lock:
+            return {"counts": dict(self.counts), "transfers": [dict(t) for t in self.transfers.values()]}
+
+    def metrics(self):
+        """Prometheus text of the counts (appended to the queues' by MetricsApi)."""
+        prom, counts = PromText(), self.report()["counts"]
+        for key, text in (("served", "model bytes this node served to peers"),
+                          ("fetched", "model bytes this node fetched from peers, checked"),
+                          ("rejected", "chunks thrown away: their sha256 did not match")):
+            unit = "chunks" if key == "rejected" else "bytes"
+            prom.family("neuromesh_model_%s_%s_total" % (key, unit), "counter", text,
+                        [({}, counts.get(key, 0))])
+        return prom.render()
+
+
+class ServeRate:
+    """Paces the model bytes this node serves while it answers chats, and for ``linger`` seconds
+    after (--transfer-rate bytes a second, over all transfers): the link then has room for the
+    next chat's first words, not a queue of model bytes ahead of them."""
+
+    linger = 5.0
+
+    def __init__(self, rate, answering):
+        self.rate, self.answering = rate, answering
+        self._next = 0.0
+        self._answered = None  # when a chat was last seen under way (monotonic)
+        self._lock = threading.Lock()
+
+    def busy(self):
+        now = time.monotonic()
+        if self.answering():
+            self._answered = now
+        return self._answered is not None and now - self._answered < self.linger
+
+    def spend(self, count):
+        if not self.busy():
+            return
+        with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + count / float(self.rate)
+        if start > now:
+            time.sleep(min(start - now, 5.0))
+
+
+class ModelShare:
+    """What this node serves to the room: the models of its Ollama store it shares (none with
+    --no-share-llm) and the chunks of the blobs it is fetching itself (a swarm, not a queue)."""
+
+    piece = 64 * 1024  # bytes written to the client at a time (and paced by ServeRate)
+
+    def __init__(self, store, router, config, partials, stats):
+        self.store, self.router, self.config = store, router, config
+        self.partials = partials  # hex -> PartialBlob of the pulls under way (ModelPulls owns it)
+        self.stats = stats
+        self.rate = ServeRate(config.transfer_rate, lambda: router.local_load()["in_flight"] > 0)
+
+    def shared_models(self):
+        if self.config.no_share_llm:
+            return {}
+        served = set(self.router.local_models())
+        return {name: manifest for name, manifest in self.store.models().items()
+                if served.intersection(model_aliases(name))}
+
+    def catalog(self):
+        """``{"models": {name: manifest}, "blobs": {hex: {"size", "chunks": "all" | [index]}}}``."""
+        models = self.shared_models()
+        blobs = {}
+        if not self.config.no_share_llm:
+            for partial in list(self.partials.values()):
+                blobs[partial.hex] = {"size": partial.size, "chunks": partial.held()}
+            for manifest in models.values():
+                for layer in manifest["layers"]:
+                    if self.store.blob_path(layer["digest"][7:]):
+                        blobs[layer["digest"][7:]] = {"size": layer["size"], "chunks": "all"}
+        return {"models": models, "blobs": blobs, "chunk": TRANSFER_CHUNK}
+
+    def _shared_blob(self, hex_digest):
+        for manifest in self.shared_models().values():
+            for layer in manifest["layers"]:
+                if layer["digest"][7:] == hex_digest:
+                    return layer["size"]
+        return None
+
+    def blob_size(self, hex_digest):
+        """The size of a blob this node serves, whole or in part; None when it serves none of it."""
+        if self.config.no_share_llm:
+            return None
+        partial = self.partials.get(hex_digest)
+        return partial.size if partial is not None else self._shared_blob(hex_digest)
+
+    def chunk_hashes(self, hex_digest):
+        if self.config.no_share_llm:
+            return None
+        partial = self.partials.get(hex_digest)
+        if partial is not None:
+            return partial.hashes
+        return self.store.chunk_hashes(hex_digest) if self._shared_blob(hex_digest) is not None else None
+
+    def open_range(self, hex_digest, start, end):
+        """``(size, reader)`` for the bytes ``start:end`` of a blob this node serves; LookupError
+        when it does not serve them (not shared, or chunks it does not hold)."""
+        if self.config.no_share_llm:
+            raise LookupError("this node shares no models (--no-share-llm)")
+        partial = self.partials.get(hex_digest)
+        if partial is not None:
+            first, last = start // partial.chunk, (max(start, end - 1)) // partial.chunk
+            if not all(index in partial.have for index in range(first, last + 1)):
+                raise LookupError("this node holds only part of that blob")
+            return partial.size, self._pieces(lambda offset, n: partial.read(offset, n), start, end)
+        size = self._shared_blob(hex_digest)
+        path = size is not None and self.store.blob_path(hex_digest)
+        if not path:
+            raise LookupError("this node does not share that blob")
+        return size, self._file_pieces(path, start, end)
+
+    def _file_pieces(self, path, start, end):
+        with open(path, "rb") as handle:
+            yield from self._pieces(lambda offset, n: (handle.seek(offset), handle.read(n))[1], start, end)
+
+    def _pieces(self, read, start, end):
+        offset = start
+        while offset < end:
+            data = read(offset, min(self.piece, end - offset))
+            if not data:
+                return
+            self.rate.spend(len(data))
+            self.stats.add("served", len(data))
+            offset += len(data)
+            yield data
+
+
+class RoomHolders:
+    """The peers a pull may fetch from (those whose relay token this node holds), and what they hold.
+    ``get`` and ``post`` are the one way a pull talks to a peer's relay."""
+
+    timeout = 3.0
+
+    def __init__(self, router):
+        self.router = router
+
+    def peers(self):
+        with self.router.lock:
+            return [backend for backend in self.router.grants.values()
+                    if backend.peer.connected and hasattr(backend, "token")]
+
+    def get(self, backend, path, timeout=None, **kwargs):
+        response = backend.session.get(backend.url + path, timeout=timeout or self.timeout,
+                                       headers=dict(kwargs.pop("headers", {}), Authorization="Bearer " + backend.token),
+                                       **kwargs)
+        response.raise_for_status()
+        return response
+
+    def post(self, backend, path, body, timeout=None):
+        response = backend.session.post(backend.url + path, json=body, timeout=timeout or self.timeout,
+                                         headers={"Authorization": "Bearer " + backend.token})
+        response.raise_for_status()
+        return response
+
+    def catalogs(self):
+        """``{backend: catalog}`` of every peer that answered ``/relay/models`` (asked at once)."""
+        found, lock = {}, threading.Lock()
+
+        def ask(backend):
+            try:
+                catalog = parse_json(self.get(backend, MODELS_RELAY_PATH).content, "a peer's models",
+                                     max_bytes=8 * MiB, max_depth=16)
+                if isinstance(catalog, dict) and isinstance(catalog.get("blobs"), dict):
+                    with lock:
+                        found[backend] = catalog
+            except (requests.RequestException, ValueError) as exc:
+                log.debug("%s did not list its models: %s", safe_text(backend.node_name), short_error(exc))
+
+        threads = [threading.Thread(target=ask, args=(b,), daemon=True) for b in self.peers()]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(self.timeout + 1)
+        with lock:
+            return dict(found)
+
+
+class PullError(NeuroMeshError):
+    """A pull cannot go on; its message says what to do."""
+
+
+class BlobFetch:
+    """Fetches the missing chunks of one PartialBlob from every peer that holds them, one chunk at
+    a time per peer and several peers at once, the rarest chunk first (ties at random, so pullers
+    spread out). A chunk whose sha256 is not on the chunk list is thrown away and its peer dropped
+    from this fetch and reported in ``bad``. It waits up to ``patience`` seconds for a holder."""
+
+    refresh = 0.5  # seconds between looks at who holds which chunks
+    patience = 30.0
+
+    def __init__(self, partial, holders, stats, on_chunk, stop):
+        self.partial, self.holders, self.stats = partial, holders, stats
+        self.on_chunk, self.stop = on_chunk, stop
+        self.held = {}  # backend -> set of chunk indices it holds
+        self.busy = set()  # chunks being fetched
+        self.workers = {}  # backend -> thread
+        self.bad = []  # names of peers that sent a chunk that did not match
+        self._dropped = set()
+        self._done = False  # the fetch ended: its workers leave
+        self._cond = threading.Condition()
+
+    def run(self):
+        try:
+            self._run()
+        finally:
+            with self._cond:
+                self._done = True
+                self._cond.notify_all()
+
+    def _run(self):
+        partial, waited = self.partial, time.monotonic()
+        while not partial.complete:
+            if self.stop.is_set():
+                raise PullError("the pull was stopped; it resumes where it stopped when started again")
+            self._look()
+            with self._cond:
+                if self.busy or any(self._wanted(b) for b in self.held):
+                    waited = time.monotonic()
+                elif time.monotonic() - waited > self.patience:
+                    break
+                self._cond.wait(self.refresh)
+        if not partial.complete:
+            raise PullError("no computer of the room holds the rest of the blob sha256-%s now (%d of %d chunks "
+                            "here): start the pull again when its host is back, it resumes where it stopped"
+                            % (partial.hex[:12], len(partial.have), partial.count))
+
+    def _look(self):
+        for backend, catalog in self.holders.catalogs().items():
+            entry = catalog["blobs"].get(self.partial.hex)
+            if not isinstance(entry, dict) or backend in self._dropped:
+                continue
+            chunks = entry.get("chunks")
+            held = set(range(self.partial.count)) if chunks == "all" else {
+                i for i in (chunks if isinstance(chunks, list) else [])[:100000]
+                if type(i) is int and 0 <= i < self.partial.count}
+            with self._cond:
+                self.held[backend] = held
+                self._cond.notify_all()
+                if backend not in self.workers and self._wanted(backend):
+                    thread = threading.Thread(target=self._work, args=(backend,), daemon=True,
+                                              name="neuromesh-fetch")
+                    self.workers[backend] = thread
+                    thread.start()
+
+    def _wanted(self, backend):
+        return self.held.get(backend, set()) - self.partial.have - self.busy
+
+    def _pick(self, backend):
+        """The rarest chunk ``backend`` holds that is neither here nor on its way (under the lock)."""
+        wanted = list(self._wanted(backend))
+        if not wanted:
+            return None
+        rarity = collections.Counter(i for held in self.held.values() for i in held)
+        random.shuffle(wanted)
+        index = min(wanted, key=lambda i: rarity[i])
+        self.busy.add(index)
+        return index
+
+    def _work(self, backend):
+        try:
+            while not self.stop.is_set() and not self.partial.complete:
+                with self._cond:
+                    index = self._pick(backend)
+                    if index is None:
+                        if self._done or backend not in self.held:
+                            return
+                        self._cond.wait(self.refresh)  # until a chunk lands or the next look
+                        continue
+                try:
+                    ok = self._fetch(backend, index)
+                finally:
+                    with self._cond:
+                        self.busy.discard(index)
+                        self._cond.notify_all()
+                if not ok:
+                    return
+        finally:
+            with self._cond:
+                self.workers.pop(backend, None)
+                self._cond.notify_all()
+
+    def _fetch(self, backend, index):
+        start, end = self.partial.span(index)
+        try:
+            response = self.holders.get(backend, "%s/%s" % (BLOBS_RELAY_PATH, self.partial.hex), timeout=30.0,
+                                        headers={"Range": "bytes=%d-%d" % (start, end - 1)})
+            data = response.content
+        except (requests.RequestException, OSError) as exc:
+            log.info("fetching a chunk from %s failed (%s): another peer sends it",
+                     safe_text(backend.node_name), short_error(exc))
+            self._drop(backend)
+            return False
+        if hashlib.sha256(data).hexdigest() != self.partial.hashes[index]:
+            log.warning("%s sent chunk %d of sha256-%s that does not match its sha256: thrown away, "
+                        "fetched from another computer", safe_text(backend.node_name), index, self.partial.hex[:12])
+            self.stats.add("rejected")
+            self.bad.append(backend.node_name)
+            self._drop(backend)
+            return False
+        self.partial.write(index, data)
+        self.stats.add("fetched", len(data))
+        self.on_chunk(len(data))
+        return True
+
+    def _drop(self, backend):
+        with self._cond:
+            self._dropped.add(backend)
+            self.held.pop(backend, None)
+
+
+def modelfile_parameters(text):
+    """``{name: value}`` of /api/show's ``parameters`` text (``stop`` and repeated names as lists)."""
+    found = {}
+    for line in (text or "").splitlines()[:200]:
+        name, _, value = line.strip().partition(" ")
+        value = value.strip()
+        if not name or not value:
+            continue
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(value)
+                    break
+                except ValueError:
+                    pass
+        if name == "stop" or name in found:
+            previous = found.get(name, [])
+            found[name] = (previous if isinstance(previous, list) else [previous]) + [value]
+        else:
+            found[name] = value
+    return found
+
+
+class ModelPull:
+    """One pull of a model from the room into this computer's Ollama. ``run()`` yields Ollama's
+    own pull progress records (``pulling <digest>`` with total/completed, ``verifying sha256
+    digest``, ``writing manifest``, ``success``) and raises PullError with a sentence for the user."""
+
+    progress_every = 0.2  # seconds between progress records of one blob
+    FETCHED = (MODEL_LAYER, "application/vnd.ollama.image.projector", "application/vnd.ollama.image.adapter")
+
+    def __init__(self, model, pulls, stop):
+        self.model, self.pulls, self.stop = model, pulls, stop
+        self.ollama = pulls.ollama
+        self.bad = []
+
+    def run(self):
+        yield {"status": "pulling manifest"}
+        name, source, manifest = self._find()
+        show = self._show(source, name)
+        layers = [layer for layer in manifest["layers"] if layer["mediaType"] in self.FETCHED]
+        missing = [layer for layer in layers if not self._ollama_has(layer["digest"])]
+        self._check_space(missing)
+        for layer in layers:
+            if layer in missing:
+                yield from self._fetch(layer, source)
+            else:
+                yield {"status": "pulling %s" % layer["digest"][7:19], "digest": layer["digest"],
+                       "total": layer["size"], "completed": layer["size"]}
+        yield {"status": "writing manifest"}
+        self._create(name, layers, show)
+        self.pulls.finished(layers)
+        yield {"status": "success"}
+
+    def _find(self):
+        for backend, catalog in self.pulls.holders.catalogs().items():
+            models = catalog.get("models") if isinstance(catalog.get("models"), dict) else {}
+            for name in model_aliases(self.model):
+                if isinstance(models.get(name), dict):
+                    try:
+                        manifest = parse_manifest(json.dumps({"layers": models[name].get("layers")}).encode())
+                    except (ValueError, TypeError) as exc:
+                        log.warning("%s listed a bad manifest of %s: %s", safe_text(backend.node_name),
+                                    safe_text(name), exc)
+                        continue
+                    return name, backend, manifest
+        raise PullError("no computer of the room shares the model %r: pull it on one computer first (by "
+                        "`ollama pull` with internet, or from a USB stick), then every other can get it here"
+                        % self.model)
+
+    def _show(self, backend, name):
+        try:
+            response = self.pulls.holders.post(backend, RELAY_FORWARD_PATH,
+                                               {"path": "/api/show", "body": {"model": name}}, timeout=30)
+            show = parse_json(response.content, "a model's description", max_bytes=8 * MiB, max_depth=32)
+            return show if isinstance(show, dict) else {}
+        except (requests.RequestException, ValueError) as exc:
+            raise PullError("%s did not describe %s (%s): try the pull again" % (backend.node_name, name,
+                                                                                 short_error(exc)))
+
+    def _ollama_has(self, digest):
+        try:
+            return self.ollama.session.head(self.ollama.url + "/api/blobs/" + digest, timeout=5).status_code == 200
+        except requests.RequestException:
+            return False
+
+    def _check_space(self, layers):
+        directory = self.pulls.directory
+        os.makedirs(directory, exist_ok=True)
+        needed = 0
+        for layer in layers:
+            partial = self.pulls.partials.get(layer["digest"][7:])
+            held = len(partial.have) * partial.chunk if partial is not None else 0
+            needed += max(0, layer["size"] - held) + layer["size"]  # the chunks here, then Ollama's copy
+        free = shutil.disk_usage(directory).free
+        if free < needed:
+            raise PullError("this computer has %.1f GB free on %s, and %s needs %.1f GB: free some disk space, "
+                            "then pull again" % (free / 1e9, directory, self.model, needed / 1e9))
+
+    def _fetch(self, layer, source):
+        hex_digest, size, status = layer["digest"][7:], layer["size"], "pulling %s" % layer["digest"][7:19]
+        partial = self.pulls.partial(hex_digest, size, source)
+        record = {"status": status, "digest": layer["digest"], "total": size}
+        landed = queue.Queue()
+        fetch = BlobFetch(partial, self.pulls.holders, self.pulls.stats, landed.put, self.stop)
+        outcome = []
+        thread = threading.Thread(target=lambda: outcome.append(self._outcome(fetch)), daemon=True,
+                                  name="neuromesh-pull")
+        thread.start()
+        shown = 0.0
+        while thread.is_alive() or not landed.empty():
+            try:
+                landed.get(timeout=self.progress_every)
+            except queue.Empty:
+                pass
+            if time.monotonic() - shown >= self.progress_every or not thread.is_alive():
+                shown = time.monotonic()
+                done = min(size, sum(partial.span(i)[1] - partial.span(i)[0] for i in list(partial.have)))
+                self.pulls.stats.progress(self.model, dict(record, completed=done, peers=len(fetch.workers)))
+                yield dict(record, completed=done)
+        self.bad.extend(fetch.bad)
+        if outcome and outcome[0] is not None:
+            raise outcome[0]
+        yield {"status": "verifying sha256 digest"}
+        if not partial.check():
+            self.pulls.forget(partial, remove=True)
+            raise PullError("the blob %s did not match its sha256 once whole: its chunks were thrown away, "
+                            "pull again" % layer["digest"][:19])
+        self._upload(partial, layer["digest"])
+
+    @staticmethod
+    def _outcome(fetch):
+        try:
+            fetch.run()
+            return None
+        except PullError as exc:
+            return exc
+        except Exception as exc:  # a full disk, a data dir gone
+            log.exception("a model pull failed")
+            return PullError("the pull failed on this computer: %s" % exc)
+
+    def _upload(self, partial, digest):
+        try:
+            with open(partial.path, "rb") as handle:
+                response = self.ollama.session.post(self.ollama.url + "/api/blobs/" + digest, data=handle,
+                                                    timeout=(5, 600))
+            if response.status_code not in (200, 201):
+                raise PullError("this computer's Ollama refused the blob %s: %s" % (digest[:19],
+                                                                                   _http_error_text(response)))
+        except requests.RequestException as exc:
+            raise PullError("this computer's Ollama at %s did not take the blob (%s): is it running?"
+                            % (self.ollama.url, short_error(exc)))
+
+    def _create(self, name, layers, show):
+        adapter = "application/vnd.ollama.image.adapter"
+        body = {"model": name, "stream": False,
+                "files": {"model-%d.gguf" % i: layer["digest"] for i, layer in enumerate(layers)
+                          if layer["mediaType"] != adapter}}
+        adapters = {"adapter-%d.gguf" % i: l["digest"] for i, l in enumerate(layers) if l["mediaType"] == adapter}
+        if adapters:
+            body["adapters"] = adapters
+        for key in ("template", "system"):
+            if isinstance(show.get(key), str) and show[key]:
+                body[key] = show[key]
+        parameters = modelfile_parameters(show.get("parameters") if isinstance(show.get("parameters"), str) else "")
+        if parameters:
+            body["parameters"] = parameters
+        try:
+            response = self.ollama.session.post(self.ollama.url + "/api/create", json=body, timeout=(5, 600))
+        except requests.RequestException as exc:
+            raise PullError("this computer's Ollama at %s did not create %s (%s): is it running?"
+                            % (self.ollama.url, name, short_error(exc)))
+        if response.status_code != 200:
+            raise PullError("this computer's Ollama did not create %s: %s" % (name, _http_error_text(response)))
+
+
+class ModelPulls:
+    """The pulls of this node (one at a time per model) and the partial blobs it keeps in its data
+    dir, which its ModelShare serves too. ``pull(model)`` yields the progress of one ModelPull."""
+
+    def __init__(self, router, store, directory, stats, ollama):
+        self.router, self.store, self.directory, self.stats = router, store, directory, stats
+        self.ollama = ollama  # this computer's OllamaBackend, or None
+        self.holders = RoomHolders(router)
+        self.partials = {}  # hex -> PartialBlob (served as they fill)
+        self._running = set()
+        self._lock = threading.Lock()
+        self._load_left()
+
+    def _load_left(self):
+        """The chunks a cut pull left in the data dir: served again, and resumed by the next pull."""
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return
+        for name in names:
+            if name.endswith(".chunks") and _HEX64.fullmatch(name[:-7]):
+                try:
+                    with open(os.path.join(self.directory, name), encoding="utf-8") as handle:
+                        size = json.load(handle)["size"]
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue
+                partial = PartialBlob.resume(self.directory, name[:-7], size)
+                if partial is not None:
+                    self.partials[partial.hex] = partial
+
+    def partial(self, hex_digest, size, source):
+        """The partial blob of a pull: the one a cut pull left, else a new one with the source's chunk list."""
+        partial = self.partials.get(hex_digest) or PartialBlob.resume(self.directory, hex_digest, size)
+        if partial is None:
+            try:
+                listed = parse_json(self.holders.get(source, "%s/%s/chunks" % (BLOBS_RELAY_PATH, hex_digest),
+                                                     timeout=120).content, "a chunk list", max_bytes=64 * MiB,
+                                    max_depth=4)
+                partial = PartialBlob(self.directory, hex_digest, size, listed.get("hashes") or [])
+            except (requests.RequestException, ValueError, AttributeError) as exc:
+                raise PullError("%s did not list the chunks of %s (%s): pull again" % (
+                    source.node_name, hex_digest[:12], short_error(exc)))
+        self.partials[hex_digest] = partial
+        return partial
+
+    def forget(self, partial, remove=False):
+        self.partials.pop(partial.hex, None)
+        if remove:
+            partial.remove()
+
+    def finished(self, layers):
+        """A pull succeeded: Ollama lists the model now; the chunks stay served while Ollama's store
+        lacks the blob (this node still seeds the room), else their files go."""
+        self.router.refresh_local()
+        for layer in layers:
+            partial = self.partials.get(layer["digest"][7:])
+            if partial is not None and self.store.blob_path(partial.hex):
+                self.forget(partial, remove=True)
+
+    def wanted(self, model):
+        """Whether a pull of ``model`` copies it from the room: this computer's Ollama runs and lacks
+        it, and a peer shares it."""
+        if self.ollama is None or not self.ollama.available:
+            return False
+        names = set(model_aliases(model))
+        if names & set(self.ollama.models):
+            return False
+        return any(isinstance(c.get("models"), dict) and names & set(c["models"])
+                   for c in self.holders.catalogs().values())
+
+    def room(self, own):
+        """The page's list: each model of the room, the computers that have it, its size, and whether
+        this computer can get it. ``own``: this node's shared models (ModelShare.shared_models())."""
+        ready = self.ollama is not None and self.ollama.available
+        sizes, here = {}, set(self.ollama.models if ready else ())
+        for catalog in [{"models": own}] + list(self.holders.catalogs().values()):
+            for name, manifest in (catalog.get("models") if isinstance(catalog.get("models"), dict) else {}).items():
+                if isinstance(name, str) and isinstance(manifest, dict) and type(manifest.get("size")) is int:
+                    sizes[name[:200]] = manifest["size"]
+        mesh = self.router.mesh_models()
+        with self._lock:
+            running = set(self._running)
+        rows = []
+        for name in sorted(set(mesh) | set(sizes)):
+            have = bool(here & set(model_aliases(name)))
+            rows.append({"name": name, "hosts": [host for _id, host, _local in mesh.get(name, [])],
+                         "size": sizes.get(name), "here": have, "pulling": name in running,
+                         "can_get": ready and not have and name in sizes})
+        return {"models": rows, "has_ollama": ready}
+
+    def pull(self, model, stop=None):
+        """The progress records of a pull of ``model``; PullError if it cannot start or go on."""
+        if self.ollama is None:
+            raise PullError("this computer has no Ollama to put the model in: install Ollama, start it, "
+                            "and start NeuroMesh again")
+        with self._lock:
+            if model in self._running:
+                raise PullError("a pull of %s is already under way on this computer" % model)
+            self._running.add(model)
+        stop = stop or threading.Event()
+        try:
+            pull = ModelPull(model, self, stop)
+            yield from pull.run()
+            self.stats.progress(model, {"status": "success", "bad_peers": pull.bad})
+        except PullError as exc:
+            self.stats.progress(model, {"status": "failed", "error": str(exc)})
+            raise
+        except GeneratorExit:  # its client left (Ctrl+C): the chunks stay for the next pull
+            self.stats.progress(model, {"status": "stopped", "error": "stopped by its client; a new pull resumes"})
+            raise
+        finally:
+            stop.set()
+            with self._lock:
+                self._running.discard(model)
 
 
 ###############################################################################
@@ -9068,11 +9932,14 @@ class OllamaApi(HttpApi):
         return pass_on(mesh_call(self.node.router, bottle.request.path, body, requester=self.requester()))
 
     def pull(self):
-        """NeuroMesh downloads nothing: a model on the mesh is "pulled" at once, another is an error."""
+        """A model a peer shares is copied into this computer's Ollama from the room (ModelPull);
+        without an Ollama here, a model on the mesh is "pulled" at once, another is an error."""
         body = read_json_body()
         name = body.get("model") or body.get("name")
         if not isinstance(name, str) or not name:
             raise HTTPFailure(400, "model is required")
+        if self.node.model_pulls.wanted(name):
+            return self._pull_from_room(name, body.get("stream", True) is not False)
         try:
             self.node.router.resolve_model(name)
         except LLMError:
@@ -9081,6 +9948,25 @@ class OllamaApi(HttpApi):
             return {"status": "success"}
         bottle.response.content_type = "application/x-ndjson"
         return ndjson([{"status": "success"}])
+
+    def _pull_from_room(self, name, stream):
+        records = self.node.model_pulls.pull(name)
+        if not stream:
+            try:
+                for record in records:
+                    pass
+            except PullError as exc:
+                raise HTTPFailure(500, str(exc))
+            return record
+        bottle.response.content_type = "application/x-ndjson"
+        return ndjson(self._until_error(records))
+
+    @staticmethod
+    def _until_error(records):
+        try:
+            yield from records
+        except PullError as exc:
+            yield {"error": str(exc)}
 
     def post_chat(self):
         body = read_json_body(MAX_FORWARD_BODY)
@@ -9655,6 +10541,82 @@ class RoomApi(HttpApi):
         return data
 
 
+class ModelRelayApi(RelayApi):
+    """Model transfer on the relay (issue 26): peers holding this node's relay token read what it
+    shares (``/relay/models``), a blob's chunk list, and a blob's bytes by range. Read only."""
+
+    def routes(self):
+        return [("GET", MODELS_RELAY_PATH, self.models),
+                ("GET", BLOBS_RELAY_PATH + "/<digest>/chunks", self.chunks),
+                ("GET", BLOBS_RELAY_PATH + "/<digest>", self.blob)]
+
+    def models(self):
+        self._check_token()
+        return self.node.model_share.catalog()
+
+    def chunks(self, digest):
+        self._check_token()
+        hashes = self.node.model_share.chunk_hashes(self._hex(digest))
+        if hashes is None:
+            raise HTTPFailure(404, "%s does not share that blob" % self.node.name)
+        return {"chunk": TRANSFER_CHUNK, "hashes": hashes}
+
+    def blob(self, digest):
+        self._check_token()
+        hex_digest = self._hex(digest)
+        share = self.node.model_share
+        size = share.blob_size(hex_digest)
+        if size is None:
+            raise HTTPFailure(404, "%s does not share that blob" % self.node.name)
+        start, end = self._range(bottle.request.headers.get("Range"), size)
+        try:
+            _size, pieces = share.open_range(hex_digest, start, end)
+        except LookupError as exc:
+            raise HTTPFailure(404, "%s: %s" % (self.node.name, exc))
+        bottle.response.content_type = "application/octet-stream"
+        bottle.response.headers["Content-Length"] = str(end - start)
+        bottle.response.headers["Accept-Ranges"] = "bytes"
+        if bottle.request.headers.get("Range"):
+            bottle.response.status = 206
+            bottle.response.headers["Content-Range"] = "bytes %d-%d/%d" % (start, end - 1, size)
+        return pieces
+
+    @staticmethod
+    def _hex(digest):
+        try:
+            return digest_hex(digest)
+        except ValueError as exc:
+            raise HTTPFailure(400, str(exc))
+
+    @staticmethod
+    def _range(header, size):
+        """``(start, end)`` of one ``bytes=A-B`` range (the whole blob without one); 416 if it does not fit."""
+        if not header:
+            return 0, size
+        match = re.fullmatch(r"bytes=(\d{1,19})-(\d{0,19})", header.strip())
+        if not match:
+            raise HTTPFailure(416, "only one byte range (bytes=START-END) is served")
+        start = int(match.group(1))
+        end = min(size, int(match.group(2)) + 1) if match.group(2) else size
+        if start >= end:
+            raise HTTPFailure(416, "that range is outside the blob (%d bytes)" % size)
+        return start, end
+
+
+
+class ModelPageApi(HttpApi):
+    """The page's list of the room's models (``GET /api/room-models``): who has each, its size,
+    and whether this computer can get it; the page's button then pulls through Ollama's /api/pull."""
+
+    def routes(self):
+        return [("GET", "/api/room-models", self.room_models)]
+
+    def room_models(self):
+        reply = self.node.model_pulls.room(self.node.model_share.shared_models())
+        reply["may_pull"] = self.gate.client().role == "owner"  # /api/pull is the owner's (or --lan-api's)
+        return reply
+
+
 # -- queues on view: /api/health's "queues" and /metrics (issue 15) ----------------------
 
 
@@ -9814,7 +10776,9 @@ class MetricsApi(HttpApi):
 
     def metrics(self):
         bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
-        return QueueReport(self.node.router, getattr(self.node, "mesh", None)).metrics()
+        stats = getattr(self.node, "transfer_stats", None)
+        return (QueueReport(self.node.router, getattr(self.node, "mesh", None)).metrics()
+                + (stats.metrics() if stats is not None else ""))
 
 
 def build_app(node):
@@ -9824,7 +10788,7 @@ def build_app(node):
                        local_problem=local_llm and (lambda: local_llm.state()[1]))
     gate = Gatekeeper(node.config)
     app = bottle.Bottle()
-    for api in (PageApi, OllamaApi, OpenAIApi, RelayApi, MetricsApi, RoomApi):
+    for api in (PageApi, OllamaApi, OpenAIApi, RelayApi, ModelRelayApi, ModelPageApi, MetricsApi, RoomApi):
         app.merge(api(node, chat, gate).build())
     app.wsgi = gate.wrap(app.wsgi)
     app.add_hook("after_request", set_security_headers)
@@ -9944,6 +10908,12 @@ class Node(MeshListener):
         self.router.http_port = lambda: self.http_port
         self.router.on_change = self._llm_changed
         self.local_llm = LocalLLM(self.router, config)
+        self.transfer_stats = TransferStats()
+        model_store = ModelStore(ollama_model_dirs())
+        self.model_pulls = ModelPulls(self.router, model_store, os.path.join(config.data_dir, TRANSFERS_DIR),
+                                      self.transfer_stats,
+                                      next((b for b in self.router.local if b.kind == "ollama"), None))
+        self.model_share = ModelShare(model_store, self.router, config, self.model_pulls.partials, self.transfer_stats)
         self._frame_handlers = {  # the frames the mesh passes on to frame(), by marker
             SYNC: self.sync.handle_sync, FILE: self.sync.handle_file,
             LLM_REQUEST: self.router.handle_request, LLM_RESPONSE: self.router.handle_response,
@@ -10201,6 +11171,7 @@ class Node(MeshListener):
             "event_subscribers": self.events.subscriber_count,
             "sync": dict(self.sync.counters), "messages": self.store.message_count(),
             "python": sys.version.split()[0], "queues": QueueReport(self.router, self.mesh).health(),
+            "models_transfer": self.transfer_stats.report(),
         }
 
     def llm_status(self):
@@ -10904,10 +11875,24 @@ def models_table(models):
     return lines
 
 
+def transfers_table(health):
+    """The model pulls of this node (its /api/health's ``models_transfer``), when there were any."""
+    transfers = _records(_record(health.get("models_transfer")).get("transfers"))
+    rows = [(safe_text(t.get("model"), 100), safe_text(t.get("status"), 40),
+             progress_line(t, 10).split(" ", 2)[-1] if isinstance(t.get("total"), int) else "-",
+             safe_text(t.get("error") or ", ".join(_names(t.get("bad_peers"), 40).split(", ")[:3]) or "-", 100))
+            for t in transfers]
+    if not rows:
+        return []
+    return [""] + ["Model transfers:"] + ["  " + line for line in format_table(("MODEL", "STATUS", "DONE", "NOTE"),
+                                                                                rows)]
+
+
 def status_report(health, peers, models):
     """The lines ``status`` prints from a node's /api/health, /api/peers and /api/models (each reply
     is checked for shape: a field of the wrong type shows as text, never as a crash)."""
-    return status_header(_record(health)) + [""] + peers_table(peers) + [""] + models_table(_record(models))
+    return (status_header(_record(health)) + [""] + peers_table(peers) + [""] + models_table(_record(models))
+            + transfers_table(_record(health)))
 
 
 def run_status(config, port=None):
@@ -11005,6 +11990,56 @@ def run_node(config):
     return 0
 
 
+def node_base_url(config, port=None):
+    """The HTTP address of the node running on this computer (its port from --http-port or its data dir)."""
+    running = running_node_info(config.data_dir)
+    return "http://127.0.0.1:%d" % (port or (running or {}).get("http_port") or config.http_port)
+
+
+def progress_line(record, width=30):
+    """One line of ``pull``'s progress: the status, and a bar once a blob's size is known."""
+    total, done = record.get("total"), record.get("completed") or 0
+    if not isinstance(total, int) or total <= 0 or not isinstance(done, int):
+        return safe_text(record.get("status"), 100)
+    filled = min(width, width * done // total)
+    return "%s %3d%% [%s%s] %d/%d MB" % (safe_text(record.get("status"), 40), 100 * done // total,
+                                         "#" * filled, "." * (width - filled), done // MiB, total // MiB)
+
+
+def run_pull(config, model, port=None, out=None):
+    """``pull MODEL``: the node on this computer gets MODEL from the room's computers into this
+    computer's Ollama, with a progress bar; Ctrl+C stops it, and the same command resumes it."""
+    out = out or sys.stdout
+    if not model:
+        raise ConfigError("pull needs a model: python neuromesh.py pull MODEL")
+    base = node_base_url(config, port)
+    try:
+        with requests.post(base + "/api/pull", json={"model": model}, stream=True, timeout=(5, 300)) as reply:
+            if reply.status_code != 200:
+                print("neuromesh: error: %s" % _http_error_text(reply), file=sys.stderr)
+                return 1
+            last = None
+            for line in reply.iter_lines():
+                record = parse_json(line, "a progress line", MAX_STREAM_LINE) if line.strip() else {}
+                if "error" in record:
+                    print("\nneuromesh: error: %s" % safe_text(record["error"], 500), file=sys.stderr)
+                    return 1
+                text = progress_line(record)
+                if text and text != last:
+                    out.write(("\r" if last and record.get("total") else "\n" if last else "") + text)
+                    out.flush()
+                    last = text
+            out.write("\n")
+            return 0 if last == "success" else 1
+    except KeyboardInterrupt:
+        print("\nstopped: run the same command again, and the pull goes on where it stopped", file=sys.stderr)
+        return 130
+    except (requests.RequestException, ValueError) as exc:
+        print("neuromesh: error: no NeuroMesh answers at %s (%s): start it first with `python neuromesh.py`"
+              % (base, short_error(exc)), file=sys.stderr)
+        return 1
+
+
 def run_transfer(config, command, directory):
     """``export DIR`` / ``import DIR``: the original NeuroMesh's file layout, to and from the store."""
     if not directory:
@@ -11070,6 +12105,8 @@ def main(argv=None):
             return run_doctor(config)
         if args.command == "status":
             return run_status(config, config.http_port if args.http_port is not None else None)
+        if args.command == "pull":
+            return run_pull(config, args.directory, config.http_port if args.http_port is not None else None)
         if args.command == "firewall":
             return run_firewall(config, remove=args.uninstall, assume_yes=args.yes, dry_run=args.dry_run)
         if args.command == "teacher":

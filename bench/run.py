@@ -12,7 +12,8 @@ Groups: post (a long conversation against a new one), reads (health and sidebar)
 and 8 chats), relay (first token through a peer's relay against Ollama directly), catchup (a new
 peer's catch-up), mesh (bench_mesh.py: frames, link-up, sync of 3 writers, memory), fanout
 (bench/bench_fanout.py, issue 14 parts 3-4, when present: frames per message, reach-all,
-idle CPU of a 50-node mesh). Every node binds 127.0.0.1 and broadcasts to 127.255.255.255 only.
+idle CPU of a 50-node mesh), models (bench_models.py, issue 26: MB/s of one model transfer and of
+7 pulling at once, in network namespaces; needs root). Every node binds 127.0.0.1 and broadcasts to 127.255.255.255 only.
 """
 
 import argparse
@@ -150,8 +151,14 @@ def fanout_rows(quick):
     return list(module.collect(quick))
 
 
+def models_rows(quick):
+    import bench_models
+    return bench_models.collect(quick, row)
+
+
 GROUPS = [("post", post_rows), ("reads", read_rows), ("http", http_rows), ("classroom", classroom_rows), ("relay", relay_rows),
-          ("catchup", catchup_rows), ("mesh", mesh_rows), ("fanout", fanout_rows)]
+          ("catchup", catchup_rows), ("mesh", mesh_rows), ("fanout", fanout_rows),
+          ("models", models_rows)]
 
 
 # -- running and reporting ----------------------------------------------------------------------

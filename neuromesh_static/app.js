@@ -1602,6 +1602,7 @@
     renderModelPicker();
     updateComposer();
     renderStatus();
+    window.dispatchEvent(new CustomEvent("neuromesh:models")); // models.js: the room's models list
   }
 
   const scheduleModelsRefresh = debounce(refreshModels, 200);

@@ -285,6 +285,8 @@ class _Handler(BaseHTTPRequestHandler):
                 path = path.rstrip("/")
             body: Any = None
             bad_json: Optional[str] = None
+            if path.startswith("/api/blobs/"):
+                return self._blob(method, path[len("/api/blobs/"):])
             if method == "POST":
                 try:
                     raw = self._read_body()
@@ -338,6 +340,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send_json(200, fake._openai_model(entry))
         if path == "/api/show" and method == "POST":
             return self._show(body, bad_json)
+        if path == "/api/create" and method == "POST":
+            return self._create(body)
         if path in _EMBED_PATHS and method == "POST":
             return self._embed(path, body, bad_json)
         if path in _GEN_PATHS:
@@ -347,6 +351,56 @@ class _Handler(BaseHTTPRequestHandler):
         if path.startswith("/api/") or path.startswith("/v1/"):
             return self._send_text(404, "404 page not found")
         return self._send_text(404, "404 page not found")
+
+    def _blob(self, method: str, digest: str) -> None:
+        """``HEAD /api/blobs/sha256:<hex>`` (200 if held), ``POST`` (the body, kept only if its sha256 is the name)."""
+        fake = self.fake
+        hex_digest = digest[7:] if digest.startswith("sha256:") else ""
+        if not re.fullmatch(r"[0-9a-f]{64}", hex_digest):
+            return self._send_error(400, "invalid digest format", False)
+        if method == "HEAD":
+            return self._send_bytes(200 if hex_digest in fake.blobs else 404, b"", "text/plain")
+        if method != "POST":
+            return self._send_text(405, "405 method not allowed")
+        length = int(self.headers.get("Content-Length") or 0)
+        whole, left = hashlib.sha256(), length
+        while left > 0:
+            piece = self.rfile.read(min(left, 1 << 20))
+            if not piece:
+                break
+            whole.update(piece)
+            left -= len(piece)
+        fake._record("/api/blobs", {"digest": digest, "size": length}, {})
+        if left or whole.hexdigest() != hex_digest:
+            self.close_connection = True
+            return self._send_error(400, "digest mismatch, expected %s, got sha256:%s" % (digest, whole.hexdigest()),
+                                    False)
+        with fake._lock:
+            fake.blobs[hex_digest] = length
+        self._send_bytes(201, b"", "text/plain")
+
+    def _create(self, body: Any) -> None:
+        """``POST /api/create`` from uploaded blobs: recorded in ``created``, then listed in /api/tags."""
+        fake = self.fake
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            return self._send_error(400, "model is required", False)
+        files = body.get("files") or {}
+        missing = [d for d in files.values() if not isinstance(d, str) or d[7:] not in fake.blobs]
+        if not files or missing:
+            return self._send_error(400, "missing blobs: %s" % missing, False)
+        with fake._lock:
+            fake.created.append(body)
+            name = _normalize_model(body["model"])
+            if fake._find_model(name) is None:
+                fake.models.append(name)
+                fake.tags.append(dict(_tag_entry(name), size=sum(fake.blobs[d[7:]] for d in files.values())))
+        if body.get("stream") is False:
+            return self._send_json(200, {"status": "success"})
+        self._send_head(200, "application/x-ndjson", None)
+        for status in ("using existing layer %s" % d for d in files.values()):
+            self._chunk((json.dumps({"status": status}) + "\n").encode())
+        self._chunk(b'{"status":"success"}\n')
+        self._end_chunks()
 
     def _show(self, body: Any, bad_json: Optional[str]) -> None:
         if bad_json is not None or not isinstance(body, dict):
@@ -468,6 +522,8 @@ class _Handler(BaseHTTPRequestHandler):
         n_ok = len(ctx.toks)
         if ctx.mode in ("die_midstream", "error_midstream"):
             n_ok = min(2, max(len(ctx.toks) - 1, 0))
+        if self.fake.first_token_delay and self.fake._stopping.wait(self.fake.first_token_delay):
+            return self._abort_connection()  # the prompt's evaluation, before the first word
         for i, tok in enumerate(ctx.toks[:n_ok]):
             if i and ctx.wait_token():
                 return self._abort_connection()
@@ -682,6 +738,7 @@ class FakeOllama:
     Attributes you may read or set at any time:
       url, port, models, tags (list of /api/tags entries; set it to customize),
       token_delay (seconds between streamed tokens; also paces non-stream answers),
+      first_token_delay (seconds before the first token of a streamed /api/chat or /api/generate; 0),
       requests (list of (path, parsed JSON body or None)),
       request_headers (parallel list of dicts, header names lower-cased),
       in_flight / max_in_flight (chat, generate, /v1/chat/completions being answered),
@@ -695,6 +752,7 @@ class FakeOllama:
         self.models: List[str] = list(models)
         self.tags: List[Dict[str, Any]] = [_tag_entry(m) for m in self.models]
         self.token_delay = float(token_delay)
+        self.first_token_delay = 0.0
         self.port = int(port)
         self.verbose = verbose
         self.requests: List[Tuple[str, Any]] = []
@@ -713,6 +771,8 @@ class FakeOllama:
         self._refusing = False
         self._ids = 0
         self._loaded: Dict[str, float] = {}
+        self.blobs: Dict[str, int] = {}  # hex digest -> size, of the blobs posted to /api/blobs
+        self.created: List[Dict[str, Any]] = []  # the bodies of /api/create
 
     # ----- lifecycle -------------------------------------------------------------
     @property
@@ -965,6 +1025,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--port", type=int, default=11434)
     ap.add_argument("--models", default="llama3.2:1b", help="comma-separated model names")
     ap.add_argument("--token-delay", type=float, default=0.0, help="seconds between tokens")
+    ap.add_argument("--first-token-delay", type=float, default=0.0,
+                    help="seconds before the first token of a streamed Ollama answer")
     ap.add_argument("--fail", default=None, choices=[m for m in FAIL_MODES if m], help="start in a fail mode")
     ap.add_argument("--max-seconds", type=float, default=3600.0, help="exit after this long (0: 24 h)")
     ap.add_argument("--verbose", action="store_true", help="log each request to stderr")
@@ -972,6 +1034,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     fake = FakeOllama(models=[m.strip() for m in args.models.split(",") if m.strip()],
                       token_delay=args.token_delay, port=args.port, verbose=args.verbose)
+    fake.first_token_delay = args.first_token_delay
     done = threading.Event()
 
     def _on_signal(signum: int, frame: Any) -> None:
