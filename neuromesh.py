@@ -12,8 +12,8 @@ puts into ``_vendor/`` beside this file. Runs on Python 3.9 and newer.
 The rooms of this file, in the order data flows (each section a room)::
 
     helpers, config, identity       Config, NodeKey (Ed25519; the node id is its key's hash)
-    wire                            frames (marker + u64 LE length + JSON), Handshake (room code,
-                                    X25519, signed HELO), LinkCipher (a MAC on every frame), schemas
+    wire                            frames (marker + u64 LE length + JSON), Handshake (room code and
+                                    signed HELO, bound to the link's TLS certificate), schemas
     store                           Database -> EntryLog (per-origin logs) -> LogChain, BatchVerifier
                                     (hash chains, signed heads) -> Store (+ StorePages: search, pages)
     seed files                      SeedFiles: the original NeuroMesh's JSON layout
@@ -35,15 +35,15 @@ ChatService.answer -> ChatService.stream -> Router.chat -> Backend.chat (a PeerB
 crosses to the host's RelayApi) -> token events -> PageApi streams SSE ->
 ChatService._store_answer -> Store.add_message -> Node._local_entries -> SyncWorker.push.
 
-A synced message: LinkIO reads a frame -> FrameDecoder (MAC checked) -> Mesh.link_frame
+A synced message: LinkIO reads a frame (TLSChannel decrypts) -> FrameDecoder -> Mesh.link_frame
 (check_frame) -> Node.frame -> SyncWorker -> the batch verified (chain, one signature per
 origin) and stored -> EventBus -> the page's SSE.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __license__ = "MIT"
 
-PROTOCOL_VERSION = 3  # 2: the key proof (HI!!:, AUTH:) and sealed frames; 3: node keys, signed logs
+PROTOCOL_VERSION = 4  # 2: the key proof (HI!!:, AUTH:) and sealed frames; 3: node keys, signed logs; 4: TLS
 
 ###############################################################################
 # Imports and the _vendor shim ################################################
@@ -73,6 +73,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import struct
 import subprocess
 import sys
@@ -102,7 +103,7 @@ try:
     import ifaddr
     import requests
     import waitress.server
-    from ecdsa import BadSignatureError, Ed25519, SigningKey, VerifyingKey
+    from ecdsa import NIST256p, BadSignatureError, Ed25519, SigningKey, VerifyingKey
     from waitress import wasyncore
 except ImportError as _missing:  # pragma: no cover - exercised by hand on a bare machine
     _fix = ".\\install.ps1" if os.name == "nt" else "./install.sh"
@@ -434,6 +435,13 @@ def parse_bool(text):
     raise ValueError("not a yes/no value: %r" % (text,))
 
 
+def parse_tls_max(text):
+    text = str(text).strip()
+    if text not in ("1.2", "1.3"):
+        raise ValueError("write 1.2 or 1.3")
+    return text
+
+
 def parse_mesh_key(text):
     """A room code, trimmed; its text never goes into an error message."""
     if not isinstance(text, str) or not text.strip():
@@ -496,6 +504,8 @@ SETTINGS = {
     "mesh_key": (parse_mesh_key, "room code: only nodes with the same code link and "
                  "learn anything (default: an open room); prefer NEUROMESH_MESH_KEY or the config file, "
                  "as flags show in `ps`"),
+    "tls_max": (parse_tls_max, "newest TLS version of peer links: 1.2 or 1.3 (default: the newest this "
+                               "Python has; links use at least 1.2)"),
     "allow_public": (parse_bool, "accept peers and announcements from public (non-private) addresses"),
     "guests": (parse_bool, "let browser-only devices of the room (phones, Chromebooks) use the chat page "
                            "after they enter the room code (default: this computer only)"),
@@ -552,6 +562,7 @@ class Config:
     llm_parallel: int = 1
     lan_api: bool = False
     mesh_key: str = dataclasses.field(default=None, repr=False)  # the room code: never shown
+    tls_max: str = None
     allow_public: bool = False
     guests: bool = False
     chat_rate: int = DEFAULTS["chat_rate"]
@@ -734,8 +745,8 @@ def load_node_key(data_dir):
 # Each node holds an Ed25519 key (pure Python, the `ecdsa` package) in its data dir; its node id is
 # a short hash of the public key, so only the key's holder can speak for that id. Pure-Python
 # verification costs milliseconds, so logs are hash-chained and only one head per origin per
-# batch is signed (see LogChain, BatchVerifier). Links also run an ephemeral X25519 exchange, so
-# even a student who knows the room code cannot sit between two nodes with the link keys.
+# batch is signed (see LogChain, BatchVerifier). Links run in TLS (TLSIdentity, TLSChannel), and
+# each HELO signs the link's certificate: a student who knows the room code cannot sit between.
 
 KEY_FILE = "node_key"        # 64 hex characters: the Ed25519 seed (RFC 8032 private key)
 _ID_TAG = b"neuromesh node id v1\0"
@@ -847,6 +858,84 @@ def verify_signature(public_key, message, signature):
         return False
 
 
+TLS_FILE = "tls_identity.pem"  # this node's TLS key and self-signed certificate (0600)
+_OID_ECDSA_SHA256 = (1, 2, 840, 10045, 4, 3, 2)
+_OID_COMMON_NAME = (2, 5, 4, 3)
+
+
+def _der(tag, body):
+    from ecdsa import der
+    return bytes([tag]) + der.encode_length(len(body)) + body
+
+
+def self_signed_certificate(signing_key, name="neuromesh"):
+    """A DER X.509 v3 certificate of ``signing_key`` (ECDSA P-256), signed by itself. Nothing
+    checks its fields: a link's identity is the node key's signature over its fingerprint."""
+    from ecdsa import der
+    from ecdsa.util import sigencode_der
+    algorithm = der.encode_sequence(der.encode_oid(*_OID_ECDSA_SHA256))
+    subject = der.encode_sequence(_der(0x31, der.encode_sequence(der.encode_oid(*_OID_COMMON_NAME),
+                                                                 _der(0x0C, name.encode("ascii")))))
+    validity = der.encode_sequence(_der(0x17, b"200101000000Z"), _der(0x18, b"99991231235959Z"))
+    serial = der.encode_integer(int.from_bytes(os.urandom(16), "big") >> 1)
+    tbs = der.encode_sequence(der.encode_constructed(0, der.encode_integer(2)), serial, algorithm, subject,
+                              validity, subject, signing_key.get_verifying_key().to_der())
+    signature = signing_key.sign_deterministic(tbs, hashfunc=hashlib.sha256, sigencode=sigencode_der)
+    return der.encode_sequence(tbs, algorithm, der.encode_bitstring(signature, 0))
+
+
+class TLSIdentity:
+    """This node's TLS key and self-signed certificate (kept in the data dir, mode 0600, made at
+    first start) and the SSLContexts of its links: TLS 1.2 at least, 1.3 where both ends have it
+    (stock macOS python3 has LibreSSL with 1.2 only), ECDSA P-256 for every ``ssl``. Clients do
+    not check the certificate: Handshake binds the room code and both node keys to it."""
+
+    def __init__(self, path, maximum=None):
+        self.path = path
+        with open(path, "rb") as handle:
+            text = handle.read().decode("ascii")
+        self.certificate = ssl.PEM_cert_to_DER_cert(text[text.index("-----BEGIN CERTIFICATE"):])
+        self.server = self._context(ssl.PROTOCOL_TLS_SERVER, maximum)
+        self.server.load_cert_chain(path)
+        self.client = self._context(ssl.PROTOCOL_TLS_CLIENT, maximum)
+        self.client.check_hostname = False
+        self.client.verify_mode = ssl.CERT_NONE
+
+    @staticmethod
+    def _context(protocol, maximum):
+        context = ssl.SSLContext(protocol)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if maximum == "1.2":
+            context.maximum_version = ssl.TLSVersion.TLSv1_2
+        context.options |= getattr(ssl, "OP_NO_COMPRESSION", 0)
+        if hasattr(context, "num_tickets") and protocol == ssl.PROTOCOL_TLS_SERVER:
+            context.num_tickets = 0  # links are never resumed: tickets would be bytes for nothing
+        return context
+
+    @classmethod
+    def load_or_create(cls, data_dir, maximum=None):
+        """The identity in ``data_dir``; a missing or damaged file is made anew (nothing trusts a
+        certificate beyond one link, so a new one costs nothing). ``maximum`` "1.2" caps TLS."""
+        os.makedirs(data_dir, exist_ok=True)
+        path = os.path.join(data_dir, TLS_FILE)
+        try:
+            return cls(path, maximum)
+        except (OSError, ValueError, ssl.SSLError):
+            pass
+        key = SigningKey.generate(curve=NIST256p)
+        text = key.to_pem().decode("ascii") + ssl.DER_cert_to_PEM_cert(self_signed_certificate(key))
+        temporary = path + ".tmp"
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w", encoding="ascii") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+        return cls(path, maximum)
+
+
 def load_saved_name(data_dir):
     """The name the owner gave this node from the page (kept in the data dir), or None."""
     try:
@@ -902,58 +991,6 @@ def bound_owner(conversation_id):
     return match.group(1) if match else None
 
 
-_X25519_P = 2 ** 255 - 19
-
-
-def x25519(scalar, u_bytes):
-    """RFC 7748 X25519 (a Montgomery ladder, ~1.4 ms): shared secret of ``scalar`` and ``u_bytes``."""
-    k = bytearray(scalar)
-    k[0] &= 248
-    k[31] = (k[31] & 127) | 64
-    k = int.from_bytes(k, "little")
-    p = _X25519_P
-    x1 = int.from_bytes(u_bytes, "little") & ((1 << 255) - 1)
-    x2, z2, x3, z3, swap = 1, 0, x1, 1, 0
-    for t in range(254, -1, -1):
-        bit = (k >> t) & 1
-        swap ^= bit
-        if swap:
-            x2, x3, z2, z3 = x3, x2, z3, z2
-        swap = bit
-        a, b = (x2 + z2) % p, (x2 - z2) % p
-        aa, bb = a * a % p, b * b % p
-        e = (aa - bb) % p
-        c, d = (x3 + z3) % p, (x3 - z3) % p
-        da, cb = d * a % p, c * b % p
-        x3 = (da + cb) ** 2 % p
-        z3 = x1 * (da - cb) ** 2 % p
-        x2 = aa * bb % p
-        z2 = e * (aa + 121665 * e) % p
-    if swap:
-        x2, z2 = x3, z3
-    return (x2 * pow(z2, p - 2, p) % p).to_bytes(32, "little")
-
-
-def x25519_public(scalar):
-    return x25519(scalar, (9).to_bytes(32, "little"))
-
-
-_EPHEMERAL_LOCK = threading.Lock()
-_EPHEMERAL = [0.0, None]  # [renew after (monotonic), (secret, public)]
-
-
-def ephemeral_key_pair(lifetime=60.0):
-    """This node's X25519 key pair for new links, renewed every ``lifetime`` seconds: a
-    connection that never completes a handshake then costs no scalar multiplication (the
-    fresh nonces still make every link's keys unique)."""
-    with _EPHEMERAL_LOCK:
-        now = time.monotonic()
-        if _EPHEMERAL[1] is None or now >= _EPHEMERAL[0]:
-            secret = secrets.token_bytes(32)
-            _EPHEMERAL[:] = [now + lifetime, (secret, x25519_public(secret))]
-        return _EPHEMERAL[1]
-
-
 ###############################################################################
 # Wire protocol ###############################################################
 ###############################################################################
@@ -988,27 +1025,26 @@ def encode_frame(marker, payload):
     return FRAME_HEADER.pack(marker, len(body)) + body
 
 
-# Mesh authentication. Every link starts with a key proof, keyed or not (one code path):
-#   both ends:  HI!!: {"v": 2, "n": <32-byte nonce, hex>, "e": <ephemeral X25519 key, hex>}
-#   both ends:  AUTH: {"p": <HMAC proof of the link key, hex>}   (plain: a MAC, not the key)
-#   then every frame, HELO: first, is sealed: the frame followed by a 16-byte tag,
-#   HMAC-SHA256(direction key, u64 sequence number + header + body), not counted in the length.
+# Mesh authentication. Every link is TLS (1.2 at least; TLSIdentity), and inside it starts with a
+# key proof, keyed or not (one code path):
+#   both ends:  HI!!: {"v": 3, "n": <32-byte nonce, hex>, "c": <SHA-256 of the server's TLS certificate, hex>}
+#   both ends:  AUTH: {"p": <HMAC proof of the room key over both HI!!: and the certificate, hex>}
+#   then HELO:, signed by the node key over the peer's nonce and the link's binding, which covers
+#   the certificate: someone in the path who ends TLS on both sides with a certificate of their
+#   own is refused by both ends, even in an open room (its code is public).
 # Without --mesh-key the room key is OPEN_ROOM_KEY, which is public: the mesh is open but runs
-# the same handshake. This authenticates; it does not encrypt (a LAN sniffer reads frames).
+# the same handshake. TLS encrypts every frame; it carries their integrity too.
 # Discovery datagrams are b"NMK1" + 32-byte HMAC tag + the JSON announcement.
 
-TAG_SIZE = 16                 # bytes of HMAC-SHA256 carried after each sealed frame
 NONCE_SIZE = 32
 HANDSHAKE_MAX_SIZE = 4096     # largest frame a peer may send before it proved the key
-AUTH_VERSION = 2              # 2: an ephemeral X25519 key in HI!!: ("e")
+AUTH_VERSION = 3              # 3: inside TLS, bound to the server's certificate ("c")
 DATAGRAM_MAGIC = b"NMK1"
 DATAGRAM_TAG_SIZE = 32
 ROOM_KDF_ITERATIONS = 200000  # PBKDF2: slows offline guessing of a weak room code (~0.1 s, once)
 OPEN_ROOM_KEY = hashlib.sha256(b"neuromesh open room v1").digest()  # public by design
 _ROOM_SALT = b"neuromesh room code v1"
-_LINK_LABEL = b"neuromesh link v1"
-_SEQUENCE = struct.Struct("<Q")
-_SEQUENCE_HEADER = struct.Struct("<Q5sQ")  # sequence number + FRAME_HEADER, MAC'd in one update
+_LINK_LABEL = b"neuromesh link v2"
 
 
 def derive_room_key(code):
@@ -1067,14 +1103,13 @@ def open_datagram(room_key, data):
     return body if hmac.compare_digest(data[len(DATAGRAM_MAGIC):start], expected) else None
 
 
-PUBLIC_ANNOUNCEMENT_FIELDS = ("node_id", "tcp_port", "protocol_version")
+PUBLIC_ANNOUNCEMENT_FIELDS = ("node_id", "tcp_port", "protocol_version", "version", "has_llm")
 
 
-def public_announcement(hello, room_key):
-    """What a node may announce in the clear: everything when open; when keyed, only what a dial
-    needs (names, models and LLM come in the sealed HELO: once the peer proved the key)."""
-    if is_open_room(room_key):
-        return dict(hello)
+def public_announcement(hello):
+    """What a node may announce in the clear, open room or not: only what a dial needs (whether
+    to dial an LLM host first, and whether it speaks this protocol). Names and models come in
+    the HELO:, inside TLS, once the peer proved the key."""
     return {key: hello[key] for key in PUBLIC_ANNOUNCEMENT_FIELDS if key in hello}
 
 
@@ -1098,24 +1133,18 @@ def _hex_field(payload, key, size, what):
 
 
 class LinkSecrets:
-    """The keys of one link, derived from the room key and the handshake transcript.
+    """The keys of one link, derived from the room key and the handshake transcript (which holds
+    the server's TLS certificate). ``channel_binding`` is public-safe and unique to the link (the
+    HELO signatures cover it)."""
 
-    ``channel_binding`` is public-safe and unique to the link (the HELO signatures cover it);
-    ``dh_secret`` is the link's ephemeral X25519 secret, so a relay in the middle that knows the
-    room key still ends up with different keys on each side.
-    """
-
-    def __init__(self, room_key, transcript_hash, dh_secret=b""):
-        prk = hmac.new(transcript_hash, _subkey(room_key, b"handshake") + dh_secret,
-                       hashlib.sha256).digest()  # HKDF-Extract(salt=transcript, ikm)
+    def __init__(self, room_key, transcript_hash):
+        prk = hmac.new(transcript_hash, _subkey(room_key, b"handshake"), hashlib.sha256).digest()  # HKDF-Extract
 
         def expand(label):  # HKDF-Expand, one block
             return hmac.new(prk, _LINK_LABEL + b" " + label + b"\x01", hashlib.sha256).digest()
 
         self.proof_initiator = expand(b"proof initiator")
         self.proof_responder = expand(b"proof responder")
-        self.mac_initiator = expand(b"mac initiator->responder")
-        self.mac_responder = expand(b"mac responder->initiator")
         self.channel_binding = expand(b"channel binding")
 
     def __repr__(self):
@@ -1123,25 +1152,25 @@ class LinkSecrets:
 
 
 class Handshake:
-    """Runs one link's key proof, both ends alike: nonce exchange, transcript, proofs; when the
-    peer proved the room key, ``done`` is True and ``cipher`` seals and checks every later frame.
+    """Runs one link's key proof inside its TLS, both ends alike: nonce exchange, transcript,
+    proofs; when the peer proved the room key, ``done`` is True. ``certificate`` is the SHA-256
+    of the server's TLS certificate as this end sees it (its own on the server).
 
     ``start()`` and ``receive(marker, payload)`` return encoded frames to send, in order. Any
-    misstep (wrong marker, malformed payload, wrong proof) raises ProtocolError and the
-    handshake is failed for good: close the link.
+    misstep (wrong marker, malformed payload, wrong proof, another certificate) raises
+    ProtocolError and the handshake is failed for good: close the link.
     """
 
-    def __init__(self, room_key, initiator, nonce=None):
+    def __init__(self, room_key, initiator, certificate, nonce=None):
         self.initiator = initiator  # True on the end that dialed
         self._room_key = room_key
+        self._certificate = certificate
         self._nonce = nonce if nonce is not None else secrets.token_bytes(NONCE_SIZE)
-        self._ephemeral, public = ephemeral_key_pair()
-        self._hello = {"v": AUTH_VERSION, "n": self._nonce.hex(), "e": public.hex()}
+        self._hello = {"v": AUTH_VERSION, "n": self._nonce.hex(), "c": certificate.hex()}
         self._state = "new"  # new -> wait_nonce -> wait_proof -> done | failed
         self.peer_nonce = None
         self.transcript_hash = None
         self.secrets = None
-        self.cipher = None
 
     def __repr__(self):
         return "<Handshake %s %s>" % ("initiator" if self.initiator else "responder", self._state)
@@ -1155,14 +1184,14 @@ class Handshake:
         return self._nonce
 
     def start(self):
-        """The opening frame(s): my HI!!:. Call once the TCP connection is up."""
+        """The opening frame(s): my HI!!:. Call once TLS is up."""
         if self._state != "new":
             return []
         self._state = "wait_nonce"
         return [encode_frame(HELLO_NONCE, self._hello)]
 
     def receive(self, marker, payload):
-        """Take one unsealed frame from the peer; return the frames to send in reply."""
+        """Take one frame of the key proof from the peer; return the frames to send in reply."""
         state = self._state
         self._state = "failed"  # until this step succeeds
         if state in ("new", "wait_nonce") and marker == HELLO_NONCE:
@@ -1174,9 +1203,6 @@ class Handshake:
             self._take_proof(payload)
             self._state = "done"
             return []
-        if marker == HELLO:
-            raise ProtocolError("peer %s runs an older NeuroMesh (protocol 1, no key proof): upgrade it"
-                                % safe_text(payload.get("name") if isinstance(payload, dict) else None, 100))
         name = safe_text(marker.decode("ascii", "replace")) if isinstance(marker, bytes) else "?"
         raise ProtocolError("%s frame during the key proof (%s)" % (name, state))
 
@@ -1185,22 +1211,22 @@ class Handshake:
             raise ProtocolError("a HI!!: frame must carry a JSON object")
         version = payload.get("v")
         if not isinstance(version, int) or isinstance(version, bool) or version != AUTH_VERSION:
-            raise ProtocolError("the peer speaks mesh auth version %s, this node %d"
-                                % (safe_text(version, 20), AUTH_VERSION))
+            raise ProtocolError("the peer speaks mesh auth version %s, this node %d: it runs an older "
+                                "NeuroMesh: upgrade it" % (safe_text(version, 20), AUTH_VERSION))
         peer_nonce = _hex_field(payload, "n", NONCE_SIZE, "HI!!: frame")
         if hmac.compare_digest(peer_nonce, self._nonce):
             raise ProtocolError("the peer sent this node's own nonce back")
-        dh_secret = x25519(self._ephemeral, _hex_field(payload, "e", 32, "HI!!: frame"))
-        if dh_secret == bytes(32):
-            raise ProtocolError("the peer sent a degenerate X25519 key")
+        if not hmac.compare_digest(_hex_field(payload, "c", 32, "HI!!: frame"), self._certificate):
+            raise ProtocolError("the peer sees another TLS certificate than this node: someone in the path "
+                                "ends TLS on both sides (a machine in the middle); link refused")
         mine, theirs = _canonical(self._hello), _canonical(payload)
         first, second = (mine, theirs) if self.initiator else (theirs, mine)
-        digest = hashlib.sha256(_LINK_LABEL + b" transcript")
+        digest = hashlib.sha256(_LINK_LABEL + b" transcript" + self._certificate)
         for part in (first, second):
             digest.update(struct.pack("<I", len(part)) + part)
         self.peer_nonce = peer_nonce
         self.transcript_hash = digest.digest()
-        self.secrets = LinkSecrets(self._room_key, self.transcript_hash, dh_secret)
+        self.secrets = LinkSecrets(self._room_key, self.transcript_hash)
         proof = self.secrets.proof_initiator if self.initiator else self.secrets.proof_responder
         return encode_frame(AUTH, {"p": proof.hex()})
 
@@ -1213,61 +1239,6 @@ class Handshake:
         if not hmac.compare_digest(proof, expected):
             raise ProtocolError("the peer does not hold this mesh's key (--mesh-key differs, "
                                 "or only one side has one)")
-        if self.initiator:
-            self.cipher = LinkCipher(keys.mac_initiator, keys.mac_responder)
-        else:
-            self.cipher = LinkCipher(keys.mac_responder, keys.mac_initiator)
-
-
-def _hmac_pads(key):
-    """SHA-256 states with HMAC's inner and outer pads of ``key`` hashed in (done once per key)."""
-    if len(key) > 64:
-        key = hashlib.sha256(key).digest()
-    key = key.ljust(64, b"\0")
-    return hashlib.sha256(bytes(b ^ 0x36 for b in key)), hashlib.sha256(bytes(b ^ 0x5C for b in key))
-
-
-class LinkCipher:
-    """Seals this link's outgoing frames and checks its incoming ones.
-
-    Each direction has its own key and an implicit u64 sequence number, starting at 0: a frame's
-    tag is HMAC-SHA256(key, seq + header + body)[:16], sent right after the frame and not counted
-    in its length. So a frame cannot be forged, altered, replayed, reordered, dropped mid-stream or
-    reflected back to its sender. It is not encryption. HMAC runs from precomputed pad states.
-    """
-
-    __slots__ = ("_send_inner", "_send_outer", "_receive_inner", "_receive_outer", "sent", "received")
-
-    def __init__(self, send_key, receive_key):
-        self._send_inner, self._send_outer = _hmac_pads(send_key)
-        self._receive_inner, self._receive_outer = _hmac_pads(receive_key)
-        self.sent = 0      # frames sealed so far = the next outgoing sequence number
-        self.received = 0  # frames checked so far = the next expected sequence number
-
-    def __repr__(self):
-        return "<LinkCipher sent=%d received=%d>" % (self.sent, self.received)
-
-    def tag(self, frame):
-        """The tag to send right after ``frame`` (an encode_frame() result); advances the sequence."""
-        inner = self._send_inner.copy()
-        inner.update(_SEQUENCE.pack(self.sent))
-        inner.update(frame)
-        outer = self._send_outer.copy()
-        outer.update(inner.digest())
-        self.sent += 1
-        return outer.digest()[:TAG_SIZE]
-
-    def check(self, marker, body, tag):
-        """Verify the next incoming frame; raise ProtocolError unless it is authentic and in order."""
-        inner = self._receive_inner.copy()
-        inner.update(_SEQUENCE_HEADER.pack(self.received, marker, len(body)))
-        inner.update(body)
-        outer = self._receive_outer.copy()
-        outer.update(inner.digest())
-        if not hmac.compare_digest(outer.digest()[:TAG_SIZE], bytes(tag)):
-            raise ProtocolError("a %s frame failed its integrity check (forged, altered, replayed or "
-                                "out of order)" % safe_text(bytes(marker).decode("ascii", "replace")))
-        self.received += 1
 
 
 class FrameDecoder:
@@ -1275,14 +1246,13 @@ class FrameDecoder:
 
     ``feed()`` takes whatever bytes arrived and returns the complete frames; a partial frame
     waits for more bytes. A length over ``max_size`` raises before the payload is buffered.
-    Until ``cipher`` is set (by the caller, when the handshake is done) a frame may be at most
+    Until ``proven`` is set (by the caller, when the key proof is done) a frame may be at most
     HANDSHAKE_MAX_SIZE and feed() returns at most one frame: call feed(b"") for the next one.
-    Once it is set, every frame must be followed by its valid tag, checked before parsing.
     """
 
     def __init__(self, max_size):
         self.max_size = max_size
-        self.cipher = None  # the link's LinkCipher, once the peer proved the key
+        self.proven = False  # the peer proved the room key
         self._buffer = bytearray()
         self._need = None  # (marker, length) of the frame whose payload is awaited
 
@@ -1295,23 +1265,20 @@ class FrameDecoder:
         frames, start, size = [], 0, len(self._buffer)
         try:
             while True:
-                cipher = self.cipher
                 if self._need is None:
                     if size - start < FRAME_HEADER.size:
                         return frames
                     self._need = self._header(start)
                     start += FRAME_HEADER.size
                 marker, length = self._need
-                end = start + length + (TAG_SIZE if cipher is not None else 0)
+                end = start + length
                 if size < end:
                     return frames
-                body = bytes(self._buffer[start:start + length])
-                if cipher is not None:
-                    cipher.check(marker, body, self._buffer[start + length:end])
+                body = bytes(self._buffer[start:end])
                 start = end
                 self._need = None
                 frames.append((marker, self._decode(marker, body)))
-                if cipher is None:  # the caller runs the handshake before the next frame
+                if not self.proven:  # the caller runs the handshake before the next frame
                     return frames
         finally:
             del self._buffer[:start]  # once per feed: deleting per frame would copy the rest each time
@@ -1320,7 +1287,7 @@ class FrameDecoder:
         marker, length = FRAME_HEADER.unpack_from(self._buffer, start)
         if marker not in MARKERS:
             raise ProtocolError("unknown frame marker %s" % safe_text(bytes(marker)))
-        if self.cipher is None:
+        if not self.proven:
             if marker == HELLO and length > HANDSHAKE_MAX_SIZE:
                 raise ProtocolError("peer runs an older NeuroMesh (protocol 1: HELO: before the key proof): "
                                     "upgrade it")
@@ -3369,11 +3336,10 @@ class SeedFiles:
 # Discovery ###################################################################
 ###############################################################################
 #
-# Announcement datagram (JSON), keeping the original's fields:
-#   {"message_type": "ONLINE" | "OFFLINE", "has_llm": bool, "timestamp": utc,
-#    "node_id", "name", "tcp_port", "http_port", "version", "protocol_version", "models": [...]}
-# sent as b"NMK1" + HMAC tag + JSON (see tag_datagram); a keyed node announces only
-# node_id, tcp_port and protocol_version, and drops datagrams without this room's tag.
+# Announcement datagram (JSON): {"message_type": "ONLINE" | "OFFLINE", "timestamp": utc, "node_id",
+#    "tcp_port", "version", "protocol_version", "has_llm"}, open room or keyed (names and models
+# cross only in TLS); sent as b"NMK1" + HMAC tag + JSON (see tag_datagram); a keyed node drops
+# datagrams without this room's tag.
 
 MAX_DATAGRAM = 65507
 
@@ -3465,7 +3431,7 @@ class Discovery:
     def announce(self, kind, hello):
         if self.sock is None:
             return
-        announcement = self.make_announcement(kind, public_announcement(hello, self.room_key))
+        announcement = self.make_announcement(kind, public_announcement(hello))
         datagram = tag_datagram(self.room_key, announcement)
         for address in self.broadcast_addresses:
             try:
@@ -3520,22 +3486,92 @@ class Discovery:
 ###############################################################################
 
 
-class Link:
-    """One TCP connection to a peer: its buffers, its decoder, its key proof (``handshake``;
-    ``cipher`` seals and checks every frame once the peer proved the room key) and what the
-    peer's HELO told."""
+class OutdatedPeer(ProtocolError):
+    """The far end speaks an earlier protocol (frames in the clear, no TLS)."""
 
-    def __init__(self, sock, address, outbound, max_size, target=None, room_key=OPEN_ROOM_KEY):
+
+class TLSChannel:
+    """One link's TLS in memory (``ssl.MemoryBIO``), so the mesh loop never blocks on a
+    handshake or a partial record. ``receive(data)`` takes the bytes the socket read and returns
+    the plaintext they held; ``send(plain)`` encrypts; ``wire()`` are the bytes to write.
+    ``certificate`` is the SHA-256 of the server's certificate once ``established``. Garbage
+    raises ssl.SSLError; an older NeuroMesh's clear frames raise OutdatedPeer."""
+
+    read_size = 256 * 1024
+
+    def __init__(self, identity, server_side):
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        context = identity.server if server_side else identity.client
+        self._ssl = context.wrap_bio(self._in, self._out, server_side=server_side)
+        self._own = identity.certificate if server_side else None
+        self.established = False
+        self.certificate = None
+        self._first = True
+
+    def start(self):
+        """Begin the handshake (the client's hello goes out with the next ``wire()``)."""
+        self._handshake()
+
+    def _handshake(self):
+        try:
+            self._ssl.do_handshake()
+        except ssl.SSLWantReadError:
+            return
+        self.established = True
+        self.certificate = hashlib.sha256(self._own or self._ssl.getpeercert(True)).digest()
+
+    def receive(self, data):
+        if self._first:
+            self._first = False
+            if data[:5] in (HELLO_NONCE, HELLO):
+                raise OutdatedPeer("it runs an older NeuroMesh: upgrade it")
+        self._in.write(data)
+        if not self.established:
+            self._handshake()
+            if not self.established:
+                return b""
+        chunks = []
+        while True:
+            try:
+                chunk = self._ssl.read(self.read_size)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                raise ConnectionResetError("the peer ended TLS")
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def send(self, plain):
+        self._ssl.write(plain)
+
+    def wire(self):
+        return self._out.read() if self._out.pending else b""
+
+    def describe(self):
+        """{"version", "cipher"} once established, for /api/peers and status."""
+        cipher = self._ssl.cipher() if self.established else None
+        return {"version": self._ssl.version(), "cipher": cipher[0]} if cipher else None
+
+
+class Link:
+    """One TCP connection to a peer: its TLS (``tls``), its decoder, its key proof (``handshake``,
+    made once TLS is up), what waits to be encrypted (``outgoing``) and sent (``wire``), and what
+    the peer's HELO told."""
+
+    def __init__(self, sock, address, outbound, max_size, tls, target=None):
         self.sock = sock
         self.address = address  # (ip, port) of the far end
         self.outbound = outbound
         self.target = target  # the DialTarget this link was dialed for
         self.decoder = FrameDecoder(max_size)
-        self.outgoing = bytearray()
+        self.tls = tls
+        self.outgoing = bytearray()  # frames not yet encrypted
+        self.wire = bytearray()  # TLS bytes not yet sent
         self.connecting = outbound
-        self.handshake = Handshake(room_key, outbound)
-        self.cipher = None  # the handshake's LinkCipher once the peer proved the room key
-        self.peer_id = None  # set by the sealed HELO
+        self.handshake = None  # the key proof, once TLS is up
+        self.peer_id = None  # set by the signed HELO
         self.hello = None
         now = time.monotonic()
         self.opened = now
@@ -3546,6 +3582,10 @@ class Link:
     def __repr__(self):
         return "<Link %s:%s %s %s>" % (self.address[0], self.address[1],
                                       "out" if self.outbound else "in", (self.peer_id or "?")[:8])
+
+    @property
+    def proven(self):
+        return self.decoder.proven
 
 
 @dataclasses.dataclass(eq=False)
@@ -3601,7 +3641,8 @@ class Peer:
             "has_llm": self.has_llm, "models": list(self.models), "load": dict(self.load),
             "queue": dict(self.queue), "loaded": list(self.loaded), "tokens_per_second": self.tokens_per_second,
             "version": self.version, "last_seen": self.last_seen,
-            "outdated": bool(self.version) and self.release() < this_release(),
+            "outdated": (bool(self.version) and self.release() < this_release())
+                        or 0 < self.protocol_version < PROTOCOL_VERSION,
             "rtt_ms": None if finite_or_none(self.rtt_ms, 3600000.0) is None else round(self.rtt_ms, 3),
         }
 
@@ -3999,9 +4040,9 @@ class LinkIO:
     discovery socket and a wake-up pair; it accepts, dials, buffers, reads and writes.
 
     It knows no peers and runs on the mesh thread (but for ``wake()`` and ``call_soon()``,
-    which queues a function for ``run_calls()`` there). Every link starts with the key proof
-    (Handshake, with ``room_key``); nothing else is sent or accepted before it, and every frame
-    after it is sealed. Links from or to public addresses are refused unless ``allow_public``.
+    which queues a function for ``run_calls()`` there). Every link is TLS (TLSChannel, with
+    ``identity``) and starts with the key proof inside it (Handshake, with ``room_key``); nothing
+    else is sent or accepted before it. Links from or to public addresses are refused unless ``allow_public``.
     It tells its ``owner`` (the Mesh): ``owner.hello_frame(link)`` is sent first once the peer
     proved the key, ``owner.link_frame(link, marker, payload)`` gets each frame received
     after that (a ProtocolError closes the link) and ``owner.link_closed(link, reason)``
@@ -4012,8 +4053,9 @@ class LinkIO:
 
     max_outgoing = 16 * MiB  # a peer that does not read is dropped, not buffered for
 
-    def __init__(self, owner, max_frame, counters, room_key=OPEN_ROOM_KEY, allow_public=False):
+    def __init__(self, owner, max_frame, counters, identity, room_key=OPEN_ROOM_KEY, allow_public=False):
         self.owner = owner
+        self.identity = identity
         self.max_frame = max_frame
         self.counters = counters
         self.room_key = room_key
@@ -4103,7 +4145,8 @@ class LinkIO:
         except (OSError, ValueError):
             close_quietly(sock)
             raise
-        link = Link(sock, (target.ip or target.host, target.port), True, self.max_frame, target, self.room_key)
+        link = Link(sock, (target.ip or target.host, target.port), True, self.max_frame,
+                    TLSChannel(self.identity, False), target)
         self.links.add(link)
         self._selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, link)
         self.counters["dials"] += 1
@@ -4122,10 +4165,10 @@ class LinkIO:
                 close_quietly(sock)
                 continue
             sock.setblocking(False)
-            link = Link(sock, address[:2], False, self.max_frame, room_key=self.room_key)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            link = Link(sock, address[:2], False, self.max_frame, TLSChannel(self.identity, True))
             self.links.add(link)
             self._selector.register(sock, selectors.EVENT_READ, link)
-            self._queue_all(link, link.handshake.start())
             self.counters["accepted"] += 1
 
     def origin_allowed(self, ip, direction):
@@ -4142,13 +4185,14 @@ class LinkIO:
             self.queue(link, frame)
 
     def queue(self, link, frame):
-        """Queue ``frame`` on ``link``, sealed; before the key proof only HI!!:/AUTH: frames go."""
+        """Queue ``frame`` on ``link`` (encrypted when it is written); before the key proof only
+        HI!!:/AUTH: frames go."""
         if link.closed:
             return
-        if link.cipher is None and frame[:5] not in HANDSHAKE_MARKERS:
+        if not link.proven and frame[:5] not in HANDSHAKE_MARKERS:
             self.counters["frames_held_back"] += 1
             return
-        if link.outgoing and len(link.outgoing) + len(frame) > self.max_outgoing:
+        if link.outgoing and len(link.outgoing) + len(link.wire) + len(frame) > self.max_outgoing:
             log_limited(logging.WARNING, ("not reading", link.address[0]), "dropping the link to %s:%s: it "
                         "does not read what it is sent (%.1f MiB queued)", link.address[0], link.address[1],
                         len(link.outgoing) / MiB)
@@ -4156,8 +4200,6 @@ class LinkIO:
             self.close(link, "peer does not read what it is sent")
             return
         link.outgoing += frame
-        if link.cipher is not None:
-            link.outgoing += link.cipher.tag(frame)
         if not link.connecting:
             self._selector.modify(link.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, link)
 
@@ -4182,17 +4224,22 @@ class LinkIO:
             if not self._connected_peer_allowed(link):
                 return
             link.connecting = False
-            self._queue_all(link, link.handshake.start())
-        if link.outgoing:
+            link.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            link.tls.start()
+        if link.outgoing and link.tls.established:  # every frame queued since the last write: few records
+            link.tls.send(link.outgoing)
+            link.outgoing.clear()
+        link.wire += link.tls.wire()
+        if link.wire:
             try:
-                sent = link.sock.send(link.outgoing)
+                sent = link.sock.send(link.wire)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 self.close(link, "send failed: %s" % exc)
                 return
-            del link.outgoing[:sent]
-        if not link.outgoing:
+            del link.wire[:sent]
+        if not link.wire and not (link.outgoing and link.tls.established):
             if link.closing is not None:
                 self.close(link, link.closing[0])
                 return
@@ -4212,13 +4259,34 @@ class LinkIO:
             self.close(link, "connection closed by peer")
             return
         try:
-            self._take(link, data)
+            self._take(link, self._decrypt(link, data))
+        except OutdatedPeer as exc:
+            self.counters["outdated_peers"] += 1
+            self.owner.link_outdated(link)
+            self.close(link, str(exc))
+        except (ssl.SSLError, ConnectionResetError) as exc:
+            self.counters["tls_errors"] += 1
+            log_limited(logging.INFO, ("tls error", link.address[0]), "closing link to %s:%s: not a NeuroMesh "
+                        "TLS link (%s)", link.address[0], link.address[1], safe_text(str(exc), 120))
+            self.close(link, "TLS failed: %s" % safe_text(str(exc), 120))
         except ProtocolError as exc:
             self.counters["protocol_errors"] += 1
             text = str(exc)
             log_limited(logging.WARNING, ("protocol error", link.address[0], text[:30]),
                         "closing link to %s:%s: %s", link.address[0], link.address[1], text)
+            if not link.proven:  # the key proof it still waits for: so both ends log why
+                self._send_now(link)
             self.close(link, text)
+
+    def _send_now(self, link):
+        """One try to send what is queued on ``link``, without waiting."""
+        if link.outgoing and link.tls.established:
+            link.tls.send(link.outgoing)
+            link.outgoing.clear()
+        try:
+            link.sock.send(link.wire + link.tls.wire())
+        except OSError:
+            pass
 
     def _connected_peer_allowed(self, link):
         try:
@@ -4231,13 +4299,27 @@ class LinkIO:
             return False
         return True
 
+    def _decrypt(self, link, data):
+        """The plaintext in ``data``; once TLS is up, the key proof starts inside it."""
+        plain = link.tls.receive(data)
+        if link.handshake is None and link.tls.established:
+            link.handshake = Handshake(self.room_key, link.outbound, link.tls.certificate)
+            self.counters["tls_handshakes"] += 1
+            self._queue_all(link, link.handshake.start())
+        link.wire += link.tls.wire()
+        if link.wire and not link.closed:
+            self._selector.modify(link.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, link)
+        return plain
+
     def _take(self, link, data):
         """Feed ``data`` to the link's decoder and handle every complete frame: the key proof's
-        frames one by one until it is done, then the owner's (sealed) frames."""
+        frames one by one until it is done, then the owner's frames."""
+        if not data:
+            return
         frames = link.decoder.feed(data)
         while frames:
             link.last_received = time.monotonic()  # only a complete frame shows the peer is alive
-            handshaking = link.cipher is None
+            handshaking = not link.proven
             for marker, payload in frames:
                 if link.closed:
                     return
@@ -4253,7 +4335,7 @@ class LinkIO:
     def _handshake_step(self, link, marker, payload):
         self._queue_all(link, link.handshake.receive(marker, payload))
         if link.handshake.done:
-            link.cipher = link.decoder.cipher = link.handshake.cipher
+            link.decoder.proven = True
             self.counters["key_proofs"] += 1
             self.queue(link, self.owner.hello_frame(link))
 
@@ -4272,15 +4354,17 @@ class LinkIO:
     def close_links(self, goodbye):
         """Send ``goodbye`` on every handshaken link, flush for up to a second, close them all."""
         for link in list(self.links):
-            if link.peer_id is not None and link.cipher is not None and not link.connecting:
-                link.outgoing += goodbye + link.cipher.tag(goodbye)
+            if link.peer_id is not None and link.proven and not link.connecting:
+                link.tls.send(bytes(link.outgoing) + goodbye)
+                link.outgoing.clear()
+                link.wire += link.tls.wire()
         deadline = time.monotonic() + 1.0
         for link in list(self.links):  # best effort flush, bounded in time
             link.sock.setblocking(True)
             link.sock.settimeout(max(0.01, deadline - time.monotonic()))
             try:
-                if link.outgoing and not link.connecting:
-                    link.sock.sendall(link.outgoing)
+                if link.wire and not link.connecting:
+                    link.sock.sendall(link.wire)
             except OSError:
                 pass
             self.close(link, "this node is stopping")
@@ -4342,7 +4426,7 @@ class Mesh:
     handshake_timeout = 10.0
     forget_after = 600.0  # seconds a down peer stays listed
 
-    def __init__(self, config, node_id, listener=None, key=None, resolve=None):
+    def __init__(self, config, node_id, listener=None, key=None, resolve=None, identity=None):
         self.config = config
         self.node_id = node_id
         self.key = key  # the NodeKey that proves node_id in every HELO
@@ -4353,7 +4437,8 @@ class Mesh:
         self.counters = collections.Counter()
         self.tcp_port = None
         self.room_key = derive_room_key(config.mesh_key)  # never logged, never shown
-        self.io = LinkIO(self, config.max_message_size, self.counters, self.room_key, config.allow_public)
+        identity = identity or TLSIdentity.load_or_create(config.data_dir, config.tls_max)
+        self.io = LinkIO(self, config.max_message_size, self.counters, identity, self.room_key, config.allow_public)
         self.dials = DialPlan(node_id, config.peer_timeout)
         self.resolver = NameResolver(self.call_soon, resolve)  # resolve: the lookup of --peer names
         self.link_policy = LinkPolicy(config.max_links)
@@ -4752,6 +4837,20 @@ class Mesh:
         self.counters["forwards_spared"] += len(linked) - len(targets) - (sender in linked)
         for node_id in targets:
             self.io.queue(self.peer_table[node_id].link, frame)
+
+    def link_outdated(self, link):
+        """LinkIO met an earlier protocol on ``link``: say so once, naming the peer; mark it outdated."""
+        node_id = link.target.node_id if link.target is not None else None
+        if node_id is None:
+            node_id = next((peer.node_id for peer in self.peer_table.values() if peer.address == link.address[0]
+                            and (peer.tcp_port == link.address[1] or not link.outbound)), None)
+        peer = self.peer_table.get(node_id) if node_id else None
+        if peer is not None and (not peer.protocol_version or peer.protocol_version >= PROTOCOL_VERSION):
+            peer.protocol_version = PROTOCOL_VERSION - 1
+        where = "%s:%s" % (link.address[0], link.address[1]) if link.outbound else link.address[0]
+        name = "%s (%s)" % (safe_text(peer.name), where) if peer is not None and peer.name else where
+        _VERSION_NOTICES.log(logging.WARNING, ("outdated", where), "refusing the link with %s: it runs an older "
+                             "NeuroMesh: upgrade it (this computer runs %s)", name, __version__)
 
     def link_closed(self, link, reason):
         """After LinkIO closed ``link``: back off or redial its target; its peer is down."""
