@@ -60,6 +60,7 @@ import itertools
 import hashlib
 import hmac
 import http.client
+import io
 import json
 import logging
 import mimetypes
@@ -68,6 +69,7 @@ import queue
 import random
 import re
 import secrets
+import select
 import selectors
 import shutil
 import signal
@@ -79,6 +81,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import unicodedata
 import urllib.parse
 import uuid
@@ -1010,9 +1013,10 @@ LLM_REQUEST = b"LREQ:"
 LLM_RESPONSE = b"LRES:"
 HELLO_NONCE = b"HI!!:"  # key proof, step 1: my fresh nonce and auth version
 AUTH = b"AUTH:"         # key proof, step 2: my proof that I hold the room key
+RELAY_READY = b"RELY:"  # a relay connection is ready: HTTP/1.1 requests to /relay/... follow
 HANDSHAKE_MARKERS = frozenset((HELLO_NONCE, AUTH))
 MARKERS = frozenset((HELLO, LLM_CAPS, PING, PONG, PEERS, GOODBYE, SYNC, FILE, LLM_REQUEST, LLM_RESPONSE,
-                     HELLO_NONCE, AUTH))
+                     HELLO_NONCE, AUTH, RELAY_READY))
 
 FRAME_HEADER = struct.Struct("<5sQ")
 
@@ -1354,7 +1358,7 @@ _PEER_ENTRY = {"node_id": _str(64, 1, True), "name": _str(1024), "address": _str
 
 FRAME_SCHEMAS = {
     HELLO: dict(_CAPABILITY, node_id=_str(64, 1, True), name=_str(1024), tcp_port=_int(0, 65535, True),
-                http_port=_PORT, version=_str(64), protocol_version=_int(0, MAX_LOAD),
+                http_port=_PORT, version=_str(64), protocol_version=_int(0, MAX_LOAD), role=_str(16),
                 key=_str(64, 64, True), sig=_str(128, 128, True)),
     LLM_CAPS: dict(_CAPABILITY),
     PING: {"t": Field("num", -1e15, 1e15, required=True)},
@@ -1366,6 +1370,7 @@ FRAME_SCHEMAS = {
            "heads": Field("map", hi=MAX_ORIGINS, of=Field("obj", of=_HEAD)), "more": Field("bool"),
            "spread": Field("bool")},
     LLM_REQUEST: {"peer_name": _str(1024), "reason": _str(500)},
+    RELAY_READY: {},
     LLM_RESPONSE: {"granted": Field("bool", required=True), "message": _str(500), "llm_host": _str(253),
                    "llm_port": _PORT, "token": _str(256)},
 }
@@ -3555,6 +3560,93 @@ class TLSChannel:
         return {"version": self._ssl.version(), "cipher": cipher[0]} if cipher else None
 
 
+class TLSStream(io.RawIOBase):
+    """A relay connection's TLS, taken off the mesh loop (TLSChannel on a blocking socket), read
+    and written by one thread: ``readinto`` (wrap it in io.BufferedReader), ``sendall`` and
+    ``close``. ``wire`` is what the loop left to send."""
+
+    def __init__(self, sock, tls, wire=b""):
+        io.RawIOBase.__init__(self)
+        self.sock, self.tls = sock, tls
+        self._wire = wire
+        self._plain = bytearray()
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        while not self._plain:
+            self.sendall(b"")
+            data = self.sock.recv(TLSChannel.read_size)
+            if not data:
+                return 0
+            self._plain += self.tls.receive(data)
+        count = min(len(buffer), len(self._plain))
+        buffer[:count] = self._plain[:count]
+        del self._plain[:count]
+        return count
+
+    def sendall(self, data):
+        if data:
+            self.tls.send(data)
+        wire, self._wire = self._wire + self.tls.wire(), b""
+        if wire:
+            self.sock.sendall(wire)
+
+    def close(self):
+        close_quietly(self.sock)
+        io.RawIOBase.close(self)
+
+
+def dial_relay(identity, room_key, key, address, node_id, timeout):
+    """A relay connection to the peer ``node_id`` at ``address`` (its mesh port): TLS, the key
+    proof and both signed HELOs as on a link (this end's says "role": "relay"), then its RELY:.
+    Returns the blocking ssl.SSLSocket, on which HTTP/1.1 requests to /relay/... go; raises
+    OSError (or ProtocolError) when the peer is not who it should be."""
+    sock = socket.create_connection(address, timeout=timeout)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = identity.client.wrap_socket(sock)
+        handshake = Handshake(room_key, True, hashlib.sha256(sock.getpeercert(True)).digest())
+        frames = _BlockingFrames(sock)
+        sock.sendall(b"".join(handshake.start()))
+        while not handshake.done:
+            sock.sendall(b"".join(handshake.receive(*frames.next())))
+        frames.decoder.proven = True
+        marker, payload = frames.next()
+        check_frame(marker, payload)
+        link = types.SimpleNamespace(handshake=handshake)
+        if marker != HELLO or payload.get("node_id") != node_id:
+            raise ProtocolError("the relay at %s:%d is not the peer it should be" % address)
+        proven_hello_key(link, node_id, payload)
+        sock.sendall(encode_frame(HELLO, signed_hello(key, link, {"node_id": key.node_id, "tcp_port": 0,
+                                                                "role": "relay"})))
+        while frames.next()[0] != RELAY_READY:
+            pass
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+class _BlockingFrames:
+    """The frames a blocking socket reads, one by one (for dial_relay)."""
+
+    def __init__(self, sock):
+        self.sock, self.decoder, self._ready = sock, FrameDecoder(MiB), []
+
+    def next(self):
+        while not self._ready:
+            self._ready += self.decoder.feed(b"")
+            if self._ready:
+                break
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionResetError("the peer closed the relay connection")
+            self._ready += self.decoder.feed(data)
+        return self._ready.pop(0)
+
+
 class Link:
     """One TCP connection to a peer: its TLS (``tls``), its decoder, its key proof (``handshake``,
     made once TLS is up), what waits to be encrypted (``outgoing``) and sent (``wire``), and what
@@ -3644,6 +3736,7 @@ class Peer:
             "outdated": (bool(self.version) and self.release() < this_release())
                         or 0 < self.protocol_version < PROTOCOL_VERSION,
             "rtt_ms": None if finite_or_none(self.rtt_ms, 3600000.0) is None else round(self.rtt_ms, 3),
+            "tls": self.link.tls.describe() if self.link is not None else None,  # {"version", "cipher"}
         }
 
     def update(self, info):
@@ -4200,6 +4293,8 @@ class LinkIO:
             self.close(link, "peer does not read what it is sent")
             return
         link.outgoing += frame
+        if not link.proven:  # a record for each step of the key proof, as a peer reads them one by one
+            self._encrypt(link)
         if not link.connecting:
             self._selector.modify(link.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, link)
 
@@ -4226,10 +4321,7 @@ class LinkIO:
             link.connecting = False
             link.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             link.tls.start()
-        if link.outgoing and link.tls.established:  # every frame queued since the last write: few records
-            link.tls.send(link.outgoing)
-            link.outgoing.clear()
-        link.wire += link.tls.wire()
+        self._encrypt(link)  # every frame queued since the last write: few records
         if link.wire:
             try:
                 sent = link.sock.send(link.wire)
@@ -4280,11 +4372,9 @@ class LinkIO:
 
     def _send_now(self, link):
         """One try to send what is queued on ``link``, without waiting."""
-        if link.outgoing and link.tls.established:
-            link.tls.send(link.outgoing)
-            link.outgoing.clear()
+        self._encrypt(link)
         try:
-            link.sock.send(link.wire + link.tls.wire())
+            link.sock.send(link.wire)
         except OSError:
             pass
 
@@ -4339,6 +4429,21 @@ class LinkIO:
             self.counters["key_proofs"] += 1
             self.queue(link, self.owner.hello_frame(link))
 
+    def detach(self, link):
+        """Take ``link`` off the loop, its socket open and blocking (what is queued, encrypted, is
+        in ``link.wire``): the relay's thread serves it from here on."""
+        self._encrypt(link)
+        link.closed = True
+        self.links.discard(link)
+        self._selector.unregister(link.sock)
+        link.sock.setblocking(True)
+
+    def _encrypt(self, link):
+        if link.outgoing and link.tls.established:
+            link.tls.send(link.outgoing)
+            link.outgoing.clear()
+        link.wire += link.tls.wire()
+
     def close(self, link, reason):
         if link.closed:
             return
@@ -4384,7 +4489,8 @@ class MeshListener:
     ``peer_down(peer, reason)``, ``peer_changed(peer)`` (its LLM capability changed),
     ``peer_measured(peer)`` (a new link's first round trip is known), and
     ``frame(marker, peer, payload)`` for each frame the mesh does not handle itself (a
-    ProtocolError raised there closes the link).
+    ProtocolError raised there closes the link), ``relay_connection(stream, node_id, address)``
+    (a peer's relay connection, to serve on a thread of its own).
     """
 
     def hello_extra(self):
@@ -4404,6 +4510,10 @@ class MeshListener:
 
     def frame(self, marker, peer, payload):
         log.debug("no handler for %s frames", marker.decode("ascii"))
+
+    def relay_connection(self, stream, node_id, address):
+        """A proven relay connection from the peer ``node_id`` (a TLSStream): serve it, or close it."""
+        stream.close()
 
 
 class Mesh:
@@ -4760,6 +4870,9 @@ class Mesh:
         if not isinstance(tcp_port, int) or isinstance(tcp_port, bool) or not 0 <= tcp_port <= 65535:
             raise ProtocolError("handshake without a TCP port")
         public = proven_hello_key(link, node_id, payload, self.peer_table.banned(node_id))
+        if payload.get("role") == "relay":
+            self._hand_off_relay(link, node_id)
+            return
         if link.target is not None:
             link.target.node_id = node_id
         if node_id == self.node_id:
@@ -4795,6 +4908,24 @@ class Mesh:
         else:  # what the retired link still held unsent is lost: the peer hears our links again
             self._send_peer_exchange(peer)
         self.listener.peer_up(peer)
+
+    def _hand_off_relay(self, link, node_id):
+        """A peer's relay connection (proven like a link): its HTTP requests go to the listener."""
+        peer = self.peer_table.get(node_id)
+        if peer is None or peer.link is None or link.outbound:
+            raise ProtocolError("a relay connection from a peer that is not linked")
+        self.io.queue(link, encode_frame(RELAY_READY, {}))
+        self.io.detach(link)
+        self.counters["relay_connections"] += 1
+        self.listener.relay_connection(TLSStream(link.sock, link.tls, bytes(link.wire)), node_id, link.address[0])
+
+    def dial_relay(self, node_id, timeout):
+        """A new relay connection to the linked peer ``node_id`` (blocks: call it off the mesh
+        thread): a TLSStream proven as a link is, on which HTTP/1.1 requests to its /relay/... go."""
+        peer = self.peer_table.get(node_id)
+        if peer is None or not peer.address or not peer.tcp_port:
+            raise ConnectionError("no address for the peer %s" % node_id[:8])
+        return dial_relay(self.io.identity, self.room_key, self.key, (peer.address, peer.tcp_port), node_id, timeout)
 
     def _send_peer_exchange(self, only=None):
         """Tell every linked peer (or ``only`` that one) about the others, so one seed joins a
@@ -5924,17 +6055,21 @@ class RelayConnections:
     its end and left open (waitress 3.0.2 closes after every chunked answer, so today's relays
     reply on a fresh connection each time); ``close()`` drops the idle ones."""
 
-    keep = 8  # idle connections kept: the chats a student runs on one host at once
+    keep = 64  # idle connections kept: the chats this node's users run on one host at once
 
-    def __init__(self, url, connect_timeout, read_timeout):
+    def __init__(self, url, connect_timeout, read_timeout, dial=None):
         parts = urllib.parse.urlsplit(url)
         self.host, self.port = parts.hostname, parts.port or 80
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        self.dial = dial  # Mesh.dial_relay for one peer: TLS to its mesh port; None: plain HTTP to url
         self._idle = []
         self._lock = threading.Lock()
 
     def open(self):
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
+        if self.dial is not None:
+            connection = RelayConnection(self.dial, self.connect_timeout)
+        else:
+            connection = http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
         try:
             connection.connect()
             connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -5953,21 +6088,16 @@ class RelayConnections:
                 return connection
             connection.close()
 
-    def _alive(self, connection):
-        """An idle connection has nothing to read: a byte or its end means the peer closed it."""
+    @staticmethod
+    def _alive(connection):
+        """An idle connection has nothing to read: a byte (TLS's close alert) or its end means
+        the peer closed it."""
         sock = connection.sock
         if sock is None:
             return False
         try:
-            sock.setblocking(False)
-            try:
-                sock.recv(1, socket.MSG_PEEK)
-                return False
-            except BlockingIOError:
-                return True
-            finally:
-                sock.settimeout(self.read_timeout)
-        except OSError:
+            return not select.select([sock], [], [], 0)[0]
+        except (OSError, ValueError):
             return False
 
     def idle(self):
@@ -5988,6 +6118,18 @@ class RelayConnections:
             connection.close()
 
 
+class RelayConnection(http.client.HTTPConnection):
+    """http.client on a relay connection (``dial(timeout)``, Mesh.dial_relay for one peer): TLS
+    to the peer's mesh port, proven as a link is, so the chat is private and who asks is known."""
+
+    def __init__(self, dial, timeout):
+        http.client.HTTPConnection.__init__(self, "neuromesh-relay", timeout=timeout)
+        self._dial = dial
+
+    def connect(self):
+        self.sock = self._dial(self.timeout)
+
+
 class RelayResponse:
     """A relay's streamed answer read straight from ``http.client`` (see RelayConnections).
     ``raw.read1`` as ``iter_lines_live`` reads it (a broken body raises ConnectionError);
@@ -5996,6 +6138,11 @@ class RelayResponse:
     def __init__(self, connections, connection, response):
         self.raw = self
         self._connections, self._connection, self._response = connections, connection, response
+        self.response = response
+
+    def set_timeout(self, timeout):
+        if self._connection is not None and self._connection.sock is not None:
+            self._connection.sock.settimeout(timeout)
 
     def read1(self, size):
         try:
@@ -6082,9 +6229,9 @@ class RelayCall:
 
     _LAST_LINE = (b'"done": true', b'"done":true')  # the relay's final line (RelayApi._done_line)
 
-    def __init__(self, backend, body, headers):
+    def __init__(self, backend, body, headers, path=RELAY_PATH):
         self.backend = backend
-        self._body, self._headers = body, headers
+        self._body, self._headers, self._path = body, headers, path
         self._aborted = threading.Event()
         self._cancel = None
         self._last_line = False  # the answer's final line was read
@@ -6099,7 +6246,7 @@ class RelayCall:
         try:
             if self._aborted.is_set():
                 raise requests.ConnectionError("%s went down" % self.backend.node_name)
-            self._response = self._post(json.dumps(self._body).encode("utf-8"), self._headers)
+            self._response = self.post()
             for line in iter_lines_live(self._response):
                 self._heard = time.monotonic()
                 if any(mark in line for mark in self._LAST_LINE):
@@ -6123,8 +6270,12 @@ class RelayCall:
         elif time.monotonic() - self._heard > self.poll and self.backend.link_silent():
             self.abort()  # its host froze: go on elsewhere now
 
+    def post(self):
+        return self._post(json.dumps(self._body).encode("utf-8"), self._headers)
+
     def _post(self, payload, headers):
-        """The relay's answer once its status line came (_UpstreamRefused when it is not 200).
+        """The relay's answer once its status line came (_UpstreamRefused when it is not 200, or
+        for another path than the chat's, a 400 that is the request's own fault).
         A kept-alive connection the peer closed meanwhile is replaced by a fresh one, once."""
         connections, name = self.backend.connections, self.backend.node_name
         headers = dict(headers, **{"Content-Type": "application/json"})
@@ -6135,7 +6286,7 @@ class RelayCall:
                 self._socket = connection.sock  # http.client lets go of it for a reply that closes
                 if self._aborted.is_set():
                     cut_socket(connection.sock)
-                connection.request("POST", RELAY_PATH, body=payload, headers=headers)
+                connection.request("POST", self._path, body=payload, headers=headers)
                 response = connection.getresponse()
                 break
             except (OSError, http.client.HTTPException) as exc:
@@ -6144,7 +6295,8 @@ class RelayCall:
                 self._connection = None
                 if reused is None or connection is not reused or self._aborted.is_set():
                     raise _UpstreamRefused("%s did not answer: %s" % (name, type(exc).__name__))
-        if response.status != 200:
+        if response.status != 200 and (self._path == RELAY_PATH or response.status in (401, 404)
+                                       or response.status >= 500):
             try:
                 text = _relay_error_text(response.read(64 * 1024))
             except (OSError, http.client.HTTPException):
@@ -6196,12 +6348,13 @@ class PeerBackend(Backend):
     local = False
     stall_timeout = None  # seconds of a silent mesh link that mean its host froze (--peer-timeout)
 
-    def __init__(self, peer, grant):
-        Backend.__init__(self, "http://%s:%d" % (grant["llm_host"], grant["llm_port"]), peer.node_id, peer.name)
+    def __init__(self, peer, grant, dial=None):
+        Backend.__init__(self, "http://%s:%d" % (grant["llm_host"], grant["llm_port"]), peer.node_id, peer.name,
+                         parallel=max(1, (getattr(peer, "load", None) or {}).get("parallel", 1)))  # the host queues
         self.token = grant["token"]
         self.peer = peer  # its models are peer.models, kept current by LLMC:
         self.available = True
-        self.connections = RelayConnections(self.url, self.connect_timeout, self.read_timeout)
+        self.connections = RelayConnections(self.url, self.connect_timeout, self.read_timeout, dial)
         self._calls = set()
         self._calls_lock = threading.Lock()
         self._down = False
@@ -6241,8 +6394,7 @@ class PeerBackend(Backend):
         self.connections.close()
 
     def forward(self, path, body):
-        upstream = post_upstream(self, RELAY_FORWARD_PATH, {"path": path, "body": body},
-                                 {"Authorization": "Bearer " + self.token})
+        upstream = self._post(RELAY_FORWARD_PATH, {"path": path, "body": body}, self.read_timeout)
         with self._calls_lock:
             self._calls.add(upstream)  # abort() cuts it too
             down = self._down
@@ -6256,10 +6408,35 @@ class PeerBackend(Backend):
             self._calls.discard(call)
 
     def info(self, path, timeout=2.0):
-        response = self.session.post(self.url + RELAY_FORWARD_PATH, json={"path": path}, timeout=timeout,
-                                     headers={"Authorization": "Bearer " + self.token})
-        response.raise_for_status()
-        return response.json()
+        try:
+            return self._post(RELAY_FORWARD_PATH, {"path": path}, timeout).json()
+        except _UpstreamRefused as exc:
+            raise requests.ConnectionError(str(exc))
+
+    def _post(self, path, body, timeout):
+        """POST ``body`` to the peer's relay ``path``: an Upstream, or _UpstreamRefused (so the
+        next host is tried) when it is down, lacks the model or fails (see post_upstream)."""
+        if self.connections.dial is None:
+            return post_upstream(self, path, body, {"Authorization": "Bearer " + self.token})
+        call = RelayCall(self, body, {"Authorization": "Bearer " + self.token}, path)
+        relay = call.post()
+        relay.set_timeout(timeout)
+        response = relay.response
+        content_type = response.getheader("Content-Type") or "application/json"
+
+        def chunks():
+            try:
+                while True:
+                    chunk = relay.read1(65536)
+                    if not chunk:
+                        return
+                    yield chunk
+            except (OSError, ConnectionError) as exc:  # cut mid-way: say so, as Ollama does
+                if "ndjson" not in content_type:
+                    raise
+                yield b"\n" + json.dumps({"error": "the host stopped answering mid-way (%s)"
+                                                   % type(exc).__name__}).encode("utf-8") + b"\n"
+        return Upstream(response.status, content_type, chunks(), relay.close, relay)
 
 
 # -- any request kind, passed on as it is (issue 13) ----------------------------------
@@ -7113,7 +7290,8 @@ class Router:
             raise ProtocolError("LRES: frame without llm_host, llm_port and token")
         if host in ("0.0.0.0", "") or not is_private_address(host):
             host = peer.address  # its view of itself is useless from here: use where we reach it
-        backend = PeerBackend(peer, {"llm_host": host, "llm_port": port, "token": token})
+        backend = PeerBackend(peer, {"llm_host": host, "llm_port": port, "token": token},
+                              functools.partial(self.mesh.dial_relay, peer.node_id))
         backend.stall_timeout = self.config.peer_timeout
         with self.lock:
             self.grants[peer.node_id] = backend
@@ -8982,10 +9160,12 @@ class RelayApi(HttpApi):
         return [("POST", RELAY_PATH, self.post_chat), ("POST", RELAY_FORWARD_PATH, self.post_forward)]
 
     def _check_token(self):
-        """The node id the token was given to; 401 for no valid token."""
+        """The node id the token was given to; 401 for no valid token, or one given to another
+        node than the relay connection's (RelayServer: who asks comes from the connection)."""
         header = bottle.request.headers.get("Authorization", "")
         holder = self.node.router.token_holder(header[7:] if header.startswith("Bearer ") else "")
-        if holder is None:
+        connected = bottle.request.environ.get(RelayServer.PEER_KEY)
+        if holder is None or (connected is not None and holder != connected):
             raise HTTPFailure(401, "no valid LLM access token: ask for access over the mesh link (LREQ:)")
         return holder
 
@@ -9050,6 +9230,74 @@ class RelayApi(HttpApi):
     @staticmethod
     def _error_line(event):
         return {"error": event["error"], "status": event["status"]}
+
+
+class RelayServer:
+    """Serves peers' relay connections (TLSStream: TLS to the mesh port, proven as links are),
+    one thread each: HTTP/1.1 requests to the app's /relay/... routes, kept alive, answers
+    chunked. The peer's node id goes in the environ (``PEER_KEY``), so who asks comes from the
+    connection, not from anything the request says. ``serve(stream, node_id, address)``."""
+
+    PEER_KEY = "neuromesh.relay_peer"
+    max_line = 8192
+
+    def __init__(self, app):
+        self.app = app
+
+    def serve(self, stream, node_id, address):
+        threading.Thread(target=self._serve, args=(stream, node_id, address), name="neuromesh-relay-conn",
+                         daemon=True).start()
+
+    def _serve(self, stream, node_id, address):
+        reader = io.BufferedReader(stream, 65536)
+        try:
+            while self._one(reader, stream, node_id, address):
+                pass
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            log.debug("relay connection of %s ended: %s", node_id[:8], exc)
+        except Exception:
+            log.exception("error serving the relay connection of %s", node_id[:8])
+        finally:
+            stream.close()
+
+    def _one(self, reader, stream, node_id, address):
+        """Serve one request; False once the peer closed the connection."""
+        line = reader.readline(self.max_line)
+        if not line:
+            return False
+        method, target, _version = line.decode("latin-1").split()
+        headers = http.client.parse_headers(reader)
+        length = int(headers.get("Content-Length") or 0)
+        if not 0 <= length <= MAX_FORWARD_BODY:
+            raise ValueError("a relay request of %d bytes" % length)
+        path, _, query = target.partition("?")
+        environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query, "SCRIPT_NAME": "",
+                   "CONTENT_TYPE": headers.get("Content-Type") or "", "CONTENT_LENGTH": str(length),
+                   "SERVER_NAME": "neuromesh-relay", "SERVER_PORT": "0", "SERVER_PROTOCOL": "HTTP/1.1",
+                   "REMOTE_ADDR": address, "wsgi.input": io.BytesIO(reader.read(length)), "wsgi.errors": sys.stderr,
+                   "wsgi.version": (1, 0), "wsgi.url_scheme": "https", "wsgi.multithread": True,
+                   "wsgi.multiprocess": False, "wsgi.run_once": False, self.PEER_KEY: node_id}
+        for name, value in headers.items():
+            if name.lower() not in ("host", "content-type", "content-length"):
+                environ["HTTP_" + name.upper().replace("-", "_")] = value
+        if not path.startswith("/relay/"):
+            environ["PATH_INFO"] = "/relay/not-a-relay-route"  # only the relay's routes cross here
+        reply = []
+        body = self.app(environ, lambda status, response_headers, exc_info=None: reply.extend(
+            (status, response_headers)))
+        try:
+            status, response_headers = reply
+            head = "".join("%s: %s\r\n" % (name, value) for name, value in response_headers
+                           if name.lower() not in ("content-length", "connection", "transfer-encoding"))
+            stream.sendall(("HTTP/1.1 %s\r\n%sTransfer-Encoding: chunked\r\n\r\n" % (status, head)).encode("latin-1"))
+            for chunk in body:
+                if chunk:
+                    stream.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            stream.sendall(b"0\r\n\r\n")
+        finally:
+            if hasattr(body, "close"):
+                body.close()
+        return True
 
 
 # -- queues on view: /api/health's "queues" and /metrics (issue 15) ----------------------
@@ -9344,6 +9592,7 @@ class Node(MeshListener):
         self._told_offer = None  # what pages last heard of the mesh's models
         self.http_server = None
         self.http_port = None
+        self.relay_server = None
         self._threads = []
         self._stop = threading.Event()
 
@@ -9372,6 +9621,12 @@ class Node(MeshListener):
 
     def peer_measured(self, peer):
         self.events.publish("peer_update", peer.to_dict())
+
+    def relay_connection(self, stream, node_id, address):
+        if self.relay_server is None:
+            stream.close()
+        else:
+            self.relay_server.serve(stream, node_id, address)
 
     def frame(self, marker, peer, payload):
         handler = self._frame_handlers.get(marker)
@@ -9422,7 +9677,9 @@ class Node(MeshListener):
     def start(self):
         """Bind every port (errors name the flag to change), then start the threads."""
         try:
-            self.http_server = HTTPServer(self.config.host, self.config.http_port, build_app(self),
+            app = build_app(self)
+            self.relay_server = RelayServer(app)
+            self.http_server = HTTPServer(self.config.host, self.config.http_port, app,
                                           idle_timeout=self.config.http_idle_timeout,
                                           request_deadline=self.config.http_request_deadline,
                                           per_address=self.config.max_connections_per_address,
