@@ -10169,7 +10169,7 @@ class Doctor:
 
     def run(self):
         self.out("NeuroMesh doctor %s: checks this machine and its network (it changes nothing)." % __version__)
-        for check in (self.check_python, self.check_data_dir, self.check_ports, self.check_room,
+        for check in (self.check_python, self.check_data_dir, self.check_ports, self.check_room, self.check_privacy,
                       self.check_firewall, self.check_llm, self.check_network, self.check_mesh_llm):
             try:
                 check()
@@ -10230,6 +10230,30 @@ class Doctor:
         status = room_status(derive_room_key(self.config.mesh_key))
         self.add("ok", "room: closed by a room code, key hash %s (every machine of the room shows the same hash)"
                  % status["key_hash"])
+
+    def check_privacy(self):
+        """Whether peer links are private: TLS in this Python, and each link of the running node."""
+        newest = "1.3" if getattr(ssl, "HAS_TLSv1_3", False) and self.config.tls_max != "1.2" else "1.2"
+        self.add("ok", "peer links and relayed chats are private: TLS %s at most with %s (ECDSA certificate in %s)"
+                 % (newest, ssl.OPENSSL_VERSION, os.path.join(self.config.data_dir, TLS_FILE)))
+        if not (self.running and self.running.get("http_port")):
+            return
+        try:
+            peers = requests.get("http://127.0.0.1:%d/api/peers" % self.running["http_port"],
+                                 timeout=self.llm_timeout).json()
+        except (requests.RequestException, ValueError):
+            return
+        for peer in _records(peers):
+            name = safe_text(peer.get("name") or peer.get("node_id"), 60)
+            if peer.get("connected") is True:
+                self.add("ok", "the link to %s is private: %s" % (name, _tls_text(peer.get("tls"))))
+            elif peer.get("outdated") is True:
+                self.add("note", "%s is not linked: it runs an older NeuroMesh without private links" % name,
+                         "upgrade NeuroMesh on %s" % name)
+        if self.config.guests:
+            self.add("note", "guests' browsers reach the chat page over plain HTTP on the LAN (browsers refuse a "
+                     "self-signed certificate)", "use a network only the class can join (WPA2/3 with its own "
+                     "password), or let guests use a node on their own computer")
 
     def check_firewall(self):
         self.add("note", "firewall (%s): %s" % (self.system, firewall_state(self.system)),
@@ -10451,12 +10475,19 @@ def peers_table(peers):
     rows = [(safe_text(peer.get("name"), 40), safe_text(peer.get("node_id"), 64)[:8],
              safe_text(peer.get("address"), 64), safe_text(peer.get("tcp_port"), 8),
              "yes" if peer.get("connected") is True else "no", "yes" if peer.get("has_llm") is True else "no",
-             "-" if peer.get("rtt_ms") is None else safe_text(peer.get("rtt_ms"), 12),
+             "-" if peer.get("rtt_ms") is None else safe_text(peer.get("rtt_ms"), 12), _tls_text(peer.get("tls")),
              _names(peer.get("models"), 60) or "-") for peer in peers]
     if rows:
         lines += ["  " + line for line in format_table(
-            ("NAME", "NODE", "ADDRESS", "TCP", "LINKED", "LLM", "RTT MS", "MODELS"), rows)]
+            ("NAME", "NODE", "ADDRESS", "TCP", "LINKED", "LLM", "RTT MS", "TLS", "MODELS"), rows)]
     return lines
+
+
+def _tls_text(tls):
+    """A link's TLS as status shows it, e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"; "-" when unlinked."""
+    if not isinstance(tls, dict):
+        return "-"
+    return "%s %s" % (safe_text(tls.get("version"), 12), safe_text(tls.get("cipher"), 40))
 
 
 def models_table(models):
