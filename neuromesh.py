@@ -6238,7 +6238,8 @@ class RelayCall:
         self._heard = time.monotonic()  # when the last line (or the call's start) was
         self._response = None
         self._connection = None  # the one the chat is posted on
-        self._socket = None  # its socket, cut by abort()
+        self._socket = None  # its socket, cut by abort(); None once close() let go of it
+        self._socket_lock = threading.Lock()  # RelayWatch must not cut a connection gone back to the pool
 
     def lines(self, cancel):
         self._cancel = cancel
@@ -6283,7 +6284,8 @@ class RelayCall:
         for connection in ([reused] if reused else []) + [None]:
             try:
                 self._connection = connection = connection or connections.open()
-                self._socket = connection.sock  # http.client lets go of it for a reply that closes
+                with self._socket_lock:
+                    self._socket = connection.sock  # http.client lets go of it for a reply that closes
                 if self._aborted.is_set():
                     cut_socket(connection.sock)
                 connection.request("POST", self._path, body=payload, headers=headers)
@@ -6315,10 +6317,13 @@ class RelayCall:
         self._cut()
 
     def _cut(self):
-        cut_socket(self._socket)
+        with self._socket_lock:
+            cut_socket(self._socket)
 
     def close(self):
         RELAY_WATCH.discard(self)
+        with self._socket_lock:
+            self._socket = None
         response, self._response = self._response, None
         if response is not None:
             if self._last_line and not self._aborted.is_set():
