@@ -4145,6 +4145,7 @@ class LinkIO:
     """
 
     max_outgoing = 16 * MiB  # a peer that does not read is dropped, not buffered for
+    write_slice = MiB  # plaintext encrypted at a time: a big queue is not copied whole
 
     def __init__(self, owner, max_frame, counters, identity, room_key=OPEN_ROOM_KEY, allow_public=False):
         self.owner = owner
@@ -4321,7 +4322,8 @@ class LinkIO:
             link.connecting = False
             link.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             link.tls.start()
-        self._encrypt(link)  # every frame queued since the last write: few records
+        if len(link.wire) < self.write_slice:  # every frame queued since the last write: few records
+            self._encrypt(link, self.write_slice)
         if link.wire:
             try:
                 sent = link.sock.send(link.wire)
@@ -4438,10 +4440,15 @@ class LinkIO:
         self._selector.unregister(link.sock)
         link.sock.setblocking(True)
 
-    def _encrypt(self, link):
+    def _encrypt(self, link, limit=None):
+        """Move what is queued on ``link`` (at most ``limit`` bytes of it) through its TLS."""
         if link.outgoing and link.tls.established:
-            link.tls.send(link.outgoing)
-            link.outgoing.clear()
+            if limit is None or len(link.outgoing) <= limit:
+                link.tls.send(link.outgoing)
+                link.outgoing.clear()
+            else:
+                link.tls.send(bytes(link.outgoing[:limit]))
+                del link.outgoing[:limit]
         link.wire += link.tls.wire()
 
     def close(self, link, reason):
