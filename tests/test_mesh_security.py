@@ -57,6 +57,7 @@ def meshes(mesh_config):
 def fresh_log_once(monkeypatch):
     """Each test sees its own rate-limited log lines."""
     monkeypatch.setattr(nm, "_log_once", nm.LogOnce())
+    monkeypatch.setattr(nm, "_VERSION_NOTICES", nm.LogOnce(interval=float("inf")))
 
 
 def linked(a, b):

@@ -171,7 +171,7 @@ def test_a_stalled_tls_handshake_is_closed_by_the_handshake_deadline(meshes):
     assert a.mesh.io.links == set()
 
 
-def test_an_older_node_is_refused_with_one_clear_line(meshes, caplog):
+def test_an_older_node_is_refused_with_one_clear_line(meshes, caplog, fresh_log_once):
     a = meshes("node-a")
     with caplog.at_level("WARNING", logger="neuromesh"):
         for _ in range(3):
