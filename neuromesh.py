@@ -9252,16 +9252,28 @@ class RelayServer:
 
     PEER_KEY = "neuromesh.relay_peer"
     max_line = 8192
+    max_per_peer = 128  # relay connections one peer may hold open (a thread each)
+    idle_timeout = 600.0  # seconds a relay connection may wait for its next request
 
     def __init__(self, app):
         self.app = app
+        self._open = collections.Counter()
+        self._lock = threading.Lock()
 
     def serve(self, stream, node_id, address):
+        with self._lock:
+            if self._open[node_id] >= self.max_per_peer:
+                log_limited(logging.WARNING, ("relay connections", node_id), "refusing a relay connection of %s: "
+                            "it holds %d already", node_id[:8], self.max_per_peer)
+                stream.close()
+                return
+            self._open[node_id] += 1
         threading.Thread(target=self._serve, args=(stream, node_id, address), name="neuromesh-relay-conn",
                          daemon=True).start()
 
     def _serve(self, stream, node_id, address):
         reader = io.BufferedReader(stream, 65536)
+        stream.sock.settimeout(self.idle_timeout)
         try:
             while self._one(reader, stream, node_id, address):
                 pass
@@ -9271,6 +9283,8 @@ class RelayServer:
             log.exception("error serving the relay connection of %s", node_id[:8])
         finally:
             stream.close()
+            with self._lock:
+                count_down(self._open, node_id)
 
     def _one(self, reader, stream, node_id, address):
         """Serve one request; False once the peer closed the connection."""
