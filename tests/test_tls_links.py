@@ -9,6 +9,7 @@ import select
 import socket
 import ssl
 import struct
+import sys
 import time
 
 import pytest
@@ -16,7 +17,7 @@ import requests
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import neuromesh as nm
-from conftest import KEYS, RawPeer, TamperingProxy, tls_client_context, wait_for
+from conftest import NodeProcess, RawPeer, TamperingProxy, tls_client_context, wait_for
 from test_llm import MODEL, fakes, hosts_of  # noqa: F401 (fakes is a fixture)
 from test_mesh_security import KEY, fresh_log_once, linked, meshes  # noqa: F401 (fixtures)
 
@@ -229,3 +230,27 @@ def test_both_ends_of_one_certificate_prove_and_another_certificate_fails():
     assert client.secrets.channel_binding == server.secrets.channel_binding
     with pytest.raises(nm.ProtocolError, match="machine in the middle"):
         run(CERT, hashlib.sha256(b"the middle's").digest())
+
+
+# -- upgrade: nothing of the local store is lost -------------------------------------------------
+
+
+def test_upgrading_a_data_dir_of_the_previous_release_keeps_its_id_and_conversations(cluster, tmp_path):
+    from test_mixed_versions import previous_release
+    tag, _version, _protocol, program = previous_release(tmp_path)
+    data_dir = tmp_path / "upgraded"
+    old = NodeProcess(data_dir, cluster.node_args(discovery=False), "old " + tag, program=[sys.executable, program])
+    cluster.nodes.append(old)
+    old.start()
+    cid = old.post("/api/conversations", json={"title": "before the upgrade"}).json()["id"]
+    reply = old.post("/api/conversations/%s/messages" % cid, json={"content": "kept", "sender": "ana", "answer": False})
+    assert reply.status_code == 201, reply.text
+    node_id = old.node_id
+    old.stop()
+    new = NodeProcess(data_dir, cluster.node_args(discovery=False), "new")
+    cluster.nodes.append(new)
+    new.start()
+    assert new.node_id == node_id, "the same key, so the same id"
+    held = new.json("/api/conversations/%s" % cid)
+    assert held["title"] == "before the upgrade" and [m["content"] for m in held["messages"]] == ["kept"]
+    assert (data_dir / nm.TLS_FILE).exists()
