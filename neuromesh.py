@@ -907,12 +907,20 @@ class TLSIdentity:
     @staticmethod
     def _context(protocol, maximum):
         context = ssl.SSLContext(protocol)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        if maximum == "1.2":
-            context.maximum_version = ssl.TLSVersion.TLSv1_2
         context.options |= getattr(ssl, "OP_NO_COMPRESSION", 0)
-        if hasattr(context, "num_tickets") and protocol == ssl.PROTOCOL_TLS_SERVER:
-            context.num_tickets = 0  # links are never resumed: tickets would be bytes for nothing
+        try:
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            if maximum == "1.2":
+                context.maximum_version = ssl.TLSVersion.TLSv1_2
+        except (AttributeError, ValueError):  # an ssl without version bounds: the older options
+            context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
+            if maximum == "1.2":
+                context.options |= getattr(ssl, "OP_NO_TLSv1_3", 0)
+        if protocol == ssl.PROTOCOL_TLS_SERVER:
+            try:
+                context.num_tickets = 0  # links are never resumed: tickets would be bytes for nothing
+            except (AttributeError, ValueError):
+                pass
         return context
 
     @classmethod
