@@ -13,7 +13,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -69,8 +68,14 @@ def test_a_sniffer_on_the_bridge_sees_no_question_answer_title_or_name(tmp_path)
         spaces.create()
         capture = subprocess.Popen(["ip", "netns", "exec", spaces.hub, "tcpdump", "-i", "br0", "-s", "0", "-U",
                                     "-w", pcap], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_for(lambda: os.path.exists(pcap), message="the capture started")
         a, b, c = spaces.hosts
+
+        def probe():  # a datagram inside the namespaces, until the capture shows it runs
+            in_namespace(b, "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(%r, ('%s.1', 9))"
+                         "\nprint(1)" % (CONTROL.encode() + b"-start", spaces.subnet))
+            return os.path.exists(pcap) and any(CONTROL.encode() + b"-start" in frame for frame in packets(pcap))
+
+        wait_for(probe, timeout=20, interval=0.3, message="the capture runs")
         fake = subprocess.Popen(["ip", "netns", "exec", a, sys.executable, os.path.join(ROOT, "tests", "fake_ollama.py"),
                                  "--port", "11434", "--max-seconds", "300"], stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL)
@@ -109,7 +114,8 @@ def test_a_sniffer_on_the_bridge_sees_no_question_answer_title_or_name(tmp_path)
         assert in_namespace(b, "import urllib.request, urllib.error\ntry:\n urllib.request.urlopen("
                             "'http://%s.1:8080/api/health?q=%s', timeout=5)\nexcept urllib.error.HTTPError as e:\n"
                             " pass\nprint(1)" % (spaces.subnet, CONTROL)) == 1
-        time.sleep(0.5)  # tcpdump -U writes each packet at once; let the last ones land
+        wait_for(lambda: any(CONTROL.encode() + b" " in frame for frame in packets(pcap)), timeout=20,
+                 message="the control written (tcpdump -U writes each packet as it comes)")
     finally:
         for node in nodes:
             node.kill()
@@ -122,6 +128,6 @@ def test_a_sniffer_on_the_bridge_sees_no_question_answer_title_or_name(tmp_path)
         spaces.delete()
     frames = packets(pcap)
     assert len(frames) > 50, "the capture saw the mesh"
-    assert any(CONTROL.encode() in frame for frame in frames), "the control: plain HTTP is seen"
+    assert any(CONTROL.encode() + b" " in frame for frame in frames), "the control: plain HTTP is seen"
     for what, canary in CANARIES.items():
         assert not any(canary.encode() in frame for frame in frames), "the %s crossed in clear" % what
