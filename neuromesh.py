@@ -12,8 +12,8 @@ puts into ``_vendor/`` beside this file. Runs on Python 3.9 and newer.
 The rooms of this file, in the order data flows (each section a room)::
 
     helpers, config, identity       Config, NodeKey (Ed25519; the node id is its key's hash)
-    wire                            frames (marker + u64 LE length + JSON), Handshake (room code,
-                                    X25519, signed HELO), LinkCipher (a MAC on every frame), schemas
+    wire                            frames (marker + u64 LE length + JSON), Handshake (room code and
+                                    signed HELO, bound to the link's TLS certificate), schemas
     store                           Database -> EntryLog (per-origin logs) -> LogChain, BatchVerifier
                                     (hash chains, signed heads) -> Store (+ StorePages: search, pages)
     seed files                      SeedFiles: the original NeuroMesh's JSON layout
@@ -35,15 +35,15 @@ ChatService.answer -> ChatService.stream -> Router.chat -> Backend.chat (a PeerB
 crosses to the host's RelayApi) -> token events -> PageApi streams SSE ->
 ChatService._store_answer -> Store.add_message -> Node._local_entries -> SyncWorker.push.
 
-A synced message: LinkIO reads a frame -> FrameDecoder (MAC checked) -> Mesh.link_frame
+A synced message: LinkIO reads a frame (TLSChannel decrypts) -> FrameDecoder -> Mesh.link_frame
 (check_frame) -> Node.frame -> SyncWorker -> the batch verified (chain, one signature per
 origin) and stored -> EventBus -> the page's SSE.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __license__ = "MIT"
 
-PROTOCOL_VERSION = 3  # 2: the key proof (HI!!:, AUTH:) and sealed frames; 3: node keys, signed logs
+PROTOCOL_VERSION = 4  # 2: the key proof (HI!!:, AUTH:) and sealed frames; 3: node keys, signed logs; 4: TLS
 
 ###############################################################################
 # Imports and the _vendor shim ################################################
@@ -71,17 +71,20 @@ import queue
 import random
 import re
 import secrets
+import select
 import selectors
 import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import struct
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+import types
 import unicodedata
 import urllib.parse
 import uuid
@@ -110,7 +113,7 @@ try:
     import ifaddr
     import requests
     import waitress.server
-    from ecdsa import BadSignatureError, Ed25519, SigningKey, VerifyingKey
+    from ecdsa import NIST256p, BadSignatureError, Ed25519, SigningKey, VerifyingKey
     from waitress import wasyncore
 except ImportError as _missing:  # pragma: no cover - exercised by hand on a bare machine
     _fix = ".\\install.ps1" if os.name == "nt" else "./install.sh"
@@ -444,6 +447,13 @@ def parse_bool(text):
     raise ValueError("not a yes/no value: %r" % (text,))
 
 
+def parse_tls_max(text):
+    text = str(text).strip()
+    if text not in ("1.2", "1.3"):
+        raise ValueError("write 1.2 or 1.3")
+    return text
+
+
 def parse_mesh_key(text):
     """A room code, trimmed; its text never goes into an error message."""
     if not isinstance(text, str) or not text.strip():
@@ -514,6 +524,8 @@ SETTINGS = {
     "mesh_key": (parse_mesh_key, "room code: only nodes with the same code link and "
                  "learn anything (default: an open room); prefer NEUROMESH_MESH_KEY or the config file, "
                  "as flags show in `ps`"),
+    "tls_max": (parse_tls_max, "newest TLS version of peer links: 1.2 or 1.3 (default: the newest this "
+                               "Python has; links use at least 1.2)"),
     "allow_public": (parse_bool, "accept peers and announcements from public (non-private) addresses"),
     "guests": (parse_bool, "let browser-only devices of the room (phones, Chromebooks) use the chat page "
                            "after they enter this node's guest code (default: this computer only)"),
@@ -574,6 +586,7 @@ class Config:
     llm_parallel: int = 1
     lan_api: bool = False
     mesh_key: str = dataclasses.field(default=None, repr=False)  # the room code: never shown
+    tls_max: str = None
     allow_public: bool = False
     guests: bool = False
     chat_rate: int = DEFAULTS["chat_rate"]
@@ -778,8 +791,8 @@ def load_node_key(data_dir):
 # Each node holds an Ed25519 key (pure Python, the `ecdsa` package) in its data dir; its node id is
 # a short hash of the public key, so only the key's holder can speak for that id. Pure-Python
 # verification costs milliseconds, so logs are hash-chained and only one head per origin per
-# batch is signed (see LogChain, BatchVerifier). Links also run an ephemeral X25519 exchange, so
-# even a student who knows the room code cannot sit between two nodes with the link keys.
+# batch is signed (see LogChain, BatchVerifier). Links run in TLS (TLSIdentity, TLSChannel), and
+# each HELO signs the link's certificate: a student who knows the room code cannot sit between.
 
 KEY_FILE = "node_key"        # 64 hex characters: the Ed25519 seed (RFC 8032 private key)
 TEACHER_KEY_FILE = "teacher_key"  # the same, of the room's teacher (`neuromesh.py teacher`)
@@ -892,6 +905,92 @@ def verify_signature(public_key, message, signature):
         return False
 
 
+TLS_FILE = "tls_identity.pem"  # this node's TLS key and self-signed certificate (0600)
+_OID_ECDSA_SHA256 = (1, 2, 840, 10045, 4, 3, 2)
+_OID_COMMON_NAME = (2, 5, 4, 3)
+
+
+def _der(tag, body):
+    from ecdsa import der
+    return bytes([tag]) + der.encode_length(len(body)) + body
+
+
+def self_signed_certificate(signing_key, name="neuromesh"):
+    """A DER X.509 v3 certificate of ``signing_key`` (ECDSA P-256), signed by itself. Nothing
+    checks its fields: a link's identity is the node key's signature over its fingerprint."""
+    from ecdsa import der
+    from ecdsa.util import sigencode_der
+    algorithm = der.encode_sequence(der.encode_oid(*_OID_ECDSA_SHA256))
+    subject = der.encode_sequence(_der(0x31, der.encode_sequence(der.encode_oid(*_OID_COMMON_NAME),
+                                                                 _der(0x0C, name.encode("ascii")))))
+    validity = der.encode_sequence(_der(0x17, b"200101000000Z"), _der(0x18, b"99991231235959Z"))
+    serial = der.encode_integer(int.from_bytes(os.urandom(16), "big") >> 1)
+    tbs = der.encode_sequence(der.encode_constructed(0, der.encode_integer(2)), serial, algorithm, subject,
+                              validity, subject, signing_key.get_verifying_key().to_der())
+    signature = signing_key.sign_deterministic(tbs, hashfunc=hashlib.sha256, sigencode=sigencode_der)
+    return der.encode_sequence(tbs, algorithm, der.encode_bitstring(signature, 0))
+
+
+class TLSIdentity:
+    """This node's TLS key and self-signed certificate (kept in the data dir, mode 0600, made at
+    first start) and the SSLContexts of its links: TLS 1.2 at least, 1.3 where both ends have it
+    (stock macOS python3 has LibreSSL with 1.2 only), ECDSA P-256 for every ``ssl``. Clients do
+    not check the certificate: Handshake binds the room code and both node keys to it."""
+
+    def __init__(self, path, maximum=None):
+        self.path = path
+        with open(path, "rb") as handle:
+            text = handle.read().decode("ascii")
+        self.certificate = ssl.PEM_cert_to_DER_cert(text[text.index("-----BEGIN CERTIFICATE"):])
+        self.server = self._context(ssl.PROTOCOL_TLS_SERVER, maximum)
+        self.server.load_cert_chain(path)
+        self.client = self._context(ssl.PROTOCOL_TLS_CLIENT, maximum)
+        self.client.check_hostname = False
+        self.client.verify_mode = ssl.CERT_NONE
+
+    @staticmethod
+    def _context(protocol, maximum):
+        context = ssl.SSLContext(protocol)
+        context.options |= getattr(ssl, "OP_NO_COMPRESSION", 0)
+        try:
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            if maximum == "1.2":
+                context.maximum_version = ssl.TLSVersion.TLSv1_2
+        except (AttributeError, ValueError):  # an ssl without version bounds: the older options
+            context.options |= ssl.OP_NO_TLSv1 | ssl.OP_NO_TLSv1_1
+            if maximum == "1.2":
+                context.options |= getattr(ssl, "OP_NO_TLSv1_3", 0)
+        if protocol == ssl.PROTOCOL_TLS_SERVER:
+            try:
+                context.num_tickets = 0  # links are never resumed: tickets would be bytes for nothing
+            except (AttributeError, ValueError):
+                pass
+        return context
+
+    @classmethod
+    def load_or_create(cls, data_dir, maximum=None):
+        """The identity in ``data_dir``; a missing or damaged file is made anew (nothing trusts a
+        certificate beyond one link, so a new one costs nothing). ``maximum`` "1.2" caps TLS."""
+        os.makedirs(data_dir, exist_ok=True)
+        path = os.path.join(data_dir, TLS_FILE)
+        try:
+            return cls(path, maximum)
+        except (OSError, ValueError, ssl.SSLError):
+            pass
+        key = SigningKey.generate(curve=NIST256p)
+        text = key.to_pem().decode("ascii") + ssl.DER_cert_to_PEM_cert(self_signed_certificate(key))
+        temporary = path + ".tmp"
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w", encoding="ascii") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+        return cls(path, maximum)
+
+
 def load_saved_name(data_dir):
     """The name the owner gave this node from the page (kept in the data dir), or None."""
     try:
@@ -947,58 +1046,6 @@ def bound_owner(conversation_id):
     return match.group(1) if match else None
 
 
-_X25519_P = 2 ** 255 - 19
-
-
-def x25519(scalar, u_bytes):
-    """RFC 7748 X25519 (a Montgomery ladder, ~1.4 ms): shared secret of ``scalar`` and ``u_bytes``."""
-    k = bytearray(scalar)
-    k[0] &= 248
-    k[31] = (k[31] & 127) | 64
-    k = int.from_bytes(k, "little")
-    p = _X25519_P
-    x1 = int.from_bytes(u_bytes, "little") & ((1 << 255) - 1)
-    x2, z2, x3, z3, swap = 1, 0, x1, 1, 0
-    for t in range(254, -1, -1):
-        bit = (k >> t) & 1
-        swap ^= bit
-        if swap:
-            x2, x3, z2, z3 = x3, x2, z3, z2
-        swap = bit
-        a, b = (x2 + z2) % p, (x2 - z2) % p
-        aa, bb = a * a % p, b * b % p
-        e = (aa - bb) % p
-        c, d = (x3 + z3) % p, (x3 - z3) % p
-        da, cb = d * a % p, c * b % p
-        x3 = (da + cb) ** 2 % p
-        z3 = x1 * (da - cb) ** 2 % p
-        x2 = aa * bb % p
-        z2 = e * (aa + 121665 * e) % p
-    if swap:
-        x2, z2 = x3, z3
-    return (x2 * pow(z2, p - 2, p) % p).to_bytes(32, "little")
-
-
-def x25519_public(scalar):
-    return x25519(scalar, (9).to_bytes(32, "little"))
-
-
-_EPHEMERAL_LOCK = threading.Lock()
-_EPHEMERAL = [0.0, None]  # [renew after (monotonic), (secret, public)]
-
-
-def ephemeral_key_pair(lifetime=60.0):
-    """This node's X25519 key pair for new links, renewed every ``lifetime`` seconds: a
-    connection that never completes a handshake then costs no scalar multiplication (the
-    fresh nonces still make every link's keys unique)."""
-    with _EPHEMERAL_LOCK:
-        now = time.monotonic()
-        if _EPHEMERAL[1] is None or now >= _EPHEMERAL[0]:
-            secret = secrets.token_bytes(32)
-            _EPHEMERAL[:] = [now + lifetime, (secret, x25519_public(secret))]
-        return _EPHEMERAL[1]
-
-
 ###############################################################################
 # Wire protocol ###############################################################
 ###############################################################################
@@ -1018,9 +1065,10 @@ LLM_REQUEST = b"LREQ:"
 LLM_RESPONSE = b"LRES:"
 HELLO_NONCE = b"HI!!:"  # key proof, step 1: my fresh nonce and auth version
 AUTH = b"AUTH:"         # key proof, step 2: my proof that I hold the room key
+RELAY_READY = b"RELY:"  # a relay connection is ready: HTTP/1.1 requests to /relay/... follow
 HANDSHAKE_MARKERS = frozenset((HELLO_NONCE, AUTH))
 MARKERS = frozenset((HELLO, LLM_CAPS, PING, PONG, PEERS, GOODBYE, SYNC, FILE, LLM_REQUEST, LLM_RESPONSE,
-                     HELLO_NONCE, AUTH))
+                     HELLO_NONCE, AUTH, RELAY_READY))
 
 FRAME_HEADER = struct.Struct("<5sQ")
 
@@ -1033,27 +1081,26 @@ def encode_frame(marker, payload):
     return FRAME_HEADER.pack(marker, len(body)) + body
 
 
-# Mesh authentication. Every link starts with a key proof, keyed or not (one code path):
-#   both ends:  HI!!: {"v": 2, "n": <32-byte nonce, hex>, "e": <ephemeral X25519 key, hex>}
-#   both ends:  AUTH: {"p": <HMAC proof of the link key, hex>}   (plain: a MAC, not the key)
-#   then every frame, HELO: first, is sealed: the frame followed by a 16-byte tag,
-#   HMAC-SHA256(direction key, u64 sequence number + header + body), not counted in the length.
+# Mesh authentication. Every link is TLS (1.2 at least; TLSIdentity), and inside it starts with a
+# key proof, keyed or not (one code path):
+#   both ends:  HI!!: {"v": 3, "n": <32-byte nonce, hex>, "c": <SHA-256 of the server's TLS certificate, hex>}
+#   both ends:  AUTH: {"p": <HMAC proof of the room key over both HI!!: and the certificate, hex>}
+#   then HELO:, signed by the node key over the peer's nonce and the link's binding, which covers
+#   the certificate: someone in the path who ends TLS on both sides with a certificate of their
+#   own is refused by both ends, even in an open room (its code is public).
 # Without --mesh-key the room key is OPEN_ROOM_KEY, which is public: the mesh is open but runs
-# the same handshake. This authenticates; it does not encrypt (a LAN sniffer reads frames).
+# the same handshake. TLS encrypts every frame; it carries their integrity too.
 # Discovery datagrams are b"NMK1" + 32-byte HMAC tag + the JSON announcement.
 
-TAG_SIZE = 16                 # bytes of HMAC-SHA256 carried after each sealed frame
 NONCE_SIZE = 32
 HANDSHAKE_MAX_SIZE = 4096     # largest frame a peer may send before it proved the key
-AUTH_VERSION = 2              # 2: an ephemeral X25519 key in HI!!: ("e")
+AUTH_VERSION = 3              # 3: inside TLS, bound to the server's certificate ("c")
 DATAGRAM_MAGIC = b"NMK1"
 DATAGRAM_TAG_SIZE = 32
 ROOM_KDF_ITERATIONS = 200000  # PBKDF2: slows offline guessing of a weak room code (~0.1 s, once)
 OPEN_ROOM_KEY = hashlib.sha256(b"neuromesh open room v1").digest()  # public by design
 _ROOM_SALT = b"neuromesh room code v1"
-_LINK_LABEL = b"neuromesh link v1"
-_SEQUENCE = struct.Struct("<Q")
-_SEQUENCE_HEADER = struct.Struct("<Q5sQ")  # sequence number + FRAME_HEADER, MAC'd in one update
+_LINK_LABEL = b"neuromesh link v2"
 
 
 def derive_room_key(code):
@@ -1112,14 +1159,13 @@ def open_datagram(room_key, data):
     return body if hmac.compare_digest(data[len(DATAGRAM_MAGIC):start], expected) else None
 
 
-PUBLIC_ANNOUNCEMENT_FIELDS = ("node_id", "tcp_port", "protocol_version")
+PUBLIC_ANNOUNCEMENT_FIELDS = ("node_id", "tcp_port", "protocol_version", "version", "has_llm")
 
 
-def public_announcement(hello, room_key):
-    """What a node may announce in the clear: everything when open; when keyed, only what a dial
-    needs (names, models and LLM come in the sealed HELO: once the peer proved the key)."""
-    if is_open_room(room_key):
-        return dict(hello)
+def public_announcement(hello):
+    """What a node may announce in the clear, open room or not: only what a dial needs (whether
+    to dial an LLM host first, and whether it speaks this protocol). Names and models come in
+    the HELO:, inside TLS, once the peer proved the key."""
     return {key: hello[key] for key in PUBLIC_ANNOUNCEMENT_FIELDS if key in hello}
 
 
@@ -1143,24 +1189,18 @@ def _hex_field(payload, key, size, what):
 
 
 class LinkSecrets:
-    """The keys of one link, derived from the room key and the handshake transcript.
+    """The keys of one link, derived from the room key and the handshake transcript (which holds
+    the server's TLS certificate). ``channel_binding`` is public-safe and unique to the link (the
+    HELO signatures cover it)."""
 
-    ``channel_binding`` is public-safe and unique to the link (the HELO signatures cover it);
-    ``dh_secret`` is the link's ephemeral X25519 secret, so a relay in the middle that knows the
-    room key still ends up with different keys on each side.
-    """
-
-    def __init__(self, room_key, transcript_hash, dh_secret=b""):
-        prk = hmac.new(transcript_hash, _subkey(room_key, b"handshake") + dh_secret,
-                       hashlib.sha256).digest()  # HKDF-Extract(salt=transcript, ikm)
+    def __init__(self, room_key, transcript_hash):
+        prk = hmac.new(transcript_hash, _subkey(room_key, b"handshake"), hashlib.sha256).digest()  # HKDF-Extract
 
         def expand(label):  # HKDF-Expand, one block
             return hmac.new(prk, _LINK_LABEL + b" " + label + b"\x01", hashlib.sha256).digest()
 
         self.proof_initiator = expand(b"proof initiator")
         self.proof_responder = expand(b"proof responder")
-        self.mac_initiator = expand(b"mac initiator->responder")
-        self.mac_responder = expand(b"mac responder->initiator")
         self.channel_binding = expand(b"channel binding")
 
     def __repr__(self):
@@ -1168,25 +1208,25 @@ class LinkSecrets:
 
 
 class Handshake:
-    """Runs one link's key proof, both ends alike: nonce exchange, transcript, proofs; when the
-    peer proved the room key, ``done`` is True and ``cipher`` seals and checks every later frame.
+    """Runs one link's key proof inside its TLS, both ends alike: nonce exchange, transcript,
+    proofs; when the peer proved the room key, ``done`` is True. ``certificate`` is the SHA-256
+    of the server's TLS certificate as this end sees it (its own on the server).
 
     ``start()`` and ``receive(marker, payload)`` return encoded frames to send, in order. Any
-    misstep (wrong marker, malformed payload, wrong proof) raises ProtocolError and the
-    handshake is failed for good: close the link.
+    misstep (wrong marker, malformed payload, wrong proof, another certificate) raises
+    ProtocolError and the handshake is failed for good: close the link.
     """
 
-    def __init__(self, room_key, initiator, nonce=None):
+    def __init__(self, room_key, initiator, certificate, nonce=None):
         self.initiator = initiator  # True on the end that dialed
         self._room_key = room_key
+        self._certificate = certificate
         self._nonce = nonce if nonce is not None else secrets.token_bytes(NONCE_SIZE)
-        self._ephemeral, public = ephemeral_key_pair()
-        self._hello = {"v": AUTH_VERSION, "n": self._nonce.hex(), "e": public.hex()}
+        self._hello = {"v": AUTH_VERSION, "n": self._nonce.hex(), "c": certificate.hex()}
         self._state = "new"  # new -> wait_nonce -> wait_proof -> done | failed
         self.peer_nonce = None
         self.transcript_hash = None
         self.secrets = None
-        self.cipher = None
 
     def __repr__(self):
         return "<Handshake %s %s>" % ("initiator" if self.initiator else "responder", self._state)
@@ -1200,14 +1240,14 @@ class Handshake:
         return self._nonce
 
     def start(self):
-        """The opening frame(s): my HI!!:. Call once the TCP connection is up."""
+        """The opening frame(s): my HI!!:. Call once TLS is up."""
         if self._state != "new":
             return []
         self._state = "wait_nonce"
         return [encode_frame(HELLO_NONCE, self._hello)]
 
     def receive(self, marker, payload):
-        """Take one unsealed frame from the peer; return the frames to send in reply."""
+        """Take one frame of the key proof from the peer; return the frames to send in reply."""
         state = self._state
         self._state = "failed"  # until this step succeeds
         if state in ("new", "wait_nonce") and marker == HELLO_NONCE:
@@ -1219,9 +1259,6 @@ class Handshake:
             self._take_proof(payload)
             self._state = "done"
             return []
-        if marker == HELLO:
-            raise ProtocolError("peer %s runs an older NeuroMesh (protocol 1, no key proof): upgrade it"
-                                % safe_text(payload.get("name") if isinstance(payload, dict) else None, 100))
         name = safe_text(marker.decode("ascii", "replace")) if isinstance(marker, bytes) else "?"
         raise ProtocolError("%s frame during the key proof (%s)" % (name, state))
 
@@ -1230,22 +1267,22 @@ class Handshake:
             raise ProtocolError("a HI!!: frame must carry a JSON object")
         version = payload.get("v")
         if not isinstance(version, int) or isinstance(version, bool) or version != AUTH_VERSION:
-            raise ProtocolError("the peer speaks mesh auth version %s, this node %d"
-                                % (safe_text(version, 20), AUTH_VERSION))
+            raise ProtocolError("the peer speaks mesh auth version %s, this node %d: it runs an older "
+                                "NeuroMesh: upgrade it" % (safe_text(version, 20), AUTH_VERSION))
         peer_nonce = _hex_field(payload, "n", NONCE_SIZE, "HI!!: frame")
         if hmac.compare_digest(peer_nonce, self._nonce):
             raise ProtocolError("the peer sent this node's own nonce back")
-        dh_secret = x25519(self._ephemeral, _hex_field(payload, "e", 32, "HI!!: frame"))
-        if dh_secret == bytes(32):
-            raise ProtocolError("the peer sent a degenerate X25519 key")
+        if not hmac.compare_digest(_hex_field(payload, "c", 32, "HI!!: frame"), self._certificate):
+            raise ProtocolError("the peer sees another TLS certificate than this node: someone in the path "
+                                "ends TLS on both sides (a machine in the middle); link refused")
         mine, theirs = _canonical(self._hello), _canonical(payload)
         first, second = (mine, theirs) if self.initiator else (theirs, mine)
-        digest = hashlib.sha256(_LINK_LABEL + b" transcript")
+        digest = hashlib.sha256(_LINK_LABEL + b" transcript" + self._certificate)
         for part in (first, second):
             digest.update(struct.pack("<I", len(part)) + part)
         self.peer_nonce = peer_nonce
         self.transcript_hash = digest.digest()
-        self.secrets = LinkSecrets(self._room_key, self.transcript_hash, dh_secret)
+        self.secrets = LinkSecrets(self._room_key, self.transcript_hash)
         proof = self.secrets.proof_initiator if self.initiator else self.secrets.proof_responder
         return encode_frame(AUTH, {"p": proof.hex()})
 
@@ -1258,61 +1295,6 @@ class Handshake:
         if not hmac.compare_digest(proof, expected):
             raise ProtocolError("the peer does not hold this mesh's key (--mesh-key differs, "
                                 "or only one side has one)")
-        if self.initiator:
-            self.cipher = LinkCipher(keys.mac_initiator, keys.mac_responder)
-        else:
-            self.cipher = LinkCipher(keys.mac_responder, keys.mac_initiator)
-
-
-def _hmac_pads(key):
-    """SHA-256 states with HMAC's inner and outer pads of ``key`` hashed in (done once per key)."""
-    if len(key) > 64:
-        key = hashlib.sha256(key).digest()
-    key = key.ljust(64, b"\0")
-    return hashlib.sha256(bytes(b ^ 0x36 for b in key)), hashlib.sha256(bytes(b ^ 0x5C for b in key))
-
-
-class LinkCipher:
-    """Seals this link's outgoing frames and checks its incoming ones.
-
-    Each direction has its own key and an implicit u64 sequence number, starting at 0: a frame's
-    tag is HMAC-SHA256(key, seq + header + body)[:16], sent right after the frame and not counted
-    in its length. So a frame cannot be forged, altered, replayed, reordered, dropped mid-stream or
-    reflected back to its sender. It is not encryption. HMAC runs from precomputed pad states.
-    """
-
-    __slots__ = ("_send_inner", "_send_outer", "_receive_inner", "_receive_outer", "sent", "received")
-
-    def __init__(self, send_key, receive_key):
-        self._send_inner, self._send_outer = _hmac_pads(send_key)
-        self._receive_inner, self._receive_outer = _hmac_pads(receive_key)
-        self.sent = 0      # frames sealed so far = the next outgoing sequence number
-        self.received = 0  # frames checked so far = the next expected sequence number
-
-    def __repr__(self):
-        return "<LinkCipher sent=%d received=%d>" % (self.sent, self.received)
-
-    def tag(self, frame):
-        """The tag to send right after ``frame`` (an encode_frame() result); advances the sequence."""
-        inner = self._send_inner.copy()
-        inner.update(_SEQUENCE.pack(self.sent))
-        inner.update(frame)
-        outer = self._send_outer.copy()
-        outer.update(inner.digest())
-        self.sent += 1
-        return outer.digest()[:TAG_SIZE]
-
-    def check(self, marker, body, tag):
-        """Verify the next incoming frame; raise ProtocolError unless it is authentic and in order."""
-        inner = self._receive_inner.copy()
-        inner.update(_SEQUENCE_HEADER.pack(self.received, marker, len(body)))
-        inner.update(body)
-        outer = self._receive_outer.copy()
-        outer.update(inner.digest())
-        if not hmac.compare_digest(outer.digest()[:TAG_SIZE], bytes(tag)):
-            raise ProtocolError("a %s frame failed its integrity check (forged, altered, replayed or "
-                                "out of order)" % safe_text(bytes(marker).decode("ascii", "replace")))
-        self.received += 1
 
 
 class FrameDecoder:
@@ -1320,14 +1302,13 @@ class FrameDecoder:
 
     ``feed()`` takes whatever bytes arrived and returns the complete frames; a partial frame
     waits for more bytes. A length over ``max_size`` raises before the payload is buffered.
-    Until ``cipher`` is set (by the caller, when the handshake is done) a frame may be at most
+    Until ``proven`` is set (by the caller, when the key proof is done) a frame may be at most
     HANDSHAKE_MAX_SIZE and feed() returns at most one frame: call feed(b"") for the next one.
-    Once it is set, every frame must be followed by its valid tag, checked before parsing.
     """
 
     def __init__(self, max_size):
         self.max_size = max_size
-        self.cipher = None  # the link's LinkCipher, once the peer proved the key
+        self.proven = False  # the peer proved the room key
         self._buffer = bytearray()
         self._need = None  # (marker, length) of the frame whose payload is awaited
 
@@ -1340,23 +1321,20 @@ class FrameDecoder:
         frames, start, size = [], 0, len(self._buffer)
         try:
             while True:
-                cipher = self.cipher
                 if self._need is None:
                     if size - start < FRAME_HEADER.size:
                         return frames
                     self._need = self._header(start)
                     start += FRAME_HEADER.size
                 marker, length = self._need
-                end = start + length + (TAG_SIZE if cipher is not None else 0)
+                end = start + length
                 if size < end:
                     return frames
-                body = bytes(self._buffer[start:start + length])
-                if cipher is not None:
-                    cipher.check(marker, body, self._buffer[start + length:end])
+                body = bytes(self._buffer[start:end])
                 start = end
                 self._need = None
                 frames.append((marker, self._decode(marker, body)))
-                if cipher is None:  # the caller runs the handshake before the next frame
+                if not self.proven:  # the caller runs the handshake before the next frame
                     return frames
         finally:
             del self._buffer[:start]  # once per feed: deleting per frame would copy the rest each time
@@ -1365,7 +1343,7 @@ class FrameDecoder:
         marker, length = FRAME_HEADER.unpack_from(self._buffer, start)
         if marker not in MARKERS:
             raise ProtocolError("unknown frame marker %s" % safe_text(bytes(marker)))
-        if self.cipher is None:
+        if not self.proven:
             if marker == HELLO and length > HANDSHAKE_MAX_SIZE:
                 raise ProtocolError("peer runs an older NeuroMesh (protocol 1: HELO: before the key proof): "
                                     "upgrade it")
@@ -1432,7 +1410,7 @@ _PEER_ENTRY = {"node_id": _str(64, 1, True), "name": _str(1024), "address": _str
 
 FRAME_SCHEMAS = {
     HELLO: dict(_CAPABILITY, node_id=_str(64, 1, True), name=_str(1024), tcp_port=_int(0, 65535, True),
-                http_port=_PORT, version=_str(64), protocol_version=_int(0, MAX_LOAD),
+                http_port=_PORT, version=_str(64), protocol_version=_int(0, MAX_LOAD), role=_str(16),
                 key=_str(64, 64, True), sig=_str(128, 128, True)),
     LLM_CAPS: dict(_CAPABILITY),
     PING: {"t": Field("num", -1e15, 1e15, required=True)},
@@ -1445,6 +1423,7 @@ FRAME_SCHEMAS = {
            "heads": Field("map", hi=MAX_ORIGINS, of=Field("obj", of=_HEAD)), "more": Field("bool"),
            "spread": Field("bool")},
     LLM_REQUEST: {"peer_name": _str(1024), "reason": _str(500)},
+    RELAY_READY: {},
     LLM_RESPONSE: {"granted": Field("bool", required=True), "message": _str(500), "llm_host": _str(253),
                    "llm_port": _PORT, "token": _str(256)},
 }
@@ -3490,11 +3469,10 @@ class SeedFiles:
 # Discovery ###################################################################
 ###############################################################################
 #
-# Announcement datagram (JSON), keeping the original's fields:
-#   {"message_type": "ONLINE" | "OFFLINE", "has_llm": bool, "timestamp": utc,
-#    "node_id", "name", "tcp_port", "http_port", "version", "protocol_version", "models": [...]}
-# sent as b"NMK1" + HMAC tag + JSON (see tag_datagram); a keyed node announces only
-# node_id, tcp_port and protocol_version, and drops datagrams without this room's tag.
+# Announcement datagram (JSON): {"message_type": "ONLINE" | "OFFLINE", "timestamp": utc, "node_id",
+#    "tcp_port", "version", "protocol_version", "has_llm"}, open room or keyed (names and models
+# cross only in TLS); sent as b"NMK1" + HMAC tag + JSON (see tag_datagram); a keyed node drops
+# datagrams without this room's tag.
 
 MAX_DATAGRAM = 65507
 
@@ -3586,7 +3564,7 @@ class Discovery:
     def announce(self, kind, hello):
         if self.sock is None:
             return
-        announcement = self.make_announcement(kind, public_announcement(hello, self.room_key))
+        announcement = self.make_announcement(kind, public_announcement(hello))
         datagram = tag_datagram(self.room_key, announcement)
         for address in self.broadcast_addresses:
             try:
@@ -3641,22 +3619,179 @@ class Discovery:
 ###############################################################################
 
 
-class Link:
-    """One TCP connection to a peer: its buffers, its decoder, its key proof (``handshake``;
-    ``cipher`` seals and checks every frame once the peer proved the room key) and what the
-    peer's HELO told."""
+class OutdatedPeer(ProtocolError):
+    """The far end speaks an earlier protocol (frames in the clear, no TLS)."""
 
-    def __init__(self, sock, address, outbound, max_size, target=None, room_key=OPEN_ROOM_KEY):
+
+class TLSChannel:
+    """One link's TLS in memory (``ssl.MemoryBIO``), so the mesh loop never blocks on a
+    handshake or a partial record. ``receive(data)`` takes the bytes the socket read and returns
+    the plaintext they held; ``send(plain)`` encrypts; ``wire()`` are the bytes to write.
+    ``certificate`` is the SHA-256 of the server's certificate once ``established``. Garbage
+    raises ssl.SSLError; an older NeuroMesh's clear frames raise OutdatedPeer."""
+
+    read_size = 256 * 1024
+
+    def __init__(self, identity, server_side):
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        context = identity.server if server_side else identity.client
+        self._ssl = context.wrap_bio(self._in, self._out, server_side=server_side)
+        self._own = identity.certificate if server_side else None
+        self.established = False
+        self.certificate = None
+        self._first = True
+
+    def start(self):
+        """Begin the handshake (the client's hello goes out with the next ``wire()``)."""
+        self._handshake()
+
+    def _handshake(self):
+        try:
+            self._ssl.do_handshake()
+        except ssl.SSLWantReadError:
+            return
+        self.established = True
+        self.certificate = hashlib.sha256(self._own or self._ssl.getpeercert(True)).digest()
+
+    def receive(self, data):
+        if self._first:
+            self._first = False
+            if data[:5] in (HELLO_NONCE, HELLO):
+                raise OutdatedPeer("it runs an older NeuroMesh: upgrade it")
+        self._in.write(data)
+        if not self.established:
+            self._handshake()
+            if not self.established:
+                return b""
+        chunks = []
+        while True:
+            try:
+                chunk = self._ssl.read(self.read_size)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                raise ConnectionResetError("the peer ended TLS")
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def send(self, plain):
+        self._ssl.write(plain)
+
+    def wire(self):
+        return self._out.read() if self._out.pending else b""
+
+    def describe(self):
+        """{"version", "cipher"} once established, for /api/peers and status."""
+        cipher = self._ssl.cipher() if self.established else None
+        return {"version": self._ssl.version(), "cipher": cipher[0]} if cipher else None
+
+
+class TLSStream(io.RawIOBase):
+    """A relay connection's TLS, taken off the mesh loop (TLSChannel on a blocking socket), read
+    and written by one thread: ``readinto`` (wrap it in io.BufferedReader), ``sendall`` and
+    ``close``. ``wire`` is what the loop left to send."""
+
+    def __init__(self, sock, tls, wire=b""):
+        io.RawIOBase.__init__(self)
+        self.sock, self.tls = sock, tls
+        self._wire = wire
+        self._plain = bytearray()
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        while not self._plain:
+            self.sendall(b"")
+            data = self.sock.recv(TLSChannel.read_size)
+            if not data:
+                return 0
+            self._plain += self.tls.receive(data)
+        count = min(len(buffer), len(self._plain))
+        buffer[:count] = self._plain[:count]
+        del self._plain[:count]
+        return count
+
+    def sendall(self, data):
+        if data:
+            self.tls.send(data)
+        wire, self._wire = self._wire + self.tls.wire(), b""
+        if wire:
+            self.sock.sendall(wire)
+
+    def close(self):
+        close_quietly(self.sock)
+        io.RawIOBase.close(self)
+
+
+def dial_relay(identity, room_key, key, address, node_id, timeout):
+    """A relay connection to the peer ``node_id`` at ``address`` (its mesh port): TLS, the key
+    proof and both signed HELOs as on a link (this end's says "role": "relay"), then its RELY:.
+    Returns the blocking ssl.SSLSocket, on which HTTP/1.1 requests to /relay/... go; raises
+    OSError (or ProtocolError) when the peer is not who it should be."""
+    sock = socket.create_connection(address, timeout=timeout)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = identity.client.wrap_socket(sock)
+        handshake = Handshake(room_key, True, hashlib.sha256(sock.getpeercert(True)).digest())
+        frames = _BlockingFrames(sock)
+        sock.sendall(b"".join(handshake.start()))
+        while not handshake.done:
+            sock.sendall(b"".join(handshake.receive(*frames.next())))
+        frames.decoder.proven = True
+        marker, payload = frames.next()
+        check_frame(marker, payload)
+        link = types.SimpleNamespace(handshake=handshake)
+        if marker != HELLO or payload.get("node_id") != node_id:
+            raise ProtocolError("the relay at %s:%d is not the peer it should be" % address)
+        proven_hello_key(link, node_id, payload)
+        sock.sendall(encode_frame(HELLO, signed_hello(key, link, {"node_id": key.node_id, "tcp_port": 0,
+                                                                "role": "relay"})))
+        while frames.next()[0] != RELAY_READY:
+            pass
+        return sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+class _BlockingFrames:
+    """The frames a blocking socket reads, one by one (for dial_relay)."""
+
+    def __init__(self, sock):
+        self.sock, self.decoder, self._ready = sock, FrameDecoder(MiB), []
+
+    def next(self):
+        while not self._ready:
+            self._ready += self.decoder.feed(b"")
+            if self._ready:
+                break
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionResetError("the peer closed the relay connection")
+            self._ready += self.decoder.feed(data)
+        return self._ready.pop(0)
+
+
+class Link:
+    """One TCP connection to a peer: its TLS (``tls``), its decoder, its key proof (``handshake``,
+    made once TLS is up), what waits to be encrypted (``outgoing``) and sent (``wire``), and what
+    the peer's HELO told."""
+
+    def __init__(self, sock, address, outbound, max_size, tls, target=None):
         self.sock = sock
         self.address = address  # (ip, port) of the far end
         self.outbound = outbound
         self.target = target  # the DialTarget this link was dialed for
         self.decoder = FrameDecoder(max_size)
-        self.outgoing = bytearray()
+        self.tls = tls
+        self.outgoing = bytearray()  # frames not yet encrypted
+        self.wire = bytearray()  # TLS bytes not yet sent
         self.connecting = outbound
-        self.handshake = Handshake(room_key, outbound)
-        self.cipher = None  # the handshake's LinkCipher once the peer proved the room key
-        self.peer_id = None  # set by the sealed HELO
+        self.handshake = None  # the key proof, once TLS is up
+        self.peer_id = None  # set by the signed HELO
         self.hello = None
         now = time.monotonic()
         self.opened = now
@@ -3667,6 +3802,10 @@ class Link:
     def __repr__(self):
         return "<Link %s:%s %s %s>" % (self.address[0], self.address[1],
                                       "out" if self.outbound else "in", (self.peer_id or "?")[:8])
+
+    @property
+    def proven(self):
+        return self.decoder.proven
 
 
 @dataclasses.dataclass(eq=False)
@@ -3723,8 +3862,10 @@ class Peer:
             "has_llm": self.has_llm, "models": list(self.models), "load": dict(self.load),
             "queue": dict(self.queue), "loaded": list(self.loaded), "tokens_per_second": self.tokens_per_second,
             "version": self.version, "last_seen": self.last_seen,
-            "outdated": bool(self.version) and self.release() < this_release(),
+            "outdated": (bool(self.version) and self.release() < this_release())
+                        or 0 < self.protocol_version < PROTOCOL_VERSION,
             "rtt_ms": None if finite_or_none(self.rtt_ms, 3600000.0) is None else round(self.rtt_ms, 3),
+            "tls": self.link.tls.describe() if self.link is not None else None,  # {"version", "cipher"}
         }
 
     def update(self, info):
@@ -4122,9 +4263,9 @@ class LinkIO:
     discovery socket and a wake-up pair; it accepts, dials, buffers, reads and writes.
 
     It knows no peers and runs on the mesh thread (but for ``wake()`` and ``call_soon()``,
-    which queues a function for ``run_calls()`` there). Every link starts with the key proof
-    (Handshake, with ``room_key``); nothing else is sent or accepted before it, and every frame
-    after it is sealed. Links from or to public addresses are refused unless ``allow_public``.
+    which queues a function for ``run_calls()`` there). Every link is TLS (TLSChannel, with
+    ``identity``) and starts with the key proof inside it (Handshake, with ``room_key``); nothing
+    else is sent or accepted before it. Links from or to public addresses are refused unless ``allow_public``.
     It tells its ``owner`` (the Mesh): ``owner.hello_frame(link)`` is sent first once the peer
     proved the key, ``owner.link_frame(link, marker, payload)`` gets each frame received
     after that (a ProtocolError closes the link) and ``owner.link_closed(link, reason)``
@@ -4134,9 +4275,11 @@ class LinkIO:
     """
 
     max_outgoing = 16 * MiB  # a peer that does not read is dropped, not buffered for
+    write_slice = MiB  # plaintext encrypted at a time: a big queue is not copied whole
 
-    def __init__(self, owner, max_frame, counters, room_key=OPEN_ROOM_KEY, allow_public=False):
+    def __init__(self, owner, max_frame, counters, identity, room_key=OPEN_ROOM_KEY, allow_public=False):
         self.owner = owner
+        self.identity = identity
         self.max_frame = max_frame
         self.counters = counters
         self.room_key = room_key
@@ -4226,7 +4369,8 @@ class LinkIO:
         except (OSError, ValueError):
             close_quietly(sock)
             raise
-        link = Link(sock, (target.ip or target.host, target.port), True, self.max_frame, target, self.room_key)
+        link = Link(sock, (target.ip or target.host, target.port), True, self.max_frame,
+                    TLSChannel(self.identity, False), target)
         self.links.add(link)
         self._selector.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, link)
         self.counters["dials"] += 1
@@ -4245,10 +4389,10 @@ class LinkIO:
                 close_quietly(sock)
                 continue
             sock.setblocking(False)
-            link = Link(sock, address[:2], False, self.max_frame, room_key=self.room_key)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            link = Link(sock, address[:2], False, self.max_frame, TLSChannel(self.identity, True))
             self.links.add(link)
             self._selector.register(sock, selectors.EVENT_READ, link)
-            self._queue_all(link, link.handshake.start())
             self.counters["accepted"] += 1
 
     def origin_allowed(self, ip, direction):
@@ -4265,13 +4409,14 @@ class LinkIO:
             self.queue(link, frame)
 
     def queue(self, link, frame):
-        """Queue ``frame`` on ``link``, sealed; before the key proof only HI!!:/AUTH: frames go."""
+        """Queue ``frame`` on ``link`` (encrypted when it is written); before the key proof only
+        HI!!:/AUTH: frames go."""
         if link.closed:
             return
-        if link.cipher is None and frame[:5] not in HANDSHAKE_MARKERS:
+        if not link.proven and frame[:5] not in HANDSHAKE_MARKERS:
             self.counters["frames_held_back"] += 1
             return
-        if link.outgoing and len(link.outgoing) + len(frame) > self.max_outgoing:
+        if link.outgoing and len(link.outgoing) + len(link.wire) + len(frame) > self.max_outgoing:
             log_limited(logging.WARNING, ("not reading", link.address[0]), "dropping the link to %s:%s: it "
                         "does not read what it is sent (%.1f MiB queued)", link.address[0], link.address[1],
                         len(link.outgoing) / MiB)
@@ -4279,8 +4424,8 @@ class LinkIO:
             self.close(link, "peer does not read what it is sent")
             return
         link.outgoing += frame
-        if link.cipher is not None:
-            link.outgoing += link.cipher.tag(frame)
+        if not link.proven:  # a record for each step of the key proof, as a peer reads them one by one
+            self._encrypt(link)
         if not link.connecting:
             self._selector.modify(link.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, link)
 
@@ -4305,17 +4450,20 @@ class LinkIO:
             if not self._connected_peer_allowed(link):
                 return
             link.connecting = False
-            self._queue_all(link, link.handshake.start())
-        if link.outgoing:
+            link.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            link.tls.start()
+        if len(link.wire) < self.write_slice:  # every frame queued since the last write: few records
+            self._encrypt(link, self.write_slice)
+        if link.wire:
             try:
-                sent = link.sock.send(link.outgoing)
+                sent = link.sock.send(link.wire)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 self.close(link, "send failed: %s" % exc)
                 return
-            del link.outgoing[:sent]
-        if not link.outgoing:
+            del link.wire[:sent]
+        if not link.wire and not (link.outgoing and link.tls.established):
             if link.closing is not None:
                 self.close(link, link.closing[0])
                 return
@@ -4335,13 +4483,32 @@ class LinkIO:
             self.close(link, "connection closed by peer")
             return
         try:
-            self._take(link, data)
+            self._take(link, self._decrypt(link, data))
+        except OutdatedPeer as exc:
+            self.counters["outdated_peers"] += 1
+            self.owner.link_outdated(link)
+            self.close(link, str(exc))
+        except (ssl.SSLError, ConnectionResetError) as exc:
+            self.counters["tls_errors"] += 1
+            log_limited(logging.INFO, ("tls error", link.address[0]), "closing link to %s:%s: not a NeuroMesh "
+                        "TLS link (%s)", link.address[0], link.address[1], safe_text(str(exc), 120))
+            self.close(link, "TLS failed: %s" % safe_text(str(exc), 120))
         except ProtocolError as exc:
             self.counters["protocol_errors"] += 1
             text = str(exc)
             log_limited(logging.WARNING, ("protocol error", link.address[0], text[:30]),
                         "closing link to %s:%s: %s", link.address[0], link.address[1], text)
+            if not link.proven:  # the key proof it still waits for: so both ends log why
+                self._send_now(link)
             self.close(link, text)
+
+    def _send_now(self, link):
+        """One try to send what is queued on ``link``, without waiting."""
+        self._encrypt(link)
+        try:
+            link.sock.send(link.wire)
+        except OSError:
+            pass
 
     def _connected_peer_allowed(self, link):
         try:
@@ -4354,13 +4521,27 @@ class LinkIO:
             return False
         return True
 
+    def _decrypt(self, link, data):
+        """The plaintext in ``data``; once TLS is up, the key proof starts inside it."""
+        plain = link.tls.receive(data)
+        if link.handshake is None and link.tls.established:
+            link.handshake = Handshake(self.room_key, link.outbound, link.tls.certificate)
+            self.counters["tls_handshakes"] += 1
+            self._queue_all(link, link.handshake.start())
+        link.wire += link.tls.wire()
+        if link.wire and not link.closed:
+            self._selector.modify(link.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, link)
+        return plain
+
     def _take(self, link, data):
         """Feed ``data`` to the link's decoder and handle every complete frame: the key proof's
-        frames one by one until it is done, then the owner's (sealed) frames."""
+        frames one by one until it is done, then the owner's frames."""
+        if not data:
+            return
         frames = link.decoder.feed(data)
         while frames:
             link.last_received = time.monotonic()  # only a complete frame shows the peer is alive
-            handshaking = link.cipher is None
+            handshaking = not link.proven
             for marker, payload in frames:
                 if link.closed:
                     return
@@ -4376,9 +4557,29 @@ class LinkIO:
     def _handshake_step(self, link, marker, payload):
         self._queue_all(link, link.handshake.receive(marker, payload))
         if link.handshake.done:
-            link.cipher = link.decoder.cipher = link.handshake.cipher
+            link.decoder.proven = True
             self.counters["key_proofs"] += 1
             self.queue(link, self.owner.hello_frame(link))
+
+    def detach(self, link):
+        """Take ``link`` off the loop, its socket open and blocking (what is queued, encrypted, is
+        in ``link.wire``): the relay's thread serves it from here on."""
+        self._encrypt(link)
+        link.closed = True
+        self.links.discard(link)
+        self._selector.unregister(link.sock)
+        link.sock.setblocking(True)
+
+    def _encrypt(self, link, limit=None):
+        """Move what is queued on ``link`` (at most ``limit`` bytes of it) through its TLS."""
+        if link.outgoing and link.tls.established:
+            if limit is None or len(link.outgoing) <= limit:
+                link.tls.send(link.outgoing)
+                link.outgoing.clear()
+            else:
+                link.tls.send(bytes(link.outgoing[:limit]))
+                del link.outgoing[:limit]
+        link.wire += link.tls.wire()
 
     def close(self, link, reason):
         if link.closed:
@@ -4395,15 +4596,17 @@ class LinkIO:
     def close_links(self, goodbye):
         """Send ``goodbye`` on every handshaken link, flush for up to a second, close them all."""
         for link in list(self.links):
-            if link.peer_id is not None and link.cipher is not None and not link.connecting:
-                link.outgoing += goodbye + link.cipher.tag(goodbye)
+            if link.peer_id is not None and link.proven and not link.connecting:
+                link.tls.send(bytes(link.outgoing) + goodbye)
+                link.outgoing.clear()
+                link.wire += link.tls.wire()
         deadline = time.monotonic() + 1.0
         for link in list(self.links):  # best effort flush, bounded in time
             link.sock.setblocking(True)
             link.sock.settimeout(max(0.01, deadline - time.monotonic()))
             try:
-                if link.outgoing and not link.connecting:
-                    link.sock.sendall(link.outgoing)
+                if link.wire and not link.connecting:
+                    link.sock.sendall(link.wire)
             except OSError:
                 pass
             self.close(link, "this node is stopping")
@@ -4423,7 +4626,8 @@ class MeshListener:
     ``peer_down(peer, reason)``, ``peer_changed(peer)`` (its LLM capability changed),
     ``peer_measured(peer)`` (a new link's first round trip is known), and
     ``frame(marker, peer, payload)`` for each frame the mesh does not handle itself (a
-    ProtocolError raised there closes the link).
+    ProtocolError raised there closes the link), ``relay_connection(stream, node_id, address)``
+    (a peer's relay connection, to serve on a thread of its own).
     """
 
     def hello_extra(self):
@@ -4443,6 +4647,10 @@ class MeshListener:
 
     def frame(self, marker, peer, payload):
         log.debug("no handler for %s frames", marker.decode("ascii"))
+
+    def relay_connection(self, stream, node_id, address):
+        """A proven relay connection from the peer ``node_id`` (a TLSStream): serve it, or close it."""
+        stream.close()
 
 
 class Mesh:
@@ -4465,7 +4673,7 @@ class Mesh:
     handshake_timeout = 10.0
     forget_after = 600.0  # seconds a down peer stays listed
 
-    def __init__(self, config, node_id, listener=None, key=None, resolve=None):
+    def __init__(self, config, node_id, listener=None, key=None, resolve=None, identity=None):
         self.config = config
         self.node_id = node_id
         self.key = key  # the NodeKey that proves node_id in every HELO
@@ -4476,7 +4684,8 @@ class Mesh:
         self.counters = collections.Counter()
         self.tcp_port = None
         self.room_key = derive_room_key(config.mesh_key)  # never logged, never shown
-        self.io = LinkIO(self, config.max_message_size, self.counters, self.room_key, config.allow_public)
+        identity = identity or TLSIdentity.load_or_create(config.data_dir, config.tls_max)
+        self.io = LinkIO(self, config.max_message_size, self.counters, identity, self.room_key, config.allow_public)
         self.dials = DialPlan(node_id, config.peer_timeout)
         self.resolver = NameResolver(self.call_soon, resolve)  # resolve: the lookup of --peer names
         self.link_policy = LinkPolicy(config.max_links)
@@ -4803,6 +5012,9 @@ class Mesh:
         if not isinstance(tcp_port, int) or isinstance(tcp_port, bool) or not 0 <= tcp_port <= 65535:
             raise ProtocolError("handshake without a TCP port")
         public = proven_hello_key(link, node_id, payload, self.peer_table.banned(node_id))
+        if payload.get("role") == "relay":
+            self._hand_off_relay(link, node_id)
+            return
         if link.target is not None:
             link.target.node_id = node_id
         if node_id == self.node_id:
@@ -4838,6 +5050,24 @@ class Mesh:
         else:  # what the retired link still held unsent is lost: the peer hears our links again
             self._send_peer_exchange(peer)
         self.listener.peer_up(peer)
+
+    def _hand_off_relay(self, link, node_id):
+        """A peer's relay connection (proven like a link): its HTTP requests go to the listener."""
+        peer = self.peer_table.get(node_id)
+        if peer is None or peer.link is None or link.outbound:
+            raise ProtocolError("a relay connection from a peer that is not linked")
+        self.io.queue(link, encode_frame(RELAY_READY, {}))
+        self.io.detach(link)
+        self.counters["relay_connections"] += 1
+        self.listener.relay_connection(TLSStream(link.sock, link.tls, bytes(link.wire)), node_id, link.address[0])
+
+    def dial_relay(self, node_id, timeout):
+        """A new relay connection to the linked peer ``node_id`` (blocks: call it off the mesh
+        thread): a TLSStream proven as a link is, on which HTTP/1.1 requests to its /relay/... go."""
+        peer = self.peer_table.get(node_id)
+        if peer is None or not peer.address or not peer.tcp_port:
+            raise ConnectionError("no address for the peer %s" % node_id[:8])
+        return dial_relay(self.io.identity, self.room_key, self.key, (peer.address, peer.tcp_port), node_id, timeout)
 
     def _send_peer_exchange(self, only=None):
         """Tell every linked peer (or ``only`` that one) about the others, so one seed joins a
@@ -4880,6 +5110,20 @@ class Mesh:
         self.counters["forwards_spared"] += len(linked) - len(targets) - (sender in linked)
         for node_id in targets:
             self.io.queue(self.peer_table[node_id].link, frame)
+
+    def link_outdated(self, link):
+        """LinkIO met an earlier protocol on ``link``: say so once, naming the peer; mark it outdated."""
+        node_id = link.target.node_id if link.target is not None else None
+        if node_id is None:
+            node_id = next((peer.node_id for peer in self.peer_table.values() if peer.address == link.address[0]
+                            and (peer.tcp_port == link.address[1] or not link.outbound)), None)
+        peer = self.peer_table.get(node_id) if node_id else None
+        if peer is not None and (not peer.protocol_version or peer.protocol_version >= PROTOCOL_VERSION):
+            peer.protocol_version = PROTOCOL_VERSION - 1
+        where = "%s:%s" % (link.address[0], link.address[1]) if link.outbound else link.address[0]
+        name = "%s (%s)" % (safe_text(peer.name), where) if peer is not None and peer.name else where
+        _VERSION_NOTICES.log(logging.WARNING, ("outdated", where), "refusing the link with %s: it runs an older "
+                             "NeuroMesh: upgrade it (this computer runs %s)", name, __version__)
 
     def link_closed(self, link, reason):
         """After LinkIO closed ``link``: back off or redial its target; its peer is down."""
@@ -6031,17 +6275,21 @@ class RelayConnections:
     its end and left open (waitress 3.0.2 closes after every chunked answer, so today's relays
     reply on a fresh connection each time); ``close()`` drops the idle ones."""
 
-    keep = 8  # idle connections kept: the chats a student runs on one host at once
+    keep = 64  # idle connections kept: the chats this node's users run on one host at once
 
-    def __init__(self, url, connect_timeout, read_timeout):
+    def __init__(self, url, connect_timeout, read_timeout, dial=None):
         parts = urllib.parse.urlsplit(url)
         self.host, self.port = parts.hostname, parts.port or 80
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
+        self.dial = dial  # Mesh.dial_relay for one peer: TLS to its mesh port; None: plain HTTP to url
         self._idle = []
         self._lock = threading.Lock()
 
     def open(self):
-        connection = http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
+        if self.dial is not None:
+            connection = RelayConnection(self.dial, self.connect_timeout)
+        else:
+            connection = http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
         try:
             connection.connect()
             connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -6060,21 +6308,16 @@ class RelayConnections:
                 return connection
             connection.close()
 
-    def _alive(self, connection):
-        """An idle connection has nothing to read: a byte or its end means the peer closed it."""
+    @staticmethod
+    def _alive(connection):
+        """An idle connection has nothing to read: a byte (TLS's close alert) or its end means
+        the peer closed it."""
         sock = connection.sock
         if sock is None:
             return False
         try:
-            sock.setblocking(False)
-            try:
-                sock.recv(1, socket.MSG_PEEK)
-                return False
-            except BlockingIOError:
-                return True
-            finally:
-                sock.settimeout(self.read_timeout)
-        except OSError:
+            return not select.select([sock], [], [], 0)[0]
+        except (OSError, ValueError):
             return False
 
     def idle(self):
@@ -6095,6 +6338,18 @@ class RelayConnections:
             connection.close()
 
 
+class RelayConnection(http.client.HTTPConnection):
+    """http.client on a relay connection (``dial(timeout)``, Mesh.dial_relay for one peer): TLS
+    to the peer's mesh port, proven as a link is, so the chat is private and who asks is known."""
+
+    def __init__(self, dial, timeout):
+        http.client.HTTPConnection.__init__(self, "neuromesh-relay", timeout=timeout)
+        self._dial = dial
+
+    def connect(self):
+        self.sock = self._dial(self.timeout)
+
+
 class RelayResponse:
     """A relay's streamed answer read straight from ``http.client`` (see RelayConnections).
     ``raw.read1`` as ``iter_lines_live`` reads it (a broken body raises ConnectionError);
@@ -6103,6 +6358,11 @@ class RelayResponse:
     def __init__(self, connections, connection, response):
         self.raw = self
         self._connections, self._connection, self._response = connections, connection, response
+        self.response = response
+
+    def set_timeout(self, timeout):
+        if self._connection is not None and self._connection.sock is not None:
+            self._connection.sock.settimeout(timeout)
 
     def read1(self, size):
         try:
@@ -6189,16 +6449,17 @@ class RelayCall:
 
     _LAST_LINE = (b'"done": true', b'"done":true')  # the relay's final line (RelayApi._done_line)
 
-    def __init__(self, backend, body, headers):
+    def __init__(self, backend, body, headers, path=RELAY_PATH):
         self.backend = backend
-        self._body, self._headers = body, headers
+        self._body, self._headers, self._path = body, headers, path
         self._aborted = threading.Event()
         self._cancel = None
         self._last_line = False  # the answer's final line was read
         self._heard = time.monotonic()  # when the last line (or the call's start) was
         self._response = None
         self._connection = None  # the one the chat is posted on
-        self._socket = None  # its socket, cut by abort()
+        self._socket = None  # its socket, cut by abort(); None once close() let go of it
+        self._socket_lock = threading.Lock()  # RelayWatch must not cut a connection gone back to the pool
 
     def lines(self, cancel):
         self._cancel = cancel
@@ -6206,7 +6467,7 @@ class RelayCall:
         try:
             if self._aborted.is_set():
                 raise requests.ConnectionError("%s went down" % self.backend.node_name)
-            self._response = self._post(json.dumps(self._body).encode("utf-8"), self._headers)
+            self._response = self.post()
             for line in iter_lines_live(self._response):
                 self._heard = time.monotonic()
                 if any(mark in line for mark in self._LAST_LINE):
@@ -6230,8 +6491,12 @@ class RelayCall:
         elif time.monotonic() - self._heard > self.poll and self.backend.link_silent():
             self.abort()  # its host froze: go on elsewhere now
 
+    def post(self):
+        return self._post(json.dumps(self._body).encode("utf-8"), self._headers)
+
     def _post(self, payload, headers):
-        """The relay's answer once its status line came (_UpstreamRefused when it is not 200).
+        """The relay's answer once its status line came (_UpstreamRefused when it is not 200, or
+        for another path than the chat's, a 400 that is the request's own fault).
         A kept-alive connection the peer closed meanwhile is replaced by a fresh one, once."""
         connections, name = self.backend.connections, self.backend.node_name
         headers = dict(headers, **{"Content-Type": "application/json"})
@@ -6239,10 +6504,11 @@ class RelayCall:
         for connection in ([reused] if reused else []) + [None]:
             try:
                 self._connection = connection = connection or connections.open()
-                self._socket = connection.sock  # http.client lets go of it for a reply that closes
+                with self._socket_lock:
+                    self._socket = connection.sock  # http.client lets go of it for a reply that closes
                 if self._aborted.is_set():
                     cut_socket(connection.sock)
-                connection.request("POST", RELAY_PATH, body=payload, headers=headers)
+                connection.request("POST", self._path, body=payload, headers=headers)
                 response = connection.getresponse()
                 break
             except (OSError, http.client.HTTPException) as exc:
@@ -6251,7 +6517,8 @@ class RelayCall:
                 self._connection = None
                 if reused is None or connection is not reused or self._aborted.is_set():
                     raise unreachable(self.backend, exc)
-        if response.status != 200:
+        if response.status != 200 and (self._path == RELAY_PATH or response.status in (401, 404)
+                                       or response.status >= 500):
             try:
                 text = _relay_error_text(response.read(64 * 1024))
             except (OSError, http.client.HTTPException):
@@ -6270,10 +6537,13 @@ class RelayCall:
         self._cut()
 
     def _cut(self):
-        cut_socket(self._socket)
+        with self._socket_lock:
+            cut_socket(self._socket)
 
     def close(self):
         RELAY_WATCH.discard(self)
+        with self._socket_lock:
+            self._socket = None
         response, self._response = self._response, None
         if response is not None:
             if self._last_line and not self._aborted.is_set():
@@ -6303,12 +6573,13 @@ class PeerBackend(Backend):
     local = False
     stall_timeout = None  # seconds of a silent mesh link that mean its host froze (--peer-timeout)
 
-    def __init__(self, peer, grant):
-        Backend.__init__(self, "http://%s:%d" % (grant["llm_host"], grant["llm_port"]), peer.node_id, peer.name)
+    def __init__(self, peer, grant, dial=None):
+        Backend.__init__(self, "http://%s:%d" % (grant["llm_host"], grant["llm_port"]), peer.node_id, peer.name,
+                         parallel=max(1, (getattr(peer, "load", None) or {}).get("parallel", 1)))  # the host queues
         self.token = grant["token"]
         self.peer = peer  # its models are peer.models, kept current by LLMC:
         self.available = True
-        self.connections = RelayConnections(self.url, self.connect_timeout, self.read_timeout)
+        self.connections = RelayConnections(self.url, self.connect_timeout, self.read_timeout, dial)
         self._calls = set()
         self._calls_lock = threading.Lock()
         self._down = False
@@ -6348,8 +6619,7 @@ class PeerBackend(Backend):
         self.connections.close()
 
     def forward(self, path, body):
-        upstream = post_upstream(self, RELAY_FORWARD_PATH, {"path": path, "body": body},
-                                 {"Authorization": "Bearer " + self.token})
+        upstream = self._post(RELAY_FORWARD_PATH, {"path": path, "body": body}, self.read_timeout)
         with self._calls_lock:
             self._calls.add(upstream)  # abort() cuts it too
             down = self._down
@@ -6363,10 +6633,35 @@ class PeerBackend(Backend):
             self._calls.discard(call)
 
     def info(self, path, timeout=2.0):
-        response = self.session.post(self.url + RELAY_FORWARD_PATH, json={"path": path}, timeout=timeout,
-                                     headers={"Authorization": "Bearer " + self.token})
-        response.raise_for_status()
-        return response.json()
+        try:
+            return self._post(RELAY_FORWARD_PATH, {"path": path}, timeout).json()
+        except _UpstreamRefused as exc:
+            raise requests.ConnectionError(str(exc))
+
+    def _post(self, path, body, timeout):
+        """POST ``body`` to the peer's relay ``path``: an Upstream, or _UpstreamRefused (so the
+        next host is tried) when it is down, lacks the model or fails (see post_upstream)."""
+        if self.connections.dial is None:
+            return post_upstream(self, path, body, {"Authorization": "Bearer " + self.token})
+        call = RelayCall(self, body, {"Authorization": "Bearer " + self.token}, path)
+        relay = call.post()
+        relay.set_timeout(timeout)
+        response = relay.response
+        content_type = response.getheader("Content-Type") or "application/json"
+
+        def chunks():
+            try:
+                while True:
+                    chunk = relay.read1(65536)
+                    if not chunk:
+                        return
+                    yield chunk
+            except (OSError, ConnectionError) as exc:  # cut mid-way: say so, as Ollama does
+                if "ndjson" not in content_type:
+                    raise
+                yield b"\n" + json.dumps({"error": "the host stopped answering mid-way (%s)"
+                                                   % type(exc).__name__}).encode("utf-8") + b"\n"
+        return Upstream(response.status, content_type, chunks(), relay.close, relay)
 
 
 # -- any request kind, passed on as it is (issue 13) ----------------------------------
@@ -7420,7 +7715,8 @@ class Router:
             raise ProtocolError("LRES: frame without llm_host, llm_port and token")
         if host in ("0.0.0.0", "") or not is_private_address(host):
             host = peer.address  # its view of itself is useless from here: use where we reach it
-        backend = PeerBackend(peer, {"llm_host": host, "llm_port": port, "token": token})
+        backend = PeerBackend(peer, {"llm_host": host, "llm_port": port, "token": token},
+                              functools.partial(self.mesh.dial_relay, peer.node_id))
         backend.stall_timeout = self.config.peer_timeout
         with self.lock:
             self.grants[peer.node_id] = backend
@@ -10277,10 +10573,12 @@ class RelayApi(HttpApi):
         return [("POST", RELAY_PATH, self.post_chat), ("POST", RELAY_FORWARD_PATH, self.post_forward)]
 
     def _check_token(self):
-        """The node id the token was given to; 401 for no valid token."""
+        """The node id the token was given to; 401 for no valid token, or one given to another
+        node than the relay connection's (RelayServer: who asks comes from the connection)."""
         header = bottle.request.headers.get("Authorization", "")
         holder = self.node.router.token_holder(header[7:] if header.startswith("Bearer ") else "")
-        if holder is None:
+        connected = bottle.request.environ.get(RelayServer.PEER_KEY)
+        if holder is None or (connected is not None and holder != connected):
             raise HTTPFailure(401, "no valid LLM access token: ask for access over the mesh link (LREQ:)")
         return holder
 
@@ -10617,6 +10915,88 @@ class ModelPageApi(HttpApi):
         return reply
 
 
+class RelayServer:
+    """Serves peers' relay connections (TLSStream: TLS to the mesh port, proven as links are),
+    one thread each: HTTP/1.1 requests to the app's /relay/... routes, kept alive, answers
+    chunked. The peer's node id goes in the environ (``PEER_KEY``), so who asks comes from the
+    connection, not from anything the request says. ``serve(stream, node_id, address)``."""
+
+    PEER_KEY = "neuromesh.relay_peer"
+    max_line = 8192
+    max_per_peer = 128  # relay connections one peer may hold open (a thread each)
+    idle_timeout = 600.0  # seconds a relay connection may wait for its next request
+
+    def __init__(self, app):
+        self.app = app
+        self._open = collections.Counter()
+        self._lock = threading.Lock()
+
+    def serve(self, stream, node_id, address):
+        with self._lock:
+            if self._open[node_id] >= self.max_per_peer:
+                log_limited(logging.WARNING, ("relay connections", node_id), "refusing a relay connection of %s: "
+                            "it holds %d already", node_id[:8], self.max_per_peer)
+                stream.close()
+                return
+            self._open[node_id] += 1
+        threading.Thread(target=self._serve, args=(stream, node_id, address), name="neuromesh-relay-conn",
+                         daemon=True).start()
+
+    def _serve(self, stream, node_id, address):
+        reader = io.BufferedReader(stream, 65536)
+        stream.sock.settimeout(self.idle_timeout)
+        try:
+            while self._one(reader, stream, node_id, address):
+                pass
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            log.debug("relay connection of %s ended: %s", node_id[:8], exc)
+        except Exception:
+            log.exception("error serving the relay connection of %s", node_id[:8])
+        finally:
+            stream.close()
+            with self._lock:
+                count_down(self._open, node_id)
+
+    def _one(self, reader, stream, node_id, address):
+        """Serve one request; False once the peer closed the connection."""
+        line = reader.readline(self.max_line)
+        if not line:
+            return False
+        method, target, _version = line.decode("latin-1").split()
+        headers = http.client.parse_headers(reader)
+        length = int(headers.get("Content-Length") or 0)
+        if not 0 <= length <= MAX_FORWARD_BODY:
+            raise ValueError("a relay request of %d bytes" % length)
+        path, _, query = target.partition("?")
+        environ = {"REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": query, "SCRIPT_NAME": "",
+                   "CONTENT_TYPE": headers.get("Content-Type") or "", "CONTENT_LENGTH": str(length),
+                   "SERVER_NAME": "neuromesh-relay", "SERVER_PORT": "0", "SERVER_PROTOCOL": "HTTP/1.1",
+                   "REMOTE_ADDR": address, "wsgi.input": io.BytesIO(reader.read(length)), "wsgi.errors": sys.stderr,
+                   "wsgi.version": (1, 0), "wsgi.url_scheme": "https", "wsgi.multithread": True,
+                   "wsgi.multiprocess": False, "wsgi.run_once": False, self.PEER_KEY: node_id}
+        for name, value in headers.items():
+            if name.lower() not in ("host", "content-type", "content-length"):
+                environ["HTTP_" + name.upper().replace("-", "_")] = value
+        if not path.startswith("/relay/"):
+            environ["PATH_INFO"] = "/relay/not-a-relay-route"  # only the relay's routes cross here
+        reply = []
+        body = self.app(environ, lambda status, response_headers, exc_info=None: reply.extend(
+            (status, response_headers)))
+        try:
+            status, response_headers = reply
+            head = "".join("%s: %s\r\n" % (name, value) for name, value in response_headers
+                           if name.lower() not in ("content-length", "connection", "transfer-encoding"))
+            stream.sendall(("HTTP/1.1 %s\r\n%sTransfer-Encoding: chunked\r\n\r\n" % (status, head)).encode("latin-1"))
+            for chunk in body:
+                if chunk:
+                    stream.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            stream.sendall(b"0\r\n\r\n")
+        finally:
+            if hasattr(body, "close"):
+                body.close()
+        return True
+
+
 # -- queues on view: /api/health's "queues" and /metrics (issue 15) ----------------------
 
 
@@ -10922,6 +11302,7 @@ class Node(MeshListener):
         self._told_offer = None  # what pages last heard of the mesh's models
         self.http_server = None
         self.http_port = None
+        self.relay_server = None
         self._threads = []
         self._stop = threading.Event()
 
@@ -10959,6 +11340,12 @@ class Node(MeshListener):
 
     def peer_measured(self, peer):
         self.events.publish("peer_update", peer.to_dict())
+
+    def relay_connection(self, stream, node_id, address):
+        if self.relay_server is None:
+            stream.close()
+        else:
+            self.relay_server.serve(stream, node_id, address)
 
     def frame(self, marker, peer, payload):
         handler = self._frame_handlers.get(marker)
@@ -11010,7 +11397,9 @@ class Node(MeshListener):
     def start(self):
         """Bind every port (errors name the flag to change), then start the threads."""
         try:
-            self.http_server = HTTPServer(self.config.host, self.config.http_port, build_app(self),
+            app = build_app(self)
+            self.relay_server = RelayServer(app)
+            self.http_server = HTTPServer(self.config.host, self.config.http_port, app,
                                           idle_timeout=self.config.http_idle_timeout,
                                           request_deadline=self.config.http_request_deadline,
                                           per_address=self.config.max_connections_per_address,
@@ -11451,43 +11840,36 @@ def port_in_use(host, protocol, port):
         sock.close()
 
 
-def probe_hello(host, port, room_key, timeout=3.0, max_size=MiB):
-    """The HELO of the node at ``host:port``, proven: the doctor dials it, runs the key proof with
-    ``room_key`` and checks the HELO's signature, as a node would, then hangs up without a HELO of
-    its own. OSError when it cannot connect or read in ``timeout``; ProtocolError when the key
-    proof or the HELO fails (another room code, or not a NeuroMesh)."""
-    deadline = time.monotonic() + timeout
-    link = Link(socket.create_connection((host, port), timeout=timeout), (host, port), True, max_size,
-                room_key=room_key)
-    handshake, decoder = link.handshake, link.decoder
+def probe_hello(host, port, room_key, timeout=3.0):
+    """The HELO of the node at ``host:port``, proven: the doctor dials it, runs TLS and the key
+    proof with ``room_key`` and checks the HELO's signature, as a node would, then hangs up
+    without a HELO of its own. OSError when it cannot connect or read in ``timeout``;
+    ProtocolError when the key proof or the HELO fails (another room code, or not a NeuroMesh)."""
+    sock = socket.create_connection((host, port), timeout=timeout)
+    handshake = None
     try:
-        link.sock.sendall(b"".join(handshake.start()))
-        data = b""
-        while True:
-            frames = decoder.feed(data)
-            data = b""
-            if not frames:
-                link.sock.settimeout(max(0.01, deadline - time.monotonic()))
-                try:
-                    data = link.sock.recv(64 * 1024)
-                except ConnectionResetError:
-                    data = b""
-                if not data:
-                    raise ProtocolError("it closed the link %s: its room code differs, or it is not a NeuroMesh"
-                                        % ("before its HELO" if handshake.done else "during the key proof"))
-                continue
-            marker, payload = frames[0]
-            if not handshake.done:
-                link.sock.sendall(b"".join(handshake.receive(marker, payload)))
-                decoder.cipher = handshake.cipher
-            elif marker == HELLO:
-                check_frame(marker, payload)
-                proven_hello_key(link, payload["node_id"], payload)
-                return payload
-            else:
-                raise ProtocolError("it sent %s before its HELO" % marker.decode("ascii", "replace"))
+        context = TLSIdentity._context(ssl.PROTOCOL_TLS_CLIENT, None)
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # the key proof binds it
+        sock = context.wrap_socket(sock)
+        handshake = Handshake(room_key, True, hashlib.sha256(sock.getpeercert(True)).digest())
+        frames = _BlockingFrames(sock)
+        sock.sendall(b"".join(handshake.start()))
+        while not handshake.done:
+            sock.sendall(b"".join(handshake.receive(*frames.next())))
+        frames.decoder.proven = True
+        marker, payload = frames.next()
+        if marker != HELLO:
+            raise ProtocolError("it sent %s before its HELO" % marker.decode("ascii", "replace"))
+        check_frame(marker, payload)
+        proven_hello_key(types.SimpleNamespace(handshake=handshake), payload["node_id"], payload)
+        return payload
+    except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, ssl.SSLError):
+        raise ProtocolError("it closed the link %s: its room code differs, it runs an older NeuroMesh, "
+                            "or it is not a NeuroMesh"
+                            % ("before its HELO" if handshake is not None and handshake.done
+                               else "during the key proof")) from None
     finally:
-        close_quietly(link.sock)
+        close_quietly(sock)
 
 
 @dataclasses.dataclass
@@ -11544,7 +11926,7 @@ class Doctor:
 
     def run(self):
         self.out("NeuroMesh doctor %s: checks this machine and its network (it changes nothing)." % __version__)
-        for check in (self.check_python, self.check_data_dir, self.check_ports, self.check_room,
+        for check in (self.check_python, self.check_data_dir, self.check_ports, self.check_room, self.check_privacy,
                       self.check_firewall, self.check_llm, self.check_network, self.check_mesh_llm):
             try:
                 check()
@@ -11605,6 +11987,30 @@ class Doctor:
         status = room_status(derive_room_key(self.config.mesh_key))
         self.add("ok", "room: closed by a room code, key hash %s (every machine of the room shows the same hash)"
                  % status["key_hash"])
+
+    def check_privacy(self):
+        """Whether peer links are private: TLS in this Python, and each link of the running node."""
+        newest = "1.3" if getattr(ssl, "HAS_TLSv1_3", False) and self.config.tls_max != "1.2" else "1.2"
+        self.add("ok", "peer links and relayed chats are private: TLS %s at most with %s (ECDSA certificate in %s)"
+                 % (newest, ssl.OPENSSL_VERSION, os.path.join(self.config.data_dir, TLS_FILE)))
+        if not (self.running and self.running.get("http_port")):
+            return
+        try:
+            peers = requests.get("http://127.0.0.1:%d/api/peers" % self.running["http_port"],
+                                 timeout=self.llm_timeout).json()
+        except (requests.RequestException, ValueError):
+            return
+        for peer in _records(peers):
+            name = safe_text(peer.get("name") or peer.get("node_id"), 60)
+            if peer.get("connected") is True:
+                self.add("ok", "the link to %s is private: %s" % (name, _tls_text(peer.get("tls"))))
+            elif peer.get("outdated") is True:
+                self.add("note", "%s is not linked: it runs an older NeuroMesh without private links" % name,
+                         "upgrade NeuroMesh on %s" % name)
+        if self.config.guests:
+            self.add("note", "guests' browsers reach the chat page over plain HTTP on the LAN (browsers refuse a "
+                     "self-signed certificate)", "use a network only the class can join (WPA2/3 with its own "
+                     "password), or let guests use a node on their own computer")
 
     def check_firewall(self):
         self.add("note", "firewall (%s): %s" % (self.system, firewall_state(self.system)),
@@ -11856,12 +12262,19 @@ def peers_table(peers):
     rows = [(safe_text(peer.get("name"), 40), safe_text(peer.get("node_id"), 64)[:8],
              safe_text(peer.get("address"), 64), safe_text(peer.get("tcp_port"), 8),
              "yes" if peer.get("connected") is True else "no", "yes" if peer.get("has_llm") is True else "no",
-             "-" if peer.get("rtt_ms") is None else safe_text(peer.get("rtt_ms"), 12),
+             "-" if peer.get("rtt_ms") is None else safe_text(peer.get("rtt_ms"), 12), _tls_text(peer.get("tls")),
              _names(peer.get("models"), 60) or "-") for peer in peers]
     if rows:
         lines += ["  " + line for line in format_table(
-            ("NAME", "NODE", "ADDRESS", "TCP", "LINKED", "LLM", "RTT MS", "MODELS"), rows)]
+            ("NAME", "NODE", "ADDRESS", "TCP", "LINKED", "LLM", "RTT MS", "TLS", "MODELS"), rows)]
     return lines
+
+
+def _tls_text(tls):
+    """A link's TLS as status shows it, e.g. "TLSv1.3 TLS_AES_256_GCM_SHA384"; "-" when unlinked."""
+    if not isinstance(tls, dict):
+        return "-"
+    return "%s %s" % (safe_text(tls.get("version"), 12), safe_text(tls.get("cipher"), 40))
 
 
 def models_table(models):

@@ -9,7 +9,8 @@ the same run and reports the ratio. ``--quick`` (CI) uses fewer rounds and small
 finishes in under 3 minutes; the note of each figure says what it measured.
 
 Groups: post (a long conversation against a new one), reads (health and sidebar), http (32 clients), classroom (30 SSE pages
-and 8 chats), relay (first token through a peer's relay against Ollama directly), catchup (a new
+and 8 chats), relay (first token through a peer's relay against Ollama directly), tls (one link's
+frames and MB/s, link-up, 16 streaming clients through the relay against the host's API), catchup (a new
 peer's catch-up), mesh (bench_mesh.py: frames, link-up, sync of 3 writers, memory), fanout
 (bench/bench_fanout.py, issue 14 parts 3-4, when present: frames per message, reach-all,
 idle CPU of a 50-node mesh), models (bench_models.py, issue 26: MB/s of one model transfer and of
@@ -106,6 +107,24 @@ def relay_rows(quick):
     ]
 
 
+def tls_rows(quick):
+    import bench_tls
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        small, bulk = bench_tls.link_throughput(tmp, 30000 if quick else 100000, 32 if quick else 64)
+        up = bench_tls.link_up(tmp)
+        load = bench_tls.concurrent(tmp, 16, 4.0 if quick else 6.0)
+    (host, host_p50, host_p95), (relay, relay_p50, relay_p95) = load["host"], load["relay"]
+    return [
+        row("one link (TLS): small frames a second", small, "frames/s", "-", None, "60-byte SYNC: frames, in process"),
+        row("one link (TLS): bulk", bulk, "MB/s", "-", None, "1 MiB frames, in process"),
+        row("link-up: start with --peer until both linked", up * 1e3, "ms", "-", None, "median of 5, in process"),
+        row("16 streaming clients through a node without an LLM / the host's own API", relay / host, "ratio",
+            ">= 0.9", relay / host >= 0.9, "%.1f against %.1f chats/s; first token p50 %.0f/%.0f ms, p95 %.0f/%.0f ms"
+            % (relay, host, relay_p50, host_p50, relay_p95, host_p95)),
+    ]
+
+
 def catchup_rows(quick):
     import bench_catchup
     messages = 20000 if quick else 100000
@@ -124,7 +143,7 @@ def catchup_rows(quick):
 def mesh_rows(quick):
     import bench_mesh
     frames = bench_mesh.bench_frames()
-    rows = [row("frame decoding (MAC checked) / plain json.loads", frames["ratio"], "x time", "-", None,
+    rows = [row("frame decoding / plain json.loads", frames["ratio"], "x time", "-", None,
                 "%.0f MB/s against %.0f MB/s" % (frames["mb_per_s"], frames["json_mb_per_s"]))]
     if quick:  # the 3-node mesh runs in the full run only
         return rows
@@ -157,7 +176,7 @@ def models_rows(quick):
 
 
 GROUPS = [("post", post_rows), ("reads", read_rows), ("http", http_rows), ("classroom", classroom_rows), ("relay", relay_rows),
-          ("catchup", catchup_rows), ("mesh", mesh_rows), ("fanout", fanout_rows),
+          ("tls", tls_rows), ("catchup", catchup_rows), ("mesh", mesh_rows), ("fanout", fanout_rows),
           ("models", models_rows)]
 
 

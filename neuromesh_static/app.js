@@ -1731,7 +1731,8 @@
         svg(
           "line",
           { class: "link " + quality, x1: cx, y1: cy, x2: x, y2: y },
-          svg("title", null, (health ? health.name : "this node") + " ↔ " + peer.name + ": " + formatRtt(peer.rtt_ms)),
+          svg("title", null, (health ? health.name : "this node") + " ↔ " + peer.name + ": " + formatRtt(peer.rtt_ms) +
+            (peer.tls ? ", private (" + peer.tls.version + " " + peer.tls.cipher + ")" : "")),
         ),
       );
       // The label beside its line, not on it: moved off the middle, across the line's direction.
@@ -1748,7 +1749,7 @@
             y: (cy * 0.45 + y * 0.55 + oy * 10 + 4).toFixed(1),
             "text-anchor": Math.abs(ox) > 0.5 ? (ox > 0 ? "start" : "end") : "middle",
           },
-          formatRtt(peer.rtt_ms),
+          (peer.tls ? "🔒 " : "") + formatRtt(peer.rtt_ms),
         ),
       );
       nodes.append(
@@ -1890,7 +1891,7 @@
             h(
               "span",
               { class: "chip " + (peer.connected ? "online" : "offline") },
-              peer.connected ? "linked" : "offline",
+              peer.connected ? "linked" : peer.outdated ? "outdated: upgrade it" : "offline",
             ),
           ),
           h(

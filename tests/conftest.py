@@ -6,11 +6,13 @@ Network safety: every node started here binds 127.0.0.1 and broadcasts only to
 
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -502,16 +504,26 @@ def stub_node(tmp_path):
 ###############################################################################
 
 
+def tls_client_context(maximum=None):
+    """A client context as a node's: TLS 1.2 at least, the certificate not checked (the key
+    proof is bound to it)."""
+    context = neuromesh.TLSIdentity._context(ssl.PROTOCOL_TLS_CLIENT, maximum)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 class RawPeer:
-    """A hand-driven link to a node's TCP port (loopback): ``prove()`` runs the key proof with
-    ``room_key`` (the open room's by default) and returns the node's sealed HELO; then ``send``
-    seals frames as a real peer would. ``sock`` is there for raw bytes."""
+    """A hand-driven link to a node's TCP port (loopback), inside TLS: ``prove()`` runs the key
+    proof with ``room_key`` (the open room's by default) and returns the node's HELO; then ``send``
+    sends frames as a real peer would. ``sock`` (the TLS socket) is there for raw frame bytes."""
 
     def __init__(self, port, room_key=None, timeout=5.0):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.handshake = neuromesh.Handshake(room_key or neuromesh.OPEN_ROOM_KEY, True)
+        raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock = tls_client_context().wrap_socket(raw)
+        certificate = hashlib.sha256(self.sock.getpeercert(True)).digest()
+        self.handshake = neuromesh.Handshake(room_key or neuromesh.OPEN_ROOM_KEY, True, certificate)
         self.decoder = neuromesh.FrameDecoder(1 << 24)
-        self.cipher = None
         self.pending = []
 
     def next_frame(self):
@@ -522,7 +534,7 @@ class RawPeer:
                 break
             try:
                 data = self.sock.recv(65536)
-            except ConnectionResetError:
+            except (ConnectionResetError, ssl.SSLError):
                 data = b""
             if not data:
                 raise ConnectionError("the node closed the link")
@@ -536,16 +548,13 @@ class RawPeer:
             marker, payload = self.next_frame()
             for frame in self.handshake.receive(marker, payload):
                 self.sock.sendall(frame)
-        self.cipher = self.decoder.cipher = self.handshake.cipher
+        self.decoder.proven = True
         marker, payload = self.next_frame()
         assert marker == neuromesh.HELLO, marker
         return payload
 
-    def seal(self, frame):
-        return frame + self.cipher.tag(frame)
-
     def send(self, marker, payload):
-        self.sock.sendall(self.seal(neuromesh.encode_frame(marker, payload)))
+        self.sock.sendall(neuromesh.encode_frame(marker, payload))
 
     def closed_by_node(self, timeout=5.0):
         """True when the node closes the link within ``timeout`` (whatever it sent before)."""
@@ -553,14 +562,76 @@ class RawPeer:
         try:
             while self.sock.recv(65536):
                 pass
-        except ConnectionResetError:
-            pass
         except socket.timeout:
             return False
+        except (ConnectionResetError, ssl.SSLError):
+            pass
         return True
 
     def close(self):
         self.sock.close()
+
+
+class TamperingProxy:
+    """A TCP relay on loopback to ``port``, below TLS: it passes bytes both ways as they come,
+    until ``tamper`` is set; then the next chunk from the client is sent twice ("replay") or
+    with its last bit flipped ("alter"). With ``wrap`` (a function of the two sockets returning
+    two others) it can end TLS on both sides, as a machine in the middle would."""
+
+    def __init__(self, port, wrap=None):
+        self.target, self.wrap, self.tamper = port, wrap, None
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets, self.errors = [], []
+        threading.Thread(target=self._accept, name="tampering-proxy", daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _address = self.listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target), timeout=10)
+                self.sockets += [client, upstream]
+                if self.wrap is not None:
+                    client, upstream = self.wrap(client, upstream)
+                    self.sockets += [client, upstream]
+            except (OSError, ssl.SSLError) as error:
+                self.errors.append(error)
+                if self.listener.fileno() < 0:
+                    return
+                continue
+            for source, sink, from_client in ((client, upstream, True), (upstream, client, False)):
+                threading.Thread(target=self._pump, args=(source, sink, from_client), daemon=True).start()
+
+    def _pump(self, source, sink, from_client):
+        try:
+            source.settimeout(None)
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                if from_client and self.tamper:
+                    kind, self.tamper = self.tamper, None
+                    data = data + data if kind == "replay" else data[:-1] + bytes([data[-1] ^ 1])
+                sink.sendall(data)
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.listener.close()
+        for sock in self.sockets:
+            sock.close()
 
 
 class LinkedPeer:
@@ -585,9 +656,8 @@ class LinkedPeer:
         self.link.send(marker, payload)
 
     def send_many(self, marker, payload, count):
-        """``count`` copies of one frame, each sealed with its own sequence number, in one write."""
-        frame = neuromesh.encode_frame(marker, payload)
-        self.link.sock.sendall(b"".join(self.link.seal(frame) for _ in range(count)))
+        """``count`` copies of one frame in one write."""
+        self.link.sock.sendall(neuromesh.encode_frame(marker, payload) * count)
 
     def frames(self, timeout=0.2):
         """Read what arrives within ``timeout``; returns every frame received so far."""

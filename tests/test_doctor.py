@@ -190,7 +190,7 @@ def test_doctor_hears_a_loopback_node_with_an_llm_and_passes(cluster, tmp_path):
     finally:
         fake.stop()
     out = result.stdout
-    assert "[ok] peer %s (127.0.0.1) heard, and TCP %d reaches it" % (node.health()["name"], node.tcp_port) in out, out
+    assert "[ok] peer %s (127.0.0.1) heard, and TCP %d reaches it" % (node.node_id[:8], node.tcp_port) in out, out  # names cross only in TLS
     assert "[ok] Ollama at %s answers; models: %s" % (fake.url, MODEL) in out
     assert "room: open" in out and "[problem]" not in out
     assert result.returncode == 0 and "Nothing blocks the mesh." in out
@@ -236,10 +236,11 @@ def test_status_lists_the_peers_and_llm_hosts_of_a_running_node(cluster):
     assert lines[0].startswith("plain (node %s), NeuroMesh %s" % (plain.node_id[:8], neuromesh.__version__))
     assert "Peers: 2 linked, 2 known" in lines
     header = next(line for line in lines if line.strip().startswith("NAME"))
-    assert header.split() == ["NAME", "NODE", "ADDRESS", "TCP", "LINKED", "LLM", "RTT", "MS", "MODELS"]
+    assert header.split() == ["NAME", "NODE", "ADDRESS", "TCP", "LINKED", "LLM", "RTT", "MS", "TLS", "MODELS"]
     rows = {line.split()[0]: line.split() for line in lines if line.startswith("  host ") or line.startswith("  third ")}
     assert rows["host"][1:6] == [host.node_id[:8], "127.0.0.1", str(host.tcp_port), "yes", "yes"]
     assert rows["host"][-1] == MODEL and rows["third"][5] == "no"
+    assert rows["host"][-3].startswith("TLSv1."), "each link's TLS version and cipher"
     assert "LLM hosts on the mesh: 1" in lines
     assert any(line.split() == [MODEL, "host"] for line in lines)
 

@@ -18,16 +18,18 @@ import neuromesh
 from conftest import scripted_router, wait_for
 from test_llm import MODEL, fakes, hosts_of  # noqa: F401 (fakes is a fixture)
 
-FRAME_HEADER = struct.Struct("<5sQ")  # marker, payload length (neuromesh's wire header)
+TLS_RECORD = struct.Struct(">BHH")  # content type, version, length
+APPLICATION_DATA = 23
 
 
 class HeldLink:
     """A loopback TCP relay in front of a node's link port that holds back the second half of
     a link. Each connection is passed on once ``opened`` is set: everything the far end sends,
-    and the dialer's first two frames (its key proof, HI!!: and AUTH:); what the dialer sends
-    after that (its sealed HELO: on) is held until ``released`` is set."""
+    and the dialer's TLS records up to its key proof (TLS 1.3: its Finished, HI!!: and AUTH:
+    are its first three encrypted records); what the dialer sends after that (its HELO: on) is
+    held until ``released`` is set."""
 
-    passed_frames = 2
+    passed_frames = 3
 
     def __init__(self, far_port):
         self.far = ("127.0.0.1", far_port)
@@ -78,12 +80,13 @@ class HeldLink:
                     sink.sendall(data)
                     continue
                 held += data
-                while hold_after and len(held) >= FRAME_HEADER.size:
-                    size = FRAME_HEADER.size + FRAME_HEADER.unpack_from(held)[1]
+                while hold_after and len(held) >= TLS_RECORD.size:
+                    kind, _version, length = TLS_RECORD.unpack_from(held)
+                    size = TLS_RECORD.size + length
                     if len(held) < size:
                         break
                     sink.sendall(held[:size])
-                    held, hold_after = held[size:], hold_after - 1
+                    held, hold_after = held[size:], hold_after - (kind == APPLICATION_DATA)
                 if not hold_after:
                     while not self.released.wait(0.1):
                         if self._stop.is_set():
