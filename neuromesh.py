@@ -8252,6 +8252,19 @@ class ModelShare:
             yield data
 
 
+class RelayReply:
+    """A peer relay's whole answer to a pull's request: ``status_code``, ``content`` and
+    ``raise_for_status()``, as the pull reads it."""
+
+    def __init__(self, status_code, content):
+        self.status_code, self.content = status_code, content
+
+    def raise_for_status(self):
+        if not 200 <= self.status_code < 300:
+            raise requests.HTTPError("the peer answered %d: %s" % (self.status_code,
+                                                                  _relay_error_text(self.content[:64 * 1024])))
+
+
 class RoomHolders:
     """The peers a pull may fetch from (those whose relay token this node holds), and what they hold.
     ``get`` and ``post`` are the one way a pull talks to a peer's relay."""
@@ -8266,18 +8279,33 @@ class RoomHolders:
             return [backend for backend in self.router.grants.values()
                     if backend.peer.connected and hasattr(backend, "token")]
 
-    def get(self, backend, path, timeout=None, **kwargs):
-        response = backend.session.get(backend.url + path, timeout=timeout or self.timeout,
-                                       headers=dict(kwargs.pop("headers", {}), Authorization="Bearer " + backend.token),
-                                       **kwargs)
-        response.raise_for_status()
-        return response
+    def get(self, backend, path, timeout=None, headers=None):
+        return self._request(backend, "GET", path, None, headers or {}, timeout or self.timeout)
 
     def post(self, backend, path, body, timeout=None):
-        response = backend.session.post(backend.url + path, json=body, timeout=timeout or self.timeout,
-                                         headers={"Authorization": "Bearer " + backend.token})
-        response.raise_for_status()
-        return response
+        return self._request(backend, "POST", path, json.dumps(body).encode("utf-8"),
+                             {"Content-Type": "application/json"}, timeout or self.timeout)
+
+    @staticmethod
+    def _request(backend, method, path, body, headers, timeout):
+        """One request on the peer's relay connections (TLS to its mesh port, as relayed chats go),
+        read whole: a RelayReply; requests.HTTPError for a status that is not 2xx,
+        requests.ConnectionError when the peer cannot be reached or breaks off."""
+        connections = backend.connections
+        connection = connections.take()
+        try:
+            connection = connection or connections.open()
+            connection.sock.settimeout(timeout)
+            connection.request(method, path, body=body, headers=dict(headers, Authorization="Bearer " + backend.token))
+            response = connection.getresponse()
+            reply = RelayReply(response.status, response.read())
+        except (OSError, http.client.HTTPException) as exc:
+            if connection is not None:
+                connection.close()
+            raise requests.ConnectionError("%s: %s" % (safe_text(backend.node_name), short_error(exc))) from exc
+        connections.give_back(connection)
+        reply.raise_for_status()
+        return reply
 
     def catalogs(self):
         """``{backend: catalog}`` of every peer that answered ``/relay/models`` (asked at once)."""
