@@ -8658,6 +8658,81 @@ class OllamaApi(HttpApi):
         return {"response": text}
 
 
+class OllamaModelsApi(HttpApi):
+    """Ollama's model management (``/api/create``, ``/api/copy``, ``/api/delete``, ``/api/push``,
+    ``/api/blobs/<digest>``) on this computer's own Ollama, for its owner only (this computer, or
+    a --lan-api client with the room code): anyone else gets a 403, never a silent no-op. And
+    ``/api/status``: this node's Ollama API at a glance."""
+
+    kind = "llm"
+    BLOB_PIECE = 1 * MiB
+
+    def routes(self):
+        blob = "/api/blobs/<digest>"
+        return [("GET", "/api/status", self.status), ("POST", "/api/create", self.manage),
+                ("POST", "/api/copy", self.manage), ("DELETE", "/api/delete", self.manage),
+                ("POST", "/api/push", self.manage), ("HEAD", blob, self.blob), ("POST", blob, self.blob)]
+
+    def status(self):
+        models = self.node.router.mesh_models()
+        return {"status": "running", "version": MeshInfo(self.node.router).version()["version"],
+                "cloud": {"disabled": True, "source": "neuromesh"},
+                "local_models": self.node.router.local_models(), "mesh_models": len(models),
+                "llm_hosts": len({host for entries in models.values() for _id, host, _local in entries})}
+
+    def _own_ollama(self):
+        """This computer's Ollama, if the client is its owner; an HTTPFailure saying why not."""
+        client = self.gate.client()
+        if client.role != "owner" and not (client.role == "lan" and getattr(self.node.config, "mesh_key", None)):
+            raise HTTPFailure(403, "%s changes the models of %s's own Ollama, which only its owner may do: run it "
+                                   "on %s itself (or start that node with --lan-api and a room code, and send it)"
+                              % (bottle.request.path, self.node.name, self.node.name))
+        backends = [b for b in self.node.router.local if isinstance(b, OllamaBackend)]
+        if not backends:
+            raise HTTPFailure(503, "%s runs no Ollama of its own to change: start Ollama there, or ask on the "
+                                   "computer that serves the model" % self.node.name)
+        return backends[0]
+
+    def _send(self, backend, data, **kwargs):
+        method, path = bottle.request.method, bottle.request.path
+        try:
+            response = backend.session.request(method, backend.url + path, data=data, stream=True,
+                                               timeout=(backend.connect_timeout, backend.read_timeout), **kwargs)
+        except requests.RequestException as exc:
+            raise HTTPFailure(502, "the Ollama of %s did not answer %s (%s): is it running?"
+                              % (self.node.name, path, type(exc).__name__))
+        upstream = Upstream.of_response(response)
+        if method != "HEAD" and response.status_code < 300:
+            upstream.on_close(self.node.router.refresh_local)  # the mesh hears of the new or gone model
+        return pass_on(upstream)
+
+    def manage(self):
+        backend = self._own_ollama()
+        body = read_json_body(MAX_FORWARD_BODY)
+        return self._send(backend, json.dumps(body), headers={"Content-Type": "application/json"})
+
+    def blob(self, digest):
+        backend = self._own_ollama()
+        if not re.fullmatch(r"sha256[:-][0-9a-f]{64}", digest):
+            raise HTTPFailure(400, "a blob's name is sha256:<64 hex digits>, not %r" % safe_text(digest, 80))
+        if bottle.request.method == "HEAD":
+            return self._send(backend, None)
+        length = bottle.request.environ.get("CONTENT_LENGTH") or ""
+        if not length.isdigit():
+            raise HTTPFailure(411, "send the blob with its Content-Length")
+        return self._send(backend, self._pieces(bottle.request.environ["wsgi.input"], int(length)),
+                          headers={"Content-Type": "application/octet-stream"})  # sent chunked
+
+    def _pieces(self, source, length):
+        """The request body read in pieces (a model file is gigabytes): never all in memory."""
+        while length > 0:
+            piece = source.read(min(self.BLOB_PIECE, length))
+            if not piece:
+                return
+            length -= len(piece)
+            yield piece
+
+
 class OpenAIApi(HttpApi):
     """The OpenAI API (``/v1/models``, ``/v1/chat/completions``), answered by the whole mesh."""
 
@@ -9680,7 +9755,7 @@ def build_app(node):
                        local_problem=local_llm and (lambda: local_llm.state()[1]))
     gate = Gatekeeper(node.config)
     app = bottle.Bottle()
-    for api in (PageApi, OllamaApi, OpenAIApi, AnthropicApi, ResponsesApi, RelayApi, MetricsApi):
+    for api in (PageApi, OllamaApi, OllamaModelsApi, OpenAIApi, AnthropicApi, ResponsesApi, RelayApi, MetricsApi):
         app.merge(api(node, chat, gate).build())
     app.wsgi = gate.wrap(app.wsgi)
     app.add_hook("after_request", set_security_headers)
