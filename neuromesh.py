@@ -1616,7 +1616,20 @@ def _clean_message_data(data):
 
 _MESSAGE_FIELDS = frozenset(("role", "content", "sender", "host_info", "model", "answered_by", "answered_by_name",
                              "tokens_per_second"))  # always in what _clean_message_data returns
-_MESSAGE_MARKS = _MESSAGE_FIELDS | {"answered_by_hosts", "cut_off", "replaces", "waited_s", "original_timestamp"}
+_MESSAGE_MARKS = _MESSAGE_FIELDS | {"answered_by_hosts", "cut_off", "replaces", "waited_s", "original_timestamp",
+                                    "images", "thinking"}
+MAX_MESSAGE_IMAGES = 4  # images one question carries (the page downscales them first)
+MAX_IMAGES_BYTES = 224 * 1024  # their base64 text together: with the text, one entry stays under MAX_ENTRY_BYTES
+_BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+
+
+def _message_images(value):
+    """A question's images: 1 to MAX_MESSAGE_IMAGES base64 texts, MAX_IMAGES_BYTES together; or None."""
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_MESSAGE_IMAGES:
+        return None
+    if not all(isinstance(image, str) and image and _BASE64.fullmatch(image) for image in value):
+        return None
+    return list(value) if sum(len(image) for image in value) <= MAX_IMAGES_BYTES else None
 MAX_ANSWER_HOSTS = 16  # hosts one answer was continued on (each takes over after a failure)
 
 
@@ -1658,6 +1671,12 @@ def _message_marks(data):
     original = data.get("original_timestamp")  # as an imported file wrote it (nanoseconds)
     if isinstance(original, str) and 0 < len(original) <= 64:
         marks["original_timestamp"] = original
+    images = _message_images(data.get("images"))  # a question's pictures, for a vision model
+    if images:
+        marks["images"] = images
+    thinking = data.get("thinking")  # what a reasoning model thought before its answer
+    if isinstance(thinking, str) and thinking and len(thinking.encode("utf-8", "surrogatepass")) <= MAX_CONTENT_BYTES:
+        marks["thinking"] = thinking
     return marks
 
 
@@ -5661,6 +5680,12 @@ class OllamaBackend(Backend):
         return response.json()
 
 
+def chunk_thinking(chunk):
+    """A reasoning model's thinking in an Ollama chunk (``message.thinking``, or generate's ``thinking``)."""
+    said = chunk.get("message") if isinstance(chunk.get("message"), dict) else chunk
+    return said.get("thinking") if isinstance(said.get("thinking"), str) else ""
+
+
 def stream_ollama_lines(response, start_event, cancel, node_name, lines=None):
     """Events from an Ollama-style NDJSON chat stream (Ollama itself, or a peer's relay);
     ``lines`` (default: those of ``response`` as they arrive) are read, ``response`` closed."""
@@ -5692,6 +5717,9 @@ def stream_ollama_lines(response, start_event, cancel, node_name, lines=None):
             if not produced:
                 produced = True
                 yield start_event
+            thinking = chunk_thinking(chunk)
+            if thinking:
+                yield {"type": "thinking", "content": thinking}
             content = _chunk_content(chunk)
             if content:
                 yield {"type": "token", "content": content}
@@ -6488,6 +6516,38 @@ class MeshCalls:
         return upstream
 
 
+class ModelCapabilities:
+    """What each model of the mesh can do (``completion``, ``vision``, ``thinking``, ``tools``,
+    ``embedding``) as its host's ``/api/show`` says, kept a while: the page's model picker shows
+    it, and offers pictures only for a vision model. ``of(name)`` asks at most once per ``keep_s``."""
+
+    keep_s = 300.0
+    failed_keep_s = 30.0  # a host that did not say is asked again soon
+    most = 512  # models remembered at once
+
+    def __init__(self, router, clock=time.monotonic):
+        self.router, self.clock = router, clock
+        self._known = {}
+        self._lock = threading.Lock()
+
+    def of(self, name):
+        with self._lock:
+            known = self._known.get(name)
+        if known is not None and known[0] > self.clock():
+            return known[1]
+        try:
+            reply = MeshCalls(self.router).call("/api/show", {"model": name}).json()
+            found = [c for c in reply.get("capabilities") or [] if isinstance(c, str) and len(c) <= 40][:16]
+            keep = self.keep_s if isinstance(reply.get("capabilities"), list) else self.failed_keep_s
+        except (LLMError, ValueError, AttributeError, requests.RequestException):
+            found, keep = [], self.failed_keep_s
+        with self._lock:
+            if len(self._known) >= self.most:
+                self._known.clear()
+            self._known[name] = (self.clock() + keep, found)
+        return found
+
+
 class MeshInfo:
     """``/api/tags``, ``/api/ps`` and ``/api/version`` of the mesh: this node's backends, and each
     sharing peer's (asked through its relay), merged."""
@@ -6571,6 +6631,7 @@ class AnswerSoFar:
     def __init__(self, messages, options):
         self.messages, self.options = messages, options
         self.parts = []  # token texts
+        self.thinking = []  # a reasoning model's thinking, apart from the answer
         self.hosts = []  # {"node_id", "name", "tokens"}, in the order they wrote
 
     @property
@@ -6591,6 +6652,8 @@ class AnswerSoFar:
         elif kind == "token" and self.hosts:
             self.parts.append(event["content"])
             self.hosts[-1]["tokens"] += 1
+        elif kind == "thinking":
+            self.thinking.append(event["content"])
         return event
 
     def request(self):
@@ -7297,11 +7360,12 @@ class ChatService:
             raise HTTPFailure(404, "no conversation %s" % safe_text(conversation_id, 80))
         return record
 
-    def add_question(self, conversation_id, content, sender, replaces=None):
+    def add_question(self, conversation_id, content, sender, replaces=None, images=None):
         """Stores a question asked on this node; returns it as a message. ``replaces``: the id of
-        the conversation's last question, which this edited one takes the place of."""
+        the conversation's last question, which this edited one takes the place of; ``images``:
+        base64 pictures for a vision model (_message_images)."""
         self.record(conversation_id)
-        marks = {}
+        marks = {"images": images} if images else {}
         if replaces is not None:
             if self.store.last_question_id(conversation_id) != replaces:
                 raise HTTPFailure(409, "only the last question of a conversation can be edited")
@@ -7323,6 +7387,8 @@ class ChatService:
                 skipping = message["id"] in replaced or not (answered or last)
             if not skipping:
                 history.append({"role": message["role"], "content": message["content"]})
+                if message.get("images"):
+                    history[-1]["images"] = message["images"]
         return history
 
     def answer(self, conversation_id, model, regenerate=False, requester=None):
@@ -7397,6 +7463,8 @@ class ChatService:
         text, hosts = answer.text, answer.record()
         if hosts:
             marks["answered_by_hosts"] = hosts
+        if answer.thinking:
+            marks["thinking"] = "".join(answer.thinking)
         entry = self.store.add_message(
             conversation_id, "assistant", text or "(empty answer)", "LLM",
             host_info={"hostname": done["node_name"] or "LLM", "ip_address": "", "is_llm_host": True},
@@ -7747,6 +7815,12 @@ def clean_chat_messages(value):
         if not isinstance(content, str):
             raise HTTPFailure(400, "message content must be text")
         messages.append({"role": item["role"], "content": check_message_size(content)})
+        if item.get("images") is not None:
+            images = _message_images(item["images"])
+            if images is None:
+                raise HTTPFailure(400, "'images' must be a list of 1 to %d base64 images, %d KiB together at most"
+                                  % (MAX_MESSAGE_IMAGES, MAX_IMAGES_BYTES // 1024))
+            messages[-1]["images"] = images
     return messages
 
 
@@ -8197,6 +8271,10 @@ class HttpApi:
 class PageApi(HttpApi):
     """The chat page and its API: conversations, their messages and answers, models, live events."""
 
+    def __init__(self, node, chat, gate=None, capabilities=None):
+        HttpApi.__init__(self, node, chat, gate)
+        self.capabilities = capabilities or ModelCapabilities(node.router)
+
     def routes(self):
         conversation = "/api/conversations/<conversation_id>"
         return [("GET", "/", self.index), ("GET", "/static/<path:path>", self.static),
@@ -8342,10 +8420,15 @@ class PageApi(HttpApi):
         sender = body_text(body, "sender", limit=100) or "user"
         model = body_text(body, "model", limit=200)
         replaces = body_text(body, "replaces", limit=100)
+        images = body.get("images") or None
+        if images is not None and _message_images(images) is None:
+            raise HTTPFailure(413 if isinstance(images, list) and all(isinstance(i, str) for i in images) else 400,
+                              "'images' must be 1 to %d base64 pictures, %d KiB together at most: send fewer or "
+                              "smaller ones" % (MAX_MESSAGE_IMAGES, MAX_IMAGES_BYTES // 1024))
         self._writable(conversation_id)
         if body.get("answer") is not False:
             self.admit_chat()
-        question = self.chat.add_question(conversation_id, content, sender, replaces=replaces)
+        question = self.chat.add_question(conversation_id, content, sender, replaces=replaces, images=images)
         if body.get("answer") is False:
             bottle.response.status = 201
             return question
@@ -8427,8 +8510,8 @@ class PageApi(HttpApi):
             default = router.resolve_model(None)
         except LLMError:
             default = None
-        return {"models": [{"name": name, "hosts": [{"node_id": i, "name": n, "local": l} for i, n, l in entries]}
-                           for name, entries in mesh_models.items()],
+        return {"models": [{"name": name, "hosts": [{"node_id": i, "name": n, "local": l} for i, n, l in entries],
+                            "capabilities": self.capabilities.of(name)} for name, entries in mesh_models.items()],
                 "default": default, "llm_hosts": llm_host_count(mesh_models)}
 
     # -- live events -------------------------------------------------------------------
@@ -8636,6 +8719,7 @@ class OllamaApi(HttpApi):
             return final
         bottle.response.content_type = "application/x-ndjson"
         return ndjson(translate(events, {"token": functools.partial(self._token_chunk, model, key),
+                                         "thinking": functools.partial(self._thinking_chunk, model, key),
                                          "done": functools.partial(ollama_final, model, started=started, key=key),
                                          "error": self._error_chunk}))
 
@@ -8643,6 +8727,13 @@ class OllamaApi(HttpApi):
     def _token_chunk(model, key, event):
         chunk = {"model": model, "created_at": ollama_timestamp(), "done": False}
         chunk.update(key(event["content"]))
+        return chunk
+
+    @staticmethod
+    def _thinking_chunk(model, key, event):
+        chunk = {"model": model, "created_at": ollama_timestamp(), "done": False}
+        chunk.update(key(""))
+        (chunk["message"] if "message" in chunk else chunk)["thinking"] = event["content"]
         return chunk
 
     @staticmethod
@@ -8996,8 +9087,9 @@ class OllamaChats:
     @staticmethod
     def _of_events(events):
         for event in events:
-            if event["type"] == "token":
-                yield {"message": {"role": "assistant", "content": event["content"]}, "done": False}
+            if event["type"] in ("token", "thinking"):
+                key = "content" if event["type"] == "token" else "thinking"
+                yield {"message": {"role": "assistant", key: event["content"]}, "done": False}
             elif event["type"] == "done":
                 yield dict({key: event.get(key) for key in ("done_reason", "eval_count", "prompt_eval_count")},
                            done=True)
@@ -9565,7 +9657,8 @@ class RelayApi(HttpApi):
         events = self.chat.stream(model, messages, options, local_only=True, requester=requester)
         bottle.response.content_type = "application/x-ndjson"
         return ndjson(translate(events, {"queued": self._queued_line, "token": self._token_line,
-                                         "done": self._done_line, "error": self._error_line}))
+                                         "thinking": self._thinking_line, "done": self._done_line,
+                                         "error": self._error_line}))
 
     @staticmethod
     def _queued_line(event):
@@ -9574,6 +9667,10 @@ class RelayApi(HttpApi):
     @staticmethod
     def _token_line(event):
         return {"message": {"role": "assistant", "content": event["content"]}, "done": False}
+
+    @staticmethod
+    def _thinking_line(event):
+        return {"message": {"role": "assistant", "content": "", "thinking": event["content"]}, "done": False}
 
     @staticmethod
     def _done_line(event):

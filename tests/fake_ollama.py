@@ -519,6 +519,8 @@ class _Handler(BaseHTTPRequestHandler):
             prompt_tokens = sum(len(tokens_for(_text_of(m.get("content"))))
                                 for m in messages if isinstance(m, dict)) + 1
             think = body.get("think")
+            if think is None and path != "/v1/chat/completions":  # as Ollama: a thinking model thinks unless told not to
+                think = "thinking" in capabilities_of(model)
             if think and "thinking" not in capabilities_of(model):
                 return self._send_error(400, '"%s" does not support thinking' % model, openai)
             if not empty:

@@ -1,0 +1,77 @@
+"""Issue 25, part 5 (the server side of the page): a question with pictures for a vision model,
+and a reasoning model's thinking kept apart from its answer, through a node WITHOUT an LLM
+relayed to a host whose Ollama is the fake; both stored with the message and synced."""
+
+import base64
+import json
+
+import requests
+
+import neuromesh
+from conftest import wait_for
+from fake_ollama import image_note, thinking_for
+from test_messages_responses import API_MODEL, PIXEL, SEER, THINKER, served  # noqa: F401 (a fixture)
+
+SSE = {"Accept": "text/event-stream"}
+
+
+def sse_events(response):
+    kind = None
+    for line in response.iter_lines():
+        if line.startswith(b"event: "):
+            kind = line[7:].decode()
+        elif line.startswith(b"data: "):
+            yield kind, json.loads(line[6:])
+
+
+def test_the_model_list_tells_each_models_capabilities(served):
+    models = {m["name"]: m["capabilities"] for m in served.plain.json("/api/models")["models"]}
+    assert "vision" in models[SEER] and "thinking" in models[THINKER]
+    assert "vision" not in models[API_MODEL] and "thinking" not in models[API_MODEL]
+
+
+def test_a_question_with_a_picture_is_answered_stored_and_synced(served):
+    plain, host = served.plain, served.host
+    conversation = plain.post("/api/conversations", json={"title": "homework"}).json()["id"]
+    reply = plain.post("/api/conversations/%s/messages" % conversation, headers={"Accept": "application/json"},
+                       json={"content": "What is in this picture?", "model": SEER, "images": [PIXEL]})
+    assert reply.status_code == 201, reply.text
+    assert reply.json()["user"]["images"] == [PIXEL]
+    answer = served.answer("What is in this picture?", SEER) + image_note([PIXEL])
+    assert reply.json()["assistant"]["content"] == answer
+    assert served.fake.requests_to("/api/chat")[-1]["messages"][-1]["images"] == [PIXEL]
+    kept = plain.json("/api/conversations/%s" % conversation)["messages"]
+    assert kept[0]["images"] == [PIXEL]
+    wait_for(lambda: (host.json("/api/conversations/%s" % conversation).get("messages") or [{}])[0].get("images")
+             == [PIXEL], timeout=20, message="the picture synced to the other node")
+
+
+def test_pictures_past_the_limits_are_refused_with_a_clear_error(served):
+    plain = served.plain
+    conversation = plain.post("/api/conversations", json={}).json()["id"]
+    url = plain.url + "/api/conversations/%s/messages" % conversation
+    big = base64.b64encode(b"x" * (neuromesh.MAX_IMAGES_BYTES)).decode()
+    too_big = requests.post(url, json={"content": "look", "images": [big]}, timeout=10)
+    assert too_big.status_code == 413 and "KiB together at most" in too_big.json()["error"]
+    not_base64 = requests.post(url, json={"content": "look", "images": ["<script>"]}, timeout=10)
+    assert not_base64.status_code == 413
+    too_many = requests.post(url, json={"content": "look", "images": [PIXEL] * 5}, timeout=10)
+    assert too_many.status_code == 413
+    assert requests.post(url, json={"content": "look", "images": "abc"}, timeout=10).status_code == 400
+
+
+def test_thinking_streams_apart_and_is_stored_with_the_answer(served):
+    plain = served.plain
+    conversation = plain.post("/api/conversations", json={}).json()["id"]
+    with requests.post(plain.url + "/api/conversations/%s/messages" % conversation, headers=SSE, stream=True,
+                       json={"content": "Why is the sky blue?", "model": THINKER}, timeout=60) as response:
+        events = list(sse_events(response))
+    kinds = [kind for kind, _data in events]
+    answer = served.answer("Why is the sky blue?", THINKER)
+    thoughts = "".join(data["content"] for kind, data in events if kind == "thinking")
+    words = "".join(data["content"] for kind, data in events if kind == "token")
+    assert thoughts == thinking_for(answer) and words == answer
+    assert kinds.index("thinking") < kinds.index("token") and kinds[-1] == "done"
+    stored = events[-1][1]["message"]
+    assert stored["thinking"] == thinking_for(answer) and stored["content"] == answer
+    assert plain.json("/api/conversations/%s" % conversation)["messages"][-1]["thinking"] == thinking_for(answer)
