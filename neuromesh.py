@@ -9115,11 +9115,16 @@ class OllamaChats:
             for key in ("content", "thinking"):
                 if isinstance(said.get(key), str):
                     answer[key].append(said[key])
-            answer["tool_calls"] += [call for call in said.get("tool_calls") or [] if isinstance(call, dict)]
+            answer["tool_calls"] += [call for call in tool_calls_of(said) if isinstance(call, dict)]
             if chunk.get("done"):
                 return dict(answer, content="".join(answer["content"]), thinking="".join(answer["thinking"]),
                             done=chunk)
         raise HTTPFailure(503, "the answer ended without a result")
+
+
+def tool_calls_of(said):
+    """The tool calls of an Ollama message from a host (a list, whatever the host sent)."""
+    return said.get("tool_calls") if isinstance(said.get("tool_calls"), list) else []
 
 
 def number_options(body, names):
@@ -9246,7 +9251,8 @@ class AnthropicShapes:
 
     @classmethod
     def stop_reason(cls, done, called):
-        return "tool_use" if called else cls.STOP_REASONS.get(done.get("done_reason"), "end_turn")
+        reason = done.get("done_reason")
+        return "tool_use" if called else cls.STOP_REASONS.get(reason if isinstance(reason, str) else "", "end_turn")
 
     @staticmethod
     def usage(done):
@@ -9311,7 +9317,7 @@ class AnthropicStream:
             for kind, key in (("thinking", "thinking"), ("text", "content")):
                 if isinstance(said.get(key), str) and said[key]:
                     yield from self._text(kind, said[key])
-            for call in said.get("tool_calls") or []:
+            for call in tool_calls_of(said):
                 called = True
                 block = AnthropicShapes.tool_use(call if isinstance(call, dict) else {})
                 yield from self._begin(dict(block, input={}))
@@ -9567,7 +9573,7 @@ class ResponsesStream:
             for kind, key in (("reasoning", "thinking"), ("message", "content")):
                 if isinstance(said.get(key), str) and said[key]:
                     yield from self._text(kind, said[key])
-            for call in said.get("tool_calls") or []:
+            for call in tool_calls_of(said):
                 yield from self._call(call if isinstance(call, dict) else {})
             if chunk.get("done"):
                 yield from self._close()

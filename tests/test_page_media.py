@@ -8,7 +8,7 @@ import json
 import requests
 
 import neuromesh
-from conftest import wait_for
+from conftest import OTHER_MACHINE, guest_headers, open_node, wait_for, wsgi_call  # noqa: F401 (open_node: fixture)
 from fake_ollama import image_note, thinking_for
 from test_messages_responses import API_MODEL, PIXEL, SEER, THINKER, served  # noqa: F401 (a fixture)
 
@@ -75,3 +75,18 @@ def test_thinking_streams_apart_and_is_stored_with_the_answer(served):
     stored = events[-1][1]["message"]
     assert stored["thinking"] == thinking_for(answer) and stored["content"] == answer
     assert plain.json("/api/conversations/%s" % conversation)["messages"][-1]["thinking"] == thinking_for(answer)
+
+
+def test_a_guest_asks_with_a_picture_too(open_node):
+    """A phone of the room (a guest who entered the room code) sends a picture like the owner."""
+    app = neuromesh.build_app(open_node)
+    headers = guest_headers(app, open_node)
+    created = wsgi_call(app, "POST", "/api/conversations", {"title": "photo"}, headers=headers, remote=OTHER_MACHINE)
+    conversation = created.json()["id"]
+    reply = wsgi_call(app, "POST", "/api/conversations/%s/messages" % conversation,
+                      {"content": "What is this?", "images": [PIXEL]},
+                      headers=dict(headers, Accept="application/json"), remote=OTHER_MACHINE)
+    assert reply.status == 201, reply.text
+    assert reply.json()["user"]["images"] == [PIXEL]
+    _model, asked = open_node.router.local[0].asked[-1]
+    assert asked[-1] == {"role": "user", "content": "What is this?", "images": [PIXEL]}
