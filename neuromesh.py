@@ -6519,33 +6519,54 @@ class MeshCalls:
 class ModelCapabilities:
     """What each model of the mesh can do (``completion``, ``vision``, ``thinking``, ``tools``,
     ``embedding``) as its host's ``/api/show`` says, kept a while: the page's model picker shows
-    it, and offers pictures only for a vision model. ``of(name)`` asks at most once per ``keep_s``."""
+    it, and offers pictures only for a vision model. ``of_all(names)`` asks the hosts of the
+    models not known lately, in parallel, waiting ``wait_s`` at most: a slow host's model shows
+    no capabilities until its answer arrives (kept for the next call)."""
 
     keep_s = 300.0
     failed_keep_s = 30.0  # a host that did not say is asked again soon
+    wait_s = 3.0
     most = 512  # models remembered at once
 
     def __init__(self, router, clock=time.monotonic):
         self.router, self.clock = router, clock
         self._known = {}
+        self._asking = set()
         self._lock = threading.Lock()
 
-    def of(self, name):
+    def of_all(self, names):
+        """``{name: [capabilities]}`` for ``names``."""
+        threads = []
         with self._lock:
-            known = self._known.get(name)
-        if known is not None and known[0] > self.clock():
-            return known[1]
+            for name in names:
+                known = self._known.get(name)
+                if (known is None or known[0] <= self.clock()) and name not in self._asking:
+                    self._asking.add(name)
+                    threads.append(threading.Thread(target=self._ask, args=(name,), daemon=True,
+                                                    name="neuromesh-capabilities"))
+        deadline = self.clock() + self.wait_s
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(max(0.0, deadline - self.clock()))
+        with self._lock:
+            return {name: list(self._known.get(name, (0, []))[1]) for name in names}
+
+    def _ask(self, name):
         try:
             reply = MeshCalls(self.router).call("/api/show", {"model": name}).json()
             found = [c for c in reply.get("capabilities") or [] if isinstance(c, str) and len(c) <= 40][:16]
             keep = self.keep_s if isinstance(reply.get("capabilities"), list) else self.failed_keep_s
         except (LLMError, ValueError, AttributeError, requests.RequestException):
             found, keep = [], self.failed_keep_s
+        except Exception:  # a bug: log it, keep the page's model list working
+            log.exception("asking the capabilities of %s failed", safe_text(name))
+            found, keep = [], self.failed_keep_s
         with self._lock:
+            self._asking.discard(name)
             if len(self._known) >= self.most:
                 self._known.clear()
             self._known[name] = (self.clock() + keep, found)
-        return found
 
 
 class MeshInfo:
@@ -8510,8 +8531,9 @@ class PageApi(HttpApi):
             default = router.resolve_model(None)
         except LLMError:
             default = None
+        capabilities = self.capabilities.of_all(list(mesh_models))
         return {"models": [{"name": name, "hosts": [{"node_id": i, "name": n, "local": l} for i, n, l in entries],
-                            "capabilities": self.capabilities.of(name)} for name, entries in mesh_models.items()],
+                            "capabilities": capabilities[name]} for name, entries in mesh_models.items()],
                 "default": default, "llm_hosts": llm_host_count(mesh_models)}
 
     # -- live events -------------------------------------------------------------------

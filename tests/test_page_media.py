@@ -4,11 +4,13 @@ relayed to a host whose Ollama is the fake; both stored with the message and syn
 
 import base64
 import json
+import threading
 
 import requests
 
 import neuromesh
-from conftest import OTHER_MACHINE, guest_headers, open_node, wait_for, wsgi_call  # noqa: F401 (open_node: fixture)
+from conftest import (OTHER_MACHINE, ScriptedBackend, guest_headers, open_node, scripted_router,  # noqa: F401
+                      wait_for, wsgi_call)  # noqa: F401 (open_node: fixture)
 from fake_ollama import image_note, thinking_for
 from test_messages_responses import API_MODEL, PIXEL, SEER, THINKER, served  # noqa: F401 (a fixture)
 
@@ -90,3 +92,30 @@ def test_a_guest_asks_with_a_picture_too(open_node):
     assert reply.json()["user"]["images"] == [PIXEL]
     _model, asked = open_node.router.local[0].asked[-1]
     assert asked[-1] == {"role": "user", "content": "What is this?", "images": [PIXEL]}
+
+
+class ShowingBackend(ScriptedBackend):
+    """A scripted LLM that answers /api/show with its capabilities once ``release`` is set."""
+
+    def __init__(self, release):
+        ScriptedBackend.__init__(self, "slow-host", models=("seer",))
+        self.release = release
+        self.shown = 0
+
+    def forward(self, path, body):
+        self.shown += 1
+        self.release.wait(10)
+        return neuromesh.Upstream.of_json({"capabilities": ["completion", "vision"]})
+
+
+def test_a_slow_host_does_not_hold_the_model_list_and_its_answer_is_kept():
+    release = threading.Event()
+    backend = ShowingBackend(release)
+    capabilities = neuromesh.ModelCapabilities(scripted_router(local=[backend]))
+    capabilities.wait_s = 0.2
+    assert capabilities.of_all(["seer"]) == {"seer": []}  # not known yet: the list goes out without it
+    assert capabilities.of_all(["seer"]) == {"seer": []} and backend.shown == 1  # asked once at a time
+    release.set()
+    wait_for(lambda: capabilities.of_all(["seer"]) == {"seer": ["completion", "vision"]}, timeout=5,
+             message="the host's answer kept")
+    assert backend.shown == 1
