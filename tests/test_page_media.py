@@ -9,8 +9,8 @@ import threading
 import requests
 
 import neuromesh
-from conftest import (OTHER_MACHINE, ScriptedBackend, guest_headers, open_node, scripted_router,  # noqa: F401
-                      wait_for, wsgi_call)  # noqa: F401 (open_node: fixture)
+from conftest import (OTHER_MACHINE, ScriptedBackend, guest_headers, open_node,  # noqa: F401 (open_node: a fixture)
+                      scripted_router, wait_for, wsgi_call)
 from fake_ollama import image_note, thinking_for
 from test_messages_responses import API_MODEL, PIXEL, SEER, THINKER, served  # noqa: F401 (a fixture)
 
