@@ -6489,7 +6489,8 @@ class MeshCalls:
         failures = []
         for backend in router.candidates(model, local_only, requester):
             try:
-                return self._try(backend, path, body, router.policy.turn(requester, backend))
+                return self._try(backend, path, body, router.policy.turn(requester, backend,
+                                                                         asking=path in SLOT_PATHS))
             except _UpstreamRefused as exc:
                 failures.append((exc.status, str(exc)))
                 log.warning("failing over: %s", exc)
