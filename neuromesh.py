@@ -7345,13 +7345,16 @@ class ChatService:
 
     @staticmethod
     def whole(events):
-        """``(token texts, done event)`` of an answer read to its end; an HTTPFailure if it fails."""
-        parts = []
+        """``(token texts, done event)`` of an answer read to its end (the done event with the
+        model's ``thinking``, if it thought); an HTTPFailure if it fails."""
+        parts, thoughts = [], []
         for event in events:
             if event["type"] == "token":
                 parts.append(event["content"])
+            elif event["type"] == "thinking":
+                thoughts.append(event["content"])
             elif event["type"] == "done":
-                return parts, event
+                return parts, dict(event, thinking="".join(thoughts)) if thoughts else event
             elif event["type"] == "error":
                 raise HTTPFailure(502, event["error"])
         raise HTTPFailure(503, "the answer ended without a result")
@@ -8739,6 +8742,8 @@ class OllamaApi(HttpApi):
             parts, done = self.chat.whole(events)
             final = ollama_final(model, done, started, key)
             final.update(key("".join(parts)))
+            if done.get("thinking"):
+                (final["message"] if "message" in final else final)["thinking"] = done["thinking"]
             return final
         bottle.response.content_type = "application/x-ndjson"
         return ndjson(translate(events, {"token": functools.partial(self._token_chunk, model, key),

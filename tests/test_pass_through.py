@@ -84,3 +84,17 @@ def test_one_field_on_a_plain_chat_arrives_as_sent(served, field, value):
         assert {key: received["options"][key] for key in value} == value
     else:
         assert received[field] == value and received["messages"] == body["messages"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_plain_chat_of_a_thinking_model_brings_its_thinking_apart(served, stream):
+    """Without ``think`` the chat takes the mesh's own path (mid-answer failover); a model that
+    thinks anyway (as Ollama's thinking models do by default) still has its thinking apart."""
+    body = {"model": THINKER, "stream": stream, "messages": [{"role": "user", "content": QUESTION}]}
+    reply = requests.post(served.plain.url + "/api/chat", json=body, timeout=30)
+    assert reply.status_code == 200, reply.text
+    chunks = [json.loads(line) for line in reply.text.splitlines() if line.strip()]
+    answer = served.answer(QUESTION, THINKER)
+    assert "".join(c["message"].get("thinking", "") for c in chunks) == thinking_for(answer)
+    assert "".join(c["message"]["content"] for c in chunks) == answer
+    assert "think" not in served.fake.requests_to("/api/chat")[-1]
