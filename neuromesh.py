@@ -5777,6 +5777,8 @@ class OpenAIBackend(Backend):
                             "neuromesh_backend": "openai-compatible"} for name in names]}
 
     def _stream(self, model, messages, options, cancel):
+        if any(message.get("images") for message in messages):  # pictures as OpenAI's image parts
+            messages = openai_messages(messages)
         body = {"model": model, "messages": messages, "stream": True}
         for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("num_predict", "max_tokens")):
             if ours in options:

@@ -119,3 +119,17 @@ def test_a_slow_host_does_not_hold_the_model_list_and_its_answer_is_kept():
     wait_for(lambda: capabilities.of_all(["seer"]) == {"seer": ["completion", "vision"]}, timeout=5,
              message="the host's answer kept")
     assert backend.shown == 1
+
+
+def test_a_picture_reaches_a_host_behind_an_openai_compatible_server_as_an_image_part(cluster):
+    from fake_ollama import FakeOllama
+    with FakeOllama(models=(SEER,)) as fake:
+        host = cluster.start("openai-host", extra=["--openai-url", fake.url + "/v1"])
+        wait_for(lambda: host.json("/api/models")["models"], timeout=15, message="the model")
+        conversation = host.post("/api/conversations", json={}).json()["id"]
+        reply = host.post("/api/conversations/%s/messages" % conversation, headers={"Accept": "application/json"},
+                          json={"content": "What is this?", "model": SEER, "images": [PIXEL]})
+        assert reply.status_code == 201, reply.text
+        asked = fake.requests_to("/v1/chat/completions")[-1]["messages"][-1]["content"]
+        assert {"type": "text", "text": "What is this?"} in asked
+        assert {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PIXEL}} in asked
