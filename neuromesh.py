@@ -7406,7 +7406,7 @@ class ChatService:
         """What the LLM is told of a conversation: a question that got no answer (it failed) is
         left out unless it is the last one, and so is a question replaced by its edit, with its answers."""
         replaced = {m.get("replaces") for m in messages if m.get("replaces")}
-        history, skipping = [], False
+        history, skipping, pictured = [], False, None
         for index, message in enumerate(messages):
             if message["role"] == "user":
                 last = index == len(messages) - 1
@@ -7415,7 +7415,9 @@ class ChatService:
             if not skipping:
                 history.append({"role": message["role"], "content": message["content"]})
                 if message.get("images"):
-                    history[-1]["images"] = message["images"]
+                    pictured = (history[-1], message["images"])
+        if pictured:  # pictures cost the model much: only the newest question with some carries them on
+            pictured[0]["images"] = pictured[1]
         return history
 
     def answer(self, conversation_id, model, regenerate=False, requester=None):

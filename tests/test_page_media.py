@@ -133,3 +133,13 @@ def test_a_picture_reaches_a_host_behind_an_openai_compatible_server_as_an_image
         asked = fake.requests_to("/v1/chat/completions")[-1]["messages"][-1]["content"]
         assert {"type": "text", "text": "What is this?"} in asked
         assert {"type": "image_url", "image_url": {"url": "data:image/png;base64," + PIXEL}} in asked
+
+
+def test_only_the_newest_question_with_pictures_sends_them_again():
+    def message(index, role, images=None):
+        found = {"id": "m%d" % index, "role": role, "content": "c%d" % index}
+        return dict(found, images=images) if images else found
+    history = neuromesh.ChatService.history_of([message(0, "user", ["AAAA"]), message(1, "assistant"),
+                                                 message(2, "user", ["BBBB"]), message(3, "assistant"),
+                                                 message(4, "user")])
+    assert [item.get("images") for item in history] == [None, None, ["BBBB"], None, None]
