@@ -1641,7 +1641,20 @@ def _clean_message_data(data):
 
 _MESSAGE_FIELDS = frozenset(("role", "content", "sender", "host_info", "model", "answered_by", "answered_by_name",
                              "tokens_per_second"))  # always in what _clean_message_data returns
-_MESSAGE_MARKS = _MESSAGE_FIELDS | {"answered_by_hosts", "cut_off", "replaces", "waited_s", "original_timestamp"}
+_MESSAGE_MARKS = _MESSAGE_FIELDS | {"answered_by_hosts", "cut_off", "replaces", "waited_s", "original_timestamp",
+                                    "images", "thinking"}
+MAX_MESSAGE_IMAGES = 4  # images one question carries (the page downscales them first)
+MAX_IMAGES_BYTES = 224 * 1024  # their base64 text together: with the text, one entry stays under MAX_ENTRY_BYTES
+_BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+
+
+def _message_images(value):
+    """A question's images: 1 to MAX_MESSAGE_IMAGES base64 texts, MAX_IMAGES_BYTES together; or None."""
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_MESSAGE_IMAGES:
+        return None
+    if not all(isinstance(image, str) and image and _BASE64.fullmatch(image) for image in value):
+        return None
+    return list(value) if sum(len(image) for image in value) <= MAX_IMAGES_BYTES else None
 MAX_ANSWER_HOSTS = 16  # hosts one answer was continued on (each takes over after a failure)
 
 
@@ -1683,6 +1696,12 @@ def _message_marks(data):
     original = data.get("original_timestamp")  # as an imported file wrote it (nanoseconds)
     if isinstance(original, str) and 0 < len(original) <= 64:
         marks["original_timestamp"] = original
+    images = _message_images(data.get("images"))  # a question's pictures, for a vision model
+    if images:
+        marks["images"] = images
+    thinking = data.get("thinking")  # what a reasoning model thought before its answer
+    if isinstance(thinking, str) and thinking and len(thinking.encode("utf-8", "surrogatepass")) <= MAX_CONTENT_BYTES:
+        marks["thinking"] = thinking
     return marks
 
 
@@ -6112,6 +6131,12 @@ class OllamaBackend(Backend):
         return response.json()
 
 
+def chunk_thinking(chunk):
+    """A reasoning model's thinking in an Ollama chunk (``message.thinking``, or generate's ``thinking``)."""
+    said = chunk.get("message") if isinstance(chunk.get("message"), dict) else chunk
+    return said.get("thinking") if isinstance(said.get("thinking"), str) else ""
+
+
 def stream_ollama_lines(response, start_event, cancel, node_name, lines=None):
     """Events from an Ollama-style NDJSON chat stream (Ollama itself, or a peer's relay);
     ``lines`` (default: those of ``response`` as they arrive) are read, ``response`` closed."""
@@ -6143,6 +6168,9 @@ def stream_ollama_lines(response, start_event, cancel, node_name, lines=None):
             if not produced:
                 produced = True
                 yield start_event
+            thinking = chunk_thinking(chunk)
+            if thinking:
+                yield {"type": "thinking", "content": thinking}
             content = _chunk_content(chunk)
             if content:
                 yield {"type": "token", "content": content}
@@ -6200,6 +6228,8 @@ class OpenAIBackend(Backend):
                             "neuromesh_backend": "openai-compatible"} for name in names]}
 
     def _stream(self, model, messages, options, cancel):
+        if any(message.get("images") for message in messages):  # pictures as OpenAI's image parts
+            messages = openai_messages(messages)
         body = {"model": model, "messages": messages, "stream": True}
         for ours, theirs in (("temperature", "temperature"), ("top_p", "top_p"), ("num_predict", "max_tokens")):
             if ours in options:
@@ -6967,7 +6997,8 @@ class MeshCalls:
         for backend in router.candidates(model, local_only, requester):
             try:
                 asked = router.room.instruct_body(requester, path, body) if governed and backend.local else body
-                return self._try(backend, path, asked, router.policy.turn(requester, backend))
+                return self._try(backend, path, asked, router.policy.turn(requester, backend,
+                                                                         asking=path in SLOT_PATHS))
             except _UpstreamRefused as exc:
                 failures.append((exc.status, str(exc)))
                 log.warning("failing over: %s", exc)
@@ -6993,6 +7024,59 @@ class MeshCalls:
             raise
         upstream.on_close(done)
         return upstream
+
+
+class ModelCapabilities:
+    """What each model of the mesh can do (``completion``, ``vision``, ``thinking``, ``tools``,
+    ``embedding``) as its host's ``/api/show`` says, kept a while: the page's model picker shows
+    it, and offers pictures only for a vision model. ``of_all(names)`` asks the hosts of the
+    models not known lately, in parallel, waiting ``wait_s`` at most: a slow host's model shows
+    no capabilities until its answer arrives (kept for the next call)."""
+
+    keep_s = 300.0
+    failed_keep_s = 30.0  # a host that did not say is asked again soon
+    wait_s = 3.0
+    most = 512  # models remembered at once
+
+    def __init__(self, router, clock=time.monotonic):
+        self.router, self.clock = router, clock
+        self._known = {}
+        self._asking = set()
+        self._lock = threading.Lock()
+
+    def of_all(self, names):
+        """``{name: [capabilities]}`` for ``names``."""
+        threads = []
+        with self._lock:
+            for name in names:
+                known = self._known.get(name)
+                if (known is None or known[0] <= self.clock()) and name not in self._asking:
+                    self._asking.add(name)
+                    threads.append(threading.Thread(target=self._ask, args=(name,), daemon=True,
+                                                    name="neuromesh-capabilities"))
+        deadline = self.clock() + self.wait_s
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(max(0.0, deadline - self.clock()))
+        with self._lock:
+            return {name: list(self._known.get(name, (0, []))[1]) for name in names}
+
+    def _ask(self, name):
+        try:
+            reply = MeshCalls(self.router).call("/api/show", {"model": name}).json()
+            found = [c for c in reply.get("capabilities") or [] if isinstance(c, str) and len(c) <= 40][:16]
+            keep = self.keep_s if isinstance(reply.get("capabilities"), list) else self.failed_keep_s
+        except (LLMError, ValueError, AttributeError, requests.RequestException):
+            found, keep = [], self.failed_keep_s
+        except Exception:  # a bug: log it, keep the page's model list working
+            log.exception("asking the capabilities of %s failed", safe_text(name))
+            found, keep = [], self.failed_keep_s
+        with self._lock:
+            self._asking.discard(name)
+            if len(self._known) >= self.most:
+                self._known.clear()
+            self._known[name] = (self.clock() + keep, found)
 
 
 class MeshInfo:
@@ -7078,6 +7162,7 @@ class AnswerSoFar:
     def __init__(self, messages, options):
         self.messages, self.options = messages, options
         self.parts = []  # token texts
+        self.thinking = []  # a reasoning model's thinking, apart from the answer
         self.hosts = []  # {"node_id", "name", "tokens"}, in the order they wrote
 
     @property
@@ -7098,6 +7183,8 @@ class AnswerSoFar:
         elif kind == "token" and self.hosts:
             self.parts.append(event["content"])
             self.hosts[-1]["tokens"] += 1
+        elif kind == "thinking":
+            self.thinking.append(event["content"])
         return event
 
     def request(self):
@@ -8869,13 +8956,16 @@ class ChatService:
 
     @staticmethod
     def whole(events):
-        """``(token texts, done event)`` of an answer read to its end; an HTTPFailure if it fails."""
-        parts = []
+        """``(token texts, done event)`` of an answer read to its end (the done event with the
+        model's ``thinking``, if it thought); an HTTPFailure if it fails."""
+        parts, thoughts = [], []
         for event in events:
             if event["type"] == "token":
                 parts.append(event["content"])
+            elif event["type"] == "thinking":
+                thoughts.append(event["content"])
             elif event["type"] == "done":
-                return parts, event
+                return parts, dict(event, thinking="".join(thoughts)) if thoughts else event
             elif event["type"] == "error":
                 raise HTTPFailure(502, event["error"])
         raise HTTPFailure(503, "the answer ended without a result")
@@ -8906,11 +8996,12 @@ class ChatService:
             raise HTTPFailure(404, "no conversation %s" % safe_text(conversation_id, 80))
         return record
 
-    def add_question(self, conversation_id, content, sender, replaces=None):
+    def add_question(self, conversation_id, content, sender, replaces=None, images=None):
         """Stores a question asked on this node; returns it as a message. ``replaces``: the id of
-        the conversation's last question, which this edited one takes the place of."""
+        the conversation's last question, which this edited one takes the place of; ``images``:
+        base64 pictures for a vision model (_message_images)."""
         self.record(conversation_id)
-        marks = {}
+        marks = {"images": images} if images else {}
         if replaces is not None:
             if self.store.last_question_id(conversation_id) != replaces:
                 raise HTTPFailure(409, "only the last question of a conversation can be edited")
@@ -8924,7 +9015,7 @@ class ChatService:
         """What the LLM is told of a conversation: a question that got no answer (it failed) is
         left out unless it is the last one, and so is a question replaced by its edit, with its answers."""
         replaced = {m.get("replaces") for m in messages if m.get("replaces")}
-        history, skipping = [], False
+        history, skipping, pictured = [], False, None
         for index, message in enumerate(messages):
             if message["role"] == "user":
                 last = index == len(messages) - 1
@@ -8932,6 +9023,10 @@ class ChatService:
                 skipping = message["id"] in replaced or not (answered or last)
             if not skipping:
                 history.append({"role": message["role"], "content": message["content"]})
+                if message.get("images"):
+                    pictured = (history[-1], message["images"])
+        if pictured:  # pictures cost the model much: only the newest question with some carries them on
+            pictured[0]["images"] = pictured[1]
         return history
 
     def answer(self, conversation_id, model, regenerate=False, requester=None):
@@ -9006,6 +9101,8 @@ class ChatService:
         text, hosts = answer.text, answer.record()
         if hosts:
             marks["answered_by_hosts"] = hosts
+        if answer.thinking:
+            marks["thinking"] = "".join(answer.thinking)
         entry = self.store.add_message(
             conversation_id, "assistant", text or "(empty answer)", "LLM",
             host_info={"hostname": done["node_name"] or "LLM", "ip_address": "", "is_llm_host": True},
@@ -9356,6 +9453,12 @@ def clean_chat_messages(value):
         if not isinstance(content, str):
             raise HTTPFailure(400, "message content must be text")
         messages.append({"role": item["role"], "content": check_message_size(content)})
+        if item.get("images") is not None:
+            images = _message_images(item["images"])
+            if images is None:
+                raise HTTPFailure(400, "'images' must be a list of 1 to %d base64 images, %d KiB together at most"
+                                  % (MAX_MESSAGE_IMAGES, MAX_IMAGES_BYTES // 1024))
+            messages[-1]["images"] = images
     return messages
 
 
@@ -9438,8 +9541,12 @@ class ErrorReplies:
     OPENAI_TYPES = {400: "invalid_request_error", 404: "not_found_error", 403: "permission_error",
                     413: "invalid_request_error"}
 
+    ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                       404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+                       503: "overloaded_error"}
+
     def __init__(self, shape="json", guard=None):
-        self.shape = shape  # "json" or "openai"
+        self.shape = shape  # "json", "openai" or "anthropic"
         self.guard = guard
 
     def apply(self, callback, route):
@@ -9467,6 +9574,9 @@ class ErrorReplies:
         if self.shape == "openai":
             return json.dumps({"error": {"message": message, "type": self.OPENAI_TYPES.get(status, "api_error"),
                                          "param": None, "code": "model_not_found" if status == 404 else None}})
+        if self.shape == "anthropic":
+            return json.dumps({"type": "error", "error": {"type": self.ANTHROPIC_TYPES.get(status, "api_error"),
+                                                          "message": message}})
         body = {"error": message}
         body.update(extra or {})
         return json.dumps(body)
@@ -9875,6 +9985,10 @@ class HttpApi:
 class PageApi(HttpApi):
     """The chat page and its API: conversations, their messages and answers, models, live events."""
 
+    def __init__(self, node, chat, gate=None, capabilities=None):
+        HttpApi.__init__(self, node, chat, gate)
+        self.capabilities = capabilities or ModelCapabilities(node.router)
+
     def routes(self):
         conversation = "/api/conversations/<conversation_id>"
         return [("GET", "/", self.index), ("GET", "/static/<path:path>", self.static),
@@ -10033,10 +10147,15 @@ class PageApi(HttpApi):
         sender = body_text(body, "sender", limit=100) or "user"
         model = body_text(body, "model", limit=200)
         replaces = body_text(body, "replaces", limit=100)
+        images = body.get("images") or None
+        if images is not None and _message_images(images) is None:
+            raise HTTPFailure(413 if isinstance(images, list) and all(isinstance(i, str) for i in images) else 400,
+                              "'images' must be 1 to %d base64 pictures, %d KiB together at most: send fewer or "
+                              "smaller ones" % (MAX_MESSAGE_IMAGES, MAX_IMAGES_BYTES // 1024))
         self._writable(conversation_id)
         if body.get("answer") is not False:
             self.admit_chat()
-        question = self.chat.add_question(conversation_id, content, sender, replaces=replaces)
+        question = self.chat.add_question(conversation_id, content, sender, replaces=replaces, images=images)
         if body.get("answer") is False:
             bottle.response.status = 201
             return question
@@ -10119,8 +10238,9 @@ class PageApi(HttpApi):
             default = router.resolve_model(None)
         except LLMError:
             default = None
-        return {"models": [{"name": name, "hosts": [{"node_id": i, "name": n, "local": l} for i, n, l in entries]}
-                           for name, entries in mesh_models.items()],
+        capabilities = self.capabilities.of_all(list(mesh_models))
+        return {"models": [{"name": name, "hosts": [{"node_id": i, "name": n, "local": l} for i, n, l in entries],
+                            "capabilities": capabilities[name]} for name, entries in mesh_models.items()],
                 "default": default, "llm_hosts": llm_host_count(mesh_models)}
 
     # -- live events -------------------------------------------------------------------
@@ -10228,8 +10348,10 @@ class OllamaApi(HttpApi):
 
     kind = "llm"
 
-    PASSED_CHAT = ("tools", "format", "think")  # chats with these go to the host as they are
-    PASSED_GENERATE = ("template", "raw", "suffix", "format", "images", "context", "think")
+    # Chats with any other field (think, format, tools, keep_alive, logprobs, truncate, ...) or
+    # messages with any (images, thinking, tool_calls, tool_name) go to the host as they are.
+    PLAIN_CHAT = ("model", "messages", "stream", "options")
+    PLAIN_GENERATE = ("model", "prompt", "system", "stream", "options")
 
     def routes(self):
         return [("GET", "/api/tags", self.tags), ("GET", "/api/ps", self.ps), ("GET", "/api/version", self.version),
@@ -10298,8 +10420,8 @@ class OllamaApi(HttpApi):
             return self._seed_chat(body)
         check_message_sizes(body)
         messages = body.get("messages")
-        if any(body.get(key) for key in self.PASSED_CHAT) or not messages or (isinstance(messages, list) and any(
-                isinstance(m, dict) and (m.get("images") or m.get("tool_calls") or m.get("role") == "tool")
+        if self._others(body, self.PLAIN_CHAT) or not messages or (isinstance(messages, list) and any(
+                isinstance(m, dict) and (self._others(m, ("role", "content")) or m.get("role") == "tool")
                 for m in messages)):
             return self.passed(body)
         return self._answer(body, clean_chat_messages(messages), self._chat_text)
@@ -10307,7 +10429,7 @@ class OllamaApi(HttpApi):
     def post_generate(self):
         body = read_json_body(MAX_FORWARD_BODY)
         check_message_sizes(body)
-        if any(body.get(key) for key in self.PASSED_GENERATE) or not body.get("prompt"):
+        if self._others(body, self.PLAIN_GENERATE) or not body.get("prompt"):
             return self.passed(body)
         prompt = body.get("prompt") or ""
         if not isinstance(prompt, str):
@@ -10316,6 +10438,12 @@ class OllamaApi(HttpApi):
         if isinstance(body.get("system"), str) and body["system"]:
             messages.insert(0, {"role": "system", "content": body["system"]})
         return self._answer(body, messages, self._generate_text)
+
+    @staticmethod
+    def _others(body, plain):
+        """True when ``body`` holds a field (not null or empty) other than the ``plain`` ones."""
+        return any(key not in plain and value is not None and value != [] and value != {} and value != ""
+                   for key, value in body.items())
 
     def _seed_chat(self, body):
         """The original NeuroMesh's ``POST /api/chat {message, sender}``, kept in the default conversation."""
@@ -10339,9 +10467,12 @@ class OllamaApi(HttpApi):
             parts, done = self.chat.whole(events)
             final = ollama_final(model, done, started, key)
             final.update(key("".join(parts)))
+            if done.get("thinking"):
+                (final["message"] if "message" in final else final)["thinking"] = done["thinking"]
             return final
         bottle.response.content_type = "application/x-ndjson"
         return ndjson(translate(events, {"token": functools.partial(self._token_chunk, model, key),
+                                         "thinking": functools.partial(self._thinking_chunk, model, key),
                                          "done": functools.partial(ollama_final, model, started=started, key=key),
                                          "error": self._error_chunk}))
 
@@ -10349,6 +10480,13 @@ class OllamaApi(HttpApi):
     def _token_chunk(model, key, event):
         chunk = {"model": model, "created_at": ollama_timestamp(), "done": False}
         chunk.update(key(event["content"]))
+        return chunk
+
+    @staticmethod
+    def _thinking_chunk(model, key, event):
+        chunk = {"model": model, "created_at": ollama_timestamp(), "done": False}
+        chunk.update(key(""))
+        (chunk["message"] if "message" in chunk else chunk)["thinking"] = event["content"]
         return chunk
 
     @staticmethod
@@ -10362,6 +10500,81 @@ class OllamaApi(HttpApi):
     @staticmethod
     def _generate_text(text):
         return {"response": text}
+
+
+class OllamaModelsApi(HttpApi):
+    """Ollama's model management (``/api/create``, ``/api/copy``, ``/api/delete``, ``/api/push``,
+    ``/api/blobs/<digest>``) on this computer's own Ollama, for its owner only (this computer, or
+    a --lan-api client with the room code): anyone else gets a 403, never a silent no-op. And
+    ``/api/status``: this node's Ollama API at a glance."""
+
+    kind = "llm"
+    BLOB_PIECE = 1 * MiB
+
+    def routes(self):
+        blob = "/api/blobs/<digest>"
+        return [("GET", "/api/status", self.status), ("POST", "/api/create", self.manage),
+                ("POST", "/api/copy", self.manage), ("DELETE", "/api/delete", self.manage),
+                ("POST", "/api/push", self.manage), ("HEAD", blob, self.blob), ("POST", blob, self.blob)]
+
+    def status(self):
+        models = self.node.router.mesh_models()
+        return {"status": "running", "version": MeshInfo(self.node.router).version()["version"],
+                "cloud": {"disabled": True, "source": "neuromesh"},
+                "local_models": self.node.router.local_models(), "mesh_models": len(models),
+                "llm_hosts": len({host for entries in models.values() for _id, host, _local in entries})}
+
+    def _own_ollama(self):
+        """This computer's Ollama, if the client is its owner; an HTTPFailure saying why not."""
+        client = self.gate.client()
+        if client.role != "owner" and not (client.role == "lan" and getattr(self.node.config, "mesh_key", None)):
+            raise HTTPFailure(403, "%s changes the models of %s's own Ollama, which only its owner may do: run it "
+                                   "on %s itself (or start that node with --lan-api and a room code, and send it)"
+                              % (bottle.request.path, self.node.name, self.node.name))
+        backends = [b for b in self.node.router.local if isinstance(b, OllamaBackend)]
+        if not backends:
+            raise HTTPFailure(503, "%s runs no Ollama of its own to change: start Ollama there, or ask on the "
+                                   "computer that serves the model" % self.node.name)
+        return backends[0]
+
+    def _send(self, backend, data, **kwargs):
+        method, path = bottle.request.method, bottle.request.path
+        try:
+            response = backend.session.request(method, backend.url + path, data=data, stream=True,
+                                               timeout=(backend.connect_timeout, backend.read_timeout), **kwargs)
+        except requests.RequestException as exc:
+            raise HTTPFailure(502, "the Ollama of %s did not answer %s (%s): is it running?"
+                              % (self.node.name, path, type(exc).__name__))
+        upstream = Upstream.of_response(response)
+        if method != "HEAD" and response.status_code < 300:
+            upstream.on_close(self.node.router.refresh_local)  # the mesh hears of the new or gone model
+        return pass_on(upstream)
+
+    def manage(self):
+        backend = self._own_ollama()
+        body = read_json_body(MAX_FORWARD_BODY)
+        return self._send(backend, json.dumps(body), headers={"Content-Type": "application/json"})
+
+    def blob(self, digest):
+        backend = self._own_ollama()
+        if not re.fullmatch(r"sha256[:-][0-9a-f]{64}", digest):
+            raise HTTPFailure(400, "a blob's name is sha256:<64 hex digits>, not %r" % safe_text(digest, 80))
+        if bottle.request.method == "HEAD":
+            return self._send(backend, None)
+        length = bottle.request.environ.get("CONTENT_LENGTH") or ""
+        if not length.isdigit():
+            raise HTTPFailure(411, "send the blob with its Content-Length")
+        return self._send(backend, self._pieces(bottle.request.environ["wsgi.input"], int(length)),
+                          headers={"Content-Type": "application/octet-stream"})  # sent chunked
+
+    def _pieces(self, source, length):
+        """The request body read in pieces (a model file is gigabytes): never all in memory."""
+        while length > 0:
+            piece = source.read(min(self.BLOB_PIECE, length))
+            if not piece:
+                return
+            length -= len(piece)
+            yield piece
 
 
 class OpenAIApi(HttpApi):
@@ -10592,6 +10805,559 @@ class OpenAIShapes:
         yield "data: [DONE]\n\n"
 
 
+# -- issue 25: Anthropic's Messages API and OpenAI's Responses API, as Ollama chats -----------
+
+
+class OllamaChats:
+    """One chat in Ollama's ``/api/chat`` shape, for the APIs that translate (Anthropic, Responses),
+    answered as a stream of Ollama's chunks: a plain chat through ChatService (fair queue,
+    mid-answer failover), one with tools, images, thinking or a format passed to its host as it
+    is (MeshCalls: fair queue, failover before the first byte)."""
+
+    PASSED = ("tools", "format", "think")
+
+    def __init__(self, api):
+        self.api = api
+
+    def is_plain(self, request):
+        return not any(request.get(key) is not None for key in self.PASSED) and all(
+            set(message) <= {"role", "content"} for message in request["messages"])
+
+    def chunks(self, request):
+        """``(model, chunks)`` of an answer that started; an HTTPFailure if none can start."""
+        api = self.api
+        check_message_sizes(request)
+        api.admit_chat()
+        if self.is_plain(request):
+            first, events = api.chat.begin(request["model"], clean_chat_messages(request["messages"]),
+                                           request.get("options") or {}, requester=api.requester())
+            return first.get("model", request["model"]), self._of_events(events)
+        upstream = mesh_call(api.node.router, "/api/chat", dict(request, stream=True), requester=api.requester())
+        if upstream.status != 200:
+            raise HTTPFailure(upstream.status, upstream.error_text())
+        return request["model"], self._of_upstream(upstream)
+
+    @staticmethod
+    def _of_events(events):
+        for event in events:
+            if event["type"] in ("token", "thinking"):
+                key = "content" if event["type"] == "token" else "thinking"
+                yield {"message": {"role": "assistant", key: event["content"]}, "done": False}
+            elif event["type"] == "done":
+                yield dict({key: event.get(key) for key in ("done_reason", "eval_count", "prompt_eval_count")},
+                           done=True)
+            elif event["type"] == "error":
+                yield {"error": event["error"]}
+
+    @staticmethod
+    def _of_upstream(upstream):
+        try:
+            for chunk in upstream_objects(upstream):
+                yield chunk if isinstance(chunk, dict) else {"error": "the host sent a broken answer"}
+        except ValueError as exc:
+            yield {"error": "the host sent a broken answer: %s" % exc}
+
+    @staticmethod
+    def whole(chunks):
+        """``{content, thinking, tool_calls, done}`` of an answer read to its end; an HTTPFailure if it fails."""
+        answer = {"content": [], "thinking": [], "tool_calls": []}
+        for chunk in chunks:
+            if "error" in chunk:
+                raise HTTPFailure(502, _error_text(chunk))
+            said = chunk.get("message") if isinstance(chunk.get("message"), dict) else {}
+            for key in ("content", "thinking"):
+                if isinstance(said.get(key), str):
+                    answer[key].append(said[key])
+            answer["tool_calls"] += [call for call in tool_calls_of(said) if isinstance(call, dict)]
+            if chunk.get("done"):
+                return dict(answer, content="".join(answer["content"]), thinking="".join(answer["thinking"]),
+                            done=chunk)
+        raise HTTPFailure(503, "the answer ended without a result")
+
+
+def tool_calls_of(said):
+    """The tool calls of an Ollama message from a host (a list, whatever the host sent)."""
+    return said.get("tool_calls") if isinstance(said.get("tool_calls"), list) else []
+
+
+def number_options(body, names):
+    """``{ours: body[theirs]}`` for the numbers of ``names`` (``(theirs, ours)`` pairs) the body holds."""
+    return {ours: body[theirs] for theirs, ours in names
+            if isinstance(body.get(theirs), (int, float)) and not isinstance(body.get(theirs), bool)}
+
+
+def text_of_parts(content, kinds=("text",)):
+    """A message's text: a string as it is, or the text of the content parts of ``kinds``."""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text") or "" for part in content or [] if isinstance(part, dict)
+                   and part.get("type") in kinds and isinstance(part.get("text") or "", str))
+
+
+def tool_call_of(call_id, name, arguments):
+    """An Ollama tool call; ``arguments`` an object or its JSON text."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            raise HTTPFailure(400, "the arguments of tool call %s are not JSON" % safe_text(call_id, 80))
+    call = {"function": {"name": name if isinstance(name, str) else "",
+                         "arguments": arguments if isinstance(arguments, dict) else {}}}
+    if isinstance(call_id, str):
+        call["id"] = call_id
+    return call
+
+
+def check_image(data):
+    """Base64 image data as Ollama takes it, or an HTTPFailure."""
+    if not isinstance(data, str) or not data or not re.fullmatch(r"[A-Za-z0-9+/=\s]+", data[:4096]):
+        raise HTTPFailure(400, "an image must be base64 data (a data: URL or Anthropic's base64 source)")
+    return data
+
+
+class AnthropicShapes:
+    """Anthropic Messages requests as Ollama chats, and Ollama's answers back as Anthropic's
+    messages (whole, or as its server-sent events)."""
+
+    STOP_REASONS = {"length": "max_tokens"}
+
+    @classmethod
+    def request(cls, body):
+        """The Ollama ``/api/chat`` body of a Messages request; an HTTPFailure for what is wrong."""
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise HTTPFailure(400, "model: a model name is required")
+        if type(body.get("max_tokens")) is not int or body["max_tokens"] < 1:
+            raise HTTPFailure(400, "max_tokens: a whole number of at least 1 is required")
+        if not isinstance(body.get("messages"), list) or not body["messages"]:
+            raise HTTPFailure(400, "messages: a non-empty list of {role, content} is required")
+        messages, names = [], {}
+        system = text_of_parts(body.get("system")) if isinstance(body.get("system"), (str, list)) else ""
+        if system:
+            messages.append({"role": "system", "content": system})
+        for message in body["messages"]:
+            messages += cls.message(message, names)
+        options = dict(number_options(body, (("temperature", "temperature"), ("top_p", "top_p"),
+                                             ("top_k", "top_k"))), num_predict=body["max_tokens"])
+        stops = body.get("stop_sequences")
+        if isinstance(stops, list) and stops:
+            options["stop"] = [stop for stop in stops if isinstance(stop, str)]
+        request = {"model": model, "messages": messages, "options": options}
+        tools = [{"type": "function", "function": {"name": tool["name"], "description": tool.get("description") or "",
+                                                   "parameters": tool.get("input_schema") or {"type": "object"}}}
+                 for tool in body.get("tools") or [] if isinstance(tool, dict) and isinstance(tool.get("name"), str)]
+        if tools:
+            request["tools"] = tools
+        thinking = body.get("thinking") if isinstance(body.get("thinking"), dict) else {}
+        if thinking.get("type") in ("enabled", "adaptive", "between_tools", "disabled"):
+            request["think"] = thinking["type"] != "disabled"
+        output = body.get("output_config") if isinstance(body.get("output_config"), dict) else {}
+        if isinstance(output.get("format"), dict) and isinstance(output["format"].get("schema"), dict):
+            request["format"] = output["format"]["schema"]
+        return request
+
+    @staticmethod
+    def message(message, names):
+        """The Ollama messages of one Anthropic message: tool results become ``tool`` messages."""
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+            raise HTTPFailure(400, "messages: each message's role must be user or assistant")
+        content = message.get("content")
+        if isinstance(content, str):
+            return [{"role": message["role"], "content": content}]
+        if not isinstance(content, list):
+            raise HTTPFailure(400, "messages: content must be text or a list of content blocks")
+        results, item = [], {"role": message["role"], "content": text_of_parts(content)}
+        for block in content:
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind == "image":
+                source = block.get("source") if isinstance(block.get("source"), dict) else {}
+                if source.get("type") != "base64":
+                    raise HTTPFailure(400, "images must be sent as base64 data (source type base64): "
+                                           "the LLMs of the mesh cannot fetch a URL")
+                item.setdefault("images", []).append(check_image(source.get("data")))
+            elif kind == "tool_use":
+                names[block.get("id")] = block.get("name")
+                item.setdefault("tool_calls", []).append(tool_call_of(block.get("id"), block.get("name"),
+                                                                      block.get("input")))
+            elif kind == "tool_result":
+                results.append({"role": "tool", "content": text_of_parts(block.get("content")),
+                                "tool_name": names.get(block.get("tool_use_id")) or ""})
+            elif kind == "thinking" and isinstance(block.get("thinking"), str):
+                item["thinking"] = item.get("thinking", "") + block["thinking"]
+        return results + ([item] if item["content"] or len(item) > 2 or not results else [])
+
+    @classmethod
+    def reply(cls, reply_id, model, answer):
+        """The whole Anthropic message of an answer (OllamaChats.whole)."""
+        blocks = [{"type": "thinking", "thinking": answer["thinking"], "signature": ""}] if answer["thinking"] else []
+        if answer["content"] or not answer["tool_calls"]:
+            blocks.append({"type": "text", "text": answer["content"]})
+        blocks += [cls.tool_use(call) for call in answer["tool_calls"]]
+        return dict(cls.start(reply_id, model), content=blocks,
+                    stop_reason=cls.stop_reason(answer["done"], answer["tool_calls"]),
+                    usage=cls.usage(answer["done"]))
+
+    @staticmethod
+    def start(reply_id, model):
+        return {"id": reply_id, "type": "message", "role": "assistant", "model": model, "content": [],
+                "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}
+
+    @classmethod
+    def stop_reason(cls, done, called):
+        reason = done.get("done_reason")
+        return "tool_use" if called else cls.STOP_REASONS.get(reason if isinstance(reason, str) else "", "end_turn")
+
+    @staticmethod
+    def usage(done):
+        usage = openai_usage(done)
+        return {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"]}
+
+    @staticmethod
+    def tool_use(call):
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                arguments = {"arguments": arguments}
+        return {"type": "tool_use", "id": call.get("id") or "toolu_" + uuid.uuid4().hex[:24],
+                "name": function.get("name") or "", "input": arguments if isinstance(arguments, dict) else {}}
+
+
+class AnthropicStream:
+    """Ollama's chunks as Anthropic's server-sent events: ``message_start``, a block (thinking,
+    text, tool use) started, filled by deltas and stopped each time the kind of output changes,
+    then ``message_delta`` (stop reason, usage) and ``message_stop``; ``error`` if the answer fails."""
+
+    DELTAS = {"thinking": ("thinking_delta", "thinking"), "text": ("text_delta", "text")}
+
+    def __init__(self, reply_id, model):
+        self.reply_id, self.model = reply_id, model
+        self.index, self.open = -1, None
+
+    @staticmethod
+    def event(kind, **data):
+        return "event: %s\ndata: %s\n\n" % (kind, json.dumps(dict(data, type=kind)))
+
+    def _stop(self):
+        if self.open is not None:
+            self.open = None
+            yield self.event("content_block_stop", index=self.index)
+
+    def _begin(self, block):
+        yield from self._stop()
+        self.index += 1
+        self.open = block["type"]
+        yield self.event("content_block_start", index=self.index, content_block=block)
+
+    def _text(self, kind, text):
+        if self.open != kind:
+            yield from self._begin({"type": kind, kind: ""} if kind == "text" else
+                                   {"type": kind, kind: "", "signature": ""})
+        delta, key = self.DELTAS[kind]
+        yield self.event("content_block_delta", index=self.index, delta={"type": delta, key: text})
+
+    def events(self, chunks):
+        yield self.event("message_start", message=AnthropicShapes.start(self.reply_id, self.model))
+        called = False
+        for chunk in chunks:
+            if "error" in chunk:
+                yield from self._stop()
+                yield self.event("error", error={"type": "api_error", "message": _error_text(chunk)})
+                return
+            said = chunk.get("message") if isinstance(chunk.get("message"), dict) else {}
+            for kind, key in (("thinking", "thinking"), ("text", "content")):
+                if isinstance(said.get(key), str) and said[key]:
+                    yield from self._text(kind, said[key])
+            for call in tool_calls_of(said):
+                called = True
+                block = AnthropicShapes.tool_use(call if isinstance(call, dict) else {})
+                yield from self._begin(dict(block, input={}))
+                yield self.event("content_block_delta", index=self.index,
+                                 delta={"type": "input_json_delta", "partial_json": json.dumps(block["input"])})
+                yield from self._stop()
+            if chunk.get("done"):
+                yield from self._stop()
+                yield self.event("message_delta", delta={"stop_reason": AnthropicShapes.stop_reason(chunk, called),
+                                                         "stop_sequence": None}, usage=AnthropicShapes.usage(chunk))
+                yield self.event("message_stop")
+                return
+        yield from self._stop()
+        yield self.event("error", error={"type": "api_error", "message": "the answer ended without a result"})
+
+
+class AnthropicApi(HttpApi):
+    """Anthropic's Messages API (``/v1/messages``), answered by the whole mesh: what Claude Code
+    and the tools built on Anthropic's SDKs speak."""
+
+    error_shape = "anthropic"
+    kind = "llm"
+
+    def routes(self):
+        return [("POST", "/v1/messages", self.post_messages)]
+
+    def post_messages(self):
+        body = read_json_body(MAX_FORWARD_BODY)
+        model, chunks = OllamaChats(self).chunks(AnthropicShapes.request(body))
+        reply_id = "msg_" + uuid.uuid4().hex[:24]
+        if body.get("stream") is True:
+            bottle.response.content_type = "text/event-stream"
+            bottle.response.set_header("Cache-Control", "no-cache")
+            return AnthropicStream(reply_id, model).events(chunks)
+        return AnthropicShapes.reply(reply_id, model, OllamaChats.whole(chunks))
+
+
+class ResponsesShapes:
+    """OpenAI Responses requests as Ollama chats (stateless, as Ollama's are), and Ollama's
+    answers back as a Response: reasoning, message and function-call output items."""
+
+    OPTIONS = (("temperature", "temperature"), ("top_p", "top_p"), ("max_output_tokens", "num_predict"))
+
+    @classmethod
+    def request(cls, body):
+        if body.get("previous_response_id") is not None:
+            raise HTTPFailure(400, "previous_response_id is not supported: the mesh keeps no responses (it is "
+                                   "stateless, as Ollama is); send the whole conversation in 'input'")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise HTTPFailure(400, "model is required")
+        messages = [{"role": "system", "content": body["instructions"]}] if isinstance(
+            body.get("instructions"), str) and body["instructions"] else []
+        given = body.get("input")
+        if isinstance(given, str):
+            messages.append({"role": "user", "content": given})
+        elif isinstance(given, list) and given:
+            names, thinking = {}, []
+            for item in given:
+                messages += cls.item(item, names, thinking)
+        else:
+            raise HTTPFailure(400, "input must be text or a non-empty list of input items")
+        request = {"model": model, "messages": messages, "options": number_options(body, cls.OPTIONS)}
+        tools = [{"type": "function", "function": {"name": tool["name"], "description": tool.get("description") or "",
+                                                   "parameters": tool.get("parameters") or {"type": "object"}}}
+                 for tool in body.get("tools") or []
+                 if isinstance(tool, dict) and tool.get("type") == "function" and isinstance(tool.get("name"), str)]
+        if tools:
+            request["tools"] = tools
+        fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
+        if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+            request["format"] = fmt.get("schema") if isinstance(fmt.get("schema"), dict) else "json"
+        elif isinstance(fmt, dict) and fmt.get("type") == "json_object":
+            request["format"] = "json"
+        effort = (body.get("reasoning") or {}).get("effort") if isinstance(body.get("reasoning"), dict) else None
+        if effort in ("low", "medium", "high"):
+            request["think"] = effort
+        elif effort in ("none", "minimal"):
+            request["think"] = False
+        return request
+
+    @staticmethod
+    def item(item, names, thinking):
+        """The Ollama messages of one input item (a message, a function call or its output)."""
+        if not isinstance(item, dict):
+            raise HTTPFailure(400, "each input item must be an object")
+        kind = item.get("type") or "message"
+        if kind == "reasoning":
+            thinking += [part.get("text") or "" for part in item.get("summary") or [] if isinstance(part, dict)]
+            return []
+        if kind == "function_call":
+            names[item.get("call_id")] = item.get("name")
+            said = {"role": "assistant", "content": "",
+                    "tool_calls": [tool_call_of(item.get("call_id"), item.get("name"), item.get("arguments"))]}
+        elif kind == "function_call_output":
+            output = item.get("output")
+            return [{"role": "tool", "content": output if isinstance(output, str) else text_of_parts(
+                output, ("input_text", "output_text")), "tool_name": names.get(item.get("call_id")) or ""}]
+        elif kind == "message" and item.get("role") in ("user", "assistant", "system", "developer"):
+            content = item.get("content")
+            said = {"role": "system" if item["role"] == "developer" else item["role"],
+                    "content": text_of_parts(content, ("input_text", "output_text", "text"))}
+            for part in content if isinstance(content, list) else ():
+                if isinstance(part, dict) and part.get("type") == "input_image":
+                    url = part.get("image_url")
+                    if not isinstance(url, str) or not url.startswith("data:"):
+                        raise HTTPFailure(400, "an input_image must be a base64 data: URL: the LLMs of the mesh "
+                                               "cannot fetch a URL or a file id")
+                    said.setdefault("images", []).append(check_image(url.split(",", 1)[-1]))
+        else:
+            raise HTTPFailure(400, "input items of type %r are not supported here" % safe_text(str(kind), 40))
+        if said["role"] == "assistant" and thinking:
+            said["thinking"] = "".join(thinking)
+            del thinking[:]
+        return [said]
+
+    @staticmethod
+    def skeleton(response_id, model, body, status="in_progress"):
+        text = body.get("text") if isinstance(body.get("text"), dict) else {"format": {"type": "text"}}
+        return {"id": response_id, "object": "response", "created_at": int(time.time()), "status": status,
+                "model": model, "output": [], "error": None, "incomplete_details": None,
+                "instructions": body.get("instructions"), "metadata": {}, "parallel_tool_calls": True,
+                "temperature": body.get("temperature"), "top_p": body.get("top_p"), "tool_choice": "auto",
+                "tools": body.get("tools") or [], "text": text, "store": False,
+                "max_output_tokens": body.get("max_output_tokens"), "previous_response_id": None, "usage": None}
+
+    @staticmethod
+    def usage(done):
+        usage = openai_usage(done)
+        return {"input_tokens": usage["prompt_tokens"], "output_tokens": usage["completion_tokens"],
+                "total_tokens": usage["total_tokens"], "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens_details": {"reasoning_tokens": 0}}
+
+    @staticmethod
+    def reasoning(item_id, text):
+        return {"type": "reasoning", "id": item_id, "summary": [{"type": "summary_text", "text": text}]}
+
+    @staticmethod
+    def message(item_id, text, status="completed"):
+        return {"type": "message", "id": item_id, "status": status, "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+
+    @staticmethod
+    def function_call(call):
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        arguments = function.get("arguments")
+        return {"type": "function_call", "id": "fc_" + uuid.uuid4().hex[:24],
+                "call_id": call.get("id") or "call_" + uuid.uuid4().hex[:24], "name": function.get("name") or "",
+                "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments or {}),
+                "status": "completed"}
+
+    @classmethod
+    def reply(cls, skeleton, answer):
+        output = [cls.reasoning("rs_" + uuid.uuid4().hex[:24], answer["thinking"])] if answer["thinking"] else []
+        if answer["content"] or not answer["tool_calls"]:
+            output.append(cls.message("msg_" + uuid.uuid4().hex[:24], answer["content"]))
+        output += [cls.function_call(call) for call in answer["tool_calls"]]
+        return cls.finished(skeleton, output, answer["done"])
+
+    @classmethod
+    def finished(cls, skeleton, output, done):
+        cut = done.get("done_reason") == "length"
+        return dict(skeleton, status="incomplete" if cut else "completed", output=output, usage=cls.usage(done),
+                    incomplete_details={"reason": "max_output_tokens"} if cut else None)
+
+
+class ResponsesStream:
+    """Ollama's chunks as the Responses API's server-sent events: ``response.created``, each output
+    item added, filled (``response.reasoning_summary_text.delta``, ``response.output_text.delta``,
+    ``response.function_call_arguments.*``) and done, then ``response.completed``; ``error`` and
+    ``response.failed`` if the answer fails."""
+
+    def __init__(self, skeleton):
+        self.skeleton = skeleton
+        self.sequence = 0
+        self.output, self.open, self.text = [], None, []
+
+    def event(self, kind, **data):
+        self.sequence += 1
+        return "event: %s\ndata: %s\n\n" % (kind, json.dumps(dict(data, type=kind, sequence_number=self.sequence)))
+
+    def _close(self):
+        if self.open is None:
+            return
+        item, text = self.open, "".join(self.text)
+        index = len(self.output)
+        self.open, self.text = None, []
+        if item["type"] == "reasoning":
+            part = {"type": "summary_text", "text": text}
+            yield self.event("response.reasoning_summary_text.done", item_id=item["id"], output_index=index,
+                             summary_index=0, text=text)
+            yield self.event("response.reasoning_summary_part.done", item_id=item["id"], output_index=index,
+                             summary_index=0, part=part)
+            done = ResponsesShapes.reasoning(item["id"], text)
+        else:
+            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+            yield self.event("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
+                             text=text, logprobs=[])
+            yield self.event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0,
+                             part=part)
+            done = ResponsesShapes.message(item["id"], text)
+        self.output.append(done)
+        yield self.event("response.output_item.done", output_index=index, item=done)
+
+    def _text(self, kind, text):
+        index = len(self.output)
+        if self.open is None or self.open["type"] != kind:
+            yield from self._close()
+            if kind == "reasoning":
+                self.open = dict(ResponsesShapes.reasoning("rs_" + uuid.uuid4().hex[:24], ""), summary=[])
+                yield self.event("response.output_item.added", output_index=index, item=self.open)
+                yield self.event("response.reasoning_summary_part.added", item_id=self.open["id"], output_index=index,
+                                 summary_index=0, part={"type": "summary_text", "text": ""})
+            else:
+                self.open = dict(ResponsesShapes.message("msg_" + uuid.uuid4().hex[:24], "", "in_progress"),
+                                 content=[])
+                yield self.event("response.output_item.added", output_index=index, item=self.open)
+                yield self.event("response.content_part.added", item_id=self.open["id"], output_index=index,
+                                 content_index=0, part={"type": "output_text", "text": "", "annotations": [],
+                                                        "logprobs": []})
+        self.text.append(text)
+        if kind == "reasoning":
+            yield self.event("response.reasoning_summary_text.delta", item_id=self.open["id"], output_index=index,
+                             summary_index=0, delta=text)
+        else:
+            yield self.event("response.output_text.delta", item_id=self.open["id"], output_index=index,
+                             content_index=0, delta=text, logprobs=[])
+
+    def _call(self, call):
+        yield from self._close()
+        item, index = ResponsesShapes.function_call(call), len(self.output)
+        yield self.event("response.output_item.added", output_index=index,
+                         item=dict(item, arguments="", status="in_progress"))
+        yield self.event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                         delta=item["arguments"])
+        yield self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                         name=item["name"], arguments=item["arguments"])
+        self.output.append(item)
+        yield self.event("response.output_item.done", output_index=index, item=item)
+
+    def events(self, chunks):
+        yield self.event("response.created", response=self.skeleton)
+        yield self.event("response.in_progress", response=self.skeleton)
+        for chunk in chunks:
+            if "error" in chunk:
+                yield from self._close()
+                message = _error_text(chunk)
+                yield self.event("error", code="api_error", message=message, param=None)
+                yield self.event("response.failed", response=dict(self.skeleton, status="failed", output=self.output,
+                                                                  error={"code": "server_error", "message": message}))
+                return
+            said = chunk.get("message") if isinstance(chunk.get("message"), dict) else {}
+            for kind, key in (("reasoning", "thinking"), ("message", "content")):
+                if isinstance(said.get(key), str) and said[key]:
+                    yield from self._text(kind, said[key])
+            for call in tool_calls_of(said):
+                yield from self._call(call if isinstance(call, dict) else {})
+            if chunk.get("done"):
+                yield from self._close()
+                final = ResponsesShapes.finished(self.skeleton, self.output, chunk)
+                yield self.event("response.incomplete" if final["status"] == "incomplete" else "response.completed",
+                                 response=final)
+                return
+        yield from self._close()
+        yield self.event("error", code="api_error", message="the answer ended without a result", param=None)
+
+
+class ResponsesApi(HttpApi):
+    """OpenAI's Responses API (``/v1/responses``), stateless as Ollama's is, answered by the whole mesh."""
+
+    error_shape = "openai"
+    kind = "llm"
+
+    def routes(self):
+        return [("POST", "/v1/responses", self.post_responses)]
+
+    def post_responses(self):
+        body = read_json_body(MAX_FORWARD_BODY)
+        model, chunks = OllamaChats(self).chunks(ResponsesShapes.request(body))
+        skeleton = ResponsesShapes.skeleton("resp_" + uuid.uuid4().hex[:24], model, body)
+        if body.get("stream") is True:
+            bottle.response.content_type = "text/event-stream"
+            bottle.response.set_header("Cache-Control", "no-cache")
+            return ResponsesStream(skeleton).events(chunks)
+        return ResponsesShapes.reply(skeleton, OllamaChats.whole(chunks))
+
+
 class RelayApi(HttpApi):
     """The relay: peers that were granted access (LREQ:) chat with this node's own LLM."""
 
@@ -10652,7 +11418,8 @@ class RelayApi(HttpApi):
         events = self.chat.stream(model, messages, options, local_only=True, requester=requester)
         bottle.response.content_type = "application/x-ndjson"
         return ndjson(translate(events, {"queued": self._queued_line, "token": self._token_line,
-                                         "done": self._done_line, "error": self._error_line}))
+                                         "thinking": self._thinking_line, "done": self._done_line,
+                                         "error": self._error_line}))
 
     @staticmethod
     def _queued_line(event):
@@ -10661,6 +11428,10 @@ class RelayApi(HttpApi):
     @staticmethod
     def _token_line(event):
         return {"message": {"role": "assistant", "content": event["content"]}, "done": False}
+
+    @staticmethod
+    def _thinking_line(event):
+        return {"message": {"role": "assistant", "content": "", "thinking": event["content"]}, "done": False}
 
     @staticmethod
     def _done_line(event):
@@ -11196,7 +11967,8 @@ def build_app(node):
                        local_problem=local_llm and (lambda: local_llm.state()[1]))
     gate = Gatekeeper(node.config)
     app = bottle.Bottle()
-    for api in (PageApi, OllamaApi, OpenAIApi, RelayApi, ModelRelayApi, ModelPageApi, MetricsApi, RoomApi):
+    for api in (PageApi, OllamaApi, OllamaModelsApi, OpenAIApi, AnthropicApi, ResponsesApi, RelayApi, ModelRelayApi,
+                ModelPageApi, MetricsApi, RoomApi):
         app.merge(api(node, chat, gate).build())
     app.wsgi = gate.wrap(app.wsgi)
     app.add_hook("after_request", set_security_headers)

@@ -973,6 +973,7 @@
     }
     if (message.cut_off) article.classList.add("cut-off");
     article.dataset.content = message.content;
+    if (window.NeuroMedia) window.NeuroMedia.decorate(article, message); // pictures, thinking (media.js)
     return article;
   }
 
@@ -1309,11 +1310,13 @@
   }
 
   /** Sends ``content``: creates the conversation if needed, then streams the answer. */
-  async function sendMessage(content, replaces) {
+  async function sendMessage(content, replaces, images) {
     if (state.stream || (state.current && !state.current.own)) return;
+    images = images || (window.NeuroMedia && window.NeuroMedia.take());
     const userView = messageView({
       role: "user",
       content,
+      images,
       timestamp: new Date().toISOString(),
       origin: myId(),
       sender: displayName() || "user",
@@ -1340,7 +1343,7 @@
         userView.append(
           inlineError("The conversation could not be created: " + error.message, () => {
             userView.remove();
-            sendMessage(content, replaces);
+            sendMessage(content, replaces, images);
           }),
         );
         return;
@@ -1349,8 +1352,8 @@
     streamAnswer(
       conversationId,
       "/api/conversations/" + encodeURIComponent(conversationId) + "/messages",
-      { content, model: chosenModel(), replaces: replaces || undefined, sender: displayName() || undefined },
-      { userView, content, replaces },
+      { content, model: chosenModel(), replaces: replaces || undefined, sender: displayName() || undefined, images },
+      { userView, content, replaces, images },
     );
   }
 
@@ -1422,6 +1425,10 @@
       continued(data) {
         info.continued_on = data.node_name;
         setStatus((data.from_node_name || "The host") + " stopped: " + (data.node_name || "another host") + " continues…");
+      },
+      thinking(content) {
+        if (window.NeuroMedia) window.NeuroMedia.thinking(element, content);
+        status.querySelector(".typing").hidden = true;
       },
       token(content) {
         text += content;
@@ -1519,7 +1526,7 @@
         regenerate();
       } else {
         if (context.userView) context.userView.remove();
-        sendMessage(context.content, context.replaces);
+        sendMessage(context.content, context.replaces, context.images);
       }
     };
     const markUserStored = (message) => {
@@ -1555,6 +1562,7 @@
           else if (type === "start") answer.start(data);
           else if (type === "continued") answer.continued(data);
           else if (type === "token") answer.token(data.content || "");
+          else if (type === "thinking") answer.thinking(data.content || "");
           else if (type === "done") {
             answer.finish(data);
             ended = true;
@@ -1618,12 +1626,14 @@
     const options = models.map((model) => {
       const hosts = model.hosts || [];
       const where = hosts.length === 1 ? (hosts[0].local ? "this node" : hosts[0].name) : hosts.length + " nodes";
-      return h("option", { value: model.name }, model.name + " · " + where);
+      const can = window.NeuroMedia ? window.NeuroMedia.capabilityLabel(model) : "";
+      return h("option", { value: model.name }, model.name + " · " + where + can);
     });
     ui.picker.replaceChildren(auto, ...options);
     ui.picker.value = models.some((model) => model.name === saved) ? saved : "";
     ui.picker.disabled = models.length === 0;
     ui.picker.title = models.length ? "The model that answers" : "No model on the mesh";
+    if (window.NeuroMedia) window.NeuroMedia.setModels(state.models); // the attach button (media.js)
   }
 
   // ==== mesh view ============================================================================

@@ -1,7 +1,9 @@
 """A fake Ollama server for tests: a real HTTP server on 127.0.0.1, standard library only.
 
 It answers the Ollama API (``/api/*``) and the OpenAI-compatible API (``/v1/*``)
-deterministically, streams really incrementally (HTTP/1.1 chunked, one write per
+deterministically (with ``think``, a thinking model thinks aloud first; with ``images``, the
+answer says which images it saw; ``/api/create``, ``/api/copy``, ``/api/delete``, ``/api/push``
+and ``/api/blobs/<digest>`` change its model list and blob store), streams really incrementally (HTTP/1.1 chunked, one write per
 token, Nagle off), and can inject failures::
 
     with FakeOllama(models=("llama3.2:1b",), token_delay=0.01) as fake:
@@ -46,6 +48,7 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 _MODIFIED_AT = "2025-01-01T12:00:00.123456789Z"  # nanoseconds + "Z", like the real server
 _GEN_PATHS = ("/api/chat", "/api/generate", "/v1/chat/completions")
 _EMBED_PATHS = ("/api/embed", "/api/embeddings", "/v1/embeddings")
+_MANAGE_PATHS = ("/api/create", "/api/copy", "/api/delete", "/api/push")
 EMBED_DIMENSIONS = 8
 
 
@@ -85,6 +88,32 @@ def _text_of(content: Any) -> str:
         return " ".join(str(p.get("text", "")) for p in content
                         if isinstance(p, dict) and p.get("type") == "text")
     return "" if content is None else str(content)
+
+
+VISION_MARKS = ("llava", "vision", "-vl", "vl:", "gemma3")
+THINKING_MARKS = ("qwen3", "deepseek-r1", "think", "gpt-oss")
+
+
+def capabilities_of(name: str) -> List[str]:
+    """What Ollama's ``/api/show`` says a model can do, guessed from its name as the fake serves it."""
+    if "embed" in name:
+        return ["embedding"]
+    found = ["completion", "tools"]
+    found += ["vision"] if any(mark in name for mark in VISION_MARKS) else []
+    return found + (["thinking"] if any(mark in name for mark in THINKING_MARKS) else [])
+
+
+def thinking_for(text: str) -> str:
+    """What a thinking model of the fake thinks before it answers ``text``."""
+    return "Let me think about %r step by step." % text
+
+
+def image_note(images: Any) -> str:
+    """What the fake's answer adds about the images it was given: how many, and each one's digest."""
+    if not isinstance(images, list) or not images:
+        return ""
+    return " [saw %d image(s): %s]" % (len(images), ", ".join(
+        hashlib.sha256(str(image).encode("ascii", "replace")).hexdigest()[:12] for image in images))
 
 
 def _tag_entry(name: str) -> Dict[str, Any]:
@@ -287,14 +316,15 @@ class _Handler(BaseHTTPRequestHandler):
             bad_json: Optional[str] = None
             if path.startswith("/api/blobs/"):
                 return self._blob(method, path[len("/api/blobs/"):])
-            if method == "POST":
+            self.raw = b""
+            if method in ("POST", "DELETE"):
                 try:
-                    raw = self._read_body()
+                    raw = self.raw = self._read_body()
                 except (ValueError, OSError):
                     self.close_connection = True
                     self._send_error(400, "invalid request body", path.startswith("/v1/"))
                     return
-                if raw.strip():
+                if raw.strip() and not path.startswith("/api/blobs/"):
                     try:
                         body = json.loads(raw.decode("utf-8"))
                     except (ValueError, UnicodeDecodeError) as exc:
@@ -340,8 +370,10 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send_json(200, fake._openai_model(entry))
         if path == "/api/show" and method == "POST":
             return self._show(body, bad_json)
-        if path == "/api/create" and method == "POST":
-            return self._create(body)
+        if path == "/api/create" and method == "POST" and isinstance(body, dict) and body.get("files"):
+            return self._create(body)  # a model from uploaded blobs (a pull from the room)
+        if path in _MANAGE_PATHS:
+            return self._manage(method, path, body)
         if path in _EMBED_PATHS and method == "POST":
             return self._embed(path, body, bad_json)
         if path in _GEN_PATHS:
@@ -416,9 +448,38 @@ class _Handler(BaseHTTPRequestHandler):
             "details": entry.get("details", {}),
             "model_info": {"general.architecture": entry.get("details", {}).get("family", "llama"),
                            "llama.context_length": 131072},
-            "capabilities": ["embedding"] if "embed" in entry["model"] else ["completion", "tools"],
+            "capabilities": capabilities_of(entry["model"]),
             "modified_at": entry.get("modified_at", _MODIFIED_AT),
         })
+
+    def _manage(self, method: str, path: str, body: Any) -> None:
+        """Model management on this Ollama: create (from a model), copy, delete, push."""
+        fake = self.fake
+        body = body if isinstance(body, dict) else {}
+        wanted = {"/api/create": "POST", "/api/copy": "POST", "/api/delete": "DELETE", "/api/push": "POST"}[path]
+        if method != wanted:
+            return self._send_text(405, "405 method not allowed")
+        name = str(body.get("model") or body.get("source") or "")
+        if path == "/api/create":
+            if body.get("from") and fake._find_model(str(body["from"])) is None:
+                return self._send_error(404, 'model "%s" not found' % body["from"], False)
+            fake.add_model(name)
+        elif fake._find_model(name) is None:
+            return self._send_error(404, 'model "%s" not found' % name, False)
+        elif path == "/api/copy":
+            fake.add_model(str(body.get("destination") or ""))
+        elif path == "/api/delete":
+            fake.remove_model(name)
+        if path in ("/api/copy", "/api/delete"):
+            return self._send_bytes(200, b"", "text/plain")
+        statuses = ([{"status": "reading model metadata"}] if path == "/api/create" else
+                    [{"status": "retrieving manifest"}]) + [{"status": "success"}]
+        if body.get("stream", True) is False:
+            return self._send_json(200, statuses[-1])
+        self._send_head(200, "application/x-ndjson", None)
+        for status in statuses:
+            self._chunk(json.dumps(status).encode("utf-8") + b"\n")
+        self._end_chunks()
 
     def _embed(self, path: str, body: Any, bad_json: Optional[str]) -> None:
         """``/api/embed`` ({input} -> {embeddings}), the old ``/api/embeddings`` ({prompt} -> {embedding}),
@@ -501,9 +562,22 @@ class _Handler(BaseHTTPRequestHandler):
                     reason = "length"
             prompt_tokens = sum(len(tokens_for(_text_of(m.get("content"))))
                                 for m in messages if isinstance(m, dict)) + 1
+            think = body.get("think")
+            if think is None and path != "/v1/chat/completions":  # as Ollama: a thinking model thinks unless told not to
+                think = "thinking" in capabilities_of(model)
+            if think and "thinking" not in capabilities_of(model):
+                return self._send_error(400, '"%s" does not support thinking' % model, openai)
+            if not empty:
+                images = body.get("images") if path == "/api/generate" else next(
+                    (m.get("images") for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"),
+                    None)
+                if image_note(images):
+                    toks = tokens_for(fake.answer_for(subject, model) + image_note(images))
             ctx = _GenContext(fake, path, model, toks, reason, prompt_tokens, mode, body)
             if not empty:
                 ctx.shape_answer(fake.answer_for(subject, model))
+                if think and path != "/v1/chat/completions":
+                    ctx.thinking = tokens_for(thinking_for(fake.answer_for(subject, model)))
             if openai:
                 if stream:
                     self._openai_stream(ctx)
@@ -519,6 +593,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _ollama_stream(self, ctx: "_GenContext") -> None:
         key = "message" if ctx.path == "/api/chat" else "response"
         self._send_head(200, "application/x-ndjson", None)
+        for tok in ctx.thinking:  # a thinking model thinks aloud first, in chunks of their own
+            obj = ctx.ollama_base()
+            obj.update({"message": {"role": "assistant", "content": "", "thinking": tok}} if key == "message"
+                       else {"response": "", "thinking": tok})
+            obj["done"] = False
+            self._chunk_or_count(json.dumps(obj).encode("utf-8") + b"\n")
         n_ok = len(ctx.toks)
         if ctx.mode in ("die_midstream", "error_midstream"):
             n_ok = min(2, max(len(ctx.toks) - 1, 0))
@@ -555,6 +635,11 @@ class _Handler(BaseHTTPRequestHandler):
         if ctx.mode == "error_midstream":
             return self._send_error(500, ERROR_MIDSTREAM, False)
         obj = ctx.ollama_final(key, text)
+        if ctx.thinking:
+            if key == "message":
+                obj["message"]["thinking"] = "".join(ctx.thinking)
+            else:
+                obj["thinking"] = "".join(ctx.thinking)
         if key == "message" and ctx.tool_calls:  # not streamed: the calls come with the answer
             obj["message"]["tool_calls"] = ctx.tool_calls
         body = json.dumps(obj).encode("utf-8")
@@ -655,6 +740,7 @@ class _GenContext:
         self.completion_id = "chatcmpl-%d" % fake._next_id()
         self.delay = float(fake.token_delay)
         self.tool_calls: List[Dict[str, Any]] = []
+        self.thinking: List[str] = []
 
     def shape_answer(self, text: str) -> None:
         """As a model does: with ``tools`` and a user question last, call the first tool (arguments
@@ -927,6 +1013,20 @@ class FakeOllama:
         last = messages[-1] if messages and isinstance(messages[-1], dict) else {}
         prefix = _text_of(last.get("content")) if last.get("role") == "assistant" else ""
         return text[len(prefix):] if prefix and text.startswith(prefix) else text
+
+    def add_model(self, name: str) -> None:
+        """Serve one more model (as ``ollama create`` or ``cp`` would)."""
+        with self._lock:
+            if name and self._find_model(name) is None:
+                self.models.append(name)
+                self.tags.append(_tag_entry(_normalize_model(name)))
+
+    def remove_model(self, name: str) -> None:
+        with self._lock:
+            entry = self._find_model(name)
+            if entry is not None:
+                self.tags.remove(entry)
+                self.models = [m for m in self.models if _normalize_model(m) != _normalize_model(entry["model"])]
 
     # ----- helpers for tests -------------------------------------------------------
     def requests_to(self, path: str) -> List[Any]:

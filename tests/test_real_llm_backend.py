@@ -139,3 +139,28 @@ def test_embeddings_and_show_through_the_mesh(cluster, tmp_path):
         assert embedded.status_code == 200 and len(embedded.json()["embeddings"]) == 1
         shown = laptop.post("/api/show", json={"model": "smollm2:135m"}, timeout=30).json()
         assert shown["capabilities"] == ["completion"] and shown["details"]["family"] == ""
+
+
+def test_anthropic_messages_through_the_mesh(cluster, tmp_path):
+    """Issue 25: the official ``anthropic`` SDK asks a node without an LLM on ``/v1/messages``; a
+    real llama.cpp server behind its peer answers, whole and streamed."""
+    from conftest import fully_linked, wait_for
+    reason = available()
+    if reason:
+        pytest.skip(reason)
+    anthropic = pytest.importorskip("anthropic")
+    with LlamaServer(log_path=str(tmp_path / "llama-messages.log"), model_alias="smollm2:135m") as server:
+        host = cluster.start("llm-host", extra=["--openai-url", server.url + "/v1"])
+        laptop = cluster.start("laptop")
+        wait_for(lambda: fully_linked([host, laptop]), message="pair")
+        wait_for(lambda: "smollm2:135m" in {m["name"] for m in laptop.json("/api/models")["models"]},
+                 timeout=15, message="access")
+        client = anthropic.Anthropic(base_url=laptop.url, api_key="x", max_retries=0, timeout=REQUEST_TIMEOUT)
+        reply = client.messages.create(model="smollm2:135m", max_tokens=16, system="Answer briefly.",
+                                       messages=[{"role": "user", "content": "Say hello."}])
+        assert reply.content[0].type == "text" and reply.content[0].text.strip()
+        assert reply.stop_reason in ("end_turn", "max_tokens") and 0 < reply.usage.output_tokens <= 16
+        with client.messages.stream(model="smollm2:135m", max_tokens=16,
+                                    messages=[{"role": "user", "content": "Count to five."}]) as stream:
+            pieces = [event.text for event in stream if event.type == "text"]
+        assert len(pieces) >= 2 and "".join(pieces).strip()
