@@ -542,7 +542,7 @@ SETTINGS = {
                                                  "(default: 128)"),
     "max_links": (parse_count, "peer links this node keeps at most, besides one to each LLM host; a bigger "
                                "room is linked by a random, well-connected subset (default: 24, at least 4)"),
-    "teacher": (parse_fingerprint, "the room's teacher: the fingerprint `neuromesh.py teacher` shows; only that "
+    "teacher": (parse_fingerprint, "the room's teacher: the fingerprint the `teacher` command shows; only that "
                                    "key's room policy is obeyed (default: no teacher, no one's policy)"),
     "openai_key": (str, "API key of the --openai-url server(s) (default: NEUROMESH_OPENAI_KEY, else "
                         "OPENAI_API_KEY); prefer the environment, as flags show in `ps`"),

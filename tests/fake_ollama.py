@@ -394,8 +394,12 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send_bytes(200 if hex_digest in fake.blobs else 404, b"", "text/plain")
         if method != "POST":
             return self._send_text(405, "405 method not allowed")
-        length = int(self.headers.get("Content-Length") or 0)
-        whole, left = hashlib.sha256(), length
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            body = self._read_body()
+            length, whole, left = len(body), hashlib.sha256(body), 0
+        else:
+            length = int(self.headers.get("Content-Length") or 0)
+            whole, left = hashlib.sha256(), length
         while left > 0:
             piece = self.rfile.read(min(left, 1 << 20))
             if not piece:

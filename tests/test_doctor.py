@@ -190,7 +190,7 @@ def test_doctor_hears_a_loopback_node_with_an_llm_and_passes(cluster, tmp_path):
     finally:
         fake.stop()
     out = result.stdout
-    assert "[ok] peer %s (127.0.0.1) heard, and TCP %d reaches it" % (node.node_id[:8], node.tcp_port) in out, out  # names cross only in TLS
+    assert "[ok] peer %s (127.0.0.1) heard, and TCP %d reaches it" % (node.health()["name"], node.tcp_port) in out, out  # its name, from its HELO in TLS
     assert "[ok] Ollama at %s answers; models: %s" % (fake.url, MODEL) in out
     assert "room: open" in out and "[problem]" not in out
     assert result.returncode == 0 and "Nothing blocks the mesh." in out
@@ -345,8 +345,9 @@ def test_doctor_says_which_peer_blocks_its_tcp_port(two_hosts, tmp_path):
     result = doctor_in(two_hosts, tmp_path)
     out = result.stdout
     assert result.returncode == 1, out
-    assert "[problem] heard but cannot connect: TCP 7878 is blocked on lab-pc-1 (%s.1)" % two_hosts.subnet in out
-    assert "fix: on lab-pc-1 (%s.1), open the firewall: python3 neuromesh.py firewall" % two_hosts.subnet in out
+    heard = neuromesh.load_identity(str(tmp_path / "node"))[:8]  # unreachable: its name crosses only in TLS
+    assert "[problem] heard but cannot connect: TCP 7878 is blocked on %s (%s.1)" % (heard, two_hosts.subnet) in out
+    assert "fix: on %s (%s.1), open the firewall: python3 neuromesh.py firewall" % (heard, two_hosts.subnet) in out
 
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
