@@ -897,3 +897,19 @@ def hundred_nodes(cluster):
             except subprocess.TimeoutExpired:  # a loaded machine: the test's assertions are done
                 node.kill()
         fake.stop()
+
+
+class RecordingMesh:
+    """A mesh that only records what a SyncWorker sends: (peer id or None, marker, payload)."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, peer_id, marker, payload):
+        self.sent.append((peer_id, marker, payload))
+
+    def broadcast(self, marker, payload, exclude=None):
+        self.sent.append((None, marker, payload))
+
+    def forward(self, marker, payload, sender, spread, holders=()):
+        self.sent.append((None, marker, payload))

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import neuromesh as nm
-from conftest import ScriptedBackend, fully_linked, keyed_store, scripted_router, wait_for
+from conftest import RecordingMesh, ScriptedBackend, fully_linked, keyed_store, scripted_router, wait_for
 from test_llm import fakes, hosts_of  # noqa: F401 (fakes is a fixture)
 
 MODEL = "llama3.2:1b"
@@ -257,20 +257,6 @@ def test_a_relay_to_a_peer_that_goes_down_fails_over_at_once():
 
 
 # -- sync queue ---------------------------------------------------------------------------------
-
-
-class RecordingMesh:
-    def __init__(self):
-        self.sent = []
-
-    def send(self, peer_id, marker, payload):
-        self.sent.append((peer_id, marker, payload))
-
-    def broadcast(self, marker, payload, exclude=None):
-        self.sent.append((None, marker, payload))
-
-    def forward(self, marker, payload, sender, spread, holders=()):
-        self.sent.append((None, marker, payload))
 
 
 def test_two_thousand_syncs_are_merged_and_a_real_push_goes_first(tmp_path):

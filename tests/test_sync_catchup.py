@@ -16,7 +16,7 @@ import requests
 from hypothesis import given, settings, strategies as st
 
 import neuromesh as nm
-from conftest import NodeProcess, fully_linked, keyed_store, wait_for
+from conftest import NodeProcess, RecordingMesh, fully_linked, keyed_store, wait_for
 from test_fanout import full_mesh
 from test_mesh import Namespaces, _can_make_namespaces
 
@@ -81,20 +81,6 @@ def test_a_writing_mesh_with_no_loss_sends_no_sync_at_all(sync_network):
         sync_network.run()
     assert sync_network.copies(nm.SYNC) == 0
     assert sync_network.copies() == 21 * 2  # each entry once to each of the N-1 others
-
-
-class RecordingMesh:
-    def __init__(self):
-        self.sent = []
-
-    def send(self, peer_id, marker, payload):
-        self.sent.append((peer_id, marker, payload))
-
-    def broadcast(self, marker, payload, exclude=None):
-        self.sent.append((None, marker, payload))
-
-    def forward(self, marker, payload, sender, spread, holders=()):
-        self.sent.append((None, marker, payload))
 
 
 def test_a_gap_nobody_fills_is_asked_once_per_state_not_once_per_push(tmp_path):
