@@ -165,6 +165,7 @@ def test_a_thousand_simulated_nodes_with_bounded_links_reach_all_within_four_hop
 # -- 100 real processes ------------------------------------------------------------------------------
 
 
+@pytest.mark.scale
 def test_a_hundred_processes_with_bounded_links_all_get_a_message_and_see_the_llm_host(hundred_nodes):
     nodes, host, degree = hundred_nodes
     writer = nodes[37]
