@@ -1330,7 +1330,7 @@ class FrameDecoder:
                 end = start + length
                 if size < end:
                     return frames
-                body = bytes(self._buffer[start:end])
+                body = self._buffer[start:end]  # a copy already: parse_json takes a bytearray
                 start = end
                 self._need = None
                 frames.append((marker, self._decode(marker, body)))
@@ -4596,7 +4596,8 @@ class LinkIO:
                 link.tls.send(link.outgoing)
                 link.outgoing.clear()
             else:
-                link.tls.send(bytes(link.outgoing[:limit]))
+                with memoryview(link.outgoing) as queued:  # no copy of a big queue's slice
+                    link.tls.send(queued[:limit])
                 del link.outgoing[:limit]
         link.wire += link.tls.wire()
 
