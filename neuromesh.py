@@ -33,10 +33,10 @@ this module and the page is read from inside the archive (ArchivedFiles).
 A chat: PageApi.post_message -> ChatService.add_question -> Store.add_message ->
 ChatService.answer -> ChatService.stream -> Router.chat -> Backend.chat (a PeerBackend
 crosses to the host's RelayApi) -> token events -> PageApi streams SSE ->
-ChatService._store_answer -> Store.add_message -> Node._local_entries -> SyncWorker.push.
+ChatService._store_answer -> Store.add_message -> SyncWorker.local_written -> SyncWorker.push.
 
 A synced message: LinkIO reads a frame (TLSChannel decrypts) -> FrameDecoder -> Mesh.link_frame
-(check_frame) -> Node.frame -> SyncWorker -> the batch verified (chain, one signature per
+(check_frame) -> SyncWorker.handle_file (registered with Mesh.handle) -> the batch verified (chain, one signature per
 origin) and stored -> EventBus -> the page's SSE.
 """
 
@@ -2776,9 +2776,9 @@ class Store(StorePages):
     message_count, owner_of; version_vector, entries_missing, apply_entries, is_shared;
     write_control, control_record, control_records, activity_since (the teacher's room); close. ``batches`` (SignedBatches) serves and applies signed FILE: payloads.
 
-    Attribute to set: on_local_entries, a callable given the list of entries
-    each local write appended (private ones included: filter with is_shared),
-    called after the commit, outside the store's lock.
+    ``watch_local(listener)``: ``listener(entries)`` hears the entries each local write
+    appended (private ones included: filter with is_shared), after the commit, outside
+    the store's lock.
 
     Class variable: SCHEMA_VERSION (PRAGMA user_version after migrating).
     """
@@ -2796,7 +2796,7 @@ class Store(StorePages):
             raise StoreError(str(error)) from None
         self.private_origin = node_id + PRIVATE_SUFFIX
         self.path = path
-        self.on_local_entries = None
+        self._local_listeners = []
         self._appended = []         # entries of the local write in progress
         self._db = Database(path, node_id)
         self._log = EntryLog(self._db, key, teacher_key)
@@ -2817,11 +2817,15 @@ class Store(StorePages):
     def close(self):
         self._db.close()
 
+    def watch_local(self, listener):
+        """``listener(entries)`` after each committed local write (the sync room registers itself)."""
+        self._local_listeners.append(listener)
+
     # -- transactions ------------------------------------------------------
 
     def _write(self, action, *args):
         """Run action(*args) in one transaction, committed on return; then hand
-        the entries it appended to on_local_entries."""
+        the entries it appended to the local listeners."""
         def collecting_appended():
             self._appended = []
             result = action(*args)
@@ -2829,11 +2833,11 @@ class Store(StorePages):
             return result, appended
         result, appended = self._db.write(collecting_appended)
         # Outside the lock, so the callback may use the store.
-        if appended and self.on_local_entries is not None:
+        for listener in self._local_listeners if appended else ():
             try:
-                self.on_local_entries(appended)
+                listener(appended)
             except Exception:   # the write is committed; the caller must hear so
-                log.exception("store: on_local_entries failed")
+                log.exception("store: a local write's listener failed")
         return result
 
     def _append(self, origin, kind, conversation_id, data, timestamp=None, uid=None):
@@ -4680,8 +4684,9 @@ class Mesh:
     Methods for the caller (any thread): ``start()``, ``serve_forever()`` (on its own
     thread), ``shutdown()``, ``send(peer_id, marker, payload)``, ``broadcast(marker,
     payload)``, ``forward(marker, payload, sender, spread, holders)``, ``announce_now()``,
-    ``peers()``, ``linked_peers()``, ``stats()``. What
-    happens is told to ``listener`` (see MeshListener) on the mesh thread. LinkIO calls
+    ``peers()``, ``linked_peers()``, ``stats()``, and ``handle(marker, handler)``: the room that
+    answers a kind of frame registers itself (SyncWorker for SYNC: and FILE:, Router for LREQ:
+    and LRES:). What else happens is told to ``listener`` (see MeshListener) on the mesh thread. LinkIO calls
     ``hello_frame(link)``, ``link_frame(link, marker, payload)`` and ``link_closed(link, reason)``.
     """
 
@@ -4698,6 +4703,7 @@ class Mesh:
         self.key = key  # the NodeKey that proves node_id in every HELO
         self.name = config.name
         self.listener = MeshListener() if listener is None else listener
+        self._handlers = {}  # marker -> handler(peer, payload), registered by the rooms that answer them
         self.lock = threading.RLock()  # guards the peer table; held by the loop while it works
         self.peer_table = PeerTable()
         self.counters = collections.Counter()
@@ -5014,9 +5020,18 @@ class Mesh:
         else:
             self._pass_on(marker, peer, payload)
 
+    def handle(self, marker, handler):
+        """``handler(peer, payload)`` gets every ``marker`` frame, on the mesh thread (a
+        ProtocolError raised there closes the link)."""
+        self._handlers[marker] = handler
+
     def _pass_on(self, marker, peer, payload):
         try:
-            self.listener.frame(marker, peer, payload)
+            handler = self._handlers.get(marker)
+            if handler is None:
+                self.listener.frame(marker, peer, payload)
+            else:
+                handler(peer, payload)
         except ProtocolError:
             raise
         except Exception:
@@ -5297,9 +5312,10 @@ class SyncRequests:
 class SyncWorker:
     """Runs the store side of sync on its own thread, so the mesh loop never waits on SQLite.
 
-    Methods for the caller: ``start()``, ``shutdown()``, ``push(entries)`` after a local
-    write, ``peer_up(peer)``, ``peer_down(peer)``, and ``handle_sync``/``handle_file`` for SYNC:
-    and FILE: frames. A peer cannot swamp it: its SYNC: requests are merged and answered at
+    It registers itself where it is built: with the store, to hear each local write (pushed to
+    peers, then published to the pages: ``local_written``), and with the mesh, for SYNC: and
+    FILE: frames (``handle_sync``/``handle_file``). Methods for the caller: ``start()``,
+    ``shutdown()``, ``peer_up(peer)``, ``peer_down(peer)``. A peer cannot swamp it: its SYNC: requests are merged and answered at
     most every ``answer_gap`` seconds (see SyncRequests), and at most ``max_files_per_peer``
     of its FILE: frames wait (more are dropped: the next sync round heals that).
     """
@@ -5332,6 +5348,9 @@ class SyncWorker:
         self._stop = threading.Event()
         self._thread = None
         self.counters = collections.Counter()
+        store.watch_local(self.local_written)
+        mesh.handle(SYNC, self.handle_sync)
+        mesh.handle(FILE, self.handle_file)
 
     def start(self):
         self._thread = threading.Thread(target=self.serve_forever, name="neuromesh-sync", daemon=True)
@@ -5392,6 +5411,11 @@ class SyncWorker:
             self._thread.join(timeout=5)
 
     # -- called on other threads -------------------------------------------------
+
+    def local_written(self, entries):
+        """After a committed local write: push it to peers at once, then tell the pages."""
+        self.push(entries)
+        publish_entries(self.events, entries)
 
     def push(self, entries):
         """Send entries this node just wrote to every linked peer (private ones never leave)."""
@@ -5806,7 +5830,7 @@ class Slots:
     smallest tag goes next; the clock is the tag last served). Remote turns (others' chats on
     this node's own LLM) hold at most ``Turn.cap`` slots at once (--share-slots).
     Methods for the caller: ``acquire(cancel, on_position, turn)`` / ``release(turn)``,
-    ``load()``, ``by_requester()``, ``rounds_before(turn)``, ``refuse_remote(text)``.
+    ``load()``, ``by_requester()``, ``rounds_before(turn)``, ``refuse_remote(text)``, ``watch(listener)``.
     """
 
     poll = 0.25  # seconds between looks at a cancel Event while waiting
@@ -5822,7 +5846,15 @@ class Slots:
         self._seq = itertools.count()
         self.stats = QueueStats()
         self._condition = threading.Condition()
-        self.on_change = lambda: None  # load changed; called outside the lock
+        self._watchers = []
+
+    def watch(self, listener):
+        """``listener()`` whenever the load changes, outside the lock (the Router registers itself)."""
+        self._watchers.append(listener)
+
+    def on_change(self):
+        for listener in self._watchers:
+            listener()
 
     @property
     def queued(self):
@@ -7222,7 +7254,7 @@ class SharePolicy:
     pause sharing (remote chats are then refused, so their router places them elsewhere).
 
     Methods for the caller: ``turn(requester, backend)`` (the queue place of one chat),
-    ``is_owner(requester)``, ``sharing_with(granted)``; ``paused`` is set by the Node.
+    ``is_owner(requester)``, ``sharing_with(granted)``; ``paused`` is set by the Router.
     """
 
     active_window = 600.0  # seconds a remote requester counts as one we share with
@@ -7587,24 +7619,27 @@ class Router:
     Owns this node's local backends, the grants peers gave us, and the tokens we gave peers.
     Methods for the caller: ``chat(model, messages, ...)`` (a generator of events),
     ``mesh_models()``, ``resolve_model(name)``, ``refresh_local()``, ``local_capability()``,
-    and the frame handlers ``handle_request`` (LREQ) and ``handle_response`` (LRES).
+    ``watch(listener)``, ``serve_relay_on(http_port)``; it registers its frame handlers
+    ``handle_request`` (LREQ) and ``handle_response`` (LRES) with the mesh it is given.
     """
 
     request_retry = 3.0
     max_issued = 256  # tokens kept for peers that may link again (those of unlinked peers go first)
 
-    def __init__(self, config, node_id, node_name, mesh, room=None):
+    def __init__(self, config, node_id, node_name, mesh, room=None, local=None, sharing_paused=False):
         self.config = config
         self.node_id = node_id
         self.node_name = node_name
         self.mesh = mesh
         self.room = room or RoomRules(None, None)
-        self.local = [OllamaBackend(url, node_id, node_name, config.llm_parallel)
-                      for url in _string_list(config.ollama_url or "")]
-        for url in _string_list(config.openai_url or ""):
-            self.local.append(OpenAIBackend(url, node_id, node_name, config.llm_parallel))
-            if getattr(config, "openai_key", None):
-                self.local[-1].session.headers["Authorization"] = "Bearer " + config.openai_key
+        if local is None:  # this computer's LLM servers, from --ollama-url and --openai-url
+            local = [OllamaBackend(url, node_id, node_name, config.llm_parallel)
+                     for url in _string_list(config.ollama_url or "")]
+            for url in _string_list(config.openai_url or ""):
+                local.append(OpenAIBackend(url, node_id, node_name, config.llm_parallel))
+                if getattr(config, "openai_key", None):
+                    local[-1].session.headers["Authorization"] = "Bearer " + config.openai_key
+        self.local = list(local)
         self.lock = threading.Lock()
         self.grants = {}    # peer node id -> PeerBackend (what peers let us use)
         self.issued = {}    # peer node id -> token (what we let peers use), kept while it relinks
@@ -7614,11 +7649,27 @@ class Router:
         self.pending = collections.Counter()  # backend -> chats placed on it, not yet queued there
         self._placing = threading.Lock()
         self.policy = SharePolicy(node_id, config.share_slots, config.requester_weight)
+        self.policy.paused = bool(sharing_paused)
         self.placement = Placement(self)
-        self.on_change = lambda: None
-        self.http_port = lambda: 0
+        self.relay_port = 0  # the HTTP port peers reach the relay at, once it is bound (serve_relay_on)
+        self._watchers = []
         for backend in self.local:
-            backend.slots.on_change = lambda: self.on_change()  # on_change is set after construction
+            backend.slots.watch(self.on_change)
+        if mesh is not None:
+            mesh.handle(LLM_REQUEST, self.handle_request)
+            mesh.handle(LLM_RESPONSE, self.handle_response)
+
+    def watch(self, listener):
+        """``listener()`` whenever this node's LLM, its load, or the LLMs it may use change."""
+        self._watchers.append(listener)
+
+    def on_change(self):
+        for listener in self._watchers:
+            listener()
+
+    def serve_relay_on(self, http_port):
+        """The port of this node's HTTP server, told to the peers this node grants its LLM."""
+        self.relay_port = http_port
 
     # -- capability ----------------------------------------------------------------
 
@@ -7788,7 +7839,7 @@ class Router:
                 self.away.discard(peer.node_id)
             local_ip = peer.link.sock.getsockname()[0] if peer.link is not None else self.config.host
             answer = {"granted": True, "message": "welcome, %s" % safe_text(payload.get("peer_name"), 60),
-                      "llm_host": local_ip, "llm_port": self.http_port(), "token": token}
+                      "llm_host": local_ip, "llm_port": self.relay_port, "token": token}
             log.info("granted LLM access to %s", safe_text(peer.name))
         self.mesh.send(peer.node_id, LLM_RESPONSE, answer)
 
@@ -12034,6 +12085,34 @@ class LocalLLM:
         self.last = state
 
 
+class LLMNews:
+    """Tells peers and pages when this node's LLM, its load, or the LLMs it may use change (it
+    watches the Router), each only when what they are told changed: a load change is not news
+    to a page."""
+
+    def __init__(self, router, mesh, events, local_llm):
+        self.router = router
+        self.mesh = mesh
+        self.events = events
+        self.local_llm = local_llm
+        self._told_capability = None  # what peers last heard of this node's LLM
+        self._told_offer = None  # what pages last heard of the mesh's models
+        router.watch(self.changed)
+
+    def changed(self):
+        self.local_llm.check()
+        capability = self.router.local_capability()
+        if capability != self._told_capability:
+            self._told_capability = capability
+            self.mesh.broadcast(LLM_CAPS, capability)
+        models = self.router.mesh_models()
+        offer = {name: sorted(node_id for node_id, _n, _l in hosts) for name, hosts in models.items()}
+        offer["~local"] = [self.local_llm.last]  # the page also hears this computer's LLM stop or return
+        if offer != self._told_offer:
+            self._told_offer = offer
+            self.events.publish("llm", {"llm_hosts": llm_host_count(models)})
+
+
 def running_node_info(data_dir):
     """What a node running on ``data_dir`` wrote at start (``runtime.json``), or None when none runs."""
     try:
@@ -12053,9 +12132,12 @@ def running_node_info(data_dir):
 
 
 class Node(MeshListener):
-    """One NeuroMesh node: identity, store, mesh, sync, web server, and their start and stop.
+    """One NeuroMesh node: builds its rooms (identity, store, mesh, sync, router, web server),
+    constructor by constructor, and starts and stops them. Each room registers its own
+    listeners where it is built (SyncWorker with the store and the mesh, Router and LLMNews).
 
-    It is its mesh's listener: the MeshListener methods below pass what the mesh tells on.
+    It is its mesh's listener for links coming and going: the MeshListener methods below pass
+    what the mesh tells on.
     """
 
     sse_keepalive = 15.0  # seconds between SSE comments; a gone client is noticed on a write (or at stop)
@@ -12082,24 +12164,16 @@ class Node(MeshListener):
             self._introduce_teacher()
         self.mesh = Mesh(config, self.node_id, listener=self, key=self.key)
         self.sync = SyncWorker(self.store, self.mesh, self.events, config.sync_interval)
-        self.store.on_local_entries = self._local_entries
-        self.router = Router(config, self.node_id, self.name, self.mesh, self.room)
-        self.router.policy.paused = os.path.exists(os.path.join(config.data_dir, SHARING_FILE))
-        self.router.http_port = lambda: self.http_port
-        self.router.on_change = self._llm_changed
+        self.router = Router(config, self.node_id, self.name, self.mesh, self.room,
+                             sharing_paused=os.path.exists(os.path.join(config.data_dir, SHARING_FILE)))
         self.local_llm = LocalLLM(self.router, config)
+        LLMNews(self.router, self.mesh, self.events, self.local_llm)
         self.transfer_stats = TransferStats()
         model_store = ModelStore(ollama_model_dirs())
         self.model_pulls = ModelPulls(self.router, model_store, os.path.join(config.data_dir, TRANSFERS_DIR),
                                       self.transfer_stats,
                                       next((b for b in self.router.local if b.kind == "ollama"), None))
         self.model_share = ModelShare(model_store, self.router, config, self.model_pulls.partials, self.transfer_stats)
-        self._frame_handlers = {  # the frames the mesh passes on to frame(), by marker
-            SYNC: self.sync.handle_sync, FILE: self.sync.handle_file,
-            LLM_REQUEST: self.router.handle_request, LLM_RESPONSE: self.router.handle_response,
-        }
-        self._told_capability = None  # what peers last heard of this node's LLM
-        self._told_offer = None  # what pages last heard of the mesh's models
         self.http_server = None
         self.http_port = None
         self.relay_server = None
@@ -12147,28 +12221,6 @@ class Node(MeshListener):
         else:
             self.relay_server.serve(stream, node_id, address)
 
-    def frame(self, marker, peer, payload):
-        handler = self._frame_handlers.get(marker)
-        if handler is None:
-            super().frame(marker, peer, payload)
-        else:
-            handler(peer, payload)
-
-    def _llm_changed(self):
-        """This node's LLM, its load, or the LLMs we may use changed: tell peers and pages,
-        each only when what they are told changed (a load change is not news to a page)."""
-        self.local_llm.check()
-        capability = self.router.local_capability()
-        if capability != self._told_capability:
-            self._told_capability = capability
-            self.mesh.broadcast(LLM_CAPS, capability)
-        models = self.router.mesh_models()
-        offer = {name: sorted(node_id for node_id, _n, _l in hosts) for name, hosts in models.items()}
-        offer["~local"] = [self.local_llm.last]  # the page also hears this computer's LLM stop or return
-        if offer != self._told_offer:
-            self._told_offer = offer
-            self.events.publish("llm", {"llm_hosts": llm_host_count(models)})
-
     def _housekeeping_forever(self):
         """Re-probe the local LLM servers every announce interval (each probe times out in 2 s)
         and ask again for LLM access that was not answered."""
@@ -12212,6 +12264,7 @@ class Node(MeshListener):
             raise NeuroMeshError("cannot listen on %s:%d: %s (check --host)"
                                  % (self.config.host, self.config.http_port, exc.strerror))
         self.http_port = self.http_server.server_port
+        self.router.serve_relay_on(self.http_port)
         if log.getEffectiveLevel() > logging.DEBUG:
             quiet_waitress_logs()
         self.router.refresh_local()
@@ -12314,11 +12367,6 @@ class Node(MeshListener):
     def host_info(self):
         """The original's ``host_info`` of this node (the display name, never the hostname)."""
         return {"hostname": self.name, "ip_address": self.config.host, "is_llm_host": self.router.has_local_llm}
-
-    def _local_entries(self, entries):
-        """After a committed local write: push it to peers at once and tell the page."""
-        self.sync.push(entries)
-        publish_entries(self.events, entries)
 
     def seed_peer_conversations(self):
         """``{peer name: conversation}`` in the original's shape, one per origin that is not us."""

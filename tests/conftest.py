@@ -412,11 +412,9 @@ class ScriptedPeerBackend(ScriptedBackend):
 def scripted_router(local=(), peers=(), **settings):
     """A Router whose backends are the given scripted ones (no Ollama, no network)."""
     config = neuromesh.Config(ollama_url=None, **settings)
-    router = neuromesh.Router(config, uuid.uuid4().hex, "stub", mesh=None)
-    router.local = list(local)
-    for backend in router.local:
+    for backend in local:
         backend.refresh()
-        backend.slots.on_change = router.on_change
+    router = neuromesh.Router(config, uuid.uuid4().hex, "stub", mesh=None, local=local)
     for backend in peers:
         router.grants[backend.node_id] = backend
     return router
@@ -904,6 +902,10 @@ class RecordingMesh:
 
     def __init__(self):
         self.sent = []
+        self.handlers = {}  # marker -> handler, as the worker registered it
+
+    def handle(self, marker, handler):
+        self.handlers[marker] = handler
 
     def send(self, peer_id, marker, payload):
         self.sent.append((peer_id, marker, payload))
