@@ -323,6 +323,7 @@ def original_layout(tmp_path):
 # These run the web app and the router inside the test process, without sockets.
 
 import io  # noqa: E402
+import queue  # noqa: E402
 import threading  # noqa: E402
 import types  # noqa: E402
 import uuid  # noqa: E402
@@ -946,3 +947,13 @@ class RecordingMesh:
 
     def forward(self, marker, payload, sender, spread, holders=()):
         self.sent.append((None, marker, payload))
+
+
+def drain(inbox):
+    """The events waiting in an EventBus subscriber's inbox, taken out."""
+    events = []
+    while True:
+        try:
+            events.append(inbox.get_nowait())
+        except queue.Empty:
+            return events

@@ -7,20 +7,10 @@ event stream ends after its hello.
 """
 
 import json
-import queue
 import threading
 
 import neuromesh as nm
-from conftest import wait_for, wsgi_call
-
-
-def drain(inbox):
-    events = []
-    while True:
-        try:
-            events.append(inbox.get_nowait())
-        except queue.Empty:
-            return events
+from conftest import drain, wait_for, wsgi_call
 
 
 def test_each_subscriber_hears_every_event_in_order():

@@ -6,11 +6,12 @@ local write the worker pushes the new entries to the peers first, then tells the
 private conversation is told to the pages but never leaves this node).
 """
 
-import queue
 import types
 
+import pytest
+
 import neuromesh as nm
-from conftest import RecordingMesh, keyed_store
+from conftest import RecordingMesh, drain, keyed_store
 
 
 class OrderedMesh(RecordingMesh):
@@ -24,15 +25,6 @@ class OrderedMesh(RecordingMesh):
     def broadcast(self, marker, payload, exclude=None):
         self.pages_had.append(self.inbox.qsize())
         RecordingMesh.broadcast(self, marker, payload, exclude)
-
-
-def drain(inbox):
-    events = []
-    while True:
-        try:
-            events.append(inbox.get_nowait())
-        except queue.Empty:
-            return events
 
 
 def test_a_file_frame_from_a_peer_reaches_the_store_and_the_page(tmp_path):
@@ -76,34 +68,32 @@ def test_a_sync_frame_is_answered_with_what_the_peer_lacks(tmp_path):
         store.close()
 
 
-def test_a_local_write_is_pushed_to_peers_then_told_to_the_page(tmp_path):
+@pytest.fixture
+def writing_node(tmp_path):
+    """``(store, mesh, page)``: a keyed store with its SyncWorker, an OrderedMesh and a page's inbox."""
     store, _key = keyed_store(tmp_path / "a.db", "a")
     events = nm.EventBus()
     page = events.subscribe()
     mesh = OrderedMesh(page)
     nm.SyncWorker(store, mesh, events, interval=30.0)
-    try:
-        conversation = store.create_conversation("lesson")["id"]
-        store.add_message(conversation, "user", "Why is the sky blue?", "ana")
-        pushed = [payload for peer_id, marker, payload in mesh.sent if marker == nm.FILE]
-        assert [entry["kind"] for payload in pushed for entry in payload["entries"]] == ["conversation", "message"]
-        assert all(payload["spread"] for payload in pushed)
-        assert mesh.pages_had == [0, 1], "each write went to the peers before the page heard of it"
-        assert [event["type"] for event in drain(page)] == ["conversation", "message"]
-    finally:
-        store.close()
+    yield store, mesh, page
+    store.close()
 
 
-def test_a_private_conversation_is_told_to_the_page_but_never_pushed(tmp_path):
-    store, _key = keyed_store(tmp_path / "a.db", "a")
-    events = nm.EventBus()
-    page = events.subscribe()
-    mesh = RecordingMesh()
-    nm.SyncWorker(store, mesh, events, interval=30.0)
-    try:
-        conversation = store.create_conversation("diary", private=True)["id"]
-        store.add_message(conversation, "user", "my secret", "ana")
-        assert mesh.sent == []
-        assert [event["type"] for event in drain(page)] == ["conversation", "message"]
-    finally:
-        store.close()
+def test_a_local_write_is_pushed_to_peers_then_told_to_the_page(writing_node):
+    store, mesh, page = writing_node
+    conversation = store.create_conversation("lesson")["id"]
+    store.add_message(conversation, "user", "Why is the sky blue?", "ana")
+    pushed = [payload for peer_id, marker, payload in mesh.sent if marker == nm.FILE]
+    assert [entry["kind"] for payload in pushed for entry in payload["entries"]] == ["conversation", "message"]
+    assert all(payload["spread"] for payload in pushed)
+    assert mesh.pages_had == [0, 1], "each write went to the peers before the page heard of it"
+    assert [event["type"] for event in drain(page)] == ["conversation", "message"]
+
+
+def test_a_private_conversation_is_told_to_the_page_but_never_pushed(writing_node):
+    store, mesh, page = writing_node
+    conversation = store.create_conversation("diary", private=True)["id"]
+    store.add_message(conversation, "user", "my secret", "ana")
+    assert mesh.sent == []
+    assert [event["type"] for event in drain(page)] == ["conversation", "message"]
