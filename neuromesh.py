@@ -12383,10 +12383,6 @@ class Node(MeshListener):
     def request_stop(self):
         self._stop.set()
 
-    @property
-    def stopping(self):
-        return self._stop.is_set()
-
     def stop(self):
         """Say goodbye to peers and stop every thread; safe to call twice."""
         self._stop.set()
