@@ -12239,7 +12239,7 @@ class Node(MeshListener):
         self.router = Router(config, self.node_id, self.name, self.mesh, self.room,
                              sharing_paused=os.path.exists(os.path.join(config.data_dir, SHARING_FILE)))
         self.local_llm = LocalLLM(self.router, config)
-        LLMNews(self.router, self.mesh, self.events, self.local_llm)
+        self.llm_news = LLMNews(self.router, self.mesh, self.events, self.local_llm)
         self.transfer_stats = TransferStats()
         model_store = ModelStore(ollama_model_dirs())
         self.model_pulls = ModelPulls(self.router, model_store, os.path.join(config.data_dir, TRANSFERS_DIR),
