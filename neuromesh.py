@@ -33,10 +33,10 @@ this module and the page is read from inside the archive (ArchivedFiles).
 A chat: PageApi.post_message -> ChatService.add_question -> Store.add_message ->
 ChatService.answer -> ChatService.stream -> Router.chat -> Backend.chat (a PeerBackend
 crosses to the host's RelayApi) -> token events -> PageApi streams SSE ->
-ChatService._store_answer -> Store.add_message -> Node._local_entries -> SyncWorker.push.
+ChatService._store_answer -> Store.add_message -> SyncWorker.local_written -> SyncWorker.push.
 
 A synced message: LinkIO reads a frame (TLSChannel decrypts) -> FrameDecoder -> Mesh.link_frame
-(check_frame) -> Node.frame -> SyncWorker -> the batch verified (chain, one signature per
+(check_frame) -> SyncWorker.handle_file (registered with Mesh.handle) -> the batch verified (chain, one signature per
 origin) and stored -> EventBus -> the page's SSE.
 """
 
@@ -2776,9 +2776,9 @@ class Store(StorePages):
     message_count, owner_of; version_vector, entries_missing, apply_entries, is_shared;
     write_control, control_record, control_records, activity_since (the teacher's room); close. ``batches`` (SignedBatches) serves and applies signed FILE: payloads.
 
-    Attribute to set: on_local_entries, a callable given the list of entries
-    each local write appended (private ones included: filter with is_shared),
-    called after the commit, outside the store's lock.
+    ``watch_local(listener)``: ``listener(entries)`` hears the entries each local write
+    appended (private ones included: filter with is_shared), after the commit, outside
+    the store's lock.
 
     Class variable: SCHEMA_VERSION (PRAGMA user_version after migrating).
     """
@@ -2796,7 +2796,7 @@ class Store(StorePages):
             raise StoreError(str(error)) from None
         self.private_origin = node_id + PRIVATE_SUFFIX
         self.path = path
-        self.on_local_entries = None
+        self._local_listeners = []
         self._appended = []         # entries of the local write in progress
         self._db = Database(path, node_id)
         self._log = EntryLog(self._db, key, teacher_key)
@@ -2817,11 +2817,15 @@ class Store(StorePages):
     def close(self):
         self._db.close()
 
+    def watch_local(self, listener):
+        """``listener(entries)`` after each committed local write (the sync room registers itself)."""
+        self._local_listeners.append(listener)
+
     # -- transactions ------------------------------------------------------
 
     def _write(self, action, *args):
         """Run action(*args) in one transaction, committed on return; then hand
-        the entries it appended to on_local_entries."""
+        the entries it appended to the local listeners."""
         def collecting_appended():
             self._appended = []
             result = action(*args)
@@ -2829,11 +2833,11 @@ class Store(StorePages):
             return result, appended
         result, appended = self._db.write(collecting_appended)
         # Outside the lock, so the callback may use the store.
-        if appended and self.on_local_entries is not None:
+        for listener in self._local_listeners if appended else ():
             try:
-                self.on_local_entries(appended)
+                listener(appended)
             except Exception:   # the write is committed; the caller must hear so
-                log.exception("store: on_local_entries failed")
+                log.exception("store: a local write's listener failed")
         return result
 
     def _append(self, origin, kind, conversation_id, data, timestamp=None, uid=None):
@@ -4681,8 +4685,9 @@ class Mesh:
     Methods for the caller (any thread): ``start()``, ``serve_forever()`` (on its own
     thread), ``shutdown()``, ``send(peer_id, marker, payload)``, ``broadcast(marker,
     payload)``, ``forward(marker, payload, sender, spread, holders)``, ``announce_now()``,
-    ``peers()``, ``linked_peers()``, ``stats()``. What
-    happens is told to ``listener`` (see MeshListener) on the mesh thread. LinkIO calls
+    ``peers()``, ``linked_peers()``, ``stats()``, and ``handle(marker, handler)``: the room that
+    answers a kind of frame registers itself (SyncWorker for SYNC: and FILE:, Router for LREQ:
+    and LRES:). What else happens is told to ``listener`` (see MeshListener) on the mesh thread. LinkIO calls
     ``hello_frame(link)``, ``link_frame(link, marker, payload)`` and ``link_closed(link, reason)``.
     """
 
@@ -4699,6 +4704,7 @@ class Mesh:
         self.key = key  # the NodeKey that proves node_id in every HELO
         self.name = config.name
         self.listener = MeshListener() if listener is None else listener
+        self._handlers = {}  # marker -> handler(peer, payload), registered by the rooms that answer them
         self.lock = threading.RLock()  # guards the peer table; held by the loop while it works
         self.peer_table = PeerTable()
         self.counters = collections.Counter()
@@ -5015,9 +5021,18 @@ class Mesh:
         else:
             self._pass_on(marker, peer, payload)
 
+    def handle(self, marker, handler):
+        """``handler(peer, payload)`` gets every ``marker`` frame, on the mesh thread (a
+        ProtocolError raised there closes the link)."""
+        self._handlers[marker] = handler
+
     def _pass_on(self, marker, peer, payload):
         try:
-            self.listener.frame(marker, peer, payload)
+            handler = self._handlers.get(marker)
+            if handler is None:
+                self.listener.frame(marker, peer, payload)
+            else:
+                handler(peer, payload)
         except ProtocolError:
             raise
         except Exception:
@@ -5183,13 +5198,24 @@ class Mesh:
 
 
 class EventBus:
-    """Fans out events (peer up/down, new message, ...) to subscribers such as SSE clients."""
+    """Fans out events (peer up/down, new message, ...) to subscribers such as SSE clients.
+
+    ``close()`` when the node stops: ``closed`` tells the subscribers' streams to end.
+    """
 
     max_pending = 1000
 
     def __init__(self):
         self._lock = threading.Lock()
         self._subscribers = set()
+        self._closed = threading.Event()
+
+    def close(self):
+        self._closed.set()
+
+    @property
+    def closed(self):
+        return self._closed.is_set()
 
     def subscribe(self):
         inbox = queue.Queue(self.max_pending)
@@ -5298,9 +5324,10 @@ class SyncRequests:
 class SyncWorker:
     """Runs the store side of sync on its own thread, so the mesh loop never waits on SQLite.
 
-    Methods for the caller: ``start()``, ``shutdown()``, ``push(entries)`` after a local
-    write, ``peer_up(peer)``, ``peer_down(peer)``, and ``handle_sync``/``handle_file`` for SYNC:
-    and FILE: frames. A peer cannot swamp it: its SYNC: requests are merged and answered at
+    It registers itself where it is built: with the store, to hear each local write (pushed to
+    peers, then published to the pages: ``local_written``), and with the mesh, for SYNC: and
+    FILE: frames (``handle_sync``/``handle_file``). Methods for the caller: ``start()``,
+    ``shutdown()``, ``peer_up(peer)``, ``peer_down(peer)``. A peer cannot swamp it: its SYNC: requests are merged and answered at
     most every ``answer_gap`` seconds (see SyncRequests), and at most ``max_files_per_peer``
     of its FILE: frames wait (more are dropped: the next sync round heals that).
     """
@@ -5333,6 +5360,9 @@ class SyncWorker:
         self._stop = threading.Event()
         self._thread = None
         self.counters = collections.Counter()
+        store.watch_local(self.local_written)
+        mesh.handle(SYNC, self.handle_sync)
+        mesh.handle(FILE, self.handle_file)
 
     def start(self):
         self._thread = threading.Thread(target=self.serve_forever, name="neuromesh-sync", daemon=True)
@@ -5393,6 +5423,11 @@ class SyncWorker:
             self._thread.join(timeout=5)
 
     # -- called on other threads -------------------------------------------------
+
+    def local_written(self, entries):
+        """After a committed local write: push it to peers at once, then tell the pages."""
+        self.push(entries)
+        publish_entries(self.events, entries)
 
     def push(self, entries):
         """Send entries this node just wrote to every linked peer (private ones never leave)."""
@@ -5807,7 +5842,7 @@ class Slots:
     smallest tag goes next; the clock is the tag last served). Remote turns (others' chats on
     this node's own LLM) hold at most ``Turn.cap`` slots at once (--share-slots).
     Methods for the caller: ``acquire(cancel, on_position, turn)`` / ``release(turn)``,
-    ``load()``, ``by_requester()``, ``rounds_before(turn)``, ``refuse_remote(text)``.
+    ``load()``, ``by_requester()``, ``rounds_before(turn)``, ``refuse_remote(text)``, ``watch(listener)``.
     """
 
     poll = 0.25  # seconds between looks at a cancel Event while waiting
@@ -5823,7 +5858,15 @@ class Slots:
         self._seq = itertools.count()
         self.stats = QueueStats()
         self._condition = threading.Condition()
-        self.on_change = lambda: None  # load changed; called outside the lock
+        self._watchers = []
+
+    def watch(self, listener):
+        """``listener()`` whenever the load changes, outside the lock (the Router registers itself)."""
+        self._watchers.append(listener)
+
+    def on_change(self):
+        for listener in self._watchers:
+            listener()
 
     @property
     def queued(self):
@@ -7223,7 +7266,7 @@ class SharePolicy:
     pause sharing (remote chats are then refused, so their router places them elsewhere).
 
     Methods for the caller: ``turn(requester, backend)`` (the queue place of one chat),
-    ``is_owner(requester)``, ``sharing_with(granted)``; ``paused`` is set by the Node.
+    ``is_owner(requester)``, ``sharing_with(granted)``; ``paused`` is set by the Router.
     """
 
     active_window = 600.0  # seconds a remote requester counts as one we share with
@@ -7588,24 +7631,27 @@ class Router:
     Owns this node's local backends, the grants peers gave us, and the tokens we gave peers.
     Methods for the caller: ``chat(model, messages, ...)`` (a generator of events),
     ``mesh_models()``, ``resolve_model(name)``, ``refresh_local()``, ``local_capability()``,
-    and the frame handlers ``handle_request`` (LREQ) and ``handle_response`` (LRES).
+    ``watch(listener)``, ``serve_relay_on(http_port)``; it registers its frame handlers
+    ``handle_request`` (LREQ) and ``handle_response`` (LRES) with the mesh it is given.
     """
 
     request_retry = 3.0
     max_issued = 256  # tokens kept for peers that may link again (those of unlinked peers go first)
 
-    def __init__(self, config, node_id, node_name, mesh, room=None):
+    def __init__(self, config, node_id, node_name, mesh, room=None, local=None, sharing_paused=False):
         self.config = config
         self.node_id = node_id
         self.node_name = node_name
         self.mesh = mesh
         self.room = room or RoomRules(None, None)
-        self.local = [OllamaBackend(url, node_id, node_name, config.llm_parallel)
-                      for url in _string_list(config.ollama_url or "")]
-        for url in _string_list(config.openai_url or ""):
-            self.local.append(OpenAIBackend(url, node_id, node_name, config.llm_parallel))
-            if getattr(config, "openai_key", None):
-                self.local[-1].session.headers["Authorization"] = "Bearer " + config.openai_key
+        if local is None:  # this computer's LLM servers, from --ollama-url and --openai-url
+            local = [OllamaBackend(url, node_id, node_name, config.llm_parallel)
+                     for url in _string_list(config.ollama_url or "")]
+            for url in _string_list(config.openai_url or ""):
+                local.append(OpenAIBackend(url, node_id, node_name, config.llm_parallel))
+                if getattr(config, "openai_key", None):
+                    local[-1].session.headers["Authorization"] = "Bearer " + config.openai_key
+        self.local = list(local)
         self.lock = threading.Lock()
         self.grants = {}    # peer node id -> PeerBackend (what peers let us use)
         self.issued = {}    # peer node id -> token (what we let peers use), kept while it relinks
@@ -7615,11 +7661,27 @@ class Router:
         self.pending = collections.Counter()  # backend -> chats placed on it, not yet queued there
         self._placing = threading.Lock()
         self.policy = SharePolicy(node_id, config.share_slots, config.requester_weight)
+        self.policy.paused = bool(sharing_paused)
         self.placement = Placement(self)
-        self.on_change = lambda: None
-        self.http_port = lambda: 0
+        self.relay_port = 0  # the HTTP port peers reach the relay at, once it is bound (serve_relay_on)
+        self._watchers = []
         for backend in self.local:
-            backend.slots.on_change = lambda: self.on_change()  # on_change is set after construction
+            backend.slots.watch(self.on_change)
+        if mesh is not None:
+            mesh.handle(LLM_REQUEST, self.handle_request)
+            mesh.handle(LLM_RESPONSE, self.handle_response)
+
+    def watch(self, listener):
+        """``listener()`` whenever this node's LLM, its load, or the LLMs it may use change."""
+        self._watchers.append(listener)
+
+    def on_change(self):
+        for listener in self._watchers:
+            listener()
+
+    def serve_relay_on(self, http_port):
+        """The port of this node's HTTP server, told to the peers this node grants its LLM."""
+        self.relay_port = http_port
 
     # -- capability ----------------------------------------------------------------
 
@@ -7789,7 +7851,7 @@ class Router:
                 self.away.discard(peer.node_id)
             local_ip = peer.link.sock.getsockname()[0] if peer.link is not None else self.config.host
             answer = {"granted": True, "message": "welcome, %s" % safe_text(payload.get("peer_name"), 60),
-                      "llm_host": local_ip, "llm_port": self.http_port(), "token": token}
+                      "llm_host": local_ip, "llm_port": self.relay_port, "token": token}
             log.info("granted LLM access to %s", safe_text(peer.name))
         self.mesh.send(peer.node_id, LLM_RESPONSE, answer)
 
@@ -8226,19 +8288,20 @@ class TransferStats:
 class ServeRate:
     """Paces the model bytes this node serves while it answers chats, and for ``linger`` seconds
     after (--transfer-rate bytes a second, over all transfers): the link then has room for the
-    next chat's first words, not a queue of model bytes ahead of them."""
+    next chat's first words, not a queue of model bytes ahead of them. ``router``: whose
+    local load says whether a chat is under way."""
 
     linger = 5.0
 
-    def __init__(self, rate, answering):
-        self.rate, self.answering = rate, answering
+    def __init__(self, rate, router):
+        self.rate, self.router = rate, router
         self._next = 0.0
         self._answered = None  # when a chat was last seen under way (monotonic)
         self._lock = threading.Lock()
 
     def busy(self):
         now = time.monotonic()
-        if self.answering():
+        if self.router.local_load()["in_flight"] > 0:
             self._answered = now
         return self._answered is not None and now - self._answered < self.linger
 
@@ -8263,7 +8326,7 @@ class ModelShare:
         self.store, self.router, self.config = store, router, config
         self.partials = partials  # hex -> PartialBlob of the pulls under way (ModelPulls owns it)
         self.stats = stats
-        self.rate = ServeRate(config.transfer_rate, lambda: router.local_load()["in_flight"] > 0)
+        self.rate = ServeRate(config.transfer_rate, router)
 
     def shared_models(self):
         if self.config.no_share_llm:
@@ -8865,15 +8928,19 @@ class HTTPFailure(NeuroMeshError):
 
 
 class ChatService:
-    """The chat room: asks the mesh's LLMs, and keeps the questions and answers of conversations."""
+    """The chat room: asks the mesh's LLMs, and keeps the questions and answers of conversations.
+
+    ``local_llm`` (a LocalLLM, or None) says why this computer's own LLM is down, for errors.
+    """
 
     history_budget = int(SAMPLING_DEFAULTS["num_ctx"] * 3)  # about 4 characters a token, room left to answer
 
-    def __init__(self, router, store, host_info, max_queued=DEFAULTS["max_queued"], local_problem=None):
+    def __init__(self, router, store, host_info, max_queued=DEFAULTS["max_queued"], local_llm=None):
         self.router = router
+        self.node_id = router.node_id
         self.store = store
         self.host_info = host_info  # callable: who asked, for a question asked on this node
-        self.local_problem = local_problem or (lambda: None)  # why this computer's own LLM is down, or None
+        self.local_llm = local_llm
         self.max_queued = max_queued  # chats that may wait for their first answer event at once
         self.waiting = 0
         self._lock = threading.Lock()
@@ -8924,7 +8991,8 @@ class ChatService:
                 if cancel.is_set():
                     break
         except LLMError as exc:
-            problem = None if exc.partial or exc.status == 499 or local_only else self.local_problem()
+            problem = (None if exc.partial or exc.status == 499 or local_only or self.local_llm is None
+                       else self.local_llm.state()[1])
             error = self._error_text(str(exc), problem)
             events.put({"type": "error", "error": error, "status": exc.status, "partial": exc.partial})
         except Exception as exc:  # a bug: report it to the client, keep the node up
@@ -8989,6 +9057,21 @@ class ChatService:
         if conversation is None:
             raise HTTPFailure(404, "no conversation %s" % safe_text(conversation_id, 80))
         return conversation
+
+    def seed_peer_conversations(self):
+        """``{peer name: conversation}`` in the original's shape, one per origin that is not us."""
+        merged = {}
+        for record in self.store.list_conversations():
+            if record["own"] and not record.get("peer_label"):
+                continue
+            label = record.get("peer_label") or record["origin_name"] or record["origin"]
+            conversation = self.store.get_conversation(record["id"])
+            merged.setdefault(label, []).append(conversation)
+        result = {}
+        for label, conversations in merged.items():
+            messages = sorted((m for c in conversations for m in c["messages"]), key=lambda m: m["timestamp"])
+            result[label] = seed_conversation({"id": label, "origin_name": label, "messages": messages})
+        return result
 
     def record(self, conversation_id):
         """The conversation's record without its messages (cheap however long it is), or a 404."""
@@ -9696,7 +9779,7 @@ class GuestDoor:
 
     def codes(self):
         """Which code does what, for the owner's invite dialog (never the room code itself)."""
-        mesh_key = getattr(self.config, "mesh_key", None)
+        mesh_key = self.config.mesh_key
         return {
             "guest": {"code": self.code, "lets": "open this computer's chat page in a browser (phones, "
                       "Chromebooks): it cannot run a node nor join the room"},
@@ -9707,7 +9790,7 @@ class GuestDoor:
 
     def _fingerprint(self):
         if self._room is None:
-            mesh_key = getattr(self.config, "mesh_key", None)
+            mesh_key = self.config.mesh_key
             room = room_status(derive_room_key(mesh_key))["key_hash"] if mesh_key else "open"
             self._room = hashlib.sha256(("neuromesh guests v1\0%s\0%s" % (self.code.upper(), room))
                                         .encode("utf-8")).hexdigest()
@@ -9859,7 +9942,7 @@ class Gatekeeper:
         if not (self.config.lan_api and is_private_address(address)):
             raise HTTPFailure(403, "this node's LLM API answers only this computer; start it with --lan-api "
                                    "to serve the local network")
-        mesh_key = getattr(self.config, "mesh_key", None)
+        mesh_key = self.config.mesh_key
         if mesh_key:
             header = request.headers.get("Authorization", "")
             given = header[7:].strip() if header.startswith("Bearer ") else ""
@@ -9944,16 +10027,17 @@ class _Released:
 class HttpApi:
     """One HTTP API: its routes, on a Bottle app of its own that answers errors in its format.
 
+    Each gets the router, the chat room and the Gatekeeper, and a subclass what else it uses.
     Subclasses list their routes in ``routes()``; the callbacks are their own methods.
     """
 
     error_shape = "json"
     kind = "page"  # for the Gatekeeper: "page", "llm" (Ollama and OpenAI APIs) or "relay"
 
-    def __init__(self, node, chat, gate=None):
-        self.node = node
+    def __init__(self, router, chat, gate):
+        self.router = router
         self.chat = chat
-        self.gate = gate or Gatekeeper(node.config)
+        self.gate = gate
 
     def routes(self):
         """``[(method, path, callback)]``."""
@@ -9973,7 +10057,7 @@ class HttpApi:
             tag = client.guest
         else:
             tag = "lan:" + client.address
-        return Requester(self.node.node_id, Requester.clean_tag(tag))
+        return Requester(self.chat.node_id, Requester.clean_tag(tag))
 
     def build(self):
         app = bottle.Bottle()
@@ -9984,11 +10068,24 @@ class HttpApi:
 
 
 class PageApi(HttpApi):
-    """The chat page and its API: conversations, their messages and answers, models, live events."""
+    """The chat page and its API: conversations, their messages and answers, models, live events.
 
-    def __init__(self, node, chat, gate=None, capabilities=None):
-        HttpApi.__init__(self, node, chat, gate)
-        self.capabilities = capabilities or ModelCapabilities(node.router)
+    ``conversations``: the Store's conversations; ``room``: the RoomRules; ``teacher``: the
+    teacher's key on the teacher's computer, else None; ``node``: what the owner controls
+    of this node, ``health()``, ``urls()``, ``rename(name)`` and ``pause_sharing(paused)``.
+    """
+
+    sse_keepalive = 15.0  # seconds between SSE comments; a gone client is noticed on a write (or at stop)
+
+    def __init__(self, router, chat, gate, conversations, events, mesh, room, node, teacher=None):
+        HttpApi.__init__(self, router, chat, gate)
+        self.conversations = conversations
+        self.bus = events  # the EventBus (``events`` is the route)
+        self.mesh = mesh
+        self.room = room
+        self.node = node
+        self.teacher = teacher
+        self.capabilities = ModelCapabilities(router)
 
     def routes(self):
         conversation = "/api/conversations/<conversation_id>"
@@ -10021,41 +10118,40 @@ class PageApi(HttpApi):
         return self.node.health()
 
     def peers(self):
-        return self.node.mesh.peers()
+        return self.mesh.peers()
 
     def seed_peers(self):
         """The original NeuroMesh's view: ``{peer: conversation}`` of what peers wrote."""
-        if getattr(self.node, "teacher_key", None) is not None:
+        if self.teacher is not None:
             raise HTTPFailure(404, "the teacher's computer shows only the chats students share")
-        return self.node.seed_peer_conversations()
+        return self.chat.seed_peer_conversations()
 
     # -- conversations -------------------------------------------------------------
 
     def _teacher_may_read(self, record):
         """On the teacher's computer only its own chats and those a student shows it (issue 24)."""
-        if getattr(self.node, "teacher_key", None) is None:  # a stand-in node of the tests has none
+        if self.teacher is None:
             return True
-        return record["own"] or record["id"] in self.node.room.shared()
+        return record["own"] or record["id"] in self.room.shared()
 
     def list_conversations(self):
-        records = [record for record in self.node.store.list_conversations() if self._teacher_may_read(record)]
+        records = [record for record in self.conversations.list_conversations() if self._teacher_may_read(record)]
         guest = self.gate.client().guest
         if guest is None:
             return records
-        owners = self.node.store.guest_owners()
+        owners = self.conversations.guest_owners()
         return [dict(record, own=owners.get(record["id"]) == guest) for record in records
                 if owners.get(record["id"]) == guest or not record["private"]]
 
     def create_conversation(self):
         body = read_json_body()
         title = body_text(body, "title", limit=200) or "New chat"
-        record = self.node.store.create_conversation(title=title, private=bool(body.get("private")))
+        record = self.conversations.create_conversation(title=title, private=bool(body.get("private")))
         guest = self.gate.client().guest
         if guest is not None:
-            self.node.store.set_guest_owner(record["id"], guest)
-            room = getattr(self.node, "room", None)  # the teacher's count for "Clear guests' chats"
-            if room is not None and room.teacher_id:
-                room.write_own(guest_chats=len(room.guest_chats()))
+            self.conversations.set_guest_owner(record["id"], guest)
+            if self.room.teacher_id:  # the teacher's count for "Clear guests' chats"
+                self.room.write_own(guest_chats=len(self.room.guest_chats()))
         bottle.response.status = 201
         return record
 
@@ -10066,7 +10162,7 @@ class PageApi(HttpApi):
             raise HTTPFailure(404, "no conversation %s: a student has not shown it to you" % safe_text(conversation_id, 80))
         guest = self.gate.client().guest
         if guest is not None:
-            owned = self.node.store.guest_owners().get(conversation_id) == guest
+            owned = self.conversations.guest_owners().get(conversation_id) == guest
             if not owned and conversation["private"]:
                 raise HTTPFailure(404, "no conversation %s" % safe_text(conversation_id, 80))
             conversation["own"] = owned
@@ -10078,7 +10174,7 @@ class PageApi(HttpApi):
         if not conversation["own"]:
             raise HTTPFailure(403, "conversation %s belongs to %s: you can read it, not change it"
                               % (safe_text(conversation_id, 80), "someone else" if self.gate.client().guest
-                                 and conversation["origin"] == self.node.node_id else conversation["origin_name"]))
+                                 and conversation["origin"] == self.chat.node_id else conversation["origin_name"]))
         return conversation
 
     page_default = 200  # messages of a conversation sent at once, newest first; ?limit=N&before=<id> for more
@@ -10091,7 +10187,7 @@ class PageApi(HttpApi):
             raise HTTPFailure(400, "'limit' must be a whole number from 1 to 1000")
         limit = int(limit)
         try:
-            page = self.node.store.get_conversation_page(conversation_id, limit, query.get("before") or None)
+            page = self.conversations.get_conversation_page(conversation_id, limit, query.get("before") or None)
         except StoreError as exc:
             raise HTTPFailure(400, str(exc))
         if page is None:
@@ -10119,7 +10215,7 @@ class PageApi(HttpApi):
         if not text:
             return []
         readable = {record["id"] for record in self.list_conversations()}
-        return [found for found in self.node.store.search(text, limit=100) if found["id"] in readable][:50]
+        return [found for found in self.conversations.search(text, limit=100) if found["id"] in readable][:50]
 
     def patch_conversation(self, conversation_id):
         body = read_json_body()
@@ -10129,14 +10225,14 @@ class PageApi(HttpApi):
         if private is not None and not isinstance(private, bool):
             raise HTTPFailure(400, "'private' must be true or false")
         try:
-            return self.node.store.update_conversation(conversation_id, title=title, private=private)
+            return self.conversations.update_conversation(conversation_id, title=title, private=private)
         except StoreError as exc:
             raise HTTPFailure(403, str(exc))
 
     def delete_conversation(self, conversation_id):
         self._writable(conversation_id)
         try:
-            return self.node.store.delete_conversation(conversation_id)
+            return self.conversations.delete_conversation(conversation_id)
         except StoreError as exc:
             raise HTTPFailure(403, str(exc))
 
@@ -10185,7 +10281,7 @@ class PageApi(HttpApi):
             except ValueError as exc:
                 raise HTTPFailure(400, "%s." % exc)
         else:
-            reply = {"name": self.node.name}
+            reply = {"name": self.router.node_name}
         if paused is not None:
             reply["sharing_paused"] = self.node.pause_sharing(paused)
         return reply
@@ -10207,10 +10303,10 @@ class PageApi(HttpApi):
         """Owner only: whether guests may come in, the URLs they open and the code they enter."""
         if self.gate.client().role != "owner":
             raise HTTPFailure(403, "only this computer's owner may see the room code")
-        lan = self.node.urls()[1] if hasattr(self.node, "urls") else []
-        return {"guests": bool(self.node.config.guests), "urls": lan, "code": self.gate.door.code,
+        lan = self.node.urls()[1]
+        return {"guests": bool(self.gate.config.guests), "urls": lan, "code": self.gate.door.code,
                 "code_is_mesh_key": False, "codes": self.gate.door.codes(),
-                "reachable": bool(lan), "why_not": None if lan else guest_reach(self.node.config)}
+                "reachable": bool(lan), "why_not": None if lan else guest_reach(self.gate.config)}
 
     def _answer_reply(self, question, events):
         """SSE to a page that asked for it, else one JSON reply once the answer is stored."""
@@ -10233,7 +10329,7 @@ class PageApi(HttpApi):
             events.close()  # the page pressed Stop: what arrived is stored now
 
     def models(self):
-        router = self.node.router
+        router = self.router
         mesh_models = router.mesh_models()
         try:
             default = router.resolve_model(None)
@@ -10250,22 +10346,21 @@ class PageApi(HttpApi):
         bottle.response.content_type = "text/event-stream"
         bottle.response.set_header("Cache-Control", "no-cache")
         bottle.response.set_header("X-Accel-Buffering", "no")
-        return self._event_stream(self.node.events.subscribe())
+        return self._event_stream(self.bus.subscribe())
 
     def _event_stream(self, inbox):
-        node = self.node
         try:
-            yield sse_format({"type": "hello", "data": {"node_id": node.node_id, "name": node.name},
+            yield sse_format({"type": "hello", "data": {"node_id": self.chat.node_id, "name": self.router.node_name},
                               "time": utc_now()})
-            while not node.stopping:
+            while not self.bus.closed:
                 try:
-                    event = inbox.get(timeout=node.sse_keepalive)
+                    event = inbox.get(timeout=self.sse_keepalive)
                 except queue.Empty:
                     yield ": keep-alive\n\n"  # also how a gone client is noticed
                     continue
                 yield sse_format(event)
         finally:
-            node.events.unsubscribe(inbox)
+            self.bus.unsubscribe(inbox)
 
 
 def mesh_call(router, path, body, local_only=False, requester=None):
@@ -10354,6 +10449,10 @@ class OllamaApi(HttpApi):
     PLAIN_CHAT = ("model", "messages", "stream", "options")
     PLAIN_GENERATE = ("model", "prompt", "system", "stream", "options")
 
+    def __init__(self, router, chat, gate, pulls):
+        HttpApi.__init__(self, router, chat, gate)
+        self.pulls = pulls  # ModelPulls: models copied from the room
+
     def routes(self):
         return [("GET", "/api/tags", self.tags), ("GET", "/api/ps", self.ps), ("GET", "/api/version", self.version),
                 ("POST", "/api/chat", self.post_chat), ("POST", "/api/generate", self.post_generate),
@@ -10361,13 +10460,13 @@ class OllamaApi(HttpApi):
                 ("POST", "/api/embeddings", self.passed), ("POST", "/api/pull", self.pull)]
 
     def tags(self):
-        return MeshInfo(self.node.router).tags()
+        return MeshInfo(self.router).tags()
 
     def ps(self):
-        return MeshInfo(self.node.router).ps()
+        return MeshInfo(self.router).ps()
 
     def version(self):
-        return MeshInfo(self.node.router).version()
+        return MeshInfo(self.router).version()
 
     def passed(self, body=None):
         """A request the host that serves its model answers, passed on both ways as it is."""
@@ -10376,7 +10475,7 @@ class OllamaApi(HttpApi):
             raise HTTPFailure(400, "model is required")
         if bottle.request.path in SLOT_PATHS:
             self.admit_chat()
-        return pass_on(mesh_call(self.node.router, bottle.request.path, body, requester=self.requester()))
+        return pass_on(mesh_call(self.router, bottle.request.path, body, requester=self.requester()))
 
     def pull(self):
         """A model a peer shares is copied into this computer's Ollama from the room (ModelPull);
@@ -10385,19 +10484,19 @@ class OllamaApi(HttpApi):
         name = body.get("model") or body.get("name")
         if not isinstance(name, str) or not name:
             raise HTTPFailure(400, "model is required")
-        if self.node.model_pulls.wanted(name):
+        if self.pulls.wanted(name):
             return self._pull_from_room(name, body.get("stream", True) is not False)
         try:
-            self.node.router.resolve_model(name)
+            self.router.resolve_model(name)
         except LLMError:
-            raise HTTPFailure(404, pull_help(name, self.node.router.mesh_models()))
+            raise HTTPFailure(404, pull_help(name, self.router.mesh_models()))
         if body.get("stream", True) is False:
             return {"status": "success"}
         bottle.response.content_type = "application/x-ndjson"
         return ndjson([{"status": "success"}])
 
     def _pull_from_room(self, name, stream):
-        records = self.node.model_pulls.pull(name)
+        records = self.pulls.pull(name)
         if not stream:
             try:
                 for record in records:
@@ -10519,23 +10618,24 @@ class OllamaModelsApi(HttpApi):
                 ("POST", "/api/push", self.manage), ("HEAD", blob, self.blob), ("POST", blob, self.blob)]
 
     def status(self):
-        models = self.node.router.mesh_models()
-        return {"status": "running", "version": MeshInfo(self.node.router).version()["version"],
+        models = self.router.mesh_models()
+        return {"status": "running", "version": MeshInfo(self.router).version()["version"],
                 "cloud": {"disabled": True, "source": "neuromesh"},
-                "local_models": self.node.router.local_models(), "mesh_models": len(models),
+                "local_models": self.router.local_models(), "mesh_models": len(models),
                 "llm_hosts": len({host for entries in models.values() for _id, host, _local in entries})}
 
     def _own_ollama(self):
         """This computer's Ollama, if the client is its owner; an HTTPFailure saying why not."""
         client = self.gate.client()
-        if client.role != "owner" and not (client.role == "lan" and getattr(self.node.config, "mesh_key", None)):
+        name = self.router.node_name
+        if client.role != "owner" and not (client.role == "lan" and self.gate.config.mesh_key):
             raise HTTPFailure(403, "%s changes the models of %s's own Ollama, which only its owner may do: run it "
                                    "on %s itself (or start that node with --lan-api and a room code, and send it)"
-                              % (bottle.request.path, self.node.name, self.node.name))
-        backends = [b for b in self.node.router.local if isinstance(b, OllamaBackend)]
+                              % (bottle.request.path, name, name))
+        backends = [b for b in self.router.local if isinstance(b, OllamaBackend)]
         if not backends:
             raise HTTPFailure(503, "%s runs no Ollama of its own to change: start Ollama there, or ask on the "
-                                   "computer that serves the model" % self.node.name)
+                                   "computer that serves the model" % name)
         return backends[0]
 
     def _send(self, backend, data, **kwargs):
@@ -10545,10 +10645,10 @@ class OllamaModelsApi(HttpApi):
                                                timeout=(backend.connect_timeout, backend.read_timeout), **kwargs)
         except requests.RequestException as exc:
             raise HTTPFailure(502, "the Ollama of %s did not answer %s (%s): is it running?"
-                              % (self.node.name, path, type(exc).__name__))
+                              % (self.router.node_name, path, type(exc).__name__))
         upstream = Upstream.of_response(response)
         if method != "HEAD" and response.status_code < 300:
-            upstream.on_close(self.node.router.refresh_local)  # the mesh hears of the new or gone model
+            upstream.on_close(self.router.refresh_local)  # the mesh hears of the new or gone model
         return pass_on(upstream)
 
     def manage(self):
@@ -10586,6 +10686,10 @@ class OpenAIApi(HttpApi):
     OPTIONS = (("temperature", "temperature"), ("top_p", "top_p"), ("max_tokens", "num_predict"),
                ("max_completion_tokens", "num_predict"), ("seed", "seed"))
 
+    def __init__(self, router, chat, gate, started):
+        HttpApi.__init__(self, router, chat, gate)
+        self.created = int(started)  # the models' "created": when this node started (wall clock)
+
     def routes(self):
         return [("GET", "/v1/models", self.models), ("POST", "/v1/chat/completions", self.post_chat),
                 ("GET", "/v1/models/<model_id:path>", self.model), ("POST", "/v1/completions", self.post_completion),
@@ -10593,16 +10697,16 @@ class OpenAIApi(HttpApi):
 
     def models(self):
         return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": int(self.node.started_wall), "owned_by": hosts[0][1]}
-            for name, hosts in self.node.router.mesh_models().items()]}
+            {"id": name, "object": "model", "created": self.created, "owned_by": hosts[0][1]}
+            for name, hosts in self.router.mesh_models().items()]}
 
     def model(self, model_id):
         try:
-            name = self.node.router.resolve_model(model_id)
+            name = self.router.resolve_model(model_id)
         except LLMError:
             raise HTTPFailure(404, "The model %r does not exist on the mesh" % model_id)
-        return {"id": name, "object": "model", "created": int(self.node.started_wall),
-                "owned_by": self.node.router.mesh_models()[name][0][1]}
+        return {"id": name, "object": "model", "created": self.created,
+                "owned_by": self.router.mesh_models()[name][0][1]}
 
     def _request(self, body):
         model = body.get("model")
@@ -10665,7 +10769,7 @@ class OpenAIApi(HttpApi):
         if not isinstance(inputs, list) or not inputs or not all(isinstance(i, str) for i in inputs):
             raise HTTPFailure(400, "input must be a string or a list of strings")
         self.admit_chat()
-        upstream = mesh_call(self.node.router, "/api/embed", {"model": model, "input": inputs},
+        upstream = mesh_call(self.router, "/api/embed", {"model": model, "input": inputs},
                              requester=self.requester())
         if upstream.status != 200:
             raise HTTPFailure(upstream.status, upstream.error_text())
@@ -10746,7 +10850,7 @@ class OpenAIShapes:
         if ollama_format(body.get("response_format")):
             request["format"] = ollama_format(body["response_format"])
         self.api.admit_chat()
-        upstream = mesh_call(self.api.node.router, "/api/chat", request, requester=self.api.requester())
+        upstream = mesh_call(self.api.router, "/api/chat", request, requester=self.api.requester())
         if upstream.status != 200:
             raise HTTPFailure(upstream.status, upstream.error_text())
         reply = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()), "model": model}
@@ -10833,7 +10937,7 @@ class OllamaChats:
             first, events = api.chat.begin(request["model"], clean_chat_messages(request["messages"]),
                                            request.get("options") or {}, requester=api.requester())
             return first.get("model", request["model"]), self._of_events(events)
-        upstream = mesh_call(api.node.router, "/api/chat", dict(request, stream=True), requester=api.requester())
+        upstream = mesh_call(api.router, "/api/chat", dict(request, stream=True), requester=api.requester())
         if upstream.status != 200:
             raise HTTPFailure(upstream.status, upstream.error_text())
         return request["model"], self._of_upstream(upstream)
@@ -11371,7 +11475,7 @@ class RelayApi(HttpApi):
         """The node id the token was given to; 401 for no valid token, or one given to another
         node than the relay connection's (RelayServer: who asks comes from the connection)."""
         header = bottle.request.headers.get("Authorization", "")
-        holder = self.node.router.token_holder(header[7:] if header.startswith("Bearer ") else "")
+        holder = self.router.token_holder(header[7:] if header.startswith("Bearer ") else "")
         connected = bottle.request.environ.get(RelayServer.PEER_KEY)
         if holder is None or (connected is not None and holder != connected):
             raise HTTPFailure(401, "no valid LLM access token: ask for access over the mesh link (LREQ:)")
@@ -11381,9 +11485,9 @@ class RelayApi(HttpApi):
         """503 while the owner paused sharing (the peer's router places the chat elsewhere), 429
         past the requester's or its node's rate (Gatekeeper.admit_relay), 503 when --max-queued
         chats already wait here."""
-        if self.node.router.policy.paused:
+        if self.router.policy.paused:
             raise HTTPFailure(503, "%s paused sharing its LLM for now: the chat goes to another host"
-                              % self.node.name, retry_after=30)
+                              % self.router.node_name, retry_after=30)
         self.gate.admit_relay(requester)
         self.chat.admit()
 
@@ -11394,14 +11498,14 @@ class RelayApi(HttpApi):
         body = read_json_body(MAX_FORWARD_BODY)
         path, inner = body.get("path"), body.get("body") if isinstance(body.get("body"), dict) else {}
         if path in INFO_PATHS:
-            return MeshInfo(self.node.router).local(path)
+            return MeshInfo(self.router).local(path)
         if path not in FORWARD_PATHS:
             raise HTTPFailure(404, "the relay does not carry %s" % safe_text(path, 80))
         check_message_sizes(inner)
         requester = self.requester_of(holder, body)
         if path in SLOT_PATHS:
             self._admit(requester)
-        return pass_on(mesh_call(self.node.router, path, inner, local_only=True, requester=requester))
+        return pass_on(mesh_call(self.router, path, inner, local_only=True, requester=requester))
 
     @staticmethod
     def requester_of(holder, body):
@@ -11515,7 +11619,15 @@ class RoomBundle:
 class RoomApi(HttpApi):
     """The room as pages see it: a student's view of the teacher's rules and their "Show my teacher"
     shares; on the teacher's own computer, the teacher's view, which holds counts and names, never a
-    student's text unless that student shared that one chat."""
+    student's text unless that student shared that one chat. ``teacher``: the teacher's key on the
+    teacher's computer, else None."""
+
+    def __init__(self, router, chat, gate, conversations, mesh, room, teacher=None):
+        HttpApi.__init__(self, router, chat, gate)
+        self.conversations = conversations
+        self.mesh = mesh
+        self.rules = room
+        self.teacher = teacher
 
     def routes(self):
         return [("GET", "/api/room", self.room), ("POST", "/api/room/share", self.share),
@@ -11526,10 +11638,10 @@ class RoomApi(HttpApi):
 
     def room(self):
         """The rules this page's chats obey: the teacher, pause and reason, instructions, quota left."""
-        rules, node = self.node.room, self.node
+        rules = self.rules
         policy = rules.policy()
-        answer = {"teacher": rules.teacher_id, "is_teacher": node.teacher_key is not None,
-                  "policy": policy, "shown": sorted(rules.shown_by(node.node_id)),
+        answer = {"teacher": rules.teacher_id, "is_teacher": self.teacher is not None,
+                  "policy": policy, "shown": sorted(rules.shown_by(self.chat.node_id)),
                   "quota_left": rules.quota_left(self.requester())}
         if not rules.teacher_id:
             answer["message"] = "no teacher in this room"
@@ -11543,21 +11655,20 @@ class RoomApi(HttpApi):
         teacher, or take it back."""
         body = read_json_body()
         if self.gate.client().guest is not None:
-            raise HTTPFailure(403, "only the owner of %s can show a chat to the teacher" % self.node.name)
+            raise HTTPFailure(403, "only the owner of %s can show a chat to the teacher" % self.router.node_name)
         cid, shown = body_text(body, "conversation_id", required=True, limit=100), body.get("shown") is not False
         record = self.chat.record(cid)
         if not record["own"] or record["private"]:
             raise HTTPFailure(403, "only your own shared (not private) chats can be shown to the teacher")
-        if not self.node.room.teacher_id:
+        if not self.rules.teacher_id:
             raise HTTPFailure(409, "no teacher in this room: there is no one to show it to")
-        current = self.node.room.shown_by(self.node.node_id)
+        current = self.rules.shown_by(self.chat.node_id)
         wanted = (current | {cid}) if shown else (current - {cid})
-        self.node.room.write_own(shown_to_teacher={"teacher": self.node.room.teacher_id,
-                                                   "conversations": sorted(wanted)})
+        self.rules.write_own(shown_to_teacher={"teacher": self.rules.teacher_id, "conversations": sorted(wanted)})
         return {"shown": sorted(wanted)}
 
     def _teacher(self):
-        if self.node.teacher_key is None or self.gate.client().role != "owner":
+        if self.teacher is None or self.gate.client().role != "owner":
             raise HTTPFailure(403, "the teacher's view is only on the teacher's own computer (`neuromesh.py teacher`)")
 
     def overview(self):
@@ -11565,75 +11676,75 @@ class RoomApi(HttpApi):
         each host's queue, and the chats students chose to show."""
         self._teacher()
         since = format_timestamp(datetime.now(timezone.utc) - timedelta(hours=1))
-        activity = self.node.store.activity_since(since)
-        peers = self.node.mesh.peers()
+        activity = self.conversations.activity_since(since)
+        peers = self.mesh.peers()
         students = [{"node_id": p["node_id"], "name": p["name"], "online": p["connected"],
                      "chats_last_hour": activity.get(p["node_id"], {}).get("chats", 0),
                      "longest_wait_s": activity.get(p["node_id"], {}).get("waited", 0.0)}
                     for p in peers]
         hosts = [{"name": p["name"], "up": p["connected"], "models": p["models"], "load": p["load"]}
                  for p in peers if p["has_llm"] or p["models"]]
-        if self.node.router.has_local_llm:
-            hosts.insert(0, {"name": self.node.name, "up": True, "models": self.node.router.local_models(),
-                             "load": self.node.router.local_load()})
+        if self.router.has_local_llm:
+            hosts.insert(0, {"name": self.router.node_name, "up": True, "models": self.router.local_models(),
+                             "load": self.router.local_load()})
         waited = max(students, key=lambda s: s["longest_wait_s"], default=None)
         names = {p["node_id"]: p["name"] for p in peers}
         shared = [dict(self._shared_record(cid), shared_by=names.get(owner) or owner[:8])
-                  for cid, owner in sorted(self.node.room.shared().items())]
-        return {"students": students, "hosts": hosts, "policy": self.node.room.policy(),
+                  for cid, owner in sorted(self.rules.shared().items())]
+        return {"students": students, "hosts": hosts, "policy": self.rules.policy(),
                 "waited_longest": waited["name"] if waited and waited["longest_wait_s"] else None,
                 "shared": [record for record in shared if record.get("id")],
-                "guest_chats": sum(self.node.room.guest_chat_counts().values()),
-                "teacher": self.node.room.teacher_id}
+                "guest_chats": sum(self.rules.guest_chat_counts().values()),
+                "teacher": self.rules.teacher_id}
 
     def _shared_record(self, cid):
         try:
-            record = self.node.store.get_conversation_record(cid)
+            record = self.conversations.get_conversation_record(cid)
         except StoreError:
             return {}
         return {"id": cid, "title": record["title"]} if record else {}
 
     def shared_conversation(self, conversation_id):
         self._teacher()
-        owner = self.node.room.shared().get(conversation_id)
+        owner = self.rules.shared().get(conversation_id)
         if owner is None:
             raise HTTPFailure(404, "no student shows you the chat %s" % safe_text(conversation_id, 80))
-        conversation = self.node.store.get_conversation(conversation_id)
+        conversation = self.conversations.get_conversation(conversation_id)
         if conversation is None:
             raise HTTPFailure(404, "the chat %s has not reached this computer yet" % safe_text(conversation_id, 80))
-        names = {p["node_id"]: p["name"] for p in self.node.mesh.peers()}
+        names = {p["node_id"]: p["name"] for p in self.mesh.peers()}
         return dict(conversation, shared_by=names.get(owner) or conversation.get("origin_name"))
 
     def set_policy(self):
         """``POST /api/teacher/policy``: the room's new rules, signed with the teacher key."""
         self._teacher()
         body = read_json_body()
-        asked = (self.node.room.policy() or {}).get("clear_guests")  # nodes offline then still clear later
-        policy = clean_policy(dict(body, teacher_name=self.node.name, teacher_node=self.node.node_id,
+        asked = (self.rules.policy() or {}).get("clear_guests")  # nodes offline then still clear later
+        policy = clean_policy(dict(body, teacher_name=self.router.node_name, teacher_node=self.chat.node_id,
                                    clear_guests=asked))
-        teacher = self.node.teacher_key.node_id
-        self.node.store.write_control(teacher, "%s.%s" % (teacher, POLICY_SUFFIX), {"policy": policy})
-        return self.node.room.policy()
+        teacher = self.teacher.node_id
+        self.conversations.write_control(teacher, "%s.%s" % (teacher, POLICY_SUFFIX), {"policy": policy})
+        return self.rules.policy()
 
     def clear_guests(self):
         """``POST /api/teacher/clear-guests {"count"}``: every node deletes the chats its guests
         wrote; ``count`` is the number the teacher confirmed (the page names it)."""
         self._teacher()
         body = read_json_body()
-        count = sum(self.node.room.guest_chat_counts().values())
+        count = sum(self.rules.guest_chat_counts().values())
         if body.get("count") != count:
             raise HTTPFailure(409, "the room holds %d guests' chats now, not %s: confirm that number"
                               % (count, safe_text(body.get("count"), 20)))
-        policy = dict(self.node.room.policy() or {}, clear_guests=utc_now())
-        teacher = self.node.teacher_key.node_id
-        self.node.store.write_control(teacher, "%s.%s" % (teacher, POLICY_SUFFIX), {"policy": policy})
-        self.node.room.clear_guests()
+        policy = dict(self.rules.policy() or {}, clear_guests=utc_now())
+        teacher = self.teacher.node_id
+        self.conversations.write_control(teacher, "%s.%s" % (teacher, POLICY_SUFFIX), {"policy": policy})
+        self.rules.clear_guests()
         return {"clearing": count}
 
     def bundle(self):
         """``GET /api/teacher/room.pyz``: NeuroMesh for this room, to hand to students."""
         self._teacher()
-        data = RoomBundle(self.node.config.mesh_key, self.node.teacher_key.node_id).build()
+        data = RoomBundle(self.gate.config.mesh_key, self.teacher.node_id).build()
         bottle.response.content_type = "application/zip"
         bottle.response.set_header("Content-Disposition", 'attachment; filename="neuromesh-room.pyz"')
         return data
@@ -11643,6 +11754,10 @@ class ModelRelayApi(RelayApi):
     """Model transfer on the relay (issue 26): peers holding this node's relay token read what it
     shares (``/relay/models``), a blob's chunk list, and a blob's bytes by range. Read only."""
 
+    def __init__(self, router, chat, gate, share):
+        RelayApi.__init__(self, router, chat, gate)
+        self.share = share  # ModelShare: what this node shares of its Ollama's models
+
     def routes(self):
         return [("GET", MODELS_RELAY_PATH, self.models),
                 ("GET", BLOBS_RELAY_PATH + "/<digest>/chunks", self.chunks),
@@ -11650,27 +11765,27 @@ class ModelRelayApi(RelayApi):
 
     def models(self):
         self._check_token()
-        return self.node.model_share.catalog()
+        return self.share.catalog()
 
     def chunks(self, digest):
         self._check_token()
-        hashes = self.node.model_share.chunk_hashes(self._hex(digest))
+        hashes = self.share.chunk_hashes(self._hex(digest))
         if hashes is None:
-            raise HTTPFailure(404, "%s does not share that blob" % self.node.name)
+            raise HTTPFailure(404, "%s does not share that blob" % self.router.node_name)
         return {"chunk": TRANSFER_CHUNK, "hashes": hashes}
 
     def blob(self, digest):
         self._check_token()
         hex_digest = self._hex(digest)
-        share = self.node.model_share
+        share = self.share
         size = share.blob_size(hex_digest)
         if size is None:
-            raise HTTPFailure(404, "%s does not share that blob" % self.node.name)
+            raise HTTPFailure(404, "%s does not share that blob" % self.router.node_name)
         start, end = self._range(bottle.request.headers.get("Range"), size)
         try:
             _size, pieces = share.open_range(hex_digest, start, end)
         except LookupError as exc:
-            raise HTTPFailure(404, "%s: %s" % (self.node.name, exc))
+            raise HTTPFailure(404, "%s: %s" % (self.router.node_name, exc))
         bottle.response.content_type = "application/octet-stream"
         bottle.response.headers["Content-Length"] = str(end - start)
         bottle.response.headers["Accept-Ranges"] = "bytes"
@@ -11706,11 +11821,16 @@ class ModelPageApi(HttpApi):
     """The page's list of the room's models (``GET /api/room-models``): who has each, its size,
     and whether this computer can get it; the page's button then pulls through Ollama's /api/pull."""
 
+    def __init__(self, router, chat, gate, pulls, share):
+        HttpApi.__init__(self, router, chat, gate)
+        self.pulls = pulls
+        self.share = share
+
     def routes(self):
         return [("GET", "/api/room-models", self.room_models)]
 
     def room_models(self):
-        reply = self.node.model_pulls.room(self.node.model_share.shared_models())
+        reply = self.pulls.room(self.share.shared_models())
         reply["may_pull"] = self.gate.client().role == "owner"  # /api/pull is the owner's (or --lan-api's)
         return reply
 
@@ -11808,7 +11928,7 @@ class QueueReport:
     def __init__(self, router, mesh=None):
         self.router = router
         self.names = {router.node_id: router.node_name}
-        for peer in (mesh.linked_peers() if mesh is not None and hasattr(mesh, "linked_peers") else []):
+        for peer in (mesh.linked_peers() if mesh is not None else []):
             self.names[peer.node_id] = peer.name
 
     def requester_name(self, key):
@@ -11841,13 +11961,11 @@ class QueueReport:
         with router.lock:
             peers = [b.peer for b in router.grants.values() if b.peer.connected]
         for peer in peers:
-            load = getattr(peer, "load", None) or {}
-            queue = getattr(peer, "queue", None) or {}
+            load, queue = peer.load or {}, peer.queue or {}
             hosts.append({"node_id": peer.node_id, "name": peer.name, "local": False,
                           "in_flight": load.get("in_flight", 0), "queued": load.get("queued", 0),
                           "parallel": load.get("parallel", 1),
-                          "tokens_per_second": getattr(peer, "tokens_per_second", None),
-                          "loaded": list(getattr(peer, "loaded", None) or []),
+                          "tokens_per_second": peer.tokens_per_second, "loaded": list(peer.loaded or []),
                           "requesters": [{"requester": key, "name": self.requester_name(key), "queued": count}
                                          for key, count in sorted(queue.items())]})
         return hosts
@@ -11951,26 +12069,33 @@ class MetricsApi(HttpApi):
 
     kind = "llm"
 
+    def __init__(self, router, chat, gate, mesh, transfers):
+        HttpApi.__init__(self, router, chat, gate)
+        self.mesh = mesh
+        self.transfers = transfers  # TransferStats of the model transfers
+
     def routes(self):
         return [("GET", "/metrics", self.metrics)]
 
     def metrics(self):
         bottle.response.content_type = "text/plain; version=0.0.4; charset=utf-8"
-        stats = getattr(self.node, "transfer_stats", None)
-        return (QueueReport(self.node.router, getattr(self.node, "mesh", None)).metrics()
-                + (stats.metrics() if stats is not None else ""))
+        return QueueReport(self.router, self.mesh).metrics() + self.transfers.metrics()
 
 
-def build_app(node):
-    """The Bottle application of ``node``: every API's routes on one app, one chat room behind them."""
-    local_llm = getattr(node, "local_llm", None)
-    chat = ChatService(node.router, node.store, node.host_info, max_queued=node.config.max_queued,
-                       local_problem=local_llm and (lambda: local_llm.state()[1]))
-    gate = Gatekeeper(node.config)
+def build_app(config, router, chat, conversations, events, mesh, room, node, pulls, share, transfers, started,
+              teacher=None):
+    """Every API's routes on one Bottle app, one chat room and one Gatekeeper behind them; each API
+    gets only what it uses (see each class for its arguments)."""
+    gate = Gatekeeper(config)
+    apis = [PageApi(router, chat, gate, conversations, events, mesh, room, node, teacher),
+            OllamaApi(router, chat, gate, pulls), OllamaModelsApi(router, chat, gate),
+            OpenAIApi(router, chat, gate, started), AnthropicApi(router, chat, gate), ResponsesApi(router, chat, gate),
+            RelayApi(router, chat, gate), ModelRelayApi(router, chat, gate, share),
+            ModelPageApi(router, chat, gate, pulls, share), MetricsApi(router, chat, gate, mesh, transfers),
+            RoomApi(router, chat, gate, conversations, mesh, room, teacher)]
     app = bottle.Bottle()
-    for api in (PageApi, OllamaApi, OllamaModelsApi, OpenAIApi, AnthropicApi, ResponsesApi, RelayApi, ModelRelayApi,
-                ModelPageApi, MetricsApi, RoomApi):
-        app.merge(api(node, chat, gate).build())
+    for api in apis:
+        app.merge(api.build())
     app.wsgi = gate.wrap(app.wsgi)
     app.add_hook("after_request", set_security_headers)
     errors = ErrorReplies()
@@ -12035,6 +12160,34 @@ class LocalLLM:
         self.last = state
 
 
+class LLMNews:
+    """Tells peers and pages when this node's LLM, its load, or the LLMs it may use change (it
+    watches the Router), each only when what they are told changed: a load change is not news
+    to a page."""
+
+    def __init__(self, router, mesh, events, local_llm):
+        self.router = router
+        self.mesh = mesh
+        self.events = events
+        self.local_llm = local_llm
+        self._told_capability = None  # what peers last heard of this node's LLM
+        self._told_offer = None  # what pages last heard of the mesh's models
+        router.watch(self.changed)
+
+    def changed(self):
+        self.local_llm.check()
+        capability = self.router.local_capability()
+        if capability != self._told_capability:
+            self._told_capability = capability
+            self.mesh.broadcast(LLM_CAPS, capability)
+        models = self.router.mesh_models()
+        offer = {name: sorted(node_id for node_id, _n, _l in hosts) for name, hosts in models.items()}
+        offer["~local"] = [self.local_llm.last]  # the page also hears this computer's LLM stop or return
+        if offer != self._told_offer:
+            self._told_offer = offer
+            self.events.publish("llm", {"llm_hosts": llm_host_count(models)})
+
+
 def running_node_info(data_dir):
     """What a node running on ``data_dir`` wrote at start (``runtime.json``), or None when none runs."""
     try:
@@ -12054,12 +12207,13 @@ def running_node_info(data_dir):
 
 
 class Node(MeshListener):
-    """One NeuroMesh node: identity, store, mesh, sync, web server, and their start and stop.
+    """One NeuroMesh node: builds its rooms (identity, store, mesh, sync, router, web server),
+    constructor by constructor, and starts and stops them. Each room registers its own
+    listeners where it is built (SyncWorker with the store and the mesh, Router and LLMNews).
 
-    It is its mesh's listener: the MeshListener methods below pass what the mesh tells on.
+    It is its mesh's listener for links coming and going: the MeshListener methods below pass
+    what the mesh tells on.
     """
-
-    sse_keepalive = 15.0  # seconds between SSE comments; a gone client is noticed on a write (or at stop)
 
     def __init__(self, config):
         self.config = config
@@ -12083,24 +12237,18 @@ class Node(MeshListener):
             self._introduce_teacher()
         self.mesh = Mesh(config, self.node_id, listener=self, key=self.key)
         self.sync = SyncWorker(self.store, self.mesh, self.events, config.sync_interval)
-        self.store.on_local_entries = self._local_entries
-        self.router = Router(config, self.node_id, self.name, self.mesh, self.room)
-        self.router.policy.paused = os.path.exists(os.path.join(config.data_dir, SHARING_FILE))
-        self.router.http_port = lambda: self.http_port
-        self.router.on_change = self._llm_changed
+        self.router = Router(config, self.node_id, self.name, self.mesh, self.room,
+                             sharing_paused=os.path.exists(os.path.join(config.data_dir, SHARING_FILE)))
         self.local_llm = LocalLLM(self.router, config)
+        self.llm_news = LLMNews(self.router, self.mesh, self.events, self.local_llm)
         self.transfer_stats = TransferStats()
         model_store = ModelStore(ollama_model_dirs())
         self.model_pulls = ModelPulls(self.router, model_store, os.path.join(config.data_dir, TRANSFERS_DIR),
                                       self.transfer_stats,
                                       next((b for b in self.router.local if b.kind == "ollama"), None))
         self.model_share = ModelShare(model_store, self.router, config, self.model_pulls.partials, self.transfer_stats)
-        self._frame_handlers = {  # the frames the mesh passes on to frame(), by marker
-            SYNC: self.sync.handle_sync, FILE: self.sync.handle_file,
-            LLM_REQUEST: self.router.handle_request, LLM_RESPONSE: self.router.handle_response,
-        }
-        self._told_capability = None  # what peers last heard of this node's LLM
-        self._told_offer = None  # what pages last heard of the mesh's models
+        self.chat = ChatService(self.router, self.store, self.host_info, max_queued=config.max_queued,
+                                local_llm=self.local_llm)
         self.http_server = None
         self.http_port = None
         self.relay_server = None
@@ -12148,28 +12296,6 @@ class Node(MeshListener):
         else:
             self.relay_server.serve(stream, node_id, address)
 
-    def frame(self, marker, peer, payload):
-        handler = self._frame_handlers.get(marker)
-        if handler is None:
-            super().frame(marker, peer, payload)
-        else:
-            handler(peer, payload)
-
-    def _llm_changed(self):
-        """This node's LLM, its load, or the LLMs we may use changed: tell peers and pages,
-        each only when what they are told changed (a load change is not news to a page)."""
-        self.local_llm.check()
-        capability = self.router.local_capability()
-        if capability != self._told_capability:
-            self._told_capability = capability
-            self.mesh.broadcast(LLM_CAPS, capability)
-        models = self.router.mesh_models()
-        offer = {name: sorted(node_id for node_id, _n, _l in hosts) for name, hosts in models.items()}
-        offer["~local"] = [self.local_llm.last]  # the page also hears this computer's LLM stop or return
-        if offer != self._told_offer:
-            self._told_offer = offer
-            self.events.publish("llm", {"llm_hosts": llm_host_count(models)})
-
     def _housekeeping_forever(self):
         """Re-probe the local LLM servers every announce interval (each probe times out in 2 s)
         and ask again for LLM access that was not answered."""
@@ -12198,7 +12324,9 @@ class Node(MeshListener):
     def start(self):
         """Bind every port (errors name the flag to change), then start the threads."""
         try:
-            app = build_app(self)
+            app = build_app(self.config, self.router, self.chat, self.store, self.events, self.mesh, self.room, self,
+                            self.model_pulls, self.model_share, self.transfer_stats, self.started_wall,
+                            self.teacher_key)
             self.relay_server = RelayServer(app)
             self.http_server = HTTPServer(self.config.host, self.config.http_port, app,
                                           idle_timeout=self.config.http_idle_timeout,
@@ -12213,6 +12341,7 @@ class Node(MeshListener):
             raise NeuroMeshError("cannot listen on %s:%d: %s (check --host)"
                                  % (self.config.host, self.config.http_port, exc.strerror))
         self.http_port = self.http_server.server_port
+        self.router.serve_relay_on(self.http_port)
         if log.getEffectiveLevel() > logging.DEBUG:
             quiet_waitress_logs()
         self.router.refresh_local()
@@ -12255,13 +12384,10 @@ class Node(MeshListener):
     def request_stop(self):
         self._stop.set()
 
-    @property
-    def stopping(self):
-        return self._stop.is_set()
-
     def stop(self):
         """Say goodbye to peers and stop every thread; safe to call twice."""
         self._stop.set()
+        self.events.close()
         self.mesh.shutdown()
         self.sync.shutdown()
         if self.http_server is not None:
@@ -12315,26 +12441,6 @@ class Node(MeshListener):
     def host_info(self):
         """The original's ``host_info`` of this node (the display name, never the hostname)."""
         return {"hostname": self.name, "ip_address": self.config.host, "is_llm_host": self.router.has_local_llm}
-
-    def _local_entries(self, entries):
-        """After a committed local write: push it to peers at once and tell the page."""
-        self.sync.push(entries)
-        publish_entries(self.events, entries)
-
-    def seed_peer_conversations(self):
-        """``{peer name: conversation}`` in the original's shape, one per origin that is not us."""
-        merged = {}
-        for record in self.store.list_conversations():
-            if record["own"] and not record.get("peer_label"):
-                continue
-            label = record.get("peer_label") or record["origin_name"] or record["origin"]
-            conversation = self.store.get_conversation(record["id"])
-            merged.setdefault(label, []).append(conversation)
-        result = {}
-        for label, conversations in merged.items():
-            messages = sorted((m for c in conversations for m in c["messages"]), key=lambda m: m["timestamp"])
-            result[label] = seed_conversation({"id": label, "origin_name": label, "messages": messages})
-        return result
 
     # -- what the API reports ----------------------------------------------------
 

@@ -323,6 +323,7 @@ def original_layout(tmp_path):
 # These run the web app and the router inside the test process, without sockets.
 
 import io  # noqa: E402
+import queue  # noqa: E402
 import threading  # noqa: E402
 import types  # noqa: E402
 import uuid  # noqa: E402
@@ -405,47 +406,76 @@ class ScriptedPeerBackend(ScriptedBackend):
     def __init__(self, node_name="peer", models=("m1",), **kwargs):
         ScriptedBackend.__init__(self, node_name, models, **kwargs)
         self.peer = types.SimpleNamespace(node_id=self.node_id, name=node_name, models=list(models),
-                                          connected=True, load=None, rtt_ms=1)
+                                          connected=True, load=None, rtt_ms=1, queue={}, loaded=[],
+                                          tokens_per_second=None)
         self.available = True
 
 
 def scripted_router(local=(), peers=(), **settings):
     """A Router whose backends are the given scripted ones (no Ollama, no network)."""
     config = neuromesh.Config(ollama_url=None, **settings)
-    router = neuromesh.Router(config, uuid.uuid4().hex, "stub", mesh=None)
-    router.local = list(local)
-    for backend in router.local:
+    for backend in local:
         backend.refresh()
-        backend.slots.on_change = router.on_change
+    router = neuromesh.Router(config, uuid.uuid4().hex, "stub", mesh=None, local=local)
     for backend in peers:
         router.grants[backend.node_id] = backend
     return router
 
 
-class StubNode:
-    """What the web app needs of a Node: a real Store in a temp dir, a scripted Router, no mesh."""
+class NoPeers:
+    """A mesh with no peer: what the web app asks of a Mesh (peers, linked peers), answered empty."""
 
-    sse_keepalive = 0.05
+    @staticmethod
+    def peers():
+        return []
+
+    @staticmethod
+    def linked_peers():
+        return []
+
+
+class StubNode:
+    """The web app's collaborators, real and small: a Store in a temp dir, a scripted Router, an
+    EventBus, the room's rules (no teacher), no peers, no model to copy. ``app()`` builds the app
+    from them as a Node does; this object stands for what the owner controls of a node
+    (``health``, ``urls``: this computer only, ``rename``, ``pause_sharing``)."""
+
+    started = 1700000000.0
 
     def __init__(self, tmp_path, router, **settings):
         self.config = neuromesh.Config(data_dir=str(tmp_path), ollama_url=None, **settings)
-        self.node_id = router.node_id
-        self.name = router.node_name
-        self.started_wall = 1700000000.0
-        self.stopping = False
         self.router = router
-        self.store = neuromesh.Store(str(tmp_path / "stub.db"), self.node_id, self.name)
+        self.store = neuromesh.Store(str(tmp_path / "stub.db"), router.node_id, router.node_name)
         self.events = neuromesh.EventBus()
-        self.mesh = types.SimpleNamespace(peers=list)
+        self.room = neuromesh.RoomRules(self.store, None)
+        self.mesh = NoPeers()
+        self.transfers = neuromesh.TransferStats()
+        models = neuromesh.ModelStore([])
+        self.pulls = neuromesh.ModelPulls(router, models, str(tmp_path / "transfers"), self.transfers, None)
+        self.share = neuromesh.ModelShare(models, router, self.config, self.pulls.partials, self.transfers)
+
+    def app(self):
+        """The Bottle app of these collaborators, with a chat room and a Gatekeeper of its own."""
+        chat = neuromesh.ChatService(self.router, self.store, self.host_info, max_queued=self.config.max_queued)
+        return neuromesh.build_app(self.config, self.router, chat, self.store, self.events, self.mesh, self.room,
+                                   self, self.pulls, self.share, self.transfers, self.started)
 
     def health(self):
-        return {"status": "ok", "node_id": self.node_id, "name": self.name}
+        return {"status": "ok", "node_id": self.router.node_id, "name": self.router.node_name}
 
-    def seed_peer_conversations(self):
-        return {}
+    def urls(self):
+        return ["http://127.0.0.1/"], []
+
+    def rename(self, name):
+        self.router.node_name = name
+        return name
+
+    def pause_sharing(self, paused):
+        self.router.pause_sharing(paused)
+        return paused
 
     def host_info(self):
-        return {"hostname": self.name, "ip_address": "", "is_llm_host": self.router.has_local_llm}
+        return {"hostname": self.router.node_name, "ip_address": "", "is_llm_host": self.router.has_local_llm}
 
 
 class WsgiReply:
@@ -904,6 +934,10 @@ class RecordingMesh:
 
     def __init__(self):
         self.sent = []
+        self.handlers = {}  # marker -> handler, as the worker registered it
+
+    def handle(self, marker, handler):
+        self.handlers[marker] = handler
 
     def send(self, peer_id, marker, payload):
         self.sent.append((peer_id, marker, payload))
@@ -913,3 +947,13 @@ class RecordingMesh:
 
     def forward(self, marker, payload, sender, spread, holders=()):
         self.sent.append((None, marker, payload))
+
+
+def drain(inbox):
+    """The events waiting in an EventBus subscriber's inbox, taken out."""
+    events = []
+    while True:
+        try:
+            events.append(inbox.get_nowait())
+        except queue.Empty:
+            return events

@@ -19,10 +19,14 @@ import neuromesh as nm
 
 
 class SimulatedLinks:
-    """What a SyncWorker needs of its Mesh, over a SyncNetwork: send, broadcast, forward, linked_peers."""
+    """What a SyncWorker needs of its Mesh, over a SyncNetwork: handle, send, broadcast, forward, linked_peers."""
 
     def __init__(self, network, node_id):
         self.network, self.node_id = network, node_id
+        self.handlers = {}  # marker -> the worker's handler, as it registers with a Mesh
+
+    def handle(self, marker, handler):
+        self.handlers[marker] = handler
 
     def linked_peers(self):
         return [types.SimpleNamespace(node_id=peer_id) for peer_id in sorted(self.network.links[self.node_id])]
@@ -66,7 +70,6 @@ class SyncNetwork:
         store = nm.Store(str(self.tmp_path / ("%s.db" % label)), key.node_id, label, key)
         worker = nm.SyncWorker(store, SimulatedLinks(self, label), nm.EventBus(), interval=3600)
         worker.requests.gap = worker.requests.repeat_gap = 0.0  # answers at once: time is not simulated here
-        store.on_local_entries = worker.push  # as a Node pushes its own writes
         self.nodes[label] = worker
         self.links[label] = set()
         return worker
@@ -103,11 +106,7 @@ class SyncNetwork:
             self.hops += 1
             batch, self.in_flight = self.in_flight, collections.deque()
             for sender, receiver, marker, payload in batch:
-                peer = types.SimpleNamespace(node_id=sender)
-                if marker == nm.SYNC:
-                    self.nodes[receiver].handle_sync(peer, payload)
-                elif marker == nm.FILE:
-                    self.nodes[receiver].handle_file(peer, payload)
+                self.nodes[receiver].mesh.handlers[marker](types.SimpleNamespace(node_id=sender), payload)
         raise AssertionError("frames still flowing after %d rounds" % max_rounds)
 
     def _run_jobs(self):

@@ -17,11 +17,15 @@ USER = [{"role": "user", "content": "Hi?"}]
 
 @pytest.fixture
 def app(stub_node):
-    return neuromesh.build_app(stub_node)
+    return stub_node.app()
 
 
 def unit_app(node, unit):
-    return unit(node, neuromesh.ChatService(node.router, node.store, node.host_info)).build()
+    """One API unit alone, built from the node's collaborators as build_app builds it."""
+    extra = {neuromesh.PageApi: (node.store, node.events, node.mesh, node.room, node),
+             neuromesh.OllamaApi: (node.pulls,), neuromesh.OpenAIApi: (node.started,)}.get(unit, ())
+    chat = neuromesh.ChatService(node.router, node.store, node.host_info)
+    return unit(node.router, chat, neuromesh.Gatekeeper(node.config), *extra).build()
 
 
 def new_conversation(app, title="Lesson"):
@@ -202,7 +206,7 @@ def test_the_llm_apis_answer_only_loopback_without_lan_api(app, tmp_path):
     assert page.status == 403 and "--guests" in page.json()["error"]
     lan_node = StubNode(tmp_path / "lan", scripted_router(local=[ScriptedBackend()]), lan_api=True)
     try:
-        lan_app = neuromesh.build_app(lan_node)
+        lan_app = lan_node.app()
         assert wsgi_call(lan_app, "GET", "/api/tags", remote="192.168.1.20").status == 200
         assert wsgi_call(lan_app, "GET", "/api/tags", remote="8.8.8.8").status == 403
     finally:

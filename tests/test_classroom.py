@@ -58,7 +58,7 @@ def _long_conversation(store, count):
 def test_ten_thousand_messages_are_sent_in_pages(stub_node):
     from conftest import wsgi_call
     conversation_id = _long_conversation(stub_node.store, 10000)
-    app = neuromesh.build_app(stub_node)
+    app = stub_node.app()
     first = wsgi_call(app, "GET", "/api/conversations/" + conversation_id)
     assert first.status == 200
     body = first.json()
@@ -98,7 +98,7 @@ def test_search_finds_titles_and_message_text(stub_node):
     two = store.create_conversation("Other")
     store.add_message(two["id"], "user", "Why is the sky BLUE at noon?", "Ana")
     hidden = store.create_conversation("Secret blue notes", private=True)
-    app = neuromesh.build_app(stub_node)
+    app = stub_node.app()
     found = _get(app, "/api/search", {"q": "blue"})
     by_id = {record["id"]: record for record in found}
     assert by_id[two["id"]]["match"] == "message" and "sky BLUE" in by_id[two["id"]]["snippet"]
@@ -230,7 +230,7 @@ def test_a_title_match_shows_the_first_words_of_the_conversation(stub_node):
     first = store.create_conversation("What is photosynthesis?")
     store.add_message(first["id"], "user", "Explain photosynthesis with chlorophyll, please.", "Ana")
     empty = store.create_conversation("What is photosynthesis? (2)")
-    found = {r["id"]: r for r in _get(neuromesh.build_app(stub_node), "/api/search", {"q": "photosynth"})}
+    found = {r["id"]: r for r in _get(stub_node.app(), "/api/search", {"q": "photosynth"})}
     assert found[first["id"]]["match"] == "title"
     assert found[first["id"]]["snippet"] == "Explain photosynthesis with chlorophyll, please."
     assert found[empty["id"]]["snippet"] == "What is photosynthesis? (2)"  # nothing asked yet: the title

@@ -91,7 +91,7 @@ def test_one_clients_many_chats_do_not_keep_anothers_waiting(tmp_path):
     next, as on /api/chat: the fair queue is per requester, whichever API it speaks."""
     host = HeldBackend("host", parallel=1)
     node = StubNode(tmp_path, scripted_router(local=[host]), lan_api=True)
-    app = neuromesh.build_app(node)
+    app = node.app()
     replies = {}
 
     def ask(label, path, body, remote):

@@ -292,7 +292,7 @@ def relay_host(tmp_path):
     peer_id = "p" * 32
     router.issued[peer_id] = "peer-token"
     node = StubNode(tmp_path, router)
-    yield node, backend, neuromesh.build_app(node), peer_id
+    yield node, backend, node.app(), peer_id
     backend.open()
     node.store.close()
 
@@ -318,7 +318,7 @@ def test_a_host_past_its_queue_limit_gets_the_chat_moved_to_another(tmp_path):
     host_router = scripted_router(local=[held])
     host_router.issued["r" * 32] = "peer-token"
     host = StubNode(tmp_path, host_router, max_queued=1)
-    server = neuromesh.HTTPServer("127.0.0.1", 0, neuromesh.build_app(host))
+    server = neuromesh.HTTPServer("127.0.0.1", 0, host.app())
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="test-full-host")
     thread.start()
     waiting = Chats(host_router)

@@ -33,8 +33,8 @@ def conversations(app, cookie):
 def test_a_guest_stays_signed_in_across_a_restart_and_the_file_holds_no_token(tmp_path):
     node = stub_node(tmp_path)
     try:
-        cookie = log_in(neuromesh.build_app(node), node)
-        restarted = neuromesh.build_app(node)  # a new app and door on the same data dir: a restart
+        cookie = log_in(node.app(), node)
+        restarted = node.app()  # a new app and door on the same data dir: a restart
         assert conversations(restarted, cookie) == 200
         assert conversations(restarted, {"Cookie": "neuromesh_guest=made-up"}) == 401
         path = os.path.join(str(tmp_path), neuromesh.GUEST_SESSIONS_FILE)
@@ -51,13 +51,13 @@ def test_a_guest_stays_signed_in_across_a_restart_and_the_file_holds_no_token(tm
 def test_changing_the_room_code_or_the_guest_code_signs_every_guest_out(tmp_path):
     node = stub_node(tmp_path)
     try:
-        cookie = log_in(neuromesh.build_app(node), node)
+        cookie = log_in(node.app(), node)
         node.config.mesh_key = "new-room-7"
-        assert conversations(neuromesh.build_app(node), cookie) == 401
-        cookie = log_in(neuromesh.build_app(node), node)
-        assert conversations(neuromesh.build_app(node), cookie) == 200
+        assert conversations(node.app(), cookie) == 401
+        cookie = log_in(node.app(), node)
+        assert conversations(node.app(), cookie) == 200
         os.remove(os.path.join(str(tmp_path), neuromesh.GUEST_CODE_FILE))  # the teacher wants a new guest code
-        assert conversations(neuromesh.build_app(node), cookie) == 401
+        assert conversations(node.app(), cookie) == 401
     finally:
         node.store.close()
 
@@ -83,7 +83,7 @@ def test_expired_and_malformed_sessions_are_dropped(tmp_path):
 def test_guests_get_their_own_code_and_the_api_says_which_code_does_what(tmp_path):
     node = stub_node(tmp_path, mesh_key="plum-tree-77")
     try:
-        app = neuromesh.build_app(node)
+        app = node.app()
         assert wsgi_call(app, "POST", "/api/guest/login", {"code": "plum-tree-77"}, remote=PHONE).status == 403
         log_in(app, node)
         reply = wsgi_call(app, "GET", "/api/guests")

@@ -25,7 +25,7 @@ PHONE = "192.168.1.31"
 
 @pytest.fixture
 def app(open_node):
-    return neuromesh.build_app(open_node)
+    return open_node.app()
 
 
 def call(app, method, path, body=b"", remote="127.0.0.1", **environ_extra):
@@ -54,7 +54,7 @@ def call(app, method, path, body=b"", remote="127.0.0.1", **environ_extra):
 
 
 def test_x_forwarded_for_is_ignored(stub_node):
-    app = neuromesh.build_app(stub_node)
+    app = stub_node.app()
     spoofed = wsgi_call(app, "GET", "/api/tags", remote=OTHER_MACHINE, headers={"X-Forwarded-For": "127.0.0.1"})
     assert spoofed.status == 403
     owner = wsgi_call(app, "GET", "/api/tags", headers={"X-Forwarded-For": "8.8.8.8"})
@@ -62,7 +62,7 @@ def test_x_forwarded_for_is_ignored(stub_node):
 
 
 def test_another_machine_without_flags_is_refused_with_what_to_do(stub_node):
-    app = neuromesh.build_app(stub_node)
+    app = stub_node.app()
     page = wsgi_call(app, "GET", "/api/conversations", remote=OTHER_MACHINE)
     assert page.status == 403 and "--guests" in page.json()["error"]
     assert wsgi_call(app, "GET", "/", remote=OTHER_MACHINE).status == 403
@@ -122,7 +122,7 @@ def test_guest_login_with_wrong_and_right_code(app, open_node):
 
 def test_the_guest_code_is_never_the_mesh_key(open_node):
     open_node.config.mesh_key = "room-42"
-    app = neuromesh.build_app(open_node)
+    app = open_node.app()
     assert wsgi_call(app, "POST", "/api/guest/login", {"code": "room-42"}, remote=PHONE).status == 403
     code = neuromesh.guest_code(open_node.config)
     assert wsgi_call(app, "POST", "/api/guest/login", {"code": code}, remote=PHONE).status == 200
@@ -189,7 +189,7 @@ def test_writes_into_a_peers_conversation_are_refused(app, open_node, tmp_path):
 
 
 def test_lan_api_needs_the_mesh_key_as_bearer_once_one_is_set(open_node):
-    app = neuromesh.build_app(open_node)
+    app = open_node.app()
     assert wsgi_call(app, "GET", "/api/tags", remote=OTHER_MACHINE).status == 200  # no mesh key yet
     assert wsgi_call(app, "GET", "/api/tags", remote="8.8.8.8").status == 403  # not a private network
     open_node.config.mesh_key = "room-42"
@@ -206,7 +206,7 @@ def test_lan_api_needs_the_mesh_key_as_bearer_once_one_is_set(open_node):
 
 
 def test_a_flood_of_chats_gets_429_past_the_rate_while_another_client_is_served(open_node):
-    app = neuromesh.build_app(open_node)
+    app = open_node.app()
     ask = {"model": "m1", "prompt": "hi", "stream": False}
     statuses = []
     for _ in range(1000):
@@ -225,7 +225,7 @@ def test_chats_past_max_queued_get_503_with_retry_after(tmp_path):
     gate = threading.Event()
     node = StubNode(tmp_path, scripted_router(local=[ScriptedBackend("stub-llm", gate=gate)]), max_queued=2)
     try:
-        app = neuromesh.build_app(node)
+        app = node.app()
         ask = {"model": "m1", "prompt": "hi", "stream": False}
         replies = []
         workers = [threading.Thread(target=lambda: replies.append(wsgi_call(app, "POST", "/api/generate", ask)))
@@ -253,7 +253,7 @@ def test_requests_in_progress_are_capped_per_address(tmp_path):
     node = StubNode(tmp_path, scripted_router(local=[ScriptedBackend()]), guests=True,
                     max_requests_per_address=2)
     try:
-        app = neuromesh.build_app(node)
+        app = node.app()
         headers = guest_headers(app, node)
         environ_cookie = {"HTTP_COOKIE": headers["Cookie"]}
         open_streams = []
@@ -322,7 +322,7 @@ def test_fuzz_every_json_route_never_answers_500(fuzz_app, body):
 def fuzz_app(tmp_path_factory):
     node = StubNode(tmp_path_factory.mktemp("fuzz"), scripted_router(local=[ScriptedBackend("stub-llm")]),
                     guests=True, lan_api=True, chat_rate=10 ** 9)
-    app = neuromesh.build_app(node)
+    app = node.app()
     conversation_id = wsgi_call(app, "POST", "/api/conversations", {"title": "fuzz"}).json()["id"]
     yield app, conversation_id
     node.store.close()

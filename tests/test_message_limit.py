@@ -32,7 +32,7 @@ def host(tmp_path_factory):
         router.local[0].refresh()
         router.issued["p" * 32] = "peer-token"
         node = StubNode(tmp_path_factory.mktemp("limit"), router)
-        app = neuromesh.build_app(node)
+        app = node.app()
         conversation = wsgi_call(app, "POST", "/api/conversations", {"title": "limit"}).json()["id"]
         yield app, conversation
         node.store.close()

@@ -34,7 +34,7 @@ def lan_node(tmp_path):
         node = StubNode(tmp_path / str(len(made)), scripted_router(local=[backend]), lan_api=True, mesh_key=code)
         backend.refresh()
         made.append(node)
-        app = neuromesh.build_app(node)
+        app = node.app()
 
         def client(bearer=None):
             transport = httpx.WSGITransport(app=app, remote_addr=LAN_CLIENT)
@@ -63,7 +63,7 @@ def test_another_machine_of_the_lan_is_refused_with_a_403_and_nothing_changes(la
         with pytest.raises(ollama.ResponseError) as refused:
             attempt(client())
         assert refused.value.status_code == 403
-        assert "only its owner may do" in refused.value.error and node.name in refused.value.error
+        assert "only its owner may do" in refused.value.error and node.router.node_name in refused.value.error
     assert [m["model"] for m in fake.tags] == [API_MODEL]
     managed = [path for path, _body in fake.requests if path.startswith(("/api/create", "/api/copy", "/api/delete",
                                                                          "/api/push", "/api/blobs"))]

@@ -25,7 +25,7 @@ def node(tmp_path):
 
 @pytest.fixture
 def app(node):
-    return neuromesh.build_app(node)
+    return node.app()
 
 
 def code_of(app):

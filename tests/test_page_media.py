@@ -81,7 +81,7 @@ def test_thinking_streams_apart_and_is_stored_with_the_answer(served):
 
 def test_a_guest_asks_with_a_picture_too(open_node):
     """A phone of the room (a guest who entered the room code) sends a picture like the owner."""
-    app = neuromesh.build_app(open_node)
+    app = open_node.app()
     headers = guest_headers(app, open_node)
     created = wsgi_call(app, "POST", "/api/conversations", {"title": "photo"}, headers=headers, remote=OTHER_MACHINE)
     conversation = created.json()["id"]

@@ -36,7 +36,7 @@ def fill(store, conversation_id, count, content=TEXT):
 
 @pytest.fixture
 def app(stub_node):
-    return neuromesh.build_app(stub_node)
+    return stub_node.app()
 
 
 @pytest.fixture

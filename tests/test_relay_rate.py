@@ -26,7 +26,7 @@ def relay_host(tmp_path):
         router.issued.update({ROGUE: "rogue-token", HONEST: "honest-token"})
         node = StubNode(tmp_path, router)
         gate = neuromesh.Gatekeeper(node.config, relay_rate=3, relay_node_rate=6)
-        app = neuromesh.RelayApi(node, neuromesh.ChatService(router, node.store, node.host_info), gate).build()
+        app = neuromesh.RelayApi(router, neuromesh.ChatService(router, node.store, node.host_info), gate).build()
         yield app, fake
         node.store.close()
 

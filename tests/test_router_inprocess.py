@@ -195,7 +195,7 @@ def test_the_openai_stream_goes_on_across_a_failover(tmp_path):
     """A client of the OpenAI API sees one stream of chunks: no error, no text twice, usage of both hosts."""
     broken = ScriptedBackend("broken", reply="one two three four", fail="midway", fail_after=2)
     other = ScriptedBackend("other", reply="one two three four", continues=True)
-    app = neuromesh.build_app(StubNode(tmp_path, scripted_router(local=[broken, other])))
+    app = StubNode(tmp_path, scripted_router(local=[broken, other])).app()
     reply = wsgi_call(app, "POST", "/v1/chat/completions", {"model": "m1", "messages": USER, "stream": True,
                                                            "stream_options": {"include_usage": True}})
     chunks = [json.loads(line[6:]) for line in reply.body.decode().splitlines()

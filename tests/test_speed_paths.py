@@ -19,7 +19,7 @@ def relay_host(tmp_path):
     token a peer was granted is "granted-token"."""
     node = StubNode(tmp_path, scripted_router(local=[ScriptedBackend("host-llm")]))
     node.router.issued["laptop"] = "granted-token"
-    server = nm.HTTPServer("127.0.0.1", 0, nm.build_app(node))
+    server = nm.HTTPServer("127.0.0.1", 0, node.app())
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="test-relay-host")
     thread.start()
     try:

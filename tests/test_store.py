@@ -173,7 +173,7 @@ def test_local_writes_are_announced_after_commit():
     def listener(entries):
         # Called outside the lock: reading the store here must not deadlock.
         heard.append([(e["kind"], a.is_shared(e), len(a.list_conversations())) for e in entries])
-    a.on_local_entries = listener
+    a.watch_local(listener)
     c = a.create_conversation("c")
     entry = a.add_message(c["id"], "user", "hi", "alice")
     assert a.message_from_entry(entry) == a.get_conversation(c["id"])["messages"][0]
@@ -183,13 +183,13 @@ def test_local_writes_are_announced_after_commit():
     assert heard == [[("conversation", True, 1)], [("message", True, 1)],
                      [("conversation", True, 1)], [("message", False, 1)],
                      [("message", True, 1), ("conversation", True, 1)]]
-    a.on_local_entries = lambda entries: 1 / 0      # logged, the write still stands
+    a.watch_local(lambda entries: 1 / 0)            # logged, the write still stands
     a.add_message(c["id"], "user", "kept", "alice")
     assert contents(a, c["id"])[-1] == "kept"
     b = store("nodeB")
     b.create_conversation("theirs")
     assert a.apply_entries(b.entries_missing({})[0])
-    assert len(heard) == 5                           # peers' entries are the caller's
+    assert len(heard) == 6                           # the kept write; peers' entries are the caller's
 
 
 # -- idempotence and vectors -------------------------------------------------------

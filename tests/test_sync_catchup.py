@@ -108,7 +108,6 @@ def test_a_gap_question_is_answered_at_once_even_for_entries_just_pushed(tmp_pat
     mesh = RecordingMesh()
     worker = nm.SyncWorker(store, mesh, nm.EventBus(), interval=30.0)  # a repeated vector waits 15 s
     worker.requests.gap = 0.0  # a new one is answered at once: time is not simulated here
-    store.on_local_entries = worker.push  # as a Node pushes its own writes
     reader = types.SimpleNamespace(node_id="r" * 32)
     worker.peer_up(reader)
     conversation = store.create_conversation("lesson")["id"]
