@@ -6645,12 +6645,13 @@ class PeerBackend(Backend):
 
     kind = "peer"
     local = False
-    stall_timeout = None  # seconds of a silent mesh link that mean its host froze (--peer-timeout)
 
-    def __init__(self, peer, grant, dial=None):
+    def __init__(self, peer, grant, dial=None, stall_timeout=None):
+        # stall_timeout: seconds of a silent mesh link that mean its host froze (--peer-timeout)
         Backend.__init__(self, "http://%s:%d" % (grant["llm_host"], grant["llm_port"]), peer.node_id, peer.name,
                          parallel=max(1, (getattr(peer, "load", None) or {}).get("parallel", 1)))  # the host queues
         self.token = grant["token"]
+        self.stall_timeout = stall_timeout
         self.peer = peer  # its models are peer.models, kept current by LLMC:
         self.available = True
         self.connections = RelayConnections(self.url, self.connect_timeout, self.read_timeout, dial)
@@ -7866,8 +7867,7 @@ class Router:
         if host in ("0.0.0.0", "") or not is_private_address(host):
             host = peer.address  # its view of itself is useless from here: use where we reach it
         backend = PeerBackend(peer, {"llm_host": host, "llm_port": port, "token": token},
-                              functools.partial(self.mesh.dial_relay, peer.node_id))
-        backend.stall_timeout = self.config.peer_timeout
+                              functools.partial(self.mesh.dial_relay, peer.node_id), self.config.peer_timeout)
         with self.lock:
             self.grants[peer.node_id] = backend
         log.info("%s shares its LLM (%s)", safe_text(peer.name), ", ".join(peer.models) or "no models yet")
@@ -11472,12 +11472,16 @@ class RelayApi(HttpApi):
         return [("POST", RELAY_PATH, self.post_chat), ("POST", RELAY_FORWARD_PATH, self.post_forward)]
 
     def _check_token(self):
-        """The node id the token was given to; 401 for no valid token, or one given to another
-        node than the relay connection's (RelayServer: who asks comes from the connection)."""
+        """The node id the token was given to. 403 for a request that did not come on a relay
+        connection (the HTTP port: plain text on the LAN); 401 for no valid token, or one given
+        to another node than the relay connection's (RelayServer: who asks comes from it)."""
+        connected = bottle.request.environ.get(RelayServer.PEER_KEY)
+        if connected is None:
+            raise HTTPFailure(403, "%s's relay answers peers only on their TLS connection to its mesh port, "
+                                   "never over plain HTTP" % self.router.node_name)
         header = bottle.request.headers.get("Authorization", "")
         holder = self.router.token_holder(header[7:] if header.startswith("Bearer ") else "")
-        connected = bottle.request.environ.get(RelayServer.PEER_KEY)
-        if holder is None or (connected is not None and holder != connected):
+        if holder is None or holder != connected:
             raise HTTPFailure(401, "no valid LLM access token: ask for access over the mesh link (LREQ:)")
         return holder
 

@@ -7,6 +7,7 @@ Network safety: every node started here binds 127.0.0.1 and broadcasts only to
 import contextlib
 import datetime
 import hashlib
+import http.client
 import json
 import os
 import re
@@ -497,9 +498,10 @@ class WsgiReply:
         return [json.loads(line) for line in self.text.splitlines() if line.strip()]
 
 
-def wsgi_call(app, method, path, body=None, headers=None, remote="127.0.0.1"):
-    """Calls the WSGI ``app`` once, as a client at ``remote`` would, and reads the whole reply."""
-    environ = {}
+def wsgi_call(app, method, path, body=None, headers=None, remote="127.0.0.1", environ=None):
+    """Calls the WSGI ``app`` once, as a client at ``remote`` would, and reads the whole reply.
+    ``environ`` adds to the request's environ (a relay connection's peer, for one)."""
+    environ = dict(environ or {})
     setup_testing_defaults(environ)
     raw = body if isinstance(body, bytes) else (b"" if body is None else json.dumps(body).encode("utf-8"))
     environ.update({"REQUEST_METHOD": method, "PATH_INFO": path, "REMOTE_ADDR": remote,
@@ -674,6 +676,7 @@ class LinkedPeer:
         # key's claims another node's id, which the node must refuse.
         self.key = key or neuromesh.NodeKey.generate()
         self.node_id = node_id or self.key.node_id
+        self.node, self.room_key = node, room_key or neuromesh.OPEN_ROOM_KEY
         self.link = RawPeer(node.tcp_port, room_key)
         self.received = [(neuromesh.HELLO, self.link.prove())]
         payload = {"node_id": self.node_id, "name": name, "tcp_port": 1, "http_port": 0,
@@ -702,6 +705,21 @@ class LinkedPeer:
 
     def closed_by_node(self, timeout=5.0):
         return self.link.closed_by_node(timeout)
+
+    def relay_request(self, method, path, headers=None):
+        """One request on a relay connection of this peer's own, as a peer's relay client sends it
+        (TLS to the node's mesh port, proven with this peer's key): ``(status, headers, body)``."""
+        identity = types.SimpleNamespace(client=tls_client_context())
+        sock = neuromesh.dial_relay(identity, self.room_key, self.key, ("127.0.0.1", self.node.tcp_port),
+                                    self.node.node_id, 5.0)
+        connection = http.client.HTTPConnection("neuromesh-relay", timeout=5.0)
+        connection.sock = sock
+        try:
+            connection.request(method, path, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            connection.close()
 
     def close(self):
         self.link.close()

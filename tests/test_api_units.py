@@ -253,10 +253,19 @@ def test_openai_errors_have_the_openai_shape(app):
 
 def test_the_relay_refuses_a_bad_token(app, stub_node):
     stub_node.router.issued["peer"] = "the-right-token"
+    on_relay = {neuromesh.RelayServer.PEER_KEY: "peer"}  # the TLS relay connection of the peer "peer"
     for header in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "the-right-token"}):
-        reply = wsgi_call(app, "POST", neuromesh.RELAY_PATH, {"model": "m1", "messages": USER}, headers=header)
+        reply = wsgi_call(app, "POST", neuromesh.RELAY_PATH, {"model": "m1", "messages": USER}, headers=header,
+                          environ=on_relay)
         assert reply.status == 401
         assert reply.json() == {"error": "no valid LLM access token: ask for access over the mesh link (LREQ:)"}
+    on_another = {neuromesh.RelayServer.PEER_KEY: "another-peer"}  # the right token, on another's connection
+    reply = wsgi_call(app, "POST", neuromesh.RELAY_PATH, {"model": "m1", "messages": USER},
+                      headers={"Authorization": "Bearer the-right-token"}, environ=on_another)
+    assert reply.status == 401
+    plain = wsgi_call(app, "POST", neuromesh.RELAY_PATH, {"model": "m1", "messages": USER},
+                      headers={"Authorization": "Bearer the-right-token"})  # the HTTP port
+    assert plain.status == 403 and "never over plain HTTP" in plain.json()["error"]
 
 
 def test_the_relay_answers_a_granted_peer_with_this_nodes_llm_only(tmp_path):
@@ -265,11 +274,13 @@ def test_the_relay_answers_a_granted_peer_with_this_nodes_llm_only(tmp_path):
     node.router.issued["peer"] = "the-right-token"
     try:
         app = unit_app(node, neuromesh.RelayApi)
-        auth = {"Authorization": "Bearer the-right-token"}
-        lines = wsgi_call(app, "POST", neuromesh.RELAY_PATH, {"model": "m1", "messages": USER}, headers=auth).lines()
+        auth, on_relay = {"Authorization": "Bearer the-right-token"}, {neuromesh.RelayServer.PEER_KEY: "peer"}
+        lines = wsgi_call(app, "POST", neuromesh.RELAY_PATH, {"model": "m1", "messages": USER}, headers=auth,
+                          environ=on_relay).lines()
         assert "".join(line["message"]["content"] for line in lines[:-1]) == "Hello from the fake"
         assert lines[-1]["done"] is True
-        refused = wsgi_call(app, "POST", neuromesh.RELAY_PATH, {"model": "m2", "messages": USER}, headers=auth)
+        refused = wsgi_call(app, "POST", neuromesh.RELAY_PATH, {"model": "m2", "messages": USER}, headers=auth,
+                            environ=on_relay)
         assert refused.lines()[0]["status"] == 404 and peer.asked == []
     finally:
         node.store.close()

@@ -233,11 +233,11 @@ def test_a_node_outside_the_room_gets_nothing(cluster, fakes, tmp_path):
     assert source.node_id not in stranger.connected_ids()
     assert not stranger_llm.blobs and not stranger_llm.created
 
-    # a stranger on the LAN asking the relay itself, with no token or a made-up one
+    # a stranger on the LAN asking the relay itself on the HTTP port, with no token or a made-up one
     for headers in ({}, {"Authorization": "Bearer made-up-token"}):
         for path in ("/relay/models", "/relay/blobs/%s" % digest, "/relay/blobs/%s/chunks" % digest):
             reply = requests.get(source.url + path, headers=headers, timeout=5)
-            assert reply.status_code == 401 and digest not in reply.text
+            assert reply.status_code == 403 and digest not in reply.text
     assert metric(source, "neuromesh_model_served_bytes_total") == 0
 
 
@@ -384,16 +384,19 @@ def test_an_insider_with_a_relay_token_reads_only_shared_blobs_and_only_in_them(
     token = [payload for marker, payload in insider.frames() if marker == nm.LLM_RESPONSE][-1]["token"]
     auth = {"Authorization": "Bearer " + token}
 
-    catalog = requests.get(source.url + "/relay/models", headers=auth, timeout=5).json()
-    assert set(catalog["models"]) == {MODEL} and secret not in catalog["blobs"]
-    part = requests.get(source.url + "/relay/blobs/" + shared, headers=dict(auth, Range="bytes=10-19"), timeout=5)
+    status, _headers, body = insider.relay_request("GET", "/relay/models", auth)
+    catalog = json.loads(body)
+    assert status == 200 and set(catalog["models"]) == {MODEL} and secret not in catalog["blobs"]
+    status, _headers, part = insider.relay_request("GET", "/relay/blobs/" + shared, dict(auth, Range="bytes=10-19"))
     with open(os.path.join(str(tmp_path / "store-a"), "blobs", "sha256-" + shared), "rb") as handle:
-        assert part.status_code == 206 and part.content == handle.read()[10:20]
-    for path, status in (("/relay/blobs/" + secret, 404), ("/relay/blobs/sha256:" + secret + "/chunks", 404),
-                         ("/relay/blobs/..%2F..%2F..%2Fetc%2Fpasswd", (400, 404)),
-                         ("/relay/blobs/" + "0" * 64, 404)):
-        reply = requests.get(source.url + path, headers=auth, timeout=5)
-        assert reply.status_code in (status if isinstance(status, tuple) else (status,)), (path, reply.status_code)
-    beyond = requests.get(source.url + "/relay/blobs/" + shared, headers=dict(auth, Range="bytes=99999999-"), timeout=5)
-    assert beyond.status_code == 416
+        assert status == 206 and part == handle.read()[10:20]
+    for path, expected in (("/relay/blobs/" + secret, 404), ("/relay/blobs/sha256:" + secret + "/chunks", 404),
+                           ("/relay/blobs/..%2F..%2F..%2Fetc%2Fpasswd", (400, 404)),
+                           ("/relay/blobs/" + "0" * 64, 404)):
+        status, _headers, _body = insider.relay_request("GET", path, auth)
+        assert status in (expected if isinstance(expected, tuple) else (expected,)), (path, status)
+    status, _headers, _body = insider.relay_request("GET", "/relay/blobs/" + shared, dict(auth, Range="bytes=99999999-"))
+    assert status == 416
+    # the same token on the HTTP port (plain text on the LAN) reads nothing
+    assert requests.get(source.url + "/relay/models", headers=auth, timeout=5).status_code == 403
     assert metric(source, "neuromesh_model_served_bytes_total") == 10

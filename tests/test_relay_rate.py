@@ -40,7 +40,9 @@ def relay(app, door, token, tag):
         path = neuromesh.RELAY_FORWARD_PATH
         body = {"path": "/api/chat", "requester": tag,
                 "body": {"model": MODEL, "messages": messages, "stream": False}}
-    return wsgi_call(app, "POST", path, body, headers={"Authorization": "Bearer " + token}, remote=OTHER_MACHINE)
+    peer = {"rogue-token": ROGUE, "honest-token": HONEST}[token]  # RelayServer: the TLS connection's peer
+    return wsgi_call(app, "POST", path, body, headers={"Authorization": "Bearer " + token}, remote=OTHER_MACHINE,
+                     environ={neuromesh.RelayServer.PEER_KEY: peer})
 
 
 def answered(reply):
@@ -77,3 +79,14 @@ def test_the_default_limits_are_the_clients_rate_and_a_class_of_it_per_node():
     gate = neuromesh.Gatekeeper(neuromesh.Config())
     assert gate.relay_rate.limit == neuromesh.Config().chat_rate == 100
     assert gate.relay_node_rate.limit == 3200  # 30 guests, the teacher and one spare at 100 a minute
+
+
+def test_a_valid_token_on_the_http_port_is_refused_at_both_doors(relay_host):
+    """An insider holding a real relay token sends to the HTTP port (plain text on the LAN), not
+    on a TLS relay connection: refused before the token is looked at, and no LLM is asked."""
+    app, fake = relay_host
+    for path in (neuromesh.RELAY_PATH, neuromesh.RELAY_FORWARD_PATH):
+        reply = wsgi_call(app, "POST", path, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+                          headers={"Authorization": "Bearer honest-token"}, remote=OTHER_MACHINE)
+        assert reply.status == 403 and "never over plain HTTP" in reply.json()["error"], (path, reply.status)
+    assert fake.requests_to("/api/chat") == []

@@ -222,8 +222,7 @@ def test_a_relay_whose_peer_link_falls_silent_is_continued_elsewhere():
             peer = types.SimpleNamespace(node_id="f" * 32, name="frozen", models=["m1"], connected=True,
                                          has_llm=True, load={}, rtt_ms=1, address="127.0.0.1", link=link)
             frozen = neuromesh.PeerBackend(peer, {"llm_host": "127.0.0.1", "llm_port": server.server_port,
-                                                  "token": "t"})
-            frozen.stall_timeout = 0.5
+                                                  "token": "t"}, stall_timeout=0.5)
             other = ScriptedPeerBackend("other", reply="one two three", continues=True)
             router = scripted_router(peers=[frozen, other])  # equally idle: the first granted goes first
             asked_at = time.monotonic()
