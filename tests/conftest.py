@@ -498,6 +498,15 @@ class WsgiReply:
         return [json.loads(line) for line in self.text.splitlines() if line.strip()]
 
 
+def as_relay_peer(app, peer_id):
+    """``app`` as RelayServer serves it to the peer ``peer_id`` on its TLS relay connection: for
+    in-process tests of what the relay does (the connection itself: RelayServer, dial_relay)."""
+    def on_relay_connection(environ, start_response):
+        environ[neuromesh.RelayServer.PEER_KEY] = peer_id
+        return app(environ, start_response)
+    return on_relay_connection
+
+
 def wsgi_call(app, method, path, body=None, headers=None, remote="127.0.0.1", environ=None):
     """Calls the WSGI ``app`` once, as a client at ``remote`` would, and reads the whole reply.
     ``environ`` adds to the request's environ (a relay connection's peer, for one)."""

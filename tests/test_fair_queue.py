@@ -12,7 +12,8 @@ import requests
 from hypothesis import given, settings, strategies as st
 
 import neuromesh
-from conftest import ScriptedBackend, ScriptedPeerBackend, StubNode, fully_linked, scripted_router, wait_for, wsgi_call
+from conftest import (ScriptedBackend, ScriptedPeerBackend, StubNode, as_relay_peer, fully_linked, scripted_router,
+                      wait_for, wsgi_call)
 from fake_ollama import FakeOllama
 
 prometheus_parser = pytest.importorskip("prometheus_client.parser")
@@ -292,7 +293,7 @@ def relay_host(tmp_path):
     peer_id = "p" * 32
     router.issued[peer_id] = "peer-token"
     node = StubNode(tmp_path, router)
-    yield node, backend, node.app(), peer_id
+    yield node, backend, as_relay_peer(node.app(), peer_id), peer_id
     backend.open()
     node.store.close()
 
@@ -318,7 +319,7 @@ def test_a_host_past_its_queue_limit_gets_the_chat_moved_to_another(tmp_path):
     host_router = scripted_router(local=[held])
     host_router.issued["r" * 32] = "peer-token"
     host = StubNode(tmp_path, host_router, max_queued=1)
-    server = neuromesh.HTTPServer("127.0.0.1", 0, host.app())
+    server = neuromesh.HTTPServer("127.0.0.1", 0, as_relay_peer(host.app(), "r" * 32))
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="test-full-host")
     thread.start()
     waiting = Chats(host_router)

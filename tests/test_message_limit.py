@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import neuromesh
-from conftest import OTHER_MACHINE, StubNode, scripted_router, wsgi_call
+from conftest import OTHER_MACHINE, StubNode, as_relay_peer, scripted_router, wsgi_call
 from fake_ollama import FakeOllama
 
 MODEL = "m1"
@@ -32,7 +32,7 @@ def host(tmp_path_factory):
         router.local[0].refresh()
         router.issued["p" * 32] = "peer-token"
         node = StubNode(tmp_path_factory.mktemp("limit"), router)
-        app = node.app()
+        app = as_relay_peer(node.app(), "p" * 32)  # the relay's doors as the peer's relay connection asks
         conversation = wsgi_call(app, "POST", "/api/conversations", {"title": "limit"}).json()["id"]
         yield app, conversation
         node.store.close()

@@ -7,7 +7,7 @@ import types
 import pytest
 
 import neuromesh as nm
-from conftest import KEYS, ScriptedBackend, StubNode, scripted_router, wait_for
+from conftest import KEYS, ScriptedBackend, StubNode, as_relay_peer, scripted_router, wait_for
 from test_mesh_inprocess import RecordingListener, RunningMesh
 
 USER = [{"role": "user", "content": "Hi?"}]
@@ -19,7 +19,7 @@ def relay_host(tmp_path):
     token a peer was granted is "granted-token"."""
     node = StubNode(tmp_path, scripted_router(local=[ScriptedBackend("host-llm")]))
     node.router.issued["laptop"] = "granted-token"
-    server = nm.HTTPServer("127.0.0.1", 0, node.app())
+    server = nm.HTTPServer("127.0.0.1", 0, as_relay_peer(node.app(), "laptop"))  # as if on its relay connection
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="test-relay-host")
     thread.start()
     try:
