@@ -3,7 +3,7 @@
 import { regenerate, sendMessage, updateComposer } from "./composer.js";
 import { plainTitle, renderConversationList } from "./conversations.js";
 import { $, api, copyWithFeedback, debounce, formatClock, h, icon, ui } from "./dom.js";
-import { myId, state, update } from "./state.js";
+import { myId, prependMessages, state, update } from "./state.js";
 import { closeSidebar } from "./views.js";
 
 export function openConversation(id) {
@@ -73,8 +73,7 @@ export async function loadOlder() {
   }
   update({ loadingOlder: false });
   if (state.current !== c) return;
-  c.messages = page.messages.concat(c.messages);
-  c.has_more = page.has_more;
+  prependMessages(page);
   const before = ui.chatScroll.scrollHeight - ui.chatScroll.scrollTop;
   const first = ui.messages.querySelector(".message");
   for (const message of page.messages) ui.messages.insertBefore(messageView(message), first);

@@ -69,6 +69,13 @@ export function setCurrentPrivate(id, value) {
   notify("current");
 }
 
+/** An older page of the open conversation, put before the messages it shows. */
+export function prependMessages(page) {
+  data.current.messages = page.messages.concat(data.current.messages);
+  data.current.has_more = page.has_more;
+  notify("current");
+}
+
 /** A machine group of the sidebar opened or closed by the person. */
 export function setCollapsed(key, collapsed) {
   if (collapsed) data.collapsed.add(key);
