@@ -111,7 +111,7 @@ def test_a_synced_entry_over_the_limit_is_refused_and_one_at_it_is_kept():
 
 
 def test_the_page_counts_and_limits_bytes_with_the_same_number():
-    with open(os.path.join(neuromesh.STATIC_DIR, "app.js"), encoding="utf-8") as handle:
+    with open(os.path.join(neuromesh.STATIC_DIR, "composer.js"), encoding="utf-8") as handle:
         script = handle.read()
     with open(os.path.join(neuromesh.STATIC_DIR, "index.html"), encoding="utf-8") as handle:
         page = handle.read()
