@@ -3164,7 +3164,7 @@ class Store(StorePages):
         return self._db.write(lambda: (self._db.execute(self._GUEST_TABLE), dict(self._db.execute(
             "SELECT conversation_id, guest_id FROM guest_conversations").fetchall()))[1])
 
-    # -- the room's control records (issue 24) ------------------------------------------
+    # -- the room's control records ---------------------------------------------------
     # A control record is a message, its JSON as its content, in a deleted conversation bound to
     # its writer: only fields every earlier version knows (their hashes cover clean data), so
     # they store and forward it, signed and chained like every entry, and never show it.
@@ -3853,7 +3853,7 @@ class Peer:
     version: str = ""
     protocol_version: int = 0
     has_llm: bool = False
-    shares_models: bool = False  # it serves the models of its Ollama store to the room (issue 26)
+    shares_models: bool = False  # it serves the models of its Ollama store to the room
     models: list = dataclasses.field(default_factory=list)
     load: dict = dataclasses.field(default_factory=dict)
     loaded: list = dataclasses.field(default_factory=list)  # its models in memory
@@ -6031,8 +6031,8 @@ class Backend:
                 if first and event["type"] == "token":
                     first = False
                     latency = time.monotonic() - started
-                    self.recent_latency = latency if self.recent_latency is None else \
-                        0.7 * self.recent_latency + 0.3 * latency
+                    self.recent_latency = (latency if self.recent_latency is None else
+                                           0.7 * self.recent_latency + 0.3 * latency)
                 if event["type"] == "done":
                     self._measured(model, event)
                 yield event
@@ -6694,7 +6694,9 @@ class PeerBackend(Backend):
         return Upstream(response.status, content_type, chunks(), relay.close, relay)
 
 
-# -- any request kind, passed on as it is (issue 13) ----------------------------------
+###############################################################################
+# Any request kind, passed on as it is ########################################
+###############################################################################
 #
 # Chats of the page go through Router.chat as events. Every other request of the Ollama
 # API (show, embed, chats with tools or formats, raw generates) is passed on in Ollama's
@@ -6803,8 +6805,8 @@ def post_upstream(backend, path, body, headers=None):
     if response.status_code == 404 or response.status_code >= 500 or response.status_code == 401:
         text = _http_error_text(response)
         response.close()
-        what = "does not have that model" if response.status_code == 404 else "answered HTTP %d" % \
-            response.status_code
+        what = ("does not have that model" if response.status_code == 404
+                else "answered HTTP %d" % response.status_code)
         raise _UpstreamRefused("%s %s: %s" % (backend.node_name, what, text), status=response.status_code)
     return Upstream.of_response(response)
 
@@ -6992,7 +6994,7 @@ class MeshCalls:
         body.pop("name", None)
         governed = path in GENERATION_PATHS and not router.policy.is_owner(requester)
         if path in GENERATION_PATHS and (governed or model not in router.local_models()):  # its own LLM is the owner's
-            router.room.admit(router.policy.requester(requester), model)  # the teacher's rules (issue 24)
+            router.room.admit(router.policy.requester(requester), model)  # the teacher's rules
         failures = []
         for backend in router.candidates(model, local_only, requester):
             try:
@@ -7387,8 +7389,8 @@ class RoomRules:
         if not isinstance(shown, dict) or shown.get("teacher") != self.teacher_id or not self.teacher_id:
             return set()
         ids = shown.get("conversations")
-        return {cid for cid in ids[:1000] if isinstance(cid, str) and bound_owner(cid) == origin} \
-            if isinstance(ids, list) else set()
+        return ({cid for cid in ids[:1000] if isinstance(cid, str) and bound_owner(cid) == origin}
+                if isinstance(ids, list) else set())
 
     _OWN_FIELDS = ("shown_to_teacher", "guest_chats", "guests_cleared")
 
@@ -7488,8 +7490,8 @@ class Placement:
 
     def rounds(self, backend, requester):
         """Answers' time before a chat of ``requester`` starts on ``backend`` (0: at once)."""
-        turn = self.router.policy.turn(requester, backend, asking=False) if backend.local else \
-            Turn(self.router.policy.requester(requester), 1.0, False, False, None)
+        turn = (self.router.policy.turn(requester, backend, asking=False) if backend.local
+                else Turn(self.router.policy.requester(requester), 1.0, False, False, None))
         rounds = backend.slots.rounds_before(turn) + self.router.pending[backend] / float(backend.slots.limit)
         if not backend.local:
             rounds += self._host_rounds(backend, turn.requester)
@@ -7968,7 +7970,7 @@ def llm_host_count(mesh_models):
 # Model transfer ##############################################################
 ###############################################################################
 #
-# A model travels across the room (issue 26), with no internet. A node with a local Ollama
+# A model travels across the room, with no internet. A node with a local Ollama
 # reads Ollama's store read-only (ModelStore: the manifests and the content-addressed blobs
 # ``sha256-<hex>``) and serves the models it shares on its relay (ModelRelayApi, with the relay
 # token each peer got over the link). A pull (the CLI's ``pull``, the page's button and Ollama's
@@ -9592,7 +9594,9 @@ class ErrorReplies:
         return self.reply(500, "internal error: %s" % (error.exception or error.body))
 
 
-# -- who is asking: the access model of issue 9 --------------------------------------------
+###############################################################################
+# Who is asking: the access model #############################################
+###############################################################################
 #
 # The client is the socket's peer address (REMOTE_ADDR from the server), never a header.
 # Loopback is the owner of this computer and may do everything. Another machine gets the
@@ -9725,8 +9729,8 @@ class GuestDoor:
             now = time.time()
             if isinstance(saved, dict) and saved.get("room") == self._fingerprint():
                 for item in saved.get("sessions") if isinstance(saved.get("sessions"), list) else []:
-                    if isinstance(item, list) and len(item) == 3 and all(isinstance(x, str) for x in item[:2]) \
-                            and isinstance(item[2], (int, float)) and item[2] > now:
+                    if (isinstance(item, list) and len(item) == 3 and all(isinstance(x, str) for x in item[:2])
+                            and isinstance(item[2], (int, float)) and item[2] > now):
                         self._sessions[item[0]] = (item[1], float(item[2]))
             while len(self._sessions) > self.max_sessions:
                 self._sessions.popitem(last=False)
@@ -9845,13 +9849,13 @@ class Gatekeeper:
     def _check_same_site(request, kind):
         origin = request.headers.get("Origin")
         host = request.headers.get("Host") or ""
-        if origin is not None and origin.lower() not in ("http://" + host.lower(), "https://" + host.lower()) \
-                or request.headers.get("Sec-Fetch-Site") == "cross-site":
+        if (origin is not None and origin.lower() not in ("http://" + host.lower(), "https://" + host.lower())
+                or request.headers.get("Sec-Fetch-Site") == "cross-site"):
             raise HTTPFailure(403, "cross-site request refused: only this node's own page may change things here")
         ctype = (request.environ.get("CONTENT_TYPE") or "").split(";")[0].strip().lower()
         refused = ("text/plain", "multipart/form-data") if kind == "llm" else None
-        if request.method in ("POST", "PATCH", "PUT") and (request.environ.get("CONTENT_LENGTH") or "0") != "0" \
-                and (ctype in refused if refused else ctype != "application/json"):
+        if (request.method in ("POST", "PATCH", "PUT") and (request.environ.get("CONTENT_LENGTH") or "0") != "0"
+                and (ctype in refused if refused else ctype != "application/json")):
             raise HTTPFailure(415, "send the request body as JSON (Content-Type: application/json)")
 
     def _lan_client(self, request, address):
@@ -10031,7 +10035,7 @@ class PageApi(HttpApi):
     # -- conversations -------------------------------------------------------------
 
     def _teacher_may_read(self, record):
-        """On the teacher's computer only its own chats and those a student shows it (issue 24)."""
+        """On the teacher's computer only its own chats and those a student shows it."""
         if getattr(self.node, "teacher_key", None) is None:  # a stand-in node of the tests has none
             return True
         return record["own"] or record["id"] in self.node.room.shared()
@@ -10805,7 +10809,9 @@ class OpenAIShapes:
         yield "data: [DONE]\n\n"
 
 
-# -- issue 25: Anthropic's Messages API and OpenAI's Responses API, as Ollama chats -----------
+###############################################################################
+# Anthropic's Messages and OpenAI's Responses APIs ############################
+###############################################################################
 
 
 class OllamaChats:
@@ -11444,7 +11450,9 @@ class RelayApi(HttpApi):
         return {"error": event["error"], "status": event["status"]}
 
 
-# -- the teacher's room (issue 24) ----------------------------------------------------------
+###############################################################################
+# The teacher's room ##########################################################
+###############################################################################
 
 
 ROOM_FILE = "room.json"  # inside a room's .pyz: its room code and teacher
@@ -11639,7 +11647,7 @@ class RoomApi(HttpApi):
 
 
 class ModelRelayApi(RelayApi):
-    """Model transfer on the relay (issue 26): peers holding this node's relay token read what it
+    """Model transfer on the relay: peers holding this node's relay token read what it
     shares (``/relay/models``), a blob's chunk list, and a blob's bytes by range. Read only."""
 
     def routes(self):
@@ -11796,7 +11804,9 @@ class RelayServer:
         return True
 
 
-# -- queues on view: /api/health's "queues" and /metrics (issue 15) ----------------------
+###############################################################################
+# Queues on view: health and metrics ##########################################
+###############################################################################
 
 
 class QueueReport:
@@ -12956,8 +12966,8 @@ class Doctor:
                      "on %s, open the firewall: %s firewall" % (label, RUN))
             return
         self.met[hello["node_id"]] = (ip, hello)
-        what = "has the LLM (%s)" % ", ".join(hello.get("models") or ["no model"]) if hello.get("has_llm") \
-            else "no LLM"
+        what = ("has the LLM (%s)" % ", ".join(hello.get("models") or ["no model"]) if hello.get("has_llm")
+                else "no LLM")
         self.add("ok", "peer %s heard, and TCP %d reaches it: %s; %s"
                  % (self.label(node_id, ip, hello), port, "it proved the room code" if self.config.mesh_key
                     else "it linked", safe_text(what, 200)))
