@@ -3981,6 +3981,20 @@ class PeerTable(dict):
             if not peer.connected and peer.last_seen < now - ttl:
                 del self[node_id]
 
+    def outdated(self, link):
+        """``link`` speaks an earlier protocol: say so once, naming its peer; mark the peer outdated."""
+        node_id = link.target.node_id if link.target is not None else None
+        if node_id is None:
+            node_id = next((peer.node_id for peer in self.values() if peer.address == link.address[0]
+                            and (peer.tcp_port == link.address[1] or not link.outbound)), None)
+        peer = self.get(node_id) if node_id else None
+        if peer is not None and (not peer.protocol_version or peer.protocol_version >= PROTOCOL_VERSION):
+            peer.protocol_version = PROTOCOL_VERSION - 1
+        where = "%s:%s" % (link.address[0], link.address[1]) if link.outbound else link.address[0]
+        name = "%s (%s)" % (safe_text(peer.name), where) if peer is not None and peer.name else where
+        _VERSION_NOTICES.log(logging.WARNING, ("outdated", where), "refusing the link with %s: it runs an older "
+                             "NeuroMesh: upgrade it (this computer runs %s)", name, __version__)
+
 
 def peer_address_allowed(address, allow_public=False):
     """True when ``address`` is an IP literal (never a name: no DNS lookup on the mesh thread)
@@ -4672,9 +4686,218 @@ class MeshListener:
         stream.close()
 
 
+class Heartbeats:
+    """Keeps a mesh's links honest, on the mesh thread: pings quiet links, closes those silent
+    past --peer-timeout (or stuck dialing, or with no handshake), times round trips from PONGs
+    and forgets peers down too long. ``beat(now)`` runs when ``next_due`` has come."""
+
+    connect_timeout = 5.0
+    handshake_timeout = 10.0
+    forget_after = 600.0  # seconds a down peer stays listed
+
+    def __init__(self, node_id, config, io, peer_table, listener):
+        self.node_id = node_id
+        self.config = config
+        self.io = io
+        self.peer_table = peer_table
+        self.listener = listener
+        self.interval = max(0.05, config.peer_timeout / 3.0)
+        self.next_due = 0.0
+
+    def beat(self, now):
+        self.next_due = now + self.interval
+        for link in list(self.io.links):
+            if link.connecting:
+                if now - link.opened > self.connect_timeout:
+                    self.io.close(link, "connect timed out")
+            elif link.peer_id is None:
+                if now - link.opened > self.handshake_timeout:
+                    self.io.close(link, "no handshake")
+            elif now - link.last_received > self.config.peer_timeout:
+                self.io.close(link, "silent for %.1f s (--peer-timeout)" % (now - link.last_received))
+            elif self.node_id < link.peer_id or now - link.last_received > 1.5 * self.interval:
+                # One end pings (its PONG shows the other alive): half the idle frames of both pinging.
+                self.io.queue(link, encode_frame(PING, {"t": now}))
+        self.peer_table.expire(max(self.config.peer_timeout, 2 * self.config.announce_interval),
+                               max(self.forget_after, 5 * self.config.peer_timeout))
+        self.io.expire_closing(now)
+
+    def ping(self, link, payload):
+        self.io.queue(link, encode_frame(PONG, {"t": payload.get("t")}))
+
+    def pong(self, peer, payload):
+        sent = payload.get("t")
+        if isinstance(sent, (int, float)) and not isinstance(sent, bool):
+            first = peer.rtt_ms is None
+            peer.rtt_ms = max(0.0, (time.monotonic() - sent) * 1000.0)
+            if first:
+                self.listener.peer_measured(peer)
+
+
+class Dialer:
+    """Decides whom a mesh dials and when, on the mesh thread: the targets due (DialPlan), the
+    link budget (LinkPolicy), names looked up off the thread (NameResolver), announcements
+    heard; and past --max-links, which links to close. ``check(now)`` runs when ``next_check``
+    has come; ``soon(moment)`` brings it forward."""
+
+    dial_check_interval = 0.1  # seconds between a node's announcement and the dial check it triggers
+
+    def __init__(self, node_id, config, io, peer_table, dials, resolver, listener, counters, poll_interval):
+        self.node_id = node_id
+        self.config = config
+        self.io = io
+        self.peer_table = peer_table
+        self.dials = dials
+        self.resolver = resolver
+        self.listener = listener
+        self.counters = counters
+        self.poll_interval = poll_interval
+        self.link_policy = LinkPolicy(config.max_links)
+        self.next_check = 0.0
+
+    def soon(self, moment):
+        """Check the dial targets no later than ``moment`` (a backoff ends, a node spoke)."""
+        self.next_check = min(self.next_check, moment)
+
+    def check(self, now):
+        self.next_check = now + self.poll_interval  # sooner when told (soon)
+        self.dial_due(now)
+
+    def dial_due(self, now):
+        busy = {link.target for link in self.io.links if link.target is not None}
+        linked = {node_id for node_id, peer in self.peer_table.items() if peer.connected}
+        ready = self.dials.due(now, busy, linked)
+        if not ready:
+            return
+        known = len((self.dials.known_ids() | linked) - {self.node_id})
+        choices = self.link_policy.dial_choices([(target, self._is_llm_host(target.node_id)) for target in ready],
+                                                known, self._outbound_links())
+        for target in choices:
+            if not self._address_known(target, now):
+                continue
+            if not self.dials.bucket.take(now):  # one PEER: frame must not start hundreds of dials
+                break
+            try:
+                self.io.dial(target)
+            except (OSError, ValueError) as exc:  # bad address, no route, refused at once
+                self.dials.failed(target, exc)
+                self.soon(target.next_dial)
+            target.ip = None  # a name is looked up again for its next dial
+
+    def _address_known(self, target, now):
+        """Whether ``target`` can be dialed now: an IP address, or a host name looked up (off
+        this thread); else a lookup starts, and the target waits for it."""
+        if target.ip is not None or peer_address_allowed(target.host, allow_public=True):
+            return True
+        if self.resolver.lookup(target.host, functools.partial(self._looked_up, target)):
+            target.next_dial = now + Heartbeats.connect_timeout + DialPlan.max_backoff  # its answer resets it
+        return False
+
+    def _looked_up(self, target, address, error):
+        """On the mesh thread: the lookup of ``target.host`` returned; dial it now, or back off."""
+        if address is None:
+            log_limited(logging.WARNING, ("lookup", target.host), "cannot look up the peer %s: %s (check the "
+                        "name given with --peer, or give its IP address)", safe_text(target.host), error)
+            self.dials.failed(target, error)
+        else:
+            target.ip, target.next_dial = address, 0.0
+        self.soon(target.next_dial)
+
+    def _is_llm_host(self, node_id):
+        peer = self.peer_table.get(node_id) if node_id else None
+        return peer is not None and peer.has_llm
+
+    def _outbound_links(self):
+        """Counted links this node dialed (linked or still dialing): not those to LLM hosts."""
+        count = 0
+        for link in self.io.links:
+            node_id = link.peer_id or (link.target.node_id if link.target is not None else None)
+            if link.outbound and link.closing is None and not self._is_llm_host(node_id):
+                count += 1
+        return count
+
+    def trim(self, newcomer):
+        """Past --max-links, unlink random peers that dialed this node (see LinkPolicy);
+        an LLM host keeps every link, and no link to an LLM host counts."""
+        if self.listener.hello_extra().get("has_llm"):
+            return
+        counted = [(peer.node_id, not peer.link.outbound) for peer in self.peer_table.values()
+                   if peer.link is not None and peer.link.closing is None and not peer.has_llm]
+        for node_id in self.link_policy.evictions(counted, newcomer):
+            self.counters["links_trimmed"] += 1
+            self.io.close_after(self.peer_table[node_id].link, encode_frame(GOODBYE, {"reason": "links full"}),
+                                "this node keeps at most %d links (--max-links)" % self.config.max_links)
+
+    def closed(self, link, reason):
+        """``link`` closed: back off from its target, or redial it soon."""
+        if link.target is not None and link.peer_id is None and reason != "that is this node itself":
+            self.dials.failed(link.target, reason)
+        elif link.target is not None:
+            link.target.next_dial = time.monotonic() + 0.25  # relink soon, not in a tight loop
+        if link.target is not None:
+            self.soon(link.target.next_dial)
+
+    def heard(self, ip, message):
+        """An announcement from ``ip``: note the node and its address; dial it soon if not linked."""
+        node_id = message["node_id"]
+        target = self.dials.target(ip, message["tcp_port"], node_id)
+        if message["message_type"] == "OFFLINE":
+            self.dials.drop(target)
+            return
+        known = node_id in self.peer_table
+        peer = self.peer_table.admit(node_id)
+        if peer is None:
+            return
+        if not known:
+            log.info("heard %s at %s", safe_text(message.get("name") or node_id[:8]), ip)
+        if not peer.connected:
+            peer.address, peer.tcp_port = ip, message["tcp_port"]
+        peer.update(message)
+        if not peer.connected:
+            target.failures, target.next_dial = 0, 0.0  # a node that speaks is worth dialing now
+            self.soon(time.monotonic() + self.dial_check_interval)
+
+
+class PeerExchange:
+    """Tells linked peers about each other (PEERS: frames) and reads what they tell, on the mesh
+    thread: one seed joins a whole mesh, and forwards spare the peers the sender reached
+    (LinkPolicy). The addresses heard go to the DialPlan, and the Dialer checks them at once."""
+
+    max_link_list = 1024  # node ids of one PEER: frame kept as the sender's links
+
+    def __init__(self, node_id, config, io, peer_table, dials, dialer):
+        self.node_id = node_id
+        self.config = config
+        self.io = io
+        self.peer_table = peer_table
+        self.dials = dials
+        self.dialer = dialer
+
+    def send(self, only=None):
+        """Tell every linked peer (or ``only`` that one) about the others."""
+        linked = [peer for peer in self.peer_table.values() if peer.connected]
+        for peer in linked if only is None else [only]:
+            others = [{"node_id": other.node_id, "name": other.name, "address": other.address,
+                       "tcp_port": other.tcp_port} for other in linked if other is not peer]
+            self.io.queue(peer.link, encode_frame(PEERS, {"peers": others}))
+
+    def handle(self, peer, payload):
+        entries = payload.get("peers")
+        if not isinstance(entries, list):
+            raise ProtocolError("PEER: frame without a peer list")
+        # Whom the peer is linked to (it lists all but us): forwarding spares those (LinkPolicy).
+        peer.links = frozenset([self.node_id] + [entry["node_id"] for entry in entries[:self.max_link_list]
+                                                 if isinstance(entry, dict) and isinstance(entry.get("node_id"), str)])
+        skip = {node_id for node_id, peer in self.peer_table.items() if peer.connected} | {self.node_id}
+        self.dials.from_exchange(entries, skip, lambda address: peer_address_allowed(
+            address, self.config.allow_public))
+        self.dialer.dial_due(time.monotonic())
+
+
 class Mesh:
-    """Keeps one framed TCP link to each peer, on one thread with one selector: the handshake,
-    heartbeats and peer exchange (Discovery, DialPlan and LinkIO do the rest). Its room key
+    """Keeps one framed TCP link to each peer, on one thread with one selector: the handshake
+    and the frames of a link (Heartbeats, Dialer, PeerExchange, Discovery, DialPlan and LinkIO
+    do the rest). Its room key
     comes from --mesh-key (the public open-room key without one) and is never shown.
 
     Methods for the caller (any thread): ``start()``, ``serve_forever()`` (on its own
@@ -4686,11 +4909,6 @@ class Mesh:
     """
 
     poll_interval = 2.0  # the longest the loop sleeps; timers wake it sooner
-    dial_check_interval = 0.1  # seconds between a node's announcement and the dial check it triggers
-    max_link_list = 1024  # node ids of one PEER: frame kept as the sender's links
-    connect_timeout = 5.0
-    handshake_timeout = 10.0
-    forget_after = 600.0  # seconds a down peer stays listed
 
     def __init__(self, config, node_id, listener=None, key=None, resolve=None, identity=None):
         self.config = config
@@ -4706,8 +4924,11 @@ class Mesh:
         identity = identity or TLSIdentity.load_or_create(config.data_dir, config.tls_max)
         self.io = LinkIO(self, config.max_message_size, self.counters, identity, self.room_key, config.allow_public)
         self.dials = DialPlan(node_id, config.peer_timeout)
-        self.resolver = NameResolver(self.call_soon, resolve)  # resolve: the lookup of --peer names
-        self.link_policy = LinkPolicy(config.max_links)
+        resolver = NameResolver(self.call_soon, resolve)  # resolve: the lookup of --peer names
+        self.heartbeats = Heartbeats(node_id, config, self.io, self.peer_table, self.listener)
+        self.dialer = Dialer(node_id, config, self.io, self.peer_table, self.dials, resolver, self.listener,
+                             self.counters, self.poll_interval)
+        self.peer_exchange = PeerExchange(node_id, config, self.io, self.peer_table, self.dials, self.dialer)
         self.discovery = None
         if not config.no_discovery:
             self.discovery = Discovery(config.udp_port, config.broadcast, node_id, config.announce_interval,
@@ -4717,9 +4938,6 @@ class Mesh:
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()
-        self._next_heartbeat = 0.0
-        self._next_dial_check = 0.0
-        self.heartbeat_interval = max(0.05, config.peer_timeout / 3.0)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -4829,106 +5047,18 @@ class Mesh:
     def _select_timeout(self):
         """Seconds the loop may sleep: until a heartbeat, an announcement or a dial check is due
         (at most ``poll_interval``); an idle node wakes rarely."""
-        due = min(self._next_heartbeat, self._next_dial_check)
+        due = min(self.heartbeats.next_due, self.dialer.next_check)
         if self.discovery is not None:
             due = min(due, self.discovery.next_due)
         return min(self.poll_interval, max(0.0, due - time.monotonic()))
 
-    def _dial_soon(self, moment):
-        """Check the dial targets no later than ``moment`` (a backoff ends, a node spoke)."""
-        self._next_dial_check = min(self._next_dial_check, moment)
-
     def _run_timers(self):
         now = time.monotonic()
         self._announce_if_due(now)
-        if now >= self._next_heartbeat:
-            self._next_heartbeat = now + self.heartbeat_interval
-            self._heartbeat(now)
-            self.io.expire_closing(now)
-        if now >= self._next_dial_check:  # not at every frame or datagram: it walks every target
-            self._next_dial_check = now + self.poll_interval  # sooner when told (_dial_soon)
-            self._dial_due(now)
-
-    def _heartbeat(self, now):
-        for link in list(self.io.links):
-            if link.connecting:
-                if now - link.opened > self.connect_timeout:
-                    self.io.close(link, "connect timed out")
-            elif link.peer_id is None:
-                if now - link.opened > self.handshake_timeout:
-                    self.io.close(link, "no handshake")
-            elif now - link.last_received > self.config.peer_timeout:
-                self.io.close(link, "silent for %.1f s (--peer-timeout)" % (now - link.last_received))
-            elif self.node_id < link.peer_id or now - link.last_received > 1.5 * self.heartbeat_interval:
-                # One end pings (its PONG shows the other alive): half the idle frames of both pinging.
-                self.io.queue(link, encode_frame(PING, {"t": now}))
-        self.peer_table.expire(max(self.config.peer_timeout, 2 * self.config.announce_interval),
-                               max(self.forget_after, 5 * self.config.peer_timeout))
-
-    def _dial_due(self, now):
-        busy = {link.target for link in self.io.links if link.target is not None}
-        linked = {node_id for node_id, peer in self.peer_table.items() if peer.connected}
-        ready = self.dials.due(now, busy, linked)
-        if not ready:
-            return
-        known = len((self.dials.known_ids() | linked) - {self.node_id})
-        choices = self.link_policy.dial_choices([(target, self._is_llm_host(target.node_id)) for target in ready],
-                                                known, self._outbound_links())
-        for target in choices:
-            if not self._address_known(target, now):
-                continue
-            if not self.dials.bucket.take(now):  # one PEER: frame must not start hundreds of dials
-                break
-            try:
-                self.io.dial(target)
-            except (OSError, ValueError) as exc:  # bad address, no route, refused at once
-                self.dials.failed(target, exc)
-                self._dial_soon(target.next_dial)
-            target.ip = None  # a name is looked up again for its next dial
-
-    def _address_known(self, target, now):
-        """Whether ``target`` can be dialed now: an IP address, or a host name looked up (off
-        this thread); else a lookup starts, and the target waits for it."""
-        if target.ip is not None or peer_address_allowed(target.host, allow_public=True):
-            return True
-        if self.resolver.lookup(target.host, functools.partial(self._looked_up, target)):
-            target.next_dial = now + self.connect_timeout + DialPlan.max_backoff  # its answer resets it
-        return False
-
-    def _looked_up(self, target, address, error):
-        """On the mesh thread: the lookup of ``target.host`` returned; dial it now, or back off."""
-        if address is None:
-            log_limited(logging.WARNING, ("lookup", target.host), "cannot look up the peer %s: %s (check the "
-                        "name given with --peer, or give its IP address)", safe_text(target.host), error)
-            self.dials.failed(target, error)
-        else:
-            target.ip, target.next_dial = address, 0.0
-        self._dial_soon(target.next_dial)
-
-    def _is_llm_host(self, node_id):
-        peer = self.peer_table.get(node_id) if node_id else None
-        return peer is not None and peer.has_llm
-
-    def _outbound_links(self):
-        """Counted links this node dialed (linked or still dialing): not those to LLM hosts."""
-        count = 0
-        for link in self.io.links:
-            node_id = link.peer_id or (link.target.node_id if link.target is not None else None)
-            if link.outbound and link.closing is None and not self._is_llm_host(node_id):
-                count += 1
-        return count
-
-    def _trim_links(self, newcomer):
-        """Past --max-links, unlink random peers that dialed this node (see LinkPolicy);
-        an LLM host keeps every link, and no link to an LLM host counts."""
-        if self.listener.hello_extra().get("has_llm"):
-            return
-        counted = [(peer.node_id, not peer.link.outbound) for peer in self.peer_table.values()
-                   if peer.link is not None and peer.link.closing is None and not peer.has_llm]
-        for node_id in self.link_policy.evictions(counted, newcomer):
-            self.counters["links_trimmed"] += 1
-            self.io.close_after(self.peer_table[node_id].link, encode_frame(GOODBYE, {"reason": "links full"}),
-                                "this node keeps at most %d links (--max-links)" % self.config.max_links)
+        if now >= self.heartbeats.next_due:
+            self.heartbeats.beat(now)
+        if now >= self.dialer.next_check:  # not at every frame or datagram: it walks every target
+            self.dialer.check(now)
 
     # -- discovery -----------------------------------------------------------
 
@@ -4955,26 +5085,7 @@ class Mesh:
 
     def _receive_announcements(self):
         for ip, message in self.discovery.receive():
-            self._heard_announcement(ip, message)
-
-    def _heard_announcement(self, ip, message):
-        node_id = message["node_id"]
-        target = self.dials.target(ip, message["tcp_port"], node_id)
-        if message["message_type"] == "OFFLINE":
-            self.dials.drop(target)
-            return
-        known = node_id in self.peer_table
-        peer = self.peer_table.admit(node_id)
-        if peer is None:
-            return
-        if not known:
-            log.info("heard %s at %s", safe_text(message.get("name") or node_id[:8]), ip)
-        if not peer.connected:
-            peer.address, peer.tcp_port = ip, message["tcp_port"]
-        peer.update(message)
-        if not peer.connected:
-            target.failures, target.next_dial = 0, 0.0  # a node that speaks is worth dialing now
-            self._dial_soon(time.monotonic() + self.dial_check_interval)
+            self.dialer.heard(ip, message)
 
     # -- frames ----------------------------------------------------------------
 
@@ -4993,16 +5104,11 @@ class Mesh:
         # idempotent): during a dial race the far end may briefly send on the other link.
         peer.last_seen = time.time()
         if marker == PING:
-            self.io.queue(link, encode_frame(PONG, {"t": payload.get("t")}))
+            self.heartbeats.ping(link, payload)
         elif marker == PONG:
-            sent = payload.get("t")
-            if isinstance(sent, (int, float)) and not isinstance(sent, bool):
-                first = peer.rtt_ms is None
-                peer.rtt_ms = max(0.0, (time.monotonic() - sent) * 1000.0)
-                if first:
-                    self.listener.peer_measured(peer)
+            self.heartbeats.pong(peer, payload)
         elif marker == PEERS:
-            self._handle_peer_exchange(peer, payload)
+            self.peer_exchange.handle(peer, payload)
         elif marker == GOODBYE:
             if link.target is not None:
                 self.dials.drop(link.target)
@@ -5064,10 +5170,10 @@ class Mesh:
         if current is None:
             log.info("linked to %s (%s:%d)", safe_text(peer.name), peer.address, peer.tcp_port)
             tell_versions(peer)
-            self._send_peer_exchange()
-            self._trim_links(node_id)
+            self.peer_exchange.send()
+            self.dialer.trim(node_id)
         else:  # what the retired link still held unsent is lost: the peer hears our links again
-            self._send_peer_exchange(peer)
+            self.peer_exchange.send(peer)
         self.listener.peer_up(peer)
 
     def _hand_off_relay(self, link, node_id):
@@ -5087,27 +5193,6 @@ class Mesh:
         if peer is None or not peer.address or not peer.tcp_port:
             raise ConnectionError("no address for the peer %s" % node_id[:8])
         return dial_relay(self.io.identity, self.room_key, self.key, (peer.address, peer.tcp_port), node_id, timeout)
-
-    def _send_peer_exchange(self, only=None):
-        """Tell every linked peer (or ``only`` that one) about the others, so one seed joins a
-        whole mesh and forwards spare the peers the sender reached (LinkPolicy)."""
-        linked = [peer for peer in self.peer_table.values() if peer.connected]
-        for peer in linked if only is None else [only]:
-            others = [{"node_id": other.node_id, "name": other.name, "address": other.address,
-                       "tcp_port": other.tcp_port} for other in linked if other is not peer]
-            self.io.queue(peer.link, encode_frame(PEERS, {"peers": others}))
-
-    def _handle_peer_exchange(self, peer, payload):
-        entries = payload.get("peers")
-        if not isinstance(entries, list):
-            raise ProtocolError("PEER: frame without a peer list")
-        # Whom the peer is linked to (it lists all but us): forwarding spares those (LinkPolicy).
-        peer.links = frozenset([self.node_id] + [entry["node_id"] for entry in entries[:self.max_link_list]
-                                                 if isinstance(entry, dict) and isinstance(entry.get("node_id"), str)])
-        skip = {node_id for node_id, peer in self.peer_table.items() if peer.connected} | {self.node_id}
-        self.dials.from_exchange(entries, skip, lambda address: peer_address_allowed(
-            address, self.config.allow_public))
-        self._dial_due(time.monotonic())
 
     # -- sending and closing ---------------------------------------------------
 
@@ -5132,26 +5217,11 @@ class Mesh:
 
     def link_outdated(self, link):
         """LinkIO met an earlier protocol on ``link``: say so once, naming the peer; mark it outdated."""
-        node_id = link.target.node_id if link.target is not None else None
-        if node_id is None:
-            node_id = next((peer.node_id for peer in self.peer_table.values() if peer.address == link.address[0]
-                            and (peer.tcp_port == link.address[1] or not link.outbound)), None)
-        peer = self.peer_table.get(node_id) if node_id else None
-        if peer is not None and (not peer.protocol_version or peer.protocol_version >= PROTOCOL_VERSION):
-            peer.protocol_version = PROTOCOL_VERSION - 1
-        where = "%s:%s" % (link.address[0], link.address[1]) if link.outbound else link.address[0]
-        name = "%s (%s)" % (safe_text(peer.name), where) if peer is not None and peer.name else where
-        _VERSION_NOTICES.log(logging.WARNING, ("outdated", where), "refusing the link with %s: it runs an older "
-                             "NeuroMesh: upgrade it (this computer runs %s)", name, __version__)
+        self.peer_table.outdated(link)
 
     def link_closed(self, link, reason):
         """After LinkIO closed ``link``: back off or redial its target; its peer is down."""
-        if link.target is not None and link.peer_id is None and reason != "that is this node itself":
-            self.dials.failed(link.target, reason)
-        elif link.target is not None:
-            link.target.next_dial = time.monotonic() + 0.25  # relink soon, not in a tight loop
-        if link.target is not None:
-            self._dial_soon(link.target.next_dial)
+        self.dialer.closed(link, reason)
         peer = self.peer_table.get(link.peer_id) if link.peer_id else None
         if peer is not None and peer.link is link:
             peer.link = None
@@ -5162,7 +5232,7 @@ class Mesh:
             self.counters["peers_lost"] += 1
             self.listener.peer_down(peer, reason)
             if not self._stopping.is_set():
-                self._send_peer_exchange()  # peers must not spare forwards on a link that is gone
+                self.peer_exchange.send()  # peers must not spare forwards on a link that is gone
 
     def _close_all(self):
         goodbye = encode_frame(GOODBYE, {"reason": "shutdown"})
