@@ -9,23 +9,40 @@ One module, synchronous and threaded, standard library plus a few small pure-Pyt
 packages (``requests``, ``bottle``, ``ifaddr``, ``waitress``, ``ecdsa``) that ``install.sh``
 puts into ``_vendor/`` beside this file. Runs on Python 3.9 and newer.
 
-The rooms of this file, in the order data flows (each section a room)::
+The rooms of this file, foundations first (each section a room)::
 
-    helpers, config, identity       Config, NodeKey (Ed25519; the node id is its key's hash)
+    helpers, config, identity       Config; NodeKey (Ed25519; the node id is its key's hash);
+                                    TLSIdentity (the certificate every link runs under)
     wire                            frames (marker + u64 LE length + JSON), Handshake (room code and
                                     signed HELO, bound to the link's TLS certificate), schemas
     store                           Database -> EntryLog (per-origin logs) -> LogChain, BatchVerifier
                                     (hash chains, signed heads) -> Store (+ StorePages: search, pages)
     seed files                      SeedFiles: the original NeuroMesh's JSON layout
-    discovery, peer links           Discovery (UDP), DialPlan, LinkIO (sockets), Mesh
+    discovery                       Discovery (UDP announcements)
+    peer links                      TLSChannel, TLSStream (relay connections on the mesh port); Peer,
+                                    PeerTable, DialPlan, LinkPolicy; LinkIO (sockets);
+                                    Heartbeats, Dialer, PeerExchange; Mesh (handshake, frames)
     events, sync                    EventBus (SSE), SyncWorker (SYNC/FILE, push)
-    llm                             Backend: Ollama/OpenAI/PeerBackend (relay); Router; MeshCalls
+    llm                             Backend: Ollama/OpenAI/PeerBackend (relay client: RelayConnections,
+                                    RelayConnection); Slots (fair queues), Placement; Router;
+                                    MeshCalls (any request kind, passed on as it is)
+    model transfer                  ModelStore (Ollama's store, read-only), BlobFetch, ModelPull
     chat                            ChatService: ask, regenerate, history, store answers
     http apis                       Gatekeeper (who may ask), PageApi, OllamaApi, OpenAIApi, RelayApi,
-                                    ErrorReplies; HTTPServer (waitress)
+                                    OllamaChats (Anthropic's and OpenAI's Responses APIs), ErrorReplies;
+                                    the teacher's room (RoomBundle, RoomApi), ModelRelayApi,
+                                    ModelPageApi, RelayServer (peers' relay connections); QueueReport
+                                    (health's queues, /metrics); HTTPServer
     node, cli                       LocalLLM (this computer's LLM, told truly); Node (a MeshListener)
                                     builds and wires the rooms; Doctor, status, firewall steps per
                                     OS; main()
+
+Contents (the section banners, in order): Imports and the _vendor shim; Constants; Exceptions;
+Utilities; Configuration; Identity and signatures; Wire protocol; Store; Seed files; Discovery;
+Peer links; Events; Sync; LLM backends and routing; Any request kind, passed on as it is; Model
+transfer; Chat; HTTP APIs; Who is asking: the access model; Anthropic's Messages and OpenAI's
+Responses APIs; The teacher's room; Queues on view: health and metrics; Node; Firewall, doctor
+and status; CLI.
 
 Run as one file (``install.sh --bundle``: a .pyz, or its folder), the runtime packages sit beside
 this module and the page is read from inside the archive (ArchivedFiles).
