@@ -4308,12 +4308,54 @@ class LinkPolicy:
         return [node_id for node_id in linked if node_id not in skip]
 
 
+class CallQueue:
+    """Hands work to the mesh thread from any other: ``call_soon(function, *args)`` queues it and
+    ``wake()`` ends the loop's ``select`` early through a socket pair (its ``reader`` is watched,
+    ``drain()`` empties it); the mesh thread runs the queue with ``run_calls()``."""
+
+    def __init__(self):
+        self._calls = queue.SimpleQueue()
+        self.reader, self._writer = socket.socketpair()
+        self.reader.setblocking(False)
+
+    def wake(self):
+        """End the current ``select`` early (any thread)."""
+        try:
+            self._writer.send(b"\0")
+        except OSError:  # buffer full: the loop is awake already; closed: it has stopped
+            pass
+
+    def call_soon(self, function, *args):
+        """Queue ``function(*args)`` for ``run_calls()`` on the mesh thread (any thread)."""
+        self._calls.put((function, args))
+        self.wake()
+
+    def run_calls(self):
+        while True:
+            try:
+                function, args = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            function(*args)
+
+    def drain(self):
+        try:
+            while self.reader.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def close(self):
+        for sock in (self.reader, self._writer):
+            close_quietly(sock)
+
+
 class LinkIO:
     """Moves the mesh's bytes: one selector over the TCP listener, the peer links, the
-    discovery socket and a wake-up pair; it accepts, dials, buffers, reads and writes.
+    discovery socket and its CallQueue's wake-up pair; it accepts, dials, buffers, reads and writes.
 
-    It knows no peers and runs on the mesh thread (but for ``wake()`` and ``call_soon()``,
-    which queues a function for ``run_calls()`` there). Every link is TLS (TLSChannel, with
+    It knows no peers and runs on the mesh thread (but for ``calls``, its CallQueue, which
+    other threads hand work to). Every link is TLS (TLSChannel, with
     ``identity``) and starts with the key proof inside it (Handshake, with ``room_key``); nothing
     else is sent or accepted before it. Links from or to public addresses are refused unless ``allow_public``.
     It tells its ``owner`` (the Mesh): ``owner.hello_frame(link)`` is sent first once the peer
@@ -4337,10 +4379,8 @@ class LinkIO:
         self.links = set()
         self._selector = selectors.DefaultSelector()
         self._listener = None
-        self._calls = queue.SimpleQueue()
-        self._wake_reader, self._wake_writer = socket.socketpair()
-        self._wake_reader.setblocking(False)
-        self._selector.register(self._wake_reader, selectors.EVENT_READ, self._drain_wake)
+        self.calls = CallQueue()
+        self._selector.register(self.calls.reader, selectors.EVENT_READ, self.calls.drain)
 
     def listen(self, host, port):
         """Bind the TCP listener for peer links; returns its port. Errors name the flag to change."""
@@ -4365,26 +4405,6 @@ class LinkIO:
         """Call ``handler()`` whenever ``sock`` is readable."""
         self._selector.register(sock, selectors.EVENT_READ, handler)
 
-    def wake(self):
-        """End the current ``select`` early (any thread)."""
-        try:
-            self._wake_writer.send(b"\0")
-        except OSError:  # buffer full: the loop is awake already; closed: it has stopped
-            pass
-
-    def call_soon(self, function, *args):
-        """Queue ``function(*args)`` for ``run_calls()`` on the mesh thread (any thread)."""
-        self._calls.put((function, args))
-        self.wake()
-
-    def run_calls(self):
-        while True:
-            try:
-                function, args = self._calls.get_nowait()
-            except queue.Empty:
-                return
-            function(*args)
-
     def select(self, timeout):
         return self._selector.select(timeout)
 
@@ -4398,13 +4418,6 @@ class LinkIO:
                 self._writable(link)
             if mask & selectors.EVENT_READ and not link.closed:
                 self._readable(link)
-
-    def _drain_wake(self):
-        try:
-            while self._wake_reader.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
 
     def dial(self, target):
         """Start connecting to ``target``: the new outbound Link; OSError or ValueError when the
@@ -4663,8 +4676,8 @@ class LinkIO:
 
     def close_sockets(self):
         """Close the listener, the wake-up pair and the selector (after ``close_links``)."""
-        for sock in (self._listener, self._wake_reader, self._wake_writer):
-            close_quietly(sock)
+        close_quietly(self._listener)
+        self.calls.close()
         self._selector.close()
 
 
@@ -4980,7 +4993,7 @@ class Mesh:
                     events = self.io.select(self._select_timeout())
                     with self.lock:
                         self.io.dispatch(events)
-                        self.io.run_calls()
+                        self.io.calls.run_calls()
                         self._run_timers()
                 except Exception:  # a bug must not kill the mesh: log it and go on
                     log.exception("error in the mesh loop")
@@ -4998,14 +5011,14 @@ class Mesh:
     def shutdown(self, timeout=5.0):
         """Say goodbye to every peer, stop the loop and wait for it (call from another thread)."""
         self._stopping.set()
-        self.io.wake()
+        self.io.calls.wake()
         self._stopped.wait(timeout)
 
     # -- thread-safe requests ------------------------------------------------
 
     def call_soon(self, function, *args):
         """Run ``function(*args)`` on the mesh thread."""
-        self.io.call_soon(function, *args)
+        self.io.calls.call_soon(function, *args)
 
     def unlink(self, peer_id, reason, seconds=60.0):
         """Close the link to ``peer_id`` and refuse it for ``seconds`` (any thread)."""
