@@ -9,23 +9,40 @@ One module, synchronous and threaded, standard library plus a few small pure-Pyt
 packages (``requests``, ``bottle``, ``ifaddr``, ``waitress``, ``ecdsa``) that ``install.sh``
 puts into ``_vendor/`` beside this file. Runs on Python 3.9 and newer.
 
-The rooms of this file, in the order data flows (each section a room)::
+The rooms of this file, foundations first (each section a room)::
 
-    helpers, config, identity       Config, NodeKey (Ed25519; the node id is its key's hash)
+    helpers, config, identity       Config; NodeKey (Ed25519; the node id is its key's hash);
+                                    TLSIdentity (the certificate every link runs under)
     wire                            frames (marker + u64 LE length + JSON), Handshake (room code and
                                     signed HELO, bound to the link's TLS certificate), schemas
     store                           Database -> EntryLog (per-origin logs) -> LogChain, BatchVerifier
                                     (hash chains, signed heads) -> Store (+ StorePages: search, pages)
     seed files                      SeedFiles: the original NeuroMesh's JSON layout
-    discovery, peer links           Discovery (UDP), DialPlan, LinkIO (sockets), Mesh
+    discovery                       Discovery (UDP announcements)
+    peer links                      TLSChannel, TLSStream (relay connections on the mesh port); Peer,
+                                    PeerTable, DialPlan, LinkPolicy; LinkIO (sockets);
+                                    Heartbeats, Dialer, PeerExchange; Mesh (handshake, frames)
     events, sync                    EventBus (SSE), SyncWorker (SYNC/FILE, push)
-    llm                             Backend: Ollama/OpenAI/PeerBackend (relay); Router; MeshCalls
+    llm                             Backend: Ollama/OpenAI/PeerBackend (relay client: RelayConnections,
+                                    RelayConnection); Slots (fair queues), Placement; Router;
+                                    MeshCalls (any request kind, passed on as it is)
+    model transfer                  ModelStore (Ollama's store, read-only), BlobFetch, ModelPull
     chat                            ChatService: ask, regenerate, history, store answers
     http apis                       Gatekeeper (who may ask), PageApi, OllamaApi, OpenAIApi, RelayApi,
-                                    ErrorReplies; HTTPServer (waitress)
+                                    OllamaChats (Anthropic's and OpenAI's Responses APIs), ErrorReplies;
+                                    the teacher's room (RoomBundle, RoomApi), ModelRelayApi,
+                                    ModelPageApi, RelayServer (peers' relay connections); QueueReport
+                                    (health's queues, /metrics); HTTPServer
     node, cli                       LocalLLM (this computer's LLM, told truly); Node (a MeshListener)
                                     builds and wires the rooms; Doctor, status, firewall steps per
                                     OS; main()
+
+Contents (the section banners, in order): Imports and the _vendor shim; Constants; Exceptions;
+Utilities; Configuration; Identity and signatures; Wire protocol; Store; Seed files; Discovery;
+Peer links; Events; Sync; LLM backends and routing; Any request kind, passed on as it is; Model
+transfer; Chat; HTTP APIs; Who is asking: the access model; Anthropic's Messages and OpenAI's
+Responses APIs; The teacher's room; Queues on view: health and metrics; Node; Firewall, doctor
+and status; CLI.
 
 Run as one file (``install.sh --bundle``: a .pyz, or its folder), the runtime packages sit beside
 this module and the page is read from inside the archive (ArchivedFiles).
@@ -3168,7 +3185,7 @@ class Store(StorePages):
         return self._db.write(lambda: (self._db.execute(self._GUEST_TABLE), dict(self._db.execute(
             "SELECT conversation_id, guest_id FROM guest_conversations").fetchall()))[1])
 
-    # -- the room's control records (issue 24) ------------------------------------------
+    # -- the room's control records ---------------------------------------------------
     # A control record is a message, its JSON as its content, in a deleted conversation bound to
     # its writer: only fields every earlier version knows (their hashes cover clean data), so
     # they store and forward it, signed and chained like every entry, and never show it.
@@ -3857,7 +3874,7 @@ class Peer:
     version: str = ""
     protocol_version: int = 0
     has_llm: bool = False
-    shares_models: bool = False  # it serves the models of its Ollama store to the room (issue 26)
+    shares_models: bool = False  # it serves the models of its Ollama store to the room
     models: list = dataclasses.field(default_factory=list)
     load: dict = dataclasses.field(default_factory=dict)
     loaded: list = dataclasses.field(default_factory=list)  # its models in memory
@@ -3984,6 +4001,20 @@ class PeerTable(dict):
             ttl = forget_after if peer.ever_linked else stranger_ttl
             if not peer.connected and peer.last_seen < now - ttl:
                 del self[node_id]
+
+    def outdated(self, link):
+        """``link`` speaks an earlier protocol: say so once, naming its peer; mark the peer outdated."""
+        node_id = link.target.node_id if link.target is not None else None
+        if node_id is None:
+            node_id = next((peer.node_id for peer in self.values() if peer.address == link.address[0]
+                            and (peer.tcp_port == link.address[1] or not link.outbound)), None)
+        peer = self.get(node_id) if node_id else None
+        if peer is not None and (not peer.protocol_version or peer.protocol_version >= PROTOCOL_VERSION):
+            peer.protocol_version = PROTOCOL_VERSION - 1
+        where = "%s:%s" % (link.address[0], link.address[1]) if link.outbound else link.address[0]
+        name = "%s (%s)" % (safe_text(peer.name), where) if peer is not None and peer.name else where
+        _VERSION_NOTICES.log(logging.WARNING, ("outdated", where), "refusing the link with %s: it runs an older "
+                             "NeuroMesh: upgrade it (this computer runs %s)", name, __version__)
 
 
 def peer_address_allowed(address, allow_public=False):
@@ -4281,12 +4312,54 @@ class LinkPolicy:
         return [node_id for node_id in linked if node_id not in skip]
 
 
+class CallQueue:
+    """Hands work to the mesh thread from any other: ``call_soon(function, *args)`` queues it and
+    ``wake()`` ends the loop's ``select`` early through a socket pair (its ``reader`` is watched,
+    ``drain()`` empties it); the mesh thread runs the queue with ``run_calls()``."""
+
+    def __init__(self):
+        self._calls = queue.SimpleQueue()
+        self.reader, self._writer = socket.socketpair()
+        self.reader.setblocking(False)
+
+    def wake(self):
+        """End the current ``select`` early (any thread)."""
+        try:
+            self._writer.send(b"\0")
+        except OSError:  # buffer full: the loop is awake already; closed: it has stopped
+            pass
+
+    def call_soon(self, function, *args):
+        """Queue ``function(*args)`` for ``run_calls()`` on the mesh thread (any thread)."""
+        self._calls.put((function, args))
+        self.wake()
+
+    def run_calls(self):
+        while True:
+            try:
+                function, args = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            function(*args)
+
+    def drain(self):
+        try:
+            while self.reader.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def close(self):
+        for sock in (self.reader, self._writer):
+            close_quietly(sock)
+
+
 class LinkIO:
     """Moves the mesh's bytes: one selector over the TCP listener, the peer links, the
-    discovery socket and a wake-up pair; it accepts, dials, buffers, reads and writes.
+    discovery socket and its CallQueue's wake-up pair; it accepts, dials, buffers, reads and writes.
 
-    It knows no peers and runs on the mesh thread (but for ``wake()`` and ``call_soon()``,
-    which queues a function for ``run_calls()`` there). Every link is TLS (TLSChannel, with
+    It knows no peers and runs on the mesh thread (but for ``calls``, its CallQueue, which
+    other threads hand work to). Every link is TLS (TLSChannel, with
     ``identity``) and starts with the key proof inside it (Handshake, with ``room_key``); nothing
     else is sent or accepted before it. Links from or to public addresses are refused unless ``allow_public``.
     It tells its ``owner`` (the Mesh): ``owner.hello_frame(link)`` is sent first once the peer
@@ -4310,10 +4383,8 @@ class LinkIO:
         self.links = set()
         self._selector = selectors.DefaultSelector()
         self._listener = None
-        self._calls = queue.SimpleQueue()
-        self._wake_reader, self._wake_writer = socket.socketpair()
-        self._wake_reader.setblocking(False)
-        self._selector.register(self._wake_reader, selectors.EVENT_READ, self._drain_wake)
+        self.calls = CallQueue()
+        self._selector.register(self.calls.reader, selectors.EVENT_READ, self.calls.drain)
 
     def listen(self, host, port):
         """Bind the TCP listener for peer links; returns its port. Errors name the flag to change."""
@@ -4338,26 +4409,6 @@ class LinkIO:
         """Call ``handler()`` whenever ``sock`` is readable."""
         self._selector.register(sock, selectors.EVENT_READ, handler)
 
-    def wake(self):
-        """End the current ``select`` early (any thread)."""
-        try:
-            self._wake_writer.send(b"\0")
-        except OSError:  # buffer full: the loop is awake already; closed: it has stopped
-            pass
-
-    def call_soon(self, function, *args):
-        """Queue ``function(*args)`` for ``run_calls()`` on the mesh thread (any thread)."""
-        self._calls.put((function, args))
-        self.wake()
-
-    def run_calls(self):
-        while True:
-            try:
-                function, args = self._calls.get_nowait()
-            except queue.Empty:
-                return
-            function(*args)
-
     def select(self, timeout):
         return self._selector.select(timeout)
 
@@ -4371,13 +4422,6 @@ class LinkIO:
                 self._writable(link)
             if mask & selectors.EVENT_READ and not link.closed:
                 self._readable(link)
-
-    def _drain_wake(self):
-        try:
-            while self._wake_reader.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
 
     def dial(self, target):
         """Start connecting to ``target``: the new outbound Link; OSError or ValueError when the
@@ -4637,8 +4681,8 @@ class LinkIO:
 
     def close_sockets(self):
         """Close the listener, the wake-up pair and the selector (after ``close_links``)."""
-        for sock in (self._listener, self._wake_reader, self._wake_writer):
-            close_quietly(sock)
+        close_quietly(self._listener)
+        self.calls.close()
         self._selector.close()
 
 
@@ -4677,9 +4721,218 @@ class MeshListener:
         stream.close()
 
 
+class Heartbeats:
+    """Keeps a mesh's links honest, on the mesh thread: pings quiet links, closes those silent
+    past --peer-timeout (or stuck dialing, or with no handshake), times round trips from PONGs
+    and forgets peers down too long. ``beat(now)`` runs when ``next_due`` has come."""
+
+    connect_timeout = 5.0
+    handshake_timeout = 10.0
+    forget_after = 600.0  # seconds a down peer stays listed
+
+    def __init__(self, node_id, config, io, peer_table, listener):
+        self.node_id = node_id
+        self.config = config
+        self.io = io
+        self.peer_table = peer_table
+        self.listener = listener
+        self.interval = max(0.05, config.peer_timeout / 3.0)
+        self.next_due = 0.0
+
+    def beat(self, now):
+        self.next_due = now + self.interval
+        for link in list(self.io.links):
+            if link.connecting:
+                if now - link.opened > self.connect_timeout:
+                    self.io.close(link, "connect timed out")
+            elif link.peer_id is None:
+                if now - link.opened > self.handshake_timeout:
+                    self.io.close(link, "no handshake")
+            elif now - link.last_received > self.config.peer_timeout:
+                self.io.close(link, "silent for %.1f s (--peer-timeout)" % (now - link.last_received))
+            elif self.node_id < link.peer_id or now - link.last_received > 1.5 * self.interval:
+                # One end pings (its PONG shows the other alive): half the idle frames of both pinging.
+                self.io.queue(link, encode_frame(PING, {"t": now}))
+        self.peer_table.expire(max(self.config.peer_timeout, 2 * self.config.announce_interval),
+                               max(self.forget_after, 5 * self.config.peer_timeout))
+        self.io.expire_closing(now)
+
+    def ping(self, link, payload):
+        self.io.queue(link, encode_frame(PONG, {"t": payload.get("t")}))
+
+    def pong(self, peer, payload):
+        sent = payload.get("t")
+        if isinstance(sent, (int, float)) and not isinstance(sent, bool):
+            first = peer.rtt_ms is None
+            peer.rtt_ms = max(0.0, (time.monotonic() - sent) * 1000.0)
+            if first:
+                self.listener.peer_measured(peer)
+
+
+class Dialer:
+    """Decides whom a mesh dials and when, on the mesh thread: the targets due (DialPlan), the
+    link budget (LinkPolicy), names looked up off the thread (NameResolver), announcements
+    heard; and past --max-links, which links to close. ``check(now)`` runs when ``next_check``
+    has come; ``soon(moment)`` brings it forward."""
+
+    dial_check_interval = 0.1  # seconds between a node's announcement and the dial check it triggers
+
+    def __init__(self, node_id, config, io, peer_table, dials, resolver, listener, counters, poll_interval):
+        self.node_id = node_id
+        self.config = config
+        self.io = io
+        self.peer_table = peer_table
+        self.dials = dials
+        self.resolver = resolver
+        self.listener = listener
+        self.counters = counters
+        self.poll_interval = poll_interval
+        self.link_policy = LinkPolicy(config.max_links)
+        self.next_check = 0.0
+
+    def soon(self, moment):
+        """Check the dial targets no later than ``moment`` (a backoff ends, a node spoke)."""
+        self.next_check = min(self.next_check, moment)
+
+    def check(self, now):
+        self.next_check = now + self.poll_interval  # sooner when told (soon)
+        self.dial_due(now)
+
+    def dial_due(self, now):
+        busy = {link.target for link in self.io.links if link.target is not None}
+        linked = {node_id for node_id, peer in self.peer_table.items() if peer.connected}
+        ready = self.dials.due(now, busy, linked)
+        if not ready:
+            return
+        known = len((self.dials.known_ids() | linked) - {self.node_id})
+        choices = self.link_policy.dial_choices([(target, self._is_llm_host(target.node_id)) for target in ready],
+                                                known, self._outbound_links())
+        for target in choices:
+            if not self._address_known(target, now):
+                continue
+            if not self.dials.bucket.take(now):  # one PEER: frame must not start hundreds of dials
+                break
+            try:
+                self.io.dial(target)
+            except (OSError, ValueError) as exc:  # bad address, no route, refused at once
+                self.dials.failed(target, exc)
+                self.soon(target.next_dial)
+            target.ip = None  # a name is looked up again for its next dial
+
+    def _address_known(self, target, now):
+        """Whether ``target`` can be dialed now: an IP address, or a host name looked up (off
+        this thread); else a lookup starts, and the target waits for it."""
+        if target.ip is not None or peer_address_allowed(target.host, allow_public=True):
+            return True
+        if self.resolver.lookup(target.host, functools.partial(self._looked_up, target)):
+            target.next_dial = now + Heartbeats.connect_timeout + DialPlan.max_backoff  # its answer resets it
+        return False
+
+    def _looked_up(self, target, address, error):
+        """On the mesh thread: the lookup of ``target.host`` returned; dial it now, or back off."""
+        if address is None:
+            log_limited(logging.WARNING, ("lookup", target.host), "cannot look up the peer %s: %s (check the "
+                        "name given with --peer, or give its IP address)", safe_text(target.host), error)
+            self.dials.failed(target, error)
+        else:
+            target.ip, target.next_dial = address, 0.0
+        self.soon(target.next_dial)
+
+    def _is_llm_host(self, node_id):
+        peer = self.peer_table.get(node_id) if node_id else None
+        return peer is not None and peer.has_llm
+
+    def _outbound_links(self):
+        """Counted links this node dialed (linked or still dialing): not those to LLM hosts."""
+        count = 0
+        for link in self.io.links:
+            node_id = link.peer_id or (link.target.node_id if link.target is not None else None)
+            if link.outbound and link.closing is None and not self._is_llm_host(node_id):
+                count += 1
+        return count
+
+    def trim(self, newcomer):
+        """Past --max-links, unlink random peers that dialed this node (see LinkPolicy);
+        an LLM host keeps every link, and no link to an LLM host counts."""
+        if self.listener.hello_extra().get("has_llm"):
+            return
+        counted = [(peer.node_id, not peer.link.outbound) for peer in self.peer_table.values()
+                   if peer.link is not None and peer.link.closing is None and not peer.has_llm]
+        for node_id in self.link_policy.evictions(counted, newcomer):
+            self.counters["links_trimmed"] += 1
+            self.io.close_after(self.peer_table[node_id].link, encode_frame(GOODBYE, {"reason": "links full"}),
+                                "this node keeps at most %d links (--max-links)" % self.config.max_links)
+
+    def closed(self, link, reason):
+        """``link`` closed: back off from its target, or redial it soon."""
+        if link.target is not None and link.peer_id is None and reason != "that is this node itself":
+            self.dials.failed(link.target, reason)
+        elif link.target is not None:
+            link.target.next_dial = time.monotonic() + 0.25  # relink soon, not in a tight loop
+        if link.target is not None:
+            self.soon(link.target.next_dial)
+
+    def heard(self, ip, message):
+        """An announcement from ``ip``: note the node and its address; dial it soon if not linked."""
+        node_id = message["node_id"]
+        target = self.dials.target(ip, message["tcp_port"], node_id)
+        if message["message_type"] == "OFFLINE":
+            self.dials.drop(target)
+            return
+        known = node_id in self.peer_table
+        peer = self.peer_table.admit(node_id)
+        if peer is None:
+            return
+        if not known:
+            log.info("heard %s at %s", safe_text(message.get("name") or node_id[:8]), ip)
+        if not peer.connected:
+            peer.address, peer.tcp_port = ip, message["tcp_port"]
+        peer.update(message)
+        if not peer.connected:
+            target.failures, target.next_dial = 0, 0.0  # a node that speaks is worth dialing now
+            self.soon(time.monotonic() + self.dial_check_interval)
+
+
+class PeerExchange:
+    """Tells linked peers about each other (PEERS: frames) and reads what they tell, on the mesh
+    thread: one seed joins a whole mesh, and forwards spare the peers the sender reached
+    (LinkPolicy). The addresses heard go to the DialPlan, and the Dialer checks them at once."""
+
+    max_link_list = 1024  # node ids of one PEER: frame kept as the sender's links
+
+    def __init__(self, node_id, config, io, peer_table, dials, dialer):
+        self.node_id = node_id
+        self.config = config
+        self.io = io
+        self.peer_table = peer_table
+        self.dials = dials
+        self.dialer = dialer
+
+    def send(self, only=None):
+        """Tell every linked peer (or ``only`` that one) about the others."""
+        linked = [peer for peer in self.peer_table.values() if peer.connected]
+        for peer in linked if only is None else [only]:
+            others = [{"node_id": other.node_id, "name": other.name, "address": other.address,
+                       "tcp_port": other.tcp_port} for other in linked if other is not peer]
+            self.io.queue(peer.link, encode_frame(PEERS, {"peers": others}))
+
+    def handle(self, peer, payload):
+        entries = payload.get("peers")
+        if not isinstance(entries, list):
+            raise ProtocolError("PEER: frame without a peer list")
+        # Whom the peer is linked to (it lists all but us): forwarding spares those (LinkPolicy).
+        peer.links = frozenset([self.node_id] + [entry["node_id"] for entry in entries[:self.max_link_list]
+                                                 if isinstance(entry, dict) and isinstance(entry.get("node_id"), str)])
+        skip = {node_id for node_id, peer in self.peer_table.items() if peer.connected} | {self.node_id}
+        self.dials.from_exchange(entries, skip, lambda address: peer_address_allowed(
+            address, self.config.allow_public))
+        self.dialer.dial_due(time.monotonic())
+
+
 class Mesh:
-    """Keeps one framed TCP link to each peer, on one thread with one selector: the handshake,
-    heartbeats and peer exchange (Discovery, DialPlan and LinkIO do the rest). Its room key
+    """Keeps one framed TCP link to each peer, on one thread with one selector: the handshake
+    and the frames of a link (Heartbeats, Dialer, PeerExchange, Discovery, DialPlan and LinkIO
+    do the rest). Its room key
     comes from --mesh-key (the public open-room key without one) and is never shown.
 
     Methods for the caller (any thread): ``start()``, ``serve_forever()`` (on its own
@@ -4692,11 +4945,6 @@ class Mesh:
     """
 
     poll_interval = 2.0  # the longest the loop sleeps; timers wake it sooner
-    dial_check_interval = 0.1  # seconds between a node's announcement and the dial check it triggers
-    max_link_list = 1024  # node ids of one PEER: frame kept as the sender's links
-    connect_timeout = 5.0
-    handshake_timeout = 10.0
-    forget_after = 600.0  # seconds a down peer stays listed
 
     def __init__(self, config, node_id, listener=None, key=None, resolve=None, identity=None):
         self.config = config
@@ -4713,8 +4961,11 @@ class Mesh:
         identity = identity or TLSIdentity.load_or_create(config.data_dir, config.tls_max)
         self.io = LinkIO(self, config.max_message_size, self.counters, identity, self.room_key, config.allow_public)
         self.dials = DialPlan(node_id, config.peer_timeout)
-        self.resolver = NameResolver(self.call_soon, resolve)  # resolve: the lookup of --peer names
-        self.link_policy = LinkPolicy(config.max_links)
+        resolver = NameResolver(self.call_soon, resolve)  # resolve: the lookup of --peer names
+        self.heartbeats = Heartbeats(node_id, config, self.io, self.peer_table, self.listener)
+        self.dialer = Dialer(node_id, config, self.io, self.peer_table, self.dials, resolver, self.listener,
+                             self.counters, self.poll_interval)
+        self.peer_exchange = PeerExchange(node_id, config, self.io, self.peer_table, self.dials, self.dialer)
         self.discovery = None
         if not config.no_discovery:
             self.discovery = Discovery(config.udp_port, config.broadcast, node_id, config.announce_interval,
@@ -4724,9 +4975,6 @@ class Mesh:
         self._stopping = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()
-        self._next_heartbeat = 0.0
-        self._next_dial_check = 0.0
-        self.heartbeat_interval = max(0.05, config.peer_timeout / 3.0)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -4752,7 +5000,7 @@ class Mesh:
                     events = self.io.select(self._select_timeout())
                     with self.lock:
                         self.io.dispatch(events)
-                        self.io.run_calls()
+                        self.io.calls.run_calls()
                         self._run_timers()
                 except Exception:  # a bug must not kill the mesh: log it and go on
                     log.exception("error in the mesh loop")
@@ -4770,14 +5018,14 @@ class Mesh:
     def shutdown(self, timeout=5.0):
         """Say goodbye to every peer, stop the loop and wait for it (call from another thread)."""
         self._stopping.set()
-        self.io.wake()
+        self.io.calls.wake()
         self._stopped.wait(timeout)
 
     # -- thread-safe requests ------------------------------------------------
 
     def call_soon(self, function, *args):
         """Run ``function(*args)`` on the mesh thread."""
-        self.io.call_soon(function, *args)
+        self.io.calls.call_soon(function, *args)
 
     def unlink(self, peer_id, reason, seconds=60.0):
         """Close the link to ``peer_id`` and refuse it for ``seconds`` (any thread)."""
@@ -4836,106 +5084,18 @@ class Mesh:
     def _select_timeout(self):
         """Seconds the loop may sleep: until a heartbeat, an announcement or a dial check is due
         (at most ``poll_interval``); an idle node wakes rarely."""
-        due = min(self._next_heartbeat, self._next_dial_check)
+        due = min(self.heartbeats.next_due, self.dialer.next_check)
         if self.discovery is not None:
             due = min(due, self.discovery.next_due)
         return min(self.poll_interval, max(0.0, due - time.monotonic()))
 
-    def _dial_soon(self, moment):
-        """Check the dial targets no later than ``moment`` (a backoff ends, a node spoke)."""
-        self._next_dial_check = min(self._next_dial_check, moment)
-
     def _run_timers(self):
         now = time.monotonic()
         self._announce_if_due(now)
-        if now >= self._next_heartbeat:
-            self._next_heartbeat = now + self.heartbeat_interval
-            self._heartbeat(now)
-            self.io.expire_closing(now)
-        if now >= self._next_dial_check:  # not at every frame or datagram: it walks every target
-            self._next_dial_check = now + self.poll_interval  # sooner when told (_dial_soon)
-            self._dial_due(now)
-
-    def _heartbeat(self, now):
-        for link in list(self.io.links):
-            if link.connecting:
-                if now - link.opened > self.connect_timeout:
-                    self.io.close(link, "connect timed out")
-            elif link.peer_id is None:
-                if now - link.opened > self.handshake_timeout:
-                    self.io.close(link, "no handshake")
-            elif now - link.last_received > self.config.peer_timeout:
-                self.io.close(link, "silent for %.1f s (--peer-timeout)" % (now - link.last_received))
-            elif self.node_id < link.peer_id or now - link.last_received > 1.5 * self.heartbeat_interval:
-                # One end pings (its PONG shows the other alive): half the idle frames of both pinging.
-                self.io.queue(link, encode_frame(PING, {"t": now}))
-        self.peer_table.expire(max(self.config.peer_timeout, 2 * self.config.announce_interval),
-                               max(self.forget_after, 5 * self.config.peer_timeout))
-
-    def _dial_due(self, now):
-        busy = {link.target for link in self.io.links if link.target is not None}
-        linked = {node_id for node_id, peer in self.peer_table.items() if peer.connected}
-        ready = self.dials.due(now, busy, linked)
-        if not ready:
-            return
-        known = len((self.dials.known_ids() | linked) - {self.node_id})
-        choices = self.link_policy.dial_choices([(target, self._is_llm_host(target.node_id)) for target in ready],
-                                                known, self._outbound_links())
-        for target in choices:
-            if not self._address_known(target, now):
-                continue
-            if not self.dials.bucket.take(now):  # one PEER: frame must not start hundreds of dials
-                break
-            try:
-                self.io.dial(target)
-            except (OSError, ValueError) as exc:  # bad address, no route, refused at once
-                self.dials.failed(target, exc)
-                self._dial_soon(target.next_dial)
-            target.ip = None  # a name is looked up again for its next dial
-
-    def _address_known(self, target, now):
-        """Whether ``target`` can be dialed now: an IP address, or a host name looked up (off
-        this thread); else a lookup starts, and the target waits for it."""
-        if target.ip is not None or peer_address_allowed(target.host, allow_public=True):
-            return True
-        if self.resolver.lookup(target.host, functools.partial(self._looked_up, target)):
-            target.next_dial = now + self.connect_timeout + DialPlan.max_backoff  # its answer resets it
-        return False
-
-    def _looked_up(self, target, address, error):
-        """On the mesh thread: the lookup of ``target.host`` returned; dial it now, or back off."""
-        if address is None:
-            log_limited(logging.WARNING, ("lookup", target.host), "cannot look up the peer %s: %s (check the "
-                        "name given with --peer, or give its IP address)", safe_text(target.host), error)
-            self.dials.failed(target, error)
-        else:
-            target.ip, target.next_dial = address, 0.0
-        self._dial_soon(target.next_dial)
-
-    def _is_llm_host(self, node_id):
-        peer = self.peer_table.get(node_id) if node_id else None
-        return peer is not None and peer.has_llm
-
-    def _outbound_links(self):
-        """Counted links this node dialed (linked or still dialing): not those to LLM hosts."""
-        count = 0
-        for link in self.io.links:
-            node_id = link.peer_id or (link.target.node_id if link.target is not None else None)
-            if link.outbound and link.closing is None and not self._is_llm_host(node_id):
-                count += 1
-        return count
-
-    def _trim_links(self, newcomer):
-        """Past --max-links, unlink random peers that dialed this node (see LinkPolicy);
-        an LLM host keeps every link, and no link to an LLM host counts."""
-        if self.listener.hello_extra().get("has_llm"):
-            return
-        counted = [(peer.node_id, not peer.link.outbound) for peer in self.peer_table.values()
-                   if peer.link is not None and peer.link.closing is None and not peer.has_llm]
-        for node_id in self.link_policy.evictions(counted, newcomer):
-            self.counters["links_trimmed"] += 1
-            self.io.close_after(self.peer_table[node_id].link, encode_frame(GOODBYE, {"reason": "links full"}),
-                                "this node keeps at most %d links (--max-links)" % self.config.max_links)
+        if now >= self.heartbeats.next_due:
+            self.heartbeats.beat(now)
+        if now >= self.dialer.next_check:  # not at every frame or datagram: it walks every target
+            self.dialer.check(now)
 
     # -- discovery -----------------------------------------------------------
 
@@ -4962,26 +5122,7 @@ class Mesh:
 
     def _receive_announcements(self):
         for ip, message in self.discovery.receive():
-            self._heard_announcement(ip, message)
-
-    def _heard_announcement(self, ip, message):
-        node_id = message["node_id"]
-        target = self.dials.target(ip, message["tcp_port"], node_id)
-        if message["message_type"] == "OFFLINE":
-            self.dials.drop(target)
-            return
-        known = node_id in self.peer_table
-        peer = self.peer_table.admit(node_id)
-        if peer is None:
-            return
-        if not known:
-            log.info("heard %s at %s", safe_text(message.get("name") or node_id[:8]), ip)
-        if not peer.connected:
-            peer.address, peer.tcp_port = ip, message["tcp_port"]
-        peer.update(message)
-        if not peer.connected:
-            target.failures, target.next_dial = 0, 0.0  # a node that speaks is worth dialing now
-            self._dial_soon(time.monotonic() + self.dial_check_interval)
+            self.dialer.heard(ip, message)
 
     # -- frames ----------------------------------------------------------------
 
@@ -5000,16 +5141,11 @@ class Mesh:
         # idempotent): during a dial race the far end may briefly send on the other link.
         peer.last_seen = time.time()
         if marker == PING:
-            self.io.queue(link, encode_frame(PONG, {"t": payload.get("t")}))
+            self.heartbeats.ping(link, payload)
         elif marker == PONG:
-            sent = payload.get("t")
-            if isinstance(sent, (int, float)) and not isinstance(sent, bool):
-                first = peer.rtt_ms is None
-                peer.rtt_ms = max(0.0, (time.monotonic() - sent) * 1000.0)
-                if first:
-                    self.listener.peer_measured(peer)
+            self.heartbeats.pong(peer, payload)
         elif marker == PEERS:
-            self._handle_peer_exchange(peer, payload)
+            self.peer_exchange.handle(peer, payload)
         elif marker == GOODBYE:
             if link.target is not None:
                 self.dials.drop(link.target)
@@ -5080,10 +5216,10 @@ class Mesh:
         if current is None:
             log.info("linked to %s (%s:%d)", safe_text(peer.name), peer.address, peer.tcp_port)
             tell_versions(peer)
-            self._send_peer_exchange()
-            self._trim_links(node_id)
+            self.peer_exchange.send()
+            self.dialer.trim(node_id)
         else:  # what the retired link still held unsent is lost: the peer hears our links again
-            self._send_peer_exchange(peer)
+            self.peer_exchange.send(peer)
         self.listener.peer_up(peer)
 
     def _hand_off_relay(self, link, node_id):
@@ -5103,27 +5239,6 @@ class Mesh:
         if peer is None or not peer.address or not peer.tcp_port:
             raise ConnectionError("no address for the peer %s" % node_id[:8])
         return dial_relay(self.io.identity, self.room_key, self.key, (peer.address, peer.tcp_port), node_id, timeout)
-
-    def _send_peer_exchange(self, only=None):
-        """Tell every linked peer (or ``only`` that one) about the others, so one seed joins a
-        whole mesh and forwards spare the peers the sender reached (LinkPolicy)."""
-        linked = [peer for peer in self.peer_table.values() if peer.connected]
-        for peer in linked if only is None else [only]:
-            others = [{"node_id": other.node_id, "name": other.name, "address": other.address,
-                       "tcp_port": other.tcp_port} for other in linked if other is not peer]
-            self.io.queue(peer.link, encode_frame(PEERS, {"peers": others}))
-
-    def _handle_peer_exchange(self, peer, payload):
-        entries = payload.get("peers")
-        if not isinstance(entries, list):
-            raise ProtocolError("PEER: frame without a peer list")
-        # Whom the peer is linked to (it lists all but us): forwarding spares those (LinkPolicy).
-        peer.links = frozenset([self.node_id] + [entry["node_id"] for entry in entries[:self.max_link_list]
-                                                 if isinstance(entry, dict) and isinstance(entry.get("node_id"), str)])
-        skip = {node_id for node_id, peer in self.peer_table.items() if peer.connected} | {self.node_id}
-        self.dials.from_exchange(entries, skip, lambda address: peer_address_allowed(
-            address, self.config.allow_public))
-        self._dial_due(time.monotonic())
 
     # -- sending and closing ---------------------------------------------------
 
@@ -5148,26 +5263,11 @@ class Mesh:
 
     def link_outdated(self, link):
         """LinkIO met an earlier protocol on ``link``: say so once, naming the peer; mark it outdated."""
-        node_id = link.target.node_id if link.target is not None else None
-        if node_id is None:
-            node_id = next((peer.node_id for peer in self.peer_table.values() if peer.address == link.address[0]
-                            and (peer.tcp_port == link.address[1] or not link.outbound)), None)
-        peer = self.peer_table.get(node_id) if node_id else None
-        if peer is not None and (not peer.protocol_version or peer.protocol_version >= PROTOCOL_VERSION):
-            peer.protocol_version = PROTOCOL_VERSION - 1
-        where = "%s:%s" % (link.address[0], link.address[1]) if link.outbound else link.address[0]
-        name = "%s (%s)" % (safe_text(peer.name), where) if peer is not None and peer.name else where
-        _VERSION_NOTICES.log(logging.WARNING, ("outdated", where), "refusing the link with %s: it runs an older "
-                             "NeuroMesh: upgrade it (this computer runs %s)", name, __version__)
+        self.peer_table.outdated(link)
 
     def link_closed(self, link, reason):
         """After LinkIO closed ``link``: back off or redial its target; its peer is down."""
-        if link.target is not None and link.peer_id is None and reason != "that is this node itself":
-            self.dials.failed(link.target, reason)
-        elif link.target is not None:
-            link.target.next_dial = time.monotonic() + 0.25  # relink soon, not in a tight loop
-        if link.target is not None:
-            self._dial_soon(link.target.next_dial)
+        self.dialer.closed(link, reason)
         peer = self.peer_table.get(link.peer_id) if link.peer_id else None
         if peer is not None and peer.link is link:
             peer.link = None
@@ -5178,7 +5278,7 @@ class Mesh:
             self.counters["peers_lost"] += 1
             self.listener.peer_down(peer, reason)
             if not self._stopping.is_set():
-                self._send_peer_exchange()  # peers must not spare forwards on a link that is gone
+                self.peer_exchange.send()  # peers must not spare forwards on a link that is gone
 
     def _close_all(self):
         goodbye = encode_frame(GOODBYE, {"reason": "shutdown"})
@@ -6075,8 +6175,8 @@ class Backend:
                 if first and event["type"] == "token":
                     first = False
                     latency = time.monotonic() - started
-                    self.recent_latency = latency if self.recent_latency is None else \
-                        0.7 * self.recent_latency + 0.3 * latency
+                    self.recent_latency = (latency if self.recent_latency is None else
+                                           0.7 * self.recent_latency + 0.3 * latency)
                 if event["type"] == "done":
                     self._measured(model, event)
                 yield event
@@ -6739,7 +6839,9 @@ class PeerBackend(Backend):
         return Upstream(response.status, content_type, chunks(), relay.close, relay)
 
 
-# -- any request kind, passed on as it is (issue 13) ----------------------------------
+###############################################################################
+# Any request kind, passed on as it is ########################################
+###############################################################################
 #
 # Chats of the page go through Router.chat as events. Every other request of the Ollama
 # API (show, embed, chats with tools or formats, raw generates) is passed on in Ollama's
@@ -6848,8 +6950,8 @@ def post_upstream(backend, path, body, headers=None):
     if response.status_code == 404 or response.status_code >= 500 or response.status_code == 401:
         text = _http_error_text(response)
         response.close()
-        what = "does not have that model" if response.status_code == 404 else "answered HTTP %d" % \
-            response.status_code
+        what = ("does not have that model" if response.status_code == 404
+                else "answered HTTP %d" % response.status_code)
         raise _UpstreamRefused("%s %s: %s" % (backend.node_name, what, text), status=response.status_code)
     return Upstream.of_response(response)
 
@@ -7037,7 +7139,7 @@ class MeshCalls:
         body.pop("name", None)
         governed = path in GENERATION_PATHS and not router.policy.is_owner(requester)
         if path in GENERATION_PATHS and (governed or model not in router.local_models()):  # its own LLM is the owner's
-            router.room.admit(router.policy.requester(requester), model)  # the teacher's rules (issue 24)
+            router.room.admit(router.policy.requester(requester), model)  # the teacher's rules
         failures = []
         for backend in router.candidates(model, local_only, requester):
             try:
@@ -7432,8 +7534,8 @@ class RoomRules:
         if not isinstance(shown, dict) or shown.get("teacher") != self.teacher_id or not self.teacher_id:
             return set()
         ids = shown.get("conversations")
-        return {cid for cid in ids[:1000] if isinstance(cid, str) and bound_owner(cid) == origin} \
-            if isinstance(ids, list) else set()
+        return ({cid for cid in ids[:1000] if isinstance(cid, str) and bound_owner(cid) == origin}
+                if isinstance(ids, list) else set())
 
     _OWN_FIELDS = ("shown_to_teacher", "guest_chats", "guests_cleared")
 
@@ -7533,8 +7635,8 @@ class Placement:
 
     def rounds(self, backend, requester):
         """Answers' time before a chat of ``requester`` starts on ``backend`` (0: at once)."""
-        turn = self.router.policy.turn(requester, backend, asking=False) if backend.local else \
-            Turn(self.router.policy.requester(requester), 1.0, False, False, None)
+        turn = (self.router.policy.turn(requester, backend, asking=False) if backend.local
+                else Turn(self.router.policy.requester(requester), 1.0, False, False, None))
         rounds = backend.slots.rounds_before(turn) + self.router.pending[backend] / float(backend.slots.limit)
         if not backend.local:
             rounds += self._host_rounds(backend, turn.requester)
@@ -8031,7 +8133,7 @@ def llm_host_count(mesh_models):
 # Model transfer ##############################################################
 ###############################################################################
 #
-# A model travels across the room (issue 26), with no internet. A node with a local Ollama
+# A model travels across the room, with no internet. A node with a local Ollama
 # reads Ollama's store read-only (ModelStore: the manifests and the content-addressed blobs
 # ``sha256-<hex>``) and serves the models it shares on its relay (ModelRelayApi, with the relay
 # token each peer got over the link). A pull (the CLI's ``pull``, the page's button and Ollama's
@@ -9676,7 +9778,9 @@ class ErrorReplies:
         return self.reply(500, "internal error: %s" % (error.exception or error.body))
 
 
-# -- who is asking: the access model of issue 9 --------------------------------------------
+###############################################################################
+# Who is asking: the access model #############################################
+###############################################################################
 #
 # The client is the socket's peer address (REMOTE_ADDR from the server), never a header.
 # Loopback is the owner of this computer and may do everything. Another machine gets the
@@ -9809,8 +9913,8 @@ class GuestDoor:
             now = time.time()
             if isinstance(saved, dict) and saved.get("room") == self._fingerprint():
                 for item in saved.get("sessions") if isinstance(saved.get("sessions"), list) else []:
-                    if isinstance(item, list) and len(item) == 3 and all(isinstance(x, str) for x in item[:2]) \
-                            and isinstance(item[2], (int, float)) and item[2] > now:
+                    if (isinstance(item, list) and len(item) == 3 and all(isinstance(x, str) for x in item[:2])
+                            and isinstance(item[2], (int, float)) and item[2] > now):
                         self._sessions[item[0]] = (item[1], float(item[2]))
             while len(self._sessions) > self.max_sessions:
                 self._sessions.popitem(last=False)
@@ -9929,13 +10033,13 @@ class Gatekeeper:
     def _check_same_site(request, kind):
         origin = request.headers.get("Origin")
         host = request.headers.get("Host") or ""
-        if origin is not None and origin.lower() not in ("http://" + host.lower(), "https://" + host.lower()) \
-                or request.headers.get("Sec-Fetch-Site") == "cross-site":
+        if (origin is not None and origin.lower() not in ("http://" + host.lower(), "https://" + host.lower())
+                or request.headers.get("Sec-Fetch-Site") == "cross-site"):
             raise HTTPFailure(403, "cross-site request refused: only this node's own page may change things here")
         ctype = (request.environ.get("CONTENT_TYPE") or "").split(";")[0].strip().lower()
         refused = ("text/plain", "multipart/form-data") if kind == "llm" else None
-        if request.method in ("POST", "PATCH", "PUT") and (request.environ.get("CONTENT_LENGTH") or "0") != "0" \
-                and (ctype in refused if refused else ctype != "application/json"):
+        if (request.method in ("POST", "PATCH", "PUT") and (request.environ.get("CONTENT_LENGTH") or "0") != "0"
+                and (ctype in refused if refused else ctype != "application/json")):
             raise HTTPFailure(415, "send the request body as JSON (Content-Type: application/json)")
 
     def _lan_client(self, request, address):
@@ -10129,7 +10233,7 @@ class PageApi(HttpApi):
     # -- conversations -------------------------------------------------------------
 
     def _teacher_may_read(self, record):
-        """On the teacher's computer only its own chats and those a student shows it (issue 24)."""
+        """On the teacher's computer only its own chats and those a student shows it."""
         if self.teacher is None:
             return True
         return record["own"] or record["id"] in self.room.shared()
@@ -10910,7 +11014,9 @@ class OpenAIShapes:
         yield "data: [DONE]\n\n"
 
 
-# -- issue 25: Anthropic's Messages API and OpenAI's Responses API, as Ollama chats -----------
+###############################################################################
+# Anthropic's Messages and OpenAI's Responses APIs ############################
+###############################################################################
 
 
 class OllamaChats:
@@ -11553,7 +11659,9 @@ class RelayApi(HttpApi):
         return {"error": event["error"], "status": event["status"]}
 
 
-# -- the teacher's room (issue 24) ----------------------------------------------------------
+###############################################################################
+# The teacher's room ##########################################################
+###############################################################################
 
 
 ROOM_FILE = "room.json"  # inside a room's .pyz: its room code and teacher
@@ -11755,7 +11863,7 @@ class RoomApi(HttpApi):
 
 
 class ModelRelayApi(RelayApi):
-    """Model transfer on the relay (issue 26): peers holding this node's relay token read what it
+    """Model transfer on the relay: peers holding this node's relay token read what it
     shares (``/relay/models``), a blob's chunk list, and a blob's bytes by range. Read only."""
 
     def __init__(self, router, chat, gate, share):
@@ -11921,7 +12029,9 @@ class RelayServer:
         return True
 
 
-# -- queues on view: /api/health's "queues" and /metrics (issue 15) ----------------------
+###############################################################################
+# Queues on view: health and metrics ##########################################
+###############################################################################
 
 
 class QueueReport:
@@ -13067,8 +13177,8 @@ class Doctor:
                      "on %s, open the firewall: %s firewall" % (label, RUN))
             return
         self.met[hello["node_id"]] = (ip, hello)
-        what = "has the LLM (%s)" % ", ".join(hello.get("models") or ["no model"]) if hello.get("has_llm") \
-            else "no LLM"
+        what = ("has the LLM (%s)" % ", ".join(hello.get("models") or ["no model"]) if hello.get("has_llm")
+                else "no LLM")
         self.add("ok", "peer %s heard, and TCP %d reaches it: %s; %s"
                  % (self.label(node_id, ip, hello), port, "it proved the room code" if self.config.mesh_key
                     else "it linked", safe_text(what, 200)))

@@ -214,8 +214,8 @@ def test_any_peer_list_is_checked_and_kept_bounded_as_the_senders_links(bare_mes
         nm.check_frame(nm.PEERS, payload)
     except nm.ProtocolError:
         return  # the link would close with this message
-    bare_mesh._handle_peer_exchange(peer, payload)
-    assert bare_mesh.node_id in peer.links and len(peer.links) <= bare_mesh.max_link_list + 1
+    bare_mesh.peer_exchange.handle(peer, payload)
+    assert bare_mesh.node_id in peer.links and len(peer.links) <= bare_mesh.peer_exchange.max_link_list + 1
     assert all(isinstance(node_id, str) for node_id in peer.links)
 
 

@@ -27,11 +27,11 @@ BUSY_DEADLINE = 120.0  # seconds: a wait that only ends early must not fail on a
 
 @pytest.fixture
 def meshes(mesh_config):
-    """``start(node_id, key=None, peer_of=None, discovery=False, **attributes)``: RunningMeshes,
+    """``start(node_id, key=None, peer_of=None, discovery=False, **heartbeats)``: RunningMeshes,
     stopped at the end; ``peer_of`` another RunningMesh to dial."""
     running = []
 
-    def start(node_id, key=None, peer_of=None, discovery=False, settings=None, flags=(), **attributes):
+    def start(node_id, key=None, peer_of=None, discovery=False, settings=None, flags=(), **heartbeats):
         extra = ["--name", node_id] + list(flags)
         if key is not None:
             extra += ["--mesh-key", key]
@@ -41,8 +41,8 @@ def meshes(mesh_config):
         mesh = RunningMesh.__new__(RunningMesh)
         mesh.listener = RecordingListener()
         mesh.mesh = nm.Mesh(config, KEYS.id(node_id), mesh.listener, key=KEYS[node_id])
-        for name, value in attributes.items():
-            setattr(mesh.mesh, name, value)
+        for name, value in heartbeats.items():  # its tunables, e.g. handshake_timeout
+            setattr(mesh.mesh.heartbeats, name, value)
         mesh.mesh.start()
         mesh.thread = __import__("threading").Thread(target=mesh.mesh.serve_forever, name="sec-" + node_id)
         mesh.thread.start()
@@ -334,7 +334,7 @@ def test_half_open_connections_are_closed_by_the_handshake_deadline(meshes):
         for sock in socks:
             sock.close()
     assert not open_socks, "%d half-open sockets still open" % len(open_socks)
-    assert elapsed < 1.0 + a.mesh.heartbeat_interval + 5.0
+    assert elapsed < 1.0 + a.mesh.heartbeats.interval + 5.0
     assert linked(a, b) and a.listener.of("peer_down") == []
     print("200 half-open sockets closed in %.2f s (handshake_timeout 1.0 s)" % elapsed)
 
@@ -359,7 +359,7 @@ def test_a_trickling_peer_is_closed_within_the_peer_timeout(meshes):
             readable = not closed and select.select([peer.sock], [], [], 0)[0]
     elapsed = time.monotonic() - started
     wait_for(lambda: "raw-peer" not in a.linked_ids(), message="the trickler unlinked")
-    assert elapsed < 1.5 + a.mesh.heartbeat_interval + 2.0, elapsed
+    assert elapsed < 1.5 + a.mesh.heartbeats.interval + 2.0, elapsed
     assert any("silent" in reason for _id, reason in a.listener.of("peer_down"))
 
 

@@ -148,7 +148,7 @@ def test_garbage_around_the_tls_handshake_closes_only_that_link(meshes, when):
         pass
     finally:
         sock.close()
-    assert time.monotonic() - started < 2.0 + a.mesh.heartbeat_interval + 1.0
+    assert time.monotonic() - started < 2.0 + a.mesh.heartbeats.interval + 1.0
     wait_for(lambda: a.mesh.counters["tls_errors"] >= 1, message="a TLS error counted")
     assert linked(a, b) and a.listener.of("peer_down") == [] and a.mesh.counters["loop_errors"] == 0
 
@@ -166,7 +166,7 @@ def test_a_stalled_tls_handshake_is_closed_by_the_handshake_deadline(meshes):
         started = time.monotonic()
         while sock.recv(65536):
             pass
-        assert time.monotonic() - started < 1.0 + a.mesh.heartbeat_interval + 2.0
+        assert time.monotonic() - started < 1.0 + a.mesh.heartbeats.interval + 2.0
     finally:
         sock.close()
     assert a.mesh.io.links == set()
