@@ -1,4 +1,4 @@
-"""Issue 12, the classroom experience, in a real browser (Chromium, Playwright) against real nodes.
+"""The classroom experience, in a real browser (Chromium, Playwright) against real nodes.
 
 Uses the fixtures and guards of test_browser.py: every node is on loopback, the only LLM is
 tests/fake_ollama.py, and a test fails on a console error, a dialog or a request off 127.0.0.1.

@@ -1,4 +1,4 @@
-"""Mid-answer failover (issue 15) on the chat page, in a real browser (Chromium, Playwright):
+"""Mid-answer failover on the chat page, in a real browser (Chromium, Playwright):
 the host answering a student dies, the answer goes on and says which host continued it.
 
 Uses the fixtures and guards of test_browser.py: every node is on loopback, the only LLMs are

@@ -1,4 +1,4 @@
-"""Issue 23, a teacher's first lesson, in a real browser: the page's part (Chromium, Playwright).
+"""A teacher's first lesson, in a real browser: the page's part (Chromium, Playwright).
 
 The sidebar's list on a school laptop and a phone, search results that tell two look-alike
 conversations apart, one answer (not two) after the page's node restarted mid-answer, Markdown

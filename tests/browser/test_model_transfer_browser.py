@@ -1,4 +1,4 @@
-"""The page's list of the room's models (issue 26), in a real browser (Debian's Chromium, driven
+"""The page's list of the room's models, in a real browser (Debian's Chromium, driven
 by Playwright): who has each model and its size, and the "Get this model on this computer" button
 with its progress, against real loopback nodes and fake Ollamas."""
 

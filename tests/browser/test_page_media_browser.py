@@ -1,4 +1,4 @@
-"""Issue 25, part 5, in a real browser (Debian's Chromium, as tests/test_browser.py): a picture
+"""Pictures and thinking on the page, in a real browser (Debian's Chromium, as tests/browser/test_browser.py): a picture
 attached on a phone-size page for a vision model and answered; a reasoning model's thinking in
 a collapsed "Thinking…" section, streamed live apart from the answer and kept with it; the model
 picker tells each model's capabilities. The only LLM is the fake Ollama, on another node."""

@@ -1,4 +1,4 @@
-"""Issue 16: one file for air-gapped rooms, offline installs, and the installers kept in step.
+"""One file for air-gapped rooms, offline installs, and the installers kept in step.
 
 The bundle is built once per session with `./install.sh --bundle` in a copy of the program; the
 tests skip (saying why) only when pip cannot reach a package index.

@@ -1,4 +1,4 @@
-"""Issue 13: the official clients and tools, against a node WITHOUT an LLM, served by a peer.
+"""The official clients and tools, against a node WITHOUT an LLM, served by a peer.
 
 Every request below reaches the fake Ollama (tests/fake_ollama.py, a real HTTP server on
 loopback) of the other node through that node's relay (``/relay/forward``), and comes back

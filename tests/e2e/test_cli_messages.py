@@ -1,4 +1,4 @@
-"""Issue 23, item 6: the command line a new user meets. Messages say `python3` (stock Debian and
+"""The command line a new user meets. Messages say `python3` (stock Debian and
 Ubuntu have no `python`), the top-level help keeps each command's sentence whole, an unknown option
 is named with the close one, and a machine before install is told to run ./install.sh."""
 

@@ -1,4 +1,4 @@
-"""Issue 16: `doctor` says why peers do not appear, `status` prints a running node's tables, and
+"""`doctor` says why peers do not appear, `status` prints a running node's tables, and
 `firewall` builds each OS's commands (built here for every OS, never run: this machine's firewall
 is never touched)."""
 

@@ -1,4 +1,4 @@
-"""Issue 23, item 1: `doctor` in a closed room judges from what it can prove. It links to each peer
+"""`doctor` in a closed room judges from what it can prove. It links to each peer
 heard with the room code, reads the HELO the room tells only its members, and names the computers
 and the one with the LLM; beside a running node, and on a machine about to join."""
 

@@ -1,4 +1,4 @@
-"""Mid-answer failover (issue 15, part 4), with real nodes on loopback: a student node without
+"""Mid-answer failover, with real nodes on loopback: a student node without
 an LLM, two host nodes each with a fake Ollama. The host that answers is killed (SIGKILL) or
 frozen (SIGSTOP) once 10 of 50 tokens arrived; the other host continues the answer."""
 

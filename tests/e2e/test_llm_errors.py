@@ -1,4 +1,4 @@
-"""Issue 23, items 3, 4 and 7: errors a student can act on. When the host's Ollama stops, the chat's
+"""Errors a student can act on. When the host's Ollama stops, the chat's
 error is one sentence naming the computer, with no exception names and nothing said twice; the
 backend is shown down at the first failed call (not at the next probe); this computer's stopped
 LLM is told once; and a node that stops mid-answer says so in its log instead of blaming the host."""

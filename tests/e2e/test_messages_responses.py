@@ -1,4 +1,4 @@
-"""Issue 25: Anthropic's Messages API (``/v1/messages``) and OpenAI's Responses API
+"""Anthropic's Messages API (``/v1/messages``) and OpenAI's Responses API
 (``/v1/responses``) through a node WITHOUT an LLM, relayed to a host whose Ollama is the fake
 (tests/fake_ollama.py), spoken to by the official ``anthropic`` and ``openai`` Python SDKs."""
 

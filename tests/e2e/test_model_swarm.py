@@ -1,4 +1,4 @@
-"""A swarm, not a queue (issue 26): 8 computers in the test's own network namespaces, each link
+"""A swarm, not a queue: 8 computers in the test's own network namespaces, each link
 capped so the network is the limit; one has the model, 7 pull it at once, and they are done in a
 small multiple of one transfer's time, measured in the same run."""
 

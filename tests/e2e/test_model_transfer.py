@@ -1,4 +1,4 @@
-"""Models travel across the room (issue 26): a node reads its Ollama's store and serves it to
+"""Models travel across the room: a node reads its Ollama's store and serves it to
 the room; a pull copies a model in chunks from every peer that holds it into this computer's
 Ollama, through Ollama's API (the fake checks each blob's digest), and resumes after a cut."""
 

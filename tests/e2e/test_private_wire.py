@@ -1,4 +1,4 @@
-"""Private on the wire (issue 22): three nodes in network namespaces on a bridge, a capture on
+"""Private on the wire: three nodes in network namespaces on a bridge, a capture on
 the bridge. While C asks A's LLM through the relay, the conversation syncs to B and a rename
 syncs, no canary (question, answer, titles, names) crosses in any packet; the same capture sees
 a canary sent to a page over plain HTTP (the control).

@@ -1,4 +1,4 @@
-"""Relay tokens across link changes (issue 20, item 6), with real nodes on loopback: a link lost
+"""Relay tokens across link changes, with real nodes on loopback: a link lost
 on the host's side only must not leave the client holding a token the host dropped.
 
 The race, provoked with a held link instead of load: the client has two links to the host

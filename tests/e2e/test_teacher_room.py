@@ -1,4 +1,4 @@
-"""The teacher's room (issue 24), with real nodes on loopback: a teacher node (`neuromesh.py
+"""The teacher's room, with real nodes on loopback: a teacher node (`neuromesh.py
 teacher`), one LLM host with a fake Ollama, and students pinned to the teacher. The teacher's
 signed policy reaches every node; hosts enforce it on every chat they answer, relayed ones too.
 

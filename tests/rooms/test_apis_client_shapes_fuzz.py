@@ -1,4 +1,4 @@
-"""Issue 25: the request parsers and stream translators of /v1/messages and /v1/responses take
+"""The request parsers and stream translators of /v1/messages and /v1/responses take
 hostile input: whatever JSON a client sends, or whatever chunks a host streams back, the
 answer is a request, a clear HTTPFailure, or well-formed events; never another exception."""
 

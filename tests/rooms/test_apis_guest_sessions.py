@@ -1,4 +1,4 @@
-"""Issue 23, item 5: guests are not signed out by a restart. Sessions are kept in the data dir
+"""Guests are not signed out by a restart. Sessions are kept in the data dir
 (hashed tokens, expiry) and revoked when the room code or the guest code changes; a guest's code
 is the node's own, never the room code; the API says which code does what; and the start-up line
 tells where guests can really go (or why they cannot)."""

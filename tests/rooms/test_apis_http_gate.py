@@ -1,4 +1,4 @@
-"""Slowloris (issue 20, item 2): a stranger trickling never-finished requests must not lock the
+"""Slowloris: a stranger trickling never-finished requests must not lock the
 owner out. The HTTP server caps connections per address, keeps room for the owner (loopback),
 and closes a request not received in full by the request deadline; answers that stream for
 long (SSE) are never cut by it.

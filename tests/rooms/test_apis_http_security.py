@@ -1,4 +1,4 @@
-"""HTTP hardening and access (issues 9 and 10).
+"""HTTP hardening and access.
 
 Most tests call the WSGI app in-process with a chosen REMOTE_ADDR (another machine is only
 ever an environ value); the live-node tests talk to a node on 127.0.0.1 only.

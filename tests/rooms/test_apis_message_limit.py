@@ -1,4 +1,4 @@
-"""Issue 20 item 7: one message limit, MAX_CONTENT_BYTES (256 KiB of UTF-8), the same at every door.
+"""One message limit, MAX_CONTENT_BYTES (256 KiB of UTF-8), the same at every door.
 
 A message one byte over it gets the same 413 (in each API's error shape) from the page API,
 the Ollama and OpenAI APIs and both relay doors, and a peer's synced entry holding it is

@@ -1,4 +1,4 @@
-"""Issue 25, part 4: Ollama's model management on a node. ``create``, ``copy``, ``delete``,
+"""Ollama's model management on a node. ``create``, ``copy``, ``delete``,
 ``push`` and ``blobs`` act on this computer's own Ollama (the fake, which records them) for its
 owner only: this computer, or a --lan-api client that sends the room code. Another machine of the
 LAN is refused with a clear 403, never a silent no-op, and its Ollama sees nothing."""

@@ -1,4 +1,4 @@
-"""The replies the chat page relies on for guests (issue 9), asked of the real app in-process.
+"""The replies the chat page relies on for guests, asked of the real app in-process.
 
 tests/test_browser.py plays these replies to a browser (which can reach only loopback, the
 owner), and neuromesh_static/app.js acts on them: keep the three in step. A guest here is a

@@ -1,4 +1,4 @@
-"""Issue 25, part 5 (the server side of the page): a question with pictures for a vision model,
+"""The server side of the page: a question with pictures for a vision model,
 and a reasoning model's thinking kept apart from its answer, through a node WITHOUT an LLM
 relayed to a host whose Ollama is the fake; both stored with the message and synced."""
 

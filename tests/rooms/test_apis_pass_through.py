@@ -1,4 +1,4 @@
-"""Issue 25, part 3: everything passes through untouched. Through a node WITHOUT an LLM, relayed
+"""Everything passes through untouched. Through a node WITHOUT an LLM, relayed
 to a host whose Ollama is the fake (which records what it received): ``think``, ``images``,
 ``format`` (a schema), ``keep_alive``, ``options``, ``logprobs``, ``truncate`` and ``tool_name``
 arrive as the client sent them, and a thinking model's ``thinking`` comes back apart."""

@@ -1,4 +1,4 @@
-"""Issue 20 item 3: relayed chats are rate-limited on the host, per requester and per node.
+"""Relayed chats are rate-limited on the host, per requester and per node.
 
 The attacker is an insider node holding a valid relay token, sending straight to the host's
 two relay doors (/relay/chat and /relay/forward) and making up a new requester tag whenever

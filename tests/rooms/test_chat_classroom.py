@@ -1,4 +1,4 @@
-"""Issue 12 without a browser: history of failed and edited questions, cut-off answers, naming,
+"""The classroom without a browser: history of failed and edited questions, cut-off answers, naming,
 search, paging, export/import round trips, the CLI's help and errors."""
 
 import json

@@ -1,4 +1,4 @@
-"""Fair sharing of the room's LLMs (issue 15), in-process: fair queues per requester, the owner
+"""Fair sharing of the room's LLMs, in-process: fair queues per requester, the owner
 first, --share-slots, placement where a chat starts soonest, re-placement, 503s moved, the pause
 switch, the requester carried through the relay, and the queues in /metrics and /api/health."""
 

@@ -1,4 +1,4 @@
-"""Issue 14 part 5: relayed chats go over kept-alive http.client connections (RelayConnections).
+"""Relayed chats go over kept-alive http.client connections (RelayConnections).
 A scripted relay on loopback answers each request with bytes the test chose."""
 import json
 import socket

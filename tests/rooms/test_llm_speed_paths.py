@@ -1,4 +1,4 @@
-"""The fast paths of issue 14 (part 5), in-process on loopback: relay answers over one kept-alive
+"""The fast paths, in-process on loopback: relay answers over one kept-alive
 connection, and no frame encoded for a broadcast that reaches nobody. Not timed."""
 
 import threading

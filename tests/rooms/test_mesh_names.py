@@ -1,4 +1,4 @@
-"""Host names given with --peer (issue 20, item 5): looked up off the mesh thread, so a slow
+"""Host names given with --peer: looked up off the mesh thread, so a slow
 DNS freezes no link; at most one lookup per name at a time, retried on the dial backoff.
 Meshes in the test process on loopback; the lookup is the test's own (no DNS is asked)."""
 

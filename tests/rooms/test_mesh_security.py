@@ -1,4 +1,4 @@
-"""Mesh security (issues 9, 10 and 22): the room code, the key proof inside TLS, origin
+"""Mesh security: the room code, the key proof inside TLS, origin
 checks, and the bounds that keep one hostile peer from hurting a node. In-process meshes on
 loopback where possible, a few real nodes (the ``cluster`` fixture) for the black-box view.
 

@@ -1,4 +1,4 @@
-"""Private links (issue 22): every peer link and every relayed chat runs in TLS, bound to who
+"""Private links: every peer link and every relayed chat runs in TLS, bound to who
 speaks; a machine in the middle is refused; TLS 1.2 links with 1.3; garbage and stalls close only
 their own link. Real nodes on loopback (the ``cluster`` fixture) and in-process meshes.
 

@@ -1,4 +1,4 @@
-"""A catch-up stores each verified run in a few statements (issue 14, part 5): what the batched
+"""A catch-up stores each verified run in a few statements: what the batched
 path stores must be what the entry-by-entry path stored. In-process, no network."""
 
 import json

@@ -1,4 +1,4 @@
-"""Mixed versions in one room (issue 20, item 4): an entry's hash covers its data as it came, so
+"""Mixed versions in one room: an entry's hash covers its data as it came, so
 fields a node does not know are verified, stored and forwarded unchanged; and the previous
 release, run as a real peer process, and this code see each other's messages.
 

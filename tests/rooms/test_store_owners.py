@@ -1,4 +1,4 @@
-"""One owner for every conversation (issue 20, item 1): imported conversations, conversations
+"""One owner for every conversation: imported conversations, conversations
 from before node keys, and ids an insider could compute before their owner uses them. The
 insider has the room code and its own key, and sends correctly signed batches.
 

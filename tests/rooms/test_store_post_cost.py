@@ -1,4 +1,4 @@
-"""A post costs the same however long its conversation is (issue 14, part 1), in-process.
+"""A post costs the same however long its conversation is, in-process.
 
 Not timed: the tests count the stored messages a request decodes (every message row read goes
 through ``Store._message``) and check that the counts the pages show stay right as they are kept

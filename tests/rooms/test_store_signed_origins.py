@@ -1,4 +1,4 @@
-"""Signed origins (issue 11): node keys, the HELO key proof, signed hash-chained logs, ownership
+"""Signed origins: node keys, the HELO key proof, signed hash-chained logs, ownership
 by key, relayed history, a signed catch-up, and data dirs from before keys.
 
 Network safety: loopback only (127.0.0.0/8); nodes bind 127.0.0.1 (the cluster fixture)."""

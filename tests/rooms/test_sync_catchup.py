@@ -1,4 +1,4 @@
-"""A peer that comes back while another node keeps writing catches up at once (issue 20, item 8):
+"""A peer that comes back while another node keeps writing catches up at once:
 the SyncWorker logic in-process (real Stores and SyncWorkers on a simulated network), then real
 node processes on loopback (a restart, a pause), then hosts in network namespaces (a cut link;
 five nodes under partitions and a SIGKILL)."""

@@ -1,4 +1,4 @@
-"""Fan-out linear in N and bounded links (issue 14): the forwarding rule and link choice in-process
+"""Fan-out linear in N and bounded links: the forwarding rule and link choice in-process
 (real Stores and SyncWorkers on a simulated network; 1,000 simulated nodes), and 100 real node
 processes on loopback with bounded links and one LLM host."""
 

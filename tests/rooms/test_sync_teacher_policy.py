@@ -1,4 +1,4 @@
-"""The room policy's trust (issue 24), written as the attacker: a student with the room code and
+"""The room policy's trust, written as the attacker: a student with the room code and
 their own key tries to act as the teacher. Each forgery is refused and changes no node's state;
 only the pinned teacher's signed, newest record governs (the patterns of test_signed_origins)."""
 

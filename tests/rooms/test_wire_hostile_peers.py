@@ -1,4 +1,4 @@
-"""Hostile peers (issue 10): every frame is checked against a schema, loads are clamped, sync
+"""Hostile peers: every frame is checked against a schema, loads are clamped, sync
 cannot be swamped, entries are capped in size and sequence, and a relay to a frozen peer fails
 over. In-process first (fuzz and units), then live nodes on loopback."""
 

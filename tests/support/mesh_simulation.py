@@ -1,4 +1,4 @@
-"""Meshes without sockets, driven by NeuroMesh's own logic (issue 14): for tests and bench/bench_fanout.py.
+"""Meshes without sockets, driven by NeuroMesh's own logic: for tests and bench/bench_fanout.py.
 
 - ``SyncNetwork``: a few real SyncWorkers over real keyed Stores, linked as a test says; frames
   go through JSON as on the wire and are delivered in order, one hop at a time. Forwarding is
