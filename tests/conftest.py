@@ -852,7 +852,7 @@ KEYS = Keyring()
 
 @pytest.fixture
 def sync_network(tmp_path):
-    """A SyncNetwork (tests/mesh_simulation.py): real Stores and SyncWorkers on simulated links."""
+    """A SyncNetwork (tests/support/mesh_simulation.py): real Stores and SyncWorkers on simulated links."""
     from support.mesh_simulation import SyncNetwork
     network = SyncNetwork(tmp_path)
     try:

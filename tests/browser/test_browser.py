@@ -1,6 +1,6 @@
 """The chat page in a real browser: Debian's Chromium, driven by Playwright, against real nodes.
 
-Every node runs on loopback (conftest's Cluster) and the only LLM is tests/fake_ollama.py.
+Every node runs on loopback (conftest's Cluster) and the only LLM is tests/support/fake_ollama.py.
 Each test fails on a console error, a page error, a dialog, or any request that leaves
 127.0.0.1, and leaves a screenshot in artifacts/. Never run `playwright install`: these
 tests use /usr/bin/chromium (`apt-get install chromium`).

@@ -1,7 +1,7 @@
 """The classroom experience, in a real browser (Chromium, Playwright) against real nodes.
 
 Uses the fixtures and guards of test_browser.py: every node is on loopback, the only LLM is
-tests/fake_ollama.py, and a test fails on a console error, a dialog or a request off 127.0.0.1.
+tests/support/fake_ollama.py, and a test fails on a console error, a dialog or a request off 127.0.0.1.
 Screenshots go to artifacts/ (printed at the end of the session by conftest).
 """
 

@@ -2,7 +2,7 @@
 the host answering a student dies, the answer goes on and says which host continued it.
 
 Uses the fixtures and guards of test_browser.py: every node is on loopback, the only LLMs are
-tests/fake_ollama.py, and a test fails on a console error, a dialog or a request off 127.0.0.1.
+tests/support/fake_ollama.py, and a test fails on a console error, a dialog or a request off 127.0.0.1.
 """
 
 import re

@@ -1,7 +1,7 @@
 """The teacher's room in a real browser (Chromium at /usr/bin/chromium, Playwright):
 the teacher pauses and a student's page shows it at once, keeping the draft; the teacher's
 dashboard with 5 students; a student shows the teacher one chat. Screenshots go to artifacts/
-at 1366x768 and 390x844. Every node runs on loopback; the only LLM is tests/fake_ollama.py."""
+at 1366x768 and 390x844. Every node runs on loopback; the only LLM is tests/support/fake_ollama.py."""
 
 import re
 from types import SimpleNamespace

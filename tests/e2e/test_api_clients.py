@@ -1,6 +1,6 @@
 """The official clients and tools, against a node WITHOUT an LLM, served by a peer.
 
-Every request below reaches the fake Ollama (tests/fake_ollama.py, a real HTTP server on
+Every request below reaches the fake Ollama (tests/support/fake_ollama.py, a real HTTP server on
 loopback) of the other node through that node's relay (``/relay/forward``), and comes back
 in the shape the client expects: text, tool calls, JSON, embeddings, model details.
 """

@@ -1,5 +1,5 @@
 """Failover and fair queueing hold for Anthropic's ``/v1/messages`` and OpenAI's
-``/v1/responses`` as they do for ``/api/chat`` (tests/test_failover.py, tests/test_fair_queue.py):
+``/v1/responses`` as they do for ``/api/chat`` (tests/e2e/test_failover.py, tests/rooms/test_llm_fair_queue.py):
 a host killed mid-answer is continued by the other, a host that fails before answering is
 passed over, and a client's many chats do not keep another's one waiting behind them."""
 

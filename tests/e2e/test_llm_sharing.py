@@ -303,7 +303,7 @@ def test_no_share_llm_keeps_the_llm_home_and_the_relay_needs_a_token(cluster, fa
 
 
 def test_a_real_llm_answers_a_node_without_one_through_the_mesh(cluster, tmp_path):
-    """llama.cpp's OpenAI-compatible server with SmolLM2-135M (tests/setup_real_llm.sh)."""
+    """llama.cpp's OpenAI-compatible server with SmolLM2-135M (tests/support/setup_real_llm.sh)."""
     from support.real_llm import LlamaServer, available
 
     reason = available()

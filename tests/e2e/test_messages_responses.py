@@ -1,6 +1,6 @@
 """Anthropic's Messages API (``/v1/messages``) and OpenAI's Responses API
 (``/v1/responses``) through a node WITHOUT an LLM, relayed to a host whose Ollama is the fake
-(tests/fake_ollama.py), spoken to by the official ``anthropic`` and ``openai`` Python SDKs."""
+(tests/support/fake_ollama.py), spoken to by the official ``anthropic`` and ``openai`` Python SDKs."""
 
 import base64
 import json

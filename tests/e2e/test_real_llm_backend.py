@@ -1,6 +1,6 @@
 """A real LLM end to end: llama-cpp-python's OpenAI-compatible server with SmolLM2-135M-Instruct.
 
-Needs `bash tests/setup_real_llm.sh` first (CI runs it); skipped with that hint otherwise.
+Needs `bash tests/support/setup_real_llm.sh` first (CI runs it); skipped with that hint otherwise.
 Checks the wire format NeuroMesh's router relies on: /v1/models, a plain chat completion,
 and a streamed one that really arrives chunk by chunk.
 """

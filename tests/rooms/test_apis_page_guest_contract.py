@@ -1,6 +1,6 @@
 """The replies the chat page relies on for guests, asked of the real app in-process.
 
-tests/test_browser.py plays these replies to a browser (which can reach only loopback, the
+tests/browser/test_browser.py plays these replies to a browser (which can reach only loopback, the
 owner), and neuromesh_static/app.js acts on them: keep the three in step. A guest here is a
 WSGI call from another machine's address; nothing leaves the process.
 """

@@ -270,7 +270,7 @@ class HostClient:
 
 
 class CutNamespaces(Namespaces):
-    """Namespaces (tests/test_mesh.py) whose cables can be pulled and whose bridge can be split in two."""
+    """Namespaces (tests/e2e/test_mesh_nodes.py) whose cables can be pulled and whose bridge can be split in two."""
 
     def cut(self, index):
         self.ip("-n", self.hub, "link", "set", "veth%d" % index, "down")

@@ -1,5 +1,5 @@
 """An insider that serves damaged model bytes: a real node (room code, own key) whose relay flips
-a byte in every piece of a blob it sends. Run as ``python tests/corrupt_model_peer.py [node flags]``."""
+a byte in every piece of a blob it sends. Run as ``python tests/support/corrupt_model_peer.py [node flags]``."""
 
 import os
 import sys

@@ -16,7 +16,7 @@ a prefill: the answer is the rest of the deterministic reply after that text.
 
 Runs on Python 3.9+.  CLI (foreground, for browser tests and manual checks)::
 
-    python tests/fake_ollama.py --port 11434 --models a,b --token-delay 0.05
+    python tests/support/fake_ollama.py --port 11434 --models a,b --token-delay 0.05
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A room of computers in the test's own network namespaces for model transfers: one
 source that has the models in its Ollama store, and pullers with an empty Ollama each; every
 host's link capped by ``tc`` on both ends of its veth, so the network, not the CPU, is the limit.
-Used by tests/test_model_swarm.py and bench/bench_models.py; needs root and iproute2 (Linux)."""
+Used by tests/e2e/test_model_swarm.py and bench/bench_models.py; needs root and iproute2 (Linux)."""
 
 import json
 import os

@@ -212,7 +212,7 @@ class LlamaServer:
         self.stop()
 
 
-if __name__ == "__main__":  # manual check: python3 tests/real_llm.py
+if __name__ == "__main__":  # manual check: python3 tests/support/real_llm.py
     why = available()
     if why:
         sys.exit(why)

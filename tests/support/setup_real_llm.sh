@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up the real small LLM for tests/test_real_llm_backend.py, into _llm/ at the repo root:
+# Set up the real small LLM for tests/e2e/test_real_llm_backend.py, into _llm/ at the repo root:
 #
 #   _llm/site/                                llama-cpp-python[server] (pip install --target),
 #                                             compiled for the python3 that runs this script

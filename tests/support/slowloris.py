@@ -12,7 +12,7 @@
         counts the connections the node has accepted from STRANGER (`ss`), every 0.25 s for
         SECONDS. Prints one JSON object: the latencies (None: unanswered) and the counts.
 
-Bounded in count and time; used by tests/test_http_gate.py only.
+Bounded in count and time; used by tests/rooms/test_apis_http_gate.py only.
 """
 
 import errno

@@ -1,4 +1,4 @@
-"""Tests for tests/fake_ollama.py: the fake Ollama server NeuroMesh's tests talk to."""
+"""Tests for tests/support/fake_ollama.py: the fake Ollama server NeuroMesh's tests talk to."""
 
 from __future__ import annotations
 
