@@ -6,7 +6,7 @@
     Installs the runtime packages of requirements.txt into _vendor\ as pure-Python
     wheels for Python 3.9+, so the folder works on any OS and can be copied onto
     machines with no internet. Nothing is installed system-wide; re-running is safe.
-    Offers the same options as install.sh (tests/test_airgap.py keeps them in step).
+    Offers the same options as install.sh (tests/e2e/test_airgap.py keeps them in step).
 
     The Python used is $env:PYTHON if set, else the first of `py -3`, `python`,
     `python3` that is Python 3.9 or newer.

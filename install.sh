@@ -12,7 +12,7 @@
 #
 # Environment: PYTHON=/path/to/python to choose the interpreter.
 # Nothing is installed outside this folder; re-running is safe. install.ps1 offers the same
-# flags (tests/test_airgap.py keeps the two in step).
+# flags (tests/e2e/test_airgap.py keeps the two in step).
 
 set -eu
 

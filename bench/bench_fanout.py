@@ -269,7 +269,7 @@ def measured_hop_costs(rounds=20):
 
 
 def simulated_rows(count=1000):
-    from mesh_simulation import SimulatedMesh
+    from support.mesh_simulation import SimulatedMesh
     degree = nm.DEFAULTS["max_links"]
     hop, send = measured_hop_costs()
     started = time.perf_counter()

@@ -10,7 +10,7 @@ after 1 s: the old listen backlog was 5), and the ratio old/new. The old node is
 neuromesh.py taken from git into a temp folder beside links to _vendor and the static files.
 
 The classroom (``classroom()``): 30 pages hold /api/events open (3 processes of raw-socket
-readers), 8 clients each ask 5 questions of the fake Ollama (tests/fake_ollama.py, its own
+readers), 8 clients each ask 5 questions of the fake Ollama (tests/support/fake_ollama.py, its own
 process) and wait for the stored answer; prints the chats served and how long after its POST
 each question reached every page. ``measure_clients()`` and ``classroom()`` feed bench/run.py.
 """
@@ -171,12 +171,12 @@ class EventPage:
 
 
 class FakeOllamaProcess:
-    """tests/fake_ollama.py in a process of its own (its tokens then cost this process nothing);
+    """tests/support/fake_ollama.py in a process of its own (its tokens then cost this process nothing);
     ``url`` once started. Exits by itself after ``max_seconds``."""
 
     def __init__(self, model, token_delay, max_seconds=300):
         self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "fake_ollama.py"), "--port", "0", "--models", model,
+            [sys.executable, str(ROOT / "tests" / "support" / "fake_ollama.py"), "--port", "0", "--models", model,
              "--token-delay", str(token_delay), "--max-seconds", str(max_seconds)],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         line = self.process.stdout.readline()

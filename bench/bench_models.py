@@ -1,6 +1,6 @@
 """Model transfer figures (issue 26): MB/s of one peer-to-peer transfer and of 7 computers pulling
 at once, and a chat's first-token time at the source host without and during the swarm. Runs the
-room of tests/model_swarm.py (network namespaces with tc-capped links: needs root on Linux).
+room of tests/support/model_swarm.py (network namespaces with tc-capped links: needs root on Linux).
 
     sudo python bench/bench_models.py [--quick]
 """
@@ -18,7 +18,7 @@ for folder in (BENCH.parent / "_vendor", BENCH.parent / "tests", BENCH.parent):
 
 
 def collect(quick, row):
-    from model_swarm import can_make_namespaces, measure
+    from support.model_swarm import can_make_namespaces, measure
     why = can_make_namespaces()
     if why:
         return [row("model transfer figures", None, "", "-", None, "skipped: %s" % why)]

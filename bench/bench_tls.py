@@ -28,7 +28,7 @@ import requests  # noqa: E402
 
 import neuromesh as nm  # noqa: E402
 from conftest import KEYS, Cluster, fully_linked, wait_for  # noqa: E402
-from fake_ollama import FakeOllama  # noqa: E402
+from support.fake_ollama import FakeOllama  # noqa: E402
 
 
 class Counting(nm.MeshListener):

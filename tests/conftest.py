@@ -797,7 +797,7 @@ class ServedMesh:
 
 @pytest.fixture
 def served_mesh(cluster):
-    from fake_ollama import FakeOllama
+    from support.fake_ollama import FakeOllama
     fake = FakeOllama(models=API_MODELS, token_delay=0.02).start()
     try:
         host = cluster.start("host", extra=["--ollama-url", fake.url])
@@ -909,8 +909,8 @@ KEYS = Keyring()
 
 @pytest.fixture
 def sync_network(tmp_path):
-    """A SyncNetwork (tests/mesh_simulation.py): real Stores and SyncWorkers on simulated links."""
-    from mesh_simulation import SyncNetwork
+    """A SyncNetwork (tests/support/mesh_simulation.py): real Stores and SyncWorkers on simulated links."""
+    from support.mesh_simulation import SyncNetwork
     network = SyncNetwork(tmp_path)
     try:
         yield network
@@ -926,7 +926,7 @@ def hundred_nodes(cluster):
     """100 node processes on loopback with --max-links 8, one of them an LLM host (the fake
     Ollama): ``(nodes, host, degree)`` once every node holds a few links."""
     from concurrent.futures import ThreadPoolExecutor
-    from fake_ollama import FakeOllama
+    from support.fake_ollama import FakeOllama
     fake = FakeOllama(models=(API_MODEL,)).start()
     settings = {"announce_interval": "3", "peer_timeout": "20", "sync_interval": "5"}
     base = cluster.node_args(True, settings, ["--max-links", str(HUNDRED_DEGREE)])
