@@ -7369,19 +7369,22 @@ class SharePolicy:
     pause sharing (remote chats are then refused, so their router places them elsewhere).
 
     Methods for the caller: ``turn(requester, backend)`` (the queue place of one chat),
-    ``is_owner(requester)``, ``sharing_with(granted)``; ``paused`` is set by the Router.
+    ``is_owner(requester)``, ``sharing_with(granted)``, ``pause(paused)``; ``paused`` tells.
     """
 
     active_window = 600.0  # seconds a remote requester counts as one we share with
     max_seen = 1000
 
-    def __init__(self, node_id, share_slots=None, weights=None):
+    def __init__(self, node_id, share_slots=None, weights=None, paused=False):
         self.node_id = node_id
         self.share_slots = share_slots
         self.weights = dict(weights or {})
-        self.paused = False
+        self.paused = bool(paused)
         self._seen = collections.OrderedDict()  # remote requester key -> (node id, last chat, monotonic)
         self._lock = threading.Lock()
+
+    def pause(self, paused):
+        self.paused = bool(paused)
 
     def requester(self, requester):
         """``requester``, or this node's owner when None (a chat asked on this computer)."""
@@ -7763,8 +7766,7 @@ class Router:
         self.peer_in_flight = collections.Counter()
         self.pending = collections.Counter()  # backend -> chats placed on it, not yet queued there
         self._placing = threading.Lock()
-        self.policy = SharePolicy(node_id, config.share_slots, config.requester_weight)
-        self.policy.paused = bool(sharing_paused)
+        self.policy = SharePolicy(node_id, config.share_slots, config.requester_weight, sharing_paused)
         self.placement = Placement(self)
         self.relay_port = 0  # the HTTP port peers reach the relay at, once it is bound (serve_relay_on)
         self._watchers = []
@@ -7781,6 +7783,12 @@ class Router:
     def on_change(self):
         for listener in self._watchers:
             listener()
+
+    def rename(self, name):
+        """This node's new name, on its answers from now on."""
+        self.node_name = name
+        for backend in self.local:
+            backend.node_name = name
 
     def serve_relay_on(self, http_port):
         """The port of this node's HTTP server, told to the peers this node grants its LLM."""
@@ -7838,7 +7846,7 @@ class Router:
 
     def pause_sharing(self, paused):
         """The owner paused (or resumed) sharing: remote chats waiting here go elsewhere."""
-        self.policy.paused = bool(paused)
+        self.policy.pause(paused)
         if paused:
             for backend in self.local:
                 backend.slots.refuse_remote("%s paused sharing its LLM: the chat goes to another host"
@@ -12524,9 +12532,8 @@ class Node(MeshListener):
             handle.write(name + "\n")
         os.replace(path + ".tmp", path)
         log.info("this node is now called %s", safe_text(name))
-        self.name = self.config.name = self.mesh.name = self.router.node_name = name
-        for backend in self.router.local:
-            backend.node_name = name
+        self.name = self.config.name = self.mesh.name = name
+        self.router.rename(name)
         self.store.rename_node(name)
         self._write_runtime_file()
         # Linked peers hear the new name now (Peer.update reads it), the others at the announcement.
