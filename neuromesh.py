@@ -7731,6 +7731,52 @@ class _Attempt:
         return queued
 
 
+class IssuedTokens:
+    """The relay tokens this node gave peers (LRES:): one per peer, kept while it relinks but
+    refused while it is away, at most ``limit`` (those of peers away go first)."""
+
+    limit = 256
+
+    def __init__(self):
+        self.issued = {}  # peer node id -> its token
+        self.away = set()  # holders not linked now: refused until they link again
+        self._lock = threading.Lock()
+
+    def give(self, node_id):
+        """The token of the peer ``node_id`` (its old one when it relinks), honoured from now on."""
+        with self._lock:
+            token = self.issued.get(node_id)
+            if token is None:
+                if len(self.issued) >= self.limit:
+                    for gone in self.away:
+                        self.issued.pop(gone, None)
+                    self.away.clear()
+                token = self.issued[node_id] = secrets.token_urlsafe(24)
+            self.away.discard(node_id)
+            return token
+
+    def left(self, node_id):
+        with self._lock:
+            if node_id in self.issued:
+                self.away.add(node_id)
+
+    def back(self, node_id):
+        with self._lock:
+            self.away.discard(node_id)
+
+    def holders(self):
+        with self._lock:
+            return list(self.issued)
+
+    def holder(self, token):
+        """The node id of the linked peer we gave ``token`` to, or None."""
+        with self._lock:
+            for node_id, issued in self.issued.items():
+                if token and secrets.compare_digest(token, issued):
+                    return None if node_id in self.away else node_id
+        return None
+
+
 class Router:
     """Picks the LLM that answers a chat, and fails over to the next one.
 
@@ -7742,7 +7788,6 @@ class Router:
     """
 
     request_retry = 3.0
-    max_issued = 256  # tokens kept for peers that may link again (those of unlinked peers go first)
 
     def __init__(self, config, node_id, node_name, mesh, room=None, local=None, sharing_paused=False):
         self.config = config
@@ -7760,8 +7805,7 @@ class Router:
         self.local = list(local)
         self.lock = threading.Lock()
         self.grants = {}    # peer node id -> PeerBackend (what peers let us use)
-        self.issued = {}    # peer node id -> token (what we let peers use), kept while it relinks
-        self.away = set()   # holders of issued tokens not linked now: refused until they link again
+        self.tokens = IssuedTokens()  # what we let peers use
         self.requested = {}  # peer node id -> when we asked for access (monotonic)
         self.peer_in_flight = collections.Counter()
         self.pending = collections.Counter()  # backend -> chats placed on it, not yet queued there
@@ -7908,7 +7952,7 @@ class Router:
             backend = self.grants.get(peer.node_id)
             if relinked:
                 self.requested.pop(peer.node_id, None)
-                self.away.discard(peer.node_id)
+                self.tokens.back(peer.node_id)
             asked = self.requested.get(peer.node_id)
             offers = peer.has_llm or getattr(peer, "shares_models", False)  # an LLM, or models to copy
             if not offers or backend is not None or (asked is not None and now - asked < self.request_retry):
@@ -7936,9 +7980,8 @@ class Router:
         one first, quietly), and the peer then still holds that token."""
         with self.lock:
             backend = self.grants.pop(peer.node_id, None)
-            if peer.node_id in self.issued:
-                self.away.add(peer.node_id)
             self.requested.pop(peer.node_id, None)
+        self.tokens.left(peer.node_id)
         if backend is not None and hasattr(backend, "abort"):
             backend.abort()
         self.on_change()
@@ -7951,15 +7994,7 @@ class Router:
         elif not is_private_address(peer.address):
             answer = {"granted": False, "message": "LLM access is only granted on private networks"}
         else:
-            with self.lock:
-                token = self.issued.get(peer.node_id)
-                if token is None:
-                    if len(self.issued) >= self.max_issued:
-                        for node_id in self.away:
-                            self.issued.pop(node_id, None)
-                        self.away.clear()
-                    token = self.issued[peer.node_id] = secrets.token_urlsafe(24)
-                self.away.discard(peer.node_id)
+            token = self.tokens.give(peer.node_id)
             local_ip = peer.link.sock.getsockname()[0] if peer.link is not None else self.config.host
             answer = {"granted": True, "message": "welcome, %s" % safe_text(payload.get("peer_name"), 60),
                       "llm_host": local_ip, "llm_port": self.relay_port, "token": token}
@@ -7982,17 +8017,6 @@ class Router:
             self.grants[peer.node_id] = backend
         log.info("%s shares its LLM (%s)", safe_text(peer.name), ", ".join(peer.models) or "no models yet")
         self.on_change()
-
-    def token_is_valid(self, token):
-        return self.token_holder(token) is not None
-
-    def token_holder(self, token):
-        """The node id of the linked peer we gave ``token`` to, or None."""
-        with self.lock:
-            for node_id, issued in self.issued.items():
-                if token and secrets.compare_digest(token, issued):
-                    return None if node_id in self.away else node_id
-        return None
 
     # -- routing ---------------------------------------------------------------------
 
@@ -11594,7 +11618,7 @@ class RelayApi(HttpApi):
             raise HTTPFailure(403, "%s's relay answers peers only on their TLS connection to its mesh port, "
                                    "never over plain HTTP" % self.router.node_name)
         header = bottle.request.headers.get("Authorization", "")
-        holder = self.router.token_holder(header[7:] if header.startswith("Bearer ") else "")
+        holder = self.router.tokens.holder(header[7:] if header.startswith("Bearer ") else "")
         if holder is None or holder != connected:
             raise HTTPFailure(401, "no valid LLM access token: ask for access over the mesh link (LREQ:)")
         return holder
@@ -12095,7 +12119,7 @@ class QueueReport:
     def health(self):
         policy = self.router.policy
         with self.router.lock:
-            granted = list(self.router.issued)
+            granted = self.router.tokens.holders()
         return {"sharing_paused": policy.paused, "share_slots": policy.share_slots,
                 "sharing_with": policy.sharing_with(granted) if self.router.sharing else 0,
                 "weights": dict(policy.weights), "hosts": self.hosts()}
@@ -12105,7 +12129,7 @@ class QueueReport:
         text = PromText()
         policy, hosts = self.router.policy, self.hosts()
         with self.router.lock:
-            granted = list(self.router.issued)
+            granted = self.router.tokens.holders()
         text.family("neuromesh_sharing_paused", "gauge", "1 while the owner paused sharing this node's LLM",
                     [({}, int(policy.paused))])
         text.family("neuromesh_sharing_with", "gauge", "students this node's LLM serves (recent remote "
@@ -12604,7 +12628,7 @@ class Node(MeshListener):
         summary["sharing_paused"] = self.router.policy.paused
         summary["share_slots"] = self.config.share_slots
         with self.router.lock:
-            granted = list(self.router.issued)
+            granted = self.router.tokens.holders()
         summary["sharing_with"] = self.router.policy.sharing_with(granted) if self.router.sharing else 0
         summary["models"] = self.router.local_models()
         return summary

@@ -149,7 +149,7 @@ def test_a_link_lost_on_the_host_side_only_keeps_the_clients_relay_token(cluster
 
 def test_a_token_is_refused_while_its_holder_is_unlinked_and_honoured_once_it_links_again(monkeypatch):
     """The host side of the race above in-process: the token outlives a link loss, usable only while linked."""
-    monkeypatch.setattr(neuromesh.Router, "max_issued", 2)
+    monkeypatch.setattr(neuromesh.IssuedTokens, "limit", 2)
     router = scripted_router()
     sent = []
     router.mesh = types.SimpleNamespace(send=lambda node_id, marker, payload: sent.append((node_id, payload)))
@@ -158,16 +158,16 @@ def test_a_token_is_refused_while_its_holder_is_unlinked_and_honoured_once_it_li
     student = students[0]
     router.handle_request(student, {"peer_name": "a"})
     token = sent[-1][1]["token"]
-    assert router.token_holder(token) == student.node_id
+    assert router.tokens.holder(token) == student.node_id
     router.peer_down(student)
-    assert router.token_holder(token) is None, "no relay for a peer that is not linked (e.g. unlinked for bad data)"
+    assert router.tokens.holder(token) is None, "no relay for a peer that is not linked (e.g. unlinked for bad data)"
     router.peer_changed(student, relinked=True)
-    assert router.token_holder(token) == student.node_id
+    assert router.tokens.holder(token) == student.node_id
     router.handle_request(student, {"peer_name": "a"})
     assert sent[-1][1]["token"] == token, "asking again on a new link gives the same token"
 
     router.peer_down(student)  # a token kept for a peer that may come back does not pile up:
-    for other in students[1:]:  # past max_issued, those of unlinked peers are forgotten
+    for other in students[1:]:  # past the token limit, those of unlinked peers are forgotten
         router.handle_request(other, {"peer_name": other.name})
     router.peer_changed(student, relinked=True)
-    assert router.token_holder(token) is None and sorted(router.issued) == ["b" * 32, "c" * 32]
+    assert router.tokens.holder(token) is None and sorted(router.tokens.issued) == ["b" * 32, "c" * 32]

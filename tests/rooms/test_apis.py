@@ -252,7 +252,7 @@ def test_openai_errors_have_the_openai_shape(app):
 
 
 def test_the_relay_refuses_a_bad_token(app, stub_node):
-    stub_node.router.issued["peer"] = "the-right-token"
+    stub_node.router.tokens.issued["peer"] = "the-right-token"
     on_relay = {neuromesh.RelayServer.PEER_KEY: "peer"}  # the TLS relay connection of the peer "peer"
     for header in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "the-right-token"}):
         reply = wsgi_call(app, "POST", neuromesh.RELAY_PATH, {"model": "m1", "messages": USER}, headers=header,
@@ -271,7 +271,7 @@ def test_the_relay_refuses_a_bad_token(app, stub_node):
 def test_the_relay_answers_a_granted_peer_with_this_nodes_llm_only(tmp_path):
     peer = ScriptedPeerBackend("elsewhere", models=("m2",))
     node = StubNode(tmp_path, scripted_router(local=[ScriptedBackend("stub-llm")], peers=[peer]))
-    node.router.issued["peer"] = "the-right-token"
+    node.router.tokens.issued["peer"] = "the-right-token"
     try:
         app = unit_app(node, neuromesh.RelayApi)
         auth, on_relay = {"Authorization": "Bearer the-right-token"}, {neuromesh.RelayServer.PEER_KEY: "peer"}

@@ -30,7 +30,7 @@ def host(tmp_path_factory):
         router = scripted_router()
         router.local = [neuromesh.OllamaBackend(fake.url, router.node_id, "host")]
         router.local[0].refresh()
-        router.issued["p" * 32] = "peer-token"
+        router.tokens.issued["p" * 32] = "peer-token"
         node = StubNode(tmp_path_factory.mktemp("limit"), router)
         app = as_relay_peer(node.app(), "p" * 32)  # the relay's doors as the peer's relay connection asks
         conversation = wsgi_call(app, "POST", "/api/conversations", {"title": "limit"}).json()["id"]

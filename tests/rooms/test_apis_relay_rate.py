@@ -23,7 +23,7 @@ def relay_host(tmp_path):
         router = scripted_router()
         router.local = [neuromesh.OllamaBackend(fake.url, router.node_id, "host")]
         router.local[0].refresh()
-        router.issued.update({ROGUE: "rogue-token", HONEST: "honest-token"})
+        router.tokens.issued.update({ROGUE: "rogue-token", HONEST: "honest-token"})
         node = StubNode(tmp_path, router)
         gate = neuromesh.Gatekeeper(node.config, relay_rate=3, relay_node_rate=6)
         app = neuromesh.RelayApi(router, neuromesh.ChatService(router, node.store, node.host_info), gate).build()

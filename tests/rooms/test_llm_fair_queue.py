@@ -291,7 +291,7 @@ def relay_host(tmp_path):
     backend = HeldBackend("host", parallel=1)
     router = scripted_router(local=[backend])
     peer_id = "p" * 32
-    router.issued[peer_id] = "peer-token"
+    router.tokens.issued[peer_id] = "peer-token"
     node = StubNode(tmp_path, router)
     yield node, backend, as_relay_peer(node.app(), peer_id), peer_id
     backend.open()
@@ -317,7 +317,7 @@ def test_a_host_past_its_queue_limit_gets_the_chat_moved_to_another(tmp_path):
     requester's router places the chat on the other host at once."""
     held = HeldBackend("full-host", parallel=1)
     host_router = scripted_router(local=[held])
-    host_router.issued["r" * 32] = "peer-token"
+    host_router.tokens.issued["r" * 32] = "peer-token"
     host = StubNode(tmp_path, host_router, max_queued=1)
     server = neuromesh.HTTPServer("127.0.0.1", 0, as_relay_peer(host.app(), "r" * 32))
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="test-full-host")

@@ -18,7 +18,7 @@ def relay_host(tmp_path):
     """A host's whole app (its LLM scripted) served by the real HTTPServer on 127.0.0.1; the
     token a peer was granted is "granted-token"."""
     node = StubNode(tmp_path, scripted_router(local=[ScriptedBackend("host-llm")]))
-    node.router.issued["laptop"] = "granted-token"
+    node.router.tokens.issued["laptop"] = "granted-token"
     server = nm.HTTPServer("127.0.0.1", 0, as_relay_peer(node.app(), "laptop"))  # as if on its relay connection
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="test-relay-host")
     thread.start()
