@@ -57,7 +57,7 @@ A synced message: LinkIO reads a frame (TLSChannel decrypts) -> FrameDecoder -> 
 origin) and stored -> EventBus -> the page's SSE.
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 __license__ = "MIT"
 
 PROTOCOL_VERSION = 4  # 2: the key proof (HI!!:, AUTH:) and sealed frames; 3: node keys, signed logs; 4: TLS
