@@ -24,7 +24,8 @@ The rooms of this file, foundations first (each section a room)::
                                     Heartbeats, Dialer, PeerExchange; Mesh (handshake, frames)
     events, sync                    EventBus (SSE), SyncWorker (SYNC/FILE, push)
     llm                             Backend: Ollama/OpenAI/PeerBackend (relay client: RelayConnections,
-                                    RelayConnection); Slots (fair queues), Placement; Router;
+                                    RelayConnection); Slots (fair queues), Placement; IssuedTokens,
+                                    LLMAccess (asking peers for LLM access), Router;
                                     MeshCalls (any request kind, passed on as it is)
     model transfer                  ModelStore (Ollama's store, read-only), BlobFetch, ModelPull
     chat                            ChatService: ask, regenerate, history, store answers
@@ -4939,7 +4940,7 @@ class Mesh:
     thread), ``shutdown()``, ``send(peer_id, marker, payload)``, ``broadcast(marker,
     payload)``, ``forward(marker, payload, sender, spread, holders)``, ``announce_now()``,
     ``peers()``, ``linked_peers()``, ``stats()``, and ``handle(marker, handler)``: the room that
-    answers a kind of frame registers itself (SyncWorker for SYNC: and FILE:, Router for LREQ:
+    answers a kind of frame registers itself (SyncWorker for SYNC: and FILE:, LLMAccess for LREQ:
     and LRES:). What else happens is told to ``listener`` (see MeshListener) on the mesh thread. LinkIO calls
     ``hello_frame(link)``, ``link_frame(link, marker, payload)`` and ``link_closed(link, reason)``.
     """
@@ -7777,17 +7778,126 @@ class IssuedTokens:
         return None
 
 
-class Router:
-    """Picks the LLM that answers a chat, and fails over to the next one.
+class LLMAccess:
+    """Asks linked peers for their LLM and answers their asking for ours (LLMC: -> LREQ: -> LRES:):
+    keeps the router's ``grants`` (guarded by its ``lock``) and gives peers ``tokens``.
 
-    Owns this node's local backends, the grants peers gave us, and the tokens we gave peers.
-    Methods for the caller: ``chat(model, messages, ...)`` (a generator of events),
-    ``mesh_models()``, ``resolve_model(name)``, ``refresh_local()``, ``local_capability()``,
-    ``watch(listener)``, ``serve_relay_on(http_port)``; it registers its frame handlers
-    ``handle_request`` (LREQ) and ``handle_response`` (LRES) with the mesh it is given.
+    Methods for the caller: ``peer_changed(peer, relinked)``, ``peer_down(peer)``,
+    ``retry_requests()``, ``ask_again(backend)``, ``serve_relay_on(http_port)``, ``rename(name)``;
+    it registers ``handle_request`` (LREQ) and ``handle_response`` (LRES) with the mesh it is given.
     """
 
     request_retry = 3.0
+
+    def __init__(self, config, node_name, mesh, grants, lock, tokens, on_change):
+        self.config = config
+        self.node_name = node_name
+        self.mesh = mesh
+        self.grants = grants  # peer node id -> PeerBackend (what peers let us use)
+        self.lock = lock
+        self.tokens = tokens  # what we let peers use
+        self.on_change = on_change
+        self.requested = {}  # peer node id -> when we asked for access (monotonic)
+        self.relay_port = 0  # the HTTP port peers reach the relay at, once it is bound (serve_relay_on)
+        if mesh is not None:
+            mesh.handle(LLM_REQUEST, self.handle_request)
+            mesh.handle(LLM_RESPONSE, self.handle_response)
+
+    def serve_relay_on(self, http_port):
+        """The port of this node's HTTP server, told to the peers this node grants its LLM."""
+        self.relay_port = http_port
+
+    def rename(self, name):
+        """This node's new name, on its requests and answers from now on."""
+        self.node_name = name
+
+    def peer_changed(self, peer, relinked=False):
+        """A peer's capability changed: ask for access when it offers an LLM we may not use yet.
+
+        A request is asked again after ``request_retry`` seconds without an answer (a frame
+        queued on a link that was just replaced by a newer one is lost), or at once on a new link.
+        """
+        now = time.monotonic()
+        with self.lock:
+            backend = self.grants.get(peer.node_id)
+            if relinked:
+                self.requested.pop(peer.node_id, None)
+                self.tokens.back(peer.node_id)
+            asked = self.requested.get(peer.node_id)
+            offers = peer.has_llm or getattr(peer, "shares_models", False)  # an LLM, or models to copy
+            if not offers or backend is not None or (asked is not None and now - asked < self.request_retry):
+                return
+            self.requested[peer.node_id] = now
+        self.mesh.send(peer.node_id, LLM_REQUEST, {"peer_name": self.node_name,
+                                                   "reason": "answer chats of this node's users"})
+
+    def ask_again(self, backend):
+        """A peer refused our token (it restarted, or its side of our link is down): ask anew."""
+        with self.lock:
+            if self.grants.get(backend.node_id) is backend:
+                del self.grants[backend.node_id]
+            self.requested.pop(backend.node_id, None)
+        self.peer_changed(backend.peer)
+
+    def retry_requests(self):
+        for peer in self.mesh.linked_peers():
+            self.peer_changed(peer)
+
+    def peer_down(self, peer):
+        """The peer's grant to us dies with the link (we ask anew on the next one), and chats
+        relayed to it fail over at once. The token we gave it is refused until it links again,
+        then honoured: a link can close on this side only (the peer had replaced it by a newer
+        one first, quietly), and the peer then still holds that token."""
+        with self.lock:
+            backend = self.grants.pop(peer.node_id, None)
+            self.requested.pop(peer.node_id, None)
+        self.tokens.left(peer.node_id)
+        if backend is not None and hasattr(backend, "abort"):
+            backend.abort()
+        self.on_change()
+
+    def handle_request(self, peer, payload):
+        """LREQ: from a peer. Grant automatically to private-network peers unless --no-share-llm
+        (a paused node grants too: its relay refuses chats while paused)."""
+        if self.config.no_share_llm:
+            answer = {"granted": False, "message": "%s keeps its LLM to itself (--no-share-llm)" % self.node_name}
+        elif not is_private_address(peer.address):
+            answer = {"granted": False, "message": "LLM access is only granted on private networks"}
+        else:
+            token = self.tokens.give(peer.node_id)
+            local_ip = peer.link.sock.getsockname()[0] if peer.link is not None else self.config.host
+            answer = {"granted": True, "message": "welcome, %s" % safe_text(payload.get("peer_name"), 60),
+                      "llm_host": local_ip, "llm_port": self.relay_port, "token": token}
+            log.info("granted LLM access to %s", safe_text(peer.name))
+        self.mesh.send(peer.node_id, LLM_RESPONSE, answer)
+
+    def handle_response(self, peer, payload):
+        """LRES: from a peer we asked: keep its relay address and token."""
+        if payload.get("granted") is not True:
+            log.info("%s did not grant LLM access: %s", safe_text(peer.name), safe_text(payload.get("message")))
+            return
+        host, port, token = payload.get("llm_host"), payload.get("llm_port"), payload.get("token")
+        if not isinstance(host, str) or not isinstance(port, int) or not isinstance(token, str):
+            raise ProtocolError("LRES: frame without llm_host, llm_port and token")
+        if host in ("0.0.0.0", "") or not is_private_address(host):
+            host = peer.address  # its view of itself is useless from here: use where we reach it
+        backend = PeerBackend(peer, {"llm_host": host, "llm_port": port, "token": token},
+                              functools.partial(self.mesh.dial_relay, peer.node_id), self.config.peer_timeout)
+        with self.lock:
+            self.grants[peer.node_id] = backend
+        log.info("%s shares its LLM (%s)", safe_text(peer.name), ", ".join(peer.models) or "no models yet")
+        self.on_change()
+
+
+class Router:
+    """Picks the LLM that answers a chat, and fails over to the next one.
+
+    Owns this node's local backends, the grants peers gave us, and the tokens we gave peers;
+    its ``access`` (LLMAccess) asks peers for theirs and grants ours.
+    Methods for the caller: ``chat(model, messages, ...)`` (a generator of events),
+    ``mesh_models()``, ``resolve_model(name)``, ``refresh_local()``, ``local_capability()``,
+    ``watch(listener)``.
+    """
 
     def __init__(self, config, node_id, node_name, mesh, room=None, local=None, sharing_paused=False):
         self.config = config
@@ -7806,19 +7916,15 @@ class Router:
         self.lock = threading.Lock()
         self.grants = {}    # peer node id -> PeerBackend (what peers let us use)
         self.tokens = IssuedTokens()  # what we let peers use
-        self.requested = {}  # peer node id -> when we asked for access (monotonic)
         self.peer_in_flight = collections.Counter()
         self.pending = collections.Counter()  # backend -> chats placed on it, not yet queued there
         self._placing = threading.Lock()
         self.policy = SharePolicy(node_id, config.share_slots, config.requester_weight, sharing_paused)
         self.placement = Placement(self)
-        self.relay_port = 0  # the HTTP port peers reach the relay at, once it is bound (serve_relay_on)
+        self.access = LLMAccess(config, node_name, mesh, self.grants, self.lock, self.tokens, self.on_change)
         self._watchers = []
         for backend in self.local:
             backend.slots.watch(self.on_change)
-        if mesh is not None:
-            mesh.handle(LLM_REQUEST, self.handle_request)
-            mesh.handle(LLM_RESPONSE, self.handle_response)
 
     def watch(self, listener):
         """``listener()`` whenever this node's LLM, its load, or the LLMs it may use change."""
@@ -7831,12 +7937,9 @@ class Router:
     def rename(self, name):
         """This node's new name, on its answers from now on."""
         self.node_name = name
+        self.access.rename(name)
         for backend in self.local:
             backend.node_name = name
-
-    def serve_relay_on(self, http_port):
-        """The port of this node's HTTP server, told to the peers this node grants its LLM."""
-        self.relay_port = http_port
 
     # -- capability ----------------------------------------------------------------
 
@@ -7938,85 +8041,6 @@ class Router:
             return preferred
         local = self.local_models()
         return local[0] if local else next(iter(models))
-
-    # -- access: LLMC: -> LREQ: -> LRES: -------------------------------------------------
-
-    def peer_changed(self, peer, relinked=False):
-        """A peer's capability changed: ask for access when it offers an LLM we may not use yet.
-
-        A request is asked again after ``request_retry`` seconds without an answer (a frame
-        queued on a link that was just replaced by a newer one is lost), or at once on a new link.
-        """
-        now = time.monotonic()
-        with self.lock:
-            backend = self.grants.get(peer.node_id)
-            if relinked:
-                self.requested.pop(peer.node_id, None)
-                self.tokens.back(peer.node_id)
-            asked = self.requested.get(peer.node_id)
-            offers = peer.has_llm or getattr(peer, "shares_models", False)  # an LLM, or models to copy
-            if not offers or backend is not None or (asked is not None and now - asked < self.request_retry):
-                return
-            self.requested[peer.node_id] = now
-        self.mesh.send(peer.node_id, LLM_REQUEST, {"peer_name": self.node_name,
-                                                   "reason": "answer chats of this node's users"})
-
-    def _ask_again(self, backend):
-        """A peer refused our token (it restarted, or its side of our link is down): ask anew."""
-        with self.lock:
-            if self.grants.get(backend.node_id) is backend:
-                del self.grants[backend.node_id]
-            self.requested.pop(backend.node_id, None)
-        self.peer_changed(backend.peer)
-
-    def retry_requests(self):
-        for peer in self.mesh.linked_peers():
-            self.peer_changed(peer)
-
-    def peer_down(self, peer):
-        """The peer's grant to us dies with the link (we ask anew on the next one), and chats
-        relayed to it fail over at once. The token we gave it is refused until it links again,
-        then honoured: a link can close on this side only (the peer had replaced it by a newer
-        one first, quietly), and the peer then still holds that token."""
-        with self.lock:
-            backend = self.grants.pop(peer.node_id, None)
-            self.requested.pop(peer.node_id, None)
-        self.tokens.left(peer.node_id)
-        if backend is not None and hasattr(backend, "abort"):
-            backend.abort()
-        self.on_change()
-
-    def handle_request(self, peer, payload):
-        """LREQ: from a peer. Grant automatically to private-network peers unless --no-share-llm
-        (a paused node grants too: its relay refuses chats while paused)."""
-        if self.config.no_share_llm:
-            answer = {"granted": False, "message": "%s keeps its LLM to itself (--no-share-llm)" % self.node_name}
-        elif not is_private_address(peer.address):
-            answer = {"granted": False, "message": "LLM access is only granted on private networks"}
-        else:
-            token = self.tokens.give(peer.node_id)
-            local_ip = peer.link.sock.getsockname()[0] if peer.link is not None else self.config.host
-            answer = {"granted": True, "message": "welcome, %s" % safe_text(payload.get("peer_name"), 60),
-                      "llm_host": local_ip, "llm_port": self.relay_port, "token": token}
-            log.info("granted LLM access to %s", safe_text(peer.name))
-        self.mesh.send(peer.node_id, LLM_RESPONSE, answer)
-
-    def handle_response(self, peer, payload):
-        """LRES: from a peer we asked: keep its relay address and token."""
-        if payload.get("granted") is not True:
-            log.info("%s did not grant LLM access: %s", safe_text(peer.name), safe_text(payload.get("message")))
-            return
-        host, port, token = payload.get("llm_host"), payload.get("llm_port"), payload.get("token")
-        if not isinstance(host, str) or not isinstance(port, int) or not isinstance(token, str):
-            raise ProtocolError("LRES: frame without llm_host, llm_port and token")
-        if host in ("0.0.0.0", "") or not is_private_address(host):
-            host = peer.address  # its view of itself is useless from here: use where we reach it
-        backend = PeerBackend(peer, {"llm_host": host, "llm_port": port, "token": token},
-                              functools.partial(self.mesh.dial_relay, peer.node_id), self.config.peer_timeout)
-        with self.lock:
-            self.grants[peer.node_id] = backend
-        log.info("%s shares its LLM (%s)", safe_text(peer.name), ", ".join(peer.models) or "no models yet")
-        self.on_change()
 
     # -- routing ---------------------------------------------------------------------
 
@@ -8136,7 +8160,7 @@ class Router:
         if exc.status == 503:
             backend.busy_until = time.monotonic() + Backend.busy_pause
         if exc.status == 401 and isinstance(backend, PeerBackend):
-            self._ask_again(backend)
+            self.access.ask_again(backend)
 
     def mark_down(self, backend, exc):
         """This computer's LLM server that refused a call is shown down now (to the page and the
@@ -12420,17 +12444,17 @@ class Node(MeshListener):
     def peer_up(self, peer):
         self.events.publish("peer_up", peer.to_dict())
         self.sync.peer_up(peer)
-        self.router.peer_changed(peer, relinked=True)
+        self.router.access.peer_changed(peer, relinked=True)
 
     def peer_down(self, peer, reason):
         record = peer.to_dict()
         record["reason"] = reason
-        self.router.peer_down(peer)
+        self.router.access.peer_down(peer)
         self.sync.peer_down(peer)
         self.events.publish("peer_down", record)
 
     def peer_changed(self, peer):
-        self.router.peer_changed(peer)
+        self.router.access.peer_changed(peer)
         self.events.publish("peer_update", peer.to_dict())  # a new name, or a new LLM
 
     def peer_measured(self, peer):
@@ -12452,7 +12476,7 @@ class Node(MeshListener):
                     next_probe = time.monotonic() + self.config.announce_interval
                     if self.router.refresh_local():
                         self.mesh.announce_now()
-                self.router.retry_requests()
+                self.router.access.retry_requests()
                 self.room.clear_guests()
             except Exception:
                 log.exception("housekeeping failed")
@@ -12487,7 +12511,7 @@ class Node(MeshListener):
             raise NeuroMeshError("cannot listen on %s:%d: %s (check --host)"
                                  % (self.config.host, self.config.http_port, exc.strerror))
         self.http_port = self.http_server.server_port
-        self.router.serve_relay_on(self.http_port)
+        self.router.access.serve_relay_on(self.http_port)
         if log.getEffectiveLevel() > logging.DEBUG:
             quiet_waitress_logs()
         self.router.refresh_local()

@@ -152,22 +152,22 @@ def test_a_token_is_refused_while_its_holder_is_unlinked_and_honoured_once_it_li
     monkeypatch.setattr(neuromesh.IssuedTokens, "limit", 2)
     router = scripted_router()
     sent = []
-    router.mesh = types.SimpleNamespace(send=lambda node_id, marker, payload: sent.append((node_id, payload)))
+    router.access.mesh = types.SimpleNamespace(send=lambda node_id, marker, payload: sent.append((node_id, payload)))
     students = [types.SimpleNamespace(node_id=label * 32, name=label, address="127.0.0.1", link=None,
                                       has_llm=False) for label in "abc"]
     student = students[0]
-    router.handle_request(student, {"peer_name": "a"})
+    router.access.handle_request(student, {"peer_name": "a"})
     token = sent[-1][1]["token"]
     assert router.tokens.holder(token) == student.node_id
-    router.peer_down(student)
+    router.access.peer_down(student)
     assert router.tokens.holder(token) is None, "no relay for a peer that is not linked (e.g. unlinked for bad data)"
-    router.peer_changed(student, relinked=True)
+    router.access.peer_changed(student, relinked=True)
     assert router.tokens.holder(token) == student.node_id
-    router.handle_request(student, {"peer_name": "a"})
+    router.access.handle_request(student, {"peer_name": "a"})
     assert sent[-1][1]["token"] == token, "asking again on a new link gives the same token"
 
-    router.peer_down(student)  # a token kept for a peer that may come back does not pile up:
+    router.access.peer_down(student)  # a token kept for a peer that may come back does not pile up:
     for other in students[1:]:  # past the token limit, those of unlinked peers are forgotten
-        router.handle_request(other, {"peer_name": other.name})
-    router.peer_changed(student, relinked=True)
+        router.access.handle_request(other, {"peer_name": other.name})
+    router.access.peer_changed(student, relinked=True)
     assert router.tokens.holder(token) is None and sorted(router.tokens.issued) == ["b" * 32, "c" * 32]

@@ -183,7 +183,7 @@ def test_a_token_the_peer_refuses_drops_the_grant_and_asks_again():
                                         "token": "stale"})
         router = scripted_router(peers=[backend])
         sent = []
-        router.mesh = types.SimpleNamespace(send=lambda node_id, marker, payload: sent.append((node_id, marker)))
+        router.access.mesh = types.SimpleNamespace(send=lambda node_id, marker, payload: sent.append((node_id, marker)))
         with pytest.raises(neuromesh.LLMError) as refused:
             list(router.chat("m1", [{"role": "user", "content": "hi"}]))
         assert "401" in str(refused.value)

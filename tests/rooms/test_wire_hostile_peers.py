@@ -238,7 +238,6 @@ def test_a_relay_to_a_peer_that_goes_down_fails_over_at_once():
         backup.peer = nm.Peer(backup.node_id, name="backup", models=["m1"])
         backup.peer.link = object()
         router = scripted_router(peers=[frozen, backup])
-        router.grants = {frozen.node_id: frozen, backup.node_id: backup}
         router.peer_in_flight[backup.node_id] = 5  # the frozen one is tried first
         result = {}
 
@@ -248,7 +247,7 @@ def test_a_relay_to_a_peer_that_goes_down_fails_over_at_once():
         thread = threading.Thread(target=chat)
         thread.start()
         wait_for(lambda: frozen.slots.in_flight == 1, message="the relay call under way")
-        router.peer_down(peer)
+        router.access.peer_down(peer)
         thread.join(10)
         assert not thread.is_alive(), "the chat still waits on the frozen peer"
         assert result["events"][-1]["node_name"] == "backup"
