@@ -21,7 +21,7 @@ The rooms of this file, foundations first (each section a room)::
     discovery                       Discovery (UDP announcements)
     peer links                      TLSChannel, TLSStream (relay connections on the mesh port); Peer,
                                     PeerTable, DialPlan, LinkPolicy; LinkIO (sockets);
-                                    Heartbeats, Dialer, PeerExchange; Mesh (handshake, frames)
+                                    Heartbeats, Dialer, PeerExchange, LinkAdmission (HELO); Mesh (frames)
     events, sync                    EventBus (SSE), SyncWorker (SYNC/FILE, push)
     llm                             Backend: Ollama/OpenAI/PeerBackend (relay client: RelayConnections,
                                     RelayConnection); Slots (fair queues), Placement; IssuedTokens,
@@ -4930,10 +4930,84 @@ class PeerExchange:
         self.dialer.dial_due(time.monotonic())
 
 
+class LinkAdmission:
+    """Admits a link on its HELO:, on the mesh thread: checks it, links its peer (retiring a
+    duplicate link, telling linked peers), or hands a proven relay connection to the listener."""
+
+    def __init__(self, node_id, io, peer_table, dials, dialer, peer_exchange, listener, counters):
+        self.node_id = node_id
+        self.io = io
+        self.peer_table = peer_table
+        self.dials = dials
+        self.dialer = dialer
+        self.peer_exchange = peer_exchange
+        self.listener = listener
+        self.counters = counters
+
+    def hello(self, link, payload):
+        """The HELO: on ``link``: a peer linked (a ProtocolError closes the link)."""
+        if link.peer_id is not None:
+            raise ProtocolError("second handshake on one link")
+        node_id, tcp_port = payload.get("node_id"), payload.get("tcp_port")
+        if not isinstance(node_id, str) or not 0 < len(node_id) <= 64:
+            raise ProtocolError("handshake without a node id")
+        if not isinstance(tcp_port, int) or isinstance(tcp_port, bool) or not 0 <= tcp_port <= 65535:
+            raise ProtocolError("handshake without a TCP port")
+        public = proven_hello_key(link, node_id, payload, self.peer_table.banned(node_id))
+        if payload.get("role") == "relay":
+            self._hand_off_relay(link, node_id)
+            return
+        if link.target is not None:
+            link.target.node_id = node_id
+        if node_id == self.node_id:
+            self.io.close(link, "that is this node itself")
+            return
+        peer = self.peer_table.admit(node_id)
+        if peer is None:
+            self.io.close(link, "the peer table is full")
+            return
+        link.peer_id, link.hello = node_id, payload
+        current = peer.link
+        if current is not None and current is not link:
+            if keep_existing_link(self.node_id, node_id, current, link):
+                self.io.close(link, "duplicate link")
+                return
+            current.peer_id = None  # retire it quietly: the peer is not down
+            self.io.close(current, "replaced by a newer link")
+        peer.link, peer.ever_linked = link, True
+        peer.address = link.address[0]
+        peer.tcp_port = tcp_port or peer.tcp_port
+        if link.target is not None:
+            link.target.failures = 0
+        else:
+            self.dials.target(peer.address, peer.tcp_port, node_id)
+        peer.update(payload)
+        peer.public_key = public
+        self.io.queue(link, encode_frame(PING, {"t": time.monotonic()}))
+        if current is None:
+            log.info("linked to %s (%s:%d)", safe_text(peer.name), peer.address, peer.tcp_port)
+            tell_versions(peer)
+            self.peer_exchange.send()
+            self.dialer.trim(node_id)
+        else:  # what the retired link still held unsent is lost: the peer hears our links again
+            self.peer_exchange.send(peer)
+        self.listener.peer_up(peer)
+
+    def _hand_off_relay(self, link, node_id):
+        """A peer's relay connection (proven like a link): its HTTP requests go to the listener."""
+        peer = self.peer_table.get(node_id)
+        if peer is None or peer.link is None or link.outbound:
+            raise ProtocolError("a relay connection from a peer that is not linked")
+        self.io.queue(link, encode_frame(RELAY_READY, {}))
+        self.io.detach(link)
+        self.counters["relay_connections"] += 1
+        self.listener.relay_connection(TLSStream(link.sock, link.tls, bytes(link.wire)), node_id, link.address[0])
+
+
 class Mesh:
-    """Keeps one framed TCP link to each peer, on one thread with one selector: the handshake
-    and the frames of a link (Heartbeats, Dialer, PeerExchange, Discovery, DialPlan and LinkIO
-    do the rest). Its room key
+    """Keeps one framed TCP link to each peer, on one thread with one selector: the frames of a
+    link (LinkAdmission admits it on its HELO; Heartbeats, Dialer, PeerExchange, Discovery,
+    DialPlan and LinkIO do the rest). Its room key
     comes from --mesh-key (the public open-room key without one) and is never shown.
 
     Methods for the caller (any thread): ``start()``, ``serve_forever()`` (on its own
@@ -4967,6 +5041,8 @@ class Mesh:
         self.dialer = Dialer(node_id, config, self.io, self.peer_table, self.dials, resolver, self.listener,
                              self.counters, self.poll_interval)
         self.peer_exchange = PeerExchange(node_id, config, self.io, self.peer_table, self.dials, self.dialer)
+        self.admission = LinkAdmission(node_id, self.io, self.peer_table, self.dials, self.dialer,
+                                       self.peer_exchange, self.listener, self.counters)
         self.discovery = None
         if not config.no_discovery:
             self.discovery = Discovery(config.udp_port, config.broadcast, node_id, config.announce_interval,
@@ -5131,7 +5207,7 @@ class Mesh:
         """Handle one frame from ``link``; a ProtocolError closes the link."""
         check_frame(marker, payload, link)
         if marker == HELLO:
-            self._handle_hello(link, payload)
+            self.admission.hello(link, payload)
             return
         if link.peer_id is None:
             raise ProtocolError("%s frame before the handshake" % marker.decode("ascii"))
@@ -5174,64 +5250,6 @@ class Mesh:
             raise
         except Exception:
             log.exception("error handling a %s frame from %s", marker.decode("ascii"), peer.name)
-
-    def _handle_hello(self, link, payload):
-        if link.peer_id is not None:
-            raise ProtocolError("second handshake on one link")
-        node_id, tcp_port = payload.get("node_id"), payload.get("tcp_port")
-        if not isinstance(node_id, str) or not 0 < len(node_id) <= 64:
-            raise ProtocolError("handshake without a node id")
-        if not isinstance(tcp_port, int) or isinstance(tcp_port, bool) or not 0 <= tcp_port <= 65535:
-            raise ProtocolError("handshake without a TCP port")
-        public = proven_hello_key(link, node_id, payload, self.peer_table.banned(node_id))
-        if payload.get("role") == "relay":
-            self._hand_off_relay(link, node_id)
-            return
-        if link.target is not None:
-            link.target.node_id = node_id
-        if node_id == self.node_id:
-            self.io.close(link, "that is this node itself")
-            return
-        peer = self.peer_table.admit(node_id)
-        if peer is None:
-            self.io.close(link, "the peer table is full")
-            return
-        link.peer_id, link.hello = node_id, payload
-        current = peer.link
-        if current is not None and current is not link:
-            if keep_existing_link(self.node_id, node_id, current, link):
-                self.io.close(link, "duplicate link")
-                return
-            current.peer_id = None  # retire it quietly: the peer is not down
-            self.io.close(current, "replaced by a newer link")
-        peer.link, peer.ever_linked = link, True
-        peer.address = link.address[0]
-        peer.tcp_port = tcp_port or peer.tcp_port
-        if link.target is not None:
-            link.target.failures = 0
-        else:
-            self.dials.target(peer.address, peer.tcp_port, node_id)
-        peer.update(payload)
-        peer.public_key = public
-        self.io.queue(link, encode_frame(PING, {"t": time.monotonic()}))
-        if current is None:
-            log.info("linked to %s (%s:%d)", safe_text(peer.name), peer.address, peer.tcp_port)
-            tell_versions(peer)
-            self.peer_exchange.send()
-            self.dialer.trim(node_id)
-        else:  # what the retired link still held unsent is lost: the peer hears our links again
-            self.peer_exchange.send(peer)
-        self.listener.peer_up(peer)
-
-    def _hand_off_relay(self, link, node_id):
-        """A peer's relay connection (proven like a link): its HTTP requests go to the listener."""
-        peer = self.peer_table.get(node_id)
-        if peer is None or peer.link is None or link.outbound:
-            raise ProtocolError("a relay connection from a peer that is not linked")
-        self.io.queue(link, encode_frame(RELAY_READY, {}))
-        self.io.detach(link)
-        self.counters["relay_connections"] += 1
-        self.listener.relay_connection(TLSStream(link.sock, link.tls, bytes(link.wire)), node_id, link.address[0])
 
     def dial_relay(self, node_id, timeout):
         """A new relay connection to the linked peer ``node_id`` (blocks: call it off the mesh
