@@ -2077,14 +2077,15 @@ class EntryLog:
 
     Methods for the caller, inside a transaction of the database: append (an
     entry written on this node), conversation_row, has_uid. Methods that run
-    their own transaction, for sync: version_vector, entries_missing,
-    apply_entries.
+    their own transaction, for sync: apply_entries; ``reads`` (SyncReads)
+    answers what a peer lacks.
     """
 
     def __init__(self, database, key=None, teacher_key=None):
         self._db = database
         self.chain = LogChain(database, key, teacher_key)
         self.counts = MessageCounts(database)
+        self.reads = SyncReads(database)
 
     def append(self, origin, kind, conversation_id, data, timestamp=None, uid=None) -> dict:
         """Append a local entry to one of this node's logs and return it."""
@@ -2108,78 +2109,6 @@ class EntryLog:
     def has_uid(self, uid) -> bool:
         return self._db.execute("SELECT 1 FROM entries WHERE uid = ? AND duplicate = 0",  # the uid index
                                 (uid,)).fetchone() is not None
-
-    def version_vector(self) -> dict:
-        """{origin: n} where this store holds seqs 1..n of origin's public log."""
-        rows = self._db.read(lambda: self._db.execute(
-            "SELECT origin, contiguous FROM origins WHERE contiguous > 0").fetchall())
-        return {origin: seq for origin, seq in rows if not origin.endswith(PRIVATE_SUFFIX)}
-
-    def entries_missing(self, their_vector, max_bytes=1 << 20, max_entries=MAX_FRAME_ENTRIES, only=None):
-        """(entries, more): public entries past their_vector, by origin then
-        seq, at most max_entries and about max_bytes of JSON (always at least
-        one entry), of the origins in ``only`` when given. more is True when
-        the batch was cut short.
-
-        A peer with a gap keeps being sent what lies beyond it; a caller
-        looping while more should also stop once a batch brings nothing new."""
-        if not isinstance(their_vector, dict):
-            their_vector = {}
-        max_entries = max(1, max_entries)
-
-        def collect():
-            rows, size = [], 0
-            origins = [row[0] for row in self._db.execute(
-                "SELECT origin FROM origins ORDER BY origin")]
-            for origin in origins:
-                if origin.endswith(PRIVATE_SUFFIX) or (only is not None and origin not in only):
-                    continue
-                since = their_vector.get(origin, 0)
-                if type(since) is not int or since < 0:
-                    since = 0
-                cursor = self._db.execute(
-                    "SELECT " + _ENTRY_COLUMNS + " FROM entries WHERE origin = ?"
-                    " AND seq > ? ORDER BY seq", (origin, since))
-                for row in cursor:
-                    cost = self._frame_bytes(row)
-                    if len(rows) >= max_entries or (rows and size + cost > max_bytes):
-                        return self._entries_of(rows), True
-                    rows.append(row)
-                    size += cost
-            return self._entries_of(rows), False
-        return self._db.read(collect)
-
-    @staticmethod
-    def _entries_of(rows):
-        """Entry dicts of ``rows``; their data texts parsed in one json.loads, not one call each."""
-        datas = json.loads("[%s]" % ",".join([row["data"] for row in rows]))
-        if len(datas) != len(rows):  # a damaged row holding "1,2": parse them one by one, as before
-            datas = [json.loads(row["data"]) for row in rows]
-        return [{"origin": row["origin"], "seq": row["seq"], "kind": row["kind"],
-                 "conversation_id": row["conversation_id"], "timestamp": row["timestamp"], "uid": row["uid"],
-                 "data": data} for row, data in zip(rows, datas)]
-
-    @staticmethod
-    def _frame_bytes(row):
-        """At least the bytes an entry row takes in a FILE: frame (compact JSON, UTF-8): its data's
-        stored text, never shorter than the compact form, plus the other fields, keys and quotes."""
-        data = row["data"]
-        return ((len(data) if data.isascii() else len(data.encode("utf-8"))) + len(row["origin"]) + len(row["uid"])
-                + len(row["conversation_id"]) + len(row["timestamp"]) + len(row["kind"]) + 120)
-
-    def run_from(self, origin, seq, limit):
-        """Entries of ``origin`` from ``seq`` on, up to its first signed one (at most ``limit``)."""
-        def collect():
-            run = []
-            for row in self._db.execute("SELECT " + _ENTRY_COLUMNS + ", sig FROM entries WHERE origin = ?"
-                                        " AND seq >= ? ORDER BY seq LIMIT ?", (origin, seq, limit)):
-                run.append({"origin": row["origin"], "seq": row["seq"], "kind": row["kind"],
-                            "conversation_id": row["conversation_id"], "timestamp": row["timestamp"],
-                            "uid": row["uid"], "data": json.loads(row["data"])})
-                if row["sig"] is not None:
-                    break
-            return run
-        return self._db.read(collect)
 
     def store_verified(self, items):
         """Store what BatchVerifier passed (inside its transaction): returns (stored, took effect).
@@ -2454,6 +2383,88 @@ class EntryLog:
         return True
 
 
+class SyncReads:
+    """Reads what a peer lacks from the public logs in a store's database: the version vector,
+    the entries past a peer's vector, and a run up to its first signed entry. Each read runs in
+    its own read of the database.
+    """
+
+    def __init__(self, database):
+        self._db = database
+
+    def version_vector(self) -> dict:
+        """{origin: n} where this store holds seqs 1..n of origin's public log."""
+        rows = self._db.read(lambda: self._db.execute(
+            "SELECT origin, contiguous FROM origins WHERE contiguous > 0").fetchall())
+        return {origin: seq for origin, seq in rows if not origin.endswith(PRIVATE_SUFFIX)}
+
+    def entries_missing(self, their_vector, max_bytes=1 << 20, max_entries=MAX_FRAME_ENTRIES, only=None):
+        """(entries, more): public entries past their_vector, by origin then
+        seq, at most max_entries and about max_bytes of JSON (always at least
+        one entry), of the origins in ``only`` when given. more is True when
+        the batch was cut short.
+
+        A peer with a gap keeps being sent what lies beyond it; a caller
+        looping while more should also stop once a batch brings nothing new."""
+        if not isinstance(their_vector, dict):
+            their_vector = {}
+        max_entries = max(1, max_entries)
+
+        def collect():
+            rows, size = [], 0
+            origins = [row[0] for row in self._db.execute(
+                "SELECT origin FROM origins ORDER BY origin")]
+            for origin in origins:
+                if origin.endswith(PRIVATE_SUFFIX) or (only is not None and origin not in only):
+                    continue
+                since = their_vector.get(origin, 0)
+                if type(since) is not int or since < 0:
+                    since = 0
+                cursor = self._db.execute(
+                    "SELECT " + _ENTRY_COLUMNS + " FROM entries WHERE origin = ?"
+                    " AND seq > ? ORDER BY seq", (origin, since))
+                for row in cursor:
+                    cost = self._frame_bytes(row)
+                    if len(rows) >= max_entries or (rows and size + cost > max_bytes):
+                        return self._entries_of(rows), True
+                    rows.append(row)
+                    size += cost
+            return self._entries_of(rows), False
+        return self._db.read(collect)
+
+    @staticmethod
+    def _entries_of(rows):
+        """Entry dicts of ``rows``; their data texts parsed in one json.loads, not one call each."""
+        datas = json.loads("[%s]" % ",".join([row["data"] for row in rows]))
+        if len(datas) != len(rows):  # a damaged row holding "1,2": parse them one by one, as before
+            datas = [json.loads(row["data"]) for row in rows]
+        return [{"origin": row["origin"], "seq": row["seq"], "kind": row["kind"],
+                 "conversation_id": row["conversation_id"], "timestamp": row["timestamp"], "uid": row["uid"],
+                 "data": data} for row, data in zip(rows, datas)]
+
+    @staticmethod
+    def _frame_bytes(row):
+        """At least the bytes an entry row takes in a FILE: frame (compact JSON, UTF-8): its data's
+        stored text, never shorter than the compact form, plus the other fields, keys and quotes."""
+        data = row["data"]
+        return ((len(data) if data.isascii() else len(data.encode("utf-8"))) + len(row["origin"]) + len(row["uid"])
+                + len(row["conversation_id"]) + len(row["timestamp"]) + len(row["kind"]) + 120)
+
+    def run_from(self, origin, seq, limit):
+        """Entries of ``origin`` from ``seq`` on, up to its first signed one (at most ``limit``)."""
+        def collect():
+            run = []
+            for row in self._db.execute("SELECT " + _ENTRY_COLUMNS + ", sig FROM entries WHERE origin = ?"
+                                        " AND seq >= ? ORDER BY seq LIMIT ?", (origin, seq, limit)):
+                run.append({"origin": row["origin"], "seq": row["seq"], "kind": row["kind"],
+                            "conversation_id": row["conversation_id"], "timestamp": row["timestamp"],
+                            "uid": row["uid"], "data": json.loads(row["data"])})
+                if row["sig"] is not None:
+                    break
+            return run
+        return self._db.read(collect)
+
+
 class LogChain:
     """The hash chains and head signatures of the public logs in a store's database.
 
@@ -2544,15 +2555,15 @@ class LogChain:
                 heads[origin] = head
         return kept, heads, cut
 
-    def signed_batch(self, entry_log, vector, max_bytes, max_entries):
+    def signed_batch(self, reads, vector, max_bytes, max_entries):
         """A FILE: payload of what ``vector`` lacks, from keyed logs only (unkeyed ones, from
         before signing, cannot be verified by anyone); runs end at signed seqs."""
         keyed = self._db.read(self.keyed_origins)
-        entries, more = entry_log.entries_missing(vector, max_bytes, max_entries, only=keyed)
+        entries, more = reads.entries_missing(vector, max_bytes, max_entries, only=keyed)
         kept, heads, cut = self._db.write(self.signed_cut, entries)
         if not kept and entries:  # a relay's run signed only past the budget: send it whole
             first = entries[0]
-            kept, heads, cut = self._db.write(self.signed_cut, entry_log.run_from(
+            kept, heads, cut = self._db.write(self.signed_cut, reads.run_from(
                 first["origin"], first["seq"], MAX_FRAME_ENTRIES))
         return {"entries": kept, "heads": heads, "more": more or cut}
 
@@ -2674,7 +2685,7 @@ class SignedBatches:
 
     def missing(self, vector, max_bytes=1 << 20, max_entries=MAX_FRAME_ENTRIES):
         """The FILE: payload answering a SYNC: ``vector``."""
-        return self._chain.signed_batch(self._log, vector, max_bytes, max_entries)
+        return self._chain.signed_batch(self._log.reads, vector, max_bytes, max_entries)
 
     def payload(self, entries):
         """The FILE: payload of a live push or a forward of stored ``entries``."""
@@ -2774,7 +2785,7 @@ class StorePages:
                 + where + " ORDER BY timestamp DESC, origin DESC, seq DESC LIMIT ?",
                 parameters + [limit + 1]).fetchall()
             conversation["has_more"] = len(rows) > limit
-            conversation["messages"] = [self._message(row) for row in reversed(rows[:limit])]
+            conversation["messages"] = [self.messages.from_row(row) for row in reversed(rows[:limit])]
             return conversation
         return self._db.read(page)
 
@@ -2792,11 +2803,10 @@ class Store(StorePages):
     update_conversation, delete_conversation, import_conversations;
     list_conversations, get_conversation, get_all_conversations,
     message_count, owner_of; version_vector, entries_missing, apply_entries, is_shared;
-    write_control, control_record, control_records, activity_since (the teacher's room); close. ``batches`` (SignedBatches) serves and applies signed FILE: payloads.
-
-    ``watch_local(listener)``: ``listener(entries)`` hears the entries each local write
-    appended (private ones included: filter with is_shared), after the commit, outside
-    the store's lock.
+    write_control (the teacher's room); close. Its collaborators: ``writes`` (LocalWrites:
+    ``writes.watch(listener)`` hears each local write's entries), ``batches`` (SignedBatches)
+    serves and applies signed FILE: payloads, ``guests`` (GuestOwners), ``room`` (RoomRecords),
+    ``messages`` (MessageReads).
 
     Class variable: SCHEMA_VERSION (PRAGMA user_version after migrating).
     """
@@ -2814,14 +2824,16 @@ class Store(StorePages):
             raise StoreError(str(error)) from None
         self.private_origin = node_id + PRIVATE_SUFFIX
         self.path = path
-        self._local_listeners = []
-        self._appended = []         # entries of the local write in progress
         self._db = Database(path, node_id)
         self._log = EntryLog(self._db, key, teacher_key)
         self._log.drop_implausible()    # a log poisoned before MAX_SEQ_JUMP existed
+        self.writes = LocalWrites(self._db, self._log)
         self.batches = SignedBatches(self._db, self._log, key)
+        self.guests = GuestOwners(self._db)
+        self.room = RoomRecords(self._db)
+        self.messages = MessageReads(self._db)
         if key is not None:
-            self._write(self._sign_unsigned)
+            self.writes.run(self._sign_unsigned)
 
     def _sign_unsigned(self):
         # Own shared conversations whose newest snapshot lies in a log no key signs (written
@@ -2830,38 +2842,10 @@ class Store(StorePages):
         rows = self._db.execute("SELECT * FROM conversations WHERE owner = ? AND private = 0 AND state_origin"
                                 " NOT IN (SELECT origin FROM keys)", (self.node_id,)).fetchall()
         for row in rows:
-            self._append(self.node_id, "conversation", row["id"], self._state(row), timestamp=row["updated_at"])
+            self.writes.append(self.node_id, "conversation", row["id"], self._state(row), timestamp=row["updated_at"])
 
     def close(self):
         self._db.close()
-
-    def watch_local(self, listener):
-        """``listener(entries)`` after each committed local write (the sync room registers itself)."""
-        self._local_listeners.append(listener)
-
-    # -- transactions ------------------------------------------------------
-
-    def _write(self, action, *args):
-        """Run action(*args) in one transaction, committed on return; then hand
-        the entries it appended to the local listeners."""
-        def collecting_appended():
-            self._appended = []
-            result = action(*args)
-            appended, self._appended = self._appended, []
-            return result, appended
-        result, appended = self._db.write(collecting_appended)
-        # Outside the lock, so the callback may use the store.
-        for listener in self._local_listeners if appended else ():
-            try:
-                listener(appended)
-            except Exception:   # the write is committed; the caller must hear so
-                log.exception("store: a local write's listener failed")
-        return result
-
-    def _append(self, origin, kind, conversation_id, data, timestamp=None, uid=None):
-        entry = self._log.append(origin, kind, conversation_id, data, timestamp, uid)
-        self._appended.append(entry)
-        return entry
 
     # -- conversations -------------------------------------------------------
 
@@ -2905,7 +2889,7 @@ class Store(StorePages):
             "created_at": created_at or utc_now(),
             "origin_name": origin_name or self.node_name, "peer_label": peer_label})
         origin = self.private_origin if private else self.node_id
-        self._append(origin, "conversation", conversation_id, data)
+        self.writes.append(origin, "conversation", conversation_id, data)
 
     def create_conversation(self, title="New chat", private=False) -> dict:
         """Start a conversation owned by this node; returns its record."""
@@ -2919,7 +2903,7 @@ class Store(StorePages):
         def create():
             self._new_conversation(conversation_id, title, private)
             return self._record_of(conversation_id)
-        return self._write(create)
+        return self.writes.run(create)
 
     def default_conversation(self) -> dict:
         """This node's conversation for the seed API, created on first use.
@@ -2938,7 +2922,7 @@ class Store(StorePages):
                     break
                 generation += 1
             return self._record_of(conversation_id)
-        return self._write(get_or_create)
+        return self.writes.run(get_or_create)
 
     def add_message(self, conversation_id, role, content, sender, host_info=None,
                     model=None, answered_by=None, answered_by_name=None,
@@ -2961,8 +2945,8 @@ class Store(StorePages):
             row = self._log.conversation_row(conversation_id)
             if not self._visible(row):
                 raise StoreError("no conversation %s" % conversation_id)
-            return self._append(self._log_for(row), "message", conversation_id, data)
-        return self._write(add)
+            return self.writes.append(self._log_for(row), "message", conversation_id, data)
+        return self.writes.run(add)
 
     def update_conversation(self, conversation_id, title=None, private=None) -> dict:
         """Rename and/or change the privacy of an own conversation; returns
@@ -2983,21 +2967,21 @@ class Store(StorePages):
             was_private = state["private"]
             now_private = was_private if private is None else private
             if now_private and not was_private:
-                self._append(self.node_id, "conversation", conversation_id,
+                self.writes.append(self.node_id, "conversation", conversation_id,
                              dict(state, private=True))
                 if renamed:
-                    self._append(self.private_origin, "conversation", conversation_id,
+                    self.writes.append(self.private_origin, "conversation", conversation_id,
                                  dict(state, private=True, title=title))
             elif was_private and not now_private:
                 self._republish(conversation_id)
-                self._append(self.node_id, "conversation", conversation_id,
+                self.writes.append(self.node_id, "conversation", conversation_id,
                              dict(state, private=False,
                                   title=state["title"] if title is None else title))
             elif renamed:
-                self._append(self._log_for(row), "conversation", conversation_id,
+                self.writes.append(self._log_for(row), "conversation", conversation_id,
                              dict(state, title=title))
             return self._record_of(conversation_id)
-        return self._write(update)
+        return self.writes.run(update)
 
     def _republish(self, conversation_id):
         rows = self._db.execute(
@@ -3005,7 +2989,7 @@ class Store(StorePages):
             " AND origin = ? AND " + self._LISTED + " ORDER BY timestamp, seq",
             (conversation_id, self.private_origin)).fetchall()
         for row in rows:
-            self._append(self.node_id, "message", conversation_id, json.loads(row["data"]),
+            self.writes.append(self.node_id, "message", conversation_id, json.loads(row["data"]),
                          timestamp=row["timestamp"])
             self._db.execute("UPDATE entries SET republished = 1 WHERE origin = ?"
                              " AND seq = ?", (self.private_origin, row["seq"]))
@@ -3015,10 +2999,10 @@ class Store(StorePages):
         """Delete an own conversation for good: a tombstone peers obey."""
         def delete():
             row = self._own_row(conversation_id)
-            self._append(self._log_for(row), "conversation", conversation_id,
+            self.writes.append(self._log_for(row), "conversation", conversation_id,
                          dict(self._state(row), deleted=True))
             return self._record_of(conversation_id)
-        return self._write(delete)
+        return self.writes.run(delete)
 
     def import_conversations(self, conversations) -> dict:
         """Add conversations read from files as own ones, all in one
@@ -3034,7 +3018,7 @@ class Store(StorePages):
             cleaned = [_clean_imported_conversation(c) for c in conversations]
         except ValueError as error:
             raise StoreError("cannot import: %s" % error) from None
-        return self._write(self._import, cleaned)
+        return self.writes.run(self._import, cleaned)
 
     def _import(self, conversations):
         summary = {"conversations": 0, "messages": 0, "skipped": 0}
@@ -3056,7 +3040,7 @@ class Store(StorePages):
                 if self._log.has_uid(message["uid"]):
                     summary["skipped"] += 1
                     continue
-                self._append(self._log_for(row), "message", conversation_id, message["data"],
+                self.writes.append(self._log_for(row), "message", conversation_id, message["data"],
                              timestamp=message["timestamp"], uid=message["uid"])
                 summary["messages"] += 1
         return summary
@@ -3078,24 +3062,8 @@ class Store(StorePages):
             "SELECT " + _ENTRY_COLUMNS + " FROM entries WHERE conversation_id = ?"
             " AND " + self._LISTED + " ORDER BY timestamp, origin, seq",
             (conversation_id,)).fetchall()
-        conversation["messages"] = [self._message(row) for row in rows]
+        conversation["messages"] = [self.messages.from_row(row) for row in rows]
         return conversation
-
-    @staticmethod
-    def _message(row):
-        return Store.message_from_entry(dict(row, data=json.loads(row["data"])))
-
-    @staticmethod
-    def message_from_entry(entry) -> dict:
-        """The message dict get_conversation lists, made from a message entry."""
-        message = {"id": entry["uid"], "origin": entry["origin"], "seq": entry["seq"],
-                   "conversation_id": entry["conversation_id"],
-                   "timestamp": entry["timestamp"]}
-        data = entry["data"]
-        if not _MESSAGE_FIELDS <= data.keys() <= _MESSAGE_MARKS:  # a newer version's fields: show ours
-            data = _clean_message_data(data)
-        message.update(data)
-        return message
 
     @staticmethod
     def is_shared(entry) -> bool:
@@ -3124,6 +3092,142 @@ class Store(StorePages):
             return self._record_of(conversation_id)
         return self._db.read(record)
 
+    def get_all_conversations(self) -> list:
+        """get_conversation of every listed conversation, read at one moment."""
+        return self._db.read(lambda: [self._get(record["id"]) for record in self._list()])
+
+    def message_count(self) -> int:
+        """Messages listed across all listed conversations."""
+        return sum(record["message_count"] for record in self.list_conversations())
+
+    # -- sync ----------------------------------------------------------------
+
+    def version_vector(self) -> dict:
+        """{origin: n} where this store holds seqs 1..n of origin's public log."""
+        return self._log.reads.version_vector()
+
+    def entries_missing(self, their_vector, max_bytes=1 << 20, max_entries=MAX_FRAME_ENTRIES):
+        """(entries, more): public entries past their_vector; see SyncReads."""
+        return self._log.reads.entries_missing(their_vector, max_bytes, max_entries)
+
+    def apply_entries(self, entries) -> list:
+        """Store the entries a peer sent; returns those that took effect (see EntryLog)."""
+        return self._log.apply_entries(entries)
+
+    # -- the room's control records ---------------------------------------------------
+    # A control record is a message, its JSON as its content, in a deleted conversation bound to
+    # its writer: only fields every earlier version knows (their hashes cover clean data), so
+    # they store and forward it, signed and chained like every entry, and never show it.
+
+    def write_control(self, origin, conversation_id, fields):
+        """Append a control record ``fields`` to the log of ``origin`` (this node's, or the
+        teacher key's) and return the entry."""
+        content = json.dumps(dict(fields, neuromesh_room=1), sort_keys=True)
+        data = _clean_message_data({"role": "user", "content": content, "sender": "NeuroMesh room record",
+                                    "host_info": {"hostname": self.node_name}})
+
+        def write():
+            if self._log.conversation_row(conversation_id) is None:
+                self.writes.append(origin, "conversation", conversation_id, {
+                    "title": "NeuroMesh room record", "private": False, "deleted": True,
+                    "created_at": utc_now(), "origin_name": self.node_name, "peer_label": None})
+            return self.writes.append(origin, "message", conversation_id, data)
+        return self.writes.run(write)
+
+
+class LocalWrites:
+    """Runs a store's local writes: each in one transaction, committed on return, then the
+    entries it appended handed to the watchers (the sync room registers itself with watch).
+
+    ``watch(listener)``: ``listener(entries)`` hears the entries each local write appended
+    (private ones included: filter with Store.is_shared), after the commit, outside the
+    store's lock. ``run(action, *args)`` and ``append(...)`` are the store's own.
+    """
+
+    def __init__(self, database, entry_log):
+        self._db, self._log = database, entry_log
+        self._listeners = []
+        self._appended = []         # entries of the local write in progress
+
+    def watch(self, listener):
+        """``listener(entries)`` after each committed local write."""
+        self._listeners.append(listener)
+
+    def run(self, action, *args):
+        """Run action(*args) in one transaction, committed on return; then hand
+        the entries it appended to the listeners."""
+        def collecting_appended():
+            self._appended = []
+            result = action(*args)
+            appended, self._appended = self._appended, []
+            return result, appended
+        result, appended = self._db.write(collecting_appended)
+        # Outside the lock, so the callback may use the store.
+        for listener in self._listeners if appended else ():
+            try:
+                listener(appended)
+            except Exception:   # the write is committed; the caller must hear so
+                log.exception("store: a local write's listener failed")
+        return result
+
+    def append(self, origin, kind, conversation_id, data, timestamp=None, uid=None):
+        entry = self._log.append(origin, kind, conversation_id, data, timestamp, uid)
+        self._appended.append(entry)
+        return entry
+
+
+class GuestOwners:
+    """Which guest of this node's page started which conversation (kept here, never synced).
+
+    Methods for the caller: record, owners.
+    """
+
+    def __init__(self, database):
+        self._db = database
+
+    _GUEST_TABLE = ("CREATE TABLE IF NOT EXISTS guest_conversations"   # guests of the page (HTTP)
+                    " (conversation_id TEXT PRIMARY KEY, guest_id TEXT NOT NULL)")
+
+    def record(self, conversation_id, guest_id):
+        """Record that a guest of this node's page started ``conversation_id`` (never synced)."""
+        self._db.write(lambda: (self._db.execute(self._GUEST_TABLE), self._db.execute(
+            "INSERT OR REPLACE INTO guest_conversations VALUES (?, ?)", (conversation_id, guest_id))))
+
+    def owners(self) -> dict:
+        """{conversation id: guest id} of the conversations guests started."""
+        return self._db.write(lambda: (self._db.execute(self._GUEST_TABLE), dict(self._db.execute(
+            "SELECT conversation_id, guest_id FROM guest_conversations").fetchall()))[1])
+
+
+class MessageReads:
+    """Messages as callers see them: an entry or a stored row made a message, and the newest
+    messages of a conversation, what an answer's history needs.
+
+    Methods for the caller: from_row, message_from_entry, recent_messages, last_question_id.
+    """
+
+    _LISTED = Store._LISTED
+
+    def __init__(self, database):
+        self._db = database
+
+    @staticmethod
+    def from_row(row):
+        """The message of an entry row read from the database."""
+        return MessageReads.message_from_entry(dict(row, data=json.loads(row["data"])))
+
+    @staticmethod
+    def message_from_entry(entry) -> dict:
+        """The message dict get_conversation lists, made from a message entry."""
+        message = {"id": entry["uid"], "origin": entry["origin"], "seq": entry["seq"],
+                   "conversation_id": entry["conversation_id"],
+                   "timestamp": entry["timestamp"]}
+        data = entry["data"]
+        if not _MESSAGE_FIELDS <= data.keys() <= _MESSAGE_MARKS:  # a newer version's fields: show ours
+            data = _clean_message_data(data)
+        message.update(data)
+        return message
+
     def recent_messages(self, conversation_id, min_chars) -> list:
         """The newest messages of a conversation, oldest first, back to the first one that
         brings their contents to ``min_chars`` characters (all of them if it has fewer): what an
@@ -3134,7 +3238,7 @@ class Store(StorePages):
                 + " ORDER BY timestamp DESC, origin DESC, seq DESC", (conversation_id,))
             messages, chars = [], 0
             for row in cursor:
-                messages.append(self._message(row))
+                messages.append(self.from_row(row))
                 chars += len(messages[-1].get("content") or "")
                 if chars >= min_chars:
                     break
@@ -3151,60 +3255,18 @@ class Store(StorePages):
             " LIMIT 1", (conversation_id,)).fetchone())
         return row[0] if row else None
 
-    def get_all_conversations(self) -> list:
-        """get_conversation of every listed conversation, read at one moment."""
-        return self._db.read(lambda: [self._get(record["id"]) for record in self._list()])
 
-    def message_count(self) -> int:
-        """Messages listed across all listed conversations."""
-        return sum(record["message_count"] for record in self.list_conversations())
+class RoomRecords:
+    """Reads the teacher's room from the logs: the newest control records (see
+    Store.write_control) and the activity of the shared conversations.
 
-    # -- sync ----------------------------------------------------------------
+    Methods for the caller: control_record, control_records, activity_since.
+    """
 
-    def version_vector(self) -> dict:
-        """{origin: n} where this store holds seqs 1..n of origin's public log."""
-        return self._log.version_vector()
+    _LISTED = Store._LISTED
 
-    def entries_missing(self, their_vector, max_bytes=1 << 20, max_entries=MAX_FRAME_ENTRIES):
-        """(entries, more): public entries past their_vector; see EntryLog."""
-        return self._log.entries_missing(their_vector, max_bytes, max_entries)
-
-    def apply_entries(self, entries) -> list:
-        """Store the entries a peer sent; returns those that took effect (see EntryLog)."""
-        return self._log.apply_entries(entries)
-
-    _GUEST_TABLE = ("CREATE TABLE IF NOT EXISTS guest_conversations"   # guests of the page (HTTP)
-                    " (conversation_id TEXT PRIMARY KEY, guest_id TEXT NOT NULL)")
-
-    def set_guest_owner(self, conversation_id, guest_id):
-        """Record that a guest of this node's page started ``conversation_id`` (never synced)."""
-        self._db.write(lambda: (self._db.execute(self._GUEST_TABLE), self._db.execute(
-            "INSERT OR REPLACE INTO guest_conversations VALUES (?, ?)", (conversation_id, guest_id))))
-
-    def guest_owners(self) -> dict:
-        """{conversation id: guest id} of the conversations guests started."""
-        return self._db.write(lambda: (self._db.execute(self._GUEST_TABLE), dict(self._db.execute(
-            "SELECT conversation_id, guest_id FROM guest_conversations").fetchall()))[1])
-
-    # -- the room's control records ---------------------------------------------------
-    # A control record is a message, its JSON as its content, in a deleted conversation bound to
-    # its writer: only fields every earlier version knows (their hashes cover clean data), so
-    # they store and forward it, signed and chained like every entry, and never show it.
-
-    def write_control(self, origin, conversation_id, fields):
-        """Append a control record ``fields`` to the log of ``origin`` (this node's, or the
-        teacher key's) and return the entry."""
-        content = json.dumps(dict(fields, neuromesh_room=1), sort_keys=True)
-        data = _clean_message_data({"role": "user", "content": content, "sender": "NeuroMesh room record",
-                                    "host_info": {"hostname": self.node_name}})
-
-        def write():
-            if self._log.conversation_row(conversation_id) is None:
-                self._append(origin, "conversation", conversation_id, {
-                    "title": "NeuroMesh room record", "private": False, "deleted": True,
-                    "created_at": utc_now(), "origin_name": self.node_name, "peer_label": None})
-            return self._append(origin, "message", conversation_id, data)
-        return self._write(write)
+    def __init__(self, database):
+        self._db = database
 
     @staticmethod
     def _control_data(text):
@@ -5479,7 +5541,7 @@ class SyncWorker:
         self._stop = threading.Event()
         self._thread = None
         self.counters = collections.Counter()
-        store.watch_local(self.local_written)
+        store.writes.watch(self.local_written)
         mesh.handle(SYNC, self.handle_sync)
         mesh.handle(FILE, self.handle_file)
 
@@ -7498,7 +7560,7 @@ class RoomRules:
         """The teacher's newest policy record (with ``seq``), or None."""
         if not self.teacher_id or self.store is None:
             return None
-        return self.store.control_record(self.teacher_id, "%s.%s" % (self.teacher_id, POLICY_SUFFIX))
+        return self.store.room.control_record(self.teacher_id, "%s.%s" % (self.teacher_id, POLICY_SUFFIX))
 
     def policy(self):
         record = self.record()
@@ -7548,7 +7610,7 @@ class RoomRules:
 
     def shown_by(self, origin):
         """The conversation ids ``origin`` shows this room's teacher ("Show my teacher")."""
-        record = self.store.control_record(origin, "%s.%s" % (origin, SHARES_SUFFIX)) if self.store else None
+        record = self.store.room.control_record(origin, "%s.%s" % (origin, SHARES_SUFFIX)) if self.store else None
         return self._shown(origin, record)
 
     def _shown(self, origin, record):
@@ -7566,14 +7628,14 @@ class RoomRules:
         the teacher, how many chats its guests wrote, when it last cleared them."""
         origin = self.store.node_id
         cid = "%s.%s" % (origin, SHARES_SUFFIX)
-        record = self.store.control_record(origin, cid) or {}
+        record = self.store.room.control_record(origin, cid) or {}
         kept = {key: record[key] for key in self._OWN_FIELDS if key in record}
         kept.update(fields)
         self.store.write_control(origin, cid, kept)
 
     def guest_chats(self):
         """The conversations of this node's guests that are still there."""
-        return [cid for cid in self.store.guest_owners() if self.store.get_conversation_record(cid) is not None]
+        return [cid for cid in self.store.guests.owners() if self.store.get_conversation_record(cid) is not None]
 
     def clear_guests(self):
         """When the teacher asked to clear guests' chats after this node last did: delete them
@@ -7581,7 +7643,7 @@ class RoomRules:
         policy = self.policy()
         asked = policy and policy["clear_guests"]
         origin = self.store.node_id
-        if not asked or (self.store.control_record(origin, "%s.%s" % (origin, SHARES_SUFFIX)) or {}).get(
+        if not asked or (self.store.room.control_record(origin, "%s.%s" % (origin, SHARES_SUFFIX)) or {}).get(
                 "guests_cleared") == asked:
             return 0
         gone = 0
@@ -7598,7 +7660,7 @@ class RoomRules:
     def guest_chat_counts(self):
         """{node id: guests' chats it reports} of every node of the room."""
         counts = {}
-        for origin, record in self.store.control_records(SHARES_SUFFIX).items():
+        for origin, record in self.store.room.control_records(SHARES_SUFFIX).items():
             count = record.get("guest_chats")
             if type(count) is int and 0 < count < 1 << 30:
                 counts[origin] = count
@@ -7608,7 +7670,7 @@ class RoomRules:
         """{conversation id: its owner} of every chat a student shows the teacher."""
         if self.store is None:
             return {}
-        return {cid: origin for origin, record in self.store.control_records(SHARES_SUFFIX).items()
+        return {cid: origin for origin, record in self.store.room.control_records(SHARES_SUFFIX).items()
                 for cid in self._shown(origin, record)}
 
     def instruct_body(self, requester, path, body):
@@ -9263,12 +9325,12 @@ class ChatService:
         self.record(conversation_id)
         marks = {"images": images} if images else {}
         if replaces is not None:
-            if self.store.last_question_id(conversation_id) != replaces:
+            if self.store.messages.last_question_id(conversation_id) != replaces:
                 raise HTTPFailure(409, "only the last question of a conversation can be edited")
             marks["replaces"] = replaces
         entry = self.store.add_message(conversation_id, "user", content, sender, host_info=self.host_info(),
                                        **marks)
-        return self.store.message_from_entry(entry)
+        return self.store.messages.message_from_entry(entry)
 
     @staticmethod
     def history_of(messages):
@@ -9297,7 +9359,7 @@ class ChatService:
         """
         self.record(conversation_id)
         # Twice the budget: history_of may leave some out, fit_history then cuts to the budget.
-        history = self.history_of(self.store.recent_messages(conversation_id, 2 * self.history_budget))
+        history = self.history_of(self.store.messages.recent_messages(conversation_id, 2 * self.history_budget))
         if regenerate:
             while history and history[-1]["role"] == "assistant":
                 history.pop()
@@ -9368,7 +9430,7 @@ class ChatService:
             host_info={"hostname": done["node_name"] or "LLM", "ip_address": "", "is_llm_host": True},
             model=done["model"], answered_by=done["node_id"], answered_by_name=done["node_name"] or None,
             tokens_per_second=done.get("tokens_per_second"), **marks)
-        return self.store.message_from_entry(entry)
+        return self.store.messages.message_from_entry(entry)
 
     @staticmethod
     def fit_history(messages, budget_chars):
@@ -10317,7 +10379,7 @@ class PageApi(HttpApi):
         guest = self.gate.client().guest
         if guest is None:
             return records
-        owners = self.conversations.guest_owners()
+        owners = self.conversations.guests.owners()
         return [dict(record, own=owners.get(record["id"]) == guest) for record in records
                 if owners.get(record["id"]) == guest or not record["private"]]
 
@@ -10327,7 +10389,7 @@ class PageApi(HttpApi):
         record = self.conversations.create_conversation(title=title, private=bool(body.get("private")))
         guest = self.gate.client().guest
         if guest is not None:
-            self.conversations.set_guest_owner(record["id"], guest)
+            self.conversations.guests.record(record["id"], guest)
             if self.room.teacher_id:  # the teacher's count for "Clear guests' chats"
                 self.room.write_own(guest_chats=len(self.room.guest_chats()))
         bottle.response.status = 201
@@ -10340,7 +10402,7 @@ class PageApi(HttpApi):
             raise HTTPFailure(404, "no conversation %s: a student has not shown it to you" % safe_text(conversation_id, 80))
         guest = self.gate.client().guest
         if guest is not None:
-            owned = self.conversations.guest_owners().get(conversation_id) == guest
+            owned = self.conversations.guests.owners().get(conversation_id) == guest
             if not owned and conversation["private"]:
                 raise HTTPFailure(404, "no conversation %s" % safe_text(conversation_id, 80))
             conversation["own"] = owned
@@ -11862,7 +11924,7 @@ class RoomApi(HttpApi):
         each host's queue, and the chats students chose to show."""
         self._teacher()
         since = format_timestamp(datetime.now(timezone.utc) - timedelta(hours=1))
-        activity = self.conversations.activity_since(since)
+        activity = self.conversations.room.activity_since(since)
         peers = self.mesh.peers()
         students = [{"node_id": p["node_id"], "name": p["name"], "online": p["connected"],
                      "chats_last_hour": activity.get(p["node_id"], {}).get("chats", 0),

@@ -173,17 +173,17 @@ def test_local_writes_are_announced_after_commit():
     def listener(entries):
         # Called outside the lock: reading the store here must not deadlock.
         heard.append([(e["kind"], a.is_shared(e), len(a.list_conversations())) for e in entries])
-    a.watch_local(listener)
+    a.writes.watch(listener)
     c = a.create_conversation("c")
     entry = a.add_message(c["id"], "user", "hi", "alice")
-    assert a.message_from_entry(entry) == a.get_conversation(c["id"])["messages"][0]
+    assert a.messages.message_from_entry(entry) == a.get_conversation(c["id"])["messages"][0]
     a.update_conversation(c["id"], private=True)
     a.add_message(c["id"], "user", "secret", "alice")
     a.update_conversation(c["id"], private=False)
     assert heard == [[("conversation", True, 1)], [("message", True, 1)],
                      [("conversation", True, 1)], [("message", False, 1)],
                      [("message", True, 1), ("conversation", True, 1)]]
-    a.watch_local(lambda entries: 1 / 0)            # logged, the write still stands
+    a.writes.watch(lambda entries: 1 / 0)            # logged, the write still stands
     a.add_message(c["id"], "user", "kept", "alice")
     assert contents(a, c["id"])[-1] == "kept"
     b = store("nodeB")

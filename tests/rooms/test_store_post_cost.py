@@ -1,7 +1,7 @@
 """A post costs the same however long its conversation is, in-process.
 
 Not timed: the tests count the stored messages a request decodes (every message row read goes
-through ``Store._message``) and check that the counts the pages show stay right as they are kept
+through ``MessageReads.from_row``) and check that the counts the pages show stay right as they are kept
 up to date instead of recounted.
 """
 
@@ -15,16 +15,16 @@ TEXT = "words " * 50
 
 
 class RowSpy:
-    """Counts the message rows decoded (``Store._message``) while installed."""
+    """Counts the message rows decoded (``MessageReads.from_row``) while installed."""
 
     def __init__(self, monkeypatch):
         self.rows = 0
-        original = neuromesh.Store._message
+        original = neuromesh.MessageReads.from_row
 
         def counted(row):
             self.rows += 1
             return original(row)
-        monkeypatch.setattr(neuromesh.Store, "_message", staticmethod(counted))
+        monkeypatch.setattr(neuromesh.MessageReads, "from_row", staticmethod(counted))
 
 
 def fill(store, conversation_id, count, content=TEXT):
@@ -74,7 +74,7 @@ def test_the_history_is_the_same_as_from_the_whole_conversation(stub_node, long_
     chat = neuromesh.ChatService(stub_node.router, stub_node.store, stub_node.host_info)
     whole = stub_node.store.get_conversation(long_conversation)["messages"]
     expected = chat.fit_history(chat.history_of(whole), chat.history_budget)
-    recent = stub_node.store.recent_messages(long_conversation, 2 * chat.history_budget)
+    recent = stub_node.store.messages.recent_messages(long_conversation, 2 * chat.history_budget)
     assert chat.fit_history(chat.history_of(recent), chat.history_budget) == expected
     assert recent == whole[-len(recent):]
 

@@ -162,7 +162,7 @@ def test_clear_guests_chats_deletes_only_the_guests_chats_once_and_the_count_rea
     teach(teacher, teacher_key, student, paused=False)
     guest_chats = [student.create_conversation("guest chat %d" % n)["id"] for n in range(3)]
     for cid in guest_chats:
-        student.set_guest_owner(cid, "guest-0123456789abcdef")
+        student.guests.record(cid, "guest-0123456789abcdef")
     own = student.create_conversation("the owner's own chat")["id"]
     rules.write_own(guest_chats=len(rules.guest_chats()))
     teacher.batches.apply(student.batches.missing(teacher.version_vector()))
@@ -196,5 +196,5 @@ def test_instructions_go_first_in_a_chat_and_a_generation(room):
            st.sampled_from(["neuromesh_room", "policy", "shown_to_teacher", "guest_chats"]),
            st.none() | st.integers() | st.text(max_size=10) | st.lists(st.text(max_size=5)), max_size=4)))
 def test_any_stored_message_reads_as_a_control_record_or_none_and_never_raises(text):
-    record = nm.Store._control_data(text)
+    record = nm.RoomRecords._control_data(text)
     assert record is None or record["neuromesh_room"] == 1
