@@ -15,8 +15,10 @@ The rooms of this file, foundations first (each section a room)::
                                     TLSIdentity (the certificate every link runs under)
     wire                            frames (marker + u64 LE length + JSON), Handshake (room code and
                                     signed HELO, bound to the link's TLS certificate), schemas
-    store                           Database -> EntryLog (per-origin logs) -> LogChain, BatchVerifier
-                                    (hash chains, signed heads) -> Store (+ StorePages: search, pages)
+    store                           Database -> EntryLog (per-origin logs; SyncReads) -> LogChain,
+                                    BatchVerifier (hash chains, signed heads), SignedBatches -> Store
+                                    (+ StorePages: search, pages; LocalWrites, MessageReads,
+                                    GuestOwners, RoomRecords)
     seed files                      SeedFiles: the original NeuroMesh's JSON layout
     discovery                       Discovery (UDP announcements)
     peer links                      TLSChannel, TLSStream (relay connections on the mesh port); Peer,
@@ -40,10 +42,10 @@ The rooms of this file, foundations first (each section a room)::
 
 Contents (the section banners, in order): Imports and the _vendor shim; Constants; Exceptions;
 Utilities; Configuration; Identity and signatures; Wire protocol; Store; Seed files; Discovery;
-Peer links; Events; Sync; LLM backends and routing; Any request kind, passed on as it is; Model
-transfer; Chat; HTTP APIs; Who is asking: the access model; Anthropic's Messages and OpenAI's
-Responses APIs; The teacher's room; Queues on view: health and metrics; Node; Firewall, doctor
-and status; CLI.
+Peer links; Events; Sync; LLM backends and routing; Any request kind, passed on as it is;
+Routing: which LLM answers, fairly, with failover; Model transfer; Chat; HTTP APIs; Who is asking:
+the access model; The API units; Anthropic's Messages and OpenAI's Responses APIs; The teacher's
+room; Queues on view: health and metrics; Node; Firewall, doctor and status; CLI.
 
 Run as one file (``install.sh --bundle``: a .pyz, or its folder), the runtime packages sit beside
 this module and the page is read from inside the archive (ArchivedFiles).
@@ -51,11 +53,13 @@ this module and the page is read from inside the archive (ArchivedFiles).
 A chat: PageApi.post_message -> ChatService.add_question -> Store.add_message ->
 ChatService.answer -> ChatService.stream -> Router.chat -> Backend.chat (a PeerBackend
 crosses to the host's RelayApi) -> token events -> PageApi streams SSE ->
-ChatService._store_answer -> Store.add_message -> SyncWorker.local_written -> SyncWorker.push.
+ChatService._store_answer -> Store.add_message -> LocalWrites.run -> SyncWorker.local_written ->
+SyncWorker.push (-> Mesh.broadcast), then publish_entries -> EventBus.
 
 A synced message: LinkIO reads a frame (TLSChannel decrypts) -> FrameDecoder -> Mesh.link_frame
-(check_frame) -> SyncWorker.handle_file (registered with Mesh.handle) -> the batch verified (chain, one signature per
-origin) and stored -> EventBus -> the page's SSE.
+(check_frame) -> Mesh._pass_on -> SyncWorker.handle_file (registered with Mesh.handle) ->
+SyncWorker._apply -> SignedBatches.apply: the batch verified (chain, one signature per origin) and
+stored -> Mesh.forward, publish_entries -> EventBus -> the page's SSE. Node is in neither path.
 """
 
 __version__ = "0.4.0"
@@ -7376,6 +7380,11 @@ class MeshInfo:
         return {"version": max(versions, key=version_key) if versions else RECENT_OLLAMA_VERSION}
 
 
+###############################################################################
+# Routing: which LLM answers, fairly, with failover ###########################
+###############################################################################
+
+
 class AnswerSoFar:
     """What an answer has said so far, and which hosts said it: for mid-answer failover.
 
@@ -10262,6 +10271,11 @@ class _Released:
             release, self.release = self.release, None
             if release is not None:
                 release()
+
+
+###############################################################################
+# The API units ###############################################################
+###############################################################################
 
 
 class HttpApi:
