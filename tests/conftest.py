@@ -794,20 +794,31 @@ class ServedMesh:
     def __init__(self, fake, host, plain):
         self.fake, self.host, self.plain = fake, host, plain
 
+    def answer(self, text, model=API_MODEL):
+        """What the fake answers ``text`` asked alone of ``model``."""
+        return self.fake.answer_for([{"role": "user", "content": text}], model)
 
-@pytest.fixture
-def served_mesh(cluster):
+
+@contextlib.contextmanager
+def serving_mesh(cluster, models=API_MODELS, token_delay=0.02):
+    """A ServedMesh of ``cluster`` whose fake Ollama offers ``models``, once the plain node may use them."""
     from support.fake_ollama import FakeOllama
-    fake = FakeOllama(models=API_MODELS, token_delay=0.02).start()
+    fake = FakeOllama(models=models, token_delay=token_delay).start()
     try:
         host = cluster.start("host", extra=["--ollama-url", fake.url])
         plain = cluster.start("plain")
         wait_for(lambda: fully_linked([host, plain]), message="mesh")
-        wait_for(lambda: {m["name"] for m in plain.json("/api/models")["models"]} >= set(API_MODELS),
+        wait_for(lambda: {m["name"] for m in plain.json("/api/models")["models"]} >= set(models),
                  timeout=15, message="LLM access granted to the plain node")
         yield ServedMesh(fake, host, plain)
     finally:
         fake.stop()
+
+
+@pytest.fixture
+def served_mesh(cluster):
+    with serving_mesh(cluster) as served:
+        yield served
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -8,8 +8,8 @@ import json
 import pytest
 import requests
 
-from conftest import API_MODEL, fully_linked, wait_for
-from support.fake_ollama import FakeOllama, image_note, thinking_for
+from conftest import API_MODEL, serving_mesh
+from support.fake_ollama import image_note, thinking_for
 
 THINKER = "qwen3:0.6b"  # the fake thinks aloud for it (capabilities: thinking)
 SEER = "llava:7b"  # the fake sees images for it (capabilities: vision)
@@ -22,26 +22,10 @@ WEATHER = {"name": "get_weather", "description": "The weather of a city",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 
 
-class Served:
-    def __init__(self, fake, host, plain):
-        self.fake, self.host, self.plain = fake, host, plain
-
-    def answer(self, text, model=API_MODEL):
-        return self.fake.answer_for([{"role": "user", "content": text}], model)
-
-
 @pytest.fixture
 def served(cluster):
-    fake = FakeOllama(models=MODELS, token_delay=0.01).start()
-    try:
-        host = cluster.start("host", extra=["--ollama-url", fake.url])
-        plain = cluster.start("plain")
-        wait_for(lambda: fully_linked([host, plain]), message="mesh")
-        wait_for(lambda: {m["name"] for m in plain.json("/api/models")["models"]} >= set(MODELS),
-                 timeout=15, message="LLM access granted to the plain node")
-        yield Served(fake, host, plain)
-    finally:
-        fake.stop()
+    with serving_mesh(cluster, MODELS, token_delay=0.01) as mesh:
+        yield mesh
 
 
 def anthropic_client(served):
