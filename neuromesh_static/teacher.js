@@ -69,10 +69,7 @@ function renderRules() {
   const policy = room && room.policy;
   student.paused = Boolean(policy && policy.paused && !room.is_teacher);
   if (!room) return;
-  if (!room.teacher) {
-    box.append(h("p", { class: "room-line muted", id: "room-teacher" }, "No teacher in this room"));
-    return;
-  }
+  if (!room.teacher) return; // a room without a teacher: nothing to tell above the prompt
   const line = [h("strong", {}, room.is_teacher ? "You are this room's teacher" : "Teacher: " + teacherName(room))];
   if (room.quota_left != null && !room.is_teacher)
     line.push(h("span", { id: "room-quota" }, " · " + room.quota_left + " of " + policy.quota + " chats left this hour"));
