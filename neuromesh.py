@@ -23,7 +23,8 @@ The rooms of this file, foundations first (each section a room)::
     discovery                       Discovery (UDP announcements)
     peer links                      TLSChannel, TLSStream (relay connections on the mesh port); Peer,
                                     PeerTable, DialPlan, LinkPolicy; LinkIO (sockets);
-                                    Heartbeats, Dialer, PeerExchange, LinkAdmission (HELO); Mesh (frames)
+                                    Heartbeats, Dialer, PeerExchange, LinkAdmission (HELO); Mesh (frames;
+                                    MeshListeners: the rooms that hear of peers, each registered)
     events, sync                    EventBus (SSE), SyncWorker (SYNC/FILE, push)
     llm                             Backend: Ollama/OpenAI/PeerBackend (relay client: RelayConnections,
                                     RelayConnection); Slots (fair queues), Placement; IssuedTokens,
@@ -36,9 +37,10 @@ The rooms of this file, foundations first (each section a room)::
                                     the teacher's room (RoomBundle, RoomApi), ModelRelayApi,
                                     ModelPageApi, RelayServer (peers' relay connections); QueueReport
                                     (health's queues, /metrics); HTTPServer
-    node, cli                       LocalLLM (this computer's LLM, told truly); Node (a MeshListener)
-                                    builds and wires the rooms; Doctor, status, firewall steps per
-                                    OS; main()
+    node, cli                       LocalLLM (this computer's LLM, told truly); LLMNews, PeerNews (what
+                                    peers and pages hear); RuntimeFile, OwnerControls (name, sharing),
+                                    NodeReport (health, URLs), Housekeeping; Node builds the rooms,
+                                    starts and stops them; Doctor, status, firewall steps per OS; main()
 
 Contents (the section banners, in order): Imports and the _vendor shim; Constants; Exceptions;
 Utilities; Configuration; Identity and signatures; Wire protocol; Store; Seed files; Discovery;
@@ -842,6 +844,22 @@ def node_id_from_key(public_key):
     return hashlib.sha256(_ID_TAG + bytes(public_key)).hexdigest()[:32]
 
 
+def write_secret_file(path, text):
+    """``text`` (ASCII) as the file ``path``, readable by this user only from its first byte, and
+    whole or not at all: a crash leaves the old file or none, never half a key."""
+    temporary = path + ".tmp"
+    try:
+        os.unlink(temporary)
+    except FileNotFoundError:
+        pass
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w", encoding="ascii") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
 class NodeKey:
     """This node's Ed25519 key pair, kept as a 0600 file in the data dir; never shown or logged."""
 
@@ -880,17 +898,7 @@ class NodeKey:
     @classmethod
     def _create(cls, path):
         seed = os.urandom(32)
-        temporary = path + ".tmp"
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w", encoding="ascii") as handle:
-            handle.write(seed.hex() + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        write_secret_file(path, seed.hex() + "\n")
         return cls(seed)
 
     def sign(self, message):
@@ -1000,16 +1008,7 @@ class TLSIdentity:
         except (OSError, ValueError, ssl.SSLError):
             pass
         key = SigningKey.generate(curve=NIST256p)
-        text = key.to_pem().decode("ascii") + ssl.DER_cert_to_PEM_cert(self_signed_certificate(key))
-        temporary = path + ".tmp"
-        try:
-            os.unlink(temporary)
-        except FileNotFoundError:
-            pass
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w", encoding="ascii") as handle:
-            handle.write(text)
-        os.replace(temporary, path)
+        write_secret_file(path, key.to_pem().decode("ascii") + ssl.DER_cert_to_PEM_cert(self_signed_certificate(key)))
         return cls(path, maximum)
 
 
@@ -3842,21 +3841,12 @@ def dial_relay(identity, room_key, key, address, node_id, timeout):
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock = identity.client.wrap_socket(sock)
-        handshake = Handshake(room_key, True, hashlib.sha256(sock.getpeercert(True)).digest())
-        frames = _BlockingFrames(sock)
-        sock.sendall(b"".join(handshake.start()))
-        while not handshake.done:
-            sock.sendall(b"".join(handshake.receive(*frames.next())))
-        frames.decoder.proven = True
-        marker, payload = frames.next()
-        check_frame(marker, payload)
-        link = types.SimpleNamespace(handshake=handshake)
-        if marker != HELLO or payload.get("node_id") != node_id:
+        link = DialedLink(sock, room_key)
+        if link.hello()["node_id"] != node_id:
             raise ProtocolError("the relay at %s:%d is not the peer it should be" % address)
-        proven_hello_key(link, node_id, payload)
         sock.sendall(encode_frame(HELLO, signed_hello(key, link, {"node_id": key.node_id, "tcp_port": 0,
                                                                 "role": "relay"})))
-        while frames.next()[0] != RELAY_READY:
+        while link.next_frame()[0] != RELAY_READY:
             pass
         return sock
     except BaseException:
@@ -3864,20 +3854,35 @@ def dial_relay(identity, room_key, key, address, node_id, timeout):
         raise
 
 
-class _BlockingFrames:
-    """The frames a blocking socket reads, one by one (for dial_relay)."""
+class DialedLink:
+    """The dialing end of a link on a blocking TLS socket (a relay connection, the doctor's
+    probe): ``hello()`` runs the key proof, then reads the peer's HELO, checked and its
+    signature proven; ``next_frame()`` reads the frames after it, one by one."""
 
-    def __init__(self, sock):
+    def __init__(self, sock, room_key):
         self.sock, self.decoder, self._ready = sock, FrameDecoder(MiB), []
+        self.handshake = Handshake(room_key, True, hashlib.sha256(sock.getpeercert(True)).digest())
 
-    def next(self):
+    def hello(self):
+        self.sock.sendall(b"".join(self.handshake.start()))
+        while not self.handshake.done:
+            self.sock.sendall(b"".join(self.handshake.receive(*self.next_frame())))
+        self.decoder.proven = True
+        marker, payload = self.next_frame()
+        if marker != HELLO:
+            raise ProtocolError("it sent %s before its HELO" % marker.decode("ascii", "replace"))
+        check_frame(marker, payload)
+        proven_hello_key(self, payload["node_id"], payload)
+        return payload
+
+    def next_frame(self):
         while not self._ready:
             self._ready += self.decoder.feed(b"")
             if self._ready:
                 break
             data = self.sock.recv(65536)
             if not data:
-                raise ConnectionResetError("the peer closed the relay connection")
+                raise ConnectionResetError("the peer closed the connection")
             self._ready += self.decoder.feed(data)
         return self._ready.pop(0)
 
@@ -4754,15 +4759,15 @@ class LinkIO:
 
 
 class MeshListener:
-    """What a Mesh tells the rest of its node; this default hears it all and does nothing.
+    """What a Mesh tells a room that listens to it; this default hears it all and does nothing.
 
     The mesh calls these on its own thread, so they must return quickly: ``hello_extra()``
     returns fields to add to this node's HELO and announcements; ``peer_up(peer)``,
     ``peer_down(peer, reason)``, ``peer_changed(peer)`` (its LLM capability changed),
     ``peer_measured(peer)`` (a new link's first round trip is known), and
-    ``frame(marker, peer, payload)`` for each frame the mesh does not handle itself (a
+    ``frame(marker, peer, payload)`` for each frame no room registered a handler for (a
     ProtocolError raised there closes the link), ``relay_connection(stream, node_id, address)``
-    (a peer's relay connection, to serve on a thread of its own).
+    (a peer's relay connection: True once taken, to serve on a thread of its own).
     """
 
     def hello_extra(self):
@@ -4781,11 +4786,55 @@ class MeshListener:
         pass
 
     def frame(self, marker, peer, payload):
-        log.debug("no handler for %s frames", marker.decode("ascii"))
+        pass
 
     def relay_connection(self, stream, node_id, address):
-        """A proven relay connection from the peer ``node_id`` (a TLSStream): serve it, or close it."""
-        stream.close()
+        """A proven relay connection from the peer ``node_id`` (a TLSStream): True if served here."""
+        return False
+
+
+class MeshListeners(MeshListener):
+    """Tells every room that listens to a mesh (``add(listener)``, in the order they were built)
+    what happened: HELO fields are merged, and a relay connection goes to the first listener
+    that takes it (it is closed when none does)."""
+
+    def __init__(self):
+        self._listeners = []
+
+    def add(self, listener):
+        self._listeners.append(listener)
+
+    def hello_extra(self):
+        extra = {}
+        for listener in self._listeners:
+            extra.update(listener.hello_extra())
+        return extra
+
+    def peer_up(self, peer):
+        for listener in self._listeners:
+            listener.peer_up(peer)
+
+    def peer_down(self, peer, reason):
+        for listener in self._listeners:
+            listener.peer_down(peer, reason)
+
+    def peer_changed(self, peer):
+        for listener in self._listeners:
+            listener.peer_changed(peer)
+
+    def peer_measured(self, peer):
+        for listener in self._listeners:
+            listener.peer_measured(peer)
+
+    def frame(self, marker, peer, payload):
+        log.debug("no handler for %s frames", marker.decode("ascii"))
+        for listener in self._listeners:
+            listener.frame(marker, peer, payload)
+
+    def relay_connection(self, stream, node_id, address):
+        if not any(listener.relay_connection(stream, node_id, address) for listener in self._listeners):
+            stream.close()
+        return True
 
 
 class Heartbeats:
@@ -5079,20 +5128,25 @@ class Mesh:
     Methods for the caller (any thread): ``start()``, ``serve_forever()`` (on its own
     thread), ``shutdown()``, ``send(peer_id, marker, payload)``, ``broadcast(marker,
     payload)``, ``forward(marker, payload, sender, spread, holders)``, ``announce_now()``,
-    ``peers()``, ``linked_peers()``, ``stats()``, and ``handle(marker, handler)``: the room that
-    answers a kind of frame registers itself (SyncWorker for SYNC: and FILE:, LLMAccess for LREQ:
-    and LRES:). What else happens is told to ``listener`` (see MeshListener) on the mesh thread. LinkIO calls
+    ``peers()``, ``linked_peers()``, ``stats()``, ``rename(name)``, ``serve_page_on(http_port)``
+    (both told to peers in each HELO), and two registrations, made by each room where it is
+    built: ``handle(marker, handler)`` by the room that answers a kind of frame (SyncWorker for
+    SYNC: and FILE:, LLMAccess for LREQ: and LRES:), ``watch(listener)`` by each room that hears
+    of peers (see MeshListener; on the mesh thread, in the order they registered). LinkIO calls
     ``hello_frame(link)``, ``link_frame(link, marker, payload)`` and ``link_closed(link, reason)``.
     """
 
     poll_interval = 2.0  # the longest the loop sleeps; timers wake it sooner
 
-    def __init__(self, config, node_id, listener=None, key=None, resolve=None, identity=None):
+    def __init__(self, config, node_id, listener=None, key=None, resolve=None, identity=None, name=None):
         self.config = config
         self.node_id = node_id
         self.key = key  # the NodeKey that proves node_id in every HELO
-        self.name = config.name
-        self.listener = MeshListener() if listener is None else listener
+        self.name = name or config.name
+        self.http_port = 0  # this node's page, once it is bound (serve_page_on)
+        self.listener = MeshListeners()
+        if listener is not None:
+            self.listener.add(listener)
         self._handlers = {}  # marker -> handler(peer, payload), registered by the rooms that answer them
         self.lock = threading.RLock()  # guards the peer table; held by the loop while it works
         self.peer_table = PeerTable()
@@ -5245,7 +5299,7 @@ class Mesh:
     def hello_payload(self):
         payload = {
             "node_id": self.node_id, "name": self.name, "version": __version__,
-            "protocol_version": PROTOCOL_VERSION, "tcp_port": self.tcp_port, "http_port": 0,
+            "protocol_version": PROTOCOL_VERSION, "tcp_port": self.tcp_port, "http_port": self.http_port,
             "has_llm": False, "models": [],
         }
         payload.update(self.listener.hello_extra())
@@ -5304,6 +5358,18 @@ class Mesh:
         """``handler(peer, payload)`` gets every ``marker`` frame, on the mesh thread (a
         ProtocolError raised there closes the link)."""
         self._handlers[marker] = handler
+
+    def watch(self, listener):
+        """``listener`` (a MeshListener) hears of peers from now on; register before ``start()``."""
+        self.listener.add(listener)
+
+    def rename(self, name):
+        """This node's new name, in its HELO and announcements from now on."""
+        self.name = name
+
+    def serve_page_on(self, http_port):
+        """The port of this node's page, told to peers in its HELO and announcements."""
+        self.http_port = http_port
 
     def _pass_on(self, marker, peer, payload):
         try:
@@ -5506,15 +5572,16 @@ class SyncRequests:
             self._answered.pop(peer_id, None)
 
 
-class SyncWorker:
+class SyncWorker(MeshListener):
     """Runs the store side of sync on its own thread, so the mesh loop never waits on SQLite.
 
     It registers itself where it is built: with the store, to hear each local write (pushed to
     peers, then published to the pages: ``local_written``), and with the mesh, for SYNC: and
-    FILE: frames (``handle_sync``/``handle_file``). Methods for the caller: ``start()``,
-    ``shutdown()``, ``peer_up(peer)``, ``peer_down(peer)``. A peer cannot swamp it: its SYNC: requests are merged and answered at
-    most every ``answer_gap`` seconds (see SyncRequests), and at most ``max_files_per_peer``
-    of its FILE: frames wait (more are dropped: the next sync round heals that).
+    FILE: frames (``handle_sync``/``handle_file``) and to hear peers link and leave
+    (``peer_up``, ``peer_down``). Methods for the caller: ``start()``, ``shutdown()``. A peer
+    cannot swamp it: its SYNC: requests are merged and answered at most every ``answer_gap``
+    seconds (see SyncRequests), and at most ``max_files_per_peer`` of its FILE: frames wait
+    (more are dropped: the next sync round heals that).
     """
 
     batch_bytes = 1 * MiB
@@ -5548,6 +5615,7 @@ class SyncWorker:
         store.writes.watch(self.local_written)
         mesh.handle(SYNC, self.handle_sync)
         mesh.handle(FILE, self.handle_file)
+        mesh.watch(self)
 
     def start(self):
         self._thread = threading.Thread(target=self.serve_forever, name="neuromesh-sync", daemon=True)
@@ -5628,7 +5696,7 @@ class SyncWorker:
             self._linked[peer.node_id] = time.monotonic()
         self._queue((self._send_vector, peer.node_id))
 
-    def peer_down(self, peer):
+    def peer_down(self, peer, reason=None):
         self.requests.forget(peer.node_id)
         with self._vectors_lock:
             for known in (self._their_vectors, self._told_vectors, self._asked, self._gaps_asked, self._linked):
@@ -7646,6 +7714,15 @@ class RoomRules:
         """The conversations of this node's guests that are still there."""
         return [cid for cid in self.store.guests.owners() if self.store.get_conversation_record(cid) is not None]
 
+    def introduce_teacher(self, teacher_key, name, node_id):
+        """The teacher's first start (or a new name): an open room's policy, so students see who
+        their teacher is before any rule is set."""
+        policy = self.policy()
+        if policy is None or policy["teacher_name"] != name or policy["teacher_node"] != node_id:
+            policy = dict(policy or {}, teacher_name=name, teacher_node=node_id)
+            teacher = teacher_key.node_id
+            self.store.write_control(teacher, "%s.%s" % (teacher, POLICY_SUFFIX), {"policy": policy})
+
     def clear_guests(self):
         """When the teacher asked to clear guests' chats after this node last did: delete them
         (each deletion syncs like any other); returns how many went."""
@@ -7867,13 +7944,13 @@ class IssuedTokens:
         return None
 
 
-class LLMAccess:
+class LLMAccess(MeshListener):
     """Asks linked peers for their LLM and answers their asking for ours (LLMC: -> LREQ: -> LRES:):
     keeps the router's ``grants`` (guarded by its ``lock``) and gives peers ``tokens``.
 
-    Methods for the caller: ``peer_changed(peer, relinked)``, ``peer_down(peer)``,
-    ``retry_requests()``, ``ask_again(backend)``, ``serve_relay_on(http_port)``, ``rename(name)``;
-    it registers ``handle_request`` (LREQ) and ``handle_response`` (LRES) with the mesh it is given.
+    Methods for the caller: ``retry_requests()``, ``ask_again(backend)``,
+    ``serve_relay_on(http_port)``, ``rename(name)``; it registers ``handle_request`` (LREQ) and
+    ``handle_response`` (LRES) with the mesh it is given, and hears peers link, change and leave.
     """
 
     request_retry = 3.0
@@ -7891,6 +7968,7 @@ class LLMAccess:
         if mesh is not None:
             mesh.handle(LLM_REQUEST, self.handle_request)
             mesh.handle(LLM_RESPONSE, self.handle_response)
+            mesh.watch(self)
 
     def serve_relay_on(self, http_port):
         """The port of this node's HTTP server, told to the peers this node grants its LLM."""
@@ -7899,6 +7977,9 @@ class LLMAccess:
     def rename(self, name):
         """This node's new name, on its requests and answers from now on."""
         self.node_name = name
+
+    def peer_up(self, peer):
+        self.peer_changed(peer, relinked=True)
 
     def peer_changed(self, peer, relinked=False):
         """A peer's capability changed: ask for access when it offers an LLM we may not use yet.
@@ -7932,7 +8013,7 @@ class LLMAccess:
         for peer in self.mesh.linked_peers():
             self.peer_changed(peer)
 
-    def peer_down(self, peer):
+    def peer_down(self, peer, reason=None):
         """The peer's grant to us dies with the link (we ask anew on the next one), and chats
         relayed to it fail over at once. The token we gave it is refused until it links again,
         then honoured: a link can close on this side only (the peer had replaced it by a newer
@@ -9811,6 +9892,13 @@ def sse_format(event):
     return "event: %s\ndata: %s\n\n" % (event["type"], json.dumps(event))
 
 
+def event_stream_reply(events):
+    """``events`` (Server-Sent Events text) as the reply, marked so no cache keeps it."""
+    bottle.response.content_type = "text/event-stream"
+    bottle.response.set_header("Cache-Control", "no-cache")
+    return events
+
+
 def set_security_headers():
     bottle.response.set_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
     bottle.response.set_header("X-Content-Type-Options", "nosniff")
@@ -10325,19 +10413,21 @@ class PageApi(HttpApi):
     """The chat page and its API: conversations, their messages and answers, models, live events.
 
     ``conversations``: the Store's conversations; ``room``: the RoomRules; ``teacher``: the
-    teacher's key on the teacher's computer, else None; ``node``: what the owner controls
-    of this node, ``health()``, ``urls()``, ``rename(name)`` and ``pause_sharing(paused)``.
+    teacher's key on the teacher's computer, else None; ``report``: what this node says of
+    itself (NodeReport: ``health()``, ``urls()``); ``controls``: what its owner changes
+    (OwnerControls: ``rename(name)``, ``pause_sharing(paused)``).
     """
 
     sse_keepalive = 15.0  # seconds between SSE comments; a gone client is noticed on a write (or at stop)
 
-    def __init__(self, router, chat, gate, conversations, events, mesh, room, node, teacher=None):
+    def __init__(self, router, chat, gate, conversations, events, mesh, room, report, controls, teacher=None):
         HttpApi.__init__(self, router, chat, gate)
         self.conversations = conversations
         self.bus = events  # the EventBus (``events`` is the route)
         self.mesh = mesh
         self.room = room
-        self.node = node
+        self.report = report
+        self.controls = controls
         self.teacher = teacher
         self.capabilities = ModelCapabilities(router)
 
@@ -10369,7 +10459,7 @@ class PageApi(HttpApi):
         return static_file(path)
 
     def health(self):
-        return self.node.health()
+        return self.report.health()
 
     def peers(self):
         return self.mesh.peers()
@@ -10531,13 +10621,13 @@ class PageApi(HttpApi):
             raise HTTPFailure(400, "'sharing_paused' must be true or false")
         if paused is None or "name" in body:
             try:
-                reply = {"name": self.node.rename(body_text(body, "name", required=True, limit=200))}
+                reply = {"name": self.controls.rename(body_text(body, "name", required=True, limit=200))}
             except ValueError as exc:
                 raise HTTPFailure(400, "%s." % exc)
         else:
             reply = {"name": self.router.node_name}
         if paused is not None:
-            reply["sharing_paused"] = self.node.pause_sharing(paused)
+            reply["sharing_paused"] = self.controls.pause_sharing(paused)
         return reply
 
     # -- guests ------------------------------------------------------------------------
@@ -10557,7 +10647,7 @@ class PageApi(HttpApi):
         """Owner only: whether guests may come in, the URLs they open and the code they enter."""
         if self.gate.client().role != "owner":
             raise HTTPFailure(403, "only this computer's owner may see the room code")
-        lan = self.node.urls()[1]
+        lan = self.report.urls()[1]
         return {"guests": bool(self.gate.config.guests), "urls": lan, "code": self.gate.door.code,
                 "code_is_mesh_key": False, "codes": self.gate.door.codes(),
                 "reachable": bool(lan), "why_not": None if lan else guest_reach(self.gate.config)}
@@ -10565,9 +10655,7 @@ class PageApi(HttpApi):
     def _answer_reply(self, question, events):
         """SSE to a page that asked for it, else one JSON reply once the answer is stored."""
         if "text/event-stream" in bottle.request.headers.get("Accept", ""):
-            bottle.response.content_type = "text/event-stream"
-            bottle.response.set_header("Cache-Control", "no-cache")
-            return self._answer_stream(question, events)
+            return event_stream_reply(self._answer_stream(question, events))
         answer = self.chat.stored_answer(events, user=question)
         bottle.response.status = 201
         return {"user": question, "assistant": answer}
@@ -10983,9 +11071,7 @@ class OpenAIApi(HttpApi):
         reply = {"id": "chatcmpl-" + uuid.uuid4().hex[:24], "created": int(time.time()),
                  "model": first.get("model", model), "include_usage": include_usage}
         if body.get("stream") is True:
-            bottle.response.content_type = "text/event-stream"
-            bottle.response.set_header("Cache-Control", "no-cache")
-            return self._stream(reply, events)
+            return event_stream_reply(self._stream(reply, events))
         parts, done = self.chat.whole(events)
         return {"id": reply["id"], "object": "chat.completion", "created": reply["created"],
                 "model": reply["model"], "system_fingerprint": "neuromesh",
@@ -11225,15 +11311,23 @@ class OllamaChats:
         for chunk in chunks:
             if "error" in chunk:
                 raise HTTPFailure(502, _error_text(chunk))
-            said = chunk.get("message") if isinstance(chunk.get("message"), dict) else {}
-            for key in ("content", "thinking"):
-                if isinstance(said.get(key), str):
-                    answer[key].append(said[key])
-            answer["tool_calls"] += [call for call in tool_calls_of(said) if isinstance(call, dict)]
+            texts, calls = said_in(chunk, ("thinking", "content"))
+            for key, text in texts:
+                answer[key].append(text)
+            answer["tool_calls"] += [call for call in calls if isinstance(call, dict)]
             if chunk.get("done"):
                 return dict(answer, content="".join(answer["content"]), thinking="".join(answer["thinking"]),
                             done=chunk)
         raise HTTPFailure(503, "the answer ended without a result")
+
+
+def said_in(chunk, names):
+    """What one Ollama chat chunk said: ``[(name, text)]`` of its thinking (``names[0]``) and its
+    content (``names[1]``) where they hold text, and its tool calls (a list, whatever the host sent)."""
+    said = chunk.get("message") if isinstance(chunk.get("message"), dict) else {}
+    texts = [(name, said[key]) for name, key in zip(names, ("thinking", "content"))
+             if isinstance(said.get(key), str) and said[key]]
+    return texts, tool_calls_of(said)
 
 
 def tool_calls_of(said):
@@ -11278,9 +11372,15 @@ def check_image(data):
 
 class AnthropicShapes:
     """Anthropic Messages requests as Ollama chats, and Ollama's answers back as Anthropic's
-    messages (whole, or as its server-sent events)."""
+    messages (whole, or as its server-sent events: ``answer(model, body)``). What Claude Code and
+    the tools built on Anthropic's SDKs speak."""
 
+    path, error_shape = "/v1/messages", "anthropic"
     STOP_REASONS = {"length": "max_tokens"}
+
+    @staticmethod
+    def answer(model, _body):
+        return AnthropicStream("msg_" + uuid.uuid4().hex[:24], model)
 
     @classmethod
     def request(cls, body):
@@ -11389,13 +11489,17 @@ class AnthropicShapes:
 class AnthropicStream:
     """Ollama's chunks as Anthropic's server-sent events: ``message_start``, a block (thinking,
     text, tool use) started, filled by deltas and stopped each time the kind of output changes,
-    then ``message_delta`` (stop reason, usage) and ``message_stop``; ``error`` if the answer fails."""
+    then ``message_delta`` (stop reason, usage) and ``message_stop``; ``error`` if the answer fails.
+    ``whole(answer)``: the same answer as one Message, for a client that did not ask for a stream."""
 
     DELTAS = {"thinking": ("thinking_delta", "thinking"), "text": ("text_delta", "text")}
 
     def __init__(self, reply_id, model):
         self.reply_id, self.model = reply_id, model
         self.index, self.open = -1, None
+
+    def whole(self, answer):
+        return AnthropicShapes.reply(self.reply_id, self.model, answer)
 
     @staticmethod
     def event(kind, **data):
@@ -11427,11 +11531,10 @@ class AnthropicStream:
                 yield from self._stop()
                 yield self.event("error", error={"type": "api_error", "message": _error_text(chunk)})
                 return
-            said = chunk.get("message") if isinstance(chunk.get("message"), dict) else {}
-            for kind, key in (("thinking", "thinking"), ("text", "content")):
-                if isinstance(said.get(key), str) and said[key]:
-                    yield from self._text(kind, said[key])
-            for call in tool_calls_of(said):
+            texts, calls = said_in(chunk, ("thinking", "text"))
+            for kind, text in texts:
+                yield from self._text(kind, text)
+            for call in calls:
                 called = True
                 block = AnthropicShapes.tool_use(call if isinstance(call, dict) else {})
                 yield from self._begin(dict(block, input={}))
@@ -11448,32 +11551,42 @@ class AnthropicStream:
         yield self.event("error", error={"type": "api_error", "message": "the answer ended without a result"})
 
 
-class AnthropicApi(HttpApi):
-    """Anthropic's Messages API (``/v1/messages``), answered by the whole mesh: what Claude Code
-    and the tools built on Anthropic's SDKs speak."""
+class TranslatedApi(HttpApi):
+    """Another vendor's chat API, answered by the whole mesh in the shapes of its ``dialect``
+    (AnthropicShapes: Anthropic's Messages API; ResponsesShapes: OpenAI's Responses API, stateless
+    as Ollama's is): ``dialect.request(body)`` makes the request an Ollama chat, and what
+    ``dialect.answer(model, body)`` returns turns the answer back, streamed or whole."""
 
-    error_shape = "anthropic"
     kind = "llm"
 
-    def routes(self):
-        return [("POST", "/v1/messages", self.post_messages)]
+    def __init__(self, router, chat, gate, dialect):
+        HttpApi.__init__(self, router, chat, gate)
+        self.dialect = dialect
+        self.error_shape = dialect.error_shape
 
-    def post_messages(self):
+    def routes(self):
+        return [("POST", self.dialect.path, self.post)]
+
+    def post(self):
         body = read_json_body(MAX_FORWARD_BODY)
-        model, chunks = OllamaChats(self).chunks(AnthropicShapes.request(body))
-        reply_id = "msg_" + uuid.uuid4().hex[:24]
+        model, chunks = OllamaChats(self).chunks(self.dialect.request(body))
+        answer = self.dialect.answer(model, body)
         if body.get("stream") is True:
-            bottle.response.content_type = "text/event-stream"
-            bottle.response.set_header("Cache-Control", "no-cache")
-            return AnthropicStream(reply_id, model).events(chunks)
-        return AnthropicShapes.reply(reply_id, model, OllamaChats.whole(chunks))
+            return event_stream_reply(answer.events(chunks))
+        return answer.whole(OllamaChats.whole(chunks))
 
 
 class ResponsesShapes:
     """OpenAI Responses requests as Ollama chats (stateless, as Ollama's are), and Ollama's
-    answers back as a Response: reasoning, message and function-call output items."""
+    answers back as a Response: reasoning, message and function-call output items, whole or as
+    server-sent events (``answer(model, body)``)."""
 
     OPTIONS = (("temperature", "temperature"), ("top_p", "top_p"), ("max_output_tokens", "num_predict"))
+    path, error_shape = "/v1/responses", "openai"
+
+    @classmethod
+    def answer(cls, model, body):
+        return ResponsesStream(cls.skeleton("resp_" + uuid.uuid4().hex[:24], model, body))
 
     @classmethod
     def request(cls, body):
@@ -11602,12 +11715,15 @@ class ResponsesStream:
     """Ollama's chunks as the Responses API's server-sent events: ``response.created``, each output
     item added, filled (``response.reasoning_summary_text.delta``, ``response.output_text.delta``,
     ``response.function_call_arguments.*``) and done, then ``response.completed``; ``error`` and
-    ``response.failed`` if the answer fails."""
+    ``response.failed`` if the answer fails. ``whole(answer)``: the same answer as one Response."""
 
     def __init__(self, skeleton):
         self.skeleton = skeleton
         self.sequence = 0
         self.output, self.open, self.text = [], None, []
+
+    def whole(self, answer):
+        return ResponsesShapes.reply(self.skeleton, answer)
 
     def event(self, kind, **data):
         self.sequence += 1
@@ -11683,11 +11799,10 @@ class ResponsesStream:
                 yield self.event("response.failed", response=dict(self.skeleton, status="failed", output=self.output,
                                                                   error={"code": "server_error", "message": message}))
                 return
-            said = chunk.get("message") if isinstance(chunk.get("message"), dict) else {}
-            for kind, key in (("reasoning", "thinking"), ("message", "content")):
-                if isinstance(said.get(key), str) and said[key]:
-                    yield from self._text(kind, said[key])
-            for call in tool_calls_of(said):
+            texts, calls = said_in(chunk, ("reasoning", "message"))
+            for kind, text in texts:
+                yield from self._text(kind, text)
+            for call in calls:
                 yield from self._call(call if isinstance(call, dict) else {})
             if chunk.get("done"):
                 yield from self._close()
@@ -11697,26 +11812,6 @@ class ResponsesStream:
                 return
         yield from self._close()
         yield self.event("error", code="api_error", message="the answer ended without a result", param=None)
-
-
-class ResponsesApi(HttpApi):
-    """OpenAI's Responses API (``/v1/responses``), stateless as Ollama's is, answered by the whole mesh."""
-
-    error_shape = "openai"
-    kind = "llm"
-
-    def routes(self):
-        return [("POST", "/v1/responses", self.post_responses)]
-
-    def post_responses(self):
-        body = read_json_body(MAX_FORWARD_BODY)
-        model, chunks = OllamaChats(self).chunks(ResponsesShapes.request(body))
-        skeleton = ResponsesShapes.skeleton("resp_" + uuid.uuid4().hex[:24], model, body)
-        if body.get("stream") is True:
-            bottle.response.content_type = "text/event-stream"
-            bottle.response.set_header("Cache-Control", "no-cache")
-            return ResponsesStream(skeleton).events(chunks)
-        return ResponsesShapes.reply(skeleton, OllamaChats.whole(chunks))
 
 
 class RelayApi(HttpApi):
@@ -12097,32 +12192,35 @@ class ModelPageApi(HttpApi):
         return reply
 
 
-class RelayServer:
+class RelayServer(MeshListener):
     """Serves peers' relay connections (TLSStream: TLS to the mesh port, proven as links are),
     one thread each: HTTP/1.1 requests to the app's /relay/... routes, kept alive, answers
     chunked. The peer's node id goes in the environ (``PEER_KEY``), so who asks comes from the
-    connection, not from anything the request says. ``serve(stream, node_id, address)``."""
+    connection, not from anything the request says. The mesh it is given hands it each
+    connection (``relay_connection``)."""
 
     PEER_KEY = "neuromesh.relay_peer"
     max_line = 8192
     max_per_peer = 128  # relay connections one peer may hold open (a thread each)
     idle_timeout = 600.0  # seconds a relay connection may wait for its next request
 
-    def __init__(self, app):
+    def __init__(self, app, mesh):
         self.app = app
         self._open = collections.Counter()
         self._lock = threading.Lock()
+        mesh.watch(self)
 
-    def serve(self, stream, node_id, address):
+    def relay_connection(self, stream, node_id, address):
         with self._lock:
             if self._open[node_id] >= self.max_per_peer:
                 log_limited(logging.WARNING, ("relay connections", node_id), "refusing a relay connection of %s: "
                             "it holds %d already", node_id[:8], self.max_per_peer)
                 stream.close()
-                return
+                return True
             self._open[node_id] += 1
         threading.Thread(target=self._serve, args=(stream, node_id, address), name="neuromesh-relay-conn",
                          daemon=True).start()
+        return True
 
     def _serve(self, stream, node_id, address):
         reader = io.BufferedReader(stream, 65536)
@@ -12346,14 +12444,15 @@ class MetricsApi(HttpApi):
         return QueueReport(self.router, self.mesh).metrics() + self.transfers.metrics()
 
 
-def build_app(config, router, chat, conversations, events, mesh, room, node, pulls, share, transfers, started,
-              teacher=None):
+def build_app(config, router, chat, conversations, events, mesh, room, report, controls, pulls, share, transfers,
+              started, teacher=None):
     """Every API's routes on one Bottle app, one chat room and one Gatekeeper behind them; each API
     gets only what it uses (see each class for its arguments)."""
     gate = Gatekeeper(config)
-    apis = [PageApi(router, chat, gate, conversations, events, mesh, room, node, teacher),
+    apis = [PageApi(router, chat, gate, conversations, events, mesh, room, report, controls, teacher),
             OllamaApi(router, chat, gate, pulls), OllamaModelsApi(router, chat, gate),
-            OpenAIApi(router, chat, gate, started), AnthropicApi(router, chat, gate), ResponsesApi(router, chat, gate),
+            OpenAIApi(router, chat, gate, started), TranslatedApi(router, chat, gate, AnthropicShapes),
+            TranslatedApi(router, chat, gate, ResponsesShapes),
             RelayApi(router, chat, gate), ModelRelayApi(router, chat, gate, share),
             ModelPageApi(router, chat, gate, pulls, share), MetricsApi(router, chat, gate, mesh, transfers),
             RoomApi(router, chat, gate, conversations, mesh, room, teacher)]
@@ -12424,10 +12523,10 @@ class LocalLLM:
         self.last = state
 
 
-class LLMNews:
+class LLMNews(MeshListener):
     """Tells peers and pages when this node's LLM, its load, or the LLMs it may use change (it
     watches the Router), each only when what they are told changed: a load change is not news
-    to a page."""
+    to a page. Each HELO and announcement carries the same capability (``hello_extra``)."""
 
     def __init__(self, router, mesh, events, local_llm):
         self.router = router
@@ -12437,6 +12536,10 @@ class LLMNews:
         self._told_capability = None  # what peers last heard of this node's LLM
         self._told_offer = None  # what pages last heard of the mesh's models
         router.watch(self.changed)
+        mesh.watch(self)
+
+    def hello_extra(self):
+        return self.router.local_capability()
 
     def changed(self):
         self.local_llm.check()
@@ -12450,6 +12553,28 @@ class LLMNews:
         if offer != self._told_offer:
             self._told_offer = offer
             self.events.publish("llm", {"llm_hosts": llm_host_count(models)})
+
+
+class PeerNews(MeshListener):
+    """Tells the pages when a peer links, changes (a new name, a new LLM, its first round trip)
+    or leaves. Built after the other rooms that hear of peers, so a page that asks at once
+    finds them up to date."""
+
+    def __init__(self, mesh, events):
+        self.events = events
+        mesh.watch(self)
+
+    def peer_up(self, peer):
+        self.events.publish("peer_up", peer.to_dict())
+
+    def peer_down(self, peer, reason):
+        self.events.publish("peer_down", dict(peer.to_dict(), reason=reason))
+
+    def peer_changed(self, peer):
+        self.events.publish("peer_update", peer.to_dict())
+
+    def peer_measured(self, peer):
+        self.events.publish("peer_update", peer.to_dict())
 
 
 def running_node_info(data_dir):
@@ -12470,214 +12595,56 @@ def running_node_info(data_dir):
     return info
 
 
-class Node(MeshListener):
-    """One NeuroMesh node: builds its rooms (identity, store, mesh, sync, router, web server),
-    constructor by constructor, and starts and stops them. Each room registers its own
-    listeners where it is built (SyncWorker with the store and the mesh, Router and LLMNews).
+class RuntimeFile:
+    """``runtime.json`` in the data dir while the node runs: who it is and its ports, read by
+    ``status`` and by a second start on the same data dir (see running_node_info)."""
 
-    It is its mesh's listener for links coming and going: the MeshListener methods below pass
-    what the mesh tells on.
-    """
-
-    def __init__(self, config):
+    def __init__(self, config, node_id, mesh):
         self.config = config
-        self._refuse_shared_data_dir()
-        self.key = load_node_key(config.data_dir)
-        self.node_id = self.key.node_id
-        self.generic_name = "NeuroMesh-" + self.node_id[:4]
-        if not config.name:
-            config.name = load_saved_name(config.data_dir) or self.generic_name
-        self.name = config.name
-        self.started_monotonic = time.monotonic()
-        self.started_wall = time.time()
-        self.recent_errors = RecentErrors()
-        log.addHandler(self.recent_errors)
-        self.events = EventBus()
-        self.teacher_key = load_teacher_key(config)
-        self.store = Store(os.path.join(config.data_dir, DATABASE_FILE), self.node_id, self.name, self.key,
-                           self.teacher_key)
-        self.room = RoomRules(self.store, config.teacher)
-        if self.teacher_key is not None:
-            self._introduce_teacher()
-        self.mesh = Mesh(config, self.node_id, listener=self, key=self.key)
-        self.sync = SyncWorker(self.store, self.mesh, self.events, config.sync_interval)
-        self.router = Router(config, self.node_id, self.name, self.mesh, self.room,
-                             sharing_paused=os.path.exists(os.path.join(config.data_dir, SHARING_FILE)))
-        self.local_llm = LocalLLM(self.router, config)
-        self.llm_news = LLMNews(self.router, self.mesh, self.events, self.local_llm)
-        self.transfer_stats = TransferStats()
-        model_store = ModelStore(ollama_model_dirs())
-        self.model_pulls = ModelPulls(self.router, model_store, os.path.join(config.data_dir, TRANSFERS_DIR),
-                                      self.transfer_stats,
-                                      next((b for b in self.router.local if b.kind == "ollama"), None))
-        self.model_share = ModelShare(model_store, self.router, config, self.model_pulls.partials, self.transfer_stats)
-        self.chat = ChatService(self.router, self.store, self.host_info, max_queued=config.max_queued,
-                                local_llm=self.local_llm)
-        self.http_server = None
-        self.http_port = None
-        self.relay_server = None
-        self._threads = []
-        self._stop = threading.Event()
+        self.node_id = node_id
+        self.mesh = mesh
+        self.path = os.path.join(config.data_dir, RUNTIME_FILE)
 
-    def _introduce_teacher(self):
-        """The teacher's first start (or a new name): an open room's policy, so students see who
-        their teacher is before any rule is set."""
-        policy = self.room.policy()
-        if policy is None or policy["teacher_name"] != self.name or policy["teacher_node"] != self.node_id:
-            policy = dict(policy or {}, teacher_name=self.name, teacher_node=self.node_id)
-            teacher = self.teacher_key.node_id
-            self.store.write_control(teacher, "%s.%s" % (teacher, POLICY_SUFFIX), {"policy": policy})
-
-    # -- the mesh's listener (on the mesh thread) -------------------------------
-
-    def hello_extra(self):
-        extra = {"http_port": self.http_port or 0, "name": self.name}
-        extra.update(self.router.local_capability())
-        return extra
-
-    def peer_up(self, peer):
-        self.events.publish("peer_up", peer.to_dict())
-        self.sync.peer_up(peer)
-        self.router.access.peer_changed(peer, relinked=True)
-
-    def peer_down(self, peer, reason):
-        record = peer.to_dict()
-        record["reason"] = reason
-        self.router.access.peer_down(peer)
-        self.sync.peer_down(peer)
-        self.events.publish("peer_down", record)
-
-    def peer_changed(self, peer):
-        self.router.access.peer_changed(peer)
-        self.events.publish("peer_update", peer.to_dict())  # a new name, or a new LLM
-
-    def peer_measured(self, peer):
-        self.events.publish("peer_update", peer.to_dict())
-
-    def relay_connection(self, stream, node_id, address):
-        if self.relay_server is None:
-            stream.close()
-        else:
-            self.relay_server.serve(stream, node_id, address)
-
-    def _housekeeping_forever(self):
-        """Re-probe the local LLM servers every announce interval (each probe times out in 2 s)
-        and ask again for LLM access that was not answered."""
-        next_probe = time.monotonic() + self.config.announce_interval
-        while not self._stop.wait(min(1.0, self.config.announce_interval)):
-            try:
-                if self.router.local and time.monotonic() >= next_probe:
-                    next_probe = time.monotonic() + self.config.announce_interval
-                    if self.router.refresh_local():
-                        self.mesh.announce_now()
-                self.router.access.retry_requests()
-                self.room.clear_guests()
-            except Exception:
-                log.exception("housekeeping failed")
-
-    # -- lifecycle -------------------------------------------------------------
-
-    def _refuse_shared_data_dir(self):
-        """Two running nodes on one data dir would share an identity and a database."""
-        info = running_node_info(self.config.data_dir)
-        if info is None or os.name != "posix" or info["pid"] == os.getpid():  # Windows: no live check
-            return
-        raise NeuroMeshError("another NeuroMesh (pid %d) is running with the data dir %s: stop it, or give "
-                             "this one its own with --data-dir" % (info["pid"], self.config.data_dir))
-
-    def start(self):
-        """Bind every port (errors name the flag to change), then start the threads."""
-        try:
-            app = build_app(self.config, self.router, self.chat, self.store, self.events, self.mesh, self.room, self,
-                            self.model_pulls, self.model_share, self.transfer_stats, self.started_wall,
-                            self.teacher_key)
-            self.relay_server = RelayServer(app)
-            self.http_server = HTTPServer(self.config.host, self.config.http_port, app,
-                                          idle_timeout=self.config.http_idle_timeout,
-                                          request_deadline=self.config.http_request_deadline,
-                                          per_address=self.config.max_connections_per_address,
-                                          connection_limit=http_connection_limit())
-        except OSError as exc:
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                raise PortInUseError("HTTP port %d is already in use (another NeuroMesh or web server "
-                                     "on this machine?): pick another with --http-port"
-                                     % self.config.http_port)
-            raise NeuroMeshError("cannot listen on %s:%d: %s (check --host)"
-                                 % (self.config.host, self.config.http_port, exc.strerror))
-        self.http_port = self.http_server.server_port
-        self.router.access.serve_relay_on(self.http_port)
-        if log.getEffectiveLevel() > logging.DEBUG:
-            quiet_waitress_logs()
-        self.router.refresh_local()
-        self.local_llm.check()
-        for backend in self.router.local:
-            log.debug("%s", "LLM: %s at %s offers %s" % (backend.kind, backend.url, ", ".join(backend.models))
-                      if backend.available else backend.error)
-        try:
-            self.mesh.start()
-        except Exception:
-            self.http_server.server_close()
-            raise
-        self._spawn("neuromesh-mesh", self.mesh.serve_forever)
-        # shutdown() wakes the loop through waitress's trigger, and so does every finished response:
-        # the poll timeout only paces waitress's idle-connection cleanup (its own default is 1 s).
-        self._spawn("neuromesh-http", lambda: self.http_server.serve_forever(poll_interval=1.0))
-        self.sync.start()
-        self._spawn("neuromesh-housekeeping", self._housekeeping_forever)
-        self._write_runtime_file()
-        return self
-
-    def _spawn(self, name, target):
-        thread = threading.Thread(target=target, name=name, daemon=True)
-        thread.start()
-        self._threads.append(thread)
-
-    def _write_runtime_file(self):
-        info = {"pid": os.getpid(), "node_id": self.node_id, "name": self.name,
-                "http_port": self.http_port, "tcp_port": self.mesh.tcp_port,
+    def write(self):
+        info = {"pid": os.getpid(), "node_id": self.node_id, "name": self.mesh.name,
+                "http_port": self.mesh.http_port, "tcp_port": self.mesh.tcp_port,
                 "udp_port": self.config.udp_port, "host": self.config.host, "started": utc_now()}
-        path = os.path.join(self.config.data_dir, RUNTIME_FILE)
-        with open(path + ".tmp", "w", encoding="utf-8") as handle:
+        with open(self.path + ".tmp", "w", encoding="utf-8") as handle:
             json.dump(info, handle)
-        os.replace(path + ".tmp", path)
+        os.replace(self.path + ".tmp", self.path)
 
-    def wait(self, timeout=None):
-        """Block until ``stop()`` is asked for (from a signal handler or another thread)."""
-        return self._stop.wait(timeout)
-
-    def request_stop(self):
-        self._stop.set()
-
-    def stop(self):
-        """Say goodbye to peers and stop every thread; safe to call twice."""
-        self._stop.set()
-        self.events.close()
-        self.mesh.shutdown()
-        self.sync.shutdown()
-        if self.http_server is not None:
-            self.http_server.shutdown()
-            self.http_server.server_close()
-        for thread in self._threads:
-            thread.join(timeout=5)
-        self.store.close()
-        log.removeHandler(self.recent_errors)
+    def remove(self):
         try:
-            os.remove(os.path.join(self.config.data_dir, RUNTIME_FILE))
+            os.remove(self.path)
         except OSError:
             pass
 
+
+class OwnerControls:
+    """Carries out what the owner changes from the page: this node's name and whether its LLM is
+    shared, each kept in the data dir (read again at the next start) and told to peers and pages."""
+
+    def __init__(self, data_dir, node_id, mesh, router, store, events, runtime_file):
+        self.data_dir = data_dir
+        self.node_id = node_id
+        self.mesh = mesh
+        self.router = router
+        self.store = store
+        self.events = events
+        self.runtime_file = runtime_file
+
     def rename(self, name):
-        """The owner named this node from the page: kept in the data dir, told to peers and pages."""
+        """The owner named this node: kept in the data dir, told to peers and pages."""
         name = clean_node_name(name)
-        path = os.path.join(self.config.data_dir, NAME_FILE)
+        path = os.path.join(self.data_dir, NAME_FILE)
         with open(path + ".tmp", "w", encoding="utf-8") as handle:
             handle.write(name + "\n")
         os.replace(path + ".tmp", path)
         log.info("this node is now called %s", safe_text(name))
-        self.name = self.config.name = self.mesh.name = name
+        self.mesh.rename(name)
         self.router.rename(name)
         self.store.rename_node(name)
-        self._write_runtime_file()
+        self.runtime_file.write()
         # Linked peers hear the new name now (Peer.update reads it), the others at the announcement.
         self.mesh.broadcast(LLM_CAPS, dict(self.router.local_capability(), name=name))
         self.mesh.announce_now()
@@ -12685,9 +12652,8 @@ class Node(MeshListener):
         return name
 
     def pause_sharing(self, paused):
-        """The owner paused (or resumed) sharing this computer's LLM from the page: kept in the
-        data dir like the name, told to peers (they stop placing chats here) and pages."""
-        path = os.path.join(self.config.data_dir, SHARING_FILE)
+        """The owner paused (or resumed) sharing this computer's LLM: peers stop placing chats here."""
+        path = os.path.join(self.data_dir, SHARING_FILE)
         if paused:
             with open(path, "w", encoding="utf-8") as handle:
                 handle.write("paused from the page at %s\n" % utc_now())
@@ -12696,24 +12662,40 @@ class Node(MeshListener):
         log.info("sharing this computer's LLM is %s", "paused" if paused else "on again")
         self.router.pause_sharing(paused)
         self.mesh.announce_now()
-        self.events.publish("node", {"node_id": self.node_id, "name": self.name, "sharing_paused": bool(paused)})
+        self.events.publish("node", {"node_id": self.node_id, "name": self.mesh.name, "sharing_paused": bool(paused)})
         return bool(paused)
 
-    # -- conversations -------------------------------------------------------------
+
+class NodeReport:
+    """What this node says of itself, reading its rooms and changing nothing: ``health()`` for
+    /api/health and ``status``, ``llm_status()``, ``urls()`` to print at start and show guests,
+    and ``host_info()`` for the questions asked on this node."""
+
+    def __init__(self, config, node_id, mesh, router, sync, store, events, local_llm, transfers, recent_errors):
+        self.config = config
+        self.node_id = node_id
+        self.generic_name = "NeuroMesh-" + node_id[:4]
+        self.mesh = mesh
+        self.router = router
+        self.sync = sync
+        self.store = store
+        self.events = events
+        self.local_llm = local_llm
+        self.transfers = transfers  # TransferStats of the model transfers
+        self.recent_errors = recent_errors
+        self.started = time.monotonic()
 
     def host_info(self):
         """The original's ``host_info`` of this node (the display name, never the hostname)."""
-        return {"hostname": self.name, "ip_address": self.config.host, "is_llm_host": self.router.has_local_llm}
-
-    # -- what the API reports ----------------------------------------------------
+        return {"hostname": self.mesh.name, "ip_address": self.config.host, "is_llm_host": self.router.has_local_llm}
 
     def health(self):
         stats = self.mesh.stats()
         return {
-            "status": "ok", "node_id": self.node_id, "name": self.name, "version": __version__,
-            "name_is_generic": self.name == self.generic_name,
+            "status": "ok", "node_id": self.node_id, "name": self.mesh.name, "version": __version__,
+            "name_is_generic": self.mesh.name == self.generic_name,
             "protocol_version": PROTOCOL_VERSION, "room": room_status(self.mesh.room_key),
-            "uptime_s": round(time.monotonic() - self.started_monotonic, 3),
+            "uptime_s": round(time.monotonic() - self.started, 3),
             "peer_count": stats["connected_peers"], "has_llm": self.router.has_local_llm,
             "llm": self.llm_status(), "llm_hosts": llm_host_count(self.router.mesh_models()),
             "interfaces": [{"name": name, "ip": ip, "prefix": prefix,
@@ -12721,7 +12703,7 @@ class Node(MeshListener):
                            for name, ip, prefix in local_ipv4_interfaces()],
             "recent_errors": self.recent_errors.records(),
             "memory_rss_bytes": memory_rss_bytes(), "threads": threading.active_count(),
-            "ports": {"http": self.http_port, "tcp": self.mesh.tcp_port,
+            "ports": {"http": self.mesh.http_port or None, "tcp": self.mesh.tcp_port,
                       "udp": None if self.config.no_discovery else self.config.udp_port},
             "discovery": not self.config.no_discovery,
             "broadcast_addresses": list(self.mesh.broadcast_addresses),
@@ -12730,7 +12712,7 @@ class Node(MeshListener):
             "event_subscribers": self.events.subscriber_count,
             "sync": dict(self.sync.counters), "messages": self.store.message_count(),
             "python": sys.version.split()[0], "queues": QueueReport(self.router, self.mesh).health(),
-            "models_transfer": self.transfer_stats.report(),
+            "models_transfer": self.transfers.report(),
         }
 
     def llm_status(self):
@@ -12753,12 +12735,173 @@ class Node(MeshListener):
 
     def urls(self):
         """The URLs to print at start: this machine, then the LAN addresses others can use."""
-        port = self.http_port
+        port = self.mesh.http_port
         local = ["http://127.0.0.1:%d/" % port]
         if self.config.host in ("0.0.0.0", ""):
             return local, ["http://%s:%d/" % (ip, port) for ip in lan_addresses()]
         own = "http://%s:%d/" % (self.config.host, port)
         return [own], [] if is_loopback(self.config.host) else [own]
+
+
+class Housekeeping:
+    """Re-probes the local LLM servers every announce interval (each probe times out in 2 s), asks
+    again for LLM access that was not answered, and clears guests' chats when the teacher asked:
+    ``serve_forever()`` on a thread of its own until ``shutdown()``."""
+
+    def __init__(self, config, router, mesh, room):
+        self.config = config
+        self.router = router
+        self.mesh = mesh
+        self.room = room
+        self._stop = threading.Event()
+
+    def serve_forever(self):
+        next_probe = time.monotonic() + self.config.announce_interval
+        while not self._stop.wait(min(1.0, self.config.announce_interval)):
+            try:
+                if self.router.local and time.monotonic() >= next_probe:
+                    next_probe = time.monotonic() + self.config.announce_interval
+                    if self.router.refresh_local():
+                        self.mesh.announce_now()
+                self.router.access.retry_requests()
+                self.room.clear_guests()
+            except Exception:
+                log.exception("housekeeping failed")
+
+    def shutdown(self):
+        self._stop.set()
+
+
+class Node:
+    """One NeuroMesh node: builds its rooms (identity, store, mesh, sync, router, web server),
+    constructor by constructor, and starts and stops them. Each room registers itself where it
+    is built, with the store, the mesh or the router it is given (see their docstrings)."""
+
+    def __init__(self, config):
+        self.config = config
+        self._refuse_shared_data_dir()
+        self.key = load_node_key(config.data_dir)
+        self.node_id = self.key.node_id
+        name = config.name or load_saved_name(config.data_dir) or "NeuroMesh-" + self.node_id[:4]
+        self.recent_errors = RecentErrors()
+        log.addHandler(self.recent_errors)
+        self.events = EventBus()
+        self.teacher_key = load_teacher_key(config)
+        self.store = Store(os.path.join(config.data_dir, DATABASE_FILE), self.node_id, name, self.key,
+                           self.teacher_key)
+        self.room = RoomRules(self.store, config.teacher)
+        if self.teacher_key is not None:
+            self.room.introduce_teacher(self.teacher_key, name, self.node_id)
+        self.mesh = Mesh(config, self.node_id, key=self.key, name=name)
+        self.sync = SyncWorker(self.store, self.mesh, self.events, config.sync_interval)
+        self.router = Router(config, self.node_id, name, self.mesh, self.room,
+                             sharing_paused=os.path.exists(os.path.join(config.data_dir, SHARING_FILE)))
+        self.local_llm = LocalLLM(self.router, config)
+        self.llm_news = LLMNews(self.router, self.mesh, self.events, self.local_llm)
+        self.peer_news = PeerNews(self.mesh, self.events)
+        self.transfer_stats = TransferStats()
+        model_store = ModelStore(ollama_model_dirs())
+        self.model_pulls = ModelPulls(self.router, model_store, os.path.join(config.data_dir, TRANSFERS_DIR),
+                                      self.transfer_stats,
+                                      next((b for b in self.router.local if b.kind == "ollama"), None))
+        self.model_share = ModelShare(model_store, self.router, config, self.model_pulls.partials, self.transfer_stats)
+        self.report = NodeReport(config, self.node_id, self.mesh, self.router, self.sync, self.store, self.events,
+                                 self.local_llm, self.transfer_stats, self.recent_errors)
+        self.runtime_file = RuntimeFile(config, self.node_id, self.mesh)
+        self.controls = OwnerControls(config.data_dir, self.node_id, self.mesh, self.router, self.store,
+                                      self.events, self.runtime_file)
+        self.chat = ChatService(self.router, self.store, self.report.host_info, max_queued=config.max_queued,
+                                local_llm=self.local_llm)
+        self.housekeeping = Housekeeping(config, self.router, self.mesh, self.room)
+        self.started_wall = time.time()
+        self.http_server = None
+        self.http_port = None
+        self._threads = []
+        self._stop = threading.Event()
+
+    def _refuse_shared_data_dir(self):
+        """Two running nodes on one data dir would share an identity and a database."""
+        info = running_node_info(self.config.data_dir)
+        if info is None or os.name != "posix" or info["pid"] == os.getpid():  # Windows: no live check
+            return
+        raise NeuroMeshError("another NeuroMesh (pid %d) is running with the data dir %s: stop it, or give "
+                             "this one its own with --data-dir" % (info["pid"], self.config.data_dir))
+
+    def _bind_web(self):
+        """The web app and its server, bound to --http-port (errors name the flag to change); a
+        peer's relay connection is served by the same app (RelayServer hears of it from the mesh)."""
+        app = build_app(self.config, self.router, self.chat, self.store, self.events, self.mesh, self.room,
+                        self.report, self.controls, self.model_pulls, self.model_share, self.transfer_stats,
+                        self.started_wall, self.teacher_key)
+        RelayServer(app, self.mesh)
+        try:
+            return HTTPServer(self.config.host, self.config.http_port, app,
+                              idle_timeout=self.config.http_idle_timeout,
+                              request_deadline=self.config.http_request_deadline,
+                              per_address=self.config.max_connections_per_address,
+                              connection_limit=http_connection_limit())
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise PortInUseError("HTTP port %d is already in use (another NeuroMesh or web server "
+                                     "on this machine?): pick another with --http-port"
+                                     % self.config.http_port)
+            raise NeuroMeshError("cannot listen on %s:%d: %s (check --host)"
+                                 % (self.config.host, self.config.http_port, exc.strerror))
+
+    def start(self):
+        """Bind every port (errors name the flag to change), then start the threads."""
+        self.http_server = self._bind_web()
+        self.http_port = self.http_server.server_port
+        self.mesh.serve_page_on(self.http_port)
+        self.router.access.serve_relay_on(self.http_port)
+        if log.getEffectiveLevel() > logging.DEBUG:
+            quiet_waitress_logs()
+        self.router.refresh_local()
+        self.local_llm.check()
+        for backend in self.router.local:
+            log.debug("%s", "LLM: %s at %s offers %s" % (backend.kind, backend.url, ", ".join(backend.models))
+                      if backend.available else backend.error)
+        try:
+            self.mesh.start()
+        except Exception:
+            self.http_server.server_close()
+            raise
+        self._spawn("neuromesh-mesh", self.mesh.serve_forever)
+        # shutdown() wakes the loop through waitress's trigger, and so does every finished response:
+        # the poll timeout only paces waitress's idle-connection cleanup (its own default is 1 s).
+        self._spawn("neuromesh-http", functools.partial(self.http_server.serve_forever, poll_interval=1.0))
+        self.sync.start()
+        self._spawn("neuromesh-housekeeping", self.housekeeping.serve_forever)
+        self.runtime_file.write()
+        return self
+
+    def _spawn(self, name, target):
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def wait(self, timeout=None):
+        """Block until ``stop()`` is asked for (from a signal handler or another thread)."""
+        return self._stop.wait(timeout)
+
+    def request_stop(self):
+        self._stop.set()
+
+    def stop(self):
+        """Say goodbye to peers and stop every thread; safe to call twice."""
+        self._stop.set()
+        self.housekeeping.shutdown()
+        self.events.close()
+        self.mesh.shutdown()
+        self.sync.shutdown()
+        if self.http_server is not None:
+            self.http_server.shutdown()
+            self.http_server.server_close()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self.store.close()
+        log.removeHandler(self.recent_errors)
+        self.runtime_file.remove()
 
 
 ###############################################################################
@@ -13016,27 +13159,17 @@ def probe_hello(host, port, room_key, timeout=3.0):
     without a HELO of its own. OSError when it cannot connect or read in ``timeout``;
     ProtocolError when the key proof or the HELO fails (another room code, or not a NeuroMesh)."""
     sock = socket.create_connection((host, port), timeout=timeout)
-    handshake = None
+    link = None
     try:
         context = TLSIdentity._context(ssl.PROTOCOL_TLS_CLIENT, None)
         context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # the key proof binds it
         sock = context.wrap_socket(sock)
-        handshake = Handshake(room_key, True, hashlib.sha256(sock.getpeercert(True)).digest())
-        frames = _BlockingFrames(sock)
-        sock.sendall(b"".join(handshake.start()))
-        while not handshake.done:
-            sock.sendall(b"".join(handshake.receive(*frames.next())))
-        frames.decoder.proven = True
-        marker, payload = frames.next()
-        if marker != HELLO:
-            raise ProtocolError("it sent %s before its HELO" % marker.decode("ascii", "replace"))
-        check_frame(marker, payload)
-        proven_hello_key(types.SimpleNamespace(handshake=handshake), payload["node_id"], payload)
-        return payload
+        link = DialedLink(sock, room_key)
+        return link.hello()
     except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, ssl.SSLError):
         raise ProtocolError("it closed the link %s: its room code differs, it runs an older NeuroMesh, "
                             "or it is not a NeuroMesh"
-                            % ("before its HELO" if handshake is not None and handshake.done
+                            % ("before its HELO" if link is not None and link.handshake.done
                                else "during the key proof")) from None
     finally:
         close_quietly(sock)
@@ -13536,8 +13669,8 @@ def install_signal_handlers(node):
 def run_node(config):
     node = Node(config).start()
     install_signal_handlers(node)
-    local, lan = node.urls()
-    print("NeuroMesh %s is running as %s." % (__version__, node.name), flush=True)
+    local, lan = node.report.urls()
+    print("NeuroMesh %s is running as %s." % (__version__, node.mesh.name), flush=True)
     print("  LLM: this node %s." % node.local_llm.describe(), flush=True)
     print("  Chat page on this computer: %s" % local[0], flush=True)
     for url in lan:

@@ -54,14 +54,9 @@ export function renderRoom() {
       ? [icon("lock"), h("span", null, roomStatusText(state.health))]
       : [
           icon("unlock"),
-          h(
-            "span",
-            null,
-            h("strong", null, "Open room:"),
+          h("span", null, h("strong", null, "Open room:"),
             " anyone on this network can join. To close it, start every node with ",
-            h("code", null, "--mesh-key <code>"),
-            ".",
-          ),
+            h("code", null, "--mesh-key <code>"), "."),
         ]),
   );
 }

@@ -438,8 +438,9 @@ class NoPeers:
 class StubNode:
     """The web app's collaborators, real and small: a Store in a temp dir, a scripted Router, an
     EventBus, the room's rules (no teacher), no peers, no model to copy. ``app()`` builds the app
-    from them as a Node does; this object stands for what the owner controls of a node
-    (``health``, ``urls``: this computer only, ``rename``, ``pause_sharing``)."""
+    from them as a Node does; this object stands for what a node says of itself (NodeReport:
+    ``health``, ``urls``: this computer only) and what its owner changes (OwnerControls:
+    ``rename``, ``pause_sharing``)."""
 
     started = 1700000000.0
 
@@ -459,7 +460,7 @@ class StubNode:
         """The Bottle app of these collaborators, with a chat room and a Gatekeeper of its own."""
         chat = neuromesh.ChatService(self.router, self.store, self.host_info, max_queued=self.config.max_queued)
         return neuromesh.build_app(self.config, self.router, chat, self.store, self.events, self.mesh, self.room,
-                                   self, self.pulls, self.share, self.transfers, self.started)
+                                   self, self, self.pulls, self.share, self.transfers, self.started)
 
     def health(self):
         return {"status": "ok", "node_id": self.router.node_id, "name": self.router.node_name}
@@ -973,9 +974,13 @@ class RecordingMesh:
     def __init__(self):
         self.sent = []
         self.handlers = {}  # marker -> handler, as the worker registered it
+        self.listeners = []  # what hears of peers, as it registered with a Mesh
 
     def handle(self, marker, handler):
         self.handlers[marker] = handler
+
+    def watch(self, listener):
+        self.listeners.append(listener)
 
     def send(self, peer_id, marker, payload):
         self.sent.append((peer_id, marker, payload))

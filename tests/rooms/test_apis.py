@@ -22,7 +22,7 @@ def app(stub_node):
 
 def unit_app(node, unit):
     """One API unit alone, built from the node's collaborators as build_app builds it."""
-    extra = {neuromesh.PageApi: (node.store, node.events, node.mesh, node.room, node),
+    extra = {neuromesh.PageApi: (node.store, node.events, node.mesh, node.room, node, node),
              neuromesh.OllamaApi: (node.pulls,), neuromesh.OpenAIApi: (node.started,)}.get(unit, ())
     chat = neuromesh.ChatService(node.router, node.store, node.host_info)
     return unit(node.router, chat, neuromesh.Gatekeeper(node.config), *extra).build()

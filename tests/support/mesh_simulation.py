@@ -24,9 +24,13 @@ class SimulatedLinks:
     def __init__(self, network, node_id):
         self.network, self.node_id = network, node_id
         self.handlers = {}  # marker -> the worker's handler, as it registers with a Mesh
+        self.listeners = []  # what hears of peers, as it registered with a Mesh
 
     def handle(self, marker, handler):
         self.handlers[marker] = handler
+
+    def watch(self, listener):
+        self.listeners.append(listener)
 
     def linked_peers(self):
         return [types.SimpleNamespace(node_id=peer_id) for peer_id in sorted(self.network.links[self.node_id])]
