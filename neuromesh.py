@@ -9892,13 +9892,6 @@ def sse_format(event):
     return "event: %s\ndata: %s\n\n" % (event["type"], json.dumps(event))
 
 
-def event_stream_reply(events):
-    """``events`` (Server-Sent Events text) as the reply, marked so no cache keeps it."""
-    bottle.response.content_type = "text/event-stream"
-    bottle.response.set_header("Cache-Control", "no-cache")
-    return events
-
-
 def set_security_headers():
     bottle.response.set_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
     bottle.response.set_header("X-Content-Type-Options", "nosniff")
@@ -10364,6 +10357,13 @@ class _Released:
 ###############################################################################
 # The API units ###############################################################
 ###############################################################################
+
+
+def event_stream_reply(events):
+    """``events`` (Server-Sent Events text) as the reply, marked so no cache keeps it."""
+    bottle.response.content_type = "text/event-stream"
+    bottle.response.set_header("Cache-Control", "no-cache")
+    return events
 
 
 class HttpApi:
