@@ -6584,6 +6584,13 @@ class RelayConnections:
             return len(self._idle)
 
     def give_back(self, connection):
+        """Keep ``connection`` for the next request, its read timeout as ``open()`` set it: a
+        short request's timeout (RoomHolders, MeshInfo) would cut a chat waiting in the host's queue."""
+        try:
+            connection.sock.settimeout(self.read_timeout)
+        except (AttributeError, OSError):  # no socket left (the reply closed it)
+            connection.close()
+            return
         with self._lock:
             if len(self._idle) < self.keep:
                 self._idle.append(connection)
@@ -6638,7 +6645,6 @@ class RelayResponse:
             connection.sock.settimeout(timeout)
             while limit > 0 and not self._response.isclosed():
                 limit -= len(self._response.read1(limit) or b"x")
-            connection.sock.settimeout(self._connections.read_timeout)
         except (OSError, http.client.HTTPException):
             pass
 
