@@ -110,7 +110,6 @@ import threading
 import time
 import types
 import unicodedata
-import urllib.parse
 import uuid
 import webbrowser
 import zipfile
@@ -6595,28 +6594,23 @@ def cut_response(response):
 
 
 class RelayConnections:
-    """Kept-alive HTTP connections to one peer's relay, spoken with ``http.client`` itself:
-    requests and urllib3 cost about 0.7 ms of Python per chat before the first token, on the
-    path every relayed answer waits on. ``take()`` is an idle connection the peer still holds
-    open (or None), ``open()`` a fresh one; ``give_back()`` keeps one whose answer was read to
-    its end and left open (waitress 3.0.2 closes after every chunked answer, so today's relays
-    reply on a fresh connection each time); ``close()`` drops the idle ones."""
+    """Kept-alive relay connections to one peer (RelayConnection: TLS to its mesh port), spoken
+    with ``http.client`` itself: requests and urllib3 cost about 0.7 ms of Python per chat
+    before the first token, on the path every relayed answer waits on. ``take()`` is an idle
+    connection the peer still holds open (or None), ``open()`` a fresh one; ``give_back()``
+    keeps one whose answer was read to its end and left open (RelayServer keeps it open);
+    ``close()`` drops the idle ones."""
 
     keep = 64  # idle connections kept: the chats this node's users run on one host at once
 
-    def __init__(self, url, connect_timeout, read_timeout, dial=None):
-        parts = urllib.parse.urlsplit(url)
-        self.host, self.port = parts.hostname, parts.port or 80
+    def __init__(self, dial, connect_timeout, read_timeout):
+        self.dial = dial  # Mesh.dial_relay for one peer: TLS to its mesh port
         self.connect_timeout, self.read_timeout = connect_timeout, read_timeout
-        self.dial = dial  # Mesh.dial_relay for one peer: TLS to its mesh port; None: plain HTTP to url
         self._idle = []
         self._lock = threading.Lock()
 
     def open(self):
-        if self.dial is not None:
-            connection = RelayConnection(self.dial, self.connect_timeout)
-        else:
-            connection = http.client.HTTPConnection(self.host, self.port, timeout=self.connect_timeout)
+        connection = RelayConnection(self.dial, self.connect_timeout)
         try:
             connection.connect()
             connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -6652,6 +6646,13 @@ class RelayConnections:
             return len(self._idle)
 
     def give_back(self, connection):
+        """Keep ``connection`` for the next request, its read timeout as ``open()`` set it: a
+        short request's timeout (RoomHolders, MeshInfo) would cut a chat waiting in the host's queue."""
+        try:
+            connection.sock.settimeout(self.read_timeout)
+        except (AttributeError, OSError):  # no socket left (the reply closed it)
+            connection.close()
+            return
         with self._lock:
             if len(self._idle) < self.keep:
                 self._idle.append(connection)
@@ -6706,7 +6707,6 @@ class RelayResponse:
             connection.sock.settimeout(timeout)
             while limit > 0 and not self._response.isclosed():
                 limit -= len(self._response.read1(limit) or b"x")
-            connection.sock.settimeout(self._connections.read_timeout)
         except (OSError, http.client.HTTPException):
             pass
 
@@ -6899,7 +6899,7 @@ class PeerBackend(Backend):
     kind = "peer"
     local = False
 
-    def __init__(self, peer, grant, dial=None, stall_timeout=None):
+    def __init__(self, peer, grant, dial, stall_timeout=None):
         # stall_timeout: seconds of a silent mesh link that mean its host froze (--peer-timeout)
         Backend.__init__(self, "http://%s:%d" % (grant["llm_host"], grant["llm_port"]), peer.node_id, peer.name,
                          parallel=max(1, (getattr(peer, "load", None) or {}).get("parallel", 1)))  # the host queues
@@ -6907,7 +6907,7 @@ class PeerBackend(Backend):
         self.stall_timeout = stall_timeout
         self.peer = peer  # its models are peer.models, kept current by LLMC:
         self.available = True
-        self.connections = RelayConnections(self.url, self.connect_timeout, self.read_timeout, dial)
+        self.connections = RelayConnections(dial, self.connect_timeout, self.read_timeout)
         self._calls = set()
         self._calls_lock = threading.Lock()
         self._down = False
@@ -6968,9 +6968,7 @@ class PeerBackend(Backend):
 
     def _post(self, path, body, timeout):
         """POST ``body`` to the peer's relay ``path``: an Upstream, or _UpstreamRefused (so the
-        next host is tried) when it is down, lacks the model or fails (see post_upstream)."""
-        if self.connections.dial is None:
-            return post_upstream(self, path, body, {"Authorization": "Bearer " + self.token})
+        next host is tried) when it is down, lacks the model or fails (see RelayCall._post)."""
         call = RelayCall(self, body, {"Authorization": "Bearer " + self.token}, path)
         relay = call.post()
         relay.set_timeout(timeout)
@@ -7092,11 +7090,11 @@ class Upstream:
         return cls(response.status_code, content_type, chunks(), response.close, response)
 
 
-def post_upstream(backend, path, body, headers=None):
+def post_upstream(backend, path, body):
     """POST to ``backend``: an Upstream, or _UpstreamRefused (so the next host is tried) when it is
     down, lacks the model or fails; a refusal of the request itself (400) is passed on."""
     try:
-        response = backend.session.post(backend.url + path, json=body, stream=True, headers=headers,
+        response = backend.session.post(backend.url + path, json=body, stream=True,
                                         timeout=(backend.connect_timeout, backend.read_timeout))
     except requests.RequestException as exc:
         raise unreachable(backend, exc)

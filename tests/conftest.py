@@ -333,25 +333,6 @@ from wsgiref.util import setup_testing_defaults  # noqa: E402
 import neuromesh  # noqa: E402
 
 
-@contextlib.contextmanager
-def serve_wsgi(app, name):
-    """``app`` served on 127.0.0.1 (a port of its own) by a quiet wsgiref server in a daemon thread
-    named ``name``: a stand-in host for in-process tests. Yields the server (``server_port``)."""
-    from wsgiref.simple_server import WSGIRequestHandler, make_server
-
-    class Quiet(WSGIRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = make_server("127.0.0.1", 0, app, handler_class=Quiet)
-    threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 class ScriptedBackend(neuromesh.Backend):
     """A Backend whose answer is a script: ``reply`` token by token, or a failure.
 
@@ -1000,3 +981,117 @@ def drain(inbox):
             events.append(inbox.get_nowait())
         except queue.Empty:
             return events
+
+
+# -- a peer's relay as a node serves it: TLS to its mesh port, proven as links are ---------------
+
+
+class _RelayKeys:
+    """One TLS identity and two node keys for every TLSRelay of a run (making them costs time)."""
+
+    _made = None
+
+    @classmethod
+    def get(cls):
+        if cls._made is None:
+            import tempfile
+            identity = neuromesh.TLSIdentity.load_or_create(tempfile.mkdtemp(prefix="neuromesh-relay-tls-"))
+            cls._made = (identity, neuromesh.NodeKey.generate(), neuromesh.NodeKey.generate())
+        return cls._made
+
+
+class SocketStream(io.RawIOBase):
+    """A blocking TLS socket as RelayServer serves a relay connection (``readinto``, ``sendall``,
+    ``close``, ``sock``), as TLSStream is off the mesh loop."""
+
+    def __init__(self, sock):
+        io.RawIOBase.__init__(self)
+        self.sock = sock
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        return self.sock.recv_into(buffer)
+
+    def sendall(self, data):
+        self.sock.sendall(data)
+
+    def close(self):
+        self.sock.close()
+        io.RawIOBase.close(self)
+
+
+class TLSRelay:
+    """A host's relay on 127.0.0.1 as its mesh port takes a relay connection (the other end of
+    neuromesh.dial_relay: TLS, the key proof, both HELOs, RELY:); each connection then goes to
+    ``handle(sock)`` on a thread of its own, or with ``app`` to RelayServer serving that WSGI app.
+    ``node_id`` is the host's, ``client_id`` the asking node's (give it the relay token);
+    ``peer_backend(peer, token)`` is a PeerBackend of the asking node that dials here.
+    ``connections`` counts the connections proven."""
+
+    def __init__(self, handle=None, app=None):
+        self.identity, self.key, self.client_key = _RelayKeys.get()
+        self.node_id, self.client_id = self.key.node_id, self.client_key.node_id
+        self.handle = handle or (lambda sock: neuromesh.RelayServer(app).serve(SocketStream(sock), self.client_id,
+                                                                              "127.0.0.1"))
+        self.connections = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, name="test-tls-relay", daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                sock, _address = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(sock,), name="test-tls-relay-conn", daemon=True).start()
+
+    def _serve(self, sock):
+        try:
+            sock.settimeout(5)
+            sock = self.identity.server.wrap_socket(sock, server_side=True)
+            handshake = neuromesh.Handshake(neuromesh.OPEN_ROOM_KEY, False,
+                                            hashlib.sha256(self.identity.certificate).digest())
+            frames = neuromesh._BlockingFrames(sock)
+            while not handshake.done:
+                sock.sendall(b"".join(handshake.receive(*frames.next())))
+            frames.decoder.proven = True
+            link = types.SimpleNamespace(handshake=handshake)
+            hello = neuromesh.signed_hello(self.key, link, {"node_id": self.node_id, "tcp_port": 0})
+            sock.sendall(neuromesh.encode_frame(neuromesh.HELLO, hello))
+            _marker, theirs = frames.next()
+            neuromesh.proven_hello_key(link, theirs.get("node_id"), theirs)
+            sock.sendall(neuromesh.encode_frame(neuromesh.RELAY_READY, {}))
+            sock.settimeout(None)
+        except (OSError, neuromesh.ProtocolError):
+            sock.close()
+            return
+        self.connections += 1
+        self.handle(sock)
+
+    def dial(self, timeout):
+        return relay_dial(self.port, self.node_id)(timeout)
+
+    def peer_backend(self, peer, token, **kwargs):
+        return neuromesh.PeerBackend(peer, {"llm_host": "127.0.0.1", "llm_port": self.port, "token": token},
+                                     self.dial, **kwargs)
+
+    def close(self):
+        self._listener.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def relay_dial(port, node_id):
+    """``dial(timeout)``: a relay connection to the host ``node_id`` at 127.0.0.1:``port``, as
+    Mesh.dial_relay makes one (the asking node's key is TLSRelay's ``client_id``)."""
+    _identity, _host_key, client_key = _RelayKeys.get()
+    context = types.SimpleNamespace(client=tls_client_context())
+    return lambda timeout: neuromesh.dial_relay(context, neuromesh.OPEN_ROOM_KEY, client_key,
+                                                ("127.0.0.1", port), node_id, timeout)

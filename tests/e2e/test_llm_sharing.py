@@ -7,7 +7,8 @@ import time
 import pytest
 import requests
 
-from conftest import fully_linked, wait_for
+import neuromesh
+from conftest import fully_linked, serving_mesh, wait_for
 from support.fake_ollama import FakeOllama
 
 MODEL = "llama3.2:1b"
@@ -361,3 +362,40 @@ def test_an_openai_stream_cut_without_a_finish_reason_is_not_an_empty_answer():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_relayed_chat_queued_behind_a_long_answer_gets_its_whole_answer(cluster):
+    """A student opens the page on a node without an LLM (it lists the room's models: a short
+    request on the relay connection to the host), and asks while the host's owner is being
+    answered at length: the question waits in the host's queue, longer than that short
+    request's timeout, is told its place, and then gets its whole answer."""
+    with serving_mesh(cluster, token_delay=0.1) as served:
+        host, plain = served.host, served.plain
+        assert plain.get("/api/room-models").status_code == 200  # what the page asks as it opens
+        long_question = " ".join(["wait"] * 60)  # about 7 s of answer: longer than any short request waits
+        owner_chat = host.post("/api/conversations", json={}).json()["id"]
+        student_chat = plain.post("/api/conversations", json={}).json()["id"]
+        answering = threading.Event()
+
+        def owner_asks():
+            with requests.post(host.url + "/api/conversations/%s/messages" % owner_chat, stream=True, timeout=60,
+                               json={"content": long_question}, headers={"Accept": "text/event-stream"}) as reply:
+                for kind, _data in read_sse(reply):
+                    if kind == "token":
+                        answering.set()
+
+        owner = threading.Thread(target=owner_asks, daemon=True)
+        owner.start()
+        assert answering.wait(20), "the owner's long answer began"
+        with requests.post(plain.url + "/api/conversations/%s/messages" % student_chat, stream=True, timeout=60,
+                           json={"content": "Second in line."}, headers={"Accept": "text/event-stream"}) as reply:
+            events = list(read_sse(reply))
+        owner.join(60)
+        kinds = [kind for kind, _data in events]
+        assert ("queued", {"type": "queued", "position": 1, "node_name": host.info["name"]}) in events, kinds
+        assert kinds[-1] == "done", events[-1]
+        assert events[-1][1]["message"]["content"] == served.answer("Second in line.")
+        assert events[-1][1]["message"]["waited_s"] > neuromesh.RoomHolders.timeout
+        stored = plain.json("/api/conversations/%s" % student_chat)["messages"]
+        assert [(m["role"], m["content"]) for m in stored] == [("user", "Second in line."),
+                                                               ("assistant", served.answer("Second in line."))]

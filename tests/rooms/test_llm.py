@@ -9,7 +9,7 @@ import types
 import pytest
 
 import neuromesh
-from conftest import (ScriptedBackend, ScriptedPeerBackend, StubNode, scripted_router, serve_wsgi, wait_for,
+from conftest import (ScriptedBackend, ScriptedPeerBackend, StubNode, TLSRelay, scripted_router, wait_for,
                       wsgi_call)
 
 USER = [{"role": "user", "content": "Hi?"}]
@@ -176,11 +176,10 @@ def test_a_token_the_peer_refuses_drops_the_grant_and_asks_again():
         start_response("401 Unauthorized", [("Content-Type", "application/json")])
         return [b'{"error": "no valid LLM access token"}']
 
-    with serve_wsgi(refuse, "test-refusing-host") as server:
-        peer = types.SimpleNamespace(node_id="p" * 32, name="host", models=["m1"], connected=True,
+    with TLSRelay(app=refuse) as relay:
+        peer = types.SimpleNamespace(node_id=relay.node_id, name="host", models=["m1"], connected=True,
                                      has_llm=True, load={}, rtt_ms=1, address="127.0.0.1", link=None)
-        backend = neuromesh.PeerBackend(peer, {"llm_host": "127.0.0.1", "llm_port": server.server_port,
-                                        "token": "stale"})
+        backend = relay.peer_backend(peer, "stale")
         router = scripted_router(peers=[backend])
         sent = []
         router.access.mesh = types.SimpleNamespace(send=lambda node_id, marker, payload: sent.append((node_id, marker)))
@@ -213,16 +212,18 @@ def test_a_relay_whose_peer_link_falls_silent_is_continued_elsewhere():
 
     def frozen_relay(_environ, start_response):
         start_response("200 OK", [("Content-Type", "application/x-ndjson")])
-        yield b'{"message": {"role": "assistant", "content": "one"}, "done": false}\n'
-        release.wait(30)
 
-    with serve_wsgi(frozen_relay, "test-frozen-host") as server:
+        def body():
+            yield b'{"message": {"role": "assistant", "content": "one"}, "done": false}\n'
+            release.wait(30)
+        return body()
+
+    with TLSRelay(app=frozen_relay) as relay:
         try:
             link = types.SimpleNamespace(last_received=time.monotonic())
-            peer = types.SimpleNamespace(node_id="f" * 32, name="frozen", models=["m1"], connected=True,
+            peer = types.SimpleNamespace(node_id=relay.node_id, name="frozen", models=["m1"], connected=True,
                                          has_llm=True, load={}, rtt_ms=1, address="127.0.0.1", link=link)
-            frozen = neuromesh.PeerBackend(peer, {"llm_host": "127.0.0.1", "llm_port": server.server_port,
-                                                  "token": "t"}, stall_timeout=0.5)
+            frozen = relay.peer_backend(peer, "t", stall_timeout=0.5)
             other = ScriptedPeerBackend("other", reply="one two three", continues=True)
             router = scripted_router(peers=[frozen, other])  # equally idle: the first granted goes first
             asked_at = time.monotonic()

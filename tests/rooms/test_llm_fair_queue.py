@@ -2,6 +2,8 @@
 first, --share-slots, placement where a chat starts soonest, re-placement, 503s moved, the pause
 switch, the requester carried through the relay, and the queues in /metrics and /api/health."""
 
+import http.client
+import json
 import os
 import threading
 import time
@@ -12,8 +14,8 @@ import requests
 from hypothesis import given, settings, strategies as st
 
 import neuromesh
-from conftest import (ScriptedBackend, ScriptedPeerBackend, StubNode, as_relay_peer, fully_linked, scripted_router,
-                      wait_for, wsgi_call)
+from conftest import (ScriptedBackend, ScriptedPeerBackend, StubNode, TLSRelay, as_relay_peer, fully_linked,
+                      scripted_router, wait_for, wsgi_call)
 from support.fake_ollama import FakeOllama
 
 prometheus_parser = pytest.importorskip("prometheus_client.parser")
@@ -313,40 +315,38 @@ def test_the_relay_queues_a_chat_under_the_peer_and_the_tag_it_sent(relay_host):
 
 
 def test_a_host_past_its_queue_limit_gets_the_chat_moved_to_another(tmp_path):
-    """The host's relay (served on loopback) answers 503 once --max-queued chats wait: the
+    """The host's relay (TLS on loopback) answers 503 once --max-queued chats wait: the
     requester's router places the chat on the other host at once."""
     held = HeldBackend("full-host", parallel=1)
     host_router = scripted_router(local=[held])
-    host_router.tokens.issued["r" * 32] = "peer-token"
     host = StubNode(tmp_path, host_router, max_queued=1)
-    server = neuromesh.HTTPServer("127.0.0.1", 0, as_relay_peer(host.app(), "r" * 32))
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="test-full-host")
-    thread.start()
+    relay = TLSRelay(app=host.app())
+    host_router.tokens.issued[relay.client_id] = "peer-token"
     waiting = Chats(host_router)
+    queued = http.client.HTTPConnection("neuromesh-relay", timeout=10)
     try:
         waiting.ask("already waiting", LIGHTS[0])  # holds the slot
         wait_for(lambda: held.slots.in_flight == 1, timeout=5, message="the host's slot held")
-        peer = types.SimpleNamespace(node_id=host_router.node_id, name="full-host", models=["m1"], connected=True,
+        peer = types.SimpleNamespace(node_id=relay.node_id, name="full-host", models=["m1"], connected=True,
                                      has_llm=True, load={}, rtt_ms=1, address="127.0.0.1", link=None)
-        full = neuromesh.PeerBackend(peer, {"llm_host": "127.0.0.1", "llm_port": server.server_port,
-                                            "token": "peer-token"})
+        full = relay.peer_backend(peer, "peer-token")
         other = ScriptedPeerBackend("other-host", reply="from the other host")
         requester = scripted_router(peers=[full, other])
         requester.placement.rank = lambda backends, model, who: sorted(backends, key=lambda b: b is other)
-        url = "http://127.0.0.1:%d%s" % (server.server_port, neuromesh.RELAY_PATH)
         body = {"model": "m1", "messages": [{"role": "user", "content": "in the queue"}], "requester": "x"}
-        queued = requests.post(url, json=body, headers={"Authorization": "Bearer peer-token"}, stream=True, timeout=10)
+        queued.sock = relay.dial(10)
+        queued.request("POST", neuromesh.RELAY_PATH, body=json.dumps(body),
+                       headers={"Authorization": "Bearer peer-token", "Content-Type": "application/json"})
         wait_for(lambda: held.slots.queued == 1, timeout=5, message="a relayed chat waits at the host: it is full")
         heard = []
         events = list(requester.chat("m1", [{"role": "user", "content": "hi"}], on_queue=heard.append))
         assert events[-1]["node_name"] == "other-host" and heard == []  # moved at once, never queued there
         assert full.busy_until > time.monotonic()  # and placed last for a while
-        queued.close()
     finally:
+        queued.close()
         held.open()
         waiting.join()
-        server.shutdown()
-        thread.join(5)
+        relay.close()
         host.store.close()
 
 

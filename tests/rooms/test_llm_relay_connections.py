@@ -1,14 +1,15 @@
 """Relayed chats go over kept-alive http.client connections (RelayConnections).
-A scripted relay on loopback answers each request with bytes the test chose."""
+A scripted relay on loopback (TLS, proven as a node's mesh port proves a relay connection)
+answers each request with bytes the test chose."""
 import json
 import socket
-import threading
 import types
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
 import neuromesh
+from conftest import TLSRelay, relay_dial
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -26,26 +27,18 @@ def answer(*tokens):
 
 
 class ScriptedRelay:
-    """Accepts connections on 127.0.0.1 and answers each request with the next scripted reply;
+    """A relay on 127.0.0.1 that answers each request with the next scripted reply;
     ``close_after`` closes the connection after its reply. Counts connections and requests."""
 
     def __init__(self, replies, close_after=False):
         self.replies, self.close_after = list(replies), close_after
-        self.connections = self.requests = 0
+        self.requests = 0
         self.bodies = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._thread = threading.Thread(target=self._serve, name="test-scripted-relay", daemon=True)
-        self._thread.start()
+        self._relay = TLSRelay(self._answer)
 
-    def _serve(self):
-        while True:
-            try:
-                sock, _ = self._listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._answer, args=(sock,), name="test-relay-conn", daemon=True).start()
+    @property
+    def connections(self):
+        return self._relay.connections
 
     def _answer(self, sock):
         try:
@@ -71,11 +64,11 @@ class ScriptedRelay:
             sock.close()
 
     def backend(self):
-        peer = types.SimpleNamespace(node_id="h" * 32, name="relay-host", models=["m1"], link=None)
-        return neuromesh.PeerBackend(peer, {"llm_host": "127.0.0.1", "llm_port": self.port, "token": "t0ken"})
+        peer = types.SimpleNamespace(node_id=self._relay.node_id, name="relay-host", models=["m1"], link=None)
+        return self._relay.peer_backend(peer, "t0ken")
 
     def close(self):
-        self._listener.close()
+        self._relay.close()
 
 
 @pytest.fixture
@@ -137,7 +130,8 @@ def test_a_host_that_is_gone_is_refused_at_once():
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]
     peer = types.SimpleNamespace(node_id="h" * 32, name="gone-host", models=["m1"], link=None)
-    backend = neuromesh.PeerBackend(peer, {"llm_host": "127.0.0.1", "llm_port": port, "token": "t"})
+    backend = neuromesh.PeerBackend(peer, {"llm_host": "127.0.0.1", "llm_port": port, "token": "t"},
+                                    relay_dial(port, peer.node_id))
     with pytest.raises(neuromesh.LLMError) as refused:
         list(backend._stream("m1", MESSAGES, {}, None))
     assert "gone-host did not answer" in str(refused.value) and not refused.value.partial

@@ -7,7 +7,7 @@ import types
 import pytest
 
 import neuromesh as nm
-from conftest import KEYS, ScriptedBackend, StubNode, as_relay_peer, scripted_router, wait_for
+from conftest import KEYS, ScriptedBackend, StubNode, TLSRelay, scripted_router, wait_for
 from rooms.test_mesh import RecordingListener, RunningMesh
 
 USER = [{"role": "user", "content": "Hi?"}]
@@ -15,28 +15,23 @@ USER = [{"role": "user", "content": "Hi?"}]
 
 @pytest.fixture
 def relay_host(tmp_path):
-    """A host's whole app (its LLM scripted) served by the real HTTPServer on 127.0.0.1; the
-    token a peer was granted is "granted-token"."""
+    """A host's whole app (its LLM scripted) served on its relay connections (a TLSRelay: TLS on
+    127.0.0.1, RelayServer); the token the asking peer was granted is "granted-token"."""
     node = StubNode(tmp_path, scripted_router(local=[ScriptedBackend("host-llm")]))
-    node.router.tokens.issued["laptop"] = "granted-token"
-    server = nm.HTTPServer("127.0.0.1", 0, as_relay_peer(node.app(), "laptop"))  # as if on its relay connection
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="test-relay-host")
-    thread.start()
+    relay = TLSRelay(app=node.app())
+    node.router.tokens.issued[relay.client_id] = "granted-token"
     try:
-        yield server.server_port
+        yield relay
     finally:
-        server.shutdown()
-        thread.join(10)
+        relay.close()
         node.store.close()
 
 
-def test_relay_answers_arrive_whole_and_leave_no_closed_connection_kept(relay_host):
-    """waitress 3.0.2 closes the connection after every chunked answer, so each relayed answer
-    comes over a fresh one; none that the host closed is kept for the next (the reuse of one the
-    host keeps open is tested in test_relay_connections)."""
-    peer = types.SimpleNamespace(node_id="h" * 32, name="host", models=["m1"], connected=True, load=None,
+def test_relay_answers_arrive_whole_over_one_kept_alive_connection(relay_host):
+    """Each relayed answer is read to its end, so the next goes over the same relay connection."""
+    peer = types.SimpleNamespace(node_id=relay_host.node_id, name="host", models=["m1"], connected=True, load=None,
                                  rtt_ms=1)
-    backend = nm.PeerBackend(peer, {"llm_host": "127.0.0.1", "llm_port": relay_host, "token": "granted-token"})
+    backend = relay_host.peer_backend(peer, "granted-token")
     try:
         answers = []
         for _ in range(3):
@@ -44,7 +39,7 @@ def test_relay_answers_arrive_whole_and_leave_no_closed_connection_kept(relay_ho
             answers.append("".join(event["content"] for event in events if event["type"] == "token"))
             assert events[-1]["type"] == "done"
         assert answers == ["Hello from the fake"] * 3
-        assert backend.connections.idle() == 0
+        assert relay_host.connections == 1 and backend.connections.idle() == 1
     finally:
         backend.connections.close()
 

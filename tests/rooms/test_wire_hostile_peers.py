@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import neuromesh as nm
-from conftest import RecordingMesh, ScriptedBackend, fully_linked, keyed_store, scripted_router, wait_for
+from conftest import RecordingMesh, ScriptedBackend, TLSRelay, fully_linked, keyed_store, scripted_router, wait_for
 from e2e.test_llm_sharing import fakes, hosts_of  # noqa: F401 (fakes is a fixture)
 
 MODEL = "llama3.2:1b"
@@ -225,14 +225,12 @@ def test_a_bad_load_is_refused_clamped_and_never_breaks_local_chats():
 
 
 def test_a_relay_to_a_peer_that_goes_down_fails_over_at_once():
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(4)  # accepts, never answers: a frozen peer
+    held = []
+    silent = TLSRelay(held.append)  # takes the relay connection, never answers: a frozen peer
     try:
-        peer = nm.Peer("f" * 32, name="frozen", models=["m1"])
+        peer = nm.Peer(silent.node_id, name="frozen", models=["m1"])
         peer.link = object()
-        frozen = nm.PeerBackend(peer, {"llm_host": "127.0.0.1", "llm_port": silent.getsockname()[1],
-                                       "token": "t"})
+        frozen = silent.peer_backend(peer, "t")
         backup = ScriptedBackend("backup", reply="from backup")
         backup.local = False
         backup.peer = nm.Peer(backup.node_id, name="backup", models=["m1"])
