@@ -3840,7 +3840,8 @@ def dial_relay(identity, room_key, key, address, node_id, timeout):
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock = identity.client.wrap_socket(sock)
-        link = DialedLink(sock, room_key)
+        link = BlockingLink.dialing(sock, room_key)
+        link.prove()
         if link.hello()["node_id"] != node_id:
             raise ProtocolError("the relay at %s:%d is not the peer it should be" % address)
         sock.sendall(encode_frame(HELLO, signed_hello(key, link, {"node_id": key.node_id, "tcp_port": 0,
@@ -3853,20 +3854,27 @@ def dial_relay(identity, room_key, key, address, node_id, timeout):
         raise
 
 
-class DialedLink:
-    """The dialing end of a link on a blocking TLS socket (a relay connection, the doctor's
-    probe): ``hello()`` runs the key proof, then reads the peer's HELO, checked and its
-    signature proven; ``next_frame()`` reads the frames after it, one by one."""
+class BlockingLink:
+    """One end of a link on a blocking TLS socket, for a short exchange (a relay connection's
+    dialing end, the doctor's probe): ``prove()`` runs the key proof of ``handshake``,
+    ``hello()`` reads the peer's HELO, checked and its signature proven, and ``next_frame()``
+    reads any frame, one by one. ``dialing(sock, room_key)`` is the end that dialed."""
 
-    def __init__(self, sock, room_key):
-        self.sock, self.decoder, self._ready = sock, FrameDecoder(MiB), []
-        self.handshake = Handshake(room_key, True, hashlib.sha256(sock.getpeercert(True)).digest())
+    def __init__(self, sock, handshake):
+        self.sock, self.handshake = sock, handshake
+        self.decoder, self._ready = FrameDecoder(MiB), []
 
-    def hello(self):
+    @classmethod
+    def dialing(cls, sock, room_key):
+        return cls(sock, Handshake(room_key, True, hashlib.sha256(sock.getpeercert(True)).digest()))
+
+    def prove(self):
         self.sock.sendall(b"".join(self.handshake.start()))
         while not self.handshake.done:
             self.sock.sendall(b"".join(self.handshake.receive(*self.next_frame())))
         self.decoder.proven = True
+
+    def hello(self):
         marker, payload = self.next_frame()
         if marker != HELLO:
             raise ProtocolError("it sent %s before its HELO" % marker.decode("ascii", "replace"))
@@ -13162,7 +13170,8 @@ def probe_hello(host, port, room_key, timeout=3.0):
         context = TLSIdentity._context(ssl.PROTOCOL_TLS_CLIENT, None)
         context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # the key proof binds it
         sock = context.wrap_socket(sock)
-        link = DialedLink(sock, room_key)
+        link = BlockingLink.dialing(sock, room_key)
+        link.prove()
         return link.hello()
     except (ConnectionResetError, ConnectionAbortedError, BrokenPipeError, ssl.SSLError):
         raise ProtocolError("it closed the link %s: its room code differs, it runs an older NeuroMesh, "

@@ -1033,8 +1033,8 @@ class TLSRelay:
     def __init__(self, handle=None, app=None):
         self.identity, self.key, self.client_key = _RelayKeys.get()
         self.node_id, self.client_id = self.key.node_id, self.client_key.node_id
-        self.handle = handle or (lambda sock: neuromesh.RelayServer(app).serve(SocketStream(sock), self.client_id,
-                                                                              "127.0.0.1"))
+        self.handle = handle or self._serve_app
+        self.relay_server = neuromesh.RelayServer(app, RecordingMesh()) if app is not None else None
         self.connections = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
@@ -1048,21 +1048,19 @@ class TLSRelay:
                 return
             threading.Thread(target=self._serve, args=(sock,), name="test-tls-relay-conn", daemon=True).start()
 
+    def _serve_app(self, sock):
+        self.relay_server.relay_connection(SocketStream(sock), self.client_id, "127.0.0.1")
+
     def _serve(self, sock):
         try:
             sock.settimeout(5)
             sock = self.identity.server.wrap_socket(sock, server_side=True)
-            handshake = neuromesh.Handshake(neuromesh.OPEN_ROOM_KEY, False,
-                                            hashlib.sha256(self.identity.certificate).digest())
-            frames = neuromesh._BlockingFrames(sock)
-            while not handshake.done:
-                sock.sendall(b"".join(handshake.receive(*frames.next())))
-            frames.decoder.proven = True
-            link = types.SimpleNamespace(handshake=handshake)
+            link = neuromesh.BlockingLink(sock, neuromesh.Handshake(
+                neuromesh.OPEN_ROOM_KEY, False, hashlib.sha256(self.identity.certificate).digest()))
+            link.prove()
             hello = neuromesh.signed_hello(self.key, link, {"node_id": self.node_id, "tcp_port": 0})
             sock.sendall(neuromesh.encode_frame(neuromesh.HELLO, hello))
-            _marker, theirs = frames.next()
-            neuromesh.proven_hello_key(link, theirs.get("node_id"), theirs)
+            link.hello()
             sock.sendall(neuromesh.encode_frame(neuromesh.RELAY_READY, {}))
             sock.settimeout(None)
         except (OSError, neuromesh.ProtocolError):
