@@ -12452,8 +12452,9 @@ class MetricsApi(HttpApi):
 
 def build_app(config, router, chat, conversations, events, mesh, room, report, controls, pulls, share, transfers,
               started, teacher=None):
-    """Every API's routes on one Bottle app, one chat room and one Gatekeeper behind them; each API
-    gets only what it uses (see each class for its arguments)."""
+    """Every API's routes on one Bottle app, one chat room and one Gatekeeper behind them (the
+    WSGI app returned: the Bottle app, capped per address); each API gets only what it uses
+    (see each class for its arguments)."""
     gate = Gatekeeper(config)
     apis = [PageApi(router, chat, gate, conversations, events, mesh, room, report, controls, teacher),
             OllamaApi(router, chat, gate, pulls), OllamaModelsApi(router, chat, gate),
@@ -12465,13 +12466,12 @@ def build_app(config, router, chat, conversations, events, mesh, room, report, c
     app = bottle.Bottle()
     for api in apis:
         app.merge(api.build())
-    app.wsgi = gate.wrap(app.wsgi)
     app.add_hook("after_request", set_security_headers)
     errors = ErrorReplies()
     app.error(404, errors.not_found)
     app.error(405, errors.not_allowed)
     app.error(500, errors.server_error)
-    return app
+    return gate.wrap(app)
 
 
 ###############################################################################
