@@ -64,7 +64,7 @@ SyncWorker._apply -> SignedBatches.apply: the batch verified (chain, one signatu
 stored -> Mesh.forward, publish_entries -> EventBus -> the page's SSE. Node is in neither path.
 """
 
-__version__ = "0.4.0"
+__version__ = "0.4.1"
 __license__ = "MIT"
 
 PROTOCOL_VERSION = 4  # 2: the key proof (HI!!:, AUTH:) and sealed frames; 3: node keys, signed logs; 4: TLS
