@@ -413,9 +413,9 @@ def test_the_qr_encoder_matches_a_reference_encoder():
 def test_two_guests_in_browsers_each_see_their_own_chats_and_get_answers(tmp_path):
     import subprocess
     import sys
-    from e2e.test_mesh_nodes import Namespaces, _can_make_namespaces
+    from support.namespaces import Namespaces, namespaces_missing
     from conftest import NodeProcess, ROOT
-    reason = _can_make_namespaces()
+    reason = namespaces_missing()
     if reason:
         pytest.skip(reason)
     spaces = Namespaces(count=2)

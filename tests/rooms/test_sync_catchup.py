@@ -18,7 +18,7 @@ from hypothesis import given, settings, strategies as st
 import neuromesh as nm
 from conftest import NodeProcess, RecordingMesh, fully_linked, keyed_store, wait_for
 from rooms.test_sync_fanout import full_mesh
-from e2e.test_mesh_nodes import Namespaces, _can_make_namespaces
+from support.namespaces import Namespaces, needs_namespaces
 
 
 def unlink(network, a, b):
@@ -269,7 +269,7 @@ class HostClient:
 
 
 class CutNamespaces(Namespaces):
-    """Namespaces (tests/e2e/test_mesh_nodes.py) whose cables can be pulled and whose bridge can be split in two."""
+    """Namespaces (tests/support/namespaces.py) whose cables can be pulled and whose bridge can be split in two."""
 
     def cut(self, index):
         self.ip("-n", self.hub, "link", "set", "veth%d" % index, "down")
@@ -362,7 +362,7 @@ def namespace_room(tmp_path, count):
     return spaces, room
 
 
-@pytest.mark.skipif(_can_make_namespaces() is not None, reason=str(_can_make_namespaces()))
+@needs_namespaces
 def test_a_peer_whose_cable_was_pulled_for_6_s_catches_up_while_a_keeps_writing(tmp_path):
     spaces, room = namespace_room(tmp_path, 2)
     writer = None
@@ -389,7 +389,7 @@ def test_a_peer_whose_cable_was_pulled_for_6_s_catches_up_while_a_keeps_writing(
         spaces.delete()
 
 
-@pytest.mark.skipif(_can_make_namespaces() is not None, reason=str(_can_make_namespaces()))
+@needs_namespaces
 def test_five_hosts_after_partitions_and_a_sigkill_hold_every_acknowledged_message_soon_after_the_heal(tmp_path):
     spaces, room = namespace_room(tmp_path, 5)
     writers = []
