@@ -5,9 +5,10 @@ never touched), from the configured ports and the private subnets of faked inter
 consent asked before any of them runs; each doctor check's verdict and fix (data dir, ports, a
 runtime file left by a killed node, LLM servers, --peer, announcements heard from peers that
 cannot be reached, from another room or from this machine's node, the links and LLMs a running
-node reports), with what peers say about themselves escaped; a check that breaks is a note that
-hides no other check; and the tables `status` prints from any shape of reply. Every server here is
-a stand-in on 127.0.0.1; the processes' side (a real node, a doctor in network namespaces) is
+node reports), with what peers say about themselves escaped; the probe of a peer's port ends
+with a clear error whatever the listener sends; a check that breaks is a note that hides no
+other check; and the tables `status` prints from any shape of reply. Every server here is a
+stand-in on 127.0.0.1; the processes' side (real nodes, a doctor in network namespaces) is
 tests/e2e/test_doctor.py.
 """
 
@@ -19,11 +20,13 @@ import sys
 import threading
 import types
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import neuromesh
 from conftest import serve_wsgi
+from support.cli import closed_port
 
 PORTS = [("udp", 5000, "--udp-port"), ("tcp", 7878, "--tcp-port"), ("tcp", 9090, "--http-port")]
 CLASSROOM = [("lo", "127.0.0.1", 8), ("wlan0", "192.168.5.23", 24), ("eth0", "10.77.1.9", 16),
@@ -39,16 +42,6 @@ def doctor_of(config, system="linux"):
     """A Doctor of ``config`` and the list its report lines go to."""
     lines = []
     return neuromesh.Doctor(config, system=system, out=lines.append), lines
-
-
-def closed_port():
-    """A loopback TCP port nothing listens on (bound, then closed)."""
-    sock = socket.socket()
-    try:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-    finally:
-        sock.close()
 
 
 def json_app(replies):
@@ -460,6 +453,41 @@ def test_a_flood_of_made_up_announcements_keeps_the_doctor_bounded(mesh_config):
         readable.close()
         other.close()
     assert len(doctor.heard) == doctor.max_heard and doctor.other_room == 3
+
+
+def test_a_listener_that_never_answers_the_key_proof_times_out():
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    try:
+        with pytest.raises(OSError):
+            neuromesh.probe_hello("127.0.0.1", silent.getsockname()[1], neuromesh.OPEN_ROOM_KEY, timeout=0.5)
+    finally:
+        silent.close()
+
+
+@given(st.binary(max_size=300))
+@settings(max_examples=40, deadline=None)
+def test_any_bytes_from_a_peer_end_the_probe_with_a_clear_error(reply):
+    """A hostile listener on a peer's port: the doctor's probe fails cleanly, never hangs or crashes."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(reply)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        with pytest.raises((neuromesh.ProtocolError, OSError)):
+            neuromesh.probe_hello("127.0.0.1", listener.getsockname()[1], neuromesh.OPEN_ROOM_KEY, timeout=2)
+    finally:
+        listener.close()
+        thread.join(5)
 
 
 # ---- doctor: what the running node knows ------------------------------------------------------
