@@ -821,6 +821,21 @@ def served_mesh(cluster):
         yield served
 
 
+@pytest.fixture
+def fakes():
+    """Makes fake Ollamas on loopback, stopped at the end: ``fakes(models=(API_MODEL,), token_delay=0.0)``."""
+    from support.fake_ollama import FakeOllama
+    started = []
+
+    def make(models=(API_MODEL,), token_delay=0.0):
+        started.append(FakeOllama(models=models, token_delay=token_delay).start())
+        return started[-1]
+
+    yield make
+    for fake in started:
+        fake.stop()
+
+
 def pytest_terminal_summary(terminalreporter):
     """Where the browser tests left their screenshots (issue 12: CI prints the path)."""
     folder = os.path.join(ROOT, "artifacts")

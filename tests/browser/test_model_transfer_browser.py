@@ -8,7 +8,9 @@ import re
 import pytest
 
 from conftest import fully_linked, wait_for
-from e2e.test_model_transfer import MODEL, fakes, start_node, write_store  # noqa: F401 (fakes: a fixture)
+from support.model_store import start_node, write_store
+
+MODEL = "tinyllama:1b"
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -22,7 +24,7 @@ if not os.path.exists(CHROMIUM):  # pragma: no cover - depends on the machine
 
 def test_the_page_lists_who_has_a_model_and_gets_it_here_with_progress(cluster, fakes, tmp_path):
     write_store(tmp_path / "store-a", MODEL, 12 * 1024 * 1024)
-    source_llm, puller_llm = fakes(MODEL), fakes()
+    source_llm, puller_llm = fakes((MODEL,)), fakes(())
     source = start_node(cluster, "source", source_llm, tmp_path / "store-a", extra=["--name", "Teacher-PC"])
     puller = start_node(cluster, "puller", puller_llm, tmp_path / "store-b", extra=["--name", "Ana-PC"])
     wait_for(lambda: fully_linked([source, puller]), message="mesh")

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import Cluster, fully_linked, wait_for
 from browser.test_browser import ARTIFACTS, MODEL, browser, pages  # noqa: F401 (fixtures)
-from e2e.test_llm_sharing import hosts_of
+from support.llm_mesh import hosts_of
 
 playwright = pytest.importorskip("playwright.sync_api")
 expect = playwright.expect

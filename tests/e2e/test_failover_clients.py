@@ -10,10 +10,10 @@ import threading
 import requests
 
 import neuromesh
-from conftest import StubNode, scripted_router, wait_for, wsgi_call
+from conftest import API_MODEL as MODEL, StubNode, scripted_router, wait_for, wsgi_call
 from rooms.test_llm_fair_queue import HeldBackend, started_order, waiting_and_running
 from e2e.test_failover import QUESTION
-from e2e.test_llm_sharing import MODEL, fakes, two_llm_mesh  # noqa: F401 (fakes is a fixture)
+from support.llm_mesh import two_llm_mesh
 
 TOOL = {"type": "function", "name": "get_weather", "description": "The weather of a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}

@@ -10,8 +10,8 @@ import time
 import pytest
 import requests
 
-from conftest import NodeProcess, fully_linked, wait_for
-from e2e.test_llm_sharing import MODEL, fakes, hosts_of  # noqa: F401 (fakes is a fixture)
+from conftest import API_MODEL as MODEL, NodeProcess, fully_linked, wait_for
+from support.llm_mesh import hosts_of
 
 JSON = {"Accept": "application/json"}
 

@@ -17,8 +17,8 @@ import requests
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import neuromesh as nm
-from conftest import NodeProcess, RawPeer, TamperingProxy, tls_client_context, wait_for
-from e2e.test_llm_sharing import MODEL, fakes, hosts_of  # noqa: F401 (fakes is a fixture)
+from conftest import API_MODEL as MODEL, NodeProcess, RawPeer, TamperingProxy, tls_client_context, wait_for
+from support.llm_mesh import hosts_of
 from rooms.test_mesh_security import KEY, fresh_log_once, linked, meshes  # noqa: F401 (fixtures)
 
 
