@@ -4,6 +4,7 @@ Network safety: every node started here binds 127.0.0.1 and broadcasts only to
 127.255.255.255 (or runs inside a network namespace the test made itself).
 """
 
+import base64
 import contextlib
 import datetime
 import hashlib
@@ -268,6 +269,36 @@ def mesh_config(tmp_path):
         yield build
     finally:
         flags.close()
+
+
+@pytest.fixture
+def meshes(mesh_config):
+    """``start(node_id, key=None, peer_of=None, discovery=False, settings=None, flags=(), **heartbeats)``:
+    in-process RunningMeshes (support/running_mesh.py), stopped at the end; ``peer_of`` another
+    RunningMesh to dial, ``heartbeats`` its tunables (e.g. ``handshake_timeout``)."""
+    from support.running_mesh import RecordingListener, RunningMesh
+    running = []
+
+    def start(node_id, key=None, peer_of=None, discovery=False, settings=None, flags=(), **heartbeats):
+        extra = ["--name", node_id] + list(flags)
+        if key is not None:
+            extra += ["--mesh-key", key]
+        if peer_of is not None:
+            extra += ["--peer", "127.0.0.1:%d" % peer_of.mesh.tcp_port]
+        config = mesh_config(discovery=discovery, settings=settings, extra=extra)
+        running.append(RunningMesh(config, node_id, RecordingListener(), heartbeats))
+        return running[-1]
+
+    yield start
+    for mesh in reversed(running):
+        mesh.stop()
+
+
+@pytest.fixture
+def fresh_log_once(monkeypatch):
+    """Each test sees its own rate-limited log lines."""
+    monkeypatch.setattr(neuromesh, "_log_once", neuromesh.LogOnce())
+    monkeypatch.setattr(neuromesh, "_VERSION_NOTICES", neuromesh.LogOnce(interval=float("inf")))
 
 
 # -- the original NeuroMesh's file layout, made by the tests -----------------------------
@@ -786,6 +817,11 @@ def guest_headers(app, node, remote=OTHER_MACHINE):
 
 API_MODEL = "llama3.2:1b"
 API_MODELS = (API_MODEL, "tinyllama", "nomic-embed-text:latest")
+THINKER = "qwen3:0.6b"  # the fake thinks aloud for it (capabilities: thinking)
+SEER = "llava:7b"  # the fake sees images for it (capabilities: vision)
+PIXEL = base64.b64encode(bytes.fromhex(  # a 1x1 PNG
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082")).decode("ascii")
 
 
 class ServedMesh:
@@ -819,6 +855,13 @@ def serving_mesh(cluster, models=API_MODELS, token_delay=0.02):
 def served_mesh(cluster):
     with serving_mesh(cluster) as served:
         yield served
+
+
+@pytest.fixture
+def served(cluster):
+    """A ServedMesh whose fake offers API_MODEL, THINKER and SEER, with fast tokens."""
+    with serving_mesh(cluster, (API_MODEL, THINKER, SEER), token_delay=0.01) as mesh:
+        yield mesh
 
 
 @pytest.fixture

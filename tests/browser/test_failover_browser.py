@@ -12,7 +12,7 @@ import pytest
 
 from conftest import wait_for
 from support.fake_ollama import FakeOllama
-from e2e.test_failover import QUESTION
+from support.llm_mesh import LONG_QUESTION as QUESTION
 
 try:
     from browser.test_browser import MODEL, ask, browser, expect, finished_answers, pages  # noqa: F401

@@ -10,9 +10,8 @@ import pytest
 import requests
 
 from conftest import API_MODEL as MODEL
-from support.llm_mesh import read_sse, two_llm_mesh
+from support.llm_mesh import LONG_QUESTION as QUESTION, read_sse, two_llm_mesh
 
-QUESTION = " ".join("w%d" % index for index in range(41))  # the fake's answer to it: 50 tokens
 SSE = {"Accept": "text/event-stream"}
 PEER_TIMEOUT = 2.0  # conftest.FAST: the nodes' --peer-timeout
 

@@ -9,7 +9,9 @@ import pytest
 import requests
 
 from support.fake_ollama import image_note, thinking_for
-from e2e.test_messages_responses import API_MODEL, PIXEL, QUESTION, SEER, THINKER, served  # noqa: F401 (a fixture)
+from conftest import API_MODEL, PIXEL, SEER, THINKER
+
+QUESTION = "What is the weather in Paris?"
 
 SCHEMA = {"type": "object", "properties": {"capital": {"type": "string"}, "country": {"type": "string"}},
           "required": ["capital", "country"]}

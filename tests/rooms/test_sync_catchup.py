@@ -17,7 +17,6 @@ from hypothesis import given, settings, strategies as st
 
 import neuromesh as nm
 from conftest import NodeProcess, RecordingMesh, fully_linked, keyed_store, wait_for
-from rooms.test_sync_fanout import full_mesh
 from support.namespaces import Namespaces, needs_namespaces
 
 
@@ -37,7 +36,7 @@ def sent(network, marker, sender, receiver):
 
 
 def test_a_peer_that_relinks_while_the_writer_keeps_writing_gets_what_it_missed(sync_network):
-    full_mesh(sync_network, ["a", "b"])
+    sync_network.link_all(["a", "b"])
     store = sync_network.nodes["a"].store
     conversation = store.create_conversation("lesson")["id"]
     sync_network.run()
@@ -57,7 +56,7 @@ def test_a_peer_that_relinks_while_the_writer_keeps_writing_gets_what_it_missed(
 
 
 def test_a_push_past_a_missed_one_makes_the_receiver_ask_and_the_gap_comes_at_once(sync_network):
-    full_mesh(sync_network, ["a", "b"])
+    sync_network.link_all(["a", "b"])
     store = sync_network.nodes["a"].store
     conversation = store.create_conversation("lesson")["id"]
     sync_network.run()
@@ -74,7 +73,7 @@ def test_a_push_past_a_missed_one_makes_the_receiver_ask_and_the_gap_comes_at_on
 
 
 def test_a_writing_mesh_with_no_loss_sends_no_sync_at_all(sync_network):
-    full_mesh(sync_network, ["a", "b", "c"])
+    sync_network.link_all(["a", "b", "c"])
     conversation = sync_network.nodes["a"].store.create_conversation("lesson")["id"]
     for index in range(20):
         sync_network.nodes["a"].store.add_message(conversation, "user", "line %d" % index, "teacher")

@@ -5,6 +5,8 @@ import json
 
 from conftest import API_MODEL, fully_linked, wait_for
 
+LONG_QUESTION = " ".join("w%d" % index for index in range(41))  # the fake's answer to it: 50 tokens
+
 
 def hosts_of(node, model=API_MODEL):
     """The node ids of the hosts ``node`` lists for ``model`` (empty when none has it)."""
