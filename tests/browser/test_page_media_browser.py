@@ -13,7 +13,7 @@ import pytest
 
 from conftest import Cluster, fully_linked, wait_for
 from support.fake_ollama import FakeOllama, thinking_for
-from browser.test_browser import LLM_NAME, PHONE, Pages, ask, browser, expect, finished_answers  # noqa: F401 (fixture)
+from support.browser_pages import LLM_NAME, PHONE, Pages, ask, expect, finished_answers
 
 MODEL, SEER, THINKER = "llama3.2:1b", "llava:7b", "qwen3:0.6b"
 

@@ -2,15 +2,14 @@
 
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 import requests
 
-from conftest import ROOT, SCRIPT, fully_linked, wait_for
+from conftest import ROOT, fully_linked, wait_for
+from support.cli import run_cli
 
 ORIGINAL_LAYOUT = os.path.join(os.path.dirname(ROOT), "shared", "data", "original-neuromesh-layout")
 
@@ -194,11 +193,6 @@ def test_events_stream_delivers_peer_up_and_new_message(cluster):
 
 
 # -- the original NeuroMesh's files -----------------------------------------------------------
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, SCRIPT] + list(args), capture_output=True, text=True,
-                          timeout=60, cwd=ROOT)
 
 
 @pytest.mark.skipif(not os.path.isdir(ORIGINAL_LAYOUT), reason="shared/data is not beside the checkout")
