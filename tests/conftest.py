@@ -792,7 +792,7 @@ def linked_peer():
     for peer in made:
         peer.close()
 
-# -- HTTP access (issue 9): other machines, guests, LAN clients ---------------------------
+# -- HTTP access: other machines, guests, LAN clients ---------------------------
 
 OTHER_MACHINE = "192.168.1.20"  # only ever an in-process REMOTE_ADDR, never a real connection
 
@@ -813,7 +813,7 @@ def guest_headers(app, node, remote=OTHER_MACHINE):
     return {"Cookie": cookie}
 
 
-# -- issue 13: real clients against a node without an LLM, served by a peer ----------------
+# -- real clients against a node without an LLM, served by a peer --------------------------
 
 API_MODEL = "llama3.2:1b"
 API_MODELS = (API_MODEL, "tinyllama", "nomic-embed-text:latest")
@@ -880,13 +880,13 @@ def fakes():
 
 
 def pytest_terminal_summary(terminalreporter):
-    """Where the browser tests left their screenshots (issue 12: CI prints the path)."""
+    """Where the browser tests left their screenshots (CI prints the path)."""
     folder = os.path.join(ROOT, "artifacts")
     if os.path.isdir(folder):
         terminalreporter.write_line("screenshots of the browser tests: %s" % folder)
 
 
-# -- signed origins (issue 11): keyed stores, hand-signed batches, a data dir of schema 1 ----------
+# -- signed origins: keyed stores, hand-signed batches, a data dir of schema 1 ----------
 
 
 def keyed_store(path=":memory:", name="node"):
@@ -973,7 +973,7 @@ class Keyring(dict):
 KEYS = Keyring()
 
 
-# -- issue 14: fan-out and bounded links ---------------------------------------------------------
+# -- fan-out and bounded links -----------------------------------------------------------------
 
 
 @pytest.fixture

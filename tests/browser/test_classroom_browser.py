@@ -449,7 +449,7 @@ def test_background_motion_switch_peer_names_and_latency_labels(pages, mesh):
     page = pages.open(mesh.plain, reduced_motion="no-preference")
     canvas = page.locator("#particles")
     expect(canvas).to_have_attribute("data-running", "true")
-    page.get_by_text("Settings and details").click()  # the switch is folded away with the settings (issue 23)
+    page.get_by_text("Settings and details").click()  # the switch is folded away with the settings
     switch = page.get_by_role("button", name=re.compile("Animated background"))
     expect(switch).to_have_attribute("aria-pressed", "true")
     switch.click()

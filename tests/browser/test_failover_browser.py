@@ -1,7 +1,8 @@
 """Mid-answer failover on the chat page, in a real browser (Chromium, Playwright):
 the host answering a student dies, the answer goes on and says which host continued it.
 
-Uses the browser fixtures (tests/browser/conftest.py) and guarded pages (tests/support/browser_pages.py): every node is on loopback, the only LLMs are
+Uses the browser fixtures (tests/browser/conftest.py) and guarded pages
+(tests/support/browser_pages.py): every node is on loopback, the only LLMs are
 tests/support/fake_ollama.py, and a test fails on a console error, a dialog or a request off 127.0.0.1.
 """
 

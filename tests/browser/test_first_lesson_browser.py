@@ -2,8 +2,9 @@
 
 The sidebar's list on a school laptop and a phone, search results that tell two look-alike
 conversations apart, one answer (not two) after the page's node restarted mid-answer, Markdown
-tables, plurals, and an invitation that says which code does what. Uses the guards of
-test_browser.py (loopback only, no console error, no dialog) and leaves screenshots in artifacts/.
+tables, plurals, and an invitation that says which code does what. Uses the guarded
+pages of tests/support/browser_pages.py (loopback only, no console error, no dialog) and leaves
+screenshots in artifacts/.
 """
 
 import re

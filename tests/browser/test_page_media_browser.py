@@ -1,7 +1,8 @@
-"""Pictures and thinking on the page, in a real browser (Debian's Chromium, as tests/browser/test_browser.py): a picture
-attached on a phone-size page for a vision model and answered; a reasoning model's thinking in
-a collapsed "Thinking…" section, streamed live apart from the answer and kept with it; the model
-picker tells each model's capabilities. The only LLM is the fake Ollama, on another node."""
+"""Pictures and thinking on the page, in a real browser (Debian's Chromium, guarded as in
+tests/support/browser_pages.py): a picture attached on a phone-size page for a vision model and
+answered; a reasoning model's thinking in a collapsed "Thinking…" section, streamed live apart
+from the answer and kept with it; the model picker tells each model's capabilities. The only
+LLM is the fake Ollama, on another node."""
 
 import base64
 import re

@@ -1,4 +1,11 @@
-"""LLM sharing: every node answers chats with the best LLM on the mesh."""
+"""The llm room end-to-end: every node answers chats with an LLM of the mesh, real nodes on loopback.
+
+What it covers: the official Ollama and OpenAI clients on a node without an LLM get the peer's
+answer, streamed; a conversation's chat streams, is stored and syncs; a client that disconnects
+cancels the upstream request; nothing on the mesh is a clear error; two hosts share concurrent
+chats, a host that refuses before the first token is failed over, a cut answer ends with a clear
+error, busy hosts queue; --no-share-llm keeps the LLM home; a real small LLM answers through
+the mesh when it is set up."""
 
 import json
 import threading

@@ -1,4 +1,10 @@
-"""Mesh core: discovery, links, peer exchange, failure detection, multi-host namespaces."""
+"""The mesh room end-to-end: real nodes find and link to each other, and see each other go.
+
+What it covers: discovery on loopback and between network namespaces; a graceful stop, Ctrl-C,
+SIGKILL and a silent peer are seen within their deadlines and a restart relinks; --peer chains
+join the whole mesh by peer exchange and reach a peer that starts later; a port in use or a
+second node on the same data dir is a clear error; a keyed mesh leaves a node without the key
+alone; start-up prints the URL and --version names Python and the packages."""
 
 import json
 import os
@@ -161,7 +167,7 @@ def test_three_hosts_in_namespaces_find_each_other_with_default_discovery(tmp_pa
         assert sorted(peer["address"] for peer in peers) == ["%s.2" % spaces.subnet, "%s.3" % spaces.subnet]
         assert all(peer["tcp_port"] == 7878 for peer in peers)
         # with --guests the page serves the room (after the room code); the Ollama/OpenAI API only this
-        # computer (no --lan-api); without --guests another machine gets a 403 naming the flag (issue 9)
+        # computer (no --lan-api); without --guests another machine gets a 403 naming the flag
         remote = "http://%s.1:8080" % spaces.subnet
         assert spaces.fetch_json(spaces.hosts[1], remote + "/api/health")["node_id"] == nodes[0].node_id
         closed = spaces.fetch_status(spaces.hosts[0], "http://%s.2:8080/api/health" % spaces.subnet)

@@ -1,4 +1,10 @@
-"""Conversations across the mesh: HTTP API, push and periodic sync, durability, events, files."""
+"""The sync room end-to-end: conversations across real nodes on loopback.
+
+What it covers: a message posted on one node is listed on the others; a node that was down
+catches up when it returns; three writers at once converge; an acknowledged message survives
+SIGKILL and reaches the peers; private conversations stay home while deletes and renames
+reach everyone; bad requests get clear errors; the event stream tells the page of a new peer
+and a new message; the original program's files are imported and exported by the CLI."""
 
 import json
 import os
@@ -68,7 +74,7 @@ def test_a_node_that_was_down_catches_up_when_it_returns(cluster):
 
 
 def test_500_messages_from_three_writers_at_once_converge(cluster):
-    # issue 9: a node writes only into its own conversations (a peer's are read-only, as on the page),
+    # a node writes only into its own conversations (a peer's are read-only, as on the page),
     # so each writer writes into its own conversation and every node must end with all three
     nodes = [cluster.start() for _ in range(3)]
     wait_for(lambda: fully_linked(nodes), message="mesh")

@@ -206,7 +206,7 @@ def test_the_llm_apis_answer_only_loopback_without_lan_api(app, tmp_path):
     assert refused.status == 403 and refused.json()["error"].startswith("this node's LLM API answers only")
     openai = wsgi_call(app, "GET", "/v1/models", remote="192.168.1.20")
     assert openai.status == 403 and openai.json()["error"]["type"] == "permission_error"
-    page = wsgi_call(app, "GET", "/api/health", remote="192.168.1.20")  # issue 9: the page needs --guests
+    page = wsgi_call(app, "GET", "/api/health", remote="192.168.1.20")  # the page needs --guests
     assert page.status == 403 and "--guests" in page.json()["error"]
     lan_node = StubNode(tmp_path / "lan", scripted_router(local=[ScriptedBackend()]), lan_api=True)
     try:

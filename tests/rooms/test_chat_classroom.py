@@ -212,7 +212,7 @@ def test_a_bad_port_gets_a_sentence():
 
 
 def test_a_title_match_shows_the_first_words_of_the_conversation(stub_node):
-    """Issue 23: two "What is photosynthesis?" are told apart by what was asked in each."""
+    """Two "What is photosynthesis?" are told apart by what was asked in each."""
     store = stub_node.store
     first = store.create_conversation("What is photosynthesis?")
     store.add_message(first["id"], "user", "Explain photosynthesis with chlorophyll, please.", "Ana")

@@ -70,8 +70,8 @@ def test_same_key_links_a_wrong_key_or_no_key_learns_nothing(meshes):
     b = meshes("node-b", key=KEY, peer_of=a)
     wrong = meshes("node-wrong", key="another code", peer_of=a)
     open_node = meshes("node-open", peer_of=a)
-    # Four key derivations and three key proofs on a busy CI machine: a deadline that fits it
-    # (issue 23), each wait ending as soon as what it waits for happened.
+    # Four key derivations and three key proofs on a busy CI machine: a deadline that fits it,
+    # each wait ending as soon as what it waits for happened.
     wait_for(lambda: linked(a, b), timeout=BUSY_DEADLINE, message="A and B linked")
     wait_for(lambda: a.mesh.counters["protocol_errors"] >= 2 and wrong.mesh.counters["protocol_errors"] >= 1
              and open_node.mesh.counters["protocol_errors"] >= 1, timeout=BUSY_DEADLINE,
