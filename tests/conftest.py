@@ -895,6 +895,17 @@ def keyed_store(path=":memory:", name="node"):
     return neuromesh.Store(str(path), key.node_id, name, key), key
 
 
+def catch_up(source, target, max_entries=neuromesh.MAX_FRAME_ENTRIES, rounds=50):
+    """Everything the Store ``source`` holds that ``target`` lacks, through the signed sync door,
+    in batches of at most ``max_entries``."""
+    for _ in range(rounds):
+        payload = source.batches.missing(target.version_vector(), max_entries=max_entries)
+        if not payload["entries"]:
+            return
+        target.batches.apply(payload)
+    raise AssertionError("no end to the catch-up after %d batches" % rounds)
+
+
 def signed_run(key, entries, prev=neuromesh.GENESIS, origin=None, head_key=None):
     """A FILE: payload of ``entries`` (one origin's consecutive run) chained from ``prev`` and
     signed by ``key``, which need not be the origin's: forgers use this. ``head_key`` is the

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import Cluster, fully_linked, wait_for
 from support.fake_ollama import FakeOllama, thinking_for
-from support.browser_pages import LLM_NAME, PHONE, Pages, ask, expect, finished_answers
+from support.browser_pages import LLM_NAME, PHONE, ask, expect, finished_answers
 
 MODEL, SEER, THINKER = "llama3.2:1b", "llava:7b", "qwen3:0.6b"
 
@@ -42,15 +42,6 @@ def media_mesh(tmp_path_factory):
             yield SimpleNamespace(llm=llm, plain=plain, fake=fake)
         finally:
             cluster.close()
-
-
-@pytest.fixture
-def pages(browser, request):  # noqa: F811
-    guard = Pages(browser, request.node.name)
-    try:
-        yield guard
-    finally:
-        guard.close()
 
 
 def test_a_picture_attached_on_a_phone_is_downscaled_sent_and_answered(pages, media_mesh, tmp_path):

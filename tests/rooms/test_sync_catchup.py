@@ -20,14 +20,6 @@ from conftest import NodeProcess, RecordingMesh, fully_linked, keyed_store, wait
 from support.namespaces import Namespaces, needs_namespaces
 
 
-def unlink(network, a, b):
-    """Drop the link ``a``-``b`` as a cut cable does: both sides see the peer go down."""
-    network.links[a].discard(b)
-    network.links[b].discard(a)
-    for one, other in ((a, b), (b, a)):
-        network.nodes[one].peer_down(types.SimpleNamespace(node_id=other))
-
-
 def sent(network, marker, sender, receiver):
     return network.frames[(marker, sender, receiver)]
 
@@ -40,7 +32,7 @@ def test_a_peer_that_relinks_while_the_writer_keeps_writing_gets_what_it_missed(
     store = sync_network.nodes["a"].store
     conversation = store.create_conversation("lesson")["id"]
     sync_network.run()
-    unlink(sync_network, "a", "b")
+    sync_network.unlink("a", "b")
     sync_network.frames.clear()
     written = []
     for index in range(30):  # all within a second: one long "fresh" streak of pushes nobody got

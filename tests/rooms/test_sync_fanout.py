@@ -54,11 +54,7 @@ def test_chain_a_b_c_d_converges_by_forwarding_one_hop_a_round(sync_network):
 def test_partial_mesh_of_two_rooms_converges_each_node_receiving_each_entry_once(sync_network):
     rooms = (["a0", "a1", "a2", "a3"], ["b0", "b1", "b2", "b3"])  # two full meshes, one bridge a3-b0
     for room in rooms:
-        for label in room:
-            sync_network.add(label)
-        for index, a in enumerate(room):
-            for b in room[index + 1:]:
-                sync_network.link(a, b)
+        sync_network.link_all(room)
     sync_network.link("a3", "b0")
     sync_network.settle()
     conversations = [sync_network.write("a0", "from a0"), sync_network.write("b1", "from b1")]

@@ -53,7 +53,7 @@ class SimulatedLinks:
 class SyncNetwork:
     """Real Stores and SyncWorkers joined by simulated links; ``run()`` delivers every frame.
 
-    ``add(label)``, ``link(a, b)``, ``link_all(labels)``, ``write(label, text)`` (a new
+    ``add(label)``, ``link(a, b)``, ``unlink(a, b)``, ``link_all(labels)``, ``write(label, text)`` (a new
     conversation and message on that node, pushed as a Node pushes), ``run()``, ``settle()``;
     ``frames`` counts (marker, sender, receiver) and ``hops`` the delivery rounds ``run`` took."""
 
@@ -80,6 +80,13 @@ class SyncNetwork:
         self.links[b].add(a)
         for one, other in ((a, b), (b, a)):
             self.nodes[one].peer_up(types.SimpleNamespace(node_id=other))
+
+    def unlink(self, a, b):
+        """Drop the link ``a``-``b`` as a cut cable does: both sides see the peer go down."""
+        self.links[a].discard(b)
+        self.links[b].discard(a)
+        for one, other in ((a, b), (b, a)):
+            self.nodes[one].peer_down(types.SimpleNamespace(node_id=other))
 
     def link_all(self, labels):
         """Add the nodes ``labels``, link each pair of them, and settle."""
