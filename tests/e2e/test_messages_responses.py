@@ -9,20 +9,11 @@ import requests
 
 from conftest import API_MODEL, PIXEL, SEER, THINKER
 from support.fake_ollama import image_note, thinking_for
+from support.sdk_clients import anthropic_client, openai_client
 
 QUESTION = "What is the weather in Paris?"
 WEATHER = {"name": "get_weather", "description": "The weather of a city",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
-
-
-def anthropic_client(served):
-    anthropic = pytest.importorskip("anthropic")
-    return anthropic, anthropic.Anthropic(base_url=served.plain.url, api_key="not-needed", max_retries=0, timeout=30)
-
-
-def openai_client(served):
-    openai = pytest.importorskip("openai")
-    return openai, openai.OpenAI(base_url=served.plain.url + "/v1", api_key="not-needed", max_retries=0, timeout=30)
 
 
 # -- Anthropic's Messages API ----------------------------------------------------------------
