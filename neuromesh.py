@@ -13493,13 +13493,14 @@ class Doctor:
         for node_id, (ip, hello) in sorted(self.met.items()):
             if hello.get("has_llm"):
                 named.add(node_id)
-                hosts.append("%s: %s" % (self.label(node_id, ip, hello), ", ".join(hello.get("models") or [])))
+                hosts.append("%s: %s" % (self.label(node_id, ip, hello), _names(hello.get("models"), 100)))
         for peer in self.running_node_peers():
             if peer.get("has_llm") is True and peer.get("node_id") not in named:
                 hosts.append("%s: %s" % (self.label(str(peer.get("node_id")), safe_text(peer.get("address"), 64),
                                                     peer), _names(peer.get("models"), 100)))
-        if hosts:
-            self.add("ok", "LLM on the mesh: %s" % safe_text("; ".join(hosts), 1000))
+        if hosts:  # each part is escaped already: escaping the whole again would double its backslashes
+            listed = "; ".join(hosts)
+            self.add("ok", "LLM on the mesh: %s" % (listed if len(listed) <= 1000 else listed[:1000] + "..."))
             return
         self.add("problem", "no LLM: none answers on this machine and no computer of the room has one",
                  "install Ollama on one machine of the room (https://ollama.com) and pull a model "

@@ -4,6 +4,7 @@ Network safety: every node started here binds 127.0.0.1 and broadcasts only to
 127.255.255.255 (or runs inside a network namespace the test made itself).
 """
 
+import base64
 import contextlib
 import datetime
 import hashlib
@@ -270,6 +271,36 @@ def mesh_config(tmp_path):
         flags.close()
 
 
+@pytest.fixture
+def meshes(mesh_config):
+    """``start(node_id, key=None, peer_of=None, discovery=False, settings=None, flags=(), **heartbeats)``:
+    in-process RunningMeshes (support/running_mesh.py), stopped at the end; ``peer_of`` another
+    RunningMesh to dial, ``heartbeats`` its tunables (e.g. ``handshake_timeout``)."""
+    from support.running_mesh import RecordingListener, RunningMesh
+    running = []
+
+    def start(node_id, key=None, peer_of=None, discovery=False, settings=None, flags=(), **heartbeats):
+        extra = ["--name", node_id] + list(flags)
+        if key is not None:
+            extra += ["--mesh-key", key]
+        if peer_of is not None:
+            extra += ["--peer", "127.0.0.1:%d" % peer_of.mesh.tcp_port]
+        config = mesh_config(discovery=discovery, settings=settings, extra=extra)
+        running.append(RunningMesh(config, node_id, RecordingListener(), heartbeats))
+        return running[-1]
+
+    yield start
+    for mesh in reversed(running):
+        mesh.stop()
+
+
+@pytest.fixture
+def fresh_log_once(monkeypatch):
+    """Each test sees its own rate-limited log lines."""
+    monkeypatch.setattr(neuromesh, "_log_once", neuromesh.LogOnce())
+    monkeypatch.setattr(neuromesh, "_VERSION_NOTICES", neuromesh.LogOnce(interval=float("inf")))
+
+
 # -- the original NeuroMesh's file layout, made by the tests -----------------------------
 
 # What the original program wrote: conversations/local.json for this machine, and
@@ -331,6 +362,25 @@ import uuid  # noqa: E402
 from wsgiref.util import setup_testing_defaults  # noqa: E402
 
 import neuromesh  # noqa: E402
+
+
+@contextlib.contextmanager
+def serve_wsgi(app, name):
+    """``app`` served on 127.0.0.1 (a port of its own) by a quiet wsgiref server in a daemon thread
+    named ``name``: a stand-in host for in-process tests. Yields the server (``server_port``)."""
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = make_server("127.0.0.1", 0, app, handler_class=Quiet)
+    threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 class ScriptedBackend(neuromesh.Backend):
@@ -743,7 +793,7 @@ def linked_peer():
     for peer in made:
         peer.close()
 
-# -- HTTP access (issue 9): other machines, guests, LAN clients ---------------------------
+# -- HTTP access: other machines, guests, LAN clients ---------------------------
 
 OTHER_MACHINE = "192.168.1.20"  # only ever an in-process REMOTE_ADDR, never a real connection
 
@@ -764,10 +814,15 @@ def guest_headers(app, node, remote=OTHER_MACHINE):
     return {"Cookie": cookie}
 
 
-# -- issue 13: real clients against a node without an LLM, served by a peer ----------------
+# -- real clients against a node without an LLM, served by a peer --------------------------
 
 API_MODEL = "llama3.2:1b"
 API_MODELS = (API_MODEL, "tinyllama", "nomic-embed-text:latest")
+THINKER = "qwen3:0.6b"  # the fake thinks aloud for it (capabilities: thinking)
+SEER = "llava:7b"  # the fake sees images for it (capabilities: vision)
+PIXEL = base64.b64encode(bytes.fromhex(  # a 1x1 PNG
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082")).decode("ascii")
 
 
 class ServedMesh:
@@ -803,20 +858,53 @@ def served_mesh(cluster):
         yield served
 
 
+@pytest.fixture
+def served(cluster):
+    """A ServedMesh whose fake offers API_MODEL, THINKER and SEER, with fast tokens."""
+    with serving_mesh(cluster, (API_MODEL, THINKER, SEER), token_delay=0.01) as mesh:
+        yield mesh
+
+
+@pytest.fixture
+def fakes():
+    """Makes fake Ollamas on loopback, stopped at the end: ``fakes(models=(API_MODEL,), token_delay=0.0)``."""
+    from support.fake_ollama import FakeOllama
+    started = []
+
+    def make(models=(API_MODEL,), token_delay=0.0):
+        started.append(FakeOllama(models=models, token_delay=token_delay).start())
+        return started[-1]
+
+    yield make
+    for fake in started:
+        fake.stop()
+
+
 def pytest_terminal_summary(terminalreporter):
-    """Where the browser tests left their screenshots (issue 12: CI prints the path)."""
+    """Where the browser tests left their screenshots (CI prints the path)."""
     folder = os.path.join(ROOT, "artifacts")
     if os.path.isdir(folder):
         terminalreporter.write_line("screenshots of the browser tests: %s" % folder)
 
 
-# -- signed origins (issue 11): keyed stores, hand-signed batches, a data dir of schema 1 ----------
+# -- signed origins: keyed stores, hand-signed batches, a data dir of schema 1 ----------
 
 
 def keyed_store(path=":memory:", name="node"):
     """A Store with its own NodeKey: ``(store, key)``."""
     key = neuromesh.NodeKey.generate()
     return neuromesh.Store(str(path), key.node_id, name, key), key
+
+
+def catch_up(source, target, max_entries=neuromesh.MAX_FRAME_ENTRIES, rounds=50):
+    """Everything the Store ``source`` holds that ``target`` lacks, through the signed sync door,
+    in batches of at most ``max_entries``."""
+    for _ in range(rounds):
+        payload = source.batches.missing(target.version_vector(), max_entries=max_entries)
+        if not payload["entries"]:
+            return
+        target.batches.apply(payload)
+    raise AssertionError("no end to the catch-up after %d batches" % rounds)
 
 
 def signed_run(key, entries, prev=neuromesh.GENESIS, origin=None, head_key=None):
@@ -897,7 +985,7 @@ class Keyring(dict):
 KEYS = Keyring()
 
 
-# -- issue 14: fan-out and bounded links ---------------------------------------------------------
+# -- fan-out and bounded links -----------------------------------------------------------------
 
 
 @pytest.fixture

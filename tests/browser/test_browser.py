@@ -7,193 +7,24 @@ tests use /usr/bin/chromium (`apt-get install chromium`).
 """
 
 import json
-import os
 import re
-import subprocess
-import sys
 import uuid
-from types import SimpleNamespace
 from urllib.parse import urlsplit
 
-import pytest
 import requests
 
-from conftest import ROOT, SCRIPT, Cluster, fully_linked, wait_for
-from support.fake_ollama import FakeOllama
+from conftest import wait_for
+from support.browser_pages import (LLM_NAME, MODEL, OTHER_MODEL, PHONE, PLAIN_NAME, TIMEOUT_MS, ask, expect,
+                                   expect_llm_known, finished_answers, json_reply)
 
-try:
-    from playwright.sync_api import expect, sync_playwright
-except ImportError:  # pragma: no cover - depends on the machine
-    pytest.skip("playwright is not installed (./install.sh --dev installs it into _vendor/)", allow_module_level=True)
-
-CHROMIUM = "/usr/bin/chromium"
-if not os.path.exists(CHROMIUM):  # pragma: no cover - depends on the machine
-    pytest.skip("%s is missing: apt-get install chromium (never `playwright install`)" % CHROMIUM,
-                allow_module_level=True)
-
-ARTIFACTS = os.path.join(ROOT, "artifacts")
-LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-TIMEOUT_MS = 10000
-MODEL = "llama3.2:1b"
-OTHER_MODEL = "qwen2.5:0.5b"
-LLM_NAME = "LLM-Box"
-PLAIN_NAME = "Plain-Box"
 XSS = "<img src=x onerror=alert(1)>"
-
-expect.set_options(timeout=TIMEOUT_MS)
-
-# Issue 9's HTTP access control (--guests, /api/guest/login, /api/guests) lands in neuromesh.py
-# beside this page; the tests of the owner's invitation need a node that has it.
-SERVER_HAS_GUESTS = "--guests" in subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True,
-                                                 text=True, timeout=60, cwd=ROOT).stdout
 OPEN_ROOM = ("Open room: anyone on this network can join. "
              "To close it, start every node with --mesh-key <code>.")
-# What the node answers a guest who has not entered the room code (Gatekeeper, issue 9).
+# What the node answers a guest who has not entered the room code (its Gatekeeper).
 GUEST_LOGIN_REQUIRED = {"error": "enter the guest code first (the chat page asks for it)", "guest_login": True}
 # Chromium logs every refused fetch; the guest tests expect these.
 REFUSED_FETCH = r"Failed to load resource: (the server responded with a status of (401|403|429)|net::ERR_[A-Z_]+)"
 
-
-# ---- fixtures -----------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS, headless=True)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-
-
-@pytest.fixture(scope="module")
-def fake():
-    # Slow enough tokens that a half-written answer is visible, fast enough for a short suite.
-    with FakeOllama(models=(MODEL, OTHER_MODEL), token_delay=0.04) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory, fake):
-    """Two linked nodes shared by the tests that do not change the mesh: one has the LLM."""
-    cluster = Cluster(tmp_path_factory.mktemp("browser-mesh"))
-    try:
-        llm = cluster.start("llm", extra=["--name", LLM_NAME, "--ollama-url", fake.url, "--model", MODEL])
-        plain = cluster.start("plain", extra=["--name", PLAIN_NAME, "--ollama-url", "none"])
-        wait_for(lambda: fully_linked([llm, plain]), timeout=15, message="the two nodes to link")
-        wait_for(lambda: plain.json("/api/models")["llm_hosts"] == 1, timeout=10,
-                 message="the plain node to see the LLM of the other")
-        yield SimpleNamespace(llm=llm, plain=plain, fake=fake)
-    finally:
-        cluster.close()
-
-
-class Pages:
-    """Opens guarded pages: records console errors, page errors, dialogs and every request."""
-
-    def __init__(self, browser, test_name):
-        self.browser = browser
-        self.test_name = re.sub(r"[^\w.-]+", "_", test_name)
-        self.contexts = []
-        self.pages = []
-        self.problems = []
-        self.dialogs = []
-        self.requested = []
-        self.outside = []
-        self.expected_console = []
-
-    def allow_console(self, pattern):
-        """Console errors matching ``pattern`` are expected (a refused fetch the test asked for)."""
-        self.expected_console.append(re.compile(pattern))
-
-    def _console(self, message):
-        if message.type != "error" or any(p.search(message.text) for p in self.expected_console):
-            return
-        url = message.location.get("url") or ""
-        if not SERVER_HAS_GUESTS and "status of 404" in message.text and urlsplit(url).path == "/api/guests":
-            return  # a node without issue 9: the page asks who it is for, the node does not know
-        self.problems.append("console error: %s (%s)" % (message.text, url))
-
-    def open(self, node, path="/", viewport=None, live=True, before=None, **context_options):
-        """A new page on ``node``; ``before(page)`` runs before it loads, ``live``: wait for /api/events."""
-        # Reduced motion by default: the particle background would only cost CPU here.
-        context_options.setdefault("reduced_motion", "reduce")
-        context = self.browser.new_context(viewport=viewport or {"width": 1280, "height": 800}, **context_options)
-        self.contexts.append(context)
-        context.grant_permissions(["clipboard-read", "clipboard-write"], origin=node.url)
-        context.route("**/*", self._route)
-        page = context.new_page()
-        page.set_default_timeout(TIMEOUT_MS)
-        page.on("console", self._console)
-        page.on("pageerror", lambda error: self.problems.append("page error: %s" % error))
-        page.on("dialog", self._dialog)
-        self.pages.append(page)
-        if before is not None:
-            before(page)
-        page.goto(node.url + path)
-        if live:
-            expect(page.locator("#live-dot")).to_have_class(re.compile(r"\blive\b"))  # /api/events is open
-        return page
-
-    def _route(self, route):
-        url = route.request.url
-        self.requested.append(url)
-        if urlsplit(url).hostname != "127.0.0.1":
-            self.outside.append(url)
-            route.abort()
-        else:
-            route.continue_()
-
-    def _dialog(self, dialog):
-        self.dialogs.append(dialog.message)
-        dialog.dismiss()
-
-    def screenshot(self, page, label):
-        os.makedirs(ARTIFACTS, exist_ok=True)
-        page.screenshot(path=os.path.join(ARTIFACTS, "%s-%s.png" % (self.test_name, label)))
-
-    def close(self):
-        try:
-            for index, page in enumerate(self.pages):
-                if not page.is_closed():
-                    self.screenshot(page, "end%d" % index)
-        finally:
-            for context in self.contexts:
-                context.close()
-        assert not self.outside, "requests left 127.0.0.1: %r" % self.outside
-        assert not self.dialogs, "dialogs opened: %r" % self.dialogs
-        assert not self.problems, "\n".join(self.problems)
-
-
-@pytest.fixture
-def pages(browser, request):
-    guard = Pages(browser, request.node.name)
-    try:
-        yield guard
-    finally:
-        guard.close()
-
-
-# ---- helpers ------------------------------------------------------------------------------
-
-def ask(page, text):
-    """Types ``text`` in the composer and presses Enter."""
-    prompt = page.get_by_label("Message", exact=True)
-    prompt.fill(text)
-    prompt.press("Enter")
-
-
-def finished_answers(page):
-    return page.locator("#messages .message.assistant[data-id]")
-
-
-def expect_llm_known(page):
-    expect(page.locator("#stat-llm")).to_have_text("1")
-    expect(page.locator("#composer-notice")).to_be_hidden()
-
-
-# ---- tests --------------------------------------------------------------------------------
 
 def test_page_is_served_with_a_content_security_policy_and_no_inline_code(mesh):
     response = requests.get(mesh.plain.url + "/", timeout=5)
@@ -458,7 +289,7 @@ def test_diagnostics_and_mesh_overview_show_this_node(pages, mesh):
     expect(diagnostics).to_contain_text("127.255.255.255")
     expect(page.locator("#particles")).to_have_attribute("data-running", "true")
     page.get_by_role("link", name="Mesh").click()
-    expect(page.locator("#mesh-overview")).to_contain_text("LLM host on the mesh")  # one host: singular (issue 23)
+    expect(page.locator("#mesh-overview")).to_contain_text("LLM host on the mesh")  # one host: singular
     expect(page.locator("#mesh-graph g.node.self.llm")).to_have_count(1)
     expect(page.locator('#mesh-graph g.node.peer[data-node-id="%s"]' % mesh.plain.node_id)).to_contain_text(PLAIN_NAME)
     expect(page.locator('#peer-rows tr[data-node-id="%s"]' % mesh.plain.node_id)).to_contain_text("linked")
@@ -466,13 +297,9 @@ def test_diagnostics_and_mesh_overview_show_this_node(pages, mesh):
     expect(calm.locator("#particles")).to_have_attribute("data-running", "false")
 
 
-# ---- the room: its status, the owner's invitation, a guest's sign-in (issue 9) -------------
-
-PHONE = {"viewport": {"width": 390, "height": 844}, "is_mobile": True, "has_touch": True}
+# ---- the room: its status, the owner's invitation, a guest's sign-in ------------------------
 
 
-def json_reply(route, status, body, headers=None):
-    route.fulfill(status=status, content_type="application/json", body=json.dumps(body), headers=headers or {})
 
 
 class GuestNode:
@@ -557,7 +384,6 @@ def test_a_closed_room_shows_the_hash_of_its_key(pages, mesh):
     expect(page.locator("#room-status")).not_to_contain_text("Open room")
 
 
-@pytest.mark.skipif(not SERVER_HAS_GUESTS, reason="this neuromesh.py has no --guests (issue 9's HTTP access)")
 def test_with_guests_the_owner_sees_the_address_and_code_to_give_out(cluster, pages):
     host = cluster.start("host", discovery=False, extra=["--name", "Teacher", "--guests"])
     code = host.json("/api/guests")["code"]

@@ -1,6 +1,7 @@
 """The classroom experience, in a real browser (Chromium, Playwright) against real nodes.
 
-Uses the fixtures and guards of test_browser.py: every node is on loopback, the only LLM is
+Uses the browser fixtures (tests/browser/conftest.py) and guarded pages
+(tests/support/browser_pages.py): every node is on loopback, the only LLM is
 tests/support/fake_ollama.py, and a test fails on a console error, a dialog or a request off 127.0.0.1.
 Screenshots go to artifacts/ (printed at the end of the session by conftest).
 """
@@ -8,24 +9,14 @@ Screenshots go to artifacts/ (printed at the end of the session by conftest).
 import json
 import os
 import re
-import socket
 
 import pytest
 import requests
 
 from conftest import ROOT, wait_for
-
-try:
-    from browser.test_browser import (LLM_NAME, MODEL, PLAIN_NAME, TIMEOUT_MS, ask, browser, expect,  # noqa: F401
-                              expect_llm_known, fake, finished_answers, mesh, pages)
-except ImportError as missing:  # pragma: no cover - playwright or chromium missing: test_browser says which
-    pytest.skip(str(missing), allow_module_level=True)
-
-
-def free_tcp_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from support.browser_pages import (LLM_NAME, MODEL, PLAIN_NAME, ask, expect, expect_llm_known, finished_answers,
+                                   json_reply)
+from support.cli import closed_port
 
 
 def conversation_with(node, title, *questions):
@@ -64,7 +55,7 @@ def test_an_answer_cut_off_by_stop_is_kept_with_a_marker(pages, mesh):
 
 
 def test_the_page_while_its_node_restarts_keeps_the_draft_and_reconnects(cluster, pages):
-    port = free_tcp_port()
+    port = closed_port()
     node = cluster.start("restarting", extra=["--http-port", str(port), "--name", "Restart-Box"])
     page = pages.open(node)
     pages.allow_console(r"net::ERR_CONNECTION_REFUSED|Failed to load resource")
@@ -373,7 +364,6 @@ def test_the_keyboard_reaches_the_chat_and_focus_is_visible(pages, mesh):
 # ---- H. the invitation's QR code, drawn by the page ---------------------------------------------
 
 def test_the_invitation_shows_a_qr_code_of_the_address(pages, mesh):
-    from browser.test_browser import json_reply
     invitation = {"guests": True, "code": "QR42-ROOM", "code_is_mesh_key": True,
                   "urls": ["http://192.168.1.20:8080/"]}
 
@@ -413,9 +403,9 @@ def test_the_qr_encoder_matches_a_reference_encoder():
 def test_two_guests_in_browsers_each_see_their_own_chats_and_get_answers(tmp_path):
     import subprocess
     import sys
-    from e2e.test_mesh_nodes import Namespaces, _can_make_namespaces
+    from support.namespaces import Namespaces, namespaces_missing
     from conftest import NodeProcess, ROOT
-    reason = _can_make_namespaces()
+    reason = namespaces_missing()
     if reason:
         pytest.skip(reason)
     spaces = Namespaces(count=2)
@@ -459,7 +449,7 @@ def test_background_motion_switch_peer_names_and_latency_labels(pages, mesh):
     page = pages.open(mesh.plain, reduced_motion="no-preference")
     canvas = page.locator("#particles")
     expect(canvas).to_have_attribute("data-running", "true")
-    page.get_by_text("Settings and details").click()  # the switch is folded away with the settings (issue 23)
+    page.get_by_text("Settings and details").click()  # the switch is folded away with the settings
     switch = page.get_by_role("button", name=re.compile("Animated background"))
     expect(switch).to_have_attribute("aria-pressed", "true")
     switch.click()

@@ -1,23 +1,18 @@
 """Mid-answer failover on the chat page, in a real browser (Chromium, Playwright):
 the host answering a student dies, the answer goes on and says which host continued it.
 
-Uses the fixtures and guards of test_browser.py: every node is on loopback, the only LLMs are
+Uses the browser fixtures (tests/browser/conftest.py) and guarded pages
+(tests/support/browser_pages.py): every node is on loopback, the only LLMs are
 tests/support/fake_ollama.py, and a test fails on a console error, a dialog or a request off 127.0.0.1.
 """
 
 import re
 import signal
 
-import pytest
-
 from conftest import wait_for
+from support.browser_pages import MODEL, ask, expect, finished_answers
 from support.fake_ollama import FakeOllama
-from e2e.test_failover import QUESTION
-
-try:
-    from browser.test_browser import MODEL, ask, browser, expect, finished_answers, pages  # noqa: F401
-except ImportError as missing:  # pragma: no cover - playwright or chromium missing: test_browser says which
-    pytest.skip(str(missing), allow_module_level=True)
+from support.llm_mesh import LONG_QUESTION as QUESTION
 
 
 def test_the_page_shows_an_answer_continued_on_another_host(cluster, pages):

@@ -2,8 +2,9 @@
 
 The sidebar's list on a school laptop and a phone, search results that tell two look-alike
 conversations apart, one answer (not two) after the page's node restarted mid-answer, Markdown
-tables, plurals, and an invitation that says which code does what. Uses the guards of
-test_browser.py (loopback only, no console error, no dialog) and leaves screenshots in artifacts/.
+tables, plurals, and an invitation that says which code does what. Uses the guarded
+pages of tests/support/browser_pages.py (loopback only, no console error, no dialog) and leaves
+screenshots in artifacts/.
 """
 
 import re
@@ -13,10 +14,8 @@ import pytest
 
 from conftest import Cluster, fully_linked, wait_for
 
-try:
-    from browser.test_browser import MODEL, ask, browser, expect, fake, finished_answers, json_reply, pages  # noqa: F401
-except ImportError as missing:  # pragma: no cover - playwright or chromium missing: test_browser says which
-    pytest.skip(str(missing), allow_module_level=True)
+from support.browser_pages import MODEL, ask, expect, finished_answers, json_reply
+from support.cli import closed_port
 
 STUDENT = "Ana's laptop"
 LAPTOP = {"width": 1366, "height": 768}
@@ -209,10 +208,7 @@ def test_an_answer_with_a_table_shows_a_table_and_counts_read_as_words(pages, le
 # ---- item 4: one answer, not two, after the node restarted mid-answer ----------------------------
 
 def test_after_the_node_restarts_mid_answer_one_stored_answer_shows_and_no_stale_retry(cluster, pages, fake):
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = closed_port()
     node = cluster.start("restarting", extra=["--http-port", str(port), "--name", "Teacher-PC",
                                              "--ollama-url", fake.url, "--model", MODEL])
     page = pages.open(node, viewport=LAPTOP)

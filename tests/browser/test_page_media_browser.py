@@ -1,7 +1,8 @@
-"""Pictures and thinking on the page, in a real browser (Debian's Chromium, as tests/browser/test_browser.py): a picture
-attached on a phone-size page for a vision model and answered; a reasoning model's thinking in
-a collapsed "Thinking…" section, streamed live apart from the answer and kept with it; the model
-picker tells each model's capabilities. The only LLM is the fake Ollama, on another node."""
+"""Pictures and thinking on the page, in a real browser (Debian's Chromium, guarded as in
+tests/support/browser_pages.py): a picture attached on a phone-size page for a vision model and
+answered; a reasoning model's thinking in a collapsed "Thinking…" section, streamed live apart
+from the answer and kept with it; the model picker tells each model's capabilities. The only
+LLM is the fake Ollama, on another node."""
 
 import base64
 import re
@@ -13,7 +14,7 @@ import pytest
 
 from conftest import Cluster, fully_linked, wait_for
 from support.fake_ollama import FakeOllama, thinking_for
-from browser.test_browser import LLM_NAME, PHONE, Pages, ask, browser, expect, finished_answers  # noqa: F401 (fixture)
+from support.browser_pages import LLM_NAME, PHONE, ask, expect, finished_answers
 
 MODEL, SEER, THINKER = "llama3.2:1b", "llava:7b", "qwen3:0.6b"
 
@@ -41,15 +42,6 @@ def media_mesh(tmp_path_factory):
             yield SimpleNamespace(llm=llm, plain=plain, fake=fake)
         finally:
             cluster.close()
-
-
-@pytest.fixture
-def pages(browser, request):  # noqa: F811
-    guard = Pages(browser, request.node.name)
-    try:
-        yield guard
-    finally:
-        guard.close()
 
 
 def test_a_picture_attached_on_a_phone_is_downscaled_sent_and_answered(pages, media_mesh, tmp_path):

@@ -9,11 +9,9 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import Cluster, fully_linked, wait_for
-from browser.test_browser import ARTIFACTS, MODEL, browser, pages  # noqa: F401 (fixtures)
-from e2e.test_llm_sharing import hosts_of
+from support.browser_pages import ARTIFACTS, MODEL, expect
+from support.llm_mesh import hosts_of
 
-playwright = pytest.importorskip("playwright.sync_api")
-expect = playwright.expect
 WIDE, NARROW = {"width": 1366, "height": 768}, {"width": 390, "height": 844}
 JSON = {"Accept": "application/json"}
 

@@ -325,7 +325,7 @@ def test_install_ps1_names_the_microsoft_store_stub():
 
 
 def test_inside_the_bundle_messages_name_the_bundle_not_neuromesh_py(bundle, tmp_path):
-    """Issue 23: a user who runs the .pyz (or its folder) is told commands with its own name."""
+    """A user who runs the .pyz (or its folder) is told commands with its own name."""
     pyz, folder = bundle
     for target in (pyz, folder):
         name = os.path.basename(target)

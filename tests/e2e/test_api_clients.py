@@ -16,22 +16,13 @@ import requests
 
 from conftest import API_MODEL
 from support.fake_ollama import VERSION, embedding_for
+from support.sdk_clients import ollama_client, openai_client
 
 QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather of a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 JS_OLLAMA_VERSION = "0.6.3"  # the npm package `ollama`, pinned
-
-
-def ollama_client(mesh):
-    ollama = pytest.importorskip("ollama")
-    return ollama, ollama.Client(host=mesh.plain.url, timeout=30)
-
-
-def openai_client(mesh):
-    openai = pytest.importorskip("openai")
-    return openai, openai.OpenAI(base_url=mesh.plain.url + "/v1", api_key="not-needed", max_retries=0, timeout=30)
 
 
 # -- the Python `ollama` client ------------------------------------------------------------

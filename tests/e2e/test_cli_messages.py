@@ -5,24 +5,15 @@ is named with the close one, and a machine before install is told to run ./insta
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
 from conftest import ROOT, SCRIPT
+from support.cli import closed_port
 
 
 def run(*args, script=SCRIPT, python=(sys.executable,), cwd=ROOT):
     return subprocess.run(list(python) + [script] + list(args), capture_output=True, text=True, timeout=60, cwd=cwd)
-
-
-def closed_port():
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    try:
-        return sock.getsockname()[1]
-    finally:
-        sock.close()
 
 
 def test_every_command_shown_says_python3():

@@ -1,153 +1,26 @@
-"""`doctor` says why peers do not appear, `status` prints a running node's tables, and
-`firewall` builds each OS's commands (built here for every OS, never run: this machine's firewall
-is never touched)."""
+"""The doctor room end-to-end: `doctor`, `status` and `firewall` run as commands beside real nodes.
+
+What it covers: `doctor` names a busy port, a missing LLM, blocked broadcasts, a peer whose TCP
+port is blocked and a running node's own ports, on loopback and between network namespaces (its
+drops made by nftables inside the test's own namespace, never this machine's firewall); `status`
+prints a running node's peers and LLM hosts; each command has its own help; install.sh
+--uninstall changes nothing without consent; `doctor | head` stops quietly. The checks' verdicts
+from controlled inputs are tests/rooms/test_doctor.py."""
 
 import os
 import socket
 import subprocess
 import sys
-import types
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import neuromesh
-from conftest import LOOPBACK_BROADCAST, ROOT, SCRIPT, NodeProcess, fully_linked, wait_for
+from conftest import ROOT, SCRIPT, NodeProcess, fully_linked, wait_for
+from support.cli import closed_port, loopback_doctor_flags, run_cli
 from support.fake_ollama import FakeOllama
-from e2e.test_mesh_nodes import Namespaces, _can_make_namespaces
+from support.namespaces import Namespaces, needs_namespaces
 
 MODEL = "llama3.2:1b"
-
-
-def config_of(*flags, data_dir):
-    return neuromesh.load_config(neuromesh.build_arg_parser().parse_args(["--data-dir", str(data_dir)] + list(flags)),
-                                 environ={})
-
-
-def closed_port():
-    """A loopback TCP port nothing listens on (bound, then closed)."""
-    sock = socket.socket()
-    try:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-    finally:
-        sock.close()
-
-
-def run_cli(*args, prefix=(), timeout=60):
-    return subprocess.run(list(prefix) + [sys.executable, SCRIPT] + list(args), capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
-
-
-def loopback_doctor_flags(cluster, *extra):
-    return ["--host", "127.0.0.1", "--broadcast", LOOPBACK_BROADCAST, "--udp-port", str(cluster.udp_port),
-            "--http-port", "0", "--tcp-port", "0", "--announce-interval", "0.5"] + list(extra)
-
-
-# ---- firewall: the commands of each OS, built without running them ----------------------------
-
-PORTS = [("udp", 5000, "--udp-port"), ("tcp", 7878, "--tcp-port"), ("tcp", 9090, "--http-port")]
-
-
-def test_windows_rules_open_each_port_for_the_local_subnet_in_the_neuromesh_group():
-    steps = neuromesh.firewall_steps("windows", PORTS)
-    commands = [argv[-1] for argv in steps.run]
-    assert all(argv[:3] == ["powershell", "-NoProfile", "-Command"] for argv in steps.run)
-    assert commands == ["New-NetFirewallRule -DisplayName 'NeuroMesh %s %d' -Group 'NeuroMesh' -Direction Inbound "
-                        "-Action Allow -Protocol %s -LocalPort %d -RemoteAddress LocalSubnet -Profile Domain,Private"
-                        % (proto.upper(), port, proto.upper(), port) for proto, port, _ in PORTS]
-    assert any("Public" in note and "Private" in note for note in steps.notes)
-    removal = neuromesh.firewall_steps("windows", PORTS, remove=True)
-    assert [argv[-1] for argv in removal.run] == [
-        "Remove-NetFirewallRule -Group 'NeuroMesh' -ErrorAction SilentlyContinue"]
-
-
-def test_macos_allows_this_python_in_the_application_firewall():
-    steps = neuromesh.firewall_steps("macos", PORTS, python="/opt/py/bin/python3")
-    fw = neuromesh.MACOS_SOCKETFILTERFW
-    assert steps.run == [["sudo", fw, "--add", "/opt/py/bin/python3"], ["sudo", fw, "--unblockapp", "/opt/py/bin/python3"]]
-    assert "TCP 9090" in steps.notes[0] and "not a port" in steps.notes[0]
-    assert neuromesh.firewall_steps("macos", PORTS, python="/p", remove=True).run == [["sudo", fw, "--remove", "/p"]]
-
-
-def only(*tools):
-    return lambda name: "/usr/sbin/" + name if name in tools else None
-
-
-def test_linux_uses_ufw_then_firewalld_per_local_subnet_else_prints_nftables():
-    subnets = ["10.77.1.0/24", "192.168.5.0/24"]
-    ufw = neuromesh.firewall_steps("linux", PORTS, subnets, which=only("ufw", "firewall-cmd"))
-    assert ufw.run[0] == ["ufw", "allow", "from", "10.77.1.0/24", "to", "any", "port", "5000", "proto", "udp"]
-    assert ufw.run[-1] == ["ufw", "allow", "from", "192.168.5.0/24", "to", "any", "port", "9090", "proto", "tcp"]
-    assert len(ufw.run) == 6 and not ufw.show
-    assert neuromesh.firewall_steps("linux", PORTS, subnets, which=only("ufw"), remove=True).run[0][:3] == [
-        "ufw", "delete", "allow"]
-    firewalld = neuromesh.firewall_steps("linux", PORTS, subnets, which=only("firewall-cmd"))
-    assert firewalld.run[0] == ["firewall-cmd", "--permanent", "--add-rich-rule=rule family=ipv4 source "
-                                "address=10.77.1.0/24 port port=5000 protocol=udp accept"]
-    assert firewalld.run[-1] == ["firewall-cmd", "--reload"]
-    removed = neuromesh.firewall_steps("linux", PORTS, subnets, which=only("firewall-cmd"), remove=True)
-    assert removed.run[0][2].startswith("--remove-rich-rule=")
-    bare = neuromesh.firewall_steps("linux", PORTS, subnets, which=only())
-    assert bare.run == [] and ('nft insert rule inet filter input ip saddr 10.77.1.0/24 udp dport 5000 accept '
-                               'comment "NeuroMesh"') in bare.show
-    bare_removal = neuromesh.firewall_steps("linux", PORTS, subnets, which=only(), remove=True)
-    assert bare_removal.run == [] and bare_removal.show[0] == "nft -a list chain inet filter input | grep NeuroMesh"
-    assert len(bare.show) == 6 and "nftables" in bare.notes[0]
-    nowhere = neuromesh.firewall_steps("linux", PORTS, [], which=only("ufw"))
-    assert nowhere.run == [] and "No private IPv4 subnet" in nowhere.notes[0]
-
-
-def test_firewall_command_uses_the_configured_ports_and_runs_only_with_consent(tmp_path, capsys):
-    config = config_of("--http-port", "9090", "--udp-port", "5001", data_dir=tmp_path)
-    ran = []
-
-    def fake_run(argv):
-        ran.append(argv)
-        return 0, ""
-
-    assert neuromesh.run_firewall(config, system="windows", dry_run=True, run=fake_run) == 0
-    printed = capsys.readouterr().out
-    assert "UDP 5001, TCP 7878, TCP 9090" in printed and "-LocalPort 9090" in printed and ran == []
-    # no terminal to ask and no --yes: nothing runs
-    sys_stdin = sys.stdin
-    sys.stdin = types.SimpleNamespace(isatty=lambda: False)
-    try:
-        assert neuromesh.run_firewall(config, system="windows", run=fake_run) == 1
-    finally:
-        sys.stdin = sys_stdin
-    assert ran == [] and "--yes" in capsys.readouterr().err
-    assert neuromesh.run_firewall(config, system="windows", assume_yes=True, run=fake_run) == 0
-    assert [argv[-1].split(" -LocalPort ")[1].split()[0] for argv in ran] == ["5001", "7878", "9090"]
-    ran.clear()
-    assert neuromesh.run_firewall(config, system="windows", remove=True, assume_yes=True,
-                                  run=lambda argv: (1, "Access is denied.")) == 1
-    assert "Administrator" in capsys.readouterr().err
-
-
-def test_each_os_is_told_apart_and_its_firewall_state_read_with_a_faked_system(monkeypatch):
-    for platform, name in (("win32", "windows"), ("darwin", "macos"), ("linux", "linux")):
-        monkeypatch.setattr(sys, "platform", platform)
-        assert neuromesh.current_os() == name
-    asked = []
-
-    def fake(reply, code=0):
-        def run(argv):
-            asked.append(argv)
-            return code, reply
-        return run
-
-    windows = neuromesh.firewall_state("windows", run=fake("3\nPublic\n"))
-    assert windows.startswith("3 NeuroMesh rules") and "Public" in windows and "Get-NetFirewallRule" in asked[-1][-1]
-    assert neuromesh.firewall_state("macos", run=fake("Firewall is enabled. (State = 1)\n")) == \
-        "Firewall is enabled. (State = 1)"
-    assert asked[-1] == [neuromesh.MACOS_SOCKETFILTERFW, "--getglobalstate"]
-    assert "sudo ufw status" in neuromesh.firewall_state("linux", which=only("ufw"), run=fake("ERROR: need root", 1))
-    assert "Status: active" in neuromesh.firewall_state("linux", which=only("ufw"), run=fake(
-        "Status: active\n\nTo Action From\n5000/udp ALLOW 10.0.0.0/24\n"))
-    assert neuromesh.firewall_state("linux", which=only("firewall-cmd"), run=fake("running\n")) == "firewalld: running"
-    assert "nothing on this machine filters" in neuromesh.firewall_state("linux", which=only(), run=fake(""))
 
 
 # ---- doctor on loopback -------------------------------------------------------------------------
@@ -251,21 +124,7 @@ def test_status_says_how_to_find_a_node_when_none_runs(tmp_path):
     assert "no NeuroMesh answers at http://127.0.0.1:" in result.stderr and "--http-port PORT" in result.stderr
 
 
-def test_status_escapes_what_peers_say_about_themselves():
-    lines = neuromesh.status_report(
-        {"name": "me", "node_id": "ab" * 16, "version": "0.1.0", "uptime_s": 3725, "room": {"closed": False}},
-        [{"name": "evil\x1b[2J", "node_id": "cd" * 16, "address": "10.0.0.2", "tcp_port": 7878, "connected": True,
-          "has_llm": True, "models": ["m\nfake line"], "rtt_ms": 1.5}],
-        {"models": [{"name": "m", "hosts": [{"name": "evil\x1b[2J", "local": False}]}], "llm_hosts": 1})
-    text = "\n".join(lines)
-    assert "\x1b" not in text and "evil\\x1b[2J" in text and "m\\nfake line" in text
-    assert lines[0] == "me (node abababab), NeuroMesh 0.1.0, up 1h02m, room open"
-
-
 # ---- doctor in network namespaces ---------------------------------------------------------------
-
-needs_namespaces = pytest.mark.skipif(_can_make_namespaces() is not None, reason=str(_can_make_namespaces()))
-
 
 def drop_in(namespace, *match):
     """An nftables rule that drops the input ``match`` (words of nft's syntax) in the test's own
@@ -350,24 +209,6 @@ def test_doctor_says_which_peer_blocks_its_tcp_port(two_hosts, tmp_path):
     assert "fix: on %s (%s.1), open the firewall: python3 neuromesh.py firewall" % (heard, two_hosts.subnet) in out
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
-                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
-                                                                                      max_size=4), max_leaves=20)
-reply_fields = st.dictionaries(st.sampled_from(["name", "node_id", "version", "uptime_s", "room", "llm", "models",
-                                                "hosts", "llm_hosts", "connected", "has_llm", "rtt_ms", "tcp_port",
-                                                "address", "available", "key_hash", "closed", "local"]),
-                               json_values, max_size=8)
-
-
-@settings(max_examples=100, deadline=None)
-@given(health=reply_fields | json_values, peers=st.lists(reply_fields | json_values, max_size=4) | json_values,
-       models=st.fixed_dictionaries({"models": st.lists(reply_fields, max_size=3)}) | json_values)
-def test_status_prints_any_reply_shape_as_escaped_text(health, peers, models):
-    lines = neuromesh.status_report(health, peers, models)
-    assert lines[0] and all(isinstance(line, str) and "\x1b" not in line and "\n" not in line for line in lines)
-    assert any(line.startswith("Peers: ") for line in lines) and any(line.startswith("LLM hosts") for line in lines)
-
-
 def test_the_new_commands_have_their_own_help():
     for command, words in (("doctor", "two\nannounce intervals"), ("status", "health, peers and LLM hosts"),
                            ("firewall", "New-NetFirewallRule in the group NeuroMesh")):
@@ -385,55 +226,6 @@ def test_install_sh_uninstall_shows_the_removal_and_changes_nothing_without_cons
     assert "To remove NeuroMesh's firewall rules on linux:" in result.stdout, result.stdout + result.stderr
     assert "Done." not in result.stdout
     assert result.returncode == 0 or "Nothing changed" in result.stderr or "No private IPv4 subnet" in result.stdout
-
-
-def test_the_page_is_served_from_inside_the_archive(tmp_path):
-    import zipfile
-    archive = str(tmp_path / "neuromesh-test.pyz")
-    with zipfile.ZipFile(archive, "w") as bundle:
-        bundle.writestr("neuromesh_static/index.html", "<!doctype html><title>NeuroMesh</title>")
-        bundle.writestr("neuromesh_static/app.js", "console.log(1);")
-        bundle.writestr("neuromesh.py", "secret = 1")
-    files = neuromesh.ArchivedFiles(archive)
-    page = files.response("index.html")
-    assert page.status_code == 200 and page.body == b"<!doctype html><title>NeuroMesh</title>"
-    assert page.headers["Content-Type"] == "text/html; charset=UTF-8"
-    assert "javascript" in files.response("app.js").headers["Content-Type"]
-    for name in ("../neuromesh.py", "neuromesh.py", "", "nope.css", "..\\neuromesh.py"):
-        assert files.response(name).status_code == 404, name
-
-
-@settings(max_examples=200, deadline=None)
-@given(name=st.text(max_size=40))
-def test_any_path_asked_of_the_archive_is_its_file_or_a_404(name):
-    files = neuromesh.ArchivedFiles("unused.pyz")
-    files._files = {"index.html": b"page", "sub/app.js": b"js"}
-    reply = files.response(name)
-    assert reply.status_code in (200, 404)
-    if reply.status_code == 200:
-        assert reply.body in (b"page", b"js") and name.replace("\\", "/").lstrip("/") in files._files
-
-
-def test_a_flood_of_made_up_announcements_keeps_the_doctor_bounded(tmp_path):
-    doctor = neuromesh.Doctor(config_of("--ollama-url", "none", data_dir=tmp_path), system="linux", out=list().append)
-    readable, other = socket.socketpair()
-    counter = iter(range(10 ** 9))
-
-    class Flood:
-        sock = readable
-        counters = {"unauthenticated_datagrams": 3}
-
-        @staticmethod
-        def receive():
-            return [("10.0.0.9", {"node_id": "n%d" % next(counter), "tcp_port": 7878}) for _ in range(64)]
-
-    try:
-        other.send(b"x")  # the socket stays readable: the flood never stops
-        doctor.listen(Flood, 0.3)
-    finally:
-        readable.close()
-        other.close()
-    assert len(doctor.heard) == doctor.max_heard and doctor.other_room == 3
 
 
 def test_doctor_piped_into_head_stops_quietly(cluster, tmp_path):

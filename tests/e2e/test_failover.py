@@ -9,9 +9,9 @@ import time
 import pytest
 import requests
 
-from e2e.test_llm_sharing import MODEL, fakes, read_sse, two_llm_mesh  # noqa: F401 (fakes is a fixture)
+from conftest import API_MODEL as MODEL
+from support.llm_mesh import LONG_QUESTION as QUESTION, read_sse, two_llm_mesh
 
-QUESTION = " ".join("w%d" % index for index in range(41))  # the fake's answer to it: 50 tokens
 SSE = {"Accept": "text/event-stream"}
 PEER_TIMEOUT = 2.0  # conftest.FAST: the nodes' --peer-timeout
 

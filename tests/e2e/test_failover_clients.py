@@ -10,10 +10,9 @@ import threading
 import requests
 
 import neuromesh
-from conftest import StubNode, scripted_router, wait_for, wsgi_call
-from rooms.test_llm_fair_queue import HeldBackend, started_order, waiting_and_running
-from e2e.test_failover import QUESTION
-from e2e.test_llm_sharing import MODEL, fakes, two_llm_mesh  # noqa: F401 (fakes is a fixture)
+from conftest import API_MODEL as MODEL, StubNode, scripted_router, wait_for, wsgi_call
+from support.held_backend import HeldBackend
+from support.llm_mesh import LONG_QUESTION as QUESTION, two_llm_mesh
 
 TOOL = {"type": "function", "name": "get_weather", "description": "The weather of a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
@@ -104,16 +103,16 @@ def test_one_clients_many_chats_do_not_keep_anothers_waiting(tmp_path):
         threads.append(threading.Thread(target=ask, args=("H%d" % index, "/v1/messages", message("H%d" % index),
                                                           "192.168.1.50")))
         threads[-1].start()
-        wait_for(lambda: waiting_and_running(host) == index + 1, timeout=10, message="heavy chat %d queued" % index)
+        wait_for(lambda: host.waiting_and_running() == index + 1, timeout=10, message="heavy chat %d queued" % index)
     threads.append(threading.Thread(target=ask, args=("L", "/v1/responses", {"model": "m1", "input": "L"},
                                                       "192.168.1.60")))
     threads[-1].start()
-    wait_for(lambda: waiting_and_running(host) == 6, timeout=10, message="the light chat queued")
+    wait_for(lambda: host.waiting_and_running() == 6, timeout=10, message="the light chat queued")
     host.open()
     for thread in threads:
         thread.join(30)
     try:
-        order = started_order(host)
+        order = host.started_order()
         assert order.index("L") == 1, order  # right after the heavy client's running chat
         assert replies["L"].status == 200 and replies["L"].json()["output"][0]["content"][0]["text"] == "fair answer"
         assert all(replies["H%d" % i].json()["content"][0]["text"] == "fair answer" for i in range(5))

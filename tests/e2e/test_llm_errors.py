@@ -10,7 +10,7 @@ import requests
 
 from conftest import fully_linked, wait_for
 from support.fake_ollama import FakeOllama
-from e2e.test_llm_sharing import read_sse
+from support.llm_mesh import read_sse
 
 MODEL = "llama3.2:1b"
 SLOW_PROBES = {"announce_interval": "60"}  # the LLM is probed at start, then not again in this test

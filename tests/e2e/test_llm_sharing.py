@@ -1,4 +1,11 @@
-"""LLM sharing: every node answers chats with the best LLM on the mesh."""
+"""The llm room end-to-end: every node answers chats with an LLM of the mesh, real nodes on loopback.
+
+What it covers: the official Ollama and OpenAI clients on a node without an LLM get the peer's
+answer, streamed; a conversation's chat streams, is stored and syncs; a client that disconnects
+cancels the upstream request; nothing on the mesh is a clear error; two hosts share concurrent
+chats, a host that refuses before the first token is failed over, a cut answer ends with a clear
+error, busy hosts queue; --no-share-llm keeps the LLM home; a real small LLM answers through
+the mesh when it is set up."""
 
 import json
 import threading
@@ -8,35 +15,12 @@ import pytest
 import requests
 
 import neuromesh
-from conftest import fully_linked, serving_mesh, wait_for
-from support.fake_ollama import FakeOllama
-
-MODEL = "llama3.2:1b"
-
-
-@pytest.fixture
-def fakes():
-    started = []
-
-    def make(models=(MODEL,), token_delay=0.0):
-        fake = FakeOllama(models=models, token_delay=token_delay).start()
-        started.append(fake)
-        return fake
-
-    yield make
-    for fake in started:
-        fake.stop()
+from conftest import API_MODEL as MODEL, fully_linked, serving_mesh, wait_for
+from support.llm_mesh import hosts_of, read_sse, two_llm_mesh
 
 
 def models_on(node):
     return {entry["name"] for entry in node.json("/api/models")["models"]}
-
-
-def hosts_of(node, model=MODEL):
-    for entry in node.json("/api/models")["models"]:
-        if entry["name"] == model:
-            return {host["node_id"] for host in entry["hosts"]}
-    return set()
 
 
 def one_llm_mesh(cluster, fakes, token_delay=0.05):
@@ -124,16 +108,6 @@ def test_the_seeds_chat_answers_in_the_seeds_shape(cluster, fakes):
              message="the exchange synced to B")
 
 
-def read_sse(response):
-    """(event, data) pairs of a Server-Sent Events response, as they arrive."""
-    event = None
-    for line in response.iter_lines(chunk_size=1, decode_unicode=True):
-        if line.startswith("event: "):
-            event = line[7:]
-        elif line.startswith("data: "):
-            yield event, json.loads(line[6:])
-
-
 def test_a_conversation_chat_streams_stores_and_syncs_the_answer(cluster, fakes):
     fake, host, a, b = one_llm_mesh(cluster, fakes)
     conversation = a.post("/api/conversations", json={"title": "Science"}).json()["id"]
@@ -196,18 +170,6 @@ def test_nothing_on_the_mesh_is_a_clear_error(cluster):
     empty = node.post("/api/conversations", json={}).json()["id"]
     nothing = node.post("/api/conversations/%s/regenerate" % empty, json={}, headers={"Accept": "text/event-stream"})
     assert nothing.status_code == 400 and "nothing to regenerate" in nothing.json()["error"]
-
-
-def two_llm_mesh(cluster, fakes, token_delay=0.05, parallel=1):
-    first = fakes(token_delay=token_delay)
-    second = fakes(token_delay=token_delay)
-    settings = {"llm_parallel": str(parallel)}
-    h1 = cluster.start("h1", settings=settings, extra=["--ollama-url", first.url])
-    h2 = cluster.start("h2", settings=settings, extra=["--ollama-url", second.url])
-    client = cluster.start("client")
-    wait_for(lambda: fully_linked([h1, h2, client]), message="mesh")
-    wait_for(lambda: hosts_of(client) == {h1.node_id, h2.node_id}, message="both hosts granted")
-    return first, second, h1, h2, client
 
 
 def ask_concurrently(node, count, path="/api/chat"):

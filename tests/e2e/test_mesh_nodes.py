@@ -1,17 +1,19 @@
-"""Mesh core: discovery, links, peer exchange, failure detection, multi-host namespaces."""
+"""The mesh room end-to-end: real nodes find and link to each other, and see each other go.
+
+What it covers: discovery on loopback and between network namespaces; a graceful stop, Ctrl-C,
+SIGKILL and a silent peer are seen within their deadlines and a restart relinks; --peer chains
+join the whole mesh by peer exchange and reach a peer that starts later; a port in use or a
+second node on the same data dir is a clear error; a keyed mesh leaves a node without the key
+alone; start-up prints the URL and --version names Python and the packages."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
-import uuid
-
-import pytest
-import requests
 
 from conftest import ROOT, SCRIPT, NodeProcess, fully_linked, wait_for
+from support.namespaces import Namespaces, needs_namespaces
 
 
 def _links_equal_peers(node):
@@ -136,65 +138,7 @@ def test_start_prints_the_url_and_the_page_lists_peers(cluster):
 # -- real multi-host: network namespaces on a bridge ------------------------------------
 
 
-def _can_make_namespaces():
-    if not sys.platform.startswith("linux"):
-        return "network namespaces are Linux-only"
-    if os.geteuid() != 0:
-        return "needs root for `ip netns`"
-    if shutil.which("ip") is None:
-        return "needs the `ip` command (iproute2)"
-    return None
-
-
-class Namespaces:
-    """Three test hosts on a bridge that lives in a namespace of its own (the host is untouched)."""
-
-    def __init__(self, count=3):
-        tag = uuid.uuid4().hex[:6]
-        self.hub = "nmhub" + tag
-        self.hosts = ["nm%s%d" % (tag, i) for i in range(1, count + 1)]
-        self.subnet = "10.77.%d" % (int(tag[:2], 16) % 250 + 1)
-
-    def ip(self, *args):
-        subprocess.run(["ip"] + list(args), check=True, capture_output=True, timeout=20)
-
-    def create(self):
-        self.ip("netns", "add", self.hub)
-        self.ip("-n", self.hub, "link", "add", "br0", "type", "bridge")
-        self.ip("-n", self.hub, "link", "set", "br0", "up")
-        for index, host in enumerate(self.hosts, start=1):
-            self.ip("netns", "add", host)
-            self.ip("-n", self.hub, "link", "add", "veth%d" % index, "type", "veth", "peer", "name", "eth0",
-                    "netns", host)
-            self.ip("-n", self.hub, "link", "set", "veth%d" % index, "master", "br0")
-            self.ip("-n", self.hub, "link", "set", "veth%d" % index, "up")
-            self.ip("-n", host, "link", "set", "lo", "up")
-            self.ip("-n", host, "addr", "add", "%s.%d/24" % (self.subnet, index), "brd", "+", "dev", "eth0")
-            self.ip("-n", host, "link", "set", "eth0", "up")
-
-    def delete(self):
-        for name in self.hosts + [self.hub]:
-            subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=20)
-
-    def fetch_status(self, host, url):
-        code = ("import urllib.request, urllib.error\ntry:\n urllib.request.urlopen(%r, timeout=5)\n print(200)\n"
-                "except urllib.error.HTTPError as e:\n print(e.code); print(e.read().decode())") % url
-        result = subprocess.run(["ip", "netns", "exec", host, sys.executable, "-c", code],
-                                capture_output=True, text=True, timeout=20)
-        status, _, body = result.stdout.partition("\n")
-        return int(status), body
-
-    def fetch_json(self, host, url):
-        code = "import json,urllib.request;print(urllib.request.urlopen(%r, timeout=5).read().decode())" % url
-        result = subprocess.run(["ip", "netns", "exec", host, sys.executable, "-c", code],
-                                capture_output=True, text=True, timeout=20)
-        if result.returncode != 0:
-            raise ValueError(result.stderr)
-        import json
-        return json.loads(result.stdout)
-
-
-@pytest.mark.skipif(_can_make_namespaces() is not None, reason=str(_can_make_namespaces()))
+@needs_namespaces
 def test_three_hosts_in_namespaces_find_each_other_with_default_discovery(tmp_path):
     spaces = Namespaces()
     nodes = []
@@ -223,7 +167,7 @@ def test_three_hosts_in_namespaces_find_each_other_with_default_discovery(tmp_pa
         assert sorted(peer["address"] for peer in peers) == ["%s.2" % spaces.subnet, "%s.3" % spaces.subnet]
         assert all(peer["tcp_port"] == 7878 for peer in peers)
         # with --guests the page serves the room (after the room code); the Ollama/OpenAI API only this
-        # computer (no --lan-api); without --guests another machine gets a 403 naming the flag (issue 9)
+        # computer (no --lan-api); without --guests another machine gets a 403 naming the flag
         remote = "http://%s.1:8080" % spaces.subnet
         assert spaces.fetch_json(spaces.hosts[1], remote + "/api/health")["node_id"] == nodes[0].node_id
         closed = spaces.fetch_status(spaces.hosts[0], "http://%s.2:8080/api/health" % spaces.subnet)
@@ -260,7 +204,7 @@ def test_a_second_node_on_the_same_data_dir_is_refused(cluster):
     assert first.health()["status"] == "ok"
 
 
-@pytest.mark.skipif(_can_make_namespaces() is not None, reason=str(_can_make_namespaces()))
+@needs_namespaces
 def test_a_keyed_mesh_in_namespaces_leaves_a_node_without_the_key_alone(tmp_path):
     spaces = Namespaces()
     nodes = []

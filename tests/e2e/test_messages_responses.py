@@ -2,40 +2,18 @@
 (``/v1/responses``) through a node WITHOUT an LLM, relayed to a host whose Ollama is the fake
 (tests/support/fake_ollama.py), spoken to by the official ``anthropic`` and ``openai`` Python SDKs."""
 
-import base64
 import json
 
 import pytest
 import requests
 
-from conftest import API_MODEL, serving_mesh
+from conftest import API_MODEL, PIXEL, SEER, THINKER
 from support.fake_ollama import image_note, thinking_for
+from support.sdk_clients import anthropic_client, openai_client
 
-THINKER = "qwen3:0.6b"  # the fake thinks aloud for it (capabilities: thinking)
-SEER = "llava:7b"  # the fake sees images for it (capabilities: vision)
-MODELS = (API_MODEL, THINKER, SEER)
 QUESTION = "What is the weather in Paris?"
-PIXEL = base64.b64encode(bytes.fromhex(
-    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
-    "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082")).decode("ascii")
 WEATHER = {"name": "get_weather", "description": "The weather of a city",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
-
-
-@pytest.fixture
-def served(cluster):
-    with serving_mesh(cluster, MODELS, token_delay=0.01) as mesh:
-        yield mesh
-
-
-def anthropic_client(served):
-    anthropic = pytest.importorskip("anthropic")
-    return anthropic, anthropic.Anthropic(base_url=served.plain.url, api_key="not-needed", max_retries=0, timeout=30)
-
-
-def openai_client(served):
-    openai = pytest.importorskip("openai")
-    return openai, openai.OpenAI(base_url=served.plain.url + "/v1", api_key="not-needed", max_retries=0, timeout=30)
 
 
 # -- Anthropic's Messages API ----------------------------------------------------------------

@@ -2,7 +2,6 @@
 the room; a pull copies a model in chunks from every peer that holds it into this computer's
 Ollama, through Ollama's API (the fake checks each blob's digest), and resumes after a cut."""
 
-import hashlib
 import json
 import re
 import signal
@@ -15,40 +14,12 @@ import pytest
 import requests
 
 import neuromesh as nm
-from conftest import NodeProcess, fully_linked, wait_for
-from support.fake_ollama import FakeOllama
+from conftest import fully_linked, wait_for
+from support.llm_mesh import hosts_of
+from support.model_store import start_node, write_store
 
 MODEL = "tinyllama:1b"
 SCRIPT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "support")
-
-
-def write_store(root, name, size, seed=b"model", extra=()):
-    """An Ollama model store in Ollama's own layout: the manifest, the gguf blob, a template, a config.
-    Returns the model blob's hex digest."""
-    def blob(data):
-        digest = hashlib.sha256(data).hexdigest()
-        os.makedirs(os.path.join(root, "blobs"), exist_ok=True)
-        with open(os.path.join(root, "blobs", "sha256-" + digest), "wb") as handle:
-            handle.write(data)
-        return digest
-
-    block = hashlib.sha512(seed).digest() * 16384  # 1 MiB, different for each seed
-    model = blob((block * (size // len(block) + 1))[:size])
-    template = blob(b"{{ .Prompt }}")
-    config = blob(json.dumps({"model_format": "gguf", "model_family": "llama"}).encode())
-    base, tag = name.split(":")
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-                "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
-                           "digest": "sha256:" + config, "size": len(json.dumps({"model_format": "gguf",
-                                                                                   "model_family": "llama"}))},
-                "layers": [{"mediaType": nm.MODEL_LAYER, "digest": "sha256:" + model, "size": size},
-                           {"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:" + template,
-                            "size": 13}]}
-    folder = os.path.join(root, "manifests", "registry.ollama.ai", "library", base)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, tag), "w") as handle:
-        json.dump(manifest, handle)
-    return model
 
 
 class ThreadedCall:
@@ -74,16 +45,6 @@ class ThreadedCall:
         return value
 
 
-def start_node(cluster, label, fake, store, extra=(), program=None):
-    """A loopback node of ``cluster`` whose Ollama is ``fake`` and whose Ollama store is ``store``."""
-    os.makedirs(str(store), exist_ok=True)
-    args = cluster.node_args(extra=["--ollama-url", fake.url] + list(extra))
-    node = NodeProcess(cluster.tmp_path / label, args, label, prefix=["env", "OLLAMA_MODELS=%s" % store],
-                       program=program)
-    cluster.nodes.append(node)
-    return node.start()
-
-
 def pull_lines(node, model, timeout=120):
     reply = requests.post(node.url + "/api/pull", json={"model": model}, stream=True, timeout=timeout)
     assert reply.status_code == 200, reply.text
@@ -97,27 +58,9 @@ def metric(node, name):
     raise AssertionError("no %s in /metrics" % name)
 
 
-def hosts_of(node, model):
-    return {host["node_id"] for entry in node.json("/api/models")["models"] if entry["name"] == model
-            for host in entry["hosts"]}
-
-
-@pytest.fixture
-def fakes():
-    started = []
-
-    def make(*models, token_delay=0.0):
-        started.append(FakeOllama(models=models, token_delay=token_delay).start())
-        return started[-1]
-
-    yield make
-    for fake in started:
-        fake.stop()
-
-
 def test_a_64_mb_model_comes_from_a_peer_into_this_computers_ollama(cluster, fakes, tmp_path):
     digest = write_store(tmp_path / "store-a", MODEL, 64 * 1024 * 1024)
-    source_llm, puller_llm = fakes(MODEL), fakes()
+    source_llm, puller_llm = fakes((MODEL,)), fakes(())
     source = start_node(cluster, "source", source_llm, tmp_path / "store-a")
     puller = start_node(cluster, "puller", puller_llm, tmp_path / "store-b")
     wait_for(lambda: fully_linked([source, puller]), message="mesh")
@@ -146,7 +89,7 @@ def test_a_64_mb_model_comes_from_a_peer_into_this_computers_ollama(cluster, fak
 def test_the_ollama_client_pulls_through_a_node_with_ollamas_progress(cluster, fakes, tmp_path):
     ollama = pytest.importorskip("ollama")
     digest = write_store(tmp_path / "store-a", MODEL, 3 * 1024 * 1024 + 5)
-    source_llm, puller_llm = fakes(MODEL), fakes()
+    source_llm, puller_llm = fakes((MODEL,)), fakes(())
     source = start_node(cluster, "source", source_llm, tmp_path / "store-a")
     puller = start_node(cluster, "puller", puller_llm, tmp_path / "store-b")
     wait_for(lambda: fully_linked([source, puller]), message="mesh")
@@ -167,7 +110,7 @@ def test_the_ollama_client_pulls_through_a_node_with_ollamas_progress(cluster, f
 def test_a_pull_cut_when_its_source_dies_resumes_from_the_restarted_source(cluster, fakes, tmp_path):
     size, chunk = 24 * 1024 * 1024, nm.TRANSFER_CHUNK
     write_store(tmp_path / "store-a", MODEL, size)
-    source_llm, puller_llm = fakes(MODEL), fakes()
+    source_llm, puller_llm = fakes((MODEL,)), fakes(())
     source_llm.set_fail("hang")  # a chat the source answers: it serves at its --transfer-rate meanwhile
     source = start_node(cluster, "source", source_llm, tmp_path / "store-a", extra=["--transfer-rate", "4MiB"])
     puller = start_node(cluster, "puller", puller_llm, tmp_path / "store-b")
@@ -200,7 +143,7 @@ def test_a_pull_cut_when_its_source_dies_resumes_from_the_restarted_source(clust
 def test_a_damaged_chunk_is_thrown_away_fetched_elsewhere_and_its_sender_named(cluster, fakes, tmp_path):
     size = 8 * 1024 * 1024
     digest = write_store(tmp_path / "store-a", MODEL, size)
-    liar_llm, honest_llm, puller_llm = fakes(MODEL), fakes(MODEL), fakes()
+    liar_llm, honest_llm, puller_llm = fakes((MODEL,)), fakes((MODEL,)), fakes(())
     liar = start_node(cluster, "liar", liar_llm, tmp_path / "store-a", extra=["--name", "Liar"],
                       program=[sys.executable, os.path.join(SCRIPT_DIR, "corrupt_model_peer.py")])
     honest = start_node(cluster, "honest", honest_llm, tmp_path / "store-a")
@@ -220,7 +163,7 @@ def test_a_damaged_chunk_is_thrown_away_fetched_elsewhere_and_its_sender_named(c
 
 def test_a_node_outside_the_room_gets_nothing(cluster, fakes, tmp_path):
     digest = write_store(tmp_path / "store-a", MODEL, 2 * 1024 * 1024)
-    source_llm, stranger_llm, keeper_llm = fakes(MODEL), fakes(), fakes(MODEL)
+    source_llm, stranger_llm, keeper_llm = fakes((MODEL,)), fakes(()), fakes((MODEL,))
     source = start_node(cluster, "source", source_llm, tmp_path / "store-a", extra=["--mesh-key", "room-one-code"])
     keeper = start_node(cluster, "keeper", keeper_llm, tmp_path / "store-a",
                         extra=["--mesh-key", "room-two-code", "--no-share-llm"])
@@ -243,7 +186,7 @@ def test_a_node_outside_the_room_gets_nothing(cluster, fakes, tmp_path):
 
 def test_the_pull_command_shows_a_progress_bar_and_status_lists_the_transfer(cluster, fakes, tmp_path):
     write_store(tmp_path / "store-a", MODEL, 5 * 1024 * 1024)
-    source_llm, puller_llm = fakes(MODEL), fakes()
+    source_llm, puller_llm = fakes((MODEL,)), fakes(())
     source = start_node(cluster, "source", source_llm, tmp_path / "store-a")
     puller = start_node(cluster, "puller", puller_llm, tmp_path / "store-b")
     wait_for(lambda: fully_linked([source, puller]), message="mesh")
@@ -345,7 +288,7 @@ def test_a_pull_that_does_not_fit_on_the_disk_says_so_before_it_starts(tmp_path)
 def test_a_pull_stopped_by_ctrl_c_goes_on_where_it_stopped(cluster, fakes, tmp_path):
     size, chunk = 16 * 1024 * 1024, nm.TRANSFER_CHUNK
     write_store(tmp_path / "store-a", MODEL, size)
-    source_llm, puller_llm = fakes(MODEL), fakes()
+    source_llm, puller_llm = fakes((MODEL,)), fakes(())
     source_llm.set_fail("hang")  # the source answers a chat: it serves at --transfer-rate meanwhile
     source = start_node(cluster, "source", source_llm, tmp_path / "store-a", extra=["--transfer-rate", "4MiB"])
     puller = start_node(cluster, "puller", puller_llm, tmp_path / "store-b")
@@ -377,7 +320,7 @@ def test_a_pull_stopped_by_ctrl_c_goes_on_where_it_stopped(cluster, fakes, tmp_p
 def test_an_insider_with_a_relay_token_reads_only_shared_blobs_and_only_in_them(cluster, fakes, tmp_path, linked_peer):
     shared = write_store(tmp_path / "store-a", MODEL, 2 * 1024 * 1024 + 7)
     secret = write_store(tmp_path / "store-a", "secret:1b", 1024 * 1024, seed=b"secret")  # Ollama does not list it
-    source = start_node(cluster, "source", fakes(MODEL), tmp_path / "store-a")
+    source = start_node(cluster, "source", fakes((MODEL,)), tmp_path / "store-a")
     insider = linked_peer(source, name="insider")  # the room code and its own key: a member of the room
     insider.send(nm.LLM_REQUEST, {"peer_name": "insider"})
     wait_for(lambda: any(marker == nm.LLM_RESPONSE for marker, _payload in insider.frames()), message="a token")

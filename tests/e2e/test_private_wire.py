@@ -17,7 +17,7 @@ import sys
 import pytest
 
 from conftest import ROOT, NodeProcess, wait_for
-from e2e.test_mesh_nodes import Namespaces, _can_make_namespaces
+from support.namespaces import Namespaces, namespaces_missing
 
 CANARIES = {"question": "quokkaquestion4471", "answer": "deterministic fake reply", "title": "zebratitle9921",
             "renamed": "ocelotrename5531", "name A": "ibisnode-A", "name B": "ibisnode-B", "name C": "ibisnode-C"}
@@ -58,8 +58,8 @@ def packets(path):
     return found
 
 
-@pytest.mark.skipif(_can_make_namespaces() is not None or shutil.which("tcpdump") is None,
-                    reason=str(_can_make_namespaces() or "needs tcpdump"))
+@pytest.mark.skipif(namespaces_missing() is not None or shutil.which("tcpdump") is None,
+                    reason=str(namespaces_missing() or "needs tcpdump"))
 def test_a_sniffer_on_the_bridge_sees_no_question_answer_title_or_name(tmp_path):
     spaces = Namespaces()
     nodes, helpers, capture = [], [], None

@@ -110,7 +110,7 @@ def test_chat_completion_streams_incrementally(llm):
 
 
 def test_embeddings_and_show_through_the_mesh(cluster, tmp_path):
-    """Issue 13: llama.cpp's server started with ``--embedding true`` embeds; a node without an LLM
+    """llama.cpp's server started with ``--embedding true`` embeds; a node without an LLM
     asks it through its peer's relay (``/v1/embeddings`` and ``/api/embed``), and ``/api/show``
     answers what an OpenAI-compatible server lets one know honestly (its name, no details)."""
     from conftest import fully_linked, wait_for
@@ -141,7 +141,7 @@ def test_embeddings_and_show_through_the_mesh(cluster, tmp_path):
 
 
 def test_anthropic_messages_through_the_mesh(cluster, tmp_path):
-    """Issue 25: the official ``anthropic`` SDK asks a node without an LLM on ``/v1/messages``; a
+    """The official ``anthropic`` SDK asks a node without an LLM on ``/v1/messages``; a
     real llama.cpp server behind its peer answers, whole and streamed."""
     from conftest import fully_linked, wait_for
     reason = available()

@@ -15,8 +15,8 @@ import threading
 import types
 
 import neuromesh
-from conftest import scripted_router, wait_for
-from e2e.test_llm_sharing import MODEL, fakes, hosts_of  # noqa: F401 (fakes is a fixture)
+from conftest import API_MODEL as MODEL, scripted_router, wait_for
+from support.llm_mesh import hosts_of
 
 TLS_RECORD = struct.Struct(">BHH")  # content type, version, length
 APPLICATION_DATA = 23

@@ -1,16 +1,21 @@
-"""Conversations across the mesh: HTTP API, push and periodic sync, durability, events, files."""
+"""The sync room end-to-end: conversations across real nodes on loopback.
+
+What it covers: a message posted on one node is listed on the others; a node that was down
+catches up when it returns; three writers at once converge; an acknowledged message survives
+SIGKILL and reaches the peers; private conversations stay home while deletes and renames
+reach everyone; bad requests get clear errors; the event stream tells the page of a new peer
+and a new message; the original program's files are imported and exported by the CLI."""
 
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 import requests
 
-from conftest import ROOT, SCRIPT, fully_linked, wait_for
+from conftest import ROOT, fully_linked, wait_for
+from support.cli import run_cli
 
 ORIGINAL_LAYOUT = os.path.join(os.path.dirname(ROOT), "shared", "data", "original-neuromesh-layout")
 
@@ -69,7 +74,7 @@ def test_a_node_that_was_down_catches_up_when_it_returns(cluster):
 
 
 def test_500_messages_from_three_writers_at_once_converge(cluster):
-    # issue 9: a node writes only into its own conversations (a peer's are read-only, as on the page),
+    # a node writes only into its own conversations (a peer's are read-only, as on the page),
     # so each writer writes into its own conversation and every node must end with all three
     nodes = [cluster.start() for _ in range(3)]
     wait_for(lambda: fully_linked(nodes), message="mesh")
@@ -194,11 +199,6 @@ def test_events_stream_delivers_peer_up_and_new_message(cluster):
 
 
 # -- the original NeuroMesh's files -----------------------------------------------------------
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, SCRIPT] + list(args), capture_output=True, text=True,
-                          timeout=60, cwd=ROOT)
 
 
 @pytest.mark.skipif(not os.path.isdir(ORIGINAL_LAYOUT), reason="shared/data is not beside the checkout")

@@ -10,8 +10,9 @@ import time
 import pytest
 import requests
 
-from conftest import NodeProcess, fully_linked, wait_for
-from e2e.test_llm_sharing import MODEL, fakes, hosts_of  # noqa: F401 (fakes is a fixture)
+from conftest import API_MODEL as MODEL, NodeProcess, fully_linked, wait_for
+from support.llm_mesh import hosts_of
+from support.previous_release import previous_release
 
 JSON = {"Accept": "application/json"}
 
@@ -215,7 +216,6 @@ def test_clear_guests_chats_needs_the_count_the_teacher_confirmed(room):
 
 
 def test_the_previous_release_keeps_and_forwards_the_policy_and_shows_nothing(cluster, tmp_path):
-    from rooms.test_store_mixed_versions import previous_release
     import neuromesh as nm
     tag, _version, protocol, program = previous_release(tmp_path)
     if protocol != nm.PROTOCOL_VERSION:

@@ -1,4 +1,5 @@
-"""The HTTP APIs in-process: each unit, and the whole app, called through WSGI with a stub node.
+"""The HTTP APIs in-process: each unit, and the whole app, called through WSGI with a stub node;
+and the page as a one-file archive serves it from inside itself (never its own code).
 
 No sockets: the router's backends are scripted (conftest.ScriptedBackend) and requests are
 WSGI environ dicts handed straight to the app.
@@ -6,8 +7,11 @@ WSGI environ dicts handed straight to the app.
 
 import json
 import threading
+import zipfile
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import neuromesh
 from conftest import ScriptedBackend, ScriptedPeerBackend, StubNode, scripted_router, wsgi_call
@@ -202,7 +206,7 @@ def test_the_llm_apis_answer_only_loopback_without_lan_api(app, tmp_path):
     assert refused.status == 403 and refused.json()["error"].startswith("this node's LLM API answers only")
     openai = wsgi_call(app, "GET", "/v1/models", remote="192.168.1.20")
     assert openai.status == 403 and openai.json()["error"]["type"] == "permission_error"
-    page = wsgi_call(app, "GET", "/api/health", remote="192.168.1.20")  # issue 9: the page needs --guests
+    page = wsgi_call(app, "GET", "/api/health", remote="192.168.1.20")  # the page needs --guests
     assert page.status == 403 and "--guests" in page.json()["error"]
     lan_node = StubNode(tmp_path / "lan", scripted_router(local=[ScriptedBackend()]), lan_api=True)
     try:
@@ -307,3 +311,31 @@ def test_fit_history_keeps_the_newest_messages_within_the_budget():
                 {"role": "user", "content": "c" * 10}]
     assert neuromesh.ChatService.fit_history(messages, 25) == messages[1:]
     assert neuromesh.ChatService.fit_history(messages, 4) == [{"role": "user", "content": "cccc"}]
+
+
+# ---- the page, served from inside the one-file archive ------------------------------------------
+
+def test_the_page_is_served_from_inside_the_archive(tmp_path):
+    archive = str(tmp_path / "neuromesh-test.pyz")
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.writestr("neuromesh_static/index.html", "<!doctype html><title>NeuroMesh</title>")
+        bundle.writestr("neuromesh_static/app.js", "console.log(1);")
+        bundle.writestr("neuromesh.py", "secret = 1")
+    files = neuromesh.ArchivedFiles(archive)
+    page = files.response("index.html")
+    assert page.status_code == 200 and page.body == b"<!doctype html><title>NeuroMesh</title>"
+    assert page.headers["Content-Type"] == "text/html; charset=UTF-8"
+    assert "javascript" in files.response("app.js").headers["Content-Type"]
+    for name in ("../neuromesh.py", "neuromesh.py", "", "nope.css", "..\\neuromesh.py"):
+        assert files.response(name).status_code == 404, name
+
+
+@settings(max_examples=200, deadline=None)
+@given(name=st.text(max_size=40))
+def test_any_path_asked_of_the_archive_is_its_file_or_a_404(name):
+    files = neuromesh.ArchivedFiles("unused.pyz")
+    files._files = {"index.html": b"page", "sub/app.js": b"js"}
+    reply = files.response(name)
+    assert reply.status_code in (200, 404)
+    if reply.status_code == 200:
+        assert reply.body in (b"page", b"js") and name.replace("\\", "/").lstrip("/") in files._files

@@ -21,7 +21,7 @@ import pytest
 
 import neuromesh
 from conftest import NodeProcess, wait_for
-from e2e.test_mesh_nodes import Namespaces, _can_make_namespaces
+from support.namespaces import Namespaces, needs_namespaces
 
 HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "support")
 PARTIAL = b"GET /health HTTP/1.1\r\nHost: node\r\nX-Slow: "
@@ -269,7 +269,7 @@ def slowloris(tmp_path, count=2000, open_for=6.0, deadline=20.0, reopen=4000, pr
                 (record[2] for record in records if record[2] is not None), default=None)}
 
 
-@pytest.mark.skipif(_can_make_namespaces() is not None, reason=str(_can_make_namespaces()))
+@needs_namespaces
 def test_slowloris_from_a_stranger_does_not_lock_the_owner_out(tmp_path):
     figures = slowloris(tmp_path)
     print("\nslowloris, 2,000 trickling connections and reopens:", figures)

@@ -1,4 +1,11 @@
-"""HTTP hardening and access.
+"""HTTP hardening and access: who may ask what of a node, and what a hostile client cannot do.
+
+What it covers: X-Forwarded-For is ignored, another machine without --guests or --lan-api is
+refused with what to do, a foreign Host (DNS rebinding) and cross-site posts are refused; guests
+sign in with the guest code (never the room code) and see and change only what is theirs; the
+LAN API needs the room code as a bearer; chats past the rate, --max-queued or the per-address
+cap get 429 or 503; bad bodies are 400, never 500; a live node refuses bad lengths, big chunked
+bodies and deep JSON, and closes half-open connections.
 
 Most tests call the WSGI app in-process with a chosen REMOTE_ADDR (another machine is only
 ever an environ value); the live-node tests talk to a node on 127.0.0.1 only.

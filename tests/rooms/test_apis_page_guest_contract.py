@@ -11,7 +11,7 @@ import neuromesh
 from conftest import ScriptedBackend, StubNode, scripted_router, wsgi_call
 
 if "guests" not in {field.name for field in neuromesh.dataclasses.fields(neuromesh.Config)}:
-    pytest.skip("this neuromesh.py has no --guests (issue 9's HTTP access)", allow_module_level=True)
+    pytest.skip("this neuromesh.py has no --guests (the page's HTTP access for guests)", allow_module_level=True)
 
 GUEST = "192.168.1.20"  # only ever an in-process REMOTE_ADDR, never a real connection
 

@@ -3,27 +3,17 @@ and a reasoning model's thinking kept apart from its answer, through a node WITH
 relayed to a host whose Ollama is the fake; both stored with the message and synced."""
 
 import base64
-import json
 import threading
 
 import requests
 
 import neuromesh
-from conftest import (OTHER_MACHINE, ScriptedBackend, guest_headers, open_node,  # noqa: F401 (open_node: a fixture)
-                      scripted_router, wait_for, wsgi_call)
+from conftest import (API_MODEL, OTHER_MACHINE, PIXEL, SEER, THINKER, ScriptedBackend, guest_headers, scripted_router,
+                      wait_for, wsgi_call)
 from support.fake_ollama import image_note, thinking_for
-from e2e.test_messages_responses import API_MODEL, PIXEL, SEER, THINKER, served  # noqa: F401 (a fixture)
+from support.llm_mesh import read_sse
 
 SSE = {"Accept": "text/event-stream"}
-
-
-def sse_events(response):
-    kind = None
-    for line in response.iter_lines():
-        if line.startswith(b"event: "):
-            kind = line[7:].decode()
-        elif line.startswith(b"data: "):
-            yield kind, json.loads(line[6:])
 
 
 def test_the_model_list_tells_each_models_capabilities(served):
@@ -67,7 +57,7 @@ def test_thinking_streams_apart_and_is_stored_with_the_answer(served):
     conversation = plain.post("/api/conversations", json={}).json()["id"]
     with requests.post(plain.url + "/api/conversations/%s/messages" % conversation, headers=SSE, stream=True,
                        json={"content": "Why is the sky blue?", "model": THINKER}, timeout=60) as response:
-        events = list(sse_events(response))
+        events = list(read_sse(response))
     kinds = [kind for kind, _data in events]
     answer = served.answer("Why is the sky blue?", THINKER)
     thoughts = "".join(data["content"] for kind, data in events if kind == "thinking")

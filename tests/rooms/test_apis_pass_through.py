@@ -9,18 +9,16 @@ import pytest
 import requests
 
 from support.fake_ollama import image_note, thinking_for
-from e2e.test_messages_responses import API_MODEL, PIXEL, QUESTION, SEER, THINKER, served  # noqa: F401 (a fixture)
+from support.sdk_clients import ollama_client
+from conftest import API_MODEL, PIXEL, SEER, THINKER
+
+QUESTION = "What is the weather in Paris?"
 
 SCHEMA = {"type": "object", "properties": {"capital": {"type": "string"}, "country": {"type": "string"}},
           "required": ["capital", "country"]}
 FIELDS = {"think": True, "format": SCHEMA, "keep_alive": "10m", "options": {"temperature": 0.3, "seed": 42,
                                                                             "num_ctx": 4096, "stop": ["\n\n"]},
           "logprobs": True, "top_logprobs": 3, "truncate": False}
-
-
-def ollama_client(served):
-    ollama = pytest.importorskip("ollama")
-    return ollama, ollama.Client(host=served.plain.url, timeout=30)
 
 
 def test_ollama_chat_with_images_reaches_the_host_unchanged(served):

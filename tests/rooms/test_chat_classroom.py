@@ -3,13 +3,11 @@ search, paging, export/import round trips, the CLI's help and errors."""
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 import neuromesh
-from conftest import ROOT, SCRIPT
+from support.cli import run_cli
 
 
 def msg(role, content, id_=None, **extra):
@@ -182,50 +180,39 @@ def test_own_conversations_round_trip_and_local_json_holds_them(tmp_path):
 
 
 def test_the_cli_round_trip_into_another_data_dir(tmp_path, original_layout):
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "_vendor"))
-
-    def run(*args):
-        return subprocess.run([sys.executable, SCRIPT] + list(args), capture_output=True, text=True,
-                              timeout=60, cwd=ROOT, env=env)
-    first = run("--data-dir", str(tmp_path / "one"), "import", str(original_layout))
+    first = run_cli("--data-dir", str(tmp_path / "one"), "import", str(original_layout))
     assert first.returncode == 0, first.stderr
-    assert run("--data-dir", str(tmp_path / "one"), "export", str(tmp_path / "out")).returncode == 0
+    assert run_cli("--data-dir", str(tmp_path / "one"), "export", str(tmp_path / "out")).returncode == 0
     for _ in range(2):
-        second = run("--data-dir", str(tmp_path / "two"), "import", str(tmp_path / "out"))
+        second = run_cli("--data-dir", str(tmp_path / "two"), "import", str(tmp_path / "out"))
         assert second.returncode == 0, second.stderr
     assert "0 messages" in second.stdout, second.stdout
-    again = run("--data-dir", str(tmp_path / "one"), "import", str(tmp_path / "out"))
+    again = run_cli("--data-dir", str(tmp_path / "one"), "import", str(tmp_path / "out"))
     assert "0 messages" in again.stdout and "0 conversations" in again.stdout, again.stdout
 
 
 # ---- F. the command line ------------------------------------------------------------------------
 
-def _cli(*args):
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "_vendor"))
-    return subprocess.run([sys.executable, SCRIPT] + list(args), capture_output=True, text=True, timeout=60,
-                          cwd=ROOT, env=env)
-
-
 def test_help_lists_the_commands_and_import_has_its_own_help():
-    main = _cli("--help")
+    main = run_cli("--help")
     assert main.returncode == 0
     for command in ("run", "export", "import"):
         assert "\n  %s " % command in main.stdout, main.stdout
-    own = _cli("import", "--help")
+    own = run_cli("import", "--help")
     assert own.returncode == 0
     assert own.stdout.startswith("python3 neuromesh.py import: read conversations from DIR")
     assert "--http-port" not in own.stdout
 
 
 def test_a_bad_port_gets_a_sentence():
-    bad = _cli("--http-port", "abc")
+    bad = run_cli("--http-port", "abc")
     assert bad.returncode == 2
     assert bad.stderr.startswith("neuromesh.py: error: --http-port must be a port number from 0 to 65535, not 'abc'.")
     assert "invalid literal" not in bad.stderr and "usage:" not in bad.stderr
 
 
 def test_a_title_match_shows_the_first_words_of_the_conversation(stub_node):
-    """Issue 23: two "What is photosynthesis?" are told apart by what was asked in each."""
+    """Two "What is photosynthesis?" are told apart by what was asked in each."""
     store = stub_node.store
     first = store.create_conversation("What is photosynthesis?")
     store.add_message(first["id"], "user", "Explain photosynthesis with chlorophyll, please.", "Ana")

@@ -17,50 +17,12 @@ import neuromesh
 from conftest import (ScriptedBackend, ScriptedPeerBackend, StubNode, TLSRelay, as_relay_peer, fully_linked,
                       scripted_router, wait_for, wsgi_call)
 from support.fake_ollama import FakeOllama
+from support.held_backend import HeldBackend
 
 prometheus_parser = pytest.importorskip("prometheus_client.parser")
 
 HEAVY = neuromesh.Requester("e" * 32, "node")
 LIGHTS = [neuromesh.Requester("%x" % index * 32, "node") for index in range(1, 6)]
-
-
-class HeldBackend(ScriptedBackend):
-    """A scripted LLM whose answers start, then wait until the test lets one (``finish_one``) or
-    all (``open``) go on: the test decides when a slot frees. ``log``: ("start", label, host) in
-    the order chats started; ``most_running(prefix)``: the most chats of a label prefix at once."""
-
-    def __init__(self, node_name, parallel=1, log=None):
-        ScriptedBackend.__init__(self, node_name, parallel=parallel, reply="fair answer")
-        self.log = log if log is not None else []
-        self._permits = threading.Semaphore(0)
-        self._lock = threading.Lock()
-        self._running = []
-        self._most = {}
-
-    def finish_one(self):
-        self._permits.release()
-
-    def open(self):
-        for _ in range(1000):
-            self._permits.release()
-
-    def most_running(self, prefix):
-        return self._most.get(prefix, 0)
-
-    def _stream(self, model, messages, options, cancel):
-        label = messages[-1]["content"]
-        with self._lock:
-            self.log.append(("start", label, self.node_name))
-            self._running.append(label)
-            for prefix in {item[0] for item in self._running}:
-                count = sum(1 for item in self._running if item[0] == prefix)
-                self._most[prefix] = max(self._most.get(prefix, 0), count)
-        try:
-            assert self._permits.acquire(timeout=20), "the test never let this answer go on"
-            yield from ScriptedBackend._stream(self, model, messages, options, cancel)
-        finally:
-            with self._lock:
-                self._running.remove(label)
 
 
 class PacedBackend(ScriptedBackend):
@@ -105,28 +67,20 @@ class Chats:
         return self.events[label][-1]["node_name"]
 
 
-def waiting_and_running(backend):
-    return backend.slots.in_flight + backend.slots.queued
-
-
-def started_order(backend):
-    return [label for kind, label, _host in backend.log if kind == "start"]
-
-
 def test_every_light_requester_starts_before_the_heavy_ones_fifth_chat():
     host = HeldBackend("host", parallel=2)
     chats = Chats(scripted_router(local=[host]))
     for index in range(20):
         chats.ask("H-%d" % index, HEAVY)
-        wait_for(lambda: waiting_and_running(host) == index + 1, timeout=5, message="heavy chat %d queued" % index)
+        wait_for(lambda: host.waiting_and_running() == index + 1, timeout=5, message="heavy chat %d queued" % index)
     for number, light in enumerate(LIGHTS):
         for second in range(2):
             chats.ask("L%d-%d" % (number, second), light)
-            wait_for(lambda: waiting_and_running(host) == 21 + 2 * number + second, timeout=5,
+            wait_for(lambda: host.waiting_and_running() == 21 + 2 * number + second, timeout=5,
                      message="light chat queued")
     host.open()
     chats.join()
-    order = started_order(host)
+    order = host.started_order()
     assert len(order) == 30 and not chats.errors
     heavy_fifth = order.index("H-4")
     for number in range(len(LIGHTS)):
@@ -141,13 +95,13 @@ def test_the_owners_chat_starts_next_ahead_of_ten_remote_ones_queued_before_it()
     chats = Chats(router)
     for index in range(11):
         chats.ask("R-%d" % index, neuromesh.Requester("%02d" % index * 16, "node"))
-        wait_for(lambda: waiting_and_running(host) == index + 1, timeout=5, message="remote chat queued")
+        wait_for(lambda: host.waiting_and_running() == index + 1, timeout=5, message="remote chat queued")
     chats.ask("owner")  # asked on this computer: no requester means its owner
     wait_for(lambda: chats.heard["owner"], timeout=5, message="the owner's chat queued")
     assert chats.heard["owner"][0]["position"] == 1
     host.open()
     chats.join()
-    assert started_order(host)[:2] == ["R-0", "owner"]
+    assert host.started_order()[:2] == ["R-0", "owner"]
 
 
 def test_with_share_slots_1_remote_chats_never_hold_both_slots():
@@ -175,12 +129,12 @@ def test_weights_give_a_requester_more_turns():
     chats.ask("X", neuromesh.Requester("c" * 32, "node"))
     wait_for(lambda: host.slots.in_flight == 1, timeout=5, message="the slot held")
     for label, requester in [("T-%d" % i, teacher) for i in range(8)] + [("S-%d" % i, student) for i in range(8)]:
-        count = waiting_and_running(host)
+        count = host.waiting_and_running()
         chats.ask(label, requester)
-        wait_for(lambda: waiting_and_running(host) == count + 1, timeout=5, message="queued")
+        wait_for(lambda: host.waiting_and_running() == count + 1, timeout=5, message="queued")
     host.open()
     chats.join()
-    next_eight = started_order(host)[1:9]
+    next_eight = host.started_order()[1:9]
     assert sum(label.startswith("T") for label in next_eight) == 6, next_eight
 
 
@@ -403,7 +357,7 @@ def test_metrics_parse_as_prometheus_text_and_count_queues_by_requester(relay_ho
     chats = Chats(node.router)
     for index in range(3):
         chats.ask("R-%d" % index, LIGHTS[index])
-        wait_for(lambda: waiting_and_running(backend) == index + 1, timeout=5, message="queued")
+        wait_for(lambda: backend.waiting_and_running() == index + 1, timeout=5, message="queued")
     reply = wsgi_call(app, "GET", "/metrics")
     assert reply.status == 200 and reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
     samples = metric_samples(reply.text)

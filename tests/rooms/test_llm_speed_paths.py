@@ -8,7 +8,7 @@ import pytest
 
 import neuromesh as nm
 from conftest import KEYS, ScriptedBackend, StubNode, TLSRelay, scripted_router, wait_for
-from rooms.test_mesh import RecordingListener, RunningMesh
+from support.running_mesh import RecordingListener, RunningMesh
 
 USER = [{"role": "user", "content": "Hi?"}]
 

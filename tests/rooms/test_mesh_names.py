@@ -8,7 +8,7 @@ import time
 
 import neuromesh as nm
 from conftest import KEYS, wait_for
-from rooms.test_mesh import RecordingListener, RunningMesh
+from support.running_mesh import RecordingListener, RunningMesh
 
 SLOW_NAME = "slow-peer.test"  # .test: a name no real DNS answers
 

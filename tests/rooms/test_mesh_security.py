@@ -7,7 +7,6 @@ Network safety: loopback only (127.0.0.0/8); datagrams go to 127.0.0.1 or 127.25
 import collections
 import json
 import logging
-import os
 import select
 import socket
 import ssl
@@ -19,50 +18,10 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import neuromesh as nm
 from conftest import KEYS, LOOPBACK_BROADCAST, RawPeer, TamperingProxy, reserve_udp_port, wait_for
-from rooms.test_mesh import RecordingListener, RunningMesh
+from support.running_mesh import linked
 
 KEY = "correct horse battery staple"
 BUSY_DEADLINE = 120.0  # seconds: a wait that only ends early must not fail on a loaded machine
-
-
-@pytest.fixture
-def meshes(mesh_config):
-    """``start(node_id, key=None, peer_of=None, discovery=False, **heartbeats)``: RunningMeshes,
-    stopped at the end; ``peer_of`` another RunningMesh to dial."""
-    running = []
-
-    def start(node_id, key=None, peer_of=None, discovery=False, settings=None, flags=(), **heartbeats):
-        extra = ["--name", node_id] + list(flags)
-        if key is not None:
-            extra += ["--mesh-key", key]
-        if peer_of is not None:
-            extra += ["--peer", "127.0.0.1:%d" % peer_of.mesh.tcp_port]
-        config = mesh_config(discovery=discovery, settings=settings, extra=extra)
-        mesh = RunningMesh.__new__(RunningMesh)
-        mesh.listener = RecordingListener()
-        mesh.mesh = nm.Mesh(config, KEYS.id(node_id), mesh.listener, key=KEYS[node_id])
-        for name, value in heartbeats.items():  # its tunables, e.g. handshake_timeout
-            setattr(mesh.mesh.heartbeats, name, value)
-        mesh.mesh.start()
-        mesh.thread = __import__("threading").Thread(target=mesh.mesh.serve_forever, name="sec-" + node_id)
-        mesh.thread.start()
-        running.append(mesh)
-        return mesh
-
-    yield start
-    for mesh in reversed(running):
-        mesh.stop()
-
-
-@pytest.fixture
-def fresh_log_once(monkeypatch):
-    """Each test sees its own rate-limited log lines."""
-    monkeypatch.setattr(nm, "_log_once", nm.LogOnce())
-    monkeypatch.setattr(nm, "_VERSION_NOTICES", nm.LogOnce(interval=float("inf")))
-
-
-def linked(a, b):
-    return KEYS.label_of(b.mesh.node_id) in a.linked_ids() and KEYS.label_of(a.mesh.node_id) in b.linked_ids()
 
 
 def proven_peer(mesh, node_id="raw-peer", key=KEY, name="raw", port=None):
@@ -111,8 +70,8 @@ def test_same_key_links_a_wrong_key_or_no_key_learns_nothing(meshes):
     b = meshes("node-b", key=KEY, peer_of=a)
     wrong = meshes("node-wrong", key="another code", peer_of=a)
     open_node = meshes("node-open", peer_of=a)
-    # Four key derivations and three key proofs on a busy CI machine: a deadline that fits it
-    # (issue 23), each wait ending as soon as what it waits for happened.
+    # Four key derivations and three key proofs on a busy CI machine: a deadline that fits it,
+    # each wait ending as soon as what it waits for happened.
     wait_for(lambda: linked(a, b), timeout=BUSY_DEADLINE, message="A and B linked")
     wait_for(lambda: a.mesh.counters["protocol_errors"] >= 2 and wrong.mesh.counters["protocol_errors"] >= 1
              and open_node.mesh.counters["protocol_errors"] >= 1, timeout=BUSY_DEADLINE,

@@ -17,9 +17,12 @@ import requests
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import neuromesh as nm
-from conftest import NodeProcess, RawPeer, TamperingProxy, tls_client_context, wait_for
-from e2e.test_llm_sharing import MODEL, fakes, hosts_of  # noqa: F401 (fakes is a fixture)
-from rooms.test_mesh_security import KEY, fresh_log_once, linked, meshes  # noqa: F401 (fixtures)
+from conftest import API_MODEL as MODEL, NodeProcess, RawPeer, TamperingProxy, tls_client_context, wait_for
+from support.llm_mesh import hosts_of
+from support.previous_release import previous_release
+from support.running_mesh import linked
+
+KEY = "correct horse battery staple"
 
 
 def ask(node, question):
@@ -236,7 +239,6 @@ def test_both_ends_of_one_certificate_prove_and_another_certificate_fails():
 
 
 def test_upgrading_a_data_dir_of_the_previous_release_keeps_its_id_and_conversations(cluster, tmp_path):
-    from rooms.test_store_mixed_versions import previous_release
     tag, _version, _protocol, program = previous_release(tmp_path)
     data_dir = tmp_path / "upgraded"
     old = NodeProcess(data_dir, cluster.node_args(discovery=False), "old " + tag, program=[sys.executable, program])

@@ -1,4 +1,14 @@
-"""Tests of the store section: durable conversations and their sync entries."""
+"""The store room in-process: durable conversations and the sync entries that carry them.
+
+What it covers: timestamps of every format the original program wrote; conversations written,
+read, renamed and deleted on one node; an entry applied twice, or from two origins, counted
+once; version vectors and bounded batches; two stores that exchange entries converge, in any
+delivery order, with tombstones that stay dead, private conversations that stay home and
+changes by a non-owner refused; nothing acknowledged is lost to a reopen, a SIGKILL or
+concurrent writers; the original program's files imported and exported; garbage entries from
+a peer skipped, never raised.
+"""
+
 import json
 import os
 import shutil

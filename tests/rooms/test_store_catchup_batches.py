@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import neuromesh as nm
-from conftest import keyed_store
+from conftest import catch_up, keyed_store
 
 CONVERSATION = "11111111-2222-3333-4444-555555555555"   # an imported one: no owner in its id
 
@@ -21,15 +21,6 @@ def imported(count):
     return [{"id": CONVERSATION, "title": "Imported", "peer_label": None, "messages": messages}]
 
 
-def catch_up(source, target, limit=50):
-    for _ in range(limit):
-        payload = source.batches.missing(target.version_vector(), max_entries=200)
-        if not payload["entries"]:
-            return
-        target.batches.apply(payload)
-    raise AssertionError("no end to the catch-up")
-
-
 def test_a_catch_up_in_batches_holds_everything_once(tmp_path):
     source, key = keyed_store(tmp_path / "source.db", "source")
     own = source.create_conversation("notes")["id"]
@@ -37,7 +28,7 @@ def test_a_catch_up_in_batches_holds_everything_once(tmp_path):
         source.add_message(own, "user", "message %d" % index, "student")
     source.update_conversation(own, title="renamed notes")
     target, _ = keyed_store(tmp_path / "target.db", "target")
-    catch_up(source, target)
+    catch_up(source, target, max_entries=200)
     assert target.version_vector()[key.node_id] == source.version_vector()[key.node_id] == 452
     record = target.get_conversation_record(own)
     assert record["title"] == "renamed notes" and record["message_count"] == 450
@@ -53,8 +44,8 @@ def test_a_message_id_two_origins_share_is_listed_once(tmp_path):
     first.import_conversations(imported(5))
     second.import_conversations(imported(5))
     target, _ = keyed_store(tmp_path / "target.db", "target")
-    catch_up(first, target)
-    catch_up(second, target)
+    catch_up(first, target, max_entries=200)
+    catch_up(second, target, max_entries=200)
     vector = target.version_vector()
     assert vector[key_first.node_id] == vector[key_second.node_id] == 6   # every slot filled
     assert [m["content"] for m in target.get_conversation(CONVERSATION)["messages"]] == \

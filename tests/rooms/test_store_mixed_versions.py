@@ -5,16 +5,14 @@ release, run as a real peer process, and this code see each other's messages.
 Network safety: loopback only (127.0.0.0/8); nodes bind 127.0.0.1 (the cluster fixture)."""
 
 import json
-import os
-import re
-import subprocess
 import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import neuromesh as nm
-from conftest import ROOT, NodeProcess, keyed_store, wait_for
+from conftest import NodeProcess, keyed_store, wait_for
+from support.previous_release import previous_release
 
 NEWER = {"mood": {"emoji": "🙂", "scores": [1, 2.5, None, True]}, "z_field": "kept as it came"}
 
@@ -101,31 +99,6 @@ def test_deep_or_broken_unknown_fields_are_refused_not_raised():
 
 
 # -- the previous release as a real peer ------------------------------------------------------
-
-
-def previous_release(tmp_path):
-    """The previous release as a runnable copy: (its name, its version, its protocol, path to its
-    neuromesh.py). The newest v* tag whose __version__ differs from this code's; in a clone
-    without tags, the last commit before __version__ last changed. Skips when git is absent."""
-    def git(*args):
-        return subprocess.run(["git"] + list(args), cwd=ROOT, capture_output=True, timeout=30)
-    try:
-        tags = git("tag", "--list", "v*", "--sort=-v:refname").stdout.decode().split()
-        bumps = git("log", "--format=%H", "-G", "^__version__ = ", "--", "neuromesh.py").stdout.decode().split()
-    except (OSError, subprocess.SubprocessError) as error:
-        pytest.skip("git is not available here (%s): the previous release cannot be read" % error)
-    for name in tags + [commit + "^" for commit in bumps]:
-        shown = git("show", "%s:neuromesh.py" % name)
-        match = re.search(rb'^__version__ = "([^"]+)"', shown.stdout, re.M)
-        if shown.returncode == 0 and match and match.group(1).decode() != nm.__version__:
-            folder = tmp_path / "previous-release"
-            folder.mkdir()
-            (folder / "neuromesh.py").write_bytes(shown.stdout)
-            for static in ("_vendor", "neuromesh_static"):
-                os.symlink(os.path.join(ROOT, static), str(folder / static))
-            protocol = re.search(rb"^PROTOCOL_VERSION = (\d+)", shown.stdout, re.M)
-            return name, match.group(1).decode(), int(protocol.group(1)), str(folder / "neuromesh.py")
-    pytest.skip("no earlier release than %s in this clone's history (a shallow clone?)" % nm.__version__)
 
 
 def write(node, cid, count, who):

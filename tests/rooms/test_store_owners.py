@@ -13,17 +13,8 @@ import uuid
 import pytest
 
 import neuromesh as nm
-from conftest import ROOT, SCRIPT, fully_linked, keyed_store, make_entry, signed_run, wait_for, write_schema1_data_dir
-
-
-def sync(source, target):
-    """Everything ``source`` holds that ``target`` lacks, through the signed sync door."""
-    for _ in range(50):
-        payload = source.batches.missing(target.version_vector())
-        if not payload["entries"]:
-            return
-        target.batches.apply(payload)
-    raise AssertionError("sync did not settle")
+from conftest import (ROOT, SCRIPT, catch_up, fully_linked, keyed_store, make_entry, signed_run, wait_for,
+                      write_schema1_data_dir)
 
 
 def seen(store):
@@ -94,7 +85,7 @@ def attack_and_check(stores, insider, conversation_id):
     insider.try_on(stores, conversation_id)
     for store in stores:  # the refused entries travel on: nobody shows them either
         for other in stores:
-            sync(other, store)
+            catch_up(other, store)
     assert [seen(store) for store in stores] == before
     for store in stores:
         record = store.get_conversation(conversation_id)
@@ -109,7 +100,7 @@ def test_an_imported_conversation_has_a_bound_id_and_no_one_else_writes_to_it(ro
     assert summary == {"conversations": 1, "messages": 2, "skipped": 0}
     cid = a.list_conversations()[0]["id"]
     assert nm.bound_owner(cid) == a.node_id
-    sync(a, c)
+    catch_up(a, c)
     attack_and_check([a, c], insider, cid)
     assert nm.SeedFiles(a).import_layout(str(tmp_path / "seed"))["messages"] == 0, "importing twice adds nothing"
 
@@ -124,10 +115,10 @@ def test_a_plain_id_from_an_earlier_import_keeps_its_owner(room):
     a.import_conversations([{"id": cid, "title": "Imported: old", "peer_label": None, "messages": [
         {"uid": "import:" + "1" * 64, "timestamp": "2025-03-25T13:56:00.000000Z", "data": data}]}])
     assert nm.bound_owner(cid) is None
-    sync(a, c)
+    catch_up(a, c)
     attack_and_check([a, c], insider, cid)
     a.add_message(cid, "user", "still mine", "alice")
-    sync(a, c)
+    catch_up(a, c)
     assert [m["content"] for m in c.get_conversation(cid)["messages"]] == ["imported", "still mine"]
 
 
@@ -140,7 +131,7 @@ def test_a_conversation_from_before_node_keys_keeps_its_owner(tmp_path):
     try:
         cid = sorted(written)[0]
         assert a.get_conversation(cid)["origin"] == a.node_id
-        sync(a, c)  # a signed one snapshot of it when its key came: c learns the owner
+        catch_up(a, c)  # a signed one snapshot of it when its key came: c learns the owner
         assert c.get_conversation(cid)["title"] == a.get_conversation(cid)["title"]
         assert c.get_conversation(cid)["title"].startswith("old chat") and c.get_conversation(cid)["own"] is False
         attack_and_check([a, c], insider, cid)
@@ -168,7 +159,7 @@ def test_the_id_of_a_future_import_cannot_be_claimed_first(room, tmp_path):
     assert summary == {"conversations": 1, "messages": 2, "skipped": 0}
     record = a.get_conversation(bound)
     assert record["own"] and not record["deleted"] and len(record["messages"]) == 2
-    sync(a, c)
+    catch_up(a, c)
     assert c.get_conversation(bound)["origin"] == a.node_id
 
 

@@ -17,16 +17,7 @@ from hypothesis import given, settings, strategies as st
 
 import neuromesh as nm
 from conftest import NodeProcess, RecordingMesh, fully_linked, keyed_store, wait_for
-from rooms.test_sync_fanout import full_mesh
-from e2e.test_mesh_nodes import Namespaces, _can_make_namespaces
-
-
-def unlink(network, a, b):
-    """Drop the link ``a``-``b`` as a cut cable does: both sides see the peer go down."""
-    network.links[a].discard(b)
-    network.links[b].discard(a)
-    for one, other in ((a, b), (b, a)):
-        network.nodes[one].peer_down(types.SimpleNamespace(node_id=other))
+from support.namespaces import Namespaces, needs_namespaces
 
 
 def sent(network, marker, sender, receiver):
@@ -37,11 +28,11 @@ def sent(network, marker, sender, receiver):
 
 
 def test_a_peer_that_relinks_while_the_writer_keeps_writing_gets_what_it_missed(sync_network):
-    full_mesh(sync_network, ["a", "b"])
+    sync_network.link_all(["a", "b"])
     store = sync_network.nodes["a"].store
     conversation = store.create_conversation("lesson")["id"]
     sync_network.run()
-    unlink(sync_network, "a", "b")
+    sync_network.unlink("a", "b")
     sync_network.frames.clear()
     written = []
     for index in range(30):  # all within a second: one long "fresh" streak of pushes nobody got
@@ -57,7 +48,7 @@ def test_a_peer_that_relinks_while_the_writer_keeps_writing_gets_what_it_missed(
 
 
 def test_a_push_past_a_missed_one_makes_the_receiver_ask_and_the_gap_comes_at_once(sync_network):
-    full_mesh(sync_network, ["a", "b"])
+    sync_network.link_all(["a", "b"])
     store = sync_network.nodes["a"].store
     conversation = store.create_conversation("lesson")["id"]
     sync_network.run()
@@ -74,7 +65,7 @@ def test_a_push_past_a_missed_one_makes_the_receiver_ask_and_the_gap_comes_at_on
 
 
 def test_a_writing_mesh_with_no_loss_sends_no_sync_at_all(sync_network):
-    full_mesh(sync_network, ["a", "b", "c"])
+    sync_network.link_all(["a", "b", "c"])
     conversation = sync_network.nodes["a"].store.create_conversation("lesson")["id"]
     for index in range(20):
         sync_network.nodes["a"].store.add_message(conversation, "user", "line %d" % index, "teacher")
@@ -269,7 +260,7 @@ class HostClient:
 
 
 class CutNamespaces(Namespaces):
-    """Namespaces (tests/e2e/test_mesh_nodes.py) whose cables can be pulled and whose bridge can be split in two."""
+    """Namespaces (tests/support/namespaces.py) whose cables can be pulled and whose bridge can be split in two."""
 
     def cut(self, index):
         self.ip("-n", self.hub, "link", "set", "veth%d" % index, "down")
@@ -362,7 +353,7 @@ def namespace_room(tmp_path, count):
     return spaces, room
 
 
-@pytest.mark.skipif(_can_make_namespaces() is not None, reason=str(_can_make_namespaces()))
+@needs_namespaces
 def test_a_peer_whose_cable_was_pulled_for_6_s_catches_up_while_a_keeps_writing(tmp_path):
     spaces, room = namespace_room(tmp_path, 2)
     writer = None
@@ -389,7 +380,7 @@ def test_a_peer_whose_cable_was_pulled_for_6_s_catches_up_while_a_keeps_writing(
         spaces.delete()
 
 
-@pytest.mark.skipif(_can_make_namespaces() is not None, reason=str(_can_make_namespaces()))
+@needs_namespaces
 def test_five_hosts_after_partitions_and_a_sigkill_hold_every_acknowledged_message_soon_after_the_heal(tmp_path):
     spaces, room = namespace_room(tmp_path, 5)
     writers = []

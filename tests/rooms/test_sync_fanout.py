@@ -13,23 +13,6 @@ from conftest import wait_for
 from support.mesh_simulation import SimulatedMesh
 
 
-def settled(network):
-    """Deliver the link-up vectors, then forget the frames they took."""
-    network.run()
-    network.frames.clear()
-    network.hops = 0
-    return network
-
-
-def full_mesh(network, labels):
-    for label in labels:
-        network.add(label)
-    for index, a in enumerate(labels):
-        for b in labels[index + 1:]:
-            network.link(a, b)
-    return settled(network)
-
-
 def received(network, marker=nm.FILE):
     """How many ``marker`` frames each node received."""
     counts = {label: 0 for label in network.nodes}
@@ -44,7 +27,7 @@ def received(network, marker=nm.FILE):
 
 def test_full_mesh_of_six_each_node_receives_each_entry_once(sync_network):
     labels = ["a", "b", "c", "d", "e", "f"]
-    full_mesh(sync_network, labels)
+    sync_network.link_all(labels)
     conversation = sync_network.write("a", "photosynthesis")  # two pushes: the conversation, the message
     sync_network.run()
     for label in labels:
@@ -59,7 +42,7 @@ def test_chain_a_b_c_d_converges_by_forwarding_one_hop_a_round(sync_network):
         sync_network.add(label)
     for a, b in ("ab", "bc", "cd"):
         sync_network.link(a, b)
-    settled(sync_network)
+    sync_network.settle()
     conversation = sync_network.write("a", "chain")
     sync_network.run()
     assert sync_network.messages("d", conversation) == ["chain"]
@@ -71,13 +54,9 @@ def test_chain_a_b_c_d_converges_by_forwarding_one_hop_a_round(sync_network):
 def test_partial_mesh_of_two_rooms_converges_each_node_receiving_each_entry_once(sync_network):
     rooms = (["a0", "a1", "a2", "a3"], ["b0", "b1", "b2", "b3"])  # two full meshes, one bridge a3-b0
     for room in rooms:
-        for label in room:
-            sync_network.add(label)
-        for index, a in enumerate(room):
-            for b in room[index + 1:]:
-                sync_network.link(a, b)
+        sync_network.link_all(room)
     sync_network.link("a3", "b0")
-    settled(sync_network)
+    sync_network.settle()
     conversations = [sync_network.write("a0", "from a0"), sync_network.write("b1", "from b1")]
     sync_network.run()
     for label in rooms[0] + rooms[1]:
@@ -88,7 +67,7 @@ def test_partial_mesh_of_two_rooms_converges_each_node_receiving_each_entry_once
 
 
 def test_idle_mesh_sends_no_vectors_and_a_missed_push_heals_in_one_round(sync_network):
-    full_mesh(sync_network, ["a", "b", "c"])
+    sync_network.link_all(["a", "b", "c"])
     for worker in sync_network.nodes.values():
         worker.run_once(0.0)  # a periodic round, due now
     sync_network.run()
@@ -108,7 +87,7 @@ def test_idle_mesh_sends_no_vectors_and_a_missed_push_heals_in_one_round(sync_ne
 
 
 def test_a_vector_that_crosses_a_push_gets_no_second_copy(sync_network):
-    full_mesh(sync_network, ["a", "b"])
+    sync_network.link_all(["a", "b"])
     behind = sync_network.nodes["b"].store.version_vector()
     conversation = sync_network.write("a", "crossing")  # its pushes are on the way to b
     sync_network.nodes["a"].handle_sync(types.SimpleNamespace(node_id="b"), {"vector": behind})

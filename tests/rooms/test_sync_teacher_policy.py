@@ -1,6 +1,6 @@
 """The room policy's trust, written as the attacker: a student with the room code and
 their own key tries to act as the teacher. Each forgery is refused and changes no node's state;
-only the pinned teacher's signed, newest record governs (the patterns of test_signed_origins)."""
+only the pinned teacher's signed, newest record governs (the patterns of test_store_signed_origins.py)."""
 
 import json
 

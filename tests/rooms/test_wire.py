@@ -1,4 +1,12 @@
-"""The wire protocol and configuration: frames, announcements, settings precedence."""
+"""The wire room in-process: frames, announcements and settings, as a peer and a user meet them.
+
+What it covers: a frame decodes to its marker and payload however the stream is split, and an
+oversize length, an unknown marker or bad JSON is refused before it costs memory; announcements
+keep the original program's fields and garbage datagrams are no announcement; directed
+broadcast addresses; settings come from flags, then the environment, then the file, then the
+documented defaults, and a bad one is named; the node's identity is random, kept and private.
+A live node on loopback closes a link that sends malformed frames, counts garbage datagrams
+and bounds a flood of peer-exchange entries."""
 
 import json
 import os

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import neuromesh as nm
 from conftest import RecordingMesh, ScriptedBackend, TLSRelay, fully_linked, keyed_store, scripted_router, wait_for
-from e2e.test_llm_sharing import fakes, hosts_of  # noqa: F401 (fakes is a fixture)
+from support.llm_mesh import hosts_of
 
 MODEL = "llama3.2:1b"
 

@@ -57,9 +57,9 @@ class SimulatedLinks:
 class SyncNetwork:
     """Real Stores and SyncWorkers joined by simulated links; ``run()`` delivers every frame.
 
-    ``add(label)``, ``link(a, b)``, ``write(label, text)`` (a new conversation and message
-    on that node, pushed as a Node pushes), ``run()``; ``frames`` counts (marker, sender,
-    receiver) and ``hops`` the delivery rounds ``run`` took."""
+    ``add(label)``, ``link(a, b)``, ``unlink(a, b)``, ``link_all(labels)``, ``write(label, text)`` (a new
+    conversation and message on that node, pushed as a Node pushes), ``run()``, ``settle()``;
+    ``frames`` counts (marker, sender, receiver) and ``hops`` the delivery rounds ``run`` took."""
 
     def __init__(self, tmp_path):
         self.tmp_path = tmp_path
@@ -84,6 +84,29 @@ class SyncNetwork:
         self.links[b].add(a)
         for one, other in ((a, b), (b, a)):
             self.nodes[one].peer_up(types.SimpleNamespace(node_id=other))
+
+    def unlink(self, a, b):
+        """Drop the link ``a``-``b`` as a cut cable does: both sides see the peer go down."""
+        self.links[a].discard(b)
+        self.links[b].discard(a)
+        for one, other in ((a, b), (b, a)):
+            self.nodes[one].peer_down(types.SimpleNamespace(node_id=other))
+
+    def link_all(self, labels):
+        """Add the nodes ``labels``, link each pair of them, and settle."""
+        for label in labels:
+            self.add(label)
+        for index, a in enumerate(labels):
+            for b in labels[index + 1:]:
+                self.link(a, b)
+        return self.settle()
+
+    def settle(self):
+        """Deliver the link-up vectors, then forget the frames they took."""
+        self.run()
+        self.frames.clear()
+        self.hops = 0
+        return self
 
     def write(self, label, text):
         store = self.nodes[label].store

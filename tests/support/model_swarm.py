@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from conftest import NodeProcess, wait_for  # noqa: E402
-from e2e.test_model_transfer import write_store  # noqa: E402
+from support.model_store import write_store  # noqa: E402
 
 
 def can_make_namespaces():
