@@ -112,7 +112,8 @@ def test_a_pull_cut_when_its_source_dies_resumes_from_the_restarted_source(clust
     write_store(tmp_path / "store-a", MODEL, size)
     source_llm, puller_llm = fakes((MODEL,)), fakes(())
     source_llm.set_fail("hang")  # a chat the source answers: it serves at its --transfer-rate meanwhile
-    source = start_node(cluster, "source", source_llm, tmp_path / "store-a", extra=["--transfer-rate", "4MiB"])
+    # (2 MiB/s: 12 s for the whole model, so a busy machine's slow polls still catch it a third in)
+    source = start_node(cluster, "source", source_llm, tmp_path / "store-a", extra=["--transfer-rate", "2MiB"])
     puller = start_node(cluster, "puller", puller_llm, tmp_path / "store-b")
     wait_for(lambda: fully_linked([source, puller]), message="mesh")
     wait_for(lambda: MODEL in {m["name"] for m in puller.json("/api/models")["models"]}, timeout=20,
@@ -289,8 +290,9 @@ def test_a_pull_stopped_by_ctrl_c_goes_on_where_it_stopped(cluster, fakes, tmp_p
     size, chunk = 16 * 1024 * 1024, nm.TRANSFER_CHUNK
     write_store(tmp_path / "store-a", MODEL, size)
     source_llm, puller_llm = fakes((MODEL,)), fakes(())
-    source_llm.set_fail("hang")  # the source answers a chat: it serves at --transfer-rate meanwhile
-    source = start_node(cluster, "source", source_llm, tmp_path / "store-a", extra=["--transfer-rate", "4MiB"])
+    source_llm.set_fail("hang")  # the source answers a chat: it serves at --transfer-rate meanwhile, and
+    # 1 MiB/s makes the pull last 16 s, so a busy machine's slow polls still catch it a quarter in
+    source = start_node(cluster, "source", source_llm, tmp_path / "store-a", extra=["--transfer-rate", "1MiB"])
     puller = start_node(cluster, "puller", puller_llm, tmp_path / "store-b")
     wait_for(lambda: fully_linked([source, puller]), message="mesh")
     wait_for(lambda: MODEL in {m["name"] for m in puller.json("/api/models")["models"]}, timeout=20,
