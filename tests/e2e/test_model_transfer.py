@@ -2,6 +2,7 @@
 the room; a pull copies a model in chunks from every peer that holds it into this computer's
 Ollama, through Ollama's API (the fake checks each blob's digest), and resumes after a cut."""
 
+import functools
 import json
 import re
 import signal
@@ -112,8 +113,7 @@ def test_a_pull_cut_when_its_source_dies_resumes_from_the_restarted_source(clust
     write_store(tmp_path / "store-a", MODEL, size)
     source_llm, puller_llm = fakes((MODEL,)), fakes(())
     source_llm.set_fail("hang")  # a chat the source answers: it serves at its --transfer-rate meanwhile
-    # (2 MiB/s: 12 s for the whole model, so a busy machine's slow polls still catch it a third in)
-    source = start_node(cluster, "source", source_llm, tmp_path / "store-a", extra=["--transfer-rate", "2MiB"])
+    source = start_node(cluster, "source", source_llm, tmp_path / "store-a", extra=["--transfer-rate", "4MiB"])
     puller = start_node(cluster, "puller", puller_llm, tmp_path / "store-b")
     wait_for(lambda: fully_linked([source, puller]), message="mesh")
     wait_for(lambda: MODEL in {m["name"] for m in puller.json("/api/models")["models"]}, timeout=20,
@@ -290,9 +290,8 @@ def test_a_pull_stopped_by_ctrl_c_goes_on_where_it_stopped(cluster, fakes, tmp_p
     size, chunk = 16 * 1024 * 1024, nm.TRANSFER_CHUNK
     write_store(tmp_path / "store-a", MODEL, size)
     source_llm, puller_llm = fakes((MODEL,)), fakes(())
-    source_llm.set_fail("hang")  # the source answers a chat: it serves at --transfer-rate meanwhile, and
-    # 1 MiB/s makes the pull last 16 s, so a busy machine's slow polls still catch it a quarter in
-    source = start_node(cluster, "source", source_llm, tmp_path / "store-a", extra=["--transfer-rate", "1MiB"])
+    source_llm.set_fail("hang")  # the source answers a chat: it serves at --transfer-rate meanwhile
+    source = start_node(cluster, "source", source_llm, tmp_path / "store-a", extra=["--transfer-rate", "4MiB"])
     puller = start_node(cluster, "puller", puller_llm, tmp_path / "store-b")
     wait_for(lambda: fully_linked([source, puller]), message="mesh")
     wait_for(lambda: MODEL in {m["name"] for m in puller.json("/api/models")["models"]}, timeout=20,
@@ -301,7 +300,9 @@ def test_a_pull_stopped_by_ctrl_c_goes_on_where_it_stopped(cluster, fakes, tmp_p
                                                         "messages": [{"role": "user", "content": "hi"}]}, timeout=60))
     wait_for(lambda: source_llm.in_flight == 1, message="the source answering a chat")
     command = [sys.executable, nm.__file__, "pull", MODEL, "--data-dir", puller.data_dir]
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl+C as at a terminal: a suite started in the background ignores SIGINT, and so would the pull.
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL))
     wait_for(lambda: metric(puller, "neuromesh_model_fetched_bytes_total") >= size // 4, timeout=60,
              message="a quarter of the model fetched")
     first.send_signal(signal.SIGINT)  # Ctrl+C
