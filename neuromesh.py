@@ -4802,14 +4802,22 @@ class MeshListener:
 
 class MeshListeners(MeshListener):
     """Tells every room that listens to a mesh (``add(listener)``, in the order they were built)
-    what happened: HELO fields are merged, and a relay connection goes to the first listener
-    that takes it (it is closed when none does)."""
+    what happened; one room's failure is logged and the others still hear it. HELO fields are
+    merged, and a relay connection goes to the first listener that takes it (it is closed when
+    none does)."""
 
     def __init__(self):
         self._listeners = []
 
     def add(self, listener):
         self._listeners.append(listener)
+
+    def _tell(self, event, *args):
+        for listener in self._listeners:
+            try:
+                getattr(listener, event)(*args)
+            except Exception:
+                log.exception("%s failed to hear %s", type(listener).__name__, event)
 
     def hello_extra(self):
         extra = {}
@@ -4818,24 +4826,20 @@ class MeshListeners(MeshListener):
         return extra
 
     def peer_up(self, peer):
-        for listener in self._listeners:
-            listener.peer_up(peer)
+        self._tell("peer_up", peer)
 
     def peer_down(self, peer, reason):
-        for listener in self._listeners:
-            listener.peer_down(peer, reason)
+        self._tell("peer_down", peer, reason)
 
     def peer_changed(self, peer):
-        for listener in self._listeners:
-            listener.peer_changed(peer)
+        self._tell("peer_changed", peer)
 
     def peer_measured(self, peer):
-        for listener in self._listeners:
-            listener.peer_measured(peer)
+        self._tell("peer_measured", peer)
 
     def frame(self, marker, peer, payload):
         log.debug("no handler for %s frames", marker.decode("ascii"))
-        for listener in self._listeners:
+        for listener in self._listeners:  # a ProtocolError raised here closes the link
             listener.frame(marker, peer, payload)
 
     def relay_connection(self, stream, node_id, address):

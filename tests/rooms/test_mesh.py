@@ -118,3 +118,18 @@ def test_announcement_round_trip_on_loopback():
         speaker.close()
         hearer.close()
         reservation.close()
+
+
+def test_a_room_that_fails_to_hear_of_a_peer_does_not_keep_the_others_from_hearing(caplog):
+    class Broken(nm.MeshListener):
+        def peer_down(self, peer, reason):
+            raise RuntimeError("a bug in one room")
+
+    later = RecordingListener()
+    listeners = nm.MeshListeners()
+    listeners.add(Broken())
+    listeners.add(later)  # built after the broken room: the pages, say
+    with caplog.at_level("ERROR", logger="neuromesh"):
+        listeners.peer_down(nm.Peer(KEYS.id("node-b"), name="B"), "silent for 61.0 s (--peer-timeout)")
+    assert later.of("peer_down") == [("node-b", "silent for 61.0 s (--peer-timeout)")]
+    assert "Broken failed to hear peer_down" in caplog.text and "a bug in one room" in caplog.text
