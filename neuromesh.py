@@ -6289,6 +6289,9 @@ class Backend:
         self.session = requests.Session()
         self.session.trust_env = False  # never send the room's LLM traffic through a proxy
 
+    def abort(self):
+        """End the chats in flight at once (a peer's relay, whose link went down; a local server has none to end)."""
+
     def describe(self):
         load = self.slots.load()
         return {"backend": self.kind, "url": self.url, "available": self.available, "models": list(self.models),
@@ -8004,7 +8007,7 @@ class LLMAccess(MeshListener):
                 self.requested.pop(peer.node_id, None)
                 self.tokens.back(peer.node_id)
             asked = self.requested.get(peer.node_id)
-            offers = peer.has_llm or getattr(peer, "shares_models", False)  # an LLM, or models to copy
+            offers = peer.has_llm or peer.shares_models  # an LLM, or models to copy
             if not offers or backend is not None or (asked is not None and now - asked < self.request_retry):
                 return
             self.requested[peer.node_id] = now
@@ -8032,7 +8035,7 @@ class LLMAccess(MeshListener):
             backend = self.grants.pop(peer.node_id, None)
             self.requested.pop(peer.node_id, None)
         self.tokens.left(peer.node_id)
-        if backend is not None and hasattr(backend, "abort"):
+        if backend is not None:
             backend.abort()
         self.on_change()
 

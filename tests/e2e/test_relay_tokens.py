@@ -154,7 +154,7 @@ def test_a_token_is_refused_while_its_holder_is_unlinked_and_honoured_once_it_li
     sent = []
     router.access.mesh = types.SimpleNamespace(send=lambda node_id, marker, payload: sent.append((node_id, payload)))
     students = [types.SimpleNamespace(node_id=label * 32, name=label, address="127.0.0.1", link=None,
-                                      has_llm=False) for label in "abc"]
+                                      has_llm=False, shares_models=False) for label in "abc"]
     student = students[0]
     router.access.handle_request(student, {"peer_name": "a"})
     token = sent[-1][1]["token"]
