@@ -312,6 +312,10 @@ def test_a_pull_stopped_by_ctrl_c_goes_on_where_it_stopped(cluster, fakes, tmp_p
              message="the node to stop the pull")
     before = metric(puller, "neuromesh_model_fetched_bytes_total")
     source_llm.heal()
+    # A hanging Ollama also hangs the source's model probe, which can drop its LLM for a while:
+    # the same command works once the room lists the model again, as the page would show.
+    wait_for(lambda: MODEL in {m["name"] for m in puller.json("/api/models")["models"]}, timeout=30,
+             message="the model on the mesh again")
 
     again = subprocess.run(command, capture_output=True, text=True, timeout=120)
 
